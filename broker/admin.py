@@ -1,0 +1,253 @@
+"""The netcat admin protocol: one text line in, text lines out.
+
+    $ printf 'QUEUES\\n' | nc -q1 127.0.0.1 7700
+    OK 2 queues
+    QUEUE   READY  DELAYED  INFLIGHT  CONSUMERS  DEAD  PAUSED
+    emails     12        0         3          2     0  no
+    sms         0        0         0          1     0  no
+    END
+
+Rules (protocol.md §7): commands are case-insensitive words separated by
+spaces; ``\\n`` or ``\\r\\n`` ends a line.  Every reply's first line starts
+``OK`` or ``ERR <CODE> <sentence>``; a multi-line reply ends with a lone
+``END``.  Pure: no trio, no socket; ``now`` is passed in.
+"""
+
+from __future__ import annotations
+
+from broker.errors import BrokerError
+
+MAX_LINE = 4096  # bytes; an admin line longer than this is refused
+PEEK_DEFAULT = 10
+PEEK_MAX = 1000
+
+HELP = [
+    ("HELP", "this list"),
+    ("STATS", "broker-wide figures"),
+    ("QUEUES", "every queue with its depth"),
+    ("QUEUE <name>", "one queue: depth, counters, options"),
+    ("CONSUMERS", "every consumer: connection, queues, prefetch, unacked"),
+    ("PEEK <queue> [n]", "the next n ready messages, without taking them (default 10)"),
+    ("PURGE <queue>", "drop every ready and delayed message of a queue"),
+    ("PAUSE <queue>", "stop delivering from a queue (publishes are still accepted)"),
+    ("RESUME <queue>", "start delivering again"),
+    ("DEAD <queue> [n]", "the first n messages in a queue's dead-letter queue"),
+    ("REQUEUE-DEAD <queue>", "move a queue's dead letters back to it, attempts reset"),
+    ("QUIT", "close this connection"),
+]
+
+
+class AdminError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def table(header: list[str], rows: list[list]) -> list[str]:
+    """Aligned columns: text left, numbers right; two spaces between."""
+    cells = [[str(c) for c in header]] + [[_cell(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    numeric = [all(_is_num(r[i]) for r in rows) and rows for i in range(len(header))]
+    out = []
+    for r in cells:
+        parts = []
+        for i, c in enumerate(r):
+            parts.append(c.rjust(widths[i]) if numeric[i] else c.ljust(widths[i]))
+        out.append("  ".join(parts).rstrip())
+    return out
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _cell(v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}".rstrip("0").rstrip(".") if v != int(v) else str(int(v))
+    return str(v)
+
+
+def keyvalues(pairs) -> list[str]:
+    pairs = list(pairs)
+    w = max((len(k) for k, _ in pairs), default=0)
+    return [f"{k.ljust(w)}  {_cell(v)}" for k, v in pairs]
+
+
+def multi(summary: str, lines: list[str]) -> str:
+    return "\r\n".join([f"OK {summary}", *lines, "END"]) + "\r\n"
+
+
+def single(text: str) -> str:
+    return f"OK {text}\r\n"
+
+
+def error(code: str, message: str) -> str:
+    return f"ERR {code} {message}\r\n"
+
+
+def _need(args, n, usage):
+    if len(args) < n:
+        raise AdminError("BAD_REQUEST", f"usage: {usage}")
+
+
+def _count(arg, usage) -> int:
+    try:
+        n = int(arg)
+    except ValueError:
+        raise AdminError("BAD_REQUEST", f"{arg!r} is not a whole number; usage: {usage}") from None
+    if not 1 <= n <= PEEK_MAX:
+        raise AdminError("BAD_REQUEST", f"n must be from 1 to {PEEK_MAX}")
+    return n
+
+
+def _preview(body: bytes, width=40) -> str:
+    try:
+        text = body.decode()
+        if text.isprintable():
+            return text if len(text) <= width else text[: width - 1] + "…"
+    except UnicodeDecodeError:
+        pass
+    hexed = body[: width // 2].hex()
+    return "0x" + hexed + ("…" if len(body) > width // 2 else "")
+
+
+def _messages(msgs, now) -> list[str]:
+    rows = [
+        [m.id, m.priority, m.attempts, round(max(0.0, now - m.ts), 3), len(m.body), _preview(m.body)]
+        for m in msgs
+    ]
+    return table(["ID", "PRIORITY", "ATTEMPTS", "AGE_S", "BYTES", "BODY"], rows)
+
+
+def execute(state, line: str, now: float, extra: dict | None = None) -> str:
+    """Run one admin line against the state; return the whole reply text.
+
+    ``extra`` carries figures only the server knows (uptime, WAL state), shown by STATS.
+    """
+    words = line.split()
+    if not words:
+        return error("BAD_REQUEST", "empty line; send HELP for the list of commands")
+    cmd = words[0].upper()
+    args = words[1:]
+    try:
+        fn = COMMANDS.get(cmd)
+        if fn is None:
+            raise AdminError(
+                "UNKNOWN_COMMAND", f"unknown command {words[0][:40]!r}; send HELP for the list of commands"
+            )
+        return fn(state, args, now, extra or {})
+    except AdminError as exc:
+        return error(exc.code, exc.message)
+    except BrokerError as exc:
+        return error(exc.code, exc.message)
+
+
+def c_help(state, args, now, extra):
+    return multi("commands", table(["COMMAND", "WHAT IT DOES"], [list(h) for h in HELP]))
+
+
+def c_stats(state, args, now, extra):
+    b = state.statistics()
+    pairs = [(k, getattr(b, k)) for k in b.__slots__]
+    pairs += list(extra.items())
+    return multi("stats", keyvalues(pairs))
+
+
+def c_queues(state, args, now, extra):
+    rows = []
+    for q in sorted(state.queues.values(), key=lambda q: q.name):
+        s = state.queue_statistics(q, now)
+        rows.append([s.name, s.ready, s.delayed, s.inflight, s.consumers, s.dead, s.paused])
+    n = len(rows)
+    return multi(
+        f"{n} queue{'s' if n != 1 else ''}",
+        table(["QUEUE", "READY", "DELAYED", "INFLIGHT", "CONSUMERS", "DEAD", "PAUSED"], rows),
+    )
+
+
+def c_queue(state, args, now, extra):
+    _need(args, 1, "QUEUE <name>")
+    s = state.queue_statistics(state.existing_queue(args[0]), now)
+    pairs = [(k, getattr(s, k)) for k in s.__slots__ if k != "options"]
+    pairs += [("option." + k, v) for k, v in s.options.items()]
+    return multi(f"queue {s.name}", keyvalues(pairs))
+
+
+def c_consumers(state, args, now, extra):
+    rows = []
+    for c in state.consumers():
+        conn = state.conns.get(c.conn)
+        rows.append([c.tag, c.conn, conn.name if conn else "", ",".join(q.name for q in c.queues), c.prefetch, c.unacked])
+    n = len(rows)
+    return multi(
+        f"{n} consumer{'s' if n != 1 else ''}",
+        table(["CONSUMER", "CONN", "CLIENT", "QUEUES", "PREFETCH", "UNACKED"], rows),
+    )
+
+
+def c_peek(state, args, now, extra):
+    _need(args, 1, "PEEK <queue> [n]")
+    n = _count(args[1], "PEEK <queue> [n]") if len(args) > 1 else PEEK_DEFAULT
+    msgs = state.peek(args[0], n)
+    return multi(f"{len(msgs)} of {state.queues[args[0]].ready_count} ready in {args[0]}", _messages(msgs, now))
+
+
+def c_dead(state, args, now, extra):
+    _need(args, 1, "DEAD <queue> [n]")
+    n = _count(args[1], "DEAD <queue> [n]") if len(args) > 1 else PEEK_DEFAULT
+    q = state.existing_queue(args[0])
+    dl = q.dead_letter_name
+    if dl is None or dl not in state.queues:
+        return multi(f"0 dead letters for {q.name}", _messages([], now))
+    msgs = state.peek(dl, n)
+    rows = _messages(msgs, now)
+    return multi(f"{len(msgs)} of {state.queues[dl].ready_count} in {dl}", rows)
+
+
+def c_purge(state, args, now, extra):
+    _need(args, 1, "PURGE <queue>")
+    n = state.purge(args[0], now)
+    return single(f"purged {n} message{'s' if n != 1 else ''} from {args[0]}")
+
+
+def c_pause(state, args, now, extra):
+    _need(args, 1, "PAUSE <queue>")
+    state.pause(args[0], True, now)
+    return single(f"paused {args[0]}")
+
+
+def c_resume(state, args, now, extra):
+    _need(args, 1, "RESUME <queue>")
+    state.pause(args[0], False, now)
+    return single(f"resumed {args[0]}")
+
+
+def c_requeue_dead(state, args, now, extra):
+    _need(args, 1, "REQUEUE-DEAD <queue>")
+    n = state.requeue_dead(args[0], now)
+    return single(f"requeued {n} dead letter{'s' if n != 1 else ''} to {args[0]}")
+
+
+def c_quit(state, args, now, extra):
+    return single("bye")
+
+
+COMMANDS = {
+    "HELP": c_help,
+    "STATS": c_stats,
+    "QUEUES": c_queues,
+    "QUEUE": c_queue,
+    "CONSUMERS": c_consumers,
+    "PEEK": c_peek,
+    "DEAD": c_dead,
+    "PURGE": c_purge,
+    "PAUSE": c_pause,
+    "RESUME": c_resume,
+    "REQUEUE-DEAD": c_requeue_dead,
+    "QUIT": c_quit,
+}

@@ -1,0 +1,105 @@
+"""``brokerd``: argv, environment and config file → Config → run the server.
+
+Exit codes (named so scripts and systemd can tell them apart):
+  0 EXIT_OK        stopped cleanly (SIGTERM/SIGINT)
+  2 EXIT_USAGE     a flag, environment variable or config value is wrong
+  3 EXIT_DATA      the data directory is locked, unreadable or its log is corrupt
+  4 EXIT_NETWORK   the address cannot be bound (in use, not ours)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+import trio
+
+from broker import __version__
+from broker.config import Config, ConfigError, load
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_DATA = 3
+EXIT_NETWORK = 4
+
+log = logging.getLogger("brokerd")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Config()
+    p = argparse.ArgumentParser(
+        prog="brokerd",
+        description="brokerd: a task-queue broker. Every flag can also be set as BROKERD_<NAME> "
+        "in the environment or as <name> in a TOML file given with --config.",
+    )
+    p.add_argument("--version", action="version", version=f"brokerd {__version__}")
+    p.add_argument("--config", metavar="FILE", help="TOML file of settings (flags and BROKERD_* override it)")
+    p.add_argument("--host", help=f"address to listen on (default {d.host})")
+    p.add_argument("--port", help=f"TCP port for the protocol and admin text (default {d.port}; 0 picks a free one)")
+    p.add_argument("--data-dir", dest="data_dir", help=f"directory for the write-ahead log (default {d.data_dir})")
+    p.add_argument("--max-frame", dest="max_frame", help=f"largest frame in bytes (default {d.max_frame})")
+    p.add_argument("--heartbeat", help=f"seconds between heartbeats; 0 turns them off (default {d.heartbeat:g})")
+    p.add_argument("--output-buffer", dest="output_buffer", help=f"bytes of unsent output per connection before back-pressure (default {d.output_buffer})")
+    p.add_argument("--fsync", help=f"when to fsync the log: always, interval or never (default {d.fsync})")
+    p.add_argument("--fsync-interval-ms", dest="fsync_interval_ms", help=f"with --fsync interval, milliseconds between fsyncs (default {d.fsync_interval_ms})")
+    p.add_argument("--segment-bytes", dest="segment_bytes", help=f"log segment size before rotation (default {d.segment_bytes})")
+    p.add_argument("--repair", action="store_const", const="true", help="truncate a corrupt log at the first bad record (drops what follows)")
+    p.add_argument("--log-level", dest="log_level", help=f"debug, info, warning or error (default {d.log_level})")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
+    try:
+        config = load(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"brokerd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return trio.run(run, config)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+async def run(config: Config) -> int:
+    from broker.server import Server
+
+    try:
+        server = await open_server(config)
+    except DataDirError as exc:
+        log.error("%s", exc)
+        return EXIT_DATA
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                await nursery.start(server.serve)
+            except OSError as exc:
+                log.error("cannot listen on %s:%s: %s", config.host, config.port, exc.strerror or exc)
+                return EXIT_NETWORK
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("received %s: stopping", signal.Signals(signum).name)
+                    await server.stop()
+                    break
+    finally:
+        pass
+    log.info("brokerd stopped")
+    return EXIT_OK
+
+
+class DataDirError(Exception):
+    pass
+
+
+async def open_server(config: Config):
+    from broker.server import Server
+
+    return Server(config)

@@ -1,0 +1,207 @@
+"""Binary frames → BrokerState calls → reply frames.
+
+"Commands should not have business logic" (Faktory): each handler checks the
+shape of its frame (protocol.md §5 gives each signature), calls one state
+method and returns the reply frame.  Deliveries the call causes are in
+``state.outbox``.  Pure: no trio, no socket, no clock (``now`` comes in).
+"""
+
+from __future__ import annotations
+
+from broker.errors import BrokerError, RequestError
+from client.wire import (
+    CLIENT_OPS,
+    OP_ACK,
+    OP_ADMIN,
+    OP_BYE,
+    OP_CANCEL,
+    OP_CONSUME,
+    OP_DECLARE,
+    OP_DELETE,
+    OP_ERROR,
+    OP_HEARTBEAT,
+    OP_HELLO,
+    OP_NACK,
+    OP_OK,
+    OP_PAUSE,
+    OP_PING,
+    OP_PUBLISH,
+    OP_PURGE,
+    OP_RESUME,
+    OP_STATS,
+    OP_TOUCH,
+)
+
+_NUM = (int, float)
+PUBLISH_OPTIONS = ("delay", "eta", "ttl", "headers")
+
+
+def _arg(frame, i, name, types, op, required=True):
+    if len(frame) <= i or frame[i] is None:
+        if required:
+            raise RequestError(f"{op} needs {name} (field {i})")
+        return None
+    v = frame[i]
+    if type(v) not in types:
+        want = " or ".join(t.__name__.replace("str", "text").replace("bytes", "byte string") for t in types)
+        raise RequestError(f"{op} field {i} ({name}) must be {want} (got {type(v).__name__})")
+    return v
+
+
+def _opt_number(opts, key, op):
+    v = opts.get(key)
+    if v is None:
+        return None
+    if type(v) not in _NUM:
+        raise RequestError(f"{op} option {key!r} must be a number of seconds (got {type(v).__name__})")
+    if key != "eta" and v < 0:
+        raise RequestError(f"{op} option {key!r} must be >= 0 (got {v})")
+    return v
+
+
+def h_publish(state, conn, rid, f, now):
+    # [2, rid, queue, body, id|null, priority, options|null]
+    n = len(f)
+    queue = f[2] if n > 2 else None
+    body = f[3] if n > 3 else None
+    if type(queue) is not str:
+        raise RequestError("PUBLISH field 2 (queue) must be text")
+    if type(body) is not bytes:
+        raise RequestError("PUBLISH field 3 (body) must be a byte string")
+    msg_id = f[4] if n > 4 else None
+    priority = f[5] if n > 5 and f[5] is not None else 0
+    opts = f[6] if n > 6 else None
+    if opts is None:
+        return [OP_OK, rid, state.publish(conn, queue, body, msg_id, priority, now)]
+    if type(opts) is not dict:
+        raise RequestError("PUBLISH field 6 (options) must be a map or null")
+    for k in opts:
+        if k not in PUBLISH_OPTIONS:
+            raise RequestError(f"unknown PUBLISH option {k!r}; known options: {', '.join(PUBLISH_OPTIONS)}")
+    headers = opts.get("headers")
+    if headers is not None and type(headers) is not dict:
+        raise RequestError("PUBLISH option 'headers' must be a map")
+    msg_id = state.publish(
+        conn, queue, body, msg_id, priority, now,
+        delay=_opt_number(opts, "delay", "PUBLISH"),
+        eta=_opt_number(opts, "eta", "PUBLISH"),
+        ttl=_opt_number(opts, "ttl", "PUBLISH"),
+        headers=headers or None,
+    )
+    return [OP_OK, rid, msg_id]
+
+
+def h_consume(state, conn, rid, f, now):
+    # [3, rid, [queue, ...], prefetch]
+    queues = _arg(f, 2, "queues", (list,), "CONSUME")
+    prefetch = _arg(f, 3, "prefetch", (int,), "CONSUME")
+    return [OP_OK, rid, state.consume(conn, queues, prefetch, now)]
+
+
+def h_cancel(state, conn, rid, f, now):
+    state.cancel(conn, _arg(f, 2, "consumer", (int,), "CANCEL"))
+    return [OP_OK, rid, None]
+
+
+def h_ack(state, conn, rid, f, now):
+    # [5, rid, tag | [tag, ...]]
+    tags = _arg(f, 2, "tag", (int, list), "ACK")
+    return [OP_OK, rid, state.ack(conn, tags, now)]
+
+
+def h_nack(state, conn, rid, f, now):
+    # [6, rid, tag, requeue, delay|null]
+    tag = _arg(f, 2, "tag", (int,), "NACK")
+    requeue = _arg(f, 3, "requeue", (bool,), "NACK", required=False)
+    delay = _arg(f, 4, "delay", _NUM, "NACK", required=False)
+    state.nack(conn, tag, now, requeue=True if requeue is None else requeue, delay=delay)
+    return [OP_OK, rid, None]
+
+
+def h_touch(state, conn, rid, f, now):
+    return [OP_OK, rid, state.touch(conn, _arg(f, 2, "tag", (int,), "TOUCH"), now)]
+
+
+def h_declare(state, conn, rid, f, now):
+    # [8, rid, queue, options|null]
+    name = _arg(f, 2, "queue", (str,), "DECLARE")
+    opts = _arg(f, 3, "options", (dict,), "DECLARE", required=False)
+    return [OP_OK, rid, state.declare(name, opts, now)]
+
+
+def h_delete(state, conn, rid, f, now):
+    return [OP_OK, rid, state.delete(_arg(f, 2, "queue", (str,), "DELETE"), now)]
+
+
+def h_stats(state, conn, rid, f, now):
+    # [10, rid, queue|null]
+    name = _arg(f, 2, "queue", (str,), "STATS", required=False)
+    if name is not None:
+        return [OP_OK, rid, stats_map(state.queue_statistics(state.existing_queue(name), now))]
+    b = state.statistics()
+    return [
+        OP_OK,
+        rid,
+        {
+            "broker": {k: getattr(b, k) for k in b.__slots__},
+            "queues": {
+                q.name: stats_map(state.queue_statistics(q, now)) for q in state.queues.values()
+            },
+        },
+    ]
+
+
+def stats_map(qs) -> dict:
+    return {k: getattr(qs, k) for k in qs.__slots__}
+
+
+def h_purge(state, conn, rid, f, now):
+    return [OP_OK, rid, state.purge(_arg(f, 2, "queue", (str,), "PURGE"), now)]
+
+
+def h_pause(state, conn, rid, f, now):
+    state.pause(_arg(f, 2, "queue", (str,), "PAUSE"), True, now)
+    return [OP_OK, rid, None]
+
+
+def h_resume(state, conn, rid, f, now):
+    state.pause(_arg(f, 2, "queue", (str,), "RESUME"), False, now)
+    return [OP_OK, rid, None]
+
+
+def h_ping(state, conn, rid, f, now):
+    return [OP_OK, rid, None]
+
+
+HANDLERS = {
+    OP_PUBLISH: h_publish,
+    OP_CONSUME: h_consume,
+    OP_CANCEL: h_cancel,
+    OP_ACK: h_ack,
+    OP_NACK: h_nack,
+    OP_TOUCH: h_touch,
+    OP_DECLARE: h_declare,
+    OP_DELETE: h_delete,
+    OP_STATS: h_stats,
+    OP_PURGE: h_purge,
+    OP_PAUSE: h_pause,
+    OP_RESUME: h_resume,
+    OP_PING: h_ping,
+}
+# Handled by the server itself, because they touch the connection, not the state.
+CONNECTION_OPS = (OP_HELLO, OP_HEARTBEAT, OP_BYE, OP_ADMIN)
+
+
+def handle(state, conn: int, frame: list, now: float):
+    """One request frame → its reply frame (OK or ERROR)."""
+    op = frame[0]
+    rid = frame[1] if len(frame) > 1 else None
+    if type(rid) is not int:
+        return [OP_ERROR, 0, "BAD_REQUEST", f"field 1 (request id) must be a whole number in {CLIENT_OPS.get(op, op)}"]
+    handler = HANDLERS.get(op)
+    if handler is None:
+        return [OP_ERROR, rid, "UNKNOWN_OP", f"unknown op code {op}; see protocol.md §5 for the list"]
+    try:
+        return handler(state, conn, rid, frame, now)
+    except BrokerError as exc:
+        return [OP_ERROR, rid, exc.code, exc.message]

@@ -1,0 +1,735 @@
+"""BrokerState: every protocol operation as a plain method, no I/O, no clock.
+
+The server (the only trio module) decodes a batch of frames, calls one method
+per frame with the time it read once for the batch (``now``), and then drains
+the effects:
+
+* ``outbox``: conn id -> list of frames to send (replies and deliveries);
+* ``records``: write-ahead-log records ``(type, payload)`` produced by the batch.
+
+Methods return the reply's result or raise ``BrokerError``; the caller turns
+that into an OK or ERROR frame.  Deliveries are pushed into ``outbox`` by the
+dispatcher, because one publish may wake any consumer anywhere.
+
+Invariant kept after every method (the dispatcher's job, checked by the
+stateful test): no consumer has credit while one of its un-paused queues has a
+ready message.  That is what makes "a consumer of high,low takes high first"
+and "never more unacked than prefetch" hold at once.
+
+Nothing here does I/O or reads a clock (tests/test_layering.py checks it).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from sortedcontainers import SortedList
+
+from broker.errors import BrokerError, RequestError
+from broker.state import records as R
+from broker.state.queue import (
+    DELAYED,
+    GONE,
+    INFLIGHT,
+    MAX_PRIORITY,
+    READY,
+    Message,
+    Queue,
+    QueueOptions,
+    validate_queue_name,
+)
+from client.wire import OP_DELIVER
+
+MAX_PREFETCH = 65535  # per consumer; bounds what one connection can hold
+MAX_MESSAGE_ID = 255  # bytes; a UUID is 36
+NEVER = float("inf")
+
+
+class Consumer:
+    __slots__ = ("tag", "conn", "queues", "prefetch", "unacked")
+
+    def __init__(self, tag, conn, queues, prefetch):
+        self.tag = tag
+        self.conn = conn
+        self.queues = queues  # list[Queue], preference order
+        self.prefetch = prefetch
+        self.unacked = 0
+
+    @property
+    def credit(self):
+        return self.prefetch - self.unacked
+
+
+class Delivery:
+    __slots__ = ("tag", "msg", "consumer", "conn", "deadline")
+
+    def __init__(self, tag, msg, consumer, conn, deadline):
+        self.tag = tag
+        self.msg = msg
+        self.consumer = consumer
+        self.conn = conn
+        self.deadline = deadline
+
+
+class Conn:
+    __slots__ = ("id", "name", "consumers", "deliveries")
+
+    def __init__(self, id, name):
+        self.id = id
+        self.name = name
+        self.consumers: dict[int, Consumer] = {}
+        self.deliveries: dict[int, Delivery] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStatistics:
+    name: str
+    ready: int
+    delayed: int
+    inflight: int
+    consumers: int
+    dead: int  # messages waiting in this queue's dead-letter queue
+    paused: bool
+    published: int
+    delivered: int
+    acked: int
+    nacked: int
+    redelivered: int
+    expired: int
+    dead_lettered: int
+    rejected: int
+    oldest_ready_age: float  # seconds; 0 when nothing is ready
+    options: dict
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerStatistics:
+    queues: int
+    connections: int
+    consumers: int
+    ready: int
+    delayed: int
+    inflight: int
+    published: int
+    delivered: int
+    acked: int
+
+
+class BrokerState:
+    def __init__(self, *, boot_id: str = "b"):
+        self.queues: dict[str, Queue] = {}
+        self.conns: dict[int, Conn] = {}
+        self.outbox: dict[int, list] = {}
+        self.records: list = []
+        self.log_enabled = False  # the server turns this on when a WAL is attached
+        self._seq = itertools.count(1)
+        self._tags = itertools.count(1)
+        self._ctags = itertools.count(1)
+        self._boot = boot_id
+        # (ready_at, seq, msg) for delayed messages, broker-wide: one place to
+        # ask "when is the next one due".
+        self._delayed = SortedList()
+        # (expires, seq, msg) for messages with a TTL
+        self._ttl = SortedList()
+        # (deadline, tag) for deliveries on queues with a reserve_timeout
+        self._deadlines = SortedList()
+        self.inflight: dict[int, Delivery] = {}
+
+    # -- plumbing ------------------------------------------------------------
+    def _send(self, conn_id: int, frame) -> None:
+        box = self.outbox.get(conn_id)
+        if box is None:
+            self.outbox[conn_id] = [frame]
+        else:
+            box.append(frame)
+
+    def _log(self, rtype: int, payload) -> None:
+        if self.log_enabled:
+            self.records.append((rtype, payload))
+
+    def take_outbox(self) -> dict[int, list]:
+        box = self.outbox
+        self.outbox = {}
+        return box
+
+    def take_records(self) -> list:
+        recs = self.records
+        self.records = []
+        return recs
+
+    def queue(self, name: str) -> Queue:
+        """The named queue, created with default options on first use."""
+        q = self.queues.get(name)
+        if q is None:
+            validate_queue_name(name)
+            q = self.queues[name] = Queue(name)
+        return q
+
+    def existing_queue(self, name) -> Queue:
+        q = self.queues.get(name)
+        if q is None:
+            validate_queue_name(name)
+            raise BrokerError(f"queue {name!r} does not exist", "NOT_FOUND")
+        return q
+
+    # -- connections -----------------------------------------------------------
+    def connect(self, conn_id: int, name: str = "") -> None:
+        self.conns[conn_id] = Conn(conn_id, name)
+
+    def disconnect(self, conn_id: int, now: float) -> int:
+        """Forget a connection: cancel its consumers, return its deliveries.
+
+        Returns how many deliveries went back.  Every one is marked redelivered
+        by its raised attempt count (or dead-lettered at max_attempts).
+        """
+        conn = self.conns.pop(conn_id, None)
+        self.outbox.pop(conn_id, None)
+        if conn is None:
+            return 0
+        for c in list(conn.consumers.values()):
+            self._remove_consumer(c)
+        touched = set()
+        n = 0
+        for d in list(conn.deliveries.values()):
+            self._take_back(d, now)
+            touched.add(d.msg.queue)
+            n += 1
+        conn.deliveries.clear()
+        for q in touched:
+            self._dispatch_queue(q, now)
+        return n
+
+    # -- publish ---------------------------------------------------------------
+    def publish(
+        self,
+        conn_id: int,
+        queue: str,
+        body: bytes,
+        msg_id: str | None,
+        priority: int,
+        now: float,
+        *,
+        delay: float | None = None,
+        eta: float | None = None,
+        ttl: float | None = None,
+        headers: dict | None = None,
+    ) -> str:
+        q = self.queues.get(queue) or self.queue(queue)
+        if type(priority) is not int or not 0 <= priority <= MAX_PRIORITY:
+            raise RequestError(f"priority must be a whole number from 0 to 255 (got {priority!r})")
+        seq = next(self._seq)
+        if msg_id is None:
+            msg_id = f"{self._boot}-{seq}"
+        elif type(msg_id) is not str or not msg_id or len(msg_id) > MAX_MESSAGE_ID:
+            raise RequestError(f"a message id must be a text string of 1 to {MAX_MESSAGE_ID} characters")
+        ready_at = None
+        if delay is not None:
+            if delay > 0:
+                ready_at = now + delay
+        elif eta is not None and eta > now:
+            ready_at = eta
+        expires = now + ttl if ttl is not None else None
+        if q.options.max_length is not None and q.length >= q.options.max_length:
+            if q.options.overflow == "reject":
+                q.rejected += 1
+                raise BrokerError(
+                    f"queue {q.name!r} is full ({q.options.max_length} messages, overflow=reject); "
+                    "retry later or raise max_length",
+                    "QUEUE_FULL",
+                )
+            self._drop_head(q, now)
+        msg = Message(seq, msg_id, q, body, priority, headers, 0, ready_at, expires, now)
+        q.published += 1
+        if self.log_enabled:
+            self.records.append((R.PUBLISH, R.message_payload(msg)))
+        if expires is not None:
+            self._ttl.add((expires, seq, msg))
+        if ready_at is not None:
+            msg.state = DELAYED
+            q.delayed_count += 1
+            self._delayed.add((ready_at, seq, msg))
+        else:
+            q.push_ready(msg)
+            if q.consumers and not q.paused:
+                self._dispatch_queue(q, now)
+        return msg_id
+
+    def _drop_head(self, q: Queue, now: float) -> None:
+        msg = q.pop_ready()
+        if msg is None:
+            # Everything waiting is delayed: drop the one due first.
+            for entry in self._delayed:
+                if entry[2].queue is q:
+                    self._delayed.remove(entry)
+                    msg = entry[2]
+                    q.delayed_count -= 1
+                    break
+        if msg is not None:
+            self._dead_letter(msg, "maxlen", now)
+
+    # -- consume ---------------------------------------------------------------
+    def consume(self, conn_id: int, queues: list, prefetch: int, now: float) -> int:
+        conn = self.conns[conn_id]
+        if not isinstance(queues, list) or not queues:
+            raise RequestError("consume needs a non-empty list of queue names")
+        if type(prefetch) is not int or not 1 <= prefetch <= MAX_PREFETCH:
+            raise RequestError(f"prefetch must be a whole number from 1 to {MAX_PREFETCH} (got {prefetch!r})")
+        names = []
+        for name in queues:
+            validate_queue_name(name)
+            if name in names:
+                raise RequestError(f"queue {name!r} is listed twice")
+            names.append(name)
+        qs = [self.queue(n) for n in names]
+        c = Consumer(next(self._ctags), conn_id, qs, prefetch)
+        conn.consumers[c.tag] = c
+        for q in qs:
+            q.consumers.append(c)
+        self._dispatch_consumer(c, now)
+        return c.tag
+
+    def cancel(self, conn_id: int, ctag: int) -> None:
+        conn = self.conns[conn_id]
+        c = conn.consumers.get(ctag)
+        if c is None:
+            raise BrokerError(f"no consumer {ctag!r} on this connection", "NOT_FOUND")
+        self._remove_consumer(c)
+
+    def _remove_consumer(self, c: Consumer) -> None:
+        conn = self.conns.get(c.conn)
+        if conn is not None:
+            conn.consumers.pop(c.tag, None)
+        for q in c.queues:
+            try:
+                q.consumers.remove(c)
+            except ValueError:
+                pass
+        c.prefetch = 0  # no new deliveries; its unacked ones stay in flight
+
+    # -- dispatch ----------------------------------------------------------------
+    def _deliver(self, c: Consumer, q: Queue, msg: Message, now: float) -> None:
+        tag = next(self._tags)
+        msg.attempts += 1
+        msg.state = INFLIGHT
+        timeout = q.options.reserve_timeout
+        deadline = now + timeout if timeout is not None else None
+        d = Delivery(tag, msg, c, c.conn, deadline)
+        self.inflight[tag] = d
+        self.conns[c.conn].deliveries[tag] = d
+        c.unacked += 1
+        q.inflight_count += 1
+        q.delivered += 1
+        if msg.attempts > 1:
+            q.redelivered += 1
+        if deadline is not None:
+            self._deadlines.add((deadline, tag))
+        if self.log_enabled:
+            self.records.append((R.DELIVER, msg.seq))
+        self._send(
+            c.conn,
+            [OP_DELIVER, c.tag, tag, q.name, msg.id, msg.body, msg.priority, msg.attempts, msg.headers],
+        )
+
+    def _next_live(self, q: Queue, now: float) -> Message | None:
+        """Pop the next ready message, expiring any whose TTL has passed."""
+        while True:
+            msg = q.pop_ready()
+            if msg is None or msg.expires is None or msg.expires > now:
+                return msg
+            self._expire(msg)
+
+    def _dispatch_queue(self, q: Queue, now: float) -> None:
+        """Give q's ready messages to its consumers with credit, round-robin."""
+        if q.paused:
+            return
+        cons = q.consumers
+        n = len(cons)
+        if not n:
+            return
+        i = q.rr
+        idle = 0
+        while q.ready_count and idle < n:
+            c = cons[i % n]
+            i += 1
+            if c.unacked < c.prefetch:
+                msg = self._next_live(q, now)
+                if msg is None:
+                    break
+                self._deliver(c, q, msg, now)
+                idle = 0
+            else:
+                idle += 1
+        q.rr = i % n if n else 0
+
+    def _dispatch_consumer(self, c: Consumer, now: float) -> None:
+        """Fill c's credit from its queues in preference order."""
+        for q in c.queues:
+            if c.unacked >= c.prefetch:
+                return
+            if q.paused:
+                continue
+            while q.ready_count and c.unacked < c.prefetch:
+                msg = self._next_live(q, now)
+                if msg is None:
+                    break
+                self._deliver(c, q, msg, now)
+
+    # -- settle ----------------------------------------------------------------
+    def _settle(self, conn_id: int, tag) -> Delivery:
+        d = self.inflight.get(tag)
+        if d is None or d.conn != conn_id:
+            if type(tag) is not int:
+                raise RequestError(f"a delivery tag is a whole number (got {tag!r})")
+            raise BrokerError(
+                f"delivery {tag} is not in flight on this connection (it was acked, timed out "
+                "or its connection closed; the message may have been redelivered)",
+                "STALE_DELIVERY",
+            )
+        del self.inflight[tag]
+        del self.conns[conn_id].deliveries[tag]
+        c = d.consumer
+        c.unacked -= 1
+        d.msg.queue.inflight_count -= 1
+        return d
+
+    def ack(self, conn_id: int, tags, now: float) -> int:
+        """Ack one tag or a list of tags.  Stale ones are refused, the rest applied."""
+        if type(tags) is not list:
+            tags = [tags]
+        stale = []
+        consumers = []
+        for tag in tags:
+            try:
+                d = self._settle(conn_id, tag)
+            except BrokerError as exc:
+                if exc.code != "STALE_DELIVERY":
+                    raise
+                stale.append(tag)
+                continue
+            msg = d.msg
+            msg.state = GONE
+            msg.queue.acked += 1
+            if self.log_enabled:
+                self.records.append((R.ACK, msg.seq))
+            consumers.append(d.consumer)
+        for c in consumers:
+            if c.unacked < c.prefetch:
+                self._dispatch_consumer(c, now)
+        if stale and len(tags) == 1:
+            raise BrokerError(
+                f"delivery {stale[0]} is not in flight on this connection (it was acked, timed out "
+                "or its connection closed; the message may have been redelivered)",
+                "STALE_DELIVERY",
+            )
+        if stale:
+            raise BrokerError(
+                f"deliveries {stale} are not in flight on this connection (acked already, timed out "
+                "or their connection closed); the others were acked",
+                "STALE_DELIVERY",
+            )
+        return len(tags)
+
+    def nack(self, conn_id: int, tag, now: float, requeue: bool = True, delay: float | None = None) -> None:
+        if delay is not None and (type(delay) not in (int, float) or delay < 0):
+            raise RequestError(f"delay must be a number of seconds >= 0 (got {delay!r})")
+        d = self._settle(conn_id, tag)
+        msg = d.msg
+        q = msg.queue
+        q.nacked += 1
+        if not requeue:
+            self._dead_letter(msg, "rejected", now)
+        elif not self._over_attempts(msg, now):
+            self._requeue(msg, now, delay)
+        c = d.consumer
+        if c.unacked < c.prefetch:
+            self._dispatch_consumer(c, now)
+        if msg.state == READY:
+            self._dispatch_queue(q, now)
+
+    def touch(self, conn_id: int, tag, now: float) -> float | None:
+        d = self.inflight.get(tag)
+        if d is None or d.conn != conn_id:
+            if type(tag) is not int:
+                raise RequestError(f"a delivery tag is a whole number (got {tag!r})")
+            raise BrokerError(
+                f"delivery {tag} is not in flight on this connection; it cannot be extended",
+                "STALE_DELIVERY",
+            )
+        timeout = d.msg.queue.options.reserve_timeout
+        if timeout is None:
+            return None
+        d.deadline = now + timeout  # the old entry in _deadlines is re-filed lazily by tick()
+        return timeout
+
+    def _over_attempts(self, msg: Message, now: float) -> bool:
+        """Dead-letter msg if it has used its attempts.  True if it did."""
+        limit = msg.queue.options.max_attempts
+        if limit is not None and msg.attempts >= limit:
+            self._dead_letter(msg, "max_attempts", now)
+            return True
+        return False
+
+    def _requeue(self, msg: Message, now: float, delay: float | None = None) -> None:
+        q = msg.queue
+        if delay:
+            msg.ready_at = now + delay
+            msg.state = DELAYED
+            q.delayed_count += 1
+            self._delayed.add((msg.ready_at, msg.seq, msg))
+        else:
+            msg.ready_at = None
+            q.push_ready(msg, front=True)
+        if self.log_enabled:
+            self.records.append((R.REQUEUE, [msg.seq, msg.attempts, msg.ready_at]))
+
+    def _take_back(self, d: Delivery, now: float) -> None:
+        """A delivery's connection closed or its reservation ran out."""
+        del self.inflight[d.tag]
+        msg = d.msg
+        q = msg.queue
+        d.consumer.unacked -= 1
+        q.inflight_count -= 1
+        if not self._over_attempts(msg, now):
+            self._requeue(msg, now)
+
+    def _dead_letter(self, msg: Message, reason: str, now: float) -> None:
+        src = msg.queue
+        src.dead_lettered += 1
+        msg.state = GONE
+        dl_name = src.dead_letter_name
+        if dl_name is None:
+            if self.log_enabled:
+                self.records.append((R.DROP, [msg.seq, reason]))
+            return
+        dlq = self.queue(dl_name)
+        headers = dict(msg.headers) if msg.headers else {}
+        headers["x-dead-reason"] = reason
+        headers["x-dead-from"] = src.name
+        headers["x-dead-attempts"] = msg.attempts
+        # Attempts start again in the dead-letter queue, so its own consumers
+        # get its own max_attempts; the count it died with stays in a header.
+        new = Message(next(self._seq), msg.id, dlq, msg.body, msg.priority, headers, 0, None, None, now)
+        if self.log_enabled:
+            self.records.append((R.DEAD, [msg.seq, R.message_payload(new)]))
+        dlq.push_ready(new)
+        if dlq.consumers and not dlq.paused:
+            self._dispatch_queue(dlq, now)
+
+    def _expire(self, msg: Message) -> None:
+        msg.state = GONE
+        msg.queue.expired += 1
+        if self.log_enabled:
+            self.records.append((R.EXPIRE, msg.seq))
+
+    # -- timers ----------------------------------------------------------------
+    def tick(self, now: float) -> float:
+        """Do what is due at ``now``; return the time of the next thing due."""
+        delayed = self._delayed
+        woke = set()
+        while delayed and delayed[0][0] <= now:
+            _, _, msg = delayed.pop(0)
+            if msg.state != DELAYED:
+                continue
+            q = msg.queue
+            q.delayed_count -= 1
+            msg.ready_at = None
+            q.push_ready(msg)
+            woke.add(q)
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, tag = deadlines.pop(0)
+            d = self.inflight.get(tag)
+            if d is None:
+                continue
+            if d.deadline > now:  # touched since: file it again
+                deadlines.add((d.deadline, tag))
+                continue
+            del self.conns[d.conn].deliveries[tag]
+            self._take_back(d, now)
+            c = d.consumer
+            woke.add(d.msg.queue)
+            for cq in c.queues:
+                woke.add(cq)
+        ttl = self._ttl
+        while ttl and ttl[0][0] <= now:
+            _, _, msg = ttl.pop(0)
+            if msg.state == READY:
+                msg.queue.discard_ready(msg)
+                self._expire(msg)
+            elif msg.state == DELAYED:
+                msg.queue.delayed_count -= 1
+                self._expire(msg)
+        for q in woke:
+            self._dispatch_queue(q, now)
+        return self.next_wakeup()
+
+    def next_wakeup(self) -> float:
+        t = NEVER
+        if self._delayed:
+            t = self._delayed[0][0]
+        if self._deadlines and self._deadlines[0][0] < t:
+            t = self._deadlines[0][0]
+        if self._ttl and self._ttl[0][0] < t:
+            t = self._ttl[0][0]
+        return t
+
+    # -- queue management --------------------------------------------------------
+    def declare(self, name: str, options, now: float) -> dict:
+        validate_queue_name(name)
+        opts = options if isinstance(options, QueueOptions) else QueueOptions.from_wire(options)
+        q = self.queues.get(name)
+        if q is None:
+            q = self.queues[name] = Queue(name, opts, declared=True)
+        elif q.declared and q.options != opts:
+            raise BrokerError(
+                f"queue {name!r} already exists with options {q.options.to_wire()}; "
+                "declare it with the same options, or delete it first",
+                "PRECONDITION_FAILED",
+            )
+        else:
+            q.options = opts
+            q.declared = True
+        if self.log_enabled:
+            self.records.append((R.DECLARE, [name, opts.to_wire()]))
+        return opts.to_wire()
+
+    def delete(self, name: str, now: float) -> int:
+        q = self.existing_queue(name)
+        if q.consumers or q.inflight_count:
+            raise BrokerError(
+                f"queue {name!r} has {len(q.consumers)} consumers and {q.inflight_count} messages "
+                "in flight; cancel the consumers and settle the messages first",
+                "PRECONDITION_FAILED",
+            )
+        n = self._purge(q)
+        del self.queues[name]
+        if self.log_enabled:
+            self.records.append((R.DELETE, name))
+        return n
+
+    def _purge(self, q: Queue) -> int:
+        n = 0
+        for msg in q.take_all_ready():
+            msg.state = GONE
+            n += 1
+        if q.delayed_count:
+            keep = []
+            for entry in self._delayed:
+                msg = entry[2]
+                if msg.queue is q and msg.state == DELAYED:
+                    msg.state = GONE
+                    n += 1
+                else:
+                    keep.append(entry)
+            self._delayed = SortedList(keep)
+            q.delayed_count = 0
+        return n
+
+    def purge(self, name: str, now: float) -> int:
+        """Drop every waiting (ready or delayed) message; in-flight ones stay."""
+        q = self.existing_queue(name)
+        n = self._purge(q)
+        if self.log_enabled:
+            self.records.append((R.PURGE, name))
+        return n
+
+    def pause(self, name: str, paused: bool, now: float) -> None:
+        q = self.existing_queue(name)
+        if q.paused == paused:
+            return
+        q.paused = paused
+        if self.log_enabled:
+            self.records.append((R.PAUSE, [name, paused]))
+        if not paused:
+            self._dispatch_queue(q, now)
+            for c in list(q.consumers):
+                self._dispatch_consumer(c, now)
+
+    def requeue_dead(self, name: str, now: float) -> int:
+        """Move every message in name's dead-letter queue back to name, attempts reset."""
+        q = self.existing_queue(name)
+        dl = q.dead_letter_name
+        dlq = self.queues.get(dl) if dl else None
+        if dlq is None:
+            return 0
+        n = 0
+        for msg in dlq.take_all_ready():
+            msg.state = GONE
+            headers = msg.headers
+            if headers:
+                headers = {k: v for k, v in headers.items() if k not in ("x-dead-reason", "x-dead-from", "x-dead-attempts")} or None
+            new = Message(next(self._seq), msg.id, q, msg.body, msg.priority, headers, 0, None, None, now)
+            if self.log_enabled:
+                self.records.append((R.MOVE, [msg.seq, R.message_payload(new)]))
+            q.push_ready(new)
+            n += 1
+        self._dispatch_queue(q, now)
+        return n
+
+    # -- inspection --------------------------------------------------------------
+    def peek(self, name: str, n: int = 10) -> list[Message]:
+        q = self.existing_queue(name)
+        out = []
+        for msg in q.iter_ready():
+            out.append(msg)
+            if len(out) >= n:
+                break
+        return out
+
+    def queue_statistics(self, q: Queue, now: float) -> QueueStatistics:
+        dl = q.dead_letter_name
+        dlq = self.queues.get(dl) if dl else None
+        oldest = 0.0
+        for msg in q.iter_ready():  # cheap: oldest of the highest priority is a fine proxy
+            oldest = max(0.0, now - msg.ts)
+            break
+        return QueueStatistics(
+            name=q.name,
+            ready=q.ready_count,
+            delayed=q.delayed_count,
+            inflight=q.inflight_count,
+            consumers=len(q.consumers),
+            dead=dlq.ready_count if dlq is not None else 0,
+            paused=q.paused,
+            published=q.published,
+            delivered=q.delivered,
+            acked=q.acked,
+            nacked=q.nacked,
+            redelivered=q.redelivered,
+            expired=q.expired,
+            dead_lettered=q.dead_lettered,
+            rejected=q.rejected,
+            oldest_ready_age=oldest,
+            options=q.options.to_wire(),
+        )
+
+    def statistics(self) -> BrokerStatistics:
+        qs = self.queues.values()
+        return BrokerStatistics(
+            queues=len(self.queues),
+            connections=len(self.conns),
+            consumers=sum(len(c.consumers) for c in self.conns.values()),
+            ready=sum(q.ready_count for q in qs),
+            delayed=sum(q.delayed_count for q in qs),
+            inflight=len(self.inflight),
+            published=sum(q.published for q in qs),
+            delivered=sum(q.delivered for q in qs),
+            acked=sum(q.acked for q in qs),
+        )
+
+    def consumers(self) -> list[Consumer]:
+        return [c for conn in self.conns.values() for c in conn.consumers.values()]
+
+    def check_invariants(self) -> None:
+        """For tests: the promises the dispatcher keeps, checked from scratch."""
+        for conn in self.conns.values():
+            for c in conn.consumers.values():
+                assert 0 <= c.unacked <= c.prefetch, (c.tag, c.unacked, c.prefetch)
+                if c.unacked < c.prefetch:
+                    for q in c.queues:
+                        assert q.paused or q.ready_count == 0, (c.tag, q)
+        for q in self.queues.values():
+            assert q.ready_count == sum(1 for _ in q.iter_ready()), q
+            assert q.ready_count >= 0 and q.delayed_count >= 0 and q.inflight_count >= 0
+        assert sum(q.inflight_count for q in self.queues.values()) == len(self.inflight)

@@ -1,0 +1,51 @@
+"""The write-ahead-log vocabulary of the broker state.
+
+The state emits ``(type, payload)`` pairs as it changes; the log (``broker.wal``)
+frames, checksums and persists them without looking inside; on start-up the
+state replays them (``BrokerState.replay``).  Payloads are plain CBOR-able
+values.  Adding a type is backward compatible; changing a payload's shape
+means bumping the log's format version.
+
+type       payload                                         meaning
+---------  ----------------------------------------------  -----------------------------------
+PUBLISH    message (see ``message_payload``)                a message was accepted
+DELIVER    seq                                              it was handed to a consumer (attempts += 1)
+ACK        seq                                              it is done
+REQUEUE    [seq, attempts, ready_at | null]                 it went back (nack, timeout, disconnect)
+DEAD       [old seq, message in its dead-letter queue]     it moved to the dead-letter queue
+MOVE       [old seq, message in its new queue]              REQUEUE-DEAD moved it back
+DROP       [seq, reason]                                   dead-lettered with no dead-letter queue
+EXPIRE     seq                                              its TTL passed before delivery
+DECLARE    [queue, options]                                 queue declared
+DELETE     queue                                            queue deleted with its messages
+PURGE      queue                                            ready and delayed messages dropped
+PAUSE      [queue, paused]                                  delivery paused or resumed
+"""
+
+PUBLISH = 1
+DELIVER = 2
+ACK = 3
+REQUEUE = 4
+DEAD = 5
+MOVE = 6
+DROP = 7
+EXPIRE = 8
+DECLARE = 9
+DELETE = 10
+PURGE = 11
+PAUSE = 12
+
+NAMES = {
+    PUBLISH: "PUBLISH", DELIVER: "DELIVER", ACK: "ACK", REQUEUE: "REQUEUE", DEAD: "DEAD",
+    MOVE: "MOVE", DROP: "DROP", EXPIRE: "EXPIRE", DECLARE: "DECLARE", DELETE: "DELETE",
+    PURGE: "PURGE", PAUSE: "PAUSE",
+}
+
+
+def message_payload(msg) -> list:
+    """Everything needed to rebuild a message: [seq, queue, id, body, priority,
+    headers, attempts, ready_at, expires, ts]."""
+    return [
+        msg.seq, msg.queue.name, msg.id, msg.body, msg.priority,
+        msg.headers, msg.attempts, msg.ready_at, msg.expires, msg.ts,
+    ]

@@ -1,0 +1,91 @@
+"""The layering of DESIGN.md, checked: each module imports only what its layer allows.
+
+Reads the source with ``ast`` (no imports run), so a forbidden import is caught
+even on a code path the other tests never execute.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+IO = {"trio", "socket", "asyncio", "selectors", "ssl", "subprocess", "threading"}
+CLOCK = {"time", "datetime", "random"}
+
+# module (path relative to ROOT) -> top-level names / module prefixes it may not import
+FORBIDDEN = {
+    "client/wire.py": IO | CLOCK | {"os", "broker", "client"},
+    "broker/state/": IO | CLOCK | {"os", "broker.wal", "broker.server", "broker.admin", "broker.cli", "broker.commands"},
+    "broker/wal/records.py": IO | {"os", "broker.state", "broker.server", "client"},
+    # the log runs write_batch in a worker thread, so a threading.Lock is fair
+    "broker/wal/log.py": (IO - {"threading"}) | {"broker.state", "broker.server", "client"},
+    "broker/commands.py": IO | CLOCK | {"os", "broker.server", "broker.wal"},
+    "broker/admin.py": IO | CLOCK | {"os", "broker.wal", "broker.server"},
+    "broker/config.py": {"broker", "client", "trio"},
+    "broker/errors.py": IO | {"broker.state", "broker.server"},
+    "client/session.py": IO | CLOCK,
+    "client/errors.py": IO | {"broker"},
+    "client/producer.py": {"trio", "asyncio", "broker"},
+    "client/async_client.py": {"broker", "client.producer"},
+}
+
+# broker/ may use client.wire (the shared codec) and nothing else from client/.
+BROKER_MAY_IMPORT_FROM_CLIENT = {"client.wire"}
+
+
+def imports_of(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def hits(name: str, banned: set[str]) -> bool:
+    return any(name == b or name.startswith(b + ".") for b in banned)
+
+
+def files_for(key: str) -> list[Path]:
+    p = ROOT / key
+    if key.endswith("/"):
+        return sorted(p.rglob("*.py"))
+    return [p] if p.exists() else []
+
+
+@pytest.mark.parametrize("key", sorted(FORBIDDEN))
+def test_module_keeps_to_its_layer(key):
+    for path in files_for(key):
+        bad = sorted(n for n in imports_of(path) if hits(n, FORBIDDEN[key]))
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}, which its layer forbids (DESIGN.md)"
+
+
+def test_only_server_and_cli_import_trio_in_the_broker():
+    for path in sorted((ROOT / "broker").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel in ("broker/server.py", "broker/cli.py", "broker/durability.py"):
+            continue
+        assert not hits_any(imports_of(path), {"trio"}), f"{rel} imports trio; only server.py may"
+
+
+def hits_any(names, banned):
+    return any(hits(n, banned) for n in names)
+
+
+def test_broker_uses_only_the_shared_codec_from_client():
+    for path in sorted((ROOT / "broker").rglob("*.py")):
+        for name in imports_of(path):
+            if name == "client" or name.startswith("client."):
+                assert name in BROKER_MAY_IMPORT_FROM_CLIENT, (
+                    f"{path.relative_to(ROOT)} imports {name}; the daemon may use only client.wire"
+                )
+
+
+def test_the_layering_rules_cover_files_that_exist():
+    # A rule for a file that was renamed away would silently check nothing.
+    for key in ("client/wire.py", "broker/state/", "broker/commands.py", "broker/admin.py", "broker/config.py"):
+        assert files_for(key), key
