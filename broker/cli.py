@@ -70,8 +70,6 @@ def main(argv=None) -> int:
 
 
 async def run(config: Config) -> int:
-    from broker.server import Server
-
     try:
         server = await open_server(config)
     except DataDirError as exc:
@@ -96,10 +94,56 @@ async def run(config: Config) -> int:
 
 
 class DataDirError(Exception):
-    pass
+    """The data directory cannot be used: locked, corrupt, unreadable."""
 
 
 async def open_server(config: Config):
-    from broker.server import Server
+    """Open the write-ahead log, replay it into a fresh state, build the server."""
+    import os
+    import time
 
-    return Server(config)
+    import cbor2
+
+    from broker.durability import Durability
+    from broker.server import Server
+    from broker.state import BrokerState
+    from broker.wal import CorruptLog, WalError, WriteAheadLog
+
+    try:
+        os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise DataDirError(f"cannot create data directory {config.data_dir!r}: {exc.strerror}") from None
+    wal = WriteAheadLog(
+        config.data_dir,
+        fsync=config.fsync,
+        fsync_interval_ms=config.fsync_interval_ms,
+        segment_bytes=config.segment_bytes,
+    )
+    state = BrokerState(boot_id=format(int(time.time() * 1000) % 0xFFFFFFFF, "x"))
+    loads = cbor2.loads
+    t0 = time.monotonic()
+    try:
+        replayed = state.replay(
+            ((r.lsn, r.type, loads(r.payload)) for r in wal.open(repair=config.repair)), time.time()
+        )
+    except CorruptLog as exc:
+        raise DataDirError(f"{exc}") from None
+    except WalError as exc:
+        raise DataDirError(f"{exc}") from None
+    except OSError as exc:
+        raise DataDirError(f"cannot read the log in {config.data_dir!r}: {exc}") from None
+    rec = wal.recovery
+    stats = state.statistics()
+    log.info(
+        "recovered %d log records from %d segments in %.3fs: %d queues, %d ready, %d delayed%s",
+        replayed, rec.segments if rec else 0, time.monotonic() - t0, stats.queues, stats.ready, stats.delayed,
+        f"; truncated a torn tail of {rec.truncated_bytes} bytes" if rec and rec.truncated_bytes else "",
+    )
+    state.log_enabled = True
+    durability = Durability(wal, state, config)
+    # Replay may have decided things (dead-lettering in-flight messages past
+    # max_attempts); log them before serving.
+    leftover = state.take_records()
+    if leftover:
+        durability.submit(leftover, {}, lambda box: None)
+    return Server(config, state, durability)

@@ -123,6 +123,11 @@ class BrokerState:
         self.outbox: dict[int, list] = {}
         self.records: list = []
         self.log_enabled = False  # the server turns this on when a WAL is attached
+        # LSN of the last record emitted; the log assigns the same numbers in the
+        # same order (the server checks), so a message can remember where its
+        # full state was last written: that is what compaction needs to know.
+        self.last_lsn = 0
+        self.log_failed: str | None = None  # set when the log cannot write: refuse changes
         self._seq = itertools.count(1)
         self._tags = itertools.count(1)
         self._ctags = itertools.count(1)
@@ -144,9 +149,12 @@ class BrokerState:
         else:
             box.append(frame)
 
-    def _log(self, rtype: int, payload) -> None:
+    def _log(self, rtype: int, payload) -> int:
+        """Queue one log record; return the LSN the log will give it."""
         if self.log_enabled:
+            self.last_lsn += 1
             self.records.append((rtype, payload))
+        return self.last_lsn
 
     def take_outbox(self) -> dict[int, list]:
         box = self.outbox
@@ -215,6 +223,8 @@ class BrokerState:
         ttl: float | None = None,
         headers: dict | None = None,
     ) -> str:
+        if self.log_failed:
+            raise BrokerError(self.log_failed, "LOG_FAILED")
         q = self.queues.get(queue) or self.queue(queue)
         if type(priority) is not int or not 0 <= priority <= MAX_PRIORITY:
             raise RequestError(f"priority must be a whole number from 0 to 255 (got {priority!r})")
@@ -242,6 +252,8 @@ class BrokerState:
         msg = Message(seq, msg_id, q, body, priority, headers, 0, ready_at, expires, now)
         q.published += 1
         if self.log_enabled:
+            self.last_lsn += 1
+            msg.lsn = self.last_lsn
             self.records.append((R.PUBLISH, R.message_payload(msg)))
         if expires is not None:
             self._ttl.add((expires, seq, msg))
@@ -325,6 +337,7 @@ class BrokerState:
         if deadline is not None:
             self._deadlines.add((deadline, tag))
         if self.log_enabled:
+            self.last_lsn += 1
             self.records.append((R.DELIVER, msg.seq))
         self._send(
             c.conn,
@@ -411,6 +424,7 @@ class BrokerState:
             msg.state = GONE
             msg.queue.acked += 1
             if self.log_enabled:
+                self.last_lsn += 1
                 self.records.append((R.ACK, msg.seq))
             consumers.append(d.consumer)
         for c in consumers:
@@ -480,8 +494,7 @@ class BrokerState:
         else:
             msg.ready_at = None
             q.push_ready(msg, front=True)
-        if self.log_enabled:
-            self.records.append((R.REQUEUE, [msg.seq, msg.attempts, msg.ready_at]))
+        self._log(R.REQUEUE, [msg.seq, msg.attempts, msg.ready_at])
 
     def _take_back(self, d: Delivery, now: float) -> None:
         """A delivery's connection closed or its reservation ran out."""
@@ -499,8 +512,7 @@ class BrokerState:
         msg.state = GONE
         dl_name = src.dead_letter_name
         if dl_name is None:
-            if self.log_enabled:
-                self.records.append((R.DROP, [msg.seq, reason]))
+            self._log(R.DROP, [msg.seq, reason])
             return
         dlq = self.queue(dl_name)
         headers = dict(msg.headers) if msg.headers else {}
@@ -510,8 +522,7 @@ class BrokerState:
         # Attempts start again in the dead-letter queue, so its own consumers
         # get its own max_attempts; the count it died with stays in a header.
         new = Message(next(self._seq), msg.id, dlq, msg.body, msg.priority, headers, 0, None, None, now)
-        if self.log_enabled:
-            self.records.append((R.DEAD, [msg.seq, R.message_payload(new)]))
+        new.lsn = self._log(R.DEAD, [msg.seq, R.message_payload(new)])
         dlq.push_ready(new)
         if dlq.consumers and not dlq.paused:
             self._dispatch_queue(dlq, now)
@@ -519,8 +530,7 @@ class BrokerState:
     def _expire(self, msg: Message) -> None:
         msg.state = GONE
         msg.queue.expired += 1
-        if self.log_enabled:
-            self.records.append((R.EXPIRE, msg.seq))
+        self._log(R.EXPIRE, msg.seq)
 
     # -- timers ----------------------------------------------------------------
     def tick(self, now: float) -> float:
@@ -576,6 +586,7 @@ class BrokerState:
 
     # -- queue management --------------------------------------------------------
     def declare(self, name: str, options, now: float) -> dict:
+        self._refuse_if_log_failed()
         validate_queue_name(name)
         opts = options if isinstance(options, QueueOptions) else QueueOptions.from_wire(options)
         q = self.queues.get(name)
@@ -590,11 +601,11 @@ class BrokerState:
         else:
             q.options = opts
             q.declared = True
-        if self.log_enabled:
-            self.records.append((R.DECLARE, [name, opts.to_wire()]))
+        self._log(R.DECLARE, [name, opts.to_wire()])
         return opts.to_wire()
 
     def delete(self, name: str, now: float) -> int:
+        self._refuse_if_log_failed()
         q = self.existing_queue(name)
         if q.consumers or q.inflight_count:
             raise BrokerError(
@@ -604,8 +615,7 @@ class BrokerState:
             )
         n = self._purge(q)
         del self.queues[name]
-        if self.log_enabled:
-            self.records.append((R.DELETE, name))
+        self._log(R.DELETE, name)
         return n
 
     def _purge(self, q: Queue) -> int:
@@ -628,10 +638,10 @@ class BrokerState:
 
     def purge(self, name: str, now: float) -> int:
         """Drop every waiting (ready or delayed) message; in-flight ones stay."""
+        self._refuse_if_log_failed()
         q = self.existing_queue(name)
         n = self._purge(q)
-        if self.log_enabled:
-            self.records.append((R.PURGE, name))
+        self._log(R.PURGE, name)
         return n
 
     def pause(self, name: str, paused: bool, now: float) -> None:
@@ -639,8 +649,7 @@ class BrokerState:
         if q.paused == paused:
             return
         q.paused = paused
-        if self.log_enabled:
-            self.records.append((R.PAUSE, [name, paused]))
+        self._log(R.PAUSE, [name, paused])
         if not paused:
             self._dispatch_queue(q, now)
             for c in list(q.consumers):
@@ -648,6 +657,7 @@ class BrokerState:
 
     def requeue_dead(self, name: str, now: float) -> int:
         """Move every message in name's dead-letter queue back to name, attempts reset."""
+        self._refuse_if_log_failed()
         q = self.existing_queue(name)
         dl = q.dead_letter_name
         dlq = self.queues.get(dl) if dl else None
@@ -660,11 +670,160 @@ class BrokerState:
             if headers:
                 headers = {k: v for k, v in headers.items() if k not in ("x-dead-reason", "x-dead-from", "x-dead-attempts")} or None
             new = Message(next(self._seq), msg.id, q, msg.body, msg.priority, headers, 0, None, None, now)
-            if self.log_enabled:
-                self.records.append((R.MOVE, [msg.seq, R.message_payload(new)]))
+            new.lsn = self._log(R.MOVE, [msg.seq, R.message_payload(new)])
             q.push_ready(new)
             n += 1
         self._dispatch_queue(q, now)
+        return n
+
+    def _refuse_if_log_failed(self) -> None:
+        if self.log_failed:
+            raise BrokerError(self.log_failed, "LOG_FAILED")
+
+    # -- durability: replay and compaction ----------------------------------------
+    def replay(self, records, now: float) -> int:
+        """Rebuild the state from log records ``(lsn, type, payload)``, oldest first.
+
+        Deliveries that were in flight come back ready with their attempts
+        counted, so they are marked redelivered (or dead-lettered at
+        max_attempts).  Returns the number of records applied.  Emits no
+        records for what it replays; it may emit records for what it decides
+        (dead-lettering) if logging is on.
+        """
+        msgs: dict[int, Message] = {}
+        queues = self.queues
+        n = 0
+        max_seq = 0
+        last = self.last_lsn
+        for lsn, t, p in records:
+            n += 1
+            last = lsn
+            if t == R.PUBLISH or t == R.MESSAGE:
+                m = self._message_from(p, lsn)
+                msgs[m.seq] = m
+                if m.seq > max_seq:
+                    max_seq = m.seq
+                if t == R.PUBLISH:
+                    m.queue.published += 1
+            elif t == R.DELIVER:
+                m = msgs.get(p)
+                if m is not None:
+                    m.attempts += 1
+                    m.state = INFLIGHT
+                    m.queue.delivered += 1
+                    if m.attempts > 1:
+                        m.queue.redelivered += 1
+            elif t == R.ACK:
+                m = msgs.pop(p, None)
+                if m is not None:
+                    m.queue.acked += 1
+            elif t == R.REQUEUE:
+                m = msgs.get(p[0])
+                if m is not None:
+                    m.attempts = p[1]
+                    m.ready_at = p[2]
+                    m.state = DELAYED if p[2] is not None else READY
+            elif t == R.DEAD or t == R.MOVE:
+                old = msgs.pop(p[0], None)
+                if old is not None and t == R.DEAD:
+                    old.queue.dead_lettered += 1
+                m = self._message_from(p[1], lsn)
+                msgs[m.seq] = m
+                if m.seq > max_seq:
+                    max_seq = m.seq
+            elif t == R.DROP:
+                m = msgs.pop(p[0], None)
+                if m is not None:
+                    m.queue.dead_lettered += 1
+            elif t == R.EXPIRE:
+                m = msgs.pop(p, None)
+                if m is not None:
+                    m.queue.expired += 1
+            elif t == R.DECLARE:
+                q = self.queue(p[0])
+                q.options = QueueOptions.from_wire(p[1])
+                q.declared = True
+            elif t == R.DELETE:
+                for seq in [s_ for s_, m in msgs.items() if m.queue.name == p]:
+                    del msgs[seq]
+                queues.pop(p, None)
+            elif t == R.PURGE:
+                for seq in [s_ for s_, m in msgs.items() if m.queue.name == p and m.state != INFLIGHT]:
+                    del msgs[seq]
+            elif t == R.PAUSE:
+                self.queue(p[0]).paused = bool(p[1])
+            elif t == R.COUNTERS:
+                for name, values in p.items():
+                    q = self.queue(name)
+                    for field, v in zip(R.COUNTER_FIELDS, values):
+                        setattr(q, field, v)
+            # unknown types are from a newer brokerd: the log's format version guards that
+        self.last_lsn = last
+        self._seq = itertools.count(max(max_seq, self._peek_seq()) + 1)
+        # Place the survivors, in publish order so FIFO holds within a priority.
+        for m in sorted(msgs.values(), key=lambda m: m.seq):
+            q = m.queue
+            if m.expires is not None:
+                self._ttl.add((m.expires, m.seq, m))
+            if m.state == INFLIGHT:
+                m.state = READY
+                if self._over_attempts(m, now):
+                    continue
+            if m.ready_at is not None and m.ready_at > now:
+                m.state = DELAYED
+                q.delayed_count += 1
+                self._delayed.add((m.ready_at, m.seq, m))
+            else:
+                m.ready_at = None
+                q.push_ready(m)
+        return n
+
+    def _peek_seq(self) -> int:
+        nxt = next(self._seq)
+        self._seq = itertools.count(nxt)
+        return nxt - 1
+
+    def _message_from(self, p, lsn) -> Message:
+        seq, qname, mid, body, prio, headers, attempts, ready_at, expires, ts = p
+        m = Message(seq, mid, self.queue(qname), body, prio, headers, attempts, ready_at, expires, ts)
+        m.lsn = lsn
+        return m
+
+    def live_messages(self):
+        """Every message the broker still holds: ready, delayed and in flight."""
+        for q in self.queues.values():
+            yield from q.iter_ready()
+        for _, _, m in self._delayed:
+            if m.state == DELAYED:
+                yield m
+        for d in self.inflight.values():
+            yield d.msg
+
+    def compact(self, through_lsn: int) -> int:
+        """Rewrite forward everything the log still needs from records <= through_lsn.
+
+        Emits a MESSAGE record for every live message whose full state was last
+        written at or before ``through_lsn``, the options and pause state of
+        every declared or paused queue, and every queue's counters.  Once these
+        records are durable, segments ending at or before ``through_lsn`` hold
+        nothing needed and may be deleted.  Returns how many messages moved.
+        """
+        if not self.log_enabled:
+            return 0
+        n = 0
+        for m in list(self.live_messages()):
+            if m.lsn <= through_lsn:
+                m.lsn = self._log(R.MESSAGE, R.message_payload(m))
+                n += 1
+        for q in self.queues.values():
+            if q.declared:
+                self._log(R.DECLARE, [q.name, q.options.to_wire()])
+            if q.paused:
+                self._log(R.PAUSE, [q.name, True])
+        self._log(
+            R.COUNTERS,
+            {q.name: [getattr(q, f) for f in R.COUNTER_FIELDS] for q in self.queues.values()},
+        )
         return n
 
     # -- inspection --------------------------------------------------------------

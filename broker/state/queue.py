@@ -52,6 +52,7 @@ class Message:
         "expires",  # float or None: TTL deadline
         "ts",  # publish time
         "state",
+        "lsn",  # log position of the record that holds this message's full state (compaction)
     )
 
     def __init__(self, seq, id, queue, body, priority, headers, attempts, ready_at, expires, ts):
@@ -66,6 +67,7 @@ class Message:
         self.expires = expires
         self.ts = ts
         self.state = READY
+        self.lsn = 0
 
     def __repr__(self):
         return f"<Message {self.id!r} q={self.queue.name} p={self.priority} seq={self.seq} att={self.attempts} st={self.state}>"

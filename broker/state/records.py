@@ -20,6 +20,9 @@ DECLARE    [queue, options]                                 queue declared
 DELETE     queue                                            queue deleted with its messages
 PURGE      queue                                            ready and delayed messages dropped
 PAUSE      [queue, paused]                                  delivery paused or resumed
+MESSAGE    message                                          compaction rewrote a live message forward
+COUNTERS   {queue: [published, delivered, acked, nacked,    compaction: the queues' counters, absolute
+            redelivered, expired, dead_lettered, rejected]}
 """
 
 PUBLISH = 1
@@ -34,12 +37,18 @@ DECLARE = 9
 DELETE = 10
 PURGE = 11
 PAUSE = 12
+MESSAGE = 13
+COUNTERS = 14
 
 NAMES = {
     PUBLISH: "PUBLISH", DELIVER: "DELIVER", ACK: "ACK", REQUEUE: "REQUEUE", DEAD: "DEAD",
     MOVE: "MOVE", DROP: "DROP", EXPIRE: "EXPIRE", DECLARE: "DECLARE", DELETE: "DELETE",
-    PURGE: "PURGE", PAUSE: "PAUSE",
+    PURGE: "PURGE", PAUSE: "PAUSE", MESSAGE: "MESSAGE", COUNTERS: "COUNTERS",
 }
+
+COUNTER_FIELDS = (
+    "published", "delivered", "acked", "nacked", "redelivered", "expired", "dead_lettered", "rejected",
+)
 
 
 def message_payload(msg) -> list:

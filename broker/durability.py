@@ -1,0 +1,270 @@
+"""Durability: the write-ahead log under the trio server.
+
+The server hands every batch's log records and outgoing frames to
+``submit``.  Records are appended to the log's in-memory buffer at once (cheap:
+a struct pack); the writer task (``run``) takes whatever is pending, writes it
+with one ``os.write`` and fsyncs it with one ``fsync`` in a worker thread, so
+the event loop keeps serving while the disk works.  Records submitted while a
+write is in flight go together in the next one: group commit.
+
+Under ``fsync=always`` a batch's frames are held until the fsync that covers
+its records returns — that is what makes a confirm mean "on disk".  Under
+``interval`` and ``never`` frames go out at once; a crash may lose what the
+kernel had not yet written (``never``) or up to ``fsync_interval_ms`` of
+confirmed work (``interval``) on power loss; a ``kill -9`` alone loses nothing
+the log had written.
+
+A failed write or fsync (ENOSPC, EIO) is not retried: the log is marked
+failed, held confirms become LOG_FAILED errors, publishes are refused with
+LOG_FAILED, and STATS says so, until an operator restarts brokerd.
+
+Compaction: when the log holds much more than the live messages need, the
+state rewrites the live contents of the oldest segment forward; once those
+records are on disk (fsynced, whatever the policy) the old segment is deleted.
+A crash at any point leaves either the old records or their rewritten copies,
+and replay takes the later copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections import deque
+
+import cbor2
+import trio
+
+from broker.state import records as R
+from broker.wal import WalFailed, WriteAheadLog
+from client.wire import OP_ERROR, OP_OK
+
+log = logging.getLogger("brokerd.wal")
+
+# Bucket bounds (seconds) of the fsync latency histogram shown by /metrics later.
+FSYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class Durability:
+    def __init__(self, wal: WriteAheadLog, state, config):
+        self.wal = wal
+        self.state = state
+        self.policy = config.fsync
+        self.interval = config.fsync_interval_ms / 1000.0
+        self.segment_bytes = config.segment_bytes
+        self.data_dir = config.data_dir
+        self._waiting: deque = deque()  # (lsn, box, release) held for the fsync
+        self._wake = trio.Event()
+        self._write_lock = trio.Lock()
+        self._deletes: list[tuple[int, int]] = []  # (lsn that must be durable, delete through)
+        self._compacting = False
+        self.failed: WalFailed | None = None
+        # figures
+        self.batches = 0
+        self.records = 0
+        self.bytes = 0
+        self.fsyncs = 0
+        self.fsync_seconds = 0.0
+        self.fsync_hist = [0] * (len(FSYNC_BUCKETS) + 1)
+        self.compactions = 0
+        self.segments_deleted = 0
+        self._publish_bytes = 0
+        self._publishes = 0
+        self.recovery = wal.recovery
+
+    # -- on the event loop ---------------------------------------------------------
+    def submit(self, records: list, box: dict, release) -> None:
+        wal = self.wal
+        dumps = cbor2.dumps
+        lsn = 0
+        try:
+            for t, payload in records:
+                data = dumps(payload)
+                lsn = wal.append(t, data)
+                if t == R.PUBLISH:
+                    self._publish_bytes += len(data)
+                    self._publishes += 1
+        except WalFailed as exc:
+            self._fail(exc)
+            release(_refuse_confirms(box, str(exc)))
+            return
+        if lsn != self.state.last_lsn:
+            raise RuntimeError(f"log lsn {lsn} and state lsn {self.state.last_lsn} disagree")
+        if self.policy == "always":
+            self._waiting.append((lsn, box, release))
+        elif box:
+            release(box)
+        self._wake.set()
+
+    def _release_durable(self) -> None:
+        durable = self.wal.durable_lsn
+        waiting = self._waiting
+        while waiting and waiting[0][0] <= durable:
+            _, box, release = waiting.popleft()
+            release(box)
+
+    def _fail(self, exc: WalFailed) -> None:
+        if self.failed is not None:
+            return
+        self.failed = exc
+        message = f"{exc}; publishes are refused until brokerd is restarted"
+        self.state.log_failed = message
+        self.state.log_enabled = False
+        self.state.take_records()
+        log.error("write-ahead log failed: %s", message)
+        while self._waiting:
+            _, box, release = self._waiting.popleft()
+            release(_refuse_confirms(box, message))
+
+    # -- the writer task ---------------------------------------------------------------
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        wal = self.wal
+        while self.failed is None:
+            if not wal.pending_count:
+                self._wake = trio.Event()
+                timeout = self.interval if (self.policy == "interval" and wal.written_lsn > wal.synced_lsn) else 1.0
+                with trio.move_on_after(timeout):
+                    await self._wake.wait()
+                if not wal.pending_count:
+                    if self.policy == "interval" and wal.written_lsn > wal.synced_lsn:
+                        await self._locked(self._sync)
+                    continue
+            await self._locked(self._write_pending)
+            if self.failed is None:
+                await self._after_write()
+
+    async def _locked(self, fn) -> None:
+        async with self._write_lock:
+            if self.failed is not None:
+                return
+            try:
+                await trio.to_thread.run_sync(fn)
+            except WalFailed as exc:
+                self._fail(exc)
+                return
+        self._release_durable()
+
+    def _write_pending(self) -> None:
+        """In a worker thread: one write (and per policy one fsync) of all pending records."""
+        batch = self.wal.take_batch()
+        if batch is None:
+            return
+        synced_before = self.wal.synced_lsn
+        t0 = time.perf_counter()
+        self.wal.write_batch(batch)
+        dt = time.perf_counter() - t0
+        self.batches += 1
+        self.records += batch.count
+        self.bytes += batch.nbytes
+        if self.wal.synced_lsn != synced_before:
+            self._count_fsync(dt)
+
+    def _sync(self) -> None:
+        t0 = time.perf_counter()
+        self.wal.sync()
+        self._count_fsync(time.perf_counter() - t0)
+
+    def _count_fsync(self, dt: float) -> None:
+        self.fsyncs += 1
+        self.fsync_seconds += dt
+        for i, bound in enumerate(FSYNC_BUCKETS):
+            if dt <= bound:
+                self.fsync_hist[i] += 1
+                break
+        else:
+            self.fsync_hist[-1] += 1
+
+    # -- compaction --------------------------------------------------------------------
+    def live_bytes_estimate(self) -> int:
+        live = sum(q.ready_count + q.delayed_count + q.inflight_count for q in self.state.queues.values())
+        avg = (self._publish_bytes / self._publishes + 18) if self._publishes else 160
+        return int(live * avg)
+
+    def needs_compaction(self) -> bool:
+        segs = self.wal.segments()
+        if len(segs) < 2:
+            return False
+        total = sum(s.size_bytes for s in segs)
+        return total > 2 * self.live_bytes_estimate() + 2 * self.segment_bytes
+
+    async def _after_write(self) -> None:
+        # Delete segments whose live contents were rewritten and are now on disk.
+        if self._deletes and self._deletes[0][0] <= self.wal.written_lsn:
+            await self._locked(self._sync_and_delete)
+        if not self._compacting and not self._deletes and self.needs_compaction():
+            self._compacting = True
+            try:
+                oldest = self.wal.segments()[0]
+                moved = self.state.compact(oldest.last_lsn)
+                records = self.state.take_records()
+                self.submit(records, {}, lambda box: None)
+                self._deletes.append((self.state.last_lsn, oldest.last_lsn))
+                self.compactions += 1
+                log.info(
+                    "compaction: rewrote %d live messages from %s forward; deleting it once they are on disk",
+                    moved, oldest.name,
+                )
+            finally:
+                self._compacting = False
+
+    def _sync_and_delete(self) -> None:
+        keep = []
+        for need, through in self._deletes:
+            if need <= self.wal.written_lsn:
+                self.wal.sync()  # the rewritten copies must be on disk before the originals go
+                deleted = self.wal.delete_segments_through(through)
+                self.segments_deleted += len(deleted)
+            else:
+                keep.append((need, through))
+        self._deletes = keep
+
+    # -- shutdown and figures ------------------------------------------------------------
+    async def close(self) -> None:
+        """Flush and fsync everything, release held confirms, close the log."""
+        async with self._write_lock:
+            if self.failed is None:
+                try:
+                    await trio.to_thread.run_sync(self.wal.close)
+                except WalFailed as exc:
+                    self._fail(exc)
+                    return
+                self._release_durable()
+                log.info("write-ahead log flushed and closed")
+            else:
+                self.wal.close()
+
+    def statistics(self) -> dict:
+        segs = self.wal.segments()
+        try:
+            free = shutil.disk_usage(self.data_dir).free
+        except OSError:
+            free = -1
+        rec = self.recovery
+        return {
+            "wal_state": "FAILED: " + str(self.failed) if self.failed else "ok",
+            "wal_fsync": self.policy,
+            "wal_segments": len(segs),
+            "wal_bytes": sum(s.size_bytes for s in segs),
+            "wal_records_written": self.records,
+            "wal_batches": self.batches,
+            "wal_fsyncs": self.fsyncs,
+            "wal_records_per_fsync": round(self.records / self.fsyncs, 1) if self.fsyncs else 0,
+            "wal_compactions": self.compactions,
+            "wal_segments_deleted": self.segments_deleted,
+            "disk_free_bytes": free,
+            "recovery_seconds": round(rec.seconds, 3) if rec else 0,
+            "recovery_records": rec.records if rec else 0,
+            "recovery_truncated_bytes": rec.truncated_bytes if rec else 0,
+        }
+
+
+def _refuse_confirms(box: dict, message: str) -> dict:
+    """Held replies can no longer be promised: OK becomes LOG_FAILED; deliveries still go."""
+    out = {}
+    for cid, frames in box.items():
+        new = []
+        for f in frames:
+            new.append([OP_ERROR, f[1], "LOG_FAILED", message] if f[0] == OP_OK else f)
+        out[cid] = new
+    return out

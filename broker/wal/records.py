@@ -1,0 +1,388 @@
+"""Write-ahead log records and segment headers, to and from bytes.
+
+This module is the whole on-disk *format*; ``broker/wal/log.py`` owns the
+files.  It is pure: no trio, no ``os``, no I/O, no clock.  Everything here
+works on ``bytes``/``bytearray`` and can be tested a byte at a time.
+
+The byte layout is documented (with a table and the procedure for bumping the
+version) at the top of ``broker/wal/log.py``; the constants below are that
+table in code.  Big-endian everywhere.
+
+Segment header, ``SEGMENT_HEADER_SIZE`` = 24 bytes::
+
+    magic b"BRKDWAL\\n" (8) | version u16 | flags u16 | salt u32 | first_lsn u64
+
+Record, ``RECORD_HEADER_SIZE`` = 18 bytes then the payload::
+
+    length u32 | crc u32 | lsn u64 | type u8 | flags u8 | payload (length bytes)
+
+``crc = zlib.crc32(record[8:], salt)``: CRC-32 (IEEE, as zlib computes it)
+*seeded with the segment's salt*, covering lsn, type, flags and payload.  The
+salt is random per segment, so a record copied (or left over) from another
+segment does not validate.  The length field is outside the CRC: a damaged
+length makes the CRC run over the wrong bytes and fail, and ``log.py`` looks
+past such a record before it calls anything a torn tail.
+
+Two ways to encode:
+
+* ``encode_record(salt, ...)`` returns one finished record (tests, tools).
+* The log's hot path appends *unsealed* records (CRC field zero) with
+  ``append_unsealed`` on the event loop, because the salt belongs to whichever
+  segment the batch finally lands in, which only the writer thread knows; the
+  writer calls ``seal_records(buf, salt)`` just before ``os.write``.  That also
+  moves the CRC work off the event loop.
+
+Decoding errors all derive from ``WalFormatError``; a decoder fed any bytes
+raises nothing else.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple
+
+__all__ = [
+    "MAGIC",
+    "FORMAT_VERSION",
+    "SEGMENT_HEADER_SIZE",
+    "RECORD_HEADER_SIZE",
+    "MAX_RECORD_BYTES",
+    "MAX_LSN",
+    "SegmentHeader",
+    "DecodedRecord",
+    "Damage",
+    "WalFormatError",
+    "ShortHeader",
+    "BadHeader",
+    "UnsupportedVersion",
+    "TruncatedRecord",
+    "DamagedRecord",
+    "encode_segment_header",
+    "decode_segment_header",
+    "encode_record",
+    "append_unsealed",
+    "seal_records",
+    "decode_record",
+    "RecordScanner",
+]
+
+MAGIC = b"BRKDWAL\n"  # the newline makes a text-mode transfer that mangles line endings visible
+FORMAT_VERSION = 1  # the only version this code writes; see "How to bump the version" in log.py
+
+SEGMENT_HEADER = struct.Struct(">8sHHIQ")  # magic, version, flags, salt, first_lsn
+SEGMENT_HEADER_SIZE = SEGMENT_HEADER.size  # 24 bytes
+_VERSION = struct.Struct(">H")  # the version alone, read before the rest of the header is trusted
+
+RECORD_HEADER = struct.Struct(">IIQBB")  # length, crc, lsn, type, flags
+RECORD_HEADER_SIZE = RECORD_HEADER.size  # 18 bytes
+CRC_OFFSET = 4  # where the crc field sits inside a record
+CRC_START = 8  # the CRC covers the record from here (lsn) to the end of the payload
+_CRC_FIELD = struct.Struct(">I")
+_LENGTH_FIELD = struct.Struct(">I")
+
+MAX_RECORD_BYTES = 64 * 1024 * 1024  # payload bytes; a record larger than this is damage, not data
+MAX_LSN = 2**64 - 1  # lsn is a u64
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class WalFormatError(Exception):
+    """These bytes are not a valid piece of a version-1 write-ahead log."""
+
+
+class ShortHeader(WalFormatError):
+    """Fewer bytes than a segment header: a file cut off while being created."""
+
+
+class BadHeader(WalFormatError):
+    """The segment header is the right size but not a header we can use."""
+
+
+class UnsupportedVersion(BadHeader):
+    """The header names a format version this code cannot read (a newer brokerd wrote it)."""
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        super().__init__(
+            f"segment format version {version} is not supported "
+            f"(this brokerd reads version {FORMAT_VERSION})"
+        )
+
+
+class TruncatedRecord(WalFormatError):
+    """The record's header or payload runs past the end of the bytes given."""
+
+    def __init__(self, offset: int, needed: int, available: int) -> None:
+        self.offset = offset
+        self.needed = needed  # bytes the record claims from `offset` on
+        self.available = available  # bytes there actually are from `offset` on
+        super().__init__(
+            f"record at offset {offset} needs {needed} bytes but only {available} remain"
+        )
+
+
+class DamagedRecord(WalFormatError):
+    """The record is complete (or claims an impossible size) but is not valid."""
+
+    def __init__(self, offset: int, kind: str, message: str, length: int | None) -> None:
+        self.offset = offset
+        self.kind = kind  # one of Damage.TOO_LONG / BAD_CRC / BAD_TYPE
+        self.length = length  # the declared payload length, None if implausible
+        super().__init__(message)
+
+
+# --------------------------------------------------------------------------- header
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentHeader:
+    version: int
+    flags: int
+    salt: int
+    first_lsn: int
+
+
+def encode_segment_header(salt: int, first_lsn: int) -> bytes:
+    """The 24 bytes that open a segment whose first record will be ``first_lsn``."""
+    if not 0 <= salt <= 0xFFFFFFFF:
+        raise ValueError(f"salt must be a u32 (got {salt})")
+    if not 1 <= first_lsn <= MAX_LSN:
+        raise ValueError(f"first_lsn must be 1..2**64-1 (got {first_lsn})")
+    return SEGMENT_HEADER.pack(MAGIC, FORMAT_VERSION, 0, salt, first_lsn)
+
+
+def decode_segment_header(data: bytes | bytearray | memoryview) -> SegmentHeader:
+    """Parse the header at the start of ``data``.
+
+    Raises ``ShortHeader`` if ``data`` is shorter than a header,
+    ``UnsupportedVersion`` for a version other than 1 (checked right after the
+    magic, so a future version can change everything after it), and
+    ``BadHeader`` for anything else wrong.
+    """
+    if len(data) < SEGMENT_HEADER_SIZE:
+        raise ShortHeader(
+            f"segment is {len(data)} bytes, shorter than its {SEGMENT_HEADER_SIZE}-byte header"
+        )
+    if bytes(data[:8]) != MAGIC:
+        raise BadHeader(f"segment does not start with the magic {MAGIC!r}")
+    (version,) = _VERSION.unpack_from(data, 8)
+    if version == 0:
+        # A zeroed version is damage (or a preallocated file), not a format
+        # from the past: version 1 was the first.
+        raise BadHeader("segment header has format version 0")
+    if version != FORMAT_VERSION:
+        raise UnsupportedVersion(version)
+    _, version, flags, salt, first_lsn = SEGMENT_HEADER.unpack_from(data, 0)
+    if flags != 0:
+        raise BadHeader(f"segment header has unknown flags 0x{flags:04x} (version 1 defines none)")
+    if first_lsn == 0:
+        raise BadHeader("segment header has first_lsn 0 (lsns start at 1)")
+    return SegmentHeader(version, flags, salt, first_lsn)
+
+
+# --------------------------------------------------------------------------- records
+
+
+def _check_fields(lsn: int, type: int, flags: int, payload_len: int) -> None:
+    if not 1 <= lsn <= MAX_LSN:
+        raise ValueError(f"lsn must be 1..2**64-1 (got {lsn})")
+    if not 1 <= type <= 255:
+        raise ValueError(f"record type must be 1..255 (got {type!r}); 0 is reserved")
+    if not 0 <= flags <= 255:
+        raise ValueError(f"record flags must be 0..255 (got {flags!r})")
+    if payload_len > MAX_RECORD_BYTES:
+        raise ValueError(
+            f"record payload is {payload_len} bytes; the limit is {MAX_RECORD_BYTES} bytes"
+        )
+
+
+def encode_record(salt: int, lsn: int, type: int, flags: int, payload: bytes) -> bytes:
+    """One sealed record (CRC filled in) for a segment with this ``salt``."""
+    _check_fields(lsn, type, flags, len(payload))
+    body = RECORD_HEADER.pack(len(payload), 0, lsn, type, flags)[CRC_START:] + bytes(payload)
+    crc = zlib.crc32(body, salt)
+    return _LENGTH_FIELD.pack(len(payload)) + _CRC_FIELD.pack(crc) + body
+
+
+def append_unsealed(buf: bytearray, lsn: int, type: int, flags: int, payload: bytes) -> None:
+    """Append a record with a zero CRC to ``buf``; ``seal_records`` fills it in.
+
+    The log's ``append`` inlines this for speed; it is here so the format has
+    one documented home and tests can check the two agree.
+    """
+    _check_fields(lsn, type, flags, len(payload))
+    buf += RECORD_HEADER.pack(len(payload), 0, lsn, type, flags)
+    buf += payload
+
+
+def seal_records(buf: bytearray, salt: int) -> int:
+    """Fill in the CRC of every record in ``buf`` (whole records, back to back).
+
+    Returns the number of records.  ``buf`` must hold only records written by
+    ``append_unsealed`` (or already sealed ones, which are re-sealed).
+    """
+    n = len(buf)
+    count = 0
+    off = 0
+    unpack_length = _LENGTH_FIELD.unpack_from
+    pack_crc = _CRC_FIELD.pack_into
+    crc32 = zlib.crc32
+    with memoryview(buf) as view:
+        while off < n:
+            (length,) = unpack_length(buf, off)
+            end = off + RECORD_HEADER_SIZE + length
+            if end > n:
+                raise ValueError(f"unsealed batch is cut off: record at offset {off} runs past {n}")
+            pack_crc(buf, off + CRC_OFFSET, crc32(view[off + CRC_START : end], salt))
+            off = end
+            count += 1
+    return count
+
+
+class DecodedRecord(NamedTuple):
+    lsn: int
+    type: int
+    flags: int
+    payload: bytes
+    offset: int  # where the record starts in the bytes it was decoded from
+    end: int  # offset just past its payload
+
+
+def decode_record(data: bytes | bytearray, offset: int, salt: int) -> DecodedRecord:
+    """Decode the one record starting at ``offset``.
+
+    Raises ``TruncatedRecord`` if its header or payload runs past the end of
+    ``data``, ``DamagedRecord`` if its length is impossible, its CRC does not
+    match ``salt``, or its type is the reserved 0.  LSN order is the caller's
+    business (see ``RecordScanner``).
+    """
+    size = len(data)
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0 (got {offset})")
+    available = max(size - offset, 0)
+    if available < RECORD_HEADER_SIZE:
+        raise TruncatedRecord(offset, RECORD_HEADER_SIZE, available)
+    length, crc, lsn, type_, flags = RECORD_HEADER.unpack_from(data, offset)
+    if length > MAX_RECORD_BYTES:
+        raise DamagedRecord(
+            offset,
+            Damage.TOO_LONG,
+            f"record at offset {offset} claims {length} payload bytes, "
+            f"more than the {MAX_RECORD_BYTES}-byte limit",
+            None,
+        )
+    end = offset + RECORD_HEADER_SIZE + length
+    if end > size:
+        raise TruncatedRecord(offset, RECORD_HEADER_SIZE + length, available)
+    with memoryview(data) as view:
+        actual = zlib.crc32(view[offset + CRC_START : end], salt)
+    if actual != crc:
+        raise DamagedRecord(
+            offset,
+            Damage.BAD_CRC,
+            f"record at offset {offset} fails its checksum "
+            f"(stored 0x{crc:08x}, computed 0x{actual:08x})",
+            length,
+        )
+    if type_ == 0:
+        raise DamagedRecord(offset, Damage.BAD_TYPE, f"record at offset {offset} has type 0", length)
+    return DecodedRecord(lsn, type_, flags, bytes(data[offset + RECORD_HEADER_SIZE : end]), offset, end)
+
+
+@dataclass(frozen=True, slots=True)
+class Damage:
+    """Why a ``RecordScanner`` stopped before the end of its bytes."""
+
+    SHORT_HEADER = "short_header"  # fewer than 18 bytes left: the header runs past the end
+    SHORT_PAYLOAD = "short_payload"  # the payload runs past the end
+    TOO_LONG = "too_long"  # the length field exceeds MAX_RECORD_BYTES
+    BAD_CRC = "bad_crc"  # complete record, checksum mismatch
+    BAD_TYPE = "bad_type"  # checksum fine, type 0 (only a buggy writer does this)
+    BAD_LSN = "bad_lsn"  # checksum fine, lsn is not the one expected next
+
+    kind: str
+    offset: int  # where the bad record starts
+    length: int | None  # its declared payload length, None when implausible or unreadable
+    detail: str  # a sentence for error messages
+
+    @property
+    def runs_past_end(self) -> bool:
+        return self.kind in (Damage.SHORT_HEADER, Damage.SHORT_PAYLOAD)
+
+
+class RecordScanner:
+    """Iterate over the records in ``data[start:]``, stopping at the first bad one.
+
+    After iteration: ``damage`` is ``None`` if every byte was a valid record,
+    else a ``Damage`` saying where and why it stopped; ``end`` is the offset
+    just past the last good record; ``next_lsn`` the lsn expected next;
+    ``count`` the records yielded.  With ``expected_lsn=None`` the LSN order is
+    not checked (used to count what a repair drops).
+    """
+
+    def __init__(self, data: bytes, salt: int, start: int, expected_lsn: int | None) -> None:
+        self.data = data
+        self.salt = salt
+        self.start = start
+        self.end = start
+        self.next_lsn = expected_lsn
+        self.count = 0
+        self.damage: Damage | None = None
+
+    def __iter__(self) -> Iterator[DecodedRecord]:
+        data = self.data
+        salt = self.salt
+        size = len(data)
+        off = self.start
+        expected = self.next_lsn
+        unpack = RECORD_HEADER.unpack_from
+        crc32 = zlib.crc32
+        header_size = RECORD_HEADER_SIZE
+        damage = None
+        with memoryview(data) as view:
+            while off < size:
+                if size - off < header_size:
+                    damage = Damage(
+                        Damage.SHORT_HEADER, off, None,
+                        f"record header runs past the end of the segment ({size - off} of 18 bytes)",
+                    )
+                    break
+                length, crc, lsn, type_, flags = unpack(data, off)
+                if length > MAX_RECORD_BYTES:
+                    damage = Damage(
+                        Damage.TOO_LONG, off, None,
+                        f"record length {length} exceeds the {MAX_RECORD_BYTES}-byte limit",
+                    )
+                    break
+                end = off + header_size + length
+                if end > size:
+                    damage = Damage(
+                        Damage.SHORT_PAYLOAD, off, length,
+                        f"record payload runs past the end of the segment "
+                        f"({size - off - header_size} of {length} bytes)",
+                    )
+                    break
+                if crc32(view[off + CRC_START : end], salt) != crc:
+                    damage = Damage(Damage.BAD_CRC, off, length, "record checksum mismatch")
+                    break
+                if type_ == 0:
+                    damage = Damage(Damage.BAD_TYPE, off, length, "record type 0 is reserved")
+                    break
+                if expected is not None:
+                    if lsn != expected:
+                        damage = Damage(
+                            Damage.BAD_LSN, off, length,
+                            f"record lsn {lsn} does not follow lsn {expected - 1}",
+                        )
+                        break
+                    expected = lsn + 1
+                payload = data[off + header_size : end]
+                yield DecodedRecord(lsn, type_, flags, payload, off, end)
+                off = end
+                self.end = end
+                self.next_lsn = expected
+                self.count += 1
+        self.damage = damage
