@@ -33,6 +33,7 @@ HELP = [
     ("RESUME <queue>", "start delivering again"),
     ("DEAD <queue> [n]", "the first n messages in a queue's dead-letter queue"),
     ("REQUEUE-DEAD <queue>", "move a queue's dead letters back to it, attempts reset"),
+    ("RESULT <task-id>", "a task's state and result (or its error and traceback)"),
     ("QUIT", "close this connection"),
 ]
 
@@ -233,6 +234,30 @@ def c_requeue_dead(state, args, now, extra):
     return single(f"requeued {n} dead letter{'s' if n != 1 else ''} to {args[0]}")
 
 
+def c_result(state, args, now, extra):
+    _need(args, 1, "RESULT <task-id>")
+    task_id = args[0]
+    r = state.results.get(task_id)
+    if r is None or r.expires <= now:
+        return multi(f"result {task_id}", keyvalues([("id", task_id), ("state", "PENDING")]))
+    pairs = [("id", r.id), ("state", r.state), ("result", _short(repr(r.value), 200))]
+    meta = r.meta or {}
+    tb = meta.get("traceback")
+    for k, v in meta.items():
+        if k != "traceback":
+            pairs.append(("meta." + str(k), _short(str(v), 200)))
+    pairs += [("updated_s_ago", round(now - r.updated, 3)), ("expires_in_s", round(r.expires - now, 1))]
+    lines = keyvalues(pairs)
+    if tb:
+        lines.append("traceback:")
+        lines += ["  " + line for line in str(tb).rstrip().splitlines()]
+    return multi(f"result {task_id}", lines)
+
+
+def _short(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
 def c_quit(state, args, now, extra):
     return single("bye")
 
@@ -249,5 +274,6 @@ COMMANDS = {
     "PAUSE": c_pause,
     "RESUME": c_resume,
     "REQUEUE-DEAD": c_requeue_dead,
+    "RESULT": c_result,
     "QUIT": c_quit,
 }

@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsync-interval-ms", dest="fsync_interval_ms", help=f"with --fsync interval, milliseconds between fsyncs (default {d.fsync_interval_ms})")
     p.add_argument("--segment-bytes", dest="segment_bytes", help=f"log segment size before rotation (default {d.segment_bytes})")
     p.add_argument("--repair", action="store_const", const="true", help="truncate a corrupt log at the first bad record (drops what follows)")
+    p.add_argument("--result-ttl", dest="result_ttl", help=f"seconds a task result is kept (default {d.result_ttl:g})")
     p.add_argument("--log-level", dest="log_level", help=f"debug, info, warning or error (default {d.log_level})")
     return p
 
@@ -139,6 +140,7 @@ async def open_server(config: Config):
         replayed, rec.segments if rec else 0, time.monotonic() - t0, stats.queues, stats.ready, stats.delayed,
         f"; truncated a torn tail of {rec.truncated_bytes} bytes" if rec and rec.truncated_bytes else "",
     )
+    state.default_result_ttl = config.result_ttl
     state.log_enabled = True
     durability = Durability(wal, state, config)
     # Replay may have decided things (dead-lettering in-flight messages past

@@ -27,6 +27,9 @@ from client.wire import (
     OP_PING,
     OP_PUBLISH,
     OP_PURGE,
+    OP_RESULT_FORGET,
+    OP_RESULT_GET,
+    OP_RESULT_SET,
     OP_RESUME,
     OP_STATS,
     OP_TOUCH,
@@ -110,11 +113,12 @@ def h_ack(state, conn, rid, f, now):
 
 
 def h_nack(state, conn, rid, f, now):
-    # [6, rid, tag, requeue, delay|null]
+    # [6, rid, tag, requeue, delay|null, headers|null]
     tag = _arg(f, 2, "tag", (int,), "NACK")
     requeue = _arg(f, 3, "requeue", (bool,), "NACK", required=False)
     delay = _arg(f, 4, "delay", _NUM, "NACK", required=False)
-    state.nack(conn, tag, now, requeue=True if requeue is None else requeue, delay=delay)
+    headers = _arg(f, 5, "headers", (dict,), "NACK", required=False)
+    state.nack(conn, tag, now, requeue=True if requeue is None else requeue, delay=delay, headers=headers)
     return [OP_OK, rid, None]
 
 
@@ -169,6 +173,34 @@ def h_resume(state, conn, rid, f, now):
     return [OP_OK, rid, None]
 
 
+def h_result_set(state, conn, rid, f, now):
+    # [18, rid, task_id, state, value, meta|null, {ttl, tag}|null]
+    task_id = _arg(f, 2, "task id", (str,), "RESULT_SET")
+    st = _arg(f, 3, "state", (str,), "RESULT_SET")
+    value = f[4] if len(f) > 4 else None
+    meta = _arg(f, 5, "meta", (dict,), "RESULT_SET", required=False)
+    opts = _arg(f, 6, "options", (dict,), "RESULT_SET", required=False) or {}
+    for k in opts:
+        if k not in ("ttl", "tag"):
+            raise RequestError(f"unknown RESULT_SET option {k!r}; known options: ttl, tag")
+    tag = opts.get("tag")
+    if tag is not None and type(tag) is not int:
+        raise RequestError("RESULT_SET option 'tag' must be a delivery tag (a whole number)")
+    return [OP_OK, rid, state.result_set(conn, task_id, st, value, meta, now, ttl=opts.get("ttl"), tag=tag)]
+
+
+def h_result_get(state, conn, rid, f, now):
+    # [19, rid, task_id, wait|null] -> OK {id, state, result, meta, updated}, maybe after a wait
+    task_id = _arg(f, 2, "task id", (str,), "RESULT_GET")
+    wait = _arg(f, 3, "wait", _NUM, "RESULT_GET", required=False)
+    reply = state.result_get(conn, rid, task_id, now, wait)
+    return None if reply is None else [OP_OK, rid, reply]
+
+
+def h_result_forget(state, conn, rid, f, now):
+    return [OP_OK, rid, state.result_forget(_arg(f, 2, "task id", (str,), "RESULT_FORGET"), now)]
+
+
 def h_ping(state, conn, rid, f, now):
     return [OP_OK, rid, None]
 
@@ -187,13 +219,17 @@ HANDLERS = {
     OP_PAUSE: h_pause,
     OP_RESUME: h_resume,
     OP_PING: h_ping,
+    OP_RESULT_SET: h_result_set,
+    OP_RESULT_GET: h_result_get,
+    OP_RESULT_FORGET: h_result_forget,
 }
 # Handled by the server itself, because they touch the connection, not the state.
 CONNECTION_OPS = (OP_HELLO, OP_HEARTBEAT, OP_BYE, OP_ADMIN)
 
 
 def handle(state, conn: int, frame: list, now: float):
-    """One request frame → its reply frame (OK or ERROR)."""
+    """One request frame → its reply frame (OK or ERROR), or None when the
+    reply is deferred (a parked RESULT_GET: the state sends it later)."""
     op = frame[0]
     rid = frame[1] if len(frame) > 1 else None
     if type(rid) is not int:

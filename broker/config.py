@@ -46,6 +46,8 @@ class Config:
     fsync_interval_ms: int = 1000
     segment_bytes: int = 64 * MiB
     repair: bool = False
+    # How long a task result is kept after its last update (Celery: result_expires).
+    result_ttl: float = 24 * 3600 * SECONDS
     log_level: str = "info"
 
     def validate(self) -> "Config":
@@ -68,6 +70,8 @@ class Config:
             bad("fsync_interval_ms", f"must be a whole number of milliseconds >= 1 (got {self.fsync_interval_ms!r})")
         if not isinstance(self.segment_bytes, int) or self.segment_bytes < 64 * KiB:
             bad("segment_bytes", f"must be a number of bytes >= 65536 (got {self.segment_bytes!r})")
+        if not isinstance(self.result_ttl, (int, float)) or self.result_ttl <= 0:
+            bad("result_ttl", f"must be a number of seconds > 0 (got {self.result_ttl!r})")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             bad("log_level", f"must be one of debug, info, warning, error (got {self.log_level!r})")
         try:

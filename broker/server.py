@@ -308,7 +308,9 @@ class Server:
                         reply = handle(state, cid, f, now)
                         outbox = state.outbox
                         box = outbox.get(cid)
-                        if box is None:
+                        if reply is None:
+                            pass  # deferred (a parked RESULT_GET): the state replies later
+                        elif box is None:
                             outbox[cid] = [reply]
                         elif len(box) == before:
                             box.append(reply)

@@ -135,12 +135,9 @@ class BrokerMachine(RuleBasedStateMachine):
             self.s.nack(conn, tag, self.now, requeue=True)
             self.give_back(mid)
         else:
+            # an explicit retry: held by the broker, not counted toward max_attempts
             self.s.nack(conn, tag, self.now, delay=1.5)
-            msg = self.m.msgs[mid]
-            if msg["attempts"] >= MAX_ATTEMPTS:
-                self.dead(mid)
-            else:
-                self.m.delayed.append((self.now + 1.5, self.s._delayed[-1][1], mid))
+            self.m.delayed.append((self.now + 1.5, self.s._delayed[-1][1], mid))
         self.absorb()
 
     @rule(conn=st.sampled_from(CONNS))

@@ -28,6 +28,7 @@ from sortedcontainers import SortedList
 
 from broker.errors import BrokerError, RequestError
 from broker.state import records as R
+from broker.state.results import ResultsMixin
 from broker.state.queue import (
     DELAYED,
     GONE,
@@ -116,7 +117,7 @@ class BrokerStatistics:
     acked: int
 
 
-class BrokerState:
+class BrokerState(ResultsMixin):
     def __init__(self, *, boot_id: str = "b"):
         self.queues: dict[str, Queue] = {}
         self.conns: dict[int, Conn] = {}
@@ -140,6 +141,7 @@ class BrokerState:
         # (deadline, tag) for deliveries on queues with a reserve_timeout
         self._deadlines = SortedList()
         self.inflight: dict[int, Delivery] = {}
+        self._init_results()
 
     # -- plumbing ------------------------------------------------------------
     def _send(self, conn_id: int, frame) -> None:
@@ -195,6 +197,8 @@ class BrokerState:
         self.outbox.pop(conn_id, None)
         if conn is None:
             return 0
+        if self._waiters:
+            self._drop_waiters_of(conn_id)
         for c in list(conn.consumers.values()):
             self._remove_consumer(c)
         touched = set()
@@ -444,17 +448,34 @@ class BrokerState:
             )
         return len(tags)
 
-    def nack(self, conn_id: int, tag, now: float, requeue: bool = True, delay: float | None = None) -> None:
+    def nack(
+        self, conn_id: int, tag, now: float, requeue: bool = True, delay: float | None = None,
+        headers: dict | None = None,
+    ) -> None:
+        """Give a delivery back.
+
+        ``requeue=False``: to the dead-letter queue.  ``delay``: ready again
+        after that many seconds, held by the broker — an explicit retry, which
+        does not count toward max_attempts (the consumer decided it; crashes
+        and timeouts are what max_attempts guards against).  ``headers``
+        replaces the message's headers (e.g. a retry count) in the same step.
+        """
         if delay is not None and (type(delay) not in (int, float) or delay < 0):
             raise RequestError(f"delay must be a number of seconds >= 0 (got {delay!r})")
+        if headers is not None and type(headers) is not dict:
+            raise RequestError("headers must be a map")
         d = self._settle(conn_id, tag)
         msg = d.msg
         q = msg.queue
         q.nacked += 1
+        if headers is not None:
+            msg.headers = headers or None
         if not requeue:
             self._dead_letter(msg, "rejected", now)
+        elif delay:
+            self._requeue(msg, now, delay, headers is not None)
         elif not self._over_attempts(msg, now):
-            self._requeue(msg, now, delay)
+            self._requeue(msg, now, None, headers is not None)
         c = d.consumer
         if c.unacked < c.prefetch:
             self._dispatch_consumer(c, now)
@@ -484,7 +505,7 @@ class BrokerState:
             return True
         return False
 
-    def _requeue(self, msg: Message, now: float, delay: float | None = None) -> None:
+    def _requeue(self, msg: Message, now: float, delay: float | None = None, new_headers: bool = False) -> None:
         q = msg.queue
         if delay:
             msg.ready_at = now + delay
@@ -494,7 +515,10 @@ class BrokerState:
         else:
             msg.ready_at = None
             q.push_ready(msg, front=True)
-        self._log(R.REQUEUE, [msg.seq, msg.attempts, msg.ready_at])
+        if new_headers:
+            self._log(R.REQUEUE, [msg.seq, msg.attempts, msg.ready_at, msg.headers])
+        else:
+            self._log(R.REQUEUE, [msg.seq, msg.attempts, msg.ready_at])
 
     def _take_back(self, d: Delivery, now: float) -> None:
         """A delivery's connection closed or its reservation ran out."""
@@ -572,6 +596,7 @@ class BrokerState:
                 self._expire(msg)
         for q in woke:
             self._dispatch_queue(q, now)
+        self._tick_results(now)
         return self.next_wakeup()
 
     def next_wakeup(self) -> float:
@@ -582,7 +607,7 @@ class BrokerState:
             t = self._deadlines[0][0]
         if self._ttl and self._ttl[0][0] < t:
             t = self._ttl[0][0]
-        return t
+        return min(t, self._results_next_wakeup())
 
     # -- queue management --------------------------------------------------------
     def declare(self, name: str, options, now: float) -> dict:
@@ -723,6 +748,14 @@ class BrokerState:
                     m.attempts = p[1]
                     m.ready_at = p[2]
                     m.state = DELAYED if p[2] is not None else READY
+                    if len(p) > 3:
+                        m.headers = p[3]
+            elif t == R.RESULT:
+                self._replay_result(p, lsn, msgs)
+            elif t == R.FORGET:
+                r = self.results.get(p)
+                if r is not None:
+                    self._drop_result(r)
             elif t == R.DEAD or t == R.MOVE:
                 old = msgs.pop(p[0], None)
                 if old is not None and t == R.DEAD:
@@ -815,6 +848,7 @@ class BrokerState:
             if m.lsn <= through_lsn:
                 m.lsn = self._log(R.MESSAGE, R.message_payload(m))
                 n += 1
+        self._compact_results(through_lsn)
         for q in self.queues.values():
             if q.declared:
                 self._log(R.DECLARE, [q.name, q.options.to_wire()])

@@ -11,7 +11,8 @@ type       payload                                         meaning
 PUBLISH    message (see ``message_payload``)                a message was accepted
 DELIVER    seq                                              it was handed to a consumer (attempts += 1)
 ACK        seq                                              it is done
-REQUEUE    [seq, attempts, ready_at | null]                 it went back (nack, timeout, disconnect)
+REQUEUE    [seq, attempts, ready_at | null, headers?]       it went back (nack, timeout, disconnect);
+                                                            a 4th item replaces its headers
 DEAD       [old seq, message in its dead-letter queue]     it moved to the dead-letter queue
 MOVE       [old seq, message in its new queue]              REQUEUE-DEAD moved it back
 DROP       [seq, reason]                                   dead-lettered with no dead-letter queue
@@ -23,6 +24,9 @@ PAUSE      [queue, paused]                                  delivery paused or r
 MESSAGE    message                                          compaction rewrote a live message forward
 COUNTERS   {queue: [published, delivered, acked, nacked,    compaction: the queues' counters, absolute
             redelivered, expired, dead_lettered, rejected]}
+RESULT     [task id, state, value, meta, expires, ts,       a task's result; acks seq in the same record
+            acked seq | null]
+FORGET     task id                                          a result was forgotten
 """
 
 PUBLISH = 1
@@ -39,11 +43,14 @@ PURGE = 11
 PAUSE = 12
 MESSAGE = 13
 COUNTERS = 14
+RESULT = 15
+FORGET = 16
 
 NAMES = {
     PUBLISH: "PUBLISH", DELIVER: "DELIVER", ACK: "ACK", REQUEUE: "REQUEUE", DEAD: "DEAD",
     MOVE: "MOVE", DROP: "DROP", EXPIRE: "EXPIRE", DECLARE: "DECLARE", DELETE: "DELETE",
     PURGE: "PURGE", PAUSE: "PAUSE", MESSAGE: "MESSAGE", COUNTERS: "COUNTERS",
+    RESULT: "RESULT", FORGET: "FORGET",
 }
 
 COUNTER_FIELDS = (
