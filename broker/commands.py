@@ -223,6 +223,12 @@ HANDLERS = {
     OP_RESULT_GET: h_result_get,
     OP_RESULT_FORGET: h_result_forget,
 }
+# Requests whose reply confirms a change to logged state: the server sends
+# their reply only once the change is durable under the fsync policy.
+DURABLE_OPS = frozenset((
+    OP_PUBLISH, OP_ACK, OP_NACK, OP_DECLARE, OP_DELETE, OP_PURGE, OP_PAUSE, OP_RESUME,
+    OP_RESULT_SET, OP_RESULT_FORGET,
+))
 # Handled by the server itself, because they touch the connection, not the state.
 CONNECTION_OPS = (OP_HELLO, OP_HEARTBEAT, OP_BYE, OP_ADMIN)
 

@@ -54,6 +54,7 @@ class Durability:
         self.segment_bytes = config.segment_bytes
         self.data_dir = config.data_dir
         self._waiting: deque = deque()  # (lsn, box, release) held for the fsync
+        self._early: deque = deque()  # (lsn, box, release) held for the write
         self._wake = trio.Event()
         self._write_lock = trio.Lock()
         self._deletes: list[tuple[int, int]] = []  # (lsn that must be durable, delete through)
@@ -73,7 +74,14 @@ class Durability:
         self.recovery = wal.recovery
 
     # -- on the event loop ---------------------------------------------------------
-    def submit(self, records: list, box: dict, release) -> None:
+    def submit(self, records: list, box: dict, release, early: dict | None = None) -> None:
+        """Append a batch's records; release ``early`` once they are written and
+        ``box`` (the confirms) once they are durable under the policy.
+
+        Under ``always``, deliveries (``early``) wait only for the write — a
+        ``kill -9`` then cannot lose the record that counts their attempt — and
+        confirms wait for the fsync.  Under ``interval``/``never`` both go now.
+        """
         wal = self.wal
         dumps = cbor2.dumps
         lsn = 0
@@ -91,13 +99,27 @@ class Durability:
         if lsn != self.state.last_lsn:
             raise RuntimeError(f"log lsn {lsn} and state lsn {self.state.last_lsn} disagree")
         if self.policy == "always":
-            self._waiting.append((lsn, box, release))
-        elif box:
-            release(box)
+            if early:
+                self._early.append((lsn, early, release))
+            if box:
+                self._waiting.append((lsn, box, release))
+        else:
+            if early:
+                release(early)
+            if box:
+                release(box)
         self._wake.set()
 
+    def _release_written(self) -> None:
+        written = self.wal.written_lsn
+        early = self._early
+        while early and early[0][0] <= written:
+            _, box, release = early.popleft()
+            release(box)
+
     def _release_durable(self) -> None:
-        durable = self.wal.durable_lsn
+        self._release_written()
+        durable = self.wal.synced_lsn if self.policy == "always" else self.wal.durable_lsn
         waiting = self._waiting
         while waiting and waiting[0][0] <= durable:
             _, box, release = waiting.popleft()
@@ -112,6 +134,9 @@ class Durability:
         self.state.log_enabled = False
         self.state.take_records()
         log.error("write-ahead log failed: %s", message)
+        while self._early:
+            _, box, release = self._early.popleft()
+            release(box)
         while self._waiting:
             _, box, release = self._waiting.popleft()
             release(_refuse_confirms(box, message))
@@ -131,6 +156,10 @@ class Durability:
                         await self._locked(self._sync)
                     continue
             await self._locked(self._write_pending)
+            if self.policy == "always" and self.failed is None:
+                # The WAL itself runs with fsync=never under this policy: we
+                # fsync here, after releasing what only needed the write.
+                await self._locked(self._sync)
             if self.failed is None:
                 await self._after_write()
 
@@ -143,7 +172,10 @@ class Durability:
             except WalFailed as exc:
                 self._fail(exc)
                 return
-        self._release_durable()
+        if fn == self._write_pending:
+            self._release_written()
+        else:
+            self._release_durable()
 
     def _write_pending(self) -> None:
         """In a worker thread: one write (and per policy one fsync) of all pending records."""
@@ -161,6 +193,8 @@ class Durability:
             self._count_fsync(dt)
 
     def _sync(self) -> None:
+        if self.wal.synced_lsn >= self.wal.written_lsn:
+            return
         t0 = time.perf_counter()
         self.wal.sync()
         self._count_fsync(time.perf_counter() - t0)

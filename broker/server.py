@@ -30,7 +30,7 @@ import time
 import trio
 
 from broker import __version__, admin
-from broker.commands import HANDLERS, handle
+from broker.commands import DURABLE_OPS, HANDLERS, handle
 from broker.config import Config
 from broker.state import BrokerState
 from client.wire import (
@@ -99,6 +99,7 @@ class Server:
         self.state = state or BrokerState(boot_id=format(int(time.time() * 1000) % 0xFFFFFFFF, "x"))
         self.wal = wal  # a broker.durability.Durability, or None (no durability)
         self.conns: dict[int, Conn] = {}
+        self._held: dict[int, list] = {}  # replies waiting for the log (DURABLE_OPS)
         self._ids = itertools.count(1)
         self._tick_wake = trio.Event()
         self._next_tick = math.inf
@@ -109,16 +110,29 @@ class Server:
 
     # -- effects -------------------------------------------------------------------
     def _flush(self) -> None:
-        """Move the state's effects out after a batch."""
+        """Move the state's effects out after a batch.
+
+        Deliveries and replies that confirm nothing go out at once.  Replies
+        to requests that changed logged state (``DURABLE_OPS``) go to the log
+        with the batch's records and are released when those are durable under
+        the fsync policy: a confirm never precedes its fsync.  A delivery may
+        reach a consumer before its publish is fsynced; if brokerd then crashes
+        the message was never confirmed, and at-least-once delivery holds.
+        """
         state = self.state
         box = state.take_outbox()
+        held = self._held
+        if held:
+            self._held = {}
         if self.wal is not None:
             records = state.take_records()
             if records:
-                self.wal.submit(records, box, self._release)
-                box = None
+                self.wal.submit(records, held, self._release, box)
+                held = box = None
         if box:
             self._release(box)
+        if held:
+            self._release(held)
         nxt = state.next_wakeup()
         if nxt < self._next_tick:
             self._tick_wake.set()
@@ -302,7 +316,18 @@ class Server:
                 cid = conn.id
                 for f in frames:
                     op = f[0]
-                    if op in HANDLERS and handshaken:
+                    if op in DURABLE_OPS and handshaken:
+                        # Its reply confirms a logged change: held until the log
+                        # has it on disk (see _flush).  Replies are matched by
+                        # request id, so they may overtake one another.
+                        reply = handle(state, cid, f, now)
+                        outbox = state.outbox
+                        held = self._held.get(cid)
+                        if held is None:
+                            self._held[cid] = [reply]
+                        else:
+                            held.append(reply)
+                    elif op in HANDLERS and handshaken:
                         box = outbox.get(cid)
                         before = len(box) if box else 0
                         reply = handle(state, cid, f, now)
