@@ -14,6 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from broker.errors import BrokerError
 from broker.state import BrokerState
+from broker.state.queue import DEFAULT_MAX_ATTEMPTS
 from client.wire import OP_DELIVER
 
 QUEUES = ["a", "b"]
@@ -74,7 +75,9 @@ class BrokerMachine(RuleBasedStateMachine):
 
     def give_back(self, mid, front=True):
         msg = self.m.msgs[mid]
-        if msg["attempts"] >= MAX_ATTEMPTS:
+        # declared queues have MAX_ATTEMPTS; their dead-letter queues the default
+        limit = DEFAULT_MAX_ATTEMPTS if msg["queue"].endswith(".dlq") else MAX_ATTEMPTS
+        if msg["attempts"] >= limit:
             self.dead(mid)
         elif front:
             self.m.ready[msg["queue"]].insert(0, mid)
