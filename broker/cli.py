@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", dest="data_dir", help=f"directory for the write-ahead log (default {d.data_dir})")
     p.add_argument("--max-frame", dest="max_frame", help=f"largest frame in bytes (default {d.max_frame})")
     p.add_argument("--heartbeat", help=f"seconds between heartbeats; 0 turns them off (default {d.heartbeat:g})")
+    p.add_argument("--handshake-timeout", dest="handshake_timeout", help=f"seconds a new connection has to send its preamble and HELLO (default {d.handshake_timeout:g})")
     p.add_argument("--output-buffer", dest="output_buffer", help=f"bytes of unsent output per connection before back-pressure (default {d.output_buffer})")
     p.add_argument("--fsync", help=f"when to fsync the log: always, interval or never (default {d.fsync})")
     p.add_argument("--fsync-interval-ms", dest="fsync_interval_ms", help=f"with --fsync interval, milliseconds between fsyncs (default {d.fsync_interval_ms})")

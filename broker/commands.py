@@ -8,6 +8,8 @@ method and returns the reply frame.  Deliveries the call causes are in
 
 from __future__ import annotations
 
+import math
+
 from broker.errors import BrokerError, RequestError
 from client.wire import (
     CLIENT_OPS,
@@ -45,6 +47,8 @@ def _arg(frame, i, name, types, op, required=True):
             raise RequestError(f"{op} needs {name} (field {i})")
         return None
     v = frame[i]
+    if type(v) is float and not math.isfinite(v):
+        raise RequestError(f"{op} field {i} ({name}) must be a finite number (got {v})")
     if type(v) not in types:
         want = " or ".join(t.__name__.replace("str", "text").replace("bytes", "byte string") for t in types)
         raise RequestError(f"{op} field {i} ({name}) must be {want} (got {type(v).__name__})")
@@ -57,6 +61,8 @@ def _opt_number(opts, key, op):
         return None
     if type(v) not in _NUM:
         raise RequestError(f"{op} option {key!r} must be a number of seconds (got {type(v).__name__})")
+    if not math.isfinite(v):
+        raise RequestError(f"{op} option {key!r} must be a finite number of seconds (got {v})")
     if key != "eta" and v < 0:
         raise RequestError(f"{op} option {key!r} must be >= 0 (got {v})")
     return v

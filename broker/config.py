@@ -62,6 +62,8 @@ class Config:
             bad("max_frame", f"must be a number of bytes >= 1024 (got {self.max_frame!r})")
         if not isinstance(self.heartbeat, (int, float)) or self.heartbeat < 0:
             bad("heartbeat", f"must be a number of seconds >= 0 (got {self.heartbeat!r})")
+        if not isinstance(self.handshake_timeout, (int, float)) or not 0 < self.handshake_timeout < 3600:
+            bad("handshake_timeout", f"must be a number of seconds from 0 to 3600 (got {self.handshake_timeout!r})")
         if not isinstance(self.output_buffer, int) or self.output_buffer < 64 * KiB:
             bad("output_buffer", f"must be a number of bytes >= 65536 (got {self.output_buffer!r})")
         if self.fsync not in FSYNC_POLICIES:

@@ -141,6 +141,16 @@ class Durability:
             _, box, release = self._waiting.popleft()
             release(_refuse_confirms(box, message))
 
+    async def wait_durable(self, lsn: int) -> None:
+        """Return once records up to ``lsn`` are durable under the policy (or the log failed)."""
+        while self.failed is None:
+            durable = self.wal.synced_lsn if self.policy == "always" else self.wal.durable_lsn
+            held = (self._waiting and self._waiting[0][0] <= lsn) or (self._early and self._early[0][0] <= lsn)
+            if durable >= lsn and not held:
+                return  # on disk, and every reply it held has been released
+            self._wake.set()
+            await trio.sleep(0.0005)
+
     # -- the writer task ---------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()

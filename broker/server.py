@@ -59,7 +59,7 @@ class Conn:
 
     __slots__ = (
         "id", "stream", "peer", "name", "out", "out_bytes", "wake", "drained",
-        "closed", "opened", "heartbeat", "last_sent", "cancel",
+        "closed", "opened", "heartbeat", "last_sent", "cancel", "handshake_deadline",
     )
 
     def __init__(self, id, stream, peer):
@@ -76,6 +76,7 @@ class Conn:
         self.heartbeat = 0.0
         self.last_sent = time.monotonic()
         self.cancel: trio.CancelScope | None = None
+        self.handshake_deadline = math.inf
 
     def queue_bytes(self, data: bytes) -> None:
         if self.closed:
@@ -221,6 +222,7 @@ class Server:
         except OSError:
             peer = "?"
         conn = Conn(cid, stream, peer)
+        conn.handshake_deadline = trio.current_time() + self.config.handshake_timeout
         self.conns[cid] = conn
         log.info("conn %d open from %s", cid, peer)
         reason = "closed by peer"
@@ -276,11 +278,13 @@ class Server:
         cfg = self.config
         buf = first
         while len(buf) < len(PREAMBLE):
-            with trio.move_on_after(cfg.handshake_timeout):
+            with trio.move_on_at(conn.handshake_deadline) as cs:
                 more = await conn.stream.receive_some(RECEIVE_BYTES)
-                if not more:
-                    return "closed during preamble"
-                buf += more
+            if cs.cancelled_caught:
+                raise _Close("handshake timeout", _closing("HANDSHAKE_REQUIRED", "the preamble and HELLO must arrive within handshake_timeout"))
+            if not more:
+                return "closed during preamble"
+            buf += more
         if buf[: len(PREAMBLE)] != PREAMBLE:
             raise _Close("bad preamble", _closing("BAD_PREAMBLE", f"a binary connection must open with the 4 bytes {PREAMBLE!r}"))
         reader = FrameReader(cfg.max_frame)
@@ -345,12 +349,20 @@ class Server:
                         reply = self._connection_op(conn, f, handshaken, now)
                         if op == OP_HELLO and reply[0] == OP_OK:
                             handshaken = True
-                        if reply is not None:
-                            state._send(cid, reply)
                         if op == OP_BYE:
+                            # Everything before BYE is answered first, confirms included.
                             self._flush()
+                            if self.wal is not None:
+                                with trio.move_on_after(5.0):
+                                    await self.wal.wait_durable(state.last_lsn)
+                            conn.queue_bytes(encode_many([reply]))
                             await self._drain(conn)
                             return "client said BYE"
+                        if reply is not None:
+                            if op == OP_ADMIN:  # may purge, pause...: confirmed like them
+                                self._held.setdefault(cid, []).append(reply)
+                            else:
+                                state._send(cid, reply)
                 self._flush()
             # Back-pressure: stop reading while this connection's output is large.
             if conn.out_bytes > cfg.output_buffer:
@@ -378,10 +390,10 @@ class Server:
             reader.feed(data)
 
     def _silence_limit(self, conn: Conn) -> float:
+        if not conn.name:  # not handshaken: one deadline for preamble and HELLO together
+            return max(0.0, conn.handshake_deadline - trio.current_time())
         if conn.heartbeat > 0:
             return 2 * conn.heartbeat
-        if not conn.name:
-            return self.config.handshake_timeout
         return math.inf
 
     async def _drain(self, conn: Conn) -> None:
@@ -401,7 +413,7 @@ class Server:
             if type(opts) is not dict:
                 raise _Close("bad hello", _closing("BAD_REQUEST", "HELLO field 2 must be a map with at least 'version'"))
             version = opts.get("version")
-            if version != PROTOCOL_VERSION:
+            if type(version) is not int or version != PROTOCOL_VERSION:
                 raise _Close(
                     "unsupported version",
                     _closing("UNSUPPORTED_VERSION", f"this server speaks protocol version {PROTOCOL_VERSION}, not {version!r}"),
@@ -409,7 +421,7 @@ class Server:
             name = opts.get("client")
             conn.name = name if isinstance(name, str) and name else f"conn-{conn.id}"
             hb = opts.get("heartbeat", self.config.heartbeat)
-            if type(hb) not in (int, float) or hb < 0:
+            if type(hb) not in (int, float) or not math.isfinite(hb) or hb < 0:
                 hb = self.config.heartbeat
             conn.heartbeat = float(hb)
             self.state.conns[conn.id].name = conn.name
@@ -478,6 +490,8 @@ class Server:
                     continue
                 reply = admin.execute(self.state, line, time.time(), self.admin_extra())
                 self._flush()
+                if self.wal is not None:  # PURGE, PAUSE...: reply once the change is on disk
+                    await self.wal.wait_durable(self.state.last_lsn)
                 await stream.send_all(reply.encode())
                 if line.split()[0].upper() == "QUIT":
                     return "admin QUIT"

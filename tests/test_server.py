@@ -276,3 +276,56 @@ def test_bad_flags_and_config_values_are_named(tmp_path):
     cfg.write_text('prot = 1\n')
     r = run("--config", str(cfg))
     assert r.returncode == 2 and "unknown setting 'prot'" in r.stderr
+
+
+def test_a_client_that_stalls_in_the_preamble_is_closed(broker_factory):
+    broker = broker_factory("--handshake-timeout", "0.5")
+    r = Raw(broker.port, hello=False)
+    r.send_raw(b"\x00B")  # half a preamble, then silence
+    (f,) = closing(r.read_until_closed())
+    assert f[1] == "HANDSHAKE_REQUIRED"
+
+
+def test_heartbeats_before_hello_do_not_extend_the_handshake_deadline(broker_factory):
+    import time
+
+    broker = broker_factory("--handshake-timeout", "0.6")
+    r = Raw(broker.port, hello=False)
+    r.send_raw(wire.PREAMBLE)
+    start = time.monotonic()
+    frames = []
+    try:
+        while time.monotonic() - start < 5:
+            r.send([wire.OP_HEARTBEAT])
+            r.sock.settimeout(0.1)
+            try:
+                r._read(0.1)
+            except TimeoutError:
+                pass
+    except (ConnectionError, OSError):
+        frames = r.pending
+    assert closing(frames) and closing(frames)[0][1] == "HANDSHAKE_REQUIRED"
+
+
+def test_malformed_tags_and_non_finite_numbers_get_bad_request(broker, bystander):
+    r = Raw(broker.port)
+    f = r.call(wire.OP_ACK, [[1]])
+    assert f[2:] == ["BAD_REQUEST", "a delivery tag is a whole number (got [1])"]
+    f = r.call(wire.OP_PUBLISH, "q", b"x", None, 0, {"ttl": float("nan")})
+    assert f[2:] == ["BAD_REQUEST", "PUBLISH option 'ttl' must be a finite number of seconds (got nan)"]
+    f = r.call(wire.OP_NACK, 1, True, float("inf"))
+    assert f[2:] == ["BAD_REQUEST", "NACK field 4 (delay) must be a finite number (got inf)"]
+    f = r.call(wire.OP_PUBLISH, "never-made", b"x", None, 300, None)
+    assert f[2] == "BAD_REQUEST"
+    assert "never-made" not in r.ok(wire.OP_STATS)["queues"]  # a refused publish creates nothing
+    assert r.ok(wire.OP_PING) is None
+
+
+def test_bye_is_answered_after_every_earlier_confirm(broker):
+    r = Raw(broker.port)
+    for rid in range(1, 301):
+        r.send([wire.OP_PUBLISH, rid, "q", b"m", f"b{rid}", 0, None])
+    r.send([wire.OP_BYE, 301])
+    frames = r.read_until_closed()
+    oks = {f[1] for f in frames if f[0] == wire.OP_OK}
+    assert oks == set(range(1, 302))

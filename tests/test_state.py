@@ -269,3 +269,33 @@ def test_bad_values_are_refused_with_the_field_named(s):
         s.consume(C, ["q"], 0, 0.0)
     with pytest.raises(RequestError, match=r"contains spaces or control characters$"):
         s.publish(P, "a queue", b"x", None, 0, 0.0)
+
+
+def test_requeue_dead_from_a_shared_dead_letter_queue_moves_only_that_queues_messages(s):
+    s.declare("a", {"dead_letter": "shared"}, 0.0)
+    s.declare("b", {"dead_letter": "shared"}, 0.0)
+    s.publish(P, "a", b"from-a", None, 0, 0.0)
+    s.publish(P, "b", b"from-b", None, 0, 0.0)
+    s.consume(C, ["a", "b"], 10, 0.0)
+    for f in deliveries(s, C):
+        s.nack(C, f[2], 0.0, requeue=False)
+    assert s.requeue_dead("a", 0.0) == 1
+    assert [m.body for m in s.peek("a")] == [b"from-a"] or s.queues["a"].inflight_count == 1
+    assert [m.body for m in s.peek("shared")] == [b"from-b"]
+
+
+def test_a_tick_that_wakes_two_queues_keeps_the_consumers_preference(s):
+    s.consume(C, ["high", "low"], 1, 0.0)
+    s.publish(P, "low", b"L", None, 0, 0.0, delay=1.0)
+    s.publish(P, "high", b"H", None, 0, 0.0, delay=1.0)
+    s.tick(1.0)
+    assert bodies(deliveries(s, C)) == [b"H"]
+
+
+def test_storing_a_non_final_result_with_a_tag_is_refused(s):
+    s.publish(P, "q", b"t", "t1", 0, 0.0)
+    s.consume(C, ["q"], 1, 0.0)
+    (d,) = deliveries(s, C)
+    with pytest.raises(RequestError, match=r"^a result in state STARTED cannot ack its delivery"):
+        s.result_set(C, "t1", "STARTED", None, None, 0.0, tag=d[2])
+    assert s.queues["q"].inflight_count == 1

@@ -208,8 +208,8 @@ class BrokerState(ResultsMixin):
             touched.add(d.msg.queue)
             n += 1
         conn.deliveries.clear()
-        for q in touched:
-            self._dispatch_queue(q, now)
+        if touched:
+            self._dispatch_many(touched, now)
         return n
 
     # -- publish ---------------------------------------------------------------
@@ -229,14 +229,14 @@ class BrokerState(ResultsMixin):
     ) -> str:
         if self.log_failed:
             raise BrokerError(self.log_failed, "LOG_FAILED")
-        q = self.queues.get(queue) or self.queue(queue)
         if type(priority) is not int or not 0 <= priority <= MAX_PRIORITY:
             raise RequestError(f"priority must be a whole number from 0 to 255 (got {priority!r})")
+        if msg_id is not None and (type(msg_id) is not str or not msg_id or len(msg_id) > MAX_MESSAGE_ID):
+            raise RequestError(f"a message id must be a text string of 1 to {MAX_MESSAGE_ID} characters")
+        q = self.queues.get(queue) or self.queue(queue)
         seq = next(self._seq)
         if msg_id is None:
             msg_id = f"{self._boot}-{seq}"
-        elif type(msg_id) is not str or not msg_id or len(msg_id) > MAX_MESSAGE_ID:
-            raise RequestError(f"a message id must be a text string of 1 to {MAX_MESSAGE_ID} characters")
         ready_at = None
         if delay is not None:
             if delay > 0:
@@ -379,6 +379,32 @@ class BrokerState(ResultsMixin):
                 idle += 1
         q.rr = i % n if n else 0
 
+    def _dispatch_many(self, queues, now: float) -> None:
+        """Several queues got ready messages at once (tick, disconnect): hand them
+        out one at a time, consumer by consumer, each from its most preferred
+        queue with work — so neither preference nor fairness depends on which
+        queue happened to be woken first."""
+        consumers = []
+        seen = set()
+        for q in queues:
+            for c in q.consumers:
+                if id(c) not in seen:
+                    seen.add(id(c))
+                    consumers.append(c)
+        progress = True
+        while progress:
+            progress = False
+            for c in consumers:
+                if c.unacked >= c.prefetch:
+                    continue
+                for q in c.queues:
+                    if q.ready_count and not q.paused:
+                        msg = self._next_live(q, now)
+                        if msg is not None:
+                            self._deliver(c, q, msg, now)
+                            progress = True
+                            break
+
     def _dispatch_consumer(self, c: Consumer, now: float) -> None:
         """Fill c's credit from its queues in preference order."""
         for q in c.queues:
@@ -414,6 +440,9 @@ class BrokerState(ResultsMixin):
         """Ack one tag or a list of tags.  Stale ones are refused, the rest applied."""
         if type(tags) is not list:
             tags = [tags]
+        for tag in tags:  # all or nothing for malformed input
+            if type(tag) is not int:
+                raise RequestError(f"a delivery tag is a whole number (got {tag!r})")
         stale = []
         consumers = []
         for tag in tags:
@@ -594,8 +623,8 @@ class BrokerState(ResultsMixin):
             elif msg.state == DELAYED:
                 msg.queue.delayed_count -= 1
                 self._expire(msg)
-        for q in woke:
-            self._dispatch_queue(q, now)
+        if woke:
+            self._dispatch_many(woke, now)
         self._tick_results(now)
         return self.next_wakeup()
 
@@ -689,7 +718,11 @@ class BrokerState(ResultsMixin):
         if dlq is None:
             return 0
         n = 0
+        keep = []
         for msg in dlq.take_all_ready():
+            if (msg.headers or {}).get("x-dead-from", name) != name:
+                keep.append(msg)  # a shared dead-letter queue: only this queue's go back
+                continue
             msg.state = GONE
             headers = msg.headers
             if headers:
@@ -698,6 +731,8 @@ class BrokerState(ResultsMixin):
             new.lsn = self._log(R.MOVE, [msg.seq, R.message_payload(new)])
             q.push_ready(new)
             n += 1
+        for msg in keep:
+            dlq.push_ready(msg)
         self._dispatch_queue(q, now)
         return n
 

@@ -102,7 +102,7 @@ class QueueOptions:
         if ma is not None and (type(ma) is not int or ma < 1):
             raise RequestError(f"max_attempts must be a whole number >= 1 or null (got {ma!r})")
         rt = raw.get("reserve_timeout")
-        if rt is not None and (type(rt) not in (int, float) or not rt > 0):
+        if rt is not None and (type(rt) not in (int, float) or not 0 < rt < float("inf")):
             raise RequestError(f"reserve_timeout must be a number of seconds > 0 or null (got {rt!r})")
         ml = raw.get("max_length")
         if ml is not None and (type(ml) is not int or ml < 1):

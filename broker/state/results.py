@@ -82,6 +82,11 @@ class ResultsMixin:
             raise RequestError(f"ttl must be a number of seconds > 0 (got {ttl!r})")
         acked_seq = None
         acked = False
+        if tag is not None and state not in READY_STATES:
+            raise RequestError(
+                f"a result in state {state} cannot ack its delivery: the task is not finished "
+                "(only SUCCESS, FAILURE and REVOKED may carry a tag)"
+            )
         if tag is not None:
             try:
                 d = self._settle(conn_id, tag)
