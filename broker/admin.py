@@ -34,6 +34,11 @@ HELP = [
     ("DEAD <queue> [n]", "the first n messages in a queue's dead-letter queue"),
     ("REQUEUE-DEAD <queue>", "move a queue's dead letters back to it, attempts reset"),
     ("RESULT <task-id>", "a task's state and result (or its error and traceback)"),
+    ("REVOKE <task-id>", "never run that task (kept for a day; survives restarts)"),
+    ("SCHEDULES", "every periodic schedule: timing, next and last firing, count, policy"),
+    ("SCHEDULE <name>", "one schedule entry in full"),
+    ("PAUSE-SCHEDULE <name>", "stop firing an entry (ticks while paused are skipped)"),
+    ("RESUME-SCHEDULE <name>", "fire it again from its next tick"),
     ("QUIT", "close this connection"),
 ]
 
@@ -258,6 +263,59 @@ def _short(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def _when(t, now) -> str:
+    if t is None:
+        return "-"
+    import datetime as _dt  # formatting only; the time itself is passed in
+
+    iso = _dt.datetime.fromtimestamp(t, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    delta = t - now
+    rel = f"in {delta:.1f}s" if delta >= 0 else f"{-delta:.1f}s ago"
+    return f"{iso} ({rel})"
+
+
+def c_schedules(state, args, now, extra):
+    rows = []
+    for e in sorted(state.schedules.values(), key=lambda e: e.name):
+        rows.append([e.name, e.timing.describe(), e.queue, _when(e.next if not e.paused else None, now),
+                     _when(e.last_tick, now), e.fired, e.catchup, e.paused])
+    n = len(rows)
+    return multi(f"{n} schedule{'s' if n != 1 else ''}",
+                 table(["NAME", "TIMING", "QUEUE", "NEXT", "LAST", "FIRED", "CATCHUP", "PAUSED"], rows))
+
+
+def c_schedule(state, args, now, extra):
+    _need(args, 1, "SCHEDULE <name>")
+    e = state.schedules.get(args[0])
+    if e is None:
+        raise AdminError("NOT_FOUND", f"no schedule named {args[0]!r}; SCHEDULES lists them")
+    body = e.body
+    task = body.get("task") if isinstance(body, dict) else None
+    pairs = [("name", e.name), ("timing", e.timing.describe()), ("task", task), ("queue", e.queue),
+             ("priority", e.priority), ("next", _when(e.next if not e.paused else None, now)),
+             ("last", _when(e.last_tick, now)), ("fired", e.fired), ("catchup", e.catchup),
+             ("expires_s", e.expires), ("paused", e.paused), ("owner", e.owner)]
+    return multi(f"schedule {e.name}", keyvalues(pairs))
+
+
+def c_pause_schedule(state, args, now, extra):
+    _need(args, 1, "PAUSE-SCHEDULE <name>")
+    state.schedule_pause(args[0], True, now)
+    return single(f"paused schedule {args[0]}")
+
+
+def c_resume_schedule(state, args, now, extra):
+    _need(args, 1, "RESUME-SCHEDULE <name>")
+    state.schedule_pause(args[0], False, now)
+    return single(f"resumed schedule {args[0]}")
+
+
+def c_revoke(state, args, now, extra):
+    _need(args, 1, "REVOKE <task-id>")
+    state.revoke(args[0], now)
+    return single(f"revoked {args[0]}")
+
+
 def c_quit(state, args, now, extra):
     return single("bye")
 
@@ -275,5 +333,10 @@ COMMANDS = {
     "RESUME": c_resume,
     "REQUEUE-DEAD": c_requeue_dead,
     "RESULT": c_result,
+    "REVOKE": c_revoke,
+    "SCHEDULES": c_schedules,
+    "SCHEDULE": c_schedule,
+    "PAUSE-SCHEDULE": c_pause_schedule,
+    "RESUME-SCHEDULE": c_resume_schedule,
     "QUIT": c_quit,
 }

@@ -125,6 +125,11 @@ async def open_server(config: Config):
     )
     state = BrokerState(boot_id=format(int(time.time() * 1000) % 0xFFFFFFFF, "x"))
     loads = cbor2.loads
+    # Logging is on during replay: what replay *decides* (dead-lettering a message
+    # past max_attempts, firing a chord whose last result was logged but not its
+    # firing) must itself be logged, or a second crash would decide it again.
+    state.log_enabled = True
+    state.default_result_ttl = config.result_ttl
     t0 = time.monotonic()
     try:
         replayed = state.replay(
@@ -143,8 +148,6 @@ async def open_server(config: Config):
         replayed, rec.segments if rec else 0, time.monotonic() - t0, stats.queues, stats.ready, stats.delayed,
         f"; truncated a torn tail of {rec.truncated_bytes} bytes" if rec and rec.truncated_bytes else "",
     )
-    state.default_result_ttl = config.result_ttl
-    state.log_enabled = True
     durability = Durability(wal, state, config)
     # Replay may have decided things (dead-lettering in-flight messages past
     # max_attempts); log them before serving.

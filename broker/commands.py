@@ -29,8 +29,14 @@ from client.wire import (
     OP_PING,
     OP_PUBLISH,
     OP_PURGE,
+    OP_CHORD,
     OP_RESULT_FORGET,
     OP_RESULT_GET,
+    OP_REVOKE,
+    OP_SCHEDULE_LIST,
+    OP_SCHEDULE_PAUSE,
+    OP_SCHEDULE_PUT,
+    OP_SCHEDULE_REMOVE,
     OP_RESULT_SET,
     OP_RESUME,
     OP_STATS,
@@ -207,6 +213,53 @@ def h_result_forget(state, conn, rid, f, now):
     return [OP_OK, rid, state.result_forget(_arg(f, 2, "task id", (str,), "RESULT_FORGET"), now)]
 
 
+def h_schedule_put(state, conn, rid, f, now):
+    # [21, rid, name, spec]
+    name = _arg(f, 2, "name", (str,), "SCHEDULE_PUT")
+    spec = _arg(f, 3, "spec", (dict,), "SCHEDULE_PUT")
+    return [OP_OK, rid, state.schedule_put(name, spec, now)]
+
+
+def h_schedule_remove(state, conn, rid, f, now):
+    return [OP_OK, rid, state.schedule_remove(_arg(f, 2, "name", (str,), "SCHEDULE_REMOVE"), now)]
+
+
+def h_schedule_list(state, conn, rid, f, now):
+    return [OP_OK, rid, state.schedule_list(_arg(f, 2, "owner", (str,), "SCHEDULE_LIST", required=False))]
+
+
+def h_schedule_pause(state, conn, rid, f, now):
+    name = _arg(f, 2, "name", (str,), "SCHEDULE_PAUSE")
+    paused = _arg(f, 3, "paused", (bool,), "SCHEDULE_PAUSE")
+    return [OP_OK, rid, state.schedule_pause(name, paused, now)]
+
+
+def h_revoke(state, conn, rid, f, now):
+    # [25, rid, task_id | [task_id...], {terminate, ttl}|null]
+    ids = _arg(f, 2, "task ids", (str, list), "REVOKE")
+    opts = _arg(f, 3, "options", (dict,), "REVOKE", required=False) or {}
+    for k in opts:
+        if k not in ("terminate", "ttl"):
+            raise RequestError(f"unknown REVOKE option {k!r}; known options: terminate, ttl")
+    ttl = _opt_number(opts, "ttl", "REVOKE")
+    terminate = opts.get("terminate", False)
+    if type(terminate) is not bool:
+        raise RequestError("REVOKE option 'terminate' must be true or false")
+    n = state.revoke(ids, now, terminate=terminate, ttl=ttl)
+    if terminate:
+        state.broadcast_control({"revoke": [ids] if type(ids) is str else ids, "terminate": True})
+    return [OP_OK, rid, n]
+
+
+def h_chord(state, conn, rid, f, now):
+    # [26, rid, chord_id, [member ids], body spec, error spec|null]
+    cid = _arg(f, 2, "chord id", (str,), "CHORD")
+    members = _arg(f, 3, "members", (list,), "CHORD")
+    body = _arg(f, 4, "body", (dict,), "CHORD")
+    error = _arg(f, 5, "error", (dict,), "CHORD", required=False)
+    return [OP_OK, rid, state.chord_declare(cid, members, body, error, now)]
+
+
 def h_ping(state, conn, rid, f, now):
     return [OP_OK, rid, None]
 
@@ -228,12 +281,19 @@ HANDLERS = {
     OP_RESULT_SET: h_result_set,
     OP_RESULT_GET: h_result_get,
     OP_RESULT_FORGET: h_result_forget,
+    OP_SCHEDULE_PUT: h_schedule_put,
+    OP_SCHEDULE_REMOVE: h_schedule_remove,
+    OP_SCHEDULE_LIST: h_schedule_list,
+    OP_SCHEDULE_PAUSE: h_schedule_pause,
+    OP_REVOKE: h_revoke,
+    OP_CHORD: h_chord,
 }
 # Requests whose reply confirms a change to logged state: the server sends
 # their reply only once the change is durable under the fsync policy.
 DURABLE_OPS = frozenset((
     OP_PUBLISH, OP_ACK, OP_NACK, OP_DECLARE, OP_DELETE, OP_PURGE, OP_PAUSE, OP_RESUME,
-    OP_RESULT_SET, OP_RESULT_FORGET,
+    OP_RESULT_SET, OP_RESULT_FORGET, OP_SCHEDULE_PUT, OP_SCHEDULE_REMOVE, OP_SCHEDULE_PAUSE,
+    OP_REVOKE, OP_CHORD,
 ))
 # Handled by the server itself, because they touch the connection, not the state.
 CONNECTION_OPS = (OP_HELLO, OP_HEARTBEAT, OP_BYE, OP_ADMIN)

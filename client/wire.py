@@ -57,12 +57,19 @@ OP_BYE = 17
 OP_RESULT_SET = 18
 OP_RESULT_GET = 19
 OP_RESULT_FORGET = 20
+OP_SCHEDULE_PUT = 21
+OP_SCHEDULE_REMOVE = 22
+OP_SCHEDULE_LIST = 23
+OP_SCHEDULE_PAUSE = 24
+OP_REVOKE = 25
+OP_CHORD = 26
 
 # server → client
 OP_OK = 64
 OP_ERROR = 65
 OP_DELIVER = 66
 OP_CLOSING = 67  # the server is about to close the connection: [67, code, message]
+OP_CONTROL = 68  # a broadcast to consumers, e.g. [68, {"revoke": [ids], "terminate": true}]
 
 CLIENT_OPS = {
     OP_HELLO: "HELLO",
@@ -85,8 +92,14 @@ CLIENT_OPS = {
     OP_RESULT_SET: "RESULT_SET",
     OP_RESULT_GET: "RESULT_GET",
     OP_RESULT_FORGET: "RESULT_FORGET",
+    OP_SCHEDULE_PUT: "SCHEDULE_PUT",
+    OP_SCHEDULE_REMOVE: "SCHEDULE_REMOVE",
+    OP_SCHEDULE_LIST: "SCHEDULE_LIST",
+    OP_SCHEDULE_PAUSE: "SCHEDULE_PAUSE",
+    OP_REVOKE: "REVOKE",
+    OP_CHORD: "CHORD",
 }
-SERVER_OPS = {OP_OK: "OK", OP_ERROR: "ERROR", OP_DELIVER: "DELIVER", OP_CLOSING: "CLOSING"}
+SERVER_OPS = {OP_OK: "OK", OP_ERROR: "ERROR", OP_DELIVER: "DELIVER", OP_CLOSING: "CLOSING", OP_CONTROL: "CONTROL"}
 
 # --- protocol.md §4 "Errors" ----------------------------------------------------
 # code → (meaning, does the connection stay open)

@@ -29,6 +29,7 @@ from sortedcontainers import SortedList
 from broker.errors import BrokerError, RequestError
 from broker.state import records as R
 from broker.state.results import ResultsMixin
+from broker.state.schedules import WorkflowMixin
 from broker.state.queue import (
     DELAYED,
     GONE,
@@ -40,7 +41,7 @@ from broker.state.queue import (
     QueueOptions,
     validate_queue_name,
 )
-from client.wire import OP_DELIVER
+from client.wire import OP_CONTROL, OP_DELIVER
 
 MAX_PREFETCH = 65535  # per consumer; bounds what one connection can hold
 MAX_MESSAGE_ID = 255  # bytes; a UUID is 36
@@ -117,7 +118,7 @@ class BrokerStatistics:
     acked: int
 
 
-class BrokerState(ResultsMixin):
+class BrokerState(ResultsMixin, WorkflowMixin):
     def __init__(self, *, boot_id: str = "b"):
         self.queues: dict[str, Queue] = {}
         self.conns: dict[int, Conn] = {}
@@ -141,7 +142,10 @@ class BrokerState(ResultsMixin):
         # (deadline, tag) for deliveries on queues with a reserve_timeout
         self._deadlines = SortedList()
         self.inflight: dict[int, Delivery] = {}
+        self._delivered_seqs: list[int] = []
         self._init_results()
+        self._init_workflow()
+        self._replaying = False
 
     # -- plumbing ------------------------------------------------------------
     def _send(self, conn_id: int, frame) -> None:
@@ -157,6 +161,15 @@ class BrokerState(ResultsMixin):
             self.last_lsn += 1
             self.records.append((rtype, payload))
         return self.last_lsn
+
+    def broadcast_control(self, payload: dict) -> int:
+        """Send a CONTROL frame to every connection that consumes; returns how many."""
+        n = 0
+        for conn in self.conns.values():
+            if conn.consumers:
+                self._send(conn.id, [OP_CONTROL, payload])
+                n += 1
+        return n
 
     def take_outbox(self) -> dict[int, list]:
         box = self.outbox
@@ -341,20 +354,37 @@ class BrokerState(ResultsMixin):
         if deadline is not None:
             self._deadlines.add((deadline, tag))
         if self.log_enabled:
-            self.last_lsn += 1
-            self.records.append((R.DELIVER, msg.seq))
+            self._delivered_seqs.append(msg.seq)  # one DELIVER record per dispatch round
         self._send(
             c.conn,
             [OP_DELIVER, c.tag, tag, q.name, msg.id, msg.body, msg.priority, msg.attempts, msg.headers],
         )
 
+    def _log_deliveries(self) -> None:
+        """Log the deliveries of a dispatch round as one DELIVER record.
+
+        Called at the end of every dispatch function; nothing else is logged
+        about these messages in between, so replay sees the same order."""
+        seqs = self._delivered_seqs
+        if seqs:
+            self._delivered_seqs = []
+            self.last_lsn += 1
+            self.records.append((R.DELIVER, seqs[0] if len(seqs) == 1 else seqs))
+
     def _next_live(self, q: Queue, now: float) -> Message | None:
-        """Pop the next ready message, expiring any whose TTL has passed."""
+        """Pop the next ready message, expiring any whose TTL has passed and
+        dropping any whose task was revoked."""
         while True:
             msg = q.pop_ready()
-            if msg is None or msg.expires is None or msg.expires > now:
-                return msg
-            self._expire(msg)
+            if msg is None:
+                return None
+            if msg.expires is not None and msg.expires <= now:
+                self._expire(msg)
+                continue
+            if self.revoked and msg.id in self.revoked:
+                self._drop_revoked(msg, now)
+                continue
+            return msg
 
     def _dispatch_queue(self, q: Queue, now: float) -> None:
         """Give q's ready messages to its consumers with credit, round-robin."""
@@ -378,6 +408,8 @@ class BrokerState(ResultsMixin):
             else:
                 idle += 1
         q.rr = i % n if n else 0
+        if self._delivered_seqs:
+            self._log_deliveries()
 
     def _dispatch_many(self, queues, now: float) -> None:
         """Several queues got ready messages at once (tick, disconnect): hand them
@@ -404,12 +436,14 @@ class BrokerState(ResultsMixin):
                             self._deliver(c, q, msg, now)
                             progress = True
                             break
+        if self._delivered_seqs:
+            self._log_deliveries()
 
     def _dispatch_consumer(self, c: Consumer, now: float) -> None:
         """Fill c's credit from its queues in preference order."""
         for q in c.queues:
             if c.unacked >= c.prefetch:
-                return
+                break
             if q.paused:
                 continue
             while q.ready_count and c.unacked < c.prefetch:
@@ -417,6 +451,8 @@ class BrokerState(ResultsMixin):
                 if msg is None:
                     break
                 self._deliver(c, q, msg, now)
+        if self._delivered_seqs:
+            self._log_deliveries()
 
     # -- settle ----------------------------------------------------------------
     def _settle(self, conn_id: int, tag) -> Delivery:
@@ -445,6 +481,7 @@ class BrokerState(ResultsMixin):
                 raise RequestError(f"a delivery tag is a whole number (got {tag!r})")
         stale = []
         consumers = []
+        acked_seqs = []
         for tag in tags:
             try:
                 d = self._settle(conn_id, tag)
@@ -456,10 +493,11 @@ class BrokerState(ResultsMixin):
             msg = d.msg
             msg.state = GONE
             msg.queue.acked += 1
-            if self.log_enabled:
-                self.last_lsn += 1
-                self.records.append((R.ACK, msg.seq))
+            acked_seqs.append(msg.seq)
             consumers.append(d.consumer)
+        if acked_seqs and self.log_enabled:
+            self.last_lsn += 1
+            self.records.append((R.ACK, acked_seqs[0] if len(acked_seqs) == 1 else acked_seqs))
         for c in consumers:
             if c.unacked < c.prefetch:
                 self._dispatch_consumer(c, now)
@@ -626,6 +664,8 @@ class BrokerState(ResultsMixin):
         if woke:
             self._dispatch_many(woke, now)
         self._tick_results(now)
+        self._tick_schedules(now)
+        self._tick_revokes(now)
         return self.next_wakeup()
 
     def next_wakeup(self) -> float:
@@ -636,6 +676,10 @@ class BrokerState(ResultsMixin):
             t = self._deadlines[0][0]
         if self._ttl and self._ttl[0][0] < t:
             t = self._ttl[0][0]
+        if self._sched_due and self._sched_due[0][0] < t:
+            t = self._sched_due[0][0]
+        if self._revoke_ttl and self._revoke_ttl[0][0] < t:
+            t = self._revoke_ttl[0][0]
         return min(t, self._results_next_wakeup())
 
     # -- queue management --------------------------------------------------------
@@ -752,6 +796,7 @@ class BrokerState(ResultsMixin):
         """
         msgs: dict[int, Message] = {}
         queues = self.queues
+        self._replaying = True
         n = 0
         max_seq = 0
         last = self.last_lsn
@@ -766,17 +811,19 @@ class BrokerState(ResultsMixin):
                 if t == R.PUBLISH:
                     m.queue.published += 1
             elif t == R.DELIVER:
-                m = msgs.get(p)
-                if m is not None:
-                    m.attempts += 1
-                    m.state = INFLIGHT
-                    m.queue.delivered += 1
-                    if m.attempts > 1:
-                        m.queue.redelivered += 1
+                for seq in (p if type(p) is list else (p,)):
+                    m = msgs.get(seq)
+                    if m is not None:
+                        m.attempts += 1
+                        m.state = INFLIGHT
+                        m.queue.delivered += 1
+                        if m.attempts > 1:
+                            m.queue.redelivered += 1
             elif t == R.ACK:
-                m = msgs.pop(p, None)
-                if m is not None:
-                    m.queue.acked += 1
+                for seq in (p if type(p) is list else (p,)):
+                    m = msgs.pop(seq, None)
+                    if m is not None:
+                        m.queue.acked += 1
             elif t == R.REQUEUE:
                 m = msgs.get(p[0])
                 if m is not None:
@@ -791,6 +838,16 @@ class BrokerState(ResultsMixin):
                 r = self.results.get(p)
                 if r is not None:
                     self._drop_result(r)
+            elif R.SCHED_PUT <= t <= R.SCHED_STATE:
+                self._replay_schedule_record(t, p, lsn, msgs)
+                if t == R.SCHED_TICK and p[2] is not None and p[2][0] > max_seq:
+                    max_seq = p[2][0]
+            elif t == R.REVOKE:
+                self._replay_revoke(p, now)
+            elif R.CHORD <= t <= R.CHORD_FIRE:
+                self._replay_chord_record(t, p, lsn, msgs, now)
+                if t == R.CHORD_FIRE and p[2] is not None and p[2][0] > max_seq:
+                    max_seq = p[2][0]
             elif t == R.DEAD or t == R.MOVE:
                 old = msgs.pop(p[0], None)
                 if old is not None and t == R.DEAD:
@@ -826,6 +883,7 @@ class BrokerState(ResultsMixin):
                     for field, v in zip(R.COUNTER_FIELDS, values):
                         setattr(q, field, v)
             # unknown types are from a newer brokerd: the log's format version guards that
+        self._replaying = False
         self.last_lsn = last
         self._seq = itertools.count(max(max_seq, self._peek_seq()) + 1)
         # Place the survivors, in publish order so FIFO holds within a priority.
@@ -844,6 +902,8 @@ class BrokerState(ResultsMixin):
             else:
                 m.ready_at = None
                 q.push_ready(m)
+        self._after_replay_schedules(now)
+        self._after_replay_chords(now)
         return n
 
     def _peek_seq(self) -> int:
@@ -884,6 +944,7 @@ class BrokerState(ResultsMixin):
                 m.lsn = self._log(R.MESSAGE, R.message_payload(m))
                 n += 1
         self._compact_results(through_lsn)
+        self._compact_workflow(through_lsn)
         for q in self.queues.values():
             if q.declared:
                 self._log(R.DECLARE, [q.name, q.options.to_wire()])

@@ -101,16 +101,20 @@ class Crontab:
     def _instant(self, day: dt.date, hour: int, minute: int) -> float:
         """The instant a local wall-clock time names (first occurrence; after a gap if missing)."""
         naive = dt.datetime(day.year, day.month, day.day, hour, minute)
-        local = naive.replace(tzinfo=self.zone, fold=0)
-        ts = local.timestamp()
-        back = dt.datetime.fromtimestamp(ts, self.zone).replace(tzinfo=None)
-        if back != naive:  # in a spring-forward gap: the first instant after it
-            after = naive.replace(tzinfo=self.zone, fold=1).timestamp()
-            ts = max(ts, after)
-            # move to the instant where the gap ends (wall clock jumps past naive)
-            probe = dt.datetime.fromtimestamp(ts, self.zone)
-            ts = ts - probe.minute * 60 - probe.second + minute * 60 if probe.hour == hour else ts
-        return ts
+        ts = naive.replace(tzinfo=self.zone, fold=0).timestamp()
+        if dt.datetime.fromtimestamp(ts, self.zone).replace(tzinfo=None) == naive:
+            return ts
+        # In a spring-forward gap: the wall clock never shows ``naive``.  Fire at
+        # the first instant whose wall-clock time is past it: the end of the gap.
+        lo = naive.replace(tzinfo=self.zone, fold=1).timestamp()  # wall clock before the gap
+        hi = ts  # wall clock after the gap
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if dt.datetime.fromtimestamp(mid, self.zone).replace(tzinfo=None) >= naive:
+                hi = mid
+            else:
+                lo = mid
+        return float(hi)
 
     def next_after(self, t: float) -> float | None:
         """The first tick strictly after instant ``t``."""

@@ -9,8 +9,8 @@ means bumping the log's format version.
 type       payload                                         meaning
 ---------  ----------------------------------------------  -----------------------------------
 PUBLISH    message (see ``message_payload``)                a message was accepted
-DELIVER    seq                                              it was handed to a consumer (attempts += 1)
-ACK        seq                                              it is done
+DELIVER    seq | [seq, ...]                                 handed to consumers (attempts += 1 each)
+ACK        seq | [seq, ...]                                 done
 REQUEUE    [seq, attempts, ready_at | null, headers?]       it went back (nack, timeout, disconnect);
                                                             a 4th item replaces its headers
 DEAD       [old seq, message in its dead-letter queue]     it moved to the dead-letter queue
@@ -27,6 +27,15 @@ COUNTERS   {queue: [published, delivered, acked, nacked,    compaction: the queu
 RESULT     [task id, state, value, meta, expires, ts,       a task's result; acks seq in the same record
             acked seq | null]
 FORGET     task id                                          a result was forgotten
+SCHED_PUT  [name, spec, created]                            a schedule entry was put
+SCHED_REMOVE name                                           ... removed
+SCHED_PAUSE [name, paused, at]                              ... paused or resumed
+SCHED_TICK [name, tick, message | null]                     a tick fired (with its message) or was skipped
+SCHED_STATE [name, last tick, fired, paused]                compaction: an entry's progress
+REVOKE     [[[task id, until], ...], terminate]             task ids revoked until a time
+CHORD      [chord id, [member ids], body spec, error spec]  a chord barrier was declared
+CHORD_MEMBER [chord id, member, [state, value, meta]]       compaction: a member's counted result
+CHORD_FIRE [chord id, ok, message | null]                   the barrier completed: body (or error) published
 """
 
 PUBLISH = 1
@@ -45,12 +54,23 @@ MESSAGE = 13
 COUNTERS = 14
 RESULT = 15
 FORGET = 16
+SCHED_PUT = 17
+SCHED_REMOVE = 18
+SCHED_PAUSE = 19
+SCHED_TICK = 20
+SCHED_STATE = 21
+REVOKE = 22
+CHORD = 23
+CHORD_MEMBER = 24
+CHORD_FIRE = 25
 
 NAMES = {
     PUBLISH: "PUBLISH", DELIVER: "DELIVER", ACK: "ACK", REQUEUE: "REQUEUE", DEAD: "DEAD",
     MOVE: "MOVE", DROP: "DROP", EXPIRE: "EXPIRE", DECLARE: "DECLARE", DELETE: "DELETE",
     PURGE: "PURGE", PAUSE: "PAUSE", MESSAGE: "MESSAGE", COUNTERS: "COUNTERS",
-    RESULT: "RESULT", FORGET: "FORGET",
+    RESULT: "RESULT", FORGET: "FORGET", SCHED_PUT: "SCHED_PUT", SCHED_REMOVE: "SCHED_REMOVE",
+    SCHED_PAUSE: "SCHED_PAUSE", SCHED_TICK: "SCHED_TICK", SCHED_STATE: "SCHED_STATE", REVOKE: "REVOKE",
+    CHORD: "CHORD", CHORD_MEMBER: "CHORD_MEMBER", CHORD_FIRE: "CHORD_FIRE",
 }
 
 COUNTER_FIELDS = (

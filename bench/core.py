@@ -1,0 +1,324 @@
+"""The core benchmark of brokerd and its sync client.  A benchmark, not a test.
+
+    python bench/core.py                      # 100,000 x 100 B, prefetch 100, memory at 1,000,000
+    python bench/core.py -n 200000 --size 1000 --prefetch 50 --memory 0
+    python bench/core.py --broker-args="--fsync never"
+
+What it measures (see bench/README.md):
+
+1. **Throughput and latency.**  It starts its own brokerd
+   (``python -m broker --host 127.0.0.1 --port 0 --data-dir <tmp>``), then a
+   consumer process (``Client.consume(prefetch)``, acking every delivery) and
+   a producer process (``publish(confirm=False)``, ``wait_for_confirms()`` at
+   the end).  Each body starts with the ``time.monotonic()`` of its publish;
+   both processes read the same CLOCK_MONOTONIC, so the consumer computes
+   publish-to-delivery latency directly.  End-to-end msgs/s is n divided by
+   the time from the first publish to the n-th delivery.
+2. **Broker memory per queued message.**  A fresh brokerd; its VmRSS from
+   ``/proc/<pid>/status`` before and after one producer publishes ``--memory``
+   messages (confirmed) that nobody consumes; reported as bytes per message
+   beyond the body itself.
+
+Each broker is stopped by its pid at the end.  The last line printed is the
+command that reproduces the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shlex
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+READY = re.compile(r"ready: listening on ([\d.]+):(\d+)")
+STAMP = struct.Struct("<d")  # the body starts with the publish time (time.monotonic())
+QUEUE = "bench.core"
+
+
+# --- the broker -----------------------------------------------------------------------
+class Broker:
+    """``python -m broker`` on 127.0.0.1, a free port and a temporary data dir."""
+
+    def __init__(self, extra_args: list[str], data_dir: str):
+        cmd = [
+            sys.executable, "-m", "broker", "--host", "127.0.0.1", "--port", "0",
+            "--data-dir", data_dir, *extra_args,
+        ]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True,
+        )
+        self.port = None
+        self.log: list[str] = []
+        ready = threading.Event()
+
+        def read():
+            for line in self.proc.stderr:
+                self.log.append(line.rstrip("\n"))
+                m = READY.search(line)
+                if m and self.port is None:
+                    self.port = int(m.group(2))
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(30) or self.port is None:
+            self.stop()
+            raise SystemExit("brokerd did not start:\n" + "\n".join(self.log))
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def rss(self) -> int:
+        """Resident set size in bytes, from /proc/<pid>/status (VmRSS)."""
+        with open(f"/proc/{self.pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS in /proc status")
+
+    def cpu_seconds(self) -> float:
+        with open(f"/proc/{self.pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+
+# --- the two roles (run as child processes) ------------------------------------------------
+def run_producer(address: str, n: int, size: int, queue: str, window: int, rate: float = 0) -> dict:
+    from client.producer import Client
+
+    pad = b"x" * (size - STAMP.size)
+    pack = STAMP.pack
+    now = time.monotonic
+    with Client(address, name="bench-producer") as c:
+        t0 = now()
+        publish = c.publish
+        if rate:
+            # Paced: publish in small bursts to stay on the line n = rate * elapsed.
+            i = 0
+            while i < n:
+                due = min(n, int((now() - t0) * rate) + 1)
+                while i < due:
+                    publish(queue, pack(now()) + pad, confirm=False)
+                    i += 1
+                time.sleep(0.0005)
+        elif window:
+            for i in range(n):
+                publish(queue, pack(now()) + pad, confirm=False)
+                if i % window == window - 1:
+                    c.wait_for_confirms()
+        else:
+            for _ in range(n):
+                publish(queue, pack(now()) + pad, confirm=False)
+        t_sent = now()
+        c.wait_for_confirms()
+        t1 = now()
+    return {"first_publish": t0, "all_sent": t_sent, "all_confirmed": t1, "cpu_s": _cpu()}
+
+
+def run_consumer(address: str, n: int, queue: str, prefetch: int) -> dict:
+    from client.producer import Client
+
+    lat = [0.0] * n
+    unpack = STAMP.unpack_from
+    now = time.monotonic
+    with Client(address, name="bench-consumer") as c:
+        consumer = c.consume([queue], prefetch=prefetch)
+        print("ready", flush=True)
+        got = 0
+        t_first = None
+        for d in consumer:
+            t = now()
+            if t_first is None:
+                t_first = t
+            lat[got] = t - unpack(d.body)[0]
+            d.ack()
+            got += 1
+            if got == n:
+                break
+        t_last = now()
+        consumer.cancel()
+    lat.sort()
+    return {
+        "first_delivery": t_first,
+        "last_delivery": t_last,
+        "p50": lat[n // 2],
+        "p99": lat[min(n - 1, int(n * 0.99))],
+        "max": lat[-1],
+        "cpu_s": _cpu(),
+    }
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def child(args) -> None:
+    if args.role == "producer":
+        out = run_producer(args.address, args.n, args.size, args.queue, args.window, args.rate)
+    else:
+        out = run_consumer(args.address, args.n, args.queue, args.prefetch)
+    print(json.dumps(out), flush=True)
+
+
+def spawn(role: str, address: str, args, **extra) -> subprocess.Popen:
+    cmd = [
+        sys.executable, str(Path(__file__).resolve()), "--role", role, "--address", address,
+        "-n", str(extra.get("n", args.n)), "--size", str(args.size), "--prefetch", str(args.prefetch),
+        "--queue", extra.get("queue", QUEUE), "--window", str(args.window),
+        "--rate", str(extra.get("rate", args.rate)),
+    ]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+
+
+def last_json(proc: subprocess.Popen, what: str, timeout: float) -> dict:
+    out, _ = proc.communicate(timeout=timeout)
+    if proc.returncode != 0:
+        raise SystemExit(f"the {what} process failed (exit {proc.returncode})")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# --- the phases -------------------------------------------------------------------------------
+def throughput(args, broker_args: list[str]) -> dict:
+    with tempfile.TemporaryDirectory(prefix="brokerd-bench-") as tmp:
+        broker = Broker(broker_args, tmp)
+        try:
+            cons = spawn("consumer", broker.address, args)
+            line = cons.stdout.readline()
+            if line.strip() != "ready":
+                raise SystemExit("the consumer did not subscribe")
+            cpu0 = broker.cpu_seconds()
+            prod = spawn("producer", broker.address, args)
+            p = last_json(prod, "producer", 600)
+            c = last_json(cons, "consumer", 600)
+            cpu1 = broker.cpu_seconds()
+        finally:
+            broker.stop()
+    elapsed = c["last_delivery"] - p["first_publish"]
+    return {
+        "n": args.n,
+        "end_to_end_msgs_per_s": args.n / elapsed,
+        "elapsed_s": elapsed,
+        "publish_per_s": args.n / (p["all_confirmed"] - p["first_publish"]),
+        "latency_p50_ms": c["p50"] * 1e3,
+        "latency_p99_ms": c["p99"] * 1e3,
+        "latency_max_ms": c["max"] * 1e3,
+        "broker_cpu_s": cpu1 - cpu0,
+        "producer_cpu_s": p["cpu_s"],
+        "consumer_cpu_s": c["cpu_s"],
+    }
+
+
+def memory(args, broker_args: list[str]) -> dict:
+    n = args.memory
+    with tempfile.TemporaryDirectory(prefix="brokerd-bench-") as tmp:
+        broker = Broker(broker_args, tmp)
+        try:
+            # One warm-up round trip so the baseline includes a live connection's cost.
+            from client.producer import Client
+
+            with Client(broker.address, name="bench-memory-probe") as c:
+                c.declare(QUEUE + ".memory", max_attempts=25)
+            time.sleep(0.2)  # let the broker go idle before the baseline reading (not synchronisation)
+            before = broker.rss()
+            prod = spawn("producer", broker.address, args, n=n, queue=QUEUE + ".memory")
+            p = last_json(prod, "producer", 1800)
+            after = broker.rss()
+            with Client(broker.address, name="bench-memory-probe") as c:
+                ready = c.stats(QUEUE + ".memory")["ready"]
+        finally:
+            broker.stop()
+    per_msg = (after - before) / n
+    return {
+        "queued": ready,
+        "rss_before_mb": before / 2**20,
+        "rss_after_mb": after / 2**20,
+        "bytes_per_msg": per_msg,
+        "bytes_beyond_body": per_msg - args.size,
+        "publish_only_per_s": n / (p["all_confirmed"] - p["first_publish"]),
+    }
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-n", type=int, default=100_000, help="messages in the throughput run (default 100000)")
+    ap.add_argument("--size", type=int, default=100, help="body bytes, >= 8 (default 100)")
+    ap.add_argument("--prefetch", type=int, default=100, help="consumer prefetch (default 100)")
+    ap.add_argument("--memory", type=int, default=1_000_000, metavar="N", help="messages queued for the memory figure; 0 skips it (default 1000000)")
+    ap.add_argument("--window", type=int, default=0, help="wait_for_confirms every this many publishes; 0: once at the end (default 0)")
+    ap.add_argument("--rate", type=float, default=0, help="publishes/s for the throughput run; 0: as fast as possible (default 0). "
+                    "Unpaced, the queue grows and latency is mostly queueing; pace below capacity to see transit latency")
+    ap.add_argument("--broker-args", default="", help='extra brokerd flags, e.g. --broker-args="--fsync never"')
+    ap.add_argument("--role", choices=["producer", "consumer"], help=argparse.SUPPRESS)
+    ap.add_argument("--address", help=argparse.SUPPRESS)
+    ap.add_argument("--queue", default=QUEUE, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.size < STAMP.size:
+        ap.error(f"--size must be at least {STAMP.size} (the timestamp)")
+    if args.role:
+        child(args)
+        return
+    broker_args = shlex.split(args.broker_args)
+    print(f"brokerd bench/core.py: python {sys.version.split()[0]}, {os.cpu_count()} CPUs, broker args {broker_args or 'none'}")
+    ncpu = os.cpu_count() or 1
+    t = throughput(args, broker_args)
+    pace = f"paced at {args.rate:,.0f}/s" if args.rate else "unpaced"
+    print(f"throughput  {t['n']:,} msgs of {args.size} B, prefetch {args.prefetch}, 1 producer ({pace}) + 1 consumer process")
+    print(f"  end to end        {t['end_to_end_msgs_per_s']:>10,.0f} msgs/s  ({t['elapsed_s']:.2f} s, first publish -> last delivery)")
+    print(f"  producer          {t['publish_per_s']:>10,.0f} publishes/s  (confirm=False, all confirmed)")
+    print(f"  latency p50       {t['latency_p50_ms']:>10.2f} ms  (publish -> delivery{'' if args.rate else '; unpaced, so mostly time queued'})")
+    print(f"  latency p99       {t['latency_p99_ms']:>10.2f} ms  (max {t['latency_max_ms']:.1f} ms)")
+    print(
+        f"  CPU seconds       broker {t['broker_cpu_s']:.2f}, producer {t['producer_cpu_s']:.2f}, "
+        f"consumer {t['consumer_cpu_s']:.2f}  (of {ncpu * t['elapsed_s']:.2f} core-seconds on {ncpu} cores; "
+        "producer and consumer include start-up)"
+    )
+    if args.memory:
+        m = memory(args, broker_args)
+        print(f"memory      {m['queued']:,} queued msgs of {args.size} B")
+        print(f"  broker RSS        {m['rss_before_mb']:.1f} MiB -> {m['rss_after_mb']:.1f} MiB")
+        print(f"  per message       {m['bytes_per_msg']:>10.0f} B  ({m['bytes_beyond_body']:.0f} B beyond the {args.size} B body)")
+        print(f"  publish only      {m['publish_only_per_s']:>10,.0f} publishes/s  (nobody consuming)")
+    cmd = ["python", "bench/core.py", "-n", str(args.n), "--size", str(args.size), "--prefetch", str(args.prefetch), "--memory", str(args.memory)]
+    if args.window:
+        cmd += ["--window", str(args.window)]
+    if args.rate:
+        cmd += ["--rate", f"{args.rate:g}"]
+    if broker_args:
+        cmd.append(f"--broker-args={shlex.join(broker_args)}")
+    print("reproduce:  " + shlex.join(cmd))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,446 @@
+"""Periodic schedules, durable revokes and chord barriers: workflow state kept by the broker.
+
+Schedules
+    A named entry (every N seconds, or a crontab in a time zone) that brokerd
+    fires by enqueueing a message.  Each firing is one log record naming the
+    tick it belongs to and carrying the message, so after a crash or restart
+    the broker knows the last tick fired: a tick fires exactly once.  After
+    downtime the entry's catch-up policy decides what the missed ticks do:
+    ``latest`` (fire once, for the most recent), ``all`` (fire each, up to
+    MAX_CATCHUP), ``skip`` (fire none).  A tick is *missed* when brokerd first
+    looks at it more than MISSED_AFTER seconds late.
+
+Revokes
+    A revoked task id is kept (and logged) for a window; a message with that
+    id is dropped instead of delivered and its result becomes REVOKED.
+
+Chords
+    A barrier counts its header members' final results.  A member's
+    RESULT_SET is the logged change; when the last member succeeds the body
+    message is published with the members' results, in order, prepended to
+    its args — once (the firing is logged too).  A failed member fails the
+    chord: the error callback, if any, is published instead; the body never is.
+
+A mixin of BrokerState.  Pure: ``now`` is passed in.
+"""
+
+from __future__ import annotations
+
+import cbor2
+from sortedcontainers import SortedList
+
+from broker.errors import BrokerError, RequestError
+from broker.state import records as R
+from broker.state.cron import timing_from
+from broker.state.queue import GONE, MAX_PRIORITY, Message, validate_queue_name
+
+CATCHUP_POLICIES = ("latest", "all", "skip")
+MISSED_AFTER = 5.0  # seconds late at first sight: the tick was missed (downtime), not merely due
+MAX_CATCHUP = 1000  # firings one entry may make at once under catchup=all
+DEFAULT_REVOKE_TTL = 24 * 3600.0  # seconds a revoke is remembered
+MAX_NAME = 200
+SCHEDULE_KEYS = ("every", "anchor", "cron", "tz", "queue", "priority", "body", "catchup", "expires", "owner")
+
+
+class Schedule:
+    __slots__ = ("name", "spec", "timing", "queue", "priority", "body", "catchup", "expires", "owner",
+                 "paused", "next", "last_tick", "fired", "created", "lsn")
+
+    def to_wire(self) -> dict:
+        return {
+            "name": self.name, "spec": self.spec, "timing": self.timing.describe(), "paused": self.paused,
+            "next": self.next, "last_tick": self.last_tick, "fired": self.fired, "catchup": self.catchup,
+            "queue": self.queue, "owner": self.owner,
+        }
+
+
+def check_spec(name, spec, now) -> Schedule:
+    if type(name) is not str or not name or len(name) > MAX_NAME or any(c.isspace() for c in name):
+        raise RequestError(f"a schedule name is 1 to {MAX_NAME} characters without spaces (got {name!r})")
+    if type(spec) is not dict:
+        raise RequestError("a schedule spec must be a map")
+    for k in spec:
+        if k not in SCHEDULE_KEYS:
+            raise RequestError(f"unknown schedule field {k!r}; known fields: {', '.join(SCHEDULE_KEYS)}")
+    e = Schedule()
+    e.name = name
+    e.spec = spec
+    e.timing = timing_from(spec, now)
+    e.queue = validate_queue_name(spec.get("queue", "celery"))
+    e.priority = spec.get("priority", 0)
+    if type(e.priority) is not int or not 0 <= e.priority <= MAX_PRIORITY:
+        raise RequestError(f"schedule priority must be a whole number from 0 to 255 (got {e.priority!r})")
+    e.body = spec.get("body")
+    if e.body is None:
+        raise RequestError("a schedule needs a body: the task envelope (a map) or bytes to enqueue")
+    e.catchup = spec.get("catchup", "latest")
+    if e.catchup not in CATCHUP_POLICIES:
+        raise RequestError(f"catchup must be one of latest, all, skip (got {e.catchup!r})")
+    e.expires = spec.get("expires")
+    if e.expires is not None and (type(e.expires) not in (int, float) or not 0 < e.expires < float("inf")):
+        raise RequestError(f"expires must be a number of seconds > 0 (got {e.expires!r})")
+    e.owner = spec.get("owner")
+    e.paused = False
+    e.last_tick = None
+    e.fired = 0
+    e.created = now
+    e.lsn = 0
+    e.next = e.timing.next_after(now)
+    return e
+
+
+class WorkflowMixin:
+    def _init_workflow(self):
+        self.schedules: dict[str, Schedule] = {}
+        self._sched_due = SortedList()  # (next, name)
+        self.revoked: dict[str, float] = {}  # task id -> remembered until
+        self._revoke_ttl = SortedList()  # (until, id)
+        self.default_revoke_ttl = DEFAULT_REVOKE_TTL
+        self.chords: dict[str, dict] = {}
+        self._chord_of: dict[str, str] = {}  # member task id -> chord id
+
+    # -- schedules -------------------------------------------------------------------
+    def schedule_put(self, name, spec, now: float) -> dict:
+        self._refuse_if_log_failed()
+        e = check_spec(name, spec, now)
+        old = self.schedules.get(name)
+        if old is not None:
+            if old.spec == spec:
+                return old.to_wire()  # idempotent: many deploys may push the same entry
+            e.last_tick, e.fired, e.paused = old.last_tick, old.fired, old.paused
+            e.created = old.created if spec.get("every") == old.spec.get("every") else now
+            if "every" in spec and "anchor" not in spec and spec.get("every") == old.spec.get("every"):
+                e.timing = timing_from({**spec, "anchor": old.timing.anchor}, now)
+            e.next = e.timing.next_after(max(now, e.last_tick or now))
+            self._sched_due.discard((old.next, name))
+        self._install_schedule(e)
+        e.lsn = self._log(R.SCHED_PUT, [name, spec, e.created])
+        return e.to_wire()
+
+    def _install_schedule(self, e: Schedule) -> None:
+        self.schedules[e.name] = e
+        if not e.paused and e.next is not None:
+            self._sched_due.add((e.next, e.name))
+
+    def schedule_remove(self, name, now: float) -> bool:
+        self._refuse_if_log_failed()
+        e = self.schedules.pop(name, None)
+        if e is None:
+            return False
+        self._sched_due.discard((e.next, name))
+        self._log(R.SCHED_REMOVE, name)
+        return True
+
+    def schedule_pause(self, name, paused: bool, now: float) -> dict:
+        self._refuse_if_log_failed()
+        e = self.schedules.get(name)
+        if e is None:
+            raise BrokerError(f"no schedule named {name!r}", "NOT_FOUND")
+        if e.paused != paused:
+            self._sched_due.discard((e.next, name))
+            e.paused = paused
+            if not paused:  # ticks while paused are skipped, not caught up
+                e.next = e.timing.next_after(now)
+                if e.next is not None:
+                    self._sched_due.add((e.next, name))
+            self._log(R.SCHED_PAUSE, [name, paused, now])
+        return e.to_wire()
+
+    def schedule_list(self, owner=None) -> list:
+        return [e.to_wire() for e in sorted(self.schedules.values(), key=lambda e: e.name)
+                if owner is None or e.owner == owner]
+
+    def _tick_schedules(self, now: float) -> None:
+        due = self._sched_due
+        while due and due[0][0] <= now:
+            _, name = due.pop(0)
+            e = self.schedules.get(name)
+            if e is None or e.paused or e.next is None or e.next > now:
+                continue
+            ticks = []
+            t = e.next
+            while t is not None and t <= now:
+                ticks.append(t)
+                if len(ticks) > MAX_CATCHUP:
+                    ticks.pop(0)
+                t = e.timing.next_after(t)
+            on_time = [x for x in ticks if now - x <= MISSED_AFTER]
+            if e.catchup == "all":
+                fire = ticks
+            elif e.catchup == "latest":
+                fire = ticks[-1:]
+            else:
+                fire = on_time
+            for tick in ticks:
+                if tick in fire:
+                    self._fire(e, tick, now)
+            if ticks and ticks[-1] not in fire:
+                # remember that the skipped ticks are done, so a restart does not revisit them
+                e.last_tick = ticks[-1]
+                self._log(R.SCHED_TICK, [name, ticks[-1], None])
+            e.next = t
+            if t is not None:
+                due.add((t, name))
+
+    def _fire(self, e: Schedule, tick: float, now: float) -> None:
+        msg_id = f"{e.name}@{tick:.3f}"
+        body = e.body
+        expires = tick + e.expires if e.expires is not None else None
+        if type(body) is dict:
+            env = dict(body)
+            env["id"] = msg_id
+            env["root_id"] = msg_id
+            if expires is not None:
+                env["expires"] = expires
+            body = cbor2.dumps(env)
+        elif type(body) is not bytes:
+            body = cbor2.dumps(body)
+        q = self.queue(e.queue)
+        msg = Message(next(self._seq), msg_id, q, body, e.priority, {"x-schedule": e.name, "x-tick": tick},
+                      0, None, expires, now)
+        q.published += 1
+        e.last_tick = tick
+        e.fired += 1
+        msg.lsn = self._log(R.SCHED_TICK, [e.name, tick, R.message_payload(msg)])
+        if expires is not None:
+            self._ttl.add((expires, msg.seq, msg))
+        q.push_ready(msg)
+        if q.consumers and not q.paused:
+            self._dispatch_queue(q, now)
+
+    def _replay_schedule_record(self, t, p, lsn, msgs) -> None:
+        if t == R.SCHED_PUT:
+            name, spec, created = p
+            old = self.schedules.get(name)
+            e = check_spec(name, spec, created)
+            if old is not None:
+                e.last_tick, e.fired, e.paused = old.last_tick, old.fired, old.paused
+            e.lsn = lsn
+            self.schedules[name] = e
+        elif t == R.SCHED_REMOVE:
+            self.schedules.pop(p, None)
+        elif t == R.SCHED_PAUSE:
+            e = self.schedules.get(p[0])
+            if e is not None:
+                e.paused = bool(p[1])
+                if len(p) > 2 and not e.paused:
+                    e.last_tick = max(e.last_tick or 0, p[2])  # skip what passed while paused
+        elif t == R.SCHED_TICK:
+            name, tick, mp = p
+            e = self.schedules.get(name)
+            if e is not None:
+                e.last_tick = tick
+                if mp is not None:
+                    e.fired += 1
+            if mp is not None:
+                m = self._message_from(mp, lsn)
+                msgs[m.seq] = m
+                m.queue.published += 1
+        elif t == R.SCHED_STATE:
+            name, last_tick, fired, paused = p
+            e = self.schedules.get(name)
+            if e is not None:
+                e.last_tick, e.fired, e.paused = last_tick, fired, paused
+
+    def _after_replay_schedules(self, now: float) -> None:
+        self._sched_due = SortedList()
+        for e in self.schedules.values():
+            e.next = e.timing.next_after(e.last_tick if e.last_tick is not None else e.created)
+            if not e.paused and e.next is not None:
+                self._sched_due.add((e.next, e.name))
+
+    def _compact_workflow(self, through_lsn: int) -> None:
+        for e in self.schedules.values():
+            self._log(R.SCHED_PUT, [e.name, e.spec, e.created])
+            self._log(R.SCHED_STATE, [e.name, e.last_tick, e.fired, e.paused])
+        if self.revoked:
+            self._log(R.REVOKE, [[[i, u] for i, u in self.revoked.items()], False])
+        for cid, ch in self.chords.items():
+            self._log(R.CHORD, [cid, ch["members"], ch["body"], ch["error"]])
+            for member, res in ch["results"].items():
+                self._log(R.CHORD_MEMBER, [cid, member, res])
+
+    # -- revokes -------------------------------------------------------------------------
+    def revoke(self, task_ids, now: float, *, terminate=False, ttl=None) -> int:
+        """Remember the ids as revoked; their waiting messages are dropped when due.
+
+        Returns how many were not already revoked.  With ``terminate`` the
+        server also tells every consumer connection to kill the running task.
+        """
+        self._refuse_if_log_failed()
+        if type(task_ids) is str:
+            task_ids = [task_ids]
+        if type(task_ids) is not list or not task_ids:
+            raise RequestError("revoke needs a task id or a non-empty list of task ids")
+        until = now + (ttl if ttl is not None else self.default_revoke_ttl)
+        n = 0
+        pairs = []
+        for tid in task_ids:
+            if type(tid) is not str or not tid:
+                raise RequestError(f"a task id is a non-empty text string (got {tid!r})")
+            if tid not in self.revoked:
+                n += 1
+            self.revoked[tid] = until
+            self._revoke_ttl.add((until, tid))
+            pairs.append([tid, until])
+        self._log(R.REVOKE, [pairs, bool(terminate)])
+        for tid in task_ids:
+            r = self.results.get(tid)
+            if r is None or r.state not in ("SUCCESS", "FAILURE"):
+                self._revoked_result(tid, now)
+        return n
+
+    def _revoked_result(self, tid, now) -> None:
+        expires = now + self.default_result_ttl
+        r = self._store_result(tid, "REVOKED", None, {"exc_type": "TaskRevokedError", "exc_message": f"task {tid} was revoked"}, expires, now)
+        r.lsn = self._log(R.RESULT, [tid, "REVOKED", None, r.meta, expires, now, None])
+
+    def _drop_revoked(self, msg, now) -> None:
+        msg.state = GONE
+        msg.queue.expired += 1
+        self._log(R.DROP, [msg.seq, "revoked"])
+
+    def _tick_revokes(self, now: float) -> None:
+        ttl = self._revoke_ttl
+        while ttl and ttl[0][0] <= now:
+            until, tid = ttl.pop(0)
+            if self.revoked.get(tid) == until:
+                del self.revoked[tid]
+
+    def _replay_revoke(self, p, now) -> None:
+        pairs, _terminate = p
+        for tid, until in pairs:
+            if until > now:
+                self.revoked[tid] = until
+                self._revoke_ttl.add((until, tid))
+
+    # -- chords ---------------------------------------------------------------------------
+    def chord_declare(self, chord_id, members, body, error, now: float) -> dict:
+        """A barrier over ``members`` (task ids, in order).  ``body``/``error`` are
+        message specs ``{"queue", "priority", "body"}``; ``body["body"]`` a task
+        envelope map whose ``args`` get the members' results prepended."""
+        self._refuse_if_log_failed()
+        if type(chord_id) is not str or not chord_id:
+            raise RequestError("a chord id is a non-empty text string")
+        if type(members) is not list or not members or any(type(m) is not str for m in members):
+            raise RequestError("chord members must be a non-empty list of task ids")
+        if len(set(members)) != len(members):
+            raise RequestError("chord members must be distinct task ids")
+        for spec, what in ((body, "body"), (error, "error")):
+            if spec is None and what == "error":
+                continue
+            if type(spec) is not dict or type(spec.get("body")) is not dict:
+                raise RequestError(f"chord {what} must be a map with 'queue' and 'body' (a task envelope map)")
+            validate_queue_name(spec.get("queue", "celery"))
+        if chord_id in self.chords:
+            return {"chord": chord_id, "pending": len(self.chords[chord_id]["pending"])}
+        self._install_chord(chord_id, members, body, error)
+        self._log(R.CHORD, [chord_id, members, body, error])
+        # members may have finished before the chord was declared
+        ch = self.chords[chord_id]
+        for m in members:
+            r = self.results.get(m)
+            if r is not None and r.state in ("SUCCESS", "FAILURE"):
+                self._chord_member_done(ch, m, r.state, r.value, r.meta, now)
+        return {"chord": chord_id, "pending": len(ch["pending"])}
+
+    def _install_chord(self, chord_id, members, body, error) -> None:
+        self.chords[chord_id] = {
+            "id": chord_id, "members": members, "pending": set(members), "results": {},
+            "body": body, "error": error, "done": False,
+        }
+        for m in members:
+            self._chord_of[m] = chord_id
+
+    def _chord_result_hook(self, task_id, state, value, meta, now) -> None:
+        """Called with every stored final result: count it toward its chord."""
+        cid = self._chord_of.get(task_id)
+        if cid is None:
+            return
+        ch = self.chords.get(cid)
+        if ch is not None and not ch["done"]:
+            self._chord_member_done(ch, task_id, state, value, meta, now)
+
+    def _chord_member_done(self, ch, member, state, value, meta, now, replaying=False) -> None:
+        if member not in ch["pending"]:
+            return  # a redelivered member finishing twice counts once
+        ch["pending"].discard(member)
+        ch["results"][member] = [state, value, meta]
+        if state == "FAILURE":
+            self._finish_chord(ch, False, now, member, meta, replaying)
+        elif not ch["pending"]:
+            self._finish_chord(ch, True, now, None, None, replaying)
+
+    def _finish_chord(self, ch, ok, now, failed_member, meta, replaying) -> None:
+        ch["done"] = True
+        if replaying:
+            return  # the CHORD_FIRE record (or its absence) decides, see replay
+        spec = ch["body"] if ok else ch["error"]
+        body_env = ch["body"]["body"]
+        payload = None
+        if spec is not None:
+            env = dict(spec["body"])
+            if ok:
+                results = [ch["results"][m][1] for m in ch["members"]]
+                env["args"] = [results, *env.get("args", [])]
+            else:
+                env["args"] = [failed_member, (meta or {}).get("exc_type"), (meta or {}).get("exc_message"),
+                               *env.get("args", [])]
+            q = self.queue(spec.get("queue", "celery"))
+            mid = env.get("id") or f"{ch['id']}:{'body' if ok else 'error'}"
+            env["id"] = mid
+            msg = Message(next(self._seq), mid, q, cbor2.dumps(env), spec.get("priority", 0), None, 0, None, None, now)
+            q.published += 1
+            payload = R.message_payload(msg)
+        lsn = self._log(R.CHORD_FIRE, [ch["id"], ok, payload])
+        if not ok:
+            body_id = body_env.get("id")
+            if body_id:
+                exc = {"exc_type": "ChordError",
+                       "exc_message": f"chord member {failed_member} failed: {(meta or {}).get('exc_type')}: {(meta or {}).get('exc_message')}"}
+                expires = now + self.default_result_ttl
+                self._store_result(body_id, "FAILURE", None, exc, expires, now)
+                self._log(R.RESULT, [body_id, "FAILURE", None, exc, expires, now, None])
+        self._forget_chord(ch)
+        if payload is not None:
+            msg.lsn = lsn
+            q.push_ready(msg)
+            if q.consumers and not q.paused:
+                self._dispatch_queue(q, now)
+
+    def _forget_chord(self, ch) -> None:
+        self.chords.pop(ch["id"], None)
+        for m in ch["members"]:
+            if self._chord_of.get(m) == ch["id"]:
+                del self._chord_of[m]
+
+    def _replay_chord_record(self, t, p, lsn, msgs, now) -> None:
+        if t == R.CHORD:
+            cid, members, body, error = p
+            if cid not in self.chords:
+                self._install_chord(cid, members, body, error)
+        elif t == R.CHORD_MEMBER:
+            cid, member, res = p
+            ch = self.chords.get(cid)
+            if ch is not None and member in ch["pending"]:
+                ch["pending"].discard(member)
+                ch["results"][member] = res
+        elif t == R.CHORD_FIRE:
+            cid, ok, payload = p
+            ch = self.chords.get(cid)
+            if ch is not None:
+                self._forget_chord(ch)
+            if payload is not None:
+                m = self._message_from(payload, lsn)
+                msgs[m.seq] = m
+                m.queue.published += 1
+
+    def _after_replay_chords(self, now: float) -> None:
+        """A chord whose last member's result was logged but whose firing was not: fire now."""
+        for ch in list(self.chords.values()):
+            if ch["done"] or any(r[0] == "FAILURE" for r in ch["results"].values()) or not ch["pending"]:
+                failed = next((m for m, r in ch["results"].items() if r[0] == "FAILURE"), None)
+                if failed is not None:
+                    self._finish_chord(ch, False, now, failed, ch["results"][failed][2], False)
+                elif not ch["pending"]:
+                    self._finish_chord(ch, True, now, None, None, False)

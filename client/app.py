@@ -1,0 +1,776 @@
+"""The task layer: ``App``, ``@app.task``, ``delay``, ``AsyncResult`` — Celery's shape.
+
+    from client import App
+
+    app = App("proj", broker="127.0.0.1:7700")
+
+    @app.task(queue="emails", max_retries=5, retry_backoff=True, autoretry_for=(IOError,))
+    def send_welcome_email(user_id): ...
+
+    r = send_welcome_email.delay(42)      # publish, confirmed by brokerd; returns at once
+    r.get(timeout=10)                     # long-polls brokerd for the result
+
+A task is a message whose body is the **task envelope** (protocol.md §8): a
+CBOR map with the task's name, id, args, kwargs and options.  The message id
+is the task id.  Results are kept by brokerd (RESULT_SET / RESULT_GET), so
+there is no result backend to configure.
+
+The blocking ``Client`` underneath is created lazily, once per process (a
+forked child gets its own), and shared by every thread.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextvars
+import datetime as _dt
+import importlib
+import os
+import random
+import threading
+import time
+import uuid
+
+import cbor2
+
+from client import wire
+
+ENVELOPE_VERSION = 1
+DEFAULT_QUEUE = "celery"  # Celery's task_default_queue, so routes carry over unchanged
+
+# Settings and their defaults (Celery's names; see ../shared/CELERY-SURFACE.md).
+DEFAULTS = {
+    "broker_url": "127.0.0.1:7700",
+    "task_default_queue": DEFAULT_QUEUE,
+    "task_default_priority": 0,
+    "task_routes": {},
+    "task_acks_late": True,
+    "task_ignore_result": False,
+    "task_time_limit": None,
+    "task_soft_time_limit": None,
+    "task_always_eager": False,
+    "task_eager_propagates": False,
+    "result_expires": 24 * 3600,
+    "worker_prefetch_multiplier": 1,
+    "worker_concurrency": None,
+    "beat_schedule": {},
+    "timezone": "UTC",
+}
+
+
+# -- exceptions, as Celery names them ---------------------------------------------------
+class TaskError(Exception):
+    """Base of the task layer's errors."""
+
+
+class Retry(TaskError):
+    """Raised by ``Task.retry``: the worker nacks the task with a delay (held by brokerd)."""
+
+    def __init__(self, message=None, exc=None, when=None):
+        super().__init__(message or "retry")
+        self.exc = exc
+        self.when = when  # seconds from now
+
+
+class MaxRetriesExceededError(TaskError):
+    pass
+
+
+class SoftTimeLimitExceeded(TaskError):
+    """Raised inside a task when its soft time limit passes."""
+
+
+class TimeLimitExceeded(TaskError):
+    """A task ran past its hard time limit and its process was killed."""
+
+
+class Reject(TaskError):
+    """Raise to refuse a task: ``requeue=False`` sends it to the dead-letter queue."""
+
+    def __init__(self, reason=None, requeue=False):
+        super().__init__(reason or "rejected")
+        self.requeue = requeue
+
+
+class Ignore(TaskError):
+    """Raise to end a task without storing any result."""
+
+
+class NotRegistered(TaskError, KeyError):
+    pass
+
+
+class TaskRevokedError(TaskError):
+    pass
+
+
+class EncodeError(TaskError, TypeError):
+    """An argument or result that CBOR cannot carry."""
+
+
+class RemoteError(TaskError):
+    """A task failed with an exception that is not a Python builtin.
+
+    ``exc_type`` and ``exc_message`` name the original; ``traceback`` is its text.
+    """
+
+    def __init__(self, exc_type: str, exc_message: str, traceback: str | None = None):
+        super().__init__(f"{exc_type}: {exc_message}")
+        self.exc_type = exc_type
+        self.exc_message = exc_message
+        self.traceback = traceback
+
+
+class TimeoutError(builtins.TimeoutError, TaskError):  # noqa: A001 - Celery's name
+    """``AsyncResult.get`` waited longer than its timeout."""
+
+
+# -- the envelope --------------------------------------------------------------------------
+def _to_epoch(value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, _dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=_dt.timezone.utc)
+        return value.timestamp()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"expected a datetime or Unix time in seconds, got {type(value).__name__}")
+
+
+def check_encodable(name: str, args, kwargs) -> None:
+    """Fail now, naming the argument, if CBOR cannot carry it."""
+    for i, a in enumerate(args):
+        try:
+            cbor2.dumps(a)
+        except Exception as exc:
+            raise EncodeError(
+                f"argument {i} of {name} ({type(a).__name__}) cannot be sent to a worker: {exc}"
+            ) from None
+    for k, v in kwargs.items():
+        if type(k) is not str:
+            raise EncodeError(f"keyword argument names of {name} must be text (got {k!r})")
+        try:
+            cbor2.dumps(v)
+        except Exception as exc:
+            raise EncodeError(
+                f"keyword argument {k!r} of {name} ({type(v).__name__}) cannot be sent to a worker: {exc}"
+            ) from None
+
+
+def make_envelope(name, task_id, args, kwargs, *, eta=None, expires=None, parent_id=None,
+                  root_id=None, headers=None, options=None) -> dict:
+    env = {
+        "v": ENVELOPE_VERSION,
+        "task": name,
+        "id": task_id,
+        "args": list(args),
+        "kwargs": dict(kwargs),
+        "retries": 0,
+        "eta": eta,
+        "expires": expires,
+        "parent_id": parent_id,
+        "root_id": root_id or task_id,
+        "headers": headers or {},
+    }
+    if options:
+        env["options"] = options
+    return env
+
+
+def decode_envelope(body: bytes) -> dict:
+    """Body bytes → envelope map, or ValueError naming what is wrong."""
+    try:
+        env = cbor2.loads(body)
+    except Exception as exc:
+        raise ValueError(f"task body is not CBOR: {exc}") from None
+    if type(env) is not dict:
+        raise ValueError("task body must be a CBOR map (the task envelope)")
+    for key, typ in (("task", str), ("id", str), ("args", list), ("kwargs", dict)):
+        if type(env.get(key)) is not typ:
+            raise ValueError(f"task envelope field {key!r} is missing or not a {typ.__name__}")
+    if env.get("v", 1) != ENVELOPE_VERSION:
+        raise ValueError(f"task envelope version {env.get('v')!r} is not supported (this worker reads {ENVELOPE_VERSION})")
+    return env
+
+
+# -- request context ------------------------------------------------------------------
+class Request:
+    """What ``self.request`` shows inside a bound task."""
+
+    def __init__(self, id=None, args=(), kwargs=None, retries=0, delivery_info=None, eta=None,
+                 expires=None, parent_id=None, root_id=None, headers=None, hostname=None, is_eager=False,
+                 task=None):
+        self.id = id
+        self.args = list(args)
+        self.kwargs = dict(kwargs or {})
+        self.retries = retries
+        self.delivery_info = delivery_info or {}
+        self.eta = eta
+        self.expires = expires
+        self.parent_id = parent_id
+        self.root_id = root_id
+        self.headers = headers or {}
+        self.hostname = hostname
+        self.is_eager = is_eager
+        self.task = task
+
+    def __repr__(self):
+        return f"<Request {self.task} id={self.id} retries={self.retries}>"
+
+
+_current_request: contextvars.ContextVar[Request | None] = contextvars.ContextVar("brokerd_request", default=None)
+
+
+# -- tasks ---------------------------------------------------------------------------------
+class Task:
+    """A task type.  ``@app.task`` makes a subclass whose ``run`` is your function.
+
+    Subclass it and pass ``base=`` to share hooks (``on_success``, ``on_failure``,
+    ``on_retry``, ``after_return``) between tasks.
+    """
+
+    name: str = ""
+    app: "App" = None  # type: ignore[assignment]
+    queue: str | None = None
+    priority: int | None = None
+    bind = False
+    max_retries: int | None = 3
+    default_retry_delay: float = 180
+    autoretry_for: tuple = ()
+    dont_autoretry_for: tuple = ()
+    retry_kwargs: dict = {}
+    retry_backoff: bool | float = False
+    retry_backoff_max: float = 600
+    retry_jitter = True
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    acks_late: bool | None = None
+    ignore_result: bool | None = None
+    expires: float | None = None
+    typing = True
+
+    # -- hooks (Celery's signatures) --
+    def on_success(self, retval, task_id, args, kwargs):
+        pass
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo):
+        pass
+
+    def on_retry(self, exc, task_id, args, kwargs, einfo):
+        pass
+
+    def after_return(self, status, retval, task_id, args, kwargs, einfo):
+        pass
+
+    def run(self, *args, **kwargs):
+        raise NotImplementedError(f"task {self.name} has no run()")
+
+    @property
+    def request(self) -> Request:
+        return _current_request.get() or Request(task=self.name)
+
+    def __call__(self, *args, **kwargs):
+        """Run the task here and now, like a plain function call."""
+        if self.bind:
+            return self.run(self, *args, **kwargs)
+        return self.run(*args, **kwargs)
+
+    def __repr__(self):
+        return f"<@task: {self.name}>"
+
+    # -- sending --
+    def delay(self, *args, **kwargs) -> "AsyncResult":
+        return self.apply_async(args, kwargs)
+
+    def apply_async(self, args=None, kwargs=None, *, countdown=None, eta=None, expires=None,
+                    priority=None, queue=None, task_id=None, headers=None, **options) -> "AsyncResult":
+        args = tuple(args or ())
+        kwargs = dict(kwargs or {})
+        if self.app.conf.task_always_eager:
+            return self.apply(args, kwargs, task_id=task_id)
+        return self.app._send(
+            self.name, args, kwargs, countdown=countdown, eta=eta,
+            expires=expires if expires is not None else self.expires,
+            priority=priority if priority is not None else self.priority,
+            queue=queue or self.queue, task_id=task_id, headers=headers, task=self, options=options,
+        )
+
+    def apply(self, args=None, kwargs=None, *, task_id=None, **_):
+        """Run eagerly in this process and return an EagerResult (Celery's ``apply``)."""
+        task_id = task_id or str(uuid.uuid4())
+        args, kwargs = tuple(args or ()), dict(kwargs or {})
+        req = Request(id=task_id, args=args, kwargs=kwargs, is_eager=True, task=self.name, root_id=task_id)
+        token = _current_request.set(req)
+        try:
+            value = self(*args, **kwargs)
+        except Exception as exc:
+            if self.app.conf.task_eager_propagates:
+                raise
+            return EagerResult(task_id, None, "FAILURE", exc)
+        finally:
+            _current_request.reset(token)
+        return EagerResult(task_id, value, "SUCCESS")
+
+    def retry(self, exc=None, countdown=None, eta=None, max_retries=None, **_):
+        """Ask for this task to run again later.  Raises ``Retry`` (or, past
+        max_retries, the original exception / MaxRetriesExceededError)."""
+        req = self.request
+        limit = self.max_retries if max_retries is None else max_retries
+        if req.is_eager:
+            raise exc if exc is not None else Retry("retry requested in eager mode", exc)
+        if limit is not None and req.retries >= limit:
+            if exc is not None:
+                raise exc
+            raise MaxRetriesExceededError(
+                f"{self.name}[{req.id}] retried {req.retries} times, max_retries is {limit}"
+            )
+        if eta is not None:
+            when = max(0.0, _to_epoch(eta) - time.time())
+        elif countdown is not None:
+            when = float(countdown)
+        else:
+            when = self.retry_delay(req.retries)
+        raise Retry(f"retry in {when:g}s", exc, when)
+
+    def retry_delay(self, retries: int) -> float:
+        """Seconds before retry number ``retries + 1``: fixed, or exponential with jitter."""
+        if self.retry_backoff:
+            base = 1.0 if self.retry_backoff is True else float(self.retry_backoff)
+            delay = min(base * (2 ** retries), self.retry_backoff_max)
+            if self.retry_jitter:
+                delay = random.uniform(0, delay)  # "full jitter", as Celery does
+            return delay
+        return float(self.default_retry_delay)
+
+    def AsyncResult(self, task_id) -> "AsyncResult":
+        return AsyncResult(task_id, app=self.app)
+
+    # canvas hooks (client/canvas.py builds on these)
+    def s(self, *args, **kwargs):
+        from client.canvas import Signature
+
+        return Signature(self.name, args, kwargs, app=self.app)
+
+    def si(self, *args, **kwargs):
+        from client.canvas import Signature
+
+        return Signature(self.name, args, kwargs, app=self.app, immutable=True)
+
+    def signature(self, args=None, kwargs=None, **options):
+        from client.canvas import Signature
+
+        return Signature(self.name, tuple(args or ()), dict(kwargs or {}), options=options, app=self.app)
+
+    def map(self, items):
+        """One task that runs this task on each item in turn; its result is the list."""
+        from client.canvas import Signature
+
+        return Signature("brokerd.map", (self.name, list(items)), app=self.app)
+
+    def starmap(self, items):
+        """Like ``map``, with each item a tuple of arguments."""
+        from client.canvas import Signature
+
+        return Signature("brokerd.starmap", (self.name, [list(a) for a in items]), app=self.app)
+
+    def chunks(self, items, n: int):
+        """Split ``items`` (argument tuples) into tasks of ``n`` calls each: a group of starmaps."""
+        from client.canvas import group
+
+        items = [list(a) for a in items]
+        if n < 1:
+            raise ValueError("chunks() needs n >= 1")
+        return group(self.starmap(items[i:i + n]) for i in range(0, len(items), n))
+
+
+# -- results ---------------------------------------------------------------------------------
+READY_STATES = frozenset(("SUCCESS", "FAILURE", "REVOKED"))
+WAIT_CHUNK = 600.0  # seconds per RESULT_GET when waiting without a timeout
+
+
+class AsyncResult:
+    """A task's result, kept by brokerd, looked up by id."""
+
+    def __init__(self, id: str, app: "App | None" = None, parent: "AsyncResult | None" = None):
+        self.id = id
+        self.app = app or App.current()
+        self.parent = parent
+        self._cache: dict | None = None
+
+    def __repr__(self):
+        return f"<AsyncResult: {self.id}>"
+
+    def __eq__(self, other):
+        return isinstance(other, AsyncResult) and other.id == self.id
+
+    def __hash__(self):
+        return hash(self.id)
+
+    def _fetch(self, wait=None) -> dict:
+        if self._cache is not None:
+            return self._cache
+        meta = self.app.client._call(wire.OP_RESULT_GET, self.id, wait,
+                                     timeout=(wait or 0) + self.app.client.timeout)
+        if meta["state"] in READY_STATES:
+            self._cache = meta
+        return meta
+
+    @property
+    def state(self) -> str:
+        return self._fetch()["state"]
+
+    status = state
+
+    def ready(self) -> bool:
+        return self.state in READY_STATES
+
+    def successful(self) -> bool:
+        return self.state == "SUCCESS"
+
+    def failed(self) -> bool:
+        return self.state == "FAILURE"
+
+    @property
+    def result(self):
+        """The return value, or the exception for a failure (not raised)."""
+        meta = self._fetch()
+        if meta["state"] == "FAILURE":
+            return exception_from(meta.get("meta") or {})
+        return meta.get("result") if meta["state"] == "SUCCESS" else (meta.get("meta") or None)
+
+    info = result
+
+    @property
+    def traceback(self) -> str | None:
+        return (self._fetch().get("meta") or {}).get("traceback")
+
+    def get(self, timeout: float | None = None, propagate: bool = True, interval: float | None = None):
+        """Wait for the result (brokerd holds the request; no polling loop).
+
+        Returns the task's return value.  A failed task re-raises its exception:
+        a Python builtin as itself, anything else as ``RemoteError`` naming the
+        remote type and message.  ``timeout`` runs out → ``TimeoutError``.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = WAIT_CHUNK if deadline is None else max(0.0, deadline - time.monotonic())
+            meta = self._fetch(wait=left)
+            if meta["state"] in READY_STATES:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"task {self.id} did not finish within {timeout:g}s (state {meta['state']})")
+        if meta["state"] == "SUCCESS":
+            return meta.get("result")
+        exc = exception_from(meta.get("meta") or {}) if meta["state"] == "FAILURE" else TaskRevokedError(
+            f"task {self.id} was revoked"
+        )
+        if propagate:
+            raise exc
+        return exc
+
+    wait = get
+
+    def forget(self) -> None:
+        self._cache = None
+        self.app.client._call(wire.OP_RESULT_FORGET, self.id)
+
+    def revoke(self, terminate: bool = False) -> None:
+        """Never run this task; with ``terminate``, kill it where it runs.  Kept by
+        brokerd across restarts (for a day)."""
+        self._cache = None
+        self.app.control.revoke(self.id, terminate=terminate)
+
+    @property
+    def children(self) -> list:
+        return []
+
+
+class EagerResult(AsyncResult):
+    """The result of ``Task.apply``: already known, nothing to ask brokerd."""
+
+    def __init__(self, id, value, state, exc=None):
+        self.id = id
+        self.app = None
+        self.parent = None
+        self._value = value
+        self._exc = exc
+        self._cache = {"id": id, "state": state, "result": value, "meta": None}
+
+    def get(self, timeout=None, propagate=True, interval=None):
+        if self._exc is not None:
+            if propagate:
+                raise self._exc
+            return self._exc
+        return self._value
+
+    @property
+    def result(self):
+        return self._exc if self._exc is not None else self._value
+
+    def forget(self):
+        pass
+
+
+def exception_from(meta: dict) -> BaseException:
+    """A FAILURE's meta → the exception to raise: builtins as themselves."""
+    typ = meta.get("exc_type") or "Exception"
+    msg = meta.get("exc_message") or ""
+    cls = getattr(builtins, typ, None)
+    if isinstance(cls, type) and issubclass(cls, BaseException) and not issubclass(cls, (KeyboardInterrupt, SystemExit)):
+        try:
+            exc = cls(msg) if msg else cls()
+        except Exception:
+            exc = RemoteError(typ, msg, meta.get("traceback"))
+    else:
+        for local in (SoftTimeLimitExceeded, TimeLimitExceeded, MaxRetriesExceededError, NotRegistered, EncodeError):
+            if local.__name__ == typ:
+                exc = local(msg)
+                break
+        else:
+            exc = RemoteError(typ, msg, meta.get("traceback"))
+    exc.remote_traceback = meta.get("traceback")
+    return exc
+
+
+# -- the app -----------------------------------------------------------------------------------
+class Signal:
+    """``@app.on_after_configure.connect`` handlers, called with ``sender=app``."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.receivers: list = []
+
+    def connect(self, fn=None, **_):
+        if fn is None:
+            return self.connect
+        self.receivers.append(fn)
+        return fn
+
+    def send(self, sender=None, **kwargs) -> list:
+        return [fn(sender=sender, **kwargs) for fn in list(self.receivers)]
+
+
+class Control:
+    """``app.control``: act on tasks and workers through brokerd."""
+
+    def __init__(self, app: "App"):
+        self.app = app
+
+    def revoke(self, task_id, terminate: bool = False, signal=None, ttl=None) -> int:
+        """Never run the task(s); with ``terminate``, workers kill them if running.
+        Revokes are kept by brokerd (logged), across restarts, for ``ttl`` (a day)."""
+        ids = [task_id] if isinstance(task_id, str) else list(task_id)
+        return self.app.client.revoke(ids, terminate=terminate, ttl=ttl)
+
+class Conf(dict):
+    """Settings: a dict with attribute access (``app.conf.task_routes``)."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(f"no setting {key!r}") from None
+
+    def __setattr__(self, key, value):
+        self[key] = value
+
+
+class App:
+    """A brokerd application: the task registry, settings and a shared client.
+
+    ``App("proj", broker="127.0.0.1:7700", task_routes={...})``; more settings
+    with ``app.conf.update(...)`` or ``app.config_from_object(obj_or_module)``.
+    """
+
+    _current: "App | None" = None
+
+    def __init__(self, main: str | None = None, broker: str | None = None, **settings):
+        self.main = main
+        self.conf = Conf(DEFAULTS)
+        self.conf["task_routes"] = {}
+        self.conf["beat_schedule"] = {}
+        if broker:
+            self.conf["broker_url"] = broker
+        self.conf.update(settings)
+        self.tasks: dict[str, Task] = {}
+        self.control = Control(self)
+        self.on_after_configure = Signal("on_after_configure")
+        self._periodic: dict = {}
+        self._configured = False
+        self._client = None
+        self._client_pid = None
+        self._lock = threading.Lock()
+        self._register_builtins()
+        App._current = self
+
+    @classmethod
+    def current(cls) -> "App":
+        if cls._current is None:
+            raise RuntimeError("no App has been created: create one, or pass app= to AsyncResult")
+        return cls._current
+
+    def __repr__(self):
+        return f"<App {self.main} broker={self.conf.broker_url}>"
+
+    # -- configuration --
+    def config_from_object(self, obj, namespace: str | None = None) -> None:
+        """Read settings from an object or an importable module path.
+
+        Lowercase attributes are settings; with ``namespace="CELERY"``,
+        ``CELERY_TASK_ROUTES`` becomes ``task_routes`` (Django style).
+        """
+        if isinstance(obj, str):
+            obj = importlib.import_module(obj)
+        prefix = (namespace + "_") if namespace else None
+        for key in dir(obj):
+            if key.startswith("_"):
+                continue
+            value = getattr(obj, key)
+            if prefix:
+                if key.startswith(prefix):
+                    self.conf[key[len(prefix):].lower()] = value
+            elif key.islower() and not callable(value) and not isinstance(value, type(os)):
+                self.conf[key] = value
+
+    # -- tasks --
+    def task(self, *args, **opts):
+        """``@app.task`` or ``@app.task(name=..., queue=..., bind=True, ...)``."""
+
+        def make(fun):
+            return self._register(fun, **opts)
+
+        if len(args) == 1 and callable(args[0]) and not opts:
+            return make(args[0])
+        return make
+
+    shared_task = task
+
+    def _register(self, fun, name=None, base=None, **opts) -> Task:
+        name = name or f"{fun.__module__}.{fun.__name__}"  # Celery's naming
+        base = base or Task
+        known = {k for k in dir(Task) if not k.startswith("_")}
+        for key in opts:
+            if key not in known:
+                raise TypeError(f"@app.task got an unknown option {key!r}")
+        attrs = dict(opts)
+        attrs.update(name=name, app=self, run=staticmethod(fun), __doc__=fun.__doc__,
+                     __module__=fun.__module__, __wrapped__=fun)
+        cls = type(fun.__name__, (base,), attrs)
+        task = cls()
+        self.tasks[name] = task
+        return task
+
+    def send_task(self, name: str, args=None, kwargs=None, **options) -> AsyncResult:
+        """Publish a task by name, from code that does not import it."""
+        return self._send(name, tuple(args or ()), dict(kwargs or {}), **options)
+
+    def route(self, name: str, task: Task | None = None) -> dict:
+        routes = self.conf.task_routes or {}
+        if isinstance(routes, dict):
+            r = routes.get(name)
+            if r is None:
+                for pattern, target in routes.items():
+                    if pattern.endswith("*") and name.startswith(pattern[:-1]):
+                        r = target
+                        break
+            return dict(r or {})
+        return {}
+
+    def _send(self, name, args, kwargs, *, countdown=None, eta=None, expires=None, priority=None,
+              queue=None, task_id=None, headers=None, task=None, options=None, parent_id=None,
+              root_id=None, extra=None) -> AsyncResult:
+        check_encodable(name, args, kwargs)
+        route = self.route(name, task)
+        queue = queue or route.get("queue") or self.conf.task_default_queue
+        if priority is None:
+            priority = route.get("priority", self.conf.task_default_priority)
+        task_id = task_id or str(uuid.uuid4())
+        now = time.time()
+        eta_s = _to_epoch(eta)
+        if countdown is not None:
+            eta_s = now + float(countdown)
+        exp = expires
+        if isinstance(expires, (int, float)) and not isinstance(expires, bool) and expires < 1e9:
+            exp = now + float(expires)  # relative seconds, as Celery's expires=60
+        exp = _to_epoch(exp)
+        parent = _current_request.get()
+        if parent is not None and parent_id is None and not parent.is_eager:
+            parent_id, root_id = parent.id, parent.root_id
+        env = make_envelope(name, task_id, args, kwargs, eta=eta_s, expires=exp, parent_id=parent_id,
+                            root_id=root_id, headers=headers, options=options or None)
+        if extra:
+            env.update(extra)
+        body = cbor2.dumps(env)
+        self.client.publish(queue, body, priority=priority or 0, eta=eta_s, id=task_id, confirm=True)
+        return AsyncResult(task_id, app=self)
+
+    def AsyncResult(self, task_id) -> AsyncResult:
+        return AsyncResult(task_id, app=self)
+
+    def GroupResult(self, group_id):
+        from client.canvas import GroupResult
+
+        return GroupResult.restore(group_id, app=self)
+
+    # -- periodic tasks (kept by brokerd; see client/beat.py) --
+    def add_periodic_task(self, schedule, sig, name: str | None = None, args=None, kwargs=None, **options):
+        """Celery's ``sender.add_periodic_task(10.0, add.s(2, 2), name="add every 10")``."""
+        from client.canvas import signature
+
+        sig = signature(sig)
+        self._periodic[name or repr(sig)] = {
+            "task": sig.name, "schedule": schedule, "args": tuple(args if args is not None else sig.args),
+            "kwargs": dict(kwargs if kwargs is not None else sig.kwargs), "options": {**sig.options, **options},
+        }
+
+    def finalize(self) -> None:
+        """Run on_after_configure handlers once (they may add periodic tasks)."""
+        if not self._configured:
+            self._configured = True
+            self.on_after_configure.send(sender=self)
+
+    def periodic_entries(self) -> dict:
+        self.finalize()
+        return {**(self.conf.beat_schedule or {}), **self._periodic}
+
+    # -- the connection --
+    @property
+    def client(self):
+        """One blocking Client per process, shared by its threads; made on first use."""
+        pid = os.getpid()
+        c = self._client
+        if c is None or self._client_pid != pid or not c.is_open:
+            with self._lock:
+                c = self._client
+                if c is None or self._client_pid != pid or not c.is_open:
+                    from client.producer import Client
+
+                    c = self._client = Client(self.conf.broker_url, name=f"{self.main or 'app'}-{pid}")
+                    self._client_pid = pid
+        return c
+
+    def close(self) -> None:
+        if self._client is not None and self._client_pid == os.getpid():
+            self._client.close()
+        self._client = None
+
+    def _register_builtins(self) -> None:
+        def _map(name, items):
+            t = self.tasks[name]
+            return [t(item) for item in items]
+
+        def _starmap(name, items):
+            t = self.tasks[name]
+            return [t(*args) for args in items]
+
+        self._register(_map, name="brokerd.map")
+        self._register(_starmap, name="brokerd.starmap")
+
+    def autodiscover_tasks(self, packages, related_name="tasks") -> None:
+        for pkg in packages:
+            try:
+                importlib.import_module(f"{pkg}.{related_name}")
+            except ModuleNotFoundError as exc:
+                if exc.name != f"{pkg}.{related_name}":
+                    raise

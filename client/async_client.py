@@ -1,0 +1,779 @@
+"""``AsyncClient``: the brokerd client for async code, under trio *or* asyncio.
+
+    async with AsyncClient("127.0.0.1:7700", name="api") as c:
+        await c.publish("emails", b"...")
+        async for d in c.consume(["high", "low"], prefetch=10):
+            await handle(d.body)
+            await d.ack()
+
+The decision: one client, a thin shell per event loop
+------------------------------------------------------
+FastAPI runs on asyncio; trio users want a trio-native client; a worker may
+be either.  Rather than two clients (or anyio as a dependency), every
+protocol decision lives in the sans-I/O ``client.session.Session`` and this
+module adds only what differs per library, picked at ``__aenter__`` by
+``sniffio.current_async_library()`` (sniffio ships with trio):
+
+* ``_TrioIO``: ``trio.open_tcp_stream`` (TCP_NODELAY is trio's default), a
+  ``trio.Lock`` around ``send_all`` (trio forbids concurrent sends), the
+  background tasks in a nursery opened by ``__aenter__`` and closed by
+  ``__aexit__``, ``trio.Event`` and ``move_on_after``.
+* ``_AsyncioIO``: ``asyncio.open_connection`` streams (``write`` is
+  synchronous, so no send lock; ``drain`` applies back-pressure), background
+  tasks from ``asyncio.create_task``, cancelled and awaited by ``__aexit__``,
+  ``asyncio.Event`` and ``asyncio.timeout``.
+
+Everything else (the verbs, the reply routing, confirms, ack batching,
+heartbeats) is written once, below, against that small interface.  The
+interface uses one-shot events only (trio events cannot be cleared).
+
+Tasks: a **reader** task decodes frames and wakes the tasks waiting for each
+reply, the consumers that got deliveries, and ``wait_for_confirms``; it
+never sends, so it keeps reading while a sender waits on back-pressure.  A
+**flusher** task sends what is buffered within ``FLUSH_DELAY`` (~1 ms), sends
+HEARTBEAT when idle for ``heartbeat`` seconds and gives the connection up
+after two silent intervals.
+
+Flush policy (as in ``client.producer``): ``publish(confirm=False)`` and
+``await d.ack()`` only buffer (they do not yield to the event loop); the
+buffer is sent when it passes 32 KiB, when a call needs a reply, on
+``wait_for_confirms``, when a consumer is about to wait for a delivery, when
+half a consumer's prefetch is acked, and otherwise by the flusher.
+
+The client must be used from the event loop (and task tree, under trio) that
+entered it; it is not thread-safe (use ``client.producer.Client`` for threads).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+
+import sniffio
+
+from client.errors import (
+    BrokerdError,
+    ConnectionClosed,
+    ConnectionLost,
+    PublishError,
+    RemoteProtocolError,
+    Timeout,
+)
+from client.session import (
+    CONFIRMS,
+    CONTROL,
+    FLUSH,
+    FLUSH_BYTES,
+    FLUSH_DELAY,
+    ConsumerState,
+    Delivery,
+    Pending,
+    Session,
+    admin_reply,
+    clone_error,
+    parse_address,
+    publish_options,
+    queue_options,
+)
+from client.wire import (
+    OP_ADMIN,
+    OP_DECLARE,
+    OP_DELETE,
+    OP_PAUSE,
+    OP_PING,
+    OP_PURGE,
+    OP_RESUME,
+    OP_STATS,
+    FrameReader,
+    WireError,
+)
+
+__all__ = ["AsyncClient", "AsyncConsumer", "Delivery"]
+
+log = logging.getLogger("client")
+
+RECV_BYTES = 256 * 1024
+_monotonic = time.monotonic
+
+
+def default_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def new_id_prefix() -> str:
+    """A random per-client prefix for message ids (12 hex digits: 48 bits)."""
+    return os.urandom(6).hex()
+
+
+# --- the per-library shells ------------------------------------------------------------
+class _TrioIO:
+    library = "trio"
+
+    def __init__(self):
+        import trio
+
+        self.trio = trio
+        self.stream = None
+        self._send_lock = trio.Lock()
+        self._nursery_cm = None
+        self.nursery = None
+        self.Event = trio.Event
+        self.sleep = trio.sleep
+
+    async def connect(self, host, port, timeout):
+        trio = self.trio
+        with trio.fail_after(timeout if timeout is not None else math.inf):
+            self.stream = await trio.open_tcp_stream(host, port)
+
+    async def send_all(self, session: Session) -> None:
+        """Take the session's buffered bytes and send them, in buffer order."""
+        async with self._send_lock:
+            data = session.data_to_send(_monotonic())
+            if data:
+                await self.stream.send_all(data)
+
+    async def receive_some(self) -> bytes:
+        return await self.stream.receive_some(RECV_BYTES)
+
+    async def wait(self, event, timeout) -> bool:
+        if timeout is None:
+            await event.wait()
+            return True
+        with self.trio.move_on_after(max(timeout, 0)):
+            await event.wait()
+        return event.is_set()
+
+    async def start(self, *fns) -> None:
+        self._nursery_cm = self.trio.open_nursery()
+        self.nursery = await self._nursery_cm.__aenter__()
+        for fn in fns:
+            self.nursery.start_soon(fn)
+
+    async def stop(self) -> None:
+        if self.nursery is not None:
+            # Our tasks end quietly when cancelled; an exception from the body of
+            # ``async with AsyncClient`` is not passed in, so it propagates as
+            # itself rather than wrapped in the nursery's ExceptionGroup.
+            self.nursery.cancel_scope.cancel()
+            cm, self._nursery_cm, self.nursery = self._nursery_cm, None, None
+            await cm.__aexit__(None, None, None)
+
+    async def aclose(self) -> None:
+        if self.stream is not None:
+            with self.trio.CancelScope(shield=True):
+                try:
+                    await self.stream.aclose()
+                except Exception:
+                    pass
+
+    def io_errors(self):
+        trio = self.trio
+        return (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class _AsyncioIO:
+    library = "asyncio"
+
+    def __init__(self):
+        import asyncio
+
+        self.asyncio = asyncio
+        self.reader = None
+        self.writer = None
+        self.tasks: list = []
+        self.Event = asyncio.Event
+        self.sleep = asyncio.sleep
+
+    async def connect(self, host, port, timeout):
+        asyncio = self.asyncio
+        async with asyncio.timeout(timeout):
+            self.reader, self.writer = await asyncio.open_connection(host, port, limit=RECV_BYTES)
+        sock = self.writer.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    async def send_all(self, session: Session) -> None:
+        data = session.data_to_send(_monotonic())
+        if data:
+            writer = self.writer
+            if writer.is_closing():
+                raise ConnectionResetError("the connection is closed")
+            writer.write(data)
+            await writer.drain()
+
+    async def receive_some(self) -> bytes:
+        return await self.reader.read(RECV_BYTES)
+
+    async def wait(self, event, timeout) -> bool:
+        if timeout is None:
+            await event.wait()
+            return True
+        try:
+            async with self.asyncio.timeout(max(timeout, 0)):
+                await event.wait()
+        except TimeoutError:
+            pass
+        return event.is_set()
+
+    async def start(self, *fns) -> None:
+        for fn in fns:
+            self.tasks.append(self.asyncio.create_task(fn()))
+
+    async def stop(self) -> None:
+        tasks, self.tasks = self.tasks, []
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            # asyncio.wait does not re-raise the tasks' CancelledError, so only a
+            # cancellation of *this* task propagates from here.
+            await self.asyncio.wait(tasks)
+
+    async def aclose(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            try:
+                await self.writer.wait_closed()
+            except Exception:
+                pass
+
+    def io_errors(self):
+        return (OSError, EOFError)
+
+
+def _shell():
+    lib = sniffio.current_async_library()
+    if lib == "trio":
+        return _TrioIO()
+    if lib == "asyncio":
+        return _AsyncioIO()
+    raise RuntimeError(f"AsyncClient supports trio and asyncio, not {lib!r}")
+
+
+# --- the client ----------------------------------------------------------------------------
+class AsyncClient:
+    """An async connection to brokerd, for trio or asyncio.
+
+    ``AsyncClient(address="127.0.0.1:7700", *, name=None, heartbeat=30.0, timeout=10.0)``
+    takes the same arguments as ``Client``; it connects in ``async with``
+    (``__aenter__``) and closes on exit.  Every verb of ``Client`` is here as
+    a coroutine: ``publish``, ``wait_for_confirms``, ``declare``, ``delete``,
+    ``purge``, ``pause``, ``resume``, ``stats``, ``admin``, ``ping``,
+    ``aclose``; ``consume`` returns an ``AsyncConsumer`` (``async for``,
+    ``await consumer.get(timeout)``, ``await consumer.cancel()``), and a
+    delivery's ``ack``/``nack``/``touch`` are awaited.
+    """
+
+    def __init__(self, address="127.0.0.1:7700", *, name: str | None = None, heartbeat: float = 30.0, timeout: float | None = 10.0):
+        self.address = address
+        self.timeout = timeout
+        self._host, self._port = parse_address(address)
+        self._name = name or default_name()
+        self._heartbeat = heartbeat
+        self._io = None
+        self._session: Session | None = None
+        self.control_handlers: list = []  # called with each CONTROL payload (e.g. revoke+terminate)
+        self._closed = False
+        self._dirty = None
+        self._confirm_event = None
+
+    def __repr__(self):
+        state = "new" if self._session is None else "closed" if self._closed else "lost" if self._session.error else "open"
+        return f"<AsyncClient {self.address} {state}>"
+
+    @property
+    def library(self) -> str | None:
+        """``"trio"`` or ``"asyncio"`` once connected."""
+        return self._io.library if self._io else None
+
+    @property
+    def server_info(self) -> dict:
+        return dict(self._session.server or {}) if self._session else {}
+
+    @property
+    def is_open(self) -> bool:
+        return self._session is not None and self._session.is_open
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def __aenter__(self) -> "AsyncClient":
+        if self._session is not None:
+            raise RuntimeError("an AsyncClient can be entered only once")
+        io = self._io = _shell()
+        self._session = Session(self, name=self._name, heartbeat=self._heartbeat, now=_monotonic(), id_prefix=new_id_prefix())
+        self._dirty = io.Event()
+        self._confirm_event = io.Event()
+        try:
+            await io.connect(self._host, self._port, self.timeout)
+        except (OSError, TimeoutError) as exc:
+            raise ConnectionLost(None, f"cannot connect to brokerd at {self._host}:{self._port}: {exc!r}") from exc
+        except BaseException as exc:
+            if type(exc).__name__ == "TooSlowError":
+                raise ConnectionLost(None, f"cannot connect to brokerd at {self._host}:{self._port}: timed out") from exc
+            raise
+        await io.start(self._read_loop, self._flush_loop)
+        try:
+            p = self._session.hello(waiter=io.Event())
+            await self._flush()
+            await self._wait(p, self.timeout)
+        except BaseException as exc:
+            self._closed = True
+            self._abort(None)
+            await io.stop()
+            await io.aclose()
+            raise exc
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.aclose()
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """Send what is buffered, collect outstanding confirms, say BYE, wait for the answer, close.
+
+        As ``Client.close``: unacked deliveries go back to their queues on the
+        broker, marked redelivered; uncollected refusals are logged.  Idempotent.
+        """
+        if self._closed or self._session is None:
+            return
+        io = self._io
+        session = self._session
+        timeout = self.timeout if timeout is None else timeout
+        try:
+            if session.unconfirmed and session.error is None:
+                # Collect outstanding confirms first, so refusals can be logged
+                # (the broker answers nothing after BYE's reply).
+                try:
+                    await self.wait_for_confirms(timeout)
+                except PublishError as exc:
+                    session.refused.extend(exc.failures)
+            if session.is_open:
+                p = session.bye(waiter=io.Event())
+                await self._flush()
+                await self._wait(p, timeout)
+        except BrokerdError:
+            pass
+        except BaseException:
+            self._closed = True
+            self._abort(None)
+            await io.stop()
+            await io.aclose()
+            raise
+        self._closed = True
+        for mid, exc in session.refused:
+            log.warning("publish of %r was refused and never collected by wait_for_confirms: %s", mid, exc)
+        self._log_quiet_errors()
+        self._abort(None)
+        await io.stop()
+        await io.aclose()
+
+    # -- I/O -------------------------------------------------------------------------------------
+    async def _flush(self) -> None:
+        session = self._session
+        try:
+            await self._io.send_all(session)
+        except self._io.io_errors() as exc:
+            self._abort(exc)
+            raise clone_error(session.error) from exc
+
+    async def _wait(self, p: Pending, timeout):
+        if not p.done:
+            if not await self._io.wait(p.waiter, timeout) and not p.done:
+                raise Timeout(None, f"no reply from brokerd within {timeout:g} s (request {p.rid})")
+        if p.error is not None:
+            raise p.error
+        return p.result
+
+    async def _call(self, op: int, *args, timeout=None):
+        p = self._session.request(op, list(args), waiter=self._io.Event())
+        await self._flush()
+        return await self._wait(p, self.timeout if timeout is None else timeout)
+
+    def _mark_dirty(self) -> None:
+        d = self._dirty
+        if not d.is_set():
+            d.set()
+
+    def _wake(self, wake: list) -> None:
+        for obj in wake:
+            if obj is CONFIRMS:
+                ev = self._confirm_event
+                if not ev.is_set():
+                    ev.set()
+            elif obj is FLUSH:
+                self._mark_dirty()
+            elif obj is CONTROL:
+                controls = self._session.controls
+                while controls:
+                    payload = controls.popleft()
+                    for fn in list(self.control_handlers):
+                        fn(payload)
+            elif type(obj) is ConsumerState:
+                ev = obj.waiter
+                if ev is not None:
+                    obj.waiter = None
+                    ev.set()
+            else:
+                ev = obj.waiter
+                if ev is not None:
+                    ev.set()
+
+    async def _read_loop(self) -> None:
+        io = self._io
+        session = self._session
+        reader = FrameReader()
+        errors = io.io_errors()
+        exc = None
+        try:
+            while True:
+                data = await io.receive_some()
+                if not data:
+                    break
+                reader.feed(data)
+                frames = reader.frames()
+                now = _monotonic()
+                if frames:
+                    self._wake(session.receive(frames, now))
+                else:
+                    session.last_received = now
+        except WireError as e:
+            exc = RemoteProtocolError(e.code, f"the broker sent an unreadable frame: {e.message}")
+        except BrokerdError as e:
+            exc = e
+        except errors as e:
+            exc = e
+        except Exception as e:  # a bug: fail every waiter rather than hang them
+            log.exception("brokerd async client reader crashed")
+            exc = e
+        finally:
+            self._abort(exc)
+
+    async def _flush_loop(self) -> None:
+        io = self._io
+        session = self._session
+        try:
+            while session.error is None:
+                now = _monotonic()
+                if session.quiet_errors:
+                    self._log_quiet_errors()
+                if session.heartbeat_due(now):
+                    session.heartbeat_frame()
+                    await self._flush()
+                    continue
+                if session.peer_silent(now):
+                    self._abort(ConnectionLost("HEARTBEAT_TIMEOUT", f"nothing heard from brokerd for {2 * session.heartbeat:g} s"))
+                    return
+                wait = min(max(session.next_timer() - now, 0.001), 1.0)
+                if await io.wait(self._dirty, wait):
+                    await io.sleep(FLUSH_DELAY)
+                    self._dirty = io.Event()
+                    await self._flush()
+        except BrokerdError:
+            return
+
+    def _log_quiet_errors(self) -> None:
+        errs = self._session.quiet_errors
+        while errs:
+            what, exc = errs.popleft()
+            log.warning("brokerd refused a background request (%s): %s", what, exc)
+
+    def _abort(self, exc) -> None:
+        session = self._session
+        if session.error is not None:
+            return
+        if self._closed or session.bye_sent:
+            err = ConnectionClosed(None, "the client was closed")
+        elif session.closing is not None:
+            err = session.closing
+        elif isinstance(exc, BrokerdError):
+            err = exc
+        else:
+            why = f"{type(exc).__name__}: {exc}" if exc is not None else "the broker closed the connection"
+            err = ConnectionLost(None, f"connection to brokerd at {self.address} lost ({why})")
+        if exc is not None and err is not exc:
+            err.__cause__ = exc
+        self._wake(session.fail(err))
+        if not self._dirty.is_set():
+            self._dirty.set()
+
+    # -- publishing ---------------------------------------------------------------------------
+    async def publish(
+        self,
+        queue: str,
+        body: bytes,
+        *,
+        priority: int = 0,
+        delay=None,
+        eta=None,
+        ttl=None,
+        headers: dict | None = None,
+        confirm: bool = True,
+        id: str | None = None,
+    ) -> str:
+        """Publish ``body`` to ``queue``; return the message id.  Arguments as ``Client.publish``.
+
+        ``confirm=False`` buffers the frame without yielding to the event loop
+        and returns at once; ``wait_for_confirms()`` collects the outcome.
+        """
+        self._check()
+        opts = None if (delay is None and eta is None and ttl is None and headers is None) else publish_options(delay, eta, ttl, headers)
+        session = self._session
+        if confirm:
+            p, mid = session.publish(queue, body, id, priority, opts, waiter=self._io.Event())
+            await self._flush()
+            await self._wait(p, self.timeout)
+            return mid
+        _, mid = session.publish(queue, body, id, priority, opts, confirm=False)
+        if session.out_bytes >= FLUSH_BYTES:
+            await self._flush()
+        else:
+            self._mark_dirty()
+        return mid
+
+    async def wait_for_confirms(self, timeout: float | None = None) -> None:
+        """Wait until every publish made before this call is confirmed.
+
+        As ``Client.wait_for_confirms``: ``PublishError`` names refused ids,
+        ``Timeout`` after ``timeout`` seconds, ``ConnectionLost`` (with
+        ``unconfirmed``) if the connection dropped first.
+        """
+        self._check()
+        session = self._session
+        mark = session.confirm_mark()
+        try:
+            await self._flush()
+        except BrokerdError:
+            pass
+        deadline = None if timeout is None else _monotonic() + timeout
+        while not session.confirmed_through(mark):
+            if session.error is not None:
+                err = clone_error(session.error)
+                err.unconfirmed = session.unconfirmed_ids(mark)
+                raise err
+            remaining = None if deadline is None else deadline - _monotonic()
+            if remaining is not None and remaining <= 0:
+                raise Timeout(None, f"{len(session.unconfirmed_ids(mark))} publishes still unconfirmed after {timeout:g} s")
+            ev = self._confirm_event
+            if ev.is_set():
+                ev = self._confirm_event = self._io.Event()
+            await self._io.wait(ev, remaining)
+        refused = session.take_refused()
+        if refused:
+            raise PublishError(refused)
+
+    # -- consuming ---------------------------------------------------------------------------
+    def consume(self, queues, prefetch: int = 10) -> "AsyncConsumer":
+        """Subscribe to ``queues`` (a name or a list, in preference order).
+
+        Returns an ``AsyncConsumer`` at once; the subscription is made on first
+        use (``async for``, ``get``, ``async with``) or by ``await consumer.start()``.
+        """
+        self._check()
+        return AsyncConsumer(self, queues, prefetch)
+
+    async def _ack(self, d: Delivery, wait: bool = False) -> None:
+        session = self._session
+        if wait:
+            p = session.ack_now(d, waiter=self._io.Event())
+            await self._flush()
+            await self._wait(p, self.timeout)
+            return
+        if session.ack(d):
+            await self._flush()
+        else:
+            self._mark_dirty()
+
+    async def _nack(self, d: Delivery, requeue: bool = True, delay=None, headers=None) -> None:
+        p = self._session.nack(d, requeue, delay, headers, waiter=self._io.Event())
+        await self._flush()
+        await self._wait(p, self.timeout)
+
+    async def _touch(self, d: Delivery):
+        p = self._session.touch(d, waiter=self._io.Event())
+        await self._flush()
+        return await self._wait(p, self.timeout)
+
+    def _check(self) -> None:
+        if self._session is None:
+            raise ConnectionClosed(None, "use AsyncClient in 'async with' (it connects in __aenter__)")
+        if self._session.error is not None:
+            raise clone_error(self._session.error)
+
+    # -- queues and the broker ---------------------------------------------------------------
+    async def declare(
+        self,
+        queue: str,
+        *,
+        dead_letter: str | None = None,
+        max_attempts: int | None = 25,
+        reserve_timeout: float | None = None,
+        max_length: int | None = None,
+        overflow: str = "reject",
+    ) -> dict:
+        """As ``Client.declare``."""
+        self._check()
+        return await self._call(OP_DECLARE, queue, queue_options(dead_letter, max_attempts, reserve_timeout, max_length, overflow))
+
+    async def delete(self, queue: str) -> int:
+        """As ``Client.delete``."""
+        self._check()
+        return await self._call(OP_DELETE, queue)
+
+    async def purge(self, queue: str) -> int:
+        """As ``Client.purge``."""
+        self._check()
+        return await self._call(OP_PURGE, queue)
+
+    async def pause(self, queue: str) -> None:
+        """As ``Client.pause``."""
+        self._check()
+        await self._call(OP_PAUSE, queue)
+
+    async def resume(self, queue: str) -> None:
+        """As ``Client.resume``."""
+        self._check()
+        await self._call(OP_RESUME, queue)
+
+    async def stats(self, queue: str | None = None) -> dict:
+        """As ``Client.stats``."""
+        self._check()
+        return await self._call(OP_STATS, queue)
+
+    async def admin(self, line: str) -> str:
+        """As ``Client.admin``."""
+        self._check()
+        return admin_reply(await self._call(OP_ADMIN, line))
+
+    async def ping(self) -> float:
+        """One round trip; returns its duration in seconds."""
+        self._check()
+        t0 = _monotonic()
+        await self._call(OP_PING)
+        return _monotonic() - t0
+
+
+class AsyncConsumer:
+    """A subscription made by ``AsyncClient.consume``.
+
+    ``async for d in consumer`` until cancelled or the client closes;
+    ``await consumer.get(timeout)`` returns a delivery or None after
+    ``timeout`` seconds; ``await consumer.cancel()`` (also on leaving
+    ``async with consumer``) stops it and gives back deliveries received but
+    not handed out.  ``ConnectionLost`` ends iteration with an error.
+    """
+
+    def __init__(self, client: AsyncClient, queues, prefetch: int):
+        self._client = client
+        self._queues = [queues] if isinstance(queues, str) else list(queues)
+        self._prefetch = prefetch
+        self._state: ConsumerState | None = None
+
+    @property
+    def tag(self) -> int | None:
+        return self._state.tag if self._state else None
+
+    @property
+    def queues(self) -> list[str]:
+        return list(self._queues)
+
+    @property
+    def prefetch(self) -> int:
+        return self._prefetch
+
+    @property
+    def received(self) -> int:
+        """How many deliveries this consumer has received from the broker so far."""
+        return self._state.received if self._state else 0
+
+    def __repr__(self):
+        return f"<AsyncConsumer tag={self.tag} queues={self._queues} prefetch={self._prefetch}>"
+
+    async def start(self) -> "AsyncConsumer":
+        """Send CONSUME and wait for the broker's consumer tag (done once)."""
+        if self._state is None:
+            client = self._client
+            client._check()
+            p = client._session.consume(self._queues, self._prefetch, waiter=client._io.Event())
+            self._state = p.consumer
+            await client._flush()
+            await client._wait(p, client.timeout)
+        return self
+
+    def __await__(self):
+        return self.start().__await__()
+
+    async def __aenter__(self) -> "AsyncConsumer":
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.cancel()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Delivery:
+        try:
+            d = await self.get(None)
+        except ConnectionClosed:
+            raise StopAsyncIteration from None
+        if d is None:
+            raise StopAsyncIteration
+        return d
+
+    async def get(self, timeout: float | None = None) -> Delivery | None:
+        """The next delivery; None after ``timeout`` seconds (None: wait) or once cancelled."""
+        cs = self._state
+        if cs is None:
+            await self.start()
+            cs = self._state
+        buf = cs.buffer
+        if buf:
+            return buf.popleft()
+        client = self._client
+        session = client._session
+        if session.acks and session.error is None:
+            try:
+                await client._flush()
+            except BrokerdError:
+                pass
+        io = client._io
+        deadline = None if timeout is None else _monotonic() + timeout
+        while not buf:
+            if cs.error is not None:
+                raise clone_error(cs.error)
+            if cs.cancelled:
+                return None
+            ev = cs.waiter
+            if ev is None:
+                ev = cs.waiter = io.Event()
+            if deadline is None:
+                await ev.wait()
+            else:
+                remaining = deadline - _monotonic()
+                if remaining <= 0:
+                    return None
+                await io.wait(ev, remaining)
+        return buf.popleft()
+
+    async def cancel(self) -> None:
+        """Stop this consumer; give back deliveries received but not handed out.  Idempotent."""
+        cs = self._state
+        client = self._client
+        session = client._session
+        if cs is None or cs.cancelled or cs.error is not None or not session.is_open:
+            return
+        p = session.cancel(cs, waiter=client._io.Event())
+        await client._flush()
+        try:
+            await client._wait(p, client.timeout)
+        except (ConnectionClosed, ConnectionLost):
+            return
+        leftovers = list(cs.buffer)
+        cs.buffer.clear()
+        for d in leftovers:
+            session.nack(d, True, None, quiet=True)
+        if leftovers:
+            await client._flush()

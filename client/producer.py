@@ -1,0 +1,743 @@
+"""``Client``: the blocking brokerd client, for sync web apps and scripts.
+
+    with Client("127.0.0.1:7700", name="web-1") as c:
+        c.publish("emails", b"...")                      # waits for the confirm
+        for i in range(10_000):
+            c.publish("emails", b"...", confirm=False)   # pipelined
+        c.wait_for_confirms()                            # PublishError names any refused
+        for d in c.consume(["high", "low"], prefetch=10):
+            handle(d.body)
+            d.ack()
+
+Threading model (decided here, relied on by the tests)
+-------------------------------------------------------
+One ``Client`` is safe to share between threads (a Flask/Django process keeps
+one per process).  It owns one TCP socket and two daemon threads:
+
+* the **reader** thread blocks in ``recv``, decodes frames with
+  ``client.wire.FrameReader`` and hands them to the ``Session`` under the
+  client's lock; it wakes the caller waiting for each reply (one lock per
+  request, released by the reader), the consumers that got deliveries
+  (a ``Condition`` each) and ``wait_for_confirms`` callers.  It never writes,
+  so it keeps reading even while a writer is blocked by the broker's
+  back-pressure: no deadlock between a full send buffer and unread replies.
+* the **flusher** thread sends what is buffered at most ``FLUSH_DELAY``
+  (~1 ms) after it was buffered, sends HEARTBEAT after ``heartbeat`` seconds
+  without sending, and declares the connection lost after two intervals
+  without hearing from the broker.
+
+Calling threads write themselves: a call that needs a reply (``publish`` with
+``confirm=True``, ``declare``, ``stats``...) buffers its frame and flushes the
+buffer at once, then blocks on its own lock until the reader releases it.
+Two locks: ``_lock`` guards the session (short sections, never held during
+I/O); ``_send_lock`` serialises socket writes and is held while the buffer is
+taken, so bytes reach the socket in the order they were buffered (one thread's
+publishes stay FIFO).
+
+Flush policy: ``publish(confirm=False)`` and ``Delivery.ack()`` only append to
+the buffer; it goes out when it passes ``FLUSH_BYTES`` (32 KiB), when any call
+needs a reply, on ``wait_for_confirms``, when a consumer is about to block for
+its next delivery, when half a consumer's prefetch has been acked, and
+otherwise from the flusher thread within ~1-2 ms.  No frame sits unsent.
+
+Pipelined publishes are confirmed in the background; ``wait_for_confirms()``
+returns once every publish made before it is confirmed and raises
+``PublishError`` naming the ones the broker refused (refusals are reported to
+the next ``wait_for_confirms`` caller, whichever thread that is).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from _thread import allocate_lock
+
+from client.errors import (
+    BrokerdError,
+    ConnectionClosed,
+    ConnectionLost,
+    PublishError,
+    RemoteProtocolError,
+    Timeout,
+)
+from client.session import (
+    CONFIRMS,
+    CONTROL,
+    FLUSH,
+    FLUSH_BYTES,
+    FLUSH_DELAY,
+    ConsumerState,
+    Delivery,
+    Pending,
+    Session,
+    admin_reply,
+    clone_error,
+    parse_address,
+    publish_options,
+    queue_options,
+)
+from client.wire import (
+    OP_CHORD,
+    OP_RESULT_FORGET,
+    OP_RESULT_GET,
+    OP_REVOKE,
+    OP_SCHEDULE_LIST,
+    OP_SCHEDULE_PAUSE,
+    OP_SCHEDULE_PUT,
+    OP_SCHEDULE_REMOVE,
+    OP_ADMIN,
+    OP_DECLARE,
+    OP_DELETE,
+    OP_PAUSE,
+    OP_PING,
+    OP_PURGE,
+    OP_RESUME,
+    OP_STATS,
+    FrameReader,
+    WireError,
+)
+
+__all__ = ["Client", "Consumer", "Delivery", "parse_address"]
+
+log = logging.getLogger("client")
+
+DEFAULT_ADDRESS = "127.0.0.1:7700"
+RECV_BYTES = 256 * 1024  # one recv; the reader decodes every whole frame in it
+_monotonic = time.monotonic
+
+
+def default_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def new_id_prefix() -> str:
+    """A random per-client prefix for message ids (12 hex digits: 48 bits)."""
+    return os.urandom(6).hex()
+
+
+class Client:
+    """A blocking connection to brokerd, safe to share between threads.
+
+    ``Client(address="127.0.0.1:7700", *, name=None, heartbeat=30.0, timeout=10.0)``
+
+    * ``address``: ``"host:port"`` (or a ``(host, port)`` tuple).
+    * ``name``: shown by the broker's admin ``CONSUMERS`` (default host:pid).
+    * ``heartbeat``: seconds; each side sends a HEARTBEAT after this long
+      without sending, and gives the connection up after two intervals of
+      silence.  0 turns heartbeats off.
+    * ``timeout``: seconds to wait for a reply (and to connect) before
+      raising ``Timeout``.  None waits forever.
+
+    Connects (and completes HELLO) in the constructor.  Use it as a context
+    manager, or call ``close()``: its threads keep it alive until then.
+    Create clients after forking (e.g. in gunicorn's ``post_fork``), never
+    before: a forked child has the socket but not the threads.
+    """
+
+    def __init__(self, address=DEFAULT_ADDRESS, *, name: str | None = None, heartbeat: float = 30.0, timeout: float | None = 10.0):
+        self.address = address
+        self.timeout = timeout
+        host, port = parse_address(address)
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._confirm_cond = threading.Condition(self._lock)
+        self._dirty = threading.Event()
+        self._closed = False
+        self.control_handlers: list = []  # called (in the reader thread) with each CONTROL payload
+        self._session = Session(
+            self, name=name or default_name(), heartbeat=heartbeat, now=_monotonic(), id_prefix=new_id_prefix()
+        )
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as exc:
+            raise ConnectionLost(None, f"cannot connect to brokerd at {host}:{port}: {exc}") from exc
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(None)
+        self._sock = sock
+        self._reader = threading.Thread(target=self._read_loop, name=f"brokerd-reader-{host}:{port}", daemon=True)
+        self._flusher = threading.Thread(target=self._flush_loop, name=f"brokerd-flusher-{host}:{port}", daemon=True)
+        self._reader.start()
+        try:
+            w = _waiter()
+            with self._lock:
+                p = self._session.hello(waiter=w)
+            self._flush()
+            self._wait(p, timeout)
+        except BaseException:
+            self._closed = True
+            self._abort(None)
+            self._reader.join(timeout=1)
+            sock.close()
+            raise
+        self._flusher.start()
+
+    # -- context manager ---------------------------------------------------------------
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self):
+        state = "closed" if self._closed else ("lost" if self._session.error else "open")
+        return f"<Client {self.address} {state}>"
+
+    @property
+    def server_info(self) -> dict:
+        """The broker's HELLO reply: server version, heartbeat, max_frame, connection id."""
+        return dict(self._session.server or {})
+
+    @property
+    def is_open(self) -> bool:
+        return self._session.is_open
+
+    # -- I/O -------------------------------------------------------------------------------
+    def _flush(self) -> None:
+        """Hand everything buffered to the socket (in buffer order)."""
+        with self._send_lock:
+            with self._lock:
+                data = self._session.data_to_send(_monotonic())
+            if data:
+                try:
+                    self._sock.sendall(data)
+                except OSError as exc:
+                    self._abort(exc)
+                    with self._lock:
+                        err = self._session.error
+                    raise clone_error(err) from exc
+
+    def _wait(self, p: Pending, timeout):
+        """Block until ``p``'s reply; return its result or raise its error."""
+        if timeout is None:
+            p.waiter.acquire()
+        elif not p.waiter.acquire(timeout=timeout):
+            with self._lock:
+                done = p.done
+            if not done:
+                raise Timeout(None, f"no reply from brokerd within {timeout:g} s (request {p.rid})")
+        if p.error is not None:
+            raise p.error
+        return p.result
+
+    def _call(self, op: int, *args, timeout=None):
+        w = _waiter()
+        with self._lock:
+            p = self._session.request(op, list(args), waiter=w)
+        self._flush()
+        return self._wait(p, self.timeout if timeout is None else timeout)
+
+    def _wake(self, wake: list) -> None:
+        """Wake what the session named.  Called with ``_lock`` held."""
+        for obj in wake:
+            if obj is CONFIRMS:
+                self._confirm_cond.notify_all()
+            elif obj is FLUSH:
+                self._dirty.set()
+            elif obj is CONTROL:
+                controls = self._session.controls
+                while controls:
+                    payload = controls.popleft()
+                    for fn in list(self.control_handlers):
+                        try:
+                            fn(payload)
+                        except Exception:
+                            log.exception("a CONTROL handler failed")
+            elif type(obj) is ConsumerState:
+                obj.waiter.notify_all()
+            else:
+                w = obj.waiter
+                if w is not None:
+                    w.release()
+
+    def _read_loop(self) -> None:
+        sock = self._sock
+        reader = FrameReader()
+        session = self._session
+        exc: BaseException | None = None
+        try:
+            while True:
+                data = sock.recv(RECV_BYTES)
+                if not data:
+                    break
+                reader.feed(data)
+                frames = reader.frames()
+                now = _monotonic()
+                with self._lock:
+                    if frames:
+                        self._wake(session.receive(frames, now))
+                    else:
+                        session.last_received = now
+        except WireError as e:
+            exc = RemoteProtocolError(e.code, f"the broker sent an unreadable frame: {e.message}")
+        except BrokerdError as e:
+            exc = e
+        except OSError as e:
+            exc = e
+        except BaseException as e:  # a bug: fail every waiter rather than hang them
+            log.exception("brokerd client reader crashed")
+            exc = e
+        finally:
+            self._abort(exc)
+
+    def _flush_loop(self) -> None:
+        session = self._session
+        dirty = self._dirty
+        while True:
+            now = _monotonic()
+            with self._lock:
+                if session.error is not None:
+                    return
+                if session.quiet_errors:
+                    self._log_quiet_errors()
+                beat = session.heartbeat_due(now)
+                if beat:
+                    session.heartbeat_frame()
+                silent = session.peer_silent(now)
+                wait = session.next_timer() - now
+            if silent:
+                self._abort(
+                    ConnectionLost("HEARTBEAT_TIMEOUT", f"nothing heard from brokerd for {2 * session.heartbeat:g} s")
+                )
+                return
+            try:
+                if beat:
+                    self._flush()
+                    continue
+                if dirty.wait(min(max(wait, 0.001), 1.0)):
+                    if self._closed or session.error is not None:
+                        return
+                    time.sleep(FLUSH_DELAY)
+                    dirty.clear()
+                    self._flush()
+            except BrokerdError:
+                return
+
+    def _log_quiet_errors(self) -> None:
+        errs = self._session.quiet_errors
+        while errs:
+            what, exc = errs.popleft()
+            log.warning("brokerd refused a background request (%s): %s", what, exc)
+
+    def _abort(self, exc) -> None:
+        """The connection is over: fail every waiter, close the socket."""
+        with self._lock:
+            session = self._session
+            if session.error is None:
+                if self._closed or session.bye_sent:
+                    err = ConnectionClosed(None, "the client was closed")
+                elif session.closing is not None:
+                    err = session.closing
+                elif isinstance(exc, BrokerdError):
+                    err = exc
+                else:
+                    why = f"{type(exc).__name__}: {exc}" if exc is not None else "the broker closed the connection"
+                    err = ConnectionLost(None, f"connection to brokerd at {self.address} lost ({why})")
+                if exc is not None and err is not exc and isinstance(exc, BaseException):
+                    err.__cause__ = exc
+                self._wake(session.fail(err))
+        self._dirty.set()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    # -- publishing -------------------------------------------------------------------------
+    def publish(
+        self,
+        queue: str,
+        body: bytes,
+        *,
+        priority: int = 0,
+        delay=None,
+        eta=None,
+        ttl=None,
+        headers: dict | None = None,
+        confirm: bool = True,
+        id: str | None = None,
+    ) -> str:
+        """Publish ``body`` to ``queue``; return the message id.
+
+        * ``priority``: 0-255, higher first; FIFO within one priority.
+        * ``delay`` (seconds or timedelta) or ``eta`` (UNIX time or datetime):
+          the broker holds the message until then.
+        * ``ttl`` (seconds): dropped if not delivered by then.
+        * ``headers``: a dict delivered with the message.
+        * ``id``: the message id; by default the client makes a unique one
+          (a random per-client prefix and a counter).
+        * ``confirm=True`` (default) waits for the broker's confirm and raises
+          ``QueueFull``, ``MessageTooLarge``, ``BadRequest``... if refused.
+          ``confirm=False`` returns at once (the frame is buffered and sent
+          within ~1 ms); call ``wait_for_confirms()`` to learn the outcome.
+        """
+        opts = None if (delay is None and eta is None and ttl is None and headers is None) else publish_options(delay, eta, ttl, headers)
+        session = self._session
+        if confirm:
+            w = _waiter()
+            with self._lock:
+                p, mid = session.publish(queue, body, id, priority, opts, waiter=w)
+            self._flush()
+            self._wait(p, self.timeout)
+            return mid
+        with self._lock:
+            _, mid = session.publish(queue, body, id, priority, opts, confirm=False)
+            flush = session.out_bytes >= FLUSH_BYTES
+            if not flush and not self._dirty.is_set():
+                self._dirty.set()
+        if flush:
+            self._flush()
+        return mid
+
+    def wait_for_confirms(self, timeout: float | None = None) -> None:
+        """Wait until every publish made before this call is confirmed.
+
+        Raises ``PublishError`` naming each message id the broker refused
+        since the last call (the others were confirmed), ``Timeout`` after
+        ``timeout`` seconds (None: no limit), or ``ConnectionLost`` if the
+        connection dropped first (its ``unconfirmed`` attribute lists the
+        message ids whose fate is unknown: publish them again).
+        """
+        with self._lock:
+            mark = self._session.confirm_mark()
+        try:
+            self._flush()
+        except BrokerdError:
+            pass  # reported below with the unconfirmed ids
+        deadline = None if timeout is None else _monotonic() + timeout
+        session = self._session
+        with self._lock:
+            while not session.confirmed_through(mark):
+                if session.error is not None:
+                    err = clone_error(session.error)
+                    err.unconfirmed = session.unconfirmed_ids(mark)
+                    raise err
+                remaining = None if deadline is None else deadline - _monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise Timeout(None, f"{len(session.unconfirmed_ids(mark))} publishes still unconfirmed after {timeout:g} s")
+                self._confirm_cond.wait(remaining)
+            refused = session.take_refused()
+        if refused:
+            raise PublishError(refused)
+
+    # -- consuming ----------------------------------------------------------------------------
+    def consume(self, queues, prefetch: int = 10) -> "Consumer":
+        """Subscribe to ``queues`` (a name or a list, in preference order).
+
+        Returns a ``Consumer``: iterate it for deliveries, or call
+        ``get(timeout)``.  The broker never has more than ``prefetch``
+        unacked deliveries out to this consumer.
+        """
+        w = _waiter()
+        with self._lock:
+            p = self._session.consume(queues, prefetch, waiter=w)
+            p.consumer.waiter = threading.Condition(self._lock)
+        self._flush()
+        self._wait(p, self.timeout)
+        return Consumer(self, p.consumer)
+
+    # Delivery.ack / nack / touch land here.
+    def _ack(self, d: Delivery, wait: bool = False) -> None:
+        if wait:
+            w = _waiter()
+            with self._lock:
+                p = self._session.ack_now(d, waiter=w)
+            self._flush()
+            self._wait(p, self.timeout)
+            return
+        with self._lock:
+            now = self._session.ack(d)
+            if not now and not self._dirty.is_set():
+                self._dirty.set()
+        if now:
+            self._flush()
+
+    def _nack(self, d: Delivery, requeue: bool = True, delay=None, headers=None) -> None:
+        w = _waiter()
+        with self._lock:
+            p = self._session.nack(d, requeue, delay, headers, waiter=w)
+        self._flush()
+        self._wait(p, self.timeout)
+
+    # -- tasks: results, revokes, schedules, chords (protocol.md §5.19-5.27) ---------------
+    def store_result(self, task_id: str, state: str, value=None, meta: dict | None = None, *,
+                     ttl=None, delivery: Delivery | None = None) -> dict:
+        """Store a task's state and result in brokerd; returns ``{"acked": bool}``.
+
+        With ``delivery``, brokerd acks that delivery in the same log record
+        (only with a final state: SUCCESS, FAILURE, REVOKED).
+        """
+        w = _waiter()
+        with self._lock:
+            p = self._session.store_result(task_id, state, value, meta, ttl, delivery, waiter=w)
+        self._flush()
+        return self._wait(p, self.timeout)
+
+    def get_result(self, task_id: str, wait: float | None = None) -> dict:
+        """``{"id", "state", "result", "meta", "updated"}``; with ``wait``, brokerd holds
+        the request until the result is ready or ``wait`` seconds pass."""
+        return self._call(OP_RESULT_GET, task_id, wait, timeout=(wait or 0) + self.timeout)
+
+    def forget_result(self, task_id: str) -> bool:
+        return self._call(OP_RESULT_FORGET, task_id)
+
+    def revoke(self, task_ids, *, terminate: bool = False, ttl=None) -> int:
+        """Never run these tasks (remembered by brokerd, across restarts, for ``ttl``
+        seconds, default a day); ``terminate`` also kills them where they run."""
+        opts = {"terminate": bool(terminate)}
+        if ttl is not None:
+            opts["ttl"] = float(ttl)
+        return self._call(OP_REVOKE, task_ids, opts)
+
+    def schedule_put(self, name: str, spec: dict) -> dict:
+        return self._call(OP_SCHEDULE_PUT, name, spec)
+
+    def schedule_remove(self, name: str) -> bool:
+        return self._call(OP_SCHEDULE_REMOVE, name)
+
+    def schedule_list(self, owner: str | None = None) -> list:
+        return self._call(OP_SCHEDULE_LIST, owner)
+
+    def schedule_pause(self, name: str, paused: bool = True) -> dict:
+        return self._call(OP_SCHEDULE_PAUSE, name, bool(paused))
+
+    def chord(self, chord_id: str, members: list, body: dict, error: dict | None = None) -> dict:
+        return self._call(OP_CHORD, chord_id, list(members), body, error)
+
+    def _touch(self, d: Delivery):
+        w = _waiter()
+        with self._lock:
+            p = self._session.touch(d, waiter=w)
+        self._flush()
+        return self._wait(p, self.timeout)
+
+    def _flush_acks(self) -> None:
+        if self._session.acks:
+            self._flush()
+
+    # -- queues and the broker -------------------------------------------------------------
+    def declare(
+        self,
+        queue: str,
+        *,
+        dead_letter: str | None = None,
+        max_attempts: int | None = 25,
+        reserve_timeout: float | None = None,
+        max_length: int | None = None,
+        overflow: str = "reject",
+    ) -> dict:
+        """Create ``queue`` with these options (or check an existing one has them).
+
+        * ``dead_letter``: where failed messages go (default ``<queue>.dlq``).
+        * ``max_attempts``: deliveries before dead-lettering (None: unlimited).
+        * ``reserve_timeout``: seconds a delivery may stay unacked and
+          untouched before the broker takes it back and redelivers it.
+        * ``max_length`` and ``overflow`` (``"reject"``: publishes raise
+          ``QueueFull``; ``"drop-head"``: the oldest is dead-lettered).
+
+        Returns the queue's options.  ``PreconditionFailed`` if it exists with others.
+        """
+        return self._call(OP_DECLARE, queue, queue_options(dead_letter, max_attempts, reserve_timeout, max_length, overflow))
+
+    def delete(self, queue: str) -> int:
+        """Delete ``queue`` and its waiting messages; returns how many were dropped.
+
+        ``PreconditionFailed`` while it has consumers or messages in flight.
+        """
+        return self._call(OP_DELETE, queue)
+
+    def purge(self, queue: str) -> int:
+        """Drop every waiting (ready or delayed) message of ``queue``; returns how many."""
+        return self._call(OP_PURGE, queue)
+
+    def pause(self, queue: str) -> None:
+        """Stop deliveries from ``queue`` (publishes are still accepted)."""
+        self._call(OP_PAUSE, queue)
+
+    def resume(self, queue: str) -> None:
+        """Start deliveries from ``queue`` again."""
+        self._call(OP_RESUME, queue)
+
+    def stats(self, queue: str | None = None) -> dict:
+        """Counters of one queue, or ``{"broker": {...}, "queues": {name: {...}}}``."""
+        return self._call(OP_STATS, queue)
+
+    def admin(self, line: str) -> str:
+        """Run one admin text command (``"QUEUES"``, ``"PEEK emails 5"``...); return its reply text.
+
+        A reply starting ``ERR <CODE>`` raises that code's exception
+        (``BadRequest`` for an unknown command, ``NotFound``...).
+        """
+        return admin_reply(self._call(OP_ADMIN, line))
+
+    def ping(self) -> float:
+        """One round trip to the broker; returns its duration in seconds."""
+        t0 = _monotonic()
+        self._call(OP_PING)
+        return _monotonic() - t0
+
+    # -- closing ----------------------------------------------------------------------------
+    def close(self, timeout: float | None = None) -> None:
+        """Send what is buffered, say BYE, wait for the broker's answer, close.
+
+        Unacked deliveries (including ones received but not yet handed out)
+        go back to their queues on the broker, marked redelivered.  Publishes
+        made with ``confirm=False`` are sent and their confirms awaited first
+        (up to ``timeout``, default the client's); refusals not collected by
+        ``wait_for_confirms`` are logged, not raised.  Idempotent.
+        """
+        if self._closed:
+            return
+        timeout = self.timeout if timeout is None else timeout
+        try:
+            if self._session.unconfirmed:
+                # Collect outstanding confirms first, so refusals can be logged
+                # (the broker answers nothing after BYE's reply).
+                try:
+                    self.wait_for_confirms(timeout)
+                except PublishError as exc:
+                    self._session.refused.extend(exc.failures)
+            with self._lock:
+                p = None
+                if self._session.is_open:
+                    p = self._session.bye(waiter=_waiter())
+            if p is not None:
+                self._flush()
+                self._wait(p, timeout)
+        except BrokerdError:
+            pass
+        finally:
+            self._closed = True
+            with self._lock:
+                refused = list(self._session.refused)
+                self._log_quiet_errors()
+            for mid, exc in refused:
+                log.warning("publish of %r was refused and never collected by wait_for_confirms: %s", mid, exc)
+            self._abort(None)
+            if self._reader is not threading.current_thread():
+                self._reader.join(timeout=5)
+            if self._flusher.is_alive() and self._flusher is not threading.current_thread():
+                self._flusher.join(timeout=5)
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+
+
+class Consumer:
+    """A subscription made by ``Client.consume``.
+
+    Iterate it (``for d in consumer``) to receive deliveries until it is
+    cancelled or the client is closed; ``get(timeout)`` returns the next
+    delivery or None after ``timeout`` seconds.  ``ConnectionLost`` ends
+    either with an error.  ``cancel()`` (also on leaving a ``with`` block)
+    stops deliveries and gives back the ones received but not handed out.
+    """
+
+    def __init__(self, client: Client, state: ConsumerState):
+        self._client = client
+        self._state = state
+
+    @property
+    def tag(self) -> int:
+        """The broker's consumer tag."""
+        return self._state.tag
+
+    @property
+    def queues(self) -> list[str]:
+        return list(self._state.queues)
+
+    @property
+    def prefetch(self) -> int:
+        return self._state.prefetch
+
+    @property
+    def received(self) -> int:
+        """How many deliveries this consumer has received from the broker so far."""
+        return self._state.received
+
+    def __repr__(self):
+        return f"<Consumer tag={self.tag} queues={self.queues} prefetch={self.prefetch}>"
+
+    def __enter__(self) -> "Consumer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cancel()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Delivery:
+        try:
+            d = self.get(None)
+        except ConnectionClosed:
+            raise StopIteration from None
+        if d is None:
+            raise StopIteration
+        return d
+
+    def get(self, timeout: float | None = None) -> Delivery | None:
+        """The next delivery; None after ``timeout`` seconds (None: wait), or once cancelled.
+
+        Raises ``ConnectionLost`` if the connection dropped, ``ConnectionClosed``
+        if the client was closed.  Before blocking it sends the acks batched so far.
+        """
+        cs = self._state
+        buf = cs.buffer
+        try:
+            return buf.popleft()
+        except IndexError:
+            pass
+        client = self._client
+        if client._session.acks:
+            try:
+                client._flush()
+            except BrokerdError:
+                pass  # raised below from the session's error
+        deadline = None if timeout is None else _monotonic() + timeout
+        with client._lock:
+            while not buf:
+                if cs.error is not None:
+                    raise clone_error(cs.error)
+                if cs.cancelled:
+                    return None
+                if deadline is None:
+                    cs.waiter.wait()
+                else:
+                    remaining = deadline - _monotonic()
+                    if remaining <= 0:
+                        return None
+                    cs.waiter.wait(remaining)
+            return buf.popleft()
+
+    def cancel(self) -> None:
+        """Stop this consumer.  Deliveries received but not yet handed out are
+        given back to the broker (nack with requeue); ones already handed out
+        stay yours to ack or nack.  Idempotent; a no-op once the client is closed."""
+        client = self._client
+        cs = self._state
+        with client._lock:
+            if cs.cancelled or cs.error is not None or not client._session.is_open:
+                return
+            w = _waiter()
+            p = client._session.cancel(cs, waiter=w)
+        client._flush()
+        try:
+            client._wait(p, client.timeout)
+        except (ConnectionClosed, ConnectionLost):
+            return
+        with client._lock:
+            leftovers = list(cs.buffer)
+            cs.buffer.clear()
+            for d in leftovers:
+                client._session.nack(d, True, None, quiet=True)
+        if leftovers:
+            client._flush()
+
+
+def _waiter():
+    lock = allocate_lock()
+    lock.acquire()
+    return lock

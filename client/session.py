@@ -1,0 +1,654 @@
+"""The client session: every protocol decision of a brokerd client, without I/O.
+
+Both shells (``client.producer.Client`` over a blocking socket and
+``client.async_client.AsyncClient`` over trio or asyncio) drive one
+``Session`` so they cannot diverge (the hypercorn pattern).  The session owns:
+
+* request ids and the table of requests waiting for a reply (rid → ``Pending``);
+* pipelined publishes waiting for their confirm (rid → message id) and the
+  ones the broker refused, for ``wait_for_confirms``;
+* consumers by consumer tag, each with a buffer of received deliveries;
+* the ack batch (tags acked locally, not yet sent) and when to send it;
+* the output buffer (encoded frames not yet handed to the socket);
+* heartbeat bookkeeping: when we last sent and received, with ``now`` passed in.
+
+Like ``client.wire`` it reads no clock and touches no socket: the shell calls
+``data_to_send(now)`` and writes the bytes, and calls ``receive(frames, now)``
+with decoded frames and gets back the list of things to wake.  What a "waiter"
+is (a lock, a Condition, a trio or asyncio Event) is the shell's business; the
+session only stores it on ``Pending.waiter`` / ``ConsumerState.waiter``.
+
+Not thread-safe by itself: the blocking shell calls it under one lock.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+
+from client import wire
+from client.errors import (
+    BrokerdError,
+    ConnectionClosed,
+    MessageTooLarge,
+    RemoteProtocolError,
+    StaleDelivery,
+    error_from_wire,
+    lost_from_closing,
+)
+from client.wire import (
+    OP_ACK,
+    OP_BYE,
+    OP_CANCEL,
+    OP_CLOSING,
+    OP_CONSUME,
+    OP_DELIVER,
+    OP_ERROR,
+    OP_HEARTBEAT,
+    OP_HELLO,
+    OP_NACK,
+    OP_RESULT_SET,
+    OP_CONTROL,
+    OP_OK,
+    OP_PUBLISH,
+    OP_TOUCH,
+    PREAMBLE,
+    PROTOCOL_VERSION,
+)
+
+KiB = 1024
+# Buffered output is handed to the socket as soon as it passes this: big
+# enough that a pipelined publisher makes one syscall per ~250 small frames,
+# small enough to stay well under the broker's 4 MiB output limit and the
+# kernel's socket buffer.
+FLUSH_BYTES = 32 * KiB
+# Shells flush anything buffered at most this long after it was buffered
+# (seconds).  A Nagle-like delay that lets a burst of publishes or acks share
+# one frame batch and one syscall, short enough not to matter for latency.
+FLUSH_DELAY = 0.001
+# Acks are sent once this fraction of the consumer's prefetch is acked
+# locally, so the broker's credit never runs dry while a fast consumer works.
+ACK_BATCH_FRACTION = 0.5
+
+_encode = wire.encode
+HEARTBEAT_BYTES = wire.encode([OP_HEARTBEAT])
+
+# Pending.kind
+K_REPLY = 0  # an ordinary request: the result goes to whoever waits
+K_QUIET = 1  # fire-and-forget (batched acks, nacks on cancel): errors are only recorded
+K_HELLO = 2
+K_CONSUME = 3
+K_CANCEL = 4
+K_BYE = 5
+
+# In the wake list returned by receive()/fail(): "the confirm picture changed".
+CONFIRMS = object()
+# In the wake list returned by receive(): "frames were buffered; have them sent soon".
+FLUSH = object()
+# In the wake list returned by receive(): "CONTROL broadcasts arrived (session.controls)".
+CONTROL = object()
+
+
+class Pending:
+    """One request waiting for its reply.
+
+    The shell sets ``waiter`` (whatever it blocks on) and, once the session
+    puts this object in a wake list, reads ``result`` or ``error``.
+    """
+
+    __slots__ = ("rid", "kind", "done", "result", "error", "waiter", "consumer", "info")
+
+    def __init__(self, rid, kind, waiter=None, consumer=None, info=None):
+        self.rid = rid
+        self.kind = kind
+        self.done = False
+        self.result = None
+        self.error: BrokerdError | None = None
+        self.waiter = waiter
+        self.consumer = consumer
+        self.info = info  # what a quiet request was about, for the error record
+
+    def __repr__(self):
+        return f"<Pending rid={self.rid} kind={self.kind} done={self.done}>"
+
+
+class ConsumerState:
+    """One subscription: its tag (once the broker replied), its received deliveries."""
+
+    __slots__ = (
+        "tag", "queues", "prefetch", "buffer", "waiter", "cancelled", "error",
+        "ack_threshold", "received",
+    )
+
+    def __init__(self, queues, prefetch):
+        self.tag: int | None = None
+        self.queues = list(queues)
+        self.prefetch = prefetch
+        self.buffer: deque[Delivery] = deque()
+        self.waiter = None  # the shell's wake-up handle while someone waits for a delivery
+        self.cancelled = False
+        self.error: BrokerdError | None = None
+        self.ack_threshold = max(1, int(prefetch * ACK_BATCH_FRACTION))
+        self.received = 0
+
+    def __repr__(self):
+        return f"<ConsumerState tag={self.tag} queues={self.queues} prefetch={self.prefetch}>"
+
+
+class Delivery:
+    """A message delivered to one of your consumers (protocol.md §5.4 DELIVER).
+
+    Fields: ``body`` (bytes), ``queue``, ``id`` (the message id), ``priority``,
+    ``headers`` (dict or None), ``attempts`` (1 on first delivery),
+    ``redelivered`` (``attempts > 1``), ``tag`` (this delivery's tag: it names
+    one delivery of the message, not the message), ``consumer`` (the consumer
+    tag).
+
+    Settle it exactly once with ``ack()`` or ``nack()``; ``touch()`` extends a
+    reservation timeout.  With ``AsyncClient`` these return awaitables.
+
+    * ``ack(wait=False)``: done with it.  Acks are batched (sent when the
+      consumer is about to wait for the next delivery, when half the prefetch
+      is acked, or within ~1 ms), so a refused ack is only logged.  Pass
+      ``wait=True`` to send it now and wait for the broker's answer; a
+      delivery the broker already took back (reservation timeout) then raises
+      ``StaleDelivery``.
+    * ``nack(requeue=True, delay=None)``: give it back.  ``requeue=False``
+      dead-letters it; ``delay`` (seconds) holds it in the broker first.
+      Waits for the broker's answer (``StaleDelivery`` if taken back).
+    * ``touch()``: reset the reservation timer; returns the queue's
+      ``reserve_timeout`` (None if it has none).
+    """
+
+    __slots__ = ("_owner", "_state", "_settled", "consumer", "tag", "queue", "id", "body", "priority", "attempts", "headers")
+
+    def __init__(self, owner, state, f):
+        self._owner = owner
+        self._state = state
+        self._settled = False
+        self.consumer = f[1]
+        self.tag = f[2]
+        self.queue = f[3]
+        self.id = f[4]
+        self.body = f[5]
+        self.priority = f[6]
+        self.attempts = f[7]
+        self.headers = f[8] if len(f) > 8 else None
+
+    @property
+    def redelivered(self) -> bool:
+        """True when an earlier delivery of this message was not acked."""
+        return self.attempts > 1
+
+    @property
+    def settled(self) -> bool:
+        """True once ack() or nack() was called on this delivery."""
+        return self._settled
+
+    def ack(self, wait: bool = False):
+        return self._owner._ack(self, wait)
+
+    def nack(self, requeue: bool = True, delay: float | None = None, headers: dict | None = None):
+        """Give it back: ``requeue=False`` → dead-letter queue; ``delay`` → the broker
+        holds it that many seconds (an explicit retry); ``headers`` replaces its headers."""
+        return self._owner._nack(self, requeue, delay, headers)
+
+    def touch(self):
+        return self._owner._touch(self)
+
+    def __repr__(self):
+        return (
+            f"<Delivery tag={self.tag} queue={self.queue!r} id={self.id!r} priority={self.priority} "
+            f"attempts={self.attempts} body={len(self.body)}B>"
+        )
+
+
+def clone_error(exc: BrokerdError) -> BrokerdError:
+    """A fresh instance of ``exc``, so each thread or task raises its own."""
+    try:
+        new = type(exc)(exc.code, exc.message)
+    except TypeError:
+        return exc
+    new.__cause__ = exc.__cause__
+    return new
+
+
+def parse_address(address) -> tuple[str, int]:
+    """``"host:port"``, ``"[::1]:port"``, ``(host, port)`` or ``"host"`` (port 7700)."""
+    if isinstance(address, tuple):
+        return address[0], int(address[1])
+    address = str(address)
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        return host, int(rest.lstrip(":") or 7700)
+    host, sep, port = address.rpartition(":")
+    if not sep:
+        return address, 7700
+    return host or "127.0.0.1", int(port)
+
+
+def admin_reply(text):
+    """An ADMIN reply's text; an ``ERR <CODE> <sentence>`` reply raises that code's exception."""
+    if isinstance(text, str) and text.startswith("ERR "):
+        parts = text.strip().split(" ", 2)
+        code = parts[1] if len(parts) > 1 else "BAD_REQUEST"
+        raise error_from_wire(code, parts[2] if len(parts) > 2 else text.strip())
+    return text
+
+
+def _seconds(v, what):
+    """Seconds from a number or a timedelta (None stays None)."""
+    if v is None:
+        return None
+    ts = getattr(v, "total_seconds", None)
+    if ts is not None:
+        return ts()
+    if type(v) not in (int, float):
+        raise TypeError(f"{what} must be a number of seconds or a timedelta (got {type(v).__name__})")
+    return v
+
+
+def publish_options(delay, eta, ttl, headers):
+    """The PUBLISH options map, or None when every option is left out."""
+    if delay is None and eta is None and ttl is None and headers is None:
+        return None
+    opts = {}
+    if delay is not None:
+        opts["delay"] = _seconds(delay, "delay")
+    if eta is not None:
+        stamp = getattr(eta, "timestamp", None)  # a datetime: aware, or local time if naive
+        opts["eta"] = stamp() if stamp is not None else _seconds(eta, "eta")
+    if ttl is not None:
+        opts["ttl"] = _seconds(ttl, "ttl")
+    if headers is not None:
+        if not isinstance(headers, dict):
+            raise TypeError(f"headers must be a dict (got {type(headers).__name__})")
+        opts["headers"] = headers
+    return opts
+
+
+def queue_options(dead_letter=None, max_attempts=25, reserve_timeout=None, max_length=None, overflow="reject") -> dict:
+    """The DECLARE options map (protocol.md §5.8); every key is sent so the broker compares all."""
+    return {
+        "dead_letter": dead_letter,
+        "max_attempts": max_attempts,
+        "reserve_timeout": _seconds(reserve_timeout, "reserve_timeout"),
+        "max_length": max_length,
+        "overflow": overflow,
+    }
+
+
+class Session:
+    """Protocol state of one client connection.  See the module docstring.
+
+    ``owner`` is the shell object; deliveries call ``owner._ack(d, wait)``,
+    ``owner._nack(d, requeue, delay)`` and ``owner._touch(d)``.
+    ``id_prefix`` makes client-generated message ids unique: ids are
+    ``f"{id_prefix}-{n}"`` for n = 1, 2, 3...
+    """
+
+    def __init__(self, owner, *, name: str, heartbeat: float, now: float, id_prefix: str):
+        self.owner = owner
+        self.name = name
+        self.heartbeat = float(heartbeat)
+        self.id_prefix = id_prefix
+        self._next_id = itertools.count(1).__next__
+        self.last_rid = 0
+        self.pending: dict[int, Pending] = {}
+        self.unconfirmed: dict[int, str] = {}  # rid -> message id, in rid order
+        self.refused: list[tuple[str, BrokerdError]] = []
+        self.consumers: dict[int, ConsumerState] = {}
+        self.acks: list[int] = []
+        self.quiet_errors: deque[tuple[object, BrokerdError]] = deque(maxlen=100)
+        # CONTROL broadcasts from the broker (e.g. revoke with terminate), for the shell
+        self.controls: deque = deque(maxlen=1000)
+        self.out: list[bytes] = [PREAMBLE]
+        self.out_bytes = len(PREAMBLE)
+        self.last_sent = now
+        self.last_received = now
+        self.error: BrokerdError | None = None  # set once the connection is over
+        self.closing: BrokerdError | None = None  # the broker's CLOSING reason, if it sent one
+        self.bye_sent = False
+        self.server: dict | None = None  # the HELLO reply
+        self.returned = 0  # deliveries for no live consumer, given back with NACK(requeue)
+        # Largest encoded frame we may send, header included (the broker's max_frame, from HELLO).
+        self.max_frame = wire.DEFAULT_MAX_FRAME + wire.HEADER_SIZE
+
+    # -- state -----------------------------------------------------------------------
+    @property
+    def is_open(self) -> bool:
+        return self.error is None and not self.bye_sent
+
+    def check_open(self) -> None:
+        if self.error is not None:
+            raise clone_error(self.error)
+        if self.bye_sent:
+            raise ConnectionClosed(None, "the client is closing; no new requests")
+
+    def new_message_id(self) -> str:
+        return f"{self.id_prefix}-{self._next_id()}"
+
+    # -- output ------------------------------------------------------------------------
+    def _queue(self, frame) -> None:
+        data = _encode(frame)
+        self.out.append(data)
+        self.out_bytes += len(data)
+
+    def data_to_send(self, now: float) -> bytes:
+        """Everything buffered (batched acks included), as one bytes object; b"" if nothing."""
+        if self.acks:
+            self._queue_acks()
+        if not self.out:
+            return b""
+        out = self.out
+        data = out[0] if len(out) == 1 else b"".join(out)
+        self.out = []
+        self.out_bytes = 0
+        self.last_sent = now
+        return data
+
+    @property
+    def wants_flush(self) -> bool:
+        return self.out_bytes >= FLUSH_BYTES
+
+    @property
+    def has_output(self) -> bool:
+        return bool(self.out) or bool(self.acks)
+
+    # -- requests ----------------------------------------------------------------------
+    def request(self, op: int, args: list, *, kind: int = K_REPLY, waiter=None, consumer=None, info=None) -> Pending:
+        """Buffer ``[op, rid, *args]`` and return its ``Pending``."""
+        self.check_open()
+        if self.acks:  # settle before anything else, in the order the user did it
+            self._queue_acks()
+        self.last_rid = rid = self.last_rid + 1
+        p = Pending(rid, kind, waiter, consumer, info)
+        self.pending[rid] = p
+        self._queue([op, rid, *args])
+        return p
+
+    def hello(self, *, waiter=None) -> Pending:
+        # HELLO is the one request allowed before the handshake, so no check_open dance.
+        return self.request(
+            OP_HELLO,
+            [{"version": PROTOCOL_VERSION, "client": self.name, "heartbeat": self.heartbeat}],
+            kind=K_HELLO,
+            waiter=waiter,
+        )
+
+    def publish(self, queue, body, msg_id, priority, options, *, waiter=None, confirm=True):
+        """Buffer a PUBLISH.  Returns ``(pending, message_id)``.
+
+        With ``confirm=False`` there is no Pending (None): the confirm is
+        tracked in ``unconfirmed`` for ``wait_for_confirms``.
+        """
+        if self.error is not None or self.bye_sent:
+            self.check_open()
+        if type(queue) is not str:
+            raise TypeError(f"queue must be a str (got {type(queue).__name__})")
+        if type(body) is not bytes:
+            if isinstance(body, (bytearray, memoryview)):
+                body = bytes(body)
+            else:
+                raise TypeError(f"body must be bytes (got {type(body).__name__}); encode text first")
+        if msg_id is None:
+            msg_id = f"{self.id_prefix}-{self._next_id()}"
+        if self.acks:
+            self._queue_acks()
+        self.last_rid = rid = self.last_rid + 1
+        data = _encode([OP_PUBLISH, rid, queue, body, msg_id, priority, options])
+        if len(data) > self.max_frame:
+            # The broker would close the connection (FRAME_TOO_LARGE); refuse it here instead.
+            raise MessageTooLarge(
+                None,
+                f"a PUBLISH frame of {len(data) - wire.HEADER_SIZE} bytes is larger than the broker's "
+                f"max_frame of {self.max_frame - wire.HEADER_SIZE} bytes; send a smaller body",
+            )
+        self.out.append(data)
+        self.out_bytes += len(data)
+        if confirm:
+            p = self.pending[rid] = Pending(rid, K_REPLY, waiter)
+            return p, msg_id
+        self.unconfirmed[rid] = msg_id
+        return None, msg_id
+
+    def consume(self, queues, prefetch: int, *, waiter=None) -> Pending:
+        if isinstance(queues, str):
+            queues = [queues]
+        cs = ConsumerState(queues, prefetch)
+        return self.request(OP_CONSUME, [list(queues), prefetch], kind=K_CONSUME, waiter=waiter, consumer=cs)
+
+    def cancel(self, cs: ConsumerState, *, waiter=None) -> Pending:
+        return self.request(OP_CANCEL, [cs.tag], kind=K_CANCEL, waiter=waiter, consumer=cs)
+
+    def bye(self, *, waiter=None) -> Pending:
+        p = self.request(OP_BYE, [], kind=K_BYE, waiter=waiter)
+        self.bye_sent = True
+        return p
+
+    def heartbeat_frame(self) -> None:
+        self.out.append(HEARTBEAT_BYTES)
+        self.out_bytes += len(HEARTBEAT_BYTES)
+
+    # -- settling deliveries -------------------------------------------------------------
+    def _settle(self, d: Delivery, what: str) -> None:
+        if self.error is not None:
+            raise clone_error(self.error)
+        if d._settled:
+            raise StaleDelivery(None, f"delivery {d.tag} of message {d.id!r} was already settled; cannot {what} it")
+        d._settled = True
+
+    def ack(self, d: Delivery) -> bool:
+        """Add ``d`` to the ack batch.  True when the batch should be sent now."""
+        self._settle(d, "ack")
+        acks = self.acks
+        acks.append(d.tag)
+        return len(acks) >= d._state.ack_threshold
+
+    def ack_now(self, d: Delivery, *, waiter=None) -> Pending:
+        """An ACK of ``d`` alone, waited for (the batch goes out first)."""
+        self._settle(d, "ack")
+        return self.request(OP_ACK, [d.tag], waiter=waiter)
+
+    def nack(self, d: Delivery, requeue: bool = True, delay=None, headers=None, *, waiter=None, quiet=False) -> Pending:
+        self._settle(d, "nack")
+        args = [d.tag, bool(requeue), _seconds(delay, "delay")]
+        if headers is not None:
+            args.append(dict(headers))
+        return self.request(OP_NACK, args, kind=K_QUIET if quiet else K_REPLY, waiter=waiter, info=d.tag)
+
+    def store_result(self, task_id, state, value, meta, ttl=None, d: Delivery | None = None, *, waiter=None) -> Pending:
+        """RESULT_SET; with ``d``, brokerd acks that delivery in the same log record."""
+        opts = {}
+        if ttl is not None:
+            opts["ttl"] = _seconds(ttl, "ttl")
+        if d is not None:
+            self._settle(d, "store a result for")
+            opts["tag"] = d.tag
+        return self.request(OP_RESULT_SET, [task_id, state, value, meta, opts or None], waiter=waiter)
+
+    def touch(self, d: Delivery, *, waiter=None) -> Pending:
+        if d._settled:
+            raise StaleDelivery(None, f"delivery {d.tag} of message {d.id!r} was already settled; cannot touch it")
+        return self.request(OP_TOUCH, [d.tag], waiter=waiter)
+
+    def _queue_acks(self) -> None:
+        tags = self.acks
+        self.acks = []
+        self.last_rid = rid = self.last_rid + 1
+        self.pending[rid] = Pending(rid, K_QUIET, info=tags)
+        self._queue([OP_ACK, rid, tags])
+
+    # -- confirms ---------------------------------------------------------------------------
+    def confirm_mark(self) -> int:
+        """The request id that every publish so far is at or below."""
+        return self.last_rid
+
+    def confirmed_through(self, mark: int) -> bool:
+        """True when no pipelined publish with rid <= mark awaits its confirm."""
+        for rid in self.unconfirmed:  # insertion order is rid order: look at the oldest only
+            return rid > mark
+        return True
+
+    def unconfirmed_ids(self, mark: int | None = None) -> list[str]:
+        return [mid for rid, mid in self.unconfirmed.items() if mark is None or rid <= mark]
+
+    def take_refused(self) -> list[tuple[str, BrokerdError]]:
+        refused = self.refused
+        self.refused = []
+        return refused
+
+    # -- input -------------------------------------------------------------------------------
+    def receive(self, frames: list, now: float) -> list:
+        """Apply decoded frames from the broker.  Returns what to wake.
+
+        The list holds ``Pending`` objects (now done), ``ConsumerState``
+        objects (new deliveries or cancelled; may repeat), ``CONFIRMS`` when
+        pipelined confirms arrived and ``FLUSH`` when the session buffered
+        frames of its own (a NACK giving back a delivery for a consumer that
+        is gone) that the shell should send soon.
+        """
+        self.last_received = now
+        wake = []
+        unconfirmed = self.unconfirmed
+        pending = self.pending
+        consumers = self.consumers
+        last_cs = None
+        confirms = False
+        owner = self.owner
+        for f in frames:
+            op = f[0]
+            if op == OP_DELIVER:
+                if len(f) < 8:
+                    raise RemoteProtocolError("BAD_FRAME", f"DELIVER frame with {len(f)} fields, expected 9")
+                cs = consumers.get(f[1])
+                if cs is None:
+                    # A delivery for a consumer we cancelled (it was on its way when the
+                    # CANCEL's reply came) or never had: give it straight back, so it
+                    # is not held until the connection closes.
+                    self._give_back(f)
+                    if FLUSH not in wake:
+                        wake.append(FLUSH)
+                    continue
+                cs.buffer.append(Delivery(owner, cs, f))
+                cs.received += 1
+                if cs is not last_cs:
+                    wake.append(cs)
+                    last_cs = cs
+            elif op == OP_OK or op == OP_ERROR:
+                rid = f[1] if len(f) > 1 else None
+                mid = unconfirmed.pop(rid, None)
+                if mid is not None:
+                    if op == OP_ERROR:
+                        self.refused.append((mid, error_from_wire(f[2] if len(f) > 2 else None, f[3] if len(f) > 3 else "")))
+                    confirms = True
+                    continue
+                p = pending.pop(rid, None)
+                if p is None:
+                    if op == OP_ERROR:  # e.g. rid 0: the broker could not read our request id
+                        self.quiet_errors.append((rid, error_from_wire(f[2] if len(f) > 2 else None, f[3] if len(f) > 3 else "")))
+                    continue
+                p.done = True
+                if op == OP_OK:
+                    result = f[2] if len(f) > 2 else None
+                    kind = p.kind
+                    if kind == K_REPLY:
+                        p.result = result
+                    else:
+                        self._on_ok(p, result, wake)
+                else:
+                    p.error = error_from_wire(f[2] if len(f) > 2 else None, f[3] if len(f) > 3 else "")
+                    if p.kind == K_QUIET:
+                        self.quiet_errors.append((p.info, p.error))
+                if p.kind != K_QUIET:
+                    wake.append(p)
+            elif op == OP_HEARTBEAT:
+                pass
+            elif op == OP_CONTROL:
+                self.controls.append(f[1] if len(f) > 1 else None)
+                if CONTROL not in wake:
+                    wake.append(CONTROL)
+            elif op == OP_CLOSING:
+                self.closing = lost_from_closing(f[1] if len(f) > 1 else None, f[2] if len(f) > 2 else "")
+            else:
+                raise RemoteProtocolError("BAD_FRAME", f"the broker sent op code {op!r}, which a client does not expect")
+        if confirms:
+            wake.append(CONFIRMS)
+        return wake
+
+    def _give_back(self, f: list) -> None:
+        tag = f[2] if len(f) > 2 else None
+        if type(tag) is not int or self.error is not None or self.bye_sent:
+            return
+        self.last_rid = rid = self.last_rid + 1
+        self.pending[rid] = Pending(rid, K_QUIET, info=tag)
+        self._queue([OP_NACK, rid, tag, True, None])
+        self.returned += 1
+
+    def _on_ok(self, p: Pending, result, wake: list) -> None:
+        kind = p.kind
+        p.result = result
+        if kind == K_CONSUME:
+            cs = p.consumer
+            if type(result) is not int:
+                p.error = RemoteProtocolError("BAD_FRAME", f"CONSUME reply must carry an integer consumer tag, got {result!r}")
+                return
+            cs.tag = result
+            self.consumers[result] = cs
+        elif kind == K_CANCEL:
+            cs = p.consumer
+            self.consumers.pop(cs.tag, None)
+            cs.cancelled = True
+            wake.append(cs)
+        elif kind == K_HELLO:
+            self.server = result if isinstance(result, dict) else {}
+            hb = self.server.get("heartbeat")
+            if type(hb) in (int, float) and hb >= 0:
+                self.heartbeat = float(hb)
+            mf = self.server.get("max_frame")
+            if type(mf) is int and mf > 0:
+                self.max_frame = mf + wire.HEADER_SIZE
+
+    def fail(self, exc: BrokerdError) -> list:
+        """The connection is over (lost, or closed by us).  Fail everything; return what to wake.
+
+        ``exc`` is kept as ``error``; a CLOSING reason the broker sent wins
+        over a bare "connection lost".
+        """
+        if self.error is None:
+            self.error = exc
+        err = self.error
+        wake = []
+        for p in self.pending.values():
+            if not p.done:
+                p.done = True
+                p.error = clone_error(err)
+                if p.kind != K_QUIET:
+                    wake.append(p)
+        self.pending.clear()
+        for cs in self.consumers.values():
+            cs.error = err
+            wake.append(cs)
+        wake.append(CONFIRMS)
+        self.acks = []
+        self.out = []
+        self.out_bytes = 0
+        return wake
+
+    # -- heartbeats -------------------------------------------------------------------
+    def heartbeat_due(self, now: float) -> bool:
+        """We have sent nothing for a heartbeat interval: send HEARTBEAT."""
+        hb = self.heartbeat
+        return hb > 0 and now - self.last_sent >= hb
+
+    def peer_silent(self, now: float) -> bool:
+        """The broker has sent nothing for two intervals: treat the connection as dead."""
+        hb = self.heartbeat
+        return hb > 0 and now - self.last_received > 2 * hb
+
+    def next_timer(self) -> float:
+        """When heartbeat_due or peer_silent next needs a look (absolute; inf when off)."""
+        hb = self.heartbeat
+        if hb <= 0:
+            return float("inf")
+        return min(self.last_sent + hb, self.last_received + 2 * hb)

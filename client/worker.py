@@ -1,0 +1,1973 @@
+"""The worker runtime: take tasks from brokerd, run them, store their results.
+
+    from client.worker import Worker
+    Worker(app, queues=["high", "low"], concurrency=4).run()   # blocks until SIGTERM / stop()
+
+or from a shell: ``brokerd-worker proj.tasks:app -Q high,low -c 4`` (``client.worker_cli``).
+
+Design (the choices, and why)
+-----------------------------
+**One connection, one consumer.**  The parent process holds the only broker
+connection (a blocking ``client.producer.Client``) and one consumer over every
+queue, in preference order, with prefetch credit = concurrency x multiplier.
+brokerd never sends more than that, so the worker's buffer is bounded and a
+long task never hides short ones behind it in a deep local queue.
+
+**Threads in the parent.**  The *intake* thread owns the connection's life: it
+connects (backoff 0.1 s doubling to 5 s, with jitter), consumes, and waits for
+the connection to end, then reconnects.  The client's own reader and flusher
+threads do the socket I/O.  The *main loop* takes deliveries straight from the
+consumer's buffer: the reader thread pokes it through an inbox (a deque plus a
+wake-up pipe that is written only while the main loop sleeps, so a busy loop
+makes no syscall per delivery), one thread hand-off per burst.  (With a client
+that lacks the internals this relies on, the intake thread falls back to
+``consumer.get()`` and posts each delivery; see ``_hand_deliveries_to_main_loop``.)
+The main loop decodes each envelope, hands tasks to free pool slots, applies
+their outcomes, and watches time limits.  It blocks in ``poll()`` on the inbox
+pipe and the children's sockets and pidfds; there is no polling sleep anywhere
+on the hot path.
+
+**Pools.**
+* ``processes`` (default, concurrency = CPU count): N forked children, each
+  with a socketpair to the parent carrying pickled jobs and outcomes (4-byte
+  length prefix).  A child runs one task at a time; with a deep backlog
+  (prefetch multiplier > 1) it is handed batches of up to ``MAX_BATCH`` jobs
+  per write (see ``ProcessPool``).  Its death is seen through
+  a pidfd (or EOF): the task is *not* acked but nacked with requeue, so
+  brokerd redelivers it and counts the attempt (dead-letter at the queue's
+  max_attempts).  Children ignore SIGINT/SIGTERM (the parent decides when they
+  stop) and get SIGKILL if the parent dies (``PR_SET_PDEATHSIG``), so a
+  ``kill -9`` of the worker frees its tasks for redelivery at once.
+* ``threads``: N threads in the parent, for I/O-bound tasks.
+* ``trio``: one trio event loop; ``async def`` tasks run concurrently on it,
+  plain ``def`` tasks through ``trio.to_thread``.
+
+**Outcomes.**  Whatever process runs the task computes its *outcome*
+(``Runner``): which result to store and how to settle the delivery.  The
+parent applies it: SUCCESS/FAILURE are stored and the delivery acked in one
+RESULT_SET (one log record on the broker, so "result stored" and "message
+done" cannot be split by a crash); a retry stores RETRY and nacks with a
+delay and a ``retries`` header (brokerd holds the task, not the worker);
+``Reject`` nacks, ``Ignore`` acks.  Settling is pipelined: the parent buffers
+the frames and sends them once per loop turn, so a burst of results costs one
+write.
+
+**Time limits.**  Soft: ``SoftTimeLimitExceeded`` raised inside the task (a
+SIGALRM ``setitimer`` in a child process; ``PyThreadState_SetAsyncExc`` on
+the threads pool, best effort: it fires at the next Python bytecode, not
+inside a blocking C call such as ``time.sleep`` or a socket read; on the trio
+pool a cancel scope, so the task sees ``trio.Cancelled`` and the result is a
+``SoftTimeLimitExceeded`` FAILURE).  Hard: processes pool: the parent kills
+the child (SIGKILL), starts another, stores FAILURE ``TimeLimitExceeded`` and
+acks (never redelivered forever); the task's ``on_failure`` is not called (the
+process that ran it is gone).  Threads pool: a thread cannot be killed; the
+task is marked FAILURE ``TimeLimitExceeded`` and acked, ``TimeLimitExceeded``
+is injected into its thread (same limits as soft), the slot is replaced by a
+new thread and whatever the old thread returns later is dropped.  Trio pool:
+a cancel scope, as for the soft limit.
+
+**Stopping.**  First SIGTERM/SIGINT (or ``stop()``): warm stop.  The consumer
+is cancelled, deliveries received but not started are handed back at once
+(nack with requeue; they are not failures, but brokerd counts every delivery
+as an attempt, so each one handed back uses one of the queue's max_attempts),
+running tasks get ``grace`` seconds (default 30) to finish and their results
+are stored, then the connection is closed (BYE) and ``run()`` returns.  A
+second signal, or the grace period running out: cold stop.  Children are
+killed, unfinished tasks are left to brokerd, which redelivers them when the
+connection closes; ``run()`` then raises ``ColdStop``.
+
+**Broker restarts.**  A lost connection is re-established by the intake
+thread; deliveries of the old connection that were waiting are dropped
+(brokerd gives them back), tasks already running finish, and their results
+are stored through the new connection without an ack.  brokerd redelivers
+those messages (at-least-once); when the redelivery reaches this worker it is
+acked without running the task again (another worker would run it again).
+
+**Autoscale** (``autoscale=(max, min)``, processes and threads pools): the
+pool grows by one slot whenever a delivery waits and every slot is busy,
+and shrinks by one slot per ``AUTOSCALE_IDLE`` seconds a slot stays idle,
+down to ``min``.  Prefetch credit is set once, from ``max``.
+
+Logging follows Celery's lines (``Task proj.add[id] received``, ``... succeeded
+in 0.0012s: 4``, ``... retry: Retry in 2s: ValueError(...)``, ``... raised
+unexpected: ZeroDivisionError('division by zero')``) on the
+``brokerd.worker`` logger.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import inspect
+import itertools
+import logging
+import os
+import pickle
+import random
+import select
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+
+import cbor2
+
+from client.app import (
+    EncodeError,
+    Ignore,
+    Reject,
+    Request,
+    Retry,
+    SoftTimeLimitExceeded,
+    TimeLimitExceeded,
+    _current_request,
+    decode_envelope,
+)
+from client.errors import BrokerdError, ConnectionClosed, ConnectionLost, Disconnected
+
+__all__ = ["Worker", "Runner", "ExceptionInfo", "BrokerUnreachable", "ColdStop", "setup_logging"]
+
+log = logging.getLogger("brokerd.worker")
+
+# -- limits and timings (seconds unless named) ----------------------------------------------
+RECONNECT_FIRST = 0.1  # first back-off after a lost connection; doubles each try ...
+RECONNECT_MAX = 5.0  # ... up to this; each wait is jittered to 50-100 % so workers don't stampede
+CONNECT_TIMEOUT = 10.0  # at start: keep trying this long, then give up (exit code 3 in the CLI)
+DEFAULT_GRACE = 30.0  # warm stop: how long running tasks may take to finish
+AUTOSCALE_IDLE = 5.0  # a pool slot idle this long is retired (down to the autoscale minimum)
+CHILD_STOP_TIMEOUT = 5.0  # a child that does not exit this long after its pipe closed is killed
+MAX_PREFETCH = 65535  # brokerd's limit per consumer
+RAN_OFFLINE_MAX = 100_000  # task ids remembered as "ran while brokerd was unreachable" (bounds memory)
+RESULT_REPR_MAX = 200  # characters of a return value shown in the "succeeded" log line
+FRAME = struct.Struct(">I")  # parent <-> child: 4-byte length, then a pickle
+PICKLE = pickle.HIGHEST_PROTOCOL
+PR_SET_PDEATHSIG = 1
+MAX_BATCH = 16  # jobs handed to a pool process in one write when the backlog is deep
+OUTCOME_DELAY = 0.0005  # a child sends outcomes at the end of a batch, or once the oldest waited this long
+
+# Outcome settle codes: what to do with the delivery once the result (if any) is stored.
+S_ACK = 0  # done: ack (atomically with the result, when there is one)
+S_REJECT = 1  # nack without requeue: the dead-letter queue
+S_REQUEUE = 2  # nack with requeue: run again now (counts an attempt)
+S_RETRY = 3  # nack with a delay and a new "retries" header: brokerd holds it
+
+# Default concurrency per pool: a process per CPU; threads and trio tasks mostly wait on I/O.
+DEFAULT_CONCURRENCY = {"processes": lambda: os.cpu_count() or 1, "threads": lambda: 10, "trio": lambda: 100}
+
+
+class BrokerUnreachable(Exception):
+    """brokerd could not be reached at start within the connect timeout."""
+
+
+class ColdStop(Exception):
+    """The worker stopped without waiting for its running tasks (second signal, or grace ran out)."""
+
+
+# =============================================================================================
+# The broker calls the worker makes.  One small adapter, so that moving to new public Client
+# methods is one edit.  Everything here is pipelined: frames are buffered in the client's
+# session and sent by flush() (once per main-loop turn), replies are checked in the background.
+# =============================================================================================
+class _Done:
+    """A waiter the client's reader thread 'releases' when a pipelined request is answered.
+
+    Called under the client's lock: it only appends to a deque.
+    """
+
+    __slots__ = ("p", "what", "sink")
+
+    def __init__(self, what, sink):
+        self.p = None
+        self.what = what
+        self.sink = sink
+
+    def release(self):
+        p = self.p
+        if p is not None and p.error is not None:
+            self.sink.append((self.what, p.error))
+
+    def acquire(self, *a, **kw):  # never waited on; present so the Client can treat it as a lock
+        return True
+
+
+class _Channel:
+    """The worker's view of one live connection: results, acks and nacks, all pipelined.
+
+    The public ``Client.store_result(..., delivery=d)`` and ``Delivery.nack(...)`` wait for
+    the broker's reply, which would put one round trip per task on the main loop; this
+    adapter drives the client's ``Session`` the same way (``session.store_result`` /
+    ``session.nack`` under ``client._lock``) but does not wait: frames go out with the next
+    ``flush()`` (once per main-loop turn) and replies are checked in the background.  Failed
+    requests land in ``sink`` as ``(what, error)``: the worker logs refusals and stores
+    results again after a reconnect.
+    """
+
+    def __init__(self, client, gen: int, sink: deque, ttl=None):
+        self.client = client
+        self.gen = gen
+        self.sink = sink
+        self.ttl = ttl
+        self.session = client._session
+        self.lock = client._lock
+
+    def result(self, d, task_id, state, value=None, meta=None) -> None:
+        """RESULT_SET; with ``d`` (a delivery of this connection), ack it in the same record."""
+        w = _Done(("result", task_id, state, value, meta), self.sink)
+        with self.lock:
+            w.p = self.session.store_result(task_id, state, value, meta, self.ttl, d, waiter=w)
+
+    def ack(self, d) -> None:
+        d.ack()
+
+    def nack(self, d, requeue=True, delay=None, headers=None) -> None:
+        w = _Done(("nack", d.id, requeue, delay), self.sink)
+        with self.lock:
+            w.p = self.session.nack(d, requeue, delay, headers, waiter=w)
+
+    def publish(self, queue, body, *, priority=0, delay=None, headers=None, id=None) -> None:
+        self.client.publish(queue, body, priority=priority, delay=delay, headers=headers, id=id, confirm=False)
+
+    def flush(self) -> None:
+        if self.session.has_output:
+            self.client._flush()
+
+
+# =============================================================================================
+# Running one task: the same code in a child process, a pool thread or the trio loop.
+# =============================================================================================
+class ExceptionInfo:
+    """What ``on_failure`` / ``on_retry`` get as ``einfo`` (Celery's shape)."""
+
+    def __init__(self, exc: BaseException):
+        self.exception = exc
+        self.type = type(exc)
+        self.tb = exc.__traceback__
+        self.traceback = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+    def __str__(self):
+        return self.traceback
+
+    def __repr__(self):
+        return f"<ExceptionInfo: {self.exception!r}>"
+
+
+def exc_meta(exc: BaseException, hostname: str, tb: str | None = None) -> dict:
+    return {
+        "exc_type": type(exc).__name__,
+        "exc_message": str(exc),
+        "traceback": tb if tb is not None else "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        "hostname": hostname,
+    }
+
+
+def _short_repr(value) -> str:
+    r = repr(value)
+    return r if len(r) <= RESULT_REPR_MAX else r[: RESULT_REPR_MAX - 3] + "..."
+
+
+def _checkpoint():
+    """A Python-level call: a pending async exception (threads pool time limits) fires here."""
+
+
+async def _await(aw):
+    return await aw
+
+
+def _run_awaitable(aw):
+    """An ``async def`` task on a synchronous pool: run it to completion on its own trio loop."""
+    import trio
+
+    return trio.run(_await, aw)
+
+
+class _Ctx:
+    __slots__ = ("task", "req", "t0", "in_task")
+
+
+class Runner:
+    """Runs jobs and returns outcomes ``(settle, state, value, meta, delay, retries)``.
+
+    A job is ``(seq, payload, msg_id, queue, priority, attempts, headers, soft_limit)`` where
+    payload is the envelope (a dict) or the message body (bytes, decoded here).  Hooks
+    (``on_success``, ``on_failure``, ``on_retry``, ``after_return``) run here, in the process
+    that ran the task, before the outcome goes back to be stored.
+    """
+
+    def __init__(self, app, hostname: str, alarm: bool = False):
+        self.app = app
+        self.hostname = hostname
+        self.alarm = alarm  # soft limits by SIGALRM (a child process: only the main thread runs tasks)
+        self.in_task = False
+        if alarm:
+            signal.signal(signal.SIGALRM, self._on_alarm)
+
+    def _on_alarm(self, signum, frame):
+        if self.in_task:
+            self.in_task = False
+            raise SoftTimeLimitExceeded("soft time limit exceeded")
+
+    # -- the pieces, shared by the sync and async paths --
+    def begin(self, job):
+        """(ctx, None) to run the task, or (None, outcome) when it cannot run."""
+        _, payload, msg_id, queue, priority, attempts, headers, _soft = job
+        if type(payload) is dict:
+            env = payload
+        else:
+            try:
+                env = decode_envelope(payload)
+            except ValueError as exc:
+                return None, undecodable_outcome(msg_id, queue, exc, self.hostname)
+        task = self.app.tasks.get(env["task"])
+        if task is None:
+            return None, unknown_outcome(env, self.app, self.hostname)
+        hdrs = headers or {}
+        retries = hdrs.get("retries")
+        if type(retries) is not int:
+            retries = env.get("retries") or 0
+        req = Request(
+            id=env["id"], args=env["args"], kwargs=env["kwargs"], retries=retries,
+            delivery_info={"queue": queue, "priority": priority, "redelivered": attempts > 1, "attempts": attempts},
+            eta=env.get("eta"), expires=env.get("expires"), parent_id=env.get("parent_id"),
+            root_id=env.get("root_id"), headers=env.get("headers"), hostname=self.hostname, task=env["task"],
+        )
+        ctx = _Ctx()
+        ctx.task = task
+        ctx.req = req
+        ctx.t0 = time.perf_counter()
+        return ctx, None
+
+    def execute(self, job, slot=None):
+        """Run one job here; return its outcome.  ``slot`` (threads pool) carries ``in_task``."""
+        ctx, outcome = self.begin(job)
+        if ctx is None:
+            return outcome
+        req = ctx.req
+        soft = job[7]
+        token = _current_request.set(req)
+        try:
+            try:
+                if slot is not None:
+                    slot.in_task = True
+                elif self.alarm:
+                    self.in_task = True
+                    if soft:
+                        signal.setitimer(signal.ITIMER_REAL, soft)
+                try:
+                    retval = ctx.task(*req.args, **req.kwargs)
+                    if inspect.isawaitable(retval):
+                        retval = _run_awaitable(retval)
+                finally:
+                    if slot is not None:
+                        with slot.lock:
+                            slot.in_task = False
+                        try:
+                            _checkpoint()
+                        except (SoftTimeLimitExceeded, TimeLimitExceeded):
+                            pass  # the limit hit just as the task ended: keep its real outcome
+                    elif self.alarm:
+                        self.in_task = False
+                        if soft:
+                            signal.setitimer(signal.ITIMER_REAL, 0)
+            except BaseException as exc:  # noqa: BLE001 - every failure of user code is an outcome
+                return self.failed(ctx, exc)
+            return self.succeeded(ctx, retval)
+        finally:
+            _current_request.reset(token)
+
+    async def execute_async(self, job, limit=None, hard=None):
+        """Trio pool: await an ``async def`` task under a cancel scope for its time limits."""
+        import trio
+
+        ctx, outcome = self.begin(job)
+        if ctx is None:
+            return outcome
+        req = ctx.req
+        token = _current_request.set(req)
+        try:
+            deadline = trio.current_time() + limit if limit else float("inf")
+            try:
+                with trio.CancelScope(deadline=deadline) as cs:
+                    retval = await ctx.task(*req.args, **req.kwargs)
+                if cs.cancelled_caught:
+                    if hard and (not job[7] or hard <= job[7]):
+                        raise TimeLimitExceeded(f"hard time limit ({hard:g}s) exceeded")
+                    raise SoftTimeLimitExceeded(f"soft time limit ({limit:g}s) exceeded")
+            except BaseException as exc:  # noqa: BLE001
+                if isinstance(exc, trio.Cancelled):
+                    raise  # the worker itself is being cancelled (cold stop)
+                return self.failed(ctx, exc)
+            return self.succeeded(ctx, retval)
+        finally:
+            _current_request.reset(token)
+
+    def _hook(self, ctx, name, *args):
+        try:
+            getattr(ctx.task, name)(*args)
+        except Exception:
+            log.exception("Task %s[%s]: %s hook raised", ctx.task.name, ctx.req.id, name)
+
+    def succeeded(self, ctx, retval):
+        task, req = ctx.task, ctx.req
+        try:
+            cbor2.dumps(retval)
+        except Exception as exc:
+            err = EncodeError(
+                f"the return value of {task.name} ({type(retval).__name__}) cannot be stored as a result: {exc}"
+            )
+            return self.failed(ctx, err)
+        runtime = time.perf_counter() - ctx.t0
+        self._hook(ctx, "on_success", retval, req.id, req.args, req.kwargs)
+        self._hook(ctx, "after_return", "SUCCESS", retval, req.id, req.args, req.kwargs, None)
+        if log.isEnabledFor(logging.INFO):
+            log.info("Task %s[%s] succeeded in %.4fs: %s", task.name, req.id, runtime, _short_repr(retval))
+        ignore = task.ignore_result
+        if ignore is None:
+            ignore = self.app.conf.get("task_ignore_result", False)
+        if ignore:
+            return (S_ACK, None, None, None, None, None)
+        return (S_ACK, "SUCCESS", retval, None, None, None)
+
+    def failed(self, ctx, exc):
+        task, req = ctx.task, ctx.req
+        if isinstance(exc, Retry):
+            return self._retry(ctx, exc, exc.exc, exc.when)
+        if isinstance(exc, Ignore):
+            log.info("Task %s[%s] ignored", task.name, req.id)
+            return (S_ACK, None, None, None, None, None)
+        if isinstance(exc, Reject):
+            log.info("Task %s[%s] rejected (requeue=%s): %s", task.name, req.id, exc.requeue, exc)
+            return (S_REQUEUE if exc.requeue else S_REJECT, None, None, None, None, None)
+        auto = task.autoretry_for
+        if auto and isinstance(exc, tuple(auto)) and not (
+            task.dont_autoretry_for and isinstance(exc, tuple(task.dont_autoretry_for))
+        ):
+            kw = dict(task.retry_kwargs or {})
+            if task.retry_backoff:
+                kw["countdown"] = task.retry_delay(req.retries)
+            kw.pop("exc", None)
+            try:
+                task.retry(exc=exc, **kw)
+            except Retry as r:
+                return self._retry(ctx, r, exc, r.when)
+            except BaseException as past_max:  # noqa: BLE001 - max_retries reached: the last exception
+                exc = past_max
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        einfo = ExceptionInfo(exc)
+        self._hook(ctx, "on_failure", exc, req.id, req.args, req.kwargs, einfo)
+        self._hook(ctx, "after_return", "FAILURE", exc, req.id, req.args, req.kwargs, einfo)
+        if isinstance(exc, SoftTimeLimitExceeded):
+            log.warning("Soft time limit exceeded for %s[%s]", task.name, req.id)
+        log.error("Task %s[%s] raised unexpected: %r", task.name, req.id, exc)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("Task %s[%s] traceback:\n%s", task.name, req.id, tb)
+        return (S_ACK, "FAILURE", None, exc_meta(exc, self.hostname, tb), None, None)
+
+    def _retry(self, ctx, r, exc, when):
+        task, req = ctx.task, ctx.req
+        if when is None:
+            when = float(task.default_retry_delay)
+        shown = exc if exc is not None else r
+        einfo = ExceptionInfo(shown)
+        self._hook(ctx, "on_retry", shown, req.id, req.args, req.kwargs, einfo)
+        self._hook(ctx, "after_return", "RETRY", shown, req.id, req.args, req.kwargs, einfo)
+        log.info("Task %s[%s] retry: Retry in %gs: %r", task.name, req.id, when, shown)
+        return (S_RETRY, "RETRY", None, exc_meta(shown, self.hostname, einfo.traceback), max(0.0, float(when)), req.retries + 1)
+
+
+def undecodable_outcome(msg_id, queue, exc, hostname):
+    msg = f"message {msg_id!r} on queue {queue!r} is not a task envelope: {exc}"
+    log.error("Rejected message %s from %s: %s (sent to the dead-letter queue)", msg_id, queue, exc)
+    meta = {"exc_type": "DecodeError", "exc_message": msg, "traceback": None, "hostname": hostname}
+    return (S_REJECT, "FAILURE", None, meta, None, None)
+
+
+def unknown_outcome(env, app, hostname):
+    name = env["task"]
+    known = sorted(n for n in app.tasks)
+    shown = ", ".join(known[:20]) + (f" and {len(known) - 20} more" if len(known) > 20 else "")
+    msg = (
+        f"Task of kind {name!r} is not registered on worker {hostname}: define it with @app.task in a module "
+        f"the worker imports (the MODULE of 'brokerd-worker MODULE:APP', or one it imports), or check the name "
+        f"given to send_task(). Registered: {shown or 'none'}"
+    )
+    log.error("Received unregistered task of type %r [%s]: sent to the dead-letter queue", name, env["id"])
+    meta = {"exc_type": "NotRegistered", "exc_message": msg, "traceback": None, "hostname": hostname}
+    return (S_REJECT, "FAILURE", None, meta, None, None)
+
+
+# =============================================================================================
+# Pools.  A slot runs one job at a time; the main loop hands jobs to idle slots.
+# =============================================================================================
+class _Job:
+    """A delivery the main loop is looking after, from receipt to settlement."""
+
+    __slots__ = ("seq", "d", "gen", "task_id", "name", "env", "soft", "hard", "deadline", "soft_deadline",
+                 "slot", "soft_sent")
+
+    def to_runner(self, with_env: bool):
+        d = self.d
+        return (self.seq, self.env if with_env else d.body, d.id, d.queue, d.priority, d.attempts, d.headers, self.soft)
+
+
+class _PokingCondition(threading.Condition):
+    """Stands in for a consumer's wake-up Condition: the client's reader thread calls
+    ``notify_all()`` (holding the client's lock) when deliveries arrive; this also posts a
+    "poke" to the worker's main loop, which then takes them from the consumer's buffer.
+    One thread hand-off per burst instead of two (reader -> intake -> main)."""
+
+    def __init__(self, lock, post):
+        super().__init__(lock)
+        self._post_poke = post
+
+    def notify_all(self):
+        super().notify_all()
+        self._post_poke(("poke",))
+
+    notifyAll = notify_all
+
+
+def _hand_deliveries_to_main_loop(client, consumer, post) -> bool:
+    """Let the reader thread wake the main loop directly; False if this client cannot."""
+    state = getattr(consumer, "_state", None)
+    if state is None or not hasattr(state, "buffer") or not hasattr(client, "_reader") or not hasattr(client, "_lock"):
+        return False
+    with client._lock:
+        state.waiter = _PokingCondition(client._lock, post)
+    post(("poke",))  # whatever arrived before the switch
+    return True
+
+
+def _prctl_pdeathsig():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except Exception:  # not Linux: the child notices the parent is gone at its next read
+        pass
+
+
+def _write_all(fd, data):
+    """Write everything, waiting for room if the fd is non-blocking and full."""
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            select.select([], [fd], [])
+            continue
+        view = view[n:]
+
+
+class _Child:
+    __slots__ = ("pid", "fd", "pidfd", "buf", "jobs", "done", "assigned", "idle_since", "label", "index")
+
+
+class ProcessPool:
+    """N forked children; jobs and outcomes cross a socketpair as length-prefixed pickles.
+
+    A child runs its jobs one after another.  With a deep backlog (prefetch multiplier > 1) a
+    child is handed a *batch* of up to ``MAX_BATCH`` jobs in one write, and topped up with the
+    next batch while it runs the last job of the current one, so it never waits for the parent;
+    with the default multiplier of 1 every batch is one job.  Outcomes come back one frame per
+    job, written at the end of a batch or once the oldest unsent one is ``OUTCOME_DELAY`` old.
+    On a warm stop the children get SIGUSR1 and hand back the jobs they have not started.
+    """
+
+    kind = "processes"
+
+    def __init__(self, worker, size: int, max_tasks_per_child=None):
+        self.w = worker
+        self.size = size
+        self.max_tasks = max_tasks_per_child
+        self.children: dict[int, _Child] = {}  # by parent-end fd
+        self.by_pidfd: dict[int, _Child] = {}
+        self.idle: list[_Child] = []
+        self._index = itertools.count(1)
+
+    # -- lifecycle --
+    def start(self):
+        for _ in range(self.size):
+            self.spawn()
+
+    def spawn(self):
+        w = self.w
+        parent_end, child_end = socket.socketpair()
+        index = next(self._index)
+        label = f"ForkPoolWorker-{index}"
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child
+            code = 0
+            try:
+                _prctl_pdeathsig()
+                parent_end.close()
+                self._child_setup()
+                _child_main(child_end.detach(), w, label)
+            except BaseException:  # noqa: BLE001
+                traceback.print_exc()
+                code = 1
+            finally:
+                try:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                finally:
+                    os._exit(code)
+        child_end.close()
+        c = _Child()
+        c.pid = pid
+        c.fd = parent_end.detach()
+        os.set_blocking(c.fd, False)  # a stale poll event must never block the main loop
+        c.index = index
+        try:
+            c.pidfd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            c.pidfd = None
+        c.buf = bytearray()
+        c.jobs = deque()
+        c.done = 0
+        c.assigned = 0
+        c.idle_since = time.monotonic()
+        c.label = label
+        self.children[c.fd] = c
+        w.poller.register(c.fd, select.POLLIN)
+        if c.pidfd is not None:
+            self.by_pidfd[c.pidfd] = c
+            w.poller.register(c.pidfd, select.POLLIN)
+        self.idle.append(c)
+        log.debug("started %s (pid %d)", label, pid)
+        return c
+
+    def _child_setup(self):
+        """In a fresh child: drop the parent's fds and signal handling."""
+        for other in list(self.children.values()):
+            for fd in (other.fd, other.pidfd):
+                if fd is not None:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+        self.w._forget_parent_fds()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def _forget(self, c: _Child):
+        self.children.pop(c.fd, None)
+        try:
+            self.w.poller.unregister(c.fd)
+        except (KeyError, ValueError):
+            pass
+        os.close(c.fd)
+        if c.pidfd is not None:
+            self.by_pidfd.pop(c.pidfd, None)
+            try:
+                self.w.poller.unregister(c.pidfd)
+            except (KeyError, ValueError):
+                pass  # closed by _reap, once the process is gone
+        if c in self.idle:
+            self.idle.remove(c)
+
+    def _reap(self, c: _Child, block=True) -> str:
+        try:
+            pid, status = os.waitpid(c.pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            pid, status = c.pid, 0
+        if pid == 0:
+            return "still running"
+        if c.pidfd is not None:
+            os.close(c.pidfd)
+            c.pidfd = None
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            try:
+                name = signal.Signals(sig).name
+            except ValueError:
+                name = str(sig)
+            return f"was killed by {name}"
+        return f"exited with code {os.waitstatus_to_exitcode(status)}"
+
+    def _reap_soon(self, c: _Child) -> str:
+        deadline = time.monotonic() + CHILD_STOP_TIMEOUT
+        while True:
+            status = self._reap(c, block=False)
+            if status != "still running":
+                return status
+            left = deadline - time.monotonic()
+            if left <= 0:
+                try:
+                    os.kill(c.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                return self._reap(c)
+            if c.pidfd is not None:
+                select.select([c.pidfd], [], [], left)
+            else:
+                time.sleep(min(left, 0.01))
+
+    # -- the main loop's interface --
+    @property
+    def current(self) -> int:
+        return len(self.children)
+
+    def dispatch(self, backlog: deque, running: dict, now: float) -> None:
+        """Hand waiting jobs to idle children (and top up busy ones when the backlog is deep)."""
+        batch = 1
+        if len(backlog) > len(self.children):
+            batch = min(MAX_BATCH, -(-len(backlog) // max(1, len(self.children))))
+        if self.idle:
+            for c in list(self.idle):
+                if not backlog:
+                    break
+                self.idle.remove(c)
+                self._send(c, backlog, batch, running, now)
+        if batch > 1 and backlog:
+            for c in self.children.values():
+                if len(c.jobs) == 1 and backlog:  # it is on its last job: queue the next batch now
+                    self._send(c, backlog, batch, running, now)
+
+    def _send(self, c: _Child, backlog, batch, running, now):
+        if self.max_tasks:
+            batch = min(batch, self.max_tasks - c.assigned)
+            if batch <= 0:
+                return
+        jobs = []
+        for _ in range(batch):
+            if not backlog:
+                break
+            job = backlog.popleft()
+            job.slot = c
+            running[job.seq] = job
+            if not c.jobs and job.hard:
+                job.deadline = now + job.hard
+            c.jobs.append(job)
+            jobs.append(job.to_runner(False))
+        c.assigned += len(jobs)
+        data = pickle.dumps(jobs, PICKLE)
+        try:
+            _write_all(c.fd, FRAME.pack(len(data)) + data)
+        except OSError:
+            pass  # the child is gone: its pidfd / EOF tells the main loop, which hands the jobs back
+
+    def on_ready(self, fd):
+        """A child's socket or pidfd is readable."""
+        c = self.children.get(fd)
+        if c is not None:
+            try:
+                data = os.read(fd, 262144)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if data:
+                self._received(c, data)
+                return
+            self._died(c)
+            return
+        c = self.by_pidfd.get(fd)
+        if c is not None:
+            # Take what it wrote before it exited, then treat it as gone.
+            while c.fd in self.children:
+                try:
+                    data = os.read(c.fd, 262144)
+                except OSError:  # BlockingIOError included: nothing more was written
+                    data = b""
+                if not data:
+                    break
+                self._received(c, data)
+            if c.fd in self.children:
+                self._died(c)
+
+    def _received(self, c: _Child, data: bytes):
+        buf = c.buf
+        buf += data
+        pos = 0
+        end = len(buf)
+        w = self.w
+        jobs = c.jobs
+        while end - pos >= 4:
+            (n,) = FRAME.unpack_from(buf, pos)
+            if end - pos - 4 < n:
+                break
+            seq, outcome = pickle.loads(buf[pos + 4: pos + 4 + n])
+            pos += 4 + n
+            if not jobs or jobs[0].seq != seq:
+                continue  # settled already (it cannot happen; be safe)
+            job = jobs.popleft()
+            c.done += 1
+            if outcome is None:
+                w._hand_back_job(job)  # not started: the child was told to stop
+            else:
+                w._finish(job, outcome)
+            if jobs:
+                nxt = jobs[0]
+                if nxt.hard:
+                    nxt.deadline = time.monotonic() + nxt.hard
+        if pos:
+            del buf[:pos]
+        if not jobs and c.fd in self.children:
+            if self.max_tasks and c.done >= self.max_tasks:
+                log.info("%s (pid %d) ran %d tasks (--max-tasks-per-child): replacing it", c.label, c.pid, c.done)
+                self._retire(c)  # maintain() starts its successor
+            else:
+                c.idle_since = time.monotonic()
+                self.idle.append(c)
+
+    def _retire(self, c: _Child):
+        """Close its pipe (it exits at EOF) and reap it."""
+        self._forget(c)
+        status = self._reap_soon(c)
+        log.debug("%s (pid %d) %s", c.label, c.pid, status)
+
+    def _died(self, c: _Child):
+        jobs = list(c.jobs)
+        c.jobs.clear()
+        self._forget(c)
+        status = self._reap(c)
+        w = self.w
+        if jobs:
+            job = jobs[0]
+            log.error(
+                "Process %s (pid %d) %s while running %s[%s]: handed back to brokerd for redelivery",
+                c.label, c.pid, status, job.name, job.task_id,
+            )
+            for job in jobs:
+                w._lost_job(job)
+        elif not w._stopping:
+            log.warning("Process %s (pid %d) %s", c.label, c.pid, status)
+
+    def kill_job(self, job: _Job):
+        """Hard time limit: SIGKILL the child that runs ``job``; maintain() starts another."""
+        c = job.slot
+        rest = [j for j in c.jobs if j is not job]
+        c.jobs.clear()
+        try:
+            os.kill(c.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._forget(c)
+        self._reap(c)
+        log.error("Process %s (pid %d) killed: hard time limit of %s[%s]", c.label, c.pid, job.name, job.task_id)
+        for j in rest:  # queued behind it, never started
+            self.w._hand_back_job(j)
+
+    def soft_limit(self, job):
+        pass  # children enforce soft limits themselves (SIGALRM)
+
+    def drain(self):
+        """Warm stop: children hand back the jobs they have not started."""
+        for c in self.children.values():
+            if len(c.jobs) > 1:
+                try:
+                    os.kill(c.pid, signal.SIGUSR1)
+                except ProcessLookupError:
+                    pass
+
+    def maintain(self):
+        """Start children up to the pool size (after deaths, retirements, time-limit kills).
+
+        Called between poll() batches, never inside one, so a new child's socket cannot reuse
+        the number of an fd that still has a stale event in the batch being handled.
+        """
+        while self.current < self.size and not self.w._stopping:
+            self.spawn()
+
+    def grow(self):
+        self.size += 1
+        log.info("autoscale: pool growing to %d processes", self.size)
+
+    def shrink_idle(self, now, minimum, idle_for) -> float | None:
+        """Retire one slot idle for ``idle_for`` s when above ``minimum``; return when to look again."""
+        if self.size <= minimum or not self.idle:
+            return None
+        oldest = min(self.idle, key=lambda c: c.idle_since)
+        due = oldest.idle_since + idle_for
+        if due <= now:
+            self.size -= 1
+            self._retire(oldest)
+            log.info("autoscale: pool shrunk to %d processes", self.size)
+            return now + idle_for
+        return due
+
+    def close(self, cold: bool):
+        """Stop every child: SIGKILL (cold) or close its pipe and wait for it to exit."""
+        children = list(self.children.values())
+        for c in children:
+            if cold:
+                try:
+                    os.kill(c.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self._forget(c)
+        for c in children:
+            self._reap_soon(c)
+
+
+_drain = False
+
+
+def _on_drain(signum, frame):
+    global _drain
+    _drain = True
+
+
+def _child_main(fd: int, w, label: str):
+    """A pool process: read a batch of jobs, run them, write their outcomes; exit at EOF."""
+    global _PROCESS_LABEL
+    _PROCESS_LABEL = label
+    runner = Runner(w.app, w.hostname, alarm=True)
+    signal.signal(signal.SIGUSR1, _on_drain)
+    w.app._client = None  # a child makes its own connection if a task publishes
+    w.app._lock = threading.Lock()
+    buf = bytearray()
+    read = os.read
+    loads = pickle.loads
+    dumps = pickle.dumps
+    pack = FRAME.pack
+    clock = time.perf_counter
+    while True:
+        while len(buf) < 4 or len(buf) - 4 < FRAME.unpack_from(buf, 0)[0]:
+            data = read(fd, 262144)
+            if not data:
+                return
+            buf += data
+        (n,) = FRAME.unpack_from(buf, 0)
+        jobs = loads(buf[4: 4 + n])
+        del buf[: 4 + n]
+        out = []
+        oldest = 0.0
+        last = len(jobs) - 1
+        for i, job in enumerate(jobs):
+            if _drain:
+                outcome = None  # not started: the parent hands it back to brokerd
+            else:
+                outcome = runner.execute(job)
+            try:
+                data = dumps((job[0], outcome), PICKLE)
+            except Exception as exc:  # a value CBOR took but pickle does not: report it, don't die
+                meta = exc_meta(EncodeError(f"result of task {job[2]} cannot cross to the worker process: {exc}"), w.hostname)
+                data = dumps((job[0], (S_ACK, "FAILURE", None, meta, None, None)), PICKLE)
+            if not out:
+                oldest = clock()
+            out.append(pack(len(data)))
+            out.append(data)
+            if i == last or clock() - oldest >= OUTCOME_DELAY:
+                _write_all(fd, b"".join(out))
+                out = []
+
+
+class _ThreadSlot:
+    __slots__ = ("thread", "q", "job", "in_task", "lock", "abandoned", "ident", "idle_since", "index")
+
+
+class ThreadPool:
+    """N threads in the worker process; outcomes come back through the worker's inbox."""
+
+    kind = "threads"
+
+    def __init__(self, worker, size: int):
+        self.w = worker
+        self.size = size
+        self.slots: list[_ThreadSlot] = []
+        self.idle: list[_ThreadSlot] = []
+        self._index = itertools.count(1)
+        self.runner = Runner(worker.app, worker.hostname)
+
+    def start(self):
+        for _ in range(self.size):
+            self.spawn()
+
+    def spawn(self):
+        import queue
+
+        s = _ThreadSlot()
+        s.q = queue.SimpleQueue()
+        s.job = None
+        s.in_task = False
+        s.lock = threading.Lock()
+        s.abandoned = False
+        s.idle_since = time.monotonic()
+        s.index = next(self._index)
+        s.thread = threading.Thread(target=self._run, args=(s,), name=f"ThreadPoolWorker-{s.index}", daemon=True)
+        s.thread.start()
+        s.ident = s.thread.ident
+        self.slots.append(s)
+        self.idle.append(s)
+        return s
+
+    def _run(self, s: _ThreadSlot):
+        runner = self.runner
+        post = self.w._post
+        while True:
+            try:
+                job = s.q.get()
+                if job is None:
+                    return
+                outcome = runner.execute(job, s)
+                post(("done", s, job[0], outcome))
+                if s.abandoned:
+                    return
+            except (SoftTimeLimitExceeded, TimeLimitExceeded):
+                continue  # a late async exception that found no task; nothing to undo
+
+    @property
+    def current(self) -> int:
+        return len(self.slots)
+
+    def dispatch(self, backlog: deque, running: dict, now: float) -> None:
+        while backlog and self.idle:
+            job = backlog.popleft()
+            s = self.idle.pop()
+            s.job = job
+            job.slot = s
+            running[job.seq] = job
+            if job.hard:
+                job.deadline = now + job.hard
+            if job.soft:
+                job.soft_deadline = now + job.soft
+            s.q.put(job.to_runner(True))
+
+    def drain(self):
+        pass  # a thread holds one job at a time: nothing waits behind it
+
+    def on_done(self, s: _ThreadSlot, seq, outcome):
+        job = s.job
+        if s.abandoned:
+            return  # its job was settled already (hard time limit)
+        s.job = None
+        if job is not None and job.seq == seq:
+            self.w._finish(job, outcome)
+        s.idle_since = time.monotonic()
+        if s in self.slots:
+            self.idle.append(s)
+
+    def _inject(self, s: _ThreadSlot, job: _Job, exc_type) -> bool:
+        with s.lock:
+            if not s.in_task or s.job is not job:
+                return False
+            n = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(s.ident), ctypes.py_object(exc_type))
+            return n == 1
+
+    def soft_limit(self, job: _Job):
+        self._inject(job.slot, job, SoftTimeLimitExceeded)
+
+    def kill_job(self, job: _Job):
+        s = job.slot
+        self._inject(s, job, TimeLimitExceeded)
+        s.abandoned = True
+        s.job = None
+        self.slots.remove(s)
+        s.q.put(None)
+        log.error("Thread %s left running its task %s[%s] past the hard time limit; replaced", s.thread.name, job.name, job.task_id)
+
+    def maintain(self):
+        while self.current < self.size and not self.w._stopping:
+            self.spawn()
+
+    def grow(self):
+        self.size += 1
+        log.info("autoscale: pool growing to %d threads", self.size)
+
+    def shrink_idle(self, now, minimum, idle_for):
+        if self.size <= minimum or not self.idle:
+            return None
+        oldest = min(self.idle, key=lambda s: s.idle_since)
+        due = oldest.idle_since + idle_for
+        if due <= now:
+            self.size -= 1
+            self.idle.remove(oldest)
+            self.slots.remove(oldest)
+            oldest.q.put(None)
+            log.info("autoscale: pool shrunk to %d threads", self.size)
+            return now + idle_for
+        return due
+
+    def on_ready(self, fd):
+        pass
+
+    def close(self, cold: bool):
+        for s in self.slots:
+            s.q.put(None)
+        if not cold:
+            for s in self.slots:
+                s.thread.join(CHILD_STOP_TIMEOUT)
+
+
+# =============================================================================================
+# The worker.
+# =============================================================================================
+_PROCESS_LABEL = "MainProcess"
+
+
+class _LabelFilter(logging.Filter):
+    def filter(self, record):
+        record.processName = _PROCESS_LABEL
+        return True
+
+
+LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "warn": logging.WARNING,
+              "error": logging.ERROR, "critical": logging.CRITICAL, "fatal": logging.CRITICAL}
+
+
+def setup_logging(loglevel="info") -> None:
+    """Log to stderr, one line per record, Celery's format; the root logger gets the level."""
+    level = LOG_LEVELS[loglevel.lower()] if isinstance(loglevel, str) else int(loglevel)
+    root = logging.getLogger()
+    if not any(getattr(h, "_brokerd_worker", False) for h in root.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter(LOG_FORMAT))
+        h.addFilter(_LabelFilter())
+        h._brokerd_worker = True
+        root.addHandler(h)
+    root.setLevel(level)
+
+
+def default_hostname(name: str | None = None) -> str:
+    """``-n`` with Celery's %h (host), %n (host name part) and %d (domain part)."""
+    host = socket.gethostname()
+    name = name or "brokerd@%h"
+    short, _, domain = host.partition(".")
+    return name.replace("%h", host).replace("%n", short).replace("%d", domain).replace("%i", str(os.getpid()))
+
+
+class Worker:
+    """Consume tasks for ``app`` from brokerd and run them.  See the module docstring.
+
+    ``Worker(app, queues=None, concurrency=None, pool="processes", prefetch_multiplier=1,
+    max_tasks_per_child=None, autoscale=None, hostname=None, loglevel="info", *, grace=30.0,
+    time_limit=None, soft_time_limit=None, broker=None, connect_timeout=10.0)``
+
+    ``run()`` blocks until the worker is stopped (``stop()`` from another thread, or
+    SIGTERM/SIGINT when ``run()`` is called in the main thread).  It returns after a warm stop,
+    raises ``ColdStop`` after a cold one and ``BrokerUnreachable`` when brokerd cannot be
+    reached at start within ``connect_timeout`` seconds.
+    """
+
+    def __init__(self, app, queues=None, concurrency=None, pool="processes", prefetch_multiplier=None,
+                 max_tasks_per_child=None, autoscale=None, hostname=None, loglevel="info", *,
+                 grace=DEFAULT_GRACE, time_limit=None, soft_time_limit=None, broker=None,
+                 connect_timeout=CONNECT_TIMEOUT, configure_logging=True):
+        if pool == "prefork":
+            pool = "processes"
+        if pool not in ("processes", "threads", "trio"):
+            raise ValueError(f"pool must be 'processes', 'threads' or 'trio' (got {pool!r})")
+        self.app = app
+        if isinstance(queues, str):
+            queues = [q.strip() for q in queues.split(",") if q.strip()]
+        self.queues = list(queues or [app.conf.task_default_queue])
+        self.pool_kind = pool
+        if autoscale:
+            amax, amin = autoscale
+            if amin > amax:
+                raise ValueError(f"autoscale maximum ({amax}) must be at least its minimum ({amin})")
+            concurrency = amax
+            self.autoscale = (int(amax), int(amin))
+        else:
+            self.autoscale = None
+        if concurrency is None:
+            concurrency = app.conf.get("worker_concurrency") or DEFAULT_CONCURRENCY[pool]()
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1 (got {concurrency})")
+        self.concurrency = int(concurrency)
+        if prefetch_multiplier is None:
+            prefetch_multiplier = app.conf.get("worker_prefetch_multiplier") or 1
+        self.prefetch_multiplier = int(prefetch_multiplier)
+        self.prefetch = min(MAX_PREFETCH, max(1, self.concurrency * self.prefetch_multiplier))
+        self.max_tasks_per_child = max_tasks_per_child or app.conf.get("worker_max_tasks_per_child")
+        self.hostname = default_hostname(hostname)
+        self.loglevel = loglevel
+        self.grace = grace
+        self.time_limit = time_limit
+        self.soft_time_limit = soft_time_limit
+        self.broker = broker or app.conf.broker_url
+        if broker:
+            app.conf.broker_url = broker  # tasks that send tasks (or a child's own client) use it too
+        self.connect_timeout = connect_timeout
+        self.configure_logging = configure_logging
+        self.result_ttl = app.conf.get("result_expires")
+
+        self._inbox: deque = deque()
+        self._sleeping = False
+        self._wake_r = self._wake_w = None
+        self._stopping = False  # warm stop under way
+        self._cold = False
+        self._stop_event = threading.Event()
+        self._channel: _Channel | None = None
+        self._direct = None  # the consumer's delivery buffer, read by the main loop itself
+        self._consumer = None
+        self._client = None
+        self._gen = 0
+        self._sink: deque = deque()  # (what, error) of pipelined requests that failed
+        self._orphans: list = []  # results to store once a connection is back
+        self._ran_offline: set = set()  # ids of those, stored after a reconnect: don't run them twice
+        self._backlog: deque[_Job] = deque()
+        self._running: dict[int, _Job] = {}
+        self._seq = itertools.count(1)
+        self._limits_cache: dict = {}
+        self._limited = False  # some task has a time limit: the main loop watches deadlines
+        self._intake_thread = None
+        self._intake_done = False
+        self._fatal = None
+        self._signals = 0
+        self._grace_deadline = None
+        self.poller = None
+        self.pool = None
+        self._post = self._post_sync
+        self._trio_token = None
+        self.exitcode = None
+        self.ready = threading.Event()  # set once connected and consuming (tests, embedding)
+
+    def __repr__(self):
+        return f"<Worker {self.hostname} pool={self.pool_kind} c={self.concurrency} queues={self.queues}>"
+
+    # -- public --------------------------------------------------------------------------------
+    def run(self) -> None:
+        if self.configure_logging:
+            setup_logging(self.loglevel)
+        if self.pool_kind == "trio":
+            return self._run_trio()
+        return self._run_sync()
+
+    def stop(self, graceful: bool = True) -> None:
+        """Ask the worker to stop (thread-safe; also what SIGTERM / SIGINT do)."""
+        self._post(("stop", graceful))
+
+    # -- the inbox ----------------------------------------------------------------------------
+    def _post_sync(self, item) -> None:
+        self._inbox.append(item)
+        if self._sleeping:
+            try:
+                os.write(self._wake_w, b"!")
+            except (OSError, TypeError):
+                pass
+
+    def _forget_parent_fds(self):
+        """In a forked child: the parent's pipes and broker socket are not ours."""
+        for fd in (self._wake_r, self._wake_w):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._wake_r = self._wake_w = None
+        c = self._client
+        if c is not None:
+            try:
+                fd = c._sock.fileno()
+                if fd >= 0:
+                    devnull = os.open(os.devnull, os.O_RDWR)
+                    os.dup2(devnull, fd)
+                    os.close(devnull)
+            except OSError:
+                pass
+        try:
+            signal.set_wakeup_fd(-1)
+        except (ValueError, OSError):
+            pass
+
+    def _on_signal(self, signum, frame):
+        self._post(("signal", signum))
+
+    # -- connection (intake thread) -----------------------------------------------------------
+    def _connect(self, deadline=None):
+        """A new Client, retrying with back-off; BrokerUnreachable after ``deadline`` (monotonic)."""
+        from client.producer import Client
+
+        delay = RECONNECT_FIRST
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return Client(self.broker, name=f"worker {self.hostname} pid {os.getpid()}")
+            except (BrokerdError, OSError) as exc:
+                err = exc
+            if self._stop_event.is_set():
+                return None
+            wait = delay * random.uniform(0.5, 1.0)
+            if deadline is not None and time.monotonic() + wait > deadline:
+                raise BrokerUnreachable(f"cannot reach brokerd at {self.broker} ({err}); tried {attempt} times")
+            if attempt == 1 or attempt % 5 == 0:
+                log.warning("cannot reach brokerd at %s (%s): retrying in %.2fs", self.broker, err, wait)
+            if self._stop_event.wait(wait):
+                return None
+            delay = min(delay * 2, RECONNECT_MAX)
+
+    def _intake(self, client):
+        """Own the connection: consume, post deliveries, reconnect when it drops."""
+        gen = 0
+        try:
+            while not self._stop_event.is_set():
+                if client is None:
+                    client = self._connect()
+                    if client is None:
+                        break
+                    log.info("reconnected to brokerd at %s", self.broker)
+                gen += 1
+                try:
+                    consumer = client.consume(self.queues, self.prefetch)
+                except BrokerdError as exc:
+                    log.error("cannot consume from %s: %s", ",".join(self.queues), exc)
+                    self._close_quietly(client)
+                    client = None
+                    if self._stop_event.wait(RECONNECT_MAX):
+                        break
+                    continue
+                direct = _hand_deliveries_to_main_loop(client, consumer, self._post)
+                self._post(("connected", client, consumer, gen, direct))
+                try:
+                    if direct:
+                        # The main loop takes deliveries from the consumer's buffer itself; this
+                        # thread only waits for the connection to end (its reader thread exits).
+                        client._reader.join()
+                        with client._lock:
+                            err = client._session.error
+                        if isinstance(err, ConnectionClosed) or self._stop_event.is_set():
+                            return
+                        raise err if err is not None else ConnectionLost(None, "the client's reader stopped")
+                    post = self._post
+                    get = consumer.get
+                    while True:
+                        d = get()
+                        if d is None:  # cancelled: a warm stop
+                            return
+                        post(("delivery", d, gen))
+                except ConnectionClosed:
+                    return
+                except (ConnectionLost, Disconnected) as exc:
+                    if self._stop_event.is_set():
+                        return
+                    log.warning("connection to brokerd lost (%s): reconnecting", exc)
+                    self._post(("lost", gen))
+                    self._close_quietly(client)
+                    client = None
+        except BaseException as exc:  # noqa: BLE001 - a bug: let the main loop stop rather than hang
+            log.exception("worker intake thread crashed")
+            self._post(("fatal", exc))
+        finally:
+            self._post(("intake-done",))
+
+    @staticmethod
+    def _close_quietly(client):
+        try:
+            client.close(timeout=1.0)
+        except Exception:
+            pass
+
+    # -- receiving ----------------------------------------------------------------------------
+    def _limits(self, task, env):
+        """(acks_late, soft, hard) for a task, per-call options first."""
+        opts = env.get("options")
+        key = task.name
+        cached = self._limits_cache.get(key) if not opts else None
+        if cached is None:
+            conf = self.app.conf
+            acks_late = task.acks_late
+            if acks_late is None:
+                acks_late = conf.get("task_acks_late", True)
+            soft = task.soft_time_limit or self.soft_time_limit or conf.get("task_soft_time_limit")
+            hard = task.time_limit or self.time_limit or conf.get("task_time_limit")
+            if opts:
+                soft = opts.get("soft_time_limit") or soft
+                hard = opts.get("time_limit") or hard
+                return acks_late, soft, hard
+            cached = self._limits_cache[key] = (acks_late, soft, hard)
+        return cached
+
+    def _received(self, d, gen):
+        if gen != self._gen:
+            return  # from a connection that is gone: brokerd took it back
+        ch = self._channel
+        if self._stopping:
+            self._settle(d, ch, (S_REQUEUE, None, None, None, None, None), d.id)
+            return
+        try:
+            env = decode_envelope(d.body)
+        except ValueError as exc:
+            self._settle(d, ch, undecodable_outcome(d.id, d.queue, exc, self.hostname), d.id)
+            return
+        name = env["task"]
+        task = self.app.tasks.get(name)
+        if task is None:
+            self._settle(d, ch, unknown_outcome(env, self.app, self.hostname), env["id"])
+            return
+        task_id = env["id"]
+        if task_id in self._ran_offline and d.redelivered:
+            # It finished while brokerd was unreachable and its result was stored after the
+            # reconnect: this is brokerd redelivering it, so settle it without running it again.
+            self._ran_offline.discard(task_id)
+            log.info("Task %s[%s] already ran (result stored after reconnecting): acked", name, task_id)
+            ch.ack(d)
+            return
+        expires = env.get("expires")
+        if expires is not None and time.time() >= expires:
+            log.info("Discarding revoked task: %s[%s] (expired)", name, task_id)
+            meta = {"reason": "expired", "expires": expires, "hostname": self.hostname}
+            self._settle(d, ch, (S_ACK, "REVOKED", None, meta, None, None), task_id)
+            return
+        if log.isEnabledFor(logging.INFO):
+            log.info("Task %s[%s] received", name, task_id)
+        acks_late, soft, hard = self._limits(task, env)
+        job = _Job()
+        job.seq = next(self._seq)
+        job.d = d
+        job.gen = gen
+        job.task_id = task_id
+        job.name = name
+        job.env = env
+        job.soft = soft
+        job.hard = hard
+        job.deadline = None
+        job.soft_deadline = None
+        job.slot = None
+        job.soft_sent = False
+        if soft or hard:
+            self._limited = True
+        if not acks_late:
+            ch.ack(d)
+        self._backlog.append(job)
+
+    # -- settling -----------------------------------------------------------------------------
+    def _finish(self, job: _Job, outcome):
+        self._running.pop(job.seq, None)
+        ch = self._channel
+        if ch is None or job.gen != ch.gen:
+            # Its connection is gone, so brokerd redelivers the message; keep the result.
+            state = outcome[1]
+            if state in ("SUCCESS", "FAILURE"):
+                self._store_later(job.task_id, state, outcome[2], outcome[3])
+            return
+        self._settle(job.d, ch, outcome, job.task_id)
+        env = job.env
+        if env and outcome[1] in ("SUCCESS", "FAILURE") and (env.get("chain") or env.get("link") or env.get("link_error")):
+            self._continue_workflow(env, outcome)
+
+    def _continue_workflow(self, env, outcome):
+        """Send what a workflow does next: chain step, link callbacks (client.canvas.after_task)."""
+        from client.canvas import after_task
+
+        try:
+            after_task(self.app, env, outcome[1], outcome[2], outcome[3])
+        except Exception as exc:
+            log.error("could not continue the workflow of %s[%s]: %s", env.get("task"), env.get("id"), exc)
+
+    def _on_control(self, payload):
+        """A CONTROL broadcast from brokerd: ``revoke`` + ``terminate`` kills running tasks."""
+        if not isinstance(payload, dict) or not payload.get("terminate"):
+            return
+        ids = set(payload.get("revoke") or ())
+        kill = getattr(self.pool, "kill_job", None)
+        for job in list(self._running.values()):
+            if job.task_id in ids and job.slot is not None and kill is not None:
+                log.warning("Terminating task %s[%s]: revoked", job.name, job.task_id)
+                self._running.pop(job.seq, None)
+                kill(job)
+                meta = {"exc_type": "TaskRevokedError", "exc_message": f"task {job.task_id} was revoked and terminated",
+                        "hostname": self.hostname}
+                self._finish(job, (S_ACK, "REVOKED", None, meta, None, None))
+
+    def _settle(self, d, ch, outcome, task_id):
+        settle, state, value, meta, delay, retries = outcome
+        try:
+            if settle == S_ACK:
+                if state is None:
+                    if not d.settled:
+                        ch.ack(d)
+                else:
+                    ch.result(None if d.settled else d, task_id, state, value, meta)
+            elif settle == S_RETRY:
+                ch.result(None, task_id, state, value, meta)
+                headers = dict(d.headers or {})
+                headers["retries"] = retries
+                if d.settled:  # acks_late=False: it was acked on receipt, so publish it again
+                    ch.publish(d.queue, d.body, priority=d.priority, delay=delay or None, headers=headers, id=task_id)
+                else:
+                    ch.nack(d, True, delay or 0.0001, headers)  # > 0: an explicit retry, not an attempt
+            else:
+                if state is not None:
+                    ch.result(None, task_id, state, value, meta)
+                if not d.settled:
+                    ch.nack(d, settle == S_REQUEUE)
+        except Disconnected:
+            if state in ("SUCCESS", "FAILURE"):
+                self._store_later(task_id, state, value, meta)
+        except BrokerdError as exc:
+            log.warning("could not settle task %s with brokerd: %s", task_id, exc)
+
+    def _store_later(self, task_id, state, value, meta):
+        self._orphans.append((task_id, state, value, meta))
+
+    def _hand_back_job(self, job: _Job):
+        """A job that never started goes back to brokerd (nack with requeue)."""
+        self._running.pop(job.seq, None)
+        ch = self._channel
+        if ch is not None and job.gen == ch.gen and not job.d.settled:
+            try:
+                ch.nack(job.d, True)
+            except BrokerdError:
+                pass
+
+    def _lost_job(self, job: _Job):
+        """Its process died mid-task: hand the delivery back for redelivery (counts an attempt)."""
+        self._running.pop(job.seq, None)
+        ch = self._channel
+        if ch is not None and job.gen == ch.gen and not job.d.settled:
+            try:
+                ch.nack(job.d, True)
+            except BrokerdError:
+                pass
+
+    def _check_sink(self):
+        sink = self._sink
+        while sink:
+            what, err = sink.popleft()
+            if isinstance(err, Disconnected):
+                if what[0] == "result" and what[2] in ("SUCCESS", "FAILURE", "REVOKED"):
+                    self._store_later(*what[1:])
+                continue
+            if getattr(err, "code", None) == "STALE_DELIVERY":
+                log.warning("brokerd had already taken back %s %r (reservation timeout?): %s", what[0], what[1], err)
+            else:
+                log.warning("brokerd refused %s of %r: %s", what[0], what[1], err)
+
+    def _store_orphans(self):
+        ch = self._channel
+        if ch is None or not self._orphans:
+            return
+        orphans, self._orphans = self._orphans, []
+        for task_id, state, value, meta in orphans:
+            try:
+                ch.result(None, task_id, state, value, meta)
+            except Disconnected:
+                self._orphans.append((task_id, state, value, meta))
+            else:
+                if len(self._ran_offline) < RAN_OFFLINE_MAX:
+                    self._ran_offline.add(task_id)
+        log.info("stored %d results of tasks that finished while brokerd was unreachable", len(orphans))
+
+    # -- events (both loops) ------------------------------------------------------------------
+    def _event(self, ev):
+        kind = ev[0]
+        if kind == "delivery":
+            self._received(ev[1], ev[2])
+        elif kind == "done":
+            self.pool.on_done(ev[1], ev[2], ev[3])
+        elif kind == "poke":
+            self._take_deliveries()
+        elif kind == "connected":
+            _, client, consumer, gen, direct = ev
+            self._client = client
+            self._consumer = consumer
+            self._direct = consumer._state.buffer if direct else None
+            self._gen = gen
+            self._channel = _Channel(client, gen, self._sink, self.result_ttl)
+            # CONTROL broadcasts (revoke with terminate) arrive in the client's reader thread
+            client.control_handlers.append(lambda payload: self._post(("control", payload)))
+            self.ready.set()
+            if gen == 1:
+                log.info("%s ready: consuming %s (prefetch %d, pool %s x %d)", self.hostname, ",".join(self.queues),
+                         self.prefetch, self.pool_kind, self.concurrency)
+            self._store_orphans()
+            if self._stopping:
+                self._cancel_consumer()
+            self._take_deliveries()
+        elif kind == "lost":
+            if ev[1] == self._gen:
+                self._channel = None
+                self._consumer = None
+                self._direct = None
+                self.ready.clear()
+                dropped = len(self._backlog)
+                self._backlog.clear()
+                if dropped:
+                    log.info("dropped %d waiting tasks of the lost connection (brokerd redelivers them)", dropped)
+        elif kind == "signal":
+            self._signals += 1
+            name = signal.Signals(ev[1]).name
+            if self._signals == 1:
+                log.warning("%s received: warm stop (running tasks get %gs; again for a cold stop)", name, self.grace)
+                self._begin_stop()
+            else:
+                log.warning("%s received again: cold stop", name)
+                self._cold = True
+        elif kind == "stop":
+            if ev[1] and not self._stopping:
+                log.info("stop requested: warm stop")
+                self._begin_stop()
+            elif not ev[1]:
+                self._cold = True
+        elif kind == "tick":
+            pass
+        elif kind == "control":
+            self._on_control(ev[1])
+        elif kind == "intake-done":
+            self._intake_done = True
+        elif kind == "fatal":
+            self._fatal = ev[1]
+            self._cold = True
+
+    def _take_deliveries(self):
+        """Deliveries the client buffered for our consumer (the direct path; see _intake)."""
+        buf = self._direct
+        if buf:
+            gen = self._gen
+            received = self._received
+            while buf:
+                received(buf.popleft(), gen)
+
+    def _begin_stop(self):
+        if self._stopping:
+            return
+        self._stopping = True
+        self._stop_event.set()
+        self._grace_deadline = time.monotonic() + self.grace
+        self._cancel_consumer()
+        self._hand_back()
+        if self.pool is not None:
+            self.pool.drain()
+
+    def _cancel_consumer(self):
+        c = self._consumer
+        if c is not None:
+            try:
+                c.cancel()  # gives back what the client received but did not hand out
+            except BrokerdError:
+                pass
+
+    def _hand_back(self):
+        """Deliveries received but not started go back to brokerd now."""
+        ch = self._channel
+        n = 0
+        while self._backlog:
+            job = self._backlog.popleft()
+            if ch is not None and job.gen == ch.gen and not job.d.settled:
+                try:
+                    ch.nack(job.d, True)
+                    n += 1
+                except BrokerdError:
+                    pass
+        if n:
+            log.info("handed %d waiting tasks back to brokerd", n)
+
+    # -- the synchronous main loop (processes, threads) ----------------------------------------
+    def _run_sync(self):
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.poller = select.poll()
+        self.poller.register(self._wake_r, select.POLLIN)
+        if self.pool_kind == "processes":
+            self.pool = ProcessPool(self, self.concurrency if not self.autoscale else max(self.autoscale[1], 1),
+                                    self.max_tasks_per_child)
+        else:
+            self.pool = ThreadPool(self, self.concurrency if not self.autoscale else max(self.autoscale[1], 1))
+        main = threading.current_thread() is threading.main_thread()
+        old = {}
+        if main:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                old[sig] = signal.signal(sig, self._on_signal)
+        try:
+            self.pool.start()  # fork before any thread exists: children inherit no locks held
+            try:
+                client = self._connect(deadline=time.monotonic() + self.connect_timeout)
+            except BrokerUnreachable:
+                self.pool.close(cold=True)
+                raise
+            if client is None:  # stopped while connecting
+                self.pool.close(cold=True)
+                return
+            self._client = client
+            self._intake_thread = threading.Thread(target=self._intake, args=(client,), name="brokerd-intake", daemon=True)
+            self._intake_thread.start()
+            self._loop()
+        finally:
+            for sig, h in old.items():
+                signal.signal(sig, h)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = None
+        if self._fatal is not None:
+            raise self._fatal
+        if self._cold:
+            raise ColdStop("cold stop: running tasks were not waited for; brokerd redelivers them")
+
+    def _loop(self):
+        inbox = self._inbox
+        pool = self.pool
+        backlog = self._backlog
+        running = self._running
+        poller = self.poller
+        wake_r = self._wake_r
+        event = self._event
+        autoscale = self.autoscale
+        has_deadlines = False
+        next_shrink = None
+        while True:
+            while inbox:
+                event(inbox.popleft())
+            if self._sink:
+                self._check_sink()
+            if self._cold:
+                break
+            if pool.current < pool.size:
+                pool.maintain()
+            if backlog:
+                if self._stopping:
+                    self._hand_back()
+                else:
+                    pool.dispatch(backlog, running, time.monotonic())
+                    if self._limited:
+                        has_deadlines = True
+                    if backlog and autoscale and pool.size < autoscale[0]:
+                        pool.grow()
+                        continue
+            if self._stopping and not running:
+                break
+            # How long may we sleep?
+            timeout = None
+            now = None
+            if has_deadlines:
+                now = time.monotonic()
+                t = self._check_deadlines(now)
+                has_deadlines = t is not None
+                if t is not None:
+                    timeout = t - now
+            if autoscale:
+                now = now or time.monotonic()
+                next_shrink = pool.shrink_idle(now, autoscale[1], AUTOSCALE_IDLE)
+                if next_shrink is not None:
+                    timeout = min(timeout, next_shrink - now) if timeout is not None else next_shrink - now
+            if self._stopping:
+                now = now or time.monotonic()
+                left = self._grace_deadline - now
+                if left <= 0:
+                    log.error("grace period of %gs is over with %d tasks still running: cold stop", self.grace, len(running))
+                    self._cold = True
+                    break
+                timeout = min(timeout, left) if timeout is not None else left
+            # Send what this turn buffered (results, acks, nacks): one write for the batch.
+            ch = self._channel
+            if ch is not None:
+                try:
+                    ch.flush()
+                except BrokerdError:
+                    pass
+            # Sleep until a child writes, a delivery or signal arrives, or a timer is due.
+            self._sleeping = True
+            if inbox:
+                self._sleeping = False
+                continue
+            events = poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1))
+            self._sleeping = False
+            for fd, _ in events:
+                if fd == wake_r:
+                    try:
+                        while os.read(wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                else:
+                    pool.on_ready(fd)
+        self._shutdown()
+
+    def _check_deadlines(self, now):
+        """Fire time limits that are due; return the next deadline (or None)."""
+        nxt = None
+        for job in list(self._running.values()):
+            if job.soft_deadline is not None and not job.soft_sent:
+                if job.soft_deadline <= now:
+                    job.soft_sent = True
+                    log.warning("Soft time limit (%gs) exceeded for %s[%s]", job.soft, job.name, job.task_id)
+                    self.pool.soft_limit(job)
+                elif nxt is None or job.soft_deadline < nxt:
+                    nxt = job.soft_deadline
+            if job.deadline is not None:
+                if job.deadline <= now:
+                    log.error("Hard time limit (%gs) exceeded for %s[%s]", job.hard, job.name, job.task_id)
+                    self._running.pop(job.seq, None)
+                    self.pool.kill_job(job)
+                    exc = TimeLimitExceeded(f"task {job.name}[{job.task_id}] ran past its hard time limit of {job.hard:g}s")
+                    meta = exc_meta(exc, self.hostname, tb="")
+                    self._finish(job, (S_ACK, "FAILURE", None, meta, None, None))
+                elif nxt is None or job.deadline < nxt:
+                    nxt = job.deadline
+        return nxt
+
+    def _shutdown(self):
+        cold = self._cold
+        self._stop_event.set()
+        self.pool.close(cold=cold)
+        self._check_sink()
+        client = self._client
+        if client is not None:
+            try:
+                if self._channel is not None:
+                    self._channel.flush()
+            except BrokerdError:
+                pass
+            self._close_quietly(client)
+        if self._intake_thread is not None:
+            self._intake_thread.join(2.0)
+        if self._orphans:
+            log.warning("%d results could not be stored (brokerd unreachable); their tasks will run again", len(self._orphans))
+        log.info("%s stopped (%s)", self.hostname, "cold" if cold else "warm")
+
+    # -- the trio loop --------------------------------------------------------------------------
+    def _run_trio(self):
+        import trio
+
+        self.pool = _TrioPool(self)
+        try:
+            client = self._connect(deadline=time.monotonic() + self.connect_timeout)
+        except BrokerUnreachable:
+            raise
+        if client is None:
+            return
+        self._client = client
+        trio.run(self._trio_main, client)
+        if self._fatal is not None:
+            raise self._fatal
+        if self._cold:
+            raise ColdStop("cold stop: running tasks were cancelled; brokerd redelivers them")
+
+    async def _trio_main(self, client):
+        import trio
+
+        token = trio.lowlevel.current_trio_token()
+        send, recv = trio.open_memory_channel(float("inf"))
+        self._trio_send = send
+
+        def post(item, _soon=token.run_sync_soon, _send=send.send_nowait):
+            try:
+                _soon(_send, item)
+            except trio.RunFinishedError:
+                pass
+
+        self._post = post
+        main = threading.current_thread() is threading.main_thread()
+        async with trio.open_nursery() as nursery:
+            self.pool.nursery = nursery
+            if main:
+                nursery.start_soon(self._trio_signals)
+            self._intake_thread = threading.Thread(target=self._intake, args=(client,), name="brokerd-intake", daemon=True)
+            self._intake_thread.start()
+            pool = self.pool
+            backlog = self._backlog
+            while True:
+                if self._cold:
+                    break
+                if self._stopping and not self._running and not backlog:
+                    break
+                timeout = float("inf")
+                if self._stopping:
+                    timeout = self._grace_deadline - time.monotonic()
+                    if timeout <= 0:
+                        log.error("grace period of %gs is over with %d tasks still running: cold stop",
+                                  self.grace, len(self._running))
+                        self._cold = True
+                        break
+                with trio.move_on_after(timeout):
+                    ev = await recv.receive()
+                    self._event(ev)
+                    while True:  # drain without yielding between events
+                        try:
+                            ev = recv.receive_nowait()
+                        except trio.WouldBlock:
+                            break
+                        self._event(ev)
+                if self._stopping:
+                    self._hand_back()
+                while backlog and pool.has_idle():
+                    job = backlog.popleft()
+                    self._running[job.seq] = job
+                    pool.submit(job)
+                ch = self._channel
+                if ch is not None:
+                    try:
+                        ch.flush()
+                    except BrokerdError:
+                        pass
+            nursery.cancel_scope.cancel()
+        self._post = self._post_sync
+        await trio.to_thread.run_sync(self._shutdown_trio)
+
+    def _shutdown_trio(self):
+        self._stop_event.set()
+        self._check_sink()
+        client = self._client
+        if client is not None:
+            try:
+                if self._channel is not None:
+                    self._channel.flush()
+            except BrokerdError:
+                pass
+            self._close_quietly(client)
+        if self._intake_thread is not None:
+            self._intake_thread.join(2.0)
+        log.info("%s stopped (%s)", self.hostname, "cold" if self._cold else "warm")
+
+    async def _trio_signals(self):
+        import trio
+
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+            async for signum in sigs:
+                self._post(("signal", signum))
+
+
+class _TrioPool:
+    """Up to ``concurrency`` tasks at once on the trio loop (``def`` tasks in trio's threads)."""
+
+    kind = "trio"
+
+    def __init__(self, worker):
+        self.w = worker
+        self.runner = Runner(worker.app, worker.hostname)
+        self.running = 0
+        self.nursery = None
+
+    def has_idle(self) -> bool:
+        return self.running < self.w.concurrency
+
+    def submit(self, job: _Job):
+        self.running += 1
+        self.nursery.start_soon(self._run, job)
+
+    async def _run(self, job: _Job):
+        import trio
+
+        w = self.w
+        task = w.app.tasks[job.name]
+        limit = min(x for x in (job.soft, job.hard, float("inf")) if x)
+        limit = None if limit == float("inf") else limit
+        try:
+            fn = getattr(task, "run", None)
+            if inspect.iscoroutinefunction(fn):
+                outcome = await self.runner.execute_async(job.to_runner(True), limit, job.hard)
+            else:
+                with trio.move_on_after(limit if limit else float("inf")) as cs:
+                    outcome = await trio.to_thread.run_sync(self.runner.execute, job.to_runner(True), abandon_on_cancel=True)
+                if cs.cancelled_caught:
+                    hard = job.hard and (not job.soft or job.hard <= job.soft)
+                    exc = (TimeLimitExceeded if hard else SoftTimeLimitExceeded)(
+                        f"task {job.name}[{job.task_id}] ran past its time limit of {limit:g}s (its thread was abandoned)"
+                    )
+                    log.error("Time limit (%gs) exceeded for %s[%s]", limit, job.name, job.task_id)
+                    outcome = (S_ACK, "FAILURE", None, exc_meta(exc, w.hostname, tb=""), None, None)
+        finally:
+            self.running -= 1
+        w._finish(job, outcome)
+        ch = w._channel
+        if ch is not None:
+            try:
+                ch.flush()
+            except BrokerdError:
+                pass
+        # wake the main loop so that it dispatches the next job
+        w._trio_send.send_nowait(("tick",))
+
+    def on_done(self, *a):
+        pass
+
+    def drain(self):
+        pass  # jobs not started are in the worker's backlog, handed back by the main loop

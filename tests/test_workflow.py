@@ -1,0 +1,271 @@
+"""Schedules, revokes and chords kept by the broker, with a controlled clock."""
+
+import datetime as dt
+import shutil
+from zoneinfo import ZoneInfo
+
+import cbor2
+import pytest
+
+from broker.errors import BrokerError, RequestError
+from broker.state import BrokerState
+from broker.state.cron import Crontab
+from broker.wal import WriteAheadLog
+from client import wire
+from tests.test_durability import Rig
+
+W = 1
+T0 = dt.datetime(2026, 3, 1, 12, 0, 0, tzinfo=dt.timezone.utc).timestamp()
+
+
+def utc(*a):
+    return dt.datetime(*a, tzinfo=dt.timezone.utc).timestamp()
+
+
+def local(zone, *a, fold=0):
+    return dt.datetime(*a, tzinfo=ZoneInfo(zone), fold=fold).timestamp()
+
+
+@pytest.fixture
+def s():
+    st = BrokerState()
+    st.connect(W)
+    return st
+
+
+def fired_ids(state, queue="celery"):
+    return [m.id for m in state.peek(queue, 1000)] if queue in state.queues else []
+
+
+# -- crontab next-fire times ------------------------------------------------------------
+
+CRON_CASES = [
+    # (expr, tz, after, expected next)
+    ("0 * * * *", "UTC", utc(2026, 1, 31, 23, 30), utc(2026, 2, 1, 0, 0)),          # month end
+    ("0 0 31 * *", "UTC", utc(2026, 4, 1), utc(2026, 5, 31)),                       # skips 30-day months
+    ("0 0 29 2 *", "UTC", utc(2026, 3, 1), utc(2028, 2, 29)),                       # leap day
+    ("*/15 9-17 * * mon-fri", "UTC", utc(2026, 11, 27, 17, 50), utc(2026, 11, 30, 9, 0)),  # Fri evening → Mon
+    ("30 2 * * *", "UTC", utc(2026, 12, 31, 3, 0), utc(2027, 1, 1, 2, 30)),         # year end
+    ("0 0 1-7 * mon", "UTC", utc(2026, 1, 1), utc(2026, 1, 5)),                     # dom AND dow, Celery's reading
+    ("0 12 * * 0", "UTC", utc(2026, 11, 23), utc(2026, 11, 29, 12)),               # 0 = Sunday
+    ("0 12 * * 7", "UTC", utc(2026, 11, 23), utc(2026, 11, 29, 12)),               # 7 = Sunday too
+    ("0 9 * jan,jul *", "UTC", utc(2026, 2, 1), utc(2026, 7, 1, 9)),
+    # DST in Europe/Paris: 2026-03-29 02:00 local jumps to 03:00; 2026-10-25 03:00 falls back to 02:00
+    ("30 2 * * *", "Europe/Paris", utc(2026, 3, 28, 12), local("Europe/Paris", 2026, 3, 29, 3, 0)),  # in the gap: first instant after
+    ("30 2 * * *", "Europe/Paris", utc(2026, 10, 24, 12), local("Europe/Paris", 2026, 10, 25, 2, 30, fold=0)),  # twice: first
+    ("0 9 * * *", "Europe/Paris", utc(2026, 3, 29, 0), local("Europe/Paris", 2026, 3, 29, 9, 0)),
+]
+
+
+@pytest.mark.parametrize("expr,tz,after,want", CRON_CASES)
+def test_crontab_next_fire_times(expr, tz, after, want):
+    assert Crontab(expr, tz).next_after(after) == want
+
+
+def test_a_repeated_autumn_hour_fires_once():
+    c = Crontab("30 2 * * *", "Europe/Paris")
+    first = c.next_after(utc(2026, 10, 24, 12))
+    assert c.next_after(first) > first + 23 * 3600  # the second 02:30 is not another tick
+
+
+@pytest.mark.parametrize("expr,message", [
+    ("0 25 * * *", r"^crontab field hour: 25 is out of range 0-23$"),
+    ("* * * *", r"^a crontab has 5 fields \(minute hour day-of-month month day-of-week\), got 4 in '\* \* \* \*'$"),
+    ("0 0 * foo *", r"^crontab field month_of_year: 'foo' is not a number or a name$"),
+    ("*/0 * * * *", r"^crontab field minute: step must be >= 1$"),
+    ("0 0 5-1 * *", r"^crontab field day_of_month: range '5-1' runs backwards$"),
+])
+def test_a_bad_crontab_is_refused_naming_the_field(s, expr, message):
+    with pytest.raises(RequestError, match=message):
+        s.schedule_put("bad", {"cron": expr, "body": {"task": "t"}}, T0)
+    assert "bad" not in s.schedules
+
+
+def test_an_unknown_time_zone_is_refused(s):
+    with pytest.raises(RequestError, match=r"^unknown time zone 'Mars/Base'"):
+        s.schedule_put("x", {"cron": "0 0 * * *", "tz": "Mars/Base", "body": {}}, T0)
+
+
+# -- firing ---------------------------------------------------------------------------------
+
+def put_every(s, name="tick", every=10.0, catchup="latest", **extra):
+    return s.schedule_put(name, {"every": every, "body": {"task": "proj.tick", "args": [], "kwargs": {}},
+                                 "catchup": catchup, **extra}, T0)
+
+
+def test_an_interval_entry_fires_once_per_tick_never_early(s):
+    put_every(s)
+    s.tick(T0 + 9.999)
+    assert fired_ids(s) == []
+    s.tick(T0 + 10.0)
+    assert fired_ids(s) == [f"tick@{T0 + 10:.3f}"]
+    s.tick(T0 + 10.5)
+    s.tick(T0 + 19.9)
+    assert len(fired_ids(s)) == 1
+    s.tick(T0 + 20.2)
+    assert len(fired_ids(s)) == 2
+    env = cbor2.loads(s.peek("celery")[1].body)
+    assert env["task"] == "proj.tick" and env["id"] == env["root_id"] == f"tick@{T0 + 20:.3f}"
+
+
+@pytest.mark.parametrize("policy,expected", [
+    ("latest", [T0 + 100]),
+    ("all", [T0 + 10 * k for k in range(1, 11)]),
+    ("skip", []),
+])
+def test_after_downtime_each_catchup_policy_fires_what_it_promises(s, policy, expected):
+    put_every(s, catchup=policy)
+    s.tick(T0 + 108.0)  # down until 8 s after the 10th tick: all ten were missed
+    assert fired_ids(s) == [f"tick@{t:.3f}" for t in expected]
+    assert s.schedules["tick"].last_tick == T0 + 100
+    s.tick(T0 + 110.5)  # then on time again, whatever the policy
+    assert fired_ids(s)[-1] == f"tick@{T0 + 110:.3f}"
+
+
+def test_expires_makes_a_late_firing_drop_instead_of_pile_up(s):
+    put_every(s, expires=5.0)
+    s.tick(T0 + 10)
+    s.tick(T0 + 16)  # nobody consumed it within 5 s
+    assert s.queues["celery"].ready_count == 0 and s.queues["celery"].expired == 1
+
+
+def test_putting_the_same_entry_again_changes_nothing(s):
+    put_every(s)
+    s.tick(T0 + 10)
+    before = s.schedules["tick"].to_wire()
+    put_every(s)
+    assert s.schedules["tick"].to_wire() == before and len(s.schedules) == 1
+
+
+def test_a_paused_entry_skips_its_ticks(s):
+    put_every(s)
+    s.schedule_pause("tick", True, T0 + 5)
+    s.tick(T0 + 35)
+    assert fired_ids(s) == []
+    s.schedule_pause("tick", False, T0 + 35)
+    s.tick(T0 + 40)
+    assert fired_ids(s) == [f"tick@{T0 + 40:.3f}"]
+
+
+def test_crash_at_every_byte_never_fires_a_tick_twice(tmp_path):
+    rig = Rig(tmp_path / "wal")
+    s = rig.state
+    rig.op(s.schedule_put, "tick", {"every": 10.0, "body": {"task": "t"}, "catchup": "all"}, T0)
+    for k in range(1, 7):
+        rig.op(s.tick, T0 + 10 * k)
+    rig.wal.close()
+    (seg,) = sorted((tmp_path / "wal").glob("*.wal"))
+    data = seg.read_bytes()
+    cut_dir = tmp_path / "cut"
+    for cut in range(24, len(data) + 1, 3):
+        shutil.rmtree(cut_dir, ignore_errors=True)
+        cut_dir.mkdir()
+        (cut_dir / seg.name).write_bytes(data[:cut])
+        wal = WriteAheadLog(str(cut_dir), fsync="never")
+        st = BrokerState()
+        st.replay(((r.lsn, r.type, cbor2.loads(r.payload)) for r in wal.open()), T0 + 60)
+        wal.close()
+        before = fired_ids(st)
+        st.tick(T0 + 60)  # the broker comes back at the time of the 6th tick
+        after = fired_ids(st)
+        assert len(after) == len(set(after)), f"cut at {cut}: a tick fired twice: {after}"
+        assert after[: len(before)] == before
+        if "tick" in st.schedules:
+            assert after[-1] == f"tick@{T0 + 60:.3f}", f"cut at {cut}: the current tick was lost"
+
+
+def test_removing_an_entry_stops_it(s):
+    put_every(s)
+    assert s.schedule_remove("tick", T0) is True
+    s.tick(T0 + 100)
+    assert fired_ids(s) == [] and s.schedule_remove("tick", T0) is False
+
+
+def test_schedule_tick_cost_does_not_grow_with_idle_entries(s):
+    for i in range(2000):
+        s.schedule_put(f"e{i}", {"every": 3600.0 + i, "body": {"task": "t"}}, T0)
+    s.tick(T0 + 1)
+    assert len(s._sched_due) == 2000 and fired_ids(s) == []
+
+
+# -- revokes --------------------------------------------------------------------------------
+
+def test_a_revoked_task_is_never_delivered_and_is_revoked(s):
+    s.publish(W, "celery", b"x", "t1", 0, T0, delay=30)
+    s.publish(W, "celery", b"y", "t2", 0, T0)
+    s.revoke(["t1", "t2"], T0)
+    assert s.result_get(W, 1, "t1", T0)["state"] == "REVOKED"
+    s.connect(2)
+    s.consume(2, ["celery"], 10, T0)
+    s.tick(T0 + 31)
+    assert s.take_outbox().get(2) is None
+    assert s.queues["celery"].ready_count == 0
+
+
+def test_revokes_survive_replay_and_expire(s):
+    s.log_enabled = True
+    s.revoke("t1", T0, ttl=100)
+    recs = [(i + 1, t, cbor2.loads(cbor2.dumps(p))) for i, (t, p) in enumerate(s.take_records())]
+    fresh = BrokerState()
+    fresh.replay(recs, T0 + 50)
+    assert "t1" in fresh.revoked
+    fresh.tick(T0 + 100)
+    assert "t1" not in fresh.revoked
+
+
+# -- chords ---------------------------------------------------------------------------------
+
+def body_spec(task="proj.tsum", tid="body-1"):
+    return {"queue": "celery", "body": {"task": task, "id": tid, "args": [], "kwargs": {}}}
+
+
+def test_a_chord_body_runs_once_with_the_results_in_member_order(s):
+    s.chord_declare("c1", ["m1", "m2", "m3"], body_spec(), None, T0)
+    for m, v in (("m3", 3), ("m1", 1), ("m1", 1), ("m2", 2)):  # m1 twice: a redelivered member
+        s.result_set(W, m, "SUCCESS", v, None, T0)
+    (msg,) = s.peek("celery")
+    env = cbor2.loads(msg.body)
+    assert env["id"] == "body-1" and env["args"] == [[1, 2, 3]]
+    assert "c1" not in s.chords
+
+
+def test_a_failed_member_calls_the_error_callback_and_not_the_body(s):
+    err = {"queue": "errors", "body": {"task": "proj.on_chord_error", "args": [], "kwargs": {}}}
+    s.chord_declare("c1", ["m1", "m2"], body_spec(), err, T0)
+    s.result_set(W, "m1", "FAILURE", None, {"exc_type": "ValueError", "exc_message": "bad"}, T0)
+    s.result_set(W, "m2", "SUCCESS", 2, None, T0)
+    assert "celery" not in s.queues or s.queues["celery"].ready_count == 0
+    (msg,) = s.peek("errors")
+    assert cbor2.loads(msg.body)["args"] == ["m1", "ValueError", "bad"]
+    body = s.result_get(W, 1, "body-1", T0)
+    assert body["state"] == "FAILURE" and body["meta"]["exc_type"] == "ChordError"
+
+
+def test_a_chord_whose_last_result_was_logged_but_not_its_firing_fires_once_after_restart(s):
+    s.log_enabled = True
+    s.chord_declare("c1", ["m1", "m2"], body_spec(), None, T0)
+    s.result_set(W, "m1", "SUCCESS", 1, None, T0)
+    s.result_set(W, "m2", "SUCCESS", 2, None, T0)
+    recs = [(i + 1, t, cbor2.loads(cbor2.dumps(p))) for i, (t, p) in enumerate(s.take_records())]
+    from broker.state import records as R
+
+    # the crash cut the log right after the last member's RESULT
+    cut = [r for r in recs if r[1] != R.CHORD_FIRE]
+    for records, label in ((recs, "complete log"), (cut, "firing lost")):
+        fresh = BrokerState()
+        fresh.log_enabled = True
+        fresh.replay(records, T0)
+        bodies = [m for m in fresh.live_messages() if m.id == "body-1"]
+        assert len(bodies) == 1, label
+        # what replay decided (the firing) is logged, so a second restart does not fire again
+        decided = [(0, t2, cbor2.loads(cbor2.dumps(p2))) for t2, p2 in fresh.take_records()]
+        third = BrokerState()
+        third.replay([(i + 1, t, p) for i, (_, t, p) in enumerate(records + decided)], T0)
+        assert len([m for m in third.live_messages() if m.id == "body-1"]) == 1, label
+
+
+def test_bad_chords_are_refused(s):
+    with pytest.raises(RequestError, match=r"^chord members must be distinct task ids$"):
+        s.chord_declare("c", ["a", "a"], body_spec(), None, T0)
+    with pytest.raises(RequestError, match=r"^chord body must be a map with 'queue' and 'body'"):
+        s.chord_declare("c", ["a"], {"queue": "q"}, None, T0)
