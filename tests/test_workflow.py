@@ -269,3 +269,62 @@ def test_bad_chords_are_refused(s):
         s.chord_declare("c", ["a", "a"], body_spec(), None, T0)
     with pytest.raises(RequestError, match=r"^chord body must be a map with 'queue' and 'body'"):
         s.chord_declare("c", ["a"], {"queue": "q"}, None, T0)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"every": 10, "anchor": "soon", "body": {}}, r"^anchor must be a Unix time in seconds \(got 'soon'\)$"),
+    ({"cron": "0 0 * * *", "tz": 5, "body": {}}, r"^tz must be an IANA time zone name"),
+    ({"cron": "0 0 30 2 *", "body": {}}, r"never matches a date"),
+    ({"every": 0.0001, "body": {}}, r"^every must be a number of seconds >= 0.001"),
+    ({"every": 1, "owner": 7, "body": {}}, r"^owner must be a text string"),
+])
+def test_bad_schedule_fields_get_a_clear_error_not_an_internal_one(s, spec, message):
+    with pytest.raises(RequestError, match=message):
+        s.schedule_put("x", spec, T0)
+
+
+def test_a_future_anchor_is_the_first_tick(s):
+    s.schedule_put("a", {"every": 60, "anchor": T0 + 30, "body": {}}, T0)
+    assert s.schedules["a"].next == T0 + 30
+
+
+def test_a_long_downtime_with_a_tiny_interval_catches_up_in_bounded_work(s):
+    s.schedule_put("fast", {"every": 0.001, "body": {"task": "t"}, "catchup": "all"}, T0)
+    s.tick(T0 + 86400)  # a day of 1 ms ticks: 86 million; at most MAX_CATCHUP fire
+    from broker.state.schedules import MAX_CATCHUP
+
+    assert 0 < len(fired_ids(s)) <= MAX_CATCHUP
+
+
+def test_a_retried_chord_declaration_after_its_body_fired_does_not_fire_again(s):
+    s.chord_declare("c1", ["m1"], body_spec(), None, T0)
+    s.result_set(W, "m1", "SUCCESS", 1, None, T0)
+    assert s.chord_declare("c1", ["m1"], body_spec(), None, T0) == {"chord": "c1", "pending": 0}
+    assert len(s.peek("celery")) == 1
+
+
+def test_members_finished_before_the_declaration_still_count_after_a_restart(s):
+    s.log_enabled = True
+    s.result_set(W, "m1", "SUCCESS", 1, None, T0)  # finished before the chord existed
+    s.chord_declare("c1", ["m1", "m2"], body_spec(), None, T0)
+    recs = [(i + 1, t, cbor2.loads(cbor2.dumps(p))) for i, (t, p) in enumerate(s.take_records())]
+    fresh = BrokerState()
+    fresh.log_enabled = True
+    fresh.replay(recs, T0)
+    fresh.connect(W)
+    fresh.result_set(W, "m2", "SUCCESS", 2, None, T0)
+    (msg,) = fresh.peek("celery")
+    assert cbor2.loads(msg.body)["args"] == [[1, 2]]
+
+
+def test_a_revoked_member_fails_the_chord(s):
+    s.chord_declare("c1", ["m1", "m2"], body_spec(), None, T0)
+    s.revoke("m1", T0)
+    s.result_set(W, "m2", "SUCCESS", 2, None, T0)
+    assert "celery" not in s.queues or not s.peek("celery")
+    assert s.result_get(W, 1, "body-1", T0)["meta"]["exc_type"] == "ChordError"
+
+
+def test_a_chord_message_priority_is_checked(s):
+    with pytest.raises(RequestError, match=r"^chord body priority must be a whole number from 0 to 255 \(got 'high'\)$"):
+        s.chord_declare("c", ["a"], {**body_spec(), "priority": "high"}, None, T0)

@@ -859,7 +859,10 @@ class BrokerState(ResultsMixin, WorkflowMixin):
             elif t == R.DROP:
                 m = msgs.pop(p[0], None)
                 if m is not None:
-                    m.queue.dead_lettered += 1
+                    if p[1] == "revoked":
+                        m.queue.expired += 1  # as counted while running
+                    else:
+                        m.queue.dead_lettered += 1
             elif t == R.EXPIRE:
                 m = msgs.pop(p, None)
                 if m is not None:

@@ -79,6 +79,8 @@ def parse_field(spec: str, name: str, low: int, high: int, names=None) -> frozen
 
 class Crontab:
     def __init__(self, expr: str, tz: str = "UTC"):
+        if not isinstance(tz, str) or not tz:
+            raise RequestError(f"tz must be an IANA time zone name such as UTC or Europe/Paris (got {tz!r})")
         if not isinstance(expr, str):
             raise RequestError(f"a crontab is a text string of 5 fields (got {expr!r})")
         parts = expr.split()
@@ -92,7 +94,7 @@ class Crontab:
         self.expr = expr
         try:
             self.zone = ZoneInfo(tz)
-        except (ZoneInfoNotFoundError, ValueError):
+        except (ZoneInfoNotFoundError, ValueError, TypeError):
             raise RequestError(f"unknown time zone {tz!r}; use an IANA name such as UTC or Europe/Paris") from None
         self.tz = tz
         self._hours = sorted(self.hours)
@@ -137,15 +139,17 @@ class Crontab:
 class Every:
     """Ticks at anchor + k × seconds."""
 
-    def __init__(self, seconds, anchor: float):
-        if type(seconds) not in (int, float) or not seconds >= MIN_EVERY:
-            raise RequestError(f"every must be a number of seconds > 0 (got {seconds!r})")
+    def __init__(self, seconds, anchor):
+        if type(seconds) not in (int, float) or not MIN_EVERY <= seconds < float("inf"):
+            raise RequestError(f"every must be a number of seconds >= {MIN_EVERY} (got {seconds!r})")
+        if type(anchor) not in (int, float) or not abs(anchor) < float("inf"):
+            raise RequestError(f"anchor must be a Unix time in seconds (got {anchor!r})")
         self.seconds = float(seconds)
         self.anchor = float(anchor)
 
     def next_after(self, t: float) -> float:
         if t < self.anchor:
-            return self.anchor + self.seconds if t < self.anchor else self.anchor
+            return self.anchor  # a future anchor is the first tick
         k = int((t - self.anchor) // self.seconds) + 1
         nxt = self.anchor + k * self.seconds
         while nxt <= t:  # float rounding

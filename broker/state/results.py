@@ -114,7 +114,7 @@ class ResultsMixin:
         else:
             r.state, r.value, r.meta, r.expires, r.updated = state, value, meta, expires, now
         self._result_ttl.add((expires, task_id))
-        if (state == "SUCCESS" or state == "FAILURE") and self._chord_of:
+        if state in READY_STATES and self._chord_of:
             if task_id in self._chord_of:
                 ch = self.chords.get(self._chord_of[task_id])
                 if ch is not None and not ch["done"]:

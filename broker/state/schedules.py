@@ -39,6 +39,7 @@ MISSED_AFTER = 5.0  # seconds late at first sight: the tick was missed (downtime
 MAX_CATCHUP = 1000  # firings one entry may make at once under catchup=all
 DEFAULT_REVOKE_TTL = 24 * 3600.0  # seconds a revoke is remembered
 MAX_NAME = 200
+MAX_FIRED_CHORDS = 100_000  # fired chord ids remembered against a retried CHORD (~100 B each)
 SCHEDULE_KEYS = ("every", "anchor", "cron", "tz", "queue", "priority", "body", "catchup", "expires", "owner")
 
 
@@ -80,12 +81,16 @@ def check_spec(name, spec, now) -> Schedule:
     if e.expires is not None and (type(e.expires) not in (int, float) or not 0 < e.expires < float("inf")):
         raise RequestError(f"expires must be a number of seconds > 0 (got {e.expires!r})")
     e.owner = spec.get("owner")
+    if e.owner is not None and (type(e.owner) is not str or len(e.owner) > MAX_NAME):
+        raise RequestError(f"owner must be a text string of at most {MAX_NAME} characters (got {e.owner!r})")
     e.paused = False
     e.last_tick = None
     e.fired = 0
     e.created = now
     e.lsn = 0
     e.next = e.timing.next_after(now)
+    if e.next is None:
+        raise RequestError(f"{e.timing.describe()} never matches a date (e.g. February 30th); check day and month")
     return e
 
 
@@ -97,6 +102,8 @@ class WorkflowMixin:
         self._revoke_ttl = SortedList()  # (until, id)
         self.default_revoke_ttl = DEFAULT_REVOKE_TTL
         self.chords: dict[str, dict] = {}
+        # chord ids already fired, so a retried CHORD does not fire again; bounded, oldest dropped
+        self._fired_chords: dict[str, bool] = {}
         self._chord_of: dict[str, str] = {}  # member task id -> chord id
 
     # -- schedules -------------------------------------------------------------------
@@ -114,7 +121,7 @@ class WorkflowMixin:
             e.next = e.timing.next_after(max(now, e.last_tick or now))
             self._sched_due.discard((old.next, name))
         self._install_schedule(e)
-        e.lsn = self._log(R.SCHED_PUT, [name, spec, e.created])
+        e.lsn = self._log(R.SCHED_PUT, [name, spec, e.created, getattr(e.timing, "anchor", None)])
         return e.to_wire()
 
     def _install_schedule(self, e: Schedule) -> None:
@@ -159,10 +166,23 @@ class WorkflowMixin:
                 continue
             ticks = []
             t = e.next
+            jumped = False
             while t is not None and t <= now:
                 ticks.append(t)
                 if len(ticks) > MAX_CATCHUP:
                     ticks.pop(0)
+                    if not jumped:
+                        # Long downtime: jump close to now instead of walking every missed
+                        # tick (an every=1ms entry after a day down is 86 million of them).
+                        jumped = True
+                        timing = e.timing
+                        if hasattr(timing, "seconds"):
+                            k = int((now - timing.anchor) // timing.seconds) - MAX_CATCHUP
+                            t = max(t, timing.anchor + k * timing.seconds)
+                        else:
+                            t = max(t, timing.next_after(now - 7 * 86400) or t)
+                        ticks = []
+                        continue
                 t = e.timing.next_after(t)
             on_time = [x for x in ticks if now - x <= MISSED_AFTER]
             if e.catchup == "all":
@@ -210,9 +230,11 @@ class WorkflowMixin:
 
     def _replay_schedule_record(self, t, p, lsn, msgs) -> None:
         if t == R.SCHED_PUT:
-            name, spec, created = p
+            name, spec, created = p[0], p[1], p[2]
+            anchor = p[3] if len(p) > 3 else None
             old = self.schedules.get(name)
-            e = check_spec(name, spec, created)
+            e = check_spec(name, {**spec, "anchor": anchor} if anchor is not None and "every" in spec else spec, created)
+            e.spec = spec
             if old is not None:
                 e.last_tick, e.fired, e.paused = old.last_tick, old.fired, old.paused
             e.lsn = lsn
@@ -251,10 +273,14 @@ class WorkflowMixin:
 
     def _compact_workflow(self, through_lsn: int) -> None:
         for e in self.schedules.values():
-            self._log(R.SCHED_PUT, [e.name, e.spec, e.created])
+            self._log(R.SCHED_PUT, [e.name, e.spec, e.created, getattr(e.timing, "anchor", None)])
             self._log(R.SCHED_STATE, [e.name, e.last_tick, e.fired, e.paused])
         if self.revoked:
             self._log(R.REVOKE, [[[i, u] for i, u in self.revoked.items()], False])
+        while len(self._fired_chords) > MAX_FIRED_CHORDS:
+            self._fired_chords.pop(next(iter(self._fired_chords)))
+        for cid in self._fired_chords:
+            self._log(R.CHORD_FIRE, [cid, True, None])
         for cid, ch in self.chords.items():
             self._log(R.CHORD, [cid, ch["members"], ch["body"], ch["error"]])
             for member, res in ch["results"].items():
@@ -332,15 +358,22 @@ class WorkflowMixin:
             if type(spec) is not dict or type(spec.get("body")) is not dict:
                 raise RequestError(f"chord {what} must be a map with 'queue' and 'body' (a task envelope map)")
             validate_queue_name(spec.get("queue", "celery"))
+            prio = spec.get("priority", 0)
+            if type(prio) is not int or not 0 <= prio <= MAX_PRIORITY:
+                raise RequestError(f"chord {what} priority must be a whole number from 0 to 255 (got {prio!r})")
         if chord_id in self.chords:
             return {"chord": chord_id, "pending": len(self.chords[chord_id]["pending"])}
+        if chord_id in self._fired_chords:  # a retried CHORD after its body already went
+            return {"chord": chord_id, "pending": 0}
         self._install_chord(chord_id, members, body, error)
         self._log(R.CHORD, [chord_id, members, body, error])
-        # members may have finished before the chord was declared
+        # Members may have finished before the chord was declared: count them, and
+        # log each count, so a restart does not see them pending again.
         ch = self.chords[chord_id]
         for m in members:
             r = self.results.get(m)
-            if r is not None and r.state in ("SUCCESS", "FAILURE"):
+            if r is not None and r.state in ("SUCCESS", "FAILURE", "REVOKED") and not ch["done"]:
+                self._log(R.CHORD_MEMBER, [chord_id, m, [r.state, r.value, r.meta]])
                 self._chord_member_done(ch, m, r.state, r.value, r.meta, now)
         return {"chord": chord_id, "pending": len(ch["pending"])}
 
@@ -366,7 +399,7 @@ class WorkflowMixin:
             return  # a redelivered member finishing twice counts once
         ch["pending"].discard(member)
         ch["results"][member] = [state, value, meta]
-        if state == "FAILURE":
+        if state != "SUCCESS":  # FAILURE or REVOKED: the chord cannot complete
             self._finish_chord(ch, False, now, member, meta, replaying)
         elif not ch["pending"]:
             self._finish_chord(ch, True, now, None, None, replaying)
@@ -410,6 +443,7 @@ class WorkflowMixin:
 
     def _forget_chord(self, ch) -> None:
         self.chords.pop(ch["id"], None)
+        self._fired_chords[ch["id"]] = True
         for m in ch["members"]:
             if self._chord_of.get(m) == ch["id"]:
                 del self._chord_of[m]
@@ -430,6 +464,7 @@ class WorkflowMixin:
             ch = self.chords.get(cid)
             if ch is not None:
                 self._forget_chord(ch)
+            self._fired_chords[cid] = True
             if payload is not None:
                 m = self._message_from(payload, lsn)
                 msgs[m.seq] = m
@@ -438,8 +473,8 @@ class WorkflowMixin:
     def _after_replay_chords(self, now: float) -> None:
         """A chord whose last member's result was logged but whose firing was not: fire now."""
         for ch in list(self.chords.values()):
-            if ch["done"] or any(r[0] == "FAILURE" for r in ch["results"].values()) or not ch["pending"]:
-                failed = next((m for m, r in ch["results"].items() if r[0] == "FAILURE"), None)
+            if ch["done"] or any(r[0] != "SUCCESS" for r in ch["results"].values()) or not ch["pending"]:
+                failed = next((m for m, r in ch["results"].items() if r[0] != "SUCCESS"), None)
                 if failed is not None:
                     self._finish_chord(ch, False, now, failed, ch["results"][failed][2], False)
                 elif not ch["pending"]:
