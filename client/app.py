@@ -563,6 +563,67 @@ class Control:
         ids = [task_id] if isinstance(task_id, str) else list(task_id)
         return self.app.client.revoke(ids, terminate=terminate, ttl=ttl)
 
+    # -- remote control of workers, through brokerd (protocol.md §5.34) --
+    def broadcast(self, command: str, arguments: dict | None = None, destination=None, reply: bool = False,
+                  timeout: float = 1.0):
+        """Send ``command`` to the live workers (or those named in ``destination``).
+
+        brokerd gathers the replies until every worker answered or ``timeout`` seconds
+        passed; with ``reply=True`` they are returned as Celery does, a list of
+        ``{hostname: reply}``, else None.
+        """
+        replies = self.app.client.control(command, arguments, timeout=timeout, destination=destination)
+        return [{h: r} for h, r in sorted(replies.items())] if reply else None
+
+    def ping(self, destination=None, timeout: float = 1.0) -> list:
+        """``[{hostname: {"ok": "pong"}}, ...]`` for every worker that answered in time."""
+        return self.broadcast("ping", destination=destination, reply=True, timeout=timeout)
+
+    def inspect(self, destination=None, timeout: float = 1.0) -> "Inspect":
+        return Inspect(self.app, destination, timeout)
+
+    def pool_grow(self, n: int = 1, destination=None, reply: bool = False, timeout: float = 1.0):
+        """Add ``n`` slots (processes or threads) to each worker's pool."""
+        return self.broadcast("pool_grow", {"n": int(n)}, destination, reply, timeout)
+
+    def pool_shrink(self, n: int = 1, destination=None, reply: bool = False, timeout: float = 1.0):
+        """Remove ``n`` slots from each worker's pool (busy ones after their task)."""
+        return self.broadcast("pool_shrink", {"n": int(n)}, destination, reply, timeout)
+
+    def shutdown(self, destination=None, reply: bool = False, timeout: float = 1.0):
+        """Warm stop of the workers: they finish their running tasks and exit."""
+        return self.broadcast("shutdown", None, destination, reply, timeout)
+
+
+class Inspect:
+    """``app.control.inspect()``: read-only questions to the workers.  Each method returns
+    ``{hostname: reply}``, or None when no worker answered within the timeout (as Celery)."""
+
+    def __init__(self, app: "App", destination=None, timeout: float = 1.0):
+        self.app = app
+        self.destination = destination
+        self.timeout = timeout
+
+    def _ask(self, command: str, args: dict | None = None):
+        replies = self.app.client.control(command, args, timeout=self.timeout, destination=self.destination)
+        return replies or None
+
+    def ping(self):
+        return self._ask("ping")
+
+    def active(self):
+        """The tasks each worker is running: ``{hostname: [{"id", "name", "args", ...}]}``."""
+        return self._ask("active")
+
+    def registered(self):
+        """The task names each worker knows."""
+        return self._ask("registered")
+
+    def stats(self):
+        """Each worker's pool, counters and settings."""
+        return self._ask("stats")
+
+
 class Conf(dict):
     """Settings: a dict with attribute access (``app.conf.task_routes``)."""
 
@@ -600,6 +661,7 @@ class App:
         self._configured = False
         self._client = None
         self._client_pid = None
+        self._client_url = None
         self._lock = threading.Lock()
         self._register_builtins()
         App._current = self
@@ -679,7 +741,7 @@ class App:
 
     def _send(self, name, args, kwargs, *, countdown=None, eta=None, expires=None, priority=None,
               queue=None, task_id=None, headers=None, task=None, options=None, parent_id=None,
-              root_id=None, extra=None) -> AsyncResult:
+              root_id=None, extra=None, confirm=True) -> AsyncResult:
         check_encodable(name, args, kwargs)
         route = self.route(name, task)
         queue = queue or route.get("queue") or self.conf.task_default_queue
@@ -702,7 +764,8 @@ class App:
         if extra:
             env.update(extra)
         body = cbor2.dumps(env)
-        self.client.publish(queue, body, priority=priority or 0, eta=eta_s, id=task_id, confirm=True)
+        # confirm=False: pipelined; the caller (a group) waits for all confirms at once
+        self.client.publish(queue, body, priority=priority or 0, eta=eta_s, id=task_id, confirm=confirm)
         return AsyncResult(task_id, app=self)
 
     def AsyncResult(self, task_id) -> AsyncResult:
@@ -740,14 +803,18 @@ class App:
         """One blocking Client per process, shared by its threads; made on first use."""
         pid = os.getpid()
         c = self._client
-        if c is None or self._client_pid != pid or not c.is_open:
+        url = self.conf.broker_url
+        if c is None or self._client_pid != pid or not c.is_open or self._client_url != url:
             with self._lock:
                 c = self._client
-                if c is None or self._client_pid != pid or not c.is_open:
+                if c is None or self._client_pid != pid or not c.is_open or self._client_url != url:
                     from client.producer import Client
 
-                    c = self._client = Client(self.conf.broker_url, name=f"{self.main or 'app'}-{pid}")
+                    if c is not None and self._client_pid == pid and c.is_open:
+                        c.close()  # broker_url changed: talk to the new broker
+                    c = self._client = Client(url, name=f"{self.main or 'app'}-{pid}")
                     self._client_pid = pid
+                    self._client_url = url
         return c
 
     def close(self) -> None:

@@ -105,7 +105,7 @@ class Signature(dict):
         return Signature(self.name, copy.deepcopy(self["args"], memo), copy.deepcopy(self["kwargs"], memo),
                          copy.deepcopy(self["options"], memo), self._app, self.immutable)
 
-    def apply_async(self, args=(), kwargs=None, **options):
+    def apply_async(self, args=(), kwargs=None, _confirm=True, **options):
         """Send it; extra args are prepended (partial application), as in Celery."""
         s = self.clone(args, kwargs, **options)
         opts = dict(s.options)
@@ -117,7 +117,9 @@ class Signature(dict):
                 opts.pop(key, None)
         app = s.app
         task = app.tasks.get(s.name)
-        return app._send(s.name, s.args, s.kwargs, task=task, extra=extra or None,
+        if app.conf.task_always_eager and task is not None:
+            return task.apply(s.args, s.kwargs, task_id=opts.get("task_id"))
+        return app._send(s.name, s.args, s.kwargs, task=task, extra=extra or None, confirm=_confirm,
                          **_send_options(opts, task))
 
     def delay(self, *args, **kwargs):
@@ -220,7 +222,9 @@ class group:
             s = s.clone(args, kwargs, **options)
             s.freeze()
             app = s.app
-            results.append(s.apply_async())
+            results.append(s.apply_async(_confirm=False))  # pipelined ...
+        if app is not None and not app.conf.task_always_eager:
+            app.client.wait_for_confirms()  # ... and confirmed together: one round trip
         return GroupResult(str(uuid.uuid4()), results, app=app)
 
     def delay(self, *args, **kwargs):
@@ -266,7 +270,8 @@ class chord:
         errbacks = body.options.get("link_error") or []
         error = _message_spec(app, signature(errbacks[0])) if errbacks else None
         app.client.chord(chord_id, ids, spec, error)
-        results = [m.apply_async() for m in members]
+        results = [m.apply_async(_confirm=False) for m in members]
+        app.client.wait_for_confirms()
         gr = GroupResult(chord_id, results, app=app)
         return AsyncResult(body_id, app=app, parent=gr)
 
