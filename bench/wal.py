@@ -88,7 +88,13 @@ class Broker:
 
 
 def dir_bytes(path: str) -> int:
-    return sum(p.stat().st_size for p in Path(path).glob("*.wal"))
+    total = 0
+    for p in Path(path).glob("*.wal"):
+        try:
+            total += p.stat().st_size
+        except FileNotFoundError:  # deleted by compaction while we looked
+            pass
+    return total
 
 
 def stats(address: str) -> dict:

@@ -29,9 +29,10 @@ class Workers:
 
     def start(self, *args):
         env = dict(os.environ, BROKERD_URL=self.broker.address, CANVAS_DIR=str(self.dir), PYTHONPATH=str(ROOT))
+        log = open(self.dir / f"worker{len(self.procs)}.log", "w")  # a file: a full pipe would block the worker
         p = subprocess.Popen([sys.executable, "-m", "client.worker_cli", f"{MOD}:app", "-b", self.broker.address,
                               "-l", "warning", *args], cwd=ROOT, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.DEVNULL, stderr=log, text=True)
         self.procs.append(p)
         return p
 
@@ -45,6 +46,9 @@ class Workers:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(5)
+
+    def worker_logs(self) -> str:
+        return "\n".join(p.read_text() for p in sorted(self.dir.glob("worker*.log")))
 
     def lines(self, fname):
         f = self.dir / fname
@@ -184,12 +188,12 @@ def test_revoke_with_terminate_kills_a_running_task(env):
     app, w = env
     w.start("-P", "processes", "-c", "1")
     r = sig(app, "sleeper", 30).apply_async()
-    deadline = time.monotonic() + 20
-    while app.client.stats("celery")["inflight"] != 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)  # the worker has handed it to its child and it is sleeping
+    deadline = time.monotonic() + 30
+    while w.lines("sleeper.log") != ["started"] and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling a file the task writes when it starts
+    assert w.lines("sleeper.log") == ["started"], w.worker_logs()
     app.control.revoke(r.id, terminate=True)
     with pytest.raises(TaskRevokedError):
         r.get(timeout=20)
     assert sig(app, "add", 1, 1).apply_async().get(timeout=30) == 2  # the pool goes on
-    assert w.lines("sleeper.log") == []
+    assert w.lines("sleeper.log") == ["started"]  # never "finished": it was killed

@@ -155,6 +155,22 @@ class BrokerState(ResultsMixin, WorkflowMixin):
         else:
             box.append(frame)
 
+    def _next_seq(self) -> int:
+        """The seq of a message about to be created.
+
+        With the log on it is the LSN that the record creating the message will
+        get, so the caller must log that record next; Message.lsn then stays
+        None (= seq) until compaction rewrites the message, which saves one
+        int object (~32 B) per queued message."""
+        if self.log_enabled:
+            return self.last_lsn + 1
+        return next(self._seq)
+
+    def _log_created(self, msg: Message, rtype: int, payload) -> None:
+        lsn = self._log(rtype, payload)
+        if lsn != msg.seq:
+            msg.lsn = lsn
+
     def _log(self, rtype: int, payload) -> int:
         """Queue one log record; return the LSN the log will give it."""
         if self.log_enabled:
@@ -247,9 +263,6 @@ class BrokerState(ResultsMixin, WorkflowMixin):
         if msg_id is not None and (type(msg_id) is not str or not msg_id or len(msg_id) > MAX_MESSAGE_ID):
             raise RequestError(f"a message id must be a text string of 1 to {MAX_MESSAGE_ID} characters")
         q = self.queues.get(queue) or self.queue(queue)
-        seq = next(self._seq)
-        if msg_id is None:
-            msg_id = f"{self._boot}-{seq}"
         ready_at = None
         if delay is not None:
             if delay > 0:
@@ -266,11 +279,13 @@ class BrokerState(ResultsMixin, WorkflowMixin):
                     "QUEUE_FULL",
                 )
             self._drop_head(q, now)
+        seq = self._next_seq()
+        if msg_id is None:
+            msg_id = f"{self._boot}-{seq}"
         msg = Message(seq, msg_id, q, body, priority, headers, 0, ready_at, expires, now)
         q.published += 1
         if self.log_enabled:
-            self.last_lsn += 1
-            msg.lsn = self.last_lsn
+            self.last_lsn += 1  # == seq
             self.records.append((R.PUBLISH, R.message_payload(msg)))
         if expires is not None:
             self._ttl.add((expires, seq, msg))
@@ -612,8 +627,8 @@ class BrokerState(ResultsMixin, WorkflowMixin):
         headers["x-dead-attempts"] = msg.attempts
         # Attempts start again in the dead-letter queue, so its own consumers
         # get its own max_attempts; the count it died with stays in a header.
-        new = Message(next(self._seq), msg.id, dlq, msg.body, msg.priority, headers, 0, None, None, now)
-        new.lsn = self._log(R.DEAD, [msg.seq, R.message_payload(new)])
+        new = Message(self._next_seq(), msg.id, dlq, msg.body, msg.priority, headers, 0, None, None, now)
+        self._log_created(new, R.DEAD, [msg.seq, R.message_payload(new)])
         dlq.push_ready(new)
         if dlq.consumers and not dlq.paused:
             self._dispatch_queue(dlq, now)
@@ -771,8 +786,8 @@ class BrokerState(ResultsMixin, WorkflowMixin):
             headers = msg.headers
             if headers:
                 headers = {k: v for k, v in headers.items() if k not in ("x-dead-reason", "x-dead-from", "x-dead-attempts")} or None
-            new = Message(next(self._seq), msg.id, q, msg.body, msg.priority, headers, 0, None, None, now)
-            new.lsn = self._log(R.MOVE, [msg.seq, R.message_payload(new)])
+            new = Message(self._next_seq(), msg.id, q, msg.body, msg.priority, headers, 0, None, None, now)
+            self._log_created(new, R.MOVE, [msg.seq, R.message_payload(new)])
             q.push_ready(new)
             n += 1
         for msg in keep:
@@ -917,7 +932,8 @@ class BrokerState(ResultsMixin, WorkflowMixin):
     def _message_from(self, p, lsn) -> Message:
         seq, qname, mid, body, prio, headers, attempts, ready_at, expires, ts = p
         m = Message(seq, mid, self.queue(qname), body, prio, headers, attempts, ready_at, expires, ts)
-        m.lsn = lsn
+        if lsn != seq:
+            m.lsn = lsn
         return m
 
     def live_messages(self):
@@ -943,7 +959,7 @@ class BrokerState(ResultsMixin, WorkflowMixin):
             return 0
         n = 0
         for m in list(self.live_messages()):
-            if m.lsn <= through_lsn:
+            if (m.lsn or m.seq) <= through_lsn:
                 m.lsn = self._log(R.MESSAGE, R.message_payload(m))
                 n += 1
         self._compact_results(through_lsn)

@@ -52,7 +52,10 @@ class Message:
         "expires",  # float or None: TTL deadline
         "ts",  # publish time
         "state",
-        "lsn",  # log position of the record that holds this message's full state (compaction)
+        # Log position of the record holding this message's full state (for
+        # compaction); None means "= seq": a message's seq is the LSN of the record
+        # that created it, so most messages never need a second int object.
+        "lsn",
     )
 
     def __init__(self, seq, id, queue, body, priority, headers, attempts, ready_at, expires, ts):
@@ -67,7 +70,7 @@ class Message:
         self.expires = expires
         self.ts = ts
         self.state = READY
-        self.lsn = 0
+        self.lsn = None
 
     def __repr__(self):
         return f"<Message {self.id!r} q={self.queue.name} p={self.priority} seq={self.seq} att={self.attempts} st={self.state}>"

@@ -216,12 +216,12 @@ class WorkflowMixin:
         elif type(body) is not bytes:
             body = cbor2.dumps(body)
         q = self.queue(e.queue)
-        msg = Message(next(self._seq), msg_id, q, body, e.priority, {"x-schedule": e.name, "x-tick": tick},
+        msg = Message(self._next_seq(), msg_id, q, body, e.priority, {"x-schedule": e.name, "x-tick": tick},
                       0, None, expires, now)
         q.published += 1
         e.last_tick = tick
         e.fired += 1
-        msg.lsn = self._log(R.SCHED_TICK, [e.name, tick, R.message_payload(msg)])
+        self._log_created(msg, R.SCHED_TICK, [e.name, tick, R.message_payload(msg)])
         if expires is not None:
             self._ttl.add((expires, msg.seq, msg))
         q.push_ready(msg)
@@ -422,7 +422,7 @@ class WorkflowMixin:
             q = self.queue(spec.get("queue", "celery"))
             mid = env.get("id") or f"{ch['id']}:{'body' if ok else 'error'}"
             env["id"] = mid
-            msg = Message(next(self._seq), mid, q, cbor2.dumps(env), spec.get("priority", 0), None, 0, None, None, now)
+            msg = Message(self._next_seq(), mid, q, cbor2.dumps(env), spec.get("priority", 0), None, 0, None, None, now)
             q.published += 1
             payload = R.message_payload(msg)
         lsn = self._log(R.CHORD_FIRE, [ch["id"], ok, payload])
@@ -436,7 +436,8 @@ class WorkflowMixin:
                 self._log(R.RESULT, [body_id, "FAILURE", None, exc, expires, now, None])
         self._forget_chord(ch)
         if payload is not None:
-            msg.lsn = lsn
+            if lsn != msg.seq:
+                msg.lsn = lsn
             q.push_ready(msg)
             if q.consumers and not q.paused:
                 self._dispatch_queue(q, now)

@@ -56,6 +56,7 @@ def on_error(task_id, *rest):
 
 @app.task
 def sleeper(seconds):
+    _log("sleeper.log", "started")
     time.sleep(seconds)
     _log("sleeper.log", "finished")
     return "slept"
