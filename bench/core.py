@@ -55,7 +55,7 @@ class Broker:
 
     def __init__(self, extra_args: list[str], data_dir: str):
         cmd = [
-            sys.executable, "-m", "broker", "--host", "127.0.0.1", "--port", "0",
+            sys.executable, "-m", "broker", "--host", "127.0.0.1", "--port", "0", "--http-port", "0",
             "--data-dir", data_dir, *extra_args,
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")

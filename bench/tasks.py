@@ -18,6 +18,9 @@ Figures (the issue's "Figures for your closing note"):
    then read back and checked to be SUCCESS.
 3. **Round trip**: p50/p99 of ``noop.delay().get()`` over ``--latency``
    sequential calls through a worker (processes pool).
+4. **Cost of task events** (``--events-cost R``): figure 2 again, per pool, R
+   times with task events (the worker's default) and R times with
+   ``--no-task-events``, alternating; the medians and the difference.
 
 It starts its own brokerd (``python -m broker --port 0`` on 127.0.0.1, a
 temporary data dir) and workers, and stops each by its pid.  The last line
@@ -84,7 +87,7 @@ def child_pids(pid: int) -> list[int]:
 
 class Broker:
     def __init__(self, args: list[str], data_dir: str):
-        cmd = [sys.executable, "-m", "broker", "--host", "127.0.0.1", "--port", "0", "--data-dir", data_dir, *args]
+        cmd = [sys.executable, "-m", "broker", "--host", "127.0.0.1", "--port", "0", "--http-port", "0", "--data-dir", data_dir, *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
         self.port = None
@@ -116,10 +119,10 @@ class Broker:
 
 class WorkerProc:
     def __init__(self, address: str, pool: str, concurrency: int, multiplier: int, loglevel: str, log_path: str,
-                 profile: str | None = None):
+                 profile: str | None = None, extra: tuple = ()):
         self.cmd = [sys.executable, "-m", "client.worker_cli", "bench.tasks:app", "-b", address, "-Q", QUEUE,
                     "--pool", pool, "-c", str(concurrency), "--prefetch-multiplier", str(multiplier),
-                    "--loglevel", loglevel]
+                    "--loglevel", loglevel, *extra]
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         if profile:
             env["BROKERD_WORKER_PROFILE"] = profile
@@ -189,9 +192,9 @@ def warm_up(worker: WorkerProc, timeout=30.0):
 
 
 def end_to_end(broker: Broker, pool: str, n: int, concurrency: int, multiplier: int, loglevel: str,
-               profile: str | None, tmp: str) -> dict:
+               profile: str | None, tmp: str, extra: tuple = ()) -> dict:
     worker = WorkerProc(broker.address, pool, concurrency, multiplier, loglevel, os.path.join(tmp, f"worker-{pool}.log"),
-                        profile)
+                        profile, extra)
     try:
         warm_up(worker)
         c = app.client
@@ -249,6 +252,8 @@ def main(argv=None):
     ap.add_argument("--broker-args", default="", help='extra brokerd flags, e.g. --broker-args="--fsync never"')
     ap.add_argument("--worker-loglevel", default="warning", help="worker --loglevel (default warning: no per-task lines)")
     ap.add_argument("--profile", metavar="DIR", help="cProfile the worker's main thread into DIR/worker-<pool>.prof")
+    ap.add_argument("--events-cost", type=int, default=0, metavar="R",
+                    help="also run each pool R times with and R times without task events (--no-task-events)")
     a = ap.parse_args(argv)
     pools = [p for p in a.pools.split(",") if p]
 
@@ -270,6 +275,26 @@ def main(argv=None):
                 print(f"  tasks/s              {r['rate']:>9,.0f}  ({r['seconds']:.2f} s first publish -> last result stored;"
                       f" producer enqueued at {r['enqueue']:,.0f}/s meanwhile)")
                 print(f"  CPU seconds          broker {r['broker_cpu']:.2f}, worker {r['worker_cpu']:.2f} (with its children)")
+            for pool in pools if a.events_cost else ():
+                runs = {"with": [], "without": []}
+                for _ in range(a.events_cost):
+                    for label, extra in (("with", ()), ("without", ("--no-task-events",))):
+                        runs[label].append(end_to_end(broker, pool, a.n, a.concurrency, a.prefetch_multiplier,
+                                                      a.worker_loglevel, None, tmp, extra))
+
+                def median(label, key, scale=1.0):
+                    v = sorted(r[key] * scale for r in runs[label])
+                    return v[len(v) // 2]
+
+                us = 1e6 / a.n
+                print(f"cost of task events, --pool {pool}, {a.events_cost} runs each way, alternating (medians)")
+                for label, flag in (("with", "task events (default)"), ("without", "--no-task-events")):
+                    each = ", ".join(f"{r['rate']:,.0f}" for r in runs[label])
+                    print(f"  {flag:<22} {median(label, 'rate'):>7,.0f} tasks/s  (runs: {each}); "
+                          f"CPU per task: broker {median(label, 'broker_cpu', us):.0f} us, "
+                          f"worker {median(label, 'worker_cpu', us):.0f} us")
+                on, off = median("with", "rate"), median("without", "rate")
+                print(f"  throughput cost        {(off - on) / off * 100:>7.1f} %")
             if a.latency:
                 r = round_trip(broker, a.latency, a.worker_loglevel, tmp)
                 print(f"round trip, noop.delay().get() x {a.latency}, sequential, --pool processes -c 1")
@@ -280,6 +305,8 @@ def main(argv=None):
     cmd = ["python", "bench/tasks.py", "-n", str(a.n), "--pools", a.pools, "-c", str(a.concurrency),
            "--prefetch-multiplier", str(a.prefetch_multiplier), "--confirmed", str(a.confirmed),
            "--latency", str(a.latency), "--worker-loglevel", a.worker_loglevel]
+    if a.events_cost:
+        cmd += ["--events-cost", str(a.events_cost)]
     if a.broker_args:
         cmd.append(f"--broker-args={a.broker_args}")
     print("reproduce: ", shlex.join(cmd))

@@ -54,7 +54,7 @@ class Broker:
     def start(self) -> float:
         t0 = time.monotonic()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "broker", "--host", "127.0.0.1", "--port", "0", "--data-dir", self.data_dir,
+            [sys.executable, "-m", "broker", "--host", "127.0.0.1", "--port", "0", "--http-port", "0", "--data-dir", self.data_dir,
              "--log-level", "info", *self.args],
             cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         ready = threading.Event()

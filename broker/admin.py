@@ -39,6 +39,9 @@ HELP = [
     ("SCHEDULE <name>", "one schedule entry in full"),
     ("PAUSE-SCHEDULE <name>", "stop firing an entry (ticks while paused are skipped)"),
     ("RESUME-SCHEDULE <name>", "fire it again from its next tick"),
+    ("WORKERS", "every worker brokerd has heard of: state, pool, active, processed, last heartbeat"),
+    ("TASK <task-id>", "a task's state, name, args, result or traceback, and its timeline of events"),
+    ("EVENTS [n]", "stream events as lines, after the last n (default 0), until QUIT or close"),
     ("QUIT", "close this connection"),
 ]
 
@@ -316,6 +319,103 @@ def c_revoke(state, args, now, extra):
     return single(f"revoked {args[0]}")
 
 
+def _iso_ms(t) -> str:
+    import datetime as _dt  # formatting only; the time itself is passed in
+
+    if type(t) not in (int, float):
+        return "-"
+    return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _value(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, list):
+        return ",".join(_value(x) for x in v) or "-"
+    text = _cell(v)
+    return text.replace("\r", " ").replace("\n", " ")
+
+
+EVENT_LINE_SKIP = ("type", "ts", "hostname", "uuid", "traceback")
+
+
+def event_line(ev: dict, skip=EVENT_LINE_SKIP) -> str:
+    """One event as one text line: time, type, worker, task id, then key=value pairs."""
+    head = [_iso_ms(ev.get("ts")), f"{ev.get('type', '?')!s:<14}", str(ev.get("hostname", "-"))]
+    if "uuid" in ev:
+        head.append(str(ev["uuid"]))
+    rest = [f"{k}={_short(_value(v), 200)}" for k, v in ev.items() if k not in skip]
+    return "  ".join(head + ([" ".join(rest)] if rest else []))
+
+
+def _ago(t, now) -> str:
+    return "-" if type(t) not in (int, float) else f"{max(0.0, now - t):.1f}s ago"
+
+
+def c_workers(state, args, now, extra):
+    rows = []
+    for w in state.workers_list(now):
+        pool = w.get("pool")
+        size = w.get("pool_size")
+        load = w.get("loadavg")
+        rows.append([
+            w["hostname"], w["state"], pool, size,
+            w.get("active", 0) if w["state"] == "online" else "-", w.get("processed", 0),
+            ",".join(f"{x:.2f}" for x in load) if isinstance(load, list) and load else "-",
+            _ago(w["last_heartbeat"], now), ",".join(w.get("queues") or []) or "-",
+        ])
+    n = len(rows)
+    return multi(
+        f"{n} worker{'s' if n != 1 else ''}",
+        table(["WORKER", "STATE", "POOL", "SIZE", "ACTIVE", "PROCESSED", "LOADAVG", "HEARTBEAT", "QUEUES"], rows),
+    )
+
+
+def c_task(state, args, now, extra):
+    _need(args, 1, "TASK <task-id>")
+    task_id = args[0]
+    info = state.task_info(task_id, now)
+    if info is None:
+        return multi(f"task {task_id}", keyvalues([("id", task_id), ("state", "PENDING")]) + ["timeline:", "  (no events)"])
+    pairs = [("id", info["id"]), ("name", info["name"]), ("state", info["state"]), ("args", info["args"]),
+             ("kwargs", info["kwargs"]), ("queue", info["queue"]), ("worker", info["worker"]),
+             ("retries", info["retries"]), ("parent", info["parent_id"]), ("root", info["root_id"]),
+             ("children", ",".join(info["children"]) or None)]
+    meta = info["meta"] or {}
+    if info["result_state"] == "SUCCESS" or (info["result_state"] is None and info["state"] == "SUCCESS"):
+        pairs.append(("result", _short(repr(info["result"]) if info["result_state"] else str(info["result"]), 200)))
+    exc = info["exception"]
+    if meta.get("exc_type"):
+        exc = f"{meta.get('exc_type')}: {meta.get('exc_message')}"
+    if exc:
+        pairs.append(("exception", _short(str(exc), 200)))
+    if type(info["runtime"]) in (int, float):
+        pairs.append(("runtime_s", f"{info['runtime']:.6g}"))
+    lines = keyvalues([(k, v) for k, v in pairs])
+    lines.append("timeline:")
+    events = info["events"]
+    t0 = events[0].get("ts") if events else None
+    for ev in events:
+        ts = ev.get("ts")
+        rel = f"+{ts - t0:.3f}s" if type(ts) in (int, float) and type(t0) in (int, float) else "-"
+        kv = " ".join(f"{k}={_short(_value(v), 200)}" for k, v in ev.items() if k not in EVENT_LINE_SKIP)
+        lines.append(f"  {_iso_ms(ts)}  {rel:>9}  {str(ev.get('type')):<14}  {ev.get('hostname', '-')}  {kv}".rstrip())
+    if not events:
+        lines.append("  (no events)")
+    tb = meta.get("traceback") or info["traceback"]
+    if tb:
+        lines.append("traceback:")
+        lines += ["  " + line for line in str(tb).rstrip().splitlines()]
+    return multi(f"task {task_id}", lines)
+
+
+def c_events(state, args, now, extra):
+    # A text connection streams (broker/server.py handles EVENTS before it gets here); a binary
+    # ADMIN request cannot stream.
+    raise AdminError("BAD_REQUEST", "EVENTS streams on an admin text connection only; "
+                                    "a binary client sends SUBSCRIBE (protocol.md §5.30)")
+
+
 def c_quit(state, args, now, extra):
     return single("bye")
 
@@ -338,5 +438,8 @@ COMMANDS = {
     "SCHEDULE": c_schedule,
     "PAUSE-SCHEDULE": c_pause_schedule,
     "RESUME-SCHEDULE": c_resume_schedule,
+    "WORKERS": c_workers,
+    "TASK": c_task,
+    "EVENTS": c_events,
     "QUIT": c_quit,
 }

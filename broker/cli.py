@@ -16,7 +16,7 @@ import sys
 
 import trio
 
-from broker import __version__
+from broker import __version__, notify
 from broker.config import Config, ConfigError, load
 
 EXIT_OK = 0
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="TOML file of settings (flags and BROKERD_* override it)")
     p.add_argument("--host", help=f"address to listen on (default {d.host})")
     p.add_argument("--port", help=f"TCP port for the protocol and admin text (default {d.port}; 0 picks a free one)")
+    p.add_argument("--http-port", dest="http_port", help=f"TCP port for HTTP: /metrics, /api/queues, /healthz, /readyz (default {d.http_port}; 0 picks a free one)")
     p.add_argument("--data-dir", dest="data_dir", help=f"directory for the write-ahead log (default {d.data_dir})")
     p.add_argument("--max-frame", dest="max_frame", help=f"largest frame in bytes (default {d.max_frame})")
     p.add_argument("--heartbeat", help=f"seconds between heartbeats; 0 turns them off (default {d.heartbeat:g})")
@@ -81,8 +82,9 @@ async def run(config: Config) -> int:
         async with trio.open_nursery() as nursery:
             try:
                 await nursery.start(server.serve)
-            except OSError as exc:
-                log.error("cannot listen on %s:%s: %s", config.host, config.port, exc.strerror or exc)
+            except OSError as exc:  # exc.filename names the HTTP address when that one failed
+                where = exc.filename or f"{config.host}:{config.port}"
+                log.error("cannot listen on %s: %s", where, exc.strerror or exc)
                 return EXIT_NETWORK
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
@@ -132,9 +134,15 @@ async def open_server(config: Config):
     state.default_result_ttl = config.result_ttl
     t0 = time.monotonic()
     try:
-        replayed = state.replay(
-            ((r.lsn, r.type, loads(r.payload)) for r in wal.open(repair=config.repair)), time.time()
-        )
+        records = wal.open(repair=config.repair)
+        if notify.enabled():  # issue 7: tell systemd how far the replay got, and to wait for it
+            segments = sum(1 for n in os.listdir(config.data_dir) if n.endswith(".wal"))
+            notify.notify(
+                f"STATUS=recovering: replaying {segments} log segments in {config.data_dir}",
+                f"EXTEND_TIMEOUT_USEC={notify.usec(notify.REPLAY_EXTEND)}",
+            )
+            records = notify.replay_progress(records, segments, time.monotonic)
+        replayed = state.replay(((r.lsn, r.type, loads(r.payload)) for r in records), time.time())
     except CorruptLog as exc:
         raise DataDirError(f"{exc}") from None
     except WalError as exc:

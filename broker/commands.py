@@ -41,6 +41,12 @@ from client.wire import (
     OP_RESUME,
     OP_STATS,
     OP_TOUCH,
+    OP_CONTROL_REPLY,
+    OP_CONTROL_REQUEST,
+    OP_EMIT_EVENTS,
+    OP_SUBSCRIBE,
+    OP_TASK_INFO,
+    OP_WORKERS,
 )
 
 _NUM = (int, float)
@@ -264,6 +270,48 @@ def h_ping(state, conn, rid, f, now):
     return [OP_OK, rid, None]
 
 
+# -- events and remote control (protocol.md §5.29-5.35; broker/state/events.py) ----------
+def h_emit_events(state, conn, rid, f, now):
+    # [27, rid, hostname, [event, ...]]
+    hostname = _arg(f, 2, "hostname", (str,), "EMIT_EVENTS")
+    events = _arg(f, 3, "events", (list,), "EMIT_EVENTS")
+    return [OP_OK, rid, state.emit_events(conn, hostname, events, now)]
+
+
+def h_subscribe(state, conn, rid, f, now):
+    # [28, rid, on, replay|null]
+    on = _arg(f, 2, "on", (bool,), "SUBSCRIBE")
+    replay = _arg(f, 3, "replay", (int,), "SUBSCRIBE", required=False) or 0
+    return [OP_OK, rid, state.subscribe(conn, on, replay, now)]
+
+
+def h_task_info(state, conn, rid, f, now):
+    return [OP_OK, rid, state.task_info(_arg(f, 2, "task id", (str,), "TASK_INFO"), now)]
+
+
+def h_workers(state, conn, rid, f, now):
+    return [OP_OK, rid, state.workers_list(now)]
+
+
+def h_control_request(state, conn, rid, f, now):
+    # [31, rid, command, args|null, {timeout, destination}|null] -> OK {hostname: reply}, deferred
+    command = _arg(f, 2, "command", (str,), "CONTROL_REQUEST")
+    args = _arg(f, 3, "args", (dict,), "CONTROL_REQUEST", required=False)
+    opts = _arg(f, 4, "options", (dict,), "CONTROL_REQUEST", required=False) or {}
+    for k in opts:
+        if k not in ("timeout", "destination"):
+            raise RequestError(f"unknown CONTROL_REQUEST option {k!r}; known options: timeout, destination")
+    timeout = _opt_number(opts, "timeout", "CONTROL_REQUEST")
+    reply = state.control_request(conn, rid, command, args, now, timeout=timeout, destination=opts.get("destination"))
+    return None if reply is None else [OP_OK, rid, reply]
+
+
+def h_control_reply(state, conn, rid, f, now):
+    # [32, rid, reply_id, reply]
+    reply_id = _arg(f, 2, "reply id", (int,), "CONTROL_REPLY")
+    return [OP_OK, rid, state.control_reply(conn, reply_id, f[3] if len(f) > 3 else None, now)]
+
+
 HANDLERS = {
     OP_PUBLISH: h_publish,
     OP_CONSUME: h_consume,
@@ -287,6 +335,12 @@ HANDLERS = {
     OP_SCHEDULE_PAUSE: h_schedule_pause,
     OP_REVOKE: h_revoke,
     OP_CHORD: h_chord,
+    OP_EMIT_EVENTS: h_emit_events,
+    OP_SUBSCRIBE: h_subscribe,
+    OP_TASK_INFO: h_task_info,
+    OP_WORKERS: h_workers,
+    OP_CONTROL_REQUEST: h_control_request,
+    OP_CONTROL_REPLY: h_control_reply,
 }
 # Requests whose reply confirms a change to logged state: the server sends
 # their reply only once the change is durable under the fsync policy.
@@ -301,7 +355,7 @@ CONNECTION_OPS = (OP_HELLO, OP_HEARTBEAT, OP_BYE, OP_ADMIN)
 
 def handle(state, conn: int, frame: list, now: float):
     """One request frame → its reply frame (OK or ERROR), or None when the
-    reply is deferred (a parked RESULT_GET: the state sends it later)."""
+    reply is deferred (a parked RESULT_GET or CONTROL_REQUEST: the state sends it later)."""
     op = frame[0]
     rid = frame[1] if len(frame) > 1 else None
     if type(rid) is not int:

@@ -30,6 +30,9 @@ class ConfigError(ValueError):
 class Config:
     host: str = "127.0.0.1"
     port: int = 7700
+    # HTTP on the same address: /metrics, /api/queues, /healthz, /readyz
+    # (broker/http.py).  0 picks a free port.
+    http_port: int = 7701
     data_dir: str = "./brokerd-data"
     # The largest frame accepted, body included (see client.wire.DEFAULT_MAX_FRAME).
     max_frame: int = 16 * MiB
@@ -58,6 +61,10 @@ class Config:
             bad("host", "must be an address such as 127.0.0.1")
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             bad("port", f"must be a TCP port from 0 to 65535 (got {self.port!r})")
+        if not isinstance(self.http_port, int) or not 0 <= self.http_port <= 65535:
+            bad("http_port", f"must be a TCP port from 0 to 65535 (got {self.http_port!r})")
+        if self.http_port == self.port and self.port != 0:
+            bad("http_port", f"must differ from port ({self.port}): the protocol and HTTP each need their own")
         if not isinstance(self.max_frame, int) or self.max_frame < 1 * KiB:
             bad("max_frame", f"must be a number of bytes >= 1024 (got {self.max_frame!r})")
         if not isinstance(self.heartbeat, (int, float)) or self.heartbeat < 0:

@@ -72,6 +72,9 @@ class Durability:
         self._publish_bytes = 0
         self._publishes = 0
         self.recovery = wal.recovery
+        # When the write or fsync now running in a worker thread began (monotonic),
+        # None between them: /healthz and the systemd watchdog read writer_stall().
+        self._io_started: float | None = None
 
     # -- on the event loop ---------------------------------------------------------
     def submit(self, records: list, box: dict, release, early: dict | None = None) -> None:
@@ -177,11 +180,14 @@ class Durability:
         async with self._write_lock:
             if self.failed is not None:
                 return
+            self._io_started = time.monotonic()
             try:
                 await trio.to_thread.run_sync(fn)
             except WalFailed as exc:
                 self._fail(exc)
                 return
+            finally:
+                self._io_started = None
         if fn == self._write_pending:
             self._release_written()
         else:
@@ -218,6 +224,18 @@ class Durability:
                 break
         else:
             self.fsync_hist[-1] += 1
+
+    def writer_stall(self, now: float) -> float:
+        """Seconds the writer has spent inside the one write or fsync now running.
+
+        0 while it waits for work, and after the log failed (it has nothing
+        left to do: a full disk is a reason to drain, not to restart).  A
+        large figure means the disk stopped answering: a wedged writer.
+        """
+        started = self._io_started
+        if started is None or self.failed is not None:
+            return 0.0
+        return max(0.0, now - started)
 
     # -- compaction --------------------------------------------------------------------
     def live_bytes_estimate(self) -> int:

@@ -29,7 +29,7 @@ import time
 
 import trio
 
-from broker import __version__, admin
+from broker import __version__, admin, http, notify
 from broker.commands import DURABLE_OPS, HANDLERS, handle
 from broker.config import Config
 from broker.state import BrokerState
@@ -108,6 +108,10 @@ class Server:
         self.listeners: list = []
         self.nursery: trio.Nursery | None = None
         self.ready = False
+        self.stopping = False
+        self.http_address: tuple[str, int] | None = None  # (host, port) of /metrics and the probes
+        # issue 7 (events): the state drops events for a subscriber with this much unsent
+        self.state.output_backlog = lambda cid: c.out_bytes if (c := self.conns.get(cid)) is not None else 0
 
     # -- effects -------------------------------------------------------------------
     def _flush(self) -> None:
@@ -149,6 +153,13 @@ class Server:
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
         self.listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
+        try:  # issue 7: the HTTP port is bound up front too, so a busy one fails the start
+            http_sock = http.bind(cfg.host, cfg.http_port)
+        except OSError:
+            for listener in self.listeners:
+                await listener.aclose()
+            raise
+        self.http_address = http_sock.getsockname()[:2]
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             nursery.start_soon(self._ticker)
@@ -156,8 +167,18 @@ class Server:
                 await nursery.start(self.wal.run)
             for listener in self.listeners:
                 nursery.start_soon(self._accept_loop, listener)
+            # issue 7: HTTP (metrics, probes) and the systemd watchdog
+            await nursery.start(http.serve, self, http_sock)
+            log.info("http: listening on %s:%d (/metrics /api/queues /healthz /readyz)", *self.http_address)
+            interval = notify.watchdog_interval()
+            if interval is not None:
+                nursery.start_soon(self._watchdog, interval)
             addr = self.listeners[0].socket.getsockname()
             self.ready = True
+            notify.notify(
+                "READY=1",
+                f"STATUS=serving on {addr[0]}:{addr[1]}, http on {self.http_address[0]}:{self.http_address[1]}",
+            )
             log.info(
                 "brokerd %s ready: listening on %s:%d (binary protocol and admin text)",
                 __version__, addr[0], addr[1],
@@ -170,6 +191,9 @@ class Server:
 
     async def stop(self) -> None:
         """Graceful stop: close listeners, tell clients, flush the log."""
+        self.ready = False
+        self.stopping = True  # /readyz answers 503 from here on
+        notify.notify("STOPPING=1", "STATUS=stopping: closing connections and flushing the log")
         log.info("brokerd stopping: closing %d connections", len(self.conns))
         for listener in self.listeners:
             await listener.aclose()
@@ -187,6 +211,21 @@ class Server:
             await self.wal.close()
         if self.nursery is not None:
             self.nursery.cancel_scope.cancel()
+
+    async def _watchdog(self, interval: float) -> None:
+        """Feed systemd's watchdog (WATCHDOG=1) while the event loop runs this
+        task and the log writer is not wedged (``http.health``, as /healthz)."""
+        withheld = False
+        while True:
+            ok, body = http.health(self)
+            if ok:
+                notify.notify("WATCHDOG=1")
+                withheld = False
+            elif not withheld:
+                log.error("withholding WATCHDOG=1 from systemd: %s", body.get("reason"))
+                notify.notify(f"STATUS=unhealthy: {body.get('reason')}")
+                withheld = True
+            await trio.sleep(interval)
 
     async def _accept_loop(self, listener) -> None:
         async with listener:
@@ -488,6 +527,11 @@ class Server:
                 line = raw.rstrip(b"\r").decode("utf-8", "replace")
                 if not line.strip():
                     continue
+                if line.split()[0].upper() == "EVENTS":  # issue 7: stream events (_text_events)
+                    buf = await self._text_events(conn, line, buf)
+                    if buf is None:
+                        return "admin EVENTS ended"
+                    continue
                 reply = admin.execute(self.state, line, time.time(), self.admin_extra())
                 self._flush()
                 if self.wal is not None:  # PURGE, PAUSE...: reply once the change is on disk
@@ -504,6 +548,79 @@ class Server:
             if not data:
                 return "admin closed"
             buf += data
+
+    # -- issue 7 (events): EVENTS on an admin text connection ---------------------------------
+    async def _text_events(self, conn: Conn, line: str, buf: bytes):
+        """Stream events as text lines (``admin.event_line``) until QUIT or the connection breaks.
+
+        The connection subscribes like a binary client (``state.subscribe``): the state puts
+        EVENT frames in its output, which this task turns into lines.  Returns None when the
+        stream is over, or ``buf`` (the unread input) when EVENTS was refused (bad usage).
+        """
+        words = line.split()
+        if len(words) > 2 or (len(words) == 2 and not words[1].isdigit()):
+            await conn.stream.send_all(admin.error("BAD_REQUEST", "usage: EVENTS [n] (n: recent events to show first)").encode())
+            return buf
+        self.state.subscribe(conn.id, True, int(words[1]) if len(words) == 2 else 0, time.time())
+        await conn.stream.send_all(admin.single("streaming events; send QUIT to stop").encode())
+        self._flush()  # the replayed events
+        replies: list[bytes] = []
+        flags = {"quit": False}
+
+        async def read_commands(buf=buf):
+            while True:
+                while (i := buf.find(b"\n")) >= 0:
+                    raw, buf = buf[:i], buf[i + 1:]
+                    words = raw.decode("utf-8", "replace").split()
+                    if not words:
+                        continue
+                    if words[0].upper() == "QUIT":
+                        self.state.subscribe(conn.id, False, 0, time.time())
+                        replies.append(admin.single("bye").encode())
+                        flags["quit"] = True
+                    else:
+                        replies.append(admin.error("BAD_REQUEST", "streaming events: only QUIT is accepted").encode())
+                    conn.wake.set()
+                    if flags["quit"]:
+                        return
+                if len(buf) > admin.MAX_LINE:
+                    buf = b""
+                data = await conn.stream.receive_some(RECEIVE_BYTES)
+                if not data:  # the client sent all it will; keep streaming until it stops reading
+                    return
+                buf += data
+
+        frames = FrameReader(1 << 30)
+        failed: BaseException | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_commands)
+            try:
+                while not flags["quit"] or conn.out or replies:
+                    if not conn.out and not replies:
+                        conn.wake = trio.Event()
+                        await conn.wake.wait()
+                    taken = len(conn.out)
+                    if taken:
+                        data = b"".join(conn.out)
+                        del conn.out[:taken]
+                        frames.feed(data)
+                        out = []
+                        for f in frames.frames():
+                            if len(f) > 2 and f[2]:
+                                out.append(f"-- {f[2]} events dropped: this connection reads too slowly --")
+                            out += [admin.event_line(ev) for ev in (f[1] if len(f) > 1 else ())]
+                        await conn.stream.send_all("".join(x + "\r\n" for x in out).encode())
+                        conn.out_bytes -= len(data)
+                    while replies:
+                        await conn.stream.send_all(replies.pop(0))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as exc:
+                failed = exc  # re-raised below, outside the nursery, unwrapped
+            finally:
+                nursery.cancel_scope.cancel()
+        if failed is not None:
+            raise failed
+        return None
+    # -- end of issue 7 (events) ------------------------------------------------------------
 
     def admin_extra(self) -> dict:
         extra = {"uptime_s": round(time.time() - self.started, 1), "version": __version__}

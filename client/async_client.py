@@ -65,6 +65,7 @@ from client.errors import (
 from client.session import (
     CONFIRMS,
     CONTROL,
+    EVENTS,
     FLUSH,
     FLUSH_BYTES,
     FLUSH_DELAY,
@@ -80,6 +81,10 @@ from client.session import (
 )
 from client.wire import (
     OP_ADMIN,
+    OP_CONTROL_REQUEST,
+    OP_SUBSCRIBE,
+    OP_TASK_INFO,
+    OP_WORKERS,
     OP_DECLARE,
     OP_DELETE,
     OP_PAUSE,
@@ -278,6 +283,7 @@ class AsyncClient:
         self._io = None
         self._session: Session | None = None
         self.control_handlers: list = []  # called with each CONTROL payload (e.g. revoke+terminate)
+        self.event_handlers: list = []  # called with (events, dropped) for each EVENT frame (SUBSCRIBE)
         self._closed = False
         self._dirty = None
         self._confirm_event = None
@@ -411,6 +417,12 @@ class AsyncClient:
                     payload = controls.popleft()
                     for fn in list(self.control_handlers):
                         fn(payload)
+            elif obj is EVENTS:
+                frames = self._session.events
+                while frames:
+                    events, dropped = frames.popleft()
+                    for fn in list(self.event_handlers):
+                        fn(events, dropped)
             elif type(obj) is ConsumerState:
                 ev = obj.waiter
                 if ev is not None:
@@ -646,6 +658,33 @@ class AsyncClient:
         """As ``Client.admin``."""
         self._check()
         return admin_reply(await self._call(OP_ADMIN, line))
+
+    async def subscribe_events(self, handler=None, replay: int = 0) -> dict:
+        """As ``Client.subscribe_events``; ``handler(events, dropped)`` is called in the reader task."""
+        self._check()
+        if handler is not None:
+            self.event_handlers.append(handler)
+        return await self._call(OP_SUBSCRIBE, True, int(replay))
+
+    async def task_info(self, task_id: str) -> dict | None:
+        """As ``Client.task_info``."""
+        self._check()
+        return await self._call(OP_TASK_INFO, task_id)
+
+    async def workers(self) -> list:
+        """As ``Client.workers``."""
+        self._check()
+        return await self._call(OP_WORKERS)
+
+    async def control(self, command: str, args: dict | None = None, *, timeout: float = 1.0,
+                      destination: list | None = None) -> dict:
+        """As ``Client.control``."""
+        self._check()
+        opts = {"timeout": float(timeout)}
+        if destination is not None:
+            opts["destination"] = [destination] if isinstance(destination, str) else list(destination)
+        return await self._call(OP_CONTROL_REQUEST, command, args, opts,
+                                timeout=timeout + (self.timeout if self.timeout is not None else 10.0))
 
     async def ping(self) -> float:
         """One round trip; returns its duration in seconds."""

@@ -66,6 +66,7 @@ from client.errors import (
 from client.session import (
     CONFIRMS,
     CONTROL,
+    EVENTS,
     FLUSH,
     FLUSH_BYTES,
     FLUSH_DELAY,
@@ -81,6 +82,11 @@ from client.session import (
 )
 from client.wire import (
     OP_CHORD,
+    OP_CONTROL_REQUEST,
+    OP_EMIT_EVENTS,
+    OP_SUBSCRIBE,
+    OP_TASK_INFO,
+    OP_WORKERS,
     OP_RESULT_FORGET,
     OP_RESULT_GET,
     OP_REVOKE,
@@ -147,6 +153,7 @@ class Client:
         self._dirty = threading.Event()
         self._closed = False
         self.control_handlers: list = []  # called (in the reader thread) with each CONTROL payload
+        self.event_handlers: list = []  # called (in the reader thread) with (events, dropped) per EVENT frame
         self._session = Session(
             self, name=name or default_name(), heartbeat=heartbeat, now=_monotonic(), id_prefix=new_id_prefix()
         )
@@ -245,6 +252,15 @@ class Client:
                             fn(payload)
                         except Exception:
                             log.exception("a CONTROL handler failed")
+            elif obj is EVENTS:
+                frames = self._session.events
+                while frames:
+                    events, dropped = frames.popleft()
+                    for fn in list(self.event_handlers):
+                        try:
+                            fn(events, dropped)
+                        except Exception:
+                            log.exception("an event handler failed")
             elif type(obj) is ConsumerState:
                 obj.waiter.notify_all()
             else:
@@ -504,6 +520,44 @@ class Client:
 
     def chord(self, chord_id: str, members: list, body: dict, error: dict | None = None) -> dict:
         return self._call(OP_CHORD, chord_id, list(members), body, error)
+
+    # -- events, workers and remote control (protocol.md §5.29-5.35) ------------------------
+    def emit_events(self, hostname: str, events: list) -> int:
+        """Send a batch of event maps (``{"type": "task-received", "uuid": ..., ...}``) as ``hostname``."""
+        return self._call(OP_EMIT_EVENTS, hostname, list(events))
+
+    def subscribe_events(self, handler=None, replay: int = 0) -> dict:
+        """Receive every event brokerd gets from now on (after the last ``replay`` ones).
+
+        ``handler(events, dropped)`` is called in the client's reader thread for each batch
+        (``dropped``: events brokerd left out because this connection read too slowly).
+        Returns ``{"subscribed", "replayed", "dropped"}``.
+        """
+        if handler is not None:
+            self.event_handlers.append(handler)
+        return self._call(OP_SUBSCRIBE, True, int(replay))
+
+    def unsubscribe_events(self) -> dict:
+        return self._call(OP_SUBSCRIBE, False)
+
+    def task_info(self, task_id: str) -> dict | None:
+        """A task's history (events), what they say (name, args, worker, state...) and its
+        stored result; None when brokerd knows nothing of it."""
+        return self._call(OP_TASK_INFO, task_id)
+
+    def workers(self) -> list:
+        """Every worker brokerd has heard of: state (online, lost, offline), pool, counts."""
+        return self._call(OP_WORKERS)
+
+    def control(self, command: str, args: dict | None = None, *, timeout: float = 1.0,
+                destination: list | None = None) -> dict:
+        """Ask the live workers (or those named in ``destination``); returns
+        ``{hostname: reply}`` once all answered or after ``timeout`` seconds."""
+        opts = {"timeout": float(timeout)}
+        if destination is not None:
+            opts["destination"] = [destination] if isinstance(destination, str) else list(destination)
+        wait = timeout + (self.timeout if self.timeout is not None else 10.0)
+        return self._call(OP_CONTROL_REQUEST, command, args, opts, timeout=wait)
 
     def _touch(self, d: Delivery):
         w = _waiter()

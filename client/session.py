@@ -49,6 +49,7 @@ from client.wire import (
     OP_NACK,
     OP_RESULT_SET,
     OP_CONTROL,
+    OP_EVENT,
     OP_OK,
     OP_PUBLISH,
     OP_TOUCH,
@@ -87,6 +88,8 @@ CONFIRMS = object()
 FLUSH = object()
 # In the wake list returned by receive(): "CONTROL broadcasts arrived (session.controls)".
 CONTROL = object()
+# In the wake list returned by receive(): "EVENT frames of a subscription arrived (session.events)".
+EVENTS = object()
 
 
 class Pending:
@@ -302,6 +305,8 @@ class Session:
         self.quiet_errors: deque[tuple[object, BrokerdError]] = deque(maxlen=100)
         # CONTROL broadcasts from the broker (e.g. revoke with terminate), for the shell
         self.controls: deque = deque(maxlen=1000)
+        # EVENT frames of a subscription (SUBSCRIBE), as (events, dropped), for the shell
+        self.events: deque = deque(maxlen=1000)
         self.out: list[bytes] = [PREAMBLE]
         self.out_bytes = len(PREAMBLE)
         self.last_sent = now
@@ -568,6 +573,10 @@ class Session:
                 self.controls.append(f[1] if len(f) > 1 else None)
                 if CONTROL not in wake:
                     wake.append(CONTROL)
+            elif op == OP_EVENT:
+                self.events.append((f[1] if len(f) > 1 else [], f[2] if len(f) > 2 else 0))
+                if EVENTS not in wake:
+                    wake.append(EVENTS)
             elif op == OP_CLOSING:
                 self.closing = lost_from_closing(f[1] if len(f) > 1 else None, f[2] if len(f) > 2 else "")
             else:

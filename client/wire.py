@@ -63,6 +63,13 @@ OP_SCHEDULE_LIST = 23
 OP_SCHEDULE_PAUSE = 24
 OP_REVOKE = 25
 OP_CHORD = 26
+# observability and remote control (protocol.md §5.29-5.35)
+OP_EMIT_EVENTS = 27  # a worker's batch of events: [27, rid, hostname, [event, ...]]
+OP_SUBSCRIBE = 28  # start or stop the live event stream: [28, rid, on, replay]
+OP_TASK_INFO = 29  # a task's history and result: [29, rid, task_id]
+OP_WORKERS = 30  # the worker registry: [30, rid]
+OP_CONTROL_REQUEST = 31  # ask the workers something: [31, rid, command, args, {timeout, destination}]
+OP_CONTROL_REPLY = 32  # a worker's answer to a CONTROL with a reply_id: [32, rid, reply_id, reply]
 
 # server → client
 OP_OK = 64
@@ -70,6 +77,7 @@ OP_ERROR = 65
 OP_DELIVER = 66
 OP_CLOSING = 67  # the server is about to close the connection: [67, code, message]
 OP_CONTROL = 68  # a broadcast to consumers, e.g. [68, {"revoke": [ids], "terminate": true}]
+OP_EVENT = 69  # events for a subscriber: [69, [event, ...], dropped]
 
 CLIENT_OPS = {
     OP_HELLO: "HELLO",
@@ -98,8 +106,15 @@ CLIENT_OPS = {
     OP_SCHEDULE_PAUSE: "SCHEDULE_PAUSE",
     OP_REVOKE: "REVOKE",
     OP_CHORD: "CHORD",
+    OP_EMIT_EVENTS: "EMIT_EVENTS",
+    OP_SUBSCRIBE: "SUBSCRIBE",
+    OP_TASK_INFO: "TASK_INFO",
+    OP_WORKERS: "WORKERS",
+    OP_CONTROL_REQUEST: "CONTROL_REQUEST",
+    OP_CONTROL_REPLY: "CONTROL_REPLY",
 }
-SERVER_OPS = {OP_OK: "OK", OP_ERROR: "ERROR", OP_DELIVER: "DELIVER", OP_CLOSING: "CLOSING", OP_CONTROL: "CONTROL"}
+SERVER_OPS = {OP_OK: "OK", OP_ERROR: "ERROR", OP_DELIVER: "DELIVER", OP_CLOSING: "CLOSING", OP_CONTROL: "CONTROL",
+              OP_EVENT: "EVENT"}
 
 # --- protocol.md §4 "Errors" ----------------------------------------------------
 # code → (meaning, does the connection stay open)

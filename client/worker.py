@@ -86,7 +86,28 @@ acked without running the task again (another worker would run it again).
 **Autoscale** (``autoscale=(max, min)``, processes and threads pools): the
 pool grows by one slot whenever a delivery waits and every slot is busy,
 and shrinks by one slot per ``AUTOSCALE_IDLE`` seconds a slot stays idle,
-down to ``min``.  Prefetch credit is set once, from ``max``.
+down to ``min``.  Prefetch credit is set once, from ``max``.  While the pool
+may still grow, jobs are not batched onto busy processes.
+``max_memory_per_child`` (KiB, processes pool): a child whose resident memory
+(``/proc/<pid>/statm``) is above it once its jobs are done is replaced, like
+one past ``max_tasks_per_child``.
+
+**Events** (protocol.md §5.29).  The worker reports ``worker-online`` when it
+connects, ``worker-heartbeat`` every ``heartbeat_interval`` seconds (pool size,
+active, processed, load average, pool changes and replacements),
+``worker-pool-resized`` and ``worker-process-replaced`` as they happen, and
+``worker-offline`` when it stops; and, unless ``task_events`` is off
+(``--no-task-events``), each task's ``task-received``, ``task-started``,
+``task-succeeded`` / ``task-failed`` / ``task-retried`` / ``task-revoked`` /
+``task-rejected``.  Events cost no round trip: they are gathered for up to
+``EVENT_FLUSH_DELAY`` and leave in one EMIT_EVENTS frame, in the same write as
+the results, and nobody waits for its reply.  Measured cost on no-op tasks:
+bench/tasks.py ``--events-cost``.
+
+**Remote control** (protocol.md §5.34): brokerd forwards control requests as
+CONTROL frames with a ``reply_id``; the main loop answers ``ping``, ``active``,
+``registered``, ``stats``, ``pool_grow``, ``pool_shrink`` and ``shutdown``
+(warm) with CONTROL_REPLY.
 
 Logging follows Celery's lines (``Task proj.add[id] received``, ``... succeeded
 in 0.0012s: 4``, ``... retry: Retry in 2s: ValueError(...)``, ``... raised
@@ -127,6 +148,7 @@ from client.app import (
     decode_envelope,
 )
 from client.errors import BrokerdError, ConnectionClosed, ConnectionLost, Disconnected
+from client.wire import OP_CONTROL_REPLY, OP_EMIT_EVENTS
 
 __all__ = ["Worker", "Runner", "ExceptionInfo", "BrokerUnreachable", "ColdStop", "setup_logging"]
 
@@ -147,6 +169,18 @@ PICKLE = pickle.HIGHEST_PROTOCOL
 PR_SET_PDEATHSIG = 1
 MAX_BATCH = 16  # jobs handed to a pool process in one write when the backlog is deep
 OUTCOME_DELAY = 0.0005  # a child sends outcomes at the end of a batch, or once the oldest waited this long
+# Events (protocol.md §5.29): batched, one EMIT_EVENTS frame per main-loop turn, sent with the results.
+HEARTBEAT_INTERVAL = 2.0  # seconds between worker-heartbeat events (Celery's default); lost after 3 missed
+DEFAULT_TASK_EVENTS = True  # task-* events unless -E is turned off (--no-task-events); worker-* events always
+MAX_PENDING_EVENTS = 10_000  # events kept while brokerd is unreachable; the oldest half goes past this
+# Task events wait up to EVENT_FLUSH_DELAY (or until EVENT_FLUSH_MAX are pending) to share one EMIT_EVENTS
+# frame: flushing every loop turn costs brokerd a frame and a reply per task (~25 % of end-to-end no-op
+# throughput on 2 cores, bench/tasks.py --events-cost); 50 ms late is nothing to a person watching.
+# Worker events (online, heartbeat, offline, pool changes) go with the next flush, at once.
+EVENT_FLUSH_DELAY = 0.05
+EVENT_FLUSH_MAX = 1000
+EVENT_REPR_MAX = 200  # characters of args, kwargs and result reprs in events
+EVENT_TRACEBACK_MAX = 4000  # characters of a traceback in a task-failed event (brokerd keeps at most 4096)
 
 # Outcome settle codes: what to do with the delivery once the result (if any) is stored.
 S_ACK = 0  # done: ack (atomically with the result, when there is one)
@@ -230,6 +264,17 @@ class _Channel:
     def publish(self, queue, body, *, priority=0, delay=None, headers=None, id=None) -> None:
         self.client.publish(queue, body, priority=priority, delay=delay, headers=headers, id=id, confirm=False)
 
+    def events(self, hostname, batch) -> None:
+        """EMIT_EVENTS: a batch of events, pipelined like the results (one frame per loop turn)."""
+        w = _Done(("events", len(batch)), self.sink)
+        with self.lock:
+            w.p = self.session.request(OP_EMIT_EVENTS, [hostname, batch], waiter=w)
+
+    def control_reply(self, reply_id, reply) -> None:
+        w = _Done(("control reply", reply_id), self.sink)
+        with self.lock:
+            w.p = self.session.request(OP_CONTROL_REPLY, [reply_id, reply], waiter=w)
+
     def flush(self) -> None:
         if self.session.has_output:
             self.client._flush()
@@ -266,6 +311,23 @@ def exc_meta(exc: BaseException, hostname: str, tb: str | None = None) -> dict:
 def _short_repr(value) -> str:
     r = repr(value)
     return r if len(r) <= RESULT_REPR_MAX else r[: RESULT_REPR_MAX - 3] + "..."
+
+
+def _short_repr_text(text: str, limit: int = EVENT_REPR_MAX) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _event_repr(value, limit: int = EVENT_REPR_MAX) -> str:
+    try:
+        return _short_repr_text(repr(value), limit)
+    except Exception:  # a broken __repr__ must not cost the task
+        return f"<{type(value).__name__}>"
+
+
+def _exception_text(meta) -> str | None:
+    if not isinstance(meta, dict) or not meta.get("exc_type"):
+        return None
+    return _short_repr_text(f"{meta.get('exc_type')}({meta.get('exc_message', '')!r})", 300)
 
 
 def _checkpoint():
@@ -505,7 +567,7 @@ class _Job:
     """A delivery the main loop is looking after, from receipt to settlement."""
 
     __slots__ = ("seq", "d", "gen", "task_id", "name", "env", "soft", "hard", "deadline", "soft_deadline",
-                 "slot", "soft_sent")
+                 "slot", "soft_sent", "started")
 
     def to_runner(self, with_env: bool):
         d = self.d
@@ -538,6 +600,21 @@ def _hand_deliveries_to_main_loop(client, consumer, post) -> bool:
         state.waiter = _PokingCondition(client._lock, post)
     post(("poke",))  # whatever arrived before the switch
     return True
+
+
+try:
+    _PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+except (ValueError, OSError, AttributeError):
+    _PAGE_KB = 4
+
+
+def _rss_kb(pid: int) -> int | None:
+    """Resident memory of a process in KiB, from /proc (None where there is no /proc)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE_KB
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _prctl_pdeathsig():
@@ -577,10 +654,11 @@ class ProcessPool:
 
     kind = "processes"
 
-    def __init__(self, worker, size: int, max_tasks_per_child=None):
+    def __init__(self, worker, size: int, max_tasks_per_child=None, max_memory_per_child=None):
         self.w = worker
         self.size = size
         self.max_tasks = max_tasks_per_child
+        self.max_memory = max_memory_per_child  # KiB of resident memory; a child past it is replaced
         self.children: dict[int, _Child] = {}  # by parent-end fd
         self.by_pidfd: dict[int, _Child] = {}
         self.idle: list[_Child] = []
@@ -714,7 +792,9 @@ class ProcessPool:
     def dispatch(self, backlog: deque, running: dict, now: float) -> None:
         """Hand waiting jobs to idle children (and top up busy ones when the backlog is deep)."""
         batch = 1
-        if len(backlog) > len(self.children):
+        autoscale = self.w.autoscale
+        # While autoscale may still add processes, a job waits for one rather than queue behind a busy one.
+        if len(backlog) > len(self.children) and (autoscale is None or self.size >= autoscale[0]):
             batch = min(MAX_BATCH, -(-len(backlog) // max(1, len(self.children))))
         if self.idle:
             for c in list(self.idle):
@@ -739,8 +819,10 @@ class ProcessPool:
             job = backlog.popleft()
             job.slot = c
             running[job.seq] = job
-            if not c.jobs and job.hard:
-                job.deadline = now + job.hard
+            if not c.jobs:
+                self.w._job_started(job)
+                if job.hard:
+                    job.deadline = now + job.hard
             c.jobs.append(job)
             jobs.append(job.to_runner(False))
         c.assigned += len(jobs)
@@ -790,7 +872,7 @@ class ProcessPool:
             (n,) = FRAME.unpack_from(buf, pos)
             if end - pos - 4 < n:
                 break
-            seq, outcome = pickle.loads(buf[pos + 4: pos + 4 + n])
+            seq, outcome, runtime = pickle.loads(buf[pos + 4: pos + 4 + n])
             pos += 4 + n
             if not jobs or jobs[0].seq != seq:
                 continue  # settled already (it cannot happen; be safe)
@@ -799,9 +881,10 @@ class ProcessPool:
             if outcome is None:
                 w._hand_back_job(job)  # not started: the child was told to stop
             else:
-                w._finish(job, outcome)
+                w._finish(job, outcome, runtime)
             if jobs:
                 nxt = jobs[0]
+                w._job_started(nxt)
                 if nxt.hard:
                     nxt.deadline = time.monotonic() + nxt.hard
         if pos:
@@ -810,6 +893,14 @@ class ProcessPool:
             if self.max_tasks and c.done >= self.max_tasks:
                 log.info("%s (pid %d) ran %d tasks (--max-tasks-per-child): replacing it", c.label, c.pid, c.done)
                 self._retire(c)  # maintain() starts its successor
+                w._process_replaced(c.pid, "max-tasks-per-child", tasks=c.done)
+            elif self.max_memory and (rss := _rss_kb(c.pid)) is not None and rss > self.max_memory:
+                log.info("%s (pid %d) uses %d KiB, over --max-memory-per-child %d KiB: replacing it",
+                         c.label, c.pid, rss, self.max_memory)
+                self._retire(c)
+                w._process_replaced(c.pid, "max-memory-per-child", rss_kb=rss, tasks=c.done)
+            elif self.current > self.size:  # the pool was shrunk while it worked
+                self._retire(c)
             else:
                 c.idle_since = time.monotonic()
                 self.idle.append(c)
@@ -833,7 +924,7 @@ class ProcessPool:
                 c.label, c.pid, status, job.name, job.task_id,
             )
             for job in jobs:
-                w._lost_job(job)
+                w._lost_job(job, f"process {c.label} (pid {c.pid}) {status}")
         elif not w._stopping:
             log.warning("Process %s (pid %d) %s", c.label, c.pid, status)
 
@@ -876,6 +967,21 @@ class ProcessPool:
     def grow(self):
         self.size += 1
         log.info("autoscale: pool growing to %d processes", self.size)
+        self.w._pool_resized(self.size - 1, self.size, "autoscale")
+
+    def resize(self, delta: int, reason: str) -> int:
+        """Grow or shrink by ``delta`` slots (at least one stays); busy children leave after their task."""
+        old = self.size
+        self.size = max(1, old + delta)
+        while self.current > self.size and self.idle:
+            self._retire(self.idle[-1])
+        if self.size != old:
+            log.info("pool %s to %d processes (%s)", "grown" if self.size > old else "shrunk", self.size, reason)
+            self.w._pool_resized(old, self.size, reason)
+        return self.size
+
+    def pids(self) -> list:
+        return sorted(c.pid for c in self.children.values())
 
     def shrink_idle(self, now, minimum, idle_for) -> float | None:
         """Retire one slot idle for ``idle_for`` s when above ``minimum``; return when to look again."""
@@ -887,6 +993,7 @@ class ProcessPool:
             self.size -= 1
             self._retire(oldest)
             log.info("autoscale: pool shrunk to %d processes", self.size)
+            self.w._pool_resized(self.size + 1, self.size, "autoscale")
             return now + idle_for
         return due
 
@@ -939,15 +1046,18 @@ def _child_main(fd: int, w, label: str):
         oldest = 0.0
         last = len(jobs) - 1
         for i, job in enumerate(jobs):
+            runtime = None
             if _drain:
                 outcome = None  # not started: the parent hands it back to brokerd
             else:
+                t0 = clock()
                 outcome = runner.execute(job)
+                runtime = clock() - t0
             try:
-                data = dumps((job[0], outcome), PICKLE)
+                data = dumps((job[0], outcome, runtime), PICKLE)
             except Exception as exc:  # a value CBOR took but pickle does not: report it, don't die
                 meta = exc_meta(EncodeError(f"result of task {job[2]} cannot cross to the worker process: {exc}"), w.hostname)
-                data = dumps((job[0], (S_ACK, "FAILURE", None, meta, None, None)), PICKLE)
+                data = dumps((job[0], (S_ACK, "FAILURE", None, meta, None, None), runtime), PICKLE)
             if not out:
                 oldest = clock()
             out.append(pack(len(data)))
@@ -1004,8 +1114,9 @@ class ThreadPool:
                 job = s.q.get()
                 if job is None:
                     return
+                t0 = time.perf_counter()
                 outcome = runner.execute(job, s)
-                post(("done", s, job[0], outcome))
+                post(("done", s, job[0], outcome, time.perf_counter() - t0))
                 if s.abandoned:
                     return
             except (SoftTimeLimitExceeded, TimeLimitExceeded):
@@ -1026,21 +1137,26 @@ class ThreadPool:
                 job.deadline = now + job.hard
             if job.soft:
                 job.soft_deadline = now + job.soft
+            self.w._job_started(job)
             s.q.put(job.to_runner(True))
 
     def drain(self):
         pass  # a thread holds one job at a time: nothing waits behind it
 
-    def on_done(self, s: _ThreadSlot, seq, outcome):
+    def on_done(self, s: _ThreadSlot, seq, outcome, runtime=None):
         job = s.job
         if s.abandoned:
             return  # its job was settled already (hard time limit)
         s.job = None
         if job is not None and job.seq == seq:
-            self.w._finish(job, outcome)
+            self.w._finish(job, outcome, runtime)
         s.idle_since = time.monotonic()
         if s in self.slots:
-            self.idle.append(s)
+            if len(self.slots) > self.size:  # the pool was shrunk while it worked
+                self.slots.remove(s)
+                s.q.put(None)
+            else:
+                self.idle.append(s)
 
     def _inject(self, s: _ThreadSlot, job: _Job, exc_type) -> bool:
         with s.lock:
@@ -1068,6 +1184,20 @@ class ThreadPool:
     def grow(self):
         self.size += 1
         log.info("autoscale: pool growing to %d threads", self.size)
+        self.w._pool_resized(self.size - 1, self.size, "autoscale")
+
+    def resize(self, delta: int, reason: str) -> int:
+        """Grow or shrink by ``delta`` threads (at least one stays); busy ones leave after their task."""
+        old = self.size
+        self.size = max(1, old + delta)
+        while len(self.slots) > self.size and self.idle:
+            s = self.idle.pop()
+            self.slots.remove(s)
+            s.q.put(None)
+        if self.size != old:
+            log.info("pool %s to %d threads (%s)", "grown" if self.size > old else "shrunk", self.size, reason)
+            self.w._pool_resized(old, self.size, reason)
+        return self.size
 
     def shrink_idle(self, now, minimum, idle_for):
         if self.size <= minimum or not self.idle:
@@ -1080,6 +1210,7 @@ class ThreadPool:
             self.slots.remove(oldest)
             oldest.q.put(None)
             log.info("autoscale: pool shrunk to %d threads", self.size)
+            self.w._pool_resized(self.size + 1, self.size, "autoscale")
             return now + idle_for
         return due
 
@@ -1137,7 +1268,13 @@ class Worker:
 
     ``Worker(app, queues=None, concurrency=None, pool="processes", prefetch_multiplier=1,
     max_tasks_per_child=None, autoscale=None, hostname=None, loglevel="info", *, grace=30.0,
-    time_limit=None, soft_time_limit=None, broker=None, connect_timeout=10.0)``
+    time_limit=None, soft_time_limit=None, broker=None, connect_timeout=10.0, task_events=None,
+    heartbeat_interval=2.0, max_memory_per_child=None)``
+
+    ``task_events``: send task-* events (default: the app's ``worker_send_task_events``, else
+    on); worker-online/heartbeat/offline events are always sent, every ``heartbeat_interval``
+    seconds.  ``max_memory_per_child`` (KiB, processes pool): a pool process whose resident
+    memory is above it after a task is replaced.
 
     ``run()`` blocks until the worker is stopped (``stop()`` from another thread, or
     SIGTERM/SIGINT when ``run()`` is called in the main thread).  It returns after a warm stop,
@@ -1148,7 +1285,8 @@ class Worker:
     def __init__(self, app, queues=None, concurrency=None, pool="processes", prefetch_multiplier=None,
                  max_tasks_per_child=None, autoscale=None, hostname=None, loglevel="info", *,
                  grace=DEFAULT_GRACE, time_limit=None, soft_time_limit=None, broker=None,
-                 connect_timeout=CONNECT_TIMEOUT, configure_logging=True):
+                 connect_timeout=CONNECT_TIMEOUT, configure_logging=True, task_events=None,
+                 heartbeat_interval=HEARTBEAT_INTERVAL, max_memory_per_child=None):
         if pool == "prefork":
             pool = "processes"
         if pool not in ("processes", "threads", "trio"):
@@ -1176,6 +1314,13 @@ class Worker:
         self.prefetch_multiplier = int(prefetch_multiplier)
         self.prefetch = min(MAX_PREFETCH, max(1, self.concurrency * self.prefetch_multiplier))
         self.max_tasks_per_child = max_tasks_per_child or app.conf.get("worker_max_tasks_per_child")
+        self.max_memory_per_child = max_memory_per_child or app.conf.get("worker_max_memory_per_child")
+        if task_events is None:
+            task_events = app.conf.get("worker_send_task_events", DEFAULT_TASK_EVENTS)
+        self.task_events = bool(task_events)
+        if not heartbeat_interval or heartbeat_interval <= 0:
+            raise ValueError(f"heartbeat_interval must be a number of seconds > 0 (got {heartbeat_interval!r})")
+        self.heartbeat_interval = float(heartbeat_interval)
         self.hostname = default_hostname(hostname)
         self.loglevel = loglevel
         self.grace = grace
@@ -1218,6 +1363,17 @@ class Worker:
         self._trio_token = None
         self.exitcode = None
         self.ready = threading.Event()  # set once connected and consuming (tests, embedding)
+        # events and the figures control requests and heartbeats report
+        self._events: list = []  # events not sent yet (see EVENT_FLUSH_DELAY)
+        self._events_due = 0.0  # monotonic time by which they must leave
+        self._events_dropped = 0
+        self._next_beat = 0.0  # monotonic time of the next worker-heartbeat
+        self._processed = 0
+        self._total: dict[str, int] = {}  # tasks run, by name (inspect stats)
+        self._started_wall = time.time()
+        self._pid = os.getpid()
+        self._resized = {"grown": 0, "shrunk": 0}
+        self._replaced = {"max-tasks-per-child": 0, "max-memory-per-child": 0}
 
     def __repr__(self):
         return f"<Worker {self.hostname} pool={self.pool_kind} c={self.concurrency} queues={self.queues}>"
@@ -1385,12 +1541,19 @@ class Worker:
         try:
             env = decode_envelope(d.body)
         except ValueError as exc:
-            self._settle(d, ch, undecodable_outcome(d.id, d.queue, exc, self.hostname), d.id)
+            outcome = undecodable_outcome(d.id, d.queue, exc, self.hostname)
+            if self.task_events:
+                self._outcome_event(d.id, outcome, None)
+            self._settle(d, ch, outcome, d.id)
             return
         name = env["task"]
         task = self.app.tasks.get(name)
         if task is None:
-            self._settle(d, ch, unknown_outcome(env, self.app, self.hostname), env["id"])
+            outcome = unknown_outcome(env, self.app, self.hostname)
+            if self.task_events:
+                self._received_event(env, d)
+                self._outcome_event(env["id"], outcome, None)
+            self._settle(d, ch, outcome, env["id"])
             return
         task_id = env["id"]
         if task_id in self._ran_offline and d.redelivered:
@@ -1401,10 +1564,15 @@ class Worker:
             ch.ack(d)
             return
         expires = env.get("expires")
+        if self.task_events:
+            self._received_event(env, d)
         if expires is not None and time.time() >= expires:
             log.info("Discarding revoked task: %s[%s] (expired)", name, task_id)
             meta = {"reason": "expired", "expires": expires, "hostname": self.hostname}
-            self._settle(d, ch, (S_ACK, "REVOKED", None, meta, None, None), task_id)
+            outcome = (S_ACK, "REVOKED", None, meta, None, None)
+            if self.task_events:
+                self._outcome_event(task_id, outcome, None)
+            self._settle(d, ch, outcome, task_id)
             return
         if log.isEnabledFor(logging.INFO):
             log.info("Task %s[%s] received", name, task_id)
@@ -1422,6 +1590,7 @@ class Worker:
         job.soft_deadline = None
         job.slot = None
         job.soft_sent = False
+        job.started = None
         if soft or hard:
             self._limited = True
         if not acks_late:
@@ -1429,8 +1598,15 @@ class Worker:
         self._backlog.append(job)
 
     # -- settling -----------------------------------------------------------------------------
-    def _finish(self, job: _Job, outcome):
+    def _finish(self, job: _Job, outcome, runtime=None):
         self._running.pop(job.seq, None)
+        self._processed += 1
+        total = self._total
+        total[job.name] = total.get(job.name, 0) + 1
+        if self.task_events:
+            if runtime is None and job.started is not None:
+                runtime = time.time() - job.started
+            self._outcome_event(job.task_id, outcome, runtime)
         ch = self._channel
         if ch is None or job.gen != ch.gen:
             # Its connection is gone, so brokerd redelivers the message; keep the result.
@@ -1455,8 +1631,15 @@ class Worker:
             log.error("could not continue the workflow of %s[%s]: %s", env.get("task"), env.get("id"), exc)
 
     def _on_control(self, payload):
-        """A CONTROL broadcast from brokerd: ``revoke`` + ``terminate`` kills running tasks."""
-        if not isinstance(payload, dict) or not payload.get("terminate"):
+        """A CONTROL frame from brokerd: a control request (``control``, ``args``, ``reply_id``:
+        answered with CONTROL_REPLY), or ``revoke`` + ``terminate``, which kills running tasks."""
+        if not isinstance(payload, dict):
+            return
+        command = payload.get("control")
+        if isinstance(command, str):
+            self._control_request(command, payload.get("args") or {}, payload.get("reply_id"))
+            return
+        if not payload.get("terminate"):
             return
         ids = set(payload.get("revoke") or ())
         kill = getattr(self.pool, "kill_job", None)
@@ -1503,6 +1686,9 @@ class Worker:
     def _hand_back_job(self, job: _Job):
         """A job that never started goes back to brokerd (nack with requeue)."""
         self._running.pop(job.seq, None)
+        if self.task_events:
+            self._emit({"type": "task-rejected", "uuid": job.task_id, "ts": time.time(), "requeue": True,
+                        "reason": "handed back unstarted (worker stopping)"})
         ch = self._channel
         if ch is not None and job.gen == ch.gen and not job.d.settled:
             try:
@@ -1510,9 +1696,12 @@ class Worker:
             except BrokerdError:
                 pass
 
-    def _lost_job(self, job: _Job):
+    def _lost_job(self, job: _Job, why: str = "its process died"):
         """Its process died mid-task: hand the delivery back for redelivery (counts an attempt)."""
         self._running.pop(job.seq, None)
+        if self.task_events:
+            self._emit({"type": "task-retried", "uuid": job.task_id, "ts": time.time(), "delay": 0,
+                        "exception": _short_repr_text(f"WorkerLostError({why!r})")})
         ch = self._channel
         if ch is not None and job.gen == ch.gen and not job.d.settled:
             try:
@@ -1548,13 +1737,228 @@ class Worker:
                     self._ran_offline.add(task_id)
         log.info("stored %d results of tasks that finished while brokerd was unreachable", len(orphans))
 
+    # -- task and worker events (protocol.md §5.29) -------------------------------------------
+    def _emit(self, ev: dict) -> None:
+        """Queue one event; it leaves within EVENT_FLUSH_DELAY, in one EMIT_EVENTS frame with the others."""
+        evs = self._events
+        if not evs:
+            self._events_due = time.monotonic() + EVENT_FLUSH_DELAY
+        elif len(evs) >= MAX_PENDING_EVENTS:  # brokerd unreachable for long: keep the newest half
+            n = len(evs) // 2
+            del evs[:n]
+            self._events_dropped += n
+        evs.append(ev)
+
+    def _received_event(self, env, d) -> None:
+        hdrs = d.headers
+        retries = hdrs.get("retries") if hdrs else None
+        if type(retries) is not int:
+            retries = env.get("retries") or 0
+        ev = {"type": "task-received", "uuid": env["id"], "ts": time.time(), "name": env["task"],
+              "args": _event_repr(tuple(env["args"])), "kwargs": _event_repr(env["kwargs"]),
+              "queue": d.queue, "retries": retries}
+        parent = env.get("parent_id")
+        if parent:
+            ev["parent_id"] = parent
+            ev["root_id"] = env.get("root_id")
+        eta = env.get("eta")
+        if eta is not None:
+            ev["eta"] = eta
+        self._emit(ev)
+
+    def _job_started(self, job: _Job) -> None:
+        """``job`` starts running now (its slot took it)."""
+        job.started = t = time.time()
+        if self.task_events:
+            pid = getattr(job.slot, "pid", None) or self._pid
+            self._emit({"type": "task-started", "uuid": job.task_id, "ts": t, "pid": pid})
+
+    def _outcome_event(self, task_id, outcome, runtime) -> None:
+        settle, state, value, meta = outcome[0], outcome[1], outcome[2], outcome[3]
+        ev = {"type": None, "uuid": task_id, "ts": time.time()}
+        if settle == S_RETRY:
+            ev["type"] = "task-retried"
+            ev["exception"] = _exception_text(meta)
+            ev["delay"] = outcome[4]
+        elif state == "FAILURE":
+            ev["type"] = "task-failed"
+            ev["exception"] = _exception_text(meta)
+            ev["runtime"] = runtime
+            tb = meta.get("traceback") if isinstance(meta, dict) else None
+            if tb:
+                ev["traceback"] = tb if len(tb) <= EVENT_TRACEBACK_MAX else "..." + tb[-EVENT_TRACEBACK_MAX + 3:]
+        elif state == "REVOKED":
+            ev["type"] = "task-revoked"
+            ev["reason"] = (meta or {}).get("reason") or "terminated"
+            ev["terminated"] = ev["reason"] == "terminated" or "terminated" in str((meta or {}).get("exc_message", ""))
+        elif settle == S_ACK:
+            ev["type"] = "task-succeeded"
+            ev["runtime"] = runtime
+            if state is not None:
+                ev["result"] = _event_repr(value)
+        else:
+            ev["type"] = "task-rejected"
+            ev["requeue"] = settle == S_REQUEUE
+        self._emit(ev)
+
+    def _worker_event(self, kind: str, **fields) -> None:
+        fields["type"] = kind
+        fields["ts"] = time.time()
+        self._emit(fields)
+        self._events_due = 0.0  # worker events go at once (with the task events waiting)
+
+    def _online_info(self) -> dict:
+        try:
+            from importlib.metadata import version as _version
+
+            version = _version("brokerd")
+        except Exception:  # not installed as a distribution (a source checkout)
+            version = None
+        return {
+            "freq": self.heartbeat_interval, "pid": self._pid, "pool": self.pool_kind,
+            "pool_size": self.pool.size if self.pool is not None else self.concurrency,
+            "concurrency": self.concurrency, "prefetch": self.prefetch, "queues": list(self.queues),
+            "autoscale": list(self.autoscale) if self.autoscale else None,
+            "max_tasks_per_child": self.max_tasks_per_child, "max_memory_per_child": self.max_memory_per_child,
+            "task_events": self.task_events, "sw_ident": "brokerd-worker", "sw_ver": version,
+            "active": len(self._running), "processed": self._processed,
+        }
+
+    def _heartbeat(self) -> None:
+        try:
+            load = [round(x, 2) for x in os.getloadavg()]
+        except OSError:
+            load = None
+        self._worker_event(
+            "worker-heartbeat", freq=self.heartbeat_interval, active=len(self._running),
+            reserved=len(self._backlog), processed=self._processed,
+            pool_size=self.pool.size if self.pool is not None else self.concurrency, loadavg=load,
+            pool_grown=self._resized["grown"], pool_shrunk=self._resized["shrunk"],
+            replaced_max_tasks=self._replaced["max-tasks-per-child"],
+            replaced_max_memory=self._replaced["max-memory-per-child"],
+            events_dropped=self._events_dropped,
+        )
+
+    def _pool_resized(self, old: int, new: int, reason: str) -> None:
+        self._resized["grown" if new > old else "shrunk"] += 1
+        self._worker_event("worker-pool-resized", old=old, size=new, reason=reason)
+
+    def _process_replaced(self, pid: int, reason: str, rss_kb=None, tasks=None) -> None:
+        self._replaced[reason] = self._replaced.get(reason, 0) + 1
+        self._worker_event("worker-process-replaced", pid=pid, reason=reason, rss_kb=rss_kb, tasks=tasks)
+
+    def _flush_channel(self, force: bool = False) -> None:
+        """Send what this turn buffered (results, acks, nacks) in one write, with the pending events
+        once they are due (``_events_due``) or ``force``."""
+        ch = self._channel
+        if ch is None:
+            return
+        try:
+            evs = self._events
+            if evs and (force or len(evs) >= EVENT_FLUSH_MAX or time.monotonic() >= self._events_due):
+                self._events = []
+                ch.events(self.hostname, evs)
+            ch.flush()
+        except BrokerdError:
+            pass
+
+    def _events_wait(self, now: float, timeout):
+        """The loop's sleep, shortened so that pending events leave when due."""
+        if not self._events:
+            return timeout
+        left = max(0.0, self._events_due - now)
+        return left if timeout is None or left < timeout else timeout
+
+    def _beat_if_due(self, now: float) -> float:
+        """Send a worker-heartbeat when due; return seconds until the next one."""
+        if now >= self._next_beat:
+            if self._channel is not None:
+                self._heartbeat()
+            self._next_beat = now + self.heartbeat_interval
+        return self._next_beat - now
+
+    # -- remote control (protocol.md §5.34) --------------------------------------------------------
+    def _control_request(self, command: str, args: dict, reply_id) -> None:
+        handler = getattr(self, "_ctl_" + command, None) if command.isidentifier() else None
+        if handler is None:
+            reply = {"error": f"unknown control command {command!r}; this worker knows: "
+                              + ", ".join(sorted(n[5:] for n in dir(self) if n.startswith("_ctl_")))}
+        else:
+            try:
+                reply = handler(args if isinstance(args, dict) else {})
+            except Exception as exc:  # noqa: BLE001 - a bad request must not stop the worker
+                reply = {"error": f"{type(exc).__name__}: {exc}"}
+        ch = self._channel
+        if type(reply_id) is int and ch is not None:
+            try:
+                ch.control_reply(reply_id, reply)
+            except BrokerdError:
+                pass
+        if command == "shutdown" and "error" not in reply:
+            log.warning("shutdown requested by a control command: warm stop")
+            self._flush_channel(force=True)  # the reply goes out before the consumer is cancelled
+            self._begin_stop()
+
+    def _ctl_ping(self, args):
+        return {"ok": "pong"}
+
+    def _ctl_active(self, args):
+        return [
+            {"id": job.task_id, "name": job.name, "args": _event_repr(tuple(job.env["args"])),
+             "kwargs": _event_repr(job.env["kwargs"]), "queue": job.d.queue, "time_start": job.started,
+             "worker_pid": getattr(job.slot, "pid", None) or self._pid, "hostname": self.hostname,
+             "attempts": job.d.attempts}
+            for job in sorted(self._running.values(), key=lambda j: j.seq) if job.started is not None
+        ]
+
+    def _ctl_registered(self, args):
+        return sorted(n for n in self.app.tasks if not n.startswith("brokerd."))
+
+    def _ctl_stats(self, args):
+        import resource
+
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        pool = self.pool
+        return {
+            "hostname": self.hostname, "pid": self._pid, "uptime": round(time.time() - self._started_wall, 3),
+            "broker": self.broker, "queues": list(self.queues), "prefetch": self.prefetch,
+            "pool": {
+                "implementation": self.pool_kind, "size": pool.size if pool is not None else self.concurrency,
+                "max-concurrency": self.concurrency,
+                "processes": pool.pids() if hasattr(pool, "pids") else [],
+                "autoscale": list(self.autoscale) if self.autoscale else None,
+                "max-tasks-per-child": self.max_tasks_per_child,
+                "max-memory-per-child": self.max_memory_per_child,
+            },
+            "total": dict(self._total), "processed": self._processed, "active": len(self._running),
+            "reserved": len(self._backlog), "pool_resized": dict(self._resized), "replaced": dict(self._replaced),
+            "task_events": self.task_events, "heartbeat_interval": self.heartbeat_interval,
+            "events_dropped": self._events_dropped,
+            "rusage": {"utime": ru.ru_utime, "stime": ru.ru_stime, "maxrss_kb": ru.ru_maxrss},
+        }
+
+    def _ctl_pool_grow(self, args):
+        return self._resize(int(args.get("n", 1)))
+
+    def _ctl_pool_shrink(self, args):
+        return self._resize(-int(args.get("n", 1)))
+
+    def _resize(self, delta):
+        if delta == 0:
+            return {"ok": f"pool unchanged at {self.pool.size}", "size": self.pool.size}
+        size = self.pool.resize(delta, "control")
+        return {"ok": f"pool {'grown' if delta > 0 else 'shrunk'} to {size}", "size": size}
+
+    def _ctl_shutdown(self, args):
+        return {"ok": "shutting down (warm)"}
+
     # -- events (both loops) ------------------------------------------------------------------
     def _event(self, ev):
         kind = ev[0]
         if kind == "delivery":
             self._received(ev[1], ev[2])
         elif kind == "done":
-            self.pool.on_done(ev[1], ev[2], ev[3])
+            self.pool.on_done(ev[1], ev[2], ev[3], ev[4])
         elif kind == "poke":
             self._take_deliveries()
         elif kind == "connected":
@@ -1566,6 +1970,8 @@ class Worker:
             self._channel = _Channel(client, gen, self._sink, self.result_ttl)
             # CONTROL broadcasts (revoke with terminate) arrive in the client's reader thread
             client.control_handlers.append(lambda payload: self._post(("control", payload)))
+            self._worker_event("worker-online", **self._online_info())
+            self._next_beat = time.monotonic() + self.heartbeat_interval
             self.ready.set()
             if gen == 1:
                 log.info("%s ready: consuming %s (prefetch %d, pool %s x %d)", self.hostname, ",".join(self.queues),
@@ -1649,6 +2055,9 @@ class Worker:
                     n += 1
                 except BrokerdError:
                     pass
+                if self.task_events:
+                    self._emit({"type": "task-rejected", "uuid": job.task_id, "ts": time.time(), "requeue": True,
+                                "reason": "handed back unstarted (worker stopping)"})
         if n:
             log.info("handed %d waiting tasks back to brokerd", n)
 
@@ -1661,7 +2070,7 @@ class Worker:
         self.poller.register(self._wake_r, select.POLLIN)
         if self.pool_kind == "processes":
             self.pool = ProcessPool(self, self.concurrency if not self.autoscale else max(self.autoscale[1], 1),
-                                    self.max_tasks_per_child)
+                                    self.max_tasks_per_child, self.max_memory_per_child)
         else:
             self.pool = ThreadPool(self, self.concurrency if not self.autoscale else max(self.autoscale[1], 1))
         main = threading.current_thread() is threading.main_thread()
@@ -1748,13 +2157,11 @@ class Worker:
                     self._cold = True
                     break
                 timeout = min(timeout, left) if timeout is not None else left
-            # Send what this turn buffered (results, acks, nacks): one write for the batch.
-            ch = self._channel
-            if ch is not None:
-                try:
-                    ch.flush()
-                except BrokerdError:
-                    pass
+            now = now or time.monotonic()
+            beat = self._beat_if_due(now)
+            timeout = self._events_wait(now, min(timeout, beat) if timeout is not None else beat)
+            # Send what this turn buffered (results, acks, nacks, events): one write for the batch.
+            self._flush_channel()
             # Sleep until a child writes, a delivery or signal arrives, or a timer is due.
             self._sleeping = True
             if inbox:
@@ -1803,11 +2210,8 @@ class Worker:
         self._check_sink()
         client = self._client
         if client is not None:
-            try:
-                if self._channel is not None:
-                    self._channel.flush()
-            except BrokerdError:
-                pass
+            self._worker_event("worker-offline")
+            self._flush_channel(force=True)
             self._close_quietly(client)
         if self._intake_thread is not None:
             self._intake_thread.join(2.0)
@@ -1869,6 +2273,8 @@ class Worker:
                                   self.grace, len(self._running))
                         self._cold = True
                         break
+                now = time.monotonic()
+                timeout = self._events_wait(now, min(timeout, self._beat_if_due(now)))
                 with trio.move_on_after(timeout):
                     ev = await recv.receive()
                     self._event(ev)
@@ -1884,12 +2290,7 @@ class Worker:
                     job = backlog.popleft()
                     self._running[job.seq] = job
                     pool.submit(job)
-                ch = self._channel
-                if ch is not None:
-                    try:
-                        ch.flush()
-                    except BrokerdError:
-                        pass
+                self._flush_channel()
             nursery.cancel_scope.cancel()
         self._post = self._post_sync
         await trio.to_thread.run_sync(self._shutdown_trio)
@@ -1899,11 +2300,8 @@ class Worker:
         self._check_sink()
         client = self._client
         if client is not None:
-            try:
-                if self._channel is not None:
-                    self._channel.flush()
-            except BrokerdError:
-                pass
+            self._worker_event("worker-offline")
+            self._flush_channel(force=True)
             self._close_quietly(client)
         if self._intake_thread is not None:
             self._intake_thread.join(2.0)
@@ -1926,13 +2324,23 @@ class _TrioPool:
         self.w = worker
         self.runner = Runner(worker.app, worker.hostname)
         self.running = 0
+        self.size = worker.concurrency
         self.nursery = None
 
     def has_idle(self) -> bool:
-        return self.running < self.w.concurrency
+        return self.running < self.size
+
+    def resize(self, delta: int, reason: str) -> int:
+        old = self.size
+        self.size = max(1, old + delta)
+        if self.size != old:
+            log.info("pool %s to %d tasks at once (%s)", "grown" if self.size > old else "shrunk", self.size, reason)
+            self.w._pool_resized(old, self.size, reason)
+        return self.size
 
     def submit(self, job: _Job):
         self.running += 1
+        self.w._job_started(job)
         self.nursery.start_soon(self._run, job)
 
     async def _run(self, job: _Job):
@@ -1942,6 +2350,7 @@ class _TrioPool:
         task = w.app.tasks[job.name]
         limit = min(x for x in (job.soft, job.hard, float("inf")) if x)
         limit = None if limit == float("inf") else limit
+        t0 = time.perf_counter()
         try:
             fn = getattr(task, "run", None)
             if inspect.iscoroutinefunction(fn):
@@ -1958,13 +2367,8 @@ class _TrioPool:
                     outcome = (S_ACK, "FAILURE", None, exc_meta(exc, w.hostname, tb=""), None, None)
         finally:
             self.running -= 1
-        w._finish(job, outcome)
-        ch = w._channel
-        if ch is not None:
-            try:
-                ch.flush()
-            except BrokerdError:
-                pass
+        w._finish(job, outcome, time.perf_counter() - t0)
+        w._flush_channel()
         # wake the main loop so that it dispatches the next job
         w._trio_send.send_nowait(("tick",))
 

@@ -3,6 +3,7 @@
     brokerd-worker proj.tasks:app -Q high,low -c 8
     brokerd-worker proj.tasks --pool threads -c 50 -b 10.0.0.5:7700
     python -m client.worker_cli proj.tasks:app --pool trio
+    brokerd-worker proj.tasks --autoscale 8,2 --max-memory-per-child 200000 --no-task-events
 
 Exit codes (named below): 0 after a warm stop, 2 for a usage error (bad flag, app not
 importable), 3 when brokerd cannot be reached at start, 4 after a cold stop, 1 for a bug.
@@ -130,8 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prefetch credit = concurrency x M (default 1)")
     ap.add_argument("--max-tasks-per-child", type=_positive_int("--max-tasks-per-child"), metavar="K",
                     help="replace a pool process after it ran K tasks (processes pool)")
+    ap.add_argument("--max-memory-per-child", type=_positive_int("--max-memory-per-child"), metavar="KB",
+                    help="replace a pool process whose resident memory is above KB KiB after a task (processes pool)")
     ap.add_argument("--autoscale", type=_autoscale, metavar="MAX,MIN",
                     help="grow the pool up to MAX while tasks wait, shrink to MIN when idle")
+    ap.add_argument("-E", "--task-events", dest="task_events", action="store_true", default=None,
+                    help="send task events (received, started, succeeded...) to brokerd: the default")
+    ap.add_argument("--no-task-events", dest="task_events", action="store_false",
+                    help="send no task events (worker heartbeats are still sent)")
+    ap.add_argument("--heartbeat-interval", type=_seconds("--heartbeat-interval"), default=2.0, metavar="SECONDS",
+                    help="seconds between worker-heartbeat events (default 2); brokerd shows a worker as lost "
+                         "after three missed")
     ap.add_argument("-n", "--hostname", metavar="NAME",
                     help="this worker's name in results and logs; %%h is the host name (default brokerd@%%h)")
     ap.add_argument("-l", "--loglevel", type=_loglevel, default="info", metavar="LEVEL",
@@ -195,6 +205,8 @@ def main(argv=None) -> int:
         return EXIT_OK if exc.code == 0 else EXIT_USAGE
     if args.max_tasks_per_child and args.pool != "processes":
         return _usage(ap, "--max-tasks-per-child applies to --pool processes only")
+    if args.max_memory_per_child and args.pool != "processes":
+        return _usage(ap, "--max-memory-per-child applies to --pool processes only")
     if args.autoscale and args.pool == "trio":
         return _usage(ap, "--autoscale applies to --pool processes or threads (the trio pool has no slots to grow)")
     if args.autoscale and args.concurrency:
@@ -219,7 +231,8 @@ def main(argv=None) -> int:
             prefetch_multiplier=args.prefetch_multiplier, max_tasks_per_child=args.max_tasks_per_child,
             autoscale=args.autoscale, hostname=args.hostname, loglevel=args.loglevel, grace=args.grace,
             time_limit=args.time_limit, soft_time_limit=args.soft_time_limit, broker=args.broker,
-            connect_timeout=args.connect_timeout,
+            connect_timeout=args.connect_timeout, task_events=args.task_events,
+            heartbeat_interval=args.heartbeat_interval, max_memory_per_child=args.max_memory_per_child,
         )
     except ValueError as exc:
         return _usage(ap, str(exc))

@@ -44,7 +44,8 @@ class BrokerProcess:
         cmd = [
             sys.executable, "-m", "broker",
             "--host", "127.0.0.1", "--port", str(port),
-            "--data-dir", str(self.data_dir), *self.args,
+            # --http-port 0: a free HTTP port too, so brokers of parallel test runs never clash on 7701
+            "--http-port", "0", "--data-dir", str(self.data_dir), *self.args,
         ]
         self.log = []
         self._ready.clear()

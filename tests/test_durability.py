@@ -368,7 +368,7 @@ def test_compaction_under_load_keeps_the_log_small_and_loses_nothing(broker_fact
 async def test_a_full_disk_refuses_publishes_with_log_failed_and_keeps_what_was_confirmed(tmp_path, nursery):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    config = Config(port=0, data_dir=str(data_dir), heartbeat=0)
+    config = Config(port=0, http_port=0, data_dir=str(data_dir), heartbeat=0)
     fault = FaultPlan(fail_write_after_bytes=3000, errno=errno.ENOSPC)
     wal = WriteAheadLog(str(data_dir), fsync="always", fault=fault)
     state = BrokerState()

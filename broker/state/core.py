@@ -28,6 +28,7 @@ from sortedcontainers import SortedList
 
 from broker.errors import BrokerError, RequestError
 from broker.state import records as R
+from broker.state.events import EventsMixin
 from broker.state.results import ResultsMixin
 from broker.state.schedules import WorkflowMixin
 from broker.state.queue import (
@@ -118,7 +119,7 @@ class BrokerStatistics:
     acked: int
 
 
-class BrokerState(ResultsMixin, WorkflowMixin):
+class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin):
     def __init__(self, *, boot_id: str = "b"):
         self.queues: dict[str, Queue] = {}
         self.conns: dict[int, Conn] = {}
@@ -145,6 +146,7 @@ class BrokerState(ResultsMixin, WorkflowMixin):
         self._delivered_seqs: list[int] = []
         self._init_results()
         self._init_workflow()
+        self._init_events()
         self._replaying = False
 
     # -- plumbing ------------------------------------------------------------
@@ -188,6 +190,8 @@ class BrokerState(ResultsMixin, WorkflowMixin):
         return n
 
     def take_outbox(self) -> dict[int, list]:
+        if self._pending_events:
+            self._push_events()  # one EVENT frame per subscriber for this batch
         box = self.outbox
         self.outbox = {}
         return box
@@ -222,6 +226,7 @@ class BrokerState(ResultsMixin, WorkflowMixin):
         Returns how many deliveries went back.  Every one is marked redelivered
         by its raised attempt count (or dead-lettered at max_attempts).
         """
+        self._events_disconnect(conn_id, now)  # before the conn is forgotten: its worker, subscription
         conn = self.conns.pop(conn_id, None)
         self.outbox.pop(conn_id, None)
         if conn is None:
@@ -681,6 +686,7 @@ class BrokerState(ResultsMixin, WorkflowMixin):
         self._tick_results(now)
         self._tick_schedules(now)
         self._tick_revokes(now)
+        self._tick_events(now)
         return self.next_wakeup()
 
     def next_wakeup(self) -> float:
@@ -695,7 +701,7 @@ class BrokerState(ResultsMixin, WorkflowMixin):
             t = self._sched_due[0][0]
         if self._revoke_ttl and self._revoke_ttl[0][0] < t:
             t = self._revoke_ttl[0][0]
-        return min(t, self._results_next_wakeup())
+        return min(t, self._results_next_wakeup(), self._events_next_wakeup())
 
     # -- queue management --------------------------------------------------------
     def declare(self, name: str, options, now: float) -> dict:

@@ -1,0 +1,508 @@
+"""brokerd's HTTP side: Prometheus metrics, queue depths for autoscalers, probes, the web page.
+
+Served by hypercorn's trio worker inside brokerd's own event loop (started
+from ``Server.serve``'s nursery), so a request reads the live state with no
+locks and no copies, and a wedged event loop is a failed probe.  The app is a
+plain ASGI callable, not a framework.
+
+    GET /metrics     Prometheus text format 0.0.4
+    GET /api/queues  {"queues": {"emails": {"ready": 12, "inflight": 3, ...}}}
+                     (KEDA metrics-api: valueLocation "queues.emails.ready")
+    GET /healthz     liveness: the event loop answers and the log writer is
+                     not stuck in one write or fsync.  Stays 200 when the log
+                     has *failed* (full disk): restarting would not help, and
+                     consumers still drain the queues.
+    GET /readyz      readiness: recovery done, listeners open, not stopping,
+                     and the log accepts writes (503 with the reason otherwise:
+                     producers would get LOG_FAILED).
+
+    GET /, /task/<id>, /static/*, /api/overview, /api/tasks, /api/task/<id>,
+        /api/dead/<queue>: the live web page and its JSON (``broker.web``)
+    POST /api/queues/<name>/pause|resume|purge|requeue-dead: the page's buttons;
+        the same state methods as the admin commands, then the server's flush,
+        and the reply waits for the log like an admin reply does (``App._act``)
+
+Anything else is 404, a wrong method 405 (with Allow), both as JSON.
+During log replay nothing listens yet (replay runs before the listeners
+open): probes see "connection refused", which a startup probe allows for.
+
+Labels stay low-cardinality: the only label values are queue names and fixed
+words (state, reason, le); never message or task ids.
+
+No trio import here (tests/test_layering.py): hypercorn's trio worker does
+the I/O, and ``Server.serve`` gives it a task status to report on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import socket
+import time
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from broker import __version__, web
+from broker.durability import FSYNC_BUCKETS
+from broker.errors import BrokerError
+
+log = logging.getLogger("brokerd.http")
+
+SECONDS = 1.0
+# /healthz fails (and the systemd watchdog stops being fed) once the log
+# writer has been inside one write or fsync this long.  A healthy fsync takes
+# milliseconds and a very busy disk seconds; a minute means the device has
+# stopped answering (Linux's hung-task detector waits 120 s), and only a
+# restart on a reattached volume can help.
+WRITER_STALL_LIMIT = 60 * SECONDS
+# An idle keep-alive connection is closed after this (a Prometheus scrape
+# every 15 s opens a new one; hypercorn's own default).
+KEEP_ALIVE_TIMEOUT = 5 * SECONDS
+
+PROMETHEUS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+JSON_CONTENT_TYPE = b"application/json"
+
+
+# -- health ------------------------------------------------------------------------------
+def health(server) -> tuple[bool, dict]:
+    """Liveness: (ok, body).  Answering at all proves the event loop runs."""
+    body: dict = {"status": "ok", "event_loop": "ok"}
+    dur = server.wal
+    if dur is None:
+        return True, body
+    stall = dur.writer_stall(time.monotonic())
+    body["log_writer_stall_s"] = round(stall, 3)
+    if dur.failed is not None:
+        # Reported, never fatal here: see /readyz and the metrics.
+        body["log"] = f"failed: {dur.failed}"
+    if stall > WRITER_STALL_LIMIT:
+        body["status"] = "unhealthy"
+        body["reason"] = (
+            f"the write-ahead log writer has been inside one write or fsync for {stall:.0f}s "
+            f"(limit {WRITER_STALL_LIMIT:g}s): the disk under {dur.data_dir} is not answering"
+        )
+        return False, body
+    return True, body
+
+
+def readiness(server) -> tuple[bool, dict]:
+    """Readiness: (ok, body) — whether producers should be sent here."""
+    if getattr(server, "stopping", False):
+        return False, {"status": "stopping", "reason": "brokerd is shutting down"}
+    if not server.ready:
+        return False, {"status": "starting", "reason": "recovery or the protocol listeners are not done yet"}
+    dur = server.wal
+    if dur is not None and dur.failed is not None:
+        return False, {
+            "status": "log_failed",
+            "reason": f"the write-ahead log failed ({dur.failed}); publishes are refused with "
+            "LOG_FAILED until brokerd is restarted; consumers may still drain the queues",
+        }
+    return True, {"status": "ready"}
+
+
+# -- /api/queues -------------------------------------------------------------------------
+def queues_json(server, now: float) -> dict:
+    """``{"queues": {name: {...}}}``; ``backlog`` is ready + inflight, the
+    figure to scale workers on (in-flight tasks still need their worker)."""
+    state = server.state
+    out = {}
+    for name in sorted(state.queues):
+        s = state.queue_statistics(state.queues[name], now)
+        out[name] = {
+            "ready": s.ready,
+            "inflight": s.inflight,
+            "delayed": s.delayed,
+            "dead": s.dead,
+            "backlog": s.ready + s.inflight,
+            "consumers": s.consumers,
+            "oldest_ready_age_s": round(s.oldest_ready_age, 3),
+            "paused": s.paused,
+            "published": s.published,
+            "delivered": s.delivered,
+            "acked": s.acked,
+            "nacked": s.nacked,
+            "redelivered": s.redelivered,
+            "dead_lettered": s.dead_lettered,
+            "expired": s.expired,
+            "rejected": s.rejected,
+        }
+    return {"queues": out}
+
+
+# -- /metrics ----------------------------------------------------------------------------
+def escape_label(value: str) -> str:
+    # exposition format 0.0.4: backslash, double quote and line feed are escaped
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _num(v) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, int):
+        return str(v)
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(float(v))
+
+
+# (metric, help, QueueStatistics field) for the per-queue counters
+QUEUE_COUNTERS = (
+    ("brokerd_messages_published_total", "Messages accepted into the queue.", "published"),
+    ("brokerd_messages_delivered_total", "Deliveries to consumers, redeliveries included.", "delivered"),
+    ("brokerd_messages_acked_total", "Deliveries acknowledged.", "acked"),
+    ("brokerd_messages_nacked_total", "Deliveries given back with NACK.", "nacked"),
+    ("brokerd_messages_redelivered_total", "Messages returned to the queue after their consumer left or timed out.", "redelivered"),
+    ("brokerd_messages_dead_lettered_total", "Messages moved from this queue to its dead-letter queue.", "dead_lettered"),
+    ("brokerd_messages_expired_total", "Messages dropped because their TTL passed.", "expired"),
+)
+MESSAGE_STATES = ("ready", "inflight", "delayed", "dead")
+
+
+def render_metrics(server, now: float) -> str:
+    state = server.state
+    stats = [state.queue_statistics(q, now) for q in state.queues.values()]
+    labels = ['queue="' + escape_label(s.name) + '"' for s in stats]
+    out: list[str] = []
+    add = out.append
+
+    def family(name: str, typ: str, help_: str) -> None:
+        add(f"# HELP {name} {help_}")
+        add(f"# TYPE {name} {typ}")
+
+    def single(name: str, typ: str, help_: str, value, lbl: str = "") -> None:
+        family(name, typ, help_)
+        add(f"{name}{{{lbl}}} {_num(value)}" if lbl else f"{name} {_num(value)}")
+
+    # broker-wide
+    single("brokerd_up", "gauge", "1 while brokerd answers scrapes.", 1)
+    single("brokerd_build_info", "gauge", "brokerd's version, as a label.", 1, f'version="{escape_label(__version__)}"')
+    single("brokerd_start_time_seconds", "gauge", "Unix time brokerd started.", float(server.started))
+    single("brokerd_ready", "gauge", "1 when /readyz would answer 200.", readiness(server)[0])
+    single("brokerd_connections", "gauge", "Open client connections (binary protocol and admin text).", len(server.conns))
+    single("brokerd_queues", "gauge", "Queues known to brokerd, dead-letter queues included.", len(stats))
+
+    # per queue
+    family(
+        "brokerd_queue_messages", "gauge",
+        "Messages in the queue by state; dead counts this queue's dead-letter queue "
+        "(which also shows them as its own ready).",
+    )
+    for s, lbl in zip(stats, labels):
+        add(f'brokerd_queue_messages{{{lbl},state="ready"}} {s.ready}')
+        add(f'brokerd_queue_messages{{{lbl},state="inflight"}} {s.inflight}')
+        add(f'brokerd_queue_messages{{{lbl},state="delayed"}} {s.delayed}')
+        add(f'brokerd_queue_messages{{{lbl},state="dead"}} {s.dead}')
+    family("brokerd_queue_oldest_ready_age_seconds", "gauge", "Age of the oldest ready message of the highest ready priority; 0 when none is ready.")
+    for s, lbl in zip(stats, labels):
+        add(f"brokerd_queue_oldest_ready_age_seconds{{{lbl}}} {_num(s.oldest_ready_age)}")
+    family("brokerd_queue_consumers", "gauge", "Consumers subscribed to the queue.")
+    for s, lbl in zip(stats, labels):
+        add(f"brokerd_queue_consumers{{{lbl}}} {s.consumers}")
+    family("brokerd_queue_paused", "gauge", "1 while deliveries from the queue are paused.")
+    for s, lbl in zip(stats, labels):
+        add(f"brokerd_queue_paused{{{lbl}}} {1 if s.paused else 0}")
+    for name, help_, field in QUEUE_COUNTERS:
+        family(name, "counter", help_ + " Kept across restarts.")
+        for s, lbl in zip(stats, labels):
+            add(f"{name}{{{lbl}}} {getattr(s, field)}")
+    family("brokerd_publish_rejected_total", "counter", "Publishes refused by the queue, by reason (max_length: full with overflow=reject).")
+    for s, lbl in zip(stats, labels):
+        add(f'brokerd_publish_rejected_total{{{lbl},reason="max_length"}} {s.rejected}')
+
+    dur = server.wal
+    if dur is not None:
+        _wal_metrics(dur, single, family, add)
+    add("")
+    return "\n".join(out)
+
+
+def _wal_metrics(dur, single, family, add) -> None:
+    single("brokerd_wal_failed", "gauge", "1 once the write-ahead log failed (ENOSPC, EIO): publishes are refused until restart.", dur.failed is not None)
+    single("brokerd_wal_writer_stall_seconds", "gauge", "Seconds the log writer has been inside its current write or fsync; 0 when idle.", dur.writer_stall(time.monotonic()))
+    family("brokerd_wal_fsync_seconds", "histogram", "Latency of the log's fsyncs.")
+    cum = 0
+    for bound, n in zip(FSYNC_BUCKETS, dur.fsync_hist):
+        cum += n
+        add(f'brokerd_wal_fsync_seconds_bucket{{le="{_num(float(bound))}"}} {cum}')
+    add(f'brokerd_wal_fsync_seconds_bucket{{le="+Inf"}} {dur.fsyncs}')
+    add(f"brokerd_wal_fsync_seconds_sum {_num(dur.fsync_seconds)}")
+    add(f"brokerd_wal_fsync_seconds_count {dur.fsyncs}")
+    single("brokerd_wal_records_per_fsync", "gauge", "Log records made durable per fsync since start (group commit); rate(records)/rate(fsync count) for recent figures.", dur.records / dur.fsyncs if dur.fsyncs else 0.0)
+    single("brokerd_wal_records_total", "counter", "Log records written since start.", dur.records)
+    single("brokerd_wal_batches_total", "counter", "Log writes (batches of records) since start.", dur.batches)
+    single("brokerd_wal_bytes_total", "counter", "Bytes written to the log since start.", dur.bytes)
+    segs = dur.wal.segments()
+    single("brokerd_wal_bytes", "gauge", "Bytes in the log's segment files now.", sum(s.size_bytes for s in segs))
+    single("brokerd_wal_segments", "gauge", "Segment files of the log now.", len(segs))
+    single("brokerd_wal_compactions_total", "counter", "Compactions since start.", dur.compactions)
+    try:
+        usage = shutil.disk_usage(dur.data_dir)
+        free, total = usage.free, usage.total
+    except OSError:
+        free = total = float("nan")
+    single("brokerd_disk_free_bytes", "gauge", "Free bytes on the file system of the data directory.", free)
+    single("brokerd_disk_total_bytes", "gauge", "Size in bytes of the file system of the data directory.", total)
+    rec = dur.recovery
+    single("brokerd_recovery_seconds", "gauge", "Seconds the log replay took at the last start.", rec.seconds if rec else 0.0)
+    single("brokerd_recovery_records", "gauge", "Log records replayed at the last start.", rec.records if rec else 0)
+    single("brokerd_recovery_truncated_bytes", "gauge", "Bytes of torn tail cut off the log at the last start; above 0 after a crash mid-write.", rec.truncated_bytes if rec else 0)
+
+
+# -- the ASGI app ------------------------------------------------------------------------
+def _json(status: int, body: dict) -> tuple[int, bytes, bytes]:
+    return status, JSON_CONTENT_TYPE, (json.dumps(body, separators=(",", ":")) + "\n").encode()
+
+
+def route_metrics(server):
+    return 200, PROMETHEUS_CONTENT_TYPE, render_metrics(server, time.time()).encode()
+
+
+def route_queues(server):
+    return _json(200, queues_json(server, time.time()))
+
+
+def route_healthz(server):
+    ok, body = health(server)
+    return _json(200 if ok else 503, body)
+
+
+def route_readyz(server):
+    ok, body = readiness(server)
+    return _json(200 if ok else 503, body)
+
+
+ROUTES = {
+    "/metrics": route_metrics,
+    "/api/queues": route_queues,
+    "/healthz": route_healthz,
+    "/readyz": route_readyz,
+}
+
+
+# -- the web page (issue 7 item 4; rendering and data in broker.web) ---------------------------
+# POST /api/queues/<name>/<action>: the admin protocol's command and the state method it runs
+ACTIONS = {
+    "pause": ("PAUSE", lambda state, name, now: (state.pause(name, True, now), f"paused {name}")[1]),
+    "resume": ("RESUME", lambda state, name, now: (state.pause(name, False, now), f"resumed {name}")[1]),
+    "purge": ("PURGE", lambda state, name, now: _plural(state.purge(name, now), "purged {n} message{s} from " + name)),
+    "requeue-dead": ("REQUEUE-DEAD", lambda state, name, now: _plural(
+        state.requeue_dead(name, now), "requeued {n} dead letter{s} to " + name)),
+}
+ERROR_STATUS = {"NOT_FOUND": 404, "LOG_FAILED": 503, "BAD_REQUEST": 400}
+HTML_ROUTES = ("/", "/task/<id>", "/static/app.js", "/static/style.css", "/api/overview", "/api/tasks",
+               "/api/task/<id>", "/api/dead/<queue>", "POST /api/queues/<name>/pause|resume|purge|requeue-dead")
+
+
+def _plural(n: int, text: str) -> str:
+    return text.format(n=n, s="" if n == 1 else "s")
+
+
+def _int(query: dict, key: str, default: int, top: int) -> int:
+    try:
+        v = int(query.get(key, [default])[0])
+    except ValueError:
+        return default
+    return max(1, min(top, v))
+
+
+def _segments(scope) -> list[str]:
+    """The path split on '/', each part percent-decoded on its own (a task id may hold a '/')."""
+    raw = scope.get("raw_path")
+    text = raw.decode("latin-1") if raw else quote(scope["path"])
+    return [unquote(p) for p in text.split("?", 1)[0].split("/")[1:]]
+
+
+def _html(status: int, text: str):
+    return status, web.HTML_CONTENT_TYPE, text.encode()
+
+
+class App:
+    """The ASGI application: ``App(server)``, where ``server`` is a ``broker.server.Server``."""
+
+    def __init__(self, server):
+        self.server = server
+        self.web = web.Web(server)
+
+    async def __call__(self, scope, receive, send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if kind != "http":  # websocket: not served here
+            await send({"type": "websocket.close", "code": 1003})
+            return
+        path = scope["path"]
+        method = scope["method"]
+        extra: list = []
+        try:
+            status, ctype, body, extra = await self._dispatch(scope, receive, method, path)
+        except Exception:  # a bug costs this request, never the broker
+            log.exception("http: %s %s failed", method, path)
+            status, ctype, body = _json(500, {"error": "INTERNAL", "message": "internal error in brokerd; see its log"})
+        await send({
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", ctype),
+                (b"content-length", str(len(body)).encode()),
+                (b"cache-control", b"no-store"),
+                *extra,
+            ],
+        })
+        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+
+    async def _dispatch(self, scope, receive, method: str, path: str):
+        self.web.rates.sample(self.server.state, time.time())  # the sparklines' history (at most 1/s)
+        handler = ROUTES.get(path)
+        if handler is not None:
+            if method not in ("GET", "HEAD"):
+                return (*_json(405, {"error": "METHOD_NOT_ALLOWED", "message": f"{path} answers GET only, not {method}"}),
+                        [(b"allow", b"GET, HEAD")])
+            return (*handler(self.server), [])
+        seg = _segments(scope)
+        # actions: POST /api/queues/<name>/<action>
+        if len(seg) == 4 and seg[:2] == ["api", "queues"] and seg[3] in ACTIONS and seg[2]:
+            if method != "POST":
+                return (*_json(405, {"error": "METHOD_NOT_ALLOWED", "message": f"{path} answers POST only, not {method}"}),
+                        [(b"allow", b"POST")])
+            return await self._act(scope, receive, seg[2], seg[3])
+        read = self._read_route(seg)
+        if read is None:
+            return (*_json(404, {
+                "error": "NOT_FOUND",
+                "message": f"no endpoint {path}; brokerd serves {', '.join(ROUTES)}, {', '.join(HTML_ROUTES)}",
+            }), [])
+        if method not in ("GET", "HEAD"):
+            return (*_json(405, {"error": "METHOD_NOT_ALLOWED", "message": f"{path} answers GET only, not {method}"}),
+                    [(b"allow", b"GET, HEAD")])
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        return (*read(query, time.time()), [])
+
+    def _read_route(self, seg: list):
+        """The handler ``(query, now) -> (status, ctype, body)`` of a read-only web route, or None."""
+        w = self.web
+        n = len(seg)
+        if seg == [""]:
+            return lambda q, now: _html(200, w.page(now))
+        if n == 2 and seg[0] == "task" and seg[1]:
+            tid = seg[1]
+            return lambda q, now: _html(200, w.task_page(tid, now))
+        if n == 2 and seg[0] == "static":
+            found = web.asset("/static/" + seg[1])
+            if found is None:
+                return None
+            return lambda q, now: (200, found[1], found[0])
+        if n == 2 and seg == ["api", "overview"]:
+            def overview(q, now):
+                d = w.overview(now)
+                if q.get("html"):
+                    d["html"] = w.sections(d)
+                return _json(200, d)
+            return overview
+        if n == 2 and seg == ["api", "tasks"]:
+            def tasks(q, now):
+                st = (q.get("state") or [""])[0].strip().upper() or None
+                name = (q.get("name") or [""])[0].strip() or None
+                d = {"tasks": w.tasks(st, name, _int(q, "limit", web.TASKS_DEFAULT, web.TASKS_MAX), now)}
+                if q.get("html"):
+                    d["html"] = {"tasks": web.render_tasks(d["tasks"])}
+                return _json(200, d)
+            return tasks
+        if n == 3 and seg[:2] == ["api", "task"] and seg[2]:
+            tid = seg[2]
+
+            def task(q, now):
+                try:
+                    info = w.task(tid, now)
+                except BrokerError as exc:
+                    return _json(ERROR_STATUS.get(exc.code, 400), {"error": exc.code, "message": exc.message})
+                d = {"task": info}
+                if q.get("html"):
+                    d["html"] = {"task": web.render_task(tid, info)}
+                if info is None:
+                    d.update(error="NOT_FOUND", message=f"brokerd knows nothing of task {tid!r}")
+                return _json(200 if info is not None else 404, d)
+            return task
+        if n == 3 and seg[:2] == ["api", "dead"] and seg[2]:
+            qname = seg[2]
+
+            def dead(q, now):
+                try:
+                    return _json(200, w.dead(qname, _int(q, "n", web.DEAD_SHOWN, web.DEAD_MAX), now))
+                except BrokerError as exc:
+                    return _json(ERROR_STATUS.get(exc.code, 400), {"error": exc.code, "message": exc.message})
+            return dead
+        return None
+
+    async def _act(self, scope, receive, name: str, action: str):
+        """Apply PAUSE/RESUME/PURGE/REQUEUE-DEAD as the admin protocol does: the same state
+        method, then the server's flush, then (log on) the reply waits until the change is durable."""
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        while True:  # the body (a form's, or none) is not used; read it so the connection stays sane
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+        origin = headers.get("origin")
+        if origin and origin != "null" and urlsplit(origin).netloc != headers.get("host"):
+            # another site's page may not purge our queues through the visitor's browser
+            return (*_json(403, {"error": "FORBIDDEN", "message": f"cross-origin action from {origin} refused"}), [])
+        server = self.server
+        command, fn = ACTIONS[action]
+        try:
+            try:
+                message = fn(server.state, name, time.time())
+            finally:
+                server._flush()
+        except BrokerError as exc:
+            return (*_json(ERROR_STATUS.get(exc.code, 400), {"error": exc.code, "message": exc.message}), [])
+        if server.wal is not None:  # like an admin line: reply once the change is on disk
+            await server.wal.wait_durable(server.state.last_lsn)
+        log.info("http: %s %s (from the web page)", command, name)
+        if "text/html" in headers.get("accept", "") and "application/json" not in headers.get("accept", ""):
+            # a plain form POST (no JavaScript): back to the page
+            return (303, b"text/plain; charset=utf-8", (message + "\n").encode(), [(b"location", b"/")])
+        return (*_json(200, {"ok": True, "queue": name, "action": action, "message": message}), [])
+
+
+# -- listening ---------------------------------------------------------------------------
+def bind(host: str, port: int) -> socket.socket:
+    """Bind the HTTP port now (before any task starts), so a busy port fails
+    brokerd's start like the protocol port does.  ``OSError.filename`` names
+    the address."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, exc.strerror, f"{host}:{port} (--http-port)") from None
+    return sock
+
+
+async def serve(server, sock: socket.socket, *, task_status) -> None:
+    """Serve ``App(server)`` on ``sock`` (from ``bind``) until cancelled."""
+    from hypercorn.config import Config as HypercornConfig
+    from hypercorn.trio import serve as hypercorn_serve
+
+    cfg = HypercornConfig()
+    cfg.bind = [f"fd://{sock.detach()}"]  # hypercorn owns the socket from here
+    cfg.accesslog = None
+    # hypercorn's own messages ("Running on ... CTRL + C") are noise here; its
+    # warnings and errors reach brokerd's log.
+    hlog = logging.getLogger("brokerd.http.hypercorn")
+    hlog.setLevel(logging.WARNING)
+    cfg.errorlog = hlog
+    cfg.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
+    cfg.include_server_header = False
+    await hypercorn_serve(App(server), cfg, task_status=task_status, mode="asgi")

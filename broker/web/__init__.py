@@ -1,0 +1,507 @@
+"""brokerd's live web page: the part of Flower people use, served by ``broker.http``.
+
+No framework and no build step: Python renders every section as HTML (all
+user data goes through ``esc``), and ``app.js`` polls the JSON endpoints once a
+second with ``?html=1``, which adds the same sections rendered again, and
+swaps them in.  One renderer, so the page without JavaScript and the live page
+look the same, and escaping happens in one place.
+
+    GET  /                           the page: queues, workers, recent tasks, dead letters, schedules
+    GET  /task/<id>                  one task: args, result or traceback, timeline, parent and children
+    GET  /static/app.js, style.css   the assets (shipped in the package: broker/web/*)
+    GET  /api/overview               queues (depth, counters, rate history), workers, dead letters, schedules
+    GET  /api/tasks?state=&name=&limit=   recent tasks, newest first
+    GET  /api/task/<id>              what brokerd knows of one task (404 when nothing)
+    GET  /api/dead/<queue>?n=        the first n dead letters of a queue
+    POST /api/queues/<name>/pause|resume|purge|requeue-dead
+                                     the admin protocol's PAUSE, RESUME, PURGE, REQUEUE-DEAD
+
+Rates: ``Rates`` samples every queue's published and acked counters at most
+once a second, whenever an HTTP request arrives (the open page polls every
+second; a Prometheus scrape samples too), and keeps three minutes.  A rate is
+the counters' difference between two instants, interpolated between samples,
+so a stretch nobody watched shows as its average rather than as zero.
+
+Task events, history and the worker registry come from ``broker.state.events``
+(``tasks_recent``, ``task_info``, ``workers_list``); stored results
+(``state.results``) fill in tasks that sent no events.  Every one of those is
+looked up with ``getattr``, so the page still works on a state without them.
+
+No trio and no clock here: ``now`` is passed in, and ``broker.http`` does the I/O.
+"""
+
+from __future__ import annotations
+
+import bisect
+import html
+import json
+from collections import deque
+from pathlib import Path
+from urllib.parse import quote
+
+import cbor2
+
+from broker import __version__
+
+HERE = Path(__file__).resolve().parent
+ASSETS = {
+    "/static/app.js": ("app.js", b"text/javascript; charset=utf-8"),
+    "/static/style.css": ("style.css", b"text/css; charset=utf-8"),
+}
+HTML_CONTENT_TYPE = b"text/html; charset=utf-8"
+
+RATE_SAMPLE_EVERY = 1.0  # seconds between samples of the counters (at most)
+RATE_BUCKET = 3.0  # seconds per sparkline bar
+RATE_BUCKETS = 60  # 60 x 3 s: the last three minutes
+RATE_KEEP = RATE_BUCKET * RATE_BUCKETS + 10.0
+TASKS_DEFAULT = 50
+TASKS_MAX = 1000
+DEAD_SHOWN = 10  # dead letters per queue on the overview
+DEAD_MAX = 1000
+TEXT_MAX = 300  # characters of a value shown in a table cell (the task page shows all of it)
+TASK_STATE_NAMES = ("PENDING", "RECEIVED", "STARTED", "RETRY", "SUCCESS", "FAILURE", "REVOKED", "REJECTED")
+
+
+def esc(value) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def short(value, limit: int = TEXT_MAX) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=repr, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def plain(value):
+    """A value the JSON encoder takes (bytes as text or hex, anything odd as its repr)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return "0x" + value.hex()
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return repr(value)
+
+
+# -- rates -------------------------------------------------------------------------------
+class Rates:
+    """Per-queue (published, acked) counters sampled at most once a second, for five minutes."""
+
+    def __init__(self):
+        self.times: deque = deque()
+        self.samples: deque = deque()  # {queue: (published, acked)}, one per time
+
+    def sample(self, state, now: float) -> None:
+        if self.times and now - self.times[-1] < RATE_SAMPLE_EVERY:
+            return
+        self.times.append(now)
+        self.samples.append({q.name: (q.published, q.acked) for q in state.queues.values()})
+        while self.times and now - self.times[0] > RATE_KEEP:
+            self.times.popleft()
+            self.samples.popleft()
+
+    def _value(self, times: list, name: str, t: float):
+        """Counter pair of ``name`` at time t (linear between samples); None before the first."""
+        j = bisect.bisect_right(times, t)
+        if j == 0:
+            return None
+        a = self.samples[j - 1].get(name, (0, 0))
+        if j == len(times):
+            return a
+        b = self.samples[j].get(name, (0, 0))
+        t0, t1 = times[j - 1], times[j]
+        f = (t - t0) / (t1 - t0) if t1 > t0 else 0.0
+        return (a[0] + (b[0] - a[0]) * f, a[1] + (b[1] - a[1]) * f)
+
+    def series(self, name: str, now: float) -> dict:
+        """{"published": [per-second rate or None, ...], "acked": [...]}, oldest bar first."""
+        times = list(self.times)
+        pub: list = []
+        ack: list = []
+        prev = self._value(times, name, now - RATE_BUCKET * RATE_BUCKETS)
+        for i in range(1, RATE_BUCKETS + 1):
+            cur = self._value(times, name, now - RATE_BUCKET * (RATE_BUCKETS - i))
+            if prev is None or cur is None:
+                pub.append(None)
+                ack.append(None)
+            else:
+                pub.append(round(max(0.0, cur[0] - prev[0]) / RATE_BUCKET, 2))
+                ack.append(round(max(0.0, cur[1] - prev[1]) / RATE_BUCKET, 2))
+            prev = cur
+        return {"bucket_s": RATE_BUCKET, "published": pub, "acked": ack}
+
+
+def sparkline(series: dict) -> str:
+    """Inline SVG: published (line) and acked (dashed) per second over the buckets."""
+    pub, ack = series["published"], series["acked"]
+    known = [v for v in pub + ack if v is not None]
+    top = max(known) if known else 0.0
+    w, h, n = 150, 28, len(pub)
+
+    def line(vals, cls):
+        pts = []
+        for i, v in enumerate(vals):
+            if v is None:
+                continue
+            y = h - 2 - (v / top * (h - 4) if top else 0)
+            pts.append(f"{i * (w - 1) / max(1, n - 1):.1f},{y:.1f}")
+        return f'<polyline class="{cls}" points="{" ".join(pts)}"/>' if pts else ""
+
+    last_p = next((v for v in reversed(pub) if v is not None), None)
+    last_a = next((v for v in reversed(ack) if v is not None), None)
+    title = (f"last {len(pub) * series['bucket_s'] / 60:g} min, {series['bucket_s']:g} s bars; max {top:g}/s; now published "
+             f"{last_p if last_p is not None else '-'}/s, acked {last_a if last_a is not None else '-'}/s")
+    return (f'<svg class="spark" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img">'
+            f"<title>{esc(title)}</title>{line(pub, 'pub')}{line(ack, 'ack')}</svg>"
+            f'<span class="rate">{esc(last_p if last_p is not None else "-")}/s</span>')
+
+
+# -- data --------------------------------------------------------------------------------
+def _dead_letter(msg, now: float) -> dict:
+    headers = plain(msg.headers or {})
+    d = {"id": msg.id, "attempts": msg.attempts, "age_s": round(max(0.0, now - msg.ts), 3), "bytes": len(msg.body),
+         "reason": headers.get("x-dead-reason"), "from": headers.get("x-dead-from"), "task": None, "args": None,
+         "body": None}
+    body = msg.body
+    env = None
+    if len(body) <= 65536:
+        try:
+            env = cbor2.loads(body)
+        except Exception:
+            env = None
+    if isinstance(env, dict) and isinstance(env.get("task"), str):
+        d["task"] = env["task"]
+        d["args"] = short(plain(env.get("args")), 200)
+    else:
+        d["body"] = short(plain(bytes(body)), 200)
+    return d
+
+
+class Web:
+    """The page's data and rendering for one ``broker.server.Server``."""
+
+    def __init__(self, server):
+        self.server = server
+        self.rates = Rates()
+
+    # ---- JSON ----
+    def queues(self, now: float) -> list:
+        state = self.server.state
+        self.rates.sample(state, now)
+        dead_letter_queues = {q.dead_letter_name for q in state.queues.values()} - {None}
+        out = []
+        for name in sorted(state.queues):
+            q = state.queues[name]
+            s = state.queue_statistics(q, now)
+            out.append({
+                "name": name, "ready": s.ready, "inflight": s.inflight, "delayed": s.delayed, "dead": s.dead,
+                "consumers": s.consumers, "paused": s.paused, "oldest_ready_age_s": round(s.oldest_ready_age, 3),
+                "published": s.published, "delivered": s.delivered, "acked": s.acked, "nacked": s.nacked,
+                "dead_lettered": s.dead_lettered, "dead_letter_queue": q.dead_letter_name,
+                "is_dead_letter_queue": name in dead_letter_queues or q.dead_letter_name is None,
+                "rate": self.rates.series(name, now),
+            })
+        return out
+
+    def dead(self, name: str, n: int, now: float) -> dict:
+        state = self.server.state
+        q = state.existing_queue(name)  # BrokerError NOT_FOUND
+        dl = q.dead_letter_name
+        if dl is None or dl not in state.queues:
+            return {"queue": name, "dead_letter_queue": dl, "total": 0, "messages": []}
+        msgs = [m for m in state.peek(dl, DEAD_MAX) if (m.headers or {}).get("x-dead-from", name) == name][:n]
+        return {"queue": name, "dead_letter_queue": dl, "total": state.queues[dl].ready_count,
+                "messages": [_dead_letter(m, now) for m in msgs]}
+
+    def workers(self, now: float):
+        fn = getattr(self.server.state, "workers_list", None)
+        return plain(fn(now)) if fn is not None else None
+
+    def schedules(self) -> list:
+        fn = getattr(self.server.state, "schedule_list", None)
+        return plain(fn()) if fn is not None else []
+
+    def overview(self, now: float) -> dict:
+        state = self.server.state
+        queues = self.queues(now)
+        dead = {q["name"]: self.dead(q["name"], DEAD_SHOWN, now) for q in queues if q["dead"] and not q["is_dead_letter_queue"]}
+        b = state.statistics()
+        return {
+            "broker": {"version": __version__, "uptime_s": round(now - self.server.started, 1),
+                       "connections": b.connections, "consumers": b.consumers, "ready": b.ready,
+                       "inflight": b.inflight, "delayed": b.delayed, "published": b.published, "acked": b.acked},
+            "queues": queues,
+            "workers": self.workers(now),
+            "dead": dead,
+            "schedules": self.schedules(),
+            "now": now,
+        }
+
+    def tasks(self, state_filter: str | None, name: str | None, limit: int, now: float) -> list:
+        """Recent tasks, newest first: the event histories, then stored results without events."""
+        state = self.server.state
+        out = []
+        seen = set()
+        recent = getattr(state, "tasks_recent", None)
+        if recent is not None:
+            for d in recent(limit, state_filter, name):
+                r = state.results.get(d["id"])
+                if r is not None and r.expires > now and (d["state"] is None or r.state in ("SUCCESS", "FAILURE", "REVOKED")):
+                    d["state"] = r.state
+                    if d.get("result") is None:
+                        d["result"] = r.value
+                if state_filter and d["state"] != state_filter:
+                    continue
+                seen.add(d["id"])
+                out.append(d)
+        history = getattr(state, "task_history", {})
+        if len(out) < limit and name is None:  # results carry no task name: only when not filtering by one
+            for tid in reversed(state.results):
+                if tid in seen or tid in history:
+                    continue
+                r = state.results[tid]
+                if r.expires <= now or (state_filter and r.state != state_filter):
+                    continue
+                out.append({"id": tid, "name": None, "state": r.state, "args": None, "kwargs": None, "worker": None,
+                            "runtime": None, "received": None, "finished": r.updated, "result": r.value,
+                            "exception": None})
+                if len(out) >= limit:
+                    break
+        return [{k: plain(d.get(k)) for k in ("id", "name", "state", "args", "kwargs", "worker", "runtime",
+                                             "received", "finished", "result", "exception")} for d in out]
+
+    def task(self, task_id: str, now: float) -> dict | None:
+        state = self.server.state
+        info = None
+        fn = getattr(state, "task_info", None)
+        if fn is not None:
+            info = fn(task_id, now)
+        if info is None:
+            r = state.results.get(task_id)
+            if r is None or r.expires <= now:
+                return None
+            info = {"id": task_id, "state": r.state, "result": r.value, "meta": r.meta, "events": [], "children": []}
+        return plain(info)
+
+    # ---- HTML ----
+    def page(self, now: float) -> str:
+        ov = self.overview(now)
+        tasks = self.tasks(None, None, TASKS_DEFAULT, now)
+        s = self.sections(ov)
+        s["tasks"] = render_tasks(tasks)
+        options = "".join(f'<option value="{st}">{st}</option>' for st in TASK_STATE_NAMES)
+        return PAGE.format(
+            title="brokerd", version=esc(__version__), kind="overview", task_id="",
+            body=f"""
+<section id="queues"><h2>Queues</h2><div data-section="queues">{s["queues"]}</div></section>
+<section id="workers"><h2>Workers</h2><div data-section="workers">{s["workers"]}</div></section>
+<section id="tasks"><h2>Recent tasks</h2>
+<form id="task-filter" method="get" action="/api/tasks" onsubmit="return false">
+  <label>state <select name="state"><option value="">any</option>{options}</select></label>
+  <label>name <input name="name" placeholder="task name" size="40"></label>
+</form>
+<div data-section="tasks">{s["tasks"]}</div></section>
+<section id="dead"><h2>Dead letters</h2><div data-section="dead">{s["dead"]}</div></section>
+<section id="schedules"><h2>Schedules</h2><div data-section="schedules">{s["schedules"]}</div></section>
+""")
+
+    def sections(self, ov: dict) -> dict:
+        return {"queues": render_queues(ov["queues"]), "workers": render_workers(ov["workers"]),
+                "dead": render_dead(ov["dead"]), "schedules": render_schedules(ov["schedules"]),
+                "summary": render_summary(ov["broker"])}
+
+    def task_page(self, task_id: str, now: float) -> str:
+        info = self.task(task_id, now)
+        return PAGE.format(
+            title=f"task {esc(task_id)} · brokerd", version=esc(__version__), kind="task", task_id=esc(task_id),
+            body=f'<p><a href="/">&larr; overview</a></p><section id="task"><div data-section="task">'
+                 f"{render_task(task_id, info)}</div></section>")
+
+
+# -- rendering ----------------------------------------------------------------------------
+def _when(ts) -> str:
+    if not isinstance(ts, (int, float)):
+        return ""
+    return f'<time data-ts="{ts:.3f}">{ts:.3f}</time>'
+
+
+def _task_link(tid) -> str:
+    if not tid:
+        return ""
+    return f'<a class="tid" href="/task/{esc(quote(str(tid), safe=""))}">{esc(tid)}</a>'
+
+
+def render_summary(b: dict) -> str:
+    return (f'brokerd {esc(b["version"])} · up {esc(b["uptime_s"])} s · {esc(b["connections"])} connections · '
+            f'{esc(b["ready"])} ready · {esc(b["inflight"])} in flight · {esc(b["delayed"])} delayed')
+
+
+def _action(queue: str, action: str, label: str, confirm: str = "") -> str:
+    url = f"/api/queues/{quote(queue, safe='')}/{action}"
+    c = f' data-confirm="{esc(confirm)}"' if confirm else ""
+    return (f'<form method="post" action="{esc(url)}" class="act">'
+            f'<button type="submit" data-action="{esc(url)}"{c}>{esc(label)}</button></form>')
+
+
+def render_queues(queues: list) -> str:
+    if not queues:
+        return '<p class="empty">no queues yet</p>'
+    rows = []
+    for q in queues:
+        name = q["name"]
+        acts = _action(name, "resume", "resume") if q["paused"] else _action(name, "pause", "pause")
+        acts += _action(name, "purge", "purge", f"Drop every ready and delayed message of {name}?")
+        if q["dead"] and not q["is_dead_letter_queue"]:
+            acts += _action(name, "requeue-dead", f"requeue {q['dead']} dead")
+        rows.append(
+            f'<tr data-queue="{esc(name)}" class="{"paused" if q["paused"] else ""}">'
+            f'<td class="name">{esc(name)}{" <em>paused</em>" if q["paused"] else ""}</td>'
+            f'<td class="n">{q["ready"]}</td><td class="n">{q["inflight"]}</td><td class="n">{q["delayed"]}</td>'
+            f'<td class="n">{q["dead"]}</td><td class="n">{q["consumers"]}</td>'
+            f'<td class="n">{q["published"]}</td><td class="n">{q["acked"]}</td>'
+            f'<td>{sparkline(q["rate"])}</td><td class="acts">{acts}</td></tr>')
+    return ('<table><thead><tr><th>queue</th><th>ready</th><th>in flight</th><th>delayed</th><th>dead</th>'
+            '<th>consumers</th><th>published</th><th>acked</th><th>published/s (— acked/s)</th><th></th></tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table>')
+
+
+def _worker_pool(w: dict) -> str:
+    size = w.get("pool_size", w.get("concurrency"))
+    text = f"{w.get('pool') or ''} × {size}" if size is not None else str(w.get("pool") or "")
+    auto = w.get("autoscale")
+    if isinstance(auto, list) and len(auto) == 2:
+        text += f" (autoscale {auto[1]}–{auto[0]})"
+    return text
+
+
+def _worker_changes(w: dict) -> str:
+    """Pool grown/shrunk (--autoscale) and children replaced (--max-tasks/--max-memory-per-child)."""
+    parts = []
+    if w.get("pool_grown") or w.get("pool_shrunk"):
+        parts.append(f"grown {w.get('pool_grown') or 0}, shrunk {w.get('pool_shrunk') or 0}")
+    if w.get("replaced_max_memory") or w.get("replaced_max_tasks"):
+        parts.append(f"replaced {w.get('replaced_max_memory') or 0} (memory), {w.get('replaced_max_tasks') or 0} (tasks)")
+    return "; ".join(parts)
+
+
+def render_workers(workers) -> str:
+    if workers is None:
+        return '<p class="empty">this brokerd keeps no worker registry</p>'
+    if not workers:
+        return '<p class="empty">no worker has reported yet (workers send worker-online and heartbeats)</p>'
+    rows = []
+    for w in workers:
+        load = w.get("loadavg")
+        queues = w.get("queues")
+        rows.append(
+            f'<tr data-worker="{esc(w.get("hostname"))}" class="w-{esc(w.get("state"))}">'
+            f'<td class="name">{esc(w.get("hostname"))}</td><td><span class="badge s-{esc(w.get("state"))}">'
+            f'{esc(w.get("state"))}</span> <small>{esc(w.get("reason") or "")}</small></td>'
+            f'<td>{esc(_worker_pool(w))}</td><td>{esc(",".join(map(str, queues)) if isinstance(queues, list) else "")}</td>'
+            f'<td class="n">{esc(w.get("active", ""))}</td><td class="n">{esc(w.get("processed", ""))}</td>'
+            f'<td>{esc(" ".join(str(x) for x in load) if isinstance(load, list) else (load or ""))}</td>'
+            f'<td>{esc(_worker_changes(w))}</td>'
+            f'<td class="n">{esc(round(w.get("heartbeat_age") or 0, 1))} s</td></tr>')
+    return ('<table><thead><tr><th>worker</th><th>state</th><th>pool</th><th>queues</th><th>active</th><th>processed</th>'
+            f'<th>load</th><th>pool changes</th><th>last heartbeat</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
+
+
+def render_tasks(tasks: list) -> str:
+    if not tasks:
+        return '<p class="empty">no tasks match</p>'
+    rows = []
+    for t in tasks:
+        outcome = t.get("exception") if t.get("state") == "FAILURE" else t.get("result")
+        args = "" if t.get("args") is None else short(t["args"], 120)
+        rows.append(
+            f'<tr data-task="{esc(t["id"])}" data-state="{esc(t.get("state"))}">'
+            f'<td>{_task_link(t["id"])}</td><td>{esc(t.get("name") or "")}</td>'
+            f'<td><span class="badge s-{esc(t.get("state"))}">{esc(t.get("state"))}</span></td>'
+            f'<td class="mono">{esc(args)}</td><td class="mono">{esc("" if outcome is None else short(outcome, 120))}</td>'
+            f'<td>{esc(t.get("worker") or "")}</td>'
+            f'<td class="n">{esc("" if not isinstance(t.get("runtime"), (int, float)) else round(t["runtime"] * 1000, 1))}</td>'
+            f'<td>{_when(t.get("finished") or t.get("received"))}</td></tr>')
+    return ('<table><thead><tr><th>task id</th><th>name</th><th>state</th><th>args</th><th>result / exception</th>'
+            f'<th>worker</th><th>runtime ms</th><th>when</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
+
+
+def render_dead(dead: dict) -> str:
+    if not dead:
+        return '<p class="empty">no dead letters</p>'
+    parts = []
+    for name, d in dead.items():
+        rows = "".join(
+            f'<tr data-dead="{esc(m["id"])}"><td class="mono">{esc(m["id"])}</td><td>{esc(m["task"] or "")}</td>'
+            f'<td class="mono">{esc(m["args"] if m["task"] else m["body"])}</td><td>{esc(m["reason"] or "")}</td>'
+            f'<td class="n">{m["attempts"]}</td><td class="n">{m["age_s"]}</td></tr>'
+            for m in d["messages"])
+        parts.append(
+            f'<div class="deadq" data-dead-queue="{esc(name)}"><h3>{esc(name)} '
+            f'<small>({len(d["messages"])} shown of {d["total"]} in {esc(d["dead_letter_queue"])})</small> '
+            f'{_action(name, "requeue-dead", "requeue all")}</h3>'
+            '<table><thead><tr><th>message id</th><th>task</th><th>args / body</th><th>reason</th><th>attempts</th>'
+            f'<th>age s</th></tr></thead><tbody>{rows}</tbody></table></div>')
+    return "".join(parts)
+
+
+def render_schedules(schedules: list) -> str:
+    if not schedules:
+        return '<p class="empty">no schedules</p>'
+    rows = "".join(
+        f'<tr><td class="name">{esc(s.get("name"))}</td><td>{esc(s.get("timing"))}</td><td>{esc(s.get("queue"))}</td>'
+        f'<td>{"paused" if s.get("paused") else "active"}</td><td>{_when(s.get("next"))}</td>'
+        f'<td>{_when(s.get("last_tick"))}</td><td class="n">{esc(s.get("fired"))}</td><td>{esc(s.get("owner") or "")}</td></tr>'
+        for s in schedules)
+    return ('<table><thead><tr><th>schedule</th><th>when</th><th>queue</th><th>state</th><th>next</th>'
+            f'<th>last</th><th>fired</th><th>owner</th></tr></thead><tbody>{rows}</tbody></table>')
+
+
+def _pre(value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, indent=2, default=repr, ensure_ascii=False)
+    return f'<pre class="mono">{esc(text)}</pre>'
+
+
+def render_task(task_id: str, info) -> str:
+    if info is None:
+        return (f'<h2>task {esc(task_id)}</h2><p class="empty">brokerd knows nothing of this task: no events and '
+                'no stored result (yet, or any more)</p>')
+    st = info.get("state")
+    kv = [("name", esc(info.get("name") or "")), ("state", f'<span class="badge s-{esc(st)}">{esc(st)}</span>'),
+          ("worker", esc(info.get("worker") or "")), ("queue", esc(info.get("queue") or "")),
+          ("retries", esc(info.get("retries") if info.get("retries") is not None else "")),
+          ("runtime s", esc(info.get("runtime") if info.get("runtime") is not None else "")),
+          ("parent", _task_link(info.get("parent_id"))), ("root", _task_link(info.get("root_id"))),
+          ("children", " ".join(_task_link(c) for c in info.get("children") or []) or "")]
+    out = [f'<h2>task <span class="mono">{esc(task_id)}</span></h2><table class="kv">']
+    out += [f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in kv]
+    out.append("</table><h3>args</h3>" + _pre(info.get("args")) + "<h3>kwargs</h3>" + _pre(info.get("kwargs")))
+    if info.get("exception") or info.get("traceback"):
+        out.append('<h3>exception</h3><div class="failure">' + _pre(info.get("exception"))
+                   + (_pre(info.get("traceback")) if info.get("traceback") else "") + "</div>")
+    if info.get("result") is not None or st == "SUCCESS":
+        out.append("<h3>result</h3>" + _pre(info.get("result")))
+    evs = info.get("events") or []
+    rows = []
+    for ev in evs:
+        extra = {k: v for k, v in ev.items() if k not in ("type", "ts", "hostname", "uuid", "id", "task_id")}
+        rows.append(f'<tr><td>{_when(ev.get("ts"))}</td><td>{esc(ev.get("type"))}</td><td>{esc(ev.get("hostname"))}</td>'
+                    f'<td class="mono">{esc(short(extra, 400))}</td></tr>')
+    out.append("<h3>timeline</h3>" + (
+        f'<table><thead><tr><th>when</th><th>event</th><th>worker</th><th>details</th></tr></thead>'
+        f'<tbody>{"".join(rows)}</tbody></table>' if rows else '<p class="empty">no events (the worker sent none)</p>'))
+    return "".join(out)
+
+
+# the page's frame; str.format fields: title, version, kind, task_id, body (all escaped by the caller)
+PAGE = (HERE / "page.html").read_text(encoding="utf-8")
+
+
+def asset(path: str) -> tuple[bytes, bytes] | None:
+    entry = ASSETS.get(path)
+    if entry is None:
+        return None
+    return (HERE / entry[0]).read_bytes(), entry[1]

@@ -1,0 +1,92 @@
+// brokerd's page: poll the JSON endpoints once a second (?html=1 adds the sections, rendered
+// and escaped by brokerd) and swap them in; the action buttons POST to /api/queues/<name>/<action>.
+(function () {
+  "use strict";
+  var body = document.body;
+  var page = body.getAttribute("data-page");
+  var statusEl = document.getElementById("status");
+  var summaryEl = document.getElementById("summary");
+  var filter = document.getElementById("task-filter");
+  var busy = false;
+
+  function swap(name, markup) {
+    var el = document.querySelector('[data-section="' + name + '"]');
+    if (el && el.innerHTML !== markup) el.innerHTML = markup;
+  }
+
+  function getJSON(url) {
+    return fetch(url, {headers: {"Accept": "application/json"}, cache: "no-store"}).then(function (r) {
+      if (!r.ok && r.status !== 404) throw new Error(url + ": HTTP " + r.status);
+      return r.json();
+    });
+  }
+
+  function taskQuery() {
+    var q = "/api/tasks?html=1&limit=50";
+    if (filter) {
+      var st = filter.elements.state.value, nm = filter.elements.name.value.trim();
+      if (st) q += "&state=" + encodeURIComponent(st);
+      if (nm) q += "&name=" + encodeURIComponent(nm);
+    }
+    return q;
+  }
+
+  function localTimes() {
+    var els = document.querySelectorAll("time[data-ts]");
+    for (var i = 0; i < els.length; i++) {
+      var d = new Date(parseFloat(els[i].getAttribute("data-ts")) * 1000);
+      els[i].textContent = d.toLocaleTimeString();
+      els[i].title = d.toISOString();
+    }
+  }
+
+  function poll() {
+    if (busy) return;
+    busy = true;
+    var work;
+    if (page === "task") {
+      work = getJSON("/api/task/" + encodeURIComponent(body.getAttribute("data-task")) + "?html=1").then(function (d) {
+        swap("task", d.html.task);
+      });
+    } else {
+      work = Promise.all([getJSON("/api/overview?html=1"), getJSON(taskQuery())]).then(function (res) {
+        var h = res[0].html;
+        swap("queues", h.queues); swap("workers", h.workers); swap("dead", h.dead); swap("schedules", h.schedules);
+        summaryEl.innerHTML = h.summary;
+        swap("tasks", res[1].html.tasks);
+      });
+    }
+    work.then(function () {
+      localTimes();
+      body.setAttribute("data-live", "ok");
+      statusEl.textContent = "live · " + new Date().toLocaleTimeString();
+      statusEl.className = "ok";
+    }).catch(function (e) {
+      body.setAttribute("data-live", "error");
+      statusEl.textContent = "not updating: " + e.message;
+      statusEl.className = "err";
+    }).then(function () { busy = false; });
+  }
+
+  // Actions: the buttons sit in plain forms (POST without JavaScript too); here they go by fetch.
+  document.addEventListener("click", function (ev) {
+    var b = ev.target.closest ? ev.target.closest("button[data-action]") : null;
+    if (!b) return;
+    ev.preventDefault();
+    var msg = b.getAttribute("data-confirm");
+    if (msg && !window.confirm(msg)) return;
+    b.disabled = true;
+    fetch(b.getAttribute("data-action"), {method: "POST", headers: {"Accept": "application/json"}})
+      .then(function (r) { return r.json(); })
+      .then(function (d) { statusEl.textContent = d.message || d.error; })
+      .catch(function (e) { statusEl.textContent = "action failed: " + e.message; })
+      .then(function () { busy = false; poll(); });
+  });
+  if (filter) {
+    filter.addEventListener("input", poll);
+    filter.addEventListener("change", poll);
+  }
+  localTimes();
+  poll();
+  setInterval(poll, 1000);
+})();
