@@ -46,6 +46,7 @@ DEFAULTS = {
     "task_routes": {},
     "task_acks_late": True,
     "task_ignore_result": False,
+    "task_track_started": False,
     "task_time_limit": None,
     "task_soft_time_limit": None,
     "task_always_eager": False,
@@ -247,6 +248,7 @@ class Task:
     soft_time_limit: float | None = None
     acks_late: bool | None = None
     ignore_result: bool | None = None
+    track_started: bool | None = None  # store STARTED when a worker starts it (app: task_track_started)
     expires: float | None = None
     typing = True
 

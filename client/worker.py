@@ -1769,9 +1769,20 @@ class Worker:
     def _job_started(self, job: _Job) -> None:
         """``job`` starts running now (its slot took it)."""
         job.started = t = time.time()
+        pid = getattr(job.slot, "pid", None) or self._pid
         if self.task_events:
-            pid = getattr(job.slot, "pid", None) or self._pid
             self._emit({"type": "task-started", "uuid": job.task_id, "ts": t, "pid": pid})
+        task = self.app.tasks.get(job.name) if job.name else None
+        track = getattr(task, "track_started", None)
+        if track is None:
+            track = self.app.conf.get("task_track_started", False)
+        if track and self._channel is not None and job.gen == self._channel.gen:
+            # Celery's track_started: the state is STARTED until the final result
+            # replaces it; pipelined with the other results of this loop turn.
+            try:
+                self._channel.result(None, job.task_id, "STARTED", None, {"hostname": self.hostname, "pid": pid})
+            except BrokerdError:
+                pass
 
     def _outcome_event(self, task_id, outcome, runtime) -> None:
         settle, state, value, meta = outcome[0], outcome[1], outcome[2], outcome[3]

@@ -149,6 +149,19 @@ def test_delay_then_get_returns_the_value_and_request_details(shared):
     assert "] received" in w.log() and "] succeeded in " in w.log()
 
 
+def test_track_started_stores_started_while_the_task_runs(shared):
+    q, _ = shared
+    marker = f"go-{uuid.uuid4().hex}"
+    r = tasks.tracked.apply_async((marker,), queue=q)
+    deadline = time.monotonic() + WAIT
+    while r.state != "STARTED":  # polls brokerd; a task without track_started stays PENDING
+        assert time.monotonic() < deadline, "the task never showed STARTED"
+        time.sleep(0.02)
+    assert r.info["hostname"] == "shared@test"
+    tasks.signal(marker, True)
+    assert r.get(timeout=WAIT) == "done" and r.state == "SUCCESS"
+
+
 def test_countdown_never_runs_early(shared):
     q, _ = shared
     eta = time.time() + 0.4

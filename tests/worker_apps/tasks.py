@@ -55,6 +55,15 @@ def pid():
     return os.getpid()
 
 
+@app.task(bind=True, track_started=True)
+def tracked(self, marker):
+    """Waits until the test stores a result under ``marker``: its state is STARTED meanwhile."""
+    deadline = time.monotonic() + 20
+    while app.client.get_result(marker)["state"] != "SUCCESS" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return "done"
+
+
 @app.task(bind=True)
 def slow(self, seconds, marker=None):
     if marker:
