@@ -33,7 +33,6 @@ class BrokerProcess:
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
         self.log: list[str] = []
-        self._ready = threading.Event()
 
     def start(self, port: int = 0) -> "BrokerProcess":
         env = dict(os.environ)
@@ -47,27 +46,31 @@ class BrokerProcess:
             # --http-port 0: a free HTTP port too, so brokers of parallel test runs never clash on 7701
             "--http-port", "0", "--data-dir", str(self.data_dir), *self.args,
         ]
-        self.log = []
-        self._ready.clear()
-        self.proc = subprocess.Popen(
+        self.log = log = []
+        # One event and one reader per start: the reader of a killed earlier
+        # process may still be draining its stderr, and must not signal this one.
+        ready = threading.Event()
+        found: dict = {}
+        self.proc = proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
-        threading.Thread(target=self._read_stderr, args=(self.proc,), daemon=True).start()
-        if not self._ready.wait(START_TIMEOUT):
+        threading.Thread(target=self._read_stderr, args=(proc, log, ready, found), daemon=True).start()
+        if not ready.wait(START_TIMEOUT) or "port" not in found or proc.poll() is not None:
             self.kill()
-            raise RuntimeError("brokerd did not become ready:\n" + "\n".join(self.log))
+            raise RuntimeError(f"brokerd did not become ready (exit code {proc.poll()}):\n" + "\n".join(log))
+        self.port = found["port"]
         return self
 
-    def _read_stderr(self, proc):
+    @staticmethod
+    def _read_stderr(proc, log, ready, found):
         for line in proc.stderr:
-            self.log.append(line.rstrip("\n"))
+            log.append(line.rstrip("\n"))
             m = READY.search(line)
-            if m:
-                self.port = int(m.group(2))
-                self._ready.set()
-        # process ended
-        self._ready.set()
+            if m and "port" not in found:
+                found["port"] = int(m.group(2))
+                ready.set()
+        ready.set()  # the process ended (start() then sees no port and says so)
 
     @property
     def address(self) -> str:
