@@ -314,6 +314,17 @@ class Task:
             _current_request.reset(token)
         return EagerResult(task_id, value, "SUCCESS")
 
+    def update_state(self, task_id=None, state=None, meta=None, **_):
+        """Store a state of the task's own while it runs (e.g. ``PROGRESS`` with
+        ``meta={"done": 3, "total": 10}``); ``AsyncResult.state``/``.info`` show it."""
+        if not state:
+            raise ValueError("update_state needs a state, e.g. update_state(state='PROGRESS', meta={...})")
+        req = self.request
+        tid = task_id or req.id
+        if tid is None or req.is_eager:
+            return
+        self.app.client.store_result(tid, state, None, meta)
+
     def retry(self, exc=None, countdown=None, eta=None, max_retries=None, **_):
         """Ask for this task to run again later.  Raises ``Retry`` (or, past
         max_retries, the original exception / MaxRetriesExceededError)."""

@@ -64,6 +64,15 @@ def test_results_expire_after_their_ttl(s):
     assert s.result_get(C, 1, "t1", 60.0)["state"] == "PENDING"
 
 
+def test_a_custom_state_is_stored_but_never_ready_and_cannot_ack(s):
+    assert s.result_get(C, 7, "t1", 0.0, wait=30) is None
+    s.result_set(W, "t1", "PROGRESS", None, {"done": 3, "total": 10}, 1.0)
+    assert s.take_outbox() == {}  # still parked: PROGRESS is not a final state
+    assert s.result_get(C, 8, "t1", 1.0)["meta"] == {"done": 3, "total": 10}
+    with pytest.raises(RequestError, match=r"^a result in state PROGRESS cannot ack its delivery"):
+        s.result_set(W, "t1", "PROGRESS", None, None, 1.0, tag=1)
+
+
 def test_forget_removes_a_result(s):
     s.result_set(W, "t1", "FAILURE", None, {"exc_type": "ValueError"}, 0.0)
     assert s.result_forget("t1", 1.0) is True
@@ -83,8 +92,10 @@ def test_storing_a_result_with_its_tag_acks_the_delivery_in_the_same_step(s):
 
 
 def test_bad_result_requests_are_refused_by_name(s):
-    with pytest.raises(RequestError, match=r"^state must be one of RECEIVED, STARTED, RETRY, SUCCESS, FAILURE, REVOKED \(got 'DONE'\)$"):
-        s.result_set(W, "t1", "DONE", None, None, 0.0)
+    with pytest.raises(RequestError, match=r"^state must be one of RECEIVED, STARTED, RETRY, SUCCESS, FAILURE, REVOKED, or a custom state of up to 32 capital letters, digits and _ such as PROGRESS \(got 'done'\)$"):
+        s.result_set(W, "t1", "done", None, None, 0.0)
+    with pytest.raises(RequestError, match=r"got 'PENDING'"):
+        s.result_set(W, "t1", "PENDING", None, None, 0.0)
     with pytest.raises(RequestError, match=r"^a task id must be a text string"):
         s.result_get(C, 1, "", 0.0)
 

@@ -162,6 +162,19 @@ def test_track_started_stores_started_while_the_task_runs(shared):
     assert r.get(timeout=WAIT) == "done" and r.state == "SUCCESS"
 
 
+def test_update_state_shows_a_custom_state_while_the_task_runs(shared):
+    q, _ = shared
+    marker = f"go-{uuid.uuid4().hex}"
+    r = tasks.progress.apply_async((marker,), queue=q)
+    deadline = time.monotonic() + WAIT
+    while r.state != "PROGRESS":
+        assert time.monotonic() < deadline, "the task never showed PROGRESS"
+        time.sleep(0.02)
+    assert r.info == {"done": 1, "total": 2} and not r.ready()
+    tasks.signal(marker, True)
+    assert r.get(timeout=WAIT) == "finished"
+
+
 def test_countdown_never_runs_early(shared):
     q, _ = shared
     eta = time.time() + 0.4

@@ -20,6 +20,8 @@ Nothing here does I/O or reads a clock.
 
 from __future__ import annotations
 
+import re
+
 from sortedcontainers import SortedList
 
 from broker.errors import BrokerError, RequestError
@@ -31,6 +33,9 @@ READY_STATES = frozenset(("SUCCESS", "FAILURE", "REVOKED"))
 DEFAULT_RESULT_TTL = 24 * 3600.0  # seconds; Celery's result_expires default is one day
 MAX_WAIT = 3600.0  # seconds a RESULT_GET may park
 MAX_TASK_ID = 255
+# A task may also store a state of its own (Celery's update_state, e.g. PROGRESS):
+# capital letters, digits and _, up to 32; never ready, never acks.
+CUSTOM_STATE = re.compile(r"[A-Z][A-Z0-9_]{0,31}")
 
 
 class Result:
@@ -74,8 +79,12 @@ class ResultsMixin:
         """Store a task's state; with ``tag``, ack that delivery in the same record."""
         self._refuse_if_log_failed()
         check_task_id(task_id)
-        if state not in STATES or state == "PENDING":
-            raise RequestError(f"state must be one of {', '.join(STATES[1:])} (got {state!r})")
+        if state not in STATES or state == "PENDING":  # a custom state, or a mistake
+            if type(state) is not str or state == "PENDING" or not CUSTOM_STATE.fullmatch(state):
+                raise RequestError(
+                    f"state must be one of {', '.join(STATES[1:])}, or a custom state of up to 32 capital "
+                    f"letters, digits and _ such as PROGRESS (got {state!r})"
+                )
         if meta is not None and type(meta) is not dict:
             raise RequestError("meta must be a map or null")
         if ttl is not None and (type(ttl) not in (int, float) or ttl <= 0):

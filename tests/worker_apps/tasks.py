@@ -65,6 +65,16 @@ def tracked(self, marker):
 
 
 @app.task(bind=True)
+def progress(self, marker):
+    """Reports PROGRESS, then waits until the test stores a result under ``marker``."""
+    self.update_state(state="PROGRESS", meta={"done": 1, "total": 2})
+    deadline = time.monotonic() + 20
+    while app.client.get_result(marker)["state"] != "SUCCESS" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return "finished"
+
+
+@app.task(bind=True)
 def slow(self, seconds, marker=None):
     if marker:
         signal(marker, {"pid": os.getpid(), "hostname": self.request.hostname})
