@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+import cbor2
+
 from broker.errors import BrokerError, RequestError
 from client.wire import (
     CLIENT_OPS,
@@ -51,6 +53,16 @@ from client.wire import (
 
 _NUM = (int, float)
 PUBLISH_OPTIONS = ("delay", "eta", "ttl", "headers")
+# protocol.md §3: every whole-number field fits in 64 bits (CBOR major types 0
+# and 1).  A bignum (tag 2/3) where a count, tag or number of seconds belongs
+# is refused by name rather than overflowing a float deep in the state.
+INT_MIN = -(2**63)
+INT_MAX = 2**64 - 1
+
+
+def _check_int(v, what: str, op: str) -> None:
+    if not INT_MIN <= v <= INT_MAX:
+        raise RequestError(f"{op} {what} must be a whole number that fits in 64 bits (got one of {v.bit_length()} bits)")
 
 
 def _arg(frame, i, name, types, op, required=True):
@@ -61,6 +73,8 @@ def _arg(frame, i, name, types, op, required=True):
     v = frame[i]
     if type(v) is float and not math.isfinite(v):
         raise RequestError(f"{op} field {i} ({name}) must be a finite number (got {v})")
+    if type(v) is int:
+        _check_int(v, f"field {i} ({name})", op)
     if type(v) not in types:
         want = " or ".join(t.__name__.replace("str", "text").replace("bytes", "byte string") for t in types)
         raise RequestError(f"{op} field {i} ({name}) must be {want} (got {type(v).__name__})")
@@ -73,11 +87,31 @@ def _opt_number(opts, key, op):
         return None
     if type(v) not in _NUM:
         raise RequestError(f"{op} option {key!r} must be a number of seconds (got {type(v).__name__})")
+    if type(v) is int:
+        _check_int(v, f"option {key!r}", op)
     if not math.isfinite(v):
         raise RequestError(f"{op} option {key!r} must be a finite number of seconds (got {v})")
     if key != "eta" and v < 0:
         raise RequestError(f"{op} option {key!r} must be >= 0 (got {v})")
     return v
+
+
+def _storable(value, what: str, op: str) -> None:
+    """Refuse, before anything changes, a value that cannot be written to the log.
+
+    The decoder already refuses the tags that cannot round-trip (client/wire.py),
+    so this is the second line: every free-form value that a logged record or
+    another client's frame will carry is encoded once here, and an operation
+    whose value cannot be encoded is refused with BAD_REQUEST naming the field,
+    with nothing else changed (protocol.md §4).  Only free-form maps and values
+    pay for it: a plain PUBLISH (bytes body, no headers) encodes nothing here.
+    """
+    try:
+        cbor2.dumps(value)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise RequestError(f"{op} {what} cannot be stored: {exc}") from None
 
 
 def h_publish(state, conn, rid, f, now):
@@ -100,8 +134,10 @@ def h_publish(state, conn, rid, f, now):
         if k not in PUBLISH_OPTIONS:
             raise RequestError(f"unknown PUBLISH option {k!r}; known options: {', '.join(PUBLISH_OPTIONS)}")
     headers = opts.get("headers")
-    if headers is not None and type(headers) is not dict:
-        raise RequestError("PUBLISH option 'headers' must be a map")
+    if headers is not None:
+        if type(headers) is not dict:
+            raise RequestError("PUBLISH option 'headers' must be a map")
+        _storable(headers, "option 'headers'", "PUBLISH")
     msg_id = state.publish(
         conn, queue, body, msg_id, priority, now,
         delay=_opt_number(opts, "delay", "PUBLISH"),
@@ -136,6 +172,8 @@ def h_nack(state, conn, rid, f, now):
     requeue = _arg(f, 3, "requeue", (bool,), "NACK", required=False)
     delay = _arg(f, 4, "delay", _NUM, "NACK", required=False)
     headers = _arg(f, 5, "headers", (dict,), "NACK", required=False)
+    if headers is not None:
+        _storable(headers, "field 5 (headers)", "NACK")
     state.nack(conn, tag, now, requeue=True if requeue is None else requeue, delay=delay, headers=headers)
     return [OP_OK, rid, None]
 
@@ -148,6 +186,8 @@ def h_declare(state, conn, rid, f, now):
     # [8, rid, queue, options|null]
     name = _arg(f, 2, "queue", (str,), "DECLARE")
     opts = _arg(f, 3, "options", (dict,), "DECLARE", required=False)
+    if opts:
+        _storable(opts, "field 3 (options)", "DECLARE")
     return [OP_OK, rid, state.declare(name, opts, now)]
 
 
@@ -204,6 +244,11 @@ def h_result_set(state, conn, rid, f, now):
     tag = opts.get("tag")
     if tag is not None and type(tag) is not int:
         raise RequestError("RESULT_SET option 'tag' must be a delivery tag (a whole number)")
+    _storable(value, "field 4 (value)", "RESULT_SET")
+    if meta:
+        _storable(meta, "field 5 (meta)", "RESULT_SET")
+    if opts.get("ttl") is not None:
+        _opt_number(opts, "ttl", "RESULT_SET")
     return [OP_OK, rid, state.result_set(conn, task_id, st, value, meta, now, ttl=opts.get("ttl"), tag=tag)]
 
 
@@ -223,6 +268,7 @@ def h_schedule_put(state, conn, rid, f, now):
     # [21, rid, name, spec]
     name = _arg(f, 2, "name", (str,), "SCHEDULE_PUT")
     spec = _arg(f, 3, "spec", (dict,), "SCHEDULE_PUT")
+    _storable(spec, "field 3 (spec)", "SCHEDULE_PUT")
     return [OP_OK, rid, state.schedule_put(name, spec, now)]
 
 
@@ -263,6 +309,7 @@ def h_chord(state, conn, rid, f, now):
     members = _arg(f, 3, "members", (list,), "CHORD")
     body = _arg(f, 4, "body", (dict,), "CHORD")
     error = _arg(f, 5, "error", (dict,), "CHORD", required=False)
+    _storable(f[3:6], "fields 3-5 (members, body, error)", "CHORD")
     return [OP_OK, rid, state.chord_declare(cid, members, body, error, now)]
 
 
@@ -275,6 +322,7 @@ def h_emit_events(state, conn, rid, f, now):
     # [27, rid, hostname, [event, ...]]
     hostname = _arg(f, 2, "hostname", (str,), "EMIT_EVENTS")
     events = _arg(f, 3, "events", (list,), "EMIT_EVENTS")
+    _storable(events, "field 3 (events)", "EMIT_EVENTS")  # kept and sent to subscribers
     return [OP_OK, rid, state.emit_events(conn, hostname, events, now)]
 
 
@@ -297,6 +345,8 @@ def h_control_request(state, conn, rid, f, now):
     # [31, rid, command, args|null, {timeout, destination}|null] -> OK {hostname: reply}, deferred
     command = _arg(f, 2, "command", (str,), "CONTROL_REQUEST")
     args = _arg(f, 3, "args", (dict,), "CONTROL_REQUEST", required=False)
+    if args:
+        _storable(args, "field 3 (args)", "CONTROL_REQUEST")  # sent on to every worker
     opts = _arg(f, 4, "options", (dict,), "CONTROL_REQUEST", required=False) or {}
     for k in opts:
         if k not in ("timeout", "destination"):
@@ -309,6 +359,8 @@ def h_control_request(state, conn, rid, f, now):
 def h_control_reply(state, conn, rid, f, now):
     # [32, rid, reply_id, reply]
     reply_id = _arg(f, 2, "reply id", (int,), "CONTROL_REPLY")
+    if len(f) > 3:
+        _storable(f[3], "field 3 (reply)", "CONTROL_REPLY")  # sent on to the requester
     return [OP_OK, rid, state.control_reply(conn, reply_id, f[3] if len(f) > 3 else None, now)]
 
 
@@ -363,6 +415,10 @@ def handle(state, conn: int, frame: list, now: float):
     handler = HANDLERS.get(op)
     if handler is None:
         return [OP_ERROR, rid, "UNKNOWN_OP", f"unknown op code {op}; see protocol.md §5 for the list"]
+    if state.log_failed and op in DURABLE_OPS:
+        # The log can no longer write: a change answered OK now would be
+        # forgotten at the next start (an ACK would come back as a delivery).
+        return [OP_ERROR, rid, "LOG_FAILED", state.log_failed]
     try:
         return handler(state, conn, rid, frame, now)
     except BrokerError as exc:

@@ -7,12 +7,14 @@ with one ``os.write`` and fsyncs it with one ``fsync`` in a worker thread, so
 the event loop keeps serving while the disk works.  Records submitted while a
 write is in flight go together in the next one: group commit.
 
-Under ``fsync=always`` a batch's frames are held until the fsync that covers
+Under ``fsync=always`` a batch's confirms are held until the fsync that covers
 its records returns — that is what makes a confirm mean "on disk".  Under
-``interval`` and ``never`` frames go out at once; a crash may lose what the
+``interval`` and ``never`` they are held until the ``os.write`` that covers
+them returns: the operating system has the records, so a ``kill -9`` of
+brokerd loses nothing confirmed; an OS crash or power loss may lose what the
 kernel had not yet written (``never``) or up to ``fsync_interval_ms`` of
-confirmed work (``interval``) on power loss; a ``kill -9`` alone loses nothing
-the log had written.
+confirmed work (``interval``).  Deliveries wait for the write under every
+policy.
 
 A failed write or fsync (ENOSPC, EIO) is not retried: the log is marked
 failed, held confirms become LOG_FAILED errors, publishes are refused with
@@ -75,43 +77,88 @@ class Durability:
         # When the write or fsync now running in a worker thread began (monotonic),
         # None between them: /healthz and the systemd watchdog read writer_stall().
         self._io_started: float | None = None
+        # Records the state emitted but the log could not append yet (MemoryError), in order.
+        self._backlog: deque = deque()
+        self._memory_warned = False
 
     # -- on the event loop ---------------------------------------------------------
     def submit(self, records: list, box: dict, release, early: dict | None = None) -> None:
-        """Append a batch's records; release ``early`` once they are written and
-        ``box`` (the confirms) once they are durable under the policy.
+        """Append a batch's records; release ``early`` (deliveries) and ``box``
+        (the replies that confirm a change) once the log allows it.
 
-        Under ``always``, deliveries (``early``) wait only for the write — a
-        ``kill -9`` then cannot lose the record that counts their attempt — and
-        confirms wait for the fsync.  Under ``interval``/``never`` both go now.
+        Under every policy nothing is released before the records are written
+        to the operating system (``os.write`` returned), so a ``kill -9`` of
+        brokerd cannot lose what a client was told.  Under ``always`` the
+        confirms wait for the fsync as well; deliveries only for the write (a
+        ``kill -9`` then cannot lose the record that counts their attempt).
+
+        Appending never fails half-way through a record, and a record that
+        cannot be appended now (MemoryError) stays in a backlog, in order, with
+        its replies held, until the writer can append it: the log fails only
+        for the disk (DESIGN.md, "Trust").
         """
-        wal = self.wal
-        dumps = cbor2.dumps
-        lsn = 0
-        try:
-            for t, payload in records:
-                data = dumps(payload)
-                lsn = wal.append(t, data)
-                if t == R.PUBLISH:
-                    self._publish_bytes += len(data)
-                    self._publishes += 1
-        except WalFailed as exc:
-            self._fail(exc)
-            release(_refuse_confirms(box, str(exc)))
-            return
-        if lsn != self.state.last_lsn:
-            raise RuntimeError(f"log lsn {lsn} and state lsn {self.state.last_lsn} disagree")
-        if self.policy == "always":
-            if early:
-                self._early.append((lsn, early, release))
-            if box:
-                self._waiting.append((lsn, box, release))
-        else:
+        if self.failed is not None:
+            # The state stopped logging when the log failed; nothing can be promised.
             if early:
                 release(early)
             if box:
-                release(box)
+                release(_refuse_confirms(box, str(self.failed)))
+            return
+        self._backlog.extend(records)
+        if not self._append_backlog():
+            if early:
+                release(early)
+            if box:
+                release(_refuse_confirms(box, str(self.failed)))
+            return
+        lsn = self.state.last_lsn
+        if early:
+            self._early.append((lsn, early, release))
+        if box:
+            if self.policy == "always":
+                self._waiting.append((lsn, box, release))
+            else:
+                self._early.append((lsn, box, release))
         self._wake.set()
+
+    def _append_backlog(self) -> bool:
+        """Append what the backlog holds, in order; False if the log failed.
+
+        Each record is encoded whole before ``append``, which adds all of a
+        record or none of it; a MemoryError leaves that record and the ones
+        after it in the backlog (the writer retries), never half a record.
+        """
+        backlog = self._backlog
+        wal = self.wal
+        while backlog:
+            t, payload = backlog[0]
+            try:
+                data = _encode_record(t, payload)
+                lsn = wal.append(t, data)
+            except MemoryError:
+                if not self._memory_warned:
+                    self._memory_warned = True
+                    log.warning(
+                        "out of memory appending to the log; %d records wait in order, their replies held, "
+                        "and are retried", len(backlog),
+                    )
+                self._wake.set()
+                return True
+            except WalFailed as exc:
+                self._fail(exc)
+                return False
+            backlog.popleft()
+            if t == R.PUBLISH:
+                self._publish_bytes += len(data)
+                self._publishes += 1
+        self._memory_warned = False
+        if lsn_disagrees := (wal.next_lsn - 1 != self.state.last_lsn):
+            # A bug, not a disk fault: stop promising rather than crash brokerd.
+            self._fail(WalFailed(
+                f"internal error: the log is at LSN {wal.next_lsn - 1} but the broker state at "
+                f"{self.state.last_lsn}; nothing more can be logged safely"
+            ))
+        return not lsn_disagrees
 
     def _release_written(self) -> None:
         written = self.wal.written_lsn
@@ -136,6 +183,7 @@ class Durability:
         self.state.log_failed = message
         self.state.log_enabled = False
         self.state.take_records()
+        self._backlog.clear()
         log.error("write-ahead log failed: %s", message)
         while self._early:
             _, box, release = self._early.popleft()
@@ -159,6 +207,10 @@ class Durability:
         task_status.started()
         wal = self.wal
         while self.failed is None:
+            if self._backlog:
+                self._append_backlog()
+                if self._backlog:  # still out of memory: let the loop free some
+                    await trio.sleep(0.01)
             if not wal.pending_count:
                 self._wake = trio.Event()
                 timeout = self.interval if (self.policy == "interval" and wal.written_lsn > wal.synced_lsn) else 1.0
@@ -319,6 +371,29 @@ class Durability:
             "recovery_records": rec.records if rec else 0,
             "recovery_truncated_bytes": rec.truncated_bytes if rec else 0,
         }
+
+
+def _encode_record(rtype: int, payload) -> bytes:
+    """A record's payload as CBOR bytes; never fails for a value's sake.
+
+    Frames are checked before they change anything (client/wire.py refuses
+    value-sharing tags, broker/commands.py encodes free-form values once), so
+    the plain encoding always works.  Should a value still slip through (a
+    bug), the record is written with value sharing and unknown objects as
+    their repr rather than failing the log for everyone: replay reads both.
+    """
+    try:
+        return cbor2.dumps(payload)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        log.error("log record of type %s could not be encoded plainly (%s); writing it with value sharing",
+                  R.NAMES.get(rtype, rtype), exc)
+        return cbor2.dumps(payload, value_sharing=True, default=_encode_opaque)
+
+
+def _encode_opaque(encoder, value) -> None:
+    encoder.encode(repr(value))
 
 
 def _refuse_confirms(box: dict, message: str) -> dict:

@@ -172,6 +172,30 @@ def encode_many(frames) -> bytes:
 
 
 # --- decoding ---------------------------------------------------------------
+# protocol.md §3 "Framing": a frame is a tree of values.  Every value the broker
+# accepts must encode back to CBOR unchanged, because it goes into the log,
+# into deliveries and into other clients' replies.  Three tags cannot promise
+# that, so the decoder refuses them (BAD_FRAME) instead of building the value:
+# value sharing (28 shareable, 29 shared reference) can make a cycle, which no
+# encoder without value sharing can write back (one 35-byte frame once broke
+# the log that way), and a MIME message (36) decodes to an object cbor2 cannot
+# encode.  Every other tag either decodes to a value that encodes back, or is
+# kept as an opaque CBORTag.
+_REFUSED_TAGS = {
+    28: "value-sharing tag 28 (shareable)",
+    29: "value-sharing tag 29 (shared reference)",
+    36: "MIME message tag 36",
+}
+
+
+def _refuser(what: str):
+    def refuse(*_args):
+        raise cbor2.CBORDecodeError(f"{what} is not accepted: a frame must be a tree of plain values")
+
+    return refuse
+
+
+_DECODE_OPTIONS = {"semantic_decoders": {tag: _refuser(what) for tag, what in _REFUSED_TAGS.items()}}
 class FrameReader:
     """Accumulates bytes and yields whole frames (as Python lists).
 
@@ -230,7 +254,7 @@ def decode_payload(payload) -> list:
     if len(payload) == 0:
         raise WireError("BAD_FRAME", "empty frame: a frame holds one CBOR array")
     try:
-        value = _loads(payload)
+        value = _loads(payload, **_DECODE_OPTIONS)
     except Exception as exc:  # cbor2 raises several types on garbage
         raise WireError("BAD_FRAME", f"frame is not valid CBOR: {exc}") from None
     if type(value) is not list or not value or type(value[0]) is not int:
