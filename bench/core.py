@@ -28,15 +28,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import shlex
-import signal
 import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -44,73 +41,19 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-READY = re.compile(r"ready: listening on ([\d.]+):(\d+)")
+from tests.support.broker import BrokerProcess  # noqa: E402
+
 STAMP = struct.Struct("<d")  # the body starts with the publish time (time.monotonic())
 QUEUE = "bench.core"
 
 
 # --- the broker -----------------------------------------------------------------------
-class Broker:
-    """``python -m broker`` on 127.0.0.1, a free port and a temporary data dir."""
-
-    def __init__(self, extra_args: list[str], data_dir: str):
-        cmd = [
-            sys.executable, "-m", "broker", "--host", "127.0.0.1", "--port", "0", "--http-port", "0",
-            "--data-dir", data_dir, *extra_args,
-        ]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True,
-        )
-        self.port = None
-        self.log: list[str] = []
-        ready = threading.Event()
-
-        def read():
-            for line in self.proc.stderr:
-                self.log.append(line.rstrip("\n"))
-                m = READY.search(line)
-                if m and self.port is None:
-                    self.port = int(m.group(2))
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(30) or self.port is None:
-            self.stop()
-            raise SystemExit("brokerd did not start:\n" + "\n".join(self.log))
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def rss(self) -> int:
-        """Resident set size in bytes, from /proc/<pid>/status (VmRSS)."""
-        with open(f"/proc/{self.pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS in /proc status")
-
-    def cpu_seconds(self) -> float:
-        with open(f"/proc/{self.pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+def Broker(extra_args: list[str], data_dir: str) -> BrokerProcess:
+    """``python -m broker`` on 127.0.0.1, a free port and a temporary data dir (tests/support/broker.py)."""
+    try:
+        return BrokerProcess(data_dir, *extra_args).start(timeout=30)
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 # --- the two roles (run as child processes) ------------------------------------------------

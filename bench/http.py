@@ -26,13 +26,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 import argparse  # noqa: E402
 import http.client  # noqa: E402
-import re  # noqa: E402
 import shlex  # noqa: E402
-import signal  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import tempfile  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,45 +36,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from client import wire  # noqa: E402
+from tests.support.broker import BrokerProcess  # noqa: E402
 from tests.wireclient import Raw  # noqa: E402
 
-READY = re.compile(r"ready: listening on ([\d.]+):(\d+)")
-HTTP = re.compile(r"http: listening on ([\d.]+):(\d+)")
 
 
-class Broker:
-    def __init__(self, extra: list[str], data_dir: str):
-        cmd = [
-            sys.executable, "-m", "broker", "--host", "127.0.0.1", "--port", "0", "--http-port", "0",
-            "--data-dir", data_dir, *extra,
-        ]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
-        self.port = self.http_port = None
-        ready = threading.Event()
-
-        def read():
-            for line in self.proc.stderr:
-                if m := HTTP.search(line):
-                    self.http_port = int(m.group(2))
-                if m := READY.search(line):
-                    self.port = int(m.group(2))
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(30) or self.port is None:
-            self.stop()
-            raise SystemExit("brokerd did not start")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+def Broker(extra: list[str], data_dir: str) -> BrokerProcess:
+    try:
+        return BrokerProcess(data_dir, *extra).start(timeout=30)
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def timed_get(port: int, path: str) -> tuple[float, int]:

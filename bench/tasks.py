@@ -32,13 +32,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shlex
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -50,9 +48,9 @@ if str(ROOT) not in sys.path:
 import cbor2  # noqa: E402
 
 from client import wire  # noqa: E402
+from tests.support.broker import BrokerProcess  # noqa: E402
 from client.app import App, make_envelope  # noqa: E402
 
-READY = re.compile(r"ready: listening on ([\d.]+):(\d+)")
 QUEUE = "bench.tasks"
 
 # The app the worker imports (``bench.tasks:app``); its broker address comes from -b.
@@ -85,36 +83,11 @@ def child_pids(pid: int) -> list[int]:
         return []
 
 
-class Broker:
-    def __init__(self, args: list[str], data_dir: str):
-        cmd = [sys.executable, "-m", "broker", "--host", "127.0.0.1", "--port", "0", "--http-port", "0", "--data-dir", data_dir, *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
-        self.port = None
-        ready = threading.Event()
-
-        def read():
-            for line in self.proc.stderr:
-                m = READY.search(line)
-                if m:
-                    self.port = int(m.group(2))
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(30) or self.port is None:
-            self.stop()
-            raise SystemExit("brokerd did not start")
-        self.address = f"127.0.0.1:{self.port}"
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+def Broker(args: list[str], data_dir: str) -> BrokerProcess:
+    try:
+        return BrokerProcess(data_dir, *args).start(timeout=30)
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 class WorkerProc:

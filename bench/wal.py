@@ -26,8 +26,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,53 +36,28 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from client import Client  # noqa: E402
+from tests.support.broker import BrokerProcess  # noqa: E402
 
-READY = re.compile(r"ready: listening on [\d.]+:(\d+)")
 RECOVERED = re.compile(r"recovered (\d+) log records from (\d+) segments in ([\d.]+)s")
 
 
-class Broker:
+class Broker(BrokerProcess):
+    """The shared launcher (tests/support/broker.py) with recovery-sized bounds."""
+
     def __init__(self, data_dir: str, *args: str):
-        self.data_dir = data_dir
-        self.args = list(args)
-        self.proc = None
-        self.port = None
-        self.lines: list[str] = []
+        super().__init__(data_dir, "--log-level", "info", *args)
 
     def start(self) -> float:
-        t0 = time.monotonic()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "broker", "--host", "127.0.0.1", "--port", "0", "--http-port", "0", "--data-dir", self.data_dir,
-             "--log-level", "info", *self.args],
-            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        ready = threading.Event()
-
-        def read():
-            for line in self.proc.stderr:
-                self.lines.append(line.rstrip())
-                m = READY.search(line)
-                if m:
-                    self.port = int(m.group(1))
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(600) or self.port is None:
-            raise RuntimeError("brokerd did not start:\n" + "\n".join(self.lines[-20:]))
-        return time.monotonic() - t0
-
-    @property
-    def address(self):
-        return f"127.0.0.1:{self.port}"
+        """Seconds from spawn to "ready": a recovery of a large log takes a while."""
+        super().start(timeout=600)
+        return self.started_in
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.terminate(120)
+
+    @property
+    def lines(self) -> list[str]:
+        return self.log
 
 
 def dir_bytes(path: str) -> int:
