@@ -109,6 +109,11 @@ class EncodeError(TaskError, TypeError):
     """An argument or result that CBOR cannot carry."""
 
 
+class WorkerLostError(TaskError):
+    """The process running the task died (a crash, ``os.abort()``, the OOM killer) more times than the
+    task's ``max_retries`` allow (Celery's name)."""
+
+
 class RemoteError(TaskError):
     """A task failed with an exception that is not a Python builtin.
 
@@ -536,7 +541,8 @@ def exception_from(meta: dict) -> BaseException:
         except Exception:
             exc = RemoteError(typ, msg, meta.get("traceback"))
     else:
-        for local in (SoftTimeLimitExceeded, TimeLimitExceeded, MaxRetriesExceededError, NotRegistered, EncodeError):
+        for local in (SoftTimeLimitExceeded, TimeLimitExceeded, MaxRetriesExceededError, NotRegistered, EncodeError,
+                      WorkerLostError):
             if local.__name__ == typ:
                 exc = local(msg)
                 break

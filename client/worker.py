@@ -33,9 +33,11 @@ on the hot path.
   length prefix).  A child runs one task at a time; with a deep backlog
   (prefetch multiplier > 1) it is handed batches of up to ``MAX_BATCH`` jobs
   per write (see ``ProcessPool``).  Its death is seen through
-  a pidfd (or EOF): the task is *not* acked but nacked with requeue, so
-  brokerd redelivers it and counts the attempt (dead-letter at the queue's
-  max_attempts).  Children ignore SIGINT/SIGTERM (the parent decides when they
+  a pidfd (or EOF): the death counts as one retry of the task, redelivered
+  after a backoff (1 s, 2 s, 4 s ... capped at 60 s; a nack with a delay and
+  the ``retries`` header), and past the task's max_retries its result is
+  FAILURE ``WorkerLostError`` and the message is dead-lettered (see
+  ``Worker._lost_job``).  Children ignore SIGINT/SIGTERM (the parent decides when they
   stop) and get SIGKILL if the parent dies (``PR_SET_PDEATHSIG``), so a
   ``kill -9`` of the worker frees its tasks for redelivery at once.
 * ``threads``: N threads in the parent, for I/O-bound tasks.
@@ -106,8 +108,14 @@ bench/tasks.py ``--events-cost``.
 
 **Remote control** (protocol.md §5.34): brokerd forwards control requests as
 CONTROL frames with a ``reply_id``; the main loop answers ``ping``, ``active``,
-``registered``, ``stats``, ``pool_grow``, ``pool_shrink`` and ``shutdown``
-(warm) with CONTROL_REPLY.
+``registered``, ``stats``, ``pool_grow`` (capped at the autoscale maximum, or
+the concurrency), ``pool_shrink`` and ``shutdown`` (warm) with CONTROL_REPLY.
+
+**Poison.**  No message may cost more than its own task: the main loop checks
+every envelope field it or a pool will use (``check_envelope``) and fails the
+task with a DecodeError naming the field; a return value that cannot be
+stored or repr'd, or an exception whose ``str()`` raises, is a FAILURE, never
+a dead pool process (``Runner.succeeded``, ``Runner._outcome``).
 
 Logging follows Celery's lines (``Task proj.add[id] received``, ``... succeeded
 in 0.0012s: 4``, ``... retry: Retry in 2s: ValueError(...)``, ``... raised
@@ -121,6 +129,7 @@ import ctypes
 import inspect
 import itertools
 import logging
+import math
 import os
 import pickle
 import random
@@ -144,11 +153,12 @@ from client.app import (
     Retry,
     SoftTimeLimitExceeded,
     TimeLimitExceeded,
+    WorkerLostError,
     _current_request,
     decode_envelope,
 )
 from client.errors import BrokerdError, ConnectionClosed, ConnectionLost, Disconnected
-from client.wire import OP_CONTROL_REPLY, OP_EMIT_EVENTS
+from client.wire import DEFAULT_MAX_FRAME, OP_CONTROL_REPLY, OP_EMIT_EVENTS
 
 __all__ = ["Worker", "Runner", "ExceptionInfo", "BrokerUnreachable", "ColdStop", "setup_logging"]
 
@@ -181,6 +191,20 @@ EVENT_FLUSH_DELAY = 0.05
 EVENT_FLUSH_MAX = 1000
 EVENT_REPR_MAX = 200  # characters of args, kwargs and result reprs in events
 EVENT_TRACEBACK_MAX = 4000  # characters of a traceback in a task-failed event (brokerd keeps at most 4096)
+
+# A task whose pool process dies is redelivered after a delay that doubles: 1 s, 2 s, 4 s ... capped at
+# 60 s (without it an os.abort() task ran 25 times in 81 ms).  Each death counts as one retry of the task
+# (the "retries" header, as for self.retry()), bounded by its max_retries (Celery's default 3; a task with
+# max_retries=None gets LOST_RETRIES_DEFAULT); past that its result is FAILURE WorkerLostError.
+LOST_BACKOFF_FIRST = 1.0
+LOST_BACKOFF_MAX = 60.0
+LOST_RETRIES_DEFAULT = 3
+# Envelope validation (protocol.md §8.1): a field of the wrong type or range fails that task (DecodeError)
+# instead of raising in the worker's main loop.
+TIME_LIMIT_MAX = 366 * 86400.0  # seconds; a time limit above a year is a mistake (and overflows setitimer far above)
+# A result must fit in one RESULT_SET frame: brokerd closes the connection on a frame over its max_frame
+# (16 MiB by default), which would hand every in-flight task back.  64 KiB is left for the id and meta.
+RESULT_MAX_BYTES = DEFAULT_MAX_FRAME - 64 * 1024
 
 # Outcome settle codes: what to do with the delivery once the result (if any) is stored.
 S_ACK = 0  # done: ack (atomically with the result, when there is one)
@@ -299,10 +323,18 @@ class ExceptionInfo:
         return f"<ExceptionInfo: {self.exception!r}>"
 
 
+def _safe_str(exc: BaseException) -> str:
+    """str(exc), or a stand-in when the exception's __str__ itself raises (it must not cost the worker)."""
+    try:
+        return str(exc)
+    except Exception as err:  # noqa: BLE001
+        return f"<str() of {type(exc).__name__} failed: {type(err).__name__}>"
+
+
 def exc_meta(exc: BaseException, hostname: str, tb: str | None = None) -> dict:
     return {
         "exc_type": type(exc).__name__,
-        "exc_message": str(exc),
+        "exc_message": _safe_str(exc),
         "traceback": tb if tb is not None else "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
         "hostname": hostname,
     }
@@ -434,8 +466,8 @@ class Runner:
                         if soft:
                             signal.setitimer(signal.ITIMER_REAL, 0)
             except BaseException as exc:  # noqa: BLE001 - every failure of user code is an outcome
-                return self.failed(ctx, exc)
-            return self.succeeded(ctx, retval)
+                return self._outcome(self.failed, ctx, exc)
+            return self._outcome(self.succeeded, ctx, retval)
         finally:
             _current_request.reset(token)
 
@@ -460,10 +492,22 @@ class Runner:
             except BaseException as exc:  # noqa: BLE001
                 if isinstance(exc, trio.Cancelled):
                     raise  # the worker itself is being cancelled (cold stop)
-                return self.failed(ctx, exc)
-            return self.succeeded(ctx, retval)
+                return self._outcome(self.failed, ctx, exc)
+            return self._outcome(self.succeeded, ctx, retval)
         finally:
             _current_request.reset(token)
+
+    def _outcome(self, settle, ctx, value):
+        """``succeeded``/``failed``, but never raising: whatever a task returned or raised, its process
+        (a pool child, a pool thread, the trio loop) must live on and the task must get a result."""
+        try:
+            return settle(ctx, value)
+        except Exception as exc:  # noqa: BLE001
+            log.error("Task %s[%s]: its outcome could not be recorded: %s: %s", ctx.task.name, ctx.req.id,
+                      type(exc).__name__, _safe_str(exc))
+            err = EncodeError(f"the outcome of {ctx.task.name} could not be recorded: {type(exc).__name__}: "
+                              f"{_safe_str(exc)}")
+            return (S_ACK, "FAILURE", None, exc_meta(err, self.hostname, ""), None, None)
 
     def _hook(self, ctx, name, *args):
         try:
@@ -473,18 +517,33 @@ class Runner:
 
     def succeeded(self, ctx, retval):
         task, req = ctx.task, ctx.req
+        # The value must be storable (CBOR, within one frame) and showable (repr, for the log line and
+        # the task-succeeded event): an int over 4,300 digits, a cyclic list or a raising __repr__ used
+        # to kill the pool process and be retried until dead-lettered, its result PENDING for ever.
+        # The repr is the one the default (INFO) log line makes anyway.
+        why = None
         try:
-            cbor2.dumps(retval)
-        except Exception as exc:
+            size = len(cbor2.dumps(retval))
+        except Exception as exc:  # noqa: BLE001 - cbor2 raises several kinds; RecursionError too
+            why = _safe_str(exc)
+        else:
+            if size > RESULT_MAX_BYTES:
+                why = f"it is {size} bytes encoded, over the {RESULT_MAX_BYTES} bytes a result may take"
+            else:
+                try:
+                    shown = _short_repr(retval)
+                except Exception as exc:  # noqa: BLE001
+                    why = f"repr() of it raised {type(exc).__name__}: {_safe_str(exc)}"
+        if why is not None:
             err = EncodeError(
-                f"the return value of {task.name} ({type(retval).__name__}) cannot be stored as a result: {exc}"
+                f"the return value of {task.name} ({type(retval).__name__}) cannot be stored as a result: {why}"
             )
             return self.failed(ctx, err)
         runtime = time.perf_counter() - ctx.t0
         self._hook(ctx, "on_success", retval, req.id, req.args, req.kwargs)
         self._hook(ctx, "after_return", "SUCCESS", retval, req.id, req.args, req.kwargs, None)
         if log.isEnabledFor(logging.INFO):
-            log.info("Task %s[%s] succeeded in %.4fs: %s", task.name, req.id, runtime, _short_repr(retval))
+            log.info("Task %s[%s] succeeded in %.4fs: %s", task.name, req.id, runtime, shown)
         ignore = task.ignore_result
         if ignore is None:
             ignore = self.app.conf.get("task_ignore_result", False)
@@ -508,7 +567,10 @@ class Runner:
         ):
             kw = dict(task.retry_kwargs or {})
             if task.retry_backoff:
-                kw["countdown"] = task.retry_delay(req.retries)
+                try:
+                    kw["countdown"] = task.retry_delay(req.retries)
+                except OverflowError:  # 2 ** retries past a float (a forged "retries" header): the cap
+                    kw["countdown"] = float(task.retry_backoff_max)
             kw.pop("exc", None)
             try:
                 task.retry(exc=exc, **kw)
@@ -537,6 +599,66 @@ class Runner:
         self._hook(ctx, "after_return", "RETRY", shown, req.id, req.args, req.kwargs, einfo)
         log.info("Task %s[%s] retry: Retry in %gs: %r", task.name, req.id, when, shown)
         return (S_RETRY, "RETRY", None, exc_meta(shown, self.hostname, einfo.traceback), max(0.0, float(when)), req.retries + 1)
+
+
+def _shown(value) -> str:
+    """A bad field's value in an error message: its type and a short, safe repr."""
+    return f"{type(value).__name__} {_event_repr(value, 60)}"
+
+
+def _bad_number(value, *, nonneg=False, upper=None) -> bool:
+    """True unless ``value`` is an int or float (not bool), finite, within range."""
+    if type(value) not in (int, float):
+        return True
+    try:
+        f = float(value)
+    except OverflowError:  # a bignum
+        return True
+    if not math.isfinite(f) or (nonneg and f < 0) or (upper is not None and f > upper):
+        return True
+    return False
+
+
+def check_envelope(env: dict) -> None:
+    """Raise ValueError naming the first field of a decoded envelope (protocol.md §8.1) that the worker
+    cannot use.  ``decode_envelope`` has checked ``task``, ``id``, ``args``, ``kwargs`` and ``v``; this
+    checks the rest, so that nothing later (deadline arithmetic, ``time.time() >= expires``, setitimer,
+    retry counting) can raise in the main loop on a hostile or buggy producer's envelope."""
+    tid = env["id"]
+    if not 0 < len(tid) <= 255:
+        raise ValueError(f"task envelope field 'id' must be 1 to 255 characters (got {len(tid)})")
+    for k in env["kwargs"]:
+        if type(k) is not str:
+            raise ValueError(f"task envelope field 'kwargs' must have text keys (got the key {_shown(k)})")
+    retries = env.get("retries")
+    if retries is not None and (type(retries) is not int or retries < 0):
+        raise ValueError(f"task envelope field 'retries' must be a whole number >= 0 or null (got {_shown(retries)})")
+    for key in ("eta", "expires"):
+        value = env.get(key)
+        if value is not None and _bad_number(value):
+            raise ValueError(f"task envelope field {key!r} must be a Unix time in seconds (a finite number) or null "
+                             f"(got {_shown(value)})")
+    for key in ("parent_id", "root_id"):
+        value = env.get(key)
+        if value is not None and type(value) is not str:
+            raise ValueError(f"task envelope field {key!r} must be text or null (got {_shown(value)})")
+    value = env.get("headers")
+    if value is not None and type(value) is not dict:
+        raise ValueError(f"task envelope field 'headers' must be a map or null (got {_shown(value)})")
+    for key in ("link", "link_error", "chain"):
+        value = env.get(key)
+        if value is not None and type(value) is not list:
+            raise ValueError(f"task envelope field {key!r} must be an array of signatures or null (got {_shown(value)})")
+    opts = env.get("options")
+    if opts is None:
+        return
+    if type(opts) is not dict:
+        raise ValueError(f"task envelope field 'options' must be a map or null (got {_shown(opts)})")
+    for key in ("time_limit", "soft_time_limit"):
+        value = opts.get(key)
+        if value is not None and _bad_number(value, nonneg=True, upper=TIME_LIMIT_MAX):
+            raise ValueError(f"task envelope field 'options.{key}' must be a number of seconds from 0 to "
+                             f"{TIME_LIMIT_MAX:g} (0 or null: no limit) (got {_shown(value)})")
 
 
 def undecodable_outcome(msg_id, queue, exc, hostname):
@@ -919,12 +1041,10 @@ class ProcessPool:
         w = self.w
         if jobs:
             job = jobs[0]
-            log.error(
-                "Process %s (pid %d) %s while running %s[%s]: handed back to brokerd for redelivery",
-                c.label, c.pid, status, job.name, job.task_id,
-            )
-            for job in jobs:
-                w._lost_job(job, f"process {c.label} (pid {c.pid}) {status}")
+            log.error("Process %s (pid %d) %s while running %s[%s]", c.label, c.pid, status, job.name, job.task_id)
+            w._lost_job(job, f"process {c.label} (pid {c.pid}) {status}")
+            for job in jobs[1:]:  # queued behind it in a batch, never started: not their fault
+                w._hand_back_job(job, "its pool process died before it started")
         elif not w._stopping:
             log.warning("Process %s (pid %d) %s", c.label, c.pid, status)
 
@@ -941,7 +1061,7 @@ class ProcessPool:
         self._reap(c)
         log.error("Process %s (pid %d) killed: hard time limit of %s[%s]", c.label, c.pid, job.name, job.task_id)
         for j in rest:  # queued behind it, never started
-            self.w._hand_back_job(j)
+            self.w._hand_back_job(j, "its pool process was killed at a hard time limit")
 
     def soft_limit(self, job):
         pass  # children enforce soft limits themselves (SIGALRM)
@@ -1532,6 +1652,16 @@ class Worker:
         return cached
 
     def _received(self, d, gen):
+        try:
+            self._receive(d, gen)
+        except Exception as exc:  # noqa: BLE001 - a bug or a case check_envelope missed costs this task only
+            log.exception("could not take message %r from %s", d.id, d.queue)
+            queued = self._backlog and self._backlog[-1].d is d
+            ch = self._channel
+            if not queued and not d.settled and ch is not None and gen == ch.gen:
+                self._settle(d, ch, undecodable_outcome(d.id, d.queue, exc, self.hostname), d.id)
+
+    def _receive(self, d, gen):
         if gen != self._gen:
             return  # from a connection that is gone: brokerd took it back
         ch = self._channel
@@ -1540,6 +1670,7 @@ class Worker:
             return
         try:
             env = decode_envelope(d.body)
+            check_envelope(env)  # fields of the wrong type fail this task here, not the main loop later
         except ValueError as exc:
             outcome = undecodable_outcome(d.id, d.queue, exc, self.hostname)
             if self.task_events:
@@ -1683,12 +1814,12 @@ class Worker:
     def _store_later(self, task_id, state, value, meta):
         self._orphans.append((task_id, state, value, meta))
 
-    def _hand_back_job(self, job: _Job):
+    def _hand_back_job(self, job: _Job, reason: str = "worker stopping"):
         """A job that never started goes back to brokerd (nack with requeue)."""
         self._running.pop(job.seq, None)
         if self.task_events:
             self._emit({"type": "task-rejected", "uuid": job.task_id, "ts": time.time(), "requeue": True,
-                        "reason": "handed back unstarted (worker stopping)"})
+                        "reason": f"handed back unstarted ({reason})"})
         ch = self._channel
         if ch is not None and job.gen == ch.gen and not job.d.settled:
             try:
@@ -1697,17 +1828,38 @@ class Worker:
                 pass
 
     def _lost_job(self, job: _Job, why: str = "its process died"):
-        """Its process died mid-task: hand the delivery back for redelivery (counts an attempt)."""
-        self._running.pop(job.seq, None)
-        if self.task_events:
-            self._emit({"type": "task-retried", "uuid": job.task_id, "ts": time.time(), "delay": 0,
-                        "exception": _short_repr_text(f"WorkerLostError({why!r})")})
+        """Its process died mid-task.  The death counts as one retry: redelivered after a backoff
+        (LOST_BACKOFF_FIRST doubling to LOST_BACKOFF_MAX) with the ``retries`` header raised, and past
+        the task's max_retries stored as FAILURE WorkerLostError and dead-lettered, so ``get()`` returns.
+        A task acked on receipt (acks_late=False) cannot be redelivered: FAILURE at once."""
         ch = self._channel
-        if ch is not None and job.gen == ch.gen and not job.d.settled:
-            try:
-                ch.nack(job.d, True)
-            except BrokerdError:
-                pass
+        if ch is None or job.gen != ch.gen:
+            self._running.pop(job.seq, None)
+            return  # its connection is gone: brokerd has taken the message back already
+        d = job.d
+        hdrs = d.headers
+        retries = hdrs.get("retries") if hdrs else None
+        if type(retries) is not int or retries < 0:
+            retries = job.env.get("retries") or 0
+        task = self.app.tasks.get(job.name)
+        bound = getattr(task, "max_retries", None)
+        if type(bound) is not int:
+            bound = LOST_RETRIES_DEFAULT
+        if d.settled or retries >= bound:
+            done = f"{retries + 1} times" if not d.settled else "once; it was acked on receipt (acks_late=False)"
+            exc = WorkerLostError(f"Worker exited prematurely: {why} (the task's process died {done}; "
+                                  f"max_retries is {bound})")
+            log.error("Task %s[%s] raised unexpected: %r", job.name, job.task_id, exc)
+            meta = exc_meta(exc, self.hostname, tb=None)
+            meta["traceback"] = None
+            self._finish(job, (S_REJECT, "FAILURE", None, meta, None, None))
+            return
+        delay = min(LOST_BACKOFF_MAX, LOST_BACKOFF_FIRST * 2 ** min(retries, 16))
+        exc = WorkerLostError(f"Worker exited prematurely: {why}")
+        log.warning("Task %s[%s] retry: Retry in %gs: %r", job.name, job.task_id, delay, exc)
+        meta = exc_meta(exc, self.hostname, tb=None)
+        meta["traceback"] = None
+        self._finish(job, (S_RETRY, "RETRY", None, meta, delay, retries + 1))
 
     def _check_sink(self):
         sink = self._sink
@@ -1948,17 +2100,38 @@ class Worker:
             "rusage": {"utime": ru.ru_utime, "stime": ru.ru_stime, "maxrss_kb": ru.ru_maxrss},
         }
 
+    @staticmethod
+    def _ctl_n(command, args):
+        """The ``n`` of pool_grow/pool_shrink: a whole number >= 1 (default 1), or None and an error."""
+        n = args.get("n", 1)
+        if type(n) is not int or n < 1:
+            return None, {"error": f"{command} needs n, a whole number of pool slots >= 1 (got {_shown(n)})"}
+        return n, None
+
     def _ctl_pool_grow(self, args):
-        return self._resize(int(args.get("n", 1)))
+        # Capped: one CONTROL with n=20 used to fork 20 processes at once.  The ceiling is the autoscale
+        # maximum, or the concurrency the worker was started with (-c) without autoscale: the consumer's
+        # prefetch is set from it, so slots past it could never get a task anyway.
+        n, err = self._ctl_n("pool_grow", args)
+        if err:
+            return err
+        cap = self.concurrency  # the autoscale maximum when autoscaling (see __init__)
+        size = self.pool.size
+        what = "the autoscale maximum" if self.autoscale else "the worker's concurrency (-c)"
+        room = cap - size
+        if room <= 0:
+            return {"ok": f"pool unchanged at {size}: already at its maximum, {what} of {cap}", "size": size}
+        size = self.pool.resize(min(n, room), "control")
+        if n > room:
+            return {"ok": f"pool grown to {size} (capped at {what} of {cap}; {n} more were asked for)", "size": size}
+        return {"ok": f"pool grown to {size}", "size": size}
 
     def _ctl_pool_shrink(self, args):
-        return self._resize(-int(args.get("n", 1)))
-
-    def _resize(self, delta):
-        if delta == 0:
-            return {"ok": f"pool unchanged at {self.pool.size}", "size": self.pool.size}
-        size = self.pool.resize(delta, "control")
-        return {"ok": f"pool {'grown' if delta > 0 else 'shrunk'} to {size}", "size": size}
+        n, err = self._ctl_n("pool_shrink", args)
+        if err:
+            return err
+        size = self.pool.resize(-n, "control")
+        return {"ok": f"pool shrunk to {size}", "size": size}
 
     def _ctl_shutdown(self, args):
         return {"ok": "shutting down (warm)"}

@@ -303,9 +303,12 @@ def test_inspect_stats_and_pool_grow_and_shrink(ctl_broker, ctl_worker, capsys):
     out = ok(capsys, ctl_broker.address, "inspect", "stats", "-d", w.name, *SLOW_OK)
     assert out.startswith(f"-> {w.name}:\n") and '"implementation": "processes"' in out
     assert size() == 2
-    assert ok(capsys, ctl_broker.address, "control", "pool-grow", "2", "-d", w.name, *SLOW_OK) == f"-> {w.name}: pool grown to 4\n"
+    # pool_grow is capped at the concurrency (-c 2): shrink first to leave room (issue 10, finding 10)
+    assert ok(capsys, ctl_broker.address, "control", "pool-shrink", "1", "-d", w.name, *SLOW_OK) == f"-> {w.name}: pool shrunk to 1\n"
+    assert ok(capsys, ctl_broker.address, "control", "pool-grow", "2", "-d", w.name, *SLOW_OK) == (
+        f"-> {w.name}: pool grown to 2 (capped at the worker's concurrency (-c) of 2; 2 more were asked for)\n")
     stats = ok_json(capsys, ctl_broker.address, "inspect", "stats", "-d", w.name, *SLOW_OK)[w.name]
-    assert stats["pool"]["size"] == 4 and stats["pool_resized"]["grown"] == 1
+    assert stats["pool"]["size"] == 2 and stats["pool_resized"]["grown"] == 1
     assert ok_json(capsys, ctl_broker.address, "control", "pool-shrink", "3", "-d", w.name, *SLOW_OK) == {
         w.name: {"ok": "pool shrunk to 1", "size": 1}}
     assert size() == 1

@@ -199,3 +199,56 @@ def early_ack(self, path):
     if n == 1:
         raise self.retry(exc=ValueError("once more"), countdown=0.05)
     return n
+
+
+# -- poison results and dying processes (tests/test_worker_poison.py) ------------------------------
+@app.task
+def huge_int():
+    """CBOR carries it, but repr() raises ValueError (Python's int max str digits, 4,300)."""
+    return 10**5000
+
+
+class _NoRepr(dict):
+    def __repr__(self):
+        raise RuntimeError("this value has no repr")
+
+
+@app.task
+def unreprable():
+    """A map CBOR encodes whose __repr__ raises."""
+    return _NoRepr(a=1)
+
+
+@app.task
+def cyclic():
+    value = [1]
+    value.append(value)
+    return value
+
+
+class _Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("this exception has no str")
+
+
+@app.task
+def raises_unprintable():
+    raise _Unprintable()
+
+
+def _stamp(path: str) -> None:
+    with open(path, "a") as f:
+        f.write(f"{time.time()!r}\n")
+
+
+@app.task(max_retries=2)
+def aborts(path):
+    """Records the time of each run, then kills its own process (SIGABRT)."""
+    _stamp(path)
+    os.abort()
+
+
+@app.task(acks_late=False)
+def aborts_acked_early(path):
+    _stamp(path)
+    os.abort()
