@@ -11,6 +11,11 @@ Rules (protocol.md §7): commands are case-insensitive words separated by
 spaces; ``\\n`` or ``\\r\\n`` ends a line.  Every reply's first line starts
 ``OK`` or ``ERR <CODE> <sentence>``; a multi-line reply ends with a lone
 ``END``.  Pure: no trio, no socket; ``now`` is passed in.
+
+Every line written goes through ``clean`` (in ``multi``, ``single``, ``error``
+and ``event_line``, and per cell in ``table``): values come from users (message
+ids, queue and task names, headers, args, exceptions), and a CR or LF inside
+one would otherwise forge lines of the reply, such as a fake ``END``.
 """
 
 from __future__ import annotations
@@ -46,6 +51,29 @@ HELP = [
 ]
 
 
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def clean(text: str) -> str:
+    """``text`` with every character that is not printable (C0 and C1 controls, DEL,
+    line and paragraph separators, bidi and other format characters) written as a
+    Python-style escape (``\\n``, ``\\x1b``, ``\\u2028``): one admin line stays one line,
+    and a terminal shows what was sent instead of obeying it.  Printable text (the
+    common case) is returned as it is, checked at C speed."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable():
+            out.append(ch)
+        elif ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        else:
+            o = ord(ch)
+            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
+    return "".join(out)
+
+
 class AdminError(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)
@@ -78,7 +106,7 @@ def _cell(v) -> str:
         return "-"
     if isinstance(v, float):
         return f"{v:.3f}".rstrip("0").rstrip(".") if v != int(v) else str(int(v))
-    return str(v)
+    return clean(str(v))  # escaped here too, so the columns line up
 
 
 def keyvalues(pairs) -> list[str]:
@@ -88,15 +116,15 @@ def keyvalues(pairs) -> list[str]:
 
 
 def multi(summary: str, lines: list[str]) -> str:
-    return "\r\n".join([f"OK {summary}", *lines, "END"]) + "\r\n"
+    return "\r\n".join([f"OK {clean(summary)}", *map(clean, lines), "END"]) + "\r\n"
 
 
 def single(text: str) -> str:
-    return f"OK {text}\r\n"
+    return f"OK {clean(text)}\r\n"
 
 
 def error(code: str, message: str) -> str:
-    return f"ERR {code} {message}\r\n"
+    return f"ERR {code} {clean(message)}\r\n"
 
 
 def _need(args, n, usage):
@@ -345,7 +373,7 @@ def event_line(ev: dict, skip=EVENT_LINE_SKIP) -> str:
     if "uuid" in ev:
         head.append(str(ev["uuid"]))
     rest = [f"{k}={_short(_value(v), 200)}" for k, v in ev.items() if k not in skip]
-    return "  ".join(head + ([" ".join(rest)] if rest else []))
+    return clean("  ".join(head + ([" ".join(rest)] if rest else [])))
 
 
 def _ago(t, now) -> str:

@@ -33,6 +33,10 @@ class Config:
     # HTTP on the same address: /metrics, /api/queues, /healthz, /readyz
     # (broker/http.py).  0 picks a free port.
     http_port: int = 7701
+    # Extra names the web page answers to, comma-separated ("name" for any port, "name:port"),
+    # besides the bound address, 127.0.0.1, localhost and [::1]: a browser request with any
+    # other Host is refused, which stops DNS rebinding (broker/http.py, App.refusal).
+    http_allowed_hosts: str = ""
     data_dir: str = "./brokerd-data"
     # The largest frame accepted, body included (see client.wire.DEFAULT_MAX_FRAME).
     max_frame: int = 16 * MiB
@@ -63,6 +67,9 @@ class Config:
             bad("port", f"must be a TCP port from 0 to 65535 (got {self.port!r})")
         if not isinstance(self.http_port, int) or not 0 <= self.http_port <= 65535:
             bad("http_port", f"must be a TCP port from 0 to 65535 (got {self.http_port!r})")
+        for entry in self.http_allowed_hosts.split(","):
+            if entry.strip() and (any(c.isspace() or c in "/@?#" for c in entry.strip()) or entry.strip().startswith(":")):
+                bad("http_allowed_hosts", f"must be host names or host:port, comma-separated (got {entry.strip()!r})")
         if self.http_port == self.port and self.port != 0:
             bad("http_port", f"must differ from port ({self.port}): the protocol and HTTP each need their own")
         if not isinstance(self.max_frame, int) or self.max_frame < 1 * KiB:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import operator
 import shutil
 import socket
 import time
@@ -59,6 +60,11 @@ WRITER_STALL_LIMIT = 60 * SECONDS
 # An idle keep-alive connection is closed after this (a Prometheus scrape
 # every 15 s opens a new one; hypercorn's own default).
 KEEP_ALIVE_TIMEOUT = 5 * SECONDS
+# A connection that sends nothing for this long, in the middle of a request (a body that
+# stops arriving), is closed: no request of ours takes a client this long to send.
+READ_TIMEOUT = 10 * SECONDS
+# The largest request line plus headers (hypercorn's default): a browser's are ~1-2 KiB.
+MAX_REQUEST_HEAD = 16 * 1024
 
 PROMETHEUS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 JSON_CONTENT_TYPE = b"application/json"
@@ -103,32 +109,57 @@ def readiness(server) -> tuple[bool, dict]:
 
 
 # -- /api/queues -------------------------------------------------------------------------
-def queues_json(server, now: float) -> dict:
-    """``{"queues": {name: {...}}}``; ``backlog`` is ready + inflight, the
-    figure to scale workers on (in-flight tasks still need their worker)."""
+# Queues per piece of a streamed /metrics or /api/queues.  Both list every queue (a scraper
+# wants them all), so instead of rendering 50,000 queues in one go (0.5-1.5 s with the event
+# loop blocked) they are rendered this many at a time and each piece is sent before the next
+# is computed: sending is a trio checkpoint, so other clients run between pieces.  200 queues
+# cost ~2-6 ms of rendering (measured: bench/http_queues.py).
+QUEUE_CHUNK = 200
+
+
+def _queue_json(s) -> dict:
+    return {
+        "ready": s.ready,
+        "inflight": s.inflight,
+        "delayed": s.delayed,
+        "dead": s.dead,
+        "backlog": s.ready + s.inflight,
+        "consumers": s.consumers,
+        "oldest_ready_age_s": round(s.oldest_ready_age, 3),
+        "paused": s.paused,
+        "published": s.published,
+        "delivered": s.delivered,
+        "acked": s.acked,
+        "nacked": s.nacked,
+        "redelivered": s.redelivered,
+        "dead_lettered": s.dead_lettered,
+        "expired": s.expired,
+        "rejected": s.rejected,
+    }
+
+
+def queues_json_chunks(server, now: float):
+    """``{"queues": {name: {...}}}`` as text pieces, QUEUE_CHUNK queues each; ``backlog`` is
+    ready + inflight, the figure to scale workers on (in-flight tasks still need their worker).
+    The names are taken once; a queue deleted while the reply streams is left out."""
     state = server.state
-    out = {}
-    for name in sorted(state.queues):
-        s = state.queue_statistics(state.queues[name], now)
-        out[name] = {
-            "ready": s.ready,
-            "inflight": s.inflight,
-            "delayed": s.delayed,
-            "dead": s.dead,
-            "backlog": s.ready + s.inflight,
-            "consumers": s.consumers,
-            "oldest_ready_age_s": round(s.oldest_ready_age, 3),
-            "paused": s.paused,
-            "published": s.published,
-            "delivered": s.delivered,
-            "acked": s.acked,
-            "nacked": s.nacked,
-            "redelivered": s.redelivered,
-            "dead_lettered": s.dead_lettered,
-            "expired": s.expired,
-            "rejected": s.rejected,
-        }
-    return {"queues": out}
+    names = list(state.queues)
+    yield '{"queues":{'
+    sep = ""
+    for i in range(0, len(names), QUEUE_CHUNK):
+        part = {}
+        for name in names[i:i + QUEUE_CHUNK]:
+            q = state.queues.get(name)
+            if q is not None:
+                part[name] = _queue_json(state.queue_statistics(q, now))
+        if part:
+            yield sep + json.dumps(part, separators=(",", ":"))[1:-1]
+            sep = ","
+    yield "}}\n"
+
+
+def queues_json(server, now: float) -> dict:
+    return json.loads("".join(queues_json_chunks(server, now)))
 
 
 # -- /metrics ----------------------------------------------------------------------------
@@ -162,10 +193,20 @@ QUEUE_COUNTERS = (
 MESSAGE_STATES = ("ready", "inflight", "delayed", "dead")
 
 
-def render_metrics(server, now: float) -> str:
+# what a streamed scrape keeps of each queue's QueueStatistics (not its options map)
+_ROW_FIELDS = ("ready", "inflight", "delayed", "dead", "oldest_ready_age", "consumers", "paused",
+               *(field for _, _, field in QUEUE_COUNTERS), "rejected")
+_row = operator.attrgetter(*_ROW_FIELDS)
+_COL = {f: i + 1 for i, f in enumerate(_ROW_FIELDS)}  # column of a field in a row (0 is the label)
+
+
+def metrics_chunks(server, now: float):
+    """The exposition text in pieces (see QUEUE_CHUNK): the broker-wide families, then
+    each per-queue family QUEUE_CHUNK queues at a time.  The first per-queue family takes
+    each queue's figures once; the others reuse them, so one scrape is one snapshot per
+    queue.  A queue deleted while the scrape streams is left out."""
     state = server.state
-    stats = [state.queue_statistics(q, now) for q in state.queues.values()]
-    labels = ['queue="' + escape_label(s.name) + '"' for s in stats]
+    names = list(state.queues)
     out: list[str] = []
     add = out.append
 
@@ -177,13 +218,18 @@ def render_metrics(server, now: float) -> str:
         family(name, typ, help_)
         add(f"{name}{{{lbl}}} {_num(value)}" if lbl else f"{name} {_num(value)}")
 
+    def piece() -> str:
+        text = "\n".join(out) + "\n"
+        out.clear()
+        return text
+
     # broker-wide
     single("brokerd_up", "gauge", "1 while brokerd answers scrapes.", 1)
     single("brokerd_build_info", "gauge", "brokerd's version, as a label.", 1, f'version="{escape_label(__version__)}"')
     single("brokerd_start_time_seconds", "gauge", "Unix time brokerd started.", float(server.started))
     single("brokerd_ready", "gauge", "1 when /readyz would answer 200.", readiness(server)[0])
     single("brokerd_connections", "gauge", "Open client connections (binary protocol and admin text).", len(server.conns))
-    single("brokerd_queues", "gauge", "Queues known to brokerd, dead-letter queues included.", len(stats))
+    single("brokerd_queues", "gauge", "Queues known to brokerd, dead-letter queues included.", len(names))
 
     # per queue
     family(
@@ -191,33 +237,50 @@ def render_metrics(server, now: float) -> str:
         "Messages in the queue by state; dead counts this queue's dead-letter queue "
         "(which also shows them as its own ready).",
     )
-    for s, lbl in zip(stats, labels):
-        add(f'brokerd_queue_messages{{{lbl},state="ready"}} {s.ready}')
-        add(f'brokerd_queue_messages{{{lbl},state="inflight"}} {s.inflight}')
-        add(f'brokerd_queue_messages{{{lbl},state="delayed"}} {s.delayed}')
-        add(f'brokerd_queue_messages{{{lbl},state="dead"}} {s.dead}')
+    rows: list[tuple] = []
+    queues = state.queues
+    for i in range(0, len(names), QUEUE_CHUNK):
+        for name in names[i:i + QUEUE_CHUNK]:
+            q = queues.get(name)
+            if q is None:
+                continue
+            r = ('queue="' + escape_label(name) + '"', *_row(state.queue_statistics(q, now)))
+            rows.append(r)
+            lbl = r[0]
+            add(f'brokerd_queue_messages{{{lbl},state="ready"}} {r[1]}')
+            add(f'brokerd_queue_messages{{{lbl},state="inflight"}} {r[2]}')
+            add(f'brokerd_queue_messages{{{lbl},state="delayed"}} {r[3]}')
+            add(f'brokerd_queue_messages{{{lbl},state="dead"}} {r[4]}')
+        yield piece()
+
+    def per_queue(metric: str, field: str, fmt, extra: str = ""):
+        col = _COL[field]
+        for i in range(0, len(rows), QUEUE_CHUNK):
+            for r in rows[i:i + QUEUE_CHUNK]:
+                add(f"{metric}{{{r[0]}{extra}}} {fmt(r[col])}")
+            yield piece()
+
     family("brokerd_queue_oldest_ready_age_seconds", "gauge", "Age of the oldest ready message of the highest ready priority; 0 when none is ready.")
-    for s, lbl in zip(stats, labels):
-        add(f"brokerd_queue_oldest_ready_age_seconds{{{lbl}}} {_num(s.oldest_ready_age)}")
+    yield from per_queue("brokerd_queue_oldest_ready_age_seconds", "oldest_ready_age", _num)
     family("brokerd_queue_consumers", "gauge", "Consumers subscribed to the queue.")
-    for s, lbl in zip(stats, labels):
-        add(f"brokerd_queue_consumers{{{lbl}}} {s.consumers}")
+    yield from per_queue("brokerd_queue_consumers", "consumers", str)
     family("brokerd_queue_paused", "gauge", "1 while deliveries from the queue are paused.")
-    for s, lbl in zip(stats, labels):
-        add(f"brokerd_queue_paused{{{lbl}}} {1 if s.paused else 0}")
+    yield from per_queue("brokerd_queue_paused", "paused", lambda v: "1" if v else "0")
     for name, help_, field in QUEUE_COUNTERS:
         family(name, "counter", help_ + " Kept across restarts.")
-        for s, lbl in zip(stats, labels):
-            add(f"{name}{{{lbl}}} {getattr(s, field)}")
+        yield from per_queue(name, field, str)
     family("brokerd_publish_rejected_total", "counter", "Publishes refused by the queue, by reason (max_length: full with overflow=reject).")
-    for s, lbl in zip(stats, labels):
-        add(f'brokerd_publish_rejected_total{{{lbl},reason="max_length"}} {s.rejected}')
+    yield from per_queue("brokerd_publish_rejected_total", "rejected", str, ',reason="max_length"')
 
     dur = server.wal
     if dur is not None:
         _wal_metrics(dur, single, family, add)
-    add("")
-    return "\n".join(out)
+    if out:
+        yield piece()
+
+
+def render_metrics(server, now: float) -> str:
+    return "".join(metrics_chunks(server, now))
 
 
 def _wal_metrics(dur, single, family, add) -> None:
@@ -258,11 +321,11 @@ def _json(status: int, body: dict) -> tuple[int, bytes, bytes]:
 
 
 def route_metrics(server):
-    return 200, PROMETHEUS_CONTENT_TYPE, render_metrics(server, time.time()).encode()
+    return 200, PROMETHEUS_CONTENT_TYPE, metrics_chunks(server, time.time())  # streamed: see QUEUE_CHUNK
 
 
 def route_queues(server):
-    return _json(200, queues_json(server, time.time()))
+    return 200, JSON_CONTENT_TYPE, queues_json_chunks(server, time.time())
 
 
 def route_healthz(server):
@@ -309,6 +372,16 @@ def _int(query: dict, key: str, default: int, top: int) -> int:
     return max(1, min(top, v))
 
 
+def _queue_page(query: dict) -> tuple[str, int, int]:
+    """(name filter, offset, limit) of the page's queue list: ?q=&offset=&limit=."""
+    match = (query.get("q") or [""])[0].strip()
+    try:
+        offset = max(0, int(query.get("offset", ["0"])[0]))
+    except ValueError:
+        offset = 0
+    return match, offset, _int(query, "limit", web.QUEUES_SHOWN, web.QUEUES_MAX)
+
+
 def _segments(scope) -> list[str]:
     """The path split on '/', each part percent-decoded on its own (a task id may hold a '/')."""
     raw = scope.get("raw_path")
@@ -320,12 +393,99 @@ def _html(status: int, text: str):
     return status, web.HTML_CONTENT_TYPE, text.encode()
 
 
-class App:
-    """The ASGI application: ``App(server)``, where ``server`` is a ``broker.server.Server``."""
+# Sent with every response: the page loads only its own script and style, may not be framed
+# (clickjacking the buttons), and no response is sniffed into another type.
+SECURITY_HEADERS = [
+    (b"content-security-policy", b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                                 b"connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
+# Read by machines that address brokerd by whatever name or IP reaches it (Prometheus, kubelet
+# probes, KEDA's metrics-api scaler through a Service name): not checked against the Host
+# allow-list.  They change nothing and show no message or task data.
+MACHINE_ROUTES = frozenset(("/metrics", "/api/queues", "/healthz", "/readyz"))
 
-    def __init__(self, server):
+
+def _host_port(text: str, default_port: int | None):
+    """``"Name:8080"`` -> ("name", 8080); ``"[::1]:80"`` -> ("[::1]", 80); no port -> default_port.
+    None when it does not parse."""
+    text = text.strip().lower()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            return None
+        name, rest = text[: end + 1], text[end + 1:]
+    elif text.count(":") == 1:
+        name, rest = text.split(":")
+        rest = ":" + rest
+    elif ":" in text:  # a bare IPv6 address
+        name, rest = "[" + text + "]", ""
+    else:
+        name, rest = text, ""
+    if not name:
+        return None
+    if not rest:
+        return name, default_port
+    if not rest.startswith(":") or not rest[1:].isdigit():
+        return None
+    return name, int(rest[1:])
+
+
+def allowed_hosts(bound: str, port: int, extra: str = "") -> set:
+    """The (host, port) pairs the page answers to: the bound address, 127.0.0.1, localhost and
+    [::1] on the HTTP port, plus ``http_allowed_hosts`` (comma-separated, "name" for any port or
+    "name:port").  A port of None matches any port."""
+    out = {(h, port) for h in ("127.0.0.1", "localhost", "[::1]")}
+    if bound not in ("0.0.0.0", "::"):  # a wildcard is not a name anyone browses to
+        out.add((f"[{bound}]" if ":" in bound else bound.lower(), port))
+    for entry in extra.split(","):
+        if entry.strip():
+            hp = _host_port(entry, None)
+            if hp is not None:
+                out.add(hp)
+    return out
+
+
+class App:
+    """The ASGI application: ``App(server, port)``, where ``server`` is a ``broker.server.Server``
+    and ``port`` the HTTP port it listens on (for the Host allow-list)."""
+
+    def __init__(self, server, port: int | None = None):
         self.server = server
         self.web = web.Web(server)
+        cfg = getattr(server, "config", None)
+        self.hosts = allowed_hosts(getattr(cfg, "host", "127.0.0.1"), port if port is not None else getattr(cfg, "http_port", 0),
+                                   getattr(cfg, "http_allowed_hosts", ""))
+
+    def host_allowed(self, host: str | None) -> bool:
+        if not host:
+            return False
+        hp = _host_port(host, 80)
+        return hp is not None and (hp in self.hosts or (hp[0], None) in self.hosts)
+
+    def refusal(self, headers: dict, path: str, method: str):
+        """Why this browser request may not run (DNS rebinding, cross-site, sandboxed frame), or None.
+
+        The Host must be one of ``self.hosts``: a rebinding attacker's page has its own name in
+        Host.  An Origin, when sent, must be "null"-free and one of those hosts: a sandboxed
+        iframe or a data: URL sends "null", another site its own origin."""
+        if path in MACHINE_ROUTES and method in ("GET", "HEAD"):
+            return None
+        host = headers.get("host")
+        if not self.host_allowed(host):
+            return (f"Host {host!r} is not an address of this brokerd (allowed: the bound address, 127.0.0.1, "
+                    "localhost, [::1]); if it is a real name of this broker, add it to http_allowed_hosts "
+                    "(BROKERD_HTTP_ALLOWED_HOSTS). Refused to stop DNS rebinding")
+        origin = headers.get("origin")
+        if origin is not None:
+            if origin.strip().lower() == "null":
+                return "requests with Origin: null (sandboxed frames, data: and file: pages) are refused"
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not self.host_allowed(parts.netloc):
+                return f"cross-origin request from {origin} refused"
+        return None
 
     async def __call__(self, scope, receive, send) -> None:
         kind = scope["type"]
@@ -344,23 +504,32 @@ class App:
         method = scope["method"]
         extra: list = []
         try:
-            status, ctype, body, extra = await self._dispatch(scope, receive, method, path)
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+            why = self.refusal(headers, path, method)
+            if why is not None:
+                status, ctype, body = _json(403, {"error": "FORBIDDEN", "message": why})
+            else:
+                status, ctype, body, extra = await self._dispatch(scope, receive, method, path, headers)
         except Exception:  # a bug costs this request, never the broker
             log.exception("http: %s %s failed", method, path)
             status, ctype, body = _json(500, {"error": "INTERNAL", "message": "internal error in brokerd; see its log"})
-        await send({
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", ctype),
-                (b"content-length", str(len(body)).encode()),
-                (b"cache-control", b"no-store"),
-                *extra,
-            ],
-        })
-        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+        head = [(b"content-type", ctype), (b"cache-control", b"no-store"), *SECURITY_HEADERS, *extra]
+        if isinstance(body, (bytes, bytearray)):
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [(b"content-length", str(len(body)).encode()), *head]})
+            await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+            return
+        # a generator of text pieces (QUEUE_CHUNK): each is sent before the next is computed
+        await send({"type": "http.response.start", "status": status, "headers": head})
+        if method != "HEAD":
+            try:
+                for piece in body:
+                    await send({"type": "http.response.body", "body": piece.encode(), "more_body": True})
+            finally:
+                body.close()
+        await send({"type": "http.response.body", "body": b""})
 
-    async def _dispatch(self, scope, receive, method: str, path: str):
+    async def _dispatch(self, scope, receive, method: str, path: str, headers: dict):
         self.web.rates.sample(self.server.state, time.time())  # the sparklines' history (at most 1/s)
         handler = ROUTES.get(path)
         if handler is not None:
@@ -374,7 +543,7 @@ class App:
             if method != "POST":
                 return (*_json(405, {"error": "METHOD_NOT_ALLOWED", "message": f"{path} answers POST only, not {method}"}),
                         [(b"allow", b"POST")])
-            return await self._act(scope, receive, seg[2], seg[3])
+            return await self._act(receive, headers, seg[2], seg[3])
         read = self._read_route(seg)
         if read is None:
             return (*_json(404, {
@@ -392,7 +561,7 @@ class App:
         w = self.web
         n = len(seg)
         if seg == [""]:
-            return lambda q, now: _html(200, w.page(now))
+            return lambda q, now: _html(200, w.page(now, *_queue_page(q)[:2]))
         if n == 2 and seg[0] == "task" and seg[1]:
             tid = seg[1]
             return lambda q, now: _html(200, w.task_page(tid, now))
@@ -403,7 +572,7 @@ class App:
             return lambda q, now: (200, found[1], found[0])
         if n == 2 and seg == ["api", "overview"]:
             def overview(q, now):
-                d = w.overview(now)
+                d = w.overview(now, *_queue_page(q))
                 if q.get("html"):
                     d["html"] = w.sections(d)
                 return _json(200, d)
@@ -443,18 +612,13 @@ class App:
             return dead
         return None
 
-    async def _act(self, scope, receive, name: str, action: str):
+    async def _act(self, receive, headers: dict, name: str, action: str):
         """Apply PAUSE/RESUME/PURGE/REQUEUE-DEAD as the admin protocol does: the same state
         method, then the server's flush, then (log on) the reply waits until the change is durable."""
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
-        while True:  # the body (a form's, or none) is not used; read it so the connection stays sane
-            message = await receive()
-            if message["type"] != "http.request" or not message.get("more_body"):
-                break
-        origin = headers.get("origin")
-        if origin and origin != "null" and urlsplit(origin).netloc != headers.get("host"):
-            # another site's page may not purge our queues through the visitor's browser
-            return (*_json(403, {"error": "FORBIDDEN", "message": f"cross-origin action from {origin} refused"}), [])
+        # The body (a form's, or none) is not used and not read: a client trickling one cannot
+        # hold the request open, and hypercorn closes a connection whose body was left unread.
+        # Host and Origin were checked in App.refusal: another site's page (or a rebinding one) may
+        # not purge our queues through the visitor's browser
         server = self.server
         command, fn = ACTIONS[action]
         try:
@@ -496,6 +660,7 @@ async def serve(server, sock: socket.socket, *, task_status) -> None:
     from hypercorn.trio import serve as hypercorn_serve
 
     cfg = HypercornConfig()
+    port = sock.getsockname()[1]
     cfg.bind = [f"fd://{sock.detach()}"]  # hypercorn owns the socket from here
     cfg.accesslog = None
     # hypercorn's own messages ("Running on ... CTRL + C") are noise here; its
@@ -503,6 +668,10 @@ async def serve(server, sock: socket.socket, *, task_status) -> None:
     hlog = logging.getLogger("brokerd.http.hypercorn")
     hlog.setLevel(logging.WARNING)
     cfg.errorlog = hlog
+    # hypercorn's idle timer runs from accept until a request's head is complete (and again
+    # between requests), so KEEP_ALIVE_TIMEOUT also bounds a partial request line or head.
     cfg.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
+    cfg.read_timeout = READ_TIMEOUT  # a request body that stops arriving
+    cfg.h11_max_incomplete_size = MAX_REQUEST_HEAD
     cfg.include_server_header = False
-    await hypercorn_serve(App(server), cfg, task_status=task_status, mode="asgi")
+    await hypercorn_serve(App(server, port), cfg, task_status=task_status, mode="asgi")

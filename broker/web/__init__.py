@@ -33,11 +33,12 @@ No trio and no clock here: ``now`` is passed in, and ``broker.http`` does the I/
 from __future__ import annotations
 
 import bisect
+import heapq
 import html
 import json
 from collections import deque
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import cbor2
 
@@ -54,6 +55,20 @@ RATE_SAMPLE_EVERY = 1.0  # seconds between samples of the counters (at most)
 RATE_BUCKET = 3.0  # seconds per sparkline bar
 RATE_BUCKETS = 60  # 60 x 3 s: the last three minutes
 RATE_KEEP = RATE_BUCKET * RATE_BUCKETS + 10.0
+# Queues: the page and /api/overview show one page of queues, largest backlog (ready +
+# in flight) first, with a name filter and offset, never all of them: with 50,000 queues
+# rendering all took 2.4 s of the event loop on every poll.  Picking a page costs one pass
+# over the queues (heapq.nlargest, ~10 ms at 50,000); only the page's queues are rendered.
+QUEUES_SHOWN = 50  # queues on one page
+QUEUES_MAX = 500  # the most one request may ask for (limit=)
+# Broker-wide totals and the names of custom dead-letter queues need a pass over every
+# queue (~15 ms at 50,000): computed at most once per this many seconds and shared.
+TOTALS_TTL = 1.0
+# The sparklines: up to this many queues, every queue's counters are sampled; beyond, only
+# the queues shown on a page in the last RATE_KEEP seconds (at most RATE_WATCH_MAX of them):
+# keeping three minutes of samples of 50,000 queues would cost ~1 GB.
+RATE_ALL_QUEUES = 1000
+RATE_WATCH_MAX = 2000
 TASKS_DEFAULT = 50
 TASKS_MAX = 1000
 DEAD_SHOWN = 10  # dead letters per queue on the overview
@@ -94,12 +109,25 @@ class Rates:
     def __init__(self):
         self.times: deque = deque()
         self.samples: deque = deque()  # {queue: (published, acked)}, one per time
+        self.watched: dict = {}  # queue name -> when a page last showed it (see RATE_ALL_QUEUES)
+
+    def watch(self, names, now: float) -> None:
+        w = self.watched
+        for name in names:
+            w.pop(name, None)
+            w[name] = now  # insertion order = least recently shown first
+        while len(w) > RATE_WATCH_MAX or (w and now - next(iter(w.values())) > RATE_KEEP):
+            del w[next(iter(w))]
 
     def sample(self, state, now: float) -> None:
         if self.times and now - self.times[-1] < RATE_SAMPLE_EVERY:
             return
         self.times.append(now)
-        self.samples.append({q.name: (q.published, q.acked) for q in state.queues.values()})
+        queues = state.queues
+        if len(queues) <= RATE_ALL_QUEUES:
+            self.samples.append({q.name: (q.published, q.acked) for q in queues.values()})
+        else:
+            self.samples.append({n: (q.published, q.acked) for n in self.watched if (q := queues.get(n)) is not None})
         while self.times and now - self.times[0] > RATE_KEEP:
             self.times.popleft()
             self.samples.popleft()
@@ -187,25 +215,56 @@ class Web:
     def __init__(self, server):
         self.server = server
         self.rates = Rates()
+        self._totals: dict | None = None
 
     # ---- JSON ----
-    def queues(self, now: float) -> list:
+    def totals(self, now: float) -> dict:
+        """Broker-wide sums and the custom dead-letter queue names, recomputed at most once per TOTALS_TTL."""
+        cached = self._totals
+        if cached is not None and 0 <= now - cached["at"] < TOTALS_TTL:
+            return cached
+        ready = delayed = published = acked = 0
+        custom_dl = set()
+        for q in list(self.server.state.queues.values()):
+            ready += q.ready_count
+            delayed += q.delayed_count
+            published += q.published
+            acked += q.acked
+            dl = q.options.dead_letter
+            if dl is not None:
+                custom_dl.add(dl)
+        self._totals = {"at": now, "ready": ready, "delayed": delayed, "published": published, "acked": acked,
+                        "custom_dl": custom_dl}
+        return self._totals
+
+    def queues(self, now: float, match: str = "", offset: int = 0, limit: int = QUEUES_SHOWN) -> tuple[list, dict]:
+        """One page of queues, largest backlog first (then name), and ``{"total", "matched",
+        "offset", "limit", "filter"}``; ``match`` keeps the names that contain it."""
         state = self.server.state
+        qs = list(state.queues.values())
+        total = len(qs)
+        if match:
+            qs = [q for q in qs if match in q.name]
+        top = heapq.nlargest(offset + limit, qs, key=_backlog)[offset:]
+        top.sort(key=lambda q: (-_backlog(q), q.name))
+        custom_dl = self.totals(now)["custom_dl"]
+        self.rates.watch([q.name for q in top], now)
         self.rates.sample(state, now)
-        dead_letter_queues = {q.dead_letter_name for q in state.queues.values()} - {None}
         out = []
-        for name in sorted(state.queues):
-            q = state.queues[name]
+        for q in top:
+            name = q.name
             s = state.queue_statistics(q, now)
+            dl = q.dead_letter_name
             out.append({
                 "name": name, "ready": s.ready, "inflight": s.inflight, "delayed": s.delayed, "dead": s.dead,
+                "backlog": s.ready + s.inflight,
                 "consumers": s.consumers, "paused": s.paused, "oldest_ready_age_s": round(s.oldest_ready_age, 3),
                 "published": s.published, "delivered": s.delivered, "acked": s.acked, "nacked": s.nacked,
-                "dead_lettered": s.dead_lettered, "dead_letter_queue": q.dead_letter_name,
-                "is_dead_letter_queue": name in dead_letter_queues or q.dead_letter_name is None,
+                "dead_lettered": s.dead_lettered, "dead_letter_queue": dl,
+                "is_dead_letter_queue": dl is None or name in custom_dl,
                 "rate": self.rates.series(name, now),
             })
-        return out
+        return out, {"total": total, "matched": len(qs), "offset": offset, "limit": limit, "filter": match}
 
     def dead(self, name: str, n: int, now: float) -> dict:
         state = self.server.state
@@ -225,16 +284,18 @@ class Web:
         fn = getattr(self.server.state, "schedule_list", None)
         return plain(fn()) if fn is not None else []
 
-    def overview(self, now: float) -> dict:
+    def overview(self, now: float, match: str = "", offset: int = 0, limit: int = QUEUES_SHOWN) -> dict:
         state = self.server.state
-        queues = self.queues(now)
+        queues, page = self.queues(now, match, offset, limit)
         dead = {q["name"]: self.dead(q["name"], DEAD_SHOWN, now) for q in queues if q["dead"] and not q["is_dead_letter_queue"]}
-        b = state.statistics()
+        t = self.totals(now)
         return {
             "broker": {"version": __version__, "uptime_s": round(now - self.server.started, 1),
-                       "connections": b.connections, "consumers": b.consumers, "ready": b.ready,
-                       "inflight": b.inflight, "delayed": b.delayed, "published": b.published, "acked": b.acked},
+                       "connections": len(state.conns), "consumers": sum(len(c.consumers) for c in state.conns.values()),
+                       "ready": t["ready"], "inflight": len(state.inflight), "delayed": t["delayed"],
+                       "published": t["published"], "acked": t["acked"], "queues": page["total"]},
             "queues": queues,
+            "queues_page": page,
             "workers": self.workers(now),
             "dead": dead,
             "schedules": self.schedules(),
@@ -288,8 +349,8 @@ class Web:
         return plain(info)
 
     # ---- HTML ----
-    def page(self, now: float) -> str:
-        ov = self.overview(now)
+    def page(self, now: float, match: str = "", offset: int = 0) -> str:
+        ov = self.overview(now, match, offset)
         tasks = self.tasks(None, None, TASKS_DEFAULT, now)
         s = self.sections(ov)
         s["tasks"] = render_tasks(tasks)
@@ -297,10 +358,15 @@ class Web:
         return PAGE.format(
             title="brokerd", version=esc(__version__), kind="overview", task_id="",
             body=f"""
-<section id="queues"><h2>Queues</h2><div data-section="queues">{s["queues"]}</div></section>
+<section id="queues"><h2>Queues</h2>
+<form id="queue-filter" method="get" action="/">
+  <label>name contains <input name="q" value="{esc(match)}" placeholder="queue name" size="30"></label>
+  <input type="hidden" name="offset" value="0">
+</form>
+<div data-section="queues">{s["queues"]}</div></section>
 <section id="workers"><h2>Workers</h2><div data-section="workers">{s["workers"]}</div></section>
 <section id="tasks"><h2>Recent tasks</h2>
-<form id="task-filter" method="get" action="/api/tasks" onsubmit="return false">
+<form id="task-filter" method="get" action="/api/tasks">
   <label>state <select name="state"><option value="">any</option>{options}</select></label>
   <label>name <input name="name" placeholder="task name" size="40"></label>
 </form>
@@ -310,7 +376,7 @@ class Web:
 """)
 
     def sections(self, ov: dict) -> dict:
-        return {"queues": render_queues(ov["queues"]), "workers": render_workers(ov["workers"]),
+        return {"queues": render_queues(ov["queues"], ov.get("queues_page")), "workers": render_workers(ov["workers"]),
                 "dead": render_dead(ov["dead"]), "schedules": render_schedules(ov["schedules"]),
                 "summary": render_summary(ov["broker"])}
 
@@ -347,9 +413,34 @@ def _action(queue: str, action: str, label: str, confirm: str = "") -> str:
             f'<button type="submit" data-action="{esc(url)}"{c}>{esc(label)}</button></form>')
 
 
-def render_queues(queues: list) -> str:
+def _pager(page: dict | None, shown: int) -> str:
+    """"queues 1–50 of 50,000, largest backlog first" with previous/next links (plain links
+    without JavaScript; app.js follows them in place, by data-offset)."""
+    if not page:
+        return ""
+    first, matched, limit, match = page["offset"], page["matched"], page["limit"], page["filter"]
+    what = f'{matched:,} queue{"" if matched == 1 else "s"}' + (f' matching “{esc(match)}”' if match else "")
+    if matched > shown or first:
+        text = f"queues {first + 1 if shown else 0:,}–{first + shown:,} of {what}, largest backlog first"
+    else:
+        text = f"{what}, largest backlog first"
+    links = []
+    for label, off in (("← previous", max(0, first - limit)), ("next →", first + limit)):
+        if (off < first) if label.startswith("←") else (off < matched):
+            href = "/?" + urlencode({"q": match, "offset": off} if match else {"offset": off})
+            links.append(f'<a class="pager" href="{esc(href)}" data-offset="{off}">{esc(label)}</a>')
+    return f'<p class="pager" data-matched="{matched}">{text} {" ".join(links)}</p>'
+
+
+def _backlog(q) -> int:
+    return q.ready_count + q.inflight_count
+
+
+def render_queues(queues: list, page: dict | None = None) -> str:
     if not queues:
-        return '<p class="empty">no queues yet</p>'
+        if page and page.get("filter"):
+            return f'<p class="empty">no queue name contains “{esc(page["filter"])}”</p>' + _pager(page, 0)
+        return '<p class="empty">no queues yet</p>' + _pager(page, 0)
     rows = []
     for q in queues:
         name = q["name"]
@@ -364,7 +455,8 @@ def render_queues(queues: list) -> str:
             f'<td class="n">{q["dead"]}</td><td class="n">{q["consumers"]}</td>'
             f'<td class="n">{q["published"]}</td><td class="n">{q["acked"]}</td>'
             f'<td>{sparkline(q["rate"])}</td><td class="acts">{acts}</td></tr>')
-    return ('<table><thead><tr><th>queue</th><th>ready</th><th>in flight</th><th>delayed</th><th>dead</th>'
+    return (_pager(page, len(queues)) +
+            '<table><thead><tr><th>queue</th><th>ready</th><th>in flight</th><th>delayed</th><th>dead</th>'
             '<th>consumers</th><th>published</th><th>acked</th><th>published/s (— acked/s)</th><th></th></tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table>')
 

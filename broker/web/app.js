@@ -7,6 +7,9 @@
   var statusEl = document.getElementById("status");
   var summaryEl = document.getElementById("summary");
   var filter = document.getElementById("task-filter");
+  var qfilter = document.getElementById("queue-filter");
+  var params = new URLSearchParams(window.location.search);
+  var qoffset = parseInt(params.get("offset") || "0", 10) || 0;  // the page of queues shown
   var busy = false;
 
   function swap(name, markup) {
@@ -31,6 +34,13 @@
     return q;
   }
 
+  function overviewQuery() {
+    var q = "/api/overview?html=1&offset=" + qoffset;
+    var name = qfilter ? qfilter.elements.q.value.trim() : "";
+    if (name) q += "&q=" + encodeURIComponent(name);
+    return q;
+  }
+
   function localTimes() {
     var els = document.querySelectorAll("time[data-ts]");
     for (var i = 0; i < els.length; i++) {
@@ -49,7 +59,7 @@
         swap("task", d.html.task);
       });
     } else {
-      work = Promise.all([getJSON("/api/overview?html=1"), getJSON(taskQuery())]).then(function (res) {
+      work = Promise.all([getJSON(overviewQuery()), getJSON(taskQuery())]).then(function (res) {
         var h = res[0].html;
         swap("queues", h.queues); swap("workers", h.workers); swap("dead", h.dead); swap("schedules", h.schedules);
         summaryEl.innerHTML = h.summary;
@@ -70,6 +80,13 @@
 
   // Actions: the buttons sit in plain forms (POST without JavaScript too); here they go by fetch.
   document.addEventListener("click", function (ev) {
+    var a = ev.target.closest ? ev.target.closest("a[data-offset]") : null;
+    if (a) {  // the queue pager: another page of queues, in place
+      ev.preventDefault();
+      qoffset = parseInt(a.getAttribute("data-offset"), 10) || 0;
+      busy = false; poll();
+      return;
+    }
     var b = ev.target.closest ? ev.target.closest("button[data-action]") : null;
     if (!b) return;
     ev.preventDefault();
@@ -85,6 +102,13 @@
   if (filter) {
     filter.addEventListener("input", poll);
     filter.addEventListener("change", poll);
+    // the page's CSP allows no inline handlers: Enter in the filter must not leave the page
+    filter.addEventListener("submit", function (ev) { ev.preventDefault(); poll(); });
+  }
+  if (qfilter) {
+    var refilter = function () { qoffset = 0; poll(); };
+    qfilter.addEventListener("input", refilter);
+    qfilter.addEventListener("submit", function (ev) { ev.preventDefault(); refilter(); });
   }
   localTimes();
   poll();
