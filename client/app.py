@@ -528,9 +528,8 @@ class App:
             with self._lock:
                 c = self._client
                 if c is None or self._client_pid != pid or not c.is_open or self._client_url != url:
-                    # Imported here, once per process, so that ``import client.app`` (the
-                    # worker's children, ``brokerd-beat``) does not load sockets and threads
-                    # before a task first needs the connection.
+                    # A lazy import, for start-up time: ``import client.app`` (a worker's
+                    # children, ``brokerd-beat``) loads no sockets until a task needs them.
                     from client.producer import Client
 
                     if c is not None and self._client_pid == pid and c.is_open:

@@ -260,9 +260,9 @@ class chord:
         body_id = body.freeze()
         app = body.app
         chord_id = str(uuid.uuid4())
-        spec = _message_spec(app, body)
+        spec = message_spec(app, body)
         errbacks = body.options.get("link_error") or []
-        error = _message_spec(app, signature(errbacks[0])) if errbacks else None
+        error = message_spec(app, signature(errbacks[0])) if errbacks else None
         app.client.chord(chord_id, ids, spec, error)
         results = [m.apply_async(_confirm=False) for m in members]
         app.client.wait_for_confirms()
@@ -270,7 +270,7 @@ class chord:
         return AsyncResult(body_id, app=app, parent=gr)
 
 
-def _message_spec(app, sig: Signature) -> dict:
+def message_spec(app, sig: Signature) -> dict:
     """What brokerd needs to publish a signature later: queue, priority, envelope."""
     opts = sig.options
     queue, priority = app.queue_and_priority(sig.name, app.tasks.get(sig.name), opts.get("queue"),
