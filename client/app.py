@@ -84,7 +84,7 @@ __all__ = [
 # imports ``current_request`` from ``client._current``.
 _current_request = current_request
 
-# Settings and their defaults (Celery's names; see ../shared/CELERY-SURFACE.md).
+# Settings and their defaults, under Celery's names so a Celery config carries over.
 DEFAULTS = {
     "broker_url": "127.0.0.1:7700",
     "task_default_queue": DEFAULT_QUEUE,

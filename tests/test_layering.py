@@ -32,7 +32,7 @@ FORBIDDEN = {
     "client/errors.py": IO | {"broker"},
     "client/producer.py": {"trio", "asyncio", "broker"},
     "client/async_client.py": {"broker", "client.producer"},
-    # issue 7: the HTTP side reads the live state through the server it is given;
+    # the HTTP side reads the live state through the server it is given;
     # it never touches the log's files, and the trio part stays in server.py
     "broker/http.py": {"trio", "broker.wal", "broker.state", "broker.cli"},
     "broker/web/": IO | {"os", "broker.wal", "broker.state", "broker.server", "broker.cli"},
