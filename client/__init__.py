@@ -10,8 +10,9 @@ imported from its module the first time it is used.
 * ``AsyncClient`` (``client.async_client``): trio or asyncio.
 * ``Delivery`` (``client.session``): what a consumer receives.
 * the errors of ``client.errors``.
-* the task layer: ``App``, ``Task``, ``AsyncResult`` (``client.app``),
-  ``Signature``/``signature`` (``client.canvas``), ``Worker`` (``client.worker``).
+* the task layer: ``App``, ``Task`` (``client.app``), ``AsyncResult``
+  (``client.result``), ``Signature``/``signature`` (``client.canvas``),
+  ``Worker`` (``client.worker``).
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ _EXPORTS = {
     "BrokerInternalError": "client.errors",
     "PublishError": "client.errors",
     "error_from_wire": "client.errors",
-    # the task layer (client.app, client.canvas, client.worker), owned elsewhere
+    # the task layer
     "App": "client.app",
-    "AsyncResult": "client.app",
+    "AsyncResult": "client.result",
     "Task": "client.app",
     "Signature": "client.canvas",
     "signature": "client.canvas",

@@ -15,15 +15,23 @@ CBOR map with the task's name, id, args, kwargs and options.  The message id
 is the task id.  Results are kept by brokerd (RESULT_SET / RESULT_GET), so
 there is no result backend to configure.
 
+The task layer, one concept per module (each imports only those above it):
+
+* ``client.exceptions`` — Celery's exception names (``Retry``, ``Reject``, ...);
+* ``client._current`` — the current app and the running task's ``Request``;
+* ``client.envelope`` — the envelope format and the one routing rule;
+* ``client.result`` — ``AsyncResult``, ``EagerResult``, ``GroupResult``;
+* ``client.canvas`` — signatures, chain, group, chord;
+* ``client.app`` (here) — ``App`` and ``Task``; ``client.beat`` — periodic tasks.
+
+The names of the first four stay importable from here.
+
 The blocking ``Client`` underneath is created lazily, once per process (a
 forked child gets its own), and shared by every thread.
 """
 
 from __future__ import annotations
 
-import builtins
-import contextvars
-import datetime as _dt
 import importlib
 import os
 import random
@@ -31,14 +39,54 @@ import threading
 import time
 import uuid
 
-import cbor2
+from client import canvas
+from client._current import Request, current_app, current_request, set_current_app
+from client.envelope import (
+    DEFAULT_QUEUE,
+    ENVELOPE_VERSION,
+    absolute_times,
+    check_encodable,
+    decode_envelope,
+    encode_envelope,
+    lookup_route,
+    make_envelope,
+    route,
+    to_epoch,
+)
+from client.exceptions import (
+    EncodeError,
+    Ignore,
+    MaxRetriesExceededError,
+    NotRegistered,
+    Reject,
+    RemoteError,
+    Retry,
+    SoftTimeLimitExceeded,
+    TaskError,
+    TaskRevokedError,
+    TimeLimitExceeded,
+    TimeoutError,
+    WorkerLostError,
+)
+from client.result import READY_STATES, WAIT_CHUNK, AsyncResult, EagerResult, GroupResult, exception_from
 
-from client import wire
+# Names that live in the modules above and stay importable from here, where the
+# README and existing code look for them (``from client.app import Retry``).
+__all__ = [
+    "App", "Task", "Conf", "Control", "Inspect", "Signal", "DEFAULTS",
+    "Request", "AsyncResult", "EagerResult", "GroupResult", "exception_from", "READY_STATES", "WAIT_CHUNK",
+    "ENVELOPE_VERSION", "DEFAULT_QUEUE", "make_envelope", "encode_envelope", "decode_envelope",
+    "check_encodable", "route", "lookup_route",
+    "TaskError", "Retry", "MaxRetriesExceededError", "SoftTimeLimitExceeded", "TimeLimitExceeded", "Reject",
+    "Ignore", "NotRegistered", "TaskRevokedError", "EncodeError", "RemoteError", "TimeoutError",
+    "WorkerLostError",
+]
 
-ENVELOPE_VERSION = 1
-DEFAULT_QUEUE = "celery"  # Celery's task_default_queue, so routes carry over unchanged
+# The worker reads the running task's context under its earlier name; new code
+# imports ``current_request`` from ``client._current``.
+_current_request = current_request
 
-# Settings and their defaults (Celery's names; see ../shared/CELERY-SURFACE.md).
+# Settings and their defaults, under Celery's names so a Celery config carries over.
 DEFAULTS = {
     "broker_url": "127.0.0.1:7700",
     "task_default_queue": DEFAULT_QUEUE,
@@ -57,175 +105,6 @@ DEFAULTS = {
     "beat_schedule": {},
     "timezone": "UTC",
 }
-
-
-# -- exceptions, as Celery names them ---------------------------------------------------
-class TaskError(Exception):
-    """Base of the task layer's errors."""
-
-
-class Retry(TaskError):
-    """Raised by ``Task.retry``: the worker nacks the task with a delay (held by brokerd)."""
-
-    def __init__(self, message=None, exc=None, when=None):
-        super().__init__(message or "retry")
-        self.exc = exc
-        self.when = when  # seconds from now
-
-
-class MaxRetriesExceededError(TaskError):
-    pass
-
-
-class SoftTimeLimitExceeded(TaskError):
-    """Raised inside a task when its soft time limit passes."""
-
-
-class TimeLimitExceeded(TaskError):
-    """A task ran past its hard time limit and its process was killed."""
-
-
-class Reject(TaskError):
-    """Raise to refuse a task: ``requeue=False`` sends it to the dead-letter queue."""
-
-    def __init__(self, reason=None, requeue=False):
-        super().__init__(reason or "rejected")
-        self.requeue = requeue
-
-
-class Ignore(TaskError):
-    """Raise to end a task without storing any result."""
-
-
-class NotRegistered(TaskError, KeyError):
-    pass
-
-
-class TaskRevokedError(TaskError):
-    pass
-
-
-class EncodeError(TaskError, TypeError):
-    """An argument or result that CBOR cannot carry."""
-
-
-class WorkerLostError(TaskError):
-    """The process running the task died (a crash, ``os.abort()``, the OOM killer) more times than the
-    task's ``max_retries`` allow (Celery's name)."""
-
-
-class RemoteError(TaskError):
-    """A task failed with an exception that is not a Python builtin.
-
-    ``exc_type`` and ``exc_message`` name the original; ``traceback`` is its text.
-    """
-
-    def __init__(self, exc_type: str, exc_message: str, traceback: str | None = None):
-        super().__init__(f"{exc_type}: {exc_message}")
-        self.exc_type = exc_type
-        self.exc_message = exc_message
-        self.traceback = traceback
-
-
-class TimeoutError(builtins.TimeoutError, TaskError):  # noqa: A001 - Celery's name
-    """``AsyncResult.get`` waited longer than its timeout."""
-
-
-# -- the envelope --------------------------------------------------------------------------
-def _to_epoch(value) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, _dt.datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=_dt.timezone.utc)
-        return value.timestamp()
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    raise TypeError(f"expected a datetime or Unix time in seconds, got {type(value).__name__}")
-
-
-def check_encodable(name: str, args, kwargs) -> None:
-    """Fail now, naming the argument, if CBOR cannot carry it."""
-    for i, a in enumerate(args):
-        try:
-            cbor2.dumps(a)
-        except Exception as exc:
-            raise EncodeError(
-                f"argument {i} of {name} ({type(a).__name__}) cannot be sent to a worker: {exc}"
-            ) from None
-    for k, v in kwargs.items():
-        if type(k) is not str:
-            raise EncodeError(f"keyword argument names of {name} must be text (got {k!r})")
-        try:
-            cbor2.dumps(v)
-        except Exception as exc:
-            raise EncodeError(
-                f"keyword argument {k!r} of {name} ({type(v).__name__}) cannot be sent to a worker: {exc}"
-            ) from None
-
-
-def make_envelope(name, task_id, args, kwargs, *, eta=None, expires=None, parent_id=None,
-                  root_id=None, headers=None, options=None) -> dict:
-    env = {
-        "v": ENVELOPE_VERSION,
-        "task": name,
-        "id": task_id,
-        "args": list(args),
-        "kwargs": dict(kwargs),
-        "retries": 0,
-        "eta": eta,
-        "expires": expires,
-        "parent_id": parent_id,
-        "root_id": root_id or task_id,
-        "headers": headers or {},
-    }
-    if options:
-        env["options"] = options
-    return env
-
-
-def decode_envelope(body: bytes) -> dict:
-    """Body bytes → envelope map, or ValueError naming what is wrong."""
-    try:
-        env = cbor2.loads(body)
-    except Exception as exc:
-        raise ValueError(f"task body is not CBOR: {exc}") from None
-    if type(env) is not dict:
-        raise ValueError("task body must be a CBOR map (the task envelope)")
-    for key, typ in (("task", str), ("id", str), ("args", list), ("kwargs", dict)):
-        if type(env.get(key)) is not typ:
-            raise ValueError(f"task envelope field {key!r} is missing or not a {typ.__name__}")
-    if env.get("v", 1) != ENVELOPE_VERSION:
-        raise ValueError(f"task envelope version {env.get('v')!r} is not supported (this worker reads {ENVELOPE_VERSION})")
-    return env
-
-
-# -- request context ------------------------------------------------------------------
-class Request:
-    """What ``self.request`` shows inside a bound task."""
-
-    def __init__(self, id=None, args=(), kwargs=None, retries=0, delivery_info=None, eta=None,
-                 expires=None, parent_id=None, root_id=None, headers=None, hostname=None, is_eager=False,
-                 task=None):
-        self.id = id
-        self.args = list(args)
-        self.kwargs = dict(kwargs or {})
-        self.retries = retries
-        self.delivery_info = delivery_info or {}
-        self.eta = eta
-        self.expires = expires
-        self.parent_id = parent_id
-        self.root_id = root_id
-        self.headers = headers or {}
-        self.hostname = hostname
-        self.is_eager = is_eager
-        self.task = task
-
-    def __repr__(self):
-        return f"<Request {self.task} id={self.id} retries={self.retries}>"
-
-
-_current_request: contextvars.ContextVar[Request | None] = contextvars.ContextVar("brokerd_request", default=None)
 
 
 # -- tasks ---------------------------------------------------------------------------------
@@ -275,7 +154,7 @@ class Task:
 
     @property
     def request(self) -> Request:
-        return _current_request.get() or Request(task=self.name)
+        return current_request.get() or Request(task=self.name)
 
     def __call__(self, *args, **kwargs):
         """Run the task here and now, like a plain function call."""
@@ -296,11 +175,10 @@ class Task:
         kwargs = dict(kwargs or {})
         if self.app.conf.task_always_eager:
             return self.apply(args, kwargs, task_id=task_id)
-        return self.app._send(
+        return self.app.publish_task(
             self.name, args, kwargs, countdown=countdown, eta=eta,
             expires=expires if expires is not None else self.expires,
-            priority=priority if priority is not None else self.priority,
-            queue=queue or self.queue, task_id=task_id, headers=headers, task=self, options=options,
+            priority=priority, queue=queue, task_id=task_id, headers=headers, task=self, options=options,
         )
 
     def apply(self, args=None, kwargs=None, *, task_id=None, **_):
@@ -308,7 +186,7 @@ class Task:
         task_id = task_id or str(uuid.uuid4())
         args, kwargs = tuple(args or ()), dict(kwargs or {})
         req = Request(id=task_id, args=args, kwargs=kwargs, is_eager=True, task=self.name, root_id=task_id)
-        token = _current_request.set(req)
+        token = current_request.set(req)
         try:
             value = self(*args, **kwargs)
         except Exception as exc:
@@ -316,7 +194,7 @@ class Task:
                 raise
             return EagerResult(task_id, None, "FAILURE", exc)
         finally:
-            _current_request.reset(token)
+            current_request.reset(token)
         return EagerResult(task_id, value, "SUCCESS")
 
     def update_state(self, task_id=None, state=None, meta=None, **_):
@@ -344,7 +222,7 @@ class Task:
                 f"{self.name}[{req.id}] retried {req.retries} times, max_retries is {limit}"
             )
         if eta is not None:
-            when = max(0.0, _to_epoch(eta) - time.time())
+            when = max(0.0, to_epoch(eta) - time.time())
         elif countdown is not None:
             when = float(countdown)
         else:
@@ -366,190 +244,28 @@ class Task:
 
     # canvas hooks (client/canvas.py builds on these)
     def s(self, *args, **kwargs):
-        from client.canvas import Signature
-
-        return Signature(self.name, args, kwargs, app=self.app)
+        return canvas.Signature(self.name, args, kwargs, app=self.app)
 
     def si(self, *args, **kwargs):
-        from client.canvas import Signature
-
-        return Signature(self.name, args, kwargs, app=self.app, immutable=True)
+        return canvas.Signature(self.name, args, kwargs, app=self.app, immutable=True)
 
     def signature(self, args=None, kwargs=None, **options):
-        from client.canvas import Signature
-
-        return Signature(self.name, tuple(args or ()), dict(kwargs or {}), options=options, app=self.app)
+        return canvas.Signature(self.name, tuple(args or ()), dict(kwargs or {}), options=options, app=self.app)
 
     def map(self, items):
         """One task that runs this task on each item in turn; its result is the list."""
-        from client.canvas import Signature
-
-        return Signature("brokerd.map", (self.name, list(items)), app=self.app)
+        return canvas.Signature("brokerd.map", (self.name, list(items)), app=self.app)
 
     def starmap(self, items):
         """Like ``map``, with each item a tuple of arguments."""
-        from client.canvas import Signature
-
-        return Signature("brokerd.starmap", (self.name, [list(a) for a in items]), app=self.app)
+        return canvas.Signature("brokerd.starmap", (self.name, [list(a) for a in items]), app=self.app)
 
     def chunks(self, items, n: int):
         """Split ``items`` (argument tuples) into tasks of ``n`` calls each: a group of starmaps."""
-        from client.canvas import group
-
         items = [list(a) for a in items]
         if n < 1:
             raise ValueError("chunks() needs n >= 1")
-        return group(self.starmap(items[i:i + n]) for i in range(0, len(items), n))
-
-
-# -- results ---------------------------------------------------------------------------------
-READY_STATES = frozenset(("SUCCESS", "FAILURE", "REVOKED"))
-WAIT_CHUNK = 600.0  # seconds per RESULT_GET when waiting without a timeout
-
-
-class AsyncResult:
-    """A task's result, kept by brokerd, looked up by id."""
-
-    def __init__(self, id: str, app: "App | None" = None, parent: "AsyncResult | None" = None):
-        self.id = id
-        self.app = app or App.current()
-        self.parent = parent
-        self._cache: dict | None = None
-
-    def __repr__(self):
-        return f"<AsyncResult: {self.id}>"
-
-    def __eq__(self, other):
-        return isinstance(other, AsyncResult) and other.id == self.id
-
-    def __hash__(self):
-        return hash(self.id)
-
-    def _fetch(self, wait=None) -> dict:
-        if self._cache is not None:
-            return self._cache
-        meta = self.app.client._call(wire.OP_RESULT_GET, self.id, wait,
-                                     timeout=(wait or 0) + self.app.client.timeout)
-        if meta["state"] in READY_STATES:
-            self._cache = meta
-        return meta
-
-    @property
-    def state(self) -> str:
-        return self._fetch()["state"]
-
-    status = state
-
-    def ready(self) -> bool:
-        return self.state in READY_STATES
-
-    def successful(self) -> bool:
-        return self.state == "SUCCESS"
-
-    def failed(self) -> bool:
-        return self.state == "FAILURE"
-
-    @property
-    def result(self):
-        """The return value, or the exception for a failure (not raised)."""
-        meta = self._fetch()
-        if meta["state"] == "FAILURE":
-            return exception_from(meta.get("meta") or {})
-        return meta.get("result") if meta["state"] == "SUCCESS" else (meta.get("meta") or None)
-
-    info = result
-
-    @property
-    def traceback(self) -> str | None:
-        return (self._fetch().get("meta") or {}).get("traceback")
-
-    def get(self, timeout: float | None = None, propagate: bool = True, interval: float | None = None):
-        """Wait for the result (brokerd holds the request; no polling loop).
-
-        Returns the task's return value.  A failed task re-raises its exception:
-        a Python builtin as itself, anything else as ``RemoteError`` naming the
-        remote type and message.  ``timeout`` runs out → ``TimeoutError``.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            left = WAIT_CHUNK if deadline is None else max(0.0, deadline - time.monotonic())
-            meta = self._fetch(wait=left)
-            if meta["state"] in READY_STATES:
-                break
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"task {self.id} did not finish within {timeout:g}s (state {meta['state']})")
-        if meta["state"] == "SUCCESS":
-            return meta.get("result")
-        exc = exception_from(meta.get("meta") or {}) if meta["state"] == "FAILURE" else TaskRevokedError(
-            f"task {self.id} was revoked"
-        )
-        if propagate:
-            raise exc
-        return exc
-
-    wait = get
-
-    def forget(self) -> None:
-        self._cache = None
-        self.app.client._call(wire.OP_RESULT_FORGET, self.id)
-
-    def revoke(self, terminate: bool = False) -> None:
-        """Never run this task; with ``terminate``, kill it where it runs.  Kept by
-        brokerd across restarts (for a day)."""
-        self._cache = None
-        self.app.control.revoke(self.id, terminate=terminate)
-
-    @property
-    def children(self) -> list:
-        return []
-
-
-class EagerResult(AsyncResult):
-    """The result of ``Task.apply``: already known, nothing to ask brokerd."""
-
-    def __init__(self, id, value, state, exc=None):
-        self.id = id
-        self.app = None
-        self.parent = None
-        self._value = value
-        self._exc = exc
-        self._cache = {"id": id, "state": state, "result": value, "meta": None}
-
-    def get(self, timeout=None, propagate=True, interval=None):
-        if self._exc is not None:
-            if propagate:
-                raise self._exc
-            return self._exc
-        return self._value
-
-    @property
-    def result(self):
-        return self._exc if self._exc is not None else self._value
-
-    def forget(self):
-        pass
-
-
-def exception_from(meta: dict) -> BaseException:
-    """A FAILURE's meta → the exception to raise: builtins as themselves."""
-    typ = meta.get("exc_type") or "Exception"
-    msg = meta.get("exc_message") or ""
-    cls = getattr(builtins, typ, None)
-    if isinstance(cls, type) and issubclass(cls, BaseException) and not issubclass(cls, (KeyboardInterrupt, SystemExit)):
-        try:
-            exc = cls(msg) if msg else cls()
-        except Exception:
-            exc = RemoteError(typ, msg, meta.get("traceback"))
-    else:
-        for local in (SoftTimeLimitExceeded, TimeLimitExceeded, MaxRetriesExceededError, NotRegistered, EncodeError,
-                      WorkerLostError):
-            if local.__name__ == typ:
-                exc = local(msg)
-                break
-        else:
-            exc = RemoteError(typ, msg, meta.get("traceback"))
-    exc.remote_traceback = meta.get("traceback")
-    return exc
+        return canvas.group(self.starmap(items[i:i + n]) for i in range(0, len(items), n))
 
 
 # -- the app -----------------------------------------------------------------------------------
@@ -663,8 +379,6 @@ class App:
     with ``app.conf.update(...)`` or ``app.config_from_object(obj_or_module)``.
     """
 
-    _current: "App | None" = None
-
     def __init__(self, main: str | None = None, broker: str | None = None, **settings):
         self.main = main
         self.conf = Conf(DEFAULTS)
@@ -683,13 +397,12 @@ class App:
         self._client_url = None
         self._lock = threading.Lock()
         self._register_builtins()
-        App._current = self
+        set_current_app(self)
 
     @classmethod
     def current(cls) -> "App":
-        if cls._current is None:
-            raise RuntimeError("no App has been created: create one, or pass app= to AsyncResult")
-        return cls._current
+        """The App created last in this process."""
+        return current_app()
 
     def __repr__(self):
         return f"<App {self.main} broker={self.conf.broker_url}>"
@@ -744,63 +457,53 @@ class App:
 
     def send_task(self, name: str, args=None, kwargs=None, **options) -> AsyncResult:
         """Publish a task by name, from code that does not import it."""
-        return self._send(name, tuple(args or ()), dict(kwargs or {}), **options)
+        return self.publish_task(name, tuple(args or ()), dict(kwargs or {}), **options)
 
     def route(self, name: str, task: Task | None = None) -> dict:
-        routes = self.conf.task_routes or {}
-        if isinstance(routes, dict):
-            r = routes.get(name)
-            if r is None:
-                for pattern, target in routes.items():
-                    if pattern.endswith("*") and name.startswith(pattern[:-1]):
-                        r = target
-                        break
-            return dict(r or {})
-        return {}
+        """The ``task_routes`` entry for ``name`` (``{}`` when none): see ``client.envelope.lookup_route``."""
+        return lookup_route(self.conf.task_routes, name)
 
-    def _send(self, name, args, kwargs, *, countdown=None, eta=None, expires=None, priority=None,
-              queue=None, task_id=None, headers=None, task=None, options=None, parent_id=None,
-              root_id=None, extra=None, confirm=True) -> AsyncResult:
+    def queue_and_priority(self, name: str, task: Task | None = None, queue: str | None = None,
+                           priority: int | None = None) -> tuple[str, int]:
+        """Where task ``name`` goes: the one routing rule (``client.envelope.route``) with this app's settings."""
+        conf = self.conf
+        return route(name, conf.task_routes, default_queue=conf.task_default_queue,
+                     default_priority=conf.task_default_priority, task=task, queue=queue, priority=priority)
+
+    def publish_task(self, name, args, kwargs, *, countdown=None, eta=None, expires=None, priority=None,
+                     queue=None, task_id=None, headers=None, task=None, options=None, parent_id=None,
+                     root_id=None, extra=None, confirm=True) -> AsyncResult:
+        """Build the envelope of one task call, route it, and publish it.
+
+        ``task`` is the registered Task when known (its queue and priority
+        then count in the routing rule); ``extra`` adds keys to the envelope
+        (the canvas's ``link``, ``link_error``, ``chain``); ``confirm=False``
+        pipelines the publish and the caller (a group) waits for all confirms at once.
+        """
         check_encodable(name, args, kwargs)
-        route = self.route(name, task)
-        queue = queue or route.get("queue") or self.conf.task_default_queue
-        if priority is None:
-            priority = route.get("priority", self.conf.task_default_priority)
+        queue, priority = self.queue_and_priority(name, task, queue, priority)
         task_id = task_id or str(uuid.uuid4())
-        now = time.time()
-        eta_s = _to_epoch(eta)
-        if countdown is not None:
-            eta_s = now + float(countdown)
-        exp = expires
-        if isinstance(expires, (int, float)) and not isinstance(expires, bool) and expires < 1e9:
-            exp = now + float(expires)  # relative seconds, as Celery's expires=60
-        exp = _to_epoch(exp)
-        parent = _current_request.get()
+        eta_s, exp = absolute_times(time.time(), countdown, eta, expires)
+        parent = current_request.get()
         if parent is not None and parent_id is None and not parent.is_eager:
             parent_id, root_id = parent.id, parent.root_id
         env = make_envelope(name, task_id, args, kwargs, eta=eta_s, expires=exp, parent_id=parent_id,
                             root_id=root_id, headers=headers, options=options or None)
         if extra:
             env.update(extra)
-        body = cbor2.dumps(env)
-        # confirm=False: pipelined; the caller (a group) waits for all confirms at once
-        self.client.publish(queue, body, priority=priority or 0, eta=eta_s, id=task_id, confirm=confirm)
+        self.client.publish(queue, encode_envelope(env), priority=priority, eta=eta_s, id=task_id, confirm=confirm)
         return AsyncResult(task_id, app=self)
 
     def AsyncResult(self, task_id) -> AsyncResult:
         return AsyncResult(task_id, app=self)
 
     def GroupResult(self, group_id):
-        from client.canvas import GroupResult
-
         return GroupResult.restore(group_id, app=self)
 
     # -- periodic tasks (kept by brokerd; see client/beat.py) --
     def add_periodic_task(self, schedule, sig, name: str | None = None, args=None, kwargs=None, **options):
         """Celery's ``sender.add_periodic_task(10.0, add.s(2, 2), name="add every 10")``."""
-        from client.canvas import signature
-
-        sig = signature(sig)
+        sig = canvas.signature(sig)
         self._periodic[name or repr(sig)] = {
             "task": sig.name, "schedule": schedule, "args": tuple(args if args is not None else sig.args),
             "kwargs": dict(kwargs if kwargs is not None else sig.kwargs), "options": {**sig.options, **options},
@@ -827,6 +530,8 @@ class App:
             with self._lock:
                 c = self._client
                 if c is None or self._client_pid != pid or not c.is_open or self._client_url != url:
+                    # A lazy import, for start-up time: ``import client.app`` (a worker's
+                    # children, ``brokerd-beat``) loads no sockets until a task needs them.
                     from client.producer import Client
 
                     if c is not None and self._client_pid == pid and c.is_open:

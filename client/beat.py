@@ -20,7 +20,8 @@ import argparse
 import datetime as dt
 import sys
 
-from client.app import make_envelope
+from client.envelope import make_envelope
+from client.worker_cli import load_app  # the same MODULE:APP rules as the worker
 
 CATCHUP = ("latest", "all", "skip")
 
@@ -63,11 +64,10 @@ def schedule_spec(app, name: str, entry: dict) -> dict:
     else:
         raise ValueError(f"beat_schedule entry {name!r}: schedule must be seconds, a timedelta or crontab(...)")
     task_name = entry["task"]
-    task = app.tasks.get(task_name)
-    route = app.route(task_name, task)
-    spec["queue"] = opts.get("queue") or (task.queue if task else None) or route.get("queue") or app.conf.task_default_queue
-    prio = opts.get("priority", (task.priority if task else None))
-    spec["priority"] = int(prio if prio is not None else route.get("priority", app.conf.task_default_priority) or 0)
+    queue, priority = app.queue_and_priority(task_name, app.tasks.get(task_name), opts.get("queue"),
+                                             opts.get("priority"))
+    spec["queue"] = queue
+    spec["priority"] = int(priority)
     env = make_envelope(task_name, "", tuple(entry.get("args") or ()), dict(entry.get("kwargs") or {}),
                         headers=opts.get("headers"))
     spec["body"] = env
@@ -98,8 +98,6 @@ def push(app) -> dict:
 
 
 def main(argv=None) -> int:
-    from client.worker_cli import load_app  # the same MODULE:APP rules as the worker
-
     p = argparse.ArgumentParser(prog="brokerd-beat", description="Push an app's periodic tasks to brokerd, then exit.")
     p.add_argument("app", metavar="MODULE:APP", help="where the App is, e.g. proj.tasks:app")
     p.add_argument("-b", "--broker", help="brokerd address HOST:PORT (default: the app's broker_url)")

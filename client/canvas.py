@@ -27,7 +27,13 @@ from __future__ import annotations
 import copy
 import uuid
 
-import cbor2
+from client._current import current_app
+from client.envelope import encode_envelope, make_envelope
+from client.result import AsyncResult, GroupResult
+
+# canvas never imports client.app: it works on the app it is given (or the
+# current one) through its public methods, and client.app imports canvas for
+# ``task.s()``, so the dependency runs one way.
 
 
 class Signature(dict):
@@ -69,9 +75,7 @@ class Signature(dict):
     @property
     def app(self):
         if self._app is None:
-            from client.app import App
-
-            self._app = App.current()
+            self._app = current_app()
         return self._app
 
     def set(self, **options) -> "Signature":
@@ -119,8 +123,8 @@ class Signature(dict):
         task = app.tasks.get(s.name)
         if app.conf.task_always_eager and task is not None:
             return task.apply(s.args, s.kwargs, task_id=opts.get("task_id"))
-        return app._send(s.name, s.args, s.kwargs, task=task, extra=extra or None, confirm=_confirm,
-                         **_send_options(opts, task))
+        return app.publish_task(s.name, s.args, s.kwargs, task=task, extra=extra or None, confirm=_confirm,
+                                **_send_options(opts, task))
 
     def delay(self, *args, **kwargs):
         return self.apply_async(args, kwargs)
@@ -141,17 +145,11 @@ SEND_OPTIONS = ("countdown", "eta", "expires", "priority", "queue", "task_id", "
 
 
 def _send_options(opts: dict, task) -> dict:
-    out = {}
-    for k, v in opts.items():
-        if k in SEND_OPTIONS:
-            out[k] = v
-    if task is not None:
-        if "queue" not in out and task.queue:
-            out["queue"] = task.queue
-        if "priority" not in out and task.priority is not None:
-            out["priority"] = task.priority
-        if "expires" not in out and task.expires is not None:
-            out["expires"] = task.expires
+    """A signature's options → ``App.publish_task`` keywords.  The task's queue
+    and priority are applied there, by the routing rule; its ``expires`` here."""
+    out = {k: v for k, v in opts.items() if k in SEND_OPTIONS}
+    if task is not None and out.get("expires") is None and task.expires is not None:
+        out["expires"] = task.expires
     return out
 
 
@@ -184,8 +182,6 @@ class chain:
         return chain(*self.tasks, other)
 
     def apply_async(self, args=(), kwargs=None, **options):
-        from client.app import AsyncResult
-
         steps = [s.clone() for s in self.tasks]
         for s in steps:
             s.freeze()
@@ -256,8 +252,6 @@ class chord:
         return self.apply_async(**options)
 
     def apply_async(self, args=(), kwargs=None, **options):
-        from client.app import AsyncResult
-
         if self.body is None:
             raise ValueError("chord() needs a body: chord(header, body) or chord(header)(body)")
         members = [s.clone() for s in self.header]
@@ -266,9 +260,9 @@ class chord:
         body_id = body.freeze()
         app = body.app
         chord_id = str(uuid.uuid4())
-        spec = _message_spec(app, body)
+        spec = message_spec(app, body)
         errbacks = body.options.get("link_error") or []
-        error = _message_spec(app, signature(errbacks[0])) if errbacks else None
+        error = message_spec(app, signature(errbacks[0])) if errbacks else None
         app.client.chord(chord_id, ids, spec, error)
         results = [m.apply_async(_confirm=False) for m in members]
         app.client.wait_for_confirms()
@@ -276,86 +270,18 @@ class chord:
         return AsyncResult(body_id, app=app, parent=gr)
 
 
-def _message_spec(app, sig: Signature) -> dict:
+def message_spec(app, sig: Signature) -> dict:
     """What brokerd needs to publish a signature later: queue, priority, envelope."""
-    from client.app import make_envelope
-
-    task = app.tasks.get(sig.name)
-    opts = _send_options(sig.options, task)
-    route = app.route(sig.name, task)
-    queue = opts.get("queue") or route.get("queue") or app.conf.task_default_queue
-    priority = opts.get("priority", route.get("priority", app.conf.task_default_priority)) or 0
+    opts = sig.options
+    queue, priority = app.queue_and_priority(sig.name, app.tasks.get(sig.name), opts.get("queue"),
+                                             opts.get("priority"))
     tid = sig.freeze()
     env = make_envelope(sig.name, tid, sig.args, sig.kwargs, headers=opts.get("headers"))
     for key in ("link", "link_error", "chain"):
-        if sig.options.get(key):
-            env[key] = [dict(x) for x in sig.options[key]]
-    cbor2.dumps(env)  # fail now if it cannot travel
+        if opts.get(key):
+            env[key] = [dict(x) for x in opts[key]]
+    encode_envelope(env)  # fail now if it cannot travel
     return {"queue": queue, "priority": priority, "body": env}
-
-
-class GroupResult:
-    """The results of a group (or a chord's header), in order."""
-
-    def __init__(self, id: str, results: list, app=None):
-        self.id = id
-        self.results = list(results)
-        self.app = app
-
-    def __iter__(self):
-        return iter(self.results)
-
-    def __len__(self):
-        return len(self.results)
-
-    def __getitem__(self, i):
-        return self.results[i]
-
-    def get(self, timeout: float | None = None, propagate: bool = True):
-        import time as _time
-
-        deadline = None if timeout is None else _time.monotonic() + timeout
-        out = []
-        for r in self.results:
-            left = None if deadline is None else max(0.0, deadline - _time.monotonic())
-            out.append(r.get(timeout=left, propagate=propagate))
-        return out
-
-    join = get
-
-    def ready(self) -> bool:
-        return all(r.ready() for r in self.results)
-
-    def successful(self) -> bool:
-        return all(r.successful() for r in self.results)
-
-    def failed(self) -> bool:
-        return any(r.failed() for r in self.results)
-
-    def completed_count(self) -> int:
-        return sum(1 for r in self.results if r.successful())
-
-    def revoke(self, terminate: bool = False) -> None:
-        if self.results:
-            self.results[0].app.client.revoke([r.id for r in self.results], terminate=terminate)
-
-    def save(self) -> "GroupResult":
-        """Keep the member ids in brokerd under the group id (``GroupResult.restore``)."""
-        self.app.client.store_result(self.id, "SUCCESS", [r.id for r in self.results], {"group": True})
-        return self
-
-    @classmethod
-    def restore(cls, group_id: str, app=None) -> "GroupResult | None":
-        from client.app import App, AsyncResult
-
-        app = app or App.current()
-        meta = app.client.get_result(group_id)
-        if meta["state"] != "SUCCESS" or not (meta.get("meta") or {}).get("group"):
-            return None
-        return cls(group_id, [AsyncResult(i, app=app) for i in meta["result"]], app=app)
-
-    def __repr__(self):
-        return f"<GroupResult: {self.id} [{', '.join(r.id for r in self.results)}]>"
 
 
 # -- what a worker does after a task: called by client.worker ----------------------------------

@@ -11,6 +11,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+TASK_LAYER_ABOVE_ENVELOPE = {"client.app", "client.canvas", "client.beat", "client.result", "client._current",
+                             "client.worker"}
+
 IO = {"trio", "socket", "asyncio", "selectors", "ssl", "subprocess", "threading"}
 CLOCK = {"time", "datetime", "random"}
 
@@ -29,12 +32,22 @@ FORBIDDEN = {
     "client/errors.py": IO | {"broker"},
     "client/producer.py": {"trio", "asyncio", "broker"},
     "client/async_client.py": {"broker", "client.producer"},
-    # issue 7: the HTTP side reads the live state through the server it is given;
+    # the HTTP side reads the live state through the server it is given;
     # it never touches the log's files, and the trio part stays in server.py
     "broker/http.py": {"trio", "broker.wal", "broker.state", "broker.cli"},
     "broker/web/": IO | {"os", "broker.wal", "broker.state", "broker.server", "broker.cli"},
     "broker/notify.py": {"trio", "broker.state", "broker.server", "broker.wal"},
     "client/ctl.py": {"broker", "trio", "asyncio"},
+    # The task layer, bottom up: exceptions and the current context import nothing
+    # of it; the envelope only the exceptions; results not the app; canvas not the
+    # app (the app imports canvas for task.s(), so the dependency runs one way).
+    "client/exceptions.py": IO | CLOCK | {"os", "broker", "client"},
+    "client/_current.py": IO | CLOCK | {"os", "broker", "client"},
+    "client/envelope.py": IO | CLOCK | TASK_LAYER_ABOVE_ENVELOPE | {"os", "broker", "client.producer"},
+    "client/result.py": {"trio", "asyncio", "broker", "client.app", "client.canvas", "client.beat", "client.worker"},
+    "client/canvas.py": {"trio", "asyncio", "broker", "client.app", "client.beat", "client.worker"},
+    "client/app.py": {"trio", "asyncio", "broker", "client.beat", "client.worker"},
+    "client/beat.py": {"trio", "asyncio", "broker", "client.app", "client.canvas", "client.worker"},
 }
 
 # broker/ may use client.wire (the shared codec) and nothing else from client/.
@@ -49,6 +62,9 @@ def imports_of(path: Path) -> set[str]:
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module)
+            if (ROOT / node.module.replace(".", "/")).is_dir():
+                # `from client import canvas` imports the module client.canvas
+                names.update(f"{node.module}.{a.name}" for a in node.names)
     return names
 
 
@@ -64,7 +80,8 @@ def files_for(key: str) -> list[Path]:
 
 
 # Calendar arithmetic needs datetime; this file may import it but never read the clock.
-CALENDAR_ONLY = {"broker/state/cron.py": {"datetime"}, "broker/admin.py": {"datetime"}}
+CALENDAR_ONLY = {"broker/state/cron.py": {"datetime"}, "broker/admin.py": {"datetime"},
+                 "client/envelope.py": {"datetime"}}
 CLOCK_CALLS = {"now", "today", "utcnow", "time", "monotonic", "perf_counter"}
 
 
@@ -109,3 +126,116 @@ def test_calendar_modules_never_read_the_clock():
         tree = ast.parse((ROOT / rel).read_text())
         calls = {n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
         assert not calls & CLOCK_CALLS, f"{rel} calls {sorted(calls & CLOCK_CALLS)}: pass the time in"
+
+
+# -- the task layer ----------------------------------------------------------------------------
+TASK_LAYER = ["client/exceptions.py", "client/_current.py", "client/envelope.py", "client/result.py",
+              "client/canvas.py", "client/app.py", "client/beat.py"]
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def module_level_imports(path: Path) -> set[str]:
+    """What a module imports when it is imported: everything but imports inside functions."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = set()
+
+    def visit(node):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                found.update(imports_of_node(child))
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def imports_of_node(node) -> set[str]:
+    if isinstance(node, ast.Import):
+        return {a.name for a in node.names}
+    if node.level or not node.module:
+        return set()
+    names = {node.module}
+    if (ROOT / node.module.replace(".", "/")).is_dir():
+        names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+def test_the_client_package_has_no_import_cycle():
+    # Module-level imports only: a cycle held together by an import inside a
+    # function is still a cycle, and the next test forbids that dodge.
+    paths = {module_name(p): p for p in sorted((ROOT / "client").rglob("*.py"))}
+    graph = {m: sorted(n for n in module_level_imports(p) if n in paths and n != m) for m, p in paths.items()}
+    done: set[str] = set()
+
+    def walk(m, stack):
+        if m in stack:
+            cycle = stack[stack.index(m):] + [m]
+            raise AssertionError("import cycle: " + " -> ".join(cycle))
+        if m in done:
+            return
+        for n in graph[m]:
+            walk(n, stack + [m])
+        done.add(m)
+
+    for m in graph:
+        walk(m, [])
+
+
+LAZY_IMPORT_MARK = "lazy import"  # the comment that says why an import waits until it is needed
+
+
+@pytest.mark.parametrize("rel", TASK_LAYER)
+def test_task_layer_imports_at_the_top_unless_a_comment_says_why(rel):
+    path = ROOT / rel
+    lines = path.read_text().splitlines()
+    tree = ast.parse(path.read_text(), filename=rel)
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                above = " ".join(lines[max(0, node.lineno - 5):node.lineno]).lower()
+                assert LAZY_IMPORT_MARK in above, (
+                    f"{rel}:{node.lineno} imports inside {fn.name}(); import at the top, or say in a "
+                    f"'{LAZY_IMPORT_MARK}' comment why it must wait"
+                )
+
+
+def own_private_names(tree) -> set[str]:
+    """The _names a module defines: functions, classes, globals, and attributes it assigns."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            names.add(node.attr)
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+@pytest.mark.parametrize("rel", TASK_LAYER)
+def test_task_layer_touches_no_other_modules_private_names(rel):
+    tree = ast.parse((ROOT / rel).read_text(), filename=rel)
+    own = own_private_names(tree)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            bad = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+            assert not bad, f"{rel}:{node.lineno} imports {bad} from {node.module}, private to it"
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            assert node.attr in own, (
+                f"{rel}:{node.lineno} uses .{node.attr}, a private name of another module; "
+                "ask that module for a public one"
+            )
+
+
+def test_the_task_layer_rules_cover_files_that_exist():
+    for rel in TASK_LAYER:
+        assert (ROOT / rel).exists(), rel

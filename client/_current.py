@@ -1,0 +1,57 @@
+"""What is "current" in this process: the last App created, and the task running now.
+
+``current_app()`` is what ``AsyncResult(id)`` and an unbound signature use when
+no ``app=`` is given.  ``current_request`` holds the ``Request`` of the task
+this thread (or trio/asyncio task) is running: ``self.request`` inside a bound
+task, and the parent of any task it sends.  The worker sets it around each
+task; ``Task.apply`` sets it for an eager run.
+
+This module imports nothing from the rest of the task layer, so ``client.app``,
+``client.canvas`` and ``client.result`` can all read it without importing each other.
+"""
+
+from __future__ import annotations
+
+import contextvars
+
+
+class Request:
+    """What ``self.request`` shows inside a bound task."""
+
+    def __init__(self, id=None, args=(), kwargs=None, retries=0, delivery_info=None, eta=None,
+                 expires=None, parent_id=None, root_id=None, headers=None, hostname=None, is_eager=False,
+                 task=None):
+        self.id = id
+        self.args = list(args)
+        self.kwargs = dict(kwargs or {})
+        self.retries = retries
+        self.delivery_info = delivery_info or {}
+        self.eta = eta
+        self.expires = expires
+        self.parent_id = parent_id
+        self.root_id = root_id
+        self.headers = headers or {}
+        self.hostname = hostname
+        self.is_eager = is_eager
+        self.task = task
+
+    def __repr__(self):
+        return f"<Request {self.task} id={self.id} retries={self.retries}>"
+
+
+current_request: contextvars.ContextVar[Request | None] = contextvars.ContextVar("brokerd_request", default=None)
+
+# The App created last in this process (a list cell, so setting it needs no `global`).
+_app: list = [None]
+
+
+def set_current_app(app) -> None:
+    _app[0] = app
+
+
+def current_app():
+    """The App created last in this process, or RuntimeError when there is none."""
+    app = _app[0]
+    if app is None:
+        raise RuntimeError("no App has been created: create one, or pass app= to AsyncResult")
+    return app

@@ -1,0 +1,87 @@
+"""The task layer's exceptions, under the names Celery gives them.
+
+Importable from here and from ``client.app`` (where the README shows them).
+This module imports nothing from the rest of the task layer, so the envelope,
+the results and the worker can all raise and catch these without a cycle.
+"""
+
+from __future__ import annotations
+
+import builtins
+
+
+class TaskError(Exception):
+    """Base of the task layer's errors."""
+
+
+class Retry(TaskError):
+    """Raised by ``Task.retry``: the worker nacks the task with a delay (held by brokerd)."""
+
+    def __init__(self, message=None, exc=None, when=None):
+        super().__init__(message or "retry")
+        self.exc = exc
+        self.when = when  # seconds from now
+
+
+class MaxRetriesExceededError(TaskError):
+    pass
+
+
+class SoftTimeLimitExceeded(TaskError):
+    """Raised inside a task when its soft time limit passes."""
+
+
+class TimeLimitExceeded(TaskError):
+    """A task ran past its hard time limit and its process was killed."""
+
+
+class Reject(TaskError):
+    """Raise to refuse a task: ``requeue=False`` sends it to the dead-letter queue."""
+
+    def __init__(self, reason=None, requeue=False):
+        super().__init__(reason or "rejected")
+        self.requeue = requeue
+
+
+class Ignore(TaskError):
+    """Raise to end a task without storing any result."""
+
+
+class NotRegistered(TaskError, KeyError):
+    pass
+
+
+class TaskRevokedError(TaskError):
+    pass
+
+
+class EncodeError(TaskError, TypeError):
+    """An argument or result that CBOR cannot carry."""
+
+
+class WorkerLostError(TaskError):
+    """The process running the task died (a crash, ``os.abort()``, the OOM killer) more times than the
+    task's ``max_retries`` allow (Celery's name)."""
+
+
+class RemoteError(TaskError):
+    """A task failed with an exception that is not a Python builtin.
+
+    ``exc_type`` and ``exc_message`` name the original; ``traceback`` is its text.
+    """
+
+    def __init__(self, exc_type: str, exc_message: str, traceback: str | None = None):
+        super().__init__(f"{exc_type}: {exc_message}")
+        self.exc_type = exc_type
+        self.exc_message = exc_message
+        self.traceback = traceback
+
+
+class TimeoutError(builtins.TimeoutError, TaskError):  # noqa: A001 - Celery's name
+    """``AsyncResult.get`` waited longer than its timeout."""
+
+
+# The task layer's own exceptions that a stored FAILURE may name and that a
+# client rebuilds as themselves (anything else non-builtin becomes RemoteError).
+LOCAL_FAILURES = (SoftTimeLimitExceeded, TimeLimitExceeded, MaxRetriesExceededError, NotRegistered, EncodeError,
+                  WorkerLostError)
