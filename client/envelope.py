@@ -158,8 +158,11 @@ def lookup_route(routes, name: str) -> dict:
             if isinstance(pattern, re.Pattern):
                 if pattern.match(name):
                     return _route_value(pattern.pattern, target)
-            elif isinstance(pattern, str) and not _GLOB_CHARS.isdisjoint(pattern) and fnmatchcase(name, pattern):
-                return _route_value(pattern, target)
+            elif isinstance(pattern, str) and not _GLOB_CHARS.isdisjoint(pattern):
+                # "proj.email.*", the common shape, is a prefix test; fnmatch (a regex) for the rest
+                head = pattern[:-1]
+                if name.startswith(head) if pattern[-1] == "*" and _GLOB_CHARS.isdisjoint(head) else fnmatchcase(name, pattern):
+                    return _route_value(pattern, target)
     return {}
 
 
