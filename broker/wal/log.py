@@ -1346,6 +1346,7 @@ class WriteAheadLog:
                 )
             return
         os.close(old_fd)
+        self._take_reserve()  # the slot just freed becomes the spare, if the open above used it
         if self._rotation_postponed:
             self._rotation_postponed = False
             logger.warning("log segments rotate again: started %s", self._segments[-1].name)
