@@ -144,8 +144,12 @@ class _RepairWitness:
     def report(self, rec) -> None:
         firsts = [d.first_lsn for d in rec.dropped if d.first_lsn is not None]
         ranges = ", ".join(
-            f"{d.first_lsn}..{'' if d.last_lsn is None else d.last_lsn}" for d in rec.dropped if d.records != 0
+            f"{d.first_lsn}..{'' if d.last_lsn is None else d.last_lsn}"
+            for d in rec.dropped if d.records != 0 and d.first_lsn is not None
         )
+        unreadable = [d.segment for d in rec.dropped if d.first_lsn is None]
+        if unreadable:
+            ranges += ("; " if ranges else "") + "unreadable file(s) moved aside: " + ", ".join(unreadable)
         nbytes = sum(d.nbytes for d in rec.dropped)
         count = f"{rec.dropped_records}" if rec.dropped_records_exact else f"at least {rec.dropped_records}"
         log.warning(

@@ -470,3 +470,19 @@ def test_a_restart_on_a_nearly_full_disk_comes_up_and_stays_up(broker_factory, s
         time.sleep(0.1)  # the retry is time-based (COMPACTION_RETRY_SECONDS); writes drive it
     r.close()
     assert drain_ids(b.port, "keep") == [f"k{i}" for i in range(3000)]
+
+
+@pytest.mark.parametrize("where", ["middle", "end"])
+def test_repair_moves_a_stray_file_aside_and_loses_nothing(tmp_path, where):
+    segs = build(tmp_path, 300, segment_bytes=4000)
+    assert len(segs) >= 3
+    lsn = segs[0].first_lsn + 10 if where == "middle" else segs[-1].last_lsn + 50
+    stray = tmp_path / f"{lsn:020d}.wal"
+    stray.write_bytes(os.urandom(3000))
+    with pytest.raises(CorruptLog):
+        replay(tmp_path)
+    lsns, report = replay(tmp_path, repair=True)
+    assert lsns == list(range(1, 301))
+    assert not stray.exists() and (tmp_path / (stray.name + ".damaged")).read_bytes()
+    assert [(d.segment, d.first_lsn, d.records) for d in report.dropped] == [(stray.name, None, None)]
+    assert replay(tmp_path)[0] == lsns

@@ -12,11 +12,29 @@ On-disk format, version 1
 A log is one directory::
 
     LOCK                          fcntl.flock'd by the running brokerd
+    MANIFEST                      where the log starts, and the gaps a repair left
     00000000000000000001.wal      segment whose first record is lsn 1
     00000000000000004711.wal      ... lsn 4711 (names sort in lsn order)
 
 Any other file is left alone.  Segments are never rewritten: only appended
-to, truncated at a torn tail, or deleted whole from the oldest end.
+to, truncated at a torn tail, or deleted whole from the oldest end (and
+rewritten by ``--repair``, below).
+
+The manifest is ASCII text, replaced atomically (``MANIFEST.tmp``, fsync,
+rename, fsync the directory) when the log is created, before compaction
+deletes segments, and by a repair::
+
+    brokerd-wal-manifest 1
+    start 4711                    the oldest lsn the log must still hold
+    gap 5000 5003                 lsns a repair dropped for good (zero or more lines)
+    crc 1a2b3c4d                  zlib.crc32 of the lines above, hex
+
+It is not part of the segment format (an older brokerd ignores it and reads
+the segments as before), so adding it did not bump the version.  An older
+brokerd's compaction does not update it, though: after running one on this
+directory, delete MANIFEST (the next start writes it again from the segments).
+A directory without a manifest (fresh, or written before it existed) is taken
+as it is and the manifest written.
 
 Every segment opens with a 24-byte header; then records follow back to back,
 with no padding and no end marker.  Integers are big-endian.
@@ -56,19 +74,38 @@ Example: a segment starting at lsn 1 with salt 0x01020304, holding one record
 
 Replay rules
 ------------
+* The oldest segment must start at or before the manifest's ``start``
+  (older ones are left by a crash between the manifest and the deletes, and
+  are replayed); a later first lsn is ``MissingRecords`` (exit 3), naming the
+  missing lsn range.  So is a manifest with no segment file left.
 * Segments are replayed oldest to newest.  Each must start with the lsn after
   the previous segment's last record; within a segment each record's lsn is
-  the previous + 1.
-* In the **last** segment, a record that runs past end of file, or a damaged
-  record followed only by zero bytes (or nothing), is a *torn tail*: a crash in
-  the middle of a write.  It is truncated (``ftruncate`` + fsync), logged as a
-  warning and reported in ``recovery``.  A last segment shorter than its header,
-  or all zero, is a crash while rotating: it is deleted.
+  the previous + 1.  The one exception is a recorded ``gap a b``: the lsn
+  may jump from ``a`` to ``b + 1`` (the scanner looks the gap up only when an
+  lsn is not the expected one, so it costs the hot path nothing).
+* In the **last** segment, a *torn tail* (a crash in the middle of a write)
+  is: a record whose length runs past end of file (with no valid record
+  after it), or a record that is zero bytes from a 512-byte sector boundary
+  inside it to the end of the file (a power cut lost pages of an extended
+  file).  It is truncated (``ftruncate`` + fsync), logged as a warning and
+  reported in ``recovery``.  A last segment shorter than its header, or all
+  zero, is a crash while rotating: it is deleted.  A *complete* record with a
+  bad CRC is never a torn tail, even the very last one.
 * Anything else is corruption: ``CorruptLog`` names the file and byte offset.
-  ``open(repair=True)`` truncates there, deletes every later segment, and
-  reports how many records that dropped.
 * A header with a version other than 1 raises ``WalVersionError``; repair
   never touches such a file.
+
+Repair (``open(repair=True)``, ``brokerd --repair``) drops only what it cannot
+read.  It checks every segment; at a bad record it resynchronises on the next
+record whose CRC passes with the segment's salt and whose lsn is plausible
+(greater than the last kept one, below the next segment's first, and at most
+one lsn per 18 skipped bytes); a damaged header is rebuilt from the file name
+and its salt solved from an intact record's CRC (CRC-32 is affine in its seed)
+and confirmed by the record after it.  A segment that lost anything is
+rewritten under the same name (same salt, the kept records' bytes unchanged,
+temporary file + rename), and every lsn range now missing becomes a manifest
+gap.  Each dropped range is logged and reported (``recovery.dropped``: file,
+offset, bytes, lsns).  Repair is idempotent: a crash during it, rerun it.
 
 How to bump the version
 -----------------------
@@ -105,7 +142,14 @@ power cut could keep the new file but lose the old one's tail: an lsn gap),
 the new segment's header and the directory are fsynced, and replay fsyncs
 what it truncates and the head segment it will append to.
 
-Any ``OSError`` from a write or fsync is final (``WalFailed``): after a
+Running out of file descriptors (EMFILE/ENFILE) is not a disk fault and
+never fails the log: the directory fd is held open for its fsyncs, one spare
+descriptor is held and given back just before the log opens a file, a new
+segment is opened before the old one is closed, and if that open still fails
+the rotation is postponed (logged once, naming the fd limit) and retried
+after each write while the head keeps growing.
+
+Any other ``OSError`` from a write or fsync is final (``WalFailed``): after a
 failed fsync Linux may have dropped the dirty pages and a retry can
 "succeed" without the data (PostgreSQL's fsyncgate), so nothing is retried
 and nothing more is written.  A failed write is truncated back to the last
@@ -868,10 +912,11 @@ class WriteAheadLog:
         start = manifest[0] if manifest is not None else None
         gaps = dict(manifest[1]) if manifest is not None else {}
         changed = False
-        prev: int | None = None  # last kept lsn
+        # First, which files can be read at all (and with which salt).  A file
+        # none of whose records validates is moved aside, not deleted, and does
+        # not limit the lsns of the segment before it (a stray file).
+        readable: list[tuple[int, str, int, str | None]] = []
         for index, (name_lsn, name) in enumerate(files):
-            is_last = index == len(files) - 1
-            limit = files[index + 1][0] - 1 if not is_last else MAX_LSN  # lsns this file may hold
             path = os.path.join(self.directory, name)
             with open(path, "rb") as f:
                 data = f.read()
@@ -885,7 +930,7 @@ class WriteAheadLog:
             except UnsupportedVersion as e:
                 raise WalVersionError(path, e.version, 1) from None
             except WalFormatError as e:
-                if is_last and (len(data) < SEGMENT_HEADER_SIZE or data.count(0) == len(data)):
+                if index == len(files) - 1 and (len(data) < SEGMENT_HEADER_SIZE or data.count(0) == len(data)):
                     continue  # a crash while creating it: the replay deletes it
                 header_problem = str(e)
             if header_problem is not None:
@@ -896,6 +941,23 @@ class WriteAheadLog:
                 if solved is not None and solved != salt:
                     header_problem = f"segment header salt 0x{salt:08x} does not match its records (0x{solved:08x} does)"
                     salt = solved
+            if salt is None:
+                aside = path + ".damaged"
+                os.replace(path, aside)
+                self._fsync_directory()
+                self._drop(st, name, 0, len(data), None, None, None,
+                           f"{header_problem} and no record in it can be validated; moved it to {os.path.basename(aside)}")
+                changed = True
+                continue
+            readable.append((name_lsn, name, salt, header_problem))
+
+        prev: int | None = None  # last kept lsn
+        for index, (name_lsn, name, salt, header_problem) in enumerate(readable):
+            is_last = index == len(readable) - 1
+            limit = readable[index + 1][0] - 1 if not is_last else MAX_LSN  # lsns this file may hold
+            path = os.path.join(self.directory, name)
+            with open(path, "rb") as f:
+                data = f.read()
             # Where the log (re)starts, and gaps before this file.
             if prev is None:
                 if start is None or name_lsn > start:
@@ -911,19 +973,6 @@ class WriteAheadLog:
                 _add_gap(gaps, prev + 1, name_lsn - 1)
                 changed = True
                 prev = name_lsn - 1
-            if salt is None:
-                # Not one record in it can be validated: nothing to keep.
-                if index == 0:
-                    start = name_lsn
-                self._drop(st, name, 0, len(data), prev + 1, None if is_last else limit,
-                           None if is_last else limit - prev,
-                           f"{header_problem} and no record in it can be validated")
-                if not is_last:
-                    _add_gap(gaps, prev + 1, limit)
-                    prev = limit
-                self._write_segment(path, name, encode_segment_header(0, name_lsn))
-                changed = True
-                continue
             kept: list[tuple[int, int]] = []  # (offset, end) of the records kept
             pos = SEGMENT_HEADER_SIZE
             size = len(data)
@@ -964,7 +1013,7 @@ class WriteAheadLog:
                     out += data[a:b]
                 self._write_segment(path, name, out)
                 changed = True
-        if not files and start is not None:
+        if not readable and start is not None:
             self._drop(st, MANIFEST_NAME, 0, 0, start, None, None,
                        f"the log starts at lsn {start} but no segment file is left")
             st.allow_empty = True
@@ -990,6 +1039,7 @@ class WriteAheadLog:
         else:
             st.dropped += records
         lsns = (
+            "records of unknown lsns" if first is None else
             "no lsn" if records == 0 else
             f"lsns {first}..{last} ({records} record(s))" if last is not None else
             f"the records from lsn {first} on (how many is unknown)"
