@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsync", help=f"when to fsync the log: always, interval or never (default {d.fsync})")
     p.add_argument("--fsync-interval-ms", dest="fsync_interval_ms", help=f"with --fsync interval, milliseconds between fsyncs (default {d.fsync_interval_ms})")
     p.add_argument("--segment-bytes", dest="segment_bytes", help=f"log segment size before rotation (default {d.segment_bytes})")
-    p.add_argument("--repair", action="store_const", const="true", help="truncate a corrupt log at the first bad record (drops what follows)")
+    p.add_argument("--repair", action="store_const", const="true", help="drop only the parts of a damaged log that cannot be read (keeps every later valid record) and list what was dropped")
     p.add_argument("--result-ttl", dest="result_ttl", help=f"seconds a task result is kept (default {d.result_ttl:g})")
     p.add_argument("--log-level", dest="log_level", help=f"debug, info, warning or error (default {d.log_level})")
     return p
@@ -95,6 +95,82 @@ async def run(config: Config) -> int:
         pass
     log.info("brokerd stopped")
     return EXIT_OK
+
+
+class _RepairWitness:
+    """Under --repair: name the messages whose publish the repair dropped.
+
+    The dropped bytes cannot be read, but later records still name what they
+    refer to: a delivery, ack, requeue... of a message seq that was never
+    published in the surviving log and is newer than every message published
+    before the first dropped lsn (seqs only grow) lost its publish to the repair.
+    """
+
+    def __init__(self) -> None:
+        self.known: dict[int, int] = {}  # seq -> lsn of its first full record
+        self.refs: list[tuple[int, int]] = []  # (lsn, seq) of references
+
+    def watch(self, records):
+        import cbor2
+
+        from broker.state import records as R
+
+        full = (R.PUBLISH, R.MESSAGE)
+        moved = (R.DEAD, R.MOVE)
+        lists = (R.DELIVER, R.ACK)
+        firsts = (R.REQUEUE, R.DROP)
+        for r in records:
+            yield r
+            t = r.type
+            if t not in full and t not in moved and t not in lists and t not in firsts and t != R.EXPIRE:
+                continue
+            try:
+                p = cbor2.loads(r.payload)
+                if t in full:
+                    self.known.setdefault(p[0], r.lsn)
+                elif t in moved:
+                    self.refs.append((r.lsn, p[0]))
+                    self.known.setdefault(p[1][0], r.lsn)
+                elif t in lists:
+                    for seq in p if type(p) is list else (p,):
+                        self.refs.append((r.lsn, seq))
+                elif t in firsts:
+                    self.refs.append((r.lsn, p[0]))
+                else:
+                    self.refs.append((r.lsn, p))
+            except Exception:  # a record the state cannot read fails the replay itself
+                continue
+
+    def report(self, rec) -> None:
+        firsts = [d.first_lsn for d in rec.dropped if d.first_lsn is not None]
+        ranges = ", ".join(
+            f"{d.first_lsn}..{'' if d.last_lsn is None else d.last_lsn}"
+            for d in rec.dropped if d.records != 0 and d.first_lsn is not None
+        )
+        unreadable = [d.segment for d in rec.dropped if d.first_lsn is None]
+        if unreadable:
+            ranges += ("; " if ranges else "") + "unreadable file(s) moved aside: " + ", ".join(unreadable)
+        nbytes = sum(d.nbytes for d in rec.dropped)
+        count = f"{rec.dropped_records}" if rec.dropped_records_exact else f"at least {rec.dropped_records}"
+        log.warning(
+            "repair dropped %s log record(s) (%d bytes): lsns %s; every later valid record was kept",
+            count, nbytes, ranges or "none",
+        )
+        if not firsts:
+            return
+        first = min(firsts)
+        newest_before = max((seq for seq, lsn in self.known.items() if lsn < first), default=0)
+        lost: dict[int, int] = {}
+        for lsn, seq in self.refs:
+            if type(seq) is int and seq > newest_before and seq not in self.known:
+                lost.setdefault(seq, lsn)
+        if lost:
+            shown = ", ".join(f"seq {seq} (referred to at lsn {lsn})" for seq, lsn in sorted(lost.items())[:50])
+            more = f" and {len(lost) - 50} more" if len(lost) > 50 else ""
+            log.warning(
+                "repair: the publish of %d message(s) was dropped; later records still refer to them, "
+                "so they are gone: %s%s", len(lost), shown, more,
+            )
 
 
 class DataDirError(Exception):
@@ -148,7 +224,13 @@ async def open_server(config: Config):
                 f"EXTEND_TIMEOUT_USEC={notify.usec(notify.REPLAY_EXTEND)}",
             )
             records = notify.replay_progress(records, segments, time.monotonic)
+        seen = _RepairWitness() if config.repair else None
+        if seen is not None:
+            records = seen.watch(records)
         replayed = state.replay(((r.lsn, r.type, loads(r.payload)) for r in records), time.time())
+        # A repair (or a deleted half-created segment) can leave the log's next
+        # lsn past the last replayed record: the state numbers records the same way.
+        state.last_lsn = max(state.last_lsn, wal.next_lsn - 1 + len(state.records))
     except CorruptLog as exc:
         raise DataDirError(f"{exc}") from None
     except WalError as exc:
@@ -159,6 +241,8 @@ async def open_server(config: Config):
         gc.enable()
     gc.freeze()
     rec = wal.recovery
+    if seen is not None and rec is not None and rec.repaired:
+        seen.report(rec)
     stats = state.statistics()
     log.info(
         "recovered %d log records from %d segments in %.3fs: %d queues, %d ready, %d delayed%s",

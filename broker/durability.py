@@ -290,10 +290,39 @@ class Durability:
         return max(0.0, now - started)
 
     # -- compaction --------------------------------------------------------------------
+    # Compaction writes before it frees: the rewritten copies of the oldest
+    # segment's live messages go to the head first, the old segment is deleted
+    # after.  It starts only when the disk has room for that plus one segment
+    # of headroom for ordinary traffic (compaction_space_needed); otherwise it
+    # waits and looks again at most every COMPACTION_RETRY_SECONDS (a statvfs),
+    # so a restart on a nearly full disk does not fill it and fail the log.
+    COMPACTION_RETRY_SECONDS = 1.0  # seconds between free-space checks while compaction waits
+    _compaction_retry_at = 0.0  # monotonic time of the next check (class defaults: set per instance on use)
+    _compaction_waiting = False  # logged "postponed" once; logs "resumed" when it goes ahead
+    _delete_waiting = False  # a segment delete failed (EMFILE, ENOSPC for the manifest); retried
+
     def live_bytes_estimate(self) -> int:
         live = sum(q.ready_count + q.delayed_count + q.inflight_count for q in self.state.queues.values())
-        avg = (self._publish_bytes / self._publishes + 18) if self._publishes else 160
+        if self._publishes:
+            avg = self._publish_bytes / self._publishes + 18
+        elif self.recovery is not None and self.recovery.records:
+            # Nothing published since the restart: the replayed log's average
+            # record is a far better guess than a constant (a constant much
+            # too small made every restart of a log of big messages compact).
+            avg = self.recovery.bytes / self.recovery.records
+        else:
+            avg = 160
         return int(live * avg)
+
+    def compaction_space_needed(self, oldest) -> int:
+        """Bytes of free disk compaction needs before it rewrites ``oldest``.
+
+        What it rewrites is at most the live messages, and at most about what
+        ``oldest`` holds (a MESSAGE record is the size of the PUBLISH it
+        copies); plus one segment of headroom, so that the traffic that goes on
+        meanwhile does not hit a full disk before the old segment is deleted.
+        """
+        return min(self.live_bytes_estimate(), oldest.size_bytes) + self.segment_bytes
 
     def needs_compaction(self) -> bool:
         segs = self.wal.segments()
@@ -307,9 +336,30 @@ class Durability:
         if self._deletes and self._deletes[0][0] <= self.wal.written_lsn:
             await self._locked(self._sync_and_delete)
         if not self._compacting and not self._deletes and self.needs_compaction():
+            now = time.monotonic()
+            if now < self._compaction_retry_at:
+                return
+            oldest = self.wal.segments()[0]
+            need = self.compaction_space_needed(oldest)
+            try:
+                free = shutil.disk_usage(self.data_dir).free
+            except OSError:
+                free = need  # cannot tell: go ahead as before
+            if free < need:
+                self._compaction_retry_at = now + self.COMPACTION_RETRY_SECONDS
+                if not self._compaction_waiting:
+                    self._compaction_waiting = True
+                    log.warning(
+                        "compaction postponed: rewriting %s needs %d bytes free in %s but only %d are; "
+                        "the log keeps working and grows until space is freed (checked again every %gs)",
+                        oldest.name, need, self.data_dir, free, self.COMPACTION_RETRY_SECONDS,
+                    )
+                return
+            if self._compaction_waiting:
+                self._compaction_waiting = False
+                log.warning("compaction resumed: %d bytes free in %s", free, self.data_dir)
             self._compacting = True
             try:
-                oldest = self.wal.segments()[0]
                 moved = self.state.compact(oldest.last_lsn)
                 records = self.state.take_records()
                 self.submit(records, {}, lambda box: None)
@@ -327,7 +377,19 @@ class Durability:
         for need, through in self._deletes:
             if need <= self.wal.written_lsn:
                 self.wal.sync()  # the rewritten copies must be on disk before the originals go
-                deleted = self.wal.delete_segments_through(through)
+                try:
+                    deleted = self.wal.delete_segments_through(through)
+                except WalFailed:
+                    raise
+                except OSError as exc:
+                    # The manifest or an unlink failed (EMFILE, ENOSPC): nothing
+                    # is lost by keeping the segment; try again after the next write.
+                    if not self._delete_waiting:
+                        self._delete_waiting = True
+                        log.warning("could not delete compacted log segments yet (%s); retrying after the next write", exc)
+                    keep.append((need, through))
+                    continue
+                self._delete_waiting = False
                 self.segments_deleted += len(deleted)
             else:
                 keep.append((need, through))

@@ -76,7 +76,7 @@ def test_an_empty_directory_starts_a_first_segment_at_lsn_1(tmp_path):
     wal = WriteAheadLog(d)
     assert list(wal.open()) == []
     assert wal.recovery.records == 0 and wal.recovery.next_lsn == 1
-    assert sorted(os.listdir(d)) == [SEG1, "LOCK"]
+    assert sorted(os.listdir(d)) == [SEG1, "LOCK", "MANIFEST"]
     [seg] = wal.segments()
     assert (seg.name, seg.first_lsn, seg.last_lsn, seg.size_bytes, seg.is_head) == (SEG1, 1, 0, 24, True)
     assert wal.append(1, b"x") == 1
@@ -374,7 +374,8 @@ def _flip(path, offset: int) -> None:
 def _corrupt_message(path, offset: int, reason: str) -> str:
     return (
         rf"write-ahead log is corrupt: {reason} at byte offset {offset} of {re.escape(str(path))}; "
-        rf"start brokerd with --repair to truncate the log there \(every record from that point on is dropped\)"
+        rf"start brokerd with --repair to drop what cannot be read there "
+        rf"\(every later valid record is kept; the repair lists what it dropped\)"
     )
 
 
@@ -393,37 +394,41 @@ def test_a_damaged_middle_record_is_refused_naming_the_file_and_offset(tmp_path)
     assert (exc.value.segment, exc.value.offset) == (SEG1, off3)
     assert seen == [1, 2]
     # the refusal released the lock and changed nothing on disk
-    assert replay(tmp_path, repair=True)[0] == numbered(recs[:2])
+    assert replay(tmp_path, repair=True)[0] == numbered(recs[:2]) + numbered(recs[3:], 4)
 
 
-def test_repair_keeps_exactly_the_prefix_and_reports_what_it_dropped(tmp_path, caplog):
+def test_repair_drops_only_the_damaged_record_and_reports_its_lsn_and_bytes(tmp_path, caplog):
     recs = [(1, 0, b"payload-%d" % i) for i in range(10)]
     build(tmp_path, recs).close()
-    _, off3 = _offsets(tmp_path)[3]
+    where = _offsets(tmp_path)
+    off3, off4 = where[3][1], where[4][1]
     _flip(tmp_path / SEG1, off3 + RECORD_HEADER_SIZE)
 
     with caplog.at_level(logging.WARNING, logger="brokerd.wal"):
         got, report = replay(tmp_path, repair=True)
-    assert got == numbered(recs[:2])
+    kept = numbered(recs[:2]) + numbered(recs[3:], 4)
+    assert got == kept
     assert report.repaired
-    assert (report.dropped_records, report.dropped_records_exact) == (8, True)
+    assert (report.dropped_records, report.dropped_records_exact) == (1, True)
     assert report.truncated_at == (SEG1, off3)
+    assert [tuple(d[:6]) for d in report.dropped] == [(SEG1, off3, off4 - off3, 3, 3, 1)]
     message = (
-        f"repair of {tmp_path}: record checksum mismatch at byte offset {off3} of {SEG1}; "
-        f"truncated {SEG1} at byte offset {off3} and deleted 0 later segment(s); dropped 8 record(s)"
+        f"repair of {tmp_path}: record fails its checksum (stored 0x"
     )
-    assert report.warnings == (message,)
-    assert message in [r.getMessage() for r in caplog.records]
+    assert report.warnings[0].startswith(message)
+    assert report.warnings[0].endswith(f"at byte offset {off3} of {SEG1}; dropped {off4 - off3} bytes holding lsns 3..3 (1 record(s))")
+    assert report.warnings[0] in [r.getMessage() for r in caplog.records]
 
-    # The repaired log opens cleanly and goes on from lsn 3.
+    # The repaired log opens cleanly (the gap is recorded) and goes on from lsn 11.
     wal = WriteAheadLog(tmp_path)
-    assert len(list(wal.open())) == 2
-    assert wal.append(1, b"new") == 3
+    assert len(list(wal.open())) == 9
+    assert not wal.recovery.repaired and wal.recovery.warnings == ()
+    assert wal.append(1, b"new") == 11
     wal.close()
-    assert replay(tmp_path)[0] == numbered(recs[:2]) + [(3, 1, 0, b"new")]
+    assert replay(tmp_path)[0] == kept + [(11, 1, 0, b"new")]
 
 
-def test_damage_in_a_closed_segment_is_refused_and_repair_drops_every_later_segment(tmp_path):
+def test_damage_in_a_closed_segment_is_refused_and_repair_keeps_every_later_segment(tmp_path):
     recs = workload(30)
     wal = build(tmp_path, recs, segment_bytes=200)
     segs = wal.segments()
@@ -444,14 +449,13 @@ def test_damage_in_a_closed_segment_is_refused_and_repair_drops_every_later_segm
     )
 
     got, report = replay(tmp_path, repair=True)
-    assert got == numbered(recs[: victim.last_lsn - 1])
-    later = len(segs) - 1
-    assert report.deleted_segments == tuple(s.name for s in segs[1:])
-    # the bad record counts, but its payload was cut so it is a lower bound
-    assert report.dropped_records == 30 - (victim.last_lsn - 1)
-    assert report.dropped_records_exact is False
-    assert re.search(rf"deleted {later} later segment\(s\); dropped at least {report.dropped_records} record\(s\)$", report.warnings[0])
-    assert sorted(n for n in os.listdir(tmp_path) if n.endswith(".wal")) == [victim.name]
+    lost = victim.last_lsn
+    assert got == [r for r in numbered(recs) if r[0] != lost]
+    assert report.deleted_segments == ()
+    assert (report.dropped_records, report.dropped_records_exact) == (1, True)
+    assert [tuple(d[:6]) for d in report.dropped] == [(victim.name, last_off, victim.size_bytes - 1 - last_off, lost, lost, 1)]
+    assert sorted(n for n in os.listdir(tmp_path) if n.endswith(".wal")) == [s.name for s in segs]
+    assert replay(tmp_path)[0] == got  # and it stays repaired
 
 
 def test_a_damaged_length_in_the_last_segment_is_corruption_not_a_torn_tail(tmp_path):
@@ -468,8 +472,8 @@ def test_a_damaged_length_in_the_last_segment_is_corruption_not_a_torn_tail(tmp_
         str(exc.value),
     )
     got, report = replay(tmp_path, repair=True)
-    assert got == numbered(recs[:1])
-    assert (report.dropped_records, report.dropped_records_exact) == (1, False)
+    assert got == numbered(recs[:1]) + numbered(recs[2:], 3)
+    assert (report.dropped_records, report.dropped_records_exact) == (1, True)
 
 
 def test_a_record_with_a_valid_checksum_but_the_wrong_lsn_is_corruption(tmp_path):
@@ -484,6 +488,10 @@ def test_a_record_with_a_valid_checksum_but_the_wrong_lsn_is_corruption(tmp_path
     with pytest.raises(CorruptLog) as exc:
         replay(tmp_path)
     assert re.fullmatch(_corrupt_message(tmp_path / SEG1, len(data), "record lsn 7 does not follow lsn 3"), str(exc.value))
+    # repair keeps it and records lsns 4..6 as a gap
+    got, report = replay(tmp_path, repair=True)
+    assert [r[0] for r in got] == [1, 2, 3, 7]
+    assert [tuple(d[3:6]) for d in report.dropped] == [(4, 6, 3)]
 
 
 def test_a_segment_that_does_not_continue_the_previous_one_is_corruption(tmp_path):
@@ -501,12 +509,14 @@ def test_a_segment_that_does_not_continue_the_previous_one_is_corruption(tmp_pat
         str(exc.value),
     )
     got, report = replay(tmp_path, repair=True)
-    assert [r[0] for r in got] == list(range(1, segs[0].last_lsn + 1))
-    assert report.dropped_records == 30 - segs[1].last_lsn
+    missing = set(range(segs[1].first_lsn, segs[1].last_lsn + 1))
+    assert [r[0] for r in got] == [n for n in range(1, 31) if n not in missing]
+    assert report.dropped_records == len(missing)
     assert report.dropped_records_exact
+    assert report.deleted_segments == ()
 
 
-def test_a_damaged_header_of_a_closed_segment_is_corruption(tmp_path):
+def test_a_damaged_magic_of_a_closed_segment_is_corruption_and_repair_keeps_its_records(tmp_path):
     wal = build(tmp_path, workload(30), segment_bytes=200)
     segs = wal.segments()
     wal.close()
@@ -518,8 +528,37 @@ def test_a_damaged_header_of_a_closed_segment_is_corruption(tmp_path):
         str(exc.value),
     )
     got, report = replay(tmp_path, repair=True)
-    assert len(got) == segs[0].last_lsn
-    assert report.dropped_records_exact is False  # the bad segment's records cannot be told from noise
+    assert got == numbered(workload(30))  # the header is rebuilt; not one record is lost
+    assert report.repaired and report.dropped_records == 0
+    assert replay(tmp_path)[0] == got
+
+
+@pytest.mark.parametrize("byte", [12, 13, 14, 15])
+def test_a_flipped_salt_byte_costs_nothing_after_repair(tmp_path, byte):
+    wal = build(tmp_path, workload(30), segment_bytes=200)
+    segs = wal.segments()
+    wal.close()
+    _flip(tmp_path / segs[0].name, byte)
+    with pytest.raises(CorruptLog):
+        replay(tmp_path)  # every record of the segment fails its checksum
+    got, report = replay(tmp_path, repair=True)
+    assert got == numbered(workload(30))
+    assert report.dropped_records == 0 and report.dropped_records_exact
+
+
+def test_a_zeroed_header_and_first_record_still_recover_the_salt_from_later_records(tmp_path):
+    wal = build(tmp_path, workload(30), segment_bytes=200)
+    segs = wal.segments()
+    wal.close()
+    where = _offsets(tmp_path)
+    second = where[2][1]
+    path = tmp_path / segs[0].name
+    data = bytearray(path.read_bytes())
+    data[: second] = bytes(second)  # header and record 1 gone
+    path.write_bytes(bytes(data))
+    got, report = replay(tmp_path, repair=True)
+    assert got == numbered(workload(30))[1:]
+    assert [tuple(d[3:6]) for d in report.dropped] == [(1, 1, 1)]
 
 
 def test_a_segment_from_a_newer_brokerd_is_refused_by_version(tmp_path):

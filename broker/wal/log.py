@@ -12,11 +12,29 @@ On-disk format, version 1
 A log is one directory::
 
     LOCK                          fcntl.flock'd by the running brokerd
+    MANIFEST                      where the log starts, and the gaps a repair left
     00000000000000000001.wal      segment whose first record is lsn 1
     00000000000000004711.wal      ... lsn 4711 (names sort in lsn order)
 
 Any other file is left alone.  Segments are never rewritten: only appended
-to, truncated at a torn tail, or deleted whole from the oldest end.
+to, truncated at a torn tail, or deleted whole from the oldest end (and
+rewritten by ``--repair``, below).
+
+The manifest is ASCII text, replaced atomically (``MANIFEST.tmp``, fsync,
+rename, fsync the directory) when the log is created, before compaction
+deletes segments, and by a repair::
+
+    brokerd-wal-manifest 1
+    start 4711                    the oldest lsn the log must still hold
+    gap 5000 5003                 lsns a repair dropped for good (zero or more lines)
+    crc 1a2b3c4d                  zlib.crc32 of the lines above, hex
+
+It is not part of the segment format (an older brokerd ignores it and reads
+the segments as before), so adding it did not bump the version.  An older
+brokerd's compaction does not update it, though: after running one on this
+directory, delete MANIFEST (the next start writes it again from the segments).
+A directory without a manifest (fresh, or written before it existed) is taken
+as it is and the manifest written.
 
 Every segment opens with a 24-byte header; then records follow back to back,
 with no padding and no end marker.  Integers are big-endian.
@@ -56,19 +74,38 @@ Example: a segment starting at lsn 1 with salt 0x01020304, holding one record
 
 Replay rules
 ------------
+* The oldest segment must start at or before the manifest's ``start``
+  (older ones are left by a crash between the manifest and the deletes, and
+  are replayed); a later first lsn is ``MissingRecords`` (exit 3), naming the
+  missing lsn range.  So is a manifest with no segment file left.
 * Segments are replayed oldest to newest.  Each must start with the lsn after
   the previous segment's last record; within a segment each record's lsn is
-  the previous + 1.
-* In the **last** segment, a record that runs past end of file, or a damaged
-  record followed only by zero bytes (or nothing), is a *torn tail*: a crash in
-  the middle of a write.  It is truncated (``ftruncate`` + fsync), logged as a
-  warning and reported in ``recovery``.  A last segment shorter than its header,
-  or all zero, is a crash while rotating: it is deleted.
+  the previous + 1.  The one exception is a recorded ``gap a b``: the lsn
+  may jump from ``a`` to ``b + 1`` (the scanner looks the gap up only when an
+  lsn is not the expected one, so it costs the hot path nothing).
+* In the **last** segment, a *torn tail* (a crash in the middle of a write)
+  is: a record whose length runs past end of file (with no valid record
+  after it), or a record that is zero bytes from a 512-byte sector boundary
+  inside it to the end of the file (a power cut lost pages of an extended
+  file).  It is truncated (``ftruncate`` + fsync), logged as a warning and
+  reported in ``recovery``.  A last segment shorter than its header, or all
+  zero, is a crash while rotating: it is deleted.  A *complete* record with a
+  bad CRC is never a torn tail, even the very last one.
 * Anything else is corruption: ``CorruptLog`` names the file and byte offset.
-  ``open(repair=True)`` truncates there, deletes every later segment, and
-  reports how many records that dropped.
 * A header with a version other than 1 raises ``WalVersionError``; repair
   never touches such a file.
+
+Repair (``open(repair=True)``, ``brokerd --repair``) drops only what it cannot
+read.  It checks every segment; at a bad record it resynchronises on the next
+record whose CRC passes with the segment's salt and whose lsn is plausible
+(greater than the last kept one, below the next segment's first, and at most
+one lsn per 18 skipped bytes); a damaged header is rebuilt from the file name
+and its salt solved from an intact record's CRC (CRC-32 is affine in its seed)
+and confirmed by the record after it.  A segment that lost anything is
+rewritten under the same name (same salt, the kept records' bytes unchanged,
+temporary file + rename), and every lsn range now missing becomes a manifest
+gap.  Each dropped range is logged and reported (``recovery.dropped``: file,
+offset, bytes, lsns).  Repair is idempotent: a crash during it, rerun it.
 
 How to bump the version
 -----------------------
@@ -105,7 +142,14 @@ power cut could keep the new file but lose the old one's tail: an lsn gap),
 the new segment's header and the directory are fsynced, and replay fsyncs
 what it truncates and the head segment it will append to.
 
-Any ``OSError`` from a write or fsync is final (``WalFailed``): after a
+Running out of file descriptors (EMFILE/ENFILE) is not a disk fault and
+never fails the log: the directory fd is held open for its fsyncs, one spare
+descriptor is held and given back just before the log opens a file, a new
+segment is opened before the old one is closed, and if that open still fails
+the rotation is postponed (logged once, naming the fd limit) and retried
+after each write while the head keeps growing.
+
+Any other ``OSError`` from a write or fsync is final (``WalFailed``): after a
 failed fsync Linux may have dropped the dirty pages and a retry can
 "succeed" without the data (PostgreSQL's fsyncgate), so nothing is retried
 and nothing more is written.  A failed write is truncated back to the last
@@ -136,6 +180,7 @@ import re
 import struct
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple, Protocol
 
@@ -147,7 +192,9 @@ from .records import (
     RECORD_HEADER_SIZE,
     SEGMENT_HEADER_SIZE,
     Damage,
+    DecodedRecord,
     RecordScanner,
+    TruncatedRecord,
     UnsupportedVersion,
     WalFormatError,
     decode_record,
@@ -175,6 +222,8 @@ __all__ = [
     "MIN_SEGMENT_BYTES",
     "LOCK_NAME",
     "DIRECTORY_SYNC_NAME",
+    "MANIFEST_NAME",
+    "MissingRecords",
     "segment_name",
 ]
 
@@ -191,6 +240,12 @@ SEGMENT_FILE_MODE = 0o600  # payloads are users' task data: owner-only (umask ca
 # valid record with any of the next this-many lsns after it; finding one means
 # the damage is in the middle of the log, not at its end.
 TAIL_LOOKAHEAD_RECORDS = 4
+MANIFEST_NAME = "MANIFEST"  # where the log starts and which lsn ranges a repair dropped
+_MANIFEST_MAGIC = "brokerd-wal-manifest 1"
+# Unsynced pages lost in a power cut come back as zeros from a sector
+# boundary on; zeros that start mid-sector inside a complete record are a
+# damaged record, not a lost write.  512 bytes: the smallest sector size.
+SECTOR_BYTES = 512
 
 _SEGMENT_FILE = re.compile(r"^(\d{20})\.wal$")
 _LSN_FIELD = struct.Struct(">Q")
@@ -234,9 +289,29 @@ class CorruptLog(WalError):
         self.reason = reason
         super().__init__(
             f"write-ahead log is corrupt: {reason} at byte offset {offset} of {path}; "
-            f"start brokerd with --repair to truncate the log there "
-            f"(every record from that point on is dropped)"
+            f"start brokerd with --repair to drop what cannot be read there "
+            f"(every later valid record is kept; the repair lists what it dropped)"
         )
+
+
+class MissingRecords(CorruptLog):
+    """Segment files the log needs are gone: an lsn range is missing at the start."""
+
+    def __init__(self, directory: str, first: int, last: int | None, detail: str) -> None:
+        self.first_missing = first
+        self.last_missing = last  # None: everything from ``first`` on
+        path = os.path.join(directory, MANIFEST_NAME)
+        WalError.__init__(
+            self,
+            f"write-ahead log is missing records: {detail}; lsns {first}.."
+            f"{'' if last is None else last} are gone from {directory} (a deleted or lost segment file); "
+            f"restore the missing segment file(s), or start brokerd with --repair to accept the loss "
+            f"(it lists what was dropped)",
+        )
+        self.path = path
+        self.segment = MANIFEST_NAME
+        self.offset = 0
+        self.reason = detail
 
 
 class WalVersionError(WalError):
@@ -399,6 +474,23 @@ class SegmentInfo:
     is_head: bool  # the segment being appended to; never deleted by compaction
 
 
+class DroppedRange(NamedTuple):
+    """What a repair dropped: ``nbytes`` bytes of ``segment`` from ``offset``.
+
+    ``first_lsn``..``last_lsn`` are the lsns that went with them (``last_lsn``
+    None: the end of the log, so their number is unknown; ``first_lsn`` None:
+    not even where they start is known).  ``records``: how many, None if unknown.
+    """
+
+    segment: str
+    offset: int
+    nbytes: int
+    first_lsn: int | None
+    last_lsn: int | None
+    records: int | None
+    reason: str
+
+
 @dataclass(frozen=True, slots=True)
 class RecoveryReport:
     """What ``open()`` found and did; read ``wal.recovery`` after replay."""
@@ -415,6 +507,7 @@ class RecoveryReport:
     dropped_records_exact: bool = True  # False: "at least dropped_records"
     deleted_segments: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    dropped: tuple[DroppedRange, ...] = ()  # what a repair dropped, oldest first
 
 
 class _Segment:
@@ -446,6 +539,8 @@ class _ReplayState:
         self.deleted: list[str] = []
         self.warnings: list[str] = []
         self.min_next_lsn = 1  # raised past a deleted torn segment's name
+        self.dropped_ranges: list[DroppedRange] = []
+        self.allow_empty = False  # a repair accepted that every segment file is gone
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
@@ -501,6 +596,13 @@ class WriteAheadLog:
         # writer side
         self._lock = threading.Lock()
         self._lock_fd: int | None = None
+        # Held open from open() to close(): the directory (for every fsync of
+        # it) and one spare descriptor, closed just before the log opens a
+        # file, so that a process at its fd limit (EMFILE) still rotates.
+        self._dir_fd: int | None = None
+        self._reserve_fd: int | None = None
+        self._rotation_postponed = False  # a rotation failed for lack of fds; retried after each write
+        self._manifest: tuple[int, dict[int, int]] | None = None  # (start lsn, gaps) as on disk
         self._fd: int | None = None
         self._segments: list[_Segment] = []
         self._written_lsn = 0
@@ -566,6 +668,12 @@ class WriteAheadLog:
             raise RuntimeError("open() can be called once per WriteAheadLog; make a new one to reopen")
         os.makedirs(self.directory, exist_ok=True)
         self._take_lock()
+        try:
+            self._dir_fd = os.open(self.directory, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+        except BaseException:
+            self._release()
+            raise
+        self._take_reserve()
         self._state = _REPLAYING
         return self._replay(repair)
 
@@ -594,9 +702,21 @@ class WriteAheadLog:
         st = _ReplayState()
         done = False
         try:
-            next_lsn = yield from self._replay_segments(repair, st)
+            manifest = self._read_manifest(repair, st)
+            if repair:
+                manifest = self._salvage(manifest, st)
+            next_lsn = yield from self._replay_segments(manifest, st)
             next_lsn = max(next_lsn, st.min_next_lsn)
             self._start_appending(next_lsn)
+            if manifest is None:
+                # A fresh log, or one written before the manifest existed:
+                # record where it starts from now on.
+                first = self._segments[0].first_lsn
+                self._write_manifest(first, {})
+                if st.segments:
+                    logger.info("recorded in %s that the log in %s starts at lsn %d", MANIFEST_NAME, self.directory, first)
+            else:
+                self._manifest = manifest
             done = True
         finally:
             if not done:
@@ -614,6 +734,7 @@ class WriteAheadLog:
             dropped_records_exact=st.dropped_exact,
             deleted_segments=tuple(st.deleted),
             warnings=tuple(st.warnings),
+            dropped=tuple(st.dropped_ranges),
         )
 
     def _list_segments(self) -> list[tuple[int, str]]:
@@ -627,10 +748,54 @@ class WriteAheadLog:
         found.sort()
         return found
 
-    def _replay_segments(self, repair: bool, st: _ReplayState) -> Iterator[Record]:
+    # ------------------------------------------------------------------ manifest
+
+    def _read_manifest(self, repair: bool, st: _ReplayState) -> tuple[int, dict[int, int]] | None:
+        path = os.path.join(self.directory, MANIFEST_NAME)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(1 << 20)  # a manifest is a few lines; more is damage
+        except FileNotFoundError:
+            return None
+        try:
+            return _decode_manifest(data)
+        except ValueError as e:
+            if not repair:
+                raise CorruptLog(path, 0, str(e)) from None
+            st.warn(f"repair of {self.directory}: ignoring damaged {MANIFEST_NAME} ({e}); rebuilding it from the segments")
+            return None
+
+    def _write_manifest(self, start: int, gaps: dict[int, int]) -> None:
+        """Replace the manifest atomically: write a temporary file, fsync, rename, fsync the directory.
+
+        Raises ``OSError`` if the file cannot be written (the caller decides);
+        a failed directory fsync is a ``WalFailed``.
+        """
+        data = _encode_manifest(start, gaps)
+        path = os.path.join(self.directory, MANIFEST_NAME)
+        tmp = path + ".tmp"
+        fd = self._open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_CLOEXEC)
+        try:
+            self._write_all(fd, data, MANIFEST_NAME)
+            if self._fault is not None:
+                self._fault.before_fsync(MANIFEST_NAME)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        self._fsync_directory()
+        self._manifest = (start, dict(gaps))
+
+    # ------------------------------------------------------------------ replay
+
+    def _replay_segments(
+        self, manifest: tuple[int, dict[int, int]] | None, st: _ReplayState
+    ) -> Iterator[Record]:
         """Yield the records; return the next lsn.  Sets up ``self._segments``."""
         files = self._list_segments()
-        expected: int | None = None  # lsn the next record must have
+        start = manifest[0] if manifest is not None else None
+        gaps = dict(manifest[1]) if manifest is not None else {}
+        expected: int | None = None  # lsn the next record must have (or a gap must start at)
         for index, (name_lsn, name) in enumerate(files):
             is_last = index == len(files) - 1
             path = os.path.join(self.directory, name)
@@ -657,33 +822,49 @@ class WriteAheadLog:
                         f"(a crash while the segment was being created)"
                     )
                     break
-                self._corrupt(files, index, data, 0, str(e), None, None, repair, st)
-                break
+                raise CorruptLog(path, 0, str(e)) from None
 
-            if header.first_lsn != name_lsn:
-                self._corrupt(
-                    files, index, data, 0,
-                    f"segment header says its first lsn is {header.first_lsn} but its file name says {name_lsn}",
-                    None, None, repair, st,
+            first = header.first_lsn
+            if first != name_lsn:
+                raise CorruptLog(
+                    path, 0, f"segment header says its first lsn is {first} but its file name says {name_lsn}"
                 )
-                break
-            if expected is not None and header.first_lsn != expected:
-                self._corrupt(
-                    files, index, data, 0,
-                    f"segment starts at lsn {header.first_lsn} but the previous segment ended at lsn {expected - 1}",
-                    header.salt, None, repair, st,
-                )
-                break
+            if expected is None:
+                # The oldest segment must reach back to where the manifest
+                # says the log starts.  Older segments are fine: a crash
+                # between writing the manifest and deleting them.
+                expected = first
+                if start is not None and first > start:
+                    covering = _gap_covering(gaps, start, first - 1)
+                    if covering is None:
+                        raise MissingRecords(
+                            self.directory, start, first - 1,
+                            f"the log starts at lsn {start} (see {MANIFEST_NAME}) but the oldest segment "
+                            f"file, {name}, starts at lsn {first}",
+                        )
+                    expected = covering
+            elif first != expected:
+                if first > expected and (
+                    (start is not None and first <= start) or gaps.get(expected, -2) >= first - 1
+                ):
+                    if start is not None and first <= start:
+                        expected = first
+                    # else: a gap a repair left; the scanner jumps over it
+                else:
+                    raise CorruptLog(
+                        path, 0,
+                        f"segment starts at lsn {first} but the previous segment ended at lsn {expected - 1}",
+                    )
 
-            seg = _Segment(name, path, header.first_lsn, len(data), header.salt)
+            seg = _Segment(name, path, first, len(data), header.salt)
             self._segments = self._segments + [seg]
             st.segments += 1
-            scanner = RecordScanner(data, header.salt, SEGMENT_HEADER_SIZE, header.first_lsn)
+            scanner = RecordScanner(data, header.salt, SEGMENT_HEADER_SIZE, expected, gaps)
             for r in scanner:
                 yield Record(r.lsn, r.type, r.flags, r.payload, name, r.offset)
             st.records += scanner.count
-            seg.last_lsn = scanner.next_lsn - 1
             expected = scanner.next_lsn
+            seg.last_lsn = max(expected - 1, first - 1)
             damage = scanner.damage
             if damage is None:
                 continue
@@ -698,62 +879,188 @@ class WriteAheadLog:
                     f"from byte offset {cut} ({damage.detail}); the last whole record is lsn {expected - 1}"
                 )
                 break
-            self._corrupt(files, index, data, damage.offset, damage.detail, header.salt, damage, repair, st)
-            seg.size = damage.offset
-            break
+            raise CorruptLog(path, damage.offset, damage.detail)
 
-        return 1 if expected is None else expected
+        if not self._segments and start is not None and not st.allow_empty and not (
+            st.min_next_lsn >= start and st.deleted
+        ):
+            raise MissingRecords(
+                self.directory, start, None,
+                f"the log starts at lsn {start} (see {MANIFEST_NAME}) but no segment file is left",
+            )
+        if expected is None:
+            return max(1, start or 1)
+        return max(expected, self._segments[-1].first_lsn) if self._segments else expected
 
-    def _corrupt(
-        self,
-        files: list[tuple[int, str]],
-        index: int,
-        data: bytes,
-        offset: int,
-        reason: str,
-        salt: int | None,
-        damage: Damage | None,
-        repair: bool,
-        st: _ReplayState,
+    # ------------------------------------------------------------------ repair
+
+    def _salvage(
+        self, manifest: tuple[int, dict[int, int]] | None, st: _ReplayState
+    ) -> tuple[int, dict[int, int]] | None:
+        """``open(repair=True)``: make the directory replayable, dropping only what cannot be read.
+
+        Every segment is checked record by record.  At a bad record the scan
+        resynchronises on the next record whose header, CRC and lsn check out
+        (``_resync``); a damaged segment header is rebuilt from its file name
+        and the salt solved from an intact record (``_recover_salt``).  A
+        segment that lost anything is rewritten (same name, same salt, the
+        valid records' bytes unchanged: temporary file, fsync, rename), and
+        the lsn ranges that are now missing go into the manifest as gaps,
+        which replay then accepts.  Returns the manifest to replay with.
+        """
+        files = self._list_segments()
+        start = manifest[0] if manifest is not None else None
+        gaps = dict(manifest[1]) if manifest is not None else {}
+        changed = False
+        # First, which files can be read at all (and with which salt).  A file
+        # none of whose records validates is moved aside, not deleted, and does
+        # not limit the lsns of the segment before it (a stray file).
+        readable: list[tuple[int, str, int, str | None]] = []
+        for index, (name_lsn, name) in enumerate(files):
+            path = os.path.join(self.directory, name)
+            with open(path, "rb") as f:
+                data = f.read()
+            header_problem = None
+            salt = None
+            try:
+                header = decode_segment_header(data)
+                salt = header.salt
+                if header.first_lsn != name_lsn:
+                    header_problem = f"segment header says its first lsn is {header.first_lsn}"
+            except UnsupportedVersion as e:
+                raise WalVersionError(path, e.version, 1) from None
+            except WalFormatError as e:
+                if index == len(files) - 1 and (len(data) < SEGMENT_HEADER_SIZE or data.count(0) == len(data)):
+                    continue  # a crash while creating it: the replay deletes it
+                header_problem = str(e)
+            if header_problem is not None:
+                salt = _recover_salt(data, name_lsn, trust_first=True)
+            elif len(data) > SEGMENT_HEADER_SIZE and _valid_at(data, SEGMENT_HEADER_SIZE, salt, name_lsn, MAX_LSN)[0] is None:
+                # The first record fails: the record, or the salt in the header?
+                solved = _recover_salt(data, name_lsn, trust_first=False)
+                if solved is not None and solved != salt:
+                    header_problem = f"segment header salt 0x{salt:08x} does not match its records (0x{solved:08x} does)"
+                    salt = solved
+            if salt is None:
+                aside = path + ".damaged"
+                os.replace(path, aside)
+                self._fsync_directory()
+                self._drop(st, name, 0, len(data), None, None, None,
+                           f"{header_problem} and no record in it can be validated; moved it to {os.path.basename(aside)}")
+                changed = True
+                continue
+            readable.append((name_lsn, name, salt, header_problem))
+
+        prev: int | None = None  # last kept lsn
+        for index, (name_lsn, name, salt, header_problem) in enumerate(readable):
+            is_last = index == len(readable) - 1
+            limit = readable[index + 1][0] - 1 if not is_last else MAX_LSN  # lsns this file may hold
+            path = os.path.join(self.directory, name)
+            with open(path, "rb") as f:
+                data = f.read()
+            # Where the log (re)starts, and gaps before this file.
+            if prev is None:
+                if start is None or name_lsn > start:
+                    if start is not None:
+                        self._drop(st, name, 0, 0, start, name_lsn - 1, name_lsn - start,
+                                   f"segment files holding lsns {start}..{name_lsn - 1} are missing")
+                    start = name_lsn
+                    changed = True
+                prev = name_lsn - 1
+            elif name_lsn > prev + 1:
+                self._drop(st, name, 0, 0, prev + 1, name_lsn - 1, name_lsn - prev - 1,
+                           f"no segment holds lsns {prev + 1}..{name_lsn - 1}")
+                _add_gap(gaps, prev + 1, name_lsn - 1)
+                changed = True
+                prev = name_lsn - 1
+            kept: list[tuple[int, int]] = []  # (offset, end) of the records kept
+            pos = SEGMENT_HEADER_SIZE
+            size = len(data)
+            lost = header_problem is not None
+            if lost:
+                st.warn(f"repair of {self.directory}: {header_problem} in {name}; rebuilt its header")
+            while pos < size:
+                rec, reason = _valid_at(data, pos, salt, prev + 1, limit)
+                if rec is not None:
+                    kept.append((rec.offset, rec.end))
+                    if rec.lsn > prev + 1:
+                        self._drop(st, name, pos, 0, prev + 1, rec.lsn - 1, rec.lsn - prev - 1,
+                                   f"no record holds lsns {prev + 1}..{rec.lsn - 1}")
+                        _add_gap(gaps, prev + 1, rec.lsn - 1)
+                        changed = True
+                    prev = rec.lsn
+                    pos = rec.end
+                    continue
+                slack = sum(b - a + 1 for a, b in gaps.items() if b > prev)
+                found = _resync(data, pos + 1, salt, prev + 1, limit, slack)
+                lost = True
+                if found is None:
+                    if is_last and data.count(0, pos) == size - pos:
+                        reason = "zero bytes (a torn tail)"
+                    self._drop(st, name, pos, size - pos, prev + 1, None if is_last else limit,
+                               None if is_last else max(0, limit - prev), reason)
+                    if not is_last and limit > prev:
+                        _add_gap(gaps, prev + 1, limit)
+                        prev = limit
+                    break
+                self._drop(st, name, pos, found.offset - pos, prev + 1, found.lsn - 1, found.lsn - prev - 1, reason)
+                if found.lsn > prev + 1:
+                    _add_gap(gaps, prev + 1, found.lsn - 1)
+                    prev = found.lsn - 1
+                pos = found.offset
+            if lost:
+                out = bytearray(encode_segment_header(salt, name_lsn))
+                for a, b in kept:
+                    out += data[a:b]
+                self._write_segment(path, name, out)
+                changed = True
+        if not readable and start is not None:
+            self._drop(st, MANIFEST_NAME, 0, 0, start, None, None,
+                       f"the log starts at lsn {start} but no segment file is left")
+            st.allow_empty = True
+        if changed or manifest is None:
+            if start is None:
+                start = st.min_next_lsn
+            self._write_manifest(start, gaps)
+            st.repaired = st.repaired or changed
+            return (start, gaps)
+        return manifest
+
+    def _drop(
+        self, st: _ReplayState, name: str, offset: int, nbytes: int,
+        first: int | None, last: int | None, records: int | None, reason: str,
     ) -> None:
-        """Raise CorruptLog, or with ``repair`` cut the log at ``offset`` of file ``index``."""
-        name = files[index][1]
-        path = os.path.join(self.directory, name)
-        if not repair:
-            raise CorruptLog(path, offset, reason)
-
-        dropped, exact = _count_dropped_in_segment(data, offset, salt, damage)
-        later = [os.path.join(self.directory, n) for _, n in files[index + 1 :]]
-        for later_path in later:
-            with open(later_path, "rb") as f:
-                later_data = f.read()
-            st.truncated_bytes += len(later_data)
-            n, ok = _count_dropped_in_segment(later_data, SEGMENT_HEADER_SIZE, None, None)
-            dropped += n
-            exact = exact and ok
-        st.truncated_bytes += len(data) - offset
-        st.truncated_at = (name, offset)
-        if offset < SEGMENT_HEADER_SIZE:
-            # The header itself is bad: the whole file goes.
-            self._remove_files([path] + later, st)
-            self._segments = [s for s in self._segments if s.name != name]
-            if not self._segments:
-                # Nothing left to continue from: carry on from the deleted
-                # file's name so lsns never go backwards.
-                st.min_next_lsn = max(st.min_next_lsn, files[index][0])
-            action = f"deleted {name}"
-        else:
-            self._truncate_file(path, name, offset)
-            self._remove_files(later, st)
-            action = f"truncated {name} at byte offset {offset}"
         st.repaired = True
-        st.dropped += dropped
-        st.dropped_exact = st.dropped_exact and exact
-        count = f"{dropped}" if exact else f"at least {dropped}"
+        st.dropped_ranges.append(DroppedRange(name, offset, nbytes, first, last, records, reason))
+        st.truncated_bytes += nbytes
+        if st.truncated_at is None:
+            st.truncated_at = (name, offset)
+        if records is None:
+            st.dropped_exact = False
+        else:
+            st.dropped += records
+        lsns = (
+            "records of unknown lsns" if first is None else
+            "no lsn" if records == 0 else
+            f"lsns {first}..{last} ({records} record(s))" if last is not None else
+            f"the records from lsn {first} on (how many is unknown)"
+        )
         st.warn(
             f"repair of {self.directory}: {reason} at byte offset {offset} of {name}; "
-            f"{action} and deleted {len(later)} later segment(s); dropped {count} record(s)"
+            f"dropped {nbytes} bytes holding {lsns}"
         )
+
+    def _write_segment(self, path: str, name: str, data: bytes | bytearray) -> None:
+        """Replace a segment file atomically (repair only)."""
+        tmp = path + ".repair"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_CLOEXEC, SEGMENT_FILE_MODE)
+        try:
+            self._write_all(fd, data, name)
+            self._fsync_fd(fd, name, data=False)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        self._fsync_directory()
 
     def _truncate_file(self, path: str, name: str, size: int) -> None:
         fd = os.open(path, os.O_WRONLY | _O_CLOEXEC)
@@ -818,11 +1125,21 @@ class WriteAheadLog:
                 f"record type must be an int 1..255 and flags an int 0..255 "
                 f"(got type={type!r}, flags={flags!r})"
             ) from None
+        # All or nothing (a MemoryError can strike at any allocation): the
+        # new counter values are computed first, and if either extend fails
+        # the buffer is cut back, so no half record and no lost lsn remain.
+        next_lsn = lsn + 1
+        count = self._pending_count + 1
         buf = self._pending
-        buf += header
-        buf += payload
-        self._next_lsn = lsn + 1
-        self._pending_count += 1
+        size = len(buf)
+        try:
+            buf += header
+            buf += payload
+        except BaseException:
+            del buf[size:]
+            raise
+        self._next_lsn = next_lsn
+        self._pending_count = count
         return lsn
 
     def _not_appendable(self) -> None:
@@ -919,8 +1236,11 @@ class WriteAheadLog:
         For compaction, once a snapshot covers ``lsn``.  The head is never
         deleted (``rotate()`` first to release it).  Deletes from the oldest
         end only, then fsyncs the directory.  Returns the names deleted.
-        An ``unlink`` error other than "already gone" is raised as the
-        ``OSError``; a failed directory fsync is a ``WalFailed``.
+        The manifest is rewritten with the new start first; if that cannot
+        be written (EMFILE, ENOSPC) nothing is deleted and the ``OSError`` is
+        raised, for the caller to retry later.  An ``unlink`` error other than
+        "already gone" is raised as the ``OSError``; a failed directory fsync
+        is a ``WalFailed``.
         """
         with self._lock:
             self._check_writable()
@@ -930,6 +1250,12 @@ class WriteAheadLog:
                 if s.last_lsn > lsn:
                     break
                 victims.append(s)
+            if victims:
+                # Record the new start before anything goes, so that a
+                # missing oldest segment is always a gap replay can see.
+                # An OSError here (EMFILE, ENOSPC) deletes nothing: retry later.
+                gaps = self._manifest[1] if self._manifest else {}
+                self._write_manifest(segs[len(victims)].first_lsn, gaps)
             deleted: list[str] = []
             try:
                 for s in victims:
@@ -1015,16 +1341,31 @@ class WriteAheadLog:
     def _fsync_directory(self) -> None:
         # Creating, truncating to nothing, or unlinking a file is only durable
         # once the directory is fsynced (ALICE, RELIABILITY.md 2.2).
+        # The directory fd is held open from open() on, so this needs no
+        # new descriptor (a process at its fd limit can still fsync it).
         try:
             if self._fault is not None:
                 self._fault.before_fsync(DIRECTORY_SYNC_NAME)
-            fd = os.open(self.directory, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            os.fsync(self._dir_fd)
         except OSError as e:
             raise self._fail("fsync", e, self.directory) from e
+
+    def _take_reserve(self) -> None:
+        if self._reserve_fd is None:
+            try:
+                self._reserve_fd = os.open(os.devnull, os.O_RDONLY | _O_CLOEXEC)
+            except OSError:
+                pass  # at the limit already: taken again after the next open
+
+    def _open_file(self, path: str, flags: int, mode: int = SEGMENT_FILE_MODE) -> int:
+        """``os.open`` that first gives back the spare descriptor, then takes it again."""
+        if self._reserve_fd is not None:
+            os.close(self._reserve_fd)
+            self._reserve_fd = None
+        try:
+            return os.open(path, flags, mode)
+        finally:
+            self._take_reserve()
 
     def _sync_head(self) -> None:
         head = self._segments[-1]
@@ -1040,9 +1381,26 @@ class WriteAheadLog:
             # The old segment must be whole on disk before the new one can
             # exist, or a power cut could leave an lsn gap between them.
             self._sync_head()
-        os.close(self._fd)
-        self._fd = None
-        self._create_segment(head.last_lsn + 1)
+        old_fd = self._fd
+        try:
+            # The new segment is opened before the old one is closed: if
+            # that fails, the log simply goes on in the old segment.
+            self._create_segment(head.last_lsn + 1)
+        except _NoDescriptor as e:
+            if not self._rotation_postponed:
+                self._rotation_postponed = True
+                logger.warning(
+                    "could not start a new log segment after %s: %s (%s): brokerd is at its open-file "
+                    "limit (not a disk fault); %s keeps growing and the rotation is retried after each "
+                    "write; raise the limit (ulimit -n, LimitNOFILE) or lower --max-connections",
+                    head.name, e.strerror, _errno.errorcode.get(e.errno, e.errno), head.name,
+                )
+            return
+        os.close(old_fd)
+        self._take_reserve()  # the slot just freed becomes the spare, if the open above used it
+        if self._rotation_postponed:
+            self._rotation_postponed = False
+            logger.warning("log segments rotate again: started %s", self._segments[-1].name)
 
     def _create_segment(self, first_lsn: int) -> None:
         """Create, write the header of, and fsync a new head segment (lock held)."""
@@ -1053,10 +1411,11 @@ class WriteAheadLog:
         salt = int.from_bytes(os.urandom(4), "big")
         header = encode_segment_header(salt, first_lsn)
         try:
-            fd = os.open(
-                path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | _O_CLOEXEC, SEGMENT_FILE_MODE
-            )
+            fd = self._open_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | _O_CLOEXEC)
         except OSError as e:
+            if e.errno in (_errno.EMFILE, _errno.ENFILE) and self._segments:
+                # Out of descriptors is not a disk fault: nothing was written.
+                raise _NoDescriptor(e.errno, e.strerror, name) from e
             raise self._fail("create", e, name) from e
         try:
             try:
@@ -1084,6 +1443,11 @@ class WriteAheadLog:
                     os.close(self._fd)
                 finally:
                     self._fd = None
+            for attr in ("_dir_fd", "_reserve_fd"):
+                fd = getattr(self, attr)
+                if fd is not None:
+                    setattr(self, attr, None)
+                    os.close(fd)
             if self._lock_fd is not None:
                 try:
                     fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
@@ -1093,6 +1457,10 @@ class WriteAheadLog:
 
 
 _pack_record_header = RECORD_HEADER.pack
+
+
+class _NoDescriptor(OSError):
+    """EMFILE/ENFILE while opening a new segment: postpone the rotation, do not fail."""
 
 
 def _read_pid(fd: int) -> int | None:
@@ -1106,25 +1474,32 @@ def _read_pid(fd: int) -> int | None:
 def _is_torn_tail(data: bytes, damage: Damage, salt: int, expected_lsn: int) -> bool:
     """Is the damage in the last segment a torn write (True) or corruption?
 
-    A crash mid-write leaves a prefix of the last batch: a record that runs
-    past end of file.  Unsynced pages lost in a power cut read back as zeros.
-    So: the bad record must run to the end of the file or be followed only by
-    zeros, and no valid record may follow it anywhere (that would prove the
-    log went on after the damage: a flipped length or a bad sector, not a
-    torn tail).  A record with a good checksum but the wrong lsn is never torn.
+    A crash mid-write leaves a prefix of the last batch: a record whose
+    length runs past end of file.  A power cut can also leave the file
+    extended with zeros where unsynced pages were lost; those zeros start at
+    a sector boundary.  So a torn tail is: a record that runs past the end
+    (with no valid record after it: that would prove the log went on), or a
+    record whose bytes are zero from a sector boundary inside it (or from its
+    start) to the end of the file.  A *complete* record with a bad checksum
+    and no such zeros is a damaged record: corruption, never trimmed.  A
+    record with a good checksum but the wrong lsn is never torn.
     """
     if damage.kind == Damage.BAD_LSN:
         return False
     size = len(data)
     if damage.runs_past_end:
-        end = size
-    elif damage.length is None:  # impossible length: only its header is known to be a record
+        return not _valid_record_follows(data, damage.offset + 1, salt, expected_lsn)
+    if damage.length is None:  # impossible length: torn only if all that follows its header is zero
         end = damage.offset + RECORD_HEADER_SIZE
-    else:
-        end = damage.offset + RECORD_HEADER_SIZE + damage.length
-    if end < size and data.count(0, end) != size - end:
-        return False
-    return not _valid_record_follows(data, damage.offset + 1, salt, expected_lsn)
+        return data.count(0, end) == size - end and not _valid_record_follows(
+            data, damage.offset + 1, salt, expected_lsn
+        )
+    end = damage.offset + RECORD_HEADER_SIZE + damage.length
+    zeros_from = len(data.rstrip(b"\0"))  # the trailing zero run starts here
+    if zeros_from <= damage.offset:
+        return True  # the record and all after it are zero
+    boundary = -(-max(zeros_from, damage.offset + 1) // SECTOR_BYTES) * SECTOR_BYTES
+    return boundary < end
 
 
 def _valid_record_follows(data: bytes, start: int, salt: int, expected_lsn: int) -> bool:
@@ -1143,31 +1518,218 @@ def _valid_record_follows(data: bytes, start: int, salt: int, expected_lsn: int)
     return False
 
 
-def _count_dropped_in_segment(
-    data: bytes, offset: int, salt: int | None, damage: Damage | None
-) -> tuple[int, bool]:
-    """How many records a repair drops from ``offset`` to the end of ``data``.
+# --------------------------------------------------------------------------- manifest
 
-    Returns (count, exact).  Skips the bad record by its length when that is
-    plausible and counts the well-formed records after it; anything it cannot
-    parse makes the count a lower bound ("at least").
-    """
-    if salt is None:
+
+def _encode_manifest(start: int, gaps: dict[int, int]) -> bytes:
+    lines = [_MANIFEST_MAGIC, f"start {start}"] + [f"gap {a} {b}" for a, b in sorted(gaps.items())]
+    body = "\n".join(lines) + "\n"
+    return (body + f"crc {zlib.crc32(body.encode()):08x}\n").encode()
+
+
+def _decode_manifest(data: bytes) -> tuple[int, dict[int, int]]:
+    """Parse a manifest; ``ValueError`` naming what is wrong."""
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        raise ValueError(f"{MANIFEST_NAME} is not ASCII text") from None
+    body, sep, tail = text.rpartition("crc ")
+    if not sep or not body.endswith("\n") or not tail.endswith("\n"):
+        raise ValueError(f"{MANIFEST_NAME} has no crc line (cut off?)")
+    try:
+        stored = int(tail.strip(), 16)
+    except ValueError:
+        raise ValueError(f"{MANIFEST_NAME} has an unreadable crc line") from None
+    if zlib.crc32(body.encode()) != stored:
+        raise ValueError(f"{MANIFEST_NAME} fails its checksum")
+    lines = body.splitlines()
+    if not lines or lines[0] != _MANIFEST_MAGIC:
+        raise ValueError(f"{MANIFEST_NAME} does not start with {_MANIFEST_MAGIC!r}")
+    start = None
+    gaps: dict[int, int] = {}
+    for line in lines[1:]:
+        word, *nums = line.split()
         try:
-            salt = decode_segment_header(data).salt
-        except WalFormatError:
-            return 0, False  # the header is gone: no way to tell records from noise
-    count = 0
-    pos = max(offset, SEGMENT_HEADER_SIZE)
-    if damage is not None:
-        count = 1  # the bad record itself
-        if damage.length is None or damage.runs_past_end:
-            return count, False
-        pos = damage.offset + RECORD_HEADER_SIZE + damage.length
-    scanner = RecordScanner(data, salt, pos, None)
-    for _ in scanner:
-        pass
-    count += scanner.count
-    rest = scanner.damage
-    exact = rest is None or data.count(0, rest.offset) == len(data) - rest.offset
-    return count, exact
+            values = [int(n) for n in nums]
+        except ValueError:
+            raise ValueError(f"{MANIFEST_NAME} has an unreadable line {line!r}") from None
+        if word == "start" and len(values) == 1 and values[0] >= 1:
+            start = values[0]
+        elif word == "gap" and len(values) == 2 and 1 <= values[0] <= values[1]:
+            gaps[values[0]] = values[1]
+        else:
+            raise ValueError(f"{MANIFEST_NAME} has an unknown line {line!r}")
+    if start is None:
+        raise ValueError(f"{MANIFEST_NAME} has no start line")
+    return start, gaps
+
+
+def _gap_covering(gaps: dict[int, int], first: int, last: int) -> int | None:
+    """The start of a recorded gap holding every lsn first..last, else None."""
+    for a, b in gaps.items():
+        if a <= first and b >= last:
+            return a
+    return None
+
+
+def _add_gap(gaps: dict[int, int], first: int, last: int) -> None:
+    """Record that lsns first..last are gone for good, merging with adjacent gaps."""
+    if last < first:
+        return
+    for a, b in list(gaps.items()):
+        if b == first - 1 or (a <= first <= b + 1):
+            first = min(first, a)
+            last = max(last, b)
+            del gaps[a]
+        elif a == last + 1 or (first <= a <= last + 1):
+            last = max(last, b)
+            del gaps[a]
+    gaps[first] = last
+
+
+# --------------------------------------------------------------------------- repair helpers
+
+
+def _valid_at(data: bytes, pos: int, salt: int, lo: int, hi: int) -> tuple[DecodedRecord | None, str]:
+    """The record at ``pos`` if it is valid with an lsn in lo..hi, else (None, why not)."""
+    try:
+        rec = decode_record(data, pos, salt)
+    except TruncatedRecord:
+        return None, "record runs past the end of the segment"
+    except WalFormatError as e:
+        return None, str(e).replace(f"record at offset {pos} ", "record ")
+    if rec.lsn < lo:
+        return None, f"record lsn {rec.lsn} repeats or goes back (expected at least {lo})"
+    if rec.lsn > hi:
+        return None, f"record lsn {rec.lsn} belongs to a later segment"
+    return rec, ""
+
+
+_NONZERO = re.compile(rb"[^\x00]")
+
+
+def _resync(data: bytes, start: int, salt: int, lo: int, hi: int, slack: int = 0) -> DecodedRecord | None:
+    """The first valid record at or after ``start`` with a plausible lsn, or None.
+
+    A candidate must pass its CRC (with this segment's salt) and carry an lsn
+    the damage could have skipped to: between ``lo`` and ``hi``, and at most
+    one lsn per 18 bytes skipped (a record is at least that long) plus
+    ``slack`` (the lsns of gaps a repair recorded earlier).  That makes a
+    chance match in payload bytes vanishingly rare (a CRC and an lsn in a
+    narrow window).  Candidates are found with ``bytes.find`` on the lsn
+    field's fixed leading bytes and zero runs are skipped, so garbage costs
+    C speed, not a Python step per byte.
+    """
+    size = len(data)
+    last = size - RECORD_HEADER_SIZE
+    top = min(hi, lo + (size - start) // RECORD_HEADER_SIZE + 1 + slack)
+    if top < lo:
+        return None
+    low_field, top_field = _LSN_FIELD.pack(lo), _LSN_FIELD.pack(top)
+    k = 0
+    while k < 8 and low_field[k] == top_field[k]:
+        k += 1
+    prefix = low_field[:k]
+    zero_prefix = not any(prefix)
+    unpack = RECORD_HEADER.unpack_from
+    crc32 = zlib.crc32
+    o = start
+    with memoryview(data) as view:
+        while o <= last:
+            if k:
+                hit = data.find(prefix, o + CRC_START)
+                if hit == -1:
+                    return None
+                o = hit - CRC_START
+                if o > last:
+                    return None
+            length, crc, lsn, type_, _flags = unpack(data, o)
+            if lo <= lsn <= top and type_ != 0 and lsn <= lo + (o - start) // RECORD_HEADER_SIZE + 1 + slack:
+                end = o + RECORD_HEADER_SIZE + length
+                if end <= size and crc32(view[o + CRC_START : end], salt) == crc:
+                    return decode_record(data, o, salt)
+            elif lsn == 0 and zero_prefix:
+                # Inside a run of zeros: the next candidate's lsn field must
+                # hold the run's first nonzero byte.
+                m = _NONZERO.search(data, o + CRC_START)
+                if m is None:
+                    return None
+                o = max(o + 1, m.start() - 15)
+                continue
+            o += 1
+    return None
+
+
+def _solve_salt(body: bytes | memoryview, crc: int) -> int | None:
+    """The salt ``s`` with ``zlib.crc32(body, s) == crc``.
+
+    CRC-32 is affine in its starting value: ``crc32(body, s) ^ crc32(body, 0)``
+    is a linear map of ``s`` over GF(2) (multiplication by x^(8n) mod the
+    CRC polynomial, so invertible); Gaussian elimination on its 32 columns
+    gives the one salt that matches.
+    """
+    base = zlib.crc32(body, 0)
+    basis: dict[int, tuple[int, int]] = {}  # pivot bit -> (vector, salt bits making it)
+    for i in range(32):
+        v, c = zlib.crc32(body, 1 << i) ^ base, 1 << i
+        while v:
+            p = v.bit_length() - 1
+            if p not in basis:
+                basis[p] = (v, c)
+                break
+            bv, bc = basis[p]
+            v ^= bv
+            c ^= bc
+    t, s = crc ^ base, 0
+    while t:
+        p = t.bit_length() - 1
+        if p not in basis:
+            return None
+        bv, bc = basis[p]
+        t ^= bv
+        s ^= bc
+    return s
+
+
+SALT_PROBE_LSNS = 64  # when the first record is damaged too, look for any of the next this-many lsns
+SALT_PROBE_MAX_BYTES = 1 << 20  # solve only from records up to this size (33 CRCs of it)
+
+
+def _recover_salt(data: bytes, name_lsn: int, *, trust_first: bool) -> int | None:
+    """Find the salt of a segment whose header is damaged, from its records.
+
+    The header's own salt field is tried first (the damage may be elsewhere
+    in the header).  Otherwise the salt is solved from a record's stored CRC
+    (``_solve_salt``: any bytes solve to *some* salt) and accepted only if the
+    record after it validates with it too.  ``trust_first``: the header is
+    known to be damaged, so a lone first record with the lsn the file name
+    promises is accepted on its own (its CRC cannot be checked any other way).
+    """
+    size = len(data)
+    if size >= 16:
+        raw = int.from_bytes(data[12:16], "big")
+        first, _ = _valid_at(data, SEGMENT_HEADER_SIZE, raw, name_lsn, MAX_LSN)
+        if first is not None:
+            return raw
+    candidates = [SEGMENT_HEADER_SIZE]
+    for lsn in range(name_lsn, min(name_lsn + SALT_PROBE_LSNS, MAX_LSN + 1)):
+        hit = data.find(_LSN_FIELD.pack(lsn), SEGMENT_HEADER_SIZE + CRC_START)
+        if hit != -1:
+            candidates.append(hit - CRC_START)
+    for p in candidates:
+        if p + RECORD_HEADER_SIZE > size:
+            continue
+        length, crc, lsn, _type, _flags = RECORD_HEADER.unpack_from(data, p)
+        end = p + RECORD_HEADER_SIZE + length
+        if lsn < name_lsn or length > SALT_PROBE_MAX_BYTES or end > size:
+            continue
+        with memoryview(data) as view:
+            salt = _solve_salt(view[p + CRC_START : end], crc)
+        if salt is None:
+            continue
+        if end < size:
+            if _valid_at(data, end, salt, lsn + 1, MAX_LSN)[0] is not None:
+                return salt
+        elif trust_first and p == SEGMENT_HEADER_SIZE and lsn == name_lsn:
+            return salt
+    return None

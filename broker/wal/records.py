@@ -320,11 +320,17 @@ class RecordScanner:
     else a ``Damage`` saying where and why it stopped; ``end`` is the offset
     just past the last good record; ``next_lsn`` the lsn expected next;
     ``count`` the records yielded.  With ``expected_lsn=None`` the LSN order is
-    not checked (used to count what a repair drops).
+    not checked (used to count what a repair drops).  ``gaps`` maps the first
+    lsn of each range a repair dropped to its last: a record may jump from
+    ``expected`` to ``gaps[expected] + 1`` (checked only off the hot path, when
+    the lsn is not the expected one).
     """
 
-    def __init__(self, data: bytes, salt: int, start: int, expected_lsn: int | None) -> None:
+    def __init__(
+        self, data: bytes, salt: int, start: int, expected_lsn: int | None, gaps: dict[int, int] | None = None
+    ) -> None:
         self.data = data
+        self.gaps = gaps or {}
         self.salt = salt
         self.start = start
         self.end = start
@@ -338,6 +344,7 @@ class RecordScanner:
         size = len(data)
         off = self.start
         expected = self.next_lsn
+        gaps = self.gaps
         unpack = RECORD_HEADER.unpack_from
         crc32 = zlib.crc32
         header_size = RECORD_HEADER_SIZE
@@ -372,7 +379,7 @@ class RecordScanner:
                     damage = Damage(Damage.BAD_TYPE, off, length, "record type 0 is reserved")
                     break
                 if expected is not None:
-                    if lsn != expected:
+                    if lsn != expected and not (gaps and gaps.get(expected, -2) == lsn - 1):
                         damage = Damage(
                             Damage.BAD_LSN, off, length,
                             f"record lsn {lsn} does not follow lsn {expected - 1}",
