@@ -508,7 +508,14 @@ class Server:
                 with trio.move_on_after(1.0):
                     try:
                         await stream.send_all(exc.data)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        # Read (and drop) what the client is still sending for a
+                        # moment: closing with unread input resets the connection,
+                        # and a reset can destroy the CLOSING frame before it is read.
+                        await stream.send_eof()
+                        with trio.move_on_after(0.5):
+                            while await stream.receive_some(RECEIVE_BYTES):
+                                pass
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                         pass
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as exc:
             reason = f"connection lost ({exc.__class__.__name__})"
@@ -595,6 +602,8 @@ class Server:
             partial = reader.buffered
             if partial != conn.partial:  # per batch, not per frame
                 self._input_grew(conn, partial)
+                if conn.closed:  # evicted (INPUT_LIMIT): its replies could not be sent anyway
+                    frames = []
             if frames:
                 now = time.time()
                 outbox = state.outbox
