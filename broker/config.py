@@ -139,7 +139,7 @@ class Config:
         if not isinstance(self.handshake_timeout, (int, float)) or not 0 < self.handshake_timeout < 3600:
             bad("handshake_timeout", f"must be a number of seconds from 0 to 3600 (got {self.handshake_timeout!r})")
         if not isinstance(self.idle_timeout, (int, float)) or not 0 < self.idle_timeout <= 7 * 24 * 3600:
-            bad("idle_timeout", f"must be a number of seconds from 0 to 604800 (got {self.idle_timeout!r})")
+            bad("idle_timeout", f"must be a number of seconds > 0 and at most 604800 (a week) (got {self.idle_timeout!r})")
         if not isinstance(self.max_connections, int) or self.max_connections < 0:
             bad("max_connections", f"must be a whole number >= 0; 0 picks one from the fd limit (got {self.max_connections!r})")
         if not isinstance(self.max_input_buffer, int) or self.max_input_buffer < self.max_frame:

@@ -308,3 +308,32 @@ def test_a_consume_naming_40000_queues_is_refused_fast_and_others_stay_fast(brok
     assert time.monotonic() - t0 < 1.0
     f = r.call(wire.OP_CONSUME, ["a", "b", "a"], 1)
     assert f[0] == wire.OP_ERROR and "'a' is listed twice" in f[3]
+
+
+def test_bad_bound_settings_are_named():
+    import subprocess
+    import sys
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "broker", *args], capture_output=True, text=True, timeout=30)
+
+    r = run("--max-input-buffer", "1000", "--max-frame", "2048")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "brokerd: max_input_buffer: must be a number of bytes >= max_frame (2048) (got 1000)"
+    )
+    r = run("--idle-timeout", "0")
+    assert r.returncode == 2 and "idle_timeout: must be a number of seconds > 0" in r.stderr
+    r = run("--max-connections", "-1")
+    assert r.returncode == 2 and "max_connections: must be a whole number >= 0" in r.stderr
+    r = run("--max-memory", "lots")
+    assert r.returncode == 2 and r.stderr.strip() == "brokerd: --max-memory: 'lots' is not a valid int"
+
+
+def test_the_automatic_max_connections_stays_below_the_descriptor_limit():
+    from broker.config import FD_RESERVE, MAX_CONNECTIONS_AUTO, Config, max_connections_for
+
+    assert max_connections_for(1024) == 1024 - FD_RESERVE
+    assert max_connections_for(1 << 20) == MAX_CONNECTIONS_AUTO
+    assert Config(max_connections=5).connection_limit() == 5
+    assert Config(max_memory=0).memory_limit() == 0
+    assert Config().memory_limit() > 0  # 40 % of this machine's memory
