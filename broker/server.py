@@ -798,7 +798,7 @@ class Server:
                 self._flush()
                 if self.wal is not None:  # PURGE, PAUSE...: reply once the change is on disk
                     await self.wal.wait_durable(self.state.last_lsn)
-                await stream.send_all(reply.encode())
+                await self._text_send(stream, reply.encode())
                 if line.split()[0].upper() == "QUIT":
                     return "admin QUIT"
             if len(buf) > admin.MAX_LINE:
@@ -824,6 +824,14 @@ class Server:
                 line_began = trio.current_time()
             buf += data
 
+    async def _text_send(self, stream, data: bytes) -> None:
+        """Send to an admin client; one that reads nothing for idle_timeout is closed
+        (it would otherwise hold its descriptor forever)."""
+        with trio.move_on_after(self.config.idle_timeout) as cs:
+            await stream.send_all(data)
+        if cs.cancelled_caught:
+            raise _Close(f"admin client read nothing for {self.config.idle_timeout:g} seconds (idle_timeout)")
+
     # -- issue 7 (events): EVENTS on an admin text connection ---------------------------------
     async def _text_events(self, conn: Conn, line: str, buf: bytes):
         """Stream events as text lines (``admin.event_line``) until QUIT or the connection breaks.
@@ -834,10 +842,10 @@ class Server:
         """
         words = line.split()
         if len(words) > 2 or (len(words) == 2 and not words[1].isdigit()):
-            await conn.stream.send_all(admin.error("BAD_REQUEST", "usage: EVENTS [n] (n: recent events to show first)").encode())
+            await self._text_send(conn.stream, admin.error("BAD_REQUEST", "usage: EVENTS [n] (n: recent events to show first)").encode())
             return buf
         self.state.subscribe(conn.id, True, int(words[1]) if len(words) == 2 else 0, time.time())
-        await conn.stream.send_all(admin.single("streaming events; send QUIT to stop").encode())
+        await self._text_send(conn.stream, admin.single("streaming events; send QUIT to stop").encode())
         self._flush()  # the replayed events
         replies: list[bytes] = []
         flags = {"quit": False}
@@ -884,11 +892,11 @@ class Server:
                             if len(f) > 2 and f[2]:
                                 out.append(f"-- {f[2]} events dropped: this connection reads too slowly --")
                             out += [admin.event_line(ev) for ev in (f[1] if len(f) > 1 else ())]
-                        await conn.stream.send_all("".join(x + "\r\n" for x in out).encode())
+                        await self._text_send(conn.stream, "".join(x + "\r\n" for x in out).encode())
                         conn.out_bytes -= len(data)
                     while replies:
-                        await conn.stream.send_all(replies.pop(0))
-            except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as exc:
+                        await self._text_send(conn.stream, replies.pop(0))
+            except (_Close, trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as exc:
                 failed = exc  # re-raised below, outside the nursery, unwrapped
             finally:
                 nursery.cancel_scope.cancel()

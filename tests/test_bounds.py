@@ -108,6 +108,17 @@ def test_an_admin_line_trickled_byte_by_byte_is_cut_off(broker_factory):
     assert elapsed < 5, f"a trickled line held the connection {elapsed:.1f} s"
 
 
+def test_an_admin_client_that_never_reads_its_replies_is_closed(broker_factory):
+    broker = broker_factory("--idle-timeout", "1")
+    s = socket.create_connection(("127.0.0.1", broker.port))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.sendall(b"HELP\n" * 5000)  # ~5 MB of replies, never read
+    wait_for(lambda: any("admin client read nothing for 1 seconds" in line for line in broker.log), 10,
+             "the server to give up on a client that reads nothing")
+    assert broker.admin("STATS\n").startswith("OK stats")
+    s.close()
+
+
 def test_a_binary_connection_without_heartbeats_is_closed_when_idle(broker_factory):
     broker = broker_factory("--idle-timeout", "1")
     r = Raw(broker.port, heartbeat=0)
