@@ -17,7 +17,15 @@ import sys
 import trio
 
 from broker import __version__, notify
-from broker.config import Config, ConfigError, load
+from broker.config import (
+    FD_RESERVE,
+    MAX_CONNECTIONS_AUTO,
+    MEMORY_CLEAR_RATIO,
+    MEMORY_DEFAULT_FRACTION,
+    Config,
+    ConfigError,
+    load,
+)
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -43,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frame", dest="max_frame", help=f"largest frame in bytes (default {d.max_frame})")
     p.add_argument("--heartbeat", help=f"seconds between heartbeats; 0 turns them off (default {d.heartbeat:g})")
     p.add_argument("--handshake-timeout", dest="handshake_timeout", help=f"seconds a new connection has to send its preamble and HELLO (default {d.handshake_timeout:g})")
+    p.add_argument("--idle-timeout", dest="idle_timeout", help=f"seconds of silence after which an admin text connection, or a binary one without heartbeats, is closed (default {d.idle_timeout:g})")
+    p.add_argument("--max-connections", dest="max_connections", help=f"open connections before new ones are refused with TOO_MANY_CONNECTIONS (default 0: min({MAX_CONNECTIONS_AUTO}, the fd limit minus {FD_RESERVE}))")
+    p.add_argument("--max-input-buffer", dest="max_input_buffer", help=f"bytes of partial frames held across all connections; past it the largest are closed with INPUT_LIMIT (default {d.max_input_buffer}; at least --max-frame)")
+    p.add_argument("--max-memory", dest="max_memory", help=f"resident bytes past which publishes get MEMORY_LIMIT until memory falls {100 - MEMORY_CLEAR_RATIO * 100:g}%% below it; 0 turns it off (default {MEMORY_DEFAULT_FRACTION * 100:g}%% of the machine's memory)")
     p.add_argument("--output-buffer", dest="output_buffer", help=f"bytes of unsent output per connection before back-pressure (default {d.output_buffer})")
     p.add_argument("--fsync", help=f"when to fsync the log: always, interval or never (default {d.fsync})")
     p.add_argument("--fsync-interval-ms", dest="fsync_interval_ms", help=f"with --fsync interval, milliseconds between fsyncs (default {d.fsync_interval_ms})")
@@ -66,6 +78,7 @@ def main(argv=None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    raise_fd_limit()
     try:
         return trio.run(run, config)
     except KeyboardInterrupt:
@@ -171,6 +184,22 @@ class _RepairWitness:
                 "repair: the publish of %d message(s) was dropped; later records still refer to them, "
                 "so they are gone: %s%s", len(lost), shown, more,
             )
+
+
+def raise_fd_limit() -> None:
+    """Lift the soft descriptor limit to the hard one (as Go's runtime does).
+
+    The soft limit is often 1024 while the hard one is far higher; the
+    automatic max_connections is computed from the soft limit afterwards.
+    """
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20), hard))
+    except (ImportError, OSError, ValueError) as exc:
+        log.debug("could not raise the descriptor limit: %s", exc)
 
 
 class DataDirError(Exception):

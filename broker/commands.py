@@ -201,11 +201,15 @@ def h_stats(state, conn, rid, f, now):
     if name is not None:
         return [OP_OK, rid, stats_map(state.queue_statistics(state.existing_queue(name), now))]
     b = state.statistics()
+    broker = {k: getattr(b, k) for k in b.__slots__}
+    server_stats = getattr(state, "server_stats", None)  # issue 10: memory, connection and input bounds
+    if server_stats is not None:
+        broker.update(server_stats())
     return [
         OP_OK,
         rid,
         {
-            "broker": {k: getattr(b, k) for k in b.__slots__},
+            "broker": broker,
             "queues": {
                 q.name: stats_map(state.queue_statistics(q, now)) for q in state.queues.values()
             },

@@ -21,6 +21,52 @@ MiB = 1024 * KiB
 
 FSYNC_POLICIES = ("always", "interval", "never")
 
+# -- connection and memory bounds (issue 10, findings 5 and 6) -------------------------
+# Descriptors kept back from connections: the log's segments and directory, the
+# data-dir lock, the listeners, HTTP's clients, stdio, the resolver and trio's
+# own wakeup fds.  Generous on purpose: EMFILE in the log fails it for good.
+FD_RESERVE = 128
+# The automatic max_connections never goes above this: each connection costs
+# ~20-50 KiB of Python and socket buffers; 10,000 of them is already ~0.5 GiB.
+MAX_CONNECTIONS_AUTO = 10_000
+# The default memory watermark: this share of the machine's or cgroup's memory.
+MEMORY_DEFAULT_FRACTION = 0.4
+# The watermark clears when RSS falls below this share of max_memory again
+# (hysteresis, so publishers are not flipped on and off at every sample).
+MEMORY_CLEAR_RATIO = 0.9
+
+
+def fd_limit() -> int:
+    """This process's soft RLIMIT_NOFILE (1024 when it cannot be read)."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return 1024
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def max_connections_for(limit: int) -> int:
+    """The automatic max_connections for a descriptor limit (at least 16)."""
+    return max(16, min(MAX_CONNECTIONS_AUTO, limit - FD_RESERVE))
+
+
+def physical_memory() -> int:
+    """Bytes of memory this process may use: RAM, or a smaller cgroup v2 limit; 0 if unknown."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        total = 0
+    try:
+        with open("/sys/fs/cgroup/memory.max") as fh:
+            raw = fh.read().strip()
+        if raw.isdigit() and (not total or int(raw) < total):
+            total = int(raw)
+    except OSError:
+        pass
+    return total
+
 
 class ConfigError(ValueError):
     """A setting has a value brokerd cannot use.  The message names it."""
@@ -46,8 +92,29 @@ class Config:
     # A connection whose unsent output passes this is not read from until it
     # drains (back-pressure); past four times this it is closed (SLOW_CONSUMER).
     output_buffer: int = 4 * MiB
-    # A connection must finish HELLO this soon after connecting.
+    # A connection must finish HELLO this soon after connecting; an admin text
+    # line, once its first byte has arrived, must be whole this soon too (so a
+    # client trickling one byte at a time cannot hold a connection forever).
     handshake_timeout: float = 10 * SECONDS
+    # A connection from which nothing arrives for this long is closed
+    # (IDLE_TIMEOUT): admin text connections, and binary connections that
+    # turned heartbeats off.  A binary client asking for a heartbeat longer
+    # than half of this is given half of this.  Bounds what idle sockets cost.
+    idle_timeout: float = 300 * SECONDS
+    # Open connections (binary and admin text together); past it new ones are
+    # refused with TOO_MANY_CONNECTIONS.  0: automatic, the smaller of
+    # MAX_CONNECTIONS_AUTO and the process's descriptor limit minus FD_RESERVE
+    # (see max_connections_for), so sockets can never starve the log of fds.
+    max_connections: int = 0
+    # All partial (not yet whole) input frames held across every connection;
+    # past it the connections holding the largest ones are closed
+    # (INPUT_LIMIT).  At least max_frame, so one largest frame always fits.
+    max_input_buffer: int = 128 * MiB
+    # Resident memory (RSS) past which PUBLISH, RESULT_SET (without a delivery
+    # tag), SCHEDULE_PUT and CHORD get MEMORY_LIMIT, until it falls below
+    # MEMORY_CLEAR_RATIO of this.  Default: 40 % of the machine's (or the
+    # cgroup's) memory, as RabbitMQ's vm_memory_high_watermark.  0 turns it off.
+    max_memory: int = -1
     # Write-ahead log (broker.wal)
     fsync: str = "always"
     fsync_interval_ms: int = 1000
@@ -78,6 +145,14 @@ class Config:
             bad("heartbeat", f"must be a number of seconds >= 0 (got {self.heartbeat!r})")
         if not isinstance(self.handshake_timeout, (int, float)) or not 0 < self.handshake_timeout < 3600:
             bad("handshake_timeout", f"must be a number of seconds from 0 to 3600 (got {self.handshake_timeout!r})")
+        if not isinstance(self.idle_timeout, (int, float)) or not 0 < self.idle_timeout <= 7 * 24 * 3600:
+            bad("idle_timeout", f"must be a number of seconds > 0 and at most 604800 (a week) (got {self.idle_timeout!r})")
+        if not isinstance(self.max_connections, int) or self.max_connections < 0:
+            bad("max_connections", f"must be a whole number >= 0; 0 picks one from the fd limit (got {self.max_connections!r})")
+        if not isinstance(self.max_input_buffer, int) or self.max_input_buffer < self.max_frame:
+            bad("max_input_buffer", f"must be a number of bytes >= max_frame ({self.max_frame}) (got {self.max_input_buffer!r})")
+        if not isinstance(self.max_memory, int) or self.max_memory < -1:
+            bad("max_memory", f"must be a number of bytes, or 0 to turn the watermark off (got {self.max_memory!r})")
         if not isinstance(self.output_buffer, int) or self.output_buffer < 64 * KiB:
             bad("output_buffer", f"must be a number of bytes >= 65536 (got {self.output_buffer!r})")
         if self.fsync not in FSYNC_POLICIES:
@@ -96,6 +171,17 @@ class Config:
             if self.host != "localhost":
                 bad("host", f"must be an IP address such as 127.0.0.1 or 0.0.0.0 (got {self.host!r})")
         return self
+
+    def connection_limit(self) -> int:
+        """``max_connections``, or when 0 the automatic figure for this process."""
+        return self.max_connections or max_connections_for(fd_limit())
+
+    def memory_limit(self) -> int:
+        """``max_memory`` in bytes (0: off); -1 (the default) is resolved here."""
+        if self.max_memory >= 0:
+            return self.max_memory
+        total = physical_memory()
+        return int(total * MEMORY_DEFAULT_FRACTION) if total else 0
 
     @classmethod
     def field_types(cls) -> dict[str, type]:

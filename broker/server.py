@@ -22,25 +22,32 @@ Connections are sniffed on their first byte: NUL opens the binary protocol
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 import math
+import os
+import platform
 import time
 
 import trio
 
 from broker import __version__, admin, http, notify
 from broker.commands import DURABLE_OPS, HANDLERS, handle
-from broker.config import Config
+from broker.config import MEMORY_CLEAR_RATIO, Config
 from broker.state import BrokerState
 from client.wire import (
     OP_ADMIN,
     OP_BYE,
+    OP_CHORD,
     OP_CLOSING,
     OP_ERROR,
     OP_HEARTBEAT,
     OP_HELLO,
     OP_OK,
+    OP_PUBLISH,
+    OP_RESULT_SET,
+    OP_SCHEDULE_PUT,
     PREAMBLE,
     PROTOCOL_VERSION,
     FrameReader,
@@ -53,6 +60,54 @@ log = logging.getLogger("brokerd")
 RECEIVE_BYTES = 64 * 1024  # one receive_some; the batch is whatever arrived
 TICK_MAX_SLEEP = 1.0  # seconds; re-read the wall clock at least this often
 
+# -- bounds (issue 10, findings 5 and 6) -------------------------------------------------
+# A connection refused at max_connections gets this long to show its first
+# byte (so it can be told TOO_MANY_CONNECTIONS in its own protocol), and this
+# long again for the refusal to be sent and the socket drained.
+REFUSE_SNIFF_S = 1.0
+# At most this many refusals are in progress at once (each holds an fd);
+# past that a new connection is closed without a word.
+REFUSING_MAX = 32
+# RSS is sampled (from /proc/self/statm) at most this often, by the ticker.
+MEMORY_SAMPLE_S = 0.5
+# While over max_memory, freed heap is handed back to the OS (malloc_trim) at
+# most this often: a trim walks the heap, so not at every sample.
+MEMORY_TRIM_S = 5.0
+# Ops refused with MEMORY_LIMIT past max_memory: the ones that make the broker
+# hold more.  Consumers, ACK/NACK, reads and admin go on so a backlog drains;
+# a RESULT_SET that settles a delivery (option "tag") goes on too, because it
+# frees the message it settles and refusing it would stall the workers.
+MEMORY_OPS = frozenset((OP_PUBLISH, OP_RESULT_SET, OP_SCHEDULE_PUT, OP_CHORD))
+# glibc raises its mmap threshold to the size of each big block freed (up to
+# 32 MiB), after which big buffers come from the heap and stay resident once
+# freed (red team: 40 x 15 MiB partial frames, RSS 33 -> 639 MB and held).
+# Fixing the threshold keeps buffers from this size up mmapped: returned to the
+# OS when freed.  Below it, per-message objects stay on the fast heap.
+MMAP_THRESHOLD = 256 * 1024
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+
+
+def _glibc():
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
+
+
+def tune_malloc() -> None:
+    """Fix glibc's mmap threshold (see MMAP_THRESHOLD); a no-op elsewhere."""
+    libc = _glibc()
+    if libc is not None and not libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD):
+        log.warning("mallopt(M_MMAP_THRESHOLD) failed: freed buffers may stay resident")
+
+
+def _trim_malloc() -> None:
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
 
 class Conn:
     """Server-side I/O state of one connection."""
@@ -60,9 +115,10 @@ class Conn:
     __slots__ = (
         "id", "stream", "peer", "name", "out", "out_bytes", "wake", "drained",
         "closed", "opened", "heartbeat", "last_sent", "cancel", "handshake_deadline",
+        "hard_limit", "evicted", "partial",
     )
 
-    def __init__(self, id, stream, peer):
+    def __init__(self, id, stream, peer, hard_limit: int = 1 << 62):
         self.id = id
         self.stream = stream
         self.peer = peer
@@ -75,8 +131,11 @@ class Conn:
         self.opened = time.monotonic()
         self.heartbeat = 0.0
         self.last_sent = time.monotonic()
-        self.cancel: trio.CancelScope | None = None
+        self.cancel: trio.CancelScope | None = None  # everything this connection's task does
         self.handshake_deadline = math.inf
+        self.hard_limit = hard_limit  # unsent bytes past which it is closed (SLOW_CONSUMER)
+        self.evicted: tuple[str, str] | None = None  # (code, message) it was closed with
+        self.partial = 0  # bytes of an incomplete input frame held for it
 
     def queue_bytes(self, data: bytes) -> None:
         if self.closed:
@@ -84,6 +143,27 @@ class Conn:
         self.out.append(data)
         self.out_bytes += len(data)
         self.wake.set()
+        if self.out_bytes > self.hard_limit:
+            # Checked where bytes are queued (replies, deliveries, events,
+            # control), not after reading this connection: a client that
+            # never reads nor sends must not make brokerd hold more for it.
+            self.evict("SLOW_CONSUMER", f"more than {self.hard_limit} bytes unsent; read your socket")
+
+    def evict(self, code: str, message: str) -> None:
+        """Close this connection from outside its task, with ``code``.
+
+        Its unsent output is dropped at once (that is the memory being
+        bounded); its task is cancelled and sends the CLOSING frame (or
+        admin ``ERR`` line) on its way out.
+        """
+        if self.evicted is None:
+            self.evicted = (code, message)
+        self.closed = True
+        self.out.clear()
+        self.out_bytes = 0
+        self.wake.set()
+        if self.cancel is not None:
+            self.cancel.cancel()
 
 
 class _Close(Exception):
@@ -112,6 +192,20 @@ class Server:
         self.http_address: tuple[str, int] | None = None  # (host, port) of /metrics and the probes
         # issue 7 (events): the state drops events for a subscriber with this much unsent
         self.state.output_backlog = lambda cid: c.out_bytes if (c := self.conns.get(cid)) is not None else 0
+        # issue 10 (bounds): connections, partial input, memory
+        self.max_connections = config.connection_limit()
+        self.open_count = 0  # connections being served (refusals not counted)
+        self._refusing = 0  # refusals in progress
+        self._refused_burst = 0  # refused since the last time there was room
+        self.refused_total = 0
+        self.partial_total = 0  # sum of Conn.partial
+        self.memory_limit = config.memory_limit()
+        self.memory_alarm: str | None = None  # the MEMORY_LIMIT message while over the watermark
+        self.rss = 0
+        self._statm_fd: int | None = None
+        self._next_memory_sample = 0.0
+        self._next_trim = 0.0
+        self.state.server_stats = self.limit_statistics  # STATS (broker.commands.h_stats)
 
     # -- effects -------------------------------------------------------------------
     def _flush(self) -> None:
@@ -152,6 +246,8 @@ class Server:
     # -- lifecycle -------------------------------------------------------------------
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
+        tune_malloc()
+        self._sample_memory()
         self.listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
         try:  # issue 7: the HTTP port is bound up front too, so a busy one fails the start
             http_sock = http.bind(cfg.host, cfg.http_port)
@@ -178,6 +274,11 @@ class Server:
             notify.notify(
                 "READY=1",
                 f"STATUS=serving on {addr[0]}:{addr[1]}, http on {self.http_address[0]}:{self.http_address[1]}",
+            )
+            log.info(
+                "limits: max_connections=%d, max_input_buffer=%d bytes, max_memory=%s, idle_timeout=%gs",
+                self.max_connections, cfg.max_input_buffer,
+                f"{self.memory_limit} bytes" if self.memory_limit else "off", cfg.idle_timeout,
             )
             log.info(
                 "brokerd %s ready: listening on %s:%d (binary protocol and admin text)",
@@ -238,7 +339,125 @@ class Server:
                     log.warning("accept failed: %s", exc)
                     await trio.sleep(0.1)
                     continue
+                if self.open_count >= self.max_connections:
+                    self._refuse(stream)
+                    continue
+                self.open_count += 1  # counted here, not in _handle: a burst of accepts runs first
                 self.nursery.start_soon(self._handle, stream)
+
+    # -- issue 10: bounds --------------------------------------------------------------
+    def _refuse(self, stream) -> None:
+        """At max_connections: refuse politely, in the client's own protocol."""
+        self.refused_total += 1
+        self._refused_burst += 1
+        if self._refused_burst == 1:  # once per burst, not per connection
+            log.warning(
+                "at max_connections (%d open): refusing new connections with TOO_MANY_CONNECTIONS until one closes",
+                self.open_count,
+            )
+        if self._refusing >= REFUSING_MAX:
+            stream.socket.close()  # no fd to spare for a polite answer
+            return
+        self._refusing += 1
+        self.nursery.start_soon(self._refuse_one, stream)
+
+    async def _refuse_one(self, stream) -> None:
+        message = (
+            f"brokerd has {self.open_count} connections open, its max_connections; "
+            "retry later with backoff, or raise --max-connections"
+        )
+        try:
+            with trio.move_on_after(REFUSE_SNIFF_S):
+                first = await stream.receive_some(RECEIVE_BYTES)
+                if first:
+                    if first[:1] == b"\x00":
+                        data = _closing("TOO_MANY_CONNECTIONS", message)
+                    else:
+                        data = admin.error("TOO_MANY_CONNECTIONS", message).encode()
+                    await stream.send_all(data)
+                    await stream.send_eof()
+                    # Drain what the client still sends, so closing does not
+                    # reset the connection before it has read the refusal.
+                    while await stream.receive_some(RECEIVE_BYTES):
+                        pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            self._refusing -= 1
+            with trio.move_on_after(0.5) as cs:
+                cs.shield = True
+                try:
+                    await stream.aclose()
+                except Exception:
+                    pass
+
+    def _room_again(self) -> None:
+        if self._refused_burst and self.open_count < self.max_connections:
+            log.warning("refused %d connections at max_connections (%d); accepting again",
+                        self._refused_burst, self.max_connections)
+            self._refused_burst = 0
+
+    def _input_grew(self, conn: Conn, partial: int) -> None:
+        """``conn`` now holds ``partial`` bytes of an incomplete frame.
+
+        Past max_input_buffer across all connections, the connections holding
+        the largest partial frames are closed (INPUT_LIMIT) until the sum fits:
+        the one that costs the most goes first, and the rest keep working.
+        """
+        self.partial_total += partial - conn.partial
+        conn.partial = partial
+        limit = self.config.max_input_buffer
+        while self.partial_total > limit:
+            victim = max(self.conns.values(), key=lambda c: c.partial)
+            if victim.partial == 0:
+                break
+            log.warning(
+                "conn %d: closing it, it holds the largest partial frame (%d bytes) and partial frames "
+                "across connections passed max_input_buffer (%d bytes)", victim.id, victim.partial, limit,
+            )
+            victim.evict(
+                "INPUT_LIMIT",
+                f"brokerd holds more than max_input_buffer ({limit} bytes) of partial frames across "
+                f"connections, and this connection held the largest ({victim.partial} bytes); "
+                "send large bodies more slowly or store them elsewhere",
+            )
+            self.partial_total -= victim.partial
+            victim.partial = 0
+
+    def _sample_memory(self) -> None:
+        """RSS from /proc/self/statm (one pread); raise or clear the MEMORY_LIMIT alarm."""
+        try:
+            if self._statm_fd is None:
+                self._statm_fd = os.open("/proc/self/statm", os.O_RDONLY)
+            self.rss = int(os.pread(self._statm_fd, 128, 0).split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return  # no /proc (or no fd to spare): keep the last figure
+        limit = self.memory_limit
+        if not limit:
+            return
+        if self.memory_alarm is None and self.rss > limit:
+            self.memory_alarm = (
+                f"brokerd's memory ({self.rss} bytes resident) is past max_memory ({limit} bytes); "
+                "publishes are refused until consumers drain the queues below "
+                f"{int(limit * MEMORY_CLEAR_RATIO)} bytes. Retry later with backoff, add consumers, "
+                "or raise --max-memory"
+            )
+            log.warning("memory alarm: %d bytes resident, past max_memory %d; refusing publishes", self.rss, limit)
+        elif self.memory_alarm is not None and self.rss < limit * MEMORY_CLEAR_RATIO:
+            self.memory_alarm = None
+            log.warning("memory alarm cleared: %d bytes resident; accepting publishes again", self.rss)
+
+    def limit_statistics(self) -> dict:
+        """The bounds and how close the broker is to them (STATS, admin STATS)."""
+        return {
+            "memory_rss": self.rss,
+            "memory_limit": self.memory_limit,
+            "memory_alarm": self.memory_alarm is not None,
+            "connections_max": self.max_connections,
+            "connections_refused": self.refused_total,
+            "input_buffered": self.partial_total,
+            "input_buffer_max": self.config.max_input_buffer,
+        }
 
     async def _ticker(self) -> None:
         state = self.state
@@ -246,6 +465,13 @@ class Server:
             now = time.time()
             nxt = state.tick(now)
             self._flush()
+            mono = time.monotonic()
+            if mono >= self._next_memory_sample:
+                self._next_memory_sample = mono + MEMORY_SAMPLE_S
+                self._sample_memory()
+                if self.memory_alarm is not None and mono >= self._next_trim:
+                    self._next_trim = mono + MEMORY_TRIM_S
+                    _trim_malloc()  # hand freed heap back, so RSS can fall below the mark
             self._next_tick = nxt
             self._tick_wake = trio.Event()
             delay = min(max(nxt - time.time(), 0.0), TICK_MAX_SLEEP)
@@ -260,31 +486,36 @@ class Server:
             peer = f"{peer[0]}:{peer[1]}"
         except OSError:
             peer = "?"
-        conn = Conn(cid, stream, peer)
+        conn = Conn(cid, stream, peer, 4 * self.config.output_buffer)
         conn.handshake_deadline = trio.current_time() + self.config.handshake_timeout
         self.conns[cid] = conn
         log.info("conn %d open from %s", cid, peer)
         reason = "closed by peer"
         try:
-            with trio.move_on_after(self.config.handshake_timeout) as cs:
-                first = await stream.receive_some(RECEIVE_BYTES)
-            if cs.cancelled_caught:
-                reason = "no bytes before handshake_timeout"
-                return
-            if not first:
-                return
-            if first[:1] == b"\x00":
-                reason = await self._binary(conn, first)
-            else:
-                conn.name = "<admin>"
-                reason = await self._text(conn, first)
+            # conn.cancel: Conn.evict (a bound hit from elsewhere) and a broken
+            # writer end everything this connection is doing.
+            with trio.CancelScope() as conn.cancel:
+                reason = await self._sniff(conn, stream)
+            if conn.evicted is not None:
+                code, message = conn.evicted
+                data = admin.error(code, message).encode() if conn.name == "<admin>" else _closing(code, message)
+                raise _Close(f"{code}: {message}", data)
+            if conn.cancel.cancelled_caught:
+                reason = "connection lost while sending"
         except _Close as exc:
             reason = exc.reason
             if exc.data:
                 with trio.move_on_after(1.0):
                     try:
                         await stream.send_all(exc.data)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        # Read (and drop) what the client is still sending for a
+                        # moment: closing with unread input resets the connection,
+                        # and a reset can destroy the CLOSING frame before it is read.
+                        await stream.send_eof()
+                        with trio.move_on_after(0.5):
+                            while await stream.receive_some(RECEIVE_BYTES):
+                                pass
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                         pass
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as exc:
             reason = f"connection lost ({exc.__class__.__name__})"
@@ -301,6 +532,10 @@ class Server:
             conn.closed = True
             conn.wake.set()
             del self.conns[cid]
+            self.open_count -= 1
+            self.partial_total -= conn.partial
+            conn.partial = 0
+            self._room_again()
             returned = self.state.disconnect(cid, time.time())
             self._flush()
             with trio.move_on_after(0.5) as cs:
@@ -311,6 +546,18 @@ class Server:
                     pass
             extra = f", {returned} deliveries returned to their queues" if returned else ""
             log.info("conn %d closed: %s after %.1fs%s", cid, reason, time.monotonic() - conn.opened, extra)
+
+    async def _sniff(self, conn: Conn, stream) -> str:
+        with trio.move_on_after(self.config.handshake_timeout) as cs:
+            first = await stream.receive_some(RECEIVE_BYTES)
+        if cs.cancelled_caught:
+            return "no bytes before handshake_timeout"
+        if not first:
+            return "closed by peer"
+        if first[:1] == b"\x00":
+            return await self._binary(conn, first)
+        conn.name = "<admin>"
+        return await self._text(conn, first)
 
     # -- binary protocol ------------------------------------------------------------------
     async def _binary(self, conn: Conn, first: bytes) -> str:
@@ -329,12 +576,11 @@ class Server:
         reader = FrameReader(cfg.max_frame)
         reader.feed(buf[len(PREAMBLE):])
         self.state.connect(conn.id)
-        hard_limit = 4 * cfg.output_buffer
         outcome: BaseException | str | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._writer, conn)
             try:
-                outcome = await self._read_loop(conn, reader, hard_limit)
+                outcome = await self._read_loop(conn, reader)
             except (_Close, trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as exc:
                 outcome = exc  # re-raised below, outside the nursery, unwrapped
             finally:
@@ -343,7 +589,7 @@ class Server:
             raise outcome
         return outcome
 
-    async def _read_loop(self, conn: Conn, reader: FrameReader, hard_limit: int) -> str:
+    async def _read_loop(self, conn: Conn, reader: FrameReader) -> str:
         cfg = self.config
         state = self.state
         handshaken = False
@@ -353,13 +599,23 @@ class Server:
                 frames = reader.frames()
             except WireError as exc:
                 raise _Close(f"protocol error {exc.code}", _closing(exc.code, exc.message)) from None
+            partial = reader.buffered
+            if partial != conn.partial:  # per batch, not per frame
+                self._input_grew(conn, partial)
+                if conn.closed:  # evicted (INPUT_LIMIT): its replies could not be sent anyway
+                    frames = []
             if frames:
                 now = time.time()
                 outbox = state.outbox
                 cid = conn.id
+                alarm = self.memory_alarm
                 for f in frames:
                     op = f[0]
-                    if op in DURABLE_OPS and handshaken:
+                    if alarm is not None and op in MEMORY_OPS and handshaken and not _settles(f):
+                        rid = f[1] if len(f) > 1 and type(f[1]) is int else 0
+                        state._send(cid, [OP_ERROR, rid, "MEMORY_LIMIT", alarm])
+                        outbox = state.outbox
+                    elif op in DURABLE_OPS and handshaken:
                         # Its reply confirms a logged change: held until the log
                         # has it on disk (see _flush).  Replies are matched by
                         # request id, so they may overtake one another.
@@ -404,12 +660,8 @@ class Server:
                                 state._send(cid, reply)
                 self._flush()
             # Back-pressure: stop reading while this connection's output is large.
+            # (Past 4 x output_buffer, Conn.queue_bytes closes it: SLOW_CONSUMER.)
             if conn.out_bytes > cfg.output_buffer:
-                if conn.out_bytes > hard_limit:
-                    raise _Close(
-                        "slow consumer",
-                        _closing("SLOW_CONSUMER", f"more than {hard_limit} bytes unsent; read your socket"),
-                    )
                 conn.drained = trio.Event()
                 with trio.move_on_after(self._silence_limit(conn)):
                     await conn.drained.wait()
@@ -417,6 +669,11 @@ class Server:
             with trio.move_on_after(limit) as cs:
                 data = await conn.stream.receive_some(RECEIVE_BYTES)
             if cs.cancelled_caught:
+                if handshaken and conn.heartbeat == 0:
+                    raise _Close(
+                        "idle timeout",
+                        _closing("IDLE_TIMEOUT", f"nothing received for {limit:g} seconds (idle_timeout; heartbeats are off)"),
+                    )
                 raise _Close(
                     "heartbeat timeout" if handshaken else "handshake timeout",
                     _closing(
@@ -433,7 +690,7 @@ class Server:
             return max(0.0, conn.handshake_deadline - trio.current_time())
         if conn.heartbeat > 0:
             return 2 * conn.heartbeat
-        return math.inf
+        return self.config.idle_timeout  # heartbeats off: silence is still bounded
 
     async def _drain(self, conn: Conn) -> None:
         with trio.move_on_after(1.0):
@@ -462,7 +719,9 @@ class Server:
             hb = opts.get("heartbeat", self.config.heartbeat)
             if type(hb) not in (int, float) or not math.isfinite(hb) or hb < 0:
                 hb = self.config.heartbeat
-            conn.heartbeat = float(hb)
+            # Silence is bounded by idle_timeout either way: a longer heartbeat
+            # is cut to half of it (the reply says so and clients follow it).
+            conn.heartbeat = min(float(hb), self.config.idle_timeout / 2)
             self.state.conns[conn.id].name = conn.name
             log.info("conn %d hello: client=%r heartbeat=%gs", conn.id, conn.name, conn.heartbeat)
             return [
@@ -518,11 +777,14 @@ class Server:
     async def _text(self, conn: Conn, first: bytes) -> str:
         buf = first
         stream = conn.stream
+        cfg = self.config
+        line_began = trio.current_time()  # when the first byte of the unfinished line came
         while True:
             while True:
                 i = buf.find(b"\n")
                 if i < 0:
                     break
+                line_began = trio.current_time()
                 raw, buf = buf[:i], buf[i + 1 :]
                 line = raw.rstrip(b"\r").decode("utf-8", "replace")
                 if not line.strip():
@@ -536,7 +798,7 @@ class Server:
                 self._flush()
                 if self.wal is not None:  # PURGE, PAUSE...: reply once the change is on disk
                     await self.wal.wait_durable(self.state.last_lsn)
-                await stream.send_all(reply.encode())
+                await self._text_send(stream, reply.encode())
                 if line.split()[0].upper() == "QUIT":
                     return "admin QUIT"
             if len(buf) > admin.MAX_LINE:
@@ -544,10 +806,31 @@ class Server:
                     "admin line too long",
                     admin.error("BAD_REQUEST", f"line longer than {admin.MAX_LINE} bytes").encode(),
                 )
-            data = await stream.receive_some(RECEIVE_BYTES)
+            # Idle: nothing for idle_timeout.  Slowloris: a line begun must be
+            # whole within handshake_timeout of its first byte.
+            if buf:
+                deadline = line_began + cfg.handshake_timeout
+                why = f"a line must arrive whole within {cfg.handshake_timeout:g} seconds of its first byte"
+            else:
+                deadline = trio.current_time() + cfg.idle_timeout
+                why = f"nothing received for {cfg.idle_timeout:g} seconds (idle_timeout)"
+            with trio.move_on_at(deadline) as cs:
+                data = await stream.receive_some(RECEIVE_BYTES)
+            if cs.cancelled_caught:
+                raise _Close("idle timeout", admin.error("IDLE_TIMEOUT", why).encode())
             if not data:
                 return "admin closed"
+            if not buf:
+                line_began = trio.current_time()
             buf += data
+
+    async def _text_send(self, stream, data: bytes) -> None:
+        """Send to an admin client; one that reads nothing for idle_timeout is closed
+        (it would otherwise hold its descriptor forever)."""
+        with trio.move_on_after(self.config.idle_timeout) as cs:
+            await stream.send_all(data)
+        if cs.cancelled_caught:
+            raise _Close(f"admin client read nothing for {self.config.idle_timeout:g} seconds (idle_timeout)")
 
     # -- issue 7 (events): EVENTS on an admin text connection ---------------------------------
     async def _text_events(self, conn: Conn, line: str, buf: bytes):
@@ -559,10 +842,10 @@ class Server:
         """
         words = line.split()
         if len(words) > 2 or (len(words) == 2 and not words[1].isdigit()):
-            await conn.stream.send_all(admin.error("BAD_REQUEST", "usage: EVENTS [n] (n: recent events to show first)").encode())
+            await self._text_send(conn.stream, admin.error("BAD_REQUEST", "usage: EVENTS [n] (n: recent events to show first)").encode())
             return buf
         self.state.subscribe(conn.id, True, int(words[1]) if len(words) == 2 else 0, time.time())
-        await conn.stream.send_all(admin.single("streaming events; send QUIT to stop").encode())
+        await self._text_send(conn.stream, admin.single("streaming events; send QUIT to stop").encode())
         self._flush()  # the replayed events
         replies: list[bytes] = []
         flags = {"quit": False}
@@ -609,11 +892,11 @@ class Server:
                             if len(f) > 2 and f[2]:
                                 out.append(f"-- {f[2]} events dropped: this connection reads too slowly --")
                             out += [admin.event_line(ev) for ev in (f[1] if len(f) > 1 else ())]
-                        await conn.stream.send_all("".join(x + "\r\n" for x in out).encode())
+                        await self._text_send(conn.stream, "".join(x + "\r\n" for x in out).encode())
                         conn.out_bytes -= len(data)
                     while replies:
-                        await conn.stream.send_all(replies.pop(0))
-            except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as exc:
+                        await self._text_send(conn.stream, replies.pop(0))
+            except (_Close, trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as exc:
                 failed = exc  # re-raised below, outside the nursery, unwrapped
             finally:
                 nursery.cancel_scope.cancel()
@@ -624,9 +907,15 @@ class Server:
 
     def admin_extra(self) -> dict:
         extra = {"uptime_s": round(time.time() - self.started, 1), "version": __version__}
+        extra.update(self.limit_statistics())
         if self.wal is not None:
             extra.update(self.wal.statistics())
         return extra
+
+
+def _settles(f: list) -> bool:
+    """A RESULT_SET that also settles a delivery (option "tag"): allowed past max_memory."""
+    return f[0] == OP_RESULT_SET and len(f) > 6 and type(f[6]) is dict and "tag" in f[6]
 
 
 def _closing(code: str, message: str) -> bytes:

@@ -40,6 +40,7 @@ _EXPORTS = {
     "MessageTooLarge": "client.errors",
     "StaleDelivery": "client.errors",
     "LogFailed": "client.errors",
+    "MemoryLimit": "client.errors",
     "BrokerInternalError": "client.errors",
     "PublishError": "client.errors",
     "error_from_wire": "client.errors",

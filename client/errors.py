@@ -157,6 +157,16 @@ class LogFailed(RequestRefused):
     code = "LOG_FAILED"
 
 
+class MemoryLimit(RequestRefused):
+    """The broker's memory is past its max_memory watermark (MEMORY_LIMIT).
+
+    Nothing was stored.  Retry later with backoff: the alarm clears by itself
+    once consumers have drained enough.
+    """
+
+    code = "MEMORY_LIMIT"
+
+
 class BrokerInternalError(BrokerdError):
     """A bug in the broker (INTERNAL).  The broker closes the connection; nothing stored is lost."""
 
@@ -206,7 +216,11 @@ _BY_CODE: dict[str, type[BrokerdError]] = {
     "STALE_DELIVERY": StaleDelivery,
     "MESSAGE_TOO_LARGE": MessageTooLarge,
     "LOG_FAILED": LogFailed,
+    "MEMORY_LIMIT": MemoryLimit,
     "SLOW_CONSUMER": ConnectionLost,
+    "IDLE_TIMEOUT": ConnectionLost,
+    "TOO_MANY_CONNECTIONS": ConnectionLost,
+    "INPUT_LIMIT": ConnectionLost,
     "HEARTBEAT_TIMEOUT": ConnectionLost,
     "SHUTTING_DOWN": ConnectionLost,
     "INTERNAL": BrokerInternalError,
