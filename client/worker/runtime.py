@@ -64,7 +64,7 @@ from client.worker.intake import CONNECT_TIMEOUT, BrokerUnreachable, connect, in
 from client.worker.limits import TaskLimits, check_deadlines
 from client.worker.logs import setup_logging
 from client.worker.outcome import S_ACK, S_REQUEUE, S_RETRY, lost_outcome, undecodable_outcome, unknown_outcome
-from client.worker.pools.base import Job
+from client.worker.pools.base import Job, close_fds
 from client.worker.pools.process import ProcessPool
 from client.worker.pools.thread import ThreadPool
 from client.worker.runner import check_envelope
@@ -222,12 +222,7 @@ class Worker:
 
     def forget_parent_fds(self):
         """In a forked child: the parent's pipes and broker socket are not ours."""
-        for fd in (self._wake_r, self._wake_w):
-            if fd is not None:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+        close_fds((self._wake_r, self._wake_w))
         self._wake_r = self._wake_w = None
         if self._client is not None:
             detach_in_child(self._client)
@@ -710,6 +705,7 @@ class Worker:
         self._shutdown()
 
     def _shutdown(self):
+        """Both loops end here: stop the pool, say worker-offline, close the connection."""
         cold = self._cold
         self.stop_event.set()
         self.pool.close(cold=cold)
@@ -798,19 +794,7 @@ class Worker:
                 self.flush()
             nursery.cancel_scope.cancel()
         self.post = self._post_sync
-        await trio.to_thread.run_sync(self._shutdown_trio)
-
-    def _shutdown_trio(self):
-        self.stop_event.set()
-        self._check_sink()
-        client = self._client
-        if client is not None:
-            self.events.emit_now("worker-offline")
-            self.flush(force=True)
-            close_quietly(client)
-        if self._intake_thread is not None:
-            self._intake_thread.join(2.0)
-        log.info("%s stopped (%s)", self.hostname, "cold" if self._cold else "warm")
+        await trio.to_thread.run_sync(self._shutdown)
 
     async def _trio_signals(self):
         import trio  # lazy: see run_trio

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import logging
+import os
 
 log = logging.getLogger("brokerd.worker")
 
 CHILD_STOP_TIMEOUT = 5.0  # seconds a pool process or thread may take to exit once told to, then it is left (or killed)
+
+
+def close_fds(fds) -> None:
+    """Close each fd that is not None, ignoring one already closed (in a fresh child: the parent's)."""
+    for fd in fds:
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 class Job:

@@ -30,7 +30,7 @@ from client.app import EncodeError
 from client.worker.channel import forget_app_connection
 from client.worker.logs import set_process_label
 from client.worker.outcome import S_ACK, exc_meta
-from client.worker.pools.base import CHILD_STOP_TIMEOUT, Job, Pool
+from client.worker.pools.base import CHILD_STOP_TIMEOUT, Job, Pool, close_fds
 from client.worker.runner import Runner
 
 log = logging.getLogger("brokerd.worker")
@@ -155,12 +155,7 @@ class ProcessPool(Pool):
     def _child_setup(self):
         """In a fresh child: drop the parent's fds and signal handling."""
         for other in list(self.children.values()):
-            for fd in (other.fd, other.pidfd):
-                if fd is not None:
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
+            close_fds((other.fd, other.pidfd))
         self.w.forget_parent_fds()
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -77,5 +77,8 @@ class TrioPool(Pool):
     def on_done(self, *a):
         pass
 
+    def close(self, cold: bool):
+        pass  # its tasks ran in the loop's nursery, cancelled or done by now
+
     def drain(self):
         pass  # jobs not started are in the worker's backlog, handed back by the main loop
