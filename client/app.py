@@ -541,6 +541,12 @@ class App:
                     self._client_url = url
         return c
 
+    def reset_after_fork(self) -> None:
+        """In a forked child: forget the parent's client (its socket and lock are the parent's);
+        a task that publishes makes its own on first use."""
+        self._client = None
+        self._lock = threading.Lock()
+
     def close(self) -> None:
         if self._client is not None and self._client_pid == os.getpid():
             self._client.close()

@@ -1,0 +1,354 @@
+"""Running one task: the same code in a pool child process, a pool thread or the trio loop.
+
+``Runner.execute`` takes a job (the tuple ``Job.to_runner`` builds), runs the task's function
+and its hooks (``on_success``, ``on_failure``, ``on_retry``, ``after_return``) in the process
+that ran it, and returns an outcome (``client.worker.outcome``).  It never raises for anything
+user code does: a return value that cannot be stored or repr'd, or an exception whose ``str()``
+raises, is a FAILURE, never a dead pool process.  ``check_envelope`` is the main loop's check of
+every envelope field a pool will use, so that a hostile envelope fails its own task only.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import signal
+import time
+import traceback
+
+import cbor2
+
+from client._current import Request, current_request
+from client.envelope import decode_envelope
+from client.exceptions import EncodeError, Ignore, Reject, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
+from client.wire import DEFAULT_MAX_FRAME
+from client.worker.limits import TIME_LIMIT_MAX
+from client.worker.outcome import (
+    S_ACK,
+    S_REJECT,
+    S_REQUEUE,
+    S_RETRY,
+    exc_meta,
+    safe_str,
+    short_repr,
+    shown,
+    undecodable_outcome,
+    unknown_outcome,
+)
+
+log = logging.getLogger("brokerd.worker")
+
+# A result must fit in one RESULT_SET frame: brokerd closes the connection on a frame over its max_frame
+# (16 MiB by default), which would hand every in-flight task back.  64 KiB is left for the id and meta.
+RESULT_MAX_BYTES = DEFAULT_MAX_FRAME - 64 * 1024
+
+
+class ExceptionInfo:
+    """What ``on_failure`` / ``on_retry`` get as ``einfo`` (Celery's shape)."""
+
+    def __init__(self, exc: BaseException):
+        self.exception = exc
+        self.type = type(exc)
+        self.tb = exc.__traceback__
+        self.traceback = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+    def __str__(self):
+        return self.traceback
+
+    def __repr__(self):
+        return f"<ExceptionInfo: {self.exception!r}>"
+
+
+def _checkpoint():
+    """A Python-level call: a pending async exception (threads pool time limits) fires here."""
+
+
+async def _await(aw):
+    return await aw
+
+
+def _run_awaitable(aw):
+    """An ``async def`` task on a synchronous pool: run it to completion on its own trio loop."""
+    import trio  # lazy: only async tasks need it, and importing trio costs start-up time
+
+    return trio.run(_await, aw)
+
+
+class _Ctx:
+    __slots__ = ("task", "req", "t0", "in_task")
+
+
+class Runner:
+    """Runs jobs and returns outcomes ``(settle, state, value, meta, delay, retries)``.
+
+    A job is ``(seq, payload, msg_id, queue, priority, attempts, headers, soft_limit)`` where
+    payload is the envelope (a dict) or the message body (bytes, decoded here).  Hooks
+    (``on_success``, ``on_failure``, ``on_retry``, ``after_return``) run here, in the process
+    that ran the task, before the outcome goes back to be stored.
+    """
+
+    def __init__(self, app, hostname: str, alarm: bool = False):
+        self.app = app
+        self.hostname = hostname
+        self.alarm = alarm  # soft limits by SIGALRM (a child process: only the main thread runs tasks)
+        self.in_task = False
+        if alarm:
+            signal.signal(signal.SIGALRM, self._on_alarm)
+
+    def _on_alarm(self, signum, frame):
+        if self.in_task:
+            self.in_task = False
+            raise SoftTimeLimitExceeded("soft time limit exceeded")
+
+    # -- the pieces, shared by the sync and async paths --
+    def begin(self, job):
+        """(ctx, None) to run the task, or (None, outcome) when it cannot run."""
+        _, payload, msg_id, queue, priority, attempts, headers, _soft = job
+        if type(payload) is dict:
+            env = payload
+        else:
+            try:
+                env = decode_envelope(payload)
+            except ValueError as exc:
+                return None, undecodable_outcome(msg_id, queue, exc, self.hostname)
+        task = self.app.tasks.get(env["task"])
+        if task is None:
+            return None, unknown_outcome(env, self.app, self.hostname)
+        hdrs = headers or {}
+        retries = hdrs.get("retries")
+        if type(retries) is not int:
+            retries = env.get("retries") or 0
+        req = Request(
+            id=env["id"], args=env["args"], kwargs=env["kwargs"], retries=retries,
+            delivery_info={"queue": queue, "priority": priority, "redelivered": attempts > 1, "attempts": attempts},
+            eta=env.get("eta"), expires=env.get("expires"), parent_id=env.get("parent_id"),
+            root_id=env.get("root_id"), headers=env.get("headers"), hostname=self.hostname, task=env["task"],
+        )
+        ctx = _Ctx()
+        ctx.task = task
+        ctx.req = req
+        ctx.t0 = time.perf_counter()
+        return ctx, None
+
+    def execute(self, job, slot=None):
+        """Run one job here; return its outcome.  ``slot`` (threads pool) carries ``in_task``."""
+        ctx, outcome = self.begin(job)
+        if ctx is None:
+            return outcome
+        req = ctx.req
+        soft = job[7]
+        token = current_request.set(req)
+        try:
+            try:
+                if slot is not None:
+                    slot.in_task = True
+                elif self.alarm:
+                    self.in_task = True
+                    if soft:
+                        signal.setitimer(signal.ITIMER_REAL, soft)
+                try:
+                    retval = ctx.task(*req.args, **req.kwargs)
+                    if inspect.isawaitable(retval):
+                        retval = _run_awaitable(retval)
+                finally:
+                    if slot is not None:
+                        with slot.lock:
+                            slot.in_task = False
+                        try:
+                            _checkpoint()
+                        except (SoftTimeLimitExceeded, TimeLimitExceeded):
+                            pass  # the limit hit just as the task ended: keep its real outcome
+                    elif self.alarm:
+                        self.in_task = False
+                        if soft:
+                            signal.setitimer(signal.ITIMER_REAL, 0)
+            except BaseException as exc:  # noqa: BLE001 - every failure of user code is an outcome
+                return self._outcome(self.failed, ctx, exc)
+            return self._outcome(self.succeeded, ctx, retval)
+        finally:
+            current_request.reset(token)
+
+    async def execute_async(self, job, limit=None, hard=None):
+        """Trio pool: await an ``async def`` task under a cancel scope for its time limits."""
+        import trio  # lazy: only the trio pool comes here; the other pools never load trio
+
+        ctx, outcome = self.begin(job)
+        if ctx is None:
+            return outcome
+        req = ctx.req
+        token = current_request.set(req)
+        try:
+            deadline = trio.current_time() + limit if limit else float("inf")
+            try:
+                with trio.CancelScope(deadline=deadline) as cs:
+                    retval = await ctx.task(*req.args, **req.kwargs)
+                if cs.cancelled_caught:
+                    if hard and (not job[7] or hard <= job[7]):
+                        raise TimeLimitExceeded(f"hard time limit ({hard:g}s) exceeded")
+                    raise SoftTimeLimitExceeded(f"soft time limit ({limit:g}s) exceeded")
+            except BaseException as exc:  # noqa: BLE001
+                if isinstance(exc, trio.Cancelled):
+                    raise  # the worker itself is being cancelled (cold stop)
+                return self._outcome(self.failed, ctx, exc)
+            return self._outcome(self.succeeded, ctx, retval)
+        finally:
+            current_request.reset(token)
+
+    def _outcome(self, settle, ctx, value):
+        """``succeeded``/``failed``, but never raising: whatever a task returned or raised, its process
+        (a pool child, a pool thread, the trio loop) must live on and the task must get a result."""
+        try:
+            return settle(ctx, value)
+        except Exception as exc:  # noqa: BLE001
+            log.error("Task %s[%s]: its outcome could not be recorded: %s: %s", ctx.task.name, ctx.req.id,
+                      type(exc).__name__, safe_str(exc))
+            err = EncodeError(f"the outcome of {ctx.task.name} could not be recorded: {type(exc).__name__}: "
+                              f"{safe_str(exc)}")
+            return (S_ACK, "FAILURE", None, exc_meta(err, self.hostname, ""), None, None)
+
+    def _hook(self, ctx, name, *args):
+        try:
+            getattr(ctx.task, name)(*args)
+        except Exception:
+            log.exception("Task %s[%s]: %s hook raised", ctx.task.name, ctx.req.id, name)
+
+    def succeeded(self, ctx, retval):
+        task, req = ctx.task, ctx.req
+        # The value must be storable (CBOR, within one frame) and showable (repr, for the log line and
+        # the task-succeeded event): an int over 4,300 digits, a cyclic list or a raising __repr__ used
+        # to kill the pool process and be retried until dead-lettered, its result PENDING for ever.
+        # The repr is the one the default (INFO) log line makes anyway.
+        why = None
+        try:
+            size = len(cbor2.dumps(retval))
+        except Exception as exc:  # noqa: BLE001 - cbor2 raises several kinds; RecursionError too
+            why = safe_str(exc)
+        else:
+            if size > RESULT_MAX_BYTES:
+                why = f"it is {size} bytes encoded, over the {RESULT_MAX_BYTES} bytes a result may take"
+            else:
+                try:
+                    shown = short_repr(retval)
+                except Exception as exc:  # noqa: BLE001
+                    why = f"repr() of it raised {type(exc).__name__}: {safe_str(exc)}"
+        if why is not None:
+            err = EncodeError(
+                f"the return value of {task.name} ({type(retval).__name__}) cannot be stored as a result: {why}"
+            )
+            return self.failed(ctx, err)
+        runtime = time.perf_counter() - ctx.t0
+        self._hook(ctx, "on_success", retval, req.id, req.args, req.kwargs)
+        self._hook(ctx, "after_return", "SUCCESS", retval, req.id, req.args, req.kwargs, None)
+        if log.isEnabledFor(logging.INFO):
+            log.info("Task %s[%s] succeeded in %.4fs: %s", task.name, req.id, runtime, shown)
+        ignore = task.ignore_result
+        if ignore is None:
+            ignore = self.app.conf.get("task_ignore_result", False)
+        if ignore:
+            return (S_ACK, None, None, None, None, None)
+        return (S_ACK, "SUCCESS", retval, None, None, None)
+
+    def failed(self, ctx, exc):
+        task, req = ctx.task, ctx.req
+        if isinstance(exc, Retry):
+            return self._retry(ctx, exc, exc.exc, exc.when)
+        if isinstance(exc, Ignore):
+            log.info("Task %s[%s] ignored", task.name, req.id)
+            return (S_ACK, None, None, None, None, None)
+        if isinstance(exc, Reject):
+            log.info("Task %s[%s] rejected (requeue=%s): %s", task.name, req.id, exc.requeue, exc)
+            return (S_REQUEUE if exc.requeue else S_REJECT, None, None, None, None, None)
+        auto = task.autoretry_for
+        if auto and isinstance(exc, tuple(auto)) and not (
+            task.dont_autoretry_for and isinstance(exc, tuple(task.dont_autoretry_for))
+        ):
+            kw = dict(task.retry_kwargs or {})
+            if task.retry_backoff:
+                try:
+                    kw["countdown"] = task.retry_delay(req.retries)
+                except OverflowError:  # 2 ** retries past a float (a forged "retries" header): the cap
+                    kw["countdown"] = float(task.retry_backoff_max)
+            kw.pop("exc", None)
+            try:
+                task.retry(exc=exc, **kw)
+            except Retry as r:
+                return self._retry(ctx, r, exc, r.when)
+            except BaseException as past_max:  # noqa: BLE001 - max_retries reached: the last exception
+                exc = past_max
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        einfo = ExceptionInfo(exc)
+        self._hook(ctx, "on_failure", exc, req.id, req.args, req.kwargs, einfo)
+        self._hook(ctx, "after_return", "FAILURE", exc, req.id, req.args, req.kwargs, einfo)
+        if isinstance(exc, SoftTimeLimitExceeded):
+            log.warning("Soft time limit exceeded for %s[%s]", task.name, req.id)
+        log.error("Task %s[%s] raised unexpected: %r", task.name, req.id, exc)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("Task %s[%s] traceback:\n%s", task.name, req.id, tb)
+        return (S_ACK, "FAILURE", None, exc_meta(exc, self.hostname, tb), None, None)
+
+    def _retry(self, ctx, r, exc, when):
+        task, req = ctx.task, ctx.req
+        if when is None:
+            when = float(task.default_retry_delay)
+        shown = exc if exc is not None else r
+        einfo = ExceptionInfo(shown)
+        self._hook(ctx, "on_retry", shown, req.id, req.args, req.kwargs, einfo)
+        self._hook(ctx, "after_return", "RETRY", shown, req.id, req.args, req.kwargs, einfo)
+        log.info("Task %s[%s] retry: Retry in %gs: %r", task.name, req.id, when, shown)
+        return (S_RETRY, "RETRY", None, exc_meta(shown, self.hostname, einfo.traceback), max(0.0, float(when)), req.retries + 1)
+
+
+def _bad_number(value, *, nonneg=False, upper=None) -> bool:
+    """True unless ``value`` is an int or float (not bool), finite, within range."""
+    if type(value) not in (int, float):
+        return True
+    try:
+        f = float(value)
+    except OverflowError:  # a bignum
+        return True
+    if not math.isfinite(f) or (nonneg and f < 0) or (upper is not None and f > upper):
+        return True
+    return False
+
+
+def check_envelope(env: dict) -> None:
+    """Raise ValueError naming the first field of a decoded envelope (protocol.md §8.1) that the worker
+    cannot use.  ``decode_envelope`` has checked ``task``, ``id``, ``args``, ``kwargs`` and ``v``; this
+    checks the rest, so that nothing later (deadline arithmetic, ``time.time() >= expires``, setitimer,
+    retry counting) can raise in the main loop on a hostile or buggy producer's envelope."""
+    tid = env["id"]
+    if not 0 < len(tid) <= 255:
+        raise ValueError(f"task envelope field 'id' must be 1 to 255 characters (got {len(tid)})")
+    for k in env["kwargs"]:
+        if type(k) is not str:
+            raise ValueError(f"task envelope field 'kwargs' must have text keys (got the key {shown(k)})")
+    retries = env.get("retries")
+    if retries is not None and (type(retries) is not int or retries < 0):
+        raise ValueError(f"task envelope field 'retries' must be a whole number >= 0 or null (got {shown(retries)})")
+    for key in ("eta", "expires"):
+        value = env.get(key)
+        if value is not None and _bad_number(value):
+            raise ValueError(f"task envelope field {key!r} must be a Unix time in seconds (a finite number) or null "
+                             f"(got {shown(value)})")
+    for key in ("parent_id", "root_id"):
+        value = env.get(key)
+        if value is not None and type(value) is not str:
+            raise ValueError(f"task envelope field {key!r} must be text or null (got {shown(value)})")
+    value = env.get("headers")
+    if value is not None and type(value) is not dict:
+        raise ValueError(f"task envelope field 'headers' must be a map or null (got {shown(value)})")
+    for key in ("link", "link_error", "chain"):
+        value = env.get(key)
+        if value is not None and type(value) is not list:
+            raise ValueError(f"task envelope field {key!r} must be an array of signatures or null (got {shown(value)})")
+    opts = env.get("options")
+    if opts is None:
+        return
+    if type(opts) is not dict:
+        raise ValueError(f"task envelope field 'options' must be a map or null (got {shown(opts)})")
+    for key in ("time_limit", "soft_time_limit"):
+        value = opts.get(key)
+        if value is not None and _bad_number(value, nonneg=True, upper=TIME_LIMIT_MAX):
+            raise ValueError(f"task envelope field 'options.{key}' must be a number of seconds from 0 to "
+                             f"{TIME_LIMIT_MAX:g} (0 or null: no limit) (got {shown(value)})")

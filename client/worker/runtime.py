@@ -1,0 +1,804 @@
+"""The worker: one connection to brokerd, one consumer, a pool, and the main loop that joins them.
+
+**One connection, one consumer.**  The parent process holds the only broker connection (a
+blocking ``client.producer.Client``, driven through ``channel``) and one consumer over every
+queue, in preference order, with prefetch credit = concurrency x multiplier.  brokerd never sends
+more than that, so the worker's buffer is bounded and a long task never hides short ones behind it
+in a deep local queue.
+
+**Threads in the parent.**  The *intake* thread (``intake``) owns the connection's life.  The
+*main loop* takes deliveries straight from the consumer's buffer (an inbox: a deque plus a
+wake-up pipe that is written only while the main loop sleeps, so a busy loop makes no syscall per
+delivery), decodes each envelope, hands tasks to free pool slots, applies their outcomes, and
+watches time limits.  It blocks in ``poll()`` on the inbox pipe and the children's sockets and
+pidfds; there is no polling sleep anywhere on the hot path.  The trio pool has its own loop
+(``run_trio``) around the same event handling.
+
+**Outcomes.**  Whatever process runs the task computes its outcome (``runner``); the main loop
+applies it: SUCCESS/FAILURE are stored and the delivery acked in one RESULT_SET (one log record on
+the broker, so "result stored" and "message done" cannot be split by a crash); a retry stores
+RETRY and nacks with a delay and a ``retries`` header (brokerd holds the task, not the worker);
+``Reject`` nacks, ``Ignore`` acks.  Settling is pipelined: the frames are buffered and sent once
+per loop turn, so a burst of results costs one write.  A pool process that dies mid-task counts
+as one retry of it (``outcome.lost_outcome``).
+
+**Stopping.**  First SIGTERM/SIGINT (or ``stop()``): warm stop.  The consumer is cancelled,
+deliveries received but not started are handed back at once (nack with requeue; they are not
+failures, but brokerd counts every delivery as an attempt, so each one handed back uses one of
+the queue's max_attempts), running tasks get ``grace`` seconds (default 30) to finish and their
+results are stored, then the connection is closed (BYE) and ``run()`` returns.  A second signal,
+or the grace period running out: cold stop.  Children are killed, unfinished tasks are left to
+brokerd, which redelivers them when the connection closes; ``run()`` then raises ``ColdStop``.
+
+**Broker restarts.**  A lost connection is re-established by the intake thread; deliveries of
+the old connection that were waiting are dropped (brokerd gives them back), tasks already running
+finish, and their results are stored through the new connection without an ack.  brokerd
+redelivers those messages (at-least-once); when the redelivery reaches this worker it is acked
+without running the task again (another worker would run it again).
+
+**Autoscale** (``autoscale=(max, min)``, processes and threads pools): the pool grows by one slot
+whenever a delivery waits and every slot is busy, and shrinks by one slot per ``AUTOSCALE_IDLE``
+seconds a slot stays idle, down to ``min`` (``pools.base``).  Prefetch credit is set once, from
+``max``.  While the pool may still grow, jobs are not batched onto busy processes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import select
+import signal
+import socket
+import threading
+import time
+from collections import deque
+
+from client.envelope import decode_envelope
+from client.canvas import after_task
+from client.errors import BrokerdError, Disconnected
+import client.worker.events as ev_
+from client.worker.channel import Channel, close_quietly, delivery_buffer, detach_in_child
+from client.worker.control import Control
+from client.worker.intake import CONNECT_TIMEOUT, BrokerUnreachable, connect, intake
+from client.worker.limits import TaskLimits, check_deadlines
+from client.worker.logs import setup_logging
+from client.worker.outcome import S_ACK, S_REQUEUE, S_RETRY, lost_outcome, undecodable_outcome, unknown_outcome
+from client.worker.pools.base import Job, close_fds
+from client.worker.pools.process import ProcessPool
+from client.worker.pools.thread import ThreadPool
+from client.worker.runner import check_envelope
+
+log = logging.getLogger("brokerd.worker")
+
+DEFAULT_GRACE = 30.0  # warm stop: how long running tasks may take to finish
+AUTOSCALE_IDLE = 5.0  # a pool slot idle this long is retired (down to the autoscale minimum)
+MAX_PREFETCH = 65535  # brokerd's limit per consumer
+RAN_OFFLINE_MAX = 100_000  # task ids remembered as "ran while brokerd was unreachable" (bounds memory)
+# Default concurrency per pool: a process per CPU; threads and trio tasks mostly wait on I/O.
+DEFAULT_CONCURRENCY = {"processes": lambda: os.cpu_count() or 1, "threads": lambda: 10, "trio": lambda: 100}
+STORED = ("SUCCESS", "FAILURE")  # result states kept for a later connection when the current one is gone
+
+
+class ColdStop(Exception):
+    """The worker stopped without waiting for its running tasks (second signal, or grace ran out)."""
+
+
+def default_hostname(name: str | None = None) -> str:
+    """``-n`` with Celery's %h (host), %n (host name part) and %d (domain part)."""
+    host = socket.gethostname()
+    name = name or "brokerd@%h"
+    short, _, domain = host.partition(".")
+    return name.replace("%h", host).replace("%n", short).replace("%d", domain).replace("%i", str(os.getpid()))
+
+
+class Worker:
+    """Consume tasks for ``app`` from brokerd and run them.  See the module docstring.
+
+    ``Worker(app, queues=None, concurrency=None, pool="processes", prefetch_multiplier=1,
+    max_tasks_per_child=None, autoscale=None, hostname=None, loglevel="info", *, grace=30.0,
+    time_limit=None, soft_time_limit=None, broker=None, connect_timeout=10.0, task_events=None,
+    heartbeat_interval=2.0, max_memory_per_child=None)``
+
+    ``task_events``: send task-* events (default: the app's ``worker_send_task_events``, else
+    on); worker-online/heartbeat/offline events are always sent, every ``heartbeat_interval``
+    seconds.  ``max_memory_per_child`` (KiB, processes pool): a pool process whose resident
+    memory is above it after a task is replaced.
+
+    ``run()`` blocks until the worker is stopped (``stop()`` from another thread, or
+    SIGTERM/SIGINT when ``run()`` is called in the main thread).  It returns after a warm stop,
+    raises ``ColdStop`` after a cold one and ``BrokerUnreachable`` when brokerd cannot be
+    reached at start within ``connect_timeout`` seconds.
+
+    Its public attributes and methods past ``run``/``stop`` are what the pools, the intake
+    thread and remote control use (``pools.base.Pool`` lists them); they are not an API.
+    """
+
+    def __init__(self, app, queues=None, concurrency=None, pool="processes", prefetch_multiplier=None,
+                 max_tasks_per_child=None, autoscale=None, hostname=None, loglevel="info", *,
+                 grace=DEFAULT_GRACE, time_limit=None, soft_time_limit=None, broker=None,
+                 connect_timeout=CONNECT_TIMEOUT, configure_logging=True, task_events=None,
+                 heartbeat_interval=ev_.HEARTBEAT_INTERVAL, max_memory_per_child=None):
+        if pool == "prefork":
+            pool = "processes"
+        if pool not in ("processes", "threads", "trio"):
+            raise ValueError(f"pool must be 'processes', 'threads' or 'trio' (got {pool!r})")
+        self.app = app
+        if isinstance(queues, str):
+            queues = [q.strip() for q in queues.split(",") if q.strip()]
+        self.queues = list(queues or [app.conf.task_default_queue])
+        self.pool_kind = pool
+        if autoscale:
+            amax, amin = autoscale
+            if amin > amax:
+                raise ValueError(f"autoscale maximum ({amax}) must be at least its minimum ({amin})")
+            concurrency = amax
+            self.autoscale = (int(amax), int(amin))
+        else:
+            self.autoscale = None
+        if concurrency is None:
+            concurrency = app.conf.get("worker_concurrency") or DEFAULT_CONCURRENCY[pool]()
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1 (got {concurrency})")
+        self.concurrency = int(concurrency)
+        if prefetch_multiplier is None:
+            prefetch_multiplier = app.conf.get("worker_prefetch_multiplier") or 1
+        self.prefetch_multiplier = int(prefetch_multiplier)
+        self.prefetch = min(MAX_PREFETCH, max(1, self.concurrency * self.prefetch_multiplier))
+        self.max_tasks_per_child = max_tasks_per_child or app.conf.get("worker_max_tasks_per_child")
+        self.max_memory_per_child = max_memory_per_child or app.conf.get("worker_max_memory_per_child")
+        if task_events is None:
+            task_events = app.conf.get("worker_send_task_events", ev_.DEFAULT_TASK_EVENTS)
+        self.task_events = bool(task_events)
+        if not heartbeat_interval or heartbeat_interval <= 0:
+            raise ValueError(f"heartbeat_interval must be a number of seconds > 0 (got {heartbeat_interval!r})")
+        self.heartbeat_interval = float(heartbeat_interval)
+        self.hostname = default_hostname(hostname)
+        self.loglevel = loglevel
+        self.grace = grace
+        self.broker = broker or app.conf.broker_url
+        if broker:
+            app.conf.broker_url = broker  # tasks that send tasks (or a child's own client) use it too
+        self.connect_timeout = connect_timeout
+        self.configure_logging = configure_logging
+        self.result_ttl = app.conf.get("result_expires")
+        self.limits = TaskLimits(app, soft_time_limit, time_limit)
+
+        self._inbox: deque = deque()
+        self._sleeping = False
+        self._wake_r = self._wake_w = None
+        self.stopping = False  # warm stop under way
+        self._cold = False
+        self.stop_event = threading.Event()
+        self._channel: Channel | None = None
+        self._direct = None  # the consumer's delivery buffer, read by the main loop itself
+        self._consumer = None
+        self._client = None
+        self._gen = 0
+        self._sink: deque = deque()  # (what, error) of pipelined requests that failed
+        self._orphans: list = []  # results to store once a connection is back
+        self._ran_offline: set = set()  # ids of those, stored after a reconnect: don't run them twice
+        self.backlog: deque[Job] = deque()
+        self.running: dict[int, Job] = {}
+        self._seq = itertools.count(1)
+        self._limited = False  # some task has a time limit: the main loop watches deadlines
+        self._intake_thread = None
+        self._fatal = None
+        self._signals = 0
+        self._grace_deadline = None
+        self.poller = None
+        self.pool = None
+        self.post = self._post_sync  # how other threads hand the main loop an item (the trio loop swaps it)
+        self.exitcode = None
+        self.ready = threading.Event()  # set once connected and consuming (tests, embedding)
+        self.events = ev_.EventBuffer()
+        self._next_beat = 0.0  # monotonic time of the next worker-heartbeat
+        self.stats = ev_.Stats()
+        self.control = Control(self)
+
+    def __repr__(self):
+        return f"<Worker {self.hostname} pool={self.pool_kind} c={self.concurrency} queues={self.queues}>"
+
+    # -- public --------------------------------------------------------------------------------
+    def run(self) -> None:
+        if self.configure_logging:
+            setup_logging(self.loglevel)
+        if self.pool_kind == "trio":
+            return self.run_trio()
+        return self._run_sync()
+
+    def stop(self, graceful: bool = True) -> None:
+        """Ask the worker to stop (thread-safe; also what SIGTERM / SIGINT do)."""
+        self.post(("stop", graceful))
+
+    # -- the inbox ----------------------------------------------------------------------------
+    def _post_sync(self, item) -> None:
+        self._inbox.append(item)
+        if self._sleeping:
+            try:
+                os.write(self._wake_w, b"!")
+            except (OSError, TypeError):
+                pass
+
+    def forget_parent_fds(self):
+        """In a forked child: the parent's pipes and broker socket are not ours."""
+        close_fds((self._wake_r, self._wake_w))
+        self._wake_r = self._wake_w = None
+        if self._client is not None:
+            detach_in_child(self._client)
+        try:
+            signal.set_wakeup_fd(-1)
+        except (ValueError, OSError):
+            pass
+
+    def _on_signal(self, signum, frame):
+        self.post(("signal", signum))
+
+    # -- receiving ----------------------------------------------------------------------------
+    def _received(self, d, gen):
+        try:
+            self._receive(d, gen)
+        except Exception as exc:  # noqa: BLE001 - a bug or a case check_envelope missed costs this task only
+            log.exception("could not take message %r from %s", d.id, d.queue)
+            queued = self.backlog and self.backlog[-1].d is d
+            ch = self._channel
+            if not queued and not d.settled and ch is not None and gen == ch.gen:
+                self._settle(d, ch, undecodable_outcome(d.id, d.queue, exc, self.hostname), d.id)
+
+    def _receive(self, d, gen):
+        if gen != self._gen:
+            return  # from a connection that is gone: brokerd took it back
+        ch = self._channel
+        if self.stopping:
+            self._settle(d, ch, (S_REQUEUE, None, None, None, None, None), d.id)
+            return
+        try:
+            env = decode_envelope(d.body)
+            check_envelope(env)  # fields of the wrong type fail this task here, not the main loop later
+        except ValueError as exc:
+            outcome = undecodable_outcome(d.id, d.queue, exc, self.hostname)
+            if self.task_events:
+                self.events.emit(ev_.task_outcome(d.id, outcome, None))
+            self._settle(d, ch, outcome, d.id)
+            return
+        name = env["task"]
+        task = self.app.tasks.get(name)
+        if task is None:
+            outcome = unknown_outcome(env, self.app, self.hostname)
+            if self.task_events:
+                self.events.emit(ev_.task_received(env, d))
+                self.events.emit(ev_.task_outcome(env["id"], outcome, None))
+            self._settle(d, ch, outcome, env["id"])
+            return
+        task_id = env["id"]
+        if task_id in self._ran_offline and d.redelivered:
+            # It finished while brokerd was unreachable and its result was stored after the
+            # reconnect: this is brokerd redelivering it, so settle it without running it again.
+            self._ran_offline.discard(task_id)
+            log.info("Task %s[%s] already ran (result stored after reconnecting): acked", name, task_id)
+            ch.ack(d)
+            return
+        expires = env.get("expires")
+        if self.task_events:
+            self.events.emit(ev_.task_received(env, d))
+        if expires is not None and time.time() >= expires:
+            log.info("Discarding revoked task: %s[%s] (expired)", name, task_id)
+            meta = {"reason": "expired", "expires": expires, "hostname": self.hostname}
+            outcome = (S_ACK, "REVOKED", None, meta, None, None)
+            if self.task_events:
+                self.events.emit(ev_.task_outcome(task_id, outcome, None))
+            self._settle(d, ch, outcome, task_id)
+            return
+        if log.isEnabledFor(logging.INFO):
+            log.info("Task %s[%s] received", name, task_id)
+        acks_late, soft, hard = self.limits.of(task, env)
+        job = Job(next(self._seq), d, gen, task_id, name, env, soft, hard)
+        if soft or hard:
+            self._limited = True
+        if not acks_late:
+            ch.ack(d)
+        self.backlog.append(job)
+
+    # -- settling -----------------------------------------------------------------------------
+    def finish(self, job: Job, outcome, runtime=None):
+        """``job`` ended with ``outcome``: report it and settle it (or keep its result for later)."""
+        self.running.pop(job.seq, None)
+        self.stats.ran(job.name)
+        if self.task_events:
+            if runtime is None and job.started is not None:
+                runtime = time.time() - job.started
+            self.events.emit(ev_.task_outcome(job.task_id, outcome, runtime))
+        ch = self._channel
+        if ch is None or job.gen != ch.gen:
+            # Its connection is gone, so brokerd redelivers the message; keep the result.
+            state = outcome[1]
+            if state in STORED:
+                self._orphans.append((job.task_id, state, outcome[2], outcome[3]))
+            return
+        self._settle(job.d, ch, outcome, job.task_id)
+        env = job.env
+        if env and outcome[1] in STORED and (env.get("chain") or env.get("link") or env.get("link_error")):
+            self._continue_workflow(env, outcome)
+
+    def _continue_workflow(self, env, outcome):
+        """Send what a workflow does next: chain step, link callbacks (client.canvas.after_task)."""
+        try:
+            if self._channel is not None:
+                self._channel.flush()  # this task's own result first, then what follows from it
+            after_task(self.app, env, outcome[1], outcome[2], outcome[3])
+        except Exception as exc:
+            log.error("could not continue the workflow of %s[%s]: %s", env.get("task"), env.get("id"), exc)
+
+    def _settle(self, d, ch, outcome, task_id):
+        settle, state, value, meta, delay, retries = outcome
+        try:
+            if settle == S_ACK:
+                if state is None:
+                    if not d.settled:
+                        ch.ack(d)
+                else:
+                    ch.result(None if d.settled else d, task_id, state, value, meta)
+            elif settle == S_RETRY:
+                ch.result(None, task_id, state, value, meta)
+                headers = dict(d.headers or {})
+                headers["retries"] = retries
+                if d.settled:  # acks_late=False: it was acked on receipt, so publish it again
+                    ch.publish(d.queue, d.body, priority=d.priority, delay=delay or None, headers=headers, id=task_id)
+                else:
+                    ch.nack(d, True, delay or 0.0001, headers)  # > 0: an explicit retry, not an attempt
+            else:
+                if state is not None:
+                    ch.result(None, task_id, state, value, meta)
+                if not d.settled:
+                    ch.nack(d, settle == S_REQUEUE)
+        except Disconnected:
+            if state in STORED:
+                self._orphans.append((task_id, state, value, meta))
+        except BrokerdError as exc:
+            log.warning("could not settle task %s with brokerd: %s", task_id, exc)
+
+    def hand_back_job(self, job: Job, reason: str = "worker stopping"):
+        """A job that never started goes back to brokerd (nack with requeue)."""
+        self.running.pop(job.seq, None)
+        if self.task_events:
+            self.events.emit(ev_.task_handed_back(job.task_id, reason))
+        ch = self._channel
+        if ch is not None and job.gen == ch.gen and not job.d.settled:
+            try:
+                ch.nack(job.d, True)
+            except BrokerdError:
+                pass
+
+    def lost_job(self, job: Job, why: str = "its process died"):
+        """Its process died mid-task: one retry of it, or past its max_retries a FAILURE (``lost_outcome``)."""
+        ch = self._channel
+        if ch is None or job.gen != ch.gen:
+            self.running.pop(job.seq, None)
+            return  # its connection is gone: brokerd has taken the message back already
+        self.finish(job, lost_outcome(job, self.app.tasks.get(job.name), why, self.hostname))
+
+    def _check_sink(self):
+        sink = self._sink
+        while sink:
+            what, err = sink.popleft()
+            if isinstance(err, Disconnected):
+                if what[0] == "result" and what[2] in ("SUCCESS", "FAILURE", "REVOKED"):
+                    self._orphans.append(what[1:])
+                continue
+            if getattr(err, "code", None) == "STALE_DELIVERY":
+                log.warning("brokerd had already taken back %s %r (reservation timeout?): %s", what[0], what[1], err)
+            else:
+                log.warning("brokerd refused %s of %r: %s", what[0], what[1], err)
+
+    def _store_orphans(self):
+        ch = self._channel
+        if ch is None or not self._orphans:
+            return
+        orphans, self._orphans = self._orphans, []
+        for task_id, state, value, meta in orphans:
+            try:
+                ch.result(None, task_id, state, value, meta)
+            except Disconnected:
+                self._orphans.append((task_id, state, value, meta))
+            else:
+                if len(self._ran_offline) < RAN_OFFLINE_MAX:
+                    self._ran_offline.add(task_id)
+        log.info("stored %d results of tasks that finished while brokerd was unreachable", len(orphans))
+
+    # -- events (protocol.md §5.29) --------------------------------------------------------------
+    def job_started(self, job: Job) -> None:
+        """``job`` starts running now (its slot took it)."""
+        job.started = t = time.time()
+        pid = getattr(job.slot, "pid", None) or self.stats.pid
+        if self.task_events:
+            self.events.emit({"type": "task-started", "uuid": job.task_id, "ts": t, "pid": pid})
+        task = self.app.tasks.get(job.name) if job.name else None
+        track = getattr(task, "track_started", None)
+        if track is None:
+            track = self.app.conf.get("task_track_started", False)
+        if track and self._channel is not None and job.gen == self._channel.gen:
+            # Celery's track_started: the state is STARTED until the final result
+            # replaces it; pipelined with the other results of this loop turn.
+            try:
+                self._channel.result(None, job.task_id, "STARTED", None, {"hostname": self.hostname, "pid": pid})
+            except BrokerdError:
+                pass
+
+    def pool_resized(self, old: int, new: int, reason: str) -> None:
+        self.stats.resized["grown" if new > old else "shrunk"] += 1
+        self.events.emit_now("worker-pool-resized", old=old, size=new, reason=reason)
+
+    def process_replaced(self, pid: int, reason: str, rss_kb=None, tasks=None) -> None:
+        self.stats.replaced[reason] = self.stats.replaced.get(reason, 0) + 1
+        self.events.emit_now("worker-process-replaced", pid=pid, reason=reason, rss_kb=rss_kb, tasks=tasks)
+
+    def flush(self, force: bool = False) -> None:
+        """Send what this turn buffered (results, acks, nacks) in one write, with the pending events
+        once they are due or ``force``."""
+        ch = self._channel
+        if ch is None:
+            return
+        try:
+            evs = self.events.take(force)
+            if evs is not None:
+                ch.events(self.hostname, evs)
+            ch.flush()
+        except BrokerdError:
+            pass
+
+    def _beat_if_due(self, now: float) -> float:
+        """Send a worker-heartbeat when due; return seconds until the next one."""
+        if now >= self._next_beat:
+            if self._channel is not None:
+                self.events.emit_now("worker-heartbeat", **ev_.heartbeat_info(self))
+            self._next_beat = now + self.heartbeat_interval
+        return self._next_beat - now
+
+    # -- remote control (protocol.md §5.34) --------------------------------------------------------
+    def _on_control(self, payload):
+        """A CONTROL frame from brokerd: a control request (``control``, ``args``, ``reply_id``:
+        answered with CONTROL_REPLY), or ``revoke`` + ``terminate``, which kills running tasks."""
+        if not isinstance(payload, dict):
+            return
+        command = payload.get("control")
+        if not isinstance(command, str):
+            if payload.get("terminate"):
+                self.control.terminate(payload)
+            return
+        reply = self.control.answer(command, payload.get("args") or {})
+        reply_id = payload.get("reply_id")
+        ch = self._channel
+        if type(reply_id) is int and ch is not None:
+            try:
+                ch.control_reply(reply_id, reply)
+            except BrokerdError:
+                pass
+        if command == "shutdown" and "error" not in reply:
+            log.warning("shutdown requested by a control command: warm stop")
+            self.flush(force=True)  # the reply goes out before the consumer is cancelled
+            self._begin_stop()
+    # -- events (both loops) ------------------------------------------------------------------
+    def _event(self, ev):
+        kind = ev[0]
+        if kind == "delivery":
+            self._received(ev[1], ev[2])
+        elif kind == "done":
+            self.pool.on_done(ev[1], ev[2], ev[3], ev[4])
+        elif kind == "poke":
+            self._take_deliveries()
+        elif kind == "connected":
+            _, client, consumer, gen, direct = ev
+            self._client = client
+            self._consumer = consumer
+            self._direct = delivery_buffer(consumer) if direct else None
+            self._gen = gen
+            self._channel = Channel(client, gen, self._sink, self.result_ttl)
+            # CONTROL broadcasts (revoke with terminate) arrive in the client's reader thread
+            client.control_handlers.append(lambda payload: self.post(("control", payload)))
+            self.events.emit_now("worker-online", **ev_.online_info(self))
+            self._next_beat = time.monotonic() + self.heartbeat_interval
+            self.ready.set()
+            if gen == 1:
+                log.info("%s ready: consuming %s (prefetch %d, pool %s x %d)", self.hostname, ",".join(self.queues),
+                         self.prefetch, self.pool_kind, self.concurrency)
+            self._store_orphans()
+            if self.stopping:
+                self._cancel_consumer()
+            self._take_deliveries()
+        elif kind == "lost":
+            if ev[1] == self._gen:
+                self._channel = None
+                self._consumer = None
+                self._direct = None
+                self.ready.clear()
+                dropped = len(self.backlog)
+                self.backlog.clear()
+                if dropped:
+                    log.info("dropped %d waiting tasks of the lost connection (brokerd redelivers them)", dropped)
+        elif kind == "signal":
+            self._signals += 1
+            name = signal.Signals(ev[1]).name
+            if self._signals == 1:
+                log.warning("%s received: warm stop (running tasks get %gs; again for a cold stop)", name, self.grace)
+                self._begin_stop()
+            else:
+                log.warning("%s received again: cold stop", name)
+                self._cold = True
+        elif kind == "stop":
+            if ev[1] and not self.stopping:
+                log.info("stop requested: warm stop")
+                self._begin_stop()
+            elif not ev[1]:
+                self._cold = True
+        elif kind == "tick":
+            pass
+        elif kind == "control":
+            self._on_control(ev[1])
+        elif kind == "intake-done":
+            pass  # the intake thread ended (after a stop, or a crash reported as "fatal")
+        elif kind == "fatal":
+            self._fatal = ev[1]
+            self._cold = True
+
+    def _take_deliveries(self):
+        """Deliveries the client buffered for our consumer (the direct path; see client.worker.intake)."""
+        buf = self._direct
+        if buf:
+            gen = self._gen
+            received = self._received
+            while buf:
+                received(buf.popleft(), gen)
+
+    def _begin_stop(self):
+        if self.stopping:
+            return
+        self.stopping = True
+        self.stop_event.set()
+        self._grace_deadline = time.monotonic() + self.grace
+        self._cancel_consumer()
+        self._hand_back()
+        if self.pool is not None:
+            self.pool.drain()
+
+    def _cancel_consumer(self):
+        c = self._consumer
+        if c is not None:
+            try:
+                c.cancel()  # gives back what the client received but did not hand out
+            except BrokerdError:
+                pass
+
+    def _hand_back(self):
+        """Deliveries received but not started go back to brokerd now."""
+        ch = self._channel
+        n = 0
+        while self.backlog:
+            job = self.backlog.popleft()
+            if ch is not None and job.gen == ch.gen and not job.d.settled:
+                try:
+                    ch.nack(job.d, True)
+                    n += 1
+                except BrokerdError:
+                    pass
+                if self.task_events:
+                    self.events.emit(ev_.task_handed_back(job.task_id, "worker stopping"))
+        if n:
+            log.info("handed %d waiting tasks back to brokerd", n)
+
+    # -- the synchronous main loop (processes, threads) ----------------------------------------
+    def _run_sync(self):
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.poller = select.poll()
+        self.poller.register(self._wake_r, select.POLLIN)
+        if self.pool_kind == "processes":
+            self.pool = ProcessPool(self, self.concurrency if not self.autoscale else max(self.autoscale[1], 1),
+                                    self.max_tasks_per_child, self.max_memory_per_child)
+        else:
+            self.pool = ThreadPool(self, self.concurrency if not self.autoscale else max(self.autoscale[1], 1))
+        main = threading.current_thread() is threading.main_thread()
+        old = {}
+        if main:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                old[sig] = signal.signal(sig, self._on_signal)
+        try:
+            self.pool.start()  # fork before any thread exists: children inherit no locks held
+            try:
+                client = connect(self, deadline=time.monotonic() + self.connect_timeout)
+            except BrokerUnreachable:
+                self.pool.close(cold=True)
+                raise
+            if client is None:  # stopped while connecting
+                self.pool.close(cold=True)
+                return
+            self._client = client
+            self._intake_thread = threading.Thread(target=intake, args=(self, client), name="brokerd-intake", daemon=True)
+            self._intake_thread.start()
+            self._loop()
+        finally:
+            for sig, h in old.items():
+                signal.signal(sig, h)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = None
+        if self._fatal is not None:
+            raise self._fatal
+        if self._cold:
+            raise ColdStop("cold stop: running tasks were not waited for; brokerd redelivers them")
+
+    def _loop(self):
+        inbox = self._inbox
+        pool = self.pool
+        backlog = self.backlog
+        running = self.running
+        poller = self.poller
+        wake_r = self._wake_r
+        event = self._event
+        autoscale = self.autoscale
+        has_deadlines = False
+        next_shrink = None
+        while True:
+            while inbox:
+                event(inbox.popleft())
+            if self._sink:
+                self._check_sink()
+            if self._cold:
+                break
+            if pool.current < pool.size:
+                pool.maintain()
+            if backlog:
+                if self.stopping:
+                    self._hand_back()
+                else:
+                    pool.dispatch(backlog, running, time.monotonic())
+                    if self._limited:
+                        has_deadlines = True
+                    if backlog and autoscale and pool.size < autoscale[0]:
+                        pool.grow()
+                        continue
+            if self.stopping and not running:
+                break
+            # How long may we sleep?
+            timeout = None
+            now = None
+            if has_deadlines:
+                now = time.monotonic()
+                t = check_deadlines(running, now, pool, self.hostname, self.finish)
+                has_deadlines = t is not None
+                if t is not None:
+                    timeout = t - now
+            if autoscale:
+                now = now or time.monotonic()
+                next_shrink = pool.shrink_idle(now, autoscale[1], AUTOSCALE_IDLE)
+                if next_shrink is not None:
+                    timeout = min(timeout, next_shrink - now) if timeout is not None else next_shrink - now
+            if self.stopping:
+                now = now or time.monotonic()
+                left = self._grace_deadline - now
+                if left <= 0:
+                    log.error("grace period of %gs is over with %d tasks still running: cold stop", self.grace, len(running))
+                    self._cold = True
+                    break
+                timeout = min(timeout, left) if timeout is not None else left
+            now = now or time.monotonic()
+            beat = self._beat_if_due(now)
+            timeout = self.events.wait(now, min(timeout, beat) if timeout is not None else beat)
+            # Send what this turn buffered (results, acks, nacks, events): one write for the batch.
+            self.flush()
+            # Sleep until a child writes, a delivery or signal arrives, or a timer is due.
+            self._sleeping = True
+            if inbox:
+                self._sleeping = False
+                continue
+            events = poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1))
+            self._sleeping = False
+            for fd, _ in events:
+                if fd == wake_r:
+                    try:
+                        while os.read(wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                else:
+                    pool.on_ready(fd)
+        self._shutdown()
+
+    def _shutdown(self):
+        """Both loops end here: stop the pool, say worker-offline, close the connection."""
+        cold = self._cold
+        self.stop_event.set()
+        self.pool.close(cold=cold)
+        self._check_sink()
+        client = self._client
+        if client is not None:
+            self.events.emit_now("worker-offline")
+            self.flush(force=True)
+            close_quietly(client)
+        if self._intake_thread is not None:
+            self._intake_thread.join(2.0)
+        if self._orphans:
+            log.warning("%d results could not be stored (brokerd unreachable); their tasks will run again", len(self._orphans))
+        log.info("%s stopped (%s)", self.hostname, "cold" if cold else "warm")
+
+    # -- the trio loop --------------------------------------------------------------------------
+    def run_trio(self):
+        import trio  # lazy: only this pool needs trio, and importing it costs the other pools start-up time
+
+        from client.worker.pools.trio import TrioPool  # lazy, for the same reason
+
+        self.pool = TrioPool(self)
+        client = connect(self, deadline=time.monotonic() + self.connect_timeout)
+        if client is None:
+            return
+        self._client = client
+        trio.run(self._trio_main, client)
+        if self._fatal is not None:
+            raise self._fatal
+        if self._cold:
+            raise ColdStop("cold stop: running tasks were cancelled; brokerd redelivers them")
+
+    async def _trio_main(self, client):
+        import trio  # lazy: see run_trio
+
+        token = trio.lowlevel.current_trio_token()
+        send, recv = trio.open_memory_channel(float("inf"))
+
+        def post(item, _soon=token.run_sync_soon, _send=send.send_nowait):
+            try:
+                _soon(_send, item)
+            except trio.RunFinishedError:
+                pass
+
+        self.post = post
+        main = threading.current_thread() is threading.main_thread()
+        async with trio.open_nursery() as nursery:
+            self.pool.nursery = nursery
+            self.pool.wake = send.send_nowait
+            if main:
+                nursery.start_soon(self._trio_signals)
+            self._intake_thread = threading.Thread(target=intake, args=(self, client), name="brokerd-intake", daemon=True)
+            self._intake_thread.start()
+            pool = self.pool
+            backlog = self.backlog
+            while True:
+                if self._cold:
+                    break
+                if self.stopping and not self.running and not backlog:
+                    break
+                timeout = float("inf")
+                if self.stopping:
+                    timeout = self._grace_deadline - time.monotonic()
+                    if timeout <= 0:
+                        log.error("grace period of %gs is over with %d tasks still running: cold stop",
+                                  self.grace, len(self.running))
+                        self._cold = True
+                        break
+                now = time.monotonic()
+                timeout = self.events.wait(now, min(timeout, self._beat_if_due(now)))
+                with trio.move_on_after(timeout):
+                    ev = await recv.receive()
+                    self._event(ev)
+                    while True:  # drain without yielding between events
+                        try:
+                            ev = recv.receive_nowait()
+                        except trio.WouldBlock:
+                            break
+                        self._event(ev)
+                if self.stopping:
+                    self._hand_back()
+                while backlog and pool.has_idle():
+                    job = backlog.popleft()
+                    self.running[job.seq] = job
+                    pool.submit(job)
+                self.flush()
+            nursery.cancel_scope.cancel()
+        self.post = self._post_sync
+        await trio.to_thread.run_sync(self._shutdown)
+
+    async def _trio_signals(self):
+        import trio  # lazy: see run_trio
+
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+            async for signum in sigs:
+                self.post(("signal", signum))
