@@ -55,14 +55,8 @@ import threading
 import time
 from _thread import allocate_lock
 
-from client.errors import (
-    BrokerdError,
-    ConnectionClosed,
-    ConnectionLost,
-    PublishError,
-    RemoteProtocolError,
-    Timeout,
-)
+from client import verbs
+from client.errors import BrokerdError, ConnectionClosed, ConnectionLost, PublishError, Timeout
 from client.session import (
     CONFIRMS,
     CONTROL,
@@ -74,37 +68,11 @@ from client.session import (
     Delivery,
     Pending,
     Session,
-    admin_reply,
     clone_error,
     parse_address,
     publish_options,
-    queue_options,
 )
-from client.wire import (
-    OP_CHORD,
-    OP_CONTROL_REQUEST,
-    OP_EMIT_EVENTS,
-    OP_SUBSCRIBE,
-    OP_TASK_INFO,
-    OP_WORKERS,
-    OP_RESULT_FORGET,
-    OP_RESULT_GET,
-    OP_REVOKE,
-    OP_SCHEDULE_LIST,
-    OP_SCHEDULE_PAUSE,
-    OP_SCHEDULE_PUT,
-    OP_SCHEDULE_REMOVE,
-    OP_ADMIN,
-    OP_DECLARE,
-    OP_DELETE,
-    OP_PAUSE,
-    OP_PING,
-    OP_PURGE,
-    OP_RESUME,
-    OP_STATS,
-    FrameReader,
-    WireError,
-)
+from client.wire import FrameReader, WireError
 
 __all__ = ["Client", "Consumer", "Delivery", "parse_address"]
 
@@ -124,6 +92,7 @@ def new_id_prefix() -> str:
     return os.urandom(6).hex()
 
 
+@verbs.sync_verbs
 class Client:
     """A blocking connection to brokerd, safe to share between threads.
 
@@ -141,6 +110,9 @@ class Client:
     manager, or call ``close()``: its threads keep it alive until then.
     Create clients after forking (e.g. in gunicorn's ``post_fork``), never
     before: a forked child has the socket but not the threads.
+
+    The request verbs (``declare``, ``stats``, ``store_result``, ``revoke``...)
+    come from ``client.verbs``, shared with ``AsyncClient``.
     """
 
     def __init__(self, address=DEFAULT_ADDRESS, *, name: str | None = None, heartbeat: float = 30.0, timeout: float | None = 10.0):
@@ -155,7 +127,8 @@ class Client:
         self.control_handlers: list = []  # called (in the reader thread) with each CONTROL payload
         self.event_handlers: list = []  # called (in the reader thread) with (events, dropped) per EVENT frame
         self._session = Session(
-            self, name=name or default_name(), heartbeat=heartbeat, now=_monotonic(), id_prefix=new_id_prefix()
+            self, name=name or default_name(), heartbeat=heartbeat, now=_monotonic(), id_prefix=new_id_prefix(),
+            control_handlers=self.control_handlers, event_handlers=self.event_handlers,
         )
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
@@ -171,7 +144,7 @@ class Client:
             w = _waiter()
             with self._lock:
                 p = self._session.hello(waiter=w)
-            self._flush()
+            self.flush()
             self._wait(p, timeout)
         except BaseException:
             self._closed = True
@@ -201,8 +174,27 @@ class Client:
     def is_open(self) -> bool:
         return self._session.is_open
 
+    # -- for code that drives the connection itself (the worker) -----------------------------
+    def submit(self, call: verbs.Call, waiter) -> Pending:
+        """Buffer ``call`` without flushing or waiting; ``waiter.release()`` is called
+        (in the reader thread) once ``Pending.result`` or ``.error`` is set.  Send with
+        ``flush()``: a caller that pipelines many requests flushes once per batch."""
+        with self._lock:
+            return call.begin(self._session, waiter)
+
+    def wait_closed(self, timeout: float | None = None) -> BrokerdError | None:
+        """Block until the connection is over (its reader stopped); return why, or
+        None if it is still open after ``timeout`` seconds."""
+        self._reader.join(timeout)
+        with self._lock:
+            return self._session.error
+
+    def fileno(self) -> int:
+        """The socket's file descriptor (-1 once closed)."""
+        return self._sock.fileno()
+
     # -- I/O -------------------------------------------------------------------------------
-    def _flush(self) -> None:
+    def flush(self) -> None:
         """Hand everything buffered to the socket (in buffer order)."""
         with self._send_lock:
             with self._lock:
@@ -215,6 +207,8 @@ class Client:
                     with self._lock:
                         err = self._session.error
                     raise clone_error(err) from exc
+
+    _flush = flush  # the name the worker and older callers use
 
     def _wait(self, p: Pending, timeout):
         """Block until ``p``'s reply; return its result or raise its error."""
@@ -229,12 +223,21 @@ class Client:
             raise p.error
         return p.result
 
-    def _call(self, op: int, *args, timeout=None):
+    def _run(self, call: verbs.Call):
+        """The one call path of every verb: buffer, flush, wait, shape the reply."""
+        t0 = _monotonic()
         w = _waiter()
         with self._lock:
-            p = self._session.request(op, list(args), waiter=w)
-        self._flush()
-        return self._wait(p, self.timeout if timeout is None else timeout)
+            p = call.begin(self._session, w)
+        self.flush()
+        result = self._wait(p, self.timeout if call.timeout is None else call.timeout)
+        if call.timed:
+            return _monotonic() - t0
+        return result if call.reply is None else call.reply(result)
+
+    def _call(self, op: int, *args, timeout=None):
+        """One request ``[op, rid, *args]``, waited for (for callers outside ``client.verbs``)."""
+        return self._run(verbs.Call(op, args, timeout=timeout))
 
     def _wake(self, wake: list) -> None:
         """Wake what the session named.  Called with ``_lock`` held."""
@@ -243,24 +246,8 @@ class Client:
                 self._confirm_cond.notify_all()
             elif obj is FLUSH:
                 self._dirty.set()
-            elif obj is CONTROL:
-                controls = self._session.controls
-                while controls:
-                    payload = controls.popleft()
-                    for fn in list(self.control_handlers):
-                        try:
-                            fn(payload)
-                        except Exception:
-                            log.exception("a CONTROL handler failed")
-            elif obj is EVENTS:
-                frames = self._session.events
-                while frames:
-                    events, dropped = frames.popleft()
-                    for fn in list(self.event_handlers):
-                        try:
-                            fn(events, dropped)
-                        except Exception:
-                            log.exception("an event handler failed")
+            elif obj is CONTROL or obj is EVENTS:
+                self._session.run_handlers()
             elif type(obj) is ConsumerState:
                 obj.waiter.notify_all()
             else:
@@ -286,12 +273,8 @@ class Client:
                         self._wake(session.receive(frames, now))
                     else:
                         session.last_received = now
-        except WireError as e:
-            exc = RemoteProtocolError(e.code, f"the broker sent an unreadable frame: {e.message}")
-        except BrokerdError as e:
-            exc = e
-        except OSError as e:
-            exc = e
+        except (WireError, BrokerdError, OSError) as e:
+            exc = session.reader_failed(e)
         except BaseException as e:  # a bug: fail every waiter rather than hang them
             log.exception("brokerd client reader crashed")
             exc = e
@@ -306,8 +289,7 @@ class Client:
             with self._lock:
                 if session.error is not None:
                     return
-                if session.quiet_errors:
-                    self._log_quiet_errors()
+                session.log_quiet_errors()
                 beat = session.heartbeat_due(now)
                 if beat:
                     session.heartbeat_frame()
@@ -320,40 +302,21 @@ class Client:
                 return
             try:
                 if beat:
-                    self._flush()
+                    self.flush()
                     continue
                 if dirty.wait(min(max(wait, 0.001), 1.0)):
                     if self._closed or session.error is not None:
                         return
                     time.sleep(FLUSH_DELAY)
                     dirty.clear()
-                    self._flush()
+                    self.flush()
             except BrokerdError:
                 return
-
-    def _log_quiet_errors(self) -> None:
-        errs = self._session.quiet_errors
-        while errs:
-            what, exc = errs.popleft()
-            log.warning("brokerd refused a background request (%s): %s", what, exc)
 
     def _abort(self, exc) -> None:
         """The connection is over: fail every waiter, close the socket."""
         with self._lock:
-            session = self._session
-            if session.error is None:
-                if self._closed or session.bye_sent:
-                    err = ConnectionClosed(None, "the client was closed")
-                elif session.closing is not None:
-                    err = session.closing
-                elif isinstance(exc, BrokerdError):
-                    err = exc
-                else:
-                    why = f"{type(exc).__name__}: {exc}" if exc is not None else "the broker closed the connection"
-                    err = ConnectionLost(None, f"connection to brokerd at {self.address} lost ({why})")
-                if exc is not None and err is not exc and isinstance(exc, BaseException):
-                    err.__cause__ = exc
-                self._wake(session.fail(err))
+            self._wake(self._session.connection_lost(exc, address=self.address, closed=self._closed))
         self._dirty.set()
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
@@ -394,7 +357,7 @@ class Client:
             w = _waiter()
             with self._lock:
                 p, mid = session.publish(queue, body, id, priority, opts, waiter=w)
-            self._flush()
+            self.flush()
             self._wait(p, self.timeout)
             return mid
         with self._lock:
@@ -403,7 +366,7 @@ class Client:
             if not flush and not self._dirty.is_set():
                 self._dirty.set()
         if flush:
-            self._flush()
+            self.flush()
         return mid
 
     def wait_for_confirms(self, timeout: float | None = None) -> None:
@@ -418,7 +381,7 @@ class Client:
         with self._lock:
             mark = self._session.confirm_mark()
         try:
-            self._flush()
+            self.flush()
         except BrokerdError:
             pass  # reported below with the unconfirmed ids
         deadline = None if timeout is None else _monotonic() + timeout
@@ -449,187 +412,20 @@ class Client:
         with self._lock:
             p = self._session.consume(queues, prefetch, waiter=w)
             p.consumer.waiter = threading.Condition(self._lock)
-        self._flush()
+        self.flush()
         self._wait(p, self.timeout)
         return Consumer(self, p.consumer)
 
-    # Delivery.ack / nack / touch land here.
+    # Delivery.ack lands here (nack, touch and ack(wait=True) are verbs).
     def _ack(self, d: Delivery, wait: bool = False) -> None:
         if wait:
-            w = _waiter()
-            with self._lock:
-                p = self._session.ack_now(d, waiter=w)
-            self._flush()
-            self._wait(p, self.timeout)
-            return
+            return self._ack_now(d)
         with self._lock:
             now = self._session.ack(d)
             if not now and not self._dirty.is_set():
                 self._dirty.set()
         if now:
-            self._flush()
-
-    def _nack(self, d: Delivery, requeue: bool = True, delay=None, headers=None) -> None:
-        w = _waiter()
-        with self._lock:
-            p = self._session.nack(d, requeue, delay, headers, waiter=w)
-        self._flush()
-        self._wait(p, self.timeout)
-
-    # -- tasks: results, revokes, schedules, chords (protocol.md §5.19-5.27) ---------------
-    def store_result(self, task_id: str, state: str, value=None, meta: dict | None = None, *,
-                     ttl=None, delivery: Delivery | None = None) -> dict:
-        """Store a task's state and result in brokerd; returns ``{"acked": bool}``.
-
-        With ``delivery``, brokerd acks that delivery in the same log record
-        (only with a final state: SUCCESS, FAILURE, REVOKED).
-        """
-        w = _waiter()
-        with self._lock:
-            p = self._session.store_result(task_id, state, value, meta, ttl, delivery, waiter=w)
-        self._flush()
-        return self._wait(p, self.timeout)
-
-    def get_result(self, task_id: str, wait: float | None = None) -> dict:
-        """``{"id", "state", "result", "meta", "updated"}``; with ``wait``, brokerd holds
-        the request until the result is ready or ``wait`` seconds pass."""
-        return self._call(OP_RESULT_GET, task_id, wait, timeout=(wait or 0) + self.timeout)
-
-    def forget_result(self, task_id: str) -> bool:
-        return self._call(OP_RESULT_FORGET, task_id)
-
-    def revoke(self, task_ids, *, terminate: bool = False, ttl=None) -> int:
-        """Never run these tasks (remembered by brokerd, across restarts, for ``ttl``
-        seconds, default a day); ``terminate`` also kills them where they run."""
-        opts = {"terminate": bool(terminate)}
-        if ttl is not None:
-            opts["ttl"] = float(ttl)
-        return self._call(OP_REVOKE, task_ids, opts)
-
-    def schedule_put(self, name: str, spec: dict) -> dict:
-        return self._call(OP_SCHEDULE_PUT, name, spec)
-
-    def schedule_remove(self, name: str) -> bool:
-        return self._call(OP_SCHEDULE_REMOVE, name)
-
-    def schedule_list(self, owner: str | None = None) -> list:
-        return self._call(OP_SCHEDULE_LIST, owner)
-
-    def schedule_pause(self, name: str, paused: bool = True) -> dict:
-        return self._call(OP_SCHEDULE_PAUSE, name, bool(paused))
-
-    def chord(self, chord_id: str, members: list, body: dict, error: dict | None = None) -> dict:
-        return self._call(OP_CHORD, chord_id, list(members), body, error)
-
-    # -- events, workers and remote control (protocol.md §5.29-5.35) ------------------------
-    def emit_events(self, hostname: str, events: list) -> int:
-        """Send a batch of event maps (``{"type": "task-received", "uuid": ..., ...}``) as ``hostname``."""
-        return self._call(OP_EMIT_EVENTS, hostname, list(events))
-
-    def subscribe_events(self, handler=None, replay: int = 0) -> dict:
-        """Receive every event brokerd gets from now on (after the last ``replay`` ones).
-
-        ``handler(events, dropped)`` is called in the client's reader thread for each batch
-        (``dropped``: events brokerd left out because this connection read too slowly).
-        Returns ``{"subscribed", "replayed", "dropped"}``.
-        """
-        if handler is not None:
-            self.event_handlers.append(handler)
-        return self._call(OP_SUBSCRIBE, True, int(replay))
-
-    def unsubscribe_events(self) -> dict:
-        return self._call(OP_SUBSCRIBE, False)
-
-    def task_info(self, task_id: str) -> dict | None:
-        """A task's history (events), what they say (name, args, worker, state...) and its
-        stored result; None when brokerd knows nothing of it."""
-        return self._call(OP_TASK_INFO, task_id)
-
-    def workers(self) -> list:
-        """Every worker brokerd has heard of: state (online, lost, offline), pool, counts."""
-        return self._call(OP_WORKERS)
-
-    def control(self, command: str, args: dict | None = None, *, timeout: float = 1.0,
-                destination: list | None = None) -> dict:
-        """Ask the live workers (or those named in ``destination``); returns
-        ``{hostname: reply}`` once all answered or after ``timeout`` seconds."""
-        opts = {"timeout": float(timeout)}
-        if destination is not None:
-            opts["destination"] = [destination] if isinstance(destination, str) else list(destination)
-        wait = timeout + (self.timeout if self.timeout is not None else 10.0)
-        return self._call(OP_CONTROL_REQUEST, command, args, opts, timeout=wait)
-
-    def _touch(self, d: Delivery):
-        w = _waiter()
-        with self._lock:
-            p = self._session.touch(d, waiter=w)
-        self._flush()
-        return self._wait(p, self.timeout)
-
-    def _flush_acks(self) -> None:
-        if self._session.acks:
-            self._flush()
-
-    # -- queues and the broker -------------------------------------------------------------
-    def declare(
-        self,
-        queue: str,
-        *,
-        dead_letter: str | None = None,
-        max_attempts: int | None = 25,
-        reserve_timeout: float | None = None,
-        max_length: int | None = None,
-        overflow: str = "reject",
-    ) -> dict:
-        """Create ``queue`` with these options (or check an existing one has them).
-
-        * ``dead_letter``: where failed messages go (default ``<queue>.dlq``).
-        * ``max_attempts``: deliveries before dead-lettering (None: unlimited).
-        * ``reserve_timeout``: seconds a delivery may stay unacked and
-          untouched before the broker takes it back and redelivers it.
-        * ``max_length`` and ``overflow`` (``"reject"``: publishes raise
-          ``QueueFull``; ``"drop-head"``: the oldest is dead-lettered).
-
-        Returns the queue's options.  ``PreconditionFailed`` if it exists with others.
-        """
-        return self._call(OP_DECLARE, queue, queue_options(dead_letter, max_attempts, reserve_timeout, max_length, overflow))
-
-    def delete(self, queue: str) -> int:
-        """Delete ``queue`` and its waiting messages; returns how many were dropped.
-
-        ``PreconditionFailed`` while it has consumers or messages in flight.
-        """
-        return self._call(OP_DELETE, queue)
-
-    def purge(self, queue: str) -> int:
-        """Drop every waiting (ready or delayed) message of ``queue``; returns how many."""
-        return self._call(OP_PURGE, queue)
-
-    def pause(self, queue: str) -> None:
-        """Stop deliveries from ``queue`` (publishes are still accepted)."""
-        self._call(OP_PAUSE, queue)
-
-    def resume(self, queue: str) -> None:
-        """Start deliveries from ``queue`` again."""
-        self._call(OP_RESUME, queue)
-
-    def stats(self, queue: str | None = None) -> dict:
-        """Counters of one queue, or ``{"broker": {...}, "queues": {name: {...}}}``."""
-        return self._call(OP_STATS, queue)
-
-    def admin(self, line: str) -> str:
-        """Run one admin text command (``"QUEUES"``, ``"PEEK emails 5"``...); return its reply text.
-
-        A reply starting ``ERR <CODE>`` raises that code's exception
-        (``BadRequest`` for an unknown command, ``NotFound``...).
-        """
-        return admin_reply(self._call(OP_ADMIN, line))
-
-    def ping(self) -> float:
-        """One round trip to the broker; returns its duration in seconds."""
-        t0 = _monotonic()
-        self._call(OP_PING)
-        return _monotonic() - t0
+            self.flush()
 
     # -- closing ----------------------------------------------------------------------------
     def close(self, timeout: float | None = None) -> None:
@@ -657,7 +453,7 @@ class Client:
                 if self._session.is_open:
                     p = self._session.bye(waiter=_waiter())
             if p is not None:
-                self._flush()
+                self.flush()
                 self._wait(p, timeout)
         except BrokerdError:
             pass
@@ -665,7 +461,7 @@ class Client:
             self._closed = True
             with self._lock:
                 refused = list(self._session.refused)
-                self._log_quiet_errors()
+                self._session.log_quiet_errors()
             for mid, exc in refused:
                 log.warning("publish of %r was refused and never collected by wait_for_confirms: %s", mid, exc)
             self._abort(None)
@@ -711,6 +507,19 @@ class Consumer:
         """How many deliveries this consumer has received from the broker so far."""
         return self._state.received
 
+    @property
+    def buffer(self):
+        """The deque of deliveries received and not yet handed out (guarded by the
+        client's lock): a caller woken by ``on_wake`` pops from it directly."""
+        return self._state.buffer
+
+    def on_wake(self, fn) -> None:
+        """Also call ``fn()`` (in the reader thread, under the client's lock: keep it
+        short, never block) whenever deliveries arrive or the consumer ends."""
+        client = self._client
+        with client._lock:
+            self._state.waiter = _CallingCondition(client._lock, fn)
+
     def __repr__(self):
         return f"<Consumer tag={self.tag} queues={self.queues} prefetch={self.prefetch}>"
 
@@ -747,7 +556,7 @@ class Consumer:
         client = self._client
         if client._session.acks:
             try:
-                client._flush()
+                client.flush()
             except BrokerdError:
                 pass  # raised below from the session's error
         deadline = None if timeout is None else _monotonic() + timeout
@@ -777,7 +586,7 @@ class Consumer:
                 return
             w = _waiter()
             p = client._session.cancel(cs, waiter=w)
-        client._flush()
+        client.flush()
         try:
             client._wait(p, client.timeout)
         except (ConnectionClosed, ConnectionLost):
@@ -788,10 +597,22 @@ class Consumer:
             for d in leftovers:
                 client._session.nack(d, True, None, quiet=True)
         if leftovers:
-            client._flush()
+            client.flush()
 
 
 def _waiter():
     lock = allocate_lock()
     lock.acquire()
     return lock
+
+
+class _CallingCondition(threading.Condition):
+    """A consumer's Condition that also calls a function when notified (``Consumer.on_wake``)."""
+
+    def __init__(self, lock, fn):
+        super().__init__(lock)
+        self._fn = fn
+
+    def notify_all(self):
+        super().notify_all()
+        self._fn()
