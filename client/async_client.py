@@ -54,14 +54,8 @@ import time
 
 import sniffio
 
-from client.errors import (
-    BrokerdError,
-    ConnectionClosed,
-    ConnectionLost,
-    PublishError,
-    RemoteProtocolError,
-    Timeout,
-)
+from client import verbs
+from client.errors import BrokerdError, ConnectionClosed, ConnectionLost, PublishError, Timeout
 from client.session import (
     CONFIRMS,
     CONTROL,
@@ -73,28 +67,11 @@ from client.session import (
     Delivery,
     Pending,
     Session,
-    admin_reply,
     clone_error,
     parse_address,
     publish_options,
-    queue_options,
 )
-from client.wire import (
-    OP_ADMIN,
-    OP_CONTROL_REQUEST,
-    OP_SUBSCRIBE,
-    OP_TASK_INFO,
-    OP_WORKERS,
-    OP_DECLARE,
-    OP_DELETE,
-    OP_PAUSE,
-    OP_PING,
-    OP_PURGE,
-    OP_RESUME,
-    OP_STATS,
-    FrameReader,
-    WireError,
-)
+from client.wire import FrameReader, WireError
 
 __all__ = ["AsyncClient", "AsyncConsumer", "Delivery"]
 
@@ -261,15 +238,15 @@ def _shell():
 
 
 # --- the client ----------------------------------------------------------------------------
+@verbs.async_verbs
 class AsyncClient:
     """An async connection to brokerd, for trio or asyncio.
 
     ``AsyncClient(address="127.0.0.1:7700", *, name=None, heartbeat=30.0, timeout=10.0)``
     takes the same arguments as ``Client``; it connects in ``async with``
-    (``__aenter__``) and closes on exit.  Every verb of ``Client`` is here as
-    a coroutine: ``publish``, ``wait_for_confirms``, ``declare``, ``delete``,
-    ``purge``, ``pause``, ``resume``, ``stats``, ``admin``, ``ping``,
-    ``aclose``; ``consume`` returns an ``AsyncConsumer`` (``async for``,
+    (``__aenter__``) and closes on exit (``aclose``).  Every verb of
+    ``Client`` is here as a coroutine (both are built from ``client.verbs``);
+    ``consume`` returns an ``AsyncConsumer`` (``async for``,
     ``await consumer.get(timeout)``, ``await consumer.cancel()``), and a
     delivery's ``ack``/``nack``/``touch`` are awaited.
     """
@@ -310,7 +287,10 @@ class AsyncClient:
         if self._session is not None:
             raise RuntimeError("an AsyncClient can be entered only once")
         io = self._io = _shell()
-        self._session = Session(self, name=self._name, heartbeat=self._heartbeat, now=_monotonic(), id_prefix=new_id_prefix())
+        self._session = Session(
+            self, name=self._name, heartbeat=self._heartbeat, now=_monotonic(), id_prefix=new_id_prefix(),
+            control_handlers=self.control_handlers, event_handlers=self.event_handlers,
+        )
         self._dirty = io.Event()
         self._confirm_event = io.Event()
         try:
@@ -371,7 +351,7 @@ class AsyncClient:
         self._closed = True
         for mid, exc in session.refused:
             log.warning("publish of %r was refused and never collected by wait_for_confirms: %s", mid, exc)
-        self._log_quiet_errors()
+        session.log_quiet_errors()
         self._abort(None)
         await io.stop()
         await io.aclose()
@@ -393,10 +373,20 @@ class AsyncClient:
             raise p.error
         return p.result
 
-    async def _call(self, op: int, *args, timeout=None):
-        p = self._session.request(op, list(args), waiter=self._io.Event())
+    async def _run(self, call: verbs.Call):
+        """The one call path of every verb: buffer, flush, wait, shape the reply."""
+        self._check()
+        t0 = _monotonic()
+        p = call.begin(self._session, self._io.Event())
         await self._flush()
-        return await self._wait(p, self.timeout if timeout is None else timeout)
+        result = await self._wait(p, self.timeout if call.timeout is None else call.timeout)
+        if call.timed:
+            return _monotonic() - t0
+        return result if call.reply is None else call.reply(result)
+
+    async def _call(self, op: int, *args, timeout=None):
+        """One request ``[op, rid, *args]``, waited for (for callers outside ``client.verbs``)."""
+        return await self._run(verbs.Call(op, args, timeout=timeout))
 
     def _mark_dirty(self) -> None:
         d = self._dirty
@@ -411,18 +401,8 @@ class AsyncClient:
                     ev.set()
             elif obj is FLUSH:
                 self._mark_dirty()
-            elif obj is CONTROL:
-                controls = self._session.controls
-                while controls:
-                    payload = controls.popleft()
-                    for fn in list(self.control_handlers):
-                        fn(payload)
-            elif obj is EVENTS:
-                frames = self._session.events
-                while frames:
-                    events, dropped = frames.popleft()
-                    for fn in list(self.event_handlers):
-                        fn(events, dropped)
+            elif obj is CONTROL or obj is EVENTS:
+                self._session.run_handlers()
             elif type(obj) is ConsumerState:
                 ev = obj.waiter
                 if ev is not None:
@@ -451,12 +431,8 @@ class AsyncClient:
                     self._wake(session.receive(frames, now))
                 else:
                     session.last_received = now
-        except WireError as e:
-            exc = RemoteProtocolError(e.code, f"the broker sent an unreadable frame: {e.message}")
-        except BrokerdError as e:
-            exc = e
-        except errors as e:
-            exc = e
+        except (WireError, BrokerdError, *errors) as e:
+            exc = session.reader_failed(e)
         except Exception as e:  # a bug: fail every waiter rather than hang them
             log.exception("brokerd async client reader crashed")
             exc = e
@@ -469,8 +445,7 @@ class AsyncClient:
         try:
             while session.error is None:
                 now = _monotonic()
-                if session.quiet_errors:
-                    self._log_quiet_errors()
+                session.log_quiet_errors()
                 if session.heartbeat_due(now):
                     session.heartbeat_frame()
                     await self._flush()
@@ -486,28 +461,11 @@ class AsyncClient:
         except BrokerdError:
             return
 
-    def _log_quiet_errors(self) -> None:
-        errs = self._session.quiet_errors
-        while errs:
-            what, exc = errs.popleft()
-            log.warning("brokerd refused a background request (%s): %s", what, exc)
-
     def _abort(self, exc) -> None:
         session = self._session
         if session.error is not None:
             return
-        if self._closed or session.bye_sent:
-            err = ConnectionClosed(None, "the client was closed")
-        elif session.closing is not None:
-            err = session.closing
-        elif isinstance(exc, BrokerdError):
-            err = exc
-        else:
-            why = f"{type(exc).__name__}: {exc}" if exc is not None else "the broker closed the connection"
-            err = ConnectionLost(None, f"connection to brokerd at {self.address} lost ({why})")
-        if exc is not None and err is not exc:
-            err.__cause__ = exc
-        self._wake(session.fail(err))
+        self._wake(session.connection_lost(exc, address=self.address, closed=self._closed))
         if not self._dirty.is_set():
             self._dirty.set()
 
@@ -589,109 +547,17 @@ class AsyncClient:
     async def _ack(self, d: Delivery, wait: bool = False) -> None:
         session = self._session
         if wait:
-            p = session.ack_now(d, waiter=self._io.Event())
-            await self._flush()
-            await self._wait(p, self.timeout)
-            return
+            return await self._ack_now(d)
         if session.ack(d):
             await self._flush()
         else:
             self._mark_dirty()
-
-    async def _nack(self, d: Delivery, requeue: bool = True, delay=None, headers=None) -> None:
-        p = self._session.nack(d, requeue, delay, headers, waiter=self._io.Event())
-        await self._flush()
-        await self._wait(p, self.timeout)
-
-    async def _touch(self, d: Delivery):
-        p = self._session.touch(d, waiter=self._io.Event())
-        await self._flush()
-        return await self._wait(p, self.timeout)
 
     def _check(self) -> None:
         if self._session is None:
             raise ConnectionClosed(None, "use AsyncClient in 'async with' (it connects in __aenter__)")
         if self._session.error is not None:
             raise clone_error(self._session.error)
-
-    # -- queues and the broker ---------------------------------------------------------------
-    async def declare(
-        self,
-        queue: str,
-        *,
-        dead_letter: str | None = None,
-        max_attempts: int | None = 25,
-        reserve_timeout: float | None = None,
-        max_length: int | None = None,
-        overflow: str = "reject",
-    ) -> dict:
-        """As ``Client.declare``."""
-        self._check()
-        return await self._call(OP_DECLARE, queue, queue_options(dead_letter, max_attempts, reserve_timeout, max_length, overflow))
-
-    async def delete(self, queue: str) -> int:
-        """As ``Client.delete``."""
-        self._check()
-        return await self._call(OP_DELETE, queue)
-
-    async def purge(self, queue: str) -> int:
-        """As ``Client.purge``."""
-        self._check()
-        return await self._call(OP_PURGE, queue)
-
-    async def pause(self, queue: str) -> None:
-        """As ``Client.pause``."""
-        self._check()
-        await self._call(OP_PAUSE, queue)
-
-    async def resume(self, queue: str) -> None:
-        """As ``Client.resume``."""
-        self._check()
-        await self._call(OP_RESUME, queue)
-
-    async def stats(self, queue: str | None = None) -> dict:
-        """As ``Client.stats``."""
-        self._check()
-        return await self._call(OP_STATS, queue)
-
-    async def admin(self, line: str) -> str:
-        """As ``Client.admin``."""
-        self._check()
-        return admin_reply(await self._call(OP_ADMIN, line))
-
-    async def subscribe_events(self, handler=None, replay: int = 0) -> dict:
-        """As ``Client.subscribe_events``; ``handler(events, dropped)`` is called in the reader task."""
-        self._check()
-        if handler is not None:
-            self.event_handlers.append(handler)
-        return await self._call(OP_SUBSCRIBE, True, int(replay))
-
-    async def task_info(self, task_id: str) -> dict | None:
-        """As ``Client.task_info``."""
-        self._check()
-        return await self._call(OP_TASK_INFO, task_id)
-
-    async def workers(self) -> list:
-        """As ``Client.workers``."""
-        self._check()
-        return await self._call(OP_WORKERS)
-
-    async def control(self, command: str, args: dict | None = None, *, timeout: float = 1.0,
-                      destination: list | None = None) -> dict:
-        """As ``Client.control``."""
-        self._check()
-        opts = {"timeout": float(timeout)}
-        if destination is not None:
-            opts["destination"] = [destination] if isinstance(destination, str) else list(destination)
-        return await self._call(OP_CONTROL_REQUEST, command, args, opts,
-                                timeout=timeout + (self.timeout if self.timeout is not None else 10.0))
-
-    async def ping(self) -> float:
-        """One round trip; returns its duration in seconds."""
-        self._check()
-        t0 = _monotonic()
-        await self._call(OP_PING)
-        return _monotonic() - t0
 
 
 class AsyncConsumer:
