@@ -6,39 +6,25 @@
             await handle(d.body)
             await d.ack()
 
-The decision: one client, a thin shell per event loop
-------------------------------------------------------
-FastAPI runs on asyncio; trio users want a trio-native client; a worker may
-be either.  Rather than two clients (or anyio as a dependency), every
-protocol decision lives in the sans-I/O ``client.session.Session`` and this
-module adds only what differs per library, picked at ``__aenter__`` by
-``sniffio.current_async_library()`` (sniffio ships with trio):
+One client, a thin shell per event loop: every protocol decision lives in the
+sans-I/O ``client.session.Session`` and every request verb in ``client.verbs``
+(shared with the blocking ``Client``); this module adds only what differs per
+library, picked at ``__aenter__`` by ``sniffio.current_async_library()``:
 
 * ``_TrioIO``: ``trio.open_tcp_stream`` (TCP_NODELAY is trio's default), a
   ``trio.Lock`` around ``send_all`` (trio forbids concurrent sends), the
-  background tasks in a nursery opened by ``__aenter__`` and closed by
-  ``__aexit__``, ``trio.Event`` and ``move_on_after``.
+  background tasks in a nursery, ``trio.Event`` and ``move_on_after``.
 * ``_AsyncioIO``: ``asyncio.open_connection`` streams (``write`` is
-  synchronous, so no send lock; ``drain`` applies back-pressure), background
-  tasks from ``asyncio.create_task``, cancelled and awaited by ``__aexit__``,
-  ``asyncio.Event`` and ``asyncio.timeout``.
+  synchronous, so no send lock; ``drain`` applies back-pressure), tasks from
+  ``asyncio.create_task``, ``asyncio.Event`` and ``asyncio.timeout``.
 
-Everything else (the verbs, the reply routing, confirms, ack batching,
-heartbeats) is written once, below, against that small interface.  The
-interface uses one-shot events only (trio events cannot be cleared).
-
-Tasks: a **reader** task decodes frames and wakes the tasks waiting for each
-reply, the consumers that got deliveries, and ``wait_for_confirms``; it
-never sends, so it keeps reading while a sender waits on back-pressure.  A
-**flusher** task sends what is buffered within ``FLUSH_DELAY`` (~1 ms), sends
-HEARTBEAT when idle for ``heartbeat`` seconds and gives the connection up
-after two silent intervals.
-
-Flush policy (as in ``client.producer``): ``publish(confirm=False)`` and
-``await d.ack()`` only buffer (they do not yield to the event loop); the
-buffer is sent when it passes 32 KiB, when a call needs a reply, on
-``wait_for_confirms``, when a consumer is about to wait for a delivery, when
-half a consumer's prefetch is acked, and otherwise by the flusher.
+The interface uses one-shot events only (trio events cannot be cleared).  A
+**reader** task decodes frames and wakes the tasks waiting for each reply,
+the consumers and ``wait_for_confirms``; it never sends.  A **flusher** task
+sends what is buffered within ``FLUSH_DELAY`` (~1 ms), sends HEARTBEAT when
+idle and gives the connection up after two silent intervals.  Flush policy as
+in ``client.producer``: ``publish(confirm=False)`` and ``await d.ack()`` only
+buffer, without yielding to the event loop.
 
 The client must be used from the event loop (and task tree, under trio) that
 entered it; it is not thread-safe (use ``client.producer.Client`` for threads).
@@ -48,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import socket
 import time
 
@@ -63,11 +48,14 @@ from client.session import (
     FLUSH,
     FLUSH_BYTES,
     FLUSH_DELAY,
+    ConsumerHandle,
     ConsumerState,
     Delivery,
     Pending,
     Session,
     clone_error,
+    default_name,
+    new_id_prefix,
     parse_address,
     publish_options,
 )
@@ -77,17 +65,8 @@ __all__ = ["AsyncClient", "AsyncConsumer", "Delivery"]
 
 log = logging.getLogger("client")
 
-RECV_BYTES = 256 * 1024
+RECV_BYTES = 256 * 1024  # one read; the reader decodes every whole frame in it
 _monotonic = time.monotonic
-
-
-def default_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def new_id_prefix() -> str:
-    """A random per-client prefix for message ids (12 hex digits: 48 bits)."""
-    return os.urandom(6).hex()
 
 
 # --- the per-library shells ------------------------------------------------------------
@@ -276,6 +255,7 @@ class AsyncClient:
 
     @property
     def server_info(self) -> dict:
+        """The broker's HELLO reply: server version, heartbeat, max_frame, connection id."""
         return dict(self._session.server or {}) if self._session else {}
 
     @property
@@ -303,29 +283,19 @@ class AsyncClient:
             raise
         await io.start(self._read_loop, self._flush_loop)
         try:
-            p = self._session.hello(waiter=io.Event())
-            await self._flush()
-            await self._wait(p, self.timeout)
-        except BaseException as exc:
-            self._closed = True
-            self._abort(None)
-            await io.stop()
-            await io.aclose()
-            raise exc
+            await self._run(verbs.Call(start=lambda s, w: s.hello(waiter=w)))
+        except BaseException:
+            await self._shut()
+            raise
         return self
 
     async def __aexit__(self, *exc_info) -> None:
         await self.aclose()
 
+    @verbs.described_by(verbs.close)
     async def aclose(self, timeout: float | None = None) -> None:
-        """Send what is buffered, collect outstanding confirms, say BYE, wait for the answer, close.
-
-        As ``Client.close``: unacked deliveries go back to their queues on the
-        broker, marked redelivered; uncollected refusals are logged.  Idempotent.
-        """
         if self._closed or self._session is None:
             return
-        io = self._io
         session = self._session
         timeout = self.timeout if timeout is None else timeout
         try:
@@ -337,24 +307,22 @@ class AsyncClient:
                 except PublishError as exc:
                     session.refused.extend(exc.failures)
             if session.is_open:
-                p = session.bye(waiter=io.Event())
+                p = session.bye(waiter=self._io.Event())
                 await self._flush()
                 await self._wait(p, timeout)
         except BrokerdError:
             pass
         except BaseException:
-            self._closed = True
-            self._abort(None)
-            await io.stop()
-            await io.aclose()
+            await self._shut()
             raise
+        session.log_uncollected()
+        await self._shut()
+
+    async def _shut(self) -> None:
         self._closed = True
-        for mid, exc in session.refused:
-            log.warning("publish of %r was refused and never collected by wait_for_confirms: %s", mid, exc)
-        session.log_quiet_errors()
         self._abort(None)
-        await io.stop()
-        await io.aclose()
+        await self._io.stop()
+        await self._io.aclose()
 
     # -- I/O -------------------------------------------------------------------------------------
     async def _flush(self) -> None:
@@ -408,10 +376,8 @@ class AsyncClient:
                 if ev is not None:
                     obj.waiter = None
                     ev.set()
-            else:
-                ev = obj.waiter
-                if ev is not None:
-                    ev.set()
+            elif obj.waiter is not None:
+                obj.waiter.set()
 
     async def _read_loop(self) -> None:
         io = self._io
@@ -444,17 +410,12 @@ class AsyncClient:
         session = self._session
         try:
             while session.error is None:
-                now = _monotonic()
-                session.log_quiet_errors()
-                if session.heartbeat_due(now):
-                    session.heartbeat_frame()
+                beat, lost, wait = session.timers(_monotonic())
+                if lost is not None:
+                    return self._abort(lost)
+                if beat:
                     await self._flush()
-                    continue
-                if session.peer_silent(now):
-                    self._abort(ConnectionLost("HEARTBEAT_TIMEOUT", f"nothing heard from brokerd for {2 * session.heartbeat:g} s"))
-                    return
-                wait = min(max(session.next_timer() - now, 0.001), 1.0)
-                if await io.wait(self._dirty, wait):
+                elif await io.wait(self._dirty, wait):
                     await io.sleep(FLUSH_DELAY)
                     self._dirty = io.Event()
                     await self._flush()
@@ -462,32 +423,19 @@ class AsyncClient:
             return
 
     def _abort(self, exc) -> None:
-        session = self._session
-        if session.error is not None:
-            return
-        self._wake(session.connection_lost(exc, address=self.address, closed=self._closed))
-        if not self._dirty.is_set():
-            self._dirty.set()
+        self._wake(self._session.connection_lost(exc, address=self.address, closed=self._closed))
+        self._mark_dirty()
 
-    # -- publishing ---------------------------------------------------------------------------
-    async def publish(
-        self,
-        queue: str,
-        body: bytes,
-        *,
-        priority: int = 0,
-        delay=None,
-        eta=None,
-        ttl=None,
-        headers: dict | None = None,
-        confirm: bool = True,
-        id: str | None = None,
-    ) -> str:
-        """Publish ``body`` to ``queue``; return the message id.  Arguments as ``Client.publish``.
+    def _check(self) -> None:
+        if self._session is None:
+            raise ConnectionClosed(None, "use AsyncClient in 'async with' (it connects in __aenter__)")
+        if self._session.error is not None:
+            raise clone_error(self._session.error)
 
-        ``confirm=False`` buffers the frame without yielding to the event loop
-        and returns at once; ``wait_for_confirms()`` collects the outcome.
-        """
+    # -- the verbs each shell writes itself -------------------------------------------------------
+    @verbs.described_by(verbs.publish)
+    async def publish(self, queue: str, body: bytes, *, priority: int = 0, delay=None, eta=None, ttl=None,
+                      headers: dict | None = None, confirm: bool = True, id: str | None = None) -> str:
         self._check()
         opts = None if (delay is None and eta is None and ttl is None and headers is None) else publish_options(delay, eta, ttl, headers)
         session = self._session
@@ -503,64 +451,44 @@ class AsyncClient:
             self._mark_dirty()
         return mid
 
+    @verbs.described_by(verbs.wait_for_confirms)
     async def wait_for_confirms(self, timeout: float | None = None) -> None:
-        """Wait until every publish made before this call is confirmed.
-
-        As ``Client.wait_for_confirms``: ``PublishError`` names refused ids,
-        ``Timeout`` after ``timeout`` seconds, ``ConnectionLost`` (with
-        ``unconfirmed``) if the connection dropped first.
-        """
         self._check()
         session = self._session
         mark = session.confirm_mark()
         try:
             await self._flush()
         except BrokerdError:
-            pass
+            pass  # reported below with the unconfirmed ids
         deadline = None if timeout is None else _monotonic() + timeout
-        while not session.confirmed_through(mark):
-            if session.error is not None:
-                err = clone_error(session.error)
-                err.unconfirmed = session.unconfirmed_ids(mark)
-                raise err
-            remaining = None if deadline is None else deadline - _monotonic()
-            if remaining is not None and remaining <= 0:
-                raise Timeout(None, f"{len(session.unconfirmed_ids(mark))} publishes still unconfirmed after {timeout:g} s")
+        while True:
+            done, remaining = session.confirms_wait(mark, deadline, _monotonic(), timeout)
+            if done:
+                break
             ev = self._confirm_event
             if ev.is_set():
                 ev = self._confirm_event = self._io.Event()
             await self._io.wait(ev, remaining)
-        refused = session.take_refused()
-        if refused:
-            raise PublishError(refused)
+        session.raise_refused()
 
-    # -- consuming ---------------------------------------------------------------------------
+    @verbs.described_by(verbs.consume)
     def consume(self, queues, prefetch: int = 10) -> "AsyncConsumer":
-        """Subscribe to ``queues`` (a name or a list, in preference order).
-
-        Returns an ``AsyncConsumer`` at once; the subscription is made on first
-        use (``async for``, ``get``, ``async with``) or by ``await consumer.start()``.
-        """
+        # Not a coroutine: the subscription is made on first use (``async for``,
+        # ``get``, ``async with``) or by ``await consumer.start()``.
         self._check()
-        return AsyncConsumer(self, queues, prefetch)
+        return AsyncConsumer(self, ConsumerState([queues] if isinstance(queues, str) else queues, prefetch))
 
     async def _ack(self, d: Delivery, wait: bool = False) -> None:
-        session = self._session
+        """``Delivery.ack``: batched (the other settling verbs come from ``client.verbs``)."""
         if wait:
             return await self._ack_now(d)
-        if session.ack(d):
+        if self._session.ack(d):
             await self._flush()
         else:
             self._mark_dirty()
 
-    def _check(self) -> None:
-        if self._session is None:
-            raise ConnectionClosed(None, "use AsyncClient in 'async with' (it connects in __aenter__)")
-        if self._session.error is not None:
-            raise clone_error(self._session.error)
 
-
-class AsyncConsumer:
+class AsyncConsumer(ConsumerHandle):
     """A subscription made by ``AsyncClient.consume``.
 
     ``async for d in consumer`` until cancelled or the client closes;
@@ -570,41 +498,16 @@ class AsyncConsumer:
     not handed out.  ``ConnectionLost`` ends iteration with an error.
     """
 
-    def __init__(self, client: AsyncClient, queues, prefetch: int):
-        self._client = client
-        self._queues = [queues] if isinstance(queues, str) else list(queues)
-        self._prefetch = prefetch
-        self._state: ConsumerState | None = None
-
-    @property
-    def tag(self) -> int | None:
-        return self._state.tag if self._state else None
-
-    @property
-    def queues(self) -> list[str]:
-        return list(self._queues)
-
-    @property
-    def prefetch(self) -> int:
-        return self._prefetch
-
-    @property
-    def received(self) -> int:
-        """How many deliveries this consumer has received from the broker so far."""
-        return self._state.received if self._state else 0
-
-    def __repr__(self):
-        return f"<AsyncConsumer tag={self.tag} queues={self._queues} prefetch={self._prefetch}>"
+    _started = False
 
     async def start(self) -> "AsyncConsumer":
         """Send CONSUME and wait for the broker's consumer tag (done once)."""
-        if self._state is None:
+        if not self._started:
+            self._started = True
             client = self._client
-            client._check()
-            p = client._session.consume(self._queues, self._prefetch, waiter=client._io.Event())
-            self._state = p.consumer
-            await client._flush()
-            await client._wait(p, client.timeout)
+            cs = self._state
+            call = verbs.Call(start=lambda s, w: s.consume(cs.queues, cs.prefetch, waiter=w, state=cs))
+            await client._run(call)
         return self
 
     def __await__(self):
@@ -630,10 +533,9 @@ class AsyncConsumer:
 
     async def get(self, timeout: float | None = None) -> Delivery | None:
         """The next delivery; None after ``timeout`` seconds (None: wait) or once cancelled."""
-        cs = self._state
-        if cs is None:
+        if not self._started:
             await self.start()
-            cs = self._state
+        cs = self._state
         buf = cs.buffer
         if buf:
             return buf.popleft()
@@ -643,13 +545,11 @@ class AsyncConsumer:
             try:
                 await client._flush()
             except BrokerdError:
-                pass
+                pass  # raised below from the session's error
         io = client._io
         deadline = None if timeout is None else _monotonic() + timeout
         while not buf:
-            if cs.error is not None:
-                raise clone_error(cs.error)
-            if cs.cancelled:
+            if cs.ended():
                 return None
             ev = cs.waiter
             if ev is None:
@@ -668,7 +568,7 @@ class AsyncConsumer:
         cs = self._state
         client = self._client
         session = client._session
-        if cs is None or cs.cancelled or cs.error is not None or not session.is_open:
+        if not self._started or cs.tag is None or cs.cancelled or cs.error is not None or not session.is_open:
             return
         p = session.cancel(cs, waiter=client._io.Event())
         await client._flush()
@@ -676,9 +576,5 @@ class AsyncConsumer:
             await client._wait(p, client.timeout)
         except (ConnectionClosed, ConnectionLost):
             return
-        leftovers = list(cs.buffer)
-        cs.buffer.clear()
-        for d in leftovers:
-            session.nack(d, True, None, quiet=True)
-        if leftovers:
+        if session.give_back(cs):
             await client._flush()

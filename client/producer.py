@@ -9,47 +9,33 @@
             handle(d.body)
             d.ack()
 
-Threading model (decided here, relied on by the tests)
--------------------------------------------------------
-One ``Client`` is safe to share between threads (a Flask/Django process keeps
-one per process).  It owns one TCP socket and two daemon threads:
+A thin shell: the protocol lives in the sans-I/O ``client.session.Session``
+and the request verbs in ``client.verbs`` (shared with ``AsyncClient``); this
+module adds a socket and threads.
 
-* the **reader** thread blocks in ``recv``, decodes frames with
-  ``client.wire.FrameReader`` and hands them to the ``Session`` under the
-  client's lock; it wakes the caller waiting for each reply (one lock per
-  request, released by the reader), the consumers that got deliveries
-  (a ``Condition`` each) and ``wait_for_confirms`` callers.  It never writes,
-  so it keeps reading even while a writer is blocked by the broker's
-  back-pressure: no deadlock between a full send buffer and unread replies.
-* the **flusher** thread sends what is buffered at most ``FLUSH_DELAY``
-  (~1 ms) after it was buffered, sends HEARTBEAT after ``heartbeat`` seconds
-  without sending, and declares the connection lost after two intervals
-  without hearing from the broker.
+Threading model: one ``Client`` is safe to share between threads (a
+Flask/Django process keeps one per process).  It owns one TCP socket and two
+daemon threads.  The **reader** blocks in ``recv``, hands decoded frames to
+the session under ``_lock`` and wakes what the session names: the caller of
+each reply (one lock per request), consumers (a ``Condition`` each),
+``wait_for_confirms``.  It never writes, so it keeps reading while a writer is
+blocked by the broker's back-pressure.  The **flusher** sends what is
+buffered within ``FLUSH_DELAY`` (~1 ms), sends HEARTBEAT when idle and
+declares the connection lost after two silent intervals.  Calling threads
+write themselves: ``_lock`` guards the session (never held during I/O);
+``_send_lock`` serialises writes and is held while the buffer is taken, so
+bytes reach the socket in buffer order (one thread's publishes stay FIFO).
 
-Calling threads write themselves: a call that needs a reply (``publish`` with
-``confirm=True``, ``declare``, ``stats``...) buffers its frame and flushes the
-buffer at once, then blocks on its own lock until the reader releases it.
-Two locks: ``_lock`` guards the session (short sections, never held during
-I/O); ``_send_lock`` serialises socket writes and is held while the buffer is
-taken, so bytes reach the socket in the order they were buffered (one thread's
-publishes stay FIFO).
-
-Flush policy: ``publish(confirm=False)`` and ``Delivery.ack()`` only append to
-the buffer; it goes out when it passes ``FLUSH_BYTES`` (32 KiB), when any call
-needs a reply, on ``wait_for_confirms``, when a consumer is about to block for
-its next delivery, when half a consumer's prefetch has been acked, and
-otherwise from the flusher thread within ~1-2 ms.  No frame sits unsent.
-
-Pipelined publishes are confirmed in the background; ``wait_for_confirms()``
-returns once every publish made before it is confirmed and raises
-``PublishError`` naming the ones the broker refused (refusals are reported to
-the next ``wait_for_confirms`` caller, whichever thread that is).
+Flush policy: ``publish(confirm=False)`` and ``Delivery.ack()`` only buffer;
+the buffer goes out past ``FLUSH_BYTES`` (32 KiB), when a call needs a reply,
+on ``wait_for_confirms``, when a consumer is about to block, when half a
+consumer's prefetch is acked, and otherwise from the flusher.  Refused
+pipelined publishes are reported to the next ``wait_for_confirms`` caller.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 import time
@@ -64,32 +50,26 @@ from client.session import (
     FLUSH,
     FLUSH_BYTES,
     FLUSH_DELAY,
+    ConsumerHandle,
     ConsumerState,
     Delivery,
     Pending,
     Session,
     clone_error,
+    default_name,
+    new_id_prefix,
     parse_address,
     publish_options,
 )
 from client.wire import FrameReader, WireError
 
-__all__ = ["Client", "Consumer", "Delivery", "parse_address"]
+__all__ = ["Client", "Consumer", "Delivery", "parse_address", "default_name", "new_id_prefix"]
 
 log = logging.getLogger("client")
 
 DEFAULT_ADDRESS = "127.0.0.1:7700"
 RECV_BYTES = 256 * 1024  # one recv; the reader decodes every whole frame in it
 _monotonic = time.monotonic
-
-
-def default_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def new_id_prefix() -> str:
-    """A random per-client prefix for message ids (12 hex digits: 48 bits)."""
-    return os.urandom(6).hex()
 
 
 @verbs.sync_verbs
@@ -109,10 +89,8 @@ class Client:
     Connects (and completes HELLO) in the constructor.  Use it as a context
     manager, or call ``close()``: its threads keep it alive until then.
     Create clients after forking (e.g. in gunicorn's ``post_fork``), never
-    before: a forked child has the socket but not the threads.
-
-    The request verbs (``declare``, ``stats``, ``store_result``, ``revoke``...)
-    come from ``client.verbs``, shared with ``AsyncClient``.
+    before: a forked child has the socket but not the threads.  The request
+    verbs (``declare``, ``stats``, ``revoke``...) come from ``client.verbs``.
     """
 
     def __init__(self, address=DEFAULT_ADDRESS, *, name: str | None = None, heartbeat: float = 30.0, timeout: float | None = 10.0):
@@ -141,11 +119,7 @@ class Client:
         self._flusher = threading.Thread(target=self._flush_loop, name=f"brokerd-flusher-{host}:{port}", daemon=True)
         self._reader.start()
         try:
-            w = _waiter()
-            with self._lock:
-                p = self._session.hello(waiter=w)
-            self.flush()
-            self._wait(p, timeout)
+            self._run(verbs.Call(start=lambda s, w: s.hello(waiter=w)))
         except BaseException:
             self._closed = True
             self._abort(None)
@@ -154,7 +128,6 @@ class Client:
             raise
         self._flusher.start()
 
-    # -- context manager ---------------------------------------------------------------
     def __enter__(self) -> "Client":
         return self
 
@@ -250,10 +223,8 @@ class Client:
                 self._session.run_handlers()
             elif type(obj) is ConsumerState:
                 obj.waiter.notify_all()
-            else:
-                w = obj.waiter
-                if w is not None:
-                    w.release()
+            elif obj.waiter is not None:
+                obj.waiter.release()
 
     def _read_loop(self) -> None:
         sock = self._sock
@@ -285,26 +256,17 @@ class Client:
         session = self._session
         dirty = self._dirty
         while True:
-            now = _monotonic()
             with self._lock:
                 if session.error is not None:
                     return
-                session.log_quiet_errors()
-                beat = session.heartbeat_due(now)
-                if beat:
-                    session.heartbeat_frame()
-                silent = session.peer_silent(now)
-                wait = session.next_timer() - now
-            if silent:
-                self._abort(
-                    ConnectionLost("HEARTBEAT_TIMEOUT", f"nothing heard from brokerd for {2 * session.heartbeat:g} s")
-                )
-                return
+                beat, lost, wait = session.timers(_monotonic())
+            if lost is not None:
+                return self._abort(lost)
             try:
                 if beat:
                     self.flush()
                     continue
-                if dirty.wait(min(max(wait, 0.001), 1.0)):
+                if dirty.wait(wait):
                     if self._closed or session.error is not None:
                         return
                     time.sleep(FLUSH_DELAY)
@@ -323,34 +285,10 @@ class Client:
         except OSError:
             pass
 
-    # -- publishing -------------------------------------------------------------------------
-    def publish(
-        self,
-        queue: str,
-        body: bytes,
-        *,
-        priority: int = 0,
-        delay=None,
-        eta=None,
-        ttl=None,
-        headers: dict | None = None,
-        confirm: bool = True,
-        id: str | None = None,
-    ) -> str:
-        """Publish ``body`` to ``queue``; return the message id.
-
-        * ``priority``: 0-255, higher first; FIFO within one priority.
-        * ``delay`` (seconds or timedelta) or ``eta`` (UNIX time or datetime):
-          the broker holds the message until then.
-        * ``ttl`` (seconds): dropped if not delivered by then.
-        * ``headers``: a dict delivered with the message.
-        * ``id``: the message id; by default the client makes a unique one
-          (a random per-client prefix and a counter).
-        * ``confirm=True`` (default) waits for the broker's confirm and raises
-          ``QueueFull``, ``MessageTooLarge``, ``BadRequest``... if refused.
-          ``confirm=False`` returns at once (the frame is buffered and sent
-          within ~1 ms); call ``wait_for_confirms()`` to learn the outcome.
-        """
+    # -- the verbs each shell writes itself -------------------------------------------------------
+    @verbs.described_by(verbs.publish)
+    def publish(self, queue: str, body: bytes, *, priority: int = 0, delay=None, eta=None, ttl=None,
+                headers: dict | None = None, confirm: bool = True, id: str | None = None) -> str:
         opts = None if (delay is None and eta is None and ttl is None and headers is None) else publish_options(delay, eta, ttl, headers)
         session = self._session
         if confirm:
@@ -369,45 +307,26 @@ class Client:
             self.flush()
         return mid
 
+    @verbs.described_by(verbs.wait_for_confirms)
     def wait_for_confirms(self, timeout: float | None = None) -> None:
-        """Wait until every publish made before this call is confirmed.
-
-        Raises ``PublishError`` naming each message id the broker refused
-        since the last call (the others were confirmed), ``Timeout`` after
-        ``timeout`` seconds (None: no limit), or ``ConnectionLost`` if the
-        connection dropped first (its ``unconfirmed`` attribute lists the
-        message ids whose fate is unknown: publish them again).
-        """
+        session = self._session
         with self._lock:
-            mark = self._session.confirm_mark()
+            mark = session.confirm_mark()
         try:
             self.flush()
         except BrokerdError:
             pass  # reported below with the unconfirmed ids
         deadline = None if timeout is None else _monotonic() + timeout
-        session = self._session
         with self._lock:
-            while not session.confirmed_through(mark):
-                if session.error is not None:
-                    err = clone_error(session.error)
-                    err.unconfirmed = session.unconfirmed_ids(mark)
-                    raise err
-                remaining = None if deadline is None else deadline - _monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise Timeout(None, f"{len(session.unconfirmed_ids(mark))} publishes still unconfirmed after {timeout:g} s")
+            while True:
+                done, remaining = session.confirms_wait(mark, deadline, _monotonic(), timeout)
+                if done:
+                    break
                 self._confirm_cond.wait(remaining)
-            refused = session.take_refused()
-        if refused:
-            raise PublishError(refused)
+            session.raise_refused()
 
-    # -- consuming ----------------------------------------------------------------------------
+    @verbs.described_by(verbs.consume)
     def consume(self, queues, prefetch: int = 10) -> "Consumer":
-        """Subscribe to ``queues`` (a name or a list, in preference order).
-
-        Returns a ``Consumer``: iterate it for deliveries, or call
-        ``get(timeout)``.  The broker never has more than ``prefetch``
-        unacked deliveries out to this consumer.
-        """
         w = _waiter()
         with self._lock:
             p = self._session.consume(queues, prefetch, waiter=w)
@@ -416,8 +335,8 @@ class Client:
         self._wait(p, self.timeout)
         return Consumer(self, p.consumer)
 
-    # Delivery.ack lands here (nack, touch and ack(wait=True) are verbs).
     def _ack(self, d: Delivery, wait: bool = False) -> None:
+        """``Delivery.ack``: batched (the other settling verbs come from ``client.verbs``)."""
         if wait:
             return self._ack_now(d)
         with self._lock:
@@ -427,31 +346,22 @@ class Client:
         if now:
             self.flush()
 
-    # -- closing ----------------------------------------------------------------------------
+    @verbs.described_by(verbs.close)
     def close(self, timeout: float | None = None) -> None:
-        """Send what is buffered, say BYE, wait for the broker's answer, close.
-
-        Unacked deliveries (including ones received but not yet handed out)
-        go back to their queues on the broker, marked redelivered.  Publishes
-        made with ``confirm=False`` are sent and their confirms awaited first
-        (up to ``timeout``, default the client's); refusals not collected by
-        ``wait_for_confirms`` are logged, not raised.  Idempotent.
-        """
         if self._closed:
             return
         timeout = self.timeout if timeout is None else timeout
+        session = self._session
         try:
-            if self._session.unconfirmed:
+            if session.unconfirmed:
                 # Collect outstanding confirms first, so refusals can be logged
                 # (the broker answers nothing after BYE's reply).
                 try:
                     self.wait_for_confirms(timeout)
                 except PublishError as exc:
-                    self._session.refused.extend(exc.failures)
+                    session.refused.extend(exc.failures)
             with self._lock:
-                p = None
-                if self._session.is_open:
-                    p = self._session.bye(waiter=_waiter())
+                p = session.bye(waiter=_waiter()) if session.is_open else None
             if p is not None:
                 self.flush()
                 self._wait(p, timeout)
@@ -460,22 +370,18 @@ class Client:
         finally:
             self._closed = True
             with self._lock:
-                refused = list(self._session.refused)
-                self._session.log_quiet_errors()
-            for mid, exc in refused:
-                log.warning("publish of %r was refused and never collected by wait_for_confirms: %s", mid, exc)
+                session.log_uncollected()
             self._abort(None)
-            if self._reader is not threading.current_thread():
-                self._reader.join(timeout=5)
-            if self._flusher.is_alive() and self._flusher is not threading.current_thread():
-                self._flusher.join(timeout=5)
+            for t in (self._reader, self._flusher):
+                if t.is_alive() and t is not threading.current_thread():
+                    t.join(timeout=5)
             try:
                 self._sock.close()
             except OSError:
                 pass
 
 
-class Consumer:
+class Consumer(ConsumerHandle):
     """A subscription made by ``Client.consume``.
 
     Iterate it (``for d in consumer``) to receive deliveries until it is
@@ -484,28 +390,6 @@ class Consumer:
     either with an error.  ``cancel()`` (also on leaving a ``with`` block)
     stops deliveries and gives back the ones received but not handed out.
     """
-
-    def __init__(self, client: Client, state: ConsumerState):
-        self._client = client
-        self._state = state
-
-    @property
-    def tag(self) -> int:
-        """The broker's consumer tag."""
-        return self._state.tag
-
-    @property
-    def queues(self) -> list[str]:
-        return list(self._state.queues)
-
-    @property
-    def prefetch(self) -> int:
-        return self._state.prefetch
-
-    @property
-    def received(self) -> int:
-        """How many deliveries this consumer has received from the broker so far."""
-        return self._state.received
 
     @property
     def buffer(self):
@@ -519,9 +403,6 @@ class Consumer:
         client = self._client
         with client._lock:
             self._state.waiter = _CallingCondition(client._lock, fn)
-
-    def __repr__(self):
-        return f"<Consumer tag={self.tag} queues={self.queues} prefetch={self.prefetch}>"
 
     def __enter__(self) -> "Consumer":
         return self
@@ -562,9 +443,7 @@ class Consumer:
         deadline = None if timeout is None else _monotonic() + timeout
         with client._lock:
             while not buf:
-                if cs.error is not None:
-                    raise clone_error(cs.error)
-                if cs.cancelled:
+                if cs.ended():
                     return None
                 if deadline is None:
                     cs.waiter.wait()
@@ -584,26 +463,16 @@ class Consumer:
         with client._lock:
             if cs.cancelled or cs.error is not None or not client._session.is_open:
                 return
-            w = _waiter()
-            p = client._session.cancel(cs, waiter=w)
+            p = client._session.cancel(cs, waiter=_waiter())
         client.flush()
         try:
             client._wait(p, client.timeout)
         except (ConnectionClosed, ConnectionLost):
             return
         with client._lock:
-            leftovers = list(cs.buffer)
-            cs.buffer.clear()
-            for d in leftovers:
-                client._session.nack(d, True, None, quiet=True)
-        if leftovers:
+            flush = client._session.give_back(cs)
+        if flush:
             client.flush()
-
-
-def _waiter():
-    lock = allocate_lock()
-    lock.acquire()
-    return lock
 
 
 class _CallingCondition(threading.Condition):
@@ -616,3 +485,10 @@ class _CallingCondition(threading.Condition):
     def notify_all(self):
         super().notify_all()
         self._fn()
+
+
+def _waiter():
+    """A lock that is already held: the reader releases it when the reply arrives."""
+    lock = allocate_lock()
+    lock.acquire()
+    return lock

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+import platform
 from collections import deque
 
 from client import wire
@@ -38,8 +40,10 @@ from client.errors import (
     ConnectionClosed,
     ConnectionLost,
     MessageTooLarge,
+    PublishError,
     RemoteProtocolError,
     StaleDelivery,
+    Timeout,
     error_from_wire,
     lost_from_closing,
 )
@@ -145,6 +149,41 @@ class ConsumerState:
     def __repr__(self):
         return f"<ConsumerState tag={self.tag} queues={self.queues} prefetch={self.prefetch}>"
 
+    def ended(self) -> bool:
+        """For a caller waiting for a delivery: True once cancelled; raises if the connection is over."""
+        if self.error is not None:
+            raise clone_error(self.error)
+        return self.cancelled
+
+
+class ConsumerHandle:
+    """What both shells' consumers share: the read-only view of one subscription."""
+
+    def __init__(self, client, state: ConsumerState):
+        self._client = client
+        self._state = state
+
+    @property
+    def tag(self) -> int | None:
+        """The broker's consumer tag (None until the broker answered CONSUME)."""
+        return self._state.tag
+
+    @property
+    def queues(self) -> list[str]:
+        return list(self._state.queues)
+
+    @property
+    def prefetch(self) -> int:
+        return self._state.prefetch
+
+    @property
+    def received(self) -> int:
+        """How many deliveries this consumer has received from the broker so far."""
+        return self._state.received
+
+    def __repr__(self):
+        return f"<{type(self).__name__} tag={self.tag} queues={self.queues} prefetch={self.prefetch}>"
+
 
 class Delivery:
     """A message delivered to one of your consumers (protocol.md §5.4 DELIVER).
@@ -217,6 +256,16 @@ class Delivery:
 def _error(f: list) -> BrokerdError:
     e = wire.Error.from_frame(f)
     return error_from_wire(e.code, e.message)
+
+
+def default_name() -> str:
+    """The name a client gives in HELLO unless told otherwise: ``host:pid``."""
+    return f"{platform.node()}:{os.getpid()}"
+
+
+def new_id_prefix() -> str:
+    """A random per-client prefix for message ids (12 hex digits: 48 bits)."""
+    return os.urandom(6).hex()
 
 
 def clone_error(exc: BrokerdError) -> BrokerdError:
@@ -443,11 +492,21 @@ class Session:
         self.unconfirmed[rid] = msg_id
         return None, msg_id
 
-    def consume(self, queues, prefetch: int, *, waiter=None) -> Pending:
+    def consume(self, queues, prefetch: int, *, waiter=None, state: ConsumerState | None = None) -> Pending:
+        """CONSUME; ``state`` is a ``ConsumerState`` the shell made earlier (else a new one)."""
         if isinstance(queues, str):
             queues = [queues]
-        cs = ConsumerState(queues, prefetch)
+        cs = state if state is not None else ConsumerState(queues, prefetch)
         return self.request(OP_CONSUME, [list(queues), prefetch], kind=K_CONSUME, waiter=waiter, consumer=cs)
+
+    def give_back(self, cs: ConsumerState) -> bool:
+        """After CANCEL's reply: NACK (requeue) what ``cs`` received but never handed
+        out, without waiting.  True when frames were buffered (flush them)."""
+        leftovers = list(cs.buffer)
+        cs.buffer.clear()
+        for d in leftovers:
+            self.nack(d, True, None, quiet=True)
+        return bool(leftovers)
 
     def cancel(self, cs: ConsumerState, *, waiter=None) -> Pending:
         return self.request(OP_CANCEL, [cs.tag], kind=K_CANCEL, waiter=waiter, consumer=cs)
@@ -528,6 +587,36 @@ class Session:
         refused = self.refused
         self.refused = []
         return refused
+
+    def confirms_wait(self, mark: int, deadline: float | None, now: float, timeout) -> tuple[bool, float | None]:
+        """One step of ``wait_for_confirms``: ``(True, _)`` once every publish up to
+        ``mark`` is answered, else ``(False, seconds to wait)`` (None: no limit).
+        Raises the connection's error (``unconfirmed`` set to the ids whose fate is
+        unknown) or ``Timeout`` once ``deadline`` passed."""
+        if self.confirmed_through(mark):
+            return True, None
+        if self.error is not None:
+            err = clone_error(self.error)
+            err.unconfirmed = self.unconfirmed_ids(mark)
+            raise err
+        if deadline is None:
+            return False, None
+        remaining = deadline - now
+        if remaining <= 0:
+            raise Timeout(None, f"{len(self.unconfirmed_ids(mark))} publishes still unconfirmed after {timeout:g} s")
+        return False, remaining
+
+    def raise_refused(self) -> None:
+        """End of ``wait_for_confirms``: ``PublishError`` naming the refused publishes, if any."""
+        refused = self.take_refused()
+        if refused:
+            raise PublishError(refused)
+
+    def log_uncollected(self) -> None:
+        """At close: log refusals nobody collected with ``wait_for_confirms``, and quiet errors."""
+        for mid, exc in self.refused:
+            log.warning("publish of %r was refused and never collected by wait_for_confirms: %s", mid, exc)
+        self.log_quiet_errors()
 
     # -- input -------------------------------------------------------------------------------
     def receive(self, frames: list, now: float) -> list:
@@ -743,6 +832,23 @@ class Session:
         """The broker has sent nothing for two intervals: treat the connection as dead."""
         hb = self.heartbeat
         return hb > 0 and now - self.last_received > 2 * hb
+
+    def timers(self, now: float) -> tuple[bool, BrokerdError | None, float]:
+        """The flusher's look at the clock, for both shells.
+
+        Logs background refusals, buffers a HEARTBEAT when one is due, and
+        returns ``(flush now, the error if the broker went silent, seconds until
+        the next look)``; the wait is clamped to [1 ms, 1 s] so a flusher also
+        notices a close promptly.
+        """
+        self.log_quiet_errors()
+        beat = self.heartbeat_due(now)
+        if beat:
+            self.heartbeat_frame()
+        lost = None
+        if self.peer_silent(now):
+            lost = ConnectionLost("HEARTBEAT_TIMEOUT", f"nothing heard from brokerd for {2 * self.heartbeat:g} s")
+        return beat, lost, min(max(self.next_timer() - now, 0.001), 1.0)
 
     def next_timer(self) -> float:
         """When heartbeat_due or peer_silent next needs a look (absolute; inf when off)."""

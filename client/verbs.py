@@ -308,6 +308,72 @@ def touch_delivery(client, d):
 PRIVATE_VERBS = {"_ack_now": ack_delivery, "_nack": nack_delivery, "_touch": touch_delivery}
 
 
+# -- verbs each shell writes itself (how they wait differs), described here once ------------
+# The shells take these docstrings (``described_by``); tests/test_client_parity.py
+# checks their signatures against these.
+def publish(client, queue: str, body: bytes, *, priority: int = 0, delay=None, eta=None, ttl=None,
+            headers: dict | None = None, confirm: bool = True, id: str | None = None) -> str:
+    """Publish ``body`` to ``queue``; return the message id.
+
+    * ``priority``: 0-255, higher first; FIFO within one priority.
+    * ``delay`` (seconds or timedelta) or ``eta`` (UNIX time or datetime):
+      the broker holds the message until then.
+    * ``ttl`` (seconds): dropped if not delivered by then.
+    * ``headers``: a dict delivered with the message.
+    * ``id``: the message id; by default the client makes a unique one
+      (a random per-client prefix and a counter).
+    * ``confirm=True`` (default) waits for the broker's confirm and raises
+      ``QueueFull``, ``MessageTooLarge``, ``BadRequest``... if refused.
+      ``confirm=False`` buffers the frame (without yielding to an event loop)
+      and returns at once; it is sent within ~1 ms; call
+      ``wait_for_confirms()`` to learn the outcome.
+    """
+
+
+def wait_for_confirms(client, timeout: float | None = None) -> None:
+    """Wait until every publish made before this call is confirmed.
+
+    Raises ``PublishError`` naming each message id the broker refused
+    since the last call (the others were confirmed), ``Timeout`` after
+    ``timeout`` seconds (None: no limit), or ``ConnectionLost`` if the
+    connection dropped first (its ``unconfirmed`` attribute lists the
+    message ids whose fate is unknown: publish them again).
+    """
+
+
+def consume(client, queues, prefetch: int = 10):
+    """Subscribe to ``queues`` (a name or a list, in preference order).
+
+    Returns a consumer: iterate it for deliveries (``for`` / ``async for``),
+    or call ``get(timeout)``.  The broker never has more than ``prefetch``
+    unacked deliveries out to this consumer.
+    """
+
+
+def close(client, timeout: float | None = None) -> None:
+    """Send what is buffered, say BYE, wait for the broker's answer, close.
+
+    Unacked deliveries (including ones received but not yet handed out)
+    go back to their queues on the broker, marked redelivered.  Publishes
+    made with ``confirm=False`` are sent and their confirms awaited first
+    (up to ``timeout``, default the client's); refusals not collected by
+    ``wait_for_confirms`` are logged, not raised.  Idempotent.
+    """
+
+
+SHELL_VERBS = [publish, wait_for_confirms, consume, close]
+
+
+def described_by(spec):
+    """Give a shell's own method the docstring of its description here."""
+
+    def take(fn):
+        fn.__doc__ = spec.__doc__
+        return fn
+
+    return take
+
+
 # -- building the shells --------------------------------------------------------------------
 def _sync_method(fn):
     def method(self, *args, **kwargs):
