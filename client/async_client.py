@@ -57,7 +57,7 @@ _monotonic = time.monotonic
 
 # --- the client ----------------------------------------------------------------------------
 @verbs.async_verbs
-class AsyncClient:
+class AsyncClient(verbs.ShellInfo):
     """An async connection to brokerd, for trio or asyncio.
 
     ``AsyncClient(address="127.0.0.1:7700", *, name=None, heartbeat=30.0, timeout=10.0)``
@@ -91,15 +91,6 @@ class AsyncClient:
     def library(self) -> str | None:
         """``"trio"`` or ``"asyncio"`` once connected."""
         return self._io.library if self._io else None
-
-    @property
-    def server_info(self) -> dict:
-        """The broker's HELLO reply: server version, heartbeat, max_frame, connection id."""
-        return dict(self._session.server or {}) if self._session else {}
-
-    @property
-    def is_open(self) -> bool:
-        return self._session is not None and self._session.is_open
 
     # -- lifecycle --------------------------------------------------------------------------
     async def __aenter__(self) -> "AsyncClient":
@@ -187,13 +178,7 @@ class AsyncClient:
         p = call.begin(self._session, self._io.Event())
         await self._flush()
         result = await self._wait(p, self.timeout if call.timeout is None else call.timeout)
-        if call.timed:
-            return _monotonic() - t0
-        return result if call.reply is None else call.reply(result)
-
-    async def _call(self, op: int, *args, timeout=None):
-        """One request ``[op, rid, *args]``, waited for (for callers outside ``client.verbs``)."""
-        return await self._run(verbs.Call(op, args, timeout=timeout))
+        return call.finish(result, _monotonic() - t0)
 
     def _mark_dirty(self) -> None:
         d = self._dirty

@@ -9,28 +9,20 @@
             handle(d.body)
             d.ack()
 
-A thin shell: the protocol lives in the sans-I/O ``client.session.Session``
-and the request verbs in ``client.verbs`` (shared with ``AsyncClient``); this
-module adds a socket and threads.
-
-Threading model: one ``Client`` is safe to share between threads (a
-Flask/Django process keeps one per process).  It owns one TCP socket and two
-daemon threads.  The **reader** blocks in ``recv``, hands decoded frames to
-the session under ``_lock`` and wakes what the session names: the caller of
-each reply (one lock per request), consumers (a ``Condition`` each),
-``wait_for_confirms``.  It never writes, so it keeps reading while a writer is
-blocked by the broker's back-pressure.  The **flusher** sends what is
-buffered within ``FLUSH_DELAY`` (~1 ms), sends HEARTBEAT when idle and
-declares the connection lost after two silent intervals.  Calling threads
-write themselves: ``_lock`` guards the session (never held during I/O);
-``_send_lock`` serialises writes and is held while the buffer is taken, so
-bytes reach the socket in buffer order (one thread's publishes stay FIFO).
-
-Flush policy: ``publish(confirm=False)`` and ``Delivery.ack()`` only buffer;
-the buffer goes out past ``FLUSH_BYTES`` (32 KiB), when a call needs a reply,
-on ``wait_for_confirms``, when a consumer is about to block, when half a
-consumer's prefetch is acked, and otherwise from the flusher.  Refused
-pipelined publishes are reported to the next ``wait_for_confirms`` caller.
+A thin shell: the protocol lives in the sans-I/O ``client.session.Session``,
+the request verbs in ``client.verbs`` (shared with ``AsyncClient``); this
+module adds a socket and two daemon threads.  One ``Client`` is safe to share
+between threads.  The **reader** blocks in ``recv``, hands frames to the
+session under ``_lock`` and wakes what the session names (one lock per
+request, a ``Condition`` per consumer, ``wait_for_confirms``); it never
+writes, so it keeps reading while a writer is blocked by back-pressure.  The
+**flusher** sends what is buffered within ``FLUSH_DELAY`` (~1 ms), sends
+HEARTBEAT when idle and gives up after two silent intervals.  Callers write
+themselves: ``_lock`` guards the session (never held during I/O),
+``_send_lock`` is held while the buffer is taken and written, so bytes reach
+the socket in buffer order.  ``publish(confirm=False)`` and ``ack()`` only
+buffer; the buffer goes out past ``FLUSH_BYTES``, when a call needs a reply,
+before a consumer blocks, when half a prefetch is acked, or from the flusher.
 """
 
 from __future__ import annotations
@@ -43,24 +35,9 @@ from _thread import allocate_lock
 
 from client import verbs
 from client.errors import BrokerdError, ConnectionClosed, ConnectionLost, PublishError, Timeout
-from client.session import (
-    CONFIRMS,
-    CONTROL,
-    EVENTS,
-    FLUSH,
-    FLUSH_BYTES,
-    FLUSH_DELAY,
-    ConsumerHandle,
-    ConsumerState,
-    Delivery,
-    Pending,
-    Session,
-    clone_error,
-    default_name,
-    new_id_prefix,
-    parse_address,
-    publish_options,
-)
+from client.session import CONFIRMS, CONTROL, EVENTS, FLUSH, FLUSH_BYTES, FLUSH_DELAY, ConsumerHandle, ConsumerState
+from client.session import Delivery, Pending, Session, clone_error, default_name, new_id_prefix, parse_address
+from client.session import publish_options
 from client.wire import FrameReader, WireError
 
 __all__ = ["Client", "Consumer", "Delivery", "parse_address", "default_name", "new_id_prefix"]
@@ -73,7 +50,7 @@ _monotonic = time.monotonic
 
 
 @verbs.sync_verbs
-class Client:
+class Client(verbs.ShellInfo):
     """A blocking connection to brokerd, safe to share between threads.
 
     ``Client(address="127.0.0.1:7700", *, name=None, heartbeat=30.0, timeout=10.0)``
@@ -86,11 +63,9 @@ class Client:
     * ``timeout``: seconds to wait for a reply (and to connect) before
       raising ``Timeout``.  None waits forever.
 
-    Connects (and completes HELLO) in the constructor.  Use it as a context
-    manager, or call ``close()``: its threads keep it alive until then.
-    Create clients after forking (e.g. in gunicorn's ``post_fork``), never
-    before: a forked child has the socket but not the threads.  The request
-    verbs (``declare``, ``stats``, ``revoke``...) come from ``client.verbs``.
+    Connects (and completes HELLO) in the constructor; use it as a context
+    manager or call ``close()``.  Create clients after forking (gunicorn's
+    ``post_fork``): a forked child has the socket but not the threads.
     """
 
     def __init__(self, address=DEFAULT_ADDRESS, *, name: str | None = None, heartbeat: float = 30.0, timeout: float | None = 10.0):
@@ -137,15 +112,6 @@ class Client:
     def __repr__(self):
         state = "closed" if self._closed else ("lost" if self._session.error else "open")
         return f"<Client {self.address} {state}>"
-
-    @property
-    def server_info(self) -> dict:
-        """The broker's HELLO reply: server version, heartbeat, max_frame, connection id."""
-        return dict(self._session.server or {})
-
-    @property
-    def is_open(self) -> bool:
-        return self._session.is_open
 
     # -- for code that drives the connection itself (the worker) -----------------------------
     def submit(self, call: verbs.Call, waiter) -> Pending:
@@ -204,13 +170,7 @@ class Client:
             p = call.begin(self._session, w)
         self.flush()
         result = self._wait(p, self.timeout if call.timeout is None else call.timeout)
-        if call.timed:
-            return _monotonic() - t0
-        return result if call.reply is None else call.reply(result)
-
-    def _call(self, op: int, *args, timeout=None):
-        """One request ``[op, rid, *args]``, waited for (for callers outside ``client.verbs``)."""
-        return self._run(verbs.Call(op, args, timeout=timeout))
+        return call.finish(result, _monotonic() - t0)
 
     def _wake(self, wake: list) -> None:
         """Wake what the session named.  Called with ``_lock`` held."""

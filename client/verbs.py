@@ -77,6 +77,12 @@ class Call:
         self.start = start
         self.timed = timed
 
+    def finish(self, result, elapsed: float):
+        """The verb's return value, from the reply's result and the round trip's duration."""
+        if self.timed:
+            return elapsed
+        return result if self.reply is None else self.reply(result)
+
     def begin(self, session, waiter):
         """Buffer the request in ``session``; return its ``Pending``."""
         if self.start is not None:
@@ -387,6 +393,30 @@ def _async_method(fn):
         return await self._run(fn(self, *args, **kwargs))
 
     return functools.wraps(fn)(method)
+
+
+def raw_call(client, op: int, *args, timeout=None):
+    """One request ``[op, rid, *args]``, waited for: for callers that name an op
+    themselves (tests, the task layer).  Installed as the shells' ``_call``."""
+    return Call(op, args, timeout=timeout)
+
+
+PRIVATE_VERBS["_call"] = raw_call
+
+
+class ShellInfo:
+    """The read-only properties both shells share (``_session`` is None before connecting)."""
+
+    @property
+    def server_info(self) -> dict:
+        """The broker's HELLO reply: server version, heartbeat, max_frame, connection id."""
+        session = self._session
+        return dict(session.server or {}) if session is not None else {}
+
+    @property
+    def is_open(self) -> bool:
+        """True until the connection is closed or lost."""
+        return self._session is not None and self._session.is_open
 
 
 def _install(cls, make):
