@@ -23,7 +23,6 @@ entered it; it is not thread-safe (use ``client.producer.Client`` for threads).
 
 from __future__ import annotations
 
-import logging
 import time
 
 from client import loops, verbs
@@ -46,11 +45,9 @@ from client.session import (
     parse_address,
     publish_options,
 )
-from client.wire import FrameReader, WireError
+from client.wire import FrameReader
 
 __all__ = ["AsyncClient", "AsyncConsumer", "Delivery"]
-
-log = logging.getLogger("client")
 
 _monotonic = time.monotonic
 
@@ -207,7 +204,6 @@ class AsyncClient(verbs.ShellInfo):
         io = self._io
         session = self._session
         reader = FrameReader()
-        errors = io.io_errors()
         exc = None
         try:
             while True:
@@ -221,11 +217,8 @@ class AsyncClient(verbs.ShellInfo):
                     self._wake(session.receive(frames, now))
                 else:
                     session.last_received = now
-        except (WireError, BrokerdError, *errors) as e:
-            exc = session.reader_failed(e)
-        except Exception as e:  # a bug: fail every waiter rather than hang them
-            log.exception("brokerd async client reader crashed")
-            exc = e
+        except Exception as e:  # not BaseException: a cancellation ends the task as itself
+            exc = session.reader_failed(e, io.io_errors())
         finally:
             self._abort(exc)
 

@@ -27,7 +27,6 @@ before a consumer blocks, when half a prefetch is acked, or from the flusher.
 
 from __future__ import annotations
 
-import logging
 import socket
 import threading
 import time
@@ -38,11 +37,9 @@ from client.errors import BrokerdError, ConnectionClosed, ConnectionLost, Publis
 from client.session import CONFIRMS, CONTROL, EVENTS, FLUSH, FLUSH_BYTES, FLUSH_DELAY, ConsumerHandle, ConsumerState
 from client.session import Delivery, Pending, Session, clone_error, default_name, new_id_prefix, parse_address
 from client.session import publish_options
-from client.wire import FrameReader, WireError
+from client.wire import FrameReader
 
 __all__ = ["Client", "Consumer", "Delivery", "parse_address", "default_name", "new_id_prefix"]
-
-log = logging.getLogger("client")
 
 DEFAULT_ADDRESS = "127.0.0.1:7700"
 RECV_BYTES = 256 * 1024  # one recv; the reader decodes every whole frame in it
@@ -204,11 +201,8 @@ class Client(verbs.ShellInfo):
                         self._wake(session.receive(frames, now))
                     else:
                         session.last_received = now
-        except (WireError, BrokerdError, OSError) as e:
+        except BaseException as e:
             exc = session.reader_failed(e)
-        except BaseException as e:  # a bug: fail every waiter rather than hang them
-            log.exception("brokerd client reader crashed")
-            exc = e
         finally:
             self._abort(exc)
 

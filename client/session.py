@@ -57,13 +57,11 @@ from client.wire import (
     OP_DELIVER,
     OP_ERROR,
     OP_HEARTBEAT,
-    OP_HELLO,
     OP_NACK,
     OP_RESULT_SET,
     OP_CONTROL,
     OP_EVENT,
     OP_OK,
-    OP_PUBLISH,
     OP_TOUCH,
 )
 
@@ -759,10 +757,18 @@ class Session:
             err.__cause__ = exc
         return self.fail(err)
 
-    def reader_failed(self, exc: BaseException) -> BaseException:
-        """What the reader's exception means: an unreadable frame is the broker's fault."""
+    def reader_failed(self, exc: BaseException, io_errors: tuple = (OSError,)) -> BaseException:
+        """What the exception that stopped a shell's reader means, to hand to ``connection_lost``.
+
+        An unreadable frame is the broker's fault (``RemoteProtocolError``); a
+        ``BrokerdError`` or one of the shell's ``io_errors`` is the connection
+        ending; anything else is a bug in the client, logged with its traceback
+        (every waiter is then failed rather than left hanging).
+        """
         if isinstance(exc, wire.WireError):
             return RemoteProtocolError(exc.code, f"the broker sent an unreadable frame: {exc.message}")
+        if not isinstance(exc, (BrokerdError, *io_errors)):
+            log.error("brokerd client reader crashed", exc_info=exc)
         return exc
 
     def run_handlers(self) -> None:
