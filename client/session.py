@@ -31,7 +31,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import platform
 from collections import deque
 
 from client import wire
@@ -258,7 +257,8 @@ def _error(f: list) -> BrokerdError:
 
 def default_name() -> str:
     """The name a client gives in HELLO unless told otherwise: ``host:pid``."""
-    return f"{platform.node()}:{os.getpid()}"
+    host = os.uname().nodename if hasattr(os, "uname") else os.environ.get("COMPUTERNAME", "localhost")
+    return f"{host}:{os.getpid()}"
 
 
 def new_id_prefix() -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import cbor2
 
@@ -359,10 +360,10 @@ def bye_frame(rid: int) -> list:
 
 # --- server frames: one typed view per op -------------------------------------------
 # The client's hot paths (OK confirms, DELIVER) index the list directly; these
-# views are for the rarer frames, for tests and for tools.  A missing trailing
+# views are for the rarer frames, for tests and for tools.  NamedTuples, not
+# dataclasses: immutable all the same, and ~20x cheaper to define at import.  A missing trailing
 # field reads as its "when omitted" value, as the session always did.
-@dataclass(frozen=True, slots=True)
-class Ok:
+class Ok(NamedTuple):
     """§3.2 OK: ``[64, rid, result]``."""
 
     rid: int | None
@@ -373,8 +374,7 @@ class Ok:
         return cls(f[1] if len(f) > 1 else None, f[2] if len(f) > 2 else None)
 
 
-@dataclass(frozen=True, slots=True)
-class Error:
+class Error(NamedTuple):
     """§4 ERROR: ``[65, rid, code, message]``; rid 0 when the request id was unreadable."""
 
     rid: int | None
@@ -386,8 +386,7 @@ class Error:
         return cls(f[1] if len(f) > 1 else None, f[2] if len(f) > 2 else None, f[3] if len(f) > 3 else "")
 
 
-@dataclass(frozen=True, slots=True)
-class Closing:
+class Closing(NamedTuple):
     """§4 CLOSING: ``[67, code, message]``: the server closes the connection after it."""
 
     code: str | None
@@ -398,8 +397,7 @@ class Closing:
         return cls(f[1] if len(f) > 1 else None, f[2] if len(f) > 2 else "")
 
 
-@dataclass(frozen=True, slots=True)
-class Control:
+class Control(NamedTuple):
     """§5.33 CONTROL: ``[68, payload]``, a broadcast to consumers (revoke+terminate, commands)."""
 
     payload: object
@@ -409,8 +407,7 @@ class Control:
         return cls(f[1] if len(f) > 1 else None)
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
     """§5.30 EVENT: ``[69, [event, ...], dropped]`` to a subscriber."""
 
     events: list
@@ -446,8 +443,7 @@ class HandshakeError(WireError):
     """The handshake failed; ``code`` is the CLOSING code (§4) and the connection ends."""
 
 
-@dataclass(frozen=True, slots=True)
-class Hello:
+class Hello(NamedTuple):
     """§5.1 HELLO options (field 2).  ``extra``: any other keys, sent and received as they are."""
 
     version: int = PROTOCOL_VERSION
@@ -469,8 +465,7 @@ class Hello:
 _HELLO_KEYS = ("version", "client", "heartbeat")
 
 
-@dataclass(frozen=True, slots=True)
-class Welcome:
+class Welcome(NamedTuple):
     """§5.1 HELLO reply (OK result): what the server agreed to.
 
     ``heartbeat`` and ``max_frame`` are None when the reply leaves them out
