@@ -6,39 +6,16 @@
             await handle(d.body)
             await d.ack()
 
-The decision: one client, a thin shell per event loop
-------------------------------------------------------
-FastAPI runs on asyncio; trio users want a trio-native client; a worker may
-be either.  Rather than two clients (or anyio as a dependency), every
-protocol decision lives in the sans-I/O ``client.session.Session`` and this
-module adds only what differs per library, picked at ``__aenter__`` by
-``sniffio.current_async_library()`` (sniffio ships with trio):
-
-* ``_TrioIO``: ``trio.open_tcp_stream`` (TCP_NODELAY is trio's default), a
-  ``trio.Lock`` around ``send_all`` (trio forbids concurrent sends), the
-  background tasks in a nursery opened by ``__aenter__`` and closed by
-  ``__aexit__``, ``trio.Event`` and ``move_on_after``.
-* ``_AsyncioIO``: ``asyncio.open_connection`` streams (``write`` is
-  synchronous, so no send lock; ``drain`` applies back-pressure), background
-  tasks from ``asyncio.create_task``, cancelled and awaited by ``__aexit__``,
-  ``asyncio.Event`` and ``asyncio.timeout``.
-
-Everything else (the verbs, the reply routing, confirms, ack batching,
-heartbeats) is written once, below, against that small interface.  The
-interface uses one-shot events only (trio events cannot be cleared).
-
-Tasks: a **reader** task decodes frames and wakes the tasks waiting for each
-reply, the consumers that got deliveries, and ``wait_for_confirms``; it
-never sends, so it keeps reading while a sender waits on back-pressure.  A
-**flusher** task sends what is buffered within ``FLUSH_DELAY`` (~1 ms), sends
-HEARTBEAT when idle for ``heartbeat`` seconds and gives the connection up
-after two silent intervals.
-
-Flush policy (as in ``client.producer``): ``publish(confirm=False)`` and
-``await d.ack()`` only buffer (they do not yield to the event loop); the
-buffer is sent when it passes 32 KiB, when a call needs a reply, on
-``wait_for_confirms``, when a consumer is about to wait for a delivery, when
-half a consumer's prefetch is acked, and otherwise by the flusher.
+One client, a thin shell per event loop: every protocol decision lives in the
+sans-I/O ``client.session.Session`` and every request verb in ``client.verbs``
+(shared with the blocking ``Client``); this module adds only what differs per
+library, the adapters of ``client.loops``, picked at ``__aenter__``.  A
+**reader** task decodes frames and wakes the tasks waiting for each reply,
+the consumers and ``wait_for_confirms``; it never sends.  A **flusher** task
+sends what is buffered within ``FLUSH_DELAY`` (~1 ms), sends HEARTBEAT when
+idle and gives the connection up after two silent intervals.  Flush policy as
+in ``client.producer``: ``publish(confirm=False)`` and ``await d.ack()`` only
+buffer, without yielding to the event loop.
 
 The client must be used from the event loop (and task tree, under trio) that
 entered it; it is not thread-safe (use ``client.producer.Client`` for threads).
@@ -46,22 +23,10 @@ entered it; it is not thread-safe (use ``client.producer.Client`` for threads).
 
 from __future__ import annotations
 
-import logging
-import math
-import os
-import socket
 import time
 
-import sniffio
-
-from client.errors import (
-    BrokerdError,
-    ConnectionClosed,
-    ConnectionLost,
-    PublishError,
-    RemoteProtocolError,
-    Timeout,
-)
+from client import loops, verbs
+from client.errors import BrokerdError, ConnectionClosed, ConnectionLost, PublishError, Timeout
 from client.session import (
     CONFIRMS,
     CONTROL,
@@ -69,207 +34,34 @@ from client.session import (
     FLUSH,
     FLUSH_BYTES,
     FLUSH_DELAY,
+    ConsumerHandle,
     ConsumerState,
     Delivery,
     Pending,
     Session,
-    admin_reply,
     clone_error,
+    default_name,
+    new_id_prefix,
     parse_address,
     publish_options,
-    queue_options,
 )
-from client.wire import (
-    OP_ADMIN,
-    OP_CONTROL_REQUEST,
-    OP_SUBSCRIBE,
-    OP_TASK_INFO,
-    OP_WORKERS,
-    OP_DECLARE,
-    OP_DELETE,
-    OP_PAUSE,
-    OP_PING,
-    OP_PURGE,
-    OP_RESUME,
-    OP_STATS,
-    FrameReader,
-    WireError,
-)
+from client.wire import FrameReader
 
 __all__ = ["AsyncClient", "AsyncConsumer", "Delivery"]
 
-log = logging.getLogger("client")
-
-RECV_BYTES = 256 * 1024
 _monotonic = time.monotonic
 
 
-def default_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def new_id_prefix() -> str:
-    """A random per-client prefix for message ids (12 hex digits: 48 bits)."""
-    return os.urandom(6).hex()
-
-
-# --- the per-library shells ------------------------------------------------------------
-class _TrioIO:
-    library = "trio"
-
-    def __init__(self):
-        import trio
-
-        self.trio = trio
-        self.stream = None
-        self._send_lock = trio.Lock()
-        self._nursery_cm = None
-        self.nursery = None
-        self.Event = trio.Event
-        self.sleep = trio.sleep
-
-    async def connect(self, host, port, timeout):
-        trio = self.trio
-        with trio.fail_after(timeout if timeout is not None else math.inf):
-            self.stream = await trio.open_tcp_stream(host, port)
-
-    async def send_all(self, session: Session) -> None:
-        """Take the session's buffered bytes and send them, in buffer order."""
-        async with self._send_lock:
-            data = session.data_to_send(_monotonic())
-            if data:
-                await self.stream.send_all(data)
-
-    async def receive_some(self) -> bytes:
-        return await self.stream.receive_some(RECV_BYTES)
-
-    async def wait(self, event, timeout) -> bool:
-        if timeout is None:
-            await event.wait()
-            return True
-        with self.trio.move_on_after(max(timeout, 0)):
-            await event.wait()
-        return event.is_set()
-
-    async def start(self, *fns) -> None:
-        self._nursery_cm = self.trio.open_nursery()
-        self.nursery = await self._nursery_cm.__aenter__()
-        for fn in fns:
-            self.nursery.start_soon(fn)
-
-    async def stop(self) -> None:
-        if self.nursery is not None:
-            # Our tasks end quietly when cancelled; an exception from the body of
-            # ``async with AsyncClient`` is not passed in, so it propagates as
-            # itself rather than wrapped in the nursery's ExceptionGroup.
-            self.nursery.cancel_scope.cancel()
-            cm, self._nursery_cm, self.nursery = self._nursery_cm, None, None
-            await cm.__aexit__(None, None, None)
-
-    async def aclose(self) -> None:
-        if self.stream is not None:
-            with self.trio.CancelScope(shield=True):
-                try:
-                    await self.stream.aclose()
-                except Exception:
-                    pass
-
-    def io_errors(self):
-        trio = self.trio
-        return (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
-
-
-class _AsyncioIO:
-    library = "asyncio"
-
-    def __init__(self):
-        import asyncio
-
-        self.asyncio = asyncio
-        self.reader = None
-        self.writer = None
-        self.tasks: list = []
-        self.Event = asyncio.Event
-        self.sleep = asyncio.sleep
-
-    async def connect(self, host, port, timeout):
-        asyncio = self.asyncio
-        async with asyncio.timeout(timeout):
-            self.reader, self.writer = await asyncio.open_connection(host, port, limit=RECV_BYTES)
-        sock = self.writer.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
-
-    async def send_all(self, session: Session) -> None:
-        data = session.data_to_send(_monotonic())
-        if data:
-            writer = self.writer
-            if writer.is_closing():
-                raise ConnectionResetError("the connection is closed")
-            writer.write(data)
-            await writer.drain()
-
-    async def receive_some(self) -> bytes:
-        return await self.reader.read(RECV_BYTES)
-
-    async def wait(self, event, timeout) -> bool:
-        if timeout is None:
-            await event.wait()
-            return True
-        try:
-            async with self.asyncio.timeout(max(timeout, 0)):
-                await event.wait()
-        except TimeoutError:
-            pass
-        return event.is_set()
-
-    async def start(self, *fns) -> None:
-        for fn in fns:
-            self.tasks.append(self.asyncio.create_task(fn()))
-
-    async def stop(self) -> None:
-        tasks, self.tasks = self.tasks, []
-        for t in tasks:
-            t.cancel()
-        if tasks:
-            # asyncio.wait does not re-raise the tasks' CancelledError, so only a
-            # cancellation of *this* task propagates from here.
-            await self.asyncio.wait(tasks)
-
-    async def aclose(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            try:
-                await self.writer.wait_closed()
-            except Exception:
-                pass
-
-    def io_errors(self):
-        return (OSError, EOFError)
-
-
-def _shell():
-    lib = sniffio.current_async_library()
-    if lib == "trio":
-        return _TrioIO()
-    if lib == "asyncio":
-        return _AsyncioIO()
-    raise RuntimeError(f"AsyncClient supports trio and asyncio, not {lib!r}")
-
-
 # --- the client ----------------------------------------------------------------------------
-class AsyncClient:
+@verbs.async_verbs
+class AsyncClient(verbs.ShellInfo):
     """An async connection to brokerd, for trio or asyncio.
 
     ``AsyncClient(address="127.0.0.1:7700", *, name=None, heartbeat=30.0, timeout=10.0)``
     takes the same arguments as ``Client``; it connects in ``async with``
-    (``__aenter__``) and closes on exit.  Every verb of ``Client`` is here as
-    a coroutine: ``publish``, ``wait_for_confirms``, ``declare``, ``delete``,
-    ``purge``, ``pause``, ``resume``, ``stats``, ``admin``, ``ping``,
-    ``aclose``; ``consume`` returns an ``AsyncConsumer`` (``async for``,
+    (``__aenter__``) and closes on exit (``aclose``).  Every verb of
+    ``Client`` is here as a coroutine (both are built from ``client.verbs``);
+    ``consume`` returns an ``AsyncConsumer`` (``async for``,
     ``await consumer.get(timeout)``, ``await consumer.cancel()``), and a
     delivery's ``ack``/``nack``/``touch`` are awaited.
     """
@@ -297,20 +89,15 @@ class AsyncClient:
         """``"trio"`` or ``"asyncio"`` once connected."""
         return self._io.library if self._io else None
 
-    @property
-    def server_info(self) -> dict:
-        return dict(self._session.server or {}) if self._session else {}
-
-    @property
-    def is_open(self) -> bool:
-        return self._session is not None and self._session.is_open
-
     # -- lifecycle --------------------------------------------------------------------------
     async def __aenter__(self) -> "AsyncClient":
         if self._session is not None:
             raise RuntimeError("an AsyncClient can be entered only once")
-        io = self._io = _shell()
-        self._session = Session(self, name=self._name, heartbeat=self._heartbeat, now=_monotonic(), id_prefix=new_id_prefix())
+        io = self._io = loops.for_current_loop()
+        self._session = Session(
+            self, name=self._name, heartbeat=self._heartbeat, now=_monotonic(), id_prefix=new_id_prefix(),
+            control_handlers=self.control_handlers, event_handlers=self.event_handlers,
+        )
         self._dirty = io.Event()
         self._confirm_event = io.Event()
         try:
@@ -323,29 +110,19 @@ class AsyncClient:
             raise
         await io.start(self._read_loop, self._flush_loop)
         try:
-            p = self._session.hello(waiter=io.Event())
-            await self._flush()
-            await self._wait(p, self.timeout)
-        except BaseException as exc:
-            self._closed = True
-            self._abort(None)
-            await io.stop()
-            await io.aclose()
-            raise exc
+            await self._run(verbs.Call(start=lambda s, w: s.hello(waiter=w)))
+        except BaseException:
+            await self._shut()
+            raise
         return self
 
     async def __aexit__(self, *exc_info) -> None:
         await self.aclose()
 
+    @verbs.described_by(verbs.close)
     async def aclose(self, timeout: float | None = None) -> None:
-        """Send what is buffered, collect outstanding confirms, say BYE, wait for the answer, close.
-
-        As ``Client.close``: unacked deliveries go back to their queues on the
-        broker, marked redelivered; uncollected refusals are logged.  Idempotent.
-        """
         if self._closed or self._session is None:
             return
-        io = self._io
         session = self._session
         timeout = self.timeout if timeout is None else timeout
         try:
@@ -357,24 +134,22 @@ class AsyncClient:
                 except PublishError as exc:
                     session.refused.extend(exc.failures)
             if session.is_open:
-                p = session.bye(waiter=io.Event())
+                p = session.bye(waiter=self._io.Event())
                 await self._flush()
                 await self._wait(p, timeout)
         except BrokerdError:
             pass
         except BaseException:
-            self._closed = True
-            self._abort(None)
-            await io.stop()
-            await io.aclose()
+            await self._shut()
             raise
+        session.log_uncollected()
+        await self._shut()
+
+    async def _shut(self) -> None:
         self._closed = True
-        for mid, exc in session.refused:
-            log.warning("publish of %r was refused and never collected by wait_for_confirms: %s", mid, exc)
-        self._log_quiet_errors()
         self._abort(None)
-        await io.stop()
-        await io.aclose()
+        await self._io.stop()
+        await self._io.aclose()
 
     # -- I/O -------------------------------------------------------------------------------------
     async def _flush(self) -> None:
@@ -393,10 +168,14 @@ class AsyncClient:
             raise p.error
         return p.result
 
-    async def _call(self, op: int, *args, timeout=None):
-        p = self._session.request(op, list(args), waiter=self._io.Event())
+    async def _run(self, call: verbs.Call):
+        """The one call path of every verb: buffer, flush, wait, shape the reply."""
+        self._check()
+        t0 = _monotonic()
+        p = call.begin(self._session, self._io.Event())
         await self._flush()
-        return await self._wait(p, self.timeout if timeout is None else timeout)
+        result = await self._wait(p, self.timeout if call.timeout is None else call.timeout)
+        return call.finish(result, _monotonic() - t0)
 
     def _mark_dirty(self) -> None:
         d = self._dirty
@@ -411,33 +190,20 @@ class AsyncClient:
                     ev.set()
             elif obj is FLUSH:
                 self._mark_dirty()
-            elif obj is CONTROL:
-                controls = self._session.controls
-                while controls:
-                    payload = controls.popleft()
-                    for fn in list(self.control_handlers):
-                        fn(payload)
-            elif obj is EVENTS:
-                frames = self._session.events
-                while frames:
-                    events, dropped = frames.popleft()
-                    for fn in list(self.event_handlers):
-                        fn(events, dropped)
+            elif obj is CONTROL or obj is EVENTS:
+                self._session.run_handlers()
             elif type(obj) is ConsumerState:
                 ev = obj.waiter
                 if ev is not None:
                     obj.waiter = None
                     ev.set()
-            else:
-                ev = obj.waiter
-                if ev is not None:
-                    ev.set()
+            elif obj.waiter is not None:
+                obj.waiter.set()
 
     async def _read_loop(self) -> None:
         io = self._io
         session = self._session
         reader = FrameReader()
-        errors = io.io_errors()
         exc = None
         try:
             while True:
@@ -451,15 +217,8 @@ class AsyncClient:
                     self._wake(session.receive(frames, now))
                 else:
                     session.last_received = now
-        except WireError as e:
-            exc = RemoteProtocolError(e.code, f"the broker sent an unreadable frame: {e.message}")
-        except BrokerdError as e:
-            exc = e
-        except errors as e:
-            exc = e
-        except Exception as e:  # a bug: fail every waiter rather than hang them
-            log.exception("brokerd async client reader crashed")
-            exc = e
+        except Exception as e:  # not BaseException: a cancellation ends the task as itself
+            exc = session.reader_failed(e, io.io_errors())
         finally:
             self._abort(exc)
 
@@ -468,68 +227,32 @@ class AsyncClient:
         session = self._session
         try:
             while session.error is None:
-                now = _monotonic()
-                if session.quiet_errors:
-                    self._log_quiet_errors()
-                if session.heartbeat_due(now):
-                    session.heartbeat_frame()
+                beat, lost, wait = session.timers(_monotonic())
+                if lost is not None:
+                    return self._abort(lost)
+                if beat:
                     await self._flush()
-                    continue
-                if session.peer_silent(now):
-                    self._abort(ConnectionLost("HEARTBEAT_TIMEOUT", f"nothing heard from brokerd for {2 * session.heartbeat:g} s"))
-                    return
-                wait = min(max(session.next_timer() - now, 0.001), 1.0)
-                if await io.wait(self._dirty, wait):
+                elif await io.wait(self._dirty, wait):
                     await io.sleep(FLUSH_DELAY)
                     self._dirty = io.Event()
                     await self._flush()
         except BrokerdError:
             return
 
-    def _log_quiet_errors(self) -> None:
-        errs = self._session.quiet_errors
-        while errs:
-            what, exc = errs.popleft()
-            log.warning("brokerd refused a background request (%s): %s", what, exc)
-
     def _abort(self, exc) -> None:
-        session = self._session
-        if session.error is not None:
-            return
-        if self._closed or session.bye_sent:
-            err = ConnectionClosed(None, "the client was closed")
-        elif session.closing is not None:
-            err = session.closing
-        elif isinstance(exc, BrokerdError):
-            err = exc
-        else:
-            why = f"{type(exc).__name__}: {exc}" if exc is not None else "the broker closed the connection"
-            err = ConnectionLost(None, f"connection to brokerd at {self.address} lost ({why})")
-        if exc is not None and err is not exc:
-            err.__cause__ = exc
-        self._wake(session.fail(err))
-        if not self._dirty.is_set():
-            self._dirty.set()
+        self._wake(self._session.connection_lost(exc, address=self.address, closed=self._closed))
+        self._mark_dirty()
 
-    # -- publishing ---------------------------------------------------------------------------
-    async def publish(
-        self,
-        queue: str,
-        body: bytes,
-        *,
-        priority: int = 0,
-        delay=None,
-        eta=None,
-        ttl=None,
-        headers: dict | None = None,
-        confirm: bool = True,
-        id: str | None = None,
-    ) -> str:
-        """Publish ``body`` to ``queue``; return the message id.  Arguments as ``Client.publish``.
+    def _check(self) -> None:
+        if self._session is None:
+            raise ConnectionClosed(None, "use AsyncClient in 'async with' (it connects in __aenter__)")
+        if self._session.error is not None:
+            raise clone_error(self._session.error)
 
-        ``confirm=False`` buffers the frame without yielding to the event loop
-        and returns at once; ``wait_for_confirms()`` collects the outcome.
-        """
+    # -- the verbs each shell writes itself -------------------------------------------------------
+    @verbs.described_by(verbs.publish)
+    async def publish(self, queue: str, body: bytes, *, priority: int = 0, delay=None, eta=None, ttl=None,
+                      headers: dict | None = None, confirm: bool = True, id: str | None = None) -> str:
         self._check()
         opts = None if (delay is None and eta is None and ttl is None and headers is None) else publish_options(delay, eta, ttl, headers)
         session = self._session
@@ -545,156 +268,44 @@ class AsyncClient:
             self._mark_dirty()
         return mid
 
+    @verbs.described_by(verbs.wait_for_confirms)
     async def wait_for_confirms(self, timeout: float | None = None) -> None:
-        """Wait until every publish made before this call is confirmed.
-
-        As ``Client.wait_for_confirms``: ``PublishError`` names refused ids,
-        ``Timeout`` after ``timeout`` seconds, ``ConnectionLost`` (with
-        ``unconfirmed``) if the connection dropped first.
-        """
         self._check()
         session = self._session
         mark = session.confirm_mark()
         try:
             await self._flush()
         except BrokerdError:
-            pass
+            pass  # reported below with the unconfirmed ids
         deadline = None if timeout is None else _monotonic() + timeout
-        while not session.confirmed_through(mark):
-            if session.error is not None:
-                err = clone_error(session.error)
-                err.unconfirmed = session.unconfirmed_ids(mark)
-                raise err
-            remaining = None if deadline is None else deadline - _monotonic()
-            if remaining is not None and remaining <= 0:
-                raise Timeout(None, f"{len(session.unconfirmed_ids(mark))} publishes still unconfirmed after {timeout:g} s")
+        while True:
+            done, remaining = session.confirms_wait(mark, deadline, _monotonic(), timeout)
+            if done:
+                break
             ev = self._confirm_event
             if ev.is_set():
                 ev = self._confirm_event = self._io.Event()
             await self._io.wait(ev, remaining)
-        refused = session.take_refused()
-        if refused:
-            raise PublishError(refused)
+        session.raise_refused()
 
-    # -- consuming ---------------------------------------------------------------------------
+    @verbs.described_by(verbs.consume)
     def consume(self, queues, prefetch: int = 10) -> "AsyncConsumer":
-        """Subscribe to ``queues`` (a name or a list, in preference order).
-
-        Returns an ``AsyncConsumer`` at once; the subscription is made on first
-        use (``async for``, ``get``, ``async with``) or by ``await consumer.start()``.
-        """
+        # Not a coroutine: the subscription is made on first use (``async for``,
+        # ``get``, ``async with``) or by ``await consumer.start()``.
         self._check()
-        return AsyncConsumer(self, queues, prefetch)
+        return AsyncConsumer(self, ConsumerState([queues] if isinstance(queues, str) else queues, prefetch))
 
     async def _ack(self, d: Delivery, wait: bool = False) -> None:
-        session = self._session
+        """``Delivery.ack``: batched (the other settling verbs come from ``client.verbs``)."""
         if wait:
-            p = session.ack_now(d, waiter=self._io.Event())
-            await self._flush()
-            await self._wait(p, self.timeout)
-            return
-        if session.ack(d):
+            return await self._ack_now(d)
+        if self._session.ack(d):
             await self._flush()
         else:
             self._mark_dirty()
 
-    async def _nack(self, d: Delivery, requeue: bool = True, delay=None, headers=None) -> None:
-        p = self._session.nack(d, requeue, delay, headers, waiter=self._io.Event())
-        await self._flush()
-        await self._wait(p, self.timeout)
 
-    async def _touch(self, d: Delivery):
-        p = self._session.touch(d, waiter=self._io.Event())
-        await self._flush()
-        return await self._wait(p, self.timeout)
-
-    def _check(self) -> None:
-        if self._session is None:
-            raise ConnectionClosed(None, "use AsyncClient in 'async with' (it connects in __aenter__)")
-        if self._session.error is not None:
-            raise clone_error(self._session.error)
-
-    # -- queues and the broker ---------------------------------------------------------------
-    async def declare(
-        self,
-        queue: str,
-        *,
-        dead_letter: str | None = None,
-        max_attempts: int | None = 25,
-        reserve_timeout: float | None = None,
-        max_length: int | None = None,
-        overflow: str = "reject",
-    ) -> dict:
-        """As ``Client.declare``."""
-        self._check()
-        return await self._call(OP_DECLARE, queue, queue_options(dead_letter, max_attempts, reserve_timeout, max_length, overflow))
-
-    async def delete(self, queue: str) -> int:
-        """As ``Client.delete``."""
-        self._check()
-        return await self._call(OP_DELETE, queue)
-
-    async def purge(self, queue: str) -> int:
-        """As ``Client.purge``."""
-        self._check()
-        return await self._call(OP_PURGE, queue)
-
-    async def pause(self, queue: str) -> None:
-        """As ``Client.pause``."""
-        self._check()
-        await self._call(OP_PAUSE, queue)
-
-    async def resume(self, queue: str) -> None:
-        """As ``Client.resume``."""
-        self._check()
-        await self._call(OP_RESUME, queue)
-
-    async def stats(self, queue: str | None = None) -> dict:
-        """As ``Client.stats``."""
-        self._check()
-        return await self._call(OP_STATS, queue)
-
-    async def admin(self, line: str) -> str:
-        """As ``Client.admin``."""
-        self._check()
-        return admin_reply(await self._call(OP_ADMIN, line))
-
-    async def subscribe_events(self, handler=None, replay: int = 0) -> dict:
-        """As ``Client.subscribe_events``; ``handler(events, dropped)`` is called in the reader task."""
-        self._check()
-        if handler is not None:
-            self.event_handlers.append(handler)
-        return await self._call(OP_SUBSCRIBE, True, int(replay))
-
-    async def task_info(self, task_id: str) -> dict | None:
-        """As ``Client.task_info``."""
-        self._check()
-        return await self._call(OP_TASK_INFO, task_id)
-
-    async def workers(self) -> list:
-        """As ``Client.workers``."""
-        self._check()
-        return await self._call(OP_WORKERS)
-
-    async def control(self, command: str, args: dict | None = None, *, timeout: float = 1.0,
-                      destination: list | None = None) -> dict:
-        """As ``Client.control``."""
-        self._check()
-        opts = {"timeout": float(timeout)}
-        if destination is not None:
-            opts["destination"] = [destination] if isinstance(destination, str) else list(destination)
-        return await self._call(OP_CONTROL_REQUEST, command, args, opts,
-                                timeout=timeout + (self.timeout if self.timeout is not None else 10.0))
-
-    async def ping(self) -> float:
-        """One round trip; returns its duration in seconds."""
-        self._check()
-        t0 = _monotonic()
-        await self._call(OP_PING)
-        return _monotonic() - t0
-
-
-class AsyncConsumer:
+class AsyncConsumer(ConsumerHandle):
     """A subscription made by ``AsyncClient.consume``.
 
     ``async for d in consumer`` until cancelled or the client closes;
@@ -704,41 +315,16 @@ class AsyncConsumer:
     not handed out.  ``ConnectionLost`` ends iteration with an error.
     """
 
-    def __init__(self, client: AsyncClient, queues, prefetch: int):
-        self._client = client
-        self._queues = [queues] if isinstance(queues, str) else list(queues)
-        self._prefetch = prefetch
-        self._state: ConsumerState | None = None
-
-    @property
-    def tag(self) -> int | None:
-        return self._state.tag if self._state else None
-
-    @property
-    def queues(self) -> list[str]:
-        return list(self._queues)
-
-    @property
-    def prefetch(self) -> int:
-        return self._prefetch
-
-    @property
-    def received(self) -> int:
-        """How many deliveries this consumer has received from the broker so far."""
-        return self._state.received if self._state else 0
-
-    def __repr__(self):
-        return f"<AsyncConsumer tag={self.tag} queues={self._queues} prefetch={self._prefetch}>"
+    _started = False
 
     async def start(self) -> "AsyncConsumer":
         """Send CONSUME and wait for the broker's consumer tag (done once)."""
-        if self._state is None:
+        if not self._started:
+            self._started = True
             client = self._client
-            client._check()
-            p = client._session.consume(self._queues, self._prefetch, waiter=client._io.Event())
-            self._state = p.consumer
-            await client._flush()
-            await client._wait(p, client.timeout)
+            cs = self._state
+            call = verbs.Call(start=lambda s, w: s.consume(cs.queues, cs.prefetch, waiter=w, state=cs))
+            await client._run(call)
         return self
 
     def __await__(self):
@@ -764,10 +350,9 @@ class AsyncConsumer:
 
     async def get(self, timeout: float | None = None) -> Delivery | None:
         """The next delivery; None after ``timeout`` seconds (None: wait) or once cancelled."""
-        cs = self._state
-        if cs is None:
+        if not self._started:
             await self.start()
-            cs = self._state
+        cs = self._state
         buf = cs.buffer
         if buf:
             return buf.popleft()
@@ -777,13 +362,11 @@ class AsyncConsumer:
             try:
                 await client._flush()
             except BrokerdError:
-                pass
+                pass  # raised below from the session's error
         io = client._io
         deadline = None if timeout is None else _monotonic() + timeout
         while not buf:
-            if cs.error is not None:
-                raise clone_error(cs.error)
-            if cs.cancelled:
+            if cs.ended():
                 return None
             ev = cs.waiter
             if ev is None:
@@ -802,7 +385,7 @@ class AsyncConsumer:
         cs = self._state
         client = self._client
         session = client._session
-        if cs is None or cs.cancelled or cs.error is not None or not session.is_open:
+        if not self._started or cs.tag is None or cs.cancelled or cs.error is not None or not session.is_open:
             return
         p = session.cancel(cs, waiter=client._io.Event())
         await client._flush()
@@ -810,9 +393,5 @@ class AsyncConsumer:
             await client._wait(p, client.timeout)
         except (ConnectionClosed, ConnectionLost):
             return
-        leftovers = list(cs.buffer)
-        cs.buffer.clear()
-        for d in leftovers:
-            session.nack(d, True, None, quiet=True)
-        if leftovers:
+        if session.give_back(cs):
             await client._flush()

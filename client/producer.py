@@ -9,122 +9,45 @@
             handle(d.body)
             d.ack()
 
-Threading model (decided here, relied on by the tests)
--------------------------------------------------------
-One ``Client`` is safe to share between threads (a Flask/Django process keeps
-one per process).  It owns one TCP socket and two daemon threads:
-
-* the **reader** thread blocks in ``recv``, decodes frames with
-  ``client.wire.FrameReader`` and hands them to the ``Session`` under the
-  client's lock; it wakes the caller waiting for each reply (one lock per
-  request, released by the reader), the consumers that got deliveries
-  (a ``Condition`` each) and ``wait_for_confirms`` callers.  It never writes,
-  so it keeps reading even while a writer is blocked by the broker's
-  back-pressure: no deadlock between a full send buffer and unread replies.
-* the **flusher** thread sends what is buffered at most ``FLUSH_DELAY``
-  (~1 ms) after it was buffered, sends HEARTBEAT after ``heartbeat`` seconds
-  without sending, and declares the connection lost after two intervals
-  without hearing from the broker.
-
-Calling threads write themselves: a call that needs a reply (``publish`` with
-``confirm=True``, ``declare``, ``stats``...) buffers its frame and flushes the
-buffer at once, then blocks on its own lock until the reader releases it.
-Two locks: ``_lock`` guards the session (short sections, never held during
-I/O); ``_send_lock`` serialises socket writes and is held while the buffer is
-taken, so bytes reach the socket in the order they were buffered (one thread's
-publishes stay FIFO).
-
-Flush policy: ``publish(confirm=False)`` and ``Delivery.ack()`` only append to
-the buffer; it goes out when it passes ``FLUSH_BYTES`` (32 KiB), when any call
-needs a reply, on ``wait_for_confirms``, when a consumer is about to block for
-its next delivery, when half a consumer's prefetch has been acked, and
-otherwise from the flusher thread within ~1-2 ms.  No frame sits unsent.
-
-Pipelined publishes are confirmed in the background; ``wait_for_confirms()``
-returns once every publish made before it is confirmed and raises
-``PublishError`` naming the ones the broker refused (refusals are reported to
-the next ``wait_for_confirms`` caller, whichever thread that is).
+A thin shell: the protocol lives in the sans-I/O ``client.session.Session``,
+the request verbs in ``client.verbs`` (shared with ``AsyncClient``); this
+module adds a socket and two daemon threads.  One ``Client`` is safe to share
+between threads.  The **reader** blocks in ``recv``, hands frames to the
+session under ``_lock`` and wakes what the session names (one lock per
+request, a ``Condition`` per consumer, ``wait_for_confirms``); it never
+writes, so it keeps reading while a writer is blocked by back-pressure.  The
+**flusher** sends what is buffered within ``FLUSH_DELAY`` (~1 ms), sends
+HEARTBEAT when idle and gives up after two silent intervals.  Callers write
+themselves: ``_lock`` guards the session (never held during I/O),
+``_send_lock`` is held while the buffer is taken and written, so bytes reach
+the socket in buffer order.  ``publish(confirm=False)`` and ``ack()`` only
+buffer; the buffer goes out past ``FLUSH_BYTES``, when a call needs a reply,
+before a consumer blocks, when half a prefetch is acked, or from the flusher.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import socket
 import threading
 import time
 from _thread import allocate_lock
 
-from client.errors import (
-    BrokerdError,
-    ConnectionClosed,
-    ConnectionLost,
-    PublishError,
-    RemoteProtocolError,
-    Timeout,
-)
-from client.session import (
-    CONFIRMS,
-    CONTROL,
-    EVENTS,
-    FLUSH,
-    FLUSH_BYTES,
-    FLUSH_DELAY,
-    ConsumerState,
-    Delivery,
-    Pending,
-    Session,
-    admin_reply,
-    clone_error,
-    parse_address,
-    publish_options,
-    queue_options,
-)
-from client.wire import (
-    OP_CHORD,
-    OP_CONTROL_REQUEST,
-    OP_EMIT_EVENTS,
-    OP_SUBSCRIBE,
-    OP_TASK_INFO,
-    OP_WORKERS,
-    OP_RESULT_FORGET,
-    OP_RESULT_GET,
-    OP_REVOKE,
-    OP_SCHEDULE_LIST,
-    OP_SCHEDULE_PAUSE,
-    OP_SCHEDULE_PUT,
-    OP_SCHEDULE_REMOVE,
-    OP_ADMIN,
-    OP_DECLARE,
-    OP_DELETE,
-    OP_PAUSE,
-    OP_PING,
-    OP_PURGE,
-    OP_RESUME,
-    OP_STATS,
-    FrameReader,
-    WireError,
-)
+from client import verbs
+from client.errors import BrokerdError, ConnectionClosed, ConnectionLost, PublishError, Timeout
+from client.session import CONFIRMS, CONTROL, EVENTS, FLUSH, FLUSH_BYTES, FLUSH_DELAY, ConsumerHandle, ConsumerState
+from client.session import Delivery, Pending, Session, clone_error, default_name, new_id_prefix, parse_address
+from client.session import publish_options
+from client.wire import FrameReader
 
-__all__ = ["Client", "Consumer", "Delivery", "parse_address"]
-
-log = logging.getLogger("client")
+__all__ = ["Client", "Consumer", "Delivery", "parse_address", "default_name", "new_id_prefix"]
 
 DEFAULT_ADDRESS = "127.0.0.1:7700"
 RECV_BYTES = 256 * 1024  # one recv; the reader decodes every whole frame in it
 _monotonic = time.monotonic
 
 
-def default_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def new_id_prefix() -> str:
-    """A random per-client prefix for message ids (12 hex digits: 48 bits)."""
-    return os.urandom(6).hex()
-
-
-class Client:
+@verbs.sync_verbs
+class Client(verbs.ShellInfo):
     """A blocking connection to brokerd, safe to share between threads.
 
     ``Client(address="127.0.0.1:7700", *, name=None, heartbeat=30.0, timeout=10.0)``
@@ -137,10 +60,9 @@ class Client:
     * ``timeout``: seconds to wait for a reply (and to connect) before
       raising ``Timeout``.  None waits forever.
 
-    Connects (and completes HELLO) in the constructor.  Use it as a context
-    manager, or call ``close()``: its threads keep it alive until then.
-    Create clients after forking (e.g. in gunicorn's ``post_fork``), never
-    before: a forked child has the socket but not the threads.
+    Connects (and completes HELLO) in the constructor; use it as a context
+    manager or call ``close()``.  Create clients after forking (gunicorn's
+    ``post_fork``): a forked child has the socket but not the threads.
     """
 
     def __init__(self, address=DEFAULT_ADDRESS, *, name: str | None = None, heartbeat: float = 30.0, timeout: float | None = 10.0):
@@ -155,7 +77,8 @@ class Client:
         self.control_handlers: list = []  # called (in the reader thread) with each CONTROL payload
         self.event_handlers: list = []  # called (in the reader thread) with (events, dropped) per EVENT frame
         self._session = Session(
-            self, name=name or default_name(), heartbeat=heartbeat, now=_monotonic(), id_prefix=new_id_prefix()
+            self, name=name or default_name(), heartbeat=heartbeat, now=_monotonic(), id_prefix=new_id_prefix(),
+            control_handlers=self.control_handlers, event_handlers=self.event_handlers,
         )
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
@@ -168,11 +91,7 @@ class Client:
         self._flusher = threading.Thread(target=self._flush_loop, name=f"brokerd-flusher-{host}:{port}", daemon=True)
         self._reader.start()
         try:
-            w = _waiter()
-            with self._lock:
-                p = self._session.hello(waiter=w)
-            self._flush()
-            self._wait(p, timeout)
+            self._run(verbs.Call(start=lambda s, w: s.hello(waiter=w)))
         except BaseException:
             self._closed = True
             self._abort(None)
@@ -181,7 +100,6 @@ class Client:
             raise
         self._flusher.start()
 
-    # -- context manager ---------------------------------------------------------------
     def __enter__(self) -> "Client":
         return self
 
@@ -192,17 +110,27 @@ class Client:
         state = "closed" if self._closed else ("lost" if self._session.error else "open")
         return f"<Client {self.address} {state}>"
 
-    @property
-    def server_info(self) -> dict:
-        """The broker's HELLO reply: server version, heartbeat, max_frame, connection id."""
-        return dict(self._session.server or {})
+    # -- for code that drives the connection itself (the worker) -----------------------------
+    def submit(self, call: verbs.Call, waiter) -> Pending:
+        """Buffer ``call`` without flushing or waiting; ``waiter.release()`` is called
+        (in the reader thread) once ``Pending.result`` or ``.error`` is set.  Send with
+        ``flush()``: a caller that pipelines many requests flushes once per batch."""
+        with self._lock:
+            return call.begin(self._session, waiter)
 
-    @property
-    def is_open(self) -> bool:
-        return self._session.is_open
+    def wait_closed(self, timeout: float | None = None) -> BrokerdError | None:
+        """Block until the connection is over (its reader stopped); return why, or
+        None if it is still open after ``timeout`` seconds."""
+        self._reader.join(timeout)
+        with self._lock:
+            return self._session.error
+
+    def fileno(self) -> int:
+        """The socket's file descriptor (-1 once closed)."""
+        return self._sock.fileno()
 
     # -- I/O -------------------------------------------------------------------------------
-    def _flush(self) -> None:
+    def flush(self) -> None:
         """Hand everything buffered to the socket (in buffer order)."""
         with self._send_lock:
             with self._lock:
@@ -215,6 +143,8 @@ class Client:
                     with self._lock:
                         err = self._session.error
                     raise clone_error(err) from exc
+
+    _flush = flush  # the name the worker and older callers use
 
     def _wait(self, p: Pending, timeout):
         """Block until ``p``'s reply; return its result or raise its error."""
@@ -229,12 +159,15 @@ class Client:
             raise p.error
         return p.result
 
-    def _call(self, op: int, *args, timeout=None):
+    def _run(self, call: verbs.Call):
+        """The one call path of every verb: buffer, flush, wait, shape the reply."""
+        t0 = _monotonic()
         w = _waiter()
         with self._lock:
-            p = self._session.request(op, list(args), waiter=w)
-        self._flush()
-        return self._wait(p, self.timeout if timeout is None else timeout)
+            p = call.begin(self._session, w)
+        self.flush()
+        result = self._wait(p, self.timeout if call.timeout is None else call.timeout)
+        return call.finish(result, _monotonic() - t0)
 
     def _wake(self, wake: list) -> None:
         """Wake what the session named.  Called with ``_lock`` held."""
@@ -243,30 +176,12 @@ class Client:
                 self._confirm_cond.notify_all()
             elif obj is FLUSH:
                 self._dirty.set()
-            elif obj is CONTROL:
-                controls = self._session.controls
-                while controls:
-                    payload = controls.popleft()
-                    for fn in list(self.control_handlers):
-                        try:
-                            fn(payload)
-                        except Exception:
-                            log.exception("a CONTROL handler failed")
-            elif obj is EVENTS:
-                frames = self._session.events
-                while frames:
-                    events, dropped = frames.popleft()
-                    for fn in list(self.event_handlers):
-                        try:
-                            fn(events, dropped)
-                        except Exception:
-                            log.exception("an event handler failed")
+            elif obj is CONTROL or obj is EVENTS:
+                self._session.run_handlers()
             elif type(obj) is ConsumerState:
                 obj.waiter.notify_all()
-            else:
-                w = obj.waiter
-                if w is not None:
-                    w.release()
+            elif obj.waiter is not None:
+                obj.waiter.release()
 
     def _read_loop(self) -> None:
         sock = self._sock
@@ -286,15 +201,8 @@ class Client:
                         self._wake(session.receive(frames, now))
                     else:
                         session.last_received = now
-        except WireError as e:
-            exc = RemoteProtocolError(e.code, f"the broker sent an unreadable frame: {e.message}")
-        except BrokerdError as e:
-            exc = e
-        except OSError as e:
-            exc = e
-        except BaseException as e:  # a bug: fail every waiter rather than hang them
-            log.exception("brokerd client reader crashed")
-            exc = e
+        except BaseException as e:
+            exc = session.reader_failed(e)
         finally:
             self._abort(exc)
 
@@ -302,99 +210,46 @@ class Client:
         session = self._session
         dirty = self._dirty
         while True:
-            now = _monotonic()
             with self._lock:
                 if session.error is not None:
                     return
-                if session.quiet_errors:
-                    self._log_quiet_errors()
-                beat = session.heartbeat_due(now)
-                if beat:
-                    session.heartbeat_frame()
-                silent = session.peer_silent(now)
-                wait = session.next_timer() - now
-            if silent:
-                self._abort(
-                    ConnectionLost("HEARTBEAT_TIMEOUT", f"nothing heard from brokerd for {2 * session.heartbeat:g} s")
-                )
-                return
+                beat, lost, wait = session.timers(_monotonic())
+            if lost is not None:
+                return self._abort(lost)
             try:
                 if beat:
-                    self._flush()
+                    self.flush()
                     continue
-                if dirty.wait(min(max(wait, 0.001), 1.0)):
+                if dirty.wait(wait):
                     if self._closed or session.error is not None:
                         return
                     time.sleep(FLUSH_DELAY)
                     dirty.clear()
-                    self._flush()
+                    self.flush()
             except BrokerdError:
                 return
-
-    def _log_quiet_errors(self) -> None:
-        errs = self._session.quiet_errors
-        while errs:
-            what, exc = errs.popleft()
-            log.warning("brokerd refused a background request (%s): %s", what, exc)
 
     def _abort(self, exc) -> None:
         """The connection is over: fail every waiter, close the socket."""
         with self._lock:
-            session = self._session
-            if session.error is None:
-                if self._closed or session.bye_sent:
-                    err = ConnectionClosed(None, "the client was closed")
-                elif session.closing is not None:
-                    err = session.closing
-                elif isinstance(exc, BrokerdError):
-                    err = exc
-                else:
-                    why = f"{type(exc).__name__}: {exc}" if exc is not None else "the broker closed the connection"
-                    err = ConnectionLost(None, f"connection to brokerd at {self.address} lost ({why})")
-                if exc is not None and err is not exc and isinstance(exc, BaseException):
-                    err.__cause__ = exc
-                self._wake(session.fail(err))
+            self._wake(self._session.connection_lost(exc, address=self.address, closed=self._closed))
         self._dirty.set()
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 
-    # -- publishing -------------------------------------------------------------------------
-    def publish(
-        self,
-        queue: str,
-        body: bytes,
-        *,
-        priority: int = 0,
-        delay=None,
-        eta=None,
-        ttl=None,
-        headers: dict | None = None,
-        confirm: bool = True,
-        id: str | None = None,
-    ) -> str:
-        """Publish ``body`` to ``queue``; return the message id.
-
-        * ``priority``: 0-255, higher first; FIFO within one priority.
-        * ``delay`` (seconds or timedelta) or ``eta`` (UNIX time or datetime):
-          the broker holds the message until then.
-        * ``ttl`` (seconds): dropped if not delivered by then.
-        * ``headers``: a dict delivered with the message.
-        * ``id``: the message id; by default the client makes a unique one
-          (a random per-client prefix and a counter).
-        * ``confirm=True`` (default) waits for the broker's confirm and raises
-          ``QueueFull``, ``MessageTooLarge``, ``BadRequest``... if refused.
-          ``confirm=False`` returns at once (the frame is buffered and sent
-          within ~1 ms); call ``wait_for_confirms()`` to learn the outcome.
-        """
+    # -- the verbs each shell writes itself -------------------------------------------------------
+    @verbs.described_by(verbs.publish)
+    def publish(self, queue: str, body: bytes, *, priority: int = 0, delay=None, eta=None, ttl=None,
+                headers: dict | None = None, confirm: bool = True, id: str | None = None) -> str:
         opts = None if (delay is None and eta is None and ttl is None and headers is None) else publish_options(delay, eta, ttl, headers)
         session = self._session
         if confirm:
             w = _waiter()
             with self._lock:
                 p, mid = session.publish(queue, body, id, priority, opts, waiter=w)
-            self._flush()
+            self.flush()
             self._wait(p, self.timeout)
             return mid
         with self._lock:
@@ -403,283 +258,84 @@ class Client:
             if not flush and not self._dirty.is_set():
                 self._dirty.set()
         if flush:
-            self._flush()
+            self.flush()
         return mid
 
+    @verbs.described_by(verbs.wait_for_confirms)
     def wait_for_confirms(self, timeout: float | None = None) -> None:
-        """Wait until every publish made before this call is confirmed.
-
-        Raises ``PublishError`` naming each message id the broker refused
-        since the last call (the others were confirmed), ``Timeout`` after
-        ``timeout`` seconds (None: no limit), or ``ConnectionLost`` if the
-        connection dropped first (its ``unconfirmed`` attribute lists the
-        message ids whose fate is unknown: publish them again).
-        """
+        session = self._session
         with self._lock:
-            mark = self._session.confirm_mark()
+            mark = session.confirm_mark()
         try:
-            self._flush()
+            self.flush()
         except BrokerdError:
             pass  # reported below with the unconfirmed ids
         deadline = None if timeout is None else _monotonic() + timeout
-        session = self._session
         with self._lock:
-            while not session.confirmed_through(mark):
-                if session.error is not None:
-                    err = clone_error(session.error)
-                    err.unconfirmed = session.unconfirmed_ids(mark)
-                    raise err
-                remaining = None if deadline is None else deadline - _monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise Timeout(None, f"{len(session.unconfirmed_ids(mark))} publishes still unconfirmed after {timeout:g} s")
+            while True:
+                done, remaining = session.confirms_wait(mark, deadline, _monotonic(), timeout)
+                if done:
+                    break
                 self._confirm_cond.wait(remaining)
-            refused = session.take_refused()
-        if refused:
-            raise PublishError(refused)
+            session.raise_refused()
 
-    # -- consuming ----------------------------------------------------------------------------
+    @verbs.described_by(verbs.consume)
     def consume(self, queues, prefetch: int = 10) -> "Consumer":
-        """Subscribe to ``queues`` (a name or a list, in preference order).
-
-        Returns a ``Consumer``: iterate it for deliveries, or call
-        ``get(timeout)``.  The broker never has more than ``prefetch``
-        unacked deliveries out to this consumer.
-        """
         w = _waiter()
         with self._lock:
             p = self._session.consume(queues, prefetch, waiter=w)
             p.consumer.waiter = threading.Condition(self._lock)
-        self._flush()
+        self.flush()
         self._wait(p, self.timeout)
         return Consumer(self, p.consumer)
 
-    # Delivery.ack / nack / touch land here.
     def _ack(self, d: Delivery, wait: bool = False) -> None:
+        """``Delivery.ack``: batched (the other settling verbs come from ``client.verbs``)."""
         if wait:
-            w = _waiter()
-            with self._lock:
-                p = self._session.ack_now(d, waiter=w)
-            self._flush()
-            self._wait(p, self.timeout)
-            return
+            return self._ack_now(d)
         with self._lock:
             now = self._session.ack(d)
             if not now and not self._dirty.is_set():
                 self._dirty.set()
         if now:
-            self._flush()
+            self.flush()
 
-    def _nack(self, d: Delivery, requeue: bool = True, delay=None, headers=None) -> None:
-        w = _waiter()
-        with self._lock:
-            p = self._session.nack(d, requeue, delay, headers, waiter=w)
-        self._flush()
-        self._wait(p, self.timeout)
-
-    # -- tasks: results, revokes, schedules, chords (protocol.md §5.19-5.27) ---------------
-    def store_result(self, task_id: str, state: str, value=None, meta: dict | None = None, *,
-                     ttl=None, delivery: Delivery | None = None) -> dict:
-        """Store a task's state and result in brokerd; returns ``{"acked": bool}``.
-
-        With ``delivery``, brokerd acks that delivery in the same log record
-        (only with a final state: SUCCESS, FAILURE, REVOKED).
-        """
-        w = _waiter()
-        with self._lock:
-            p = self._session.store_result(task_id, state, value, meta, ttl, delivery, waiter=w)
-        self._flush()
-        return self._wait(p, self.timeout)
-
-    def get_result(self, task_id: str, wait: float | None = None) -> dict:
-        """``{"id", "state", "result", "meta", "updated"}``; with ``wait``, brokerd holds
-        the request until the result is ready or ``wait`` seconds pass."""
-        return self._call(OP_RESULT_GET, task_id, wait, timeout=(wait or 0) + self.timeout)
-
-    def forget_result(self, task_id: str) -> bool:
-        return self._call(OP_RESULT_FORGET, task_id)
-
-    def revoke(self, task_ids, *, terminate: bool = False, ttl=None) -> int:
-        """Never run these tasks (remembered by brokerd, across restarts, for ``ttl``
-        seconds, default a day); ``terminate`` also kills them where they run."""
-        opts = {"terminate": bool(terminate)}
-        if ttl is not None:
-            opts["ttl"] = float(ttl)
-        return self._call(OP_REVOKE, task_ids, opts)
-
-    def schedule_put(self, name: str, spec: dict) -> dict:
-        return self._call(OP_SCHEDULE_PUT, name, spec)
-
-    def schedule_remove(self, name: str) -> bool:
-        return self._call(OP_SCHEDULE_REMOVE, name)
-
-    def schedule_list(self, owner: str | None = None) -> list:
-        return self._call(OP_SCHEDULE_LIST, owner)
-
-    def schedule_pause(self, name: str, paused: bool = True) -> dict:
-        return self._call(OP_SCHEDULE_PAUSE, name, bool(paused))
-
-    def chord(self, chord_id: str, members: list, body: dict, error: dict | None = None) -> dict:
-        return self._call(OP_CHORD, chord_id, list(members), body, error)
-
-    # -- events, workers and remote control (protocol.md §5.29-5.35) ------------------------
-    def emit_events(self, hostname: str, events: list) -> int:
-        """Send a batch of event maps (``{"type": "task-received", "uuid": ..., ...}``) as ``hostname``."""
-        return self._call(OP_EMIT_EVENTS, hostname, list(events))
-
-    def subscribe_events(self, handler=None, replay: int = 0) -> dict:
-        """Receive every event brokerd gets from now on (after the last ``replay`` ones).
-
-        ``handler(events, dropped)`` is called in the client's reader thread for each batch
-        (``dropped``: events brokerd left out because this connection read too slowly).
-        Returns ``{"subscribed", "replayed", "dropped"}``.
-        """
-        if handler is not None:
-            self.event_handlers.append(handler)
-        return self._call(OP_SUBSCRIBE, True, int(replay))
-
-    def unsubscribe_events(self) -> dict:
-        return self._call(OP_SUBSCRIBE, False)
-
-    def task_info(self, task_id: str) -> dict | None:
-        """A task's history (events), what they say (name, args, worker, state...) and its
-        stored result; None when brokerd knows nothing of it."""
-        return self._call(OP_TASK_INFO, task_id)
-
-    def workers(self) -> list:
-        """Every worker brokerd has heard of: state (online, lost, offline), pool, counts."""
-        return self._call(OP_WORKERS)
-
-    def control(self, command: str, args: dict | None = None, *, timeout: float = 1.0,
-                destination: list | None = None) -> dict:
-        """Ask the live workers (or those named in ``destination``); returns
-        ``{hostname: reply}`` once all answered or after ``timeout`` seconds."""
-        opts = {"timeout": float(timeout)}
-        if destination is not None:
-            opts["destination"] = [destination] if isinstance(destination, str) else list(destination)
-        wait = timeout + (self.timeout if self.timeout is not None else 10.0)
-        return self._call(OP_CONTROL_REQUEST, command, args, opts, timeout=wait)
-
-    def _touch(self, d: Delivery):
-        w = _waiter()
-        with self._lock:
-            p = self._session.touch(d, waiter=w)
-        self._flush()
-        return self._wait(p, self.timeout)
-
-    def _flush_acks(self) -> None:
-        if self._session.acks:
-            self._flush()
-
-    # -- queues and the broker -------------------------------------------------------------
-    def declare(
-        self,
-        queue: str,
-        *,
-        dead_letter: str | None = None,
-        max_attempts: int | None = 25,
-        reserve_timeout: float | None = None,
-        max_length: int | None = None,
-        overflow: str = "reject",
-    ) -> dict:
-        """Create ``queue`` with these options (or check an existing one has them).
-
-        * ``dead_letter``: where failed messages go (default ``<queue>.dlq``).
-        * ``max_attempts``: deliveries before dead-lettering (None: unlimited).
-        * ``reserve_timeout``: seconds a delivery may stay unacked and
-          untouched before the broker takes it back and redelivers it.
-        * ``max_length`` and ``overflow`` (``"reject"``: publishes raise
-          ``QueueFull``; ``"drop-head"``: the oldest is dead-lettered).
-
-        Returns the queue's options.  ``PreconditionFailed`` if it exists with others.
-        """
-        return self._call(OP_DECLARE, queue, queue_options(dead_letter, max_attempts, reserve_timeout, max_length, overflow))
-
-    def delete(self, queue: str) -> int:
-        """Delete ``queue`` and its waiting messages; returns how many were dropped.
-
-        ``PreconditionFailed`` while it has consumers or messages in flight.
-        """
-        return self._call(OP_DELETE, queue)
-
-    def purge(self, queue: str) -> int:
-        """Drop every waiting (ready or delayed) message of ``queue``; returns how many."""
-        return self._call(OP_PURGE, queue)
-
-    def pause(self, queue: str) -> None:
-        """Stop deliveries from ``queue`` (publishes are still accepted)."""
-        self._call(OP_PAUSE, queue)
-
-    def resume(self, queue: str) -> None:
-        """Start deliveries from ``queue`` again."""
-        self._call(OP_RESUME, queue)
-
-    def stats(self, queue: str | None = None) -> dict:
-        """Counters of one queue, or ``{"broker": {...}, "queues": {name: {...}}}``."""
-        return self._call(OP_STATS, queue)
-
-    def admin(self, line: str) -> str:
-        """Run one admin text command (``"QUEUES"``, ``"PEEK emails 5"``...); return its reply text.
-
-        A reply starting ``ERR <CODE>`` raises that code's exception
-        (``BadRequest`` for an unknown command, ``NotFound``...).
-        """
-        return admin_reply(self._call(OP_ADMIN, line))
-
-    def ping(self) -> float:
-        """One round trip to the broker; returns its duration in seconds."""
-        t0 = _monotonic()
-        self._call(OP_PING)
-        return _monotonic() - t0
-
-    # -- closing ----------------------------------------------------------------------------
+    @verbs.described_by(verbs.close)
     def close(self, timeout: float | None = None) -> None:
-        """Send what is buffered, say BYE, wait for the broker's answer, close.
-
-        Unacked deliveries (including ones received but not yet handed out)
-        go back to their queues on the broker, marked redelivered.  Publishes
-        made with ``confirm=False`` are sent and their confirms awaited first
-        (up to ``timeout``, default the client's); refusals not collected by
-        ``wait_for_confirms`` are logged, not raised.  Idempotent.
-        """
         if self._closed:
             return
         timeout = self.timeout if timeout is None else timeout
+        session = self._session
         try:
-            if self._session.unconfirmed:
+            if session.unconfirmed:
                 # Collect outstanding confirms first, so refusals can be logged
                 # (the broker answers nothing after BYE's reply).
                 try:
                     self.wait_for_confirms(timeout)
                 except PublishError as exc:
-                    self._session.refused.extend(exc.failures)
+                    session.refused.extend(exc.failures)
             with self._lock:
-                p = None
-                if self._session.is_open:
-                    p = self._session.bye(waiter=_waiter())
+                p = session.bye(waiter=_waiter()) if session.is_open else None
             if p is not None:
-                self._flush()
+                self.flush()
                 self._wait(p, timeout)
         except BrokerdError:
             pass
         finally:
             self._closed = True
             with self._lock:
-                refused = list(self._session.refused)
-                self._log_quiet_errors()
-            for mid, exc in refused:
-                log.warning("publish of %r was refused and never collected by wait_for_confirms: %s", mid, exc)
+                session.log_uncollected()
             self._abort(None)
-            if self._reader is not threading.current_thread():
-                self._reader.join(timeout=5)
-            if self._flusher.is_alive() and self._flusher is not threading.current_thread():
-                self._flusher.join(timeout=5)
+            for t in (self._reader, self._flusher):
+                if t.is_alive() and t is not threading.current_thread():
+                    t.join(timeout=5)
             try:
                 self._sock.close()
             except OSError:
                 pass
 
 
-class Consumer:
+class Consumer(ConsumerHandle):
     """A subscription made by ``Client.consume``.
 
     Iterate it (``for d in consumer``) to receive deliveries until it is
@@ -689,30 +345,18 @@ class Consumer:
     stops deliveries and gives back the ones received but not handed out.
     """
 
-    def __init__(self, client: Client, state: ConsumerState):
-        self._client = client
-        self._state = state
-
     @property
-    def tag(self) -> int:
-        """The broker's consumer tag."""
-        return self._state.tag
+    def buffer(self):
+        """The deque of deliveries received and not yet handed out (guarded by the
+        client's lock): a caller woken by ``on_wake`` pops from it directly."""
+        return self._state.buffer
 
-    @property
-    def queues(self) -> list[str]:
-        return list(self._state.queues)
-
-    @property
-    def prefetch(self) -> int:
-        return self._state.prefetch
-
-    @property
-    def received(self) -> int:
-        """How many deliveries this consumer has received from the broker so far."""
-        return self._state.received
-
-    def __repr__(self):
-        return f"<Consumer tag={self.tag} queues={self.queues} prefetch={self.prefetch}>"
+    def on_wake(self, fn) -> None:
+        """Also call ``fn()`` (in the reader thread, under the client's lock: keep it
+        short, never block) whenever deliveries arrive or the consumer ends."""
+        client = self._client
+        with client._lock:
+            self._state.waiter = _CallingCondition(client._lock, fn)
 
     def __enter__(self) -> "Consumer":
         return self
@@ -747,15 +391,13 @@ class Consumer:
         client = self._client
         if client._session.acks:
             try:
-                client._flush()
+                client.flush()
             except BrokerdError:
                 pass  # raised below from the session's error
         deadline = None if timeout is None else _monotonic() + timeout
         with client._lock:
             while not buf:
-                if cs.error is not None:
-                    raise clone_error(cs.error)
-                if cs.cancelled:
+                if cs.ended():
                     return None
                 if deadline is None:
                     cs.waiter.wait()
@@ -775,23 +417,32 @@ class Consumer:
         with client._lock:
             if cs.cancelled or cs.error is not None or not client._session.is_open:
                 return
-            w = _waiter()
-            p = client._session.cancel(cs, waiter=w)
-        client._flush()
+            p = client._session.cancel(cs, waiter=_waiter())
+        client.flush()
         try:
             client._wait(p, client.timeout)
         except (ConnectionClosed, ConnectionLost):
             return
         with client._lock:
-            leftovers = list(cs.buffer)
-            cs.buffer.clear()
-            for d in leftovers:
-                client._session.nack(d, True, None, quiet=True)
-        if leftovers:
-            client._flush()
+            flush = client._session.give_back(cs)
+        if flush:
+            client.flush()
+
+
+class _CallingCondition(threading.Condition):
+    """A consumer's Condition that also calls a function when notified (``Consumer.on_wake``)."""
+
+    def __init__(self, lock, fn):
+        super().__init__(lock)
+        self._fn = fn
+
+    def notify_all(self):
+        super().notify_all()
+        self._fn()
 
 
 def _waiter():
+    """A lock that is already held: the reader releases it when the reply arrives."""
     lock = allocate_lock()
     lock.acquire()
     return lock

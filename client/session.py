@@ -10,7 +10,12 @@ Both shells (``client.producer.Client`` over a blocking socket and
 * consumers by consumer tag, each with a buffer of received deliveries;
 * the ack batch (tags acked locally, not yet sent) and when to send it;
 * the output buffer (encoded frames not yet handed to the socket);
-* heartbeat bookkeeping: when we last sent and received, with ``now`` passed in.
+* heartbeat bookkeeping: when we last sent and received, with ``now`` passed in;
+* the handshake (a ``client.wire.ClientHandshake``);
+* what a lost connection means (``connection_lost``: closed by us, a CLOSING
+  reason from the broker, or lost) and the CONTROL / EVENT handlers
+  (``run_handlers``: called in the reader, an exception is logged, never
+  fatal to the reader).
 
 Like ``client.wire`` it reads no clock and touches no socket: the shell calls
 ``data_to_send(now)`` and writes the bytes, and calls ``receive(frames, now)``
@@ -24,15 +29,20 @@ Not thread-safe by itself: the blocking shell calls it under one lock.
 from __future__ import annotations
 
 import itertools
+import logging
+import os
 from collections import deque
 
 from client import wire
 from client.errors import (
     BrokerdError,
     ConnectionClosed,
+    ConnectionLost,
     MessageTooLarge,
+    PublishError,
     RemoteProtocolError,
     StaleDelivery,
+    Timeout,
     error_from_wire,
     lost_from_closing,
 )
@@ -45,7 +55,6 @@ from client.wire import (
     OP_DELIVER,
     OP_ERROR,
     OP_HEARTBEAT,
-    OP_HELLO,
     OP_NACK,
     OP_RESULT_SET,
     OP_CONTROL,
@@ -53,9 +62,9 @@ from client.wire import (
     OP_OK,
     OP_PUBLISH,
     OP_TOUCH,
-    PREAMBLE,
-    PROTOCOL_VERSION,
 )
+
+log = logging.getLogger("client")
 
 KiB = 1024
 # Buffered output is handed to the socket as soon as it passes this: big
@@ -72,7 +81,7 @@ FLUSH_DELAY = 0.001
 ACK_BATCH_FRACTION = 0.5
 
 _encode = wire.encode
-HEARTBEAT_BYTES = wire.encode([OP_HEARTBEAT])
+HEARTBEAT_BYTES = wire.encode(wire.HEARTBEAT_FRAME)
 
 # Pending.kind
 K_REPLY = 0  # an ordinary request: the result goes to whoever waits
@@ -136,6 +145,41 @@ class ConsumerState:
 
     def __repr__(self):
         return f"<ConsumerState tag={self.tag} queues={self.queues} prefetch={self.prefetch}>"
+
+    def ended(self) -> bool:
+        """For a caller waiting for a delivery: True once cancelled; raises if the connection is over."""
+        if self.error is not None:
+            raise clone_error(self.error)
+        return self.cancelled
+
+
+class ConsumerHandle:
+    """What both shells' consumers share: the read-only view of one subscription."""
+
+    def __init__(self, client, state: ConsumerState):
+        self._client = client
+        self._state = state
+
+    @property
+    def tag(self) -> int | None:
+        """The broker's consumer tag (None until the broker answered CONSUME)."""
+        return self._state.tag
+
+    @property
+    def queues(self) -> list[str]:
+        return list(self._state.queues)
+
+    @property
+    def prefetch(self) -> int:
+        return self._state.prefetch
+
+    @property
+    def received(self) -> int:
+        """How many deliveries this consumer has received from the broker so far."""
+        return self._state.received
+
+    def __repr__(self):
+        return f"<{type(self).__name__} tag={self.tag} queues={self.queues} prefetch={self.prefetch}>"
 
 
 class Delivery:
@@ -204,6 +248,22 @@ class Delivery:
             f"<Delivery tag={self.tag} queue={self.queue!r} id={self.id!r} priority={self.priority} "
             f"attempts={self.attempts} body={len(self.body)}B>"
         )
+
+
+def _error(f: list) -> BrokerdError:
+    e = wire.Error.from_frame(f)
+    return error_from_wire(e.code, e.message)
+
+
+def default_name() -> str:
+    """The name a client gives in HELLO unless told otherwise: ``host:pid``."""
+    host = os.uname().nodename if hasattr(os, "uname") else os.environ.get("COMPUTERNAME", "localhost")
+    return f"{host}:{os.getpid()}"
+
+
+def new_id_prefix() -> str:
+    """A random per-client prefix for message ids (12 hex digits: 48 bits)."""
+    return os.urandom(6).hex()
 
 
 def clone_error(exc: BrokerdError) -> BrokerdError:
@@ -290,10 +350,19 @@ class Session:
     ``f"{id_prefix}-{n}"`` for n = 1, 2, 3...
     """
 
-    def __init__(self, owner, *, name: str, heartbeat: float, now: float, id_prefix: str):
+    def __init__(self, owner, *, name: str, heartbeat: float, now: float, id_prefix: str,
+                 control_handlers: list | None = None, event_handlers: list | None = None,
+                 hello_extra: dict | None = None):
         self.owner = owner
         self.name = name
         self.heartbeat = float(heartbeat)
+        # Called with each CONTROL payload / each EVENT frame's (events, dropped); the
+        # shells pass their public lists, so handlers added later are seen too.
+        self.control_handlers = control_handlers if control_handlers is not None else []
+        self.event_handlers = event_handlers if event_handlers is not None else []
+        # HELLO options beyond version, client and heartbeat (room for credentials).
+        self.hello_extra = hello_extra
+        self.handshake: wire.ClientHandshake | None = None
         self.id_prefix = id_prefix
         self._next_id = itertools.count(1).__next__
         self.last_rid = 0
@@ -307,8 +376,8 @@ class Session:
         self.controls: deque = deque(maxlen=1000)
         # EVENT frames of a subscription (SUBSCRIBE), as (events, dropped), for the shell
         self.events: deque = deque(maxlen=1000)
-        self.out: list[bytes] = [PREAMBLE]
-        self.out_bytes = len(PREAMBLE)
+        self.out: list[bytes] = []
+        self.out_bytes = 0
         self.last_sent = now
         self.last_received = now
         self.error: BrokerdError | None = None  # set once the connection is over
@@ -373,13 +442,17 @@ class Session:
         return p
 
     def hello(self, *, waiter=None) -> Pending:
-        # HELLO is the one request allowed before the handshake, so no check_open dance.
-        return self.request(
-            OP_HELLO,
-            [{"version": PROTOCOL_VERSION, "client": self.name, "heartbeat": self.heartbeat}],
-            kind=K_HELLO,
-            waiter=waiter,
+        """Buffer the preamble and HELLO (the connection's first bytes)."""
+        self.check_open()
+        self.last_rid = rid = self.last_rid + 1
+        hs = self.handshake = wire.ClientHandshake(
+            wire.Hello(client=self.name, heartbeat=self.heartbeat, extra=self.hello_extra, rid=rid)
         )
+        p = self.pending[rid] = Pending(rid, K_HELLO, waiter)
+        data = hs.initiate()
+        self.out.insert(0, data)  # before anything buffered early: the preamble comes first
+        self.out_bytes += len(data)
+        return p
 
     def publish(self, queue, body, msg_id, priority, options, *, waiter=None, confirm=True):
         """Buffer a PUBLISH.  Returns ``(pending, message_id)``.
@@ -401,6 +474,7 @@ class Session:
         if self.acks:
             self._queue_acks()
         self.last_rid = rid = self.last_rid + 1
+        # The hot path: the frame of wire.publish_frame, built inline (a call per publish costs ~2%).
         data = _encode([OP_PUBLISH, rid, queue, body, msg_id, priority, options])
         if len(data) > self.max_frame:
             # The broker would close the connection (FRAME_TOO_LARGE); refuse it here instead.
@@ -417,11 +491,21 @@ class Session:
         self.unconfirmed[rid] = msg_id
         return None, msg_id
 
-    def consume(self, queues, prefetch: int, *, waiter=None) -> Pending:
+    def consume(self, queues, prefetch: int, *, waiter=None, state: ConsumerState | None = None) -> Pending:
+        """CONSUME; ``state`` is a ``ConsumerState`` the shell made earlier (else a new one)."""
         if isinstance(queues, str):
             queues = [queues]
-        cs = ConsumerState(queues, prefetch)
+        cs = state if state is not None else ConsumerState(queues, prefetch)
         return self.request(OP_CONSUME, [list(queues), prefetch], kind=K_CONSUME, waiter=waiter, consumer=cs)
+
+    def give_back(self, cs: ConsumerState) -> bool:
+        """After CANCEL's reply: NACK (requeue) what ``cs`` received but never handed
+        out, without waiting.  True when frames were buffered (flush them)."""
+        leftovers = list(cs.buffer)
+        cs.buffer.clear()
+        for d in leftovers:
+            self.nack(d, True, None, quiet=True)
+        return bool(leftovers)
 
     def cancel(self, cs: ConsumerState, *, waiter=None) -> Pending:
         return self.request(OP_CANCEL, [cs.tag], kind=K_CANCEL, waiter=waiter, consumer=cs)
@@ -482,7 +566,7 @@ class Session:
         self.acks = []
         self.last_rid = rid = self.last_rid + 1
         self.pending[rid] = Pending(rid, K_QUIET, info=tags)
-        self._queue([OP_ACK, rid, tags])
+        self._queue(wire.ack_frame(rid, tags))
 
     # -- confirms ---------------------------------------------------------------------------
     def confirm_mark(self) -> int:
@@ -502,6 +586,36 @@ class Session:
         refused = self.refused
         self.refused = []
         return refused
+
+    def confirms_wait(self, mark: int, deadline: float | None, now: float, timeout) -> tuple[bool, float | None]:
+        """One step of ``wait_for_confirms``: ``(True, _)`` once every publish up to
+        ``mark`` is answered, else ``(False, seconds to wait)`` (None: no limit).
+        Raises the connection's error (``unconfirmed`` set to the ids whose fate is
+        unknown) or ``Timeout`` once ``deadline`` passed."""
+        if self.confirmed_through(mark):
+            return True, None
+        if self.error is not None:
+            err = clone_error(self.error)
+            err.unconfirmed = self.unconfirmed_ids(mark)
+            raise err
+        if deadline is None:
+            return False, None
+        remaining = deadline - now
+        if remaining <= 0:
+            raise Timeout(None, f"{len(self.unconfirmed_ids(mark))} publishes still unconfirmed after {timeout:g} s")
+        return False, remaining
+
+    def raise_refused(self) -> None:
+        """End of ``wait_for_confirms``: ``PublishError`` naming the refused publishes, if any."""
+        refused = self.take_refused()
+        if refused:
+            raise PublishError(refused)
+
+    def log_uncollected(self) -> None:
+        """At close: log refusals nobody collected with ``wait_for_confirms``, and quiet errors."""
+        for mid, exc in self.refused:
+            log.warning("publish of %r was refused and never collected by wait_for_confirms: %s", mid, exc)
+        self.log_quiet_errors()
 
     # -- input -------------------------------------------------------------------------------
     def receive(self, frames: list, now: float) -> list:
@@ -545,13 +659,13 @@ class Session:
                 mid = unconfirmed.pop(rid, None)
                 if mid is not None:
                     if op == OP_ERROR:
-                        self.refused.append((mid, error_from_wire(f[2] if len(f) > 2 else None, f[3] if len(f) > 3 else "")))
+                        self.refused.append((mid, _error(f)))
                     confirms = True
                     continue
                 p = pending.pop(rid, None)
                 if p is None:
                     if op == OP_ERROR:  # e.g. rid 0: the broker could not read our request id
-                        self.quiet_errors.append((rid, error_from_wire(f[2] if len(f) > 2 else None, f[3] if len(f) > 3 else "")))
+                        self.quiet_errors.append((rid, _error(f)))
                     continue
                 p.done = True
                 if op == OP_OK:
@@ -562,7 +676,7 @@ class Session:
                     else:
                         self._on_ok(p, result, wake)
                 else:
-                    p.error = error_from_wire(f[2] if len(f) > 2 else None, f[3] if len(f) > 3 else "")
+                    p.error = _error(f)
                     if p.kind == K_QUIET:
                         self.quiet_errors.append((p.info, p.error))
                 if p.kind != K_QUIET:
@@ -570,15 +684,17 @@ class Session:
             elif op == OP_HEARTBEAT:
                 pass
             elif op == OP_CONTROL:
-                self.controls.append(f[1] if len(f) > 1 else None)
+                self.controls.append(wire.Control.from_frame(f).payload)
                 if CONTROL not in wake:
                     wake.append(CONTROL)
             elif op == OP_EVENT:
-                self.events.append((f[1] if len(f) > 1 else [], f[2] if len(f) > 2 else 0))
+                ev = wire.Event.from_frame(f)
+                self.events.append((ev.events, ev.dropped))
                 if EVENTS not in wake:
                     wake.append(EVENTS)
             elif op == OP_CLOSING:
-                self.closing = lost_from_closing(f[1] if len(f) > 1 else None, f[2] if len(f) > 2 else "")
+                c = wire.Closing.from_frame(f)
+                self.closing = lost_from_closing(c.code, c.message)
             else:
                 raise RemoteProtocolError("BAD_FRAME", f"the broker sent op code {op!r}, which a client does not expect")
         if confirms:
@@ -591,7 +707,7 @@ class Session:
             return
         self.last_rid = rid = self.last_rid + 1
         self.pending[rid] = Pending(rid, K_QUIET, info=tag)
-        self._queue([OP_NACK, rid, tag, True, None])
+        self._queue(wire.nack_frame(rid, tag, True, None))
         self.returned += 1
 
     def _on_ok(self, p: Pending, result, wake: list) -> None:
@@ -610,13 +726,82 @@ class Session:
             cs.cancelled = True
             wake.append(cs)
         elif kind == K_HELLO:
-            self.server = result if isinstance(result, dict) else {}
-            hb = self.server.get("heartbeat")
-            if type(hb) in (int, float) and hb >= 0:
-                self.heartbeat = float(hb)
-            mf = self.server.get("max_frame")
-            if type(mf) is int and mf > 0:
-                self.max_frame = mf + wire.HEADER_SIZE
+            welcome = wire.Welcome.from_result(result)
+            self.server = welcome.info
+            if welcome.heartbeat is not None:
+                self.heartbeat = welcome.heartbeat
+            if welcome.max_frame is not None:
+                self.max_frame = welcome.max_frame + wire.HEADER_SIZE
+
+    def connection_lost(self, exc, *, address, closed: bool = False) -> list:
+        """The connection is over; say why in one error and fail everything with it.
+
+        ``exc``: what the shell's reader or writer saw (None: a clean EOF or
+        our own close).  ``closed``: the shell was closed by its user.  In
+        order: closed by us (or after BYE) → ``ConnectionClosed``; the broker
+        said CLOSING → that reason; a ``BrokerdError`` → itself; anything
+        else → ``ConnectionLost`` naming ``address`` and the cause.  Returns
+        what to wake (as ``fail``); a second call changes nothing.
+        """
+        if self.error is not None:
+            return []
+        if closed or self.bye_sent:
+            err = ConnectionClosed(None, "the client was closed")
+        elif self.closing is not None:
+            err = self.closing
+        elif isinstance(exc, BrokerdError):
+            err = exc
+        else:
+            why = f"{type(exc).__name__}: {exc}" if exc is not None else "the broker closed the connection"
+            err = ConnectionLost(None, f"connection to brokerd at {address} lost ({why})")
+        if exc is not None and err is not exc and isinstance(exc, BaseException):
+            err.__cause__ = exc
+        return self.fail(err)
+
+    def reader_failed(self, exc: BaseException, io_errors: tuple = (OSError,)) -> BaseException:
+        """What the exception that stopped a shell's reader means, to hand to ``connection_lost``.
+
+        An unreadable frame is the broker's fault (``RemoteProtocolError``); a
+        ``BrokerdError`` or one of the shell's ``io_errors`` is the connection
+        ending; anything else is a bug in the client, logged with its traceback
+        (every waiter is then failed rather than left hanging).
+        """
+        if isinstance(exc, wire.WireError):
+            return RemoteProtocolError(exc.code, f"the broker sent an unreadable frame: {exc.message}")
+        if not isinstance(exc, (BrokerdError, *io_errors)):
+            log.error("brokerd client reader crashed", exc_info=exc)
+        return exc
+
+    def run_handlers(self) -> None:
+        """Hand queued CONTROL payloads and EVENT batches to their handlers.
+
+        Called by the shell's reader when ``receive`` returned ``CONTROL`` or
+        ``EVENTS``.  A handler that raises is logged and the others still run:
+        one bad handler must not cost the connection its reader.
+        """
+        controls = self.controls
+        while controls:
+            payload = controls.popleft()
+            for fn in list(self.control_handlers):
+                try:
+                    fn(payload)
+                except Exception:
+                    log.exception("a CONTROL handler failed")
+        frames = self.events
+        while frames:
+            events, dropped = frames.popleft()
+            for fn in list(self.event_handlers):
+                try:
+                    fn(events, dropped)
+                except Exception:
+                    log.exception("an event handler failed")
+
+    def log_quiet_errors(self) -> None:
+        """Log the refusals of background requests (batched acks, give-backs) once each."""
+        errs = self.quiet_errors
+        while errs:
+            what, exc = errs.popleft()
+            log.warning("brokerd refused a background request (%s): %s", what, exc)
 
     def fail(self, exc: BrokerdError) -> list:
         """The connection is over (lost, or closed by us).  Fail everything; return what to wake.
@@ -654,6 +839,23 @@ class Session:
         """The broker has sent nothing for two intervals: treat the connection as dead."""
         hb = self.heartbeat
         return hb > 0 and now - self.last_received > 2 * hb
+
+    def timers(self, now: float) -> tuple[bool, BrokerdError | None, float]:
+        """The flusher's look at the clock, for both shells.
+
+        Logs background refusals, buffers a HEARTBEAT when one is due, and
+        returns ``(flush now, the error if the broker went silent, seconds until
+        the next look)``; the wait is clamped to [1 ms, 1 s] so a flusher also
+        notices a close promptly.
+        """
+        self.log_quiet_errors()
+        beat = self.heartbeat_due(now)
+        if beat:
+            self.heartbeat_frame()
+        lost = None
+        if self.peer_silent(now):
+            lost = ConnectionLost("HEARTBEAT_TIMEOUT", f"nothing heard from brokerd for {2 * self.heartbeat:g} s")
+        return beat, lost, min(max(self.next_timer() - now, 0.001), 1.0)
 
     def next_timer(self) -> float:
         """When heartbeat_due or peer_silent next needs a look (absolute; inf when off)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import cbor2
 
@@ -305,3 +306,319 @@ def error_frame(rid: int, code: str, message: str) -> list:
 
 def closing_frame(code: str, message: str) -> list:
     return [OP_CLOSING, code, message]
+
+
+# --- request frames: one constructor per op (protocol.md §5) ------------------------
+# Every client request is ``[op, rid, field 2, field 3, ...]`` (§3.2).  The
+# verbs of ``client.verbs`` name their op and fields; these helpers are the
+# one place that lays the fields out, so a frame has one definition to find.
+HEARTBEAT_FRAME = [OP_HEARTBEAT]  # §6.1: no request id, no reply
+
+
+def request_frame(op: int, rid: int, fields) -> list:
+    """``[op, rid, *fields]``: any request whose fields are already in wire order."""
+    return [op, rid, *fields]
+
+
+def publish_frame(rid: int, queue: str, body: bytes, msg_id, priority: int, options) -> list:
+    """§5.2 PUBLISH: ``[2, rid, queue, body, id|null, priority, options|null]``."""
+    return [OP_PUBLISH, rid, queue, body, msg_id, priority, options]
+
+
+def consume_frame(rid: int, queues: list, prefetch: int) -> list:
+    """§5.3 CONSUME: ``[3, rid, [queue, ...], prefetch]``."""
+    return [OP_CONSUME, rid, queues, prefetch]
+
+
+def cancel_frame(rid: int, consumer_tag: int) -> list:
+    """§5.6 CANCEL: ``[4, rid, consumer_tag]``."""
+    return [OP_CANCEL, rid, consumer_tag]
+
+
+def ack_frame(rid: int, tags) -> list:
+    """§5.5 ACK: ``[5, rid, tag | [tag, ...]]``."""
+    return [OP_ACK, rid, tags]
+
+
+def nack_frame(rid: int, tag: int, requeue: bool, delay, headers=None) -> list:
+    """§5.5 NACK: ``[6, rid, tag, requeue, delay|null(, headers)]``."""
+    if headers is None:
+        return [OP_NACK, rid, tag, requeue, delay]
+    return [OP_NACK, rid, tag, requeue, delay, headers]
+
+
+def touch_frame(rid: int, tag: int) -> list:
+    """§5.7 TOUCH: ``[7, rid, tag]``."""
+    return [OP_TOUCH, rid, tag]
+
+
+def result_set_frame(rid: int, task_id, state, value, meta, options) -> list:
+    """§5.19 RESULT_SET: ``[18, rid, task_id, state, value, meta, options|null]``."""
+    return [OP_RESULT_SET, rid, task_id, state, value, meta, options]
+
+
+def bye_frame(rid: int) -> list:
+    """§5.17 BYE: ``[17, rid]``."""
+    return [OP_BYE, rid]
+
+
+# --- server frames: one typed view per op -------------------------------------------
+# The client's hot paths (OK confirms, DELIVER) index the list directly; these
+# views are for the rarer frames, for tests and for tools.  NamedTuples, not
+# dataclasses: immutable all the same, and ~20x cheaper to define at import.  A missing trailing
+# field reads as its "when omitted" value, as the session always did.
+class Ok(NamedTuple):
+    """§3.2 OK: ``[64, rid, result]``."""
+
+    rid: int | None
+    result: object = None
+
+    @classmethod
+    def from_frame(cls, f: list) -> "Ok":
+        return cls(f[1] if len(f) > 1 else None, f[2] if len(f) > 2 else None)
+
+
+class Error(NamedTuple):
+    """§4 ERROR: ``[65, rid, code, message]``; rid 0 when the request id was unreadable."""
+
+    rid: int | None
+    code: str | None
+    message: str
+
+    @classmethod
+    def from_frame(cls, f: list) -> "Error":
+        return cls(f[1] if len(f) > 1 else None, f[2] if len(f) > 2 else None, f[3] if len(f) > 3 else "")
+
+
+class Closing(NamedTuple):
+    """§4 CLOSING: ``[67, code, message]``: the server closes the connection after it."""
+
+    code: str | None
+    message: str
+
+    @classmethod
+    def from_frame(cls, f: list) -> "Closing":
+        return cls(f[1] if len(f) > 1 else None, f[2] if len(f) > 2 else "")
+
+
+class Control(NamedTuple):
+    """§5.33 CONTROL: ``[68, payload]``, a broadcast to consumers (revoke+terminate, commands)."""
+
+    payload: object
+
+    @classmethod
+    def from_frame(cls, f: list) -> "Control":
+        return cls(f[1] if len(f) > 1 else None)
+
+
+class Event(NamedTuple):
+    """§5.30 EVENT: ``[69, [event, ...], dropped]`` to a subscriber."""
+
+    events: list
+    dropped: int = 0
+
+    @classmethod
+    def from_frame(cls, f: list) -> "Event":
+        return cls(f[1] if len(f) > 1 else [], f[2] if len(f) > 2 else 0)
+
+
+def control_frame(payload) -> list:
+    return [OP_CONTROL, payload]
+
+
+def event_frame(events: list, dropped: int = 0) -> list:
+    return [OP_EVENT, events, dropped]
+
+
+# --- protocol.md §2 and §5.1: the handshake, without I/O ----------------------------
+# connect ──▶ preamble ──▶ AWAITING HELLO ──HELLO ok──▶ OPEN
+#                │               │ any other frame: CLOSING HANDSHAKE_REQUIRED
+#                │ not \0BRK     │ bad HELLO map: CLOSING BAD_REQUEST
+#                ▼               │ wrong version: CLOSING UNSUPPORTED_VERSION
+#        CLOSING BAD_PREAMBLE
+# Both ends live here, so client and server share one reading of every HELLO
+# key.  HELLO options are a map and unknown keys are carried in
+# ``Hello.extra`` untouched: room for credentials (an ``auth`` key, say)
+# without a new frame or a new protocol version.  Timeouts are the caller's
+# business (no clock here): the server closes after ``handshake_timeout``.
+
+
+class HandshakeError(WireError):
+    """The handshake failed; ``code`` is the CLOSING code (§4) and the connection ends."""
+
+
+class Hello(NamedTuple):
+    """§5.1 HELLO options (field 2).  ``extra``: any other keys, sent and received as they are."""
+
+    version: int = PROTOCOL_VERSION
+    client: str | None = None
+    heartbeat: float | None = None
+    extra: dict | None = None
+    rid: int = 1
+
+    def to_map(self) -> dict:
+        m = {"version": self.version, "client": self.client, "heartbeat": self.heartbeat}
+        if self.extra:
+            m.update(self.extra)
+        return m
+
+    def frame(self) -> list:
+        return [OP_HELLO, self.rid, self.to_map()]
+
+
+_HELLO_KEYS = ("version", "client", "heartbeat")
+
+
+class Welcome(NamedTuple):
+    """§5.1 HELLO reply (OK result): what the server agreed to.
+
+    ``heartbeat`` and ``max_frame`` are None when the reply leaves them out
+    (or sends nonsense); the client then keeps its own value.  ``info`` is the
+    whole reply map as received.
+    """
+
+    server: str | None
+    version: int | None
+    heartbeat: float | None
+    max_frame: int | None
+    connection: int | None
+    info: dict
+
+    @classmethod
+    def from_result(cls, result) -> "Welcome":
+        info = result if isinstance(result, dict) else {}
+        hb = info.get("heartbeat")
+        mf = info.get("max_frame")
+        return cls(
+            info.get("server"),
+            info.get("version"),
+            float(hb) if type(hb) in (int, float) and hb >= 0 else None,
+            mf if type(mf) is int and mf > 0 else None,
+            info.get("connection"),
+            info,
+        )
+
+
+class ClientHandshake:
+    """The client's side: ``initiate()`` gives the preamble and HELLO as bytes;
+    ``receive(frame)`` reads the server's answer and returns a ``Welcome`` or
+    raises ``HandshakeError`` (an ERROR or CLOSING instead of OK)."""
+
+    def __init__(self, hello: Hello):
+        self.hello = hello
+        self.welcome: Welcome | None = None
+
+    def initiate(self) -> bytes:
+        return PREAMBLE + encode(self.hello.frame())
+
+    def receive(self, frame: list) -> Welcome:
+        op = frame[0]
+        if op == OP_OK and len(frame) > 1 and frame[1] == self.hello.rid:
+            self.welcome = Welcome.from_result(frame[2] if len(frame) > 2 else None)
+            return self.welcome
+        if op == OP_ERROR:
+            e = Error.from_frame(frame)
+            raise HandshakeError(e.code or "BAD_FRAME", e.message)
+        if op == OP_CLOSING:
+            c = Closing.from_frame(frame)
+            raise HandshakeError(c.code or "BAD_FRAME", c.message)
+        raise HandshakeError("BAD_FRAME", f"expected the reply to HELLO, got a frame with op code {op!r}")
+
+
+class ServerHandshake:
+    """The server's side, fed bytes: ``receive_data(data)`` then ``next_event()``.
+
+    ``next_event()`` returns None while it needs more bytes, then the
+    client's ``Hello`` (with ``client`` and ``heartbeat`` already resolved to
+    what this connection will use); it raises ``HandshakeError`` for a bad
+    preamble, a frame before HELLO, a bad HELLO map or another version.  Send
+    ``closing(err)`` then close.  ``accept(hello, **info)`` is the OK reply's
+    bytes.  Bytes after HELLO stay in ``reader`` for the main loop.
+    """
+
+    def __init__(self, *, connection: int, heartbeat: float, max_frame: int = DEFAULT_MAX_FRAME,
+                 server: str = "brokerd", version: int = PROTOCOL_VERSION):
+        self.connection = connection
+        self.heartbeat = heartbeat  # the server's setting, used when HELLO leaves it out
+        self.max_frame = max_frame
+        self.server = server
+        self.version = version
+        self.reader = FrameReader(max_frame)
+        self._head = b""  # bytes before the whole preamble arrived
+        self._frames: list = []
+        self.preamble_seen = False
+        self.hello: Hello | None = None
+
+    def receive_data(self, data: bytes) -> None:
+        if self.preamble_seen:
+            self.reader.feed(data)
+            return
+        self._head += data
+        if len(self._head) < len(PREAMBLE):
+            return
+        if self._head[: len(PREAMBLE)] != PREAMBLE:
+            raise HandshakeError("BAD_PREAMBLE", f"a binary connection must open with the 4 bytes {PREAMBLE!r}")
+        self.preamble_seen = True
+        self.reader.feed(self._head[len(PREAMBLE):])
+        self._head = b""
+
+    def next_event(self) -> Hello | None:
+        if self.hello is not None or not self.preamble_seen:
+            return self.hello
+        if not self._frames:
+            self._frames = self.reader.frames()
+        while self._frames:
+            f = self._frames.pop(0)
+            op = f[0]
+            if op == OP_HEARTBEAT:  # allowed before HELLO, ignored (§2)
+                continue
+            if op != OP_HELLO:
+                raise HandshakeError("HANDSHAKE_REQUIRED", "the first frame must be HELLO")
+            self.hello = self._read_hello(f)
+            return self.hello
+        return None
+
+    @property
+    def pending_frames(self) -> list:
+        """Frames that arrived in the same read after HELLO, for the main loop."""
+        frames, self._frames = self._frames, []
+        return frames
+
+    def _read_hello(self, f: list) -> Hello:
+        rid = f[1] if len(f) > 1 and type(f[1]) is int else 0
+        opts = f[2] if len(f) > 2 else None
+        if type(opts) is not dict:
+            raise HandshakeError("BAD_REQUEST", "HELLO field 2 must be a map with at least 'version'")
+        version = opts.get("version")
+        if type(version) is not int or version != self.version:
+            raise HandshakeError(
+                "UNSUPPORTED_VERSION", f"this server speaks protocol version {self.version}, not {version!r}"
+            )
+        name = opts.get("client")
+        hb = opts.get("heartbeat", self.heartbeat)
+        if type(hb) not in (int, float) or hb != hb or hb in (float("inf"), float("-inf")) or hb < 0:
+            hb = self.heartbeat
+        extra = {k: v for k, v in opts.items() if k not in _HELLO_KEYS} or None
+        return Hello(
+            version,
+            name if isinstance(name, str) and name else f"conn-{self.connection}",
+            float(hb),
+            extra,
+            rid,
+        )
+
+    def welcome_map(self, hello: Hello) -> dict:
+        return {
+            "server": self.server,
+            "version": self.version,
+            "heartbeat": hello.heartbeat,
+            "max_frame": self.max_frame,
+            "connection": self.connection,
+        }
+
+    def accept(self, hello: Hello) -> bytes:
+        return encode([OP_OK, hello.rid, self.welcome_map(hello)])
+
+    @staticmethod
+    def closing(err: WireError) -> bytes:
+        return encode([OP_CLOSING, err.code, err.message])

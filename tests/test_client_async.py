@@ -265,6 +265,66 @@ async def errors_leave_the_block_unwrapped(broker):
     assert not c.is_open
 
 
+async def handlers_that_raise(broker, caplog):
+    """A CONTROL or EVENT handler that raises is logged; the reader task goes on."""
+    controls, batches = [], []
+
+    def bad_control(payload):
+        raise RuntimeError("boom in a control handler")
+
+    def bad_events(events, dropped):
+        raise RuntimeError("boom in an event handler")
+
+    async def until(box, n):
+        for _ in range(int(WAIT / 0.01)):
+            if len(box) >= n:
+                return
+            await (trio_sleep() if sniffio.current_async_library() == "trio" else asyncio.sleep(0.01))
+        raise AssertionError(f"only {len(box)} of {n} handler calls arrived")
+
+    async with AsyncClient(broker.address, name="victim") as a, AsyncClient(broker.address, name="other") as b:
+        a.control_handlers[:] = [bad_control, controls.append]
+        consumer = await a.consume("handlers.q", prefetch=1)  # CONTROL broadcasts go to consuming connections
+        await a.subscribe_events(bad_events)
+        a.event_handlers.append(lambda events, dropped: batches.append(events))
+        for round_ in (1, 2):
+            assert await b.revoke([f"task-{round_}"], terminate=True) == 1
+            await b.emit_events("w@test", [{"type": "task-received", "uuid": f"task-{round_}"}])
+            await until(controls, round_)
+            await until(batches, round_)
+        assert await a.ping() >= 0  # the reader still reads replies
+        assert a.is_open
+        await consumer.cancel()
+    logged = [r.getMessage() for r in caplog.records]
+    assert logged.count("a CONTROL handler failed") == 2 and logged.count("an event handler failed") == 2
+    assert [p["revoke"] for p in controls] == [["task-1"], ["task-2"]]
+
+
+async def trio_sleep():
+    import trio
+
+    await trio.sleep(0.01)
+
+
+async def task_verbs(broker):
+    """The verbs AsyncClient once lacked, each answered by the broker."""
+    async with AsyncClient(broker.address) as c:
+        assert await c.store_result("av-1", "SUCCESS", {"n": 1}) == {"acked": False}
+        got = await c.get_result("av-1")
+        assert (got["state"], got["result"]) == ("SUCCESS", {"n": 1})
+        assert await c.forget_result("av-1") is True
+        assert await c.revoke(["av-2"]) == 1
+        assert (await c.get_result("av-2"))["state"] == "REVOKED"
+        await c.schedule_put("av-s", {"every": 3600, "queue": "av.q", "body": b"tick"})
+        assert [s["name"] for s in await c.schedule_list() if s["name"] == "av-s"] == ["av-s"]
+        assert (await c.schedule_pause("av-s"))["paused"] is True
+        assert await c.schedule_remove("av-s") is True
+        assert isinstance(await c.chord("av-c", ["m1"], {"queue": "av.q", "body": {"task": "t", "id": "b"}}), dict)
+        assert await c.emit_events("av@test", [{"type": "worker-online"}]) == 1
+        await c.subscribe_events()
+        assert (await c.unsubscribe_events())["subscribed"] is False
+
+
 # --- each scenario under both libraries -------------------------------------------------------
 def under_both(scenario):
     async def trio_test(broker):
@@ -274,6 +334,26 @@ def under_both(scenario):
         asyncio.run(scenario(broker))
 
     return trio_test, asyncio_test
+
+
+def under_both_with_caplog(scenario):
+    async def trio_test(broker, caplog):
+        await scenario(broker, caplog)
+
+    def asyncio_test(broker, caplog):
+        asyncio.run(scenario(broker, caplog))
+
+    return trio_test, asyncio_test
+
+
+(
+    test_the_reader_survives_control_and_event_handlers_that_raise_under_trio,
+    test_the_reader_survives_control_and_event_handlers_that_raise_under_asyncio,
+) = under_both_with_caplog(handlers_that_raise)
+(
+    test_results_revokes_schedules_chords_and_events_verbs_under_trio,
+    test_results_revokes_schedules_chords_and_events_verbs_under_asyncio,
+) = under_both(task_verbs)
 
 
 (

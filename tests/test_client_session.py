@@ -434,3 +434,50 @@ def test_heartbeat_zero_turns_the_timers_off():
 
 def test_pending_repr_is_readable():
     assert repr(Pending(3, 0)) == "<Pending rid=3 kind=0 done=False>"
+
+
+# --- one home for the shells' shared decisions -------------------------------------------------
+def test_a_raising_control_or_event_handler_is_logged_and_the_others_still_run(caplog):
+    from client.session import CONTROL, EVENTS
+
+    seen = []
+
+    def bad(*args):
+        raise RuntimeError("handler bug")
+
+    s = Session(Owner(), name="unit", heartbeat=10.0, now=100.0, id_prefix="p",
+                control_handlers=[bad, seen.append], event_handlers=[bad, lambda ev, dropped: seen.append((ev, dropped))])
+    wake = s.receive([[wire.OP_CONTROL, {"revoke": ["t"]}], [wire.OP_EVENT, [{"type": "x"}], 2]], 100.0)
+    assert CONTROL in wake and EVENTS in wake
+    s.run_handlers()
+    assert seen == [{"revoke": ["t"]}, ([{"type": "x"}], 2)]
+    assert [r.getMessage() for r in caplog.records] == ["a CONTROL handler failed", "an event handler failed"]
+    assert not s.controls and not s.events
+
+
+@pytest.mark.parametrize("closed, closing, exc, expect_type, expect_text", [
+    (True, None, None, E.ConnectionClosed, "the client was closed"),
+    (False, ("SHUTTING_DOWN", "bye"), OSError("reset"), E.ConnectionLost, "bye"),
+    (False, None, E.RemoteProtocolError("BAD_FRAME", "garbled"), E.RemoteProtocolError, "garbled"),
+    (False, None, OSError("reset"), E.ConnectionLost, "connection to brokerd at h:1 lost (OSError: reset)"),
+    (False, None, None, E.ConnectionLost, "connection to brokerd at h:1 lost (the broker closed the connection)"),
+])
+def test_a_lost_connection_is_named_by_whose_doing_it_was(closed, closing, exc, expect_type, expect_text):
+    s = handshaken()
+    p = s.request(wire.OP_PING, [])
+    if closing:
+        s.receive([[wire.OP_CLOSING, *closing]], 100.0)
+    wake = s.connection_lost(exc, address="h:1", closed=closed)
+    assert p in wake and isinstance(s.error, expect_type) and expect_text in str(s.error)
+    assert s.connection_lost(OSError("again"), address="h:1") == []  # the first reason stays
+
+
+def test_an_unreadable_frame_is_the_brokers_fault_and_a_bug_is_logged(caplog):
+    s = handshaken()
+    err = s.reader_failed(wire.WireError("BAD_FRAME", "not CBOR"))
+    assert isinstance(err, E.RemoteProtocolError) and "the broker sent an unreadable frame: not CBOR" in str(err)
+    reset = ConnectionResetError("reset")
+    assert s.reader_failed(reset) is reset and not caplog.records
+    bug = KeyError("oops")
+    assert s.reader_failed(bug) is bug
+    assert [r.getMessage() for r in caplog.records] == ["brokerd client reader crashed"]

@@ -364,3 +364,29 @@ def test_a_broker_shutting_down_says_why(broker):
     with pytest.raises(ConnectionLost, match="^SHUTTING_DOWN: "):
         consumer.get(WAIT)
     c.close()
+
+
+def test_a_pipelining_caller_drives_the_connection_through_public_calls_only(broker):
+    """What the worker needs (submit without waiting, flush once, wake on deliveries,
+    learn why the connection ended), with no private attribute."""
+    from client import verbs
+
+    with Client(broker.address) as c:
+        consumer = c.consume("pipe.q", prefetch=4)
+        woken = threading.Event()
+        consumer.on_wake(woken.set)
+        c.publish("pipe.q", b"one")
+        assert woken.wait(WAIT), "on_wake was not called when the delivery arrived"
+        assert len(consumer.buffer) == 1
+        d = consumer.get(WAIT)
+        assert d.body == b"one"
+        done = threading.Semaphore(0)
+        p = c.submit(verbs.store_result(c, "pipe-1", "SUCCESS", 1, None, delivery=d), done)
+        assert not done.acquire(timeout=0)  # buffered, not sent: nothing can have answered
+        c.flush()
+        assert done.acquire(timeout=WAIT)
+        assert p.error is None and p.result == {"acked": True}
+        assert c.get_result("pipe-1")["result"] == 1
+        assert c.fileno() >= 0
+        assert c.wait_closed(timeout=0.01) is None  # still open
+    assert isinstance(c.wait_closed(WAIT), ConnectionClosed)
