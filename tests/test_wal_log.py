@@ -22,7 +22,7 @@ from broker.wal import (
     WriteAheadLog,
 )
 from broker.wal.log import DIRECTORY_SYNC_NAME, segment_name
-from broker.wal.records import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
+from broker.wal.format import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
 
 SEG1 = "00000000000000000001.wal"
 
@@ -479,7 +479,7 @@ def test_a_damaged_length_in_the_last_segment_is_corruption_not_a_torn_tail(tmp_
 def test_a_record_with_a_valid_checksum_but_the_wrong_lsn_is_corruption(tmp_path):
     wal = build(tmp_path, workload(3))
     wal.close()
-    from broker.wal.records import decode_segment_header, encode_record
+    from broker.wal.format import decode_segment_header, encode_record
 
     data = (tmp_path / SEG1).read_bytes()
     salt = decode_segment_header(data).salt
