@@ -182,7 +182,8 @@ class LogFiles:
 
     def fsync_directory(self) -> None:
         # Creating, truncating to nothing, or unlinking a file is only durable
-        # once the directory is fsynced (ALICE, RELIABILITY.md 2.2).
+        # once the directory is fsynced (Pillai et al., "All File Systems Are Not
+        # Created Equal", OSDI 2014: the ALICE study of crash consistency).
         # The directory fd is held open from open() on, so this needs no
         # new descriptor (a process at its fd limit can still fsync it).
         try:

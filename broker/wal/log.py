@@ -110,7 +110,10 @@ __all__ = [
 logger = logging.getLogger("brokerd.wal")
 
 FSYNC_POLICIES = ("always", "interval", "never")
-DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024  # rotate after this much; Ra's segment size (RELIABILITY.md 1.6)
+# Rotate after this much: big enough that rotation (an fsync of the old
+# segment, the new header and the directory) is rare, small enough that
+# compaction frees space in useful steps; RabbitMQ's Ra log uses the same size.
+DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024  # bytes
 MIN_SEGMENT_BYTES = 64  # bytes; only tests want it this small; holds the 24-byte header and a record
 DEFAULT_FSYNC_INTERVAL_MS = 1000  # beanstalkd/Redis "everysec": loses at most ~1 s on power loss
 
