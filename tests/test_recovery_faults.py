@@ -20,7 +20,7 @@ import pytest
 
 from broker.wal import CorruptLog, WalFailed, WriteAheadLog
 from broker.wal.log import MANIFEST_NAME, MissingRecords
-from broker.wal.records import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
+from broker.wal.format import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
 from client import wire
 from tests.wireclient import Raw
 
@@ -369,9 +369,9 @@ EMFILE_SCRIPT = textwrap.dedent(
     for i in range(40):  # ~40 KB: many segments' worth
         lsn = wal.append(1, b"x" * 1000)
         wal.write_batch(wal.take_batch())
-        if i == 5 and wal._reserve_fd is not None:
+        if i == 5 and wal._files.reserve_fd is not None:
             # Take the spare too (a race with an accept() could): rotation must still not fail the log.
-            os.close(wal._reserve_fd); wal._reserve_fd = None
+            os.close(wal._files.reserve_fd); wal._files.reserve_fd = None
             hog.append(os.open(os.devnull, os.O_RDONLY))
     assert wal.failed is None
     segs_while_starved = len(wal.segments())

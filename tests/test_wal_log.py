@@ -22,7 +22,7 @@ from broker.wal import (
     WriteAheadLog,
 )
 from broker.wal.log import DIRECTORY_SYNC_NAME, segment_name
-from broker.wal.records import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
+from broker.wal.format import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
 
 SEG1 = "00000000000000000001.wal"
 
@@ -479,7 +479,7 @@ def test_a_damaged_length_in_the_last_segment_is_corruption_not_a_torn_tail(tmp_
 def test_a_record_with_a_valid_checksum_but_the_wrong_lsn_is_corruption(tmp_path):
     wal = build(tmp_path, workload(3))
     wal.close()
-    from broker.wal.records import decode_segment_header, encode_record
+    from broker.wal.format import decode_segment_header, encode_record
 
     data = (tmp_path / SEG1).read_bytes()
     salt = decode_segment_header(data).salt
@@ -756,3 +756,26 @@ def test_a_lone_half_created_segment_is_deleted_and_lsns_do_not_go_backwards(tmp
     assert wal.append(1, b"") == 42
     wal.close()
     assert replay(tmp_path)[0] == [(42, 1, 0, b"")]
+
+
+def test_every_error_the_log_raises_on_purpose_is_a_wal_error(tmp_path):
+    # One family: a caller catches WalError for the lock, corruption, missing
+    # files, a newer format, a failed disk and bad bytes alike.
+    from broker.wal import MissingRecords, WalError, WalFormatError
+    from broker.wal.format import BadHeader, DamagedRecord, ShortHeader, TruncatedRecord, UnsupportedVersion
+    from broker.wal.format import decode_record, decode_segment_header
+
+    family = (WalLocked, CorruptLog, MissingRecords, WalVersionError, WalFailed, WalFormatError,
+              ShortHeader, BadHeader, UnsupportedVersion, TruncatedRecord, DamagedRecord)
+    assert [c.__name__ for c in family if not issubclass(c, WalError)] == []
+    with pytest.raises(WalError, match=r"^segment does not start with the magic b'BRKDWAL\\n'$"):
+        decode_segment_header(b"\0" * 24)
+    with pytest.raises(WalError, match=r"^record at offset 0 needs 18 bytes but only 3 remain$"):
+        decode_record(b"abc", 0, 0)
+    wal = WriteAheadLog(tmp_path)
+    list(wal.open())
+    try:
+        with pytest.raises(WalError, match=r"^write-ahead log directory .* is locked: another brokerd \(pid \d+\)"):
+            WriteAheadLog(tmp_path).open()
+    finally:
+        wal.close()

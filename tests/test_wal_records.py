@@ -1,4 +1,4 @@
-"""The write-ahead log's byte format (broker/wal/records.py), both ways."""
+"""The write-ahead log's byte format (broker/wal/format.py), both ways."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.wal.records import (
+from broker.wal.format import (
     FORMAT_VERSION,
     MAX_RECORD_BYTES,
     RECORD_HEADER_SIZE,
@@ -34,7 +34,7 @@ from broker.wal.records import (
 SALT = 0x01020304
 
 # (what, exact bytes).  If one of these changes, the on-disk format changed:
-# bump FORMAT_VERSION and follow "How to bump the version" in broker/wal/log.py.
+# bump FORMAT_VERSION and follow "How to bump the version" in broker/wal/format.py.
 HEADER_HEX = (
     "42524b4457414c0a"  # magic b"BRKDWAL\n"
     "0001"  # version 1

@@ -1,30 +1,99 @@
-"""Write-ahead log records and segment headers, to and from bytes.
+"""The write-ahead log's bytes on disk: segment header, record, CRC and salt, manifest.
 
-This module is the whole on-disk *format*; ``broker/wal/log.py`` owns the
-files.  It is pure: no trio, no ``os``, no I/O, no clock.  Everything here
-works on ``bytes``/``bytearray`` and can be tested a byte at a time.
+This module is the whole on-disk *format*; ``log.py`` owns the files and
+``recovery.py`` reads them back.  It is pure: no trio, no ``os``, no I/O, no
+clock.  Everything here works on ``bytes``/``bytearray`` and can be tested a
+byte at a time.
 
-The byte layout is documented (with a table and the procedure for bumping the
-version) at the top of ``broker/wal/log.py``; the constants below are that
-table in code.  Big-endian everywhere.
 
-Segment header, ``SEGMENT_HEADER_SIZE`` = 24 bytes::
+On-disk format, version 1
+=========================
 
-    magic b"BRKDWAL\\n" (8) | version u16 | flags u16 | salt u32 | first_lsn u64
+A log is one directory::
 
-Record, ``RECORD_HEADER_SIZE`` = 18 bytes then the payload::
+    LOCK                          fcntl.flock'd by the running brokerd
+    MANIFEST                      where the log starts, and the gaps a repair left
+    00000000000000000001.wal      segment whose first record is lsn 1
+    00000000000000004711.wal      ... lsn 4711 (names sort in lsn order)
 
-    length u32 | crc u32 | lsn u64 | type u8 | flags u8 | payload (length bytes)
+Any other file is left alone.  Segments are never rewritten: only appended
+to, truncated at a torn tail, or deleted whole from the oldest end (and
+rewritten by ``--repair``, see ``repair.py``).
 
-``crc = zlib.crc32(record[8:], salt)``: CRC-32 (IEEE, as zlib computes it)
-*seeded with the segment's salt*, covering lsn, type, flags and payload.  The
-salt is random per segment, so a record copied (or left over) from another
-segment does not validate.  The length field is outside the CRC: a damaged
-length makes the CRC run over the wrong bytes and fail, and ``log.py`` looks
-past such a record before it calls anything a torn tail.
+The manifest is ASCII text, replaced atomically (``MANIFEST.tmp``, fsync,
+rename, fsync the directory) when the log is created, before compaction
+deletes segments, and by a repair::
 
-Two ways to encode:
+    brokerd-wal-manifest 1
+    start 4711                    the oldest lsn the log must still hold
+    gap 5000 5003                 lsns a repair dropped for good (zero or more lines)
+    crc 1a2b3c4d                  zlib.crc32 of the lines above, hex
 
+It is not part of the segment format (an older brokerd ignores it and reads
+the segments as before), so adding it did not bump the version.  An older
+brokerd's compaction does not update it, though: after running one on this
+directory, delete MANIFEST (the next start writes it again from the segments).
+A directory without a manifest (fresh, or written before it existed) is taken
+as it is and the manifest written.
+
+Every segment opens with a 24-byte header; then records follow back to back,
+with no padding and no end marker.  Integers are big-endian.
+
+==========  =====  =====================================================
+offset      bytes  segment header field
+==========  =====  =====================================================
+0           8      magic ``b"BRKDWAL\\n"`` (42 52 4b 44 57 41 4c 0a)
+8           2      format version, u16 = 1
+10          2      flags, u16 = 0 (none defined)
+12          4      salt, u32, ``os.urandom`` per segment; seeds every CRC
+16          8      first_lsn, u64; equals the number in the file name
+==========  =====  =====================================================
+
+==========  =====  =====================================================
+offset      bytes  record field (offsets from the record's start)
+==========  =====  =====================================================
+0           4      length, u32: payload bytes (at most 64 MiB, else damage)
+4           4      crc, u32: ``zlib.crc32(record[8:18 + length], salt)``
+8           8      lsn, u64: previous record's lsn + 1, across segments
+16          1      type, u8: 1..255, chosen by the broker state (0 reserved)
+17          1      flags, u8: chosen by the broker state
+18          length payload: opaque to the log (CBOR from the broker state)
+==========  =====  =====================================================
+
+The salt is why a stale or copied record never validates in the wrong file.
+The length is outside the CRC; a damaged length makes the CRC fail, and
+replay looks for valid records beyond a bad one before calling it a torn tail.
+
+Example: a segment starting at lsn 1 with salt 0x01020304, holding one record
+(lsn 1, type 2, flags 0, payload ``b"hi"``)::
+
+    42524b4457414c0a 0001 0000 01020304 0000000000000001      header
+    00000002 fc9c8607 0000000000000001 02 00 6869              record
+
+``tests/test_wal_records.py`` pins these bytes, CRC included.
+
+
+How to bump the version
+-----------------------
+(After beanstalkd's ``Walver``.)  The version lives in every segment header,
+so old and new segments can sit in one directory during an upgrade.
+
+1. Only bump for a change an old reader would misread.  Adding a record
+   *type* is not a format change: the payload is the broker state's business.
+2. Set ``FORMAT_VERSION`` to N+1 and write only the new layout.
+3. Keep a reader for every older version: rename the current decoding code
+   to ``decode_v<N>`` and make ``decode_segment_header`` and the scanner
+   dispatch on the header's version instead of refusing it.  Keep the magic
+   and the version field where they are (offsets 0 and 8) forever: that is
+   how an old brokerd reading a new file says "version N+1 is not supported"
+   instead of "corrupt".
+4. Add a test with the exact bytes of a version-N segment (copy the table
+   test in ``tests/test_wal_records.py``) and check it still replays.
+5. Say in the release notes that downgrading after the new version has
+   written a segment needs the old segments only: delete the new ones first.
+
+Two ways to encode
+------------------
 * ``encode_record(salt, ...)`` returns one finished record (tests, tools).
 * The log's hot path appends *unsealed* records (CRC field zero) with
   ``append_unsealed`` on the event loop, because the salt belongs to whichever
@@ -32,16 +101,19 @@ Two ways to encode:
   writer calls ``seal_records(buf, salt)`` just before ``os.write``.  That also
   moves the CRC work off the event loop.
 
-Decoding errors all derive from ``WalFormatError``; a decoder fed any bytes
-raises nothing else.
+Decoding errors all derive from ``WalFormatError`` (a ``WalError``); a decoder
+fed any bytes raises nothing else.
 """
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
+
+from .errors import WalFormatError
 
 __all__ = [
     "MAGIC",
@@ -66,10 +138,15 @@ __all__ = [
     "seal_records",
     "decode_record",
     "RecordScanner",
+    "MANIFEST_NAME",
+    "encode_manifest",
+    "decode_manifest",
+    "segment_name",
+    "SEGMENT_FILE",
 ]
 
 MAGIC = b"BRKDWAL\n"  # the newline makes a text-mode transfer that mangles line endings visible
-FORMAT_VERSION = 1  # the only version this code writes; see "How to bump the version" in log.py
+FORMAT_VERSION = 1  # the only version this code writes; see "How to bump the version" above
 
 SEGMENT_HEADER = struct.Struct(">8sHHIQ")  # magic, version, flags, salt, first_lsn
 SEGMENT_HEADER_SIZE = SEGMENT_HEADER.size  # 24 bytes
@@ -81,16 +158,23 @@ CRC_OFFSET = 4  # where the crc field sits inside a record
 CRC_START = 8  # the CRC covers the record from here (lsn) to the end of the payload
 _CRC_FIELD = struct.Struct(">I")
 _LENGTH_FIELD = struct.Struct(">I")
+LSN_FIELD = struct.Struct(">Q")  # the lsn field alone: its bytes are what a search for a record looks for
 
 MAX_RECORD_BYTES = 64 * 1024 * 1024  # payload bytes; a record larger than this is damage, not data
 MAX_LSN = 2**64 - 1  # lsn is a u64
 
+MANIFEST_NAME = "MANIFEST"  # where the log starts and which lsn ranges a repair dropped
+_MANIFEST_MAGIC = "brokerd-wal-manifest 1"
+MAX_MANIFEST_BYTES = 1 << 20  # a manifest is a few lines; read no more than this (more is damage)
+SEGMENT_FILE = re.compile(r"^(\d{20})\.wal$")  # a segment's file name: its first lsn, 20 digits
+
+
+def segment_name(first_lsn: int) -> str:
+    """File name of the segment whose first record is ``first_lsn``."""
+    return f"{first_lsn:020d}.wal"
+
 
 # --------------------------------------------------------------------------- errors
-
-
-class WalFormatError(Exception):
-    """These bytes are not a valid piece of a version-1 write-ahead log."""
 
 
 class ShortHeader(WalFormatError):
@@ -393,3 +477,50 @@ class RecordScanner:
                 self.next_lsn = expected
                 self.count += 1
         self.damage = damage
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def encode_manifest(start: int, gaps: dict[int, int]) -> bytes:
+    """The manifest's bytes: where the log starts, the gaps a repair left, a CRC of both."""
+    lines = [_MANIFEST_MAGIC, f"start {start}"] + [f"gap {a} {b}" for a, b in sorted(gaps.items())]
+    body = "\n".join(lines) + "\n"
+    return (body + f"crc {zlib.crc32(body.encode()):08x}\n").encode()
+
+
+def decode_manifest(data: bytes) -> tuple[int, dict[int, int]]:
+    """Parse a manifest; ``ValueError`` naming what is wrong."""
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        raise ValueError(f"{MANIFEST_NAME} is not ASCII text") from None
+    body, sep, tail = text.rpartition("crc ")
+    if not sep or not body.endswith("\n") or not tail.endswith("\n"):
+        raise ValueError(f"{MANIFEST_NAME} has no crc line (cut off?)")
+    try:
+        stored = int(tail.strip(), 16)
+    except ValueError:
+        raise ValueError(f"{MANIFEST_NAME} has an unreadable crc line") from None
+    if zlib.crc32(body.encode()) != stored:
+        raise ValueError(f"{MANIFEST_NAME} fails its checksum")
+    lines = body.splitlines()
+    if not lines or lines[0] != _MANIFEST_MAGIC:
+        raise ValueError(f"{MANIFEST_NAME} does not start with {_MANIFEST_MAGIC!r}")
+    start = None
+    gaps: dict[int, int] = {}
+    for line in lines[1:]:
+        word, *nums = line.split()
+        try:
+            values = [int(n) for n in nums]
+        except ValueError:
+            raise ValueError(f"{MANIFEST_NAME} has an unreadable line {line!r}") from None
+        if word == "start" and len(values) == 1 and values[0] >= 1:
+            start = values[0]
+        elif word == "gap" and len(values) == 2 and 1 <= values[0] <= values[1]:
+            gaps[values[0]] = values[1]
+        else:
+            raise ValueError(f"{MANIFEST_NAME} has an unknown line {line!r}")
+    if start is None:
+        raise ValueError(f"{MANIFEST_NAME} has no start line")
+    return start, gaps
