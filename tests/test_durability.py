@@ -15,8 +15,8 @@ import pytest
 import trio
 
 from broker.config import Config
-from broker.durability import Durability
-from broker.server import Server
+from broker.runtime.durability import Durability
+from broker.runtime.server import Server
 from broker.state import BrokerState
 from broker.wal import FaultPlan, WriteAheadLog
 from client import wire

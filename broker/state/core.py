@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from sortedcontainers import SortedList
 
 from broker.errors import BrokerError, RequestError
-from broker.state import records as R
+from broker.state import log_records as R
 from broker.state.events import EventsMixin
 from broker.state.results import ResultsMixin
 from broker.state.schedules import WorkflowMixin

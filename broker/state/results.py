@@ -25,7 +25,7 @@ import re
 from sortedcontainers import SortedList
 
 from broker.errors import BrokerError, RequestError
-from broker.state import records as R
+from broker.state import log_records as R
 from broker.state.queue import GONE
 
 STATES = ("PENDING", "RECEIVED", "STARTED", "RETRY", "SUCCESS", "FAILURE", "REVOKED")

@@ -30,7 +30,7 @@ import cbor2
 from sortedcontainers import SortedList
 
 from broker.errors import BrokerError, RequestError
-from broker.state import records as R
+from broker.state import log_records as R
 from broker.state.cron import timing_from
 from broker.state.queue import GONE, MAX_PRIORITY, Message, validate_queue_name
 

@@ -438,7 +438,7 @@ def c_task(state, args, now, extra):
 
 
 def c_events(state, args, now, extra):
-    # A text connection streams (broker/server.py handles EVENTS before it gets here); a binary
+    # A text connection streams (broker/runtime/admin_conn.py handles EVENTS before it gets here); a binary
     # ADMIN request cannot stream.
     raise AdminError("BAD_REQUEST", "EVENTS streams on an admin text connection only; "
                                     "a binary client sends SUBSCRIBE (protocol.md §5.30)")
