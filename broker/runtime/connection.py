@@ -26,6 +26,7 @@ import time
 import trio
 
 from broker import __version__
+from broker.errors import MemoryLimit, UnknownOp
 from broker.handlers import admin
 from broker.handlers.binary import DURABLE_OPS, HANDLERS, handle
 from client.wire import (
@@ -189,7 +190,7 @@ class BinaryConnection:
                     op = f[0]
                     if alarm is not None and op in MEMORY_OPS and handshaken and not settles(f):
                         rid = f[1] if len(f) > 1 and type(f[1]) is int else 0
-                        state._send(cid, [OP_ERROR, rid, "MEMORY_LIMIT", alarm])
+                        state._send(cid, [OP_ERROR, rid, MemoryLimit.code, alarm])
                         outbox = state.outbox
                     elif op in DURABLE_OPS and handshaken:
                         # Its reply confirms a logged change: held until the log
@@ -320,7 +321,7 @@ class BinaryConnection:
             if type(line) is not str:
                 return [OP_ERROR, rid, "BAD_REQUEST", "ADMIN field 2 must be one admin command line (text)"]
             return [OP_OK, rid, admin.execute(self.state, line, now, self.server.admin_extra())]
-        return [OP_ERROR, rid, "UNKNOWN_OP", f"unknown op code {op!r}; see protocol.md §5 for the list"]
+        return [OP_ERROR, rid, UnknownOp.code, f"unknown op code {op!r}; see protocol.md §5 for the list"]
 
     async def _writer(self, conn: Conn) -> None:
         stream = conn.stream

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from sortedcontainers import SortedList
 
-from broker.errors import BrokerError, RequestError
+from broker.errors import BadRequest, LogFailed, NotFound, PreconditionFailed, QueueFull, StaleDelivery
 from broker.state import log_records as R
 from broker.state.events import EventsMixin
 from broker.state.results import ResultsMixin
@@ -213,7 +213,7 @@ class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin):
         q = self.queues.get(name)
         if q is None:
             validate_queue_name(name)
-            raise BrokerError(f"queue {name!r} does not exist", "NOT_FOUND")
+            raise NotFound(f"queue {name!r} does not exist")
         return q
 
     # -- connections -----------------------------------------------------------
@@ -262,11 +262,11 @@ class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin):
         headers: dict | None = None,
     ) -> str:
         if self.log_failed:
-            raise BrokerError(self.log_failed, "LOG_FAILED")
+            raise LogFailed(self.log_failed)
         if type(priority) is not int or not 0 <= priority <= MAX_PRIORITY:
-            raise RequestError(f"priority must be a whole number from 0 to 255 (got {priority!r})")
+            raise BadRequest(f"priority must be a whole number from 0 to 255 (got {priority!r})")
         if msg_id is not None and (type(msg_id) is not str or not msg_id or len(msg_id) > MAX_MESSAGE_ID):
-            raise RequestError(f"a message id must be a text string of 1 to {MAX_MESSAGE_ID} characters")
+            raise BadRequest(f"a message id must be a text string of 1 to {MAX_MESSAGE_ID} characters")
         q = self.queues.get(queue) or self.queue(queue)
         ready_at = None
         if delay is not None:
@@ -278,11 +278,9 @@ class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin):
         if q.options.max_length is not None and q.length >= q.options.max_length:
             if q.options.overflow == "reject":
                 q.rejected += 1
-                raise BrokerError(
+                raise QueueFull(
                     f"queue {q.name!r} is full ({q.options.max_length} messages, overflow=reject); "
-                    "retry later or raise max_length",
-                    "QUEUE_FULL",
-                )
+                    "retry later or raise max_length")
             self._drop_head(q, now)
         seq = self._next_seq()
         if msg_id is None:
@@ -328,24 +326,24 @@ class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin):
     def consume(self, conn_id: int, queues: list, prefetch: int, now: float) -> int:
         conn = self.conns[conn_id]
         if not isinstance(queues, list) or not queues:
-            raise RequestError("consume needs a non-empty list of queue names")
+            raise BadRequest("consume needs a non-empty list of queue names")
         if len(queues) > self.MAX_CONSUME_QUEUES:
-            raise RequestError(
+            raise BadRequest(
                 f"consume names {len(queues)} queues; at most {self.MAX_CONSUME_QUEUES} per CONSUME "
                 "(use several CONSUMEs, or fewer queues)"
             )
         if len(conn.consumers) >= self.MAX_CONSUMERS_PER_CONN:
-            raise RequestError(
+            raise BadRequest(
                 f"this connection has {len(conn.consumers)} consumers, the most one connection may hold; "
                 "CANCEL some or open another connection"
             )
         if type(prefetch) is not int or not 1 <= prefetch <= MAX_PREFETCH:
-            raise RequestError(f"prefetch must be a whole number from 1 to {MAX_PREFETCH} (got {prefetch!r})")
+            raise BadRequest(f"prefetch must be a whole number from 1 to {MAX_PREFETCH} (got {prefetch!r})")
         seen = set()  # a set: `in list` made 40,000 names take 7.5 s (red team)
         for name in queues:
             validate_queue_name(name)
             if name in seen:
-                raise RequestError(f"queue {name!r} is listed twice")
+                raise BadRequest(f"queue {name!r} is listed twice")
             seen.add(name)
         qs = [self.queue(n) for n in queues]
         c = Consumer(next(self._ctags), conn_id, qs, prefetch)
@@ -359,7 +357,7 @@ class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin):
         conn = self.conns[conn_id]
         c = conn.consumers.get(ctag)
         if c is None:
-            raise BrokerError(f"no consumer {ctag!r} on this connection", "NOT_FOUND")
+            raise NotFound(f"no consumer {ctag!r} on this connection")
         self._remove_consumer(c)
 
     def _remove_consumer(self, c: Consumer) -> None:
@@ -496,12 +494,10 @@ class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin):
         d = self.inflight.get(tag)
         if d is None or d.conn != conn_id:
             if type(tag) is not int:
-                raise RequestError(f"a delivery tag is a whole number (got {tag!r})")
-            raise BrokerError(
+                raise BadRequest(f"a delivery tag is a whole number (got {tag!r})")
+            raise StaleDelivery(
                 f"delivery {tag} is not in flight on this connection (it was acked, timed out "
-                "or its connection closed; the message may have been redelivered)",
-                "STALE_DELIVERY",
-            )
+                "or its connection closed; the message may have been redelivered)")
         del self.inflight[tag]
         del self.conns[conn_id].deliveries[tag]
         c = d.consumer
@@ -515,16 +511,14 @@ class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin):
             tags = [tags]
         for tag in tags:  # all or nothing for malformed input
             if type(tag) is not int:
-                raise RequestError(f"a delivery tag is a whole number (got {tag!r})")
+                raise BadRequest(f"a delivery tag is a whole number (got {tag!r})")
         stale = []
         consumers = []
         acked_seqs = []
         for tag in tags:
             try:
                 d = self._settle(conn_id, tag)
-            except BrokerError as exc:
-                if exc.code != "STALE_DELIVERY":
-                    raise
+            except StaleDelivery:
                 stale.append(tag)
                 continue
             msg = d.msg
@@ -539,17 +533,13 @@ class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin):
             if c.unacked < c.prefetch:
                 self._dispatch_consumer(c, now)
         if stale and len(tags) == 1:
-            raise BrokerError(
+            raise StaleDelivery(
                 f"delivery {stale[0]} is not in flight on this connection (it was acked, timed out "
-                "or its connection closed; the message may have been redelivered)",
-                "STALE_DELIVERY",
-            )
+                "or its connection closed; the message may have been redelivered)")
         if stale:
-            raise BrokerError(
+            raise StaleDelivery(
                 f"deliveries {stale} are not in flight on this connection (acked already, timed out "
-                "or their connection closed); the others were acked",
-                "STALE_DELIVERY",
-            )
+                "or their connection closed); the others were acked")
         return len(tags)
 
     def nack(
@@ -565,9 +555,9 @@ class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin):
         replaces the message's headers (e.g. a retry count) in the same step.
         """
         if delay is not None and (type(delay) not in (int, float) or delay < 0):
-            raise RequestError(f"delay must be a number of seconds >= 0 (got {delay!r})")
+            raise BadRequest(f"delay must be a number of seconds >= 0 (got {delay!r})")
         if headers is not None and type(headers) is not dict:
-            raise RequestError("headers must be a map")
+            raise BadRequest("headers must be a map")
         d = self._settle(conn_id, tag)
         msg = d.msg
         q = msg.queue
@@ -590,11 +580,9 @@ class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin):
         d = self.inflight.get(tag)
         if d is None or d.conn != conn_id:
             if type(tag) is not int:
-                raise RequestError(f"a delivery tag is a whole number (got {tag!r})")
-            raise BrokerError(
-                f"delivery {tag} is not in flight on this connection; it cannot be extended",
-                "STALE_DELIVERY",
-            )
+                raise BadRequest(f"a delivery tag is a whole number (got {tag!r})")
+            raise StaleDelivery(
+                f"delivery {tag} is not in flight on this connection; it cannot be extended")
         timeout = d.msg.queue.options.reserve_timeout
         if timeout is None:
             return None
@@ -729,11 +717,9 @@ class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin):
         if q is None:
             q = self.queues[name] = Queue(name, opts, declared=True)
         elif q.declared and q.options != opts:
-            raise BrokerError(
+            raise PreconditionFailed(
                 f"queue {name!r} already exists with options {q.options.to_wire()}; "
-                "declare it with the same options, or delete it first",
-                "PRECONDITION_FAILED",
-            )
+                "declare it with the same options, or delete it first")
         else:
             q.options = opts
             q.declared = True
@@ -744,11 +730,9 @@ class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin):
         self._refuse_if_log_failed()
         q = self.existing_queue(name)
         if q.consumers or q.inflight_count:
-            raise BrokerError(
+            raise PreconditionFailed(
                 f"queue {name!r} has {len(q.consumers)} consumers and {q.inflight_count} messages "
-                "in flight; cancel the consumers and settle the messages first",
-                "PRECONDITION_FAILED",
-            )
+                "in flight; cancel the consumers and settle the messages first")
         n = self._purge(q)
         del self.queues[name]
         self._log(R.DELETE, name)
@@ -820,7 +804,7 @@ class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin):
 
     def _refuse_if_log_failed(self) -> None:
         if self.log_failed:
-            raise BrokerError(self.log_failed, "LOG_FAILED")
+            raise LogFailed(self.log_failed)
 
     # -- durability: replay and compaction ----------------------------------------
     def replay(self, records, now: float) -> int:
