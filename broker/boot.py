@@ -49,7 +49,7 @@ def open_server(config: Config) -> Server:
     # Logging is on during replay: what replay *decides* (dead-lettering a message
     # past max_attempts, firing a chord whose last result was logged but not its
     # firing) must itself be logged, or a second crash would decide it again.
-    state.log_enabled = True
+    state.enable_log()
     state.default_result_ttl = config.result_ttl
     t0 = time.monotonic()
     # Replay allocates one long-lived object per live message; the cyclic GC
@@ -72,7 +72,7 @@ def open_server(config: Config) -> Server:
         replayed = state.replay(((r.lsn, r.type, loads(r.payload)) for r in records), time.time())
         # A repair (or a deleted half-created segment) can leave the log's next
         # lsn past the last replayed record: the state numbers records the same way.
-        state.last_lsn = max(state.last_lsn, wal.next_lsn - 1 + len(state.records))
+        state.align_lsn(wal.next_lsn - 1)
     except CorruptLog as exc:
         raise DataDirError(f"{exc}") from None
     except WalError as exc:

@@ -299,7 +299,7 @@ async def _serve_with_fault(tmp_path, nursery, fault):
     wal = WriteAheadLog(str(data_dir), fsync="never", fault=fault)
     state = BrokerState()
     state.replay(((r.lsn, r.type, cbor2.loads(r.payload)) for r in wal.open()), 0.0)
-    state.log_enabled = True
+    state.enable_log()
     server = Server(config, state, Durability(wal, state, config))
     port = await nursery.start(server.serve)
     return server, port, server.http_address[1]

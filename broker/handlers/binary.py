@@ -3,7 +3,7 @@
 "Commands should not have business logic" (Faktory): each handler checks the
 shape of its frame (protocol.md §5 gives each signature), calls one state
 method and returns the reply frame.  Deliveries the call causes are in
-``state.outbox``.  Pure: no trio, no socket, no clock (``now`` comes in).
+the state's output (``take_effects``).  Pure: no trio, no socket, no clock (``now`` comes in).
 """
 
 from __future__ import annotations
@@ -202,9 +202,7 @@ def h_stats(state, conn, rid, f, now):
         return [OP_OK, rid, stats_map(state.queue_statistics(state.existing_queue(name), now))]
     b = state.statistics()
     broker = {k: getattr(b, k) for k in b.__slots__}
-    server_stats = getattr(state, "server_stats", None)  # issue 10: memory, connection and input bounds
-    if server_stats is not None:
-        broker.update(server_stats())
+    broker.update(state.server_statistics())  # the runtime's bounds: memory, connections, input
     return [
         OP_OK,
         rid,

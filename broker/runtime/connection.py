@@ -183,40 +183,29 @@ class BinaryConnection:
                     frames = []
             if frames:
                 now = time.time()
-                outbox = state.outbox
                 cid = conn.id
                 alarm = srv.memory_alarm
                 for f in frames:
                     op = f[0]
                     if alarm is not None and op in MEMORY_OPS and handshaken and not settles(f):
                         rid = f[1] if len(f) > 1 and type(f[1]) is int else 0
-                        state._send(cid, [OP_ERROR, rid, MemoryLimit.code, alarm])
-                        outbox = state.outbox
+                        state.send_to(cid, [OP_ERROR, rid, MemoryLimit.code, alarm])
                     elif op in DURABLE_OPS and handshaken:
                         # Its reply confirms a logged change: held until the log
                         # has it on disk (see Server.flush).  Replies are matched by
                         # request id, so they may overtake one another.
                         reply = handle(state, cid, f, now)
-                        outbox = state.outbox
                         held = srv.held.get(cid)
                         if held is None:
                             srv.held[cid] = [reply]
                         else:
                             held.append(reply)
                     elif op in HANDLERS and handshaken:
-                        box = outbox.get(cid)
-                        before = len(box) if box else 0
+                        mark = state.output_mark(cid)
                         reply = handle(state, cid, f, now)
-                        outbox = state.outbox
-                        box = outbox.get(cid)
-                        if reply is None:
-                            pass  # deferred (a parked RESULT_GET): the state replies later
-                        elif box is None:
-                            outbox[cid] = [reply]
-                        elif len(box) == before:
-                            box.append(reply)
-                        else:
-                            box.insert(before, reply)
+                        # None: deferred (a parked RESULT_GET), the state replies later
+                        if reply is not None:
+                            state.insert_reply(cid, mark, reply)
                     else:
                         reply = self._connection_op(conn, f, handshaken, now)
                         if op == OP_HELLO and reply[0] == OP_OK:
@@ -234,7 +223,7 @@ class BinaryConnection:
                             if op == OP_ADMIN:  # may purge, pause...: confirmed like them
                                 srv.held.setdefault(cid, []).append(reply)
                             else:
-                                state._send(cid, reply)
+                                state.send_to(cid, reply)
                 srv.flush()
             # Back-pressure: stop reading while this connection's output is large.
             # (Past 4 x output_buffer, Conn.queue_bytes closes it: SLOW_CONSUMER.)
@@ -299,7 +288,7 @@ class BinaryConnection:
             # Silence is bounded by idle_timeout either way: a longer heartbeat
             # is cut to half of it (the reply says so and clients follow it).
             conn.heartbeat = min(float(hb), self.config.idle_timeout / 2)
-            self.state.conns[conn.id].name = conn.name
+            self.state.name_connection(conn.id, conn.name)
             log.info("conn %d hello: client=%r heartbeat=%gs", conn.id, conn.name, conn.heartbeat)
             return [
                 OP_OK,

@@ -180,9 +180,7 @@ class Durability:
             return
         self.failed = exc
         message = f"{exc}; publishes are refused until brokerd is restarted"
-        self.state.log_failed = message
-        self.state.log_enabled = False
-        self.state.take_records()
+        self.state.fail_log(message)
         self._backlog.clear()
         log.error("write-ahead log failed: %s", message)
         while self._early:

@@ -100,7 +100,7 @@ class Server:
         self.stopping = False
         self.http_address: tuple[str, int] | None = None  # (host, port) of /metrics and the probes
         # issue 7 (events): the state drops events for a subscriber with this much unsent
-        self.state.output_backlog = lambda cid: c.out_bytes if (c := self.conns.get(cid)) is not None else 0
+        self.state.set_backlog_probe(lambda cid: c.out_bytes if (c := self.conns.get(cid)) is not None else 0)
         # issue 10 (bounds): connections, partial input, memory
         self.max_connections = config.connection_limit()
         self.open_count = 0  # connections being served (refusals not counted)
@@ -114,7 +114,7 @@ class Server:
         self._statm_fd: int | None = None
         self._next_memory_sample = 0.0
         self._next_trim = 0.0
-        self.state.server_stats = self.limit_statistics  # STATS (broker.handlers.binary.h_stats)
+        self.state.set_server_stats(self.limit_statistics)  # STATS (broker.handlers.binary.h_stats)
 
     # -- effects -------------------------------------------------------------------
     def flush(self) -> None:
@@ -127,22 +127,19 @@ class Server:
         reach a consumer before its publish is fsynced; if brokerd then crashes
         the message was never confirmed, and at-least-once delivery holds.
         """
-        state = self.state
-        box = state.take_outbox()
+        effects = self.state.take_effects()
+        box = effects.frames
         held = self.held
         if held:
             self.held = {}
-        if self.wal is not None:
-            records = state.take_records()
-            if records:
-                self.wal.submit(records, held, self._release, box)
-                held = box = None
+        if effects.records and self.wal is not None:  # records come only with a log (state.enable_log)
+            self.wal.submit(effects.records, held, self._release, box)
+            held = box = None
         if box:
             self._release(box)
         if held:
             self._release(held)
-        nxt = state.next_wakeup()
-        if nxt < self._next_tick:
+        if effects.next_wakeup < self._next_tick:
             self._tick_wake.set()
 
     def _release(self, box: dict) -> None:

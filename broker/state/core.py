@@ -1,15 +1,14 @@
 """BrokerState: every protocol operation as a plain method, no I/O, no clock.
 
-The server (the only trio module) decodes a batch of frames, calls one method
-per frame with the time it read once for the batch (``now``), and then drains
-the effects:
+The runtime decodes a batch of frames, calls one method per frame with the
+time it read once for the batch (``now``), and then takes the batch's effects
+in one call, ``take_effects()`` (``broker.state.effects.Effects``): frames per
+connection (replies and deliveries), log records, and when to wake the state
+next.
 
-* ``outbox``: conn id -> list of frames to send (replies and deliveries);
-* ``records``: write-ahead-log records ``(type, payload)`` produced by the batch.
-
-Methods return the reply's result or raise ``BrokerError``; the caller turns
-that into an OK or ERROR frame.  Deliveries are pushed into ``outbox`` by the
-dispatcher, because one publish may wake any consumer anywhere.
+Methods return the reply's result or raise a ``broker.errors`` class; the
+caller turns that into an OK or ERROR frame.  Deliveries are queued by the
+dispatcher (``send_to``), because one publish may wake any consumer anywhere.
 
 Invariant kept after every method (the dispatcher's job, checked by the
 stateful test): no consumer has credit while one of its un-paused queues has a
@@ -34,6 +33,8 @@ from broker.errors import (
     StaleDelivery,
 )
 from broker.state import log_records as R
+from broker.state.consumers import Conn, Consumer, Delivery
+from broker.state.effects import Effects
 from broker.state.events import EventsMixin
 from broker.state.inspection import InspectionMixin
 from broker.state.queue import (
@@ -55,42 +56,6 @@ from client.wire import OP_CONTROL, OP_DELIVER
 MAX_PREFETCH = 65535  # per consumer; bounds what one connection can hold
 MAX_MESSAGE_ID = 255  # bytes; a UUID is 36
 NEVER = float("inf")
-
-
-class Consumer:
-    __slots__ = ("tag", "conn", "queues", "prefetch", "unacked")
-
-    def __init__(self, tag, conn, queues, prefetch):
-        self.tag = tag
-        self.conn = conn
-        self.queues = queues  # list[Queue], preference order
-        self.prefetch = prefetch
-        self.unacked = 0
-
-    @property
-    def credit(self):
-        return self.prefetch - self.unacked
-
-
-class Delivery:
-    __slots__ = ("tag", "msg", "consumer", "conn", "deadline")
-
-    def __init__(self, tag, msg, consumer, conn, deadline):
-        self.tag = tag
-        self.msg = msg
-        self.consumer = consumer
-        self.conn = conn
-        self.deadline = deadline
-
-
-class Conn:
-    __slots__ = ("id", "name", "consumers", "deliveries")
-
-    def __init__(self, id, name):
-        self.id = id
-        self.name = name
-        self.consumers: dict[int, Consumer] = {}
-        self.deliveries: dict[int, Delivery] = {}
 
 
 class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin, ReplayMixin, InspectionMixin):
@@ -122,14 +87,34 @@ class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin, ReplayMixin, Inspect
         self._init_workflow()
         self._init_events()
         self._replaying = False
+        self._server_stats = dict  # no runtime attached: no bounds to report
 
     # -- plumbing ------------------------------------------------------------
-    def _send(self, conn_id: int, frame) -> None:
+    def send_to(self, conn_id: int, frame) -> None:
+        """Queue ``frame`` for connection ``conn_id``; it leaves with the next ``take_effects``."""
         box = self.outbox.get(conn_id)
         if box is None:
             self.outbox[conn_id] = [frame]
         else:
             box.append(frame)
+
+    _send = send_to
+
+    def output_mark(self, conn_id: int) -> int:
+        """How many frames are queued for ``conn_id``: where its next reply goes (``insert_reply``)."""
+        box = self.outbox.get(conn_id)
+        return len(box) if box else 0
+
+    def insert_reply(self, conn_id: int, mark: int, reply) -> None:
+        """Queue a reply ahead of the frames its request caused (deliveries to the same
+        connection), at the ``output_mark`` taken before the request ran."""
+        box = self.outbox.get(conn_id)
+        if box is None:
+            self.outbox[conn_id] = [reply]
+        elif len(box) == mark:
+            box.append(reply)
+        else:
+            box.insert(mark, reply)
 
     def _next_seq(self) -> int:
         """The seq of a message about to be created.
@@ -163,6 +148,44 @@ class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin, ReplayMixin, Inspect
                 n += 1
         return n
 
+    def take_effects(self) -> Effects:
+        """Everything the last calls produced for the outside world, handed over once.
+
+        The runtime applies it: frames to connections, records to the log (with
+        a WAL attached), and it sleeps until ``next_wakeup`` at most."""
+        return Effects(self.take_outbox(), self.take_records(), self.next_wakeup())
+
+    # -- the outside world's few handles on the state ------------------------------
+    def enable_log(self) -> None:
+        """A write-ahead log is attached: changes produce records from now on."""
+        self.log_enabled = True
+
+    def fail_log(self, message: str) -> None:
+        """The log cannot write: refuse changes with LOG_FAILED (``message``) and drop unlogged records."""
+        self.log_failed = message
+        self.log_enabled = False
+        self.records = []
+
+    def align_lsn(self, log_last_lsn: int) -> None:
+        """After replay: number new records after the log's last one (a repair can leave gaps)."""
+        self.last_lsn = max(self.last_lsn, log_last_lsn + len(self.records))
+
+    def name_connection(self, conn_id: int, name: str) -> None:
+        """The name a client gave in HELLO (shown by CONSUMERS, the web page, events)."""
+        self.conns[conn_id].name = name
+
+    def set_backlog_probe(self, probe) -> None:
+        """``probe(conn_id) -> bytes`` unsent to that connection: events to a subscriber
+        that reads too slowly are dropped past a bound."""
+        self.output_backlog = probe
+
+    def set_server_stats(self, probe) -> None:
+        """``probe() -> dict`` of the runtime's bounds (memory, connections, input), for STATS."""
+        self._server_stats = probe
+
+    def server_statistics(self) -> dict:
+        return self._server_stats()
+
     def take_outbox(self) -> dict[int, list]:
         if self._pending_events:
             self._push_events()  # one EVENT frame per subscriber for this batch
@@ -170,8 +193,10 @@ class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin, ReplayMixin, Inspect
         self.outbox = {}
         return box
 
-    def take_records(self) -> list:
+    def take_records(self) -> list | tuple:
         recs = self.records
+        if not recs:
+            return ()  # most batches without a log: no new list each time
         self.records = []
         return recs
 

@@ -352,7 +352,7 @@ class EventsMixin:
         return {"subscribed": True, "replayed": n, "dropped": sub.total_dropped}
 
     def _push_events(self) -> None:
-        """One EVENT frame per subscriber for the events of this batch (called by take_outbox)."""
+        """One EVENT frame per subscriber for the events of this batch (called when the effects are taken)."""
         evs = self._pending_events
         self._pending_events = []
         backlog = self.output_backlog
