@@ -44,7 +44,7 @@ from collections import OrderedDict, deque
 from sortedcontainers import SortedList
 
 from broker.errors import BadRequest
-from client.wire import KiB, OP_CONTROL, OP_EVENT, OP_OK
+from client.wire import OP_CONTROL, OP_EVENT, OP_OK, KiB
 
 # The ring: the last 10,000 events, about a minute of a worker running ~50 tasks/s (three
 # events each), or the whole day of a quiet deployment.  A page or `brokerd-ctl events` that
