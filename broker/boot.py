@@ -59,7 +59,7 @@ def open_server(config: Config) -> Server:
     gc.disable()
     try:
         records = wal.open(repair=config.repair)
-        if notify.enabled():  # issue 7: tell systemd how far the replay got, and to wait for it
+        if notify.enabled():  # tell systemd how far the replay got, and to wait for it
             segments = sum(1 for n in os.listdir(config.data_dir) if n.endswith(".wal"))
             notify.notify(
                 f"STATUS=recovering: replaying {segments} log segments in {config.data_dir}",

@@ -21,7 +21,7 @@ MiB = 1024 * KiB
 
 FSYNC_POLICIES = ("always", "interval", "never")
 
-# -- connection and memory bounds (issue 10, findings 5 and 6) -------------------------
+# -- connection and memory bounds ----------------------------------------------------------
 # Descriptors kept back from connections: the log's segments and directory, the
 # data-dir lock, the listeners, HTTP's clients, stdio, the resolver and trio's
 # own wakeup fds.  Generous on purpose: EMFILE in the log fails it for good.

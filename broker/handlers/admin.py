@@ -21,6 +21,7 @@ one would otherwise forge lines of the reply, such as a fake ``END``.
 from __future__ import annotations
 
 from broker.errors import BadRequest, BrokerError, NotFound, UnknownCommand
+from broker.handlers import views
 
 MAX_LINE = 4096  # bytes; an admin line longer than this is refused
 PEEK_DEFAULT = 10
@@ -207,9 +208,8 @@ def c_queue(state, args, now, extra):
 
 def c_consumers(state, args, now, extra):
     rows = []
-    for c in state.consumers():
-        conn = state.conns.get(c.conn)
-        rows.append([c.tag, c.conn, conn.name if conn else "", ",".join(q.name for q in c.queues), c.prefetch, c.unacked])
+    for c in views.consumers(state):
+        rows.append([c.tag, c.conn, c.client, ",".join(c.queues), c.prefetch, c.unacked])
     n = len(rows)
     return multi(
         f"{n} consumer{'s' if n != 1 else ''}",

@@ -40,7 +40,7 @@ class AdminConnection:
                 line = raw.rstrip(b"\r").decode("utf-8", "replace")
                 if not line.strip():
                     continue
-                if line.split()[0].upper() == "EVENTS":  # issue 7: stream events (_text_events)
+                if line.split()[0].upper() == "EVENTS":  # stream events (_events)
                     buf = await self._events(line, buf)
                     if buf is None:
                         return "admin EVENTS ended"
@@ -83,7 +83,7 @@ class AdminConnection:
         if cs.cancelled_caught:
             raise Close(f"admin client read nothing for {self.config.idle_timeout:g} seconds (idle_timeout)")
 
-    # -- issue 7 (events): EVENTS on an admin text connection ---------------------------------
+    # -- EVENTS on an admin text connection ---------------------------------------------------
     async def _events(self, line: str, buf: bytes):
         """Stream events as text lines (``admin.event_line``) until QUIT or the connection breaks.
 

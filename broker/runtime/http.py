@@ -346,7 +346,7 @@ ROUTES = {
 }
 
 
-# -- the web page (issue 7 item 4; rendering and data in broker.web) ---------------------------
+# -- the web page (rendering and data in broker.web) -------------------------------------------
 # POST /api/queues/<name>/<action>: the admin protocol's command and the state method it runs
 ACTIONS = {
     "pause": ("PAUSE", lambda state, name, now: (state.pause(name, True, now), f"paused {name}")[1]),

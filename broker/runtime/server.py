@@ -39,7 +39,7 @@ log = logging.getLogger("brokerd")
 
 TICK_MAX_SLEEP = 1.0  # seconds; re-read the wall clock at least this often
 
-# -- bounds (issue 10, findings 5 and 6) -------------------------------------------------
+# -- bounds: connections, partial input, memory --------------------------------------------
 # A connection refused at max_connections gets this long to show its first
 # byte (so it can be told TOO_MANY_CONNECTIONS in its own protocol), and this
 # long again for the refusal to be sent and the socket drained.
@@ -54,7 +54,7 @@ MEMORY_SAMPLE_S = 0.5
 MEMORY_TRIM_S = 5.0
 # glibc raises its mmap threshold to the size of each big block freed (up to
 # 32 MiB), after which big buffers come from the heap and stay resident once
-# freed (red team: 40 x 15 MiB partial frames, RSS 33 -> 639 MB and held).
+# freed (measured: 40 x 15 MiB partial frames took RSS from 33 to 639 MB, and it stayed).
 # Fixing the threshold keeps buffers from this size up mmapped: returned to the
 # OS when freed.  Below it, per-message objects stay on the fast heap.
 MMAP_THRESHOLD = 256 * 1024
@@ -99,9 +99,9 @@ class Server:
         self.ready = False
         self.stopping = False
         self.http_address: tuple[str, int] | None = None  # (host, port) of /metrics and the probes
-        # issue 7 (events): the state drops events for a subscriber with this much unsent
+        # the state drops events for a subscriber with this much unsent
         self.state.set_backlog_probe(lambda cid: c.out_bytes if (c := self.conns.get(cid)) is not None else 0)
-        # issue 10 (bounds): connections, partial input, memory
+        # bounds: connections, partial input, memory
         self.max_connections = config.connection_limit()
         self.open_count = 0  # connections being served (refusals not counted)
         self._refusing = 0  # refusals in progress
@@ -155,7 +155,7 @@ class Server:
         tune_malloc()
         self._sample_memory()
         self.listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
-        try:  # issue 7: the HTTP port is bound up front too, so a busy one fails the start
+        try:  # the HTTP port is bound up front too, so a busy one fails the start
             http_sock = http.bind(cfg.host, cfg.http_port)
         except OSError:
             for listener in self.listeners:
@@ -169,7 +169,7 @@ class Server:
                 await nursery.start(self.wal.run)
             for listener in self.listeners:
                 nursery.start_soon(self._accept_loop, listener)
-            # issue 7: HTTP (metrics, probes) and the systemd watchdog
+            # HTTP (metrics, probes) and the systemd watchdog
             await nursery.start(http.serve, self, http_sock)
             log.info("http: listening on %s:%d (/metrics /api/queues /healthz /readyz)", *self.http_address)
             interval = notify.watchdog_interval()
@@ -251,7 +251,7 @@ class Server:
                 self.open_count += 1  # counted here, not in _handle: a burst of accepts runs first
                 self.nursery.start_soon(self._handle, stream)
 
-    # -- issue 10: bounds --------------------------------------------------------------
+    # -- bounds ------------------------------------------------------------------------
     def _refuse(self, stream) -> None:
         """At max_connections: refuse politely, in the client's own protocol."""
         self.refused_total += 1

@@ -337,7 +337,7 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
             )
         if type(prefetch) is not int or not 1 <= prefetch <= MAX_PREFETCH:
             raise BadRequest(f"prefetch must be a whole number from 1 to {MAX_PREFETCH} (got {prefetch!r})")
-        seen = set()  # a set: `in list` made 40,000 names take 7.5 s (red team)
+        seen = set()  # a set: `in list` made 40,000 names take 7.5 s (measured)
         for name in queues:
             validate_queue_name(name)
             if name in seen:

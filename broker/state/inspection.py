@@ -103,5 +103,9 @@ class InspectionMixin:
             acked=sum(q.acked for q in qs),
         )
 
+    def connection_names(self) -> dict[int, str]:
+        """conn id -> the name it gave in HELLO ("" before), for every open connection."""
+        return {cid: c.name for cid, c in self.conns.items()}
+
     def consumers(self) -> list[Consumer]:
         return [c for conn in self.conns.values() for c in conn.consumers.values()]

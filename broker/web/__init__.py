@@ -289,10 +289,11 @@ class Web:
         queues, page = self.queues(now, match, offset, limit)
         dead = {q["name"]: self.dead(q["name"], DEAD_SHOWN, now) for q in queues if q["dead"] and not q["is_dead_letter_queue"]}
         t = self.totals(now)
+        b = state.statistics()  # frozen
         return {
             "broker": {"version": __version__, "uptime_s": round(now - self.server.started, 1),
-                       "connections": len(state.conns), "consumers": sum(len(c.consumers) for c in state.conns.values()),
-                       "ready": t["ready"], "inflight": len(state.inflight), "delayed": t["delayed"],
+                       "connections": b.connections, "consumers": b.consumers,
+                       "ready": t["ready"], "inflight": b.inflight, "delayed": t["delayed"],
                        "published": t["published"], "acked": t["acked"], "queues": page["total"]},
             "queues": queues,
             "queues_page": page,
