@@ -21,7 +21,7 @@ MiB = 1024 * KiB
 
 FSYNC_POLICIES = ("always", "interval", "never")
 
-# -- connection and memory bounds (issue 10, findings 5 and 6) -------------------------
+# -- connection and memory bounds ----------------------------------------------------------
 # Descriptors kept back from connections: the log's segments and directory, the
 # data-dir lock, the listeners, HTTP's clients, stdio, the resolver and trio's
 # own wakeup fds.  Generous on purpose: EMFILE in the log fails it for good.
@@ -77,11 +77,11 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 7700
     # HTTP on the same address: /metrics, /api/queues, /healthz, /readyz
-    # (broker/http.py).  0 picks a free port.
+    # (broker/runtime/http.py).  0 picks a free port.
     http_port: int = 7701
     # Extra names the web page answers to, comma-separated ("name" for any port, "name:port"),
     # besides the bound address, 127.0.0.1, localhost and [::1]: a browser request with any
-    # other Host is refused, which stops DNS rebinding (broker/http.py, App.refusal).
+    # other Host is refused, which stops DNS rebinding (broker/runtime/http.py, App.refusal).
     http_allowed_hosts: str = ""
     data_dir: str = "./brokerd-data"
     # The largest frame accepted, body included (see client.wire.DEFAULT_MAX_FRAME).

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from hypothesis import given, strategies as st
 
-from broker.admin import clean, multi
+from broker.handlers.admin import clean, multi
 from client import wire
 from tests.wireclient import Raw
 

@@ -28,10 +28,10 @@ import pytest
 import yaml
 
 from broker import cli
-from broker import http as broker_http
+from broker.runtime import http as broker_http
 from broker.config import Config, load
-from broker.durability import Durability
-from broker.server import Server
+from broker.runtime.durability import Durability
+from broker.runtime.server import Server
 from broker.state import BrokerState
 from broker.wal import WriteAheadLog
 from client import worker_cli

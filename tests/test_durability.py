@@ -15,8 +15,8 @@ import pytest
 import trio
 
 from broker.config import Config
-from broker.durability import Durability
-from broker.server import Server
+from broker.runtime.durability import Durability
+from broker.runtime.server import Server
 from broker.state import BrokerState
 from broker.wal import FaultPlan, WriteAheadLog
 from client import wire
@@ -31,7 +31,7 @@ class Rig:
         self.wal = WriteAheadLog(str(directory), fsync="never", segment_bytes=segment_bytes)
         list(self.wal.open())
         self.state = BrokerState()
-        self.state.log_enabled = True
+        self.state.enable_log()
         self.state.connect(P)
         self.state.connect(C)
         self.now = 1000.0
@@ -374,7 +374,7 @@ async def test_a_full_disk_refuses_publishes_with_log_failed_and_keeps_what_was_
     wal = WriteAheadLog(str(data_dir), fsync="always", fault=fault)
     state = BrokerState()
     state.replay(((r.lsn, r.type, cbor2.loads(r.payload)) for r in wal.open()), 0.0)
-    state.log_enabled = True
+    state.enable_log()
     server = Server(config, state, Durability(wal, state, config))
     port = await nursery.start(server.serve)
 

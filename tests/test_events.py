@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from broker import admin, commands
+from broker.handlers import admin, binary as commands
 from broker.state import BrokerState
 from broker.state import events as E
 from client.producer import Client

@@ -26,10 +26,10 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker import commands
+from broker.handlers import binary as commands
 from broker.config import Config
-from broker.durability import Durability
-from broker.server import Server
+from broker.runtime.durability import Durability
+from broker.runtime.server import Server
 from broker.state import BrokerState
 from broker.wal import FaultPlan, WriteAheadLog
 from client import wire

@@ -28,10 +28,10 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker import http as broker_http
+from broker.runtime import http as broker_http
 from broker.config import Config
-from broker.durability import Durability
-from broker.server import Server
+from broker.runtime.durability import Durability
+from broker.runtime.server import Server
 from broker.state import BrokerState
 from broker.wal import FaultPlan, WriteAheadLog
 from client import wire
@@ -299,7 +299,7 @@ async def _serve_with_fault(tmp_path, nursery, fault):
     wal = WriteAheadLog(str(data_dir), fsync="never", fault=fault)
     state = BrokerState()
     state.replay(((r.lsn, r.type, cbor2.loads(r.payload)) for r in wal.open()), 0.0)
-    state.log_enabled = True
+    state.enable_log()
     server = Server(config, state, Durability(wal, state, config))
     port = await nursery.start(server.serve)
     return server, port, server.http_address[1]
@@ -401,7 +401,7 @@ def test_label_values_are_escaped_per_the_text_format(raw, escaped):
 
 # -- the notify protocol, unit by unit ----------------------------------------------------------
 def test_notify_sends_to_a_socket_path_and_is_a_no_op_without_one(tmp_path, monkeypatch):
-    from broker import notify
+    from broker.runtime import notify
 
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     assert notify.notify("READY=1") is False and notify.watchdog_interval() is None

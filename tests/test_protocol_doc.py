@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # so that `python tests/test_protocol_doc.py …` works too
     sys.path.insert(0, str(ROOT))
 
-from broker.admin import COMMANDS  # noqa: E402
+from broker.handlers.admin import COMMANDS  # noqa: E402
 from client.wire import CLIENT_OPS, ERROR_CODES, SERVER_OPS, FrameReader, encode  # noqa: E402
 
 DOC = ROOT / "protocol.md"

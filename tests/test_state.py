@@ -299,3 +299,19 @@ def test_storing_a_non_final_result_with_a_tag_is_refused(s):
     with pytest.raises(RequestError, match=r"^a result in state STARTED cannot ack its delivery"):
         s.result_set(C, "t1", "STARTED", None, None, 0.0, tag=d[2])
     assert s.queues["q"].inflight_count == 1
+
+
+def test_admin_reads_consumers_through_a_frozen_view_with_the_hello_name():
+    import dataclasses
+
+    from broker.handlers import views
+
+    s = BrokerState()
+    s.connect(7)
+    s.name_connection(7, "worker-a")
+    s.declare("q", None, 0.0)
+    s.consume(7, ["q"], 5, 0.0)
+    (v,) = views.consumers(s)
+    assert (v.conn, v.client, v.queues, v.prefetch, v.unacked) == (7, "worker-a", ("q",), 5, 0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        v.unacked = 1

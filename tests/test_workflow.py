@@ -247,7 +247,7 @@ def test_a_chord_whose_last_result_was_logged_but_not_its_firing_fires_once_afte
     s.result_set(W, "m1", "SUCCESS", 1, None, T0)
     s.result_set(W, "m2", "SUCCESS", 2, None, T0)
     recs = [(i + 1, t, cbor2.loads(cbor2.dumps(p))) for i, (t, p) in enumerate(s.take_records())]
-    from broker.state import records as R
+    from broker.state import log_records as R
 
     # the crash cut the log right after the last member's RESULT
     cut = [r for r in recs if r[1] != R.CHORD_FIRE]

@@ -1,15 +1,14 @@
 """BrokerState: every protocol operation as a plain method, no I/O, no clock.
 
-The server (the only trio module) decodes a batch of frames, calls one method
-per frame with the time it read once for the batch (``now``), and then drains
-the effects:
+The runtime decodes a batch of frames, calls one method per frame with the
+time it read once for the batch (``now``), and then takes the batch's effects
+in one call, ``take_effects()`` (``broker.state.effects.Effects``): frames per
+connection (replies and deliveries), log records, and when to wake the state
+next.
 
-* ``outbox``: conn id -> list of frames to send (replies and deliveries);
-* ``records``: write-ahead-log records ``(type, payload)`` produced by the batch.
-
-Methods return the reply's result or raise ``BrokerError``; the caller turns
-that into an OK or ERROR frame.  Deliveries are pushed into ``outbox`` by the
-dispatcher, because one publish may wake any consumer anywhere.
+Methods return the reply's result or raise a ``broker.errors`` class; the
+caller turns that into an OK or ERROR frame.  Deliveries are queued by the
+dispatcher (``send_to``), because one publish may wake any consumer anywhere.
 
 Invariant kept after every method (the dispatcher's job, checked by the
 stateful test): no consumer has credit while one of its un-paused queues has a
@@ -22,15 +21,22 @@ Nothing here does I/O or reads a clock (tests/test_layering.py checks it).
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 from sortedcontainers import SortedList
 
-from broker.errors import BrokerError, RequestError
-from broker.state import records as R
+from broker.errors import (
+    BadRequest,
+    LogFailed,
+    NotFound,
+    QueueFull,
+    StaleDelivery,
+)
+from broker.state import log_records as R
+from broker.state.consumers import Conn, Consumer, Delivery
+from broker.state.effects import Effects
 from broker.state.events import EventsMixin
-from broker.state.results import ResultsMixin
-from broker.state.schedules import WorkflowMixin
+from broker.state.inspection import InspectionMixin
+from broker.state.management import ManagementMixin
 from broker.state.queue import (
     DELAYED,
     GONE,
@@ -39,9 +45,11 @@ from broker.state.queue import (
     READY,
     Message,
     Queue,
-    QueueOptions,
     validate_queue_name,
 )
+from broker.state.replay import ReplayMixin
+from broker.state.results import ResultsMixin
+from broker.state.schedules import WorkflowMixin
 from client.wire import OP_CONTROL, OP_DELIVER
 
 MAX_PREFETCH = 65535  # per consumer; bounds what one connection can hold
@@ -49,77 +57,7 @@ MAX_MESSAGE_ID = 255  # bytes; a UUID is 36
 NEVER = float("inf")
 
 
-class Consumer:
-    __slots__ = ("tag", "conn", "queues", "prefetch", "unacked")
-
-    def __init__(self, tag, conn, queues, prefetch):
-        self.tag = tag
-        self.conn = conn
-        self.queues = queues  # list[Queue], preference order
-        self.prefetch = prefetch
-        self.unacked = 0
-
-    @property
-    def credit(self):
-        return self.prefetch - self.unacked
-
-
-class Delivery:
-    __slots__ = ("tag", "msg", "consumer", "conn", "deadline")
-
-    def __init__(self, tag, msg, consumer, conn, deadline):
-        self.tag = tag
-        self.msg = msg
-        self.consumer = consumer
-        self.conn = conn
-        self.deadline = deadline
-
-
-class Conn:
-    __slots__ = ("id", "name", "consumers", "deliveries")
-
-    def __init__(self, id, name):
-        self.id = id
-        self.name = name
-        self.consumers: dict[int, Consumer] = {}
-        self.deliveries: dict[int, Delivery] = {}
-
-
-@dataclass(frozen=True, slots=True)
-class QueueStatistics:
-    name: str
-    ready: int
-    delayed: int
-    inflight: int
-    consumers: int
-    dead: int  # messages waiting in this queue's dead-letter queue
-    paused: bool
-    published: int
-    delivered: int
-    acked: int
-    nacked: int
-    redelivered: int
-    expired: int
-    dead_lettered: int
-    rejected: int
-    oldest_ready_age: float  # seconds; 0 when nothing is ready
-    options: dict
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerStatistics:
-    queues: int
-    connections: int
-    consumers: int
-    ready: int
-    delayed: int
-    inflight: int
-    published: int
-    delivered: int
-    acked: int
-
-
-class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin):
+class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, ReplayMixin, InspectionMixin):
     def __init__(self, *, boot_id: str = "b"):
         self.queues: dict[str, Queue] = {}
         self.conns: dict[int, Conn] = {}
@@ -148,14 +86,34 @@ class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin):
         self._init_workflow()
         self._init_events()
         self._replaying = False
+        self._server_stats = dict  # no runtime attached: no bounds to report
 
     # -- plumbing ------------------------------------------------------------
-    def _send(self, conn_id: int, frame) -> None:
+    def send_to(self, conn_id: int, frame) -> None:
+        """Queue ``frame`` for connection ``conn_id``; it leaves with the next ``take_effects``."""
         box = self.outbox.get(conn_id)
         if box is None:
             self.outbox[conn_id] = [frame]
         else:
             box.append(frame)
+
+    _send = send_to
+
+    def output_mark(self, conn_id: int) -> int:
+        """How many frames are queued for ``conn_id``: where its next reply goes (``insert_reply``)."""
+        box = self.outbox.get(conn_id)
+        return len(box) if box else 0
+
+    def insert_reply(self, conn_id: int, mark: int, reply) -> None:
+        """Queue a reply ahead of the frames its request caused (deliveries to the same
+        connection), at the ``output_mark`` taken before the request ran."""
+        box = self.outbox.get(conn_id)
+        if box is None:
+            self.outbox[conn_id] = [reply]
+        elif len(box) == mark:
+            box.append(reply)
+        else:
+            box.insert(mark, reply)
 
     def _next_seq(self) -> int:
         """The seq of a message about to be created.
@@ -189,6 +147,44 @@ class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin):
                 n += 1
         return n
 
+    def take_effects(self) -> Effects:
+        """Everything the last calls produced for the outside world, handed over once.
+
+        The runtime applies it: frames to connections, records to the log (with
+        a WAL attached), and it sleeps until ``next_wakeup`` at most."""
+        return Effects(self.take_outbox(), self.take_records(), self.next_wakeup())
+
+    # -- the outside world's few handles on the state ------------------------------
+    def enable_log(self) -> None:
+        """A write-ahead log is attached: changes produce records from now on."""
+        self.log_enabled = True
+
+    def fail_log(self, message: str) -> None:
+        """The log cannot write: refuse changes with LOG_FAILED (``message``) and drop unlogged records."""
+        self.log_failed = message
+        self.log_enabled = False
+        self.records = []
+
+    def align_lsn(self, log_last_lsn: int) -> None:
+        """After replay: number new records after the log's last one (a repair can leave gaps)."""
+        self.last_lsn = max(self.last_lsn, log_last_lsn + len(self.records))
+
+    def name_connection(self, conn_id: int, name: str) -> None:
+        """The name a client gave in HELLO (shown by CONSUMERS, the web page, events)."""
+        self.conns[conn_id].name = name
+
+    def set_backlog_probe(self, probe) -> None:
+        """``probe(conn_id) -> bytes`` unsent to that connection: events to a subscriber
+        that reads too slowly are dropped past a bound."""
+        self.output_backlog = probe
+
+    def set_server_stats(self, probe) -> None:
+        """``probe() -> dict`` of the runtime's bounds (memory, connections, input), for STATS."""
+        self._server_stats = probe
+
+    def server_statistics(self) -> dict:
+        return self._server_stats()
+
     def take_outbox(self) -> dict[int, list]:
         if self._pending_events:
             self._push_events()  # one EVENT frame per subscriber for this batch
@@ -196,8 +192,10 @@ class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin):
         self.outbox = {}
         return box
 
-    def take_records(self) -> list:
+    def take_records(self) -> list | tuple:
         recs = self.records
+        if not recs:
+            return ()  # most batches without a log: no new list each time
         self.records = []
         return recs
 
@@ -213,7 +211,7 @@ class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin):
         q = self.queues.get(name)
         if q is None:
             validate_queue_name(name)
-            raise BrokerError(f"queue {name!r} does not exist", "NOT_FOUND")
+            raise NotFound(f"queue {name!r} does not exist")
         return q
 
     # -- connections -----------------------------------------------------------
@@ -262,11 +260,11 @@ class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin):
         headers: dict | None = None,
     ) -> str:
         if self.log_failed:
-            raise BrokerError(self.log_failed, "LOG_FAILED")
+            raise LogFailed(self.log_failed)
         if type(priority) is not int or not 0 <= priority <= MAX_PRIORITY:
-            raise RequestError(f"priority must be a whole number from 0 to 255 (got {priority!r})")
+            raise BadRequest(f"priority must be a whole number from 0 to 255 (got {priority!r})")
         if msg_id is not None and (type(msg_id) is not str or not msg_id or len(msg_id) > MAX_MESSAGE_ID):
-            raise RequestError(f"a message id must be a text string of 1 to {MAX_MESSAGE_ID} characters")
+            raise BadRequest(f"a message id must be a text string of 1 to {MAX_MESSAGE_ID} characters")
         q = self.queues.get(queue) or self.queue(queue)
         ready_at = None
         if delay is not None:
@@ -278,11 +276,9 @@ class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin):
         if q.options.max_length is not None and q.length >= q.options.max_length:
             if q.options.overflow == "reject":
                 q.rejected += 1
-                raise BrokerError(
+                raise QueueFull(
                     f"queue {q.name!r} is full ({q.options.max_length} messages, overflow=reject); "
-                    "retry later or raise max_length",
-                    "QUEUE_FULL",
-                )
+                    "retry later or raise max_length")
             self._drop_head(q, now)
         seq = self._next_seq()
         if msg_id is None:
@@ -328,24 +324,24 @@ class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin):
     def consume(self, conn_id: int, queues: list, prefetch: int, now: float) -> int:
         conn = self.conns[conn_id]
         if not isinstance(queues, list) or not queues:
-            raise RequestError("consume needs a non-empty list of queue names")
+            raise BadRequest("consume needs a non-empty list of queue names")
         if len(queues) > self.MAX_CONSUME_QUEUES:
-            raise RequestError(
+            raise BadRequest(
                 f"consume names {len(queues)} queues; at most {self.MAX_CONSUME_QUEUES} per CONSUME "
                 "(use several CONSUMEs, or fewer queues)"
             )
         if len(conn.consumers) >= self.MAX_CONSUMERS_PER_CONN:
-            raise RequestError(
+            raise BadRequest(
                 f"this connection has {len(conn.consumers)} consumers, the most one connection may hold; "
                 "CANCEL some or open another connection"
             )
         if type(prefetch) is not int or not 1 <= prefetch <= MAX_PREFETCH:
-            raise RequestError(f"prefetch must be a whole number from 1 to {MAX_PREFETCH} (got {prefetch!r})")
-        seen = set()  # a set: `in list` made 40,000 names take 7.5 s (red team)
+            raise BadRequest(f"prefetch must be a whole number from 1 to {MAX_PREFETCH} (got {prefetch!r})")
+        seen = set()  # a set: `in list` made 40,000 names take 7.5 s (measured)
         for name in queues:
             validate_queue_name(name)
             if name in seen:
-                raise RequestError(f"queue {name!r} is listed twice")
+                raise BadRequest(f"queue {name!r} is listed twice")
             seen.add(name)
         qs = [self.queue(n) for n in queues]
         c = Consumer(next(self._ctags), conn_id, qs, prefetch)
@@ -359,7 +355,7 @@ class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin):
         conn = self.conns[conn_id]
         c = conn.consumers.get(ctag)
         if c is None:
-            raise BrokerError(f"no consumer {ctag!r} on this connection", "NOT_FOUND")
+            raise NotFound(f"no consumer {ctag!r} on this connection")
         self._remove_consumer(c)
 
     def _remove_consumer(self, c: Consumer) -> None:
@@ -496,12 +492,10 @@ class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin):
         d = self.inflight.get(tag)
         if d is None or d.conn != conn_id:
             if type(tag) is not int:
-                raise RequestError(f"a delivery tag is a whole number (got {tag!r})")
-            raise BrokerError(
+                raise BadRequest(f"a delivery tag is a whole number (got {tag!r})")
+            raise StaleDelivery(
                 f"delivery {tag} is not in flight on this connection (it was acked, timed out "
-                "or its connection closed; the message may have been redelivered)",
-                "STALE_DELIVERY",
-            )
+                "or its connection closed; the message may have been redelivered)")
         del self.inflight[tag]
         del self.conns[conn_id].deliveries[tag]
         c = d.consumer
@@ -515,16 +509,14 @@ class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin):
             tags = [tags]
         for tag in tags:  # all or nothing for malformed input
             if type(tag) is not int:
-                raise RequestError(f"a delivery tag is a whole number (got {tag!r})")
+                raise BadRequest(f"a delivery tag is a whole number (got {tag!r})")
         stale = []
         consumers = []
         acked_seqs = []
         for tag in tags:
             try:
                 d = self._settle(conn_id, tag)
-            except BrokerError as exc:
-                if exc.code != "STALE_DELIVERY":
-                    raise
+            except StaleDelivery:
                 stale.append(tag)
                 continue
             msg = d.msg
@@ -539,17 +531,13 @@ class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin):
             if c.unacked < c.prefetch:
                 self._dispatch_consumer(c, now)
         if stale and len(tags) == 1:
-            raise BrokerError(
+            raise StaleDelivery(
                 f"delivery {stale[0]} is not in flight on this connection (it was acked, timed out "
-                "or its connection closed; the message may have been redelivered)",
-                "STALE_DELIVERY",
-            )
+                "or its connection closed; the message may have been redelivered)")
         if stale:
-            raise BrokerError(
+            raise StaleDelivery(
                 f"deliveries {stale} are not in flight on this connection (acked already, timed out "
-                "or their connection closed); the others were acked",
-                "STALE_DELIVERY",
-            )
+                "or their connection closed); the others were acked")
         return len(tags)
 
     def nack(
@@ -565,9 +553,9 @@ class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin):
         replaces the message's headers (e.g. a retry count) in the same step.
         """
         if delay is not None and (type(delay) not in (int, float) or delay < 0):
-            raise RequestError(f"delay must be a number of seconds >= 0 (got {delay!r})")
+            raise BadRequest(f"delay must be a number of seconds >= 0 (got {delay!r})")
         if headers is not None and type(headers) is not dict:
-            raise RequestError("headers must be a map")
+            raise BadRequest("headers must be a map")
         d = self._settle(conn_id, tag)
         msg = d.msg
         q = msg.queue
@@ -590,11 +578,9 @@ class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin):
         d = self.inflight.get(tag)
         if d is None or d.conn != conn_id:
             if type(tag) is not int:
-                raise RequestError(f"a delivery tag is a whole number (got {tag!r})")
-            raise BrokerError(
-                f"delivery {tag} is not in flight on this connection; it cannot be extended",
-                "STALE_DELIVERY",
-            )
+                raise BadRequest(f"a delivery tag is a whole number (got {tag!r})")
+            raise StaleDelivery(
+                f"delivery {tag} is not in flight on this connection; it cannot be extended")
         timeout = d.msg.queue.options.reserve_timeout
         if timeout is None:
             return None
@@ -720,337 +706,9 @@ class BrokerState(ResultsMixin, WorkflowMixin, EventsMixin):
             t = self._revoke_ttl[0][0]
         return min(t, self._results_next_wakeup(), self._events_next_wakeup())
 
-    # -- queue management --------------------------------------------------------
-    def declare(self, name: str, options, now: float) -> dict:
-        self._refuse_if_log_failed()
-        validate_queue_name(name)
-        opts = options if isinstance(options, QueueOptions) else QueueOptions.from_wire(options)
-        q = self.queues.get(name)
-        if q is None:
-            q = self.queues[name] = Queue(name, opts, declared=True)
-        elif q.declared and q.options != opts:
-            raise BrokerError(
-                f"queue {name!r} already exists with options {q.options.to_wire()}; "
-                "declare it with the same options, or delete it first",
-                "PRECONDITION_FAILED",
-            )
-        else:
-            q.options = opts
-            q.declared = True
-        self._log(R.DECLARE, [name, opts.to_wire()])
-        return opts.to_wire()
-
-    def delete(self, name: str, now: float) -> int:
-        self._refuse_if_log_failed()
-        q = self.existing_queue(name)
-        if q.consumers or q.inflight_count:
-            raise BrokerError(
-                f"queue {name!r} has {len(q.consumers)} consumers and {q.inflight_count} messages "
-                "in flight; cancel the consumers and settle the messages first",
-                "PRECONDITION_FAILED",
-            )
-        n = self._purge(q)
-        del self.queues[name]
-        self._log(R.DELETE, name)
-        return n
-
-    def _purge(self, q: Queue) -> int:
-        n = 0
-        for msg in q.take_all_ready():
-            msg.state = GONE
-            n += 1
-        if q.delayed_count:
-            keep = []
-            for entry in self._delayed:
-                msg = entry[2]
-                if msg.queue is q and msg.state == DELAYED:
-                    msg.state = GONE
-                    n += 1
-                else:
-                    keep.append(entry)
-            self._delayed = SortedList(keep)
-            q.delayed_count = 0
-        return n
-
-    def purge(self, name: str, now: float) -> int:
-        """Drop every waiting (ready or delayed) message; in-flight ones stay."""
-        self._refuse_if_log_failed()
-        q = self.existing_queue(name)
-        n = self._purge(q)
-        self._log(R.PURGE, name)
-        return n
-
-    def pause(self, name: str, paused: bool, now: float) -> None:
-        q = self.existing_queue(name)
-        if q.paused == paused:
-            return
-        q.paused = paused
-        self._log(R.PAUSE, [name, paused])
-        if not paused:
-            self._dispatch_queue(q, now)
-            for c in list(q.consumers):
-                self._dispatch_consumer(c, now)
-
-    def requeue_dead(self, name: str, now: float) -> int:
-        """Move every message in name's dead-letter queue back to name, attempts reset."""
-        self._refuse_if_log_failed()
-        q = self.existing_queue(name)
-        dl = q.dead_letter_name
-        dlq = self.queues.get(dl) if dl else None
-        if dlq is None:
-            return 0
-        n = 0
-        keep = []
-        for msg in dlq.take_all_ready():
-            if (msg.headers or {}).get("x-dead-from", name) != name:
-                keep.append(msg)  # a shared dead-letter queue: only this queue's go back
-                continue
-            msg.state = GONE
-            headers = msg.headers
-            if headers:
-                headers = {k: v for k, v in headers.items() if k not in ("x-dead-reason", "x-dead-from", "x-dead-attempts")} or None
-            new = Message(self._next_seq(), msg.id, q, msg.body, msg.priority, headers, 0, None, None, now)
-            self._log_created(new, R.MOVE, [msg.seq, R.message_payload(new)])
-            q.push_ready(new)
-            n += 1
-        for msg in keep:
-            dlq.push_ready(msg)
-        self._dispatch_queue(q, now)
-        return n
-
     def _refuse_if_log_failed(self) -> None:
         if self.log_failed:
-            raise BrokerError(self.log_failed, "LOG_FAILED")
-
-    # -- durability: replay and compaction ----------------------------------------
-    def replay(self, records, now: float) -> int:
-        """Rebuild the state from log records ``(lsn, type, payload)``, oldest first.
-
-        Deliveries that were in flight come back ready with their attempts
-        counted, so they are marked redelivered (or dead-lettered at
-        max_attempts).  Returns the number of records applied.  Emits no
-        records for what it replays; it may emit records for what it decides
-        (dead-lettering) if logging is on.
-        """
-        msgs: dict[int, Message] = {}
-        queues = self.queues
-        self._replaying = True
-        n = 0
-        max_seq = 0
-        last = self.last_lsn
-        for lsn, t, p in records:
-            n += 1
-            last = lsn
-            if t == R.PUBLISH or t == R.MESSAGE:
-                m = self._message_from(p, lsn)
-                msgs[m.seq] = m
-                if m.seq > max_seq:
-                    max_seq = m.seq
-                if t == R.PUBLISH:
-                    m.queue.published += 1
-            elif t == R.DELIVER:
-                for seq in (p if type(p) is list else (p,)):
-                    m = msgs.get(seq)
-                    if m is not None:
-                        m.attempts += 1
-                        m.state = INFLIGHT
-                        m.queue.delivered += 1
-                        if m.attempts > 1:
-                            m.queue.redelivered += 1
-            elif t == R.ACK:
-                for seq in (p if type(p) is list else (p,)):
-                    m = msgs.pop(seq, None)
-                    if m is not None:
-                        m.queue.acked += 1
-            elif t == R.REQUEUE:
-                m = msgs.get(p[0])
-                if m is not None:
-                    m.attempts = p[1]
-                    m.ready_at = p[2]
-                    m.state = DELAYED if p[2] is not None else READY
-                    if len(p) > 3:
-                        m.headers = p[3]
-            elif t == R.RESULT:
-                self._replay_result(p, lsn, msgs)
-            elif t == R.FORGET:
-                r = self.results.get(p)
-                if r is not None:
-                    self._drop_result(r)
-            elif R.SCHED_PUT <= t <= R.SCHED_STATE:
-                self._replay_schedule_record(t, p, lsn, msgs)
-                if t == R.SCHED_TICK and p[2] is not None and p[2][0] > max_seq:
-                    max_seq = p[2][0]
-            elif t == R.REVOKE:
-                self._replay_revoke(p, now)
-            elif R.CHORD <= t <= R.CHORD_FIRE:
-                self._replay_chord_record(t, p, lsn, msgs, now)
-                if t == R.CHORD_FIRE and p[2] is not None and p[2][0] > max_seq:
-                    max_seq = p[2][0]
-            elif t == R.DEAD or t == R.MOVE:
-                old = msgs.pop(p[0], None)
-                if old is not None and t == R.DEAD:
-                    old.queue.dead_lettered += 1
-                m = self._message_from(p[1], lsn)
-                msgs[m.seq] = m
-                if m.seq > max_seq:
-                    max_seq = m.seq
-            elif t == R.DROP:
-                m = msgs.pop(p[0], None)
-                if m is not None:
-                    if p[1] == "revoked":
-                        m.queue.expired += 1  # as counted while running
-                    else:
-                        m.queue.dead_lettered += 1
-            elif t == R.EXPIRE:
-                m = msgs.pop(p, None)
-                if m is not None:
-                    m.queue.expired += 1
-            elif t == R.DECLARE:
-                q = self.queue(p[0])
-                q.options = QueueOptions.from_wire(p[1])
-                q.declared = True
-            elif t == R.DELETE:
-                for seq in [s_ for s_, m in msgs.items() if m.queue.name == p]:
-                    del msgs[seq]
-                queues.pop(p, None)
-            elif t == R.PURGE:
-                for seq in [s_ for s_, m in msgs.items() if m.queue.name == p and m.state != INFLIGHT]:
-                    del msgs[seq]
-            elif t == R.PAUSE:
-                self.queue(p[0]).paused = bool(p[1])
-            elif t == R.COUNTERS:
-                for name, values in p.items():
-                    q = self.queue(name)
-                    for field, v in zip(R.COUNTER_FIELDS, values):
-                        setattr(q, field, v)
-            # unknown types are from a newer brokerd: the log's format version guards that
-        self._replaying = False
-        self.last_lsn = last
-        self._seq = itertools.count(max(max_seq, self._peek_seq()) + 1)
-        # Place the survivors, in publish order so FIFO holds within a priority.
-        for m in sorted(msgs.values(), key=lambda m: m.seq):
-            q = m.queue
-            if m.expires is not None:
-                self._ttl.add((m.expires, m.seq, m))
-            if m.state == INFLIGHT:
-                m.state = READY
-                if self._over_attempts(m, now):
-                    continue
-            if m.ready_at is not None and m.ready_at > now:
-                m.state = DELAYED
-                q.delayed_count += 1
-                self._delayed.add((m.ready_at, m.seq, m))
-            else:
-                m.ready_at = None
-                q.push_ready(m)
-        self._after_replay_schedules(now)
-        self._after_replay_chords(now)
-        return n
-
-    def _peek_seq(self) -> int:
-        nxt = next(self._seq)
-        self._seq = itertools.count(nxt)
-        return nxt - 1
-
-    def _message_from(self, p, lsn) -> Message:
-        seq, qname, mid, body, prio, headers, attempts, ready_at, expires, ts = p
-        m = Message(seq, mid, self.queue(qname), body, prio, headers, attempts, ready_at, expires, ts)
-        if lsn != seq:
-            m.lsn = lsn
-        return m
-
-    def live_messages(self):
-        """Every message the broker still holds: ready, delayed and in flight."""
-        for q in self.queues.values():
-            yield from q.iter_ready()
-        for _, _, m in self._delayed:
-            if m.state == DELAYED:
-                yield m
-        for d in self.inflight.values():
-            yield d.msg
-
-    def compact(self, through_lsn: int) -> int:
-        """Rewrite forward everything the log still needs from records <= through_lsn.
-
-        Emits a MESSAGE record for every live message whose full state was last
-        written at or before ``through_lsn``, the options and pause state of
-        every declared or paused queue, and every queue's counters.  Once these
-        records are durable, segments ending at or before ``through_lsn`` hold
-        nothing needed and may be deleted.  Returns how many messages moved.
-        """
-        if not self.log_enabled:
-            return 0
-        n = 0
-        for m in list(self.live_messages()):
-            if (m.lsn or m.seq) <= through_lsn:
-                m.lsn = self._log(R.MESSAGE, R.message_payload(m))
-                n += 1
-        self._compact_results(through_lsn)
-        self._compact_workflow(through_lsn)
-        for q in self.queues.values():
-            if q.declared:
-                self._log(R.DECLARE, [q.name, q.options.to_wire()])
-            if q.paused:
-                self._log(R.PAUSE, [q.name, True])
-        self._log(
-            R.COUNTERS,
-            {q.name: [getattr(q, f) for f in R.COUNTER_FIELDS] for q in self.queues.values()},
-        )
-        return n
-
-    # -- inspection --------------------------------------------------------------
-    def peek(self, name: str, n: int = 10) -> list[Message]:
-        q = self.existing_queue(name)
-        out = []
-        for msg in q.iter_ready():
-            out.append(msg)
-            if len(out) >= n:
-                break
-        return out
-
-    def queue_statistics(self, q: Queue, now: float) -> QueueStatistics:
-        dl = q.dead_letter_name
-        dlq = self.queues.get(dl) if dl else None
-        oldest = 0.0
-        for msg in q.iter_ready():  # cheap: oldest of the highest priority is a fine proxy
-            oldest = max(0.0, now - msg.ts)
-            break
-        return QueueStatistics(
-            name=q.name,
-            ready=q.ready_count,
-            delayed=q.delayed_count,
-            inflight=q.inflight_count,
-            consumers=len(q.consumers),
-            dead=dlq.ready_count if dlq is not None else 0,
-            paused=q.paused,
-            published=q.published,
-            delivered=q.delivered,
-            acked=q.acked,
-            nacked=q.nacked,
-            redelivered=q.redelivered,
-            expired=q.expired,
-            dead_lettered=q.dead_lettered,
-            rejected=q.rejected,
-            oldest_ready_age=oldest,
-            options=q.options.to_wire(),
-        )
-
-    def statistics(self) -> BrokerStatistics:
-        qs = self.queues.values()
-        return BrokerStatistics(
-            queues=len(self.queues),
-            connections=len(self.conns),
-            consumers=sum(len(c.consumers) for c in self.conns.values()),
-            ready=sum(q.ready_count for q in qs),
-            delayed=sum(q.delayed_count for q in qs),
-            inflight=len(self.inflight),
-            published=sum(q.published for q in qs),
-            delivered=sum(q.delivered for q in qs),
-            acked=sum(q.acked for q in qs),
-        )
-
-    def consumers(self) -> list[Consumer]:
-        return [c for conn in self.conns.values() for c in conn.consumers.values()]
+            raise LogFailed(self.log_failed)
 
     def check_invariants(self) -> None:
         """For tests: the promises the dispatcher keeps, checked from scratch."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime as dt
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from broker.errors import RequestError
+from broker.errors import BadRequest
 
 MONTHS = {m: i for i, m in enumerate(
     ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"], start=1)}
@@ -42,9 +42,9 @@ def _value(text: str, name: str, low: int, high: int, names) -> int:
     try:
         v = int(t)
     except ValueError:
-        raise RequestError(f"crontab field {name}: {text!r} is not a number{' or a name' if names else ''}") from None
+        raise BadRequest(f"crontab field {name}: {text!r} is not a number{' or a name' if names else ''}") from None
     if not low <= v <= high:
-        raise RequestError(f"crontab field {name}: {v} is out of range {low}-{high}")
+        raise BadRequest(f"crontab field {name}: {v} is out of range {low}-{high}")
     return v
 
 
@@ -53,23 +53,23 @@ def parse_field(spec: str, name: str, low: int, high: int, names=None) -> frozen
     for part in str(spec).split(","):
         part = part.strip()
         if not part:
-            raise RequestError(f"crontab field {name}: empty item in {spec!r}")
+            raise BadRequest(f"crontab field {name}: empty item in {spec!r}")
         step = 1
         if "/" in part:
             part, _, s = part.partition("/")
             try:
                 step = int(s)
             except ValueError:
-                raise RequestError(f"crontab field {name}: step {s!r} is not a number") from None
+                raise BadRequest(f"crontab field {name}: step {s!r} is not a number") from None
             if step < 1:
-                raise RequestError(f"crontab field {name}: step must be >= 1")
+                raise BadRequest(f"crontab field {name}: step must be >= 1")
         if part == "*":
             a, b = low, high
         elif "-" in part:
             x, _, y = part.partition("-")
             a, b = _value(x, name, low, high, names), _value(y, name, low, high, names)
             if a > b:
-                raise RequestError(f"crontab field {name}: range {part!r} runs backwards")
+                raise BadRequest(f"crontab field {name}: range {part!r} runs backwards")
         else:
             a = _value(part, name, low, high, names)
             b = high if step > 1 else a
@@ -80,12 +80,12 @@ def parse_field(spec: str, name: str, low: int, high: int, names=None) -> frozen
 class Crontab:
     def __init__(self, expr: str, tz: str = "UTC"):
         if not isinstance(tz, str) or not tz:
-            raise RequestError(f"tz must be an IANA time zone name such as UTC or Europe/Paris (got {tz!r})")
+            raise BadRequest(f"tz must be an IANA time zone name such as UTC or Europe/Paris (got {tz!r})")
         if not isinstance(expr, str):
-            raise RequestError(f"a crontab is a text string of 5 fields (got {expr!r})")
+            raise BadRequest(f"a crontab is a text string of 5 fields (got {expr!r})")
         parts = expr.split()
         if len(parts) != 5:
-            raise RequestError(
+            raise BadRequest(
                 f"a crontab has 5 fields (minute hour day-of-month month day-of-week), got {len(parts)} in {expr!r}"
             )
         sets = [parse_field(p, *f) for p, f in zip(parts, FIELDS)]
@@ -95,7 +95,7 @@ class Crontab:
         try:
             self.zone = ZoneInfo(tz)
         except (ZoneInfoNotFoundError, ValueError, TypeError):
-            raise RequestError(f"unknown time zone {tz!r}; use an IANA name such as UTC or Europe/Paris") from None
+            raise BadRequest(f"unknown time zone {tz!r}; use an IANA name such as UTC or Europe/Paris") from None
         self.tz = tz
         self._hours = sorted(self.hours)
         self._minutes = sorted(self.minutes)
@@ -141,9 +141,9 @@ class Every:
 
     def __init__(self, seconds, anchor):
         if type(seconds) not in (int, float) or not MIN_EVERY <= seconds < float("inf"):
-            raise RequestError(f"every must be a number of seconds >= {MIN_EVERY} (got {seconds!r})")
+            raise BadRequest(f"every must be a number of seconds >= {MIN_EVERY} (got {seconds!r})")
         if type(anchor) not in (int, float) or not abs(anchor) < float("inf"):
-            raise RequestError(f"anchor must be a Unix time in seconds (got {anchor!r})")
+            raise BadRequest(f"anchor must be a Unix time in seconds (got {anchor!r})")
         self.seconds = float(seconds)
         self.anchor = float(anchor)
 
@@ -163,9 +163,9 @@ class Every:
 
 def timing_from(spec: dict, anchor: float):
     if "every" in spec and "cron" in spec:
-        raise RequestError("a schedule has either 'every' or 'cron', not both")
+        raise BadRequest("a schedule has either 'every' or 'cron', not both")
     if "every" in spec:
         return Every(spec["every"], spec.get("anchor", anchor))
     if "cron" in spec:
         return Crontab(spec["cron"], spec.get("tz") or "UTC")
-    raise RequestError("a schedule needs a timing: 'every' (seconds) or 'cron' (5 fields)")
+    raise BadRequest("a schedule needs a timing: 'every' (seconds) or 'cron' (5 fields)")

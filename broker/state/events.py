@@ -43,8 +43,8 @@ from collections import OrderedDict, deque
 
 from sortedcontainers import SortedList
 
-from broker.errors import RequestError
-from client.wire import KiB, OP_CONTROL, OP_EVENT, OP_OK
+from broker.errors import BadRequest
+from client.wire import OP_CONTROL, OP_EVENT, OP_OK, KiB
 
 # The ring: the last 10,000 events, about a minute of a worker running ~50 tasks/s (three
 # events each), or the whole day of a quiet deployment.  A page or `brokerd-ctl events` that
@@ -163,12 +163,12 @@ _PLAIN = frozenset((int, float, bool, type(None)))
 def _check_event(ev) -> str:
     """Validate one event map in place (cutting long text); return its type."""
     if type(ev) is not dict:
-        raise RequestError(f"an event is a map (got {type(ev).__name__})")
+        raise BadRequest(f"an event is a map (got {type(ev).__name__})")
     t = ev.get("type")
     if type(t) is not str or not 0 < len(t) <= 100:
-        raise RequestError("an event needs a 'type': text such as \"task-received\"")
+        raise BadRequest("an event needs a 'type': text such as \"task-received\"")
     if len(ev) > MAX_EVENT_KEYS:
-        raise RequestError(f"an event has at most {MAX_EVENT_KEYS} keys (got {len(ev)})")
+        raise BadRequest(f"an event has at most {MAX_EVENT_KEYS} keys (got {len(ev)})")
     for v in ev.values():  # the common case, fast: short text and plain values only
         if type(v) is str:
             if len(v) > MAX_EVENT_TEXT:
@@ -184,7 +184,7 @@ def _check_event(ev) -> str:
                 ev[k] = v[: MAX_EVENT_TEXT - 1] + "…"
         elif tv not in _PLAIN and (tv is not list or len(v) > MAX_EVENT_LIST or any(
                 type(x) not in _SCALARS or (type(x) is str and len(x) > 256) for x in v)):
-            raise RequestError(f"event value {k!r} must be a number, text, boolean, null or a list of at most "
+            raise BadRequest(f"event value {k!r} must be a number, text, boolean, null or a list of at most "
                                f"{MAX_EVENT_LIST} of those (got {tv.__name__})")
     return _check_ids(ev, t)
 
@@ -193,10 +193,10 @@ def _check_ids(ev: dict, t: str) -> str:
     if t[:5] == "task-":
         u = ev.get("uuid")
         if type(u) is not str or not 0 < len(u) <= 255:
-            raise RequestError(f"a {t} event needs 'uuid': the task id (text, 1 to 255 characters)")
+            raise BadRequest(f"a {t} event needs 'uuid': the task id (text, 1 to 255 characters)")
     ts = ev.get("ts")
     if ts is not None and type(ts) is not float and type(ts) is not int:
-        raise RequestError("an event's 'ts' is a number of seconds since the epoch")
+        raise BadRequest("an event's 'ts' is a number of seconds since the epoch")
     return t
 
 
@@ -223,9 +223,9 @@ class EventsMixin:
     def emit_events(self, conn_id: int, hostname, events, now: float) -> int:
         """Take a batch of events from one worker; returns how many were taken."""
         if type(hostname) is not str or not hostname or len(hostname) > MAX_HOSTNAME:
-            raise RequestError(f"hostname must be text of 1 to {MAX_HOSTNAME} characters")
+            raise BadRequest(f"hostname must be text of 1 to {MAX_HOSTNAME} characters")
         if type(events) is not list:
-            raise RequestError("events must be a list of event maps")
+            raise BadRequest("events must be a list of event maps")
         types = [_check_event(ev) for ev in events]  # all or nothing
         ring = self.events
         live = self._pending_events if self._subscribers else None
@@ -336,7 +336,7 @@ class EventsMixin:
     def subscribe(self, conn_id: int, on: bool, replay: int, now: float) -> dict:
         """Start (or stop) sending this connection every event; replay the last ``replay`` first."""
         if type(replay) is not int or replay < 0:
-            raise RequestError(f"replay must be a whole number of events >= 0 (got {replay!r})")
+            raise BadRequest(f"replay must be a whole number of events >= 0 (got {replay!r})")
         if not on:
             sub = self._subscribers.pop(conn_id, None)
             return {"subscribed": False, "replayed": 0, "dropped": sub.total_dropped if sub else 0}
@@ -352,7 +352,7 @@ class EventsMixin:
         return {"subscribed": True, "replayed": n, "dropped": sub.total_dropped}
 
     def _push_events(self) -> None:
-        """One EVENT frame per subscriber for the events of this batch (called by take_outbox)."""
+        """One EVENT frame per subscriber for the events of this batch (called when the effects are taken)."""
         evs = self._pending_events
         self._pending_events = []
         backlog = self.output_backlog
@@ -373,7 +373,7 @@ class EventsMixin:
     def task_info(self, task_id, now: float) -> dict | None:
         """What brokerd knows of a task: its history and its stored result; None if nothing."""
         if type(task_id) is not str or not task_id or len(task_id) > 255:
-            raise RequestError(f"a task id is text of 1 to 255 characters (got {task_id!r})")
+            raise BadRequest(f"a task id is text of 1 to 255 characters (got {task_id!r})")
         evs = self.task_history.get(task_id)
         r = self.results.get(task_id)
         if r is not None and r.expires <= now:
@@ -430,16 +430,16 @@ class EventsMixin:
         Returns the reply at once (``{}``) when no worker is there to ask, else None.
         """
         if type(command) is not str or not command or len(command) > MAX_COMMAND:
-            raise RequestError(f"a control command is text of 1 to {MAX_COMMAND} characters (got {command!r})")
+            raise BadRequest(f"a control command is text of 1 to {MAX_COMMAND} characters (got {command!r})")
         if args is not None and type(args) is not dict:
-            raise RequestError("control args must be a map or null")
+            raise BadRequest("control args must be a map or null")
         if timeout is None:
             timeout = DEFAULT_CONTROL_TIMEOUT
         elif type(timeout) not in (int, float) or not 0 < timeout < float("inf"):
-            raise RequestError(f"timeout must be a number of seconds > 0 (got {timeout!r})")
+            raise BadRequest(f"timeout must be a number of seconds > 0 (got {timeout!r})")
         if destination is not None:
             if type(destination) is not list or not all(type(h) is str for h in destination):
-                raise RequestError("destination must be a list of worker hostnames")
+                raise BadRequest("destination must be a list of worker hostnames")
             destination = set(destination)
         targets = [w for w in self.workers.values()
                    if w.state == "online" and w.conn in self.conns
@@ -464,7 +464,7 @@ class EventsMixin:
     def control_reply(self, conn_id: int, reply_id, reply, now: float) -> bool:
         """A worker's answer to a control request; False if nobody waits for it any more."""
         if type(reply_id) is not int:
-            raise RequestError("reply_id must be the whole number the CONTROL frame carried")
+            raise BadRequest("reply_id must be the whole number the CONTROL frame carried")
         req = self._controls.get(reply_id)
         if req is None:
             return False

@@ -3,8 +3,8 @@
 Ready messages are kept as one ``deque`` per priority plus a short list of
 the priorities in use, highest first.  Priorities are 0-255 but a real queue
 uses a handful, so "pop the next message" is a look at the first priority and
-a ``popleft`` — O(1), against ~1.5 µs for a SortedList add+pop (peers/RESULTS.md,
-W4u).  FIFO within a priority falls out of the deque; a nacked message goes
+a ``popleft`` — O(1), against ~1.5 µs for a SortedList add+pop
+(measured).  FIFO within a priority falls out of the deque; a nacked message goes
 back to the *front* of its priority, near where it came from (as RabbitMQ does).
 
 Removal from the middle (TTL expiry, revokes) is lazy: the message's ``state``
@@ -19,7 +19,7 @@ from bisect import insort
 from collections import deque
 from dataclasses import dataclass, fields
 
-from broker.errors import RequestError
+from broker.errors import BadRequest
 
 # Message.state values
 READY = 0
@@ -37,7 +37,7 @@ DLQ_SUFFIX = ".dlq"
 
 
 class Message:
-    """A stored message.  ``__slots__`` keeps it near 100 bytes (peers/RESULTS.md:
+    """A stored message.  ``__slots__`` keeps it near 100 bytes (measured:
     a dict per message costs ~380 B against ~250 B with slots)."""
 
     __slots__ = (
@@ -91,11 +91,11 @@ class QueueOptions:
         if raw is None:
             return cls()
         if not isinstance(raw, dict):
-            raise RequestError("queue options must be a map")
+            raise BadRequest("queue options must be a map")
         known = {f.name for f in fields(cls)}
         for key in raw:
             if key not in known:
-                raise RequestError(
+                raise BadRequest(
                     f"unknown queue option {key!r}; known options: {', '.join(sorted(known))}"
                 )
         dl = raw.get("dead_letter")
@@ -103,16 +103,16 @@ class QueueOptions:
             validate_queue_name(dl)
         ma = raw.get("max_attempts", DEFAULT_MAX_ATTEMPTS)
         if ma is not None and (type(ma) is not int or ma < 1):
-            raise RequestError(f"max_attempts must be a whole number >= 1 or null (got {ma!r})")
+            raise BadRequest(f"max_attempts must be a whole number >= 1 or null (got {ma!r})")
         rt = raw.get("reserve_timeout")
         if rt is not None and (type(rt) not in (int, float) or not 0 < rt < float("inf")):
-            raise RequestError(f"reserve_timeout must be a number of seconds > 0 or null (got {rt!r})")
+            raise BadRequest(f"reserve_timeout must be a number of seconds > 0 or null (got {rt!r})")
         ml = raw.get("max_length")
         if ml is not None and (type(ml) is not int or ml < 1):
-            raise RequestError(f"max_length must be a whole number >= 1 or null (got {ml!r})")
+            raise BadRequest(f"max_length must be a whole number >= 1 or null (got {ml!r})")
         ov = raw.get("overflow", "reject")
         if ov not in OVERFLOW_POLICIES:
-            raise RequestError(f"overflow must be one of reject, drop-head (got {ov!r})")
+            raise BadRequest(f"overflow must be one of reject, drop-head (got {ov!r})")
         return cls(dl, ma, float(rt) if rt is not None else None, ml, ov)
 
     def to_wire(self) -> dict:
@@ -121,11 +121,11 @@ class QueueOptions:
 
 def validate_queue_name(name) -> str:
     if type(name) is not str or not name:
-        raise RequestError(f"a queue name must be a non-empty text string (got {name!r})")
+        raise BadRequest(f"a queue name must be a non-empty text string (got {name!r})")
     if len(name.encode()) > MAX_QUEUE_NAME:
-        raise RequestError(f"queue name is longer than {MAX_QUEUE_NAME} bytes")
+        raise BadRequest(f"queue name is longer than {MAX_QUEUE_NAME} bytes")
     if any(c.isspace() or not c.isprintable() for c in name):
-        raise RequestError(f"queue name {name!r} contains spaces or control characters")
+        raise BadRequest(f"queue name {name!r} contains spaces or control characters")
     return name
 
 

@@ -24,8 +24,8 @@ import re
 
 from sortedcontainers import SortedList
 
-from broker.errors import BrokerError, RequestError
-from broker.state import records as R
+from broker.errors import BadRequest, StaleDelivery
+from broker.state import log_records as R
 from broker.state.queue import GONE
 
 STATES = ("PENDING", "RECEIVED", "STARTED", "RETRY", "SUCCESS", "FAILURE", "REVOKED")
@@ -60,7 +60,7 @@ def pending(task_id) -> dict:
 
 def check_task_id(task_id) -> str:
     if type(task_id) is not str or not task_id or len(task_id) > MAX_TASK_ID:
-        raise RequestError(f"a task id must be a text string of 1 to {MAX_TASK_ID} characters (got {task_id!r})")
+        raise BadRequest(f"a task id must be a text string of 1 to {MAX_TASK_ID} characters (got {task_id!r})")
     return task_id
 
 
@@ -81,27 +81,26 @@ class ResultsMixin:
         check_task_id(task_id)
         if state not in STATES or state == "PENDING":  # a custom state, or a mistake
             if type(state) is not str or state == "PENDING" or not CUSTOM_STATE.fullmatch(state):
-                raise RequestError(
+                raise BadRequest(
                     f"state must be one of {', '.join(STATES[1:])}, or a custom state of up to 32 capital "
                     f"letters, digits and _ such as PROGRESS (got {state!r})"
                 )
         if meta is not None and type(meta) is not dict:
-            raise RequestError("meta must be a map or null")
+            raise BadRequest("meta must be a map or null")
         if ttl is not None and (type(ttl) not in (int, float) or ttl <= 0):
-            raise RequestError(f"ttl must be a number of seconds > 0 (got {ttl!r})")
+            raise BadRequest(f"ttl must be a number of seconds > 0 (got {ttl!r})")
         acked_seq = None
         acked = False
         if tag is not None and state not in READY_STATES:
-            raise RequestError(
+            raise BadRequest(
                 f"a result in state {state} cannot ack its delivery: the task is not finished "
                 "(only SUCCESS, FAILURE and REVOKED may carry a tag)"
             )
         if tag is not None:
             try:
                 d = self._settle(conn_id, tag)
-            except BrokerError as exc:
-                if exc.code != "STALE_DELIVERY":
-                    raise
+            except StaleDelivery:
+                pass
             else:
                 msg = d.msg
                 msg.state = GONE
@@ -140,7 +139,7 @@ class ResultsMixin:
         """The result as a map, or None if the request is parked until it is ready."""
         check_task_id(task_id)
         if wait is not None and (type(wait) not in (int, float) or wait < 0):
-            raise RequestError(f"wait must be a number of seconds >= 0 (got {wait!r})")
+            raise BadRequest(f"wait must be a number of seconds >= 0 (got {wait!r})")
         r = self.results.get(task_id)
         if r is not None and r.expires <= now:
             self._drop_result(r)

@@ -29,8 +29,8 @@ from __future__ import annotations
 import cbor2
 from sortedcontainers import SortedList
 
-from broker.errors import BrokerError, RequestError
-from broker.state import records as R
+from broker.errors import BadRequest, NotFound
+from broker.state import log_records as R
 from broker.state.cron import timing_from
 from broker.state.queue import GONE, MAX_PRIORITY, Message, validate_queue_name
 
@@ -57,12 +57,12 @@ class Schedule:
 
 def check_spec(name, spec, now) -> Schedule:
     if type(name) is not str or not name or len(name) > MAX_NAME or any(c.isspace() for c in name):
-        raise RequestError(f"a schedule name is 1 to {MAX_NAME} characters without spaces (got {name!r})")
+        raise BadRequest(f"a schedule name is 1 to {MAX_NAME} characters without spaces (got {name!r})")
     if type(spec) is not dict:
-        raise RequestError("a schedule spec must be a map")
+        raise BadRequest("a schedule spec must be a map")
     for k in spec:
         if k not in SCHEDULE_KEYS:
-            raise RequestError(f"unknown schedule field {k!r}; known fields: {', '.join(SCHEDULE_KEYS)}")
+            raise BadRequest(f"unknown schedule field {k!r}; known fields: {', '.join(SCHEDULE_KEYS)}")
     e = Schedule()
     e.name = name
     e.spec = spec
@@ -70,19 +70,19 @@ def check_spec(name, spec, now) -> Schedule:
     e.queue = validate_queue_name(spec.get("queue", "celery"))
     e.priority = spec.get("priority", 0)
     if type(e.priority) is not int or not 0 <= e.priority <= MAX_PRIORITY:
-        raise RequestError(f"schedule priority must be a whole number from 0 to 255 (got {e.priority!r})")
+        raise BadRequest(f"schedule priority must be a whole number from 0 to 255 (got {e.priority!r})")
     e.body = spec.get("body")
     if e.body is None:
-        raise RequestError("a schedule needs a body: the task envelope (a map) or bytes to enqueue")
+        raise BadRequest("a schedule needs a body: the task envelope (a map) or bytes to enqueue")
     e.catchup = spec.get("catchup", "latest")
     if e.catchup not in CATCHUP_POLICIES:
-        raise RequestError(f"catchup must be one of latest, all, skip (got {e.catchup!r})")
+        raise BadRequest(f"catchup must be one of latest, all, skip (got {e.catchup!r})")
     e.expires = spec.get("expires")
     if e.expires is not None and (type(e.expires) not in (int, float) or not 0 < e.expires < float("inf")):
-        raise RequestError(f"expires must be a number of seconds > 0 (got {e.expires!r})")
+        raise BadRequest(f"expires must be a number of seconds > 0 (got {e.expires!r})")
     e.owner = spec.get("owner")
     if e.owner is not None and (type(e.owner) is not str or len(e.owner) > MAX_NAME):
-        raise RequestError(f"owner must be a text string of at most {MAX_NAME} characters (got {e.owner!r})")
+        raise BadRequest(f"owner must be a text string of at most {MAX_NAME} characters (got {e.owner!r})")
     e.paused = False
     e.last_tick = None
     e.fired = 0
@@ -90,7 +90,7 @@ def check_spec(name, spec, now) -> Schedule:
     e.lsn = 0
     e.next = e.timing.next_after(now)
     if e.next is None:
-        raise RequestError(f"{e.timing.describe()} never matches a date (e.g. February 30th); check day and month")
+        raise BadRequest(f"{e.timing.describe()} never matches a date (e.g. February 30th); check day and month")
     return e
 
 
@@ -142,7 +142,7 @@ class WorkflowMixin:
         self._refuse_if_log_failed()
         e = self.schedules.get(name)
         if e is None:
-            raise BrokerError(f"no schedule named {name!r}", "NOT_FOUND")
+            raise NotFound(f"no schedule named {name!r}")
         if e.paused != paused:
             self._sched_due.discard((e.next, name))
             e.paused = paused
@@ -297,13 +297,13 @@ class WorkflowMixin:
         if type(task_ids) is str:
             task_ids = [task_ids]
         if type(task_ids) is not list or not task_ids:
-            raise RequestError("revoke needs a task id or a non-empty list of task ids")
+            raise BadRequest("revoke needs a task id or a non-empty list of task ids")
         until = now + (ttl if ttl is not None else self.default_revoke_ttl)
         n = 0
         pairs = []
         for tid in task_ids:
             if type(tid) is not str or not tid:
-                raise RequestError(f"a task id is a non-empty text string (got {tid!r})")
+                raise BadRequest(f"a task id is a non-empty text string (got {tid!r})")
             if tid not in self.revoked:
                 n += 1
             self.revoked[tid] = until
@@ -347,20 +347,20 @@ class WorkflowMixin:
         envelope map whose ``args`` get the members' results prepended."""
         self._refuse_if_log_failed()
         if type(chord_id) is not str or not chord_id:
-            raise RequestError("a chord id is a non-empty text string")
+            raise BadRequest("a chord id is a non-empty text string")
         if type(members) is not list or not members or any(type(m) is not str for m in members):
-            raise RequestError("chord members must be a non-empty list of task ids")
+            raise BadRequest("chord members must be a non-empty list of task ids")
         if len(set(members)) != len(members):
-            raise RequestError("chord members must be distinct task ids")
+            raise BadRequest("chord members must be distinct task ids")
         for spec, what in ((body, "body"), (error, "error")):
             if spec is None and what == "error":
                 continue
             if type(spec) is not dict or type(spec.get("body")) is not dict:
-                raise RequestError(f"chord {what} must be a map with 'queue' and 'body' (a task envelope map)")
+                raise BadRequest(f"chord {what} must be a map with 'queue' and 'body' (a task envelope map)")
             validate_queue_name(spec.get("queue", "celery"))
             prio = spec.get("priority", 0)
             if type(prio) is not int or not 0 <= prio <= MAX_PRIORITY:
-                raise RequestError(f"chord {what} priority must be a whole number from 0 to 255 (got {prio!r})")
+                raise BadRequest(f"chord {what} priority must be a whole number from 0 to 255 (got {prio!r})")
         if chord_id in self.chords:
             return {"chord": chord_id, "pending": len(self.chords[chord_id]["pending"])}
         if chord_id in self._fired_chords:  # a retried CHORD after its body already went

@@ -1,4 +1,4 @@
-"""brokerd's live web page: the part of Flower people use, served by ``broker.http``.
+"""brokerd's live web page: the part of Flower people use, served by ``broker.runtime.http``.
 
 No framework and no build step: Python renders every section as HTML (all
 user data goes through ``esc``), and ``app.js`` polls the JSON endpoints once a
@@ -27,7 +27,7 @@ Task events, history and the worker registry come from ``broker.state.events``
 (``state.results``) fill in tasks that sent no events.  Every one of those is
 looked up with ``getattr``, so the page still works on a state without them.
 
-No trio and no clock here: ``now`` is passed in, and ``broker.http`` does the I/O.
+No trio and no clock here: ``now`` is passed in, and ``broker.runtime.http`` does the I/O.
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ def _dead_letter(msg, now: float) -> dict:
 
 
 class Web:
-    """The page's data and rendering for one ``broker.server.Server``."""
+    """The page's data and rendering for one ``broker.runtime.server.Server``."""
 
     def __init__(self, server):
         self.server = server
@@ -289,10 +289,11 @@ class Web:
         queues, page = self.queues(now, match, offset, limit)
         dead = {q["name"]: self.dead(q["name"], DEAD_SHOWN, now) for q in queues if q["dead"] and not q["is_dead_letter_queue"]}
         t = self.totals(now)
+        b = state.statistics()  # frozen
         return {
             "broker": {"version": __version__, "uptime_s": round(now - self.server.started, 1),
-                       "connections": len(state.conns), "consumers": sum(len(c.consumers) for c in state.conns.values()),
-                       "ready": t["ready"], "inflight": len(state.inflight), "delayed": t["delayed"],
+                       "connections": b.connections, "consumers": b.consumers,
+                       "ready": t["ready"], "inflight": b.inflight, "delayed": t["delayed"],
                        "published": t["published"], "acked": t["acked"], "queues": page["total"]},
             "queues": queues,
             "queues_page": page,

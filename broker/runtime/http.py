@@ -45,8 +45,8 @@ import time
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from broker import __version__, web
-from broker.durability import FSYNC_BUCKETS
 from broker.errors import BrokerError
+from broker.runtime.durability import FSYNC_BUCKETS
 
 log = logging.getLogger("brokerd.http")
 
@@ -346,7 +346,7 @@ ROUTES = {
 }
 
 
-# -- the web page (issue 7 item 4; rendering and data in broker.web) ---------------------------
+# -- the web page (rendering and data in broker.web) -------------------------------------------
 # POST /api/queues/<name>/<action>: the admin protocol's command and the state method it runs
 ACTIONS = {
     "pause": ("PAUSE", lambda state, name, now: (state.pause(name, True, now), f"paused {name}")[1]),
@@ -449,7 +449,7 @@ def allowed_hosts(bound: str, port: int, extra: str = "") -> set:
 
 
 class App:
-    """The ASGI application: ``App(server, port)``, where ``server`` is a ``broker.server.Server``
+    """The ASGI application: ``App(server, port)``, where ``server`` is a ``broker.runtime.server.Server``
     and ``port`` the HTTP port it listens on (for the Host allow-list)."""
 
     def __init__(self, server, port: int | None = None):
@@ -625,7 +625,7 @@ class App:
             try:
                 message = fn(server.state, name, time.time())
             finally:
-                server._flush()
+                server.flush()
         except BrokerError as exc:
             return (*_json(ERROR_STATUS.get(exc.code, 400), {"error": exc.code, "message": exc.message}), [])
         if server.wal is not None:  # like an admin line: reply once the change is on disk

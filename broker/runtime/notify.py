@@ -9,7 +9,7 @@ datagram is newline-separated ``KEY=VALUE`` lines.  brokerd sends:
   ``TimeoutStartSec`` (broker/cli.py);
 - ``READY=1`` once recovery is done and the listeners are open, and
   ``WATCHDOG=1`` every ``WATCHDOG_USEC/2`` while the event loop and the log
-  writer make progress; ``STOPPING=1`` on SIGTERM (broker/server.py).
+  writer make progress; ``STOPPING=1`` on SIGTERM (broker/runtime/server.py).
 
 Everything is a no-op when ``$NOTIFY_SOCKET`` is unset: brokerd run by hand,
 in a container or under Kubernetes.  Sending never raises: a service manager

@@ -3,7 +3,7 @@
 "Commands should not have business logic" (Faktory): each handler checks the
 shape of its frame (protocol.md §5 gives each signature), calls one state
 method and returns the reply frame.  Deliveries the call causes are in
-``state.outbox``.  Pure: no trio, no socket, no clock (``now`` comes in).
+the state's output (``take_effects``).  Pure: no trio, no socket, no clock (``now`` comes in).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 
 import cbor2
 
-from broker.errors import BrokerError, RequestError
+from broker.errors import BadRequest, BrokerError
 from client.wire import (
     CLIENT_OPS,
     OP_ACK,
@@ -62,22 +62,22 @@ INT_MAX = 2**64 - 1
 
 def _check_int(v, what: str, op: str) -> None:
     if not INT_MIN <= v <= INT_MAX:
-        raise RequestError(f"{op} {what} must be a whole number that fits in 64 bits (got one of {v.bit_length()} bits)")
+        raise BadRequest(f"{op} {what} must be a whole number that fits in 64 bits (got one of {v.bit_length()} bits)")
 
 
 def _arg(frame, i, name, types, op, required=True):
     if len(frame) <= i or frame[i] is None:
         if required:
-            raise RequestError(f"{op} needs {name} (field {i})")
+            raise BadRequest(f"{op} needs {name} (field {i})")
         return None
     v = frame[i]
     if type(v) is float and not math.isfinite(v):
-        raise RequestError(f"{op} field {i} ({name}) must be a finite number (got {v})")
+        raise BadRequest(f"{op} field {i} ({name}) must be a finite number (got {v})")
     if type(v) is int:
         _check_int(v, f"field {i} ({name})", op)
     if type(v) not in types:
         want = " or ".join(t.__name__.replace("str", "text").replace("bytes", "byte string") for t in types)
-        raise RequestError(f"{op} field {i} ({name}) must be {want} (got {type(v).__name__})")
+        raise BadRequest(f"{op} field {i} ({name}) must be {want} (got {type(v).__name__})")
     return v
 
 
@@ -86,13 +86,13 @@ def _opt_number(opts, key, op):
     if v is None:
         return None
     if type(v) not in _NUM:
-        raise RequestError(f"{op} option {key!r} must be a number of seconds (got {type(v).__name__})")
+        raise BadRequest(f"{op} option {key!r} must be a number of seconds (got {type(v).__name__})")
     if type(v) is int:
         _check_int(v, f"option {key!r}", op)
     if not math.isfinite(v):
-        raise RequestError(f"{op} option {key!r} must be a finite number of seconds (got {v})")
+        raise BadRequest(f"{op} option {key!r} must be a finite number of seconds (got {v})")
     if key != "eta" and v < 0:
-        raise RequestError(f"{op} option {key!r} must be >= 0 (got {v})")
+        raise BadRequest(f"{op} option {key!r} must be >= 0 (got {v})")
     return v
 
 
@@ -111,7 +111,7 @@ def _storable(value, what: str, op: str) -> None:
     except MemoryError:
         raise
     except Exception as exc:
-        raise RequestError(f"{op} {what} cannot be stored: {exc}") from None
+        raise BadRequest(f"{op} {what} cannot be stored: {exc}") from None
 
 
 def h_publish(state, conn, rid, f, now):
@@ -120,23 +120,23 @@ def h_publish(state, conn, rid, f, now):
     queue = f[2] if n > 2 else None
     body = f[3] if n > 3 else None
     if type(queue) is not str:
-        raise RequestError("PUBLISH field 2 (queue) must be text")
+        raise BadRequest("PUBLISH field 2 (queue) must be text")
     if type(body) is not bytes:
-        raise RequestError("PUBLISH field 3 (body) must be a byte string")
+        raise BadRequest("PUBLISH field 3 (body) must be a byte string")
     msg_id = f[4] if n > 4 else None
     priority = f[5] if n > 5 and f[5] is not None else 0
     opts = f[6] if n > 6 else None
     if opts is None:
         return [OP_OK, rid, state.publish(conn, queue, body, msg_id, priority, now)]
     if type(opts) is not dict:
-        raise RequestError("PUBLISH field 6 (options) must be a map or null")
+        raise BadRequest("PUBLISH field 6 (options) must be a map or null")
     for k in opts:
         if k not in PUBLISH_OPTIONS:
-            raise RequestError(f"unknown PUBLISH option {k!r}; known options: {', '.join(PUBLISH_OPTIONS)}")
+            raise BadRequest(f"unknown PUBLISH option {k!r}; known options: {', '.join(PUBLISH_OPTIONS)}")
     headers = opts.get("headers")
     if headers is not None:
         if type(headers) is not dict:
-            raise RequestError("PUBLISH option 'headers' must be a map")
+            raise BadRequest("PUBLISH option 'headers' must be a map")
         _storable(headers, "option 'headers'", "PUBLISH")
     msg_id = state.publish(
         conn, queue, body, msg_id, priority, now,
@@ -202,9 +202,7 @@ def h_stats(state, conn, rid, f, now):
         return [OP_OK, rid, stats_map(state.queue_statistics(state.existing_queue(name), now))]
     b = state.statistics()
     broker = {k: getattr(b, k) for k in b.__slots__}
-    server_stats = getattr(state, "server_stats", None)  # issue 10: memory, connection and input bounds
-    if server_stats is not None:
-        broker.update(server_stats())
+    broker.update(state.server_statistics())  # the runtime's bounds: memory, connections, input
     return [
         OP_OK,
         rid,
@@ -244,10 +242,10 @@ def h_result_set(state, conn, rid, f, now):
     opts = _arg(f, 6, "options", (dict,), "RESULT_SET", required=False) or {}
     for k in opts:
         if k not in ("ttl", "tag"):
-            raise RequestError(f"unknown RESULT_SET option {k!r}; known options: ttl, tag")
+            raise BadRequest(f"unknown RESULT_SET option {k!r}; known options: ttl, tag")
     tag = opts.get("tag")
     if tag is not None and type(tag) is not int:
-        raise RequestError("RESULT_SET option 'tag' must be a delivery tag (a whole number)")
+        raise BadRequest("RESULT_SET option 'tag' must be a delivery tag (a whole number)")
     _storable(value, "field 4 (value)", "RESULT_SET")
     if meta:
         _storable(meta, "field 5 (meta)", "RESULT_SET")
@@ -296,11 +294,11 @@ def h_revoke(state, conn, rid, f, now):
     opts = _arg(f, 3, "options", (dict,), "REVOKE", required=False) or {}
     for k in opts:
         if k not in ("terminate", "ttl"):
-            raise RequestError(f"unknown REVOKE option {k!r}; known options: terminate, ttl")
+            raise BadRequest(f"unknown REVOKE option {k!r}; known options: terminate, ttl")
     ttl = _opt_number(opts, "ttl", "REVOKE")
     terminate = opts.get("terminate", False)
     if type(terminate) is not bool:
-        raise RequestError("REVOKE option 'terminate' must be true or false")
+        raise BadRequest("REVOKE option 'terminate' must be true or false")
     n = state.revoke(ids, now, terminate=terminate, ttl=ttl)
     if terminate:
         state.broadcast_control({"revoke": [ids] if type(ids) is str else ids, "terminate": True})
@@ -354,7 +352,7 @@ def h_control_request(state, conn, rid, f, now):
     opts = _arg(f, 4, "options", (dict,), "CONTROL_REQUEST", required=False) or {}
     for k in opts:
         if k not in ("timeout", "destination"):
-            raise RequestError(f"unknown CONTROL_REQUEST option {k!r}; known options: timeout, destination")
+            raise BadRequest(f"unknown CONTROL_REQUEST option {k!r}; known options: timeout, destination")
     timeout = _opt_number(opts, "timeout", "CONTROL_REQUEST")
     reply = state.control_request(conn, rid, command, args, now, timeout=timeout, destination=opts.get("destination"))
     return None if reply is None else [OP_OK, rid, reply]

@@ -20,7 +20,8 @@ one would otherwise forge lines of the reply, such as a fake ``END``.
 
 from __future__ import annotations
 
-from broker.errors import BrokerError
+from broker.errors import BadRequest, BrokerError, NotFound, UnknownCommand
+from broker.handlers import views
 
 MAX_LINE = 4096  # bytes; an admin line longer than this is refused
 PEEK_DEFAULT = 10
@@ -74,13 +75,6 @@ def clean(text: str) -> str:
     return "".join(out)
 
 
-class AdminError(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 def table(header: list[str], rows: list[list]) -> list[str]:
     """Aligned columns: text left, numbers right; two spaces between."""
     cells = [[str(c) for c in header]] + [[_cell(c) for c in r] for r in rows]
@@ -129,16 +123,16 @@ def error(code: str, message: str) -> str:
 
 def _need(args, n, usage):
     if len(args) < n:
-        raise AdminError("BAD_REQUEST", f"usage: {usage}")
+        raise BadRequest(f"usage: {usage}")
 
 
 def _count(arg, usage) -> int:
     try:
         n = int(arg)
     except ValueError:
-        raise AdminError("BAD_REQUEST", f"{arg!r} is not a whole number; usage: {usage}") from None
+        raise BadRequest(f"{arg!r} is not a whole number; usage: {usage}") from None
     if not 1 <= n <= PEEK_MAX:
-        raise AdminError("BAD_REQUEST", f"n must be from 1 to {PEEK_MAX}")
+        raise BadRequest(f"n must be from 1 to {PEEK_MAX}")
     return n
 
 
@@ -174,12 +168,9 @@ def execute(state, line: str, now: float, extra: dict | None = None) -> str:
     try:
         fn = COMMANDS.get(cmd)
         if fn is None:
-            raise AdminError(
-                "UNKNOWN_COMMAND", f"unknown command {words[0][:40]!r}; send HELP for the list of commands"
+            raise UnknownCommand(f"unknown command {words[0][:40]!r}; send HELP for the list of commands"
             )
         return fn(state, args, now, extra or {})
-    except AdminError as exc:
-        return error(exc.code, exc.message)
     except BrokerError as exc:
         return error(exc.code, exc.message)
 
@@ -217,9 +208,8 @@ def c_queue(state, args, now, extra):
 
 def c_consumers(state, args, now, extra):
     rows = []
-    for c in state.consumers():
-        conn = state.conns.get(c.conn)
-        rows.append([c.tag, c.conn, conn.name if conn else "", ",".join(q.name for q in c.queues), c.prefetch, c.unacked])
+    for c in views.consumers(state):
+        rows.append([c.tag, c.conn, c.client, ",".join(c.queues), c.prefetch, c.unacked])
     n = len(rows)
     return multi(
         f"{n} consumer{'s' if n != 1 else ''}",
@@ -319,7 +309,7 @@ def c_schedule(state, args, now, extra):
     _need(args, 1, "SCHEDULE <name>")
     e = state.schedules.get(args[0])
     if e is None:
-        raise AdminError("NOT_FOUND", f"no schedule named {args[0]!r}; SCHEDULES lists them")
+        raise NotFound(f"no schedule named {args[0]!r}; SCHEDULES lists them")
     body = e.body
     task = body.get("task") if isinstance(body, dict) else None
     pairs = [("name", e.name), ("timing", e.timing.describe()), ("task", task), ("queue", e.queue),
@@ -438,9 +428,9 @@ def c_task(state, args, now, extra):
 
 
 def c_events(state, args, now, extra):
-    # A text connection streams (broker/server.py handles EVENTS before it gets here); a binary
+    # A text connection streams (broker/runtime/admin_conn.py handles EVENTS before it gets here); a binary
     # ADMIN request cannot stream.
-    raise AdminError("BAD_REQUEST", "EVENTS streams on an admin text connection only; "
+    raise BadRequest("EVENTS streams on an admin text connection only; "
                                     "a binary client sends SUBSCRIBE (protocol.md §5.30)")
 
 

@@ -37,7 +37,7 @@ from collections import deque
 import cbor2
 import trio
 
-from broker.state import records as R
+from broker.state import log_records as R
 from broker.wal import WalFailed, WriteAheadLog
 from client.wire import OP_ERROR, OP_OK
 
@@ -180,9 +180,7 @@ class Durability:
             return
         self.failed = exc
         message = f"{exc}; publishes are refused until brokerd is restarted"
-        self.state.log_failed = message
-        self.state.log_enabled = False
-        self.state.take_records()
+        self.state.fail_log(message)
         self._backlog.clear()
         log.error("write-ahead log failed: %s", message)
         while self._early:
@@ -439,7 +437,7 @@ def _encode_record(rtype: int, payload) -> bytes:
     """A record's payload as CBOR bytes; never fails for a value's sake.
 
     Frames are checked before they change anything (client/wire.py refuses
-    value-sharing tags, broker/commands.py encodes free-form values once), so
+    value-sharing tags, broker/handlers/binary.py encodes free-form values once), so
     the plain encoding always works.  Should a value still slip through (a
     bug), the record is written with value sharing and unknown objects as
     their repr rather than failing the log for everyone: replay reads both.

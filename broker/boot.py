@@ -1,0 +1,172 @@
+"""Boot: open the data directory and its log, replay it into a fresh state, build the server.
+
+Blocking and run once, before serving: everything the daemon knows at start-up
+comes from the write-ahead log in ``config.data_dir``.  ``broker.cli`` parses
+the arguments and calls ``open_server``; the server it returns is started by
+the trio runtime.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+
+import cbor2
+
+from broker.config import Config
+from broker.runtime import notify
+from broker.runtime.durability import Durability
+from broker.runtime.server import Server
+from broker.state import BrokerState
+from broker.state import log_records as R
+from broker.wal import CorruptLog, WalError, WriteAheadLog
+
+log = logging.getLogger("brokerd")
+
+
+class DataDirError(Exception):
+    """The data directory cannot be used: locked, corrupt, unreadable."""
+
+
+def open_server(config: Config) -> Server:
+    """Open the write-ahead log, replay it into a fresh state, build the server."""
+    try:
+        os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise DataDirError(f"cannot create data directory {config.data_dir!r}: {exc.strerror}") from None
+    wal = WriteAheadLog(
+        config.data_dir,
+        # Under "always", Durability fsyncs itself after each write, so that
+        # deliveries can go out between the write and the fsync.
+        fsync="never" if config.fsync == "always" else config.fsync,
+        fsync_interval_ms=config.fsync_interval_ms,
+        segment_bytes=config.segment_bytes,
+    )
+    state = BrokerState(boot_id=format(int(time.time() * 1000) % 0xFFFFFFFF, "x"))
+    loads = cbor2.loads
+    # Logging is on during replay: what replay *decides* (dead-lettering a message
+    # past max_attempts, firing a chord whose last result was logged but not its
+    # firing) must itself be logged, or a second crash would decide it again.
+    state.enable_log()
+    state.default_result_ttl = config.result_ttl
+    t0 = time.monotonic()
+    # Replay allocates one long-lived object per live message; the cyclic GC
+    # would rescan the growing heap again and again (~17% of a 1M-message
+    # replay). Pause it, and afterwards freeze what was recovered so later full
+    # collections in the running broker do not walk it either.
+    gc.disable()
+    try:
+        records = wal.open(repair=config.repair)
+        if notify.enabled():  # tell systemd how far the replay got, and to wait for it
+            segments = sum(1 for n in os.listdir(config.data_dir) if n.endswith(".wal"))
+            notify.notify(
+                f"STATUS=recovering: replaying {segments} log segments in {config.data_dir}",
+                f"EXTEND_TIMEOUT_USEC={notify.usec(notify.REPLAY_EXTEND)}",
+            )
+            records = notify.replay_progress(records, segments, time.monotonic)
+        seen = RepairWitness() if config.repair else None
+        if seen is not None:
+            records = seen.watch(records)
+        replayed = state.replay(((r.lsn, r.type, loads(r.payload)) for r in records), time.time())
+        # A repair (or a deleted half-created segment) can leave the log's next
+        # lsn past the last replayed record: the state numbers records the same way.
+        state.align_lsn(wal.next_lsn - 1)
+    except CorruptLog as exc:
+        raise DataDirError(f"{exc}") from None
+    except WalError as exc:
+        raise DataDirError(f"{exc}") from None
+    except OSError as exc:
+        raise DataDirError(f"cannot read the log in {config.data_dir!r}: {exc}") from None
+    finally:
+        gc.enable()
+    gc.freeze()
+    rec = wal.recovery
+    if seen is not None and rec is not None and rec.repaired:
+        seen.report(rec)
+    stats = state.statistics()
+    log.info(
+        "recovered %d log records from %d segments in %.3fs: %d queues, %d ready, %d delayed%s",
+        replayed, rec.segments if rec else 0, time.monotonic() - t0, stats.queues, stats.ready, stats.delayed,
+        f"; truncated a torn tail of {rec.truncated_bytes} bytes" if rec and rec.truncated_bytes else "",
+    )
+    durability = Durability(wal, state, config)
+    # Replay may have decided things (dead-lettering in-flight messages past
+    # max_attempts); log them before serving.
+    leftover = state.take_records()
+    if leftover:
+        durability.submit(leftover, {}, lambda box: None)
+    return Server(config, state, durability)
+
+
+class RepairWitness:
+    """Under --repair: name the messages whose publish the repair dropped.
+
+    The dropped bytes cannot be read, but later records still name what they
+    refer to: a delivery, ack, requeue... of a message seq that was never
+    published in the surviving log and is newer than every message published
+    before the first dropped lsn (seqs only grow) lost its publish to the repair.
+    """
+
+    def __init__(self) -> None:
+        self.known: dict[int, int] = {}  # seq -> lsn of its first full record
+        self.refs: list[tuple[int, int]] = []  # (lsn, seq) of references
+
+    def watch(self, records):
+        full = (R.PUBLISH, R.MESSAGE)
+        moved = (R.DEAD, R.MOVE)
+        lists = (R.DELIVER, R.ACK)
+        firsts = (R.REQUEUE, R.DROP)
+        for r in records:
+            yield r
+            t = r.type
+            if t not in full and t not in moved and t not in lists and t not in firsts and t != R.EXPIRE:
+                continue
+            try:
+                p = cbor2.loads(r.payload)
+                if t in full:
+                    self.known.setdefault(p[0], r.lsn)
+                elif t in moved:
+                    self.refs.append((r.lsn, p[0]))
+                    self.known.setdefault(p[1][0], r.lsn)
+                elif t in lists:
+                    for seq in p if type(p) is list else (p,):
+                        self.refs.append((r.lsn, seq))
+                elif t in firsts:
+                    self.refs.append((r.lsn, p[0]))
+                else:
+                    self.refs.append((r.lsn, p))
+            except Exception:  # a record the state cannot read fails the replay itself
+                continue
+
+    def report(self, rec) -> None:
+        firsts = [d.first_lsn for d in rec.dropped if d.first_lsn is not None]
+        ranges = ", ".join(
+            f"{d.first_lsn}..{'' if d.last_lsn is None else d.last_lsn}"
+            for d in rec.dropped if d.records != 0 and d.first_lsn is not None
+        )
+        unreadable = [d.segment for d in rec.dropped if d.first_lsn is None]
+        if unreadable:
+            ranges += ("; " if ranges else "") + "unreadable file(s) moved aside: " + ", ".join(unreadable)
+        nbytes = sum(d.nbytes for d in rec.dropped)
+        count = f"{rec.dropped_records}" if rec.dropped_records_exact else f"at least {rec.dropped_records}"
+        log.warning(
+            "repair dropped %s log record(s) (%d bytes): lsns %s; every later valid record was kept",
+            count, nbytes, ranges or "none",
+        )
+        if not firsts:
+            return
+        first = min(firsts)
+        newest_before = max((seq for seq, lsn in self.known.items() if lsn < first), default=0)
+        lost: dict[int, int] = {}
+        for lsn, seq in self.refs:
+            if type(seq) is int and seq > newest_before and seq not in self.known:
+                lost.setdefault(seq, lsn)
+        if lost:
+            shown = ", ".join(f"seq {seq} (referred to at lsn {lsn})" for seq, lsn in sorted(lost.items())[:50])
+            more = f" and {len(lost) - 50} more" if len(lost) > 50 else ""
+            log.warning(
+                "repair: the publish of %d message(s) was dropped; later records still refer to them, "
+                "so they are gone: %s%s", len(lost), shown, more,
+            )

@@ -1,0 +1,43 @@
+"""Who holds what: a connection, its consumers, and the deliveries in flight to them (plain data).
+
+``BrokerState`` keeps ``conns`` (conn id -> Conn) and ``inflight`` (delivery tag
+-> Delivery); a consumer's credit is its prefetch minus what it holds unacked.
+"""
+
+from __future__ import annotations
+
+
+class Consumer:
+    __slots__ = ("tag", "conn", "queues", "prefetch", "unacked")
+
+    def __init__(self, tag, conn, queues, prefetch):
+        self.tag = tag
+        self.conn = conn
+        self.queues = queues  # list[Queue], preference order
+        self.prefetch = prefetch
+        self.unacked = 0
+
+    @property
+    def credit(self):
+        return self.prefetch - self.unacked
+
+
+class Delivery:
+    __slots__ = ("tag", "msg", "consumer", "conn", "deadline")
+
+    def __init__(self, tag, msg, consumer, conn, deadline):
+        self.tag = tag
+        self.msg = msg
+        self.consumer = consumer
+        self.conn = conn
+        self.deadline = deadline
+
+
+class Conn:
+    __slots__ = ("id", "name", "consumers", "deliveries")
+
+    def __init__(self, id, name):
+        self.id = id
+        self.name = name
+        self.consumers: dict[int, Consumer] = {}
+        self.deliveries: dict[int, Delivery] = {}

@@ -1,0 +1,197 @@
+"""Replay and compaction: rebuilding the state from the log, and rewriting forward what it still needs.
+
+Part of ``BrokerState`` (a mixin sharing its fields); pure like the rest of
+broker/state/: the records come in as ``(lsn, type, payload)`` and ``now`` is
+passed in.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from broker.state import log_records as R
+from broker.state.queue import (
+    DELAYED,
+    INFLIGHT,
+    READY,
+    Message,
+    QueueOptions,
+)
+
+
+class ReplayMixin:
+    # -- durability: replay and compaction ----------------------------------------
+    def replay(self, records, now: float) -> int:
+        """Rebuild the state from log records ``(lsn, type, payload)``, oldest first.
+
+        Deliveries that were in flight come back ready with their attempts
+        counted, so they are marked redelivered (or dead-lettered at
+        max_attempts).  Returns the number of records applied.  Emits no
+        records for what it replays; it may emit records for what it decides
+        (dead-lettering) if logging is on.
+        """
+        msgs: dict[int, Message] = {}
+        queues = self.queues
+        self._replaying = True
+        n = 0
+        max_seq = 0
+        last = self.last_lsn
+        for lsn, t, p in records:
+            n += 1
+            last = lsn
+            if t == R.PUBLISH or t == R.MESSAGE:
+                m = self._message_from(p, lsn)
+                msgs[m.seq] = m
+                if m.seq > max_seq:
+                    max_seq = m.seq
+                if t == R.PUBLISH:
+                    m.queue.published += 1
+            elif t == R.DELIVER:
+                for seq in (p if type(p) is list else (p,)):
+                    m = msgs.get(seq)
+                    if m is not None:
+                        m.attempts += 1
+                        m.state = INFLIGHT
+                        m.queue.delivered += 1
+                        if m.attempts > 1:
+                            m.queue.redelivered += 1
+            elif t == R.ACK:
+                for seq in (p if type(p) is list else (p,)):
+                    m = msgs.pop(seq, None)
+                    if m is not None:
+                        m.queue.acked += 1
+            elif t == R.REQUEUE:
+                m = msgs.get(p[0])
+                if m is not None:
+                    m.attempts = p[1]
+                    m.ready_at = p[2]
+                    m.state = DELAYED if p[2] is not None else READY
+                    if len(p) > 3:
+                        m.headers = p[3]
+            elif t == R.RESULT:
+                self._replay_result(p, lsn, msgs)
+            elif t == R.FORGET:
+                r = self.results.get(p)
+                if r is not None:
+                    self._drop_result(r)
+            elif R.SCHED_PUT <= t <= R.SCHED_STATE:
+                self._replay_schedule_record(t, p, lsn, msgs)
+                if t == R.SCHED_TICK and p[2] is not None and p[2][0] > max_seq:
+                    max_seq = p[2][0]
+            elif t == R.REVOKE:
+                self._replay_revoke(p, now)
+            elif R.CHORD <= t <= R.CHORD_FIRE:
+                self._replay_chord_record(t, p, lsn, msgs, now)
+                if t == R.CHORD_FIRE and p[2] is not None and p[2][0] > max_seq:
+                    max_seq = p[2][0]
+            elif t == R.DEAD or t == R.MOVE:
+                old = msgs.pop(p[0], None)
+                if old is not None and t == R.DEAD:
+                    old.queue.dead_lettered += 1
+                m = self._message_from(p[1], lsn)
+                msgs[m.seq] = m
+                if m.seq > max_seq:
+                    max_seq = m.seq
+            elif t == R.DROP:
+                m = msgs.pop(p[0], None)
+                if m is not None:
+                    if p[1] == "revoked":
+                        m.queue.expired += 1  # as counted while running
+                    else:
+                        m.queue.dead_lettered += 1
+            elif t == R.EXPIRE:
+                m = msgs.pop(p, None)
+                if m is not None:
+                    m.queue.expired += 1
+            elif t == R.DECLARE:
+                q = self.queue(p[0])
+                q.options = QueueOptions.from_wire(p[1])
+                q.declared = True
+            elif t == R.DELETE:
+                for seq in [s_ for s_, m in msgs.items() if m.queue.name == p]:
+                    del msgs[seq]
+                queues.pop(p, None)
+            elif t == R.PURGE:
+                for seq in [s_ for s_, m in msgs.items() if m.queue.name == p and m.state != INFLIGHT]:
+                    del msgs[seq]
+            elif t == R.PAUSE:
+                self.queue(p[0]).paused = bool(p[1])
+            elif t == R.COUNTERS:
+                for name, values in p.items():
+                    q = self.queue(name)
+                    for field, v in zip(R.COUNTER_FIELDS, values):
+                        setattr(q, field, v)
+            # unknown types are from a newer brokerd: the log's format version guards that
+        self._replaying = False
+        self.last_lsn = last
+        self._seq = itertools.count(max(max_seq, self._peek_seq()) + 1)
+        # Place the survivors, in publish order so FIFO holds within a priority.
+        for m in sorted(msgs.values(), key=lambda m: m.seq):
+            q = m.queue
+            if m.expires is not None:
+                self._ttl.add((m.expires, m.seq, m))
+            if m.state == INFLIGHT:
+                m.state = READY
+                if self._over_attempts(m, now):
+                    continue
+            if m.ready_at is not None and m.ready_at > now:
+                m.state = DELAYED
+                q.delayed_count += 1
+                self._delayed.add((m.ready_at, m.seq, m))
+            else:
+                m.ready_at = None
+                q.push_ready(m)
+        self._after_replay_schedules(now)
+        self._after_replay_chords(now)
+        return n
+
+    def _peek_seq(self) -> int:
+        nxt = next(self._seq)
+        self._seq = itertools.count(nxt)
+        return nxt - 1
+
+    def _message_from(self, p, lsn) -> Message:
+        seq, qname, mid, body, prio, headers, attempts, ready_at, expires, ts = p
+        m = Message(seq, mid, self.queue(qname), body, prio, headers, attempts, ready_at, expires, ts)
+        if lsn != seq:
+            m.lsn = lsn
+        return m
+
+    def live_messages(self):
+        """Every message the broker still holds: ready, delayed and in flight."""
+        for q in self.queues.values():
+            yield from q.iter_ready()
+        for _, _, m in self._delayed:
+            if m.state == DELAYED:
+                yield m
+        for d in self.inflight.values():
+            yield d.msg
+
+    def compact(self, through_lsn: int) -> int:
+        """Rewrite forward everything the log still needs from records <= through_lsn.
+
+        Emits a MESSAGE record for every live message whose full state was last
+        written at or before ``through_lsn``, the options and pause state of
+        every declared or paused queue, and every queue's counters.  Once these
+        records are durable, segments ending at or before ``through_lsn`` hold
+        nothing needed and may be deleted.  Returns how many messages moved.
+        """
+        if not self.log_enabled:
+            return 0
+        n = 0
+        for m in list(self.live_messages()):
+            if (m.lsn or m.seq) <= through_lsn:
+                m.lsn = self._log(R.MESSAGE, R.message_payload(m))
+                n += 1
+        self._compact_results(through_lsn)
+        self._compact_workflow(through_lsn)
+        for q in self.queues.values():
+            if q.declared:
+                self._log(R.DECLARE, [q.name, q.options.to_wire()])
+            if q.paused:
+                self._log(R.PAUSE, [q.name, True])
+        self._log(
+            R.COUNTERS,
+            {q.name: [getattr(q, f) for f in R.COUNTER_FIELDS] for q in self.queues.values()},
+        )
+        return n
