@@ -14,7 +14,9 @@ second of awaiting frame by frame):
 With a write-ahead log attached, the replies that confirm a logged change are
 held until the log record of the batch is durable under the fsync policy
 (group commit), so a confirm never goes out before its message is on disk.
-HELLO, HEARTBEAT, BYE and ADMIN are answered here, not by the state.
+The handshake (preamble, HELLO, version and heartbeat) is the sans-I/O
+``client.wire.ServerHandshake``, fed the connection's first bytes; HEARTBEAT,
+BYE, ADMIN and a second HELLO are answered here, not by the state.
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ from client.wire import (
     OP_PUBLISH,
     OP_RESULT_SET,
     OP_SCHEDULE_PUT,
-    PREAMBLE,
-    PROTOCOL_VERSION,
     FrameReader,
+    HandshakeError,
+    ServerHandshake,
     WireError,
     encode_many,
 )
@@ -51,6 +53,13 @@ from client.wire import (
 log = logging.getLogger("brokerd")
 
 RECEIVE_BYTES = 64 * 1024  # one receive_some; the batch is whatever arrived
+# What the connection log line says when the handshake refuses a connection (by CLOSING code).
+HANDSHAKE_REASONS = {
+    "BAD_PREAMBLE": "bad preamble",
+    "BAD_REQUEST": "bad hello",
+    "UNSUPPORTED_VERSION": "unsupported version",
+    "HANDSHAKE_REQUIRED": "command before HELLO",
+}
 # Ops refused with MEMORY_LIMIT past max_memory: the ones that make the broker
 # hold more.  Consumers, ACK/NACK, reads and admin go on so a backlog drains;
 # a RESULT_SET that settles a delivery (option "tag") goes on too, because it
@@ -137,25 +146,40 @@ class BinaryConnection:
     async def run(self, first: bytes) -> str:
         conn = self.conn
         cfg = self.config
-        buf = first
-        while len(buf) < len(PREAMBLE):
-            with trio.move_on_at(conn.handshake_deadline) as cs:
-                more = await conn.stream.receive_some(RECEIVE_BYTES)
-            if cs.cancelled_caught:
-                raise Close("handshake timeout", closing("HANDSHAKE_REQUIRED", "the preamble and HELLO must arrive within handshake_timeout"))
-            if not more:
-                return "closed during preamble"
-            buf += more
-        if buf[: len(PREAMBLE)] != PREAMBLE:
-            raise Close("bad preamble", closing("BAD_PREAMBLE", f"a binary connection must open with the 4 bytes {PREAMBLE!r}"))
-        reader = FrameReader(cfg.max_frame)
-        reader.feed(buf[len(PREAMBLE):])
+        hs = ServerHandshake(connection=conn.id, heartbeat=cfg.heartbeat, max_frame=cfg.max_frame,
+                             server=f"brokerd {__version__}")
+        data = first
+        try:
+            while True:
+                hs.receive_data(data)
+                hello = hs.next_event()
+                if hello is not None:
+                    break
+                with trio.move_on_at(conn.handshake_deadline) as cs:
+                    data = await conn.stream.receive_some(RECEIVE_BYTES)
+                if cs.cancelled_caught:
+                    raise Close("handshake timeout", closing(
+                        "HANDSHAKE_REQUIRED", "the preamble and HELLO must arrive within handshake_timeout"))
+                if not data:
+                    return "closed during the handshake"
+        except HandshakeError as exc:
+            raise Close(HANDSHAKE_REASONS.get(exc.code, "bad handshake"), closing(exc.code, exc.message)) from None
+        except WireError as exc:  # a frame the codec refused, before HELLO was complete
+            raise Close(f"protocol error {exc.code}", closing(exc.code, exc.message)) from None
+        # Silence is bounded by idle_timeout either way: a longer heartbeat is
+        # cut to half of it (the reply says so and clients follow it).
+        hello = hello._replace(heartbeat=min(hello.heartbeat, cfg.idle_timeout / 2))
+        conn.name = hello.client
+        conn.heartbeat = hello.heartbeat
         self.state.connect(conn.id)
+        self.state.name_connection(conn.id, conn.name)
+        log.info("conn %d hello: client=%r heartbeat=%gs", conn.id, conn.name, conn.heartbeat)
+        conn.queue_bytes(hs.accept(hello))
         outcome: BaseException | str | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._writer, conn)
             try:
-                outcome = await self._read_loop(reader)
+                outcome = await self._read_loop(hs.reader, hs.pending_frames)
             except (Close, trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as exc:
                 outcome = exc  # re-raised below, outside the nursery, unwrapped
             finally:
@@ -164,16 +188,18 @@ class BinaryConnection:
             raise outcome
         return outcome
 
-    async def _read_loop(self, reader: FrameReader) -> str:
+    async def _read_loop(self, reader: FrameReader, pending: list) -> str:
         conn = self.conn
         srv = self.server
         cfg = self.config
         state = self.state
-        handshaken = False
         data = b""
         while True:
             try:
                 frames = reader.frames()
+                if pending:  # frames that came in the same read as HELLO
+                    frames = pending + frames
+                    pending = []
             except WireError as exc:
                 raise Close(f"protocol error {exc.code}", closing(exc.code, exc.message)) from None
             partial = reader.buffered
@@ -187,10 +213,10 @@ class BinaryConnection:
                 alarm = srv.memory_alarm
                 for f in frames:
                     op = f[0]
-                    if alarm is not None and op in MEMORY_OPS and handshaken and not settles(f):
+                    if alarm is not None and op in MEMORY_OPS and not settles(f):
                         rid = f[1] if len(f) > 1 and type(f[1]) is int else 0
                         state.send_to(cid, [OP_ERROR, rid, MemoryLimit.code, alarm])
-                    elif op in DURABLE_OPS and handshaken:
+                    elif op in DURABLE_OPS:
                         # Its reply confirms a logged change: held until the log
                         # has it on disk (see Server.flush).  Replies are matched by
                         # request id, so they may overtake one another.
@@ -200,16 +226,14 @@ class BinaryConnection:
                             srv.held[cid] = [reply]
                         else:
                             held.append(reply)
-                    elif op in HANDLERS and handshaken:
+                    elif op in HANDLERS:
                         mark = state.output_mark(cid)
                         reply = handle(state, cid, f, now)
                         # None: deferred (a parked RESULT_GET), the state replies later
                         if reply is not None:
                             state.insert_reply(cid, mark, reply)
                     else:
-                        reply = self._connection_op(conn, f, handshaken, now)
-                        if op == OP_HELLO and reply[0] == OP_OK:
-                            handshaken = True
+                        reply = self._connection_op(conn, f, now)
                         if op == OP_BYE:
                             # Everything before BYE is answered first, confirms included.
                             srv.flush()
@@ -235,18 +259,12 @@ class BinaryConnection:
             with trio.move_on_after(limit) as cs:
                 data = await conn.stream.receive_some(RECEIVE_BYTES)
             if cs.cancelled_caught:
-                if handshaken and conn.heartbeat == 0:
+                if conn.heartbeat == 0:
                     raise Close(
                         "idle timeout",
                         closing("IDLE_TIMEOUT", f"nothing received for {limit:g} seconds (idle_timeout; heartbeats are off)"),
                     )
-                raise Close(
-                    "heartbeat timeout" if handshaken else "handshake timeout",
-                    closing(
-                        "HEARTBEAT_TIMEOUT" if handshaken else "HANDSHAKE_REQUIRED",
-                        f"nothing received for {limit:g} seconds",
-                    ),
-                )
+                raise Close("heartbeat timeout", closing("HEARTBEAT_TIMEOUT", f"nothing received for {limit:g} seconds"))
             if not data:
                 return "closed by peer"
             reader.feed(data)
@@ -263,46 +281,13 @@ class BinaryConnection:
             while conn.out:
                 await trio.sleep(0)
 
-    def _connection_op(self, conn: Conn, f: list, handshaken: bool, now: float):
+    def _connection_op(self, conn: Conn, f: list, now: float):
         op = f[0]
         if op == OP_HEARTBEAT:
             return None
         rid = f[1] if len(f) > 1 and type(f[1]) is int else 0
         if op == OP_HELLO:
-            if handshaken:
-                return [OP_ERROR, rid, "BAD_REQUEST", "HELLO was already sent on this connection"]
-            opts = f[2] if len(f) > 2 else None
-            if type(opts) is not dict:
-                raise Close("bad hello", closing("BAD_REQUEST", "HELLO field 2 must be a map with at least 'version'"))
-            version = opts.get("version")
-            if type(version) is not int or version != PROTOCOL_VERSION:
-                raise Close(
-                    "unsupported version",
-                    closing("UNSUPPORTED_VERSION", f"this server speaks protocol version {PROTOCOL_VERSION}, not {version!r}"),
-                )
-            name = opts.get("client")
-            conn.name = name if isinstance(name, str) and name else f"conn-{conn.id}"
-            hb = opts.get("heartbeat", self.config.heartbeat)
-            if type(hb) not in (int, float) or not math.isfinite(hb) or hb < 0:
-                hb = self.config.heartbeat
-            # Silence is bounded by idle_timeout either way: a longer heartbeat
-            # is cut to half of it (the reply says so and clients follow it).
-            conn.heartbeat = min(float(hb), self.config.idle_timeout / 2)
-            self.state.name_connection(conn.id, conn.name)
-            log.info("conn %d hello: client=%r heartbeat=%gs", conn.id, conn.name, conn.heartbeat)
-            return [
-                OP_OK,
-                rid,
-                {
-                    "server": f"brokerd {__version__}",
-                    "version": PROTOCOL_VERSION,
-                    "heartbeat": conn.heartbeat,
-                    "max_frame": self.config.max_frame,
-                    "connection": conn.id,
-                },
-            ]
-        if not handshaken:
-            raise Close("command before HELLO", closing("HANDSHAKE_REQUIRED", "the first frame must be HELLO"))
+            return [OP_ERROR, rid, "BAD_REQUEST", "HELLO was already sent on this connection"]
         if op == OP_BYE:
             return [OP_OK, rid, None]
         if op == OP_ADMIN:
