@@ -101,7 +101,7 @@ def test_bad_result_requests_are_refused_by_name(s):
 
 
 def test_results_and_their_acks_are_replayed_from_the_log(s):
-    s.log_enabled = True
+    s.enable_log()
     s.publish(C, "q", b"task", "t1", 0, 0.0)
     s.consume(W, ["q"], 1, 0.0)
     (d,) = s.take_outbox()[W]

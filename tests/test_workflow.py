@@ -203,7 +203,7 @@ def test_a_revoked_task_is_never_delivered_and_is_revoked(s):
 
 
 def test_revokes_survive_replay_and_expire(s):
-    s.log_enabled = True
+    s.enable_log()
     s.revoke("t1", T0, ttl=100)
     recs = [(i + 1, t, cbor2.loads(cbor2.dumps(p))) for i, (t, p) in enumerate(s.take_records())]
     fresh = BrokerState()
@@ -242,7 +242,7 @@ def test_a_failed_member_calls_the_error_callback_and_not_the_body(s):
 
 
 def test_a_chord_whose_last_result_was_logged_but_not_its_firing_fires_once_after_restart(s):
-    s.log_enabled = True
+    s.enable_log()
     s.chord_declare("c1", ["m1", "m2"], body_spec(), None, T0)
     s.result_set(W, "m1", "SUCCESS", 1, None, T0)
     s.result_set(W, "m2", "SUCCESS", 2, None, T0)
@@ -253,7 +253,7 @@ def test_a_chord_whose_last_result_was_logged_but_not_its_firing_fires_once_afte
     cut = [r for r in recs if r[1] != R.CHORD_FIRE]
     for records, label in ((recs, "complete log"), (cut, "firing lost")):
         fresh = BrokerState()
-        fresh.log_enabled = True
+        fresh.enable_log()
         fresh.replay(records, T0)
         bodies = [m for m in fresh.live_messages() if m.id == "body-1"]
         assert len(bodies) == 1, label
@@ -304,12 +304,12 @@ def test_a_retried_chord_declaration_after_its_body_fired_does_not_fire_again(s)
 
 
 def test_members_finished_before_the_declaration_still_count_after_a_restart(s):
-    s.log_enabled = True
+    s.enable_log()
     s.result_set(W, "m1", "SUCCESS", 1, None, T0)  # finished before the chord existed
     s.chord_declare("c1", ["m1", "m2"], body_spec(), None, T0)
     recs = [(i + 1, t, cbor2.loads(cbor2.dumps(p))) for i, (t, p) in enumerate(s.take_records())]
     fresh = BrokerState()
-    fresh.log_enabled = True
+    fresh.enable_log()
     fresh.replay(recs, T0)
     fresh.connect(W)
     fresh.result_set(W, "m2", "SUCCESS", 2, None, T0)
