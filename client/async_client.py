@@ -203,7 +203,7 @@ class AsyncClient(verbs.ShellInfo):
     async def _read_loop(self) -> None:
         io = self._io
         session = self._session
-        reader = FrameReader()
+        reader = FrameReader(strict=False)  # brokerd's own frames
         exc = None
         try:
             while True:

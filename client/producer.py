@@ -185,7 +185,7 @@ class Client(verbs.ShellInfo):
 
     def _read_loop(self) -> None:
         sock = self._sock
-        reader = FrameReader()
+        reader = FrameReader(strict=False)  # brokerd's own frames
         session = self._session
         exc: BaseException | None = None
         try:
