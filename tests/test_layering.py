@@ -63,6 +63,10 @@ FORBIDDEN = {
     "client/worker/pools/": {"broker", "client.worker.runtime", "client.worker.intake", "client.worker.control"},
     "client/worker/runner.py": {"broker", "client.worker.runtime", "client.worker.pools", "client.worker.intake",
                                 "client.worker.channel", "client.worker.control", "client.worker.events"},
+    # the main loops drive the runtime through the Worker they are given; they never import it
+    # (the runtime imports them), and only the trio pool's loop imports trio
+    "client/worker/mainloop.py": {"broker", "trio", "asyncio", "client.worker.runtime", "client.worker.trio_loop"},
+    "client/worker/trio_loop.py": {"broker", "asyncio", "client.worker.runtime", "client.worker.mainloop"},
     "client/worker/": {"broker"},
 }
 
@@ -134,7 +138,8 @@ def test_the_layering_rules_cover_files_that_exist():
     # A rule for a file that was renamed away would silently check nothing.
     for key in ("client/wire.py", "broker/state/", "broker/commands.py", "broker/admin.py", "broker/config.py",
                 "broker/http.py", "broker/web/", "broker/notify.py", "client/ctl.py", "client/worker/pools/",
-                "client/worker/runner.py", "client/worker/channel.py"):
+                "client/worker/runner.py", "client/worker/channel.py", "client/worker/mainloop.py",
+                "client/worker/trio_loop.py"):
         assert files_for(key), key
 
 
