@@ -34,9 +34,9 @@ from _thread import allocate_lock
 
 from client import verbs
 from client.errors import BrokerdError, ConnectionClosed, ConnectionLost, PublishError, Timeout
+from client.options import default_name, new_id_prefix, parse_address, publish_options
 from client.session import CONFIRMS, CONTROL, EVENTS, FLUSH, FLUSH_BYTES, FLUSH_DELAY, ConsumerHandle, ConsumerState
-from client.session import Delivery, Pending, Session, clone_error, default_name, new_id_prefix, parse_address
-from client.session import publish_options
+from client.session import Delivery, Pending, Session, clone_error
 from client.wire import FrameReader
 
 __all__ = ["Client", "Consumer", "Delivery", "parse_address", "default_name", "new_id_prefix"]

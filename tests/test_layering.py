@@ -36,6 +36,9 @@ FORBIDDEN = {
     "broker/config.py": {"broker", "client", "trio"},
     "broker/errors.py": IO | {"broker.state", "broker.server"},
     "client/session.py": IO | CLOCK,
+    # argument shaping shared by the shells, the verb table and the CLIs: below all of them
+    "client/options.py": IO | CLOCK | {"broker", "client.session", "client.producer", "client.async_client",
+                                       "client.verbs"},
     "client/errors.py": IO | {"broker"},
     "client/producer.py": {"trio", "asyncio", "broker"},
     "client/async_client.py": {"broker", "client.producer"},
