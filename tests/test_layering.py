@@ -41,6 +41,8 @@ FORBIDDEN = {
                                        "client.verbs"},
     "client/errors.py": IO | {"broker"},
     "client/producer.py": {"trio", "asyncio", "broker"},
+    # the blocking shell's engine (socket, reader and flusher threads) sits below the shell's verbs
+    "client/blocking.py": {"trio", "asyncio", "broker", "client.producer", "client.async_client"},
     "client/async_client.py": {"broker", "client.producer"},
     # one description of every verb, shared by both shells: no I/O, no event loop
     "client/verbs.py": IO | {"broker", "client.producer", "client.async_client"},
