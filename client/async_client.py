@@ -27,6 +27,7 @@ import time
 
 from client import loops, verbs
 from client.errors import BrokerdError, ConnectionClosed, ConnectionLost, PublishError, Timeout
+from client.options import default_name, new_id_prefix, parse_address, publish_options
 from client.session import (
     CONFIRMS,
     CONTROL,
@@ -40,10 +41,6 @@ from client.session import (
     Pending,
     Session,
     clone_error,
-    default_name,
-    new_id_prefix,
-    parse_address,
-    publish_options,
 )
 from client.wire import FrameReader
 

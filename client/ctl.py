@@ -238,7 +238,7 @@ def cmd_events(args) -> int:
             raise Failed(_error_text(exc)) from None
         finally:
             c.close(timeout=1)
-    from client.session import parse_address
+    from client.options import parse_address
 
     host, port = parse_address(args.broker)
     try:

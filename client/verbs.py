@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 
-from client.session import admin_reply, queue_options
+from client.options import admin_reply, queue_options
 from client.wire import (
     OP_ADMIN,
     OP_CHORD,

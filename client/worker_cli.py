@@ -83,7 +83,7 @@ def _autoscale(text):
 
 
 def _broker(text):
-    from client.session import parse_address
+    from client.options import parse_address
 
     try:
         host, port = parse_address(text)

@@ -12,6 +12,7 @@ import pytest
 
 from client import errors as E
 from client import wire
+from client.options import admin_reply, parse_address, publish_options, queue_options
 from client.session import (
     CONFIRMS,
     FLUSH,
@@ -20,10 +21,6 @@ from client.session import (
     Delivery,
     Pending,
     Session,
-    admin_reply,
-    parse_address,
-    publish_options,
-    queue_options,
 )
 
 

@@ -37,8 +37,13 @@ FORBIDDEN = {
     "broker/config.py": {"broker", "client", "trio"},
     "broker/errors.py": IO | {"broker.state", "broker.runtime", "broker.handlers"},
     "client/session.py": IO | CLOCK,
+    # argument shaping shared by the shells, the verb table and the CLIs: below all of them
+    "client/options.py": IO | CLOCK | {"broker", "client.session", "client.producer", "client.async_client",
+                                       "client.verbs"},
     "client/errors.py": IO | {"broker"},
     "client/producer.py": {"trio", "asyncio", "broker"},
+    # the blocking shell's engine (socket, reader and flusher threads) sits below the shell's verbs
+    "client/blocking.py": {"trio", "asyncio", "broker", "client.producer", "client.async_client"},
     "client/async_client.py": {"broker", "client.producer"},
     # one description of every verb, shared by both shells: no I/O, no event loop
     "client/verbs.py": IO | {"broker", "client.producer", "client.async_client"},
@@ -66,6 +71,10 @@ FORBIDDEN = {
     "client/worker/pools/": {"broker", "client.worker.runtime", "client.worker.intake", "client.worker.control"},
     "client/worker/runner.py": {"broker", "client.worker.runtime", "client.worker.pools", "client.worker.intake",
                                 "client.worker.channel", "client.worker.control", "client.worker.events"},
+    # the main loops drive the runtime through the Worker they are given; they never import it
+    # (the runtime imports them), and only the trio pool's loop imports trio
+    "client/worker/mainloop.py": {"broker", "trio", "asyncio", "client.worker.runtime", "client.worker.trio_loop"},
+    "client/worker/trio_loop.py": {"broker", "asyncio", "client.worker.runtime", "client.worker.mainloop"},
     "client/worker/": {"broker"},
 }
 
@@ -308,3 +317,10 @@ def test_the_worker_never_reaches_into_the_client():
         text = path.read_text()
         for private in ("._session", "._lock", "._flush", "._reader", "._state", "._sock", "._client"):
             assert private not in text.replace("self." + private[1:], ""), f"{rel} uses {private}; use the client's public calls"
+
+
+def test_the_client_split_rules_cover_files_that_exist():
+    # The modules split out of the shells, the session and the worker's runtime: a rule for one
+    # renamed away would silently check nothing.
+    for key in ("client/options.py", "client/blocking.py", "client/worker/mainloop.py", "client/worker/trio_loop.py"):
+        assert files_for(key), key

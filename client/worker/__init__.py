@@ -7,7 +7,9 @@ or from a shell: ``brokerd-worker proj.tasks:app -Q high,low -c 4`` (``client.wo
 
 The package, from the top down (each module's docstring gives its design choices):
 
-* ``runtime``  ``Worker``: the connection's consumer, the main loops, settling, stopping.
+* ``runtime``  ``Worker``: the connection's consumer, what each event means, settling, stopping.
+* ``mainloop`` the main loop of the processes and threads pools (``poll()`` on one thread).
+* ``trio_loop`` the trio pool's main loop (imported only by that pool).
 * ``intake``   the thread that connects, consumes and reconnects.
 * ``channel``  the link to brokerd: pipelined results, acks, nacks and events; the only
   module that touches the blocking client's internals.
@@ -21,7 +23,7 @@ The package, from the top down (each module's docstring gives its design choices
 * ``pools``    where tasks run: ``processes``, ``threads``, ``trio``; one sizing/autoscale code.
 * ``logs``     Celery's log format, with the process's label.
 
-Layering: ``pools`` and ``runner`` never import ``runtime``; no module touches another's
+Layering: ``pools``, ``runner`` and the loops never import ``runtime``; no module touches another's
 ``_private`` names (tests/test_layering.py).
 
 **Poison.**  No message may cost more than its own task: the main loop checks every envelope

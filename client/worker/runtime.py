@@ -11,8 +11,10 @@ in a deep local queue.
 wake-up pipe that is written only while the main loop sleeps, so a busy loop makes no syscall per
 delivery), decodes each envelope, hands tasks to free pool slots, applies their outcomes, and
 watches time limits.  It blocks in ``poll()`` on the inbox pipe and the children's sockets and
-pidfds; there is no polling sleep anywhere on the hot path.  The trio pool has its own loop
-(``run_trio``) around the same event handling.
+pidfds; there is no polling sleep anywhere on the hot path.  The loops live in their own modules
+(``mainloop`` for processes and threads, ``trio_loop`` for trio) and drive this class through its
+public loop interface (``event()``, ``hand_back()``, ``shutdown()``, ...); what an event means is
+decided here.
 
 **Outcomes.**  Whatever process runs the task computes its outcome (``runner``); the main loop
 applies it: SUCCESS/FAILURE are stored and the delivery acked in one RESULT_SET (one log record on
@@ -38,7 +40,7 @@ without running the task again (another worker would run it again).
 
 **Autoscale** (``autoscale=(max, min)``, processes and threads pools): the pool grows by one slot
 whenever a delivery waits and every slot is busy, and shrinks by one slot per ``AUTOSCALE_IDLE``
-seconds a slot stays idle, down to ``min`` (``pools.base``).  Prefetch credit is set once, from
+seconds a slot stays idle, down to ``min`` (``pools.base``, ``mainloop``).  Prefetch credit is set once, from
 ``max``.  While the pool may still grow, jobs are not batched onto busy processes.
 """
 
@@ -47,7 +49,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import select
 import signal
 import socket
 import threading
@@ -60,19 +61,17 @@ from client.errors import BrokerdError, Disconnected
 import client.worker.events as ev_
 from client.worker.channel import Channel, close_quietly, delivery_buffer, detach_in_child
 from client.worker.control import Control
-from client.worker.intake import CONNECT_TIMEOUT, BrokerUnreachable, connect, intake
-from client.worker.limits import TaskLimits, check_deadlines
+from client.worker.intake import CONNECT_TIMEOUT
+from client.worker.limits import TaskLimits
+from client.worker.mainloop import run_sync
 from client.worker.logs import setup_logging
 from client.worker.outcome import S_ACK, S_REQUEUE, S_RETRY, lost_outcome, undecodable_outcome, unknown_outcome
 from client.worker.pools.base import Job, close_fds
-from client.worker.pools.process import ProcessPool
-from client.worker.pools.thread import ThreadPool
 from client.worker.runner import check_envelope
 
 log = logging.getLogger("brokerd.worker")
 
 DEFAULT_GRACE = 30.0  # warm stop: how long running tasks may take to finish
-AUTOSCALE_IDLE = 5.0  # a pool slot idle this long is retired (down to the autoscale minimum)
 MAX_PREFETCH = 65535  # brokerd's limit per consumer
 RAN_OFFLINE_MAX = 100_000  # task ids remembered as "ran while brokerd was unreachable" (bounds memory)
 # Default concurrency per pool: a process per CPU; threads and trio tasks mostly wait on I/O.
@@ -164,31 +163,31 @@ class Worker:
         self.result_ttl = app.conf.get("result_expires")
         self.limits = TaskLimits(app, soft_time_limit, time_limit)
 
-        self._inbox: deque = deque()
-        self._sleeping = False
-        self._wake_r = self._wake_w = None
+        self.inbox: deque = deque()
+        self.sleeping = False
+        self.wake_r = self.wake_w = None
         self.stopping = False  # warm stop under way
-        self._cold = False
+        self.cold = False
         self.stop_event = threading.Event()
         self._channel: Channel | None = None
         self._direct = None  # the consumer's delivery buffer, read by the main loop itself
         self._consumer = None
-        self._client = None
+        self.client = None
         self._gen = 0
-        self._sink: deque = deque()  # (what, error) of pipelined requests that failed
+        self.sink: deque = deque()  # (what, error) of pipelined requests that failed
         self._orphans: list = []  # results to store once a connection is back
         self._ran_offline: set = set()  # ids of those, stored after a reconnect: don't run them twice
         self.backlog: deque[Job] = deque()
         self.running: dict[int, Job] = {}
         self._seq = itertools.count(1)
-        self._limited = False  # some task has a time limit: the main loop watches deadlines
-        self._intake_thread = None
-        self._fatal = None
+        self.limited = False  # some task has a time limit: the main loop watches deadlines
+        self.intake_thread = None
+        self.fatal = None
         self._signals = 0
-        self._grace_deadline = None
+        self.grace_deadline = None
         self.poller = None
         self.pool = None
-        self.post = self._post_sync  # how other threads hand the main loop an item (the trio loop swaps it)
+        self.post = self.post_sync  # how other threads hand the main loop an item (the trio loop swaps it)
         self.exitcode = None
         self.ready = threading.Event()  # set once connected and consuming (tests, embedding)
         self.events = ev_.EventBuffer()
@@ -204,34 +203,44 @@ class Worker:
         if self.configure_logging:
             setup_logging(self.loglevel)
         if self.pool_kind == "trio":
-            return self.run_trio()
-        return self._run_sync()
+            # lazy import: only this pool needs trio, and importing it costs the other pools start-up time
+            from client.worker.trio_loop import run_trio
+
+            run_trio(self)
+            unfinished = "running tasks were cancelled"
+        else:
+            run_sync(self)
+            unfinished = "running tasks were not waited for"
+        if self.fatal is not None:
+            raise self.fatal
+        if self.cold:
+            raise ColdStop(f"cold stop: {unfinished}; brokerd redelivers them")
 
     def stop(self, graceful: bool = True) -> None:
         """Ask the worker to stop (thread-safe; also what SIGTERM / SIGINT do)."""
         self.post(("stop", graceful))
 
     # -- the inbox ----------------------------------------------------------------------------
-    def _post_sync(self, item) -> None:
-        self._inbox.append(item)
-        if self._sleeping:
+    def post_sync(self, item) -> None:
+        self.inbox.append(item)
+        if self.sleeping:
             try:
-                os.write(self._wake_w, b"!")
+                os.write(self.wake_w, b"!")
             except (OSError, TypeError):
                 pass
 
     def forget_parent_fds(self):
         """In a forked child: the parent's pipes and broker socket are not ours."""
-        close_fds((self._wake_r, self._wake_w))
-        self._wake_r = self._wake_w = None
-        if self._client is not None:
-            detach_in_child(self._client)
+        close_fds((self.wake_r, self.wake_w))
+        self.wake_r = self.wake_w = None
+        if self.client is not None:
+            detach_in_child(self.client)
         try:
             signal.set_wakeup_fd(-1)
         except (ValueError, OSError):
             pass
 
-    def _on_signal(self, signum, frame):
+    def on_signal(self, signum, frame):
         self.post(("signal", signum))
 
     # -- receiving ----------------------------------------------------------------------------
@@ -294,7 +303,7 @@ class Worker:
         acks_late, soft, hard = self.limits.of(task, env)
         job = Job(next(self._seq), d, gen, task_id, name, env, soft, hard)
         if soft or hard:
-            self._limited = True
+            self.limited = True
         if not acks_late:
             ch.ack(d)
         self.backlog.append(job)
@@ -377,8 +386,8 @@ class Worker:
             return  # its connection is gone: brokerd has taken the message back already
         self.finish(job, lost_outcome(job, self.app.tasks.get(job.name), why, self.hostname))
 
-    def _check_sink(self):
-        sink = self._sink
+    def check_sink(self):
+        sink = self.sink
         while sink:
             what, err = sink.popleft()
             if isinstance(err, Disconnected):
@@ -446,7 +455,7 @@ class Worker:
         except BrokerdError:
             pass
 
-    def _beat_if_due(self, now: float) -> float:
+    def beat_if_due(self, now: float) -> float:
         """Send a worker-heartbeat when due; return seconds until the next one."""
         if now >= self._next_beat:
             if self._channel is not None:
@@ -478,7 +487,7 @@ class Worker:
             self.flush(force=True)  # the reply goes out before the consumer is cancelled
             self._begin_stop()
     # -- events (both loops) ------------------------------------------------------------------
-    def _event(self, ev):
+    def event(self, ev):
         kind = ev[0]
         if kind == "delivery":
             self._received(ev[1], ev[2])
@@ -488,11 +497,11 @@ class Worker:
             self._take_deliveries()
         elif kind == "connected":
             _, client, consumer, gen, direct = ev
-            self._client = client
+            self.client = client
             self._consumer = consumer
             self._direct = delivery_buffer(consumer) if direct else None
             self._gen = gen
-            self._channel = Channel(client, gen, self._sink, self.result_ttl)
+            self._channel = Channel(client, gen, self.sink, self.result_ttl)
             # CONTROL broadcasts (revoke with terminate) arrive in the client's reader thread
             client.control_handlers.append(lambda payload: self.post(("control", payload)))
             self.events.emit_now("worker-online", **ev_.online_info(self))
@@ -523,13 +532,13 @@ class Worker:
                 self._begin_stop()
             else:
                 log.warning("%s received again: cold stop", name)
-                self._cold = True
+                self.cold = True
         elif kind == "stop":
             if ev[1] and not self.stopping:
                 log.info("stop requested: warm stop")
                 self._begin_stop()
             elif not ev[1]:
-                self._cold = True
+                self.cold = True
         elif kind == "tick":
             pass
         elif kind == "control":
@@ -537,8 +546,8 @@ class Worker:
         elif kind == "intake-done":
             pass  # the intake thread ended (after a stop, or a crash reported as "fatal")
         elif kind == "fatal":
-            self._fatal = ev[1]
-            self._cold = True
+            self.fatal = ev[1]
+            self.cold = True
 
     def _take_deliveries(self):
         """Deliveries the client buffered for our consumer (the direct path; see client.worker.intake)."""
@@ -554,9 +563,9 @@ class Worker:
             return
         self.stopping = True
         self.stop_event.set()
-        self._grace_deadline = time.monotonic() + self.grace
+        self.grace_deadline = time.monotonic() + self.grace
         self._cancel_consumer()
-        self._hand_back()
+        self.hand_back()
         if self.pool is not None:
             self.pool.drain()
 
@@ -568,7 +577,7 @@ class Worker:
             except BrokerdError:
                 pass
 
-    def _hand_back(self):
+    def hand_back(self):
         """Deliveries received but not started go back to brokerd now."""
         ch = self._channel
         n = 0
@@ -585,220 +594,21 @@ class Worker:
         if n:
             log.info("handed %d waiting tasks back to brokerd", n)
 
-    # -- the synchronous main loop (processes, threads) ----------------------------------------
-    def _run_sync(self):
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self.poller = select.poll()
-        self.poller.register(self._wake_r, select.POLLIN)
-        if self.pool_kind == "processes":
-            self.pool = ProcessPool(self, self.concurrency if not self.autoscale else max(self.autoscale[1], 1),
-                                    self.max_tasks_per_child, self.max_memory_per_child)
-        else:
-            self.pool = ThreadPool(self, self.concurrency if not self.autoscale else max(self.autoscale[1], 1))
-        main = threading.current_thread() is threading.main_thread()
-        old = {}
-        if main:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                old[sig] = signal.signal(sig, self._on_signal)
-        try:
-            self.pool.start()  # fork before any thread exists: children inherit no locks held
-            try:
-                client = connect(self, deadline=time.monotonic() + self.connect_timeout)
-            except BrokerUnreachable:
-                self.pool.close(cold=True)
-                raise
-            if client is None:  # stopped while connecting
-                self.pool.close(cold=True)
-                return
-            self._client = client
-            self._intake_thread = threading.Thread(target=intake, args=(self, client), name="brokerd-intake", daemon=True)
-            self._intake_thread.start()
-            self._loop()
-        finally:
-            for sig, h in old.items():
-                signal.signal(sig, h)
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            self._wake_r = self._wake_w = None
-        if self._fatal is not None:
-            raise self._fatal
-        if self._cold:
-            raise ColdStop("cold stop: running tasks were not waited for; brokerd redelivers them")
-
-    def _loop(self):
-        inbox = self._inbox
-        pool = self.pool
-        backlog = self.backlog
-        running = self.running
-        poller = self.poller
-        wake_r = self._wake_r
-        event = self._event
-        autoscale = self.autoscale
-        has_deadlines = False
-        next_shrink = None
-        while True:
-            while inbox:
-                event(inbox.popleft())
-            if self._sink:
-                self._check_sink()
-            if self._cold:
-                break
-            if pool.current < pool.size:
-                pool.maintain()
-            if backlog:
-                if self.stopping:
-                    self._hand_back()
-                else:
-                    pool.dispatch(backlog, running, time.monotonic())
-                    if self._limited:
-                        has_deadlines = True
-                    if backlog and autoscale and pool.size < autoscale[0]:
-                        pool.grow()
-                        continue
-            if self.stopping and not running:
-                break
-            # How long may we sleep?
-            timeout = None
-            now = None
-            if has_deadlines:
-                now = time.monotonic()
-                t = check_deadlines(running, now, pool, self.hostname, self.finish)
-                has_deadlines = t is not None
-                if t is not None:
-                    timeout = t - now
-            if autoscale:
-                now = now or time.monotonic()
-                next_shrink = pool.shrink_idle(now, autoscale[1], AUTOSCALE_IDLE)
-                if next_shrink is not None:
-                    timeout = min(timeout, next_shrink - now) if timeout is not None else next_shrink - now
-            if self.stopping:
-                now = now or time.monotonic()
-                left = self._grace_deadline - now
-                if left <= 0:
-                    log.error("grace period of %gs is over with %d tasks still running: cold stop", self.grace, len(running))
-                    self._cold = True
-                    break
-                timeout = min(timeout, left) if timeout is not None else left
-            now = now or time.monotonic()
-            beat = self._beat_if_due(now)
-            timeout = self.events.wait(now, min(timeout, beat) if timeout is not None else beat)
-            # Send what this turn buffered (results, acks, nacks, events): one write for the batch.
-            self.flush()
-            # Sleep until a child writes, a delivery or signal arrives, or a timer is due.
-            self._sleeping = True
-            if inbox:
-                self._sleeping = False
-                continue
-            events = poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1))
-            self._sleeping = False
-            for fd, _ in events:
-                if fd == wake_r:
-                    try:
-                        while os.read(wake_r, 4096):
-                            pass
-                    except BlockingIOError:
-                        pass
-                else:
-                    pool.on_ready(fd)
-        self._shutdown()
-
-    def _shutdown(self):
+    # -- stopping (both loops end here) ----------------------------------------
+    def shutdown(self):
         """Both loops end here: stop the pool, say worker-offline, close the connection."""
-        cold = self._cold
+        cold = self.cold
         self.stop_event.set()
         self.pool.close(cold=cold)
-        self._check_sink()
-        client = self._client
+        self.check_sink()
+        client = self.client
         if client is not None:
             self.events.emit_now("worker-offline")
             self.flush(force=True)
             close_quietly(client)
-        if self._intake_thread is not None:
-            self._intake_thread.join(2.0)
+        if self.intake_thread is not None:
+            self.intake_thread.join(2.0)
         if self._orphans:
             log.warning("%d results could not be stored (brokerd unreachable); their tasks will run again", len(self._orphans))
         log.info("%s stopped (%s)", self.hostname, "cold" if cold else "warm")
 
-    # -- the trio loop --------------------------------------------------------------------------
-    def run_trio(self):
-        import trio  # lazy: only this pool needs trio, and importing it costs the other pools start-up time
-
-        from client.worker.pools.trio import TrioPool  # lazy, for the same reason
-
-        self.pool = TrioPool(self)
-        client = connect(self, deadline=time.monotonic() + self.connect_timeout)
-        if client is None:
-            return
-        self._client = client
-        trio.run(self._trio_main, client)
-        if self._fatal is not None:
-            raise self._fatal
-        if self._cold:
-            raise ColdStop("cold stop: running tasks were cancelled; brokerd redelivers them")
-
-    async def _trio_main(self, client):
-        import trio  # lazy: see run_trio
-
-        token = trio.lowlevel.current_trio_token()
-        send, recv = trio.open_memory_channel(float("inf"))
-
-        def post(item, _soon=token.run_sync_soon, _send=send.send_nowait):
-            try:
-                _soon(_send, item)
-            except trio.RunFinishedError:
-                pass
-
-        self.post = post
-        main = threading.current_thread() is threading.main_thread()
-        async with trio.open_nursery() as nursery:
-            self.pool.nursery = nursery
-            self.pool.wake = send.send_nowait
-            if main:
-                nursery.start_soon(self._trio_signals)
-            self._intake_thread = threading.Thread(target=intake, args=(self, client), name="brokerd-intake", daemon=True)
-            self._intake_thread.start()
-            pool = self.pool
-            backlog = self.backlog
-            while True:
-                if self._cold:
-                    break
-                if self.stopping and not self.running and not backlog:
-                    break
-                timeout = float("inf")
-                if self.stopping:
-                    timeout = self._grace_deadline - time.monotonic()
-                    if timeout <= 0:
-                        log.error("grace period of %gs is over with %d tasks still running: cold stop",
-                                  self.grace, len(self.running))
-                        self._cold = True
-                        break
-                now = time.monotonic()
-                timeout = self.events.wait(now, min(timeout, self._beat_if_due(now)))
-                with trio.move_on_after(timeout):
-                    ev = await recv.receive()
-                    self._event(ev)
-                    while True:  # drain without yielding between events
-                        try:
-                            ev = recv.receive_nowait()
-                        except trio.WouldBlock:
-                            break
-                        self._event(ev)
-                if self.stopping:
-                    self._hand_back()
-                while backlog and pool.has_idle():
-                    job = backlog.popleft()
-                    self.running[job.seq] = job
-                    pool.submit(job)
-                self.flush()
-            nursery.cancel_scope.cancel()
-        self.post = self._post_sync
-        await trio.to_thread.run_sync(self._shutdown)
-
-    async def _trio_signals(self):
-        import trio  # lazy: see run_trio
-
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-            async for signum in sigs:
-                self.post(("signal", signum))

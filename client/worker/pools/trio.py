@@ -3,7 +3,7 @@
 ``async def`` tasks run concurrently on the loop; plain ``def`` tasks through
 ``trio.to_thread``.  Time limits are cancel scopes: the task sees ``trio.Cancelled`` and its
 result is a ``SoftTimeLimitExceeded`` (or ``TimeLimitExceeded``) FAILURE; a ``def`` task past its
-limit is abandoned in its thread.  The loop that feeds this pool is ``Worker.run_trio``; it sets
+limit is abandoned in its thread.  The loop that feeds this pool is ``client.worker.trio_loop``; it sets
 ``nursery`` (where tasks run) and ``wake`` (how a finished task wakes it) before submitting.
 """
 
