@@ -134,7 +134,7 @@ class Durability:
             t, payload = backlog[0]
             try:
                 data = _encode_record(t, payload)
-                lsn = wal.append(t, data)
+                wal.append(t, data)
             except MemoryError:
                 if not self._memory_warned:
                     self._memory_warned = True
