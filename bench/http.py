@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:
 
 from client import wire  # noqa: E402
 from tests.support.broker import BrokerProcess  # noqa: E402
-from tests.wireclient import Raw  # noqa: E402
+from tests.support.wireclient import Raw  # noqa: E402
 
 
 

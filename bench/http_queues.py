@@ -35,7 +35,7 @@ bench_http = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_http)
 
 from client import wire  # noqa: E402
-from tests.wireclient import Raw  # noqa: E402
+from tests.support.wireclient import Raw  # noqa: E402
 
 ENDPOINTS = ("/", "/api/overview?html=1", "/api/overview", "/metrics", "/api/queues")
 

@@ -37,7 +37,7 @@ bench_http = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_http)
 
 from client import wire  # noqa: E402
-from tests.wireclient import Raw  # noqa: E402
+from tests.support.wireclient import Raw  # noqa: E402
 
 TRACEBACK = ('Traceback (most recent call last):\n  File "tasks.py", line 12, in charge\n'
              '    raise ValueError("card declined")\nValueError: card declined\n')

@@ -10,7 +10,7 @@ shell one method per verb, with the verb's name, signature and docstring:
     Client.declare(...)              ->  self._run(verbs.declare(self, ...))
     await AsyncClient.declare(...)   ->  await self._run(verbs.declare(self, ...))
 
-so a verb added here appears in both shells, and ``tests/test_client_parity.py``
+so a verb added here appears in both shells, and ``tests/client/test_client_parity.py``
 checks that they agree.  Every verb here is *confirmed*: it waits for the
 broker's reply.  The pipelined paths (``publish(confirm=False)``, batched
 acks) are the shells' own, because they must not allocate a ``Call``.
@@ -315,7 +315,7 @@ PRIVATE_VERBS = {"_ack_now": ack_delivery, "_nack": nack_delivery, "_touch": tou
 
 
 # -- verbs each shell writes itself (how they wait differs), described here once ------------
-# The shells take these docstrings (``described_by``); tests/test_client_parity.py
+# The shells take these docstrings (``described_by``); tests/client/test_client_parity.py
 # checks their signatures against these.
 def publish(client, queue: str, body: bytes, *, priority: int = 0, delay=None, eta=None, ttl=None,
             headers: dict | None = None, confirm: bool = True, id: str | None = None) -> str:

@@ -70,7 +70,7 @@ Example: a segment starting at lsn 1 with salt 0x01020304, holding one record
     42524b4457414c0a 0001 0000 01020304 0000000000000001      header
     00000002 fc9c8607 0000000000000001 02 00 6869              record
 
-``tests/test_wal_records.py`` pins these bytes, CRC included.
+``tests/wal/test_wal_records.py`` pins these bytes, CRC included.
 
 
 How to bump the version
@@ -88,7 +88,7 @@ so old and new segments can sit in one directory during an upgrade.
    how an old brokerd reading a new file says "version N+1 is not supported"
    instead of "corrupt".
 4. Add a test with the exact bytes of a version-N segment (copy the table
-   test in ``tests/test_wal_records.py``) and check it still replays.
+   test in ``tests/wal/test_wal_records.py``) and check it still replays.
 5. Say in the release notes that downgrading after the new version has
    written a segment needs the old segments only: delete the new ones first.
 

@@ -1,1 +1,1 @@
-"""Task modules run by real ``brokerd-worker`` processes in tests/test_worker.py."""
+"""Task modules run by real ``brokerd-worker`` processes in tests/worker/test_worker.py."""

@@ -1,4 +1,4 @@
-"""Tasks for tests/test_worker.py, run by real worker processes.
+"""Tasks for tests/worker/test_worker.py, run by real worker processes.
 
 The broker address comes from ``-b`` on the worker's command line (or
 BROKERD_TEST_BROKER).  ``signal(marker, value)`` stores a result under an id of
@@ -201,7 +201,7 @@ def early_ack(self, path):
     return n
 
 
-# -- poison results and dying processes (tests/test_worker_poison.py) ------------------------------
+# -- poison results and dying processes (tests/worker/test_worker_poison.py) ------------------------------
 @app.task
 def huge_int():
     """CBOR carries it, but repr() raises ValueError (Python's int max str digits, 4,300)."""

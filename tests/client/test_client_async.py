@@ -422,6 +422,6 @@ def test_importing_client_loads_no_event_loop_library():
         "import sys, client, client.wire, client.errors, client.session; "
         "print(sorted(m for m in ('trio', 'asyncio', 'client.producer', 'client.async_client') if m in sys.modules))"
     )
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from client.beat import crontab
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def beat(broker, variant=None):
@@ -55,7 +55,7 @@ def test_a_bad_crontab_is_refused_at_declaration_naming_the_field(broker):
 def test_a_one_second_entry_fires_about_once_a_second_and_survives_kill_9(broker):
     import time
 
-    from tests.wireclient import Raw
+    from tests.support.wireclient import Raw
     from client import wire
 
     p = beat(broker)

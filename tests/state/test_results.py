@@ -5,10 +5,10 @@ import re
 import cbor2
 import pytest
 
-from broker.errors import BrokerError, RequestError
+from broker.errors import RequestError
 from broker.state import BrokerState
 from client import wire
-from tests.wireclient import Raw
+from tests.support.wireclient import Raw
 
 W, C = 1, 2
 

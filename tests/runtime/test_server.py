@@ -8,7 +8,7 @@ import cbor2
 import pytest
 
 from client import wire
-from tests.wireclient import Raw
+from tests.support.wireclient import Raw
 
 
 def test_every_admin_command_answers_as_nc_sends_it(broker):

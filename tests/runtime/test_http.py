@@ -5,7 +5,7 @@ parser after a scripted workload; ``/api/queues`` is read the way KEDA's
 metrics-api scaler reads it (a dotted path into the JSON); the probes are hit
 over HTTP; the sd_notify datagrams are caught on a real AF_UNIX socket.  The
 full-disk and wedged-disk cases run the server in-process over a log with a
-fault plan, as tests/test_durability.py does.
+fault plan, as tests/wal/test_durability.py does.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from broker.runtime.server import Server
 from broker.state import BrokerState
 from broker.wal import FaultPlan, WriteAheadLog
 from client import wire
-from tests.wireclient import Raw
+from tests.support.wireclient import Raw
 
 HTTP_LINE = re.compile(r"http: listening on ([\d.]+):(\d+)")
 
@@ -251,7 +251,7 @@ def test_probes_routes_and_methods(broker_factory):
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.support.broker import ROOT
 
     busy = subprocess.run(
         [sys.executable, "-m", "broker", "--host", "127.0.0.1", "--port", "0",

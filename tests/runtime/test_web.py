@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -26,8 +25,8 @@ import uuid
 import pytest
 
 from client import App, Client
-from tests.test_canvas import Workers, sig
-from tests.test_http import http_port_of
+from tests.client.test_canvas import Workers, sig
+from tests.runtime.test_http import http_port_of
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed: apt-get install chromium")

@@ -18,7 +18,7 @@ from client.app import (
     decode_envelope,
     exception_from,
 )
-from tests.wireclient import Raw
+from tests.support.wireclient import Raw
 
 
 @pytest.fixture
@@ -84,9 +84,9 @@ def test_an_argument_cbor_cannot_carry_fails_at_delay_naming_it(app, broker):
     def f(a, b=None):
         pass
 
-    with pytest.raises(EncodeError, match=r"^argument 1 of tests\.test_app\.f \(function\) cannot be sent to a worker: "):
+    with pytest.raises(EncodeError, match=r"^argument 1 of tests\.client\.test_app\.f \(function\) cannot be sent to a worker: "):
         f.delay(1, lambda: 0)
-    with pytest.raises(EncodeError, match=r"^keyword argument 'b' of tests\.test_app\.f \(lock\) cannot be sent to a worker: "):
+    with pytest.raises(EncodeError, match=r"^keyword argument 'b' of tests\.client\.test_app\.f \(lock\) cannot be sent to a worker: "):
         f.delay(1, b=threading.Lock())
     assert Raw(broker.port).ok(wire.OP_STATS)["queues"] == {}
 

@@ -22,8 +22,8 @@ from broker.state import BrokerState
 from broker.state import events as E
 from client.producer import Client
 from client.wire import OP_CONTROL, OP_EVENT, OP_OK
-from tests.conftest import BrokerProcess
-from tests.test_worker import WAIT, WorkerProcess, fresh_queue
+from tests.support.broker import BrokerProcess
+from tests.worker.test_worker import WAIT, WorkerProcess, fresh_queue
 from tests.worker_apps import tasks
 
 HB = 0.3  # seconds: the workers' heartbeat interval in these tests

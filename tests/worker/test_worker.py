@@ -28,7 +28,7 @@ from client.app import (
     TimeLimitExceeded,
 )
 from client.errors import Disconnected
-from tests.conftest import ROOT, BrokerProcess
+from tests.support.broker import ROOT, BrokerProcess
 from tests.worker_apps import tasks
 
 APP = "tests.worker_apps.tasks:app"

@@ -18,7 +18,7 @@ from broker.errors import (
 from broker.state import BrokerState
 from client.wire import ERROR_CODES
 
-BROKER = Path(__file__).resolve().parent.parent / "broker"
+BROKER = Path(__file__).resolve().parents[2] / "broker"
 
 
 def test_every_broker_error_class_maps_to_one_wire_code():

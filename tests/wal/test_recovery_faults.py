@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from broker.wal import CorruptLog, WalFailed, WriteAheadLog
+from broker.wal import CorruptLog, WriteAheadLog
 from broker.wal.log import MANIFEST_NAME, MissingRecords
-from broker.wal.format import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
+from broker.wal.format import RECORD_HEADER_SIZE
 from client import wire
-from tests.wireclient import Raw
+from tests.support.wireclient import Raw
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------- helpers

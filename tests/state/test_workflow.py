@@ -7,12 +7,11 @@ from zoneinfo import ZoneInfo
 import cbor2
 import pytest
 
-from broker.errors import BrokerError, RequestError
+from broker.errors import RequestError
 from broker.state import BrokerState
 from broker.state.cron import Crontab
 from broker.wal import WriteAheadLog
-from client import wire
-from tests.test_durability import Rig
+from tests.wal.test_durability import Rig
 
 W = 1
 T0 = dt.datetime(2026, 3, 1, 12, 0, 0, tzinfo=dt.timezone.utc).timestamp()

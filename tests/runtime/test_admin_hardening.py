@@ -13,7 +13,7 @@ from hypothesis import given, strategies as st
 
 from broker.handlers.admin import clean, multi
 from client import wire
-from tests.wireclient import Raw
+from tests.support.wireclient import Raw
 
 FORGED = "m1\r\nEND\r\nOK 0 queues\nEND\x1b[2J\u2028\x85"
 

@@ -35,8 +35,8 @@ from broker.runtime.server import Server
 from broker.state import BrokerState
 from broker.wal import WriteAheadLog
 from client import worker_cli
-from tests.conftest import ROOT
-from tests.test_http import start, value_location
+from tests.support.broker import ROOT
+from tests.runtime.test_http import start, value_location
 
 DEPLOY = ROOT / "deploy"
 DEFAULTS = Config()

@@ -13,7 +13,7 @@ from client import App
 from client.app import RemoteError, TaskRevokedError
 from client.canvas import GroupResult, chain, chord, group
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MOD = "tests.canvas_apps.tasks"
 
 

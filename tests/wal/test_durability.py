@@ -11,7 +11,6 @@ import errno
 import shutil
 
 import cbor2
-import pytest
 import trio
 
 from broker.config import Config
@@ -20,7 +19,7 @@ from broker.runtime.server import Server
 from broker.state import BrokerState
 from broker.wal import FaultPlan, WriteAheadLog
 from client import wire
-from tests.wireclient import Raw
+from tests.support.wireclient import Raw
 
 P, C = 1, 2
 

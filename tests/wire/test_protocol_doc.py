@@ -8,7 +8,7 @@ tests/test_io.py (a table of exact bytes, read both ways, byte by byte).
 
 To write a new example, let the codec make the bytes:
 
-    .venv/bin/python tests/test_protocol_doc.py '[2, 7, "emails", b"hi", None, 0, None]'
+    .venv/bin/python tests/wire/test_protocol_doc.py '[2, 7, "emails", b"hi", None, 0, None]'
 
 prints the block to paste (the argument is a Python literal).
 """
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # so that `python tests/test_protocol_doc.py …` works too
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # so that `python tests/wire/test_protocol_doc.py …` works too
     sys.path.insert(0, str(ROOT))
 
 from broker.handlers.admin import COMMANDS  # noqa: E402
@@ -196,5 +196,5 @@ if __name__ == "__main__":
     import ast
 
     if len(sys.argv) != 2:
-        sys.exit("usage: python tests/test_protocol_doc.py '<a frame as a Python literal>'")
+        sys.exit("usage: python tests/wire/test_protocol_doc.py '<a frame as a Python literal>'")
     print(hex_block(ast.literal_eval(sys.argv[1])))

@@ -32,7 +32,7 @@ from broker.runtime.server import Server
 from broker.state import BrokerState
 from broker.wal import FaultPlan, WriteAheadLog
 from client import wire
-from tests.wireclient import Raw
+from tests.support.wireclient import Raw
 
 # A self-referencing array: shareable(tag 28) [ sharedref(tag 29) 0 ].
 CYCLIC = bytes.fromhex("d81c81d81d00")

@@ -1,6 +1,6 @@
 """A worker survives any message (issue 10, finding 9; finding 10's pool_grow).
 
-Real brokerd, real ``brokerd-worker`` processes (``tests/test_worker.py``'s helpers).  Poison
+Real brokerd, real ``brokerd-worker`` processes (``tests/worker/test_worker.py``'s helpers).  Poison
 envelopes are published raw (the SDK refuses to build them); every test then checks the worker
 is the same process, still serving, and the poison task has a final result that names the fault.
 """
@@ -14,7 +14,7 @@ import cbor2
 import pytest
 
 from client.app import EncodeError, RemoteError, WorkerLostError, make_envelope
-from tests.test_worker import WAIT, fresh_queue, ready, shared_broker, workers  # noqa: F401 - fixtures
+from tests.worker.test_worker import WAIT, fresh_queue, ready, shared_broker, workers  # noqa: F401 - fixtures
 from tests.worker_apps import tasks
 
 ADD = "tests.worker_apps.tasks.add"

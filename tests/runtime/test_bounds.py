@@ -16,7 +16,7 @@ import time
 import pytest
 
 from client import wire
-from tests.wireclient import Raw
+from tests.support.wireclient import Raw
 
 MiB = 1024 * 1024
 

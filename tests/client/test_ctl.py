@@ -20,8 +20,8 @@ import pytest
 
 from client import ctl
 from client.producer import Client
-from tests.conftest import ROOT, BrokerProcess
-from tests.test_worker import WAIT, WorkerProcess, fresh_queue
+from tests.support.broker import ROOT, BrokerProcess
+from tests.worker.test_worker import WAIT, WorkerProcess, fresh_queue
 from tests.worker_apps import tasks
 
 

@@ -16,8 +16,8 @@ import threading
 import time
 
 from client import wire
-from tests.test_http import http_port_of
-from tests.wireclient import Raw
+from tests.runtime.test_http import http_port_of
+from tests.support.wireclient import Raw
 
 QUEUES = 20_000
 # Generous for a 2-core box shared with other test runs; before the fix one GET / with
