@@ -303,7 +303,7 @@ def test_inspect_stats_and_pool_grow_and_shrink(ctl_broker, ctl_worker, capsys):
     out = ok(capsys, ctl_broker.address, "inspect", "stats", "-d", w.name, *SLOW_OK)
     assert out.startswith(f"-> {w.name}:\n") and '"implementation": "processes"' in out
     assert size() == 2
-    # pool_grow is capped at the concurrency (-c 2): shrink first to leave room (issue 10, finding 10)
+    # pool_grow is capped at the concurrency (-c 2): shrink first to leave room
     assert ok(capsys, ctl_broker.address, "control", "pool-shrink", "1", "-d", w.name, *SLOW_OK) == f"-> {w.name}: pool shrunk to 1\n"
     assert ok(capsys, ctl_broker.address, "control", "pool-grow", "2", "-d", w.name, *SLOW_OK) == (
         f"-> {w.name}: pool grown to 2 (capped at the worker's concurrency (-c) of 2; 2 more were asked for)\n")

@@ -1,4 +1,4 @@
-"""Admin text output under hostile data (issue 10, finding 10): user values never forge lines.
+"""Admin text output under hostile data: user values never forge lines.
 
 Message ids, task names, worker hostnames and exceptions come from clients; the
 admin protocol is line-based (protocol.md §7), so a CR or LF inside a value

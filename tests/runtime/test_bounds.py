@@ -1,4 +1,4 @@
-"""Everything a client can make brokerd hold is bounded (issue 10, findings 5, 6, 7).
+"""Everything a client can make brokerd hold is bounded: connections, idle time, output, partial input, memory, and the cost of one request.
 
 Each test attacks a real brokerd over real TCP and checks the promise of
 protocol.md §9: idle and slowloris connections are closed, connections past
@@ -67,7 +67,7 @@ def rss(broker) -> int:
         return int(fh.read().split()[1]) * 4096
 
 
-# -- finding 5: idle and handshake timeouts ---------------------------------------------
+# -- idle and handshake timeouts ---------------------------------------------
 
 def test_an_idle_admin_connection_is_closed_after_idle_timeout(broker_factory):
     broker = broker_factory("--idle-timeout", "1")
@@ -133,7 +133,7 @@ def test_a_binary_connection_without_heartbeats_is_closed_when_idle(broker_facto
     r.close()
 
 
-# -- finding 5: max_connections -----------------------------------------------------------
+# -- max_connections -----------------------------------------------------------
 
 def test_connections_past_max_connections_are_refused_politely_and_slots_free_on_close(broker_factory):
     broker = broker_factory("--max-connections", "3")
@@ -176,7 +176,7 @@ def broker_stats_via(r: Raw) -> dict:
     return r.ok(wire.OP_STATS, None)["broker"]
 
 
-# -- finding 6: output bounds on deliveries -------------------------------------------------
+# -- output bounds on deliveries -------------------------------------------------
 
 def test_a_consumer_that_never_reads_is_closed_when_its_deliveries_pass_the_hard_limit(broker_factory):
     # Before: the SLOW_CONSUMER limit was checked only after reading from that
@@ -201,7 +201,7 @@ def test_a_consumer_that_never_reads_is_closed_when_its_deliveries_pass_the_hard
     hog.close()
 
 
-# -- finding 6: partial input across connections ----------------------------------------------
+# -- partial input across connections ----------------------------------------------
 
 def partial_publish(port: int, size: int, keep: int = 16) -> tuple[Raw, bytes]:
     """A connection that sent all but ``keep`` bytes of a PUBLISH of ``size`` bytes."""
@@ -257,7 +257,7 @@ def test_memory_of_partial_frames_returns_to_the_os_after_they_close(broker_fact
             raise AssertionError(f"RSS {before} -> {peak} -> {rss(broker)} bytes: freed buffers stayed resident") from None
 
 
-# -- finding 6: the memory watermark ------------------------------------------------------------
+# -- the memory watermark ------------------------------------------------------------
 
 def test_past_max_memory_publishes_get_memory_limit_while_consumers_drain(broker_factory):
     probe = broker_factory()
@@ -300,7 +300,7 @@ def test_past_max_memory_publishes_get_memory_limit_while_consumers_drain(broker
     assert broker_stats_via(p)["memory_alarm"] is False
 
 
-# -- finding 7: no request is quadratic -----------------------------------------------------------
+# -- no request is quadratic -----------------------------------------------------------
 
 def test_a_consume_naming_40000_queues_is_refused_fast_and_others_stay_fast(broker):
     other = Raw(broker.port, name="other")

@@ -1,11 +1,11 @@
 """One hostile frame costs its own connection, never the broker, the log or another client.
 
-Issue 10 findings 1-3 (shared/REDTEAM.md §4, §1, §3): a 35-byte PUBLISH with a
-self-referencing CBOR value once broke the log for everyone and then crashed
+What these tests guard against, each once seen: a 35-byte PUBLISH with a
+self-referencing CBOR value broke the log for everyone and then crashed
 brokerd; bignum numbers gave INTERNAL; ``--fsync interval``/``never`` released
 confirms before the write; a failed log still answered ACKs OK.
 
-The pure layers (codec + commands + state) are fuzzed hard in-process; the
+The pure layers (codec + handlers + state) are fuzzed hard in-process; the
 same generated frames are then thrown at a real brokerd while a healthy
 client keeps publishing with confirms, and nothing it confirmed is lost.
 """
@@ -83,7 +83,7 @@ def test_a_cyclic_value_in_publish_headers_costs_only_its_connection(broker):
         assert healthy.ok(wire.OP_PUBLISH, "work", b"ok%d" % i, f"ok{i}", 0, None) == f"ok{i}"
     got = consumer.deliveries(20)
     assert sorted(f[4] for f in got) == sorted(f"ok{i}" for i in range(20))
-    consumer.close()  # the red team's crash came at the next consumer disconnect
+    consumer.close()  # the broken broker used to crash at the next consumer disconnect
     time.sleep(0.2)
     assert broker.proc.poll() is None, "\n".join(broker.log)
     assert healthy.ok(wire.OP_PUBLISH, "work", b"after", "after", 0, None) == "after"

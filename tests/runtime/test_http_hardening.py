@@ -1,4 +1,4 @@
-"""The HTTP side under attack (issue 10: findings 5, 7 and 10), against a real brokerd.
+"""The HTTP side under attack: many queues, slow requests, foreign hosts, against a real brokerd.
 
 - Many queues: the page, /api/overview, /metrics and /api/queues must not stall the event
   loop (a PING on another connection stays fast while they are fetched).

@@ -1,4 +1,4 @@
-"""The live web page (issue 7 item 4), checked in a real headless Chromium.
+"""The live web page, checked in a real headless Chromium.
 
 A real brokerd and a real worker (``python -m client.worker_cli``) run a task
 that succeeds and one that fails; a message is dead-lettered with

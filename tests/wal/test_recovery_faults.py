@@ -1,4 +1,4 @@
-"""Recovery under faults (issue 10, findings 4, 5, 6 and 8): the log's start,
+"""Recovery under faults: the log's start,
 torn tails versus corruption, repair that keeps what it can read, a nearly
 full disk at restart, running out of file descriptors, and MemoryError.
 
@@ -98,7 +98,7 @@ def drain_ids(port, queue="q"):
     return ids
 
 
-# --------------------------------------------------------------------------- finding 8: where the log starts
+# --------------------------------------------------------------------------- where the log starts
 
 
 def test_a_missing_oldest_segment_refuses_start_naming_the_missing_lsns(broker_factory):
@@ -164,7 +164,7 @@ def test_a_crash_between_the_manifest_and_the_deletes_replays_the_old_segments_t
     assert replay(tmp_path)[0] == list(range(1, 301))
 
 
-# --------------------------------------------------------------------------- finding 8: torn tail or corruption
+# --------------------------------------------------------------------------- torn tail or corruption
 
 
 def test_a_bit_flip_inside_the_final_complete_record_is_corruption_not_a_torn_tail(tmp_path):
@@ -211,10 +211,10 @@ def test_zeros_from_a_sector_boundary_inside_the_last_record_are_a_torn_tail(tmp
     assert report.truncated_at == (seg, off)
 
 
-# --------------------------------------------------------------------------- finding 8: repair keeps what it can read
+# --------------------------------------------------------------------------- repair keeps what it can read
 
 
-def _red_team_log(tmp_path):
+def _four_segment_log(tmp_path):
     segs = build(tmp_path, 6000, segment_bytes=100_000)
     assert len(segs) == 4
     return segs
@@ -222,7 +222,7 @@ def _red_team_log(tmp_path):
 
 def test_repair_of_one_flipped_bit_in_the_oldest_of_4_segments_drops_one_record_of_6000(tmp_path):
     # Red team: 5,386-5,438 of 6,000 dropped.
-    segs = _red_team_log(tmp_path)
+    segs = _four_segment_log(tmp_path)
     seg, off, _ = offsets(tmp_path)[700]
     assert seg == segs[0].name
     flip(tmp_path / seg, off + RECORD_HEADER_SIZE + 10)
@@ -243,7 +243,7 @@ def test_repair_of_one_flipped_bit_in_the_oldest_of_4_segments_drops_one_record_
 @pytest.mark.parametrize("byte", [12, 15])
 def test_repair_of_a_flipped_salt_byte_in_the_first_segment_drops_nothing(tmp_path, byte):
     # Red team: all 6,000 dropped.
-    segs = _red_team_log(tmp_path)
+    segs = _four_segment_log(tmp_path)
     flip(tmp_path / segs[0].name, byte, 0xFF)
     with pytest.raises(CorruptLog):
         replay(tmp_path)
@@ -253,7 +253,7 @@ def test_repair_of_a_flipped_salt_byte_in_the_first_segment_drops_nothing(tmp_pa
 
 
 def test_repair_of_a_zeroed_page_mid_log_drops_only_that_page(tmp_path):
-    segs = _red_team_log(tmp_path)
+    segs = _four_segment_log(tmp_path)
     page = 8192
     path = tmp_path / segs[1].name
     where = offsets(tmp_path)
@@ -268,7 +268,7 @@ def test_repair_of_a_zeroed_page_mid_log_drops_only_that_page(tmp_path):
 
 
 def test_repair_of_a_missing_middle_segment_keeps_the_segments_after_it(tmp_path):
-    segs = _red_team_log(tmp_path)
+    segs = _four_segment_log(tmp_path)
     os.unlink(tmp_path / segs[1].name)
     lsns, report = replay(tmp_path, repair=True)
     assert lsns == [n for n in range(1, 6001) if not segs[1].first_lsn <= n <= segs[1].last_lsn]
@@ -297,7 +297,7 @@ def test_repair_through_brokerd_names_the_messages_whose_publish_it_dropped(brok
     assert seqs  # the deliveries happened before the damage was made
 
 
-# --------------------------------------------------------------------------- finding 6: MemoryError in append
+# --------------------------------------------------------------------------- MemoryError in append
 
 
 class _FailingBuffer(bytearray):
@@ -345,7 +345,7 @@ def test_a_memory_error_at_any_step_of_append_leaves_no_half_record(tmp_path, mo
     wal.close()
 
 
-# --------------------------------------------------------------------------- finding 5: file descriptors
+# --------------------------------------------------------------------------- file descriptors
 
 
 EMFILE_SCRIPT = textwrap.dedent(
@@ -402,7 +402,7 @@ def test_running_out_of_file_descriptors_postpones_rotation_and_never_fails_the_
     assert lsns == list(range(1, 51))
 
 
-# --------------------------------------------------------------------------- finding 4: a nearly full disk at restart
+# --------------------------------------------------------------------------- a nearly full disk at restart
 
 
 @pytest.fixture

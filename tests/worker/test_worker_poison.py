@@ -1,4 +1,4 @@
-"""A worker survives any message (issue 10, finding 9; finding 10's pool_grow).
+"""A worker survives any message (and pool_grow is capped).
 
 Real brokerd, real ``brokerd-worker`` processes (``tests/worker/test_worker.py``'s helpers).  Poison
 envelopes are published raw (the SDK refuses to build them); every test then checks the worker
@@ -29,7 +29,7 @@ def _env(**changes):
 
 
 # (field named in the error, envelope changes): each crashed the worker's main process or would
-# raise later in it (red team: "expires": "tomorrow" and a text time_limit, 3 of 3 starts crashed).
+# raise later in it ("expires": "tomorrow" or a text time_limit once crashed every worker start).
 POISON = [
     ("expires", {"expires": "tomorrow"}),
     ("expires", {"expires": 10**400}),
