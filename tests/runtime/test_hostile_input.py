@@ -28,10 +28,10 @@ from hypothesis import strategies as st
 from broker.handlers import binary as commands
 from broker.config import Config
 from broker.runtime.durability import Durability
-from broker.runtime.server import Server
 from broker.state import BrokerState
 from broker.wal import FaultPlan, WriteAheadLog
 from client import wire
+from tests.support.inprocess import replayed_state, serve_with_fault
 from tests.support.wireclient import Raw
 
 # A self-referencing array: shareable(tag 28) [ sharedref(tag 29) 0 ].
@@ -149,16 +149,7 @@ def test_kill_9_at_the_first_confirms_loses_none_of_them(broker_factory, policy)
 
 # -- after the log failed nothing that changes state is answered OK --------------------------------
 async def test_after_the_log_fails_acks_and_every_change_are_refused(tmp_path, nursery):
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    config = Config(port=0, http_port=0, data_dir=str(data_dir), heartbeat=0)
-    fault = FaultPlan(fail_write_after_bytes=6000, errno=errno.ENOSPC)
-    wal = WriteAheadLog(str(data_dir), fsync="always", fault=fault)
-    state = BrokerState()
-    state.replay(((r.lsn, r.type, cbor2.loads(r.payload)) for r in wal.open()), 0.0)
-    state.enable_log()
-    server = Server(config, state, Durability(wal, state, config))
-    port = await nursery.start(server.serve)
+    server, port = await serve_with_fault(tmp_path, nursery, FaultPlan(fail_write_after_bytes=6000, errno=errno.ENOSPC))
 
     def run():
         c = Raw(port)
@@ -187,13 +178,9 @@ async def test_after_the_log_fails_acks_and_every_change_are_refused(tmp_path, n
     for name, reply in replies.items():
         assert reply[0] == wire.OP_ERROR and reply[2] == "LOG_FAILED", (name, reply)
         assert "No space left on device" in reply[3], (name, reply)
-    wal.close()
-    state2 = BrokerState()
-    wal2 = WriteAheadLog(str(data_dir), fsync="never")
-    state2.replay(((r.lsn, r.type, cbor2.loads(r.payload)) for r in wal2.open()), 0.0)
-    wal2.close()
+    server.wal.wal.close()
     # the refused ACKs really were not applied: those ten messages are all still there
-    assert {f"m{i}" for i in range(10)} <= {m.id for m in state2.live_messages()}
+    assert {f"m{i}" for i in range(10)} <= {m.id for m in replayed_state(tmp_path / "data").live_messages()}
 
 
 # -- MemoryError while appending: held, retried in order, never half a record ---------------------

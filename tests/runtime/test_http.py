@@ -23,18 +23,14 @@ import time
 import uuid
 from pathlib import Path
 
-import cbor2
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.runtime import http as broker_http
-from broker.config import Config
-from broker.runtime.durability import Durability
-from broker.runtime.server import Server
-from broker.state import BrokerState
-from broker.wal import FaultPlan, WriteAheadLog
+from broker.wal import FaultPlan
 from client import wire
+from tests.support.inprocess import serve_with_fault
 from tests.support.wireclient import Raw
 
 HTTP_LINE = re.compile(r"http: listening on ([\d.]+):(\d+)")
@@ -293,15 +289,7 @@ def test_sd_notify_ready_status_and_stopping_over_a_real_socket(broker_factory):
 
 # -- in-process: a failed log, a wedged disk ---------------------------------------------------
 async def _serve_with_fault(tmp_path, nursery, fault):
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    config = Config(port=0, http_port=0, data_dir=str(data_dir), heartbeat=0)
-    wal = WriteAheadLog(str(data_dir), fsync="never", fault=fault)
-    state = BrokerState()
-    state.replay(((r.lsn, r.type, cbor2.loads(r.payload)) for r in wal.open()), 0.0)
-    state.enable_log()
-    server = Server(config, state, Durability(wal, state, config))
-    port = await nursery.start(server.serve)
+    server, port = await serve_with_fault(tmp_path, nursery, fault, fsync="never")
     return server, port, server.http_address[1]
 
 

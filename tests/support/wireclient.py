@@ -96,3 +96,17 @@ class Raw:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def drain(port: int, queue: str = "q") -> list:
+    """Take and ack every ready message of ``queue``; return their ids in delivery order."""
+    r = Raw(port)
+    total = r.ok(wire.OP_STATS, queue)["ready"]
+    r.ok(wire.OP_CONSUME, [queue], 500)
+    ids = []
+    while len(ids) < total:
+        batch = r.deliveries(min(500, total - len(ids)))
+        ids += [f[4] for f in batch]
+        r.ok(wire.OP_ACK, [f[2] for f in batch])
+    r.close()
+    return ids

@@ -13,13 +13,11 @@ import shutil
 import cbor2
 import trio
 
-from broker.config import Config
-from broker.runtime.durability import Durability
-from broker.runtime.server import Server
 from broker.state import BrokerState
 from broker.wal import FaultPlan, WriteAheadLog
 from client import wire
-from tests.support.wireclient import Raw
+from tests.support.inprocess import replayed_state, serve_with_fault
+from tests.support.wireclient import Raw, drain
 
 P, C = 1, 2
 
@@ -239,20 +237,6 @@ def log_bytes(directory) -> int:
     return total
 
 
-def drain(port, queue):
-    """Take and ack every ready message of queue; return their ids in delivery order."""
-    r = Raw(port)
-    total = r.ok(wire.OP_STATS, queue)["ready"]
-    r.ok(wire.OP_CONSUME, [queue], 500)
-    ids = []
-    while len(ids) < total:
-        batch = r.deliveries(min(500, total - len(ids)))
-        ids += [f[4] for f in batch]
-        r.ok(wire.OP_ACK, [f[2] for f in batch])
-    r.close()
-    return ids
-
-
 def test_kill_9_during_confirmed_publishes_loses_no_confirmed_message(broker_factory):
     import threading
 
@@ -366,16 +350,7 @@ def test_compaction_under_load_keeps_the_log_small_and_loses_nothing(broker_fact
 
 
 async def test_a_full_disk_refuses_publishes_with_log_failed_and_keeps_what_was_confirmed(tmp_path, nursery):
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    config = Config(port=0, http_port=0, data_dir=str(data_dir), heartbeat=0)
-    fault = FaultPlan(fail_write_after_bytes=3000, errno=errno.ENOSPC)
-    wal = WriteAheadLog(str(data_dir), fsync="always", fault=fault)
-    state = BrokerState()
-    state.replay(((r.lsn, r.type, cbor2.loads(r.payload)) for r in wal.open()), 0.0)
-    state.enable_log()
-    server = Server(config, state, Durability(wal, state, config))
-    port = await nursery.start(server.serve)
+    server, port = await serve_with_fault(tmp_path, nursery, FaultPlan(fail_write_after_bytes=3000, errno=errno.ENOSPC))
 
     def produce():
         c = Raw(port)
@@ -393,10 +368,6 @@ async def test_a_full_disk_refuses_publishes_with_log_failed_and_keeps_what_was_
     assert "No space left on device" in refused[0][1][3]
     assert "wal_state" in stats and "FAILED" in stats
     # what was confirmed is on disk: reopen the directory with a healthy log
-    wal.close()
-    state2 = BrokerState()
-    wal2 = WriteAheadLog(str(data_dir), fsync="never")
-    state2.replay(((r.lsn, r.type, cbor2.loads(r.payload)) for r in wal2.open()), 0.0)
-    wal2.close()
-    have = {m.id for m in state2.live_messages()}
+    server.wal.wal.close()
+    have = {m.id for m in replayed_state(tmp_path / "data").live_messages()}
     assert {mid for mid, _ in confirmed} <= have

@@ -22,7 +22,7 @@ from broker.wal import CorruptLog, WriteAheadLog
 from broker.wal.log import MANIFEST_NAME, MissingRecords
 from broker.wal.format import RECORD_HEADER_SIZE
 from client import wire
-from tests.support.wireclient import Raw
+from tests.support.wireclient import Raw, drain
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,19 +85,6 @@ def publish(port, n, queue="q", body=b"m" * 100, prefix="p"):
     r.close()
 
 
-def drain_ids(port, queue="q"):
-    r = Raw(port)
-    total = r.ok(wire.OP_STATS, queue)["ready"]
-    r.ok(wire.OP_CONSUME, [queue], 500)
-    ids = []
-    while len(ids) < total:
-        batch = r.deliveries(min(500, total - len(ids)))
-        ids += [f[4] for f in batch]
-        r.ok(wire.OP_ACK, [f[2] for f in batch])
-    r.close()
-    return ids
-
-
 # --------------------------------------------------------------------------- where the log starts
 
 
@@ -118,7 +105,7 @@ def test_a_missing_oldest_segment_refuses_start_naming_the_missing_lsns(broker_f
     # --repair accepts the loss, says so, and keeps every later message.
     b.restart("--repair")
     assert any(f"lsns 1..{second_first - 1}" in line and "dropped" in line for line in b.log)
-    ids = drain_ids(b.port)
+    ids = drain(b.port)
     assert ids == [f"p{i}" for i in range(second_first - 1, 1500)]
 
 
@@ -289,7 +276,7 @@ def test_repair_through_brokerd_names_the_messages_whose_publish_it_dropped(brok
     data[data.find(b"p7")] ^= 0x01
     seg.write_bytes(bytes(data))
     b.restart("--repair")
-    ids = drain_ids(b.port)
+    ids = drain(b.port)
     assert sorted(ids) == sorted(f"p{i}" for i in range(20) if i != 7)
     named = [line for line in b.log if "publish of 1 message(s) was dropped" in line]
     assert named, "\n".join(b.log)
@@ -444,7 +431,7 @@ def test_a_restart_on_a_nearly_full_disk_comes_up_and_stays_up(broker_factory, s
     b = broker_factory("--fsync", "never", data_dir=data)
     publish(b.port, 3000, queue="keep", body=b"k" * 1000, prefix="k")
     publish(b.port, 8000, queue="junk", body=b"j" * 1000, prefix="j")
-    assert len(drain_ids(b.port, "junk")) == 8000
+    assert len(drain(b.port, "junk")) == 8000
     assert b.terminate() == 0
     filler = fill(small_disk, 256 * 1024)
 
@@ -469,7 +456,7 @@ def test_a_restart_on_a_nearly_full_disk_comes_up_and_stays_up(broker_factory, s
         assert r.call(wire.OP_PUBLISH, "small", b"s", f"s{i}", 0, None)[0] == wire.OP_OK
         time.sleep(0.1)  # the retry is time-based (COMPACTION_RETRY_SECONDS); writes drive it
     r.close()
-    assert drain_ids(b.port, "keep") == [f"k{i}" for i in range(3000)]
+    assert drain(b.port, "keep") == [f"k{i}" for i in range(3000)]
 
 
 @pytest.mark.parametrize("where", ["middle", "end"])
