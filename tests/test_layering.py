@@ -35,6 +35,8 @@ FORBIDDEN = {
     # handlers are pure: decode, call the state, build the reply; the runtime does the I/O
     "broker/handlers/": IO | CLOCK | {"os", "hypercorn", "broker.runtime", "broker.wal", "broker.cli", "broker.boot"},
     "broker/config.py": {"broker", "client", "trio"},
+    # who may do what, decided without I/O or a clock (the handshake and handlers ask it)
+    "broker/auth.py": IO | CLOCK | {"broker.runtime", "broker.state", "broker.wal", "broker.handlers", "hypercorn"},
     "broker/errors.py": IO | {"broker.state", "broker.runtime", "broker.handlers"},
     "client/session.py": IO | CLOCK,
     # argument shaping shared by the shells, the verb table and the CLIs: below all of them

@@ -1,0 +1,360 @@
+"""Users, their credentials and their grants: who may do what, decided without I/O.
+
+The shape (RabbitMQ's users with per-vhost configure/write/read patterns and
+Redis's ACL users with key patterns and command categories, made simpler):
+
+* A **user** has a name, a token stored only as a salted, slow hash, and
+  **grants**: for each kind of operation, a list of queue-name globs
+  (``"emails"``, ``"sms.*"``, ``"*"``).
+* The **kinds** (``GRANT_KINDS``) follow who does what: a web app publishes
+  and reads results; a worker consumes, writes results and reports events;
+  an operator manages queues; only an admin types netcat commands or manages
+  users.  ``REQUIRED`` says, for every op of protocol.md §5, which kind it
+  needs and for which queues; ``required(frame)`` applies it to one frame.
+* Users live in a TOML **users file** (``USERS_FILE_EXAMPLE``), one table per
+  user; ``brokerd-ctl user add NAME`` writes one and prints its token once.
+
+Nothing here reads a socket or a clock: the handshake asks
+``Users.authenticate`` and the handlers ask ``User.may``; failed logins from
+one address are slowed by ``AuthThrottle``, with ``now`` passed in.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import math
+import os
+import re
+import secrets
+import tomllib
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+from client.wire import (
+    OP_ACK,
+    OP_ADMIN,
+    OP_BYE,
+    OP_CANCEL,
+    OP_CHORD,
+    OP_CONSUME,
+    OP_CONTROL_REPLY,
+    OP_CONTROL_REQUEST,
+    OP_DECLARE,
+    OP_DELETE,
+    OP_EMIT_EVENTS,
+    OP_HEARTBEAT,
+    OP_HELLO,
+    OP_NACK,
+    OP_PAUSE,
+    OP_PING,
+    OP_PUBLISH,
+    OP_PURGE,
+    OP_RESULT_FORGET,
+    OP_RESULT_GET,
+    OP_RESULT_SET,
+    OP_RESUME,
+    OP_REVOKE,
+    OP_SCHEDULE_LIST,
+    OP_SCHEDULE_PAUSE,
+    OP_SCHEDULE_PUT,
+    OP_SCHEDULE_REMOVE,
+    OP_STATS,
+    OP_SUBSCRIBE,
+    OP_TASK_INFO,
+    OP_TOUCH,
+    OP_WORKERS,
+)
+
+# -- the kinds of grant ---------------------------------------------------------------------
+GRANT_KINDS = (
+    "publish",        # PUBLISH; a chord's body and a schedule's target queue too
+    "consume",        # CONSUME and settling what was delivered (ACK, NACK, TOUCH, CANCEL); a worker's events
+    "manage",         # DECLARE, DELETE, PURGE, PAUSE, RESUME; dead letters and their requeue
+    "results-read",   # RESULT_GET, TASK_INFO: a web app waiting for its tasks
+    "results-write",  # RESULT_SET, RESULT_FORGET: a worker storing outcomes
+    "schedules",      # SCHEDULE_PUT/REMOVE/PAUSE/LIST: brokerd-beat
+    "control",        # REVOKE, CONTROL_REQUEST, SUBSCRIBE, WORKERS: operators and dashboards
+    "admin",          # every netcat command, ADMIN frames, user management
+)
+ANY_QUEUE = None  # "the kind on any queue at all" (ops that name no queue)
+QUEUE_KINDS = ("publish", "consume", "manage", "admin")  # the kinds whose globs name queues
+
+# op -> (kind, how to find the queues it touches: a field index, "queues" for a list, or None)
+REQUIRED: dict[int, tuple[str, object] | None] = {
+    OP_HELLO: None, OP_HEARTBEAT: None, OP_PING: None, OP_BYE: None,
+    OP_PUBLISH: ("publish", 2),
+    OP_CONSUME: ("consume", "queues"),
+    OP_CANCEL: ("consume", None), OP_ACK: ("consume", None), OP_NACK: ("consume", None), OP_TOUCH: ("consume", None),
+    OP_EMIT_EVENTS: ("consume", None), OP_CONTROL_REPLY: ("consume", None),
+    OP_DECLARE: ("manage", 2), OP_DELETE: ("manage", 2), OP_PURGE: ("manage", 2),
+    OP_PAUSE: ("manage", 2), OP_RESUME: ("manage", 2),
+    OP_STATS: None,  # answered for the queues the user has any grant on (the handler filters)
+    OP_RESULT_GET: ("results-read", None), OP_TASK_INFO: ("results-read", None),
+    OP_RESULT_SET: ("results-write", None), OP_RESULT_FORGET: ("results-write", None),
+    OP_SCHEDULE_PUT: ("schedules", None), OP_SCHEDULE_REMOVE: ("schedules", None),
+    OP_SCHEDULE_PAUSE: ("schedules", None), OP_SCHEDULE_LIST: ("schedules", None),
+    OP_CHORD: ("publish", None),  # checked per target queue by required(): the body's and the error's
+    OP_REVOKE: ("control", None), OP_CONTROL_REQUEST: ("control", None),
+    OP_SUBSCRIBE: ("control", None), OP_WORKERS: ("control", None),
+    OP_ADMIN: ("admin", None),
+}
+
+USER_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+USERS_FILE_EXAMPLE = '''\
+# brokerd users: one table per user.  "token" is a salted scrypt hash, never the token itself
+# (brokerd-ctl user add NAME writes a table and prints the token once).  Each other key is a
+# kind of grant with the queue-name globs it covers.
+[users.webapp]
+token = "scrypt$16384$8$1$<salt>$<hash>"
+publish = ["emails", "sms.*"]
+results-read = ["*"]
+
+[users.worker]
+token = "scrypt$16384$8$1$<salt>$<hash>"
+consume = ["emails", "sms.*"]
+results-write = ["*"]
+'''
+
+
+class AuthError(ValueError):
+    """A users file or a grant that brokerd cannot use; the message names the user and the key."""
+
+
+# -- tokens ---------------------------------------------------------------------------------------
+# scrypt from the standard library: memory-hard, so a stolen users file does not give tokens away
+# cheaply.  n=2**14, r=8, p=1 is the interactive-login setting of the scrypt paper (~16 MiB, ~50 ms
+# here): paid once per connection, never per message.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+SALT_BYTES = 16
+TOKEN_BYTES = 32  # a generated token: 256 random bits, URL-safe text
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def hash_token(token: str, salt: bytes | None = None, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> str:
+    """``scrypt$n$r$p$salt$hash`` (salt and hash in unpadded URL-safe base64)."""
+    salt = os.urandom(SALT_BYTES) if salt is None else salt
+    digest = hashlib.scrypt(token.encode(), salt=salt, n=n, r=r, p=p, maxmem=64 * 1024 * 1024, dklen=32)
+    return f"scrypt${n}${r}${p}${_b64(salt)}${_b64(digest)}"
+
+
+def check_token(stored: str, token: str) -> bool:
+    """Whether ``token`` matches the stored hash (constant-time compare)."""
+    try:
+        scheme, n, r, p, salt, digest = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        want = _unb64(digest)
+        got = hashlib.scrypt(token.encode(), salt=_unb64(salt), n=int(n), r=int(r), p=int(p),
+                             maxmem=64 * 1024 * 1024, dklen=len(want))
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(got, want)
+
+
+def _b64(b: bytes) -> str:
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+
+def _unb64(s: str) -> bytes:
+    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+# -- users and grants ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class User:
+    name: str
+    token_hash: str = field(repr=False)
+    grants: dict  # kind -> tuple of queue globs
+
+    def may(self, kind: str, queue: str | None = ANY_QUEUE) -> bool:
+        """Whether this user may do ``kind`` on ``queue`` (None: on some queue at all)."""
+        patterns = self.grants.get(kind)
+        if not patterns:
+            return False
+        if queue is None:
+            return True
+        return any(p == "*" or p == queue or fnmatchcase(queue, p) for p in patterns)
+
+    def sees(self, queue: str) -> bool:
+        """Whether a queue grant (publish, consume, manage; or admin) covers ``queue``: listings
+        show the user only those.  Results, schedules and control are not about queues."""
+        return any(self.may(kind, queue) for kind in QUEUE_KINDS)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """What ``check`` found missing: enough for ACCESS_REFUSED's sentence."""
+
+    user: str
+    kind: str
+    queue: str | None
+
+    def message(self, op_name: str) -> str:
+        on = f" on queue {self.queue!r}" if self.queue is not None else ""
+        return f"user {self.user!r} may not {op_name}{on}: it needs the {self.kind!r} grant{on}"
+
+
+def required(frame: list) -> list[tuple[str, str | None]]:
+    """The (kind, queue) pairs one request frame needs; [] for ops anyone connected may send.
+
+    A malformed frame needs what its op needs on "some queue": the handler then refuses its
+    shape with BAD_REQUEST, and a user without the kind learns nothing about queues.
+    """
+    op = frame[0]
+    rule = REQUIRED.get(op, ("admin", None))  # an op this table does not know: admins only
+    if rule is None:
+        return []
+    kind, where = rule
+    if where == "queues":
+        names = frame[2] if len(frame) > 2 and type(frame[2]) is list else []
+        return [(kind, q if type(q) is str else None) for q in names] or [(kind, None)]
+    if type(where) is int:
+        q = frame[where] if len(frame) > where else None
+        return [(kind, q if type(q) is str else None)]
+    if op == OP_CHORD:  # [26, rid, chord_id, members, body spec, error spec]
+        out = [(kind, spec.get("queue") if type(spec.get("queue")) is str else None)
+               for spec in frame[4:6] if type(spec) is dict]
+        return out or [(kind, None)]
+    if op == OP_SCHEDULE_PUT:  # the entry publishes into its queue: that needs publish there too
+        spec = frame[3] if len(frame) > 3 and type(frame[3]) is dict else {}
+        target = spec.get("queue")
+        return [(kind, None), ("publish", target if type(target) is str else None)]
+    return [(kind, None)]
+
+
+def check(user: User, frame: list) -> Refusal | None:
+    """None if ``user`` may send ``frame``; else the first grant it lacks."""
+    for kind, queue in required(frame):
+        if not user.may(kind, queue):
+            return Refusal(user.name, kind, queue)
+    return None
+
+
+class Users:
+    """Every configured user, by name."""
+
+    def __init__(self, users: dict[str, User] | None = None):
+        self.by_name = dict(users or {})
+
+    def __bool__(self) -> bool:
+        return bool(self.by_name)
+
+    def __len__(self) -> int:
+        return len(self.by_name)
+
+    def authenticate(self, name, token) -> User | None:
+        """The user if ``token`` is theirs; None otherwise (unknown name included: the caller
+        says AUTH_FAILED either way, so a stranger cannot learn which names exist)."""
+        if type(name) is not str or type(token) is not str:
+            return None
+        user = self.by_name.get(name)
+        if user is None:
+            check_token(_DUMMY_HASH, token)  # the same ~50 ms whether or not the name exists
+            return None
+        return user if check_token(user.token_hash, token) else None
+
+
+_DUMMY_HASH = hash_token("no such user", b"\x00" * SALT_BYTES)
+
+
+def parse_users(text: str, source: str = "users file") -> Users:
+    """A users file's TOML text -> Users, or AuthError naming the user and the key."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise AuthError(f"{source} is not valid TOML: {exc}") from None
+    extra = set(data) - {"users"}
+    if extra:
+        raise AuthError(f"{source}: unknown top-level key(s) {sorted(extra)}; users go in [users.NAME] tables")
+    table = data.get("users", {})
+    if type(table) is not dict:
+        raise AuthError(f"{source}: 'users' must be a table of [users.NAME] tables")
+    users = {}
+    for name, entry in table.items():
+        if not USER_NAME.match(name):
+            raise AuthError(f"{source}: user name {name!r} must be 1-64 letters, digits, '_', '.', '@' or '-'")
+        if type(entry) is not dict:
+            raise AuthError(f"{source}: [users.{name}] must be a table")
+        token = entry.get("token")
+        if type(token) is not str or not token.startswith("scrypt$") or token.count("$") != 5:
+            raise AuthError(f"{source}: [users.{name}] needs token = \"scrypt$...\" (a hash from brokerd-ctl user add, "
+                            "never the token itself)")
+        grants = {}
+        for key, patterns in entry.items():
+            if key == "token":
+                continue
+            if key not in GRANT_KINDS:
+                raise AuthError(f"{source}: [users.{name}] has unknown grant {key!r}; known: {', '.join(GRANT_KINDS)}")
+            if type(patterns) is not list or not all(type(p) is str and p for p in patterns):
+                raise AuthError(f"{source}: [users.{name}] {key} must be a list of queue-name globs, "
+                                f"e.g. {key} = [\"emails\", \"sms.*\"]")
+            grants[key] = tuple(patterns)
+        users[name] = User(name, token, grants)
+    return Users(users)
+
+
+def parse_grant_args(args: list[str]) -> dict[str, tuple[str, ...]]:
+    """``["publish=emails,sms.*", "results-read=*"]`` -> grants, or AuthError naming the bad one."""
+    grants: dict[str, tuple[str, ...]] = {}
+    for arg in args:
+        kind, sep, globs = arg.partition("=")
+        if not sep or kind not in GRANT_KINDS or not globs:
+            raise AuthError(f"grant {arg!r} must be KIND=GLOB[,GLOB...] with KIND one of {', '.join(GRANT_KINDS)}")
+        grants[kind] = grants.get(kind, ()) + tuple(g for g in globs.split(",") if g)
+    return grants
+
+
+def user_entry(name: str, token_hash: str, grants: dict) -> str:
+    """One [users.NAME] table, as ``brokerd-ctl user add`` appends it."""
+    if not USER_NAME.match(name):
+        raise AuthError(f"user name {name!r} must be 1-64 letters, digits, '_', '.', '@' or '-'")
+    lines = [f"[users.{name}]", f'token = "{token_hash}"']
+    for kind in GRANT_KINDS:
+        if grants.get(kind):
+            globs = ", ".join(_toml_string(g) for g in grants[kind])
+            lines.append(f"{kind} = [{globs}]")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_string(text: str) -> str:
+    """``text`` as a TOML basic string: quotes, backslashes and control characters escaped."""
+    out = []
+    for ch in text:
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+# -- slowing down guessing --------------------------------------------------------------------------
+class AuthThrottle:
+    """How long to wait before answering AUTH_FAILED to an address.
+
+    Every failure waits at least ``base`` seconds; each further failure from the same address
+    within ``window`` doubles it, up to ``cap``.  Pure: ``now`` is passed in.  Remembers at most
+    ``max_addresses`` addresses (the oldest are forgotten), so a flood of sources cannot grow it.
+    """
+
+    def __init__(self, base: float = 0.5, cap: float = 30.0, window: float = 600.0, max_addresses: int = 10_000):
+        self.base, self.cap, self.window, self.max_addresses = base, cap, window, max_addresses
+        self._failures: dict[str, tuple[int, float]] = {}  # address -> (count, last failure)
+
+    def failed(self, address: str, now: float) -> float:
+        """Record a failure; return the seconds to wait before answering it."""
+        count, last = self._failures.pop(address, (0, now))
+        count = count + 1 if now - last <= self.window else 1
+        if len(self._failures) >= self.max_addresses:
+            self._failures.pop(next(iter(self._failures)))
+        self._failures[address] = (count, now)
+        return min(self.cap, self.base * math.pow(2, count - 1))
+
+    def succeeded(self, address: str) -> None:
+        self._failures.pop(address, None)
