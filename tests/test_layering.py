@@ -365,3 +365,37 @@ def test_the_frame_rule_sees_a_hand_built_frame():
     # The rule above passes vacuously if the scan cannot see a frame: show it one, split over lines.
     source = "def h(rid):\n    return [\n        OP_OK,\n        rid,\n        None,\n    ]\n"
     assert hand_built_server_frames(source, "x.py") == ["x.py:2 in h(): [OP_OK, rid, None]"]
+
+
+# -- HTTP and the page read frozen views -----------------------------------------------------------
+# broker/runtime/http.py and broker/web/ read the state through broker.handlers.views (frozen
+# copies built on request), never through its live structures: a renderer can then neither change
+# the state nor see it half-way through a change.
+LIVE_STATE_ATTRS = {"queues", "conns", "inflight", "results", "task_history", "outbox", "records", "consumers",
+                    "schedules", "subscribers", "workers", "chords"}
+VIEW_READERS = ["broker/runtime/http.py", "broker/web/"]
+
+
+def live_state_reads(source: str, rel: str) -> list[str]:
+    """``state.X`` or ``<anything>.state.X`` with X a live structure of the state."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename=rel)):
+        if not isinstance(node, ast.Attribute) or node.attr not in LIVE_STATE_ATTRS:
+            continue
+        owner = node.value
+        if (isinstance(owner, ast.Name) and owner.id == "state") or (
+                isinstance(owner, ast.Attribute) and owner.attr == "state"):
+            found.append(f"{rel}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_http_and_the_page_read_the_state_only_through_views():
+    bad = [hit for key in VIEW_READERS for p in files_for(key)
+           for hit in live_state_reads(p.read_text(), p.relative_to(ROOT).as_posix())]
+    assert not bad, "live state read by the HTTP side; add a view to broker/handlers/views.py:\n" + "\n".join(bad)
+
+
+def test_the_view_rule_sees_a_live_read():
+    source = "def f(server, state):\n    return len(server.state.queues) + len(state.inflight) + len(state.statistics().queues)\n"
+    assert live_state_reads(source, "x.py") == ["x.py:2: server.state.queues", "x.py:2: state.inflight"]
+    assert all(files_for(key) for key in VIEW_READERS)
