@@ -326,3 +326,78 @@ def test_the_client_split_rules_cover_files_that_exist():
     # renamed away would silently check nothing.
     for key in ("client/options.py", "client/blocking.py", "client/worker/mainloop.py", "client/worker/trio_loop.py"):
         assert files_for(key), key
+
+
+# -- frames through the codec's constructors ----------------------------------------------------
+# A server frame has one definition, in client/wire.py (ok_frame, error_frame, deliver_frame,
+# closing_frame, control_frame, event_frame); a list built by hand elsewhere could drift from it.
+SERVER_FRAME_OPS = {"OP_OK", "OP_ERROR", "OP_DELIVER", "OP_CLOSING", "OP_CONTROL", "OP_EVENT", "OP_HEARTBEAT"}
+# (file, function) pairs allowed to build one inline; each names its reason and figure in a comment.
+INLINE_SERVER_FRAMES: set[tuple[str, str]] = set()
+
+
+def hand_built_server_frames(source: str, rel: str) -> list[str]:
+    tree = ast.parse(source, filename=rel)
+    found = []
+
+    def visit(node, fn):
+        for child in ast.iter_child_nodes(node):
+            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else fn
+            if (isinstance(child, (ast.List, ast.Tuple)) and child.elts and isinstance(child.elts[0], ast.Name)
+                    and child.elts[0].id in SERVER_FRAME_OPS and (rel, fn) not in INLINE_SERVER_FRAMES):
+                found.append(f"{rel}:{child.lineno} in {fn}(): {ast.unparse(child)[:60]}")
+            visit(child, inner)
+
+    visit(tree, "<module>")
+    return found
+
+
+def frame_building_modules() -> list[Path]:
+    paths = sorted((ROOT / "broker").rglob("*.py")) + sorted((ROOT / "client").rglob("*.py"))
+    return [p for p in paths if p != ROOT / "client" / "wire.py"]
+
+
+def test_server_frames_are_built_by_the_codecs_constructors():
+    bad = [hit for p in frame_building_modules()
+           for hit in hand_built_server_frames(p.read_text(), p.relative_to(ROOT).as_posix())]
+    assert not bad, "server frames built by hand; use client.wire's ok_frame, error_frame, ...:\n" + "\n".join(bad)
+
+
+def test_the_frame_rule_sees_a_hand_built_frame():
+    # The rule above passes vacuously if the scan cannot see a frame: show it one, split over lines.
+    source = "def h(rid):\n    return [\n        OP_OK,\n        rid,\n        None,\n    ]\n"
+    assert hand_built_server_frames(source, "x.py") == ["x.py:2 in h(): [OP_OK, rid, None]"]
+
+
+# -- HTTP and the page read frozen views -----------------------------------------------------------
+# broker/runtime/http.py and broker/web/ read the state through broker.handlers.views (frozen
+# copies built on request), never through its live structures: a renderer can then neither change
+# the state nor see it half-way through a change.
+LIVE_STATE_ATTRS = {"queues", "conns", "inflight", "results", "task_history", "outbox", "records", "consumers",
+                    "schedules", "subscribers", "workers", "chords"}
+VIEW_READERS = ["broker/runtime/http.py", "broker/web/"]
+
+
+def live_state_reads(source: str, rel: str) -> list[str]:
+    """``state.X`` or ``<anything>.state.X`` with X a live structure of the state."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename=rel)):
+        if not isinstance(node, ast.Attribute) or node.attr not in LIVE_STATE_ATTRS:
+            continue
+        owner = node.value
+        if (isinstance(owner, ast.Name) and owner.id == "state") or (
+                isinstance(owner, ast.Attribute) and owner.attr == "state"):
+            found.append(f"{rel}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_http_and_the_page_read_the_state_only_through_views():
+    bad = [hit for key in VIEW_READERS for p in files_for(key)
+           for hit in live_state_reads(p.read_text(), p.relative_to(ROOT).as_posix())]
+    assert not bad, "live state read by the HTTP side; add a view to broker/handlers/views.py:\n" + "\n".join(bad)
+
+
+def test_the_view_rule_sees_a_live_read():
+    source = "def f(server, state):\n    return len(server.state.queues) + len(state.inflight) + len(state.statistics().queues)\n"
+    assert live_state_reads(source, "x.py") == ["x.py:2: server.state.queues", "x.py:2: state.inflight"]
+    assert all(files_for(key) for key in VIEW_READERS)

@@ -22,11 +22,9 @@ from client.wire import (
     OP_CONSUME,
     OP_DECLARE,
     OP_DELETE,
-    OP_ERROR,
     OP_HEARTBEAT,
     OP_HELLO,
     OP_NACK,
-    OP_OK,
     OP_PAUSE,
     OP_PING,
     OP_PUBLISH,
@@ -49,6 +47,8 @@ from client.wire import (
     OP_SUBSCRIBE,
     OP_TASK_INFO,
     OP_WORKERS,
+    error_frame,
+    ok_frame,
 )
 
 _NUM = (int, float)
@@ -127,7 +127,7 @@ def h_publish(state, conn, rid, f, now):
     priority = f[5] if n > 5 and f[5] is not None else 0
     opts = f[6] if n > 6 else None
     if opts is None:
-        return [OP_OK, rid, state.publish(conn, queue, body, msg_id, priority, now)]
+        return ok_frame(rid, state.publish(conn, queue, body, msg_id, priority, now))
     if type(opts) is not dict:
         raise BadRequest("PUBLISH field 6 (options) must be a map or null")
     for k in opts:
@@ -145,25 +145,25 @@ def h_publish(state, conn, rid, f, now):
         ttl=_opt_number(opts, "ttl", "PUBLISH"),
         headers=headers or None,
     )
-    return [OP_OK, rid, msg_id]
+    return ok_frame(rid, msg_id)
 
 
 def h_consume(state, conn, rid, f, now):
     # [3, rid, [queue, ...], prefetch]
     queues = _arg(f, 2, "queues", (list,), "CONSUME")
     prefetch = _arg(f, 3, "prefetch", (int,), "CONSUME")
-    return [OP_OK, rid, state.consume(conn, queues, prefetch, now)]
+    return ok_frame(rid, state.consume(conn, queues, prefetch, now))
 
 
 def h_cancel(state, conn, rid, f, now):
     state.cancel(conn, _arg(f, 2, "consumer", (int,), "CANCEL"))
-    return [OP_OK, rid, None]
+    return ok_frame(rid)
 
 
 def h_ack(state, conn, rid, f, now):
     # [5, rid, tag | [tag, ...]]
     tags = _arg(f, 2, "tag", (int, list), "ACK")
-    return [OP_OK, rid, state.ack(conn, tags, now)]
+    return ok_frame(rid, state.ack(conn, tags, now))
 
 
 def h_nack(state, conn, rid, f, now):
@@ -175,11 +175,11 @@ def h_nack(state, conn, rid, f, now):
     if headers is not None:
         _storable(headers, "field 5 (headers)", "NACK")
     state.nack(conn, tag, now, requeue=True if requeue is None else requeue, delay=delay, headers=headers)
-    return [OP_OK, rid, None]
+    return ok_frame(rid)
 
 
 def h_touch(state, conn, rid, f, now):
-    return [OP_OK, rid, state.touch(conn, _arg(f, 2, "tag", (int,), "TOUCH"), now)]
+    return ok_frame(rid, state.touch(conn, _arg(f, 2, "tag", (int,), "TOUCH"), now))
 
 
 def h_declare(state, conn, rid, f, now):
@@ -188,31 +188,23 @@ def h_declare(state, conn, rid, f, now):
     opts = _arg(f, 3, "options", (dict,), "DECLARE", required=False)
     if opts:
         _storable(opts, "field 3 (options)", "DECLARE")
-    return [OP_OK, rid, state.declare(name, opts, now)]
+    return ok_frame(rid, state.declare(name, opts, now))
 
 
 def h_delete(state, conn, rid, f, now):
-    return [OP_OK, rid, state.delete(_arg(f, 2, "queue", (str,), "DELETE"), now)]
+    return ok_frame(rid, state.delete(_arg(f, 2, "queue", (str,), "DELETE"), now))
 
 
 def h_stats(state, conn, rid, f, now):
     # [10, rid, queue|null]
     name = _arg(f, 2, "queue", (str,), "STATS", required=False)
     if name is not None:
-        return [OP_OK, rid, stats_map(state.queue_statistics(state.existing_queue(name), now))]
+        return ok_frame(rid, stats_map(state.queue_statistics(state.existing_queue(name), now)))
     b = state.statistics()
     broker = {k: getattr(b, k) for k in b.__slots__}
     broker.update(state.server_statistics())  # the runtime's bounds: memory, connections, input
-    return [
-        OP_OK,
-        rid,
-        {
-            "broker": broker,
-            "queues": {
-                q.name: stats_map(state.queue_statistics(q, now)) for q in state.queues.values()
-            },
-        },
-    ]
+    queues = {q.name: stats_map(state.queue_statistics(q, now)) for q in state.queues.values()}
+    return ok_frame(rid, {"broker": broker, "queues": queues})
 
 
 def stats_map(qs) -> dict:
@@ -220,17 +212,17 @@ def stats_map(qs) -> dict:
 
 
 def h_purge(state, conn, rid, f, now):
-    return [OP_OK, rid, state.purge(_arg(f, 2, "queue", (str,), "PURGE"), now)]
+    return ok_frame(rid, state.purge(_arg(f, 2, "queue", (str,), "PURGE"), now))
 
 
 def h_pause(state, conn, rid, f, now):
     state.pause(_arg(f, 2, "queue", (str,), "PAUSE"), True, now)
-    return [OP_OK, rid, None]
+    return ok_frame(rid)
 
 
 def h_resume(state, conn, rid, f, now):
     state.pause(_arg(f, 2, "queue", (str,), "RESUME"), False, now)
-    return [OP_OK, rid, None]
+    return ok_frame(rid)
 
 
 def h_result_set(state, conn, rid, f, now):
@@ -251,7 +243,7 @@ def h_result_set(state, conn, rid, f, now):
         _storable(meta, "field 5 (meta)", "RESULT_SET")
     if opts.get("ttl") is not None:
         _opt_number(opts, "ttl", "RESULT_SET")
-    return [OP_OK, rid, state.result_set(conn, task_id, st, value, meta, now, ttl=opts.get("ttl"), tag=tag)]
+    return ok_frame(rid, state.result_set(conn, task_id, st, value, meta, now, ttl=opts.get("ttl"), tag=tag))
 
 
 def h_result_get(state, conn, rid, f, now):
@@ -259,11 +251,11 @@ def h_result_get(state, conn, rid, f, now):
     task_id = _arg(f, 2, "task id", (str,), "RESULT_GET")
     wait = _arg(f, 3, "wait", _NUM, "RESULT_GET", required=False)
     reply = state.result_get(conn, rid, task_id, now, wait)
-    return None if reply is None else [OP_OK, rid, reply]
+    return None if reply is None else ok_frame(rid, reply)
 
 
 def h_result_forget(state, conn, rid, f, now):
-    return [OP_OK, rid, state.result_forget(_arg(f, 2, "task id", (str,), "RESULT_FORGET"), now)]
+    return ok_frame(rid, state.result_forget(_arg(f, 2, "task id", (str,), "RESULT_FORGET"), now))
 
 
 def h_schedule_put(state, conn, rid, f, now):
@@ -271,21 +263,21 @@ def h_schedule_put(state, conn, rid, f, now):
     name = _arg(f, 2, "name", (str,), "SCHEDULE_PUT")
     spec = _arg(f, 3, "spec", (dict,), "SCHEDULE_PUT")
     _storable(spec, "field 3 (spec)", "SCHEDULE_PUT")
-    return [OP_OK, rid, state.schedule_put(name, spec, now)]
+    return ok_frame(rid, state.schedule_put(name, spec, now))
 
 
 def h_schedule_remove(state, conn, rid, f, now):
-    return [OP_OK, rid, state.schedule_remove(_arg(f, 2, "name", (str,), "SCHEDULE_REMOVE"), now)]
+    return ok_frame(rid, state.schedule_remove(_arg(f, 2, "name", (str,), "SCHEDULE_REMOVE"), now))
 
 
 def h_schedule_list(state, conn, rid, f, now):
-    return [OP_OK, rid, state.schedule_list(_arg(f, 2, "owner", (str,), "SCHEDULE_LIST", required=False))]
+    return ok_frame(rid, state.schedule_list(_arg(f, 2, "owner", (str,), "SCHEDULE_LIST", required=False)))
 
 
 def h_schedule_pause(state, conn, rid, f, now):
     name = _arg(f, 2, "name", (str,), "SCHEDULE_PAUSE")
     paused = _arg(f, 3, "paused", (bool,), "SCHEDULE_PAUSE")
-    return [OP_OK, rid, state.schedule_pause(name, paused, now)]
+    return ok_frame(rid, state.schedule_pause(name, paused, now))
 
 
 def h_revoke(state, conn, rid, f, now):
@@ -302,7 +294,7 @@ def h_revoke(state, conn, rid, f, now):
     n = state.revoke(ids, now, terminate=terminate, ttl=ttl)
     if terminate:
         state.broadcast_control({"revoke": [ids] if type(ids) is str else ids, "terminate": True})
-    return [OP_OK, rid, n]
+    return ok_frame(rid, n)
 
 
 def h_chord(state, conn, rid, f, now):
@@ -312,11 +304,11 @@ def h_chord(state, conn, rid, f, now):
     body = _arg(f, 4, "body", (dict,), "CHORD")
     error = _arg(f, 5, "error", (dict,), "CHORD", required=False)
     _storable(f[3:6], "fields 3-5 (members, body, error)", "CHORD")
-    return [OP_OK, rid, state.chord_declare(cid, members, body, error, now)]
+    return ok_frame(rid, state.chord_declare(cid, members, body, error, now))
 
 
 def h_ping(state, conn, rid, f, now):
-    return [OP_OK, rid, None]
+    return ok_frame(rid)
 
 
 # -- events and remote control (protocol.md §5.29-5.35; broker/state/events.py) ----------
@@ -325,22 +317,22 @@ def h_emit_events(state, conn, rid, f, now):
     hostname = _arg(f, 2, "hostname", (str,), "EMIT_EVENTS")
     events = _arg(f, 3, "events", (list,), "EMIT_EVENTS")
     _storable(events, "field 3 (events)", "EMIT_EVENTS")  # kept and sent to subscribers
-    return [OP_OK, rid, state.emit_events(conn, hostname, events, now)]
+    return ok_frame(rid, state.emit_events(conn, hostname, events, now))
 
 
 def h_subscribe(state, conn, rid, f, now):
     # [28, rid, on, replay|null]
     on = _arg(f, 2, "on", (bool,), "SUBSCRIBE")
     replay = _arg(f, 3, "replay", (int,), "SUBSCRIBE", required=False) or 0
-    return [OP_OK, rid, state.subscribe(conn, on, replay, now)]
+    return ok_frame(rid, state.subscribe(conn, on, replay, now))
 
 
 def h_task_info(state, conn, rid, f, now):
-    return [OP_OK, rid, state.task_info(_arg(f, 2, "task id", (str,), "TASK_INFO"), now)]
+    return ok_frame(rid, state.task_info(_arg(f, 2, "task id", (str,), "TASK_INFO"), now))
 
 
 def h_workers(state, conn, rid, f, now):
-    return [OP_OK, rid, state.workers_list(now)]
+    return ok_frame(rid, state.workers_list(now))
 
 
 def h_control_request(state, conn, rid, f, now):
@@ -355,7 +347,7 @@ def h_control_request(state, conn, rid, f, now):
             raise BadRequest(f"unknown CONTROL_REQUEST option {k!r}; known options: timeout, destination")
     timeout = _opt_number(opts, "timeout", "CONTROL_REQUEST")
     reply = state.control_request(conn, rid, command, args, now, timeout=timeout, destination=opts.get("destination"))
-    return None if reply is None else [OP_OK, rid, reply]
+    return None if reply is None else ok_frame(rid, reply)
 
 
 def h_control_reply(state, conn, rid, f, now):
@@ -363,7 +355,7 @@ def h_control_reply(state, conn, rid, f, now):
     reply_id = _arg(f, 2, "reply id", (int,), "CONTROL_REPLY")
     if len(f) > 3:
         _storable(f[3], "field 3 (reply)", "CONTROL_REPLY")  # sent on to the requester
-    return [OP_OK, rid, state.control_reply(conn, reply_id, f[3] if len(f) > 3 else None, now)]
+    return ok_frame(rid, state.control_reply(conn, reply_id, f[3] if len(f) > 3 else None, now))
 
 
 HANDLERS = {
@@ -413,15 +405,15 @@ def handle(state, conn: int, frame: list, now: float):
     op = frame[0]
     rid = frame[1] if len(frame) > 1 else None
     if type(rid) is not int:
-        return [OP_ERROR, 0, "BAD_REQUEST", f"field 1 (request id) must be a whole number in {CLIENT_OPS.get(op, op)}"]
+        return error_frame(0, "BAD_REQUEST", f"field 1 (request id) must be a whole number in {CLIENT_OPS.get(op, op)}")
     handler = HANDLERS.get(op)
     if handler is None:
-        return [OP_ERROR, rid, "UNKNOWN_OP", f"unknown op code {op}; see protocol.md §5 for the list"]
+        return error_frame(rid, "UNKNOWN_OP", f"unknown op code {op}; see protocol.md §5 for the list")
     if state.log_failed and op in DURABLE_OPS:
         # The log can no longer write: a change answered OK now would be
         # forgotten at the next start (an ACK would come back as a delivery).
-        return [OP_ERROR, rid, "LOG_FAILED", state.log_failed]
+        return error_frame(rid, "LOG_FAILED", state.log_failed)
     try:
         return handler(state, conn, rid, frame, now)
     except BrokerError as exc:
-        return [OP_ERROR, rid, exc.code, exc.message]
+        return error_frame(rid, exc.code, exc.message)

@@ -35,19 +35,20 @@ from client.wire import (
     OP_ADMIN,
     OP_BYE,
     OP_CHORD,
-    OP_CLOSING,
-    OP_ERROR,
     OP_HEARTBEAT,
     OP_HELLO,
-    OP_OK,
     OP_PUBLISH,
     OP_RESULT_SET,
     OP_SCHEDULE_PUT,
+    HEARTBEAT_FRAME,
     FrameReader,
     HandshakeError,
     ServerHandshake,
     WireError,
+    closing_frame,
     encode_many,
+    error_frame,
+    ok_frame,
 )
 
 log = logging.getLogger("brokerd")
@@ -215,7 +216,7 @@ class BinaryConnection:
                     op = f[0]
                     if alarm is not None and op in MEMORY_OPS and not settles(f):
                         rid = f[1] if len(f) > 1 and type(f[1]) is int else 0
-                        state.send_to(cid, [OP_ERROR, rid, MemoryLimit.code, alarm])
+                        state.send_to(cid, error_frame(rid, MemoryLimit.code, alarm))
                     elif op in DURABLE_OPS:
                         # Its reply confirms a logged change: held until the log
                         # has it on disk (see Server.flush).  Replies are matched by
@@ -287,19 +288,19 @@ class BinaryConnection:
             return None
         rid = f[1] if len(f) > 1 and type(f[1]) is int else 0
         if op == OP_HELLO:
-            return [OP_ERROR, rid, "BAD_REQUEST", "HELLO was already sent on this connection"]
+            return error_frame(rid, "BAD_REQUEST", "HELLO was already sent on this connection")
         if op == OP_BYE:
-            return [OP_OK, rid, None]
+            return ok_frame(rid)
         if op == OP_ADMIN:
             line = f[2] if len(f) > 2 else None
             if type(line) is not str:
-                return [OP_ERROR, rid, "BAD_REQUEST", "ADMIN field 2 must be one admin command line (text)"]
-            return [OP_OK, rid, admin.execute(self.state, line, now, self.server.admin_extra())]
-        return [OP_ERROR, rid, UnknownOp.code, f"unknown op code {op!r}; see protocol.md §5 for the list"]
+                return error_frame(rid, "BAD_REQUEST", "ADMIN field 2 must be one admin command line (text)")
+            return ok_frame(rid, admin.execute(self.state, line, now, self.server.admin_extra()))
+        return error_frame(rid, UnknownOp.code, f"unknown op code {op!r}; see protocol.md §5 for the list")
 
     async def _writer(self, conn: Conn) -> None:
         stream = conn.stream
-        hb_frame = encode_many([[OP_HEARTBEAT]])
+        hb_frame = encode_many([HEARTBEAT_FRAME])
         while not conn.closed:
             if not conn.out:
                 conn.wake = trio.Event()
@@ -331,4 +332,4 @@ def settles(f: list) -> bool:
 
 
 def closing(code: str, message: str) -> bytes:
-    return encode_many([[OP_CLOSING, code, message]])
+    return encode_many([closing_frame(code, message)])

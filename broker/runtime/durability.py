@@ -39,7 +39,7 @@ import trio
 
 from broker.state import log_records as R
 from broker.wal import WalFailed, WriteAheadLog
-from client.wire import OP_ERROR, OP_OK
+from client.wire import OP_OK, error_frame
 
 log = logging.getLogger("brokerd.wal")
 
@@ -462,6 +462,6 @@ def _refuse_confirms(box: dict, message: str) -> dict:
     for cid, frames in box.items():
         new = []
         for f in frames:
-            new.append([OP_ERROR, f[1], "LOG_FAILED", message] if f[0] == OP_OK else f)
+            new.append(error_frame(f[1], "LOG_FAILED", message) if f[0] == OP_OK else f)
         out[cid] = new
     return out

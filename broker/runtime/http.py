@@ -1,8 +1,9 @@
 """brokerd's HTTP side: Prometheus metrics, queue depths for autoscalers, probes, the web page.
 
 Served by hypercorn's trio worker inside brokerd's own event loop (started
-from ``Server.serve``'s nursery), so a request reads the live state with no
-locks and no copies, and a wedged event loop is a failed probe.  The app is a
+from ``Server.serve``'s nursery), so a request reads the state with no locks,
+through frozen views built on request (``broker.handlers.views``), and a wedged
+event loop is a failed probe.  The app is a
 plain ASGI callable, not a framework.
 
     GET /metrics     Prometheus text format 0.0.4
@@ -46,6 +47,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from broker import __version__, web
 from broker.errors import BrokerError
+from broker.handlers import views
 from broker.runtime.durability import FSYNC_BUCKETS
 
 log = logging.getLogger("brokerd.http")
@@ -143,15 +145,11 @@ def queues_json_chunks(server, now: float):
     ready + inflight, the figure to scale workers on (in-flight tasks still need their worker).
     The names are taken once; a queue deleted while the reply streams is left out."""
     state = server.state
-    names = list(state.queues)
+    names = views.queue_names(state)
     yield '{"queues":{'
     sep = ""
     for i in range(0, len(names), QUEUE_CHUNK):
-        part = {}
-        for name in names[i:i + QUEUE_CHUNK]:
-            q = state.queues.get(name)
-            if q is not None:
-                part[name] = _queue_json(state.queue_statistics(q, now))
+        part = {s.name: _queue_json(s) for s in views.queue_statistics(state, names[i:i + QUEUE_CHUNK], now)}
         if part:
             yield sep + json.dumps(part, separators=(",", ":"))[1:-1]
             sep = ","
@@ -206,7 +204,7 @@ def metrics_chunks(server, now: float):
     each queue's figures once; the others reuse them, so one scrape is one snapshot per
     queue.  A queue deleted while the scrape streams is left out."""
     state = server.state
-    names = list(state.queues)
+    names = views.queue_names(state)
     out: list[str] = []
     add = out.append
 
@@ -238,13 +236,9 @@ def metrics_chunks(server, now: float):
         "(which also shows them as its own ready).",
     )
     rows: list[tuple] = []
-    queues = state.queues
     for i in range(0, len(names), QUEUE_CHUNK):
-        for name in names[i:i + QUEUE_CHUNK]:
-            q = queues.get(name)
-            if q is None:
-                continue
-            r = ('queue="' + escape_label(name) + '"', *_row(state.queue_statistics(q, now)))
+        for s in views.queue_statistics(state, names[i:i + QUEUE_CHUNK], now):
+            r = ('queue="' + escape_label(s.name) + '"', *_row(s))
             rows.append(r)
             lbl = r[0]
             add(f'brokerd_queue_messages{{{lbl},state="ready"}} {r[1]}')

@@ -50,7 +50,7 @@ from broker.state.queue import (
 from broker.state.replay import ReplayMixin
 from broker.state.results import ResultsMixin
 from broker.state.schedules import WorkflowMixin
-from client.wire import OP_CONTROL, OP_DELIVER
+from client.wire import control_frame, deliver_frame
 
 MAX_PREFETCH = 65535  # per consumer; bounds what one connection can hold
 MAX_MESSAGE_ID = 255  # bytes; a UUID is 36
@@ -143,7 +143,7 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         n = 0
         for conn in self.conns.values():
             if conn.consumers:
-                self._send(conn.id, [OP_CONTROL, payload])
+                self._send(conn.id, control_frame(payload))
                 n += 1
         return n
 
@@ -390,7 +390,7 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
             self._delivered_seqs.append(msg.seq)  # one DELIVER record per dispatch round
         self._send(
             c.conn,
-            [OP_DELIVER, c.tag, tag, q.name, msg.id, msg.body, msg.priority, msg.attempts, msg.headers],
+            deliver_frame(c.tag, tag, q.name, msg.id, msg.body, msg.priority, msg.attempts, msg.headers),
         )
 
     def _log_deliveries(self) -> None:

@@ -44,7 +44,7 @@ from collections import OrderedDict, deque
 from sortedcontainers import SortedList
 
 from broker.errors import BadRequest
-from client.wire import OP_CONTROL, OP_EVENT, OP_OK, KiB
+from client.wire import KiB, control_frame, event_frame, ok_frame
 
 # The ring: the last 10,000 events, about a minute of a worker running ~50 tasks/s (three
 # events each), or the whole day of a quiet deployment.  A page or `brokerd-ctl events` that
@@ -348,7 +348,7 @@ class EventsMixin:
         if n:
             ring = self.events
             evs = [ring[i] for i in range(len(ring) - n, len(ring))]
-            self._send(conn_id, [OP_EVENT, evs, 0])
+            self._send(conn_id, event_frame(evs, 0))
         return {"subscribed": True, "replayed": n, "dropped": sub.total_dropped}
 
     def _push_events(self) -> None:
@@ -366,7 +366,7 @@ class EventsMixin:
                 sub.total_dropped += len(mine)
                 self.events_dropped += len(mine)
                 continue
-            self._send(sub.conn, [OP_EVENT, mine, sub.dropped])
+            self._send(sub.conn, event_frame(mine, sub.dropped))
             sub.dropped = 0
 
     # -- queries -------------------------------------------------------------------------------
@@ -456,7 +456,7 @@ class EventsMixin:
         req.deadline = now + min(float(timeout), MAX_CONTROL_TIMEOUT)
         payload = {"control": command, "args": args or {}, "reply_id": req.id}
         for w in targets:
-            self._send(w.conn, [OP_CONTROL, payload])
+            self._send(w.conn, control_frame(payload))
         self._controls[req.id] = req
         self._control_deadlines.add((req.deadline, req.id))
         return None
@@ -480,7 +480,7 @@ class EventsMixin:
         self._controls.pop(req.id, None)
         self._control_deadlines.discard((req.deadline, req.id))
         if req.conn in self.conns:
-            self._send(req.conn, [OP_OK, req.rid, req.replies])
+            self._send(req.conn, ok_frame(req.rid, req.replies))
 
     def _control_gone(self, hostname: str, now: float) -> None:
         """A worker went away: stop waiting for its replies."""

@@ -23,9 +23,10 @@ the counters' difference between two instants, interpolated between samples,
 so a stretch nobody watched shows as its average rather than as zero.
 
 Task events, history and the worker registry come from ``broker.state.events``
-(``tasks_recent``, ``task_info``, ``workers_list``); stored results
-(``state.results``) fill in tasks that sent no events.  Every one of those is
-looked up with ``getattr``, so the page still works on a state without them.
+(``tasks_recent``, ``task_info``, ``workers_list``); stored results fill in tasks
+that sent no events.  Those three are looked up with ``getattr``, so the page still
+works on a state without them.  Queues, dead letters and results are read as frozen
+views (``broker.handlers.views``), never through the state's live structures.
 
 No trio and no clock here: ``now`` is passed in, and ``broker.runtime.http`` does the I/O.
 """
@@ -43,6 +44,7 @@ from urllib.parse import quote, urlencode
 import cbor2
 
 from broker import __version__
+from broker.handlers import views
 
 HERE = Path(__file__).resolve().parent
 ASSETS = {
@@ -123,11 +125,10 @@ class Rates:
         if self.times and now - self.times[-1] < RATE_SAMPLE_EVERY:
             return
         self.times.append(now)
-        queues = state.queues
-        if len(queues) <= RATE_ALL_QUEUES:
-            self.samples.append({q.name: (q.published, q.acked) for q in queues.values()})
+        if views.queue_count(state) <= RATE_ALL_QUEUES:
+            self.samples.append(views.queue_counters(state))
         else:
-            self.samples.append({n: (q.published, q.acked) for n in self.watched if (q := queues.get(n)) is not None})
+            self.samples.append(views.queue_counters(state, self.watched))
         while self.times and now - self.times[0] > RATE_KEEP:
             self.times.popleft()
             self.samples.popleft()
@@ -223,38 +224,26 @@ class Web:
         cached = self._totals
         if cached is not None and 0 <= now - cached["at"] < TOTALS_TTL:
             return cached
-        ready = delayed = published = acked = 0
-        custom_dl = set()
-        for q in list(self.server.state.queues.values()):
-            ready += q.ready_count
-            delayed += q.delayed_count
-            published += q.published
-            acked += q.acked
-            dl = q.options.dead_letter
-            if dl is not None:
-                custom_dl.add(dl)
-        self._totals = {"at": now, "ready": ready, "delayed": delayed, "published": published, "acked": acked,
-                        "custom_dl": custom_dl}
+        t = views.queue_totals(self.server.state)
+        self._totals = {"at": now, "ready": t.ready, "delayed": t.delayed, "published": t.published, "acked": t.acked,
+                        "custom_dl": t.custom_dead_letter_queues}
         return self._totals
 
     def queues(self, now: float, match: str = "", offset: int = 0, limit: int = QUEUES_SHOWN) -> tuple[list, dict]:
         """One page of queues, largest backlog first (then name), and ``{"total", "matched",
         "offset", "limit", "filter"}``; ``match`` keeps the names that contain it."""
         state = self.server.state
-        qs = list(state.queues.values())
-        total = len(qs)
-        if match:
-            qs = [q for q in qs if match in q.name]
+        total = views.queue_count(state)
+        qs = views.queue_backlogs(state, match)
         top = heapq.nlargest(offset + limit, qs, key=_backlog)[offset:]
-        top.sort(key=lambda q: (-_backlog(q), q.name))
+        top.sort(key=lambda q: (-q[0], q[1]))
         custom_dl = self.totals(now)["custom_dl"]
-        self.rates.watch([q.name for q in top], now)
+        self.rates.watch([name for _, name in top], now)
         self.rates.sample(state, now)
         out = []
-        for q in top:
-            name = q.name
-            s = state.queue_statistics(q, now)
-            dl = q.dead_letter_name
+        for _, name in top:
+            v = views.queue_view(state, name, now)  # no await since the backlogs: it still exists
+            s, dl = v.stats, v.dead_letter_queue
             out.append({
                 "name": name, "ready": s.ready, "inflight": s.inflight, "delayed": s.delayed, "dead": s.dead,
                 "backlog": s.ready + s.inflight,
@@ -267,14 +256,9 @@ class Web:
         return out, {"total": total, "matched": len(qs), "offset": offset, "limit": limit, "filter": match}
 
     def dead(self, name: str, n: int, now: float) -> dict:
-        state = self.server.state
-        q = state.existing_queue(name)  # BrokerError NOT_FOUND
-        dl = q.dead_letter_name
-        if dl is None or dl not in state.queues:
-            return {"queue": name, "dead_letter_queue": dl, "total": 0, "messages": []}
-        msgs = [m for m in state.peek(dl, DEAD_MAX) if (m.headers or {}).get("x-dead-from", name) == name][:n]
-        return {"queue": name, "dead_letter_queue": dl, "total": state.queues[dl].ready_count,
-                "messages": [_dead_letter(m, now) for m in msgs]}
+        d = views.dead_letters(self.server.state, name, n, DEAD_MAX)  # BrokerError NOT_FOUND
+        return {"queue": d.queue, "dead_letter_queue": d.dead_letter_queue, "total": d.total,
+                "messages": [_dead_letter(m, now) for m in d.messages]}
 
     def workers(self, now: float):
         fn = getattr(self.server.state, "workers_list", None)
@@ -311,8 +295,8 @@ class Web:
         recent = getattr(state, "tasks_recent", None)
         if recent is not None:
             for d in recent(limit, state_filter, name):
-                r = state.results.get(d["id"])
-                if r is not None and r.expires > now and (d["state"] is None or r.state in ("SUCCESS", "FAILURE", "REVOKED")):
+                r = views.result(state, d["id"], now)
+                if r is not None and (d["state"] is None or r.state in ("SUCCESS", "FAILURE", "REVOKED")):
                     d["state"] = r.state
                     if d.get("result") is None:
                         d["result"] = r.value
@@ -320,19 +304,11 @@ class Web:
                     continue
                 seen.add(d["id"])
                 out.append(d)
-        history = getattr(state, "task_history", {})
         if len(out) < limit and name is None:  # results carry no task name: only when not filtering by one
-            for tid in reversed(state.results):
-                if tid in seen or tid in history:
-                    continue
-                r = state.results[tid]
-                if r.expires <= now or (state_filter and r.state != state_filter):
-                    continue
-                out.append({"id": tid, "name": None, "state": r.state, "args": None, "kwargs": None, "worker": None,
+            for r in views.results_without_events(state, now, state_filter, seen, limit - len(out)):
+                out.append({"id": r.id, "name": None, "state": r.state, "args": None, "kwargs": None, "worker": None,
                             "runtime": None, "received": None, "finished": r.updated, "result": r.value,
                             "exception": None})
-                if len(out) >= limit:
-                    break
         return [{k: plain(d.get(k)) for k in ("id", "name", "state", "args", "kwargs", "worker", "runtime",
                                              "received", "finished", "result", "exception")} for d in out]
 
@@ -343,8 +319,8 @@ class Web:
         if fn is not None:
             info = fn(task_id, now)
         if info is None:
-            r = state.results.get(task_id)
-            if r is None or r.expires <= now:
+            r = views.result(state, task_id, now)
+            if r is None:
                 return None
             info = {"id": task_id, "state": r.state, "result": r.value, "meta": r.meta, "events": [], "children": []}
         return plain(info)
@@ -433,8 +409,8 @@ def _pager(page: dict | None, shown: int) -> str:
     return f'<p class="pager" data-matched="{matched}">{text} {" ".join(links)}</p>'
 
 
-def _backlog(q) -> int:
-    return q.ready_count + q.inflight_count
+def _backlog(q: tuple[int, str]) -> int:
+    return q[0]
 
 
 def render_queues(queues: list, page: dict | None = None) -> str:
