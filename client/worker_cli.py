@@ -154,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="hard time limit for tasks without their own")
     ap.add_argument("--soft-time-limit", type=_seconds("--soft-time-limit"), metavar="SECONDS",
                     help="soft time limit for tasks without their own")
-    ap.add_argument("--connect-timeout", type=_seconds("--connect-timeout", allow_zero=True), default=10.0,
-                    metavar="SECONDS", help="at start, keep trying to reach brokerd this long (default 10)")
+    ap.add_argument("--connect-timeout", type=_seconds("--connect-timeout", allow_zero=True), default=None,
+                    metavar="SECONDS", help="at start, give up (exit 3) if brokerd cannot be reached this long "
+                    "(default: wait for it, retrying every few seconds with a log line each time)")
     return ap
 
 

@@ -27,16 +27,25 @@ log = logging.getLogger("brokerd.worker")
 
 RECONNECT_FIRST = 0.1  # first back-off after a lost connection; doubles each try ...
 RECONNECT_MAX = 5.0  # ... up to this; each wait is jittered to 50-100 % so workers don't stampede
-CONNECT_TIMEOUT = 10.0  # at start: keep trying this long, then give up (exit code 3 in the CLI)
+# At start: None waits for brokerd for ever (it may still be replaying its log, or a scheduler may
+# start the worker first), one log line per attempt; a number of seconds gives up after that long
+# (BrokerUnreachable: exit code 3 in the CLI).
+CONNECT_TIMEOUT = None
 
 
 class BrokerUnreachable(Exception):
     """brokerd could not be reached at start within the connect timeout."""
 
 
+def connect_deadline(timeout: float | None) -> float | None:
+    """The monotonic deadline for ``connect`` at start: None (never) when ``timeout`` is None."""
+    return None if timeout is None else time.monotonic() + timeout
+
+
 def connect(host, deadline=None):
-    """A new Client, retrying with back-off; BrokerUnreachable after ``deadline`` (monotonic);
-    None when the worker is stopped meanwhile."""
+    """A new Client, retrying with back-off (capped at ``RECONNECT_MAX``, a log line per attempt);
+    BrokerUnreachable after ``deadline`` (monotonic; None: never); None when the worker is stopped
+    meanwhile."""
     delay = RECONNECT_FIRST
     attempt = 0
     while True:
@@ -50,8 +59,8 @@ def connect(host, deadline=None):
         wait = delay * random.uniform(0.5, 1.0)
         if deadline is not None and time.monotonic() + wait > deadline:
             raise BrokerUnreachable(f"cannot reach brokerd at {host.broker} ({err}); tried {attempt} times")
-        if attempt == 1 or attempt % 5 == 0:
-            log.warning("cannot reach brokerd at %s (%s): retrying in %.2fs", host.broker, err, wait)
+        log.warning("cannot reach brokerd at %s (%s): attempt %d, retrying in %.2fs%s", host.broker, err, attempt,
+                    wait, "" if deadline is None else f" (giving up {max(0.0, deadline - time.monotonic()):.1f}s from now)")
         if host.stop_event.wait(wait):
             return None
         delay = min(delay * 2, RECONNECT_MAX)

@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 
-from client.worker.intake import BrokerUnreachable, connect, intake
+from client.worker.intake import BrokerUnreachable, connect, connect_deadline, intake
 from client.worker.limits import check_deadlines
 from client.worker.pools.process import ProcessPool
 from client.worker.pools.thread import ThreadPool
@@ -52,7 +52,7 @@ def run_sync(w) -> None:
     try:
         w.pool.start()  # fork before any thread exists: children inherit no locks held
         try:
-            client = connect(w, deadline=time.monotonic() + w.connect_timeout)
+            client = connect(w, deadline=connect_deadline(w.connect_timeout))
         except BrokerUnreachable:
             w.pool.close(cold=True)
             raise

@@ -96,7 +96,7 @@ class Worker:
 
     ``Worker(app, queues=None, concurrency=None, pool="processes", prefetch_multiplier=1,
     max_tasks_per_child=None, autoscale=None, hostname=None, loglevel="info", *, grace=30.0,
-    time_limit=None, soft_time_limit=None, broker=None, connect_timeout=10.0, task_events=None,
+    time_limit=None, soft_time_limit=None, broker=None, connect_timeout=None, task_events=None,
     heartbeat_interval=2.0, max_memory_per_child=None)``
 
     ``task_events``: send task-* events (default: the app's ``worker_send_task_events``, else
@@ -107,7 +107,7 @@ class Worker:
     ``run()`` blocks until the worker is stopped (``stop()`` from another thread, or
     SIGTERM/SIGINT when ``run()`` is called in the main thread).  It returns after a warm stop,
     raises ``ColdStop`` after a cold one and ``BrokerUnreachable`` when brokerd cannot be
-    reached at start within ``connect_timeout`` seconds.
+    reached at start within ``connect_timeout`` seconds (None, the default: wait for it).
 
     Its public attributes and methods past ``run``/``stop`` are what the pools, the intake
     thread and remote control use (``pools.base.Pool`` lists them); they are not an API.

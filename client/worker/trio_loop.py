@@ -16,7 +16,7 @@ import time
 
 import trio
 
-from client.worker.intake import connect, intake
+from client.worker.intake import connect, connect_deadline, intake
 from client.worker.pools.trio import TrioPool
 
 log = logging.getLogger("brokerd.worker")
@@ -28,7 +28,7 @@ def run_trio(w) -> None:
     ``w.cold`` / ``w.fatal`` tell the caller how it ended.
     """
     w.pool = TrioPool(w)
-    client = connect(w, deadline=time.monotonic() + w.connect_timeout)
+    client = connect(w, deadline=connect_deadline(w.connect_timeout))
     if client is None:
         return
     w.client = client

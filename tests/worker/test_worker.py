@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import re
 import time
 import uuid
 
@@ -417,3 +418,37 @@ def test_unreachable_broker_at_start_exits_3():
         p = run_cli(APP, "-b", f"127.0.0.1:{port}", "--connect-timeout", "0.3")
     assert p.returncode == 3, p.stderr
     assert f"brokerd-worker: cannot reach brokerd at 127.0.0.1:{port}" in p.stderr
+    assert "giving up" in p.stderr  # the bounded wait says how long it has left
+
+
+def test_a_worker_started_before_brokerd_waits_for_it_and_says_so(tmp_path):
+    """On Kubernetes or systemd a worker may start while brokerd still replays its log: by
+    default it waits (capped back-off, a log line per attempt) instead of giving up."""
+    import socket as socket_
+
+    with socket_.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    q = fresh_queue()
+    w = WorkerProcess(f"127.0.0.1:{port}", q, "-c", "1", log_dir=tmp_path)
+    broker = BrokerProcess(tmp_path / "late-data")
+    try:
+        deadline = time.monotonic() + WAIT
+        while w.log().count("cannot reach brokerd at") < 3:  # attempt 1, 2, 3...
+            assert w.proc.poll() is None, w.log()
+            assert time.monotonic() < deadline, w.log()
+            time.sleep(0.1)
+        assert re.search(r"cannot reach brokerd at 127\.0\.0\.1:\d+ \(.*\): attempt 3, retrying in", w.log()), w.log()
+        assert "giving up" not in w.log()  # no deadline by default (--connect-timeout sets one)
+        broker.start(port)
+        app = tasks.app
+        old = app.conf.broker_url
+        app.conf.broker_url = broker.address
+        try:
+            assert tasks.add.apply_async((2, 3), queue=q).get(timeout=WAIT) == 5
+        finally:
+            app.conf.broker_url = old
+            app.close()
+    finally:
+        w.terminate()
+        broker.terminate()
