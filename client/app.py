@@ -492,7 +492,7 @@ class App:
         if extra:
             env.update(extra)
         self.client.publish(queue, encode_envelope(env), priority=priority, eta=eta_s, id=task_id, confirm=confirm)
-        return AsyncResult(task_id, app=self)
+        return AsyncResult(task_id, app=self, queue=queue)
 
     def AsyncResult(self, task_id) -> AsyncResult:
         return AsyncResult(task_id, app=self)

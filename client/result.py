@@ -10,22 +10,27 @@ as ``RemoteError`` naming the remote type and message.
 from __future__ import annotations
 
 import builtins
+import logging
 import time
 
 from client._current import current_app
 from client.exceptions import LOCAL_FAILURES, RemoteError, TaskRevokedError, TimeoutError
 
+log = logging.getLogger("brokerd.client")
+
 READY_STATES = frozenset(("SUCCESS", "FAILURE", "REVOKED"))
 WAIT_CHUNK = 600.0  # seconds per RESULT_GET when waiting without a timeout
+SLOW_GET_WARNING = 60.0  # get() without a timeout logs why it may be waiting, once, after this long
 
 
 class AsyncResult:
     """A task's result, kept by brokerd, looked up by id."""
 
-    def __init__(self, id: str, app=None, parent: "AsyncResult | None" = None):
+    def __init__(self, id: str, app=None, parent: "AsyncResult | None" = None, queue: str | None = None):
         self.id = id
         self.app = app or current_app()
         self.parent = parent
+        self.queue = queue  # where it was published, when this process published it
         self._cache: dict | None = None
 
     def __repr__(self):
@@ -36,6 +41,19 @@ class AsyncResult:
 
     def __hash__(self):
         return hash(self.id)
+
+    def _why_waiting(self, state: str) -> str:
+        """A hint for a task that is not done: its queue has no consumer, or nothing known."""
+        if state != "PENDING" or not self.queue:
+            return ""
+        try:
+            st = self.app.client.stats(self.queue)
+        except Exception:  # noqa: BLE001 - a hint must never hide the timeout itself
+            return ""
+        if st.get("consumers", 0) == 0:
+            return (f"; it is queued in {self.queue!r}, which has no consumer: start a worker that reads it "
+                    f"(brokerd-worker MODULE:APP -Q {self.queue})")
+        return f"; queue {self.queue!r} has {st['consumers']} consumer(s) and {st.get('ready', 0)} message(s) waiting"
 
     def _fetch(self, wait=None) -> dict:
         if self._cache is not None:
@@ -81,14 +99,23 @@ class AsyncResult:
         a Python builtin as itself, anything else as ``RemoteError`` naming the
         remote type and message.  ``timeout`` runs out → ``TimeoutError``.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
+        warned = False
         while True:
             left = WAIT_CHUNK if deadline is None else max(0.0, deadline - time.monotonic())
+            if deadline is None and not warned:
+                left = min(left, SLOW_GET_WARNING)
             meta = self._fetch(wait=left)
             if meta["state"] in READY_STATES:
                 break
             if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"task {self.id} did not finish within {timeout:g}s (state {meta['state']})")
+                raise TimeoutError(f"task {self.id} did not finish within {timeout:g}s (state {meta['state']})"
+                                   + self._why_waiting(meta["state"]))
+            if deadline is None and not warned and time.monotonic() - start >= SLOW_GET_WARNING:
+                warned = True  # get() without a timeout: say once why it may be waiting for ever
+                log.warning("still waiting for task %s after %gs (state %s)%s", self.id,
+                            time.monotonic() - start, meta["state"], self._why_waiting(meta["state"]))
         if meta["state"] == "SUCCESS":
             return meta.get("result")
         exc = exception_from(meta.get("meta") or {}) if meta["state"] == "FAILURE" else TaskRevokedError(

@@ -221,3 +221,35 @@ def test_bodies_are_cbor_maps_another_language_can_read(app, broker):
     assert set(env) >= {"v", "task", "id", "args", "kwargs", "retries", "eta", "expires", "parent_id", "root_id", "headers"}
     assert env["args"] == [1, "two", b"\x03"] and env["headers"] == {"trace": "abc"}
     assert env["expires"] > time.time() + 50
+
+
+def test_get_timing_out_on_a_queue_without_consumer_says_so(app):
+    @app.task
+    def lonely():
+        pass
+
+    r = lonely.delay()
+    with pytest.raises(TimeoutError) as exc:
+        r.get(timeout=0.3)
+    assert str(exc.value) == (
+        f"task {r.id} did not finish within 0.3s (state PENDING); it is queued in 'celery', which has no "
+        "consumer: start a worker that reads it (brokerd-worker MODULE:APP -Q celery)"
+    )
+
+
+def test_get_without_a_timeout_warns_once_why_it_may_wait_for_ever(app, broker, caplog, monkeypatch):
+    import client.result
+
+    monkeypatch.setattr(client.result, "SLOW_GET_WARNING", 0.3)
+
+    @app.task
+    def later():
+        pass
+
+    r = later.apply_async(queue="nobody.reads")
+    threading.Timer(1.0, lambda: app.client.store_result(r.id, "SUCCESS", 7)).start()
+    with caplog.at_level("WARNING", logger="brokerd.client"):
+        assert r.get() == 7
+    warnings = [m.getMessage() for m in caplog.records if m.name == "brokerd.client"]
+    assert len(warnings) == 1 and warnings[0].startswith(f"still waiting for task {r.id} after ")
+    assert "it is queued in 'nobody.reads', which has no consumer" in warnings[0]
