@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="hard time limit for tasks without their own")
     ap.add_argument("--soft-time-limit", type=_seconds("--soft-time-limit"), metavar="SECONDS",
                     help="soft time limit for tasks without their own")
+    ap.add_argument("--refuse-duplicate-name", action="store_true",
+                    help="exit (code 2) if a worker with this name is already online, instead of adding the pid to it")
     ap.add_argument("--connect-timeout", type=_seconds("--connect-timeout", allow_zero=True), default=None,
                     metavar="SECONDS", help="at start, give up (exit 3) if brokerd cannot be reached this long "
                     "(default: wait for it, retrying every few seconds with a log line each time)")
@@ -224,7 +226,7 @@ def main(argv=None) -> int:
     except UsageError as exc:
         return _usage(ap, str(exc))
 
-    from client.worker import BrokerUnreachable, ColdStop, Worker
+    from client.worker import BrokerUnreachable, ColdStop, DuplicateName, Worker
 
     try:
         worker = Worker(
@@ -234,6 +236,7 @@ def main(argv=None) -> int:
             time_limit=args.time_limit, soft_time_limit=args.soft_time_limit, broker=args.broker,
             connect_timeout=args.connect_timeout, task_events=args.task_events,
             heartbeat_interval=args.heartbeat_interval, max_memory_per_child=args.max_memory_per_child,
+            on_duplicate_name="refuse" if args.refuse_duplicate_name else "rename",
         )
     except ValueError as exc:
         return _usage(ap, str(exc))
@@ -252,6 +255,9 @@ def main(argv=None) -> int:
     except BrokerUnreachable as exc:
         print(f"brokerd-worker: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
+    except DuplicateName as exc:
+        print(f"brokerd-worker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except ColdStop as exc:
         print(f"brokerd-worker: {exc}", file=sys.stderr)
         return EXIT_COLD_STOP

@@ -36,7 +36,7 @@ from client.worker.intake import BrokerUnreachable
 from client.worker.logs import setup_logging
 from client.worker.outcome import exc_meta
 from client.worker.runner import ExceptionInfo, Runner, check_envelope
-from client.worker.runtime import ColdStop, Worker, default_hostname
+from client.worker.runtime import ColdStop, DuplicateName, Worker, default_hostname
 
-__all__ = ["Worker", "Runner", "ExceptionInfo", "BrokerUnreachable", "ColdStop", "setup_logging",
+__all__ = ["Worker", "Runner", "ExceptionInfo", "BrokerUnreachable", "ColdStop", "DuplicateName", "setup_logging",
            "check_envelope", "exc_meta", "default_hostname"]

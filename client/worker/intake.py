@@ -18,9 +18,12 @@ from __future__ import annotations
 import logging
 import os
 import random
+import socket
 import time
 
+from client import wire
 from client.errors import BrokerdError, ConnectionClosed, ConnectionLost, Disconnected
+from client.options import parse_address
 from client.worker.channel import close_quietly, hand_deliveries_to_main_loop, open_client, wait_until_closed
 
 log = logging.getLogger("brokerd.worker")
@@ -35,6 +38,38 @@ CONNECT_TIMEOUT = None
 
 class BrokerUnreachable(Exception):
     """brokerd could not be reached at start within the connect timeout."""
+
+
+PROBE_TIMEOUT = 2.0  # seconds for the start-up look at which worker names are online
+
+
+def online_worker_names(broker: str, timeout: float = PROBE_TIMEOUT) -> set[str] | None:
+    """The names of the workers brokerd sees online, or None if brokerd cannot be asked now.
+
+    A plain socket and the codec, no threads: it runs before the process pool forks.
+    """
+    try:
+        host, port = parse_address(broker)
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            s.sendall(wire.PREAMBLE + wire.encode([wire.OP_HELLO, 1, {"version": wire.PROTOCOL_VERSION,
+                                                                     "client": "worker name probe"}])
+                      + wire.encode([wire.OP_WORKERS, 2]) + wire.encode([wire.OP_BYE, 3]))
+            reader = wire.FrameReader(strict=False)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                data = s.recv(65536)
+                if not data:
+                    return None
+                reader.feed(data)
+                for f in reader.frames():
+                    if f[0] == wire.OP_OK and f[1] == 2 and type(f[2]) is list:
+                        return {w.get("hostname") for w in f[2] if type(w) is dict and w.get("state") == "online"}
+                    if f[0] in (wire.OP_ERROR, wire.OP_CLOSING):
+                        return None
+    except (OSError, ValueError, wire.WireError):
+        return None
+    return None
 
 
 def connect_deadline(timeout: float | None) -> float | None:

@@ -37,6 +37,7 @@ def run_sync(w) -> None:
     w.wake_r, w.wake_w = os.pipe()
     os.set_blocking(w.wake_r, False)
     os.set_blocking(w.wake_w, False)
+    w.claim_unique_name()  # before the pool forks: its processes keep the name
     w.poller = select.poll()
     w.poller.register(w.wake_r, select.POLLIN)
     if w.pool_kind == "processes":

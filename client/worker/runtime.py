@@ -61,7 +61,7 @@ from client.errors import BrokerdError, Disconnected
 import client.worker.events as ev_
 from client.worker.channel import Channel, close_quietly, delivery_buffer, detach_in_child
 from client.worker.control import Control
-from client.worker.intake import CONNECT_TIMEOUT
+from client.worker.intake import CONNECT_TIMEOUT, online_worker_names
 from client.worker.limits import TaskLimits
 from client.worker.mainloop import run_sync
 from client.worker.logs import setup_logging
@@ -83,6 +83,10 @@ class ColdStop(Exception):
     """The worker stopped without waiting for its running tasks (second signal, or grace ran out)."""
 
 
+class DuplicateName(Exception):
+    """Another worker with this name is online (``on_duplicate_name="refuse"``)."""
+
+
 def default_hostname(name: str | None = None) -> str:
     """``-n`` with Celery's %h (host), %n (host name part) and %d (domain part)."""
     host = socket.gethostname()
@@ -97,7 +101,12 @@ class Worker:
     ``Worker(app, queues=None, concurrency=None, pool="processes", prefetch_multiplier=1,
     max_tasks_per_child=None, autoscale=None, hostname=None, loglevel="info", *, grace=30.0,
     time_limit=None, soft_time_limit=None, broker=None, connect_timeout=None, task_events=None,
-    heartbeat_interval=2.0, max_memory_per_child=None)``
+    heartbeat_interval=2.0, max_memory_per_child=None, on_duplicate_name="rename")``
+
+    ``on_duplicate_name``: when brokerd already sees an online worker with this name at start,
+    ``"rename"`` (default) adds the process id (``brokerd-4242@host``) and warns; ``"refuse"``
+    raises ``DuplicateName``.  Two workers sharing a name would be merged into one row by
+    WORKERS, inspect, ping and the page.
 
     ``task_events``: send task-* events (default: the app's ``worker_send_task_events``, else
     on); worker-online/heartbeat/offline events are always sent, every ``heartbeat_interval``
@@ -117,7 +126,10 @@ class Worker:
                  max_tasks_per_child=None, autoscale=None, hostname=None, loglevel="info", *,
                  grace=DEFAULT_GRACE, time_limit=None, soft_time_limit=None, broker=None,
                  connect_timeout=CONNECT_TIMEOUT, configure_logging=True, task_events=None,
-                 heartbeat_interval=ev_.HEARTBEAT_INTERVAL, max_memory_per_child=None):
+                 heartbeat_interval=ev_.HEARTBEAT_INTERVAL, max_memory_per_child=None, on_duplicate_name="rename"):
+        if on_duplicate_name not in ("rename", "refuse"):
+            raise ValueError(f"on_duplicate_name must be 'rename' or 'refuse' (got {on_duplicate_name!r})")
+        self.on_duplicate_name = on_duplicate_name
         if pool == "prefork":
             pool = "processes"
         if pool not in ("processes", "threads", "trio"):
@@ -197,6 +209,24 @@ class Worker:
 
     def __repr__(self):
         return f"<Worker {self.hostname} pool={self.pool_kind} c={self.concurrency} queues={self.queues}>"
+
+    def claim_unique_name(self) -> None:
+        """Before the pool starts (its processes keep the name): make sure no online worker has it.
+
+        Asked once, of the brokerd reachable now (if it is not, nothing can be known yet); two
+        workers starting in the same instant can still collide.
+        """
+        online = online_worker_names(self.broker)
+        if not online or self.hostname not in online:
+            return
+        if self.on_duplicate_name == "refuse":
+            raise DuplicateName(f"another worker named {self.hostname!r} is online at {self.broker}; "
+                                "give this one its own name with -n NAME")
+        name, at, host = self.hostname.partition("@")
+        new = f"{name}-{os.getpid()}@{host}" if at else f"{self.hostname}-{os.getpid()}"
+        log.warning("another worker named %s is online at %s: this one is %s (give each worker its own -n NAME)",
+                    self.hostname, self.broker, new)
+        self.hostname = new
 
     # -- public --------------------------------------------------------------------------------
     def run(self) -> None:

@@ -27,6 +27,7 @@ def run_trio(w) -> None:
 
     ``w.cold`` / ``w.fatal`` tell the caller how it ended.
     """
+    w.claim_unique_name()
     w.pool = TrioPool(w)
     client = connect(w, deadline=connect_deadline(w.connect_timeout))
     if client is None:

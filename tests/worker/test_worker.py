@@ -12,8 +12,8 @@ import datetime as dt
 import os
 import signal
 import subprocess
-import sys
 import re
+import sys
 import time
 import uuid
 
@@ -28,6 +28,7 @@ from client.app import (
     TaskRevokedError,
     TimeLimitExceeded,
 )
+from client import App, Client
 from client.errors import Disconnected
 from tests.support.broker import ROOT, BrokerProcess
 from tests.worker_apps import tasks
@@ -441,14 +442,37 @@ def test_a_worker_started_before_brokerd_waits_for_it_and_says_so(tmp_path):
         assert re.search(r"cannot reach brokerd at 127\.0\.0\.1:\d+ \(.*\): attempt 3, retrying in", w.log()), w.log()
         assert "giving up" not in w.log()  # no deadline by default (--connect-timeout sets one)
         broker.start(port)
-        app = tasks.app
-        old = app.conf.broker_url
-        app.conf.broker_url = broker.address
+        producer = App("late-producer", broker=broker.address)
         try:
-            assert tasks.add.apply_async((2, 3), queue=q).get(timeout=WAIT) == 5
+            assert producer.send_task("tests.worker_apps.tasks.add", (2, 3), queue=q).get(timeout=WAIT) == 5
         finally:
-            app.conf.broker_url = old
-            app.close()
+            producer.close()
     finally:
         w.terminate()
         broker.terminate()
+
+
+def test_a_second_worker_with_a_taken_name_gets_a_unique_one_or_refuses_by_flag(shared_broker, workers, use_broker):
+    use_broker(shared_broker)
+    q = fresh_queue()
+    first = workers(shared_broker, q, "-c", "1", name="twin@test")
+    ready(first, q)
+    second = workers(shared_broker, fresh_queue(), "-c", "1", name="twin@test")
+    deadline = time.monotonic() + WAIT
+    while "another worker named twin@test is online" not in second.log():
+        assert second.proc.poll() is None and time.monotonic() < deadline, second.log()
+        time.sleep(0.1)
+    assert f"this one is twin-{second.pid}@test" in second.log()
+    with Client(shared_broker.address) as c:
+        deadline = time.monotonic() + WAIT
+        while True:
+            names = {w["hostname"] for w in c.workers() if w["state"] == "online"}
+            if f"twin-{second.pid}@test" in names or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    assert {"twin@test", f"twin-{second.pid}@test"} <= names
+    p = run_cli(APP, "-b", shared_broker.address, "-Q", q, "-n", "twin@test", "--refuse-duplicate-name")
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.splitlines()[-1] == (
+        f"brokerd-worker: another worker named 'twin@test' is online at {shared_broker.address}; "
+        "give this one its own name with -n NAME")
