@@ -156,7 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="soft time limit for tasks without their own")
     ap.add_argument("--connect-timeout", type=_seconds("--connect-timeout", allow_zero=True), default=10.0,
                     metavar="SECONDS", help="at start, keep trying to reach brokerd this long (default 10)")
+    ap.add_argument("--signing-public-key", dest="signing_public_keys", action="append", type=_public_key,
+                    metavar="KID=PATH", help="trust task signatures by this Ed25519 public key (PEM file); once "
+                    "any is given (here or in the app's task_signing_public_keys) unsigned tasks are refused. "
+                    "Repeat to trust several keys while rotating")
     return ap
+
+
+def _public_key(text):
+    kid, sep, path = text.partition("=")
+    if not sep or not kid or not path:
+        raise argparse.ArgumentTypeError(f"--signing-public-key takes KID=PATH, e.g. 3f1c0e9a7b2d4c55=/etc/brokerd/tasks.pub "
+                                         f"(got {text!r}); python -m client.signing keygen prints the KID")
+    return kid, path
 
 
 def load_app(spec: str):
@@ -222,6 +234,11 @@ def main(argv=None) -> int:
         app = load_app(args.app)
     except UsageError as exc:
         return _usage(ap, str(exc))
+
+    if args.signing_public_keys:
+        keys = dict(app.conf.get("task_signing_public_keys") or {})
+        keys.update(args.signing_public_keys)
+        app.conf["task_signing_public_keys"] = keys
 
     from client.worker import BrokerUnreachable, ColdStop, Worker
 

@@ -65,7 +65,8 @@ from client.worker.intake import CONNECT_TIMEOUT
 from client.worker.limits import TaskLimits
 from client.worker.mainloop import run_sync
 from client.worker.logs import setup_logging
-from client.worker.outcome import S_ACK, S_REQUEUE, S_RETRY, lost_outcome, undecodable_outcome, unknown_outcome
+from client.worker.outcome import (S_ACK, S_REQUEUE, S_RETRY, lost_outcome, undecodable_outcome, unknown_outcome,
+                                   unsigned_outcome)
 from client.worker.pools.base import Job, close_fds
 from client.worker.runner import check_envelope
 
@@ -162,6 +163,13 @@ class Worker:
         self.configure_logging = configure_logging
         self.result_ttl = app.conf.get("result_expires")
         self.limits = TaskLimits(app, soft_time_limit, time_limit)
+        # Signed tasks: with task_signing_public_keys set, every task must carry a good signature
+        # (client/signing.py); a bad key setting is a ValueError here, a usage error at the CLI.
+        self.verifier = None
+        if app.conf.get("task_signing_public_keys"):
+            from client.signing import verifier_for  # lazy: loads cryptography
+
+            self.verifier = verifier_for(app.conf)
 
         self.inbox: deque = deque()
         self.sleeping = False
@@ -270,6 +278,14 @@ class Worker:
                 self.events.emit(ev_.task_outcome(d.id, outcome, None))
             self._settle(d, ch, outcome, d.id)
             return
+        if self.verifier is not None:
+            why = self.verifier.refusal(env, d.id)
+            if why is not None:
+                outcome = unsigned_outcome(d.id, env, why, self.hostname)
+                if self.task_events:
+                    self.events.emit(ev_.task_outcome(d.id, outcome, None))
+                self._settle(d, ch, outcome, d.id)
+                return
         name = env["task"]
         task = self.app.tasks.get(name)
         if task is None:
