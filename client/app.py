@@ -69,6 +69,7 @@ from client.exceptions import (
     WorkerLostError,
 )
 from client.result import READY_STATES, WAIT_CHUNK, AsyncResult, EagerResult, GroupResult, exception_from
+from client.signing import signer_for
 
 # Names that live in the modules above and stay importable from here, where the
 # README and existing code look for them (``from client.app import Retry``).
@@ -506,15 +507,14 @@ class App:
     @property
     def signer(self):
         """The Signer made from ``task_signing_key``/``task_signing_key_id`` (None when unset); made once
-        per setting, so each task costs one signature, not a key load."""
+        per setting, so each task costs one signature, not a key load.  (client.signing loads the
+        cryptography package only here, so apps that do not sign never import it.)"""
         conf = self.conf
         key, kid = conf.get("task_signing_key"), conf.get("task_signing_key_id")
         if not key:
             return None
         cached = self.__dict__.get("_signer")
         if cached is None or cached[0] is not key or cached[1] != kid:
-            from client.signing import signer_for  # lazy: apps without signing never load cryptography
-
             cached = (key, kid, signer_for(conf))
             self.__dict__["_signer"] = cached
         return cached[2]

@@ -58,6 +58,7 @@ from collections import deque
 from client.envelope import decode_envelope
 from client.canvas import after_task
 from client.errors import BrokerdError, Disconnected
+from client.signing import verifier_for
 import client.worker.events as ev_
 from client.worker.channel import Channel, close_quietly, delivery_buffer, detach_in_child
 from client.worker.control import Control
@@ -167,9 +168,7 @@ class Worker:
         # (client/signing.py); a bad key setting is a ValueError here, a usage error at the CLI.
         self.verifier = None
         if app.conf.get("task_signing_public_keys"):
-            from client.signing import verifier_for  # lazy: loads cryptography
-
-            self.verifier = verifier_for(app.conf)
+            self.verifier = verifier_for(app.conf)  # loads the cryptography package
 
         self.inbox: deque = deque()
         self.sleeping = False
