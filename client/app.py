@@ -69,6 +69,7 @@ from client.exceptions import (
     WorkerLostError,
 )
 from client.result import READY_STATES, WAIT_CHUNK, AsyncResult, EagerResult, GroupResult, exception_from
+from client.signing import signer_for
 
 # Names that live in the modules above and stay importable from here, where the
 # README and existing code look for them (``from client.app import Retry``).
@@ -104,6 +105,12 @@ DEFAULTS = {
     "worker_concurrency": None,
     "beat_schedule": {},
     "timezone": "UTC",
+    # Signed tasks (client/signing.py, protocol.md §8.4).  Producer: an Ed25519 private key (PEM text or a
+    # path) signs every envelope this app sends; its key id defaults to one derived from the public key.
+    # Worker: {key id: public key PEM or path}; when set, unsigned or badly signed tasks are refused.
+    "task_signing_key": None,
+    "task_signing_key_id": None,
+    "task_signing_public_keys": None,
 }
 
 
@@ -491,8 +498,26 @@ class App:
                             root_id=root_id, headers=headers, options=options or None)
         if extra:
             env.update(extra)
+        signer = self.signer
+        if signer is not None:
+            signer.sign(env)
         self.client.publish(queue, encode_envelope(env), priority=priority, eta=eta_s, id=task_id, confirm=confirm)
         return AsyncResult(task_id, app=self, queue=queue)
+
+    @property
+    def signer(self):
+        """The Signer made from ``task_signing_key``/``task_signing_key_id`` (None when unset); made once
+        per setting, so each task costs one signature, not a key load.  (client.signing loads the
+        cryptography package only here, so apps that do not sign never import it.)"""
+        conf = self.conf
+        key, kid = conf.get("task_signing_key"), conf.get("task_signing_key_id")
+        if not key:
+            return None
+        cached = self.__dict__.get("_signer")
+        if cached is None or cached[0] is not key or cached[1] != kid:
+            cached = (key, kid, signer_for(conf))
+            self.__dict__["_signer"] = cached
+        return cached[2]
 
     def AsyncResult(self, task_id) -> AsyncResult:
         return AsyncResult(task_id, app=self)

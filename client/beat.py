@@ -70,6 +70,8 @@ def schedule_spec(app, name: str, entry: dict) -> dict:
     spec["priority"] = int(priority)
     env = make_envelope(task_name, "", tuple(entry.get("args") or ()), dict(entry.get("kwargs") or {}),
                         headers=opts.get("headers"))
+    if app.signer is not None:  # brokerd fills in id, root_id and expires at each tick: scope "schedule"
+        app.signer.sign(env, "schedule", schedule=name)
     spec["body"] = env
     expires = opts.get("expires", entry.get("expires"))
     if expires is not None:

@@ -260,9 +260,9 @@ class chord:
         body_id = body.freeze()
         app = body.app
         chord_id = str(uuid.uuid4())
-        spec = message_spec(app, body)
+        spec = message_spec(app, body, "chord-body")
         errbacks = body.options.get("link_error") or []
-        error = message_spec(app, signature(errbacks[0])) if errbacks else None
+        error = message_spec(app, signature(errbacks[0]), "chord-error") if errbacks else None
         app.client.chord(chord_id, ids, spec, error)
         results = [m.apply_async(_confirm=False) for m in members]
         app.client.wait_for_confirms()
@@ -270,8 +270,9 @@ class chord:
         return AsyncResult(body_id, app=app, parent=gr)
 
 
-def message_spec(app, sig: Signature) -> dict:
-    """What brokerd needs to publish a signature later: queue, priority, envelope."""
+def message_spec(app, sig: Signature, scope: str = "task") -> dict:
+    """What brokerd needs to publish a signature later: queue, priority, envelope (signed in ``scope``
+    when the app signs tasks: brokerd prepends arguments to chord bodies and errbacks, client/signing.py)."""
     opts = sig.options
     queue, priority = app.queue_and_priority(sig.name, app.tasks.get(sig.name), opts.get("queue"),
                                              opts.get("priority"))
@@ -281,6 +282,8 @@ def message_spec(app, sig: Signature) -> dict:
         if opts.get(key):
             env[key] = [dict(x) for x in opts[key]]
     encode_envelope(env)  # fail now if it cannot travel
+    if app.signer is not None:
+        app.signer.sign(env, scope)
     return {"queue": queue, "priority": priority, "body": env}
 
 

@@ -159,7 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--connect-timeout", type=_seconds("--connect-timeout", allow_zero=True), default=None,
                     metavar="SECONDS", help="at start, give up (exit 3) if brokerd cannot be reached this long "
                     "(default: wait for it, retrying every few seconds with a log line each time)")
+    ap.add_argument("--signing-public-key", dest="signing_public_keys", action="append", type=_public_key,
+                    metavar="KID=PATH", help="trust task signatures by this Ed25519 public key (PEM file); once "
+                    "any is given (here or in the app's task_signing_public_keys) unsigned tasks are refused. "
+                    "Repeat to trust several keys while rotating")
     return ap
+
+
+def _public_key(text):
+    kid, sep, path = text.partition("=")
+    if not sep or not kid or not path:
+        raise argparse.ArgumentTypeError(f"--signing-public-key takes KID=PATH, e.g. 3f1c0e9a7b2d4c55=/etc/brokerd/tasks.pub "
+                                         f"(got {text!r}); python -m client.signing keygen prints the KID")
+    return kid, path
 
 
 def load_app(spec: str):
@@ -225,6 +237,11 @@ def main(argv=None) -> int:
         app = load_app(args.app)
     except UsageError as exc:
         return _usage(ap, str(exc))
+
+    if args.signing_public_keys:
+        keys = dict(app.conf.get("task_signing_public_keys") or {})
+        keys.update(args.signing_public_keys)
+        app.conf["task_signing_public_keys"] = keys
 
     from client.worker import BrokerUnreachable, ColdStop, DuplicateName, Worker
 

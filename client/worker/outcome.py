@@ -101,6 +101,19 @@ def unknown_outcome(env, app, hostname):
     return (S_REJECT, "FAILURE", None, meta, None, None)
 
 
+def unsigned_outcome(msg_id, env, why: str, hostname):
+    """A task refused because its signature is missing or does not verify (client/signing.py): it is
+    not run, its result is FAILURE ``SecurityError`` (Celery's name) saying why, and the delivery is
+    rejected to the dead-letter queue.  The result is stored under the *message* id: a signed body
+    replayed under another id must not overwrite the real task's result."""
+    name = env.get("task")
+    msg = (f"task {name!r} [{msg_id}] refused by worker {hostname}: {why}. It was not run; "
+           f"producers sign tasks with the app setting task_signing_key (protocol.md §8.4)")
+    log.error("Refused task %r [%s]: %s (sent to the dead-letter queue)", name, msg_id, why)
+    meta = {"exc_type": "SecurityError", "exc_message": msg, "traceback": None, "hostname": hostname}
+    return (S_REJECT, "FAILURE", None, meta, None, None)
+
+
 def lost_outcome(job, task, why: str, hostname: str):
     """The outcome of a job whose process died mid-task.  The death counts as one retry: redelivered
     after a backoff (LOST_BACKOFF_FIRST doubling to LOST_BACKOFF_MAX) with the ``retries`` header

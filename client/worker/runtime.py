@@ -58,6 +58,7 @@ from collections import deque
 from client.envelope import decode_envelope
 from client.canvas import after_task
 from client.errors import BrokerdError, Disconnected
+from client.signing import verifier_for
 import client.worker.events as ev_
 from client.worker.channel import Channel, close_quietly, delivery_buffer, detach_in_child
 from client.worker.control import Control
@@ -65,7 +66,8 @@ from client.worker.intake import CONNECT_TIMEOUT, online_worker_names
 from client.worker.limits import TaskLimits
 from client.worker.mainloop import run_sync
 from client.worker.logs import setup_logging
-from client.worker.outcome import S_ACK, S_REQUEUE, S_RETRY, lost_outcome, undecodable_outcome, unknown_outcome
+from client.worker.outcome import (S_ACK, S_REQUEUE, S_RETRY, lost_outcome, undecodable_outcome, unknown_outcome,
+                                   unsigned_outcome)
 from client.worker.pools.base import Job, close_fds
 from client.worker.runner import check_envelope
 
@@ -174,6 +176,11 @@ class Worker:
         self.configure_logging = configure_logging
         self.result_ttl = app.conf.get("result_expires")
         self.limits = TaskLimits(app, soft_time_limit, time_limit)
+        # Signed tasks: with task_signing_public_keys set, every task must carry a good signature
+        # (client/signing.py); a bad key setting is a ValueError here, a usage error at the CLI.
+        self.verifier = None
+        if app.conf.get("task_signing_public_keys"):
+            self.verifier = verifier_for(app.conf)  # loads the cryptography package
 
         self.inbox: deque = deque()
         self.sleeping = False
@@ -300,6 +307,14 @@ class Worker:
                 self.events.emit(ev_.task_outcome(d.id, outcome, None))
             self._settle(d, ch, outcome, d.id)
             return
+        if self.verifier is not None:
+            why = self.verifier.refusal(env, d.id)
+            if why is not None:
+                outcome = unsigned_outcome(d.id, env, why, self.hostname)
+                if self.task_events:
+                    self.events.emit(ev_.task_outcome(d.id, outcome, None))
+                self._settle(d, ch, outcome, d.id)
+                return
         name = env["task"]
         task = self.app.tasks.get(name)
         if task is None:
