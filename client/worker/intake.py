@@ -20,6 +20,7 @@ import os
 import random
 import time
 
+from client.options import redact
 from client.errors import BrokerdError, ConnectionClosed, ConnectionLost, Disconnected
 from client.worker.channel import close_quietly, hand_deliveries_to_main_loop, open_client, wait_until_closed
 
@@ -67,7 +68,7 @@ def intake(host, client):
                 client = connect(host)
                 if client is None:
                     break
-                log.info("reconnected to brokerd at %s", host.broker)
+                log.info("reconnected to brokerd at %s", redact(host.broker))
             gen += 1
             try:
                 consumer = client.consume(host.queues, host.prefetch)
