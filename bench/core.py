@@ -152,17 +152,24 @@ def last_json(proc: subprocess.Popen, what: str, timeout: float) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def address(broker: BrokerProcess, args) -> str:
+    """The broker's address for the clients: brokerds://...?ca= under --tls."""
+    if getattr(args, "tls_ca", None):
+        return f"brokerds://127.0.0.1:{broker.port}?ca={args.tls_ca}"
+    return broker.address
+
+
 # --- the phases -------------------------------------------------------------------------------
 def throughput(args, broker_args: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="brokerd-bench-") as tmp:
         broker = Broker(broker_args, tmp)
         try:
-            cons = spawn("consumer", broker.address, args)
+            cons = spawn("consumer", address(broker, args), args)
             line = cons.stdout.readline()
             if line.strip() != "ready":
                 raise SystemExit("the consumer did not subscribe")
             cpu0 = broker.cpu_seconds()
-            prod = spawn("producer", broker.address, args)
+            prod = spawn("producer", address(broker, args), args)
             p = last_json(prod, "producer", 600)
             c = last_json(cons, "consumer", 600)
             cpu1 = broker.cpu_seconds()
@@ -191,14 +198,14 @@ def memory(args, broker_args: list[str]) -> dict:
             # One warm-up round trip so the baseline includes a live connection's cost.
             from client.producer import Client
 
-            with Client(broker.address, name="bench-memory-probe") as c:
+            with Client(address(broker, args), name="bench-memory-probe") as c:
                 c.declare(QUEUE + ".memory", max_attempts=25)
             time.sleep(0.2)  # let the broker go idle before the baseline reading (not synchronisation)
             before = broker.rss()
-            prod = spawn("producer", broker.address, args, n=n, queue=QUEUE + ".memory")
+            prod = spawn("producer", address(broker, args), args, n=n, queue=QUEUE + ".memory")
             p = last_json(prod, "producer", 1800)
             after = broker.rss()
-            with Client(broker.address, name="bench-memory-probe") as c:
+            with Client(address(broker, args), name="bench-memory-probe") as c:
                 ready = c.stats(QUEUE + ".memory")["ready"]
         finally:
             broker.stop()
@@ -223,6 +230,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rate", type=float, default=0, help="publishes/s for the throughput run; 0: as fast as possible (default 0). "
                     "Unpaced, the queue grows and latency is mostly queueing; pace below capacity to see transit latency")
     ap.add_argument("--broker-args", default="", help='extra brokerd flags, e.g. --broker-args="--fsync never"')
+    ap.add_argument("--tls", action="store_true", help="TLS between the clients and brokerd (certificates made for the run)")
     ap.add_argument("--role", choices=["producer", "consumer"], help=argparse.SUPPRESS)
     ap.add_argument("--address", help=argparse.SUPPRESS)
     ap.add_argument("--queue", default=QUEUE, help=argparse.SUPPRESS)
@@ -233,6 +241,12 @@ def main(argv=None) -> None:
         child(args)
         return
     broker_args = shlex.split(args.broker_args)
+    if args.tls:
+        from tests.support.certs import make_pki  # the test certificates: a CA and a 127.0.0.1 server cert
+
+        pki = make_pki(tempfile.mkdtemp(prefix="brokerd-bench-pki-"))
+        broker_args += ["--tls-cert", pki.server_cert, "--tls-key", pki.server_key]
+        args.tls_ca = pki.ca
     print(f"brokerd bench/core.py: python {sys.version.split()[0]}, {os.cpu_count()} CPUs, broker args {broker_args or 'none'}")
     ncpu = os.cpu_count() or 1
     t = throughput(args, broker_args)
@@ -254,6 +268,8 @@ def main(argv=None) -> None:
         print(f"  per message       {m['bytes_per_msg']:>10.0f} B  ({m['bytes_beyond_body']:.0f} B beyond the {args.size} B body)")
         print(f"  publish only      {m['publish_only_per_s']:>10,.0f} publishes/s  (nobody consuming)")
     cmd = ["python", "bench/core.py", "-n", str(args.n), "--size", str(args.size), "--prefetch", str(args.prefetch), "--memory", str(args.memory)]
+    if args.tls:
+        cmd += ["--tls"]
     if args.window:
         cmd += ["--window", str(args.window)]
     if args.rate:

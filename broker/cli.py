@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import ssl
 import sys
 
 import trio
 
 from broker import __version__
 from broker.boot import DataDirError, open_server
+from broker.runtime.server import server_tls_context
 from broker.config import (
     FD_RESERVE,
     MAX_CONNECTIONS_AUTO,
@@ -62,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segment-bytes", dest="segment_bytes", help=f"log segment size before rotation (default {d.segment_bytes})")
     p.add_argument("--repair", action="store_const", const="true", help="drop only the parts of a damaged log that cannot be read (keeps every later valid record) and list what was dropped")
     p.add_argument("--result-ttl", dest="result_ttl", help=f"seconds a task result is kept (default {d.result_ttl:g})")
+    p.add_argument("--tls-cert", dest="tls_cert", metavar="PEM", help="server certificate (chain): the protocol port then also accepts TLS, and HTTP serves HTTPS")
+    p.add_argument("--tls-key", dest="tls_key", metavar="PEM", help="the private key of --tls-cert")
+    p.add_argument("--tls-client-ca", dest="tls_client_ca", metavar="PEM", help="mutual TLS: accept only TLS clients with a certificate signed by this CA")
+    p.add_argument("--tls-required", dest="tls_required", action="store_const", const="true", help="refuse plaintext on the protocol port (TLS_REQUIRED)")
+    p.add_argument("--insecure-no-auth", dest="insecure_no_auth", action="store_const", const="true", help="listen on a non-loopback --host although brokerd has no authentication: anyone who reaches the port can do anything")
     p.add_argument("--log-level", dest="log_level", help=f"debug, info, warning or error (default {d.log_level})")
     return p
 
@@ -79,6 +86,20 @@ def main(argv=None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    try:  # a certificate or key that cannot be loaded is a usage error, named before the data dir is opened
+        server_tls_context(config)
+    except (ssl.SSLError, OSError) as exc:
+        print(f"brokerd: tls_cert/tls_key/tls_client_ca: cannot load them: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    refusal = config.exposure_refusal()
+    if refusal is not None:
+        log.error("%s", refusal)
+        return EXIT_USAGE
+    if not config.is_loopback():
+        log.warning(
+            "listening on %s with --insecure-no-auth: brokerd has no authentication, so anyone who can "
+            "reach this address can publish, consume, purge, read results and control workers", config.host,
+        )
     raise_fd_limit()
     try:
         return trio.run(run, config)

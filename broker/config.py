@@ -123,6 +123,20 @@ class Config:
     # How long a task result is kept after its last update (Celery: result_expires).
     result_ttl: float = 24 * 3600 * SECONDS
     log_level: str = "info"
+    # -- TLS and the protected default (protocol.md §2, "TLS") --------------------------------
+    # PEM files: the server's certificate chain and its private key.  Both or neither.  With
+    # them the protocol port also accepts TLS (told apart by its first byte, 0x16) and the
+    # HTTP port serves HTTPS only.
+    tls_cert: str = ""
+    tls_key: str = ""
+    # PEM file of the CA(s) whose client certificates are accepted: mutual TLS.  A TLS client
+    # without a certificate signed by one of them fails the handshake.
+    tls_client_ca: str = ""
+    # Refuse plaintext binary and admin text on the protocol port (TLS_REQUIRED).
+    tls_required: bool = False
+    # brokerd has no users yet: listening on a non-loopback address lets anyone who can
+    # reach the port do anything, so it refuses to start there unless told this explicitly.
+    insecure_no_auth: bool = False
 
     def validate(self) -> "Config":
         def bad(name, msg):
@@ -170,7 +184,51 @@ class Config:
         except ValueError:
             if self.host != "localhost":
                 bad("host", f"must be an IP address such as 127.0.0.1 or 0.0.0.0 (got {self.host!r})")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            bad("tls_cert" if not self.tls_cert else "tls_key",
+                "--tls-cert and --tls-key go together: give both PEM files or neither")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                bad(name, f"file {path!r} does not exist or is not a file")
+        if self.tls_client_ca and not self.tls_cert:
+            bad("tls_client_ca", "mutual TLS needs the server's own --tls-cert and --tls-key too")
+        if self.tls_required and not self.tls_cert:
+            bad("tls_required", "needs --tls-cert and --tls-key (there is no TLS to require without them)")
         return self
+
+    @property
+    def tls(self) -> bool:
+        """TLS is configured (certificate and key given)."""
+        return bool(self.tls_cert)
+
+    def is_loopback(self) -> bool:
+        """``host`` reaches only this machine (127.0.0.0/8, ::1, localhost)."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def security(self) -> str:
+        """How clients are let in, as STATS shows it: ``loopback`` (no users, only this
+        machine can connect) or ``insecure-no-auth`` (no users, on a network by request)."""
+        return "loopback" if self.is_loopback() else "insecure-no-auth"
+
+    def exposure_refusal(self) -> str | None:
+        """Why brokerd must not start with these settings, or None.  No users exist yet, so
+        a non-loopback address would let anyone who reaches it publish, consume, purge and
+        forge results; only an explicit ``insecure_no_auth`` lifts that."""
+        if self.is_loopback() or self.insecure_no_auth:
+            return None
+        return (
+            f"refusing to listen on {self.host}: brokerd has no authentication configured, so anyone "
+            "who can reach this address could publish tasks, read every result, purge queues and "
+            "control workers. Listen on 127.0.0.1 (the default) and reach it through an SSH tunnel "
+            "or a sidecar, or, on a network you trust completely, pass --insecure-no-auth "
+            "(BROKERD_INSECURE_NO_AUTH=1) to start anyway"
+        )
 
     def connection_limit(self) -> int:
         """``max_connections``, or when 0 the automatic figure for this process."""

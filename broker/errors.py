@@ -138,6 +138,12 @@ class ShuttingDown(BrokerError):
     code = "SHUTTING_DOWN"
 
 
+class TlsRequired(BrokerError):
+    """Plaintext on a port that takes only TLS (--tls-required)."""
+
+    code = "TLS_REQUIRED"
+
+
 class Internal(BrokerError):
     code = "INTERNAL"
 

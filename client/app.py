@@ -39,6 +39,7 @@ import threading
 import time
 import uuid
 
+from client.options import redact  # credentials show as ***
 from client import canvas
 from client._current import Request, current_app, current_request, set_current_app
 from client.envelope import (
@@ -89,7 +90,7 @@ _current_request = current_request
 
 # Settings and their defaults, under Celery's names so a Celery config carries over.
 DEFAULTS = {
-    "broker_url": "127.0.0.1:7700",
+    "broker_url": None,  # None: $BROKERD_URL, else 127.0.0.1:7700 (client.options.broker_url)
     "task_default_queue": DEFAULT_QUEUE,
     "task_default_priority": 0,
     "task_routes": {},
@@ -412,7 +413,7 @@ class App:
         return current_app()
 
     def __repr__(self):
-        return f"<App {self.main} broker={self.conf.broker_url}>"
+        return f"<App {self.main} broker={redact(self.conf.broker_url)}>"
 
     # -- configuration --
     def config_from_object(self, obj, namespace: str | None = None) -> None:

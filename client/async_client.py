@@ -27,7 +27,8 @@ import time
 
 from client import loops, verbs
 from client.errors import BrokerdError, ConnectionClosed, ConnectionLost, PublishError, Timeout
-from client.options import default_name, new_id_prefix, parse_address, publish_options
+from client.options import broker_url, default_name, redact, new_id_prefix, publish_options
+from client.tls import context as tls_context
 from client.session import (
     CONFIRMS,
     CONTROL,
@@ -63,10 +64,11 @@ class AsyncClient(verbs.ShellInfo):
     delivery's ``ack``/``nack``/``touch`` are awaited.
     """
 
-    def __init__(self, address="127.0.0.1:7700", *, name: str | None = None, heartbeat: float = 30.0, timeout: float | None = 10.0):
-        self.address = address
+    def __init__(self, address=None, *, name: str | None = None, heartbeat: float = 30.0, timeout: float | None = 10.0):
+        self._url = url = broker_url(address)  # None: $BROKERD_URL, else 127.0.0.1:7700
+        self.address = redact(address)  # as shown in reprs and errors: credentials are ***
         self.timeout = timeout
-        self._host, self._port = parse_address(address)
+        self._host, self._port = url.host, url.port
         self._name = name or default_name()
         self._heartbeat = heartbeat
         self._io = None
@@ -94,11 +96,12 @@ class AsyncClient(verbs.ShellInfo):
         self._session = Session(
             self, name=self._name, heartbeat=self._heartbeat, now=_monotonic(), id_prefix=new_id_prefix(),
             control_handlers=self.control_handlers, event_handlers=self.event_handlers,
+            hello_extra=self._url.hello_options(),
         )
         self._dirty = io.Event()
         self._confirm_event = io.Event()
         try:
-            await io.connect(self._host, self._port, self.timeout)
+            await io.connect(self._host, self._port, self.timeout, tls_context(self._url) if self._url.tls else None)
         except (OSError, TimeoutError) as exc:
             raise ConnectionLost(None, f"cannot connect to brokerd at {self._host}:{self._port}: {exc!r}") from exc
         except BaseException as exc:

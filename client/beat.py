@@ -20,6 +20,7 @@ import argparse
 import datetime as dt
 import sys
 
+from client.options import redact
 from client.envelope import make_envelope
 from client.worker_cli import load_app  # the same MODULE:APP rules as the worker
 
@@ -102,7 +103,8 @@ def push(app) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="brokerd-beat", description="Push an app's periodic tasks to brokerd, then exit.")
     p.add_argument("app", metavar="MODULE:APP", help="where the App is, e.g. proj.tasks:app")
-    p.add_argument("-b", "--broker", help="brokerd address HOST:PORT (default: the app's broker_url)")
+    p.add_argument("-b", "--broker", metavar="URL", help="brokerd://[user:token@]host:port, brokerds://...?ca=FILE "
+                   "for TLS, or HOST:PORT (default: the app's broker_url, else $BROKERD_URL)")
     args = p.parse_args(argv)
     try:
         app = load_app(args.app)
@@ -119,7 +121,7 @@ def main(argv=None) -> int:
         print(f"brokerd-beat: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        print(f"brokerd-beat: cannot update schedules at {app.conf.broker_url}: {exc}", file=sys.stderr)
+        print(f"brokerd-beat: cannot update schedules at {redact(app.conf.broker_url)}: {exc}", file=sys.stderr)
         return 3
     print(f"brokerd-beat: {len(done['put'])} entries pushed, {len(done['removed'])} removed"
           + (f" ({', '.join(done['removed'])})" if done["removed"] else ""))

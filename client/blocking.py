@@ -17,15 +17,18 @@ the consumer's ``buffer`` / ``on_wake``.
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from _thread import allocate_lock
 
 from client import verbs
 from client.errors import BrokerdError, ConnectionClosed, ConnectionLost, Timeout
-from client.options import default_name, new_id_prefix, parse_address
+from client.options import broker_url, default_name, redact, new_id_prefix
 from client.session import CONFIRMS, CONTROL, EVENTS, FLUSH, FLUSH_DELAY, ConsumerHandle, ConsumerState
 from client.session import Delivery, Pending, Session, clone_error
+from client.tls import TlsSocket
+from client.tls import context as tls_context
 from client.wire import FrameReader
 
 DEFAULT_ADDRESS = "127.0.0.1:7700"
@@ -39,10 +42,11 @@ class Connection:
     The verbs are ``client.producer.Client``'s; see its docstring for the arguments.
     """
 
-    def __init__(self, address=DEFAULT_ADDRESS, *, name: str | None = None, heartbeat: float = 30.0, timeout: float | None = 10.0):
-        self.address = address
+    def __init__(self, address=None, *, name: str | None = None, heartbeat: float = 30.0, timeout: float | None = 10.0):
+        url = broker_url(address)  # None: $BROKERD_URL, else DEFAULT_ADDRESS
+        self.address = redact(address)  # as shown in reprs and errors: credentials are ***
         self.timeout = timeout
-        host, port = parse_address(address)
+        host, port = url.host, url.port
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._confirm_cond = threading.Condition(self._lock)
@@ -53,12 +57,21 @@ class Connection:
         self._session = Session(
             self, name=name or default_name(), heartbeat=heartbeat, now=_monotonic(), id_prefix=new_id_prefix(),
             control_handlers=self.control_handlers, event_handlers=self.event_handlers,
+            hello_extra=url.hello_options(),
         )
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
             raise ConnectionLost(None, f"cannot connect to brokerd at {host}:{port}: {exc}") from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if url.tls:
+            try:
+                tls = TlsSocket(sock, tls_context(url), host)
+                tls.handshake()
+            except (OSError, ssl.SSLError) as exc:
+                sock.close()
+                raise ConnectionLost(None, f"TLS with brokerd at {host}:{port} failed: {exc}") from exc
+            sock = tls
         sock.settimeout(None)
         self._sock = sock
         self._reader = threading.Thread(target=self._read_loop, name=f"brokerd-reader-{host}:{port}", daemon=True)

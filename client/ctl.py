@@ -27,6 +27,8 @@ import socket
 import sys
 import threading
 
+from client.options import redact
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -98,7 +100,7 @@ def _client(args):
     try:
         return Client(args.broker, name="brokerd-ctl", timeout=args.timeout, heartbeat=0)
     except (BrokerdError, OSError) as exc:
-        raise Failed(f"cannot reach brokerd at {args.broker}: {exc}") from None
+        raise Failed(f"cannot reach brokerd at {redact(args.broker)}: {exc}") from None
 
 
 def _admin(c, line: str) -> str:
@@ -110,7 +112,7 @@ def cmd_ping(c, args):
     if args.json:
         dump_json({"ok": True, "seconds": seconds, "server": c.server_info.get("server")})
     else:
-        print(f"OK brokerd at {args.broker} answered in {seconds * 1000:.2f} ms")
+        print(f"OK brokerd at {redact(args.broker)} answered in {seconds * 1000:.2f} ms")
 
 
 def cmd_stats(c, args):
@@ -238,13 +240,17 @@ def cmd_events(args) -> int:
             raise Failed(_error_text(exc)) from None
         finally:
             c.close(timeout=1)
-    from client.options import parse_address
+    from client.options import broker_url
 
-    host, port = parse_address(args.broker)
+    url = broker_url(args.broker)
     try:
-        sock = socket.create_connection((host, port), timeout=args.timeout)
-    except OSError as exc:
-        raise Failed(f"cannot reach brokerd at {args.broker}: {exc}") from None
+        sock = socket.create_connection((url.host, url.port), timeout=args.timeout)
+        if url.tls:  # brokerds://: the admin text of EVENTS inside TLS
+            from client.tls import context
+
+            sock = context(url).wrap_socket(sock, server_hostname=url.host)
+    except OSError as exc:  # ssl.SSLError is an OSError
+        raise Failed(f"cannot reach brokerd at {url}: {exc}") from None
     sock.settimeout(None)
     try:
         sock.sendall(f"EVENTS {args.replay}\n".encode())
@@ -345,8 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Admin commands and remote control of workers, for brokerd.",
         epilog="Exit codes: 0 done, 1 brokerd refused or is unreachable (or no worker replied), 2 usage error.",
     )
-    ap.add_argument("-b", "--broker", default=os.environ.get("BROKERD_BROKER", DEFAULT_BROKER), metavar="HOST:PORT",
-                    help=f"brokerd address (default $BROKERD_BROKER or {DEFAULT_BROKER})")
+    ap.add_argument("-b", "--broker", default=os.environ.get("BROKERD_URL") or os.environ.get("BROKERD_BROKER", DEFAULT_BROKER),
+                    metavar="URL", help=f"brokerd://[user:token@]host:port, brokerds://...?ca=FILE for TLS, or HOST:PORT "
+                    f"(default $BROKERD_URL, $BROKERD_BROKER or {DEFAULT_BROKER})")
     ap.add_argument("--json", action="store_true", help="machine-readable JSON instead of the admin text")
     ap.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS",
                     help="seconds to wait for brokerd to connect and answer (default 10)")

@@ -223,6 +223,7 @@ _BY_CODE: dict[str, type[BrokerdError]] = {
     "INPUT_LIMIT": ConnectionLost,
     "HEARTBEAT_TIMEOUT": ConnectionLost,
     "SHUTTING_DOWN": ConnectionLost,
+    "TLS_REQUIRED": ConnectionLost,
     "INTERNAL": BrokerInternalError,
     CONNECTION_CLOSED: ConnectionClosed,
     CONNECTION_LOST: ConnectionLost,

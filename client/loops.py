@@ -45,10 +45,16 @@ class TrioIO:
         self.Event = trio.Event
         self.sleep = trio.sleep
 
-    async def connect(self, host, port, timeout):
+    async def connect(self, host, port, timeout, ssl_context=None):
         trio = self.trio
         with trio.fail_after(timeout if timeout is not None else math.inf):
             self.stream = await trio.open_tcp_stream(host, port)
+            if ssl_context is not None:  # brokerds://: TLS before the preamble
+                self.stream = trio.SSLStream(self.stream, ssl_context, server_hostname=host)
+                try:
+                    await self.stream.do_handshake()
+                except trio.BrokenResourceError as exc:
+                    raise ConnectionResetError(f"TLS handshake failed: {exc.__cause__ or exc}") from exc
 
     async def send_all(self, session: Session) -> None:
         """Take the session's buffered bytes and send them, in buffer order."""
@@ -109,10 +115,12 @@ class AsyncioIO:
         self.Event = asyncio.Event
         self.sleep = asyncio.sleep
 
-    async def connect(self, host, port, timeout):
+    async def connect(self, host, port, timeout, ssl_context=None):
         asyncio = self.asyncio
         async with asyncio.timeout(timeout):
-            self.reader, self.writer = await asyncio.open_connection(host, port, limit=RECV_BYTES)
+            self.reader, self.writer = await asyncio.open_connection(
+                host, port, limit=RECV_BYTES, ssl=ssl_context, server_hostname=host if ssl_context else None,
+            )
         sock = self.writer.get_extra_info("socket")
         if sock is not None:
             try:

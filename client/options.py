@@ -8,8 +8,120 @@ the CLIs and the tests use these; none of them is session state, so they live ap
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from client.errors import error_from_wire
+
+DEFAULT_PORT = 7700
+URL_ENV = "BROKERD_URL"  # the broker used when none is given
+TLS_PARAMS = ("ca", "cert", "key")  # brokerds:// query parameters: PEM file paths
+MASK = "***"  # what a credential is shown as in reprs, logs and errors
+
+
+@dataclass(frozen=True)
+class BrokerUrl:
+    """A parsed ``brokerd://[user:token@]host:port`` or ``brokerds://...?ca=&cert=&key=``.
+
+    ``str()``/``repr()`` never show the token (or the user): they are ``***``.
+    """
+
+    host: str
+    port: int = DEFAULT_PORT
+    tls: bool = False
+    user: str | None = None
+    token: str | None = None
+    ca: str | None = None  # PEM of the CA(s) to trust (default: the system's)
+    cert: str | None = None  # client certificate (mutual TLS) ...
+    key: str | None = None  # ... and its key (default: in ``cert``)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        cred = f"{MASK}:{MASK}@" if self.user is not None or self.token is not None else ""
+        query = "&".join(f"{k}={getattr(self, k)}" for k in TLS_PARAMS if getattr(self, k))
+        return f"{'brokerds' if self.tls else 'brokerd'}://{cred}{host}:{self.port}" + (f"?{query}" if query else "")
+
+    __repr__ = __str__
+
+    def hello_options(self) -> dict | None:
+        """HELLO's credential keys (protocol.md §5.1), or None without credentials."""
+        if self.user is None and self.token is None:
+            return None
+        return {"user": self.user or "", "token": self.token or ""}
+
+
+def broker_url(address=None) -> BrokerUrl:
+    """Any way a broker is named → a ``BrokerUrl``.
+
+    ``brokerd://[user:token@]host[:port]``, ``brokerds://...`` (TLS, with ``?ca=``/``?cert=``/
+    ``?key=`` file paths), a plain ``"host:port"``/``"[::1]:port"``/``"host"``, a ``(host, port)``
+    tuple, or a ``BrokerUrl``.  None: ``$BROKERD_URL``, else 127.0.0.1:7700.  A malformed one
+    raises ``ValueError`` naming what is wrong (never the token).
+    """
+    if isinstance(address, BrokerUrl):
+        return address
+    if address is None:
+        address = os.environ.get(URL_ENV) or f"127.0.0.1:{DEFAULT_PORT}"
+    if isinstance(address, tuple):
+        return BrokerUrl(str(address[0]), int(address[1]))
+    text = str(address).strip()
+    scheme, sep, _ = text.partition("://")
+    if not sep:
+        host, port = _host_port(text)
+        return BrokerUrl(host, port)
+    if scheme.lower() not in ("brokerd", "brokerds"):
+        raise ValueError(f"broker URL scheme must be brokerd:// or brokerds:// (got {scheme}://)")
+    parts = urlsplit(text)
+    netloc = parts.netloc
+    user = token = None
+    if "@" in netloc:
+        cred, _, netloc = netloc.rpartition("@")
+        user, _, token = cred.partition(":")
+        user, token = unquote(user), unquote(token)
+    if not netloc:
+        raise ValueError(f"broker URL names no host: {_masked(text)}")
+    host, port = _host_port(netloc)
+    query = parse_qs(parts.query, keep_blank_values=True)
+    unknown = sorted(set(query) - set(TLS_PARAMS))
+    if unknown:
+        raise ValueError(f"broker URL: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(TLS_PARAMS)}")
+    tls = scheme.lower() == "brokerds"
+    files = {k: query[k][-1] for k in TLS_PARAMS if k in query and query[k][-1]}
+    if files and not tls:
+        raise ValueError(f"broker URL: {', '.join(files)} need(s) TLS: use brokerds://")
+    return BrokerUrl(host, port, tls, user, token, **files)
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.lstrip(":")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            host, port = text, ""
+    try:
+        return host or "127.0.0.1", int(port) if port else DEFAULT_PORT
+    except ValueError:
+        raise ValueError(f"broker port must be a number (got {port!r})") from None
+
+
+def _masked(text: str) -> str:
+    """``text`` with any ``user:token@`` shown as ``***:***@``."""
+    scheme, sep, rest = text.partition("://")
+    if sep and "@" in rest.partition("/")[0]:
+        return f"{scheme}://{MASK}:{MASK}@{rest.partition('@')[2]}"
+    return text
+
+
+def redact(address):
+    """A broker address as it may be shown (logs, reprs, errors): credentials as ``***``.
+    One without credentials is returned as it was given."""
+    if isinstance(address, tuple):
+        return address
+    if address is None or isinstance(address, BrokerUrl):
+        return str(broker_url(address))
+    return _masked(str(address))
 
 
 def default_name() -> str:
@@ -24,17 +136,9 @@ def new_id_prefix() -> str:
 
 
 def parse_address(address) -> tuple[str, int]:
-    """``"host:port"``, ``"[::1]:port"``, ``(host, port)`` or ``"host"`` (port 7700)."""
-    if isinstance(address, tuple):
-        return address[0], int(address[1])
-    address = str(address)
-    if address.startswith("["):
-        host, _, rest = address[1:].partition("]")
-        return host, int(rest.lstrip(":") or 7700)
-    host, sep, port = address.rpartition(":")
-    if not sep:
-        return address, 7700
-    return host or "127.0.0.1", int(port)
+    """``"host:port"``, ``"[::1]:port"``, ``(host, port)``, ``"host"`` (port 7700) or a broker URL."""
+    url = broker_url(address)
+    return url.host, url.port
 
 
 def admin_reply(text):

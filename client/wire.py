@@ -140,6 +140,7 @@ ERROR_CODES: dict[str, tuple[str, bool]] = {
     "INPUT_LIMIT": ("partial frames across connections passed max_input_buffer; the largest is closed", False),
     "MEMORY_LIMIT": ("the broker's memory is past max_memory; the publish was not stored", True),
     "SHUTTING_DOWN": ("the server is stopping", False),
+    "TLS_REQUIRED": ("the server takes only TLS on this port (--tls-required); plaintext is closed", False),
     "UNKNOWN_COMMAND": ("an admin text line names no known command (send HELP)", True),
     "INTERNAL": ("a bug in the server; the connection is closed, nothing stored is lost", False),
 }

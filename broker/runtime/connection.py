@@ -75,6 +75,7 @@ class Conn:
         "id", "stream", "peer", "name", "out", "out_bytes", "wake", "drained",
         "closed", "opened", "heartbeat", "last_sent", "cancel", "handshake_deadline",
         "hard_limit", "evicted", "partial", "encode",
+        "tls_subject",
     )
 
     def __init__(self, id, stream, peer, hard_limit: int = 1 << 62):
@@ -97,6 +98,9 @@ class Conn:
         self.partial = 0  # bytes of an incomplete input frame held for it
         # frames -> the bytes this client is sent: CBOR, or text lines on an admin EVENTS stream
         self.encode = encode_many
+        # None: plaintext; "" TLS without a client certificate; else the verified
+        # client certificate's subject ("CN=...,O=..."), for mapping to a user
+        self.tls_subject: str | None = None
 
     def queue_bytes(self, data: bytes) -> None:
         if self.closed:

@@ -668,4 +668,8 @@ async def serve(server, sock: socket.socket, *, task_status) -> None:
     cfg.read_timeout = READ_TIMEOUT  # a request body that stops arriving
     cfg.h11_max_incomplete_size = MAX_REQUEST_HEAD
     cfg.include_server_header = False
+    tls = server.config
+    if tls.tls_cert:  # HTTPS with the protocol port's certificate (no client certificate asked)
+        cfg.certfile, cfg.keyfile = tls.tls_cert, tls.tls_key
+        cfg.ssl_handshake_timeout = tls.handshake_timeout
     await hypercorn_serve(App(server, port), cfg, task_status=task_status, mode="asgi")

@@ -1,8 +1,10 @@
 """The trio server: lifecycle, accepting, the ticker and the state's effects.
 
-Every connection gets a task (``_handle``) that sniffs its first byte: NUL
-opens the binary protocol (``client.wire.PREAMBLE``; ``connection``), anything
-else is an admin text line (``admin_conn``).  After each batch a connection
+Every connection gets a task (``_handle``) that sniffs its first byte: 0x16 is
+a TLS ClientHello (with ``--tls-cert``: the stream is wrapped in TLS and the
+sniffing starts again inside it), NUL opens the binary protocol
+(``client.wire.PREAMBLE``; ``connection``), anything else is an admin text
+line (``admin_conn``).  After each batch a connection
 runs, ``flush`` moves the state's effects out: log records to the write-ahead
 log (``durability``), frames to each connection's output.  The ticker wakes the
 state for timers (delays, visibility timeouts, schedules) and samples memory.
@@ -17,6 +19,7 @@ import logging
 import math
 import os
 import platform
+import ssl
 import time
 
 import trio
@@ -59,6 +62,66 @@ MEMORY_TRIM_S = 5.0
 # OS when freed.  Below it, per-message objects stay on the fast heap.
 MMAP_THRESHOLD = 256 * 1024
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+
+
+# -- TLS on the protocol port -------------------------------------------------------------
+TLS_RECORD_HANDSHAKE = 0x16  # the first byte of every TLS ClientHello (a handshake record)
+
+
+def server_tls_context(config: Config) -> ssl.SSLContext | None:
+    """The protocol port's (and HTTPS's) TLS context, or None without --tls-cert.
+
+    TLS 1.2 at least (1.0/1.1 are deprecated, RFC 8996).  With --tls-client-ca a
+    client must present a certificate that CA signed (mutual TLS).  Raises
+    ``ssl.SSLError``/``OSError`` for a certificate or key that cannot be loaded.
+    """
+    if not config.tls:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(config.tls_cert, config.tls_key)
+    if config.tls_client_ca:
+        ctx.load_verify_locations(cafile=config.tls_client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+class ReplayStream(trio.abc.Stream):
+    """A stream whose first ``receive_some`` returns bytes already read from it.
+
+    The sniffer reads the first bytes to tell TLS from plaintext; the TLS layer
+    must still see them (they are the start of the ClientHello).
+    """
+
+    def __init__(self, stream, head: bytes):
+        self.stream = stream
+        self.socket = stream.socket
+        self._head = head
+
+    async def receive_some(self, max_bytes=None):
+        if self._head:
+            head, self._head = self._head, b""
+            return head
+        return await self.stream.receive_some(max_bytes)
+
+    async def send_all(self, data):
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self):
+        await self.stream.wait_send_all_might_not_block()
+
+    async def aclose(self):
+        await self.stream.aclose()
+
+
+def peer_subject(tls) -> str | None:
+    """The verified client certificate's subject as ``CN=name,O=org``, or None (no certificate).
+    Kept on the connection (``Conn.tls_subject``) for user mapping."""
+    cert = tls.getpeercert()
+    if not cert:
+        return None
+    parts = [f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn]
+    return ",".join(parts) or None
 
 
 def _glibc():
@@ -115,6 +178,7 @@ class Server:
         self._next_memory_sample = 0.0
         self._next_trim = 0.0
         self.state.set_server_stats(self.limit_statistics)  # STATS (broker.handlers.binary.h_stats)
+        self.tls_context = server_tls_context(config)  # None: plaintext only
 
     # -- effects -------------------------------------------------------------------
     def flush(self) -> None:
@@ -171,7 +235,8 @@ class Server:
                 nursery.start_soon(self._accept_loop, listener)
             # HTTP (metrics, probes) and the systemd watchdog
             await nursery.start(http.serve, self, http_sock)
-            log.info("http: listening on %s:%d (/metrics /api/queues /healthz /readyz)", *self.http_address)
+            log.info("http: listening on %s:%d (%s: /metrics /api/queues /healthz /readyz)", *self.http_address,
+                     "https" if cfg.tls else "http")
             interval = notify.watchdog_interval()
             if interval is not None:
                 nursery.start_soon(self._watchdog, interval)
@@ -187,8 +252,10 @@ class Server:
                 f"{self.memory_limit} bytes" if self.memory_limit else "off", cfg.idle_timeout,
             )
             log.info(
-                "brokerd %s ready: listening on %s:%d (binary protocol and admin text)",
+                "brokerd %s ready: listening on %s:%d (binary protocol and admin text%s)",
                 __version__, addr[0], addr[1],
+                "" if not cfg.tls else (", TLS only" if cfg.tls_required else ", plaintext or TLS")
+                + (", client certificates required" if cfg.tls_client_ca else ""),
             )
             task_status.started(addr[1])
 
@@ -410,6 +477,7 @@ class Server:
                 reason = "connection lost while sending"
         except Close as exc:
             reason = exc.reason
+            stream = conn.stream  # the TLS stream, once the connection turned to TLS
             if exc.data:
                 with trio.move_on_after(1.0):
                     try:
@@ -417,7 +485,8 @@ class Server:
                         # Read (and drop) what the client is still sending for a
                         # moment: closing with unread input resets the connection,
                         # and a reset can destroy the CLOSING frame before it is read.
-                        await stream.send_eof()
+                        if isinstance(stream, trio.SocketStream):  # TLS has no half-close
+                            await stream.send_eof()
                         with trio.move_on_after(0.5):
                             while await stream.receive_some(RECEIVE_BYTES):
                                 pass
@@ -431,7 +500,7 @@ class Server:
             reason = "internal error"
             with trio.move_on_after(0.5):
                 try:
-                    await stream.send_all(closing("INTERNAL", "internal error in brokerd; see its log"))
+                    await conn.stream.send_all(closing("INTERNAL", "internal error in brokerd; see its log"))
                 except Exception:
                     pass
         finally:
@@ -447,7 +516,7 @@ class Server:
             with trio.move_on_after(0.5) as cs:
                 cs.shield = True
                 try:
-                    await stream.aclose()
+                    await conn.stream.aclose()
                 except Exception:
                     pass
             extra = f", {returned} deliveries returned to their queues" if returned else ""
@@ -460,14 +529,44 @@ class Server:
             return "no bytes before handshake_timeout"
         if not first:
             return "closed by peer"
+        if first[0] == TLS_RECORD_HANDSHAKE and self.tls_context is not None and conn.tls_subject is None:
+            return await self._start_tls(conn, stream, first)
+        if self.config.tls_required and conn.tls_subject is None:
+            message = (
+                "brokerd requires TLS on this port: connect with a brokerds:// URL, or "
+                f"openssl s_client -connect {self.config.host}:{self.port} for admin text"
+            )
+            if first[:1] == b"\x00":
+                raise Close("TLS_REQUIRED: plaintext refused", closing("TLS_REQUIRED", message))
+            conn.name = "<admin>"
+            raise Close("TLS_REQUIRED: plaintext refused", admin.error("TLS_REQUIRED", message).encode())
         if first[:1] == b"\x00":
             return await BinaryConnection(self, conn).run(first)
         conn.name = "<admin>"
         return await AdminConnection(self, conn).run(first)
 
+    async def _start_tls(self, conn: Conn, stream, first: bytes) -> str:
+        """Wrap the connection in TLS (the ClientHello's first bytes are replayed into it),
+        finish the handshake within what is left of handshake_timeout, then sniff again."""
+        tls = trio.SSLStream(ReplayStream(stream, first), self.tls_context, server_side=True)
+        with trio.move_on_at(conn.handshake_deadline) as cs:
+            try:
+                await tls.do_handshake()
+            except trio.BrokenResourceError as exc:
+                cause = exc.__cause__
+                why = getattr(cause, "reason", None) or getattr(cause, "strerror", None) or cause or exc
+                return f"TLS handshake failed: {why}"
+        if cs.cancelled_caught:
+            return "TLS handshake not finished before handshake_timeout"
+        conn.stream = tls
+        # "" when the client sent no certificate: marks the connection as TLS either way
+        conn.tls_subject = peer_subject(tls) or ""
+        return await self._sniff(conn, tls)
+
     # -- binary protocol ------------------------------------------------------------------
     def admin_extra(self) -> dict:
-        extra = {"uptime_s": round(time.time() - self.started, 1), "version": __version__}
+        extra = {"uptime_s": round(time.time() - self.started, 1), "version": __version__,
+                 "security": self.config.security(), "tls": self.tls_context is not None}
         extra.update(self.limit_statistics())
         if self.wal is not None:
             extra.update(self.wal.statistics())

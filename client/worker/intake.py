@@ -23,7 +23,7 @@ import time
 
 from client import wire
 from client.errors import BrokerdError, ConnectionClosed, ConnectionLost, Disconnected
-from client.options import parse_address
+from client.options import broker_url, redact
 from client.worker.channel import close_quietly, hand_deliveries_to_main_loop, open_client, wait_until_closed
 
 log = logging.getLogger("brokerd.worker")
@@ -49,11 +49,15 @@ def online_worker_names(broker: str, timeout: float = PROBE_TIMEOUT) -> set[str]
     A plain socket and the codec, no threads: it runs before the process pool forks.
     """
     try:
-        host, port = parse_address(broker)
-        with socket.create_connection((host, port), timeout=timeout) as s:
+        url = broker_url(broker)
+        if url.tls:
+            return None  # not asked over TLS (yet): the name is kept as given
+        hello = {"version": wire.PROTOCOL_VERSION, "client": "worker name probe"}
+        if url.user is not None:
+            hello.update(user=url.user, token=url.token)
+        with socket.create_connection((url.host, url.port), timeout=timeout) as s:
             s.settimeout(timeout)
-            s.sendall(wire.PREAMBLE + wire.encode([wire.OP_HELLO, 1, {"version": wire.PROTOCOL_VERSION,
-                                                                     "client": "worker name probe"}])
+            s.sendall(wire.PREAMBLE + wire.encode([wire.OP_HELLO, 1, hello])
                       + wire.encode([wire.OP_WORKERS, 2]) + wire.encode([wire.OP_BYE, 3]))
             reader = wire.FrameReader(strict=False)
             deadline = time.monotonic() + timeout
@@ -111,7 +115,7 @@ def intake(host, client):
                 client = connect(host)
                 if client is None:
                     break
-                log.info("reconnected to brokerd at %s", host.broker)
+                log.info("reconnected to brokerd at %s", redact(host.broker))
             gen += 1
             try:
                 consumer = client.consume(host.queues, host.prefetch)

@@ -437,3 +437,26 @@ def test_prometheus_scrape_config_is_valid(tmp_path):
         capture_output=True, text=True, timeout=60,
     )
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _brokerd_argvs() -> dict[str, list[str]]:
+    """The brokerd command line of each deploy file that runs brokerd in a container."""
+    ins = read_dockerfile(DEPLOY / "docker" / "Dockerfile")
+    sts = next(d for d in yaml_docs("kubernetes/statefulset.yaml") if d and d.get("kind") == "StatefulSet")
+    return {
+        "Dockerfile": json.loads([rest for w, rest in ins if w == "CMD"][-1]),
+        "compose.yaml": yaml_docs("docker/compose.yaml")[0]["services"]["brokerd"]["command"],
+        "statefulset.yaml": sts["spec"]["template"]["spec"]["containers"][0]["args"],
+    }
+
+
+@pytest.mark.parametrize("where", ["Dockerfile", "compose.yaml", "statefulset.yaml"])
+def test_deploy_files_that_bind_all_interfaces_say_so_explicitly_and_so_still_start(where):
+    argv = _brokerd_argvs()[where]
+    args = brokerd_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
+    config = load(None, env={}, overrides=overrides)
+    assert not config.is_loopback(), f"{where} binds {config.host}: this test expects a container address"
+    assert config.exposure_refusal() is None, f"{where}: brokerd would refuse to start with {argv}"
+    without = load(None, env={}, overrides={**overrides, "insecure_no_auth": None})
+    assert without.exposure_refusal() is not None  # the flag is what lets it start
