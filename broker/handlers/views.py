@@ -105,6 +105,19 @@ def queue_count(state) -> int:
     return len(state.queues)
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectionCounts:
+    connections: int
+    consumers: int
+    inflight: int
+
+
+def connection_counts(state) -> ConnectionCounts:
+    """Connections, consumers and deliveries in flight: cheap at any number of queues (the
+    full ``state.statistics()`` sums over every queue, ~16 ms at 50,000)."""
+    return ConnectionCounts(len(state.conns), sum(len(c.consumers) for c in state.conns.values()), len(state.inflight))
+
+
 def queue_counters(state, names=None) -> dict[str, tuple[int, int]]:
     """``{name: (published, acked)}``, a new dict: of every queue, or of those of ``names`` that exist."""
     queues = state.queues

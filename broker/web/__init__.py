@@ -273,7 +273,7 @@ class Web:
         queues, page = self.queues(now, match, offset, limit)
         dead = {q["name"]: self.dead(q["name"], DEAD_SHOWN, now) for q in queues if q["dead"] and not q["is_dead_letter_queue"]}
         t = self.totals(now)
-        b = state.statistics()  # frozen
+        b = views.connection_counts(state)  # frozen; the per-queue sums come from the cached totals
         return {
             "broker": {"version": __version__, "uptime_s": round(now - self.server.started, 1),
                        "connections": b.connections, "consumers": b.consumers,
