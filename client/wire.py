@@ -141,6 +141,9 @@ ERROR_CODES: dict[str, tuple[str, bool]] = {
     "MEMORY_LIMIT": ("the broker's memory is past max_memory; the publish was not stored", True),
     "SHUTTING_DOWN": ("the server is stopping", False),
     "UNKNOWN_COMMAND": ("an admin text line names no known command (send HELP)", True),
+    "AUTH_FAILED": ("brokerd has users and the user name or token is missing or wrong; the connection is closed", False),
+    "AUTH_REQUIRED": ("an admin text connection must send AUTH <user> <token> before this command", True),
+    "ACCESS_REFUSED": ("the user lacks the grant this operation needs on this queue; nothing changed", True),
     "INTERNAL": ("a bug in the server; the connection is closed, nothing stored is lost", False),
 }
 
