@@ -17,7 +17,7 @@ import sys
 import trio
 
 from broker import __version__
-from broker.boot import DataDirError, open_server
+from broker.boot import DataDirError, UsersFileError, open_server
 from broker.config import (
     FD_RESERVE,
     MAX_CONNECTIONS_AUTO,
@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segment-bytes", dest="segment_bytes", help=f"log segment size before rotation (default {d.segment_bytes})")
     p.add_argument("--repair", action="store_const", const="true", help="drop only the parts of a damaged log that cannot be read (keeps every later valid record) and list what was dropped")
     p.add_argument("--result-ttl", dest="result_ttl", help=f"seconds a task result is kept (default {d.result_ttl:g})")
+    p.add_argument("--users-file", dest="users_file", help="TOML file of users and their grants; set, every connection must log in (brokerd-ctl user add writes it)")
     p.add_argument("--log-level", dest="log_level", help=f"debug, info, warning or error (default {d.log_level})")
     return p
 
@@ -92,6 +93,9 @@ async def run(config: Config) -> int:
     except DataDirError as exc:
         log.error("%s", exc)
         return EXIT_DATA
+    except UsersFileError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
     try:
         async with trio.open_nursery() as nursery:
             try:

@@ -123,6 +123,10 @@ class Config:
     # How long a task result is kept after its last update (Celery: result_expires).
     result_ttl: float = 24 * 3600 * SECONDS
     log_level: str = "info"
+    # TOML file of users, their token hashes and grants (broker.auth; brokerd-ctl user add writes
+    # it).  Empty: no users, every client may do everything (bind to loopback only).  Set: every
+    # connection must log in, and each request is checked against its user's grants.
+    users_file: str = ""
 
     def validate(self) -> "Config":
         def bad(name, msg):
