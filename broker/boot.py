@@ -26,12 +26,39 @@ from broker.wal import CorruptLog, WalError, WriteAheadLog
 log = logging.getLogger("brokerd")
 
 
+class UsersFileError(Exception):
+    """The users file cannot be read or used; the message names the file, the user and the key."""
+
+
+def load_users(config: Config):
+    """The configured users (broker.auth.Users), or None when ``users_file`` is not set."""
+    if not config.users_file:
+        return None
+    from broker import auth
+
+    try:
+        with open(config.users_file, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise UsersFileError(f"users_file {config.users_file!r} cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UsersFileError(f"users_file {config.users_file!r} is not UTF-8 text: {exc}") from None
+    try:
+        users = auth.parse_users(text, f"users_file {config.users_file!r}")
+    except auth.AuthError as exc:
+        raise UsersFileError(str(exc)) from None
+    log.info("users_file %s: %d user%s; every connection must log in", config.users_file, len(users),
+             "s" if len(users) != 1 else "")
+    return users
+
+
 class DataDirError(Exception):
     """The data directory cannot be used: locked, corrupt, unreadable."""
 
 
 def open_server(config: Config) -> Server:
     """Open the write-ahead log, replay it into a fresh state, build the server."""
+    users = load_users(config)  # first: a bad users file refuses start before the log is touched
     try:
         os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
     except OSError as exc:
@@ -97,7 +124,12 @@ def open_server(config: Config) -> Server:
     leftover = state.take_records()
     if leftover:
         durability.submit(leftover, {}, lambda box: None)
-    return Server(config, state, durability)
+    server = Server(config, state, durability)
+    from broker.auth import AuthThrottle
+
+    server.users = users  # None: no users, nothing is checked (broker.runtime.connection)
+    server.auth_throttle = AuthThrottle()
+    return server
 
 
 class RepairWitness:

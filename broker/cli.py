@@ -18,7 +18,7 @@ import sys
 import trio
 
 from broker import __version__
-from broker.boot import DataDirError, open_server
+from broker.boot import DataDirError, UsersFileError, open_server
 from broker.runtime.server import server_tls_context
 from broker.config import (
     FD_RESERVE,
@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-client-ca", dest="tls_client_ca", metavar="PEM", help="mutual TLS: accept only TLS clients with a certificate signed by this CA")
     p.add_argument("--tls-required", dest="tls_required", action="store_const", const="true", help="refuse plaintext on the protocol port (TLS_REQUIRED)")
     p.add_argument("--insecure-no-auth", dest="insecure_no_auth", action="store_const", const="true", help="listen on a non-loopback --host although brokerd has no authentication: anyone who reaches the port can do anything")
+    p.add_argument("--users-file", dest="users_file", help="TOML file of users and their grants; set, every connection must log in (brokerd-ctl user add writes it)")
     p.add_argument("--log-level", dest="log_level", help=f"debug, info, warning or error (default {d.log_level})")
     return p
 
@@ -113,6 +114,9 @@ async def run(config: Config) -> int:
     except DataDirError as exc:
         log.error("%s", exc)
         return EXIT_DATA
+    except UsersFileError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
     try:
         async with trio.open_nursery() as nursery:
             try:

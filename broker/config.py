@@ -137,6 +137,10 @@ class Config:
     # brokerd has no users yet: listening on a non-loopback address lets anyone who can
     # reach the port do anything, so it refuses to start there unless told this explicitly.
     insecure_no_auth: bool = False
+    # TOML file of users, their token hashes and grants (broker.auth; brokerd-ctl user add writes
+    # it).  Empty: no users, every client may do everything (bind to loopback only).  Set: every
+    # connection must log in, and each request is checked against its user's grants.
+    users_file: str = ""
 
     def validate(self) -> "Config":
         def bad(name, msg):
@@ -212,22 +216,25 @@ class Config:
             return False
 
     def security(self) -> str:
-        """How clients are let in, as STATS shows it: ``loopback`` (no users, only this
-        machine can connect) or ``insecure-no-auth`` (no users, on a network by request)."""
+        """How clients are let in, as STATS shows it: ``users`` (every connection logs in),
+        ``loopback`` (no users, only this machine can connect) or ``insecure-no-auth`` (no
+        users, on a network by request)."""
+        if self.users_file:
+            return "users"
         return "loopback" if self.is_loopback() else "insecure-no-auth"
 
     def exposure_refusal(self) -> str | None:
-        """Why brokerd must not start with these settings, or None.  No users exist yet, so
-        a non-loopback address would let anyone who reaches it publish, consume, purge and
-        forge results; only an explicit ``insecure_no_auth`` lifts that."""
-        if self.is_loopback() or self.insecure_no_auth:
+        """Why brokerd must not start with these settings, or None.  Without users a
+        non-loopback address would let anyone who reaches it publish, consume, purge and
+        forge results; users (``users_file``) or an explicit ``insecure_no_auth`` lift that."""
+        if self.users_file or self.is_loopback() or self.insecure_no_auth:
             return None
         return (
-            f"refusing to listen on {self.host}: brokerd has no authentication configured, so anyone "
+            f"refusing to listen on {self.host}: brokerd has no users configured, so anyone "
             "who can reach this address could publish tasks, read every result, purge queues and "
-            "control workers. Listen on 127.0.0.1 (the default) and reach it through an SSH tunnel "
-            "or a sidecar, or, on a network you trust completely, pass --insecure-no-auth "
-            "(BROKERD_INSECURE_NO_AUTH=1) to start anyway"
+            "control workers. Add users (brokerd-ctl user add NAME --users-file FILE, then "
+            "--users-file FILE), or listen on 127.0.0.1 (the default), or, on a network you trust "
+            "completely, pass --insecure-no-auth (BROKERD_INSECURE_NO_AUTH=1) to start anyway"
         )
 
     def connection_limit(self) -> int:

@@ -74,6 +74,18 @@ class UnknownCommand(BrokerError):
     code = "UNKNOWN_COMMAND"
 
 
+class AccessRefused(BrokerError):
+    """The user lacks the grant the operation needs (broker.auth); nothing changed."""
+
+    code = "ACCESS_REFUSED"
+
+
+class AuthRequired(BrokerError):
+    """An admin text command before AUTH, on a broker with users."""
+
+    code = "AUTH_REQUIRED"
+
+
 # -- the broker cannot take it now: retry later ------------------------------------------------
 class QueueFull(BrokerError):
     """The queue is at max_length with overflow=reject."""
@@ -142,6 +154,12 @@ class TlsRequired(BrokerError):
     """Plaintext on a port that takes only TLS (--tls-required)."""
 
     code = "TLS_REQUIRED"
+
+
+class AuthFailed(BrokerError):
+    """The user name or token is missing or wrong (brokerd has users)."""
+
+    code = "AUTH_FAILED"
 
 
 class Internal(BrokerError):

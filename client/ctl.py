@@ -345,6 +345,34 @@ def _seconds(text):
     return v
 
 
+def cmd_user(args) -> int:
+    """``user add NAME --users-file F --grant KIND=GLOBS``: a new user in brokerd's users file.
+
+    Works on the file, not through brokerd (the hashing and the writer are client.userfile's,
+    shared with brokerd); brokerd reads the file when it starts.  Prints the token once: only
+    its hash is stored.
+    """
+    from client.userfile import AuthError, add_user, parse_grant_args
+
+    path = args.users_file or os.environ.get("BROKERD_USERS_FILE")
+    if not path:
+        raise UsageError("user add needs --users-file FILE (or BROKERD_USERS_FILE)")
+    try:
+        grants = parse_grant_args(args.grant or [])
+        if not grants:
+            raise UsageError("user add needs at least one --grant KIND=GLOB[,GLOB...], e.g. --grant publish=emails")
+        token = add_user(path, args.name, grants)
+    except AuthError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise Failed(f"cannot write {path}: {exc.strerror or exc}") from None
+    print(f"# user {args.name} added to {path}; restart brokerd to load it. The token is shown only this once:",
+          file=sys.stderr)
+    print(token)
+    print(f"# connect with brokerd://{args.name}:<token>@HOST:PORT", file=sys.stderr)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="brokerd-ctl",
@@ -389,6 +417,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("control", cmd_control, "change the workers: pool-grow N, pool-shrink N or shutdown (warm)")
     p.add_argument("what", choices=tuple(CONTROLS))
     p.add_argument("n", nargs="?", type=_positive, metavar="N")
+    p = add("user", cmd_user, "manage brokerd's users file")
+    usub = p.add_subparsers(dest="user_command", metavar="ACTION", required=True)
+    pa = usub.add_parser("add", help="add a user with grants and print its token once",
+                         description="add a user with grants and print its token once")
+    pa.add_argument("name", metavar="NAME")
+    pa.add_argument("--users-file", dest="users_file", metavar="FILE", help="the users file (default $BROKERD_USERS_FILE)")
+    pa.add_argument("--grant", action="append", metavar="KIND=GLOB[,GLOB...]",
+                    help="a grant, repeatable: publish, consume, manage, results-read, results-write, schedules, "
+                         "control or admin, with queue-name globs")
     for p in (sub.choices["inspect"], sub.choices["control"]):
         p.add_argument("-d", "--destination", action="append", metavar="WORKER",
                        help="only this worker (repeat for several; default: every live worker)")
@@ -419,6 +456,8 @@ def main(argv=None) -> int:
                 raise UsageError("control shutdown takes no N")
         if args.command == "events":
             return cmd_events(args)
+        if args.command == "user":
+            return cmd_user(args)
         c = _client(args)
         try:
             args.fn(c, args)

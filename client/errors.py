@@ -167,6 +167,26 @@ class MemoryLimit(RequestRefused):
     code = "MEMORY_LIMIT"
 
 
+class AccessRefused(RequestRefused):
+    """The user this client logged in as lacks the grant for this operation (ACCESS_REFUSED).
+
+    Nothing changed; the message names the user, the operation, the queue and the grant
+    needed.  Ask the broker's admin for the grant (its users file), not a retry.
+    """
+
+    code = "ACCESS_REFUSED"
+
+
+class AuthFailed(Disconnected):
+    """brokerd has users and refused this client's user name or token (AUTH_FAILED).
+
+    Pass them in the broker URL (``brokerd://user:token@host:port``) or the HELLO options
+    ``user`` and ``token``; ``brokerd-ctl user add`` prints a new user's token once.
+    """
+
+    code = "AUTH_FAILED"
+
+
 class BrokerInternalError(BrokerdError):
     """A bug in the broker (INTERNAL).  The broker closes the connection; nothing stored is lost."""
 
@@ -217,6 +237,9 @@ _BY_CODE: dict[str, type[BrokerdError]] = {
     "MESSAGE_TOO_LARGE": MessageTooLarge,
     "LOG_FAILED": LogFailed,
     "MEMORY_LIMIT": MemoryLimit,
+    "ACCESS_REFUSED": AccessRefused,
+    "AUTH_REQUIRED": AccessRefused,
+    "AUTH_FAILED": AuthFailed,
     "SLOW_CONSUMER": ConnectionLost,
     "IDLE_TIMEOUT": ConnectionLost,
     "TOO_MANY_CONNECTIONS": ConnectionLost,

@@ -142,6 +142,9 @@ ERROR_CODES: dict[str, tuple[str, bool]] = {
     "SHUTTING_DOWN": ("the server is stopping", False),
     "TLS_REQUIRED": ("the server takes only TLS on this port (--tls-required); plaintext is closed", False),
     "UNKNOWN_COMMAND": ("an admin text line names no known command (send HELP)", True),
+    "AUTH_FAILED": ("brokerd has users and the user name or token is missing or wrong; the connection is closed", False),
+    "AUTH_REQUIRED": ("an admin text connection must send AUTH <user> <token> before this command", True),
+    "ACCESS_REFUSED": ("the user lacks the grant this operation needs on this queue; nothing changed", True),
     "INTERNAL": ("a bug in the server; the connection is closed, nothing stored is lost", False),
 }
 
@@ -547,8 +550,11 @@ class ServerHandshake:
     """
 
     def __init__(self, *, connection: int, heartbeat: float, max_frame: int = DEFAULT_MAX_FRAME,
-                 server: str = "brokerd", version: int = PROTOCOL_VERSION):
+                 server: str = "brokerd", version: int = PROTOCOL_VERSION, authenticate=None):
         self.connection = connection
+        # authenticate(user, token) -> a user object, or None when they are wrong; None here:
+        # the server has no users and HELLO needs no credentials (login() returns None).
+        self.authenticate = authenticate
         self.heartbeat = heartbeat  # the server's setting, used when HELLO leaves it out
         self.max_frame = max_frame
         self.server = server
@@ -616,6 +622,26 @@ class ServerHandshake:
             extra,
             rid,
         )
+
+    def login(self, hello: Hello):
+        """Check HELLO's ``user`` and ``token`` with the ``authenticate`` callback.
+
+        Returns what the callback returned (None when the server has no users); raises
+        ``HandshakeError("AUTH_FAILED")`` when they are missing or wrong.  The callback may be
+        slow (a salted scrypt hash): a server calls this off its event loop.  The message never
+        says which of the two was wrong, so a stranger cannot learn which user names exist.
+        """
+        if self.authenticate is None:
+            return None
+        extra = hello.extra or {}
+        name, token = extra.get("user"), extra.get("token")
+        if type(name) is not str or type(token) is not str:
+            raise HandshakeError("AUTH_FAILED", "this broker has users: HELLO must carry 'user' and 'token' "
+                                                "(brokerd://USER:TOKEN@host:port)")
+        user = self.authenticate(name, token)
+        if user is None:
+            raise HandshakeError("AUTH_FAILED", f"user {name!r} with that token is not known to this broker")
+        return user
 
     def welcome_map(self, hello: Hello) -> dict:
         return {

@@ -59,6 +59,8 @@ FORBIDDEN = {
     # boot opens the data dir and replays the log; the trio runtime starts the server it builds
     "broker/boot.py": {"trio", "hypercorn"},
     "client/ctl.py": {"broker", "trio", "asyncio"},
+    # shared with brokerd: hashing and the file writer, nothing of the client above it
+    "client/userfile.py": IO | {"broker", "client.producer", "client.session", "client.wire"},
     # The task layer, bottom up: exceptions and the current context import nothing
     # of it; the envelope only the exceptions; results not the app; canvas not the
     # app (the app imports canvas for task.s(), so the dependency runs one way).
@@ -81,7 +83,9 @@ FORBIDDEN = {
 }
 
 # broker/ may use client.wire (the shared codec) and nothing else from client/.
-BROKER_MAY_IMPORT_FROM_CLIENT = {"client.wire"}
+# client.userfile: token hashing and the users-file entry writer, shared by brokerd (checking a
+# login) and brokerd-ctl user add (which may not import broker/)
+BROKER_MAY_IMPORT_FROM_CLIENT = {"client.wire", "client.userfile"}
 
 
 def imports_of(path: Path) -> set[str]:

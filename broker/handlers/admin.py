@@ -20,7 +20,7 @@ one would otherwise forge lines of the reply, such as a fake ``END``.
 
 from __future__ import annotations
 
-from broker.errors import BadRequest, BrokerError, NotFound, UnknownCommand
+from broker.errors import AccessRefused, BadRequest, BrokerError, NotFound, UnknownCommand
 from broker.handlers import views
 
 MAX_LINE = 4096  # bytes; an admin line longer than this is refused
@@ -155,10 +155,20 @@ def _messages(msgs, now) -> list[str]:
     return table(["ID", "PRIORITY", "ATTEMPTS", "AGE_S", "BYTES", "BODY"], rows)
 
 
-def execute(state, line: str, now: float, extra: dict | None = None) -> str:
+# Commands whose first argument is a queue: with users, the admin grant must cover that queue.
+QUEUE_COMMANDS = frozenset(("QUEUE", "PEEK", "DEAD", "PURGE", "PAUSE", "RESUME", "REQUEUE-DEAD"))
+# Admin lines that change the broker: each is an audit line (broker.runtime.admin_conn).
+CHANGING_COMMANDS = frozenset(("PURGE", "PAUSE", "RESUME", "REQUEUE-DEAD", "REVOKE", "PAUSE-SCHEDULE",
+                               "RESUME-SCHEDULE"))
+
+
+def execute(state, line: str, now: float, extra: dict | None = None, user=None) -> str:
     """Run one admin line against the state; return the whole reply text.
 
     ``extra`` carries figures only the server knows (uptime, WAL state), shown by STATS.
+    ``user``: the broker.auth.User of the connection when brokerd has users (None: no users).
+    It needs the ``admin`` grant, on the named queue for a queue command; QUEUES lists
+    only the queues it ``sees``.
     """
     words = line.split()
     if not words:
@@ -170,6 +180,13 @@ def execute(state, line: str, now: float, extra: dict | None = None) -> str:
         if fn is None:
             raise UnknownCommand(f"unknown command {words[0][:40]!r}; send HELP for the list of commands"
             )
+        if user is not None and cmd not in ("HELP", "QUIT"):
+            queue = args[0] if cmd in QUEUE_COMMANDS and args else None
+            if not user.may("admin", queue):
+                on = f" on queue {queue!r}" if queue is not None else ""
+                raise AccessRefused(f"user {user.name!r} may not run {cmd}{on}: it needs the 'admin' grant{on}")
+            if cmd == "QUEUES":
+                return c_queues(state, args, now, extra or {}, sees=user.sees)
         return fn(state, args, now, extra or {})
     except BrokerError as exc:
         return error(exc.code, exc.message)
@@ -186,9 +203,11 @@ def c_stats(state, args, now, extra):
     return multi("stats", keyvalues(pairs))
 
 
-def c_queues(state, args, now, extra):
+def c_queues(state, args, now, extra, sees=None):
     rows = []
     for q in sorted(state.queues.values(), key=lambda q: q.name):
+        if sees is not None and not sees(q.name):
+            continue
         s = state.queue_statistics(q, now)
         rows.append([s.name, s.ready, s.delayed, s.inflight, s.consumers, s.dead, s.paused])
     n = len(rows)

@@ -13,7 +13,10 @@ import time
 import trio
 
 from broker.handlers import admin
-from broker.runtime.connection import RECEIVE_BYTES, Close, Conn
+from broker.runtime.connection import RECEIVE_BYTES, Close, Conn, audit, peer_host
+
+# Before AUTH, on a broker with users, only these answer (the rest: ERR AUTH_REQUIRED).
+BEFORE_AUTH = frozenset(("HELP", "PING", "QUIT", "AUTH"))
 
 
 class AdminConnection:
@@ -40,12 +43,28 @@ class AdminConnection:
                 line = raw.rstrip(b"\r").decode("utf-8", "replace")
                 if not line.strip():
                     continue
-                if line.split()[0].upper() == "EVENTS":  # stream events (_events)
+                word = line.split()[0].upper()
+                users = getattr(self.server, "users", None)
+                if users is not None and (word == "AUTH" or conn.user is None):
+                    if word == "AUTH":
+                        await self._auth(line, users)
+                        continue
+                    if word not in BEFORE_AUTH:
+                        await self._send(stream, admin.error(
+                            "AUTH_REQUIRED", "this broker has users: send AUTH <user> <token> first").encode())
+                        continue
+                if users is not None and word == "PING":  # a liveness probe that needs no token
+                    await self._send(stream, admin.single("pong").encode())
+                    continue
+                if word == "EVENTS":  # stream events (_events)
                     buf = await self._events(line, buf)
                     if buf is None:
                         return "admin EVENTS ended"
                     continue
-                reply = admin.execute(self.server.state, line, time.time(), self.server.admin_extra())
+                reply = admin.execute(self.server.state, line, time.time(), self.server.admin_extra(), user=conn.user)
+                if word in admin.CHANGING_COMMANDS:
+                    audit.info("admin %s: user=%r conn %d from %s", line.strip()[:200],
+                               conn.user.name if conn.user is not None else None, conn.id, conn.peer)
                 self.server.flush()
                 if self.server.wal is not None:  # PURGE, PAUSE...: reply once the change is on disk
                     await self.server.wal.wait_durable(self.server.state.last_lsn)
@@ -74,6 +93,28 @@ class AdminConnection:
             if not buf:
                 line_began = trio.current_time()
             buf += data
+
+    async def _auth(self, line: str, users) -> None:
+        """``AUTH <user> <token>``: log this connection in, or ERR AUTH_FAILED after the
+        throttle's delay (bounded by handshake_timeout) and close."""
+        conn = self.conn
+        words = line.split()
+        if len(words) != 3:
+            await self._send(conn.stream, admin.error("BAD_REQUEST", "usage: AUTH <user> <token>").encode())
+            return
+        user = await trio.to_thread.run_sync(users.authenticate, words[1], words[2])  # scrypt: off the loop
+        address = peer_host(conn.peer)
+        if user is None:
+            delay = self.server.auth_throttle.failed(address, time.monotonic())
+            audit.warning("admin auth failed: conn %d from %s user=%r (answer delayed %.1fs)",
+                          conn.id, conn.peer, words[1][:64], delay)
+            with trio.move_on_after(min(delay, self.config.handshake_timeout)):
+                await trio.sleep(delay)
+            raise Close("admin authentication failed",
+                        admin.error("AUTH_FAILED", f"user {words[1][:64]!r} with that token is not known to this broker").encode())
+        self.server.auth_throttle.succeeded(address)
+        conn.user = user
+        await self._send(conn.stream, admin.single(f"logged in as {user.name}").encode())
 
     async def _send(self, stream, data: bytes) -> None:
         """Send to an admin client; one that reads nothing for idle_timeout is closed

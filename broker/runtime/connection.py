@@ -28,6 +28,7 @@ import time
 import trio
 
 from broker import __version__
+from broker import auth
 from broker.errors import MemoryLimit, UnknownOp
 from broker.handlers import admin
 from broker.handlers.binary import DURABLE_OPS, HANDLERS, handle
@@ -43,6 +44,18 @@ from client.wire import (
     HEARTBEAT_FRAME,
     FrameReader,
     HandshakeError,
+    CLIENT_OPS,
+    OP_CONTROL_REQUEST,
+    OP_PAUSE,
+    OP_PURGE,
+    OP_RESUME,
+    OP_REVOKE,
+    OP_SCHEDULE_PAUSE,
+    OP_SCHEDULE_REMOVE,
+    OP_STATS,
+    OP_OK,
+    OP_DELETE,
+    OP_DECLARE,
     ServerHandshake,
     WireError,
     closing_frame,
@@ -52,6 +65,14 @@ from client.wire import (
 )
 
 log = logging.getLogger("brokerd")
+# Who did what to the broker's management surface, and failed logins: one line per action,
+# with the user and the peer address (issue 12 part 8).  A separate logger so it can be sent
+# to its own file or level without the connection chatter.
+audit = logging.getLogger("brokerd.audit")
+# Binary ops that change the broker for everyone (management, revocation, schedules, control
+# of workers, admin lines): each one is an audit line.  Per-message ops are not, by design.
+AUDIT_OPS = frozenset((OP_DECLARE, OP_DELETE, OP_PURGE, OP_PAUSE, OP_RESUME, OP_REVOKE, OP_SCHEDULE_PUT,
+                       OP_SCHEDULE_REMOVE, OP_SCHEDULE_PAUSE, OP_CONTROL_REQUEST, OP_ADMIN))
 
 RECEIVE_BYTES = 64 * 1024  # one receive_some; the batch is whatever arrived
 # What the connection log line says when the handshake refuses a connection (by CLOSING code).
@@ -60,6 +81,7 @@ HANDSHAKE_REASONS = {
     "BAD_REQUEST": "bad hello",
     "UNSUPPORTED_VERSION": "unsupported version",
     "HANDSHAKE_REQUIRED": "command before HELLO",
+    "AUTH_FAILED": "authentication failed",
 }
 # Ops refused with MEMORY_LIMIT past max_memory: the ones that make the broker
 # hold more.  Consumers, ACK/NACK, reads and admin go on so a backlog drains;
@@ -74,7 +96,7 @@ class Conn:
     __slots__ = (
         "id", "stream", "peer", "name", "out", "out_bytes", "wake", "drained",
         "closed", "opened", "heartbeat", "last_sent", "cancel", "handshake_deadline",
-        "hard_limit", "evicted", "partial", "encode",
+        "hard_limit", "evicted", "partial", "encode", "user",
         "tls_subject",
     )
 
@@ -101,6 +123,8 @@ class Conn:
         # None: plaintext; "" TLS without a client certificate; else the verified
         # client certificate's subject ("CN=...,O=..."), for mapping to a user
         self.tls_subject: str | None = None
+        # the broker.auth.User this connection logged in as; None when brokerd has no users
+        self.user = None
 
     def queue_bytes(self, data: bytes) -> None:
         if self.closed:
@@ -151,8 +175,9 @@ class BinaryConnection:
     async def run(self, first: bytes) -> str:
         conn = self.conn
         cfg = self.config
+        users = getattr(self.server, "users", None)
         hs = ServerHandshake(connection=conn.id, heartbeat=cfg.heartbeat, max_frame=cfg.max_frame,
-                             server=f"brokerd {__version__}")
+                             server=f"brokerd {__version__}", authenticate=users.authenticate if users is not None else None)
         data = first
         try:
             while True:
@@ -171,6 +196,8 @@ class BinaryConnection:
             raise Close(HANDSHAKE_REASONS.get(exc.code, "bad handshake"), closing(exc.code, exc.message)) from None
         except WireError as exc:  # a frame the codec refused, before HELLO was complete
             raise Close(f"protocol error {exc.code}", closing(exc.code, exc.message)) from None
+        if users is not None:
+            await self._login(hs, hello)
         # Silence is bounded by idle_timeout either way: a longer heartbeat is
         # cut to half of it (the reply says so and clients follow it).
         hello = hello._replace(heartbeat=min(hello.heartbeat, cfg.idle_timeout / 2))
@@ -192,6 +219,29 @@ class BinaryConnection:
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
+
+    async def _login(self, hs: ServerHandshake, hello) -> None:
+        """Check HELLO's user and token (brokerd has users); AUTH_FAILED closes, after a delay.
+
+        The scrypt check (~50 ms) runs in a thread so other connections go on meanwhile.  A
+        failure waits what ``AuthThrottle`` says for this address (doubling on repeats), bounded
+        by the connection's handshake deadline, so guessing tokens is slow and costs one
+        connection, never the broker.
+        """
+        conn = self.conn
+        try:
+            conn.user = await trio.to_thread.run_sync(hs.login, hello)
+        except HandshakeError as exc:
+            address = peer_host(conn.peer)
+            delay = self.server.auth_throttle.failed(address, time.monotonic())
+            name = (hello.extra or {}).get("user")
+            audit.warning("auth failed: conn %d from %s user=%r (answer delayed %.1fs)", conn.id, conn.peer,
+                          name if type(name) is str else None, delay)
+            with trio.move_on_at(conn.handshake_deadline):
+                await trio.sleep(delay)
+            raise Close("authentication failed", closing(exc.code, exc.message)) from None
+        self.server.auth_throttle.succeeded(peer_host(conn.peer))
+        log.info("conn %d logged in as %r", conn.id, conn.user.name)
 
     async def _read_loop(self, reader: FrameReader, pending: list) -> str:
         conn = self.conn
@@ -216,8 +266,13 @@ class BinaryConnection:
                 now = time.time()
                 cid = conn.id
                 alarm = srv.memory_alarm
+                user = conn.user
                 for f in frames:
                     op = f[0]
+                    if user is not None and self._refused(user, f):
+                        continue
+                    if op in AUDIT_OPS:
+                        self._audit(f)
                     if alarm is not None and op in MEMORY_OPS and not settles(f):
                         rid = f[1] if len(f) > 1 and type(f[1]) is int else 0
                         state.send_to(cid, error_frame(rid, MemoryLimit.code, alarm))
@@ -235,6 +290,8 @@ class BinaryConnection:
                         mark = state.output_mark(cid)
                         reply = handle(state, cid, f, now)
                         # None: deferred (a parked RESULT_GET), the state replies later
+                        if user is not None and op == OP_STATS:
+                            reply = only_seen(user, reply)
                         if reply is not None:
                             state.insert_reply(cid, mark, reply)
                     else:
@@ -274,6 +331,30 @@ class BinaryConnection:
                 return "closed by peer"
             reader.feed(data)
 
+    def _refused(self, user, f: list) -> bool:
+        """Whether ``user`` lacks a grant ``f`` needs; if so it is answered ACCESS_REFUSED here
+        and never reaches a handler, so nothing changes (broker.auth.check)."""
+        refusal = auth.check(user, f)
+        if refusal is None:
+            if f[0] == OP_STATS and len(f) > 2 and type(f[2]) is str and not user.sees(f[2]):
+                refusal = auth.Refusal(user.name, "publish, consume or manage", f[2])
+            else:
+                return False
+        op = f[0]
+        rid = f[1] if len(f) > 1 and type(f[1]) is int else 0
+        name = CLIENT_OPS.get(op, f"send op {op!r}") if type(op) is int else f"send op {op!r}"
+        self.state.send_to(self.conn.id, error_frame(rid, "ACCESS_REFUSED", refusal.message(name)))
+        if op in AUDIT_OPS:
+            audit.warning("refused %s: user=%r conn %d from %s", name, user.name, self.conn.id, self.conn.peer)
+        return True
+
+    def _audit(self, f: list) -> None:
+        conn = self.conn
+        op = f[0]
+        what = f[2] if len(f) > 2 and type(f[2]) in (str, int) else ""
+        audit.info("%s %s: user=%r conn %d from %s", CLIENT_OPS.get(op, op), str(what)[:200],
+                   conn.user.name if conn.user is not None else None, conn.id, conn.peer)
+
     def _silence_limit(self, conn: Conn) -> float:
         if not conn.name:  # not handshaken: one deadline for preamble and HELLO together
             return max(0.0, conn.handshake_deadline - trio.current_time())
@@ -299,7 +380,7 @@ class BinaryConnection:
             line = f[2] if len(f) > 2 else None
             if type(line) is not str:
                 return error_frame(rid, "BAD_REQUEST", "ADMIN field 2 must be one admin command line (text)")
-            return ok_frame(rid, admin.execute(self.state, line, now, self.server.admin_extra()))
+            return ok_frame(rid, admin.execute(self.state, line, now, self.server.admin_extra(), user=conn.user))
         return error_frame(rid, UnknownOp.code, f"unknown op code {op!r}; see protocol.md §5 for the list")
 
     async def _writer(self, conn: Conn) -> None:
@@ -333,6 +414,20 @@ class BinaryConnection:
 def settles(f: list) -> bool:
     """A RESULT_SET that also settles a delivery (option "tag"): allowed past max_memory."""
     return f[0] == OP_RESULT_SET and len(f) > 6 and type(f[6]) is dict and "tag" in f[6]
+
+
+def peer_host(peer: str) -> str:
+    """The address part of ``host:port`` (what AuthThrottle counts failures by)."""
+    return peer.rpartition(":")[0] or peer
+
+
+def only_seen(user, reply: list) -> list:
+    """A broker-wide STATS reply with only the queues ``user`` has a queue grant on."""
+    if reply[0] == OP_OK and len(reply) > 2 and type(reply[2]) is dict and type(reply[2].get("queues")) is dict:
+        result = dict(reply[2])
+        result["queues"] = {name: s for name, s in result["queues"].items() if user.sees(name)}
+        return [reply[0], reply[1], result]
+    return reply
 
 
 def closing(code: str, message: str) -> bytes:

@@ -176,7 +176,7 @@ def test_a_non_loopback_host_is_refused_without_insecure_no_auth(tmp_path):
     cmd = [sys.executable, "-m", "broker", "--host", "0.0.0.0", "--port", "0", "--http-port", "0", "--data-dir", str(tmp_path)]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert out.returncode == 2
-    assert "no authentication configured" in out.stderr and "--insecure-no-auth" in out.stderr
+    assert "no users configured" in out.stderr and "--insecure-no-auth" in out.stderr
 
 
 def test_insecure_no_auth_starts_warns_and_shows_in_stats(broker_factory):
@@ -185,3 +185,12 @@ def test_insecure_no_auth_starts_warns_and_shows_in_stats(broker_factory):
     with Client(f"127.0.0.1:{b.port}") as c:
         text = c.admin("STATS")
     assert "insecure-no-auth" in text
+
+
+def test_a_non_loopback_host_with_users_starts_without_the_insecure_flag(tmp_path):
+    # Users lift the protected default: every connection must then log in.
+    from broker.config import Config
+
+    cfg = Config(host="0.0.0.0", users_file=str(tmp_path / "users.toml"))
+    assert cfg.exposure_refusal() is None and cfg.security() == "users"
+    assert "no users configured" in Config(host="0.0.0.0").exposure_refusal()

@@ -13,7 +13,8 @@ from client import wire
 
 
 class Raw:
-    def __init__(self, port: int, *, hello: bool = True, name: str = "test", heartbeat: float | None = None):
+    def __init__(self, port: int, *, hello: bool = True, name: str = "test", heartbeat: float | None = None,
+                 extra: dict | None = None):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = wire.FrameReader(1 << 30)
@@ -24,6 +25,7 @@ class Raw:
             opts = {"version": 1, "client": name}
             if heartbeat is not None:
                 opts["heartbeat"] = heartbeat
+            opts.update(extra or {})  # more HELLO options, e.g. "user" and "token"
             self.hello = self.call(wire.OP_HELLO, opts)
 
     def send(self, frame) -> None:
