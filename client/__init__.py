@@ -41,6 +41,8 @@ _EXPORTS = {
     "StaleDelivery": "client.errors",
     "LogFailed": "client.errors",
     "MemoryLimit": "client.errors",
+    "AccessRefused": "client.errors",
+    "AuthFailed": "client.errors",
     "BrokerInternalError": "client.errors",
     "PublishError": "client.errors",
     "error_from_wire": "client.errors",

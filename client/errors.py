@@ -177,7 +177,7 @@ class AccessRefused(RequestRefused):
     code = "ACCESS_REFUSED"
 
 
-class AuthFailed(Disconnected):
+class AuthFailed(ConnectionLost):
     """brokerd has users and refused this client's user name or token (AUTH_FAILED).
 
     Pass them in the broker URL (``brokerd://user:token@host:port``) or the HELLO options
@@ -269,11 +269,13 @@ def error_from_wire(code, message) -> BrokerdError:
 def lost_from_closing(code, message) -> ConnectionLost:
     """The exception for a CLOSING frame: the broker is about to close the connection.
 
-    Always ``ConnectionLost`` (every request in flight fails with it), carrying
+    Always a ``ConnectionLost`` (every request in flight fails with it; ``AuthFailed``, a
+    kind of it, when the broker refused the login), carrying
     the broker's code, so ``exc.code`` still says why: ``SHUTTING_DOWN``,
     ``HEARTBEAT_TIMEOUT``, ``SLOW_CONSUMER``, or ``BAD_FRAME`` and friends when
     it was our bytes.
     """
     if type(code) is not str:
         code = CONNECTION_LOST
-    return ConnectionLost(code, f"the broker closed the connection: {message}")
+    cls = AuthFailed if code == AuthFailed.code else ConnectionLost
+    return cls(code, f"the broker closed the connection: {message}")

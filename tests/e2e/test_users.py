@@ -1,4 +1,4 @@
-"""Users and grants on a real brokerd (issue 12 parts 1, 2, 8): login in HELLO and admin AUTH,
+"""Users and grants on a real brokerd: login in HELLO and admin AUTH,
 every request checked against its user's grants, listings filtered, brokerd-ctl user add."""
 
 from __future__ import annotations
@@ -214,3 +214,23 @@ def test_ctl_user_add_prints_a_token_that_logs_in(broker_factory, tmp_path):
     r.ok(wire.OP_PUBLISH, "sms.eu", b"x", None, 0, None)
     refused(r.call(wire.OP_PUBLISH, "other", b"x", None, 0, None), "web", "PUBLISH")
     r.close()
+
+
+def test_the_sdk_logs_in_from_a_brokerd_url_and_meets_its_grants(users_broker):
+    """The whole path as an application uses it: credentials in the URL, grants enforced."""
+    from client import AccessRefused, App, AuthFailed, Client
+
+    web = f"brokerd://web:{TOKENS['web']}@{users_broker.address}"
+    with Client(web) as c:
+        c.publish("emails", b"hello")
+        with pytest.raises(AccessRefused, match=r"user 'web' may not PUBLISH on queue 'payments'"):
+            c.publish("payments", b"no")
+        assert "token-of-web" not in repr(c)
+    with pytest.raises(AuthFailed):
+        Client(f"brokerd://web:wrong@{users_broker.address}")
+    app = App("proj", broker=web)
+    try:
+        assert app.send_task("proj.send", (1,), queue="emails").id
+    finally:
+        app.close()
+    assert depth(users_broker) == 2
