@@ -153,10 +153,12 @@ def last_json(proc: subprocess.Popen, what: str, timeout: float) -> dict:
 
 
 def address(broker: BrokerProcess, args) -> str:
-    """The broker's address for the clients: brokerds://...?ca= under --tls."""
+    """The broker's address for the clients: brokerds://...?ca= under --tls, with the bench
+    user's credentials under --auth."""
+    login = f"bench:{args.auth_token}@" if getattr(args, "auth_token", None) else ""
     if getattr(args, "tls_ca", None):
-        return f"brokerds://127.0.0.1:{broker.port}?ca={args.tls_ca}"
-    return broker.address
+        return f"brokerds://{login}127.0.0.1:{broker.port}?ca={args.tls_ca}"
+    return f"brokerd://{login}{broker.address}" if login else broker.address
 
 
 # --- the phases -------------------------------------------------------------------------------
@@ -231,6 +233,8 @@ def main(argv=None) -> None:
                     "Unpaced, the queue grows and latency is mostly queueing; pace below capacity to see transit latency")
     ap.add_argument("--broker-args", default="", help='extra brokerd flags, e.g. --broker-args="--fsync never"')
     ap.add_argument("--tls", action="store_true", help="TLS between the clients and brokerd (certificates made for the run)")
+    ap.add_argument("--auth", action="store_true", help="brokerd with a users file; the clients log in as a user "
+                    "granted publish and consume on every queue (each frame is checked against its grants)")
     ap.add_argument("--role", choices=["producer", "consumer"], help=argparse.SUPPRESS)
     ap.add_argument("--address", help=argparse.SUPPRESS)
     ap.add_argument("--queue", default=QUEUE, help=argparse.SUPPRESS)
@@ -247,6 +251,14 @@ def main(argv=None) -> None:
         pki = make_pki(tempfile.mkdtemp(prefix="brokerd-bench-pki-"))
         broker_args += ["--tls-cert", pki.server_cert, "--tls-key", pki.server_key]
         args.tls_ca = pki.ca
+    if args.auth:
+        from client.userfile import hash_token, new_token, user_entry
+
+        args.auth_token = new_token()
+        users = os.path.join(tempfile.mkdtemp(prefix="brokerd-bench-users-"), "users.toml")
+        with open(users, "w") as fh:
+            fh.write(user_entry("bench", hash_token(args.auth_token), {"publish": ["*"], "consume": ["*"]}))
+        broker_args += ["--users-file", users]
     print(f"brokerd bench/core.py: python {sys.version.split()[0]}, {os.cpu_count()} CPUs, broker args {broker_args or 'none'}")
     ncpu = os.cpu_count() or 1
     t = throughput(args, broker_args)
@@ -270,6 +282,9 @@ def main(argv=None) -> None:
     cmd = ["python", "bench/core.py", "-n", str(args.n), "--size", str(args.size), "--prefetch", str(args.prefetch), "--memory", str(args.memory)]
     if args.tls:
         cmd += ["--tls"]
+    if args.auth:
+        cmd += ["--auth"]
+        broker_args = [a for a in broker_args if not a.endswith("users.toml") and a != "--users-file"]
     if args.window:
         cmd += ["--window", str(args.window)]
     if args.rate:
