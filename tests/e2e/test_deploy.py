@@ -29,16 +29,21 @@ import yaml
 
 from broker import cli
 from broker.runtime import http as broker_http
-from broker.config import Config, load
+from broker.config import Config, ConfigError, load
 from broker.runtime.durability import Durability
 from broker.runtime.server import Server
 from broker.state import BrokerState
 from broker.wal import WriteAheadLog
-from client import worker_cli
-from tests.support.broker import ROOT
+from client import Client, worker_cli
+from client.errors import AuthFailed
+from client.options import broker_url
+from client.userfile import hash_token, user_entry
+from tests.support.broker import ROOT, BrokerProcess, admin_exchange
+from tests.support.certs import make_pki
 from tests.runtime.test_http import start, value_location
 
 DEPLOY = ROOT / "deploy"
+TOKEN = "deploy-test-token-of-worker"  # the test users file's worker token
 DEFAULTS = Config()
 ROUTES = set(broker_http.ROUTES)
 
@@ -155,12 +160,68 @@ def test_every_file_in_deploy_is_documented_in_its_readme():
 
 
 # -- systemd ----------------------------------------------------------------------------------
-def test_the_example_config_loads_and_names_every_setting():
-    path = DEPLOY / "systemd" / "brokerd.toml.example"
+# What the production deploy files set apart from the defaults: an address other machines reach,
+# made safe by users over TLS only.
+PROTECTED = {"host": "0.0.0.0", "tls_required": True}
+SECRET_SETTINGS = ("tls_cert", "tls_key", "users_file")
+
+
+def example_config(tmp_path) -> tuple[Path, dict]:
+    """brokerd.toml.example with /etc/brokerd/ moved under tmp_path, and the files it names
+    made there (test certificates, a users file): {setting: path}."""
+    text = (DEPLOY / "systemd" / "brokerd.toml.example").read_text()
+    named = {k: v for k, v in tomllib.loads(text).items() if k in SECRET_SETTINGS}
+    assert all(v.startswith("/etc/brokerd/") for v in named.values()), named
+    etc = tmp_path / "etc-brokerd"
+    pki = make_pki(tmp_path / "pki")
+    sources = {"tls_cert": pki.server_cert, "tls_key": pki.server_key}
+    moved = {}
+    for name, path in named.items():
+        target = etc / path.removeprefix("/etc/brokerd/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if name == "users_file":
+            target.write_text(user_entry("worker", hash_token(TOKEN), {"consume": ["*"], "publish": ["*"]}))
+        else:
+            shutil.copy(sources[name], target)
+        moved[name] = str(target)
+    path = tmp_path / "brokerd.toml"
+    path.write_text(text.replace("/etc/brokerd/", f"{etc}/"))
+    return path, {**named, "ca": pki.ca, "moved": moved}
+
+
+def test_the_example_config_loads_names_every_setting_and_asks_for_tls_and_users(tmp_path):
+    path, files = example_config(tmp_path)
     config = load(str(path), env={})
-    assert config == dataclasses.replace(DEFAULTS, data_dir="/var/lib/brokerd")
+    assert config == dataclasses.replace(DEFAULTS, data_dir="/var/lib/brokerd", **PROTECTED, **files["moved"])
+    assert config.exposure_refusal() is None and config.security() == "users" and not config.insecure_no_auth
     written = set(tomllib.loads(path.read_text()))
     assert written == {f.name for f in dataclasses.fields(Config)}
+    # as shipped (the files not made yet) it refuses to load, naming the missing file
+    with pytest.raises(ConfigError, match="tls_cert: file '/etc/brokerd/tls/server.pem' does not exist"):
+        load(str(DEPLOY / "systemd" / "brokerd.toml.example"), env={})
+
+
+def test_brokerd_service_hands_the_configs_tls_and_users_files_over_as_credentials():
+    unit = read_unit(DEPLOY / "systemd" / "brokerd.service")
+    named = tomllib.loads((DEPLOY / "systemd" / "brokerd.toml.example").read_text())
+    creds = dict(c.split(":", 1) for c in unit["Service"]["LoadCredential"])
+    args = brokerd_args(shlex.split(one(unit, "Service", "ExecStart"))[1:])
+    for setting, flag_value in ((s, getattr(args, s)) for s in SECRET_SETTINGS):
+        assert flag_value.startswith("%d/"), (setting, flag_value)  # %d: the credentials directory
+        # the flag names a credential that systemd loads from the file the config names
+        assert creds[flag_value.removeprefix("%d/")] == named[setting], setting
+    assert args.insecure_no_auth is None
+
+
+def test_worker_unit_takes_a_brokerds_url_from_its_environment_file():
+    path = DEPLOY / "systemd" / "brokerd-worker@.service"
+    unit = read_unit(path)
+    env_file = one(unit, "Service", "EnvironmentFile")
+    assert not env_file.startswith("-"), "without the file the worker has no user to log in as"
+    shown = re.search(r"BROKERD_URL=(\S+?)\\n", path.read_text()).group(1)  # the install comment's example
+    url = broker_url(shown)
+    assert url.tls and url.user == "worker" and url.ca == "/etc/brokerd/tls/ca.pem", url
+    assert env_file == "/etc/brokerd/worker.env"
 
 
 def test_brokerd_service_is_type_notify_hardened_and_runs_flags_brokerd_accepts():
@@ -248,38 +309,42 @@ def test_dockerfile_runs_brokerd_as_pid_1_non_root_with_a_volume_and_a_health_ch
     assert get("STOPSIGNAL") == ["SIGTERM"]
     for w, rest in ins:  # every COPY source from the build context exists
         if w == "COPY" and not rest.startswith("--from"):
-            for src in rest.split()[:-1]:
+            for src in [w for w in rest.split()[:-1] if not w.startswith("--")]:
                 assert (ROOT / src).exists(), src
     hc = get("HEALTHCHECK")[-1]
     cmd = json.loads(hc[hc.index("CMD") + 3:].strip())  # exec form: no shell needed
     if cmd[0] == "brokerd-ctl":
         assert "brokerd-ctl" in console_scripts()
     else:
-        url = urlsplit(re.search(r"http://[^'\"]+", " ".join(cmd)).group(0))
+        url = urlsplit(re.search(r"https://[^'\"]+", " ".join(cmd)).group(0))  # TLS is on: HTTPS only
         assert url.port == DEFAULTS.http_port and url.path == "/healthz"
+        assert "cafile='/etc/brokerd/tls/ca.pem'" in " ".join(cmd)
 
 
-def test_the_docker_health_check_command_passes_on_a_live_brokerd_and_fails_without_one(broker_factory):
+def test_the_docker_health_check_command_passes_on_a_live_tls_brokerd_and_fails_without_one(broker_factory, tmp_path):
     hc = [rest for w, rest in read_dockerfile(DEPLOY / "docker" / "Dockerfile") if w == "HEALTHCHECK"][-1]
     cmd = json.loads(hc[hc.index("CMD") + 3:].strip())
-    if cmd[0] != "python":
-        pytest.skip("the health check is not the python probe")
-    b = start(broker_factory)
-    live = [a.replace(f":{DEFAULTS.http_port}/", f":{b.http_port}/") for a in cmd]
-    live[0] = sys.executable
-    assert subprocess.run(live, capture_output=True, timeout=20).returncode == 0
+    assert cmd[0] == "python", "the health check is not the python probe"
+    pki = make_pki(tmp_path / "pki")
+    b = start(broker_factory, "--tls-cert", pki.server_cert, "--tls-key", pki.server_key, "--tls-required")
+
+    def probe(port):
+        argv = [a.replace(f":{DEFAULTS.http_port}/", f":{port}/").replace("/etc/brokerd/tls/ca.pem", pki.ca)
+                for a in cmd]
+        return subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, timeout=20)
+
+    r = probe(b.http_port)
+    assert r.returncode == 0, r.stderr
     http_port = b.http_port
     b.terminate()
-    dead = [a.replace(f":{DEFAULTS.http_port}/", f":{http_port}/") for a in cmd]
-    dead[0] = sys.executable
-    assert subprocess.run(dead, capture_output=True, timeout=20).returncode != 0
+    assert probe(http_port).returncode != 0
 
 
 def test_compose_runs_brokerd_two_workers_the_web_app_and_prometheus():
     compose = yaml_docs("docker/compose.yaml")[0]
     here = DEPLOY / "docker"
     services = compose["services"]
-    assert set(services) == {"brokerd", "worker-1", "worker-2", "web", "prometheus"}
+    assert set(services) == {"init", "brokerd", "worker-1", "worker-2", "web", "prometheus"}
     b = services["brokerd"]
     assert (here / b["build"]["context"] / b["build"]["dockerfile"]).resolve() == (here / "Dockerfile").resolve()
     args = brokerd_args(b["command"])
@@ -287,19 +352,35 @@ def test_compose_runs_brokerd_two_workers_the_web_app_and_prometheus():
     published = {int(p.rsplit(":", 1)[1]) for p in b["ports"]}
     assert published == {DEFAULTS.port, DEFAULTS.http_port}
     assert any(v.split(":")[1] == args.data_dir for v in b["volumes"])
+    # the init service fills the secrets volume before brokerd starts, and brokerd reads it there
+    init = services["init"]
+    assert init["entrypoint"][0] == "brokerd-init-secrets"
+    secrets_dir = init["entrypoint"][1]
+    secrets_volume = next(v.split(":")[0] for v in init["volumes"] if v.split(":")[1] == secrets_dir)
+    assert b["depends_on"]["init"]["condition"] == "service_completed_successfully"
+    assert f"{secrets_volume}:{secrets_dir}:ro" in b["volumes"] and secrets_volume in compose["volumes"]
+    for path in (args.tls_cert, args.tls_key, args.users_file):
+        assert path.startswith(secrets_dir + "/"), path
+    assert args.tls_required and not args.insecure_no_auth
+    for name, user in (("worker-1", "worker"), ("worker-2", "worker"), ("web", "webapp")):
+        s = services[name]
+        script = s["entrypoint"][2]
+        assert s["entrypoint"][:2] == ["sh", "-c"] and script.startswith(f"set -a && . {secrets_dir}/{user}.env && exec ")
+        assert f"{secrets_volume}:{secrets_dir}:ro" in s["volumes"]
+        assert "BROKERD_URL" not in s.get("environment", {})  # only from the env file: no token in compose
+        assert s["depends_on"]["brokerd"]["condition"] == "service_healthy"
     for name in ("worker-1", "worker-2"):
         w = services[name]
-        assert w["entrypoint"] == ["brokerd-worker"]
+        assert w["entrypoint"][2].endswith('exec brokerd-worker "$@"') and w["entrypoint"][3] == "brokerd-worker"
         wargs = worker_args(w["command"])
         assert wargs.app == "examples.tasks:app" and (ROOT / "examples" / "tasks.py").exists()
         assert seconds(w["stop_grace_period"]) > wargs.grace
-        assert w["environment"]["BROKERD_URL"] == f"brokerd:{DEFAULTS.port}"
-        assert w["depends_on"]["brokerd"]["condition"] == "service_healthy"
     for name in ("worker-1", "worker-2", "web"):
         for v in services[name]["volumes"]:
-            assert (here / v.split(":")[0]).resolve().exists(), v
+            if v.split(":")[0] not in compose["volumes"]:
+                assert (here / v.split(":")[0]).resolve().exists(), v
     web = services["web"]
-    assert "from examples.web import main; main('0.0.0.0', 8000)" in web["entrypoint"]
+    assert "from examples.web import main; main('0.0.0.0', 8000)" in web["entrypoint"][2]
     assert any(p.endswith(":8000") for p in web["ports"])
     prom = services["prometheus"]
     mounted = {v.split(":")[1]: here / v.split(":")[0] for v in prom["volumes"]}
@@ -307,6 +388,9 @@ def test_compose_runs_brokerd_two_workers_the_web_app_and_prometheus():
     scrape = yaml.safe_load(config.read_text())["scrape_configs"][0]
     assert scrape["metrics_path"] in ROUTES
     assert scrape["static_configs"][0]["targets"] == [f"brokerd:{DEFAULTS.http_port}"]
+    # HTTPS, trusting the init service's CA from the mounted secrets volume
+    assert scrape["scheme"] == "https"
+    assert scrape["tls_config"]["ca_file"] == f"{secrets_dir}/tls/ca.pem" and secrets_dir in mounted
 
 
 # -- kubernetes ---------------------------------------------------------------------------------
@@ -336,6 +420,18 @@ def test_statefulset_probes_ports_and_volume_match_brokerd(k8s):
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         get = c[probe]["httpGet"]
         assert get["path"] in ROUTES and get["port"] == "http", probe
+        assert get["scheme"] == "HTTPS", probe  # with TLS on, the HTTP port speaks only HTTPS
+    assert sts["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scheme"] == "https"
+    # TLS from a kubernetes.io/tls Secret and users from another, mounted where the flags point
+    secrets = {s["metadata"]["name"]: s for s in k8s[("secrets.example.yaml", "Secret")]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mount_of = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    for flag, secret, key in ((args.tls_cert, "brokerd-tls", "tls.crt"), (args.tls_key, "brokerd-tls", "tls.key"),
+                              (args.users_file, "brokerd-users", "users.toml")):
+        (vol,) = [n for n, v in volumes.items() if v.get("secret", {}).get("secretName") == secret]
+        assert flag == f"{mount_of[vol]}/{key}" and key in secrets[secret]["stringData"], flag
+    assert secrets["brokerd-tls"]["type"] == "kubernetes.io/tls"
+    assert args.tls_required and not args.insecure_no_auth
     assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
     startup = c["startupProbe"]
     assert startup["failureThreshold"] * startup["periodSeconds"] >= 15 * 60  # a long replay
@@ -373,7 +469,17 @@ def test_workers_reach_the_service_and_keda_scales_them_on_the_backlog(k8s):
     (c,) = pod["containers"]
     assert c["command"] == ["brokerd-worker"]
     wargs = worker_args(c["args"])
-    assert wargs.broker == f"brokerd:{DEFAULTS.port}"
+    assert "-b" not in c["args"] and "--broker" not in c["args"]  # no token in args
+    (env,) = [e for e in c["env"] if e["name"] == "BROKERD_URL"]
+    ref = env["valueFrom"]["secretKeyRef"]
+    (secret,) = [s for s in k8s[("secrets.example.yaml", "Secret")] if s["metadata"]["name"] == ref["name"]]
+    url = broker_url(secret["stringData"][ref["key"]])
+    assert url.tls and url.host.split(".")[0] == "brokerd" and url.port == DEFAULTS.port
+    # the ?ca= file is the Secret's ca.pem, mounted
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    (ca_vol,) = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == ref["name"]]
+    (item,) = ca_vol["secret"]["items"]
+    assert url.ca == f"{mounts[ca_vol['name']]}/{item['path']}" and item["key"] in secret["stringData"]
     assert pod["terminationGracePeriodSeconds"] > wargs.grace
     (queue,) = wargs.queues
 
@@ -387,7 +493,7 @@ def test_workers_reach_the_service_and_keda_scales_them_on_the_backlog(k8s):
     assert trigger["type"] == "metrics-api"
     meta = trigger["metadata"]
     url = urlsplit(meta["url"])
-    assert url.hostname.split(".")[0] == "brokerd" and url.port == DEFAULTS.http_port
+    assert url.scheme == "https" and url.hostname.split(".")[0] == "brokerd" and url.port == DEFAULTS.http_port
     assert url.path == "/api/queues"
     # read a real /api/queues document the way KEDA does: ready + in flight
     state = BrokerState()
@@ -450,13 +556,99 @@ def _brokerd_argvs() -> dict[str, list[str]]:
     }
 
 
-@pytest.mark.parametrize("where", ["Dockerfile", "compose.yaml", "statefulset.yaml"])
-def test_deploy_files_that_bind_all_interfaces_say_so_explicitly_and_so_still_start(where):
+def _start_with_deploy_flags(where, tmp_path, broker_factory_args=None) -> tuple[BrokerProcess, str]:
+    """A real brokerd with the deploy file's own flags, its secret paths pointed at test-made
+    certificates and a users file (one user, "worker"), on 127.0.0.1 with free ports."""
     argv = _brokerd_argvs()[where]
     args = brokerd_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
-    config = load(None, env={}, overrides=overrides)
-    assert not config.is_loopback(), f"{where} binds {config.host}: this test expects a container address"
-    assert config.exposure_refusal() is None, f"{where}: brokerd would refuse to start with {argv}"
-    without = load(None, env={}, overrides={**overrides, "insecure_no_auth": None})
-    assert without.exposure_refusal() is not None  # the flag is what lets it start
+    pki = make_pki(tmp_path / "pki")
+    users = tmp_path / "users.toml"
+    users.write_text(user_entry("worker", hash_token(TOKEN), {"consume": ["*"], "publish": ["*"]}))
+    swap = {args.tls_cert: pki.server_cert, args.tls_key: pki.server_key, args.users_file: str(users)}
+    kept, skip = [], False
+    for a in argv:  # BrokerProcess sets the address, ports and data dir itself
+        if skip:
+            skip = False
+        elif a in ("--host", "--port", "--http-port", "--data-dir"):
+            skip = True
+        else:
+            kept.append(swap.get(a, a))
+    b = BrokerProcess(tmp_path / "data", *kept).start()
+    return b, pki.ca
+
+
+@pytest.mark.parametrize("where", ["Dockerfile", "compose.yaml", "statefulset.yaml"])
+def test_deploy_files_bind_all_interfaces_only_with_users_and_tls_never_insecure_no_auth(where):
+    argv = _brokerd_argvs()[where]
+    args = brokerd_args(argv)
+    assert "--insecure-no-auth" not in argv and args.insecure_no_auth is None
+    assert args.host == "0.0.0.0" and args.users_file and args.tls_cert and args.tls_key and args.tls_required
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "tls_cert", "tls_key", "tls_required")
+                 and v is not None}
+    config = load(None, env={}, overrides=overrides)  # (the TLS files exist only in the container)
+    assert not config.is_loopback() and config.exposure_refusal() is None and config.security() == "users"
+    without = load(None, env={}, overrides={**overrides, "users_file": None})
+    assert without.exposure_refusal() is not None  # the users file is what lets it start
+
+
+@pytest.mark.parametrize("where", ["Dockerfile", "compose.yaml", "statefulset.yaml"])
+def test_brokerd_with_the_deploy_flags_serves_a_brokerds_client_with_a_token_and_refuses_others(where, tmp_path):
+    b, ca = _start_with_deploy_flags(where, tmp_path)
+    try:
+        with Client(f"brokerds://worker:{TOKEN}@localhost:{b.port}?ca={ca}", timeout=10) as c:
+            c.publish("emails", b"hello")  # a grant the user has, over TLS
+        with pytest.raises(AuthFailed):  # TLS but no user
+            Client(f"brokerds://localhost:{b.port}?ca={ca}", timeout=10).close()
+        with pytest.raises(AuthFailed):  # a wrong token
+            Client(f"brokerds://worker:not-{TOKEN}@localhost:{b.port}?ca={ca}", timeout=10).close()
+        # plaintext with the right token: refused before any login (--tls-required)
+        reply = admin_exchange(b.port, f"AUTH worker {TOKEN}\nQUEUES\n")
+        assert "TLS_REQUIRED" in reply and "emails" not in reply, reply
+    finally:
+        b.terminate()
+
+
+def test_brokerd_with_the_systemd_config_serves_a_brokerds_client_with_a_token_and_refuses_others(tmp_path):
+    path, files = example_config(tmp_path)
+    b = BrokerProcess(tmp_path / "data", "--config", str(path)).start()
+    try:
+        with Client(f"brokerds://worker:{TOKEN}@localhost:{b.port}?ca={files['ca']}", timeout=10) as c:
+            c.publish("emails", b"hello")
+        with pytest.raises(AuthFailed):
+            Client(f"brokerds://localhost:{b.port}?ca={files['ca']}", timeout=10).close()
+    finally:
+        b.terminate()
+
+
+def test_init_secrets_script_makes_a_ca_certificate_users_and_env_files_a_brokerd_and_clients_use(tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: the compose init step cannot be run here")
+    bindir = Path(sys.executable).parent
+    if not (bindir / "brokerd-ctl").exists():
+        pytest.skip(f"brokerd-ctl is not installed in {bindir} (pip install -e .)")
+    d = tmp_path / "secrets"
+    env = {"PATH": f"{bindir}:/usr/bin:/bin", "BROKERD_ADDRESS": "localhost:7700"}
+    r = subprocess.run(["sh", str(DEPLOY / "docker" / "init-secrets.sh"), str(d)], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for secret in ("tls/ca.key", "tls/server.key", "users.toml", "worker.env", "webapp.env", "admin.env"):
+        assert (d / secret).stat().st_mode & 0o077 == 0, f"{secret} is readable by others"
+    urls = {n: broker_url((d / f"{n}.env").read_text().strip().removeprefix("BROKERD_URL="))
+            for n in ("worker", "webapp", "admin")}
+    assert all(u.tls and u.ca == str(d / "tls" / "ca.pem") for u in urls.values())
+    # a second run keeps everything (the tokens clients hold stay valid)
+    before = (d / "users.toml").read_text()
+    assert subprocess.run(["sh", str(DEPLOY / "docker" / "init-secrets.sh"), str(d)], env=env,
+                          capture_output=True, timeout=60).returncode == 0
+    assert (d / "users.toml").read_text() == before
+    b = BrokerProcess(tmp_path / "data", "--tls-cert", str(d / "tls/server.pem"), "--tls-key", str(d / "tls/server.key"),
+                      "--tls-required", "--users-file", str(d / "users.toml")).start()
+    try:
+        for name in ("worker", "webapp"):
+            u = urls[name]
+            with Client(f"brokerds://{u.user}:{u.token}@localhost:{b.port}?ca={u.ca}", timeout=10) as c:
+                c.publish("emails", b"x")
+        with pytest.raises(AuthFailed):
+            Client(f"brokerds://localhost:{b.port}?ca={urls['worker'].ca}", timeout=10).close()
+    finally:
+        b.terminate()
