@@ -401,7 +401,10 @@ SECURITY_HEADERS = [
                                  b"connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"),
     (b"x-frame-options", b"DENY"),
     (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
+    # same-origin, not no-referrer: under no-referrer a browser sends "Origin: null" on the page's
+    # own form POSTs (the Fetch standard's rule), which App.refusal must refuse; same-origin
+    # still tells no other site anything
+    (b"referrer-policy", b"same-origin"),
 ]
 # Read by machines that address brokerd by whatever name or IP reaches it (Prometheus, kubelet
 # probes, KEDA's metrics-api scaler through a Service name): not checked against the Host

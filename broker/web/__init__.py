@@ -578,7 +578,7 @@ def render_task(task_id: str, info) -> str:
     return "".join(out)
 
 
-NO_TASKS = '<p class="empty">recent tasks need the results-read grant</p>'
+NO_TASKS = '<p class="empty no-grant">recent tasks need the results-read grant</p>'  # app.js then polls no tasks
 
 
 def render_account(access: Access) -> str:

@@ -61,11 +61,13 @@
         swap("task", d.html.task);
       });
     } else {
-      work = Promise.all([getJSON(overviewQuery()), getJSON(taskQuery())]).then(function (res) {
+      // a user without results-read gets no task list (brokerd says so in its place): not polled
+      var tasks = document.querySelector('[data-section="tasks"] .no-grant') ? Promise.resolve(null) : getJSON(taskQuery());
+      work = Promise.all([getJSON(overviewQuery()), tasks]).then(function (res) {
         var h = res[0].html;
         swap("queues", h.queues); swap("workers", h.workers); swap("dead", h.dead); swap("schedules", h.schedules);
         summaryEl.innerHTML = h.summary;
-        swap("tasks", res[1].html.tasks);
+        if (res[1]) swap("tasks", res[1].html.tasks);
       });
     }
     work.then(function () {

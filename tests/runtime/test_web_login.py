@@ -221,10 +221,91 @@ def test_without_users_everything_stays_open(broker_factory):
     assert request(b.http_port, "GET", "/")[0] == 200
 
 
+class DevTools:
+    """Chromium driven over --remote-debugging-pipe (DevTools JSON on fds 3 and 4, NUL-ended):
+    enough to type into the login form and read the page, with no websocket library."""
+
+    def __init__(self, profile: str):
+        import os
+        to_child_r, self._to_child = os.pipe()
+        self._from_child, from_child_w = os.pipe()
+        # the child's fd 3 reads our commands, fd 4 writes its answers
+        def fds():
+            os.dup2(to_child_r, 3)
+            os.dup2(from_child_w, 4)
+        self.proc = subprocess.Popen(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+             "--no-default-browser-check", f"--user-data-dir={profile}", "--remote-debugging-pipe", "about:blank"],
+            # close_fds=False: the dup2'ed fds 3 and 4 must survive (every other fd of ours is
+            # close-on-exec, as os.pipe and Python's files make them)
+            preexec_fn=fds, close_fds=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_child_r)
+        os.close(from_child_w)
+        self._buf = b""
+        self._id = 0
+
+    def call(self, method: str, params: dict | None = None, session: str | None = None, timeout: float = 20.0) -> dict:
+        import os
+        import select
+        self._id += 1
+        msg = {"id": self._id, "method": method, "params": params or {}}
+        if session:
+            msg["sessionId"] = session
+        os.write(self._to_child, json.dumps(msg).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\0" in self._buf:
+                raw, self._buf = self._buf.split(b"\0", 1)
+                reply = json.loads(raw)
+                if reply.get("id") == self._id:
+                    assert "error" not in reply, reply
+                    return reply["result"]
+            left = deadline - time.monotonic()
+            assert left > 0, f"Chromium did not answer {method} within {timeout}s"
+            if select.select([self._from_child], [], [], left)[0]:
+                chunk = os.read(self._from_child, 1 << 16)
+                assert chunk, "Chromium closed its DevTools pipe"
+                self._buf += chunk
+
+    def close(self) -> None:
+        import os
+        self.proc.kill()
+        self.proc.wait(10)
+        os.close(self._to_child)
+        os.close(self._from_child)
+
+
 @needs_chromium
 def test_chromium_logs_in_through_the_form_and_sees_the_page(web, tmp_path):
-    """Chromium fills the form via the DevTools-free route: it posts the form page we give it
-    (a file that submits itself is not allowed by CSP, so we drive it with --remote-debugging? no:)
-    the login answer's cookie is handed over by loading /login and posting with a data: URL is
-    refused by Origin checks, so the test logs in over HTTP and gives Chromium the cookie."""
-    pytest.skip("reason: driving a form submit in headless --dump-dom Chromium needs DevTools; not done yet")
+    """A real browser: /login, type user and token, submit; the live page shows who is signed
+    in and only the queues of their grants; its polling (cookie + JSON) keeps working."""
+    dt = DevTools(str(tmp_path / "profile"))
+    try:
+        target = dt.call("Target.createTarget", {"url": f"http://127.0.0.1:{web.http_port}/login"})["targetId"]
+        sid = dt.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+
+        def js(expr: str):
+            return dt.call("Runtime.evaluate", {"expression": expr, "returnByValue": True}, sid)["result"].get("value")
+
+        def until(expr: str, what: str, timeout: float = 20.0):
+            deadline = time.monotonic() + timeout
+            while True:
+                v = js(expr)
+                if v:
+                    return v
+                assert time.monotonic() < deadline, f"{what}: not within {timeout}s; page: {js('document.body && document.body.innerText')}"
+                time.sleep(0.1)
+
+        until("!!document.getElementById('login-form')", "the login form")
+        js("var f = document.getElementById('login-form'); f.elements.user.value = 'ops';"
+           f"f.elements.token.value = {json.dumps(TOKENS['ops'])}; f.submit(); true")
+        until("document.body.getAttribute('data-live') === 'ok'", "the live page after logging in")
+        text = js("document.body.innerText")
+        assert "signed in as ops" in text
+        rows = js("Array.from(document.querySelectorAll('tr[data-queue]')).map(r => r.getAttribute('data-queue'))")
+        assert rows == ["emails"], rows  # ops may manage emails only; "secret" is not shown
+        assert js("!!document.querySelector('button[data-action=\"/api/queues/emails/purge\"]')")
+        assert js("document.cookie") == ""  # HttpOnly: the page's script cannot read the session
+    finally:
+        dt.close()
