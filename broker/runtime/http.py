@@ -23,6 +23,12 @@ plain ASGI callable, not a framework.
         the same state methods as the admin commands, then the server's flush,
         and the reply waits for the log like an admin reply does (``App._act``)
 
+With users (``server.users``) every route but /healthz, /readyz and /static/* needs a login
+(``App._guarded``; sessions, CSRF and bearer tokens in ``broker.web.login``):
+    GET  /login, POST /login   the token form; a session cookie on success
+    POST /logout               ends the session (with its CSRF token)
+/metrics and /api/queues are left open only by ``http_open_metrics``.
+
 Anything else is 404, a wrong method 405 (with Allow), both as JSON.
 During log replay nothing listens yet (replay runs before the listeners
 open): probes see "connection refused", which a startup probe allows for.
