@@ -83,6 +83,10 @@ class Config:
     # besides the bound address, 127.0.0.1, localhost and [::1]: a browser request with any
     # other Host is refused, which stops DNS rebinding (broker/runtime/http.py, App.refusal).
     http_allowed_hosts: str = ""
+    # With users: /metrics and /api/queues answer without a login, for a Prometheus or KEDA
+    # that holds no token.  Off by default: queue names and depths are the broker's business.
+    # Without users every HTTP route is open anyway (broker/runtime/http.py, App._guarded).
+    http_open_metrics: bool = False
     data_dir: str = "./brokerd-data"
     # The largest frame accepted, body included (see client.wire.DEFAULT_MAX_FRAME).
     max_frame: int = 16 * MiB

@@ -23,6 +23,12 @@ plain ASGI callable, not a framework.
         the same state methods as the admin commands, then the server's flush,
         and the reply waits for the log like an admin reply does (``App._act``)
 
+With users (``server.users``) every route but /healthz, /readyz and /static/* needs a login
+(``App._guarded``; sessions, CSRF and bearer tokens in ``broker.web.login``):
+    GET  /login, POST /login   the token form; a session cookie on success
+    POST /logout               ends the session (with its CSRF token)
+/metrics and /api/queues are left open only by ``http_open_metrics``.
+
 Anything else is 404, a wrong method 405 (with Allow), both as JSON.
 During log replay nothing listens yet (replay runs before the listeners
 open): probes see "connection refused", which a startup probe allows for.
@@ -49,6 +55,8 @@ from broker import __version__, web
 from broker.errors import BrokerError
 from broker.handlers import views
 from broker.runtime.durability import FSYNC_BUCKETS
+from broker.web import login
+from broker.web.login import OPEN
 
 log = logging.getLogger("brokerd.http")
 
@@ -140,12 +148,17 @@ def _queue_json(s) -> dict:
     }
 
 
-def queues_json_chunks(server, now: float):
+def _visible(names: list, access) -> list:
+    """The queue names this viewer's grants cover (all of them without users)."""
+    return names if access is None or access.grant is None else [n for n in names if access.sees(n)]
+
+
+def queues_json_chunks(server, now: float, access=None):
     """``{"queues": {name: {...}}}`` as text pieces, QUEUE_CHUNK queues each; ``backlog`` is
     ready + inflight, the figure to scale workers on (in-flight tasks still need their worker).
     The names are taken once; a queue deleted while the reply streams is left out."""
     state = server.state
-    names = views.queue_names(state)
+    names = _visible(views.queue_names(state), access)
     yield '{"queues":{'
     sep = ""
     for i in range(0, len(names), QUEUE_CHUNK):
@@ -198,13 +211,13 @@ _row = operator.attrgetter(*_ROW_FIELDS)
 _COL = {f: i + 1 for i, f in enumerate(_ROW_FIELDS)}  # column of a field in a row (0 is the label)
 
 
-def metrics_chunks(server, now: float):
+def metrics_chunks(server, now: float, access=None):
     """The exposition text in pieces (see QUEUE_CHUNK): the broker-wide families, then
     each per-queue family QUEUE_CHUNK queues at a time.  The first per-queue family takes
     each queue's figures once; the others reuse them, so one scrape is one snapshot per
     queue.  A queue deleted while the scrape streams is left out."""
     state = server.state
-    names = views.queue_names(state)
+    names = _visible(views.queue_names(state), access)
     out: list[str] = []
     add = out.append
 
@@ -314,20 +327,20 @@ def _json(status: int, body: dict) -> tuple[int, bytes, bytes]:
     return status, JSON_CONTENT_TYPE, (json.dumps(body, separators=(",", ":")) + "\n").encode()
 
 
-def route_metrics(server):
-    return 200, PROMETHEUS_CONTENT_TYPE, metrics_chunks(server, time.time())  # streamed: see QUEUE_CHUNK
+def route_metrics(server, access=OPEN):
+    return 200, PROMETHEUS_CONTENT_TYPE, metrics_chunks(server, time.time(), access)  # streamed: see QUEUE_CHUNK
 
 
-def route_queues(server):
-    return 200, JSON_CONTENT_TYPE, queues_json_chunks(server, time.time())
+def route_queues(server, access=OPEN):
+    return 200, JSON_CONTENT_TYPE, queues_json_chunks(server, time.time(), access)
 
 
-def route_healthz(server):
+def route_healthz(server, access=OPEN):
     ok, body = health(server)
     return _json(200 if ok else 503, body)
 
 
-def route_readyz(server):
+def route_readyz(server, access=OPEN):
     ok, body = readiness(server)
     return _json(200 if ok else 503, body)
 
@@ -394,7 +407,10 @@ SECURITY_HEADERS = [
                                  b"connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"),
     (b"x-frame-options", b"DENY"),
     (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
+    # same-origin, not no-referrer: under no-referrer a browser sends "Origin: null" on the page's
+    # own form POSTs (the Fetch standard's rule), which App.refusal must refuse; same-origin
+    # still tells no other site anything
+    (b"referrer-policy", b"same-origin"),
 ]
 # Read by machines that address brokerd by whatever name or IP reaches it (Prometheus, kubelet
 # probes, KEDA's metrics-api scaler through a Service name): not checked against the Host
@@ -446,10 +462,18 @@ class App:
     """The ASGI application: ``App(server, port)``, where ``server`` is a ``broker.runtime.server.Server``
     and ``port`` the HTTP port it listens on (for the Host allow-list)."""
 
-    def __init__(self, server, port: int | None = None):
+    def __init__(self, server, port: int | None = None, run_sync=None, sleep=None):
         self.server = server
         self.web = web.Web(server)
         cfg = getattr(server, "config", None)
+        # With users (server.users): the logins (broker.web.login).  ``run_sync`` runs scrypt off
+        # the event loop and ``sleep`` waits out the auth throttle (trio's, passed in by
+        # Server.serve: this module imports no trio); without them both happen inline / not at all.
+        self.sessions = login.Sessions()
+        self.bearers = login.BearerCache()
+        self.run_sync, self.sleep = run_sync, sleep
+        self.secure = bool(getattr(cfg, "tls_cert", ""))  # cookies get Secure under HTTPS
+        self.open_metrics = bool(getattr(cfg, "http_open_metrics", False))
         self.hosts = allowed_hosts(getattr(cfg, "host", "127.0.0.1"), port if port is not None else getattr(cfg, "http_port", 0),
                                    getattr(cfg, "http_allowed_hosts", ""))
 
@@ -503,7 +527,7 @@ class App:
             if why is not None:
                 status, ctype, body = _json(403, {"error": "FORBIDDEN", "message": why})
             else:
-                status, ctype, body, extra = await self._dispatch(scope, receive, method, path, headers)
+                status, ctype, body, extra = await self._guarded(scope, receive, method, path, headers)
         except Exception:  # a bug costs this request, never the broker
             log.exception("http: %s %s failed", method, path)
             status, ctype, body = _json(500, {"error": "INTERNAL", "message": "internal error in brokerd; see its log"})
@@ -523,22 +547,145 @@ class App:
                 body.close()
         await send({"type": "http.response.body", "body": b""})
 
-    async def _dispatch(self, scope, receive, method: str, path: str, headers: dict):
+    # -- logins (only when brokerd has users) ----------------------------------------------
+    async def _guarded(self, scope, receive, method: str, path: str, headers: dict):
+        """Who is asking, then ``_dispatch`` with what they may see; without users, everyone sees all."""
+        users = getattr(self.server, "users", None)
+        if not users:
+            return await self._dispatch(scope, receive, method, path, headers, OPEN)
+        if path == "/login":
+            return await self._login(scope, receive, method, headers, users)
+        if path == "/logout":
+            return await self._logout(receive, method, headers)
+        if path in ("/healthz", "/readyz") or path.startswith("/static/"):  # probes; no data in the assets
+            return await self._dispatch(scope, receive, method, path, headers, OPEN)
+        if path in ("/metrics", "/api/queues") and self.open_metrics and method in ("GET", "HEAD"):
+            # http_open_metrics: Prometheus and KEDA scrape without a token, by explicit choice
+            return await self._dispatch(scope, receive, method, path, headers, OPEN)
+        access, how = await self._who(scope, headers, users)
+        if how == "failed":
+            return (*_json(401, {"error": "AUTH_FAILED", "message": "that user name and token are not known to this "
+                                 "broker (Authorization: Bearer <user>:<token>)"}), [(b"www-authenticate", b'Bearer realm="brokerd"')])
+        if access is None:
+            if method in ("GET", "HEAD") and (path == "/" or path.startswith("/task/")):
+                return 303, b"text/plain; charset=utf-8", b"log in first: /login\n", [(b"location", b"/login")]
+            return (*_json(401, {"error": "AUTH_REQUIRED", "message": "this broker has users: log in at /login, or send "
+                                 "Authorization: Bearer <user>:<token>"}), [(b"www-authenticate", b'Bearer realm="brokerd"')])
+        if how == "session" and method not in ("GET", "HEAD"):
+            # a browser's cookie rides along on any request it makes: a POST must also prove it came
+            # from our page, by this session's CSRF token (header from app.js, or the form's field)
+            sent = headers.get(login.CSRF_HEADER)
+            if sent is None:
+                form = await _read_form(receive, login.ACTION_BODY_MAX)
+                sent = (form or {}).get(login.CSRF_FIELD, [None])[0]
+            if not login.same(sent, access.csrf):
+                return (*_json(403, {"error": "CSRF_FAILED", "message": "this request does not carry the page's CSRF token "
+                                     "for your session (X-CSRF-Token header or csrf form field); reload the page"}), [])
+        return await self._dispatch(scope, receive, method, path, headers, access)
+
+    async def _who(self, scope, headers: dict, users):
+        """(Access, "bearer" | "session") of this request, (None, "failed") for a wrong bearer
+        token (after the throttle's delay), or (None, None) when it carries no login."""
+        now = time.monotonic()
+        bearer = login.parse_bearer(headers.get("authorization"))
+        if bearer is not None:
+            name, token = bearer
+            user = None
+            hit = self.bearers.get(name, token, now) if name else None
+            if hit is not None:
+                user = users.by_name.get(hit)
+            elif name:
+                user = await self._authenticate(users, name, token)
+                if user is not None:
+                    self.bearers.put(name, token, now)
+            if user is None:
+                await self._failed(scope)
+                return None, "failed"
+            return login.Access.of(user), "bearer"
+        s = self.sessions.get(login.cookie(headers, login.SESSION_COOKIE), now)
+        user = users.by_name.get(s.user) if s is not None else None
+        if user is None:
+            return None, None
+        return login.Access.of(user, s.csrf), "session"
+
+    async def _authenticate(self, users, name: str, token: str):
+        if self.run_sync is not None:
+            return await self.run_sync(users.authenticate, name, token)  # scrypt: off the loop
+        return users.authenticate(name, token)
+
+    async def _failed(self, scope) -> None:
+        """A failed login: wait the auth throttle's delay for this address (as the protocol does)."""
+        address = (scope.get("client") or ("?",))[0]
+        delay = self.server.auth_throttle.failed(address, time.monotonic())
+        log.warning("http: login failed from %s (answer delayed %.1fs)", address, delay)
+        if self.sleep is not None:
+            await self.sleep(min(delay, self.server.config.handshake_timeout))
+
+    async def _login(self, scope, receive, method: str, headers: dict, users):
+        """GET: the form (with a fresh login CSRF value, also set as a cookie: double submit).
+        POST: check it, then a new session and its cookie, and back to the page."""
+        if method in ("GET", "HEAD"):
+            value = login.new_secret()
+            return (*_html(200, web.login_page(login_csrf=value)),
+                    [(b"set-cookie", login.set_cookie(login.LOGIN_COOKIE, value, secure=self.secure))])
+        if method != "POST":
+            return (*_json(405, {"error": "METHOD_NOT_ALLOWED", "message": f"/login answers GET and POST, not {method}"}),
+                    [(b"allow", b"GET, HEAD, POST")])
+        form = await _read_form(receive, login.LOGIN_BODY_MAX)
+        if form is None:
+            return (*_json(413, {"error": "TOO_LARGE", "message": f"a login form is at most {login.LOGIN_BODY_MAX} bytes"}), [])
+        expected = login.cookie(headers, login.LOGIN_COOKIE)
+        if not login.same(form.get(login.CSRF_FIELD, [None])[0], expected):
+            return (*_json(403, {"error": "CSRF_FAILED", "message": "the login form's CSRF value is missing or not this "
+                                 "browser's; open /login again"}), [])
+        name = (form.get("user") or [""])[0].strip()
+        token = (form.get("token") or [""])[0].strip()
+        user = await self._authenticate(users, name, token) if name and token else None
+        address = (scope.get("client") or ("?",))[0]
+        if user is None:
+            await self._failed(scope)  # the token is never echoed back, nor logged
+            return (*_html(401, web.login_page("that user name and token are not known to this broker", expected)), [])
+        self.server.auth_throttle.succeeded(address)
+        session = self.sessions.new(user.name, time.monotonic())
+        log.info("http: %s logged in from %s", user.name, address)
+        return (303, b"text/plain; charset=utf-8", b"logged in\n",
+                [(b"location", b"/"), (b"set-cookie", login.set_cookie(login.SESSION_COOKIE, session.id, secure=self.secure)),
+                 (b"set-cookie", login.set_cookie(login.LOGIN_COOKIE, "", secure=self.secure, max_age=0))])
+
+    async def _logout(self, receive, method: str, headers: dict):
+        if method != "POST":
+            return (*_json(405, {"error": "METHOD_NOT_ALLOWED", "message": f"/logout answers POST only, not {method}"}),
+                    [(b"allow", b"POST")])
+        sid = login.cookie(headers, login.SESSION_COOKIE)
+        s = self.sessions.get(sid, time.monotonic())
+        if s is not None:
+            sent = headers.get(login.CSRF_HEADER)
+            if sent is None:
+                sent = ((await _read_form(receive, login.ACTION_BODY_MAX)) or {}).get(login.CSRF_FIELD, [None])[0]
+            if not login.same(sent, s.csrf):
+                return (*_json(403, {"error": "CSRF_FAILED", "message": "log out from the page's own button"}), [])
+            self.sessions.drop(sid)
+        return (303, b"text/plain; charset=utf-8", b"logged out\n",
+                [(b"location", b"/login"), (b"set-cookie", login.set_cookie(login.SESSION_COOKIE, "", secure=self.secure, max_age=0))])
+
+    async def _dispatch(self, scope, receive, method: str, path: str, headers: dict, access=OPEN):
         self.web.rates.sample(self.server.state, time.time())  # the sparklines' history (at most 1/s)
         handler = ROUTES.get(path)
         if handler is not None:
             if method not in ("GET", "HEAD"):
                 return (*_json(405, {"error": "METHOD_NOT_ALLOWED", "message": f"{path} answers GET only, not {method}"}),
                         [(b"allow", b"GET, HEAD")])
-            return (*handler(self.server), [])
+            return (*handler(self.server, access), [])
         seg = _segments(scope)
         # actions: POST /api/queues/<name>/<action>
         if len(seg) == 4 and seg[:2] == ["api", "queues"] and seg[3] in ACTIONS and seg[2]:
             if method != "POST":
                 return (*_json(405, {"error": "METHOD_NOT_ALLOWED", "message": f"{path} answers POST only, not {method}"}),
                         [(b"allow", b"POST")])
+            if not access.manages(seg[2]):
+                return (*_refused(access, seg[3], "manage", seg[2]), [])
             return await self._act(receive, headers, seg[2], seg[3])
-        read = self._read_route(seg)
+        read = self._read_route(seg, access)
         if read is None:
             return (*_json(404, {
                 "error": "NOT_FOUND",
@@ -550,15 +697,20 @@ class App:
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         return (*read(query, time.time()), [])
 
-    def _read_route(self, seg: list):
+    def _read_route(self, seg: list, access=OPEN):
         """The handler ``(query, now) -> (status, ctype, body)`` of a read-only web route, or None."""
         w = self.web
         n = len(seg)
         if seg == [""]:
-            return lambda q, now: _html(200, w.page(now, *_queue_page(q)[:2]))
+            return lambda q, now: _html(200, w.page(now, *_queue_page(q)[:2], access=access))
+        tasks_route = (n == 2 and seg[0] == "task" and seg[1]) or seg == ["api", "tasks"] or (n == 3 and seg[:2] == ["api", "task"] and seg[2])
+        if tasks_route and not access.tasks:  # task arguments and results: results-read
+            return lambda q, now: _refused(access, "read tasks", "results-read", None)
+        if n == 3 and seg[:2] == ["api", "dead"] and seg[2] and not access.manages(seg[2]):
+            return lambda q, now: _refused(access, "read the dead letters of", "manage", seg[2])
         if n == 2 and seg[0] == "task" and seg[1]:
             tid = seg[1]
-            return lambda q, now: _html(200, w.task_page(tid, now))
+            return lambda q, now: _html(200, w.task_page(tid, now, access))
         if n == 2 and seg[0] == "static":
             found = web.asset("/static/" + seg[1])
             if found is None:
@@ -566,9 +718,9 @@ class App:
             return lambda q, now: (200, found[1], found[0])
         if n == 2 and seg == ["api", "overview"]:
             def overview(q, now):
-                d = w.overview(now, *_queue_page(q))
+                d = w.overview(now, *_queue_page(q), access=access)
                 if q.get("html"):
-                    d["html"] = w.sections(d)
+                    d["html"] = w.sections(d, access)
                 return _json(200, d)
             return overview
         if n == 2 and seg == ["api", "tasks"]:
@@ -631,6 +783,30 @@ class App:
         return (*_json(200, {"ok": True, "queue": name, "action": action, "message": message}), [])
 
 
+def _refused(access, what: str, kind: str, queue: str | None):
+    """403 ACCESS_REFUSED naming the grant the user lacks (the protocol's sentence)."""
+    on = f" queue {queue!r}" if queue is not None else ""
+    grant_on = f" on queue {queue!r}" if queue is not None else ""
+    return _json(403, {"error": "ACCESS_REFUSED",
+                       "message": f"user {access.user!r} may not {what}{on}: it needs the {kind!r} grant{grant_on}"})
+
+
+async def _read_form(receive, limit: int):
+    """A urlencoded request body as parse_qs's dict; None when it is over ``limit`` bytes.
+    READ_TIMEOUT (hypercorn's) bounds a body that stops arriving."""
+    body = b""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return {}
+        body += message.get("body", b"")
+        if len(body) > limit:
+            return None
+        if not message.get("more_body"):
+            break
+    return parse_qs(body.decode("latin-1"))
+
+
 # -- listening ---------------------------------------------------------------------------
 def bind(host: str, port: int) -> socket.socket:
     """Bind the HTTP port now (before any task starts), so a busy port fails
@@ -648,8 +824,9 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(server, sock: socket.socket, *, task_status) -> None:
-    """Serve ``App(server)`` on ``sock`` (from ``bind``) until cancelled."""
+async def serve(server, sock: socket.socket, *, task_status, run_sync=None, sleep=None) -> None:
+    """Serve ``App(server)`` on ``sock`` (from ``bind``) until cancelled; ``run_sync`` and ``sleep``
+    (trio's) let the logins run scrypt off the loop and wait out the auth throttle."""
     from hypercorn.config import Config as HypercornConfig
     from hypercorn.trio import serve as hypercorn_serve
 
@@ -672,4 +849,4 @@ async def serve(server, sock: socket.socket, *, task_status) -> None:
     if tls.tls_cert:  # HTTPS with the protocol port's certificate (no client certificate asked)
         cfg.certfile, cfg.keyfile = tls.tls_cert, tls.tls_key
         cfg.ssl_handshake_timeout = tls.handshake_timeout
-    await hypercorn_serve(App(server, port), cfg, task_status=task_status, mode="asgi")
+    await hypercorn_serve(App(server, port, run_sync, sleep), cfg, task_status=task_status, mode="asgi")

@@ -14,6 +14,7 @@ The bounds (max_connections, max_input_buffer, max_memory) are enforced here.
 from __future__ import annotations
 
 import ctypes
+import functools
 import itertools
 import logging
 import math
@@ -234,7 +235,9 @@ class Server:
             for listener in self.listeners:
                 nursery.start_soon(self._accept_loop, listener)
             # HTTP (metrics, probes) and the systemd watchdog
-            await nursery.start(http.serve, self, http_sock)
+            # trio's thread pool and sleep for the web logins (scrypt off the loop; the auth throttle)
+            await nursery.start(functools.partial(http.serve, run_sync=trio.to_thread.run_sync, sleep=trio.sleep),
+                                self, http_sock)
             log.info("http: listening on %s:%d (%s: /metrics /api/queues /healthz /readyz)", *self.http_address,
                      "https" if cfg.tls else "http")
             interval = notify.watchdog_interval()

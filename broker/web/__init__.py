@@ -45,6 +45,7 @@ import cbor2
 
 from broker import __version__
 from broker.handlers import views
+from broker.web.login import OPEN, Access
 
 HERE = Path(__file__).resolve().parent
 ASSETS = {
@@ -229,12 +230,16 @@ class Web:
                         "custom_dl": t.custom_dead_letter_queues}
         return self._totals
 
-    def queues(self, now: float, match: str = "", offset: int = 0, limit: int = QUEUES_SHOWN) -> tuple[list, dict]:
+    def queues(self, now: float, match: str = "", offset: int = 0, limit: int = QUEUES_SHOWN,
+               access: Access = OPEN) -> tuple[list, dict]:
         """One page of queues, largest backlog first (then name), and ``{"total", "matched",
         "offset", "limit", "filter"}``; ``match`` keeps the names that contain it."""
         state = self.server.state
         total = views.queue_count(state)
         qs = views.queue_backlogs(state, match)
+        if access.grant is not None:  # a user sees only the queues a grant of theirs covers
+            qs = [q for q in qs if access.sees(q[1])]
+            total = len(qs) if not match else sum(1 for n in views.queue_names(state) if access.sees(n))
         top = heapq.nlargest(offset + limit, qs, key=_backlog)[offset:]
         top.sort(key=lambda q: (-q[0], q[1]))
         custom_dl = self.totals(now)["custom_dl"]
@@ -252,6 +257,7 @@ class Web:
                 "dead_lettered": s.dead_lettered, "dead_letter_queue": dl,
                 "is_dead_letter_queue": dl is None or name in custom_dl,
                 "rate": self.rates.series(name, now),
+                "may_manage": access.manages(name),
             })
         return out, {"total": total, "matched": len(qs), "offset": offset, "limit": limit, "filter": match}
 
@@ -268,10 +274,12 @@ class Web:
         fn = getattr(self.server.state, "schedule_list", None)
         return plain(fn()) if fn is not None else []
 
-    def overview(self, now: float, match: str = "", offset: int = 0, limit: int = QUEUES_SHOWN) -> dict:
+    def overview(self, now: float, match: str = "", offset: int = 0, limit: int = QUEUES_SHOWN,
+                 access: Access = OPEN) -> dict:
         state = self.server.state
-        queues, page = self.queues(now, match, offset, limit)
-        dead = {q["name"]: self.dead(q["name"], DEAD_SHOWN, now) for q in queues if q["dead"] and not q["is_dead_letter_queue"]}
+        queues, page = self.queues(now, match, offset, limit, access)
+        dead = {q["name"]: self.dead(q["name"], DEAD_SHOWN, now) for q in queues
+                if q["dead"] and not q["is_dead_letter_queue"] and q["may_manage"]}
         t = self.totals(now)
         b = views.connection_counts(state)  # frozen; the per-queue sums come from the cached totals
         return {
@@ -281,9 +289,9 @@ class Web:
                        "published": t["published"], "acked": t["acked"], "queues": page["total"]},
             "queues": queues,
             "queues_page": page,
-            "workers": self.workers(now),
+            "workers": self.workers(now) if access.workers else None,
             "dead": dead,
-            "schedules": self.schedules(),
+            "schedules": self.schedules() if access.schedules else [],
             "now": now,
         }
 
@@ -326,14 +334,13 @@ class Web:
         return plain(info)
 
     # ---- HTML ----
-    def page(self, now: float, match: str = "", offset: int = 0) -> str:
-        ov = self.overview(now, match, offset)
-        tasks = self.tasks(None, None, TASKS_DEFAULT, now)
-        s = self.sections(ov)
-        s["tasks"] = render_tasks(tasks)
+    def page(self, now: float, match: str = "", offset: int = 0, access: Access = OPEN) -> str:
+        ov = self.overview(now, match, offset, access=access)
+        s = self.sections(ov, access)
+        s["tasks"] = render_tasks(self.tasks(None, None, TASKS_DEFAULT, now)) if access.tasks else NO_TASKS
         options = "".join(f'<option value="{st}">{st}</option>' for st in TASK_STATE_NAMES)
         return PAGE.format(
-            title="brokerd", version=esc(__version__), kind="overview", task_id="",
+            title="brokerd", version=esc(__version__), kind="overview", task_id="", account=render_account(access),
             body=f"""
 <section id="queues"><h2>Queues</h2>
 <form id="queue-filter" method="get" action="/">
@@ -352,15 +359,17 @@ class Web:
 <section id="schedules"><h2>Schedules</h2><div data-section="schedules">{s["schedules"]}</div></section>
 """)
 
-    def sections(self, ov: dict) -> dict:
-        return {"queues": render_queues(ov["queues"], ov.get("queues_page")), "workers": render_workers(ov["workers"]),
-                "dead": render_dead(ov["dead"]), "schedules": render_schedules(ov["schedules"]),
+    def sections(self, ov: dict, access: Access = OPEN) -> dict:
+        return {"queues": render_queues(ov["queues"], ov.get("queues_page"), access.csrf),
+                "workers": render_workers(ov["workers"]),
+                "dead": render_dead(ov["dead"], access.csrf), "schedules": render_schedules(ov["schedules"]),
                 "summary": render_summary(ov["broker"])}
 
-    def task_page(self, task_id: str, now: float) -> str:
+    def task_page(self, task_id: str, now: float, access: Access = OPEN) -> str:
         info = self.task(task_id, now)
         return PAGE.format(
             title=f"task {esc(task_id)} · brokerd", version=esc(__version__), kind="task", task_id=esc(task_id),
+            account=render_account(access),
             body=f'<p><a href="/">&larr; overview</a></p><section id="task"><div data-section="task">'
                  f"{render_task(task_id, info)}</div></section>")
 
@@ -383,10 +392,11 @@ def render_summary(b: dict) -> str:
             f'{esc(b["ready"])} ready · {esc(b["inflight"])} in flight · {esc(b["delayed"])} delayed')
 
 
-def _action(queue: str, action: str, label: str, confirm: str = "") -> str:
+def _action(queue: str, action: str, label: str, confirm: str = "", csrf: str = "") -> str:
     url = f"/api/queues/{quote(queue, safe='')}/{action}"
     c = f' data-confirm="{esc(confirm)}"' if confirm else ""
-    return (f'<form method="post" action="{esc(url)}" class="act">'
+    token = f'<input type="hidden" name="csrf" value="{esc(csrf)}">' if csrf else ""
+    return (f'<form method="post" action="{esc(url)}" class="act">{token}'
             f'<button type="submit" data-action="{esc(url)}"{c}>{esc(label)}</button></form>')
 
 
@@ -413,7 +423,7 @@ def _backlog(q: tuple[int, str]) -> int:
     return q[0]
 
 
-def render_queues(queues: list, page: dict | None = None) -> str:
+def render_queues(queues: list, page: dict | None = None, csrf: str = "") -> str:
     if not queues:
         if page and page.get("filter"):
             return f'<p class="empty">no queue name contains “{esc(page["filter"])}”</p>' + _pager(page, 0)
@@ -421,10 +431,13 @@ def render_queues(queues: list, page: dict | None = None) -> str:
     rows = []
     for q in queues:
         name = q["name"]
-        acts = _action(name, "resume", "resume") if q["paused"] else _action(name, "pause", "pause")
-        acts += _action(name, "purge", "purge", f"Drop every ready and delayed message of {name}?")
-        if q["dead"] and not q["is_dead_letter_queue"]:
-            acts += _action(name, "requeue-dead", f"requeue {q['dead']} dead")
+        acts = ""
+        if q.get("may_manage", True):  # buttons only for queues the viewer may manage
+            acts = (_action(name, "resume", "resume", csrf=csrf) if q["paused"]
+                    else _action(name, "pause", "pause", csrf=csrf))
+            acts += _action(name, "purge", "purge", f"Drop every ready and delayed message of {name}?", csrf)
+            if q["dead"] and not q["is_dead_letter_queue"]:
+                acts += _action(name, "requeue-dead", f"requeue {q['dead']} dead", csrf=csrf)
         rows.append(
             f'<tr data-queue="{esc(name)}" class="{"paused" if q["paused"] else ""}">'
             f'<td class="name">{esc(name)}{" <em>paused</em>" if q["paused"] else ""}</td>'
@@ -498,7 +511,7 @@ def render_tasks(tasks: list) -> str:
             f'<th>worker</th><th>runtime ms</th><th>when</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
 
 
-def render_dead(dead: dict) -> str:
+def render_dead(dead: dict, csrf: str = "") -> str:
     if not dead:
         return '<p class="empty">no dead letters</p>'
     parts = []
@@ -511,7 +524,7 @@ def render_dead(dead: dict) -> str:
         parts.append(
             f'<div class="deadq" data-dead-queue="{esc(name)}"><h3>{esc(name)} '
             f'<small>({len(d["messages"])} shown of {d["total"]} in {esc(d["dead_letter_queue"])})</small> '
-            f'{_action(name, "requeue-dead", "requeue all")}</h3>'
+            f'{_action(name, "requeue-dead", "requeue all", csrf=csrf)}</h3>'
             '<table><thead><tr><th>message id</th><th>task</th><th>args / body</th><th>reason</th><th>attempts</th>'
             f'<th>age s</th></tr></thead><tbody>{rows}</tbody></table></div>')
     return "".join(parts)
@@ -565,7 +578,33 @@ def render_task(task_id: str, info) -> str:
     return "".join(out)
 
 
-# the page's frame; str.format fields: title, version, kind, task_id, body (all escaped by the caller)
+NO_TASKS = '<p class="empty no-grant">recent tasks need the results-read grant</p>'  # app.js then polls no tasks
+
+
+def render_account(access: Access) -> str:
+    """The header's "signed in as NAME" and logout button (a POST with the session's CSRF token)."""
+    if access.user is None:
+        return ""
+    return (f'<form id="logout" method="post" action="/logout">signed in as <b>{esc(access.user)}</b> '
+            f'<input type="hidden" name="csrf" value="{esc(access.csrf)}"><button type="submit">log out</button></form>')
+
+
+def login_page(error: str = "", login_csrf: str = "") -> str:
+    """The login form: user name and token, posted to /login with the form's own CSRF value."""
+    msg = f'<p class="err" id="login-error">{esc(error)}</p>' if error else ""
+    return PAGE.format(
+        title="log in · brokerd", version=esc(__version__), kind="login", task_id="", account="",
+        body=f"""
+<section id="login"><h2>Log in</h2>{msg}
+<form id="login-form" method="post" action="/login">
+  <input type="hidden" name="csrf" value="{esc(login_csrf)}">
+  <label>user <input name="user" autocomplete="username" required maxlength="64"></label>
+  <label>token <input name="token" type="password" autocomplete="current-password" required></label>
+  <button type="submit">log in</button>
+</form></section>""")
+
+
+# the page's frame; str.format fields: title, version, kind, task_id, account, body (all escaped by the caller)
 PAGE = (HERE / "page.html").read_text(encoding="utf-8")
 
 

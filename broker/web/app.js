@@ -4,6 +4,7 @@
   "use strict";
   var body = document.body;
   var page = body.getAttribute("data-page");
+  if (page === "login") return;  // the login form is a plain form: nothing to poll yet
   var statusEl = document.getElementById("status");
   var summaryEl = document.getElementById("summary");
   var filter = document.getElementById("task-filter");
@@ -19,6 +20,7 @@
 
   function getJSON(url) {
     return fetch(url, {headers: {"Accept": "application/json"}, cache: "no-store"}).then(function (r) {
+      if (r.status === 401) window.location.assign("/login");  // the session idled out: log in again
       if (!r.ok && r.status !== 404) throw new Error(url + ": HTTP " + r.status);
       return r.json();
     });
@@ -59,11 +61,13 @@
         swap("task", d.html.task);
       });
     } else {
-      work = Promise.all([getJSON(overviewQuery()), getJSON(taskQuery())]).then(function (res) {
+      // a user without results-read gets no task list (brokerd says so in its place): not polled
+      var tasks = document.querySelector('[data-section="tasks"] .no-grant') ? Promise.resolve(null) : getJSON(taskQuery());
+      work = Promise.all([getJSON(overviewQuery()), tasks]).then(function (res) {
         var h = res[0].html;
         swap("queues", h.queues); swap("workers", h.workers); swap("dead", h.dead); swap("schedules", h.schedules);
         summaryEl.innerHTML = h.summary;
-        swap("tasks", res[1].html.tasks);
+        if (res[1]) swap("tasks", res[1].html.tasks);
       });
     }
     work.then(function () {
@@ -93,7 +97,11 @@
     var msg = b.getAttribute("data-confirm");
     if (msg && !window.confirm(msg)) return;
     b.disabled = true;
-    fetch(b.getAttribute("data-action"), {method: "POST", headers: {"Accept": "application/json"}})
+    // brokerd with users: the form's hidden CSRF token (tied to this session) goes in a header
+    var headers = {"Accept": "application/json"};
+    var token = b.form && b.form.elements.csrf;
+    if (token) headers["X-CSRF-Token"] = token.value;
+    fetch(b.getAttribute("data-action"), {method: "POST", headers: headers})
       .then(function (r) { return r.json(); })
       .then(function (d) { statusEl.textContent = d.message || d.error; })
       .catch(function (e) { statusEl.textContent = "action failed: " + e.message; })
