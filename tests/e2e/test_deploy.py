@@ -652,3 +652,16 @@ def test_init_secrets_script_makes_a_ca_certificate_users_and_env_files_a_broker
             Client(f"brokerds://localhost:{b.port}?ca={urls['worker'].ca}", timeout=10).close()
     finally:
         b.terminate()
+
+
+def test_scrapers_in_compose_and_kubernetes_reach_metrics_by_an_explicit_setting():
+    # With users, /metrics and /api/queues need a token unless http_open_metrics says otherwise:
+    # the compose Prometheus and the Kubernetes scrape/KEDA jobs send none, so the files say so.
+    from broker.config import load
+
+    compose = yaml.safe_load((DEPLOY / "docker" / "compose.yaml").read_text())
+    env = compose["services"]["brokerd"]["environment"]
+    sts = next(d for d in yaml_docs("kubernetes/statefulset.yaml") if d and d.get("kind") == "StatefulSet")
+    k8s_env = {e["name"]: e["value"] for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
+    for found in (env, k8s_env):
+        assert load(env={"BROKERD_HTTP_OPEN_METRICS": found["BROKERD_HTTP_OPEN_METRICS"]}).http_open_metrics is True
