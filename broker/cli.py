@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat", help=f"seconds between heartbeats; 0 turns them off (default {d.heartbeat:g})")
     p.add_argument("--handshake-timeout", dest="handshake_timeout", help=f"seconds a new connection has to send its preamble and HELLO (default {d.handshake_timeout:g})")
     p.add_argument("--idle-timeout", dest="idle_timeout", help=f"seconds of silence after which an admin text connection, or a binary one without heartbeats, is closed (default {d.idle_timeout:g})")
+    p.add_argument("--max-connections-per-user", dest="max_connections_per_user", help=f"with users: open connections one user may hold (default {d.max_connections_per_user}; 0: no limit)")
     p.add_argument("--max-connections", dest="max_connections", help=f"open connections before new ones are refused with TOO_MANY_CONNECTIONS (default 0: min({MAX_CONNECTIONS_AUTO}, the fd limit minus {FD_RESERVE}))")
     p.add_argument("--max-input-buffer", dest="max_input_buffer", help=f"bytes of partial frames held across all connections; past it the largest are closed with INPUT_LIMIT (default {d.max_input_buffer}; at least --max-frame)")
     p.add_argument("--max-memory", dest="max_memory", help=f"resident bytes past which publishes get MEMORY_LIMIT until memory falls {100 - MEMORY_CLEAR_RATIO * 100:g}%% below it; 0 turns it off (default {MEMORY_DEFAULT_FRACTION * 100:g}%% of the machine's memory)")

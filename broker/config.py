@@ -110,6 +110,9 @@ class Config:
     # MAX_CONNECTIONS_AUTO and the process's descriptor limit minus FD_RESERVE
     # (see max_connections_for), so sockets can never starve the log of fds.
     max_connections: int = 0
+    # With users: open connections one user may hold; past it its new ones are refused with
+    # TOO_MANY_CONNECTIONS, so one leaked token cannot take every slot.  0: no per-user limit.
+    max_connections_per_user: int = 1000
     # All partial (not yet whole) input frames held across every connection;
     # past it the connections holding the largest ones are closed
     # (INPUT_LIMIT).  At least max_frame, so one largest frame always fits.
@@ -169,6 +172,8 @@ class Config:
             bad("handshake_timeout", f"must be a number of seconds from 0 to 3600 (got {self.handshake_timeout!r})")
         if not isinstance(self.idle_timeout, (int, float)) or not 0 < self.idle_timeout <= 7 * 24 * 3600:
             bad("idle_timeout", f"must be a number of seconds > 0 and at most 604800 (a week) (got {self.idle_timeout!r})")
+        if not isinstance(self.max_connections_per_user, int) or self.max_connections_per_user < 0:
+            bad("max_connections_per_user", f"must be a whole number >= 0; 0 means no per-user limit (got {self.max_connections_per_user!r})")
         if not isinstance(self.max_connections, int) or self.max_connections < 0:
             bad("max_connections", f"must be a whole number >= 0; 0 picks one from the fd limit (got {self.max_connections!r})")
         if not isinstance(self.max_input_buffer, int) or self.max_input_buffer < self.max_frame:

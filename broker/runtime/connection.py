@@ -97,7 +97,7 @@ class Conn:
         "id", "stream", "peer", "name", "out", "out_bytes", "wake", "drained",
         "closed", "opened", "heartbeat", "last_sent", "cancel", "handshake_deadline",
         "hard_limit", "evicted", "partial", "encode", "user",
-        "tls_subject",
+        "tls_subject", "counted_user",
     )
 
     def __init__(self, id, stream, peer, hard_limit: int = 1 << 62):
@@ -123,6 +123,7 @@ class Conn:
         # None: plaintext; "" TLS without a client certificate; else the verified
         # client certificate's subject ("CN=...,O=..."), for mapping to a user
         self.tls_subject: str | None = None
+        self.counted_user: str | None = None  # the user whose per-user connection count this holds
         # the broker.auth.User this connection logged in as; None when brokerd has no users
         self.user = None
 
@@ -229,8 +230,9 @@ class BinaryConnection:
         connection, never the broker.
         """
         conn = self.conn
+        user = self._certificate_user(hello)
         try:
-            conn.user = await trio.to_thread.run_sync(hs.login, hello)
+            conn.user = user or await trio.to_thread.run_sync(hs.login, hello)
         except HandshakeError as exc:
             address = peer_host(conn.peer)
             delay = self.server.auth_throttle.failed(address, time.monotonic())
@@ -241,7 +243,30 @@ class BinaryConnection:
                 await trio.sleep(delay)
             raise Close("authentication failed", closing(exc.code, exc.message)) from None
         self.server.auth_throttle.succeeded(peer_host(conn.peer))
-        log.info("conn %d logged in as %r", conn.id, conn.user.name)
+        name = conn.user.name
+        limit = self.config.max_connections_per_user
+        held = self.server.user_connections
+        if limit and held.get(name, 0) >= limit:
+            log.warning("conn %d: user %r already holds %d connections (max_connections_per_user)", conn.id, name, limit)
+            raise Close("too many connections for its user", closing(
+                "TOO_MANY_CONNECTIONS", f"user {name!r} already holds {limit} connections "
+                "(max_connections_per_user); close some or raise the limit"))
+        held[name] = held.get(name, 0) + 1
+        conn.counted_user = name
+        log.info("conn %d logged in as %r%s", conn.id, name, " by its client certificate" if user else "")
+
+    def _certificate_user(self, hello):
+        """Mutual TLS: the user named by the verified client certificate's CN, when HELLO
+        carries no token and such a user exists; else None (the token decides)."""
+        subject = self.conn.tls_subject
+        users = self.server.users
+        if not subject or not users or (hello.extra or {}).get("token") is not None:
+            return None
+        for part in subject.split(","):
+            key, _, value = part.partition("=")
+            if key.strip() == "commonName" or key.strip() == "CN":
+                return users.by_name.get(value.strip())
+        return None
 
     async def _read_loop(self, reader: FrameReader, pending: list) -> str:
         conn = self.conn

@@ -153,6 +153,8 @@ class Server:
         self.state = state or BrokerState(boot_id=format(int(time.time() * 1000) % 0xFFFFFFFF, "x"))
         self.wal = wal  # a broker.runtime.durability.Durability, or None (no durability)
         self.conns: dict[int, Conn] = {}
+        self.user_connections: dict[str, int] = {}  # user name -> open connections (max_connections_per_user)
+        self.users = None  # broker.auth.Users when a users file is configured (boot sets it)
         self.held: dict[int, list] = {}  # replies waiting for the log (DURABLE_OPS)
         self._ids = itertools.count(1)
         self._tick_wake = trio.Event()
@@ -511,6 +513,12 @@ class Server:
             conn.wake.set()
             del self.conns[cid]
             self.open_count -= 1
+            if conn.counted_user is not None:
+                left = self.user_connections.get(conn.counted_user, 1) - 1
+                if left > 0:
+                    self.user_connections[conn.counted_user] = left
+                else:
+                    self.user_connections.pop(conn.counted_user, None)
             self.partial_total -= conn.partial
             conn.partial = 0
             self._room_again()

@@ -234,3 +234,24 @@ def test_the_sdk_logs_in_from_a_brokerd_url_and_meets_its_grants(users_broker):
     finally:
         app.close()
     assert depth(users_broker) == 2
+
+
+def test_one_user_cannot_take_every_connection(broker_factory, tmp_path):
+    path = tmp_path / "users.toml"
+    write_users(path)
+    b = broker_factory("--users-file", str(path), "--max-connections-per-user", "2")
+    first, second = login(b, "web"), login(b, "web")
+    third = Raw(b.port, name="web", extra={"user": "web", "token": TOKENS["web"]})
+    assert third.hello[0] == wire.OP_CLOSING and third.hello[1] == "TOO_MANY_CONNECTIONS", third.hello
+    assert third.hello[2] == "user 'web' already holds 2 connections (max_connections_per_user); close some or raise the limit"
+    login(b, "worker").close()  # other users are not affected
+    first.close()
+    deadline = time.monotonic() + 5
+    while True:  # the slot comes back when a connection closes
+        r = Raw(b.port, name="web", extra={"user": "web", "token": TOKENS["web"]})
+        if r.hello[0] == wire.OP_OK or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert r.hello[0] == wire.OP_OK, r.hello
+    r.close()
+    second.close()

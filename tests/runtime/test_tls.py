@@ -194,3 +194,26 @@ def test_a_non_loopback_host_with_users_starts_without_the_insecure_flag(tmp_pat
     cfg = Config(host="0.0.0.0", users_file=str(tmp_path / "users.toml"))
     assert cfg.exposure_refusal() is None and cfg.security() == "users"
     assert "no users configured" in Config(host="0.0.0.0").exposure_refusal()
+
+
+def test_mutual_tls_logs_a_certificate_in_as_the_user_its_cn_names(broker_factory, pki, tmp_path):
+    """With users and --tls-client-ca, a verified client certificate whose CN is a user's name
+    logs in as that user without a token (and meets that user's grants); a token still works."""
+    from client import AccessRefused, AuthFailed
+    from client.userfile import hash_token, user_entry
+
+    users = tmp_path / "users.toml"
+    users.write_text(user_entry("worker-1", hash_token("tok-1"), {"publish": ["jobs"]})
+                     + user_entry("other", hash_token("tok-2"), {"publish": ["*"]}))
+    b = broker_factory("--tls-cert", pki.server_cert, "--tls-key", pki.server_key, "--tls-client-ca", pki.ca,
+                       "--users-file", str(users))
+    with Client(url(b, pki, cert=pki.client_cert, key=pki.client_key)) as c:  # CN=worker-1, no token
+        c.publish("jobs", b"x")
+        with pytest.raises(AccessRefused, match=r"user 'worker-1' may not PUBLISH on queue 'elsewhere'"):
+            c.publish("elsewhere", b"x")
+    assert any("logged in as 'worker-1' by its client certificate" in line for line in b.log)
+    base = f"127.0.0.1:{b.port}?ca={pki.ca}&cert={pki.client_cert}&key={pki.client_key}"
+    with Client(f"brokerds://other:tok-2@{base}") as c:  # a token names the user instead
+        c.publish("elsewhere", b"x")
+    with pytest.raises(AuthFailed):
+        Client(f"brokerds://other:wrong@{base}", timeout=5)
