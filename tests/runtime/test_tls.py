@@ -90,11 +90,12 @@ def test_tls_required_refuses_plaintext_binary_and_text_with_tls_required(broker
         assert c.ping() is not None
 
 
-def test_mutual_tls_refuses_clients_without_a_certificate_or_with_another_cas(broker_factory, pki):
+def test_mutual_tls_refuses_clients_without_a_certificate_with_another_cas_or_an_expired_one(broker_factory, pki):
     b = broker_factory("--tls-cert", pki.server_cert, "--tls-key", pki.server_key, "--tls-client-ca", pki.ca)
     with Client(url(b, pki, cert=pki.client_cert, key=pki.client_key)) as c:
         assert c.ping() is not None
-    for extra in ({}, {"cert": pki.other_client_cert, "key": pki.other_client_key}):
+    for extra in ({}, {"cert": pki.other_client_cert, "key": pki.other_client_key},
+                  {"cert": pki.expired_client_cert, "key": pki.expired_client_key}):
         with pytest.raises(ConnectionLost):
             Client(url(b, pki, **extra), timeout=5)
     assert any("TLS handshake failed" in line for line in b.log)

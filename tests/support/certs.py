@@ -27,6 +27,8 @@ class Pki:
     other_ca: str  # a second, unrelated CA
     other_client_cert: str  # signed by ``other_ca``: refused under mutual TLS
     other_client_key: str
+    expired_client_cert: str = ""  # signed by ``ca``, CN=worker-1, but its validity ended yesterday
+    expired_client_key: str = ""
 
 
 def _name(cn: str) -> x509.Name:
@@ -60,9 +62,11 @@ def _ca(cn: str):
     return cert, key
 
 
-def _leaf(ca_cert, ca_key, cn: str, *, server: bool):
+def _leaf(ca_cert, ca_key, cn: str, *, server: bool, expired: bool = False):
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
+    if expired:  # valid for a day that ended a day ago
+        now -= datetime.timedelta(days=2)
     b = (
         x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca_cert.subject).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -88,10 +92,12 @@ def make_pki(directory) -> Pki:
     srv, srv_key = _leaf(ca, ca_key, "localhost", server=True)
     cli, cli_key = _leaf(ca, ca_key, "worker-1", server=False)
     ocli, ocli_key = _leaf(other, other_key, "worker-1", server=False)
+    old, old_key = _leaf(ca, ca_key, "worker-1", server=False, expired=True)
     return Pki(
         ca=_write(d / "ca.pem", ca),
         server_cert=_write(d / "server.pem", srv), server_key=_write(d / "server.key", key=srv_key),
         client_cert=_write(d / "client.pem", cli), client_key=_write(d / "client.key", key=cli_key),
         other_ca=_write(d / "other-ca.pem", other),
         other_client_cert=_write(d / "other-client.pem", ocli), other_client_key=_write(d / "other-client.key", key=ocli_key),
+        expired_client_cert=_write(d / "expired-client.pem", old), expired_client_key=_write(d / "expired-client.key", key=old_key),
     )
