@@ -59,6 +59,13 @@ class DataDirError(Exception):
 def open_server(config: Config) -> Server:
     """Open the write-ahead log, replay it into a fresh state, build the server."""
     users = load_users(config)  # first: a bad users file refuses start before the log is touched
+    # Said at start-up: a brokerd started from another folder with the default ./brokerd-data
+    # would otherwise start empty without a word.
+    where = os.path.abspath(config.data_dir)
+    try:
+        had_log = any(n.endswith(".wal") for n in os.listdir(config.data_dir))
+    except OSError:  # absent (created below) or unreadable (the makedirs/open below names why)
+        had_log = False
     try:
         os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
     except OSError as exc:
@@ -113,6 +120,7 @@ def open_server(config: Config) -> Server:
     if seen is not None and rec is not None and rec.repaired:
         seen.report(rec)
     stats = state.statistics()
+    log.info("data directory %s%s", where, "" if had_log else " (new: no log in it yet, starting empty)")
     log.info(
         "recovered %d log records from %d segments in %.3fs: %d queues, %d ready, %d delayed%s",
         replayed, rec.segments if rec else 0, time.monotonic() - t0, stats.queues, stats.ready, stats.delayed,

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="TOML file of settings (flags and BROKERD_* override it)")
     p.add_argument("--host", help=f"address to listen on (default {d.host})")
     p.add_argument("--port", help=f"TCP port for the protocol and admin text (default {d.port}; 0 picks a free one)")
-    p.add_argument("--http-port", dest="http_port", help=f"TCP port for HTTP: /metrics, /api/queues, /healthz, /readyz (default {d.http_port}; 0 picks a free one)")
+    p.add_argument("--http-port", dest="http_port", help=f"TCP port for HTTP: /metrics, /api/queues, /healthz, /readyz (default --port + 1, so {d.http_port}; 0 picks a free one)")
     p.add_argument("--data-dir", dest="data_dir", help=f"directory for the write-ahead log (default {d.data_dir})")
     p.add_argument("--max-frame", dest="max_frame", help=f"largest frame in bytes (default {d.max_frame})")
     p.add_argument("--heartbeat", help=f"seconds between heartbeats; 0 turns them off (default {d.heartbeat:g})")

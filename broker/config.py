@@ -68,6 +68,10 @@ def physical_memory() -> int:
     return total
 
 
+# Config.http_port's "not set" value: the HTTP port is then port + 1 (0 when port is 0).
+HTTP_PORT_FOLLOWS = -1
+
+
 class ConfigError(ValueError):
     """A setting has a value brokerd cannot use.  The message names it."""
 
@@ -77,8 +81,10 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 7700
     # HTTP on the same address: /metrics, /api/queues, /healthz, /readyz
-    # (broker/runtime/http.py).  0 picks a free port.
-    http_port: int = 7701
+    # (broker/runtime/http.py).  0 picks a free port.  Unset (HTTP_PORT_FOLLOWS) it is
+    # port + 1, and 0 when port is 0, so a second brokerd on a host moves both ports by
+    # changing --port alone (the default pair stays 7700/7701).
+    http_port: int = -1
     # Extra names the web page answers to, comma-separated ("name" for any port, "name:port"),
     # besides the bound address, 127.0.0.1, localhost and [::1]: a browser request with any
     # other Host is refused, which stops DNS rebinding (broker/runtime/http.py, App.refusal).
@@ -149,6 +155,11 @@ class Config:
     # connection must log in, and each request is checked against its user's grants.
     users_file: str = ""
 
+    def __post_init__(self):
+        # Resolved here, not in load(): a Config built directly (tests, embedders) follows too.
+        if self.http_port == HTTP_PORT_FOLLOWS and isinstance(self.port, int):
+            object.__setattr__(self, "http_port", self.port + 1 if self.port else 0)
+
     def validate(self) -> "Config":
         def bad(name, msg):
             raise ConfigError(f"{name}: {msg}")
@@ -157,6 +168,8 @@ class Config:
             bad("host", "must be an address such as 127.0.0.1")
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             bad("port", f"must be a TCP port from 0 to 65535 (got {self.port!r})")
+        if self.http_port == 65536 and self.port == 65535:
+            bad("http_port", "follows port as port + 1, and port is 65535: set http_port (--http-port) explicitly")
         if not isinstance(self.http_port, int) or not 0 <= self.http_port <= 65535:
             bad("http_port", f"must be a TCP port from 0 to 65535 (got {self.http_port!r})")
         for entry in self.http_allowed_hosts.split(","):

@@ -240,8 +240,12 @@ class Server:
             # trio's thread pool and sleep for the web logins (scrypt off the loop; the auth throttle)
             await nursery.start(functools.partial(http.serve, run_sync=trio.to_thread.run_sync, sleep=trio.sleep),
                                 self, http_sock)
-            log.info("http: listening on %s:%d (%s: /metrics /api/queues /healthz /readyz)", *self.http_address,
-                     "https" if cfg.tls else "http")
+            scheme = "https" if cfg.tls else "http"
+            h_host, h_port = self.http_address
+            # The page's URL, ready to paste: a wildcard address is not one a browser can open.
+            shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(h_host, f"[{h_host}]" if ":" in h_host else h_host)
+            log.info("http: listening on %s:%d (%s: /metrics /api/queues /healthz /readyz); the page: %s://%s:%d/",
+                     h_host, h_port, scheme, scheme, shown, h_port)
             interval = notify.watchdog_interval()
             if interval is not None:
                 nursery.start_soon(self._watchdog, interval)
