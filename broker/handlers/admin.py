@@ -46,7 +46,8 @@ HELP = [
     ("PAUSE-SCHEDULE <name>", "stop firing an entry (ticks while paused are skipped)"),
     ("RESUME-SCHEDULE <name>", "fire it again from its next tick"),
     ("WORKERS", "every worker brokerd has heard of: state, pool, active, processed, last heartbeat"),
-    ("TASK <task-id>", "a task's state, name, args, result or traceback, and its timeline of events"),
+    ("TASK <task-id> [queue]", "a task's state, name, args, result or traceback, and its timeline of events;"
+     " with no events yet, the queue it waits in and its consumers"),
     ("EVENTS [n]", "stream events as lines, after the last n (default 0), until QUIT or close"),
     ("QUIT", "close this connection"),
 ]
@@ -187,6 +188,11 @@ def execute(state, line: str, now: float, extra: dict | None = None, user=None) 
                 raise AccessRefused(f"user {user.name!r} may not run {cmd}{on}: it needs the 'admin' grant{on}")
             if cmd == "QUEUES":
                 return c_queues(state, args, now, extra or {}, sees=user.sees)
+            if cmd == "TASK":  # where a task waits names a queue: only the ones this user may see
+                if len(args) > 1 and not user.may("admin", args[1]):
+                    raise AccessRefused(f"user {user.name!r} may not run TASK on queue {args[1]!r}: "
+                                        f"it needs the 'admin' grant on queue {args[1]!r}")
+                return c_task(state, args, now, extra or {}, sees=user.sees)
         return fn(state, args, now, extra or {})
     except BrokerError as exc:
         return error(exc.code, exc.message)
@@ -408,12 +414,61 @@ def c_workers(state, args, now, extra):
     )
 
 
-def c_task(state, args, now, extra):
-    _need(args, 1, "TASK <task-id>")
+# TASK of a task with no events yet looks for its message among the ready ones, to say where it
+# waits ("queued in `celery`, 0 consumers": the first-hour trap of a worker reading other queues).
+# The state keeps no index by message id (a dict entry per message, ~100 B and a hash insert and
+# delete on every publish and ack, for one admin command), so TASK reads at most this many ready
+# messages, queues without a consumer first (the usual reason a task waits).  Measured: ~17 ms on
+# the event loop for the whole budget (bench: tests/runtime/test_task_waiting.py, test_scan_cost).
+TASK_SCAN_LIMIT = 100_000  # messages
+
+
+def find_queued(state, task_id, queue=None, sees=None):
+    """(queue, position among its ready messages, 1-based) of the ready message ``task_id``,
+    or (None, messages read) when it is not among the first TASK_SCAN_LIMIT read."""
+    if queue is not None:
+        queues = [state.existing_queue(queue)]
+    else:
+        queues = sorted((q for q in state.queues.values() if sees is None or sees(q.name)),
+                        key=lambda q: (len(q.consumers) > 0, q.name))
+    budget = TASK_SCAN_LIMIT
+    read = 0
+    for q in queues:
+        if not q.ready_count:
+            continue
+        for pos, msg in enumerate(q.iter_ready(), 1):
+            if msg.id == task_id:
+                return q, pos
+            read += 1
+            if read >= budget:
+                return None, read
+    return None, read
+
+
+def _waiting(state, task_id, queue, sees) -> list[tuple]:
+    q, pos = find_queued(state, task_id, queue, sees)
+    if q is None:
+        where = f"queue {queue!r}" if queue is not None else "any queue"
+        return [("waiting", f"not among the {pos} ready messages read in {where} (TASK reads at most "
+                            f"{TASK_SCAN_LIMIT}); unknown id, delayed, in flight or not yet published")]
+    n = len(q.consumers)
+    pairs = [("queue", q.name),
+             ("waiting", f"queued in `{q.name}`, {n} consumer{'s' if n != 1 else ''} "
+                         f"(position {pos} of {q.ready_count} ready)")]
+    if n == 0:
+        pairs.append(("hint", f"no worker reads `{q.name}`: start one with -Q {q.name} (or add it to -Q)"))
+    elif q.paused:
+        pairs.append(("hint", f"`{q.name}` is paused: RESUME {q.name}"))
+    return pairs
+
+
+def c_task(state, args, now, extra, sees=None):
+    _need(args, 1, "TASK <task-id> [queue]")
     task_id = args[0]
     info = state.task_info(task_id, now)
     if info is None:
-        return multi(f"task {task_id}", keyvalues([("id", task_id), ("state", "PENDING")]) + ["timeline:", "  (no events)"])
+        pairs = [("id", task_id), ("state", "PENDING")] + _waiting(state, task_id, args[1] if len(args) > 1 else None, sees)
+        return multi(f"task {task_id}", keyvalues(pairs) + ["timeline:", "  (no events)"])
     pairs = [("id", info["id"]), ("name", info["name"]), ("state", info["state"]), ("args", info["args"]),
              ("kwargs", info["kwargs"]), ("queue", info["queue"]), ("worker", info["worker"]),
              ("retries", info["retries"]), ("parent", info["parent_id"]), ("root", info["root_id"]),
