@@ -22,6 +22,7 @@ plain ASGI callable, not a framework.
     POST /api/queues/<name>/pause|resume|purge|requeue-dead: the page's buttons;
         the same state methods as the admin commands, then the server's flush,
         and the reply waits for the log like an admin reply does (``App._act``)
+    POST /api/task/<id>/revoke|terminate|retry: the task page's buttons (``broker.web.actions``)
 
 With users (``server.users``) every route but /healthz, /readyz and /static/* needs a login
 (``App._guarded``; sessions, CSRF and bearer tokens in ``broker.web.login``):
@@ -55,7 +56,7 @@ from broker import __version__, web
 from broker.errors import BrokerError
 from broker.handlers import views
 from broker.runtime.durability import FSYNC_BUCKETS
-from broker.web import login
+from broker.web import actions, login
 from broker.web.login import OPEN
 
 log = logging.getLogger("brokerd.http")
@@ -364,7 +365,8 @@ ACTIONS = {
 }
 ERROR_STATUS = {"NOT_FOUND": 404, "LOG_FAILED": 503, "BAD_REQUEST": 400}
 HTML_ROUTES = ("/", "/task/<id>", "/static/app.js", "/static/style.css", "/api/overview", "/api/tasks",
-               "/api/task/<id>", "/api/dead/<queue>", "POST /api/queues/<name>/pause|resume|purge|requeue-dead")
+               "/api/task/<id>", "/api/dead/<queue>", "POST /api/queues/<name>/pause|resume|purge|requeue-dead",
+               "POST /api/task/<id>/revoke|terminate|retry")
 
 
 def _plural(n: int, text: str) -> str:
@@ -685,6 +687,12 @@ class App:
             if not access.manages(seg[2]):
                 return (*_refused(access, seg[3], "manage", seg[2]), [])
             return await self._act(receive, headers, seg[2], seg[3])
+        # task actions: POST /api/task/<id>/revoke|terminate|retry (broker.web.actions)
+        if len(seg) == 4 and seg[:2] == ["api", "task"] and seg[2] and seg[3] in actions.TASK_ACTIONS:
+            if method != "POST":
+                return (*_json(405, {"error": "METHOD_NOT_ALLOWED", "message": f"{path} answers POST only, not {method}"}),
+                        [(b"allow", b"POST")])
+            return await self._task_act(headers, access, seg[2], seg[3])
         read = self._read_route(seg, access)
         if read is None:
             return (*_json(404, {
@@ -742,7 +750,7 @@ class App:
                     return _json(ERROR_STATUS.get(exc.code, 400), {"error": exc.code, "message": exc.message})
                 d = {"task": info}
                 if q.get("html"):
-                    d["html"] = {"task": web.render_task(tid, info)}
+                    d["html"] = {"task": web.render_task(tid, info, access)}
                 if info is None:
                     d.update(error="NOT_FOUND", message=f"brokerd knows nothing of task {tid!r}")
                 return _json(200 if info is not None else 404, d)
@@ -781,6 +789,31 @@ class App:
             # a plain form POST (no JavaScript): back to the page
             return (303, b"text/plain; charset=utf-8", (message + "\n").encode(), [(b"location", b"/")])
         return (*_json(200, {"ok": True, "queue": name, "action": action, "message": message}), [])
+
+
+    async def _task_act(self, headers: dict, access, task_id: str, action: str):
+        """Revoke / terminate / retry one task (``broker.web.actions``), then the server's flush,
+        and (log on) the reply once the change is durable, like ``_act``.  Host, Origin and (for a
+        session) CSRF were checked before; the grant is checked here, where the queue is known."""
+        server = self.server
+        now = time.time()
+        try:
+            plan = actions.plan(self.web, access, task_id, action, now)  # BrokerError, or a refusal
+            if plan.refused is not None:
+                return (*_refused(access, *plan.refused), [])
+            try:
+                answer = plan.run(server.state, now)
+            finally:
+                server.flush()
+        except BrokerError as exc:
+            return (*_json(ERROR_STATUS.get(exc.code, 400), {"error": exc.code, "message": exc.message}), [])
+        if server.wal is not None:
+            await server.wal.wait_durable(server.state.last_lsn)
+        log.info("http: %s task %s (from the web page)", action, task_id)
+        if "text/html" in headers.get("accept", "") and "application/json" not in headers.get("accept", ""):
+            return (303, b"text/plain; charset=utf-8", (answer["message"] + "\n").encode(),
+                    [(b"location", answer["next"].encode())])
+        return (*_json(200, {"ok": True, "task": task_id, "action": action, **answer}), [])
 
 
 def _refused(access, what: str, kind: str, queue: str | None):

@@ -371,7 +371,7 @@ class Web:
             title=f"task {esc(task_id)} · brokerd", version=esc(__version__), kind="task", task_id=esc(task_id),
             account=render_account(access),
             body=f'<p><a href="/">&larr; overview</a></p><section id="task"><div data-section="task">'
-                 f"{render_task(task_id, info)}</div></section>")
+                 f"{render_task(task_id, info, access)}</div></section>")
 
 
 # -- rendering ----------------------------------------------------------------------------
@@ -393,7 +393,11 @@ def render_summary(b: dict) -> str:
 
 
 def _action(queue: str, action: str, label: str, confirm: str = "", csrf: str = "") -> str:
-    url = f"/api/queues/{quote(queue, safe='')}/{action}"
+    return _button(f"/api/queues/{quote(queue, safe='')}/{action}", label, confirm, csrf)
+
+
+def _button(url: str, label: str, confirm: str = "", csrf: str = "") -> str:
+    """A POST button in a plain form (works without JavaScript; app.js sends it by fetch)."""
     c = f' data-confirm="{esc(confirm)}"' if confirm else ""
     token = f'<input type="hidden" name="csrf" value="{esc(csrf)}">' if csrf else ""
     return (f'<form method="post" action="{esc(url)}" class="act">{token}'
@@ -547,7 +551,21 @@ def _pre(value) -> str:
     return f'<pre class="mono">{esc(text)}</pre>'
 
 
-def render_task(task_id: str, info) -> str:
+def _task_buttons(task_id: str, info: dict, access: Access) -> str:
+    """Revoke / terminate (``control``) and, for a FAILURE, retry (``publish`` on its queue)."""
+    url = "/api/task/" + quote(task_id, safe="")
+    out = []
+    st = info.get("state")
+    if access.may("control") and st not in ("SUCCESS", "FAILURE", "REVOKED"):
+        out.append(_button(url + "/revoke", "revoke", "", access.csrf))
+        out.append(_button(url + "/terminate", "terminate", f"Revoke {task_id} and kill it if it runs?", access.csrf))
+    q = info.get("queue")
+    if st == "FAILURE" and isinstance(q, str) and q and access.may("publish", q):
+        out.append(_button(url + "/retry", "retry", "", access.csrf))
+    return f'<div class="acts task-acts">{"".join(out)}</div>' if out else ""
+
+
+def render_task(task_id: str, info, access: Access = OPEN) -> str:
     if info is None:
         return (f'<h2>task {esc(task_id)}</h2><p class="empty">brokerd knows nothing of this task: no events and '
                 'no stored result (yet, or any more)</p>')
@@ -558,7 +576,7 @@ def render_task(task_id: str, info) -> str:
           ("runtime s", esc(info.get("runtime") if info.get("runtime") is not None else "")),
           ("parent", _task_link(info.get("parent_id"))), ("root", _task_link(info.get("root_id"))),
           ("children", " ".join(_task_link(c) for c in info.get("children") or []) or "")]
-    out = [f'<h2>task <span class="mono">{esc(task_id)}</span></h2><table class="kv">']
+    out = [f'<h2>task <span class="mono">{esc(task_id)}</span></h2>{_task_buttons(task_id, info, access)}<table class="kv">']
     out += [f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in kv]
     out.append("</table><h3>args</h3>" + _pre(info.get("args")) + "<h3>kwargs</h3>" + _pre(info.get("kwargs")))
     if info.get("exception") or info.get("traceback"):

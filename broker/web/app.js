@@ -103,7 +103,10 @@
     if (token) headers["X-CSRF-Token"] = token.value;
     fetch(b.getAttribute("data-action"), {method: "POST", headers: headers})
       .then(function (r) { return r.json(); })
-      .then(function (d) { statusEl.textContent = d.message || d.error; })
+      .then(function (d) {
+        statusEl.textContent = d.message || d.error;
+        if (d.ok && d.new_task && d.next) window.location.assign(d.next);  // a retry: to the new task's page
+      })
       .catch(function (e) { statusEl.textContent = "action failed: " + e.message; })
       .then(function () { busy = false; poll(); });
   });

@@ -1,0 +1,108 @@
+"""The task page's buttons: revoke, terminate, retry a failed task (served by ``broker.runtime.http``).
+
+    POST /api/task/<id>/revoke     REVOKE <id>: its waiting messages are dropped when due
+                                   (the ``control`` grant, as REVOKE needs on the protocol)
+    POST /api/task/<id>/terminate  revoke, and tell every consumer to kill it if it runs
+                                   (REVOKE with terminate; the ``control`` grant)
+    POST /api/task/<id>/retry      a FAILURE published again as a new task (``publish`` on its queue)
+
+A retry reuses what brokerd kept of the failed task (its events: ``task_info``): the task name,
+args and kwargs (read back from the text the worker sent: literal values only, see ``_value``), the queue it ran from, and its parent_id and root_id (it stays in the same
+workflow).  It gets a new task id, retries 0, priority 0, no eta and no expiry (the original's
+were not kept), and the header ``retry_of`` naming the failed task.  brokerd does not sign
+tasks: a worker that requires signed tasks (``task_signing_public_keys``) refuses the retry.
+
+Pure: ``now`` is passed in, and the caller flushes and waits for the log.
+"""
+
+from __future__ import annotations
+
+import ast
+import uuid
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import quote
+
+import cbor2
+
+from broker.errors import BadRequest, NotFound
+
+# The task envelope's version (protocol.md §8.1).  The daemon imports only client.wire
+# (tests/test_layering.py), so the retry's envelope map is written out here.
+ENVELOPE_VERSION = 1
+
+TASK_ACTIONS = ("revoke", "terminate", "retry")
+
+
+@dataclass
+class Plan:
+    """What a task action will do: ``refused`` = (what, grant, queue) for ``_refused``, else ``run``."""
+
+    refused: tuple | None = None
+    run: Callable | None = None
+
+
+def _value(kept, kind, field: str, task_id: str):
+    """A task's args or kwargs back from its event: workers send them as their Python repr
+    (``client.worker.outcome.event_repr``, shortened past EVENT_REPR_MAX), so only a literal one
+    (numbers, text, lists, maps...) can be rebuilt; ``ast.literal_eval`` runs no code."""
+    if kept is None:
+        return [] if kind is not dict else {}
+    value = kept
+    if isinstance(kept, str):
+        try:
+            value = ast.literal_eval(kept)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            value = None
+    if not isinstance(value, kind):
+        raise BadRequest(f"the {field} brokerd kept of task {task_id} ({kept!r:.80}) cannot be rebuilt: workers "
+                         "send a task's arguments as text, shortened when long, and only plain values (numbers, "
+                         "text, lists, maps) can be read back; publish it again from your code")
+    return list(value) if kind is not dict else dict(value)
+
+
+def task_url(task_id: str) -> str:
+    return "/task/" + quote(task_id, safe="")
+
+
+def plan(web, access, task_id: str, action: str, now: float) -> Plan:
+    """Check the task and the viewer's grant; BadRequest/NotFound name what is wrong."""
+    if action in ("revoke", "terminate"):
+        if not access.may("control"):
+            return Plan(refused=(f"{action} tasks", "control", None))
+        terminate = action == "terminate"
+
+        def revoke(state, now):
+            state.revoke(task_id, now, terminate=terminate)
+            what = "revoked"
+            if terminate:  # as the protocol's REVOKE with terminate (broker.handlers.binary.h_revoke)
+                n = state.broadcast_control({"revoke": [task_id], "terminate": True})
+                what = f"revoked and asked {n} consumer connection{'' if n == 1 else 's'} to terminate"
+            return {"message": f"{what} task {task_id}", "next": task_url(task_id)}
+        return Plan(run=revoke)
+    info = web.task(task_id, now)  # BadRequest for a malformed id
+    if info is None:
+        raise NotFound(f"brokerd knows nothing of task {task_id!r}: no events and no stored result")
+    if info.get("state") != "FAILURE":
+        raise BadRequest(f"task {task_id} is {info.get('state') or 'in no known state'}, not FAILURE: "
+                         "only a failed task can be retried from the page")
+    name, queue = info.get("name"), info.get("queue")
+    args, kwargs = info.get("args"), info.get("kwargs")
+    if not isinstance(name, str) or not isinstance(queue, str) or not queue:
+        raise BadRequest(f"brokerd did not keep the name and queue of task {task_id} (its worker sent no "
+                         "task-received event with them, or they were dropped from the bounded history): "
+                         "publish it again from your code")
+    if not access.may("publish", queue):
+        return Plan(refused=("retry a task on", "publish", queue))
+    args = _value(args, (list, tuple), "args", task_id)
+    kwargs = _value(kwargs, dict, "kwargs", task_id)
+
+    def retry(state, now):
+        new_id = str(uuid.uuid4())
+        env = {"v": ENVELOPE_VERSION, "task": name, "id": new_id, "args": args, "kwargs": kwargs, "retries": 0,
+               "eta": None, "expires": None, "parent_id": info.get("parent_id"),
+               "root_id": info.get("root_id") or new_id, "headers": {"retry_of": task_id}}
+        state.publish(0, queue, cbor2.dumps(env), new_id, 0, now)
+        return {"message": f"published {name} again as task {new_id} on queue {queue} (same args and kwargs)",
+                "next": task_url(new_id), "new_task": new_id, "queue": queue}
+    return Plan(run=retry)
