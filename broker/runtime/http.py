@@ -23,6 +23,8 @@ plain ASGI callable, not a framework.
         the same state methods as the admin commands, then the server's flush,
         and the reply waits for the log like an admin reply does (``App._act``)
     POST /api/task/<id>/revoke|terminate|retry: the task page's buttons (``broker.web.actions``)
+    GET /worker/<hostname>, POST /api/workers/<hostname>/shutdown|pool-grow|pool-shrink: a worker's
+        page and its controls (a CONTROL relayed to it; the reply waits CONTROL_WAIT at most)
 
 With users (``server.users``) every route but /healthz, /readyz and /static/* needs a login
 (``App._guarded``; sessions, CSRF and bearer tokens in ``broker.web.login``):
@@ -366,7 +368,8 @@ ACTIONS = {
 ERROR_STATUS = {"NOT_FOUND": 404, "LOG_FAILED": 503, "BAD_REQUEST": 400}
 HTML_ROUTES = ("/", "/task/<id>", "/static/app.js", "/static/style.css", "/api/overview", "/api/tasks",
                "/api/task/<id>", "/api/dead/<queue>", "POST /api/queues/<name>/pause|resume|purge|requeue-dead",
-               "POST /api/task/<id>/revoke|terminate|retry")
+               "POST /api/task/<id>/revoke|terminate|retry", "/worker/<hostname>",
+               "POST /api/workers/<hostname>/shutdown|pool-grow|pool-shrink")
 
 
 def _plural(n: int, text: str) -> str:
@@ -569,7 +572,7 @@ class App:
             return (*_json(401, {"error": "AUTH_FAILED", "message": "that user name and token are not known to this "
                                  "broker (Authorization: Bearer <user>:<token>)"}), [(b"www-authenticate", b'Bearer realm="brokerd"')])
         if access is None:
-            if method in ("GET", "HEAD") and (path == "/" or path.startswith("/task/")):
+            if method in ("GET", "HEAD") and (path == "/" or path.startswith(("/task/", "/worker/"))):
                 return 303, b"text/plain; charset=utf-8", b"log in first: /login\n", [(b"location", b"/login")]
             return (*_json(401, {"error": "AUTH_REQUIRED", "message": "this broker has users: log in at /login, or send "
                                  "Authorization: Bearer <user>:<token>"}), [(b"www-authenticate", b'Bearer realm="brokerd"')])
@@ -693,6 +696,14 @@ class App:
                 return (*_json(405, {"error": "METHOD_NOT_ALLOWED", "message": f"{path} answers POST only, not {method}"}),
                         [(b"allow", b"POST")])
             return await self._task_act(headers, access, seg[2], seg[3])
+        # worker controls: POST /api/workers/<hostname>/shutdown|pool-grow|pool-shrink
+        if len(seg) == 4 and seg[:2] == ["api", "workers"] and seg[2] and seg[3] in actions.WORKER_ACTIONS:
+            if method != "POST":
+                return (*_json(405, {"error": "METHOD_NOT_ALLOWED", "message": f"{path} answers POST only, not {method}"}),
+                        [(b"allow", b"POST")])
+            if not access.workers:
+                return (*_refused(access, "control workers", "control", None), [])
+            return await self._worker_act(headers, seg[2], seg[3])
         read = self._read_route(seg, access)
         if read is None:
             return (*_json(404, {
@@ -716,6 +727,11 @@ class App:
             return lambda q, now: _refused(access, "read tasks", "results-read", None)
         if n == 3 and seg[:2] == ["api", "dead"] and seg[2] and not access.manages(seg[2]):
             return lambda q, now: _refused(access, "read the dead letters of", "manage", seg[2])
+        if n == 2 and seg[0] == "worker" and seg[1]:
+            if not access.workers:
+                return lambda q, now: _refused(access, "see workers", "control", None)
+            host = seg[1]
+            return lambda q, now: _html(200, w.worker_page(host, now, access))
         if n == 2 and seg[0] == "task" and seg[1]:
             tid = seg[1]
             return lambda q, now: _html(200, w.task_page(tid, now, access))
@@ -814,6 +830,38 @@ class App:
             return (303, b"text/plain; charset=utf-8", (answer["message"] + "\n").encode(),
                     [(b"location", answer["next"].encode())])
         return (*_json(200, {"ok": True, "task": task_id, "action": action, **answer}), [])
+
+
+    async def _worker_act(self, headers: dict, hostname: str, action: str):
+        """Relay one CONTROL to the worker and wait (CONTROL_WAIT at most) for its reply."""
+        server = self.server
+        state = server.state
+        try:
+            try:
+                req, command = actions.control_start(state, hostname, action, time.time())
+            finally:
+                server.flush()  # the CONTROL frame goes out now
+        except BrokerError as exc:
+            return (*_json(ERROR_STATUS.get(exc.code, 400), {"error": exc.code, "message": exc.message}), [])
+        deadline = time.monotonic() + actions.CONTROL_WAIT
+        # the reply arrives through the worker's connection into req.replies; the state drops the
+        # request at its deadline (CONTROL_WAIT), so this loop is bounded twice
+        while req is not None and req.expected and time.monotonic() < deadline and self.sleep is not None:
+            await self.sleep(0.02)
+        replies = dict(req.replies) if req is not None else {}
+        reply = replies.get(hostname)
+        log.info("http: %s to worker %s (from the web page): %r", command, hostname, reply)
+        if reply is None:
+            message = f"worker {hostname} did not answer {command} within {actions.CONTROL_WAIT:g}s"
+        elif isinstance(reply, dict) and "error" in reply:
+            message = f"worker {hostname}: {reply['error']}"
+        else:
+            message = f"worker {hostname}: {reply.get('ok') if isinstance(reply, dict) else reply}"
+        nxt = actions.worker_url(hostname)
+        if "text/html" in headers.get("accept", "") and "application/json" not in headers.get("accept", ""):
+            return (303, b"text/plain; charset=utf-8", (message + "\n").encode(), [(b"location", nxt.encode())])
+        return (*_json(200 if reply is not None else 504, {"ok": reply is not None, "worker": hostname, "action": action,
+                       "reply": web.plain(reply), "message": message, "next": nxt}), [])
 
 
 def _refused(access, what: str, kind: str, queue: str | None):

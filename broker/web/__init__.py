@@ -365,6 +365,15 @@ class Web:
                 "dead": render_dead(ov["dead"], access.csrf), "schedules": render_schedules(ov["schedules"]),
                 "summary": render_summary(ov["broker"])}
 
+    def worker_page(self, hostname: str, now: float, access: Access = OPEN) -> str:
+        """One worker: pool, counts, heartbeat age, queues, and its controls (``control`` grant)."""
+        w = next((x for x in (self.workers(now) or []) if x.get("hostname") == hostname), None)
+        return PAGE.format(
+            title=f"worker {esc(hostname)} · brokerd", version=esc(__version__), kind="worker", task_id="",
+            account=render_account(access),
+            body=f'<p><a href="/">&larr; overview</a></p><section id="worker"><div data-section="worker">'
+                 f'{render_worker(hostname, w, access)}</div><p id="reply" class="reply"></p></section>')
+
     def task_page(self, task_id: str, now: float, access: Access = OPEN) -> str:
         info = self.task(task_id, now)
         return PAGE.format(
@@ -485,7 +494,7 @@ def render_workers(workers) -> str:
         queues = w.get("queues")
         rows.append(
             f'<tr data-worker="{esc(w.get("hostname"))}" class="w-{esc(w.get("state"))}">'
-            f'<td class="name">{esc(w.get("hostname"))}</td><td><span class="badge s-{esc(w.get("state"))}">'
+            f'<td class="name">{_worker_link(w.get("hostname"))}</td><td><span class="badge s-{esc(w.get("state"))}">'
             f'{esc(w.get("state"))}</span> <small>{esc(w.get("reason") or "")}</small></td>'
             f'<td>{esc(_worker_pool(w))}</td><td>{esc(",".join(map(str, queues)) if isinstance(queues, list) else "")}</td>'
             f'<td class="n">{esc(w.get("active", ""))}</td><td class="n">{esc(w.get("processed", ""))}</td>'
@@ -494,6 +503,38 @@ def render_workers(workers) -> str:
             f'<td class="n">{esc(round(w.get("heartbeat_age") or 0, 1))} s</td></tr>')
     return ('<table><thead><tr><th>worker</th><th>state</th><th>pool</th><th>queues</th><th>active</th><th>processed</th>'
             f'<th>load</th><th>pool changes</th><th>last heartbeat</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
+
+
+def _worker_link(hostname) -> str:
+    return f'<a class="worker" href="/worker/{esc(quote(str(hostname), safe=""))}">{esc(hostname)}</a>'
+
+
+def render_worker(hostname: str, w: dict | None, access: Access = OPEN) -> str:
+    if w is None:
+        return (f'<h2>worker {esc(hostname)}</h2><p class="empty">no worker of this name has reported '
+                "(workers send worker-online and heartbeats)</p>")
+    st = w.get("state")
+    queues = w.get("queues")
+    load = w.get("loadavg")
+    kv = [("state", f'<span class="badge s-{esc(st)}">{esc(st)}</span> <small>{esc(w.get("reason") or "")}</small>'),
+          ("pool", esc(_worker_pool(w))), ("processed", esc(w.get("processed", ""))),
+          ("active", esc(w.get("active", ""))),
+          ("last heartbeat", f'<span data-field="heartbeat_age">{esc(round(w.get("heartbeat_age") or 0, 1))}</span> s ago'),
+          ("queues", esc(",".join(map(str, queues)) if isinstance(queues, list) else "")),
+          ("load", esc(" ".join(str(x) for x in load) if isinstance(load, list) else (load or ""))),
+          ("pool changes", esc(_worker_changes(w))), ("software", esc(" ".join(
+              str(w.get(k)) for k in ("sw_ident", "sw_ver") if w.get(k)))), ("pid", esc(w.get("pid") or ""))]
+    acts = ""
+    if st == "online" and access.workers:
+        url = "/api/workers/" + quote(hostname, safe="")
+        acts = ('<div class="acts worker-acts">'
+                + _button(url + "/pool-grow", "pool +1", csrf=access.csrf)
+                + _button(url + "/pool-shrink", "pool −1", csrf=access.csrf)
+                + _button(url + "/shutdown", "shut down", f"Shut down worker {hostname} (warm: running tasks finish)?",
+                          access.csrf) + "</div>")
+    rows = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in kv)
+    return (f'<h2>worker <span class="mono">{esc(hostname)}</span></h2>{acts}'
+            f'<table class="kv" data-worker="{esc(hostname)}">{rows}</table>')
 
 
 def render_tasks(tasks: list) -> str:

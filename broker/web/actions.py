@@ -106,3 +106,40 @@ def plan(web, access, task_id: str, action: str, now: float) -> Plan:
         return {"message": f"published {name} again as task {new_id} on queue {queue} (same args and kwargs)",
                 "next": task_url(new_id), "new_task": new_id, "queue": queue}
     return Plan(run=retry)
+
+
+# -- a worker's controls (the worker page, /worker/<hostname>) -----------------------------------
+# POST /api/workers/<hostname>/<action>: the CONTROL command brokerd relays (CONTROL_REQUEST,
+# broker.state.events) and its args; the worker answers with CONTROL_REPLY (client/worker/control.py).
+WORKER_ACTIONS = {
+    "shutdown": ("shutdown", {}),
+    "pool-grow": ("pool_grow", {"n": 1}),
+    "pool-shrink": ("pool_shrink", {"n": 1}),
+}
+# How long the page waits for the worker's reply: a live worker answers within one event-loop turn;
+# a wedged one must not hold the browser's request (hypercorn's READ_TIMEOUT is 10 s).
+CONTROL_WAIT = 5.0  # seconds
+# The HTTP side is no connection of the state's: its requests carry this id, which no connection
+# has, so the state keeps the replies on the request and sends them nowhere; the page reads them.
+HTTP_CONN = -1
+
+
+def worker_url(hostname: str) -> str:
+    return "/worker/" + quote(hostname, safe="")
+
+
+def control_start(state, hostname: str, action: str, now: float):
+    """Send the CONTROL to one worker: (request or None when the worker is not online, command)."""
+    command, args = WORKER_ACTIONS[action]
+    known = {w["hostname"]: w for w in state.workers_list(now)}
+    w = known.get(hostname)
+    if w is None:
+        raise NotFound(f"no worker {hostname!r} has reported to this brokerd")
+    if w.get("state") != "online":
+        raise BadRequest(f"worker {hostname} is {w.get('state')}, not online: it cannot be asked anything")
+    before = set(state._controls)  # the request's record, read back for its replies
+    reply = state.control_request(HTTP_CONN, 0, command, args, now, timeout=CONTROL_WAIT, destination=[hostname])
+    if reply is not None:  # nobody to ask after all
+        return None, command
+    new = set(state._controls) - before
+    return (state._controls[new.pop()] if new else None), command

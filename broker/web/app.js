@@ -56,7 +56,16 @@
     if (busy) return;
     busy = true;
     var work;
-    if (page === "task") {
+    if (page === "worker") {  // the worker page: its own HTML again, the worker section swapped in
+      work = fetch(window.location.pathname, {cache: "no-store"}).then(function (r) {
+        if (r.status === 401) window.location.assign("/login");
+        if (!r.ok) throw new Error("HTTP " + r.status);
+        return r.text();
+      }).then(function (text) {
+        var el = new DOMParser().parseFromString(text, "text/html").querySelector('[data-section="worker"]');
+        if (el) swap("worker", el.innerHTML);
+      });
+    } else if (page === "task") {
       work = getJSON("/api/task/" + encodeURIComponent(body.getAttribute("data-task")) + "?html=1").then(function (d) {
         swap("task", d.html.task);
       });
@@ -105,6 +114,8 @@
       .then(function (r) { return r.json(); })
       .then(function (d) {
         statusEl.textContent = d.message || d.error;
+        var reply = document.getElementById("reply");  // the worker page shows the worker's answer
+        if (reply) reply.textContent = d.message || d.error;
         if (d.ok && d.new_task && d.next) window.location.assign(d.next);  // a retry: to the new task's page
       })
       .catch(function (e) { statusEl.textContent = "action failed: " + e.message; })

@@ -150,3 +150,76 @@ def test_retry_refuses_what_is_not_a_failure_or_unknown_or_not_rebuildable(web):
     assert status == 400 and "not FAILURE" in d["message"], body
     status, _, body = request(p, "POST", "/api/task/none-such/retry", {**bearer("admin"), **JSON_ACCEPT})
     assert status == 404 and json.loads(body)["error"] == "NOT_FOUND"
+
+
+# -- the worker page ---------------------------------------------------------------------------
+def until(fn, what: str, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = fn()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_worker_page_shows_the_worker_and_its_controls_relay_to_it(broker_factory, tmp_path):
+    from tests.client.test_canvas import Workers
+    from tests.runtime.test_http import http_port_of
+
+    b = broker_factory()
+    p = http_port_of(b)
+    workers = Workers(b, tmp_path)
+    try:
+        workers.start("-P", "threads", "-c", "2", "-n", "pagew@test")
+
+        def online():
+            _, _, body = request(p, "GET", "/api/overview")
+            return [w for w in json.loads(body)["workers"] or [] if w["hostname"] == "pagew@test" and w["state"] == "online"]
+        until(online, "the worker to come online")
+        status, _, page = request(p, "GET", "/worker/pagew@test")
+        assert status == 200, page
+        text = page.decode()
+        assert "threads × 2" in text and "s ago" in text and "online" in text
+        for a in ("pool-grow", "pool-shrink", "shutdown"):
+            assert f'data-action="/api/workers/pagew%40test/{a}"' in text, a
+        assert 'href="/worker/pagew%40test"' in request(p, "GET", "/")[2].decode()  # linked from the overview
+        # shrink, then grow: the worker's own replies come back
+        status, _, body = request(p, "POST", "/api/workers/pagew@test/pool-shrink", JSON_ACCEPT)
+        d = json.loads(body)
+        assert status == 200 and d["reply"]["size"] == 1 and "pool shrunk to 1" in d["message"], body
+        status, _, body = request(p, "POST", "/api/workers/pagew@test/pool-grow", JSON_ACCEPT)
+        d = json.loads(body)
+        assert status == 200 and d["reply"]["size"] == 2 and "pool grown to 2" in d["message"], body
+        assert d["next"] == "/worker/pagew%40test"
+        # shutdown (warm): the worker says so and leaves
+        status, _, body = request(p, "POST", "/api/workers/pagew@test/shutdown", JSON_ACCEPT)
+        assert status == 200 and "shutting down" in json.loads(body)["message"], body
+        until(lambda: workers.procs[0].poll() is not None, "the worker to exit", 30)
+        # an unknown worker: 404 naming it
+        status, _, body = request(p, "POST", "/api/workers/none@x/pool-grow", JSON_ACCEPT)
+        assert status == 404 and "none@x" in json.loads(body)["message"]
+    finally:
+        workers.stop()
+
+
+def test_worker_controls_need_control_and_csrf_and_send_nothing_without(web):
+    p = web.http_port
+    fake = raw_as(web, "worker")  # a worker's connection: it would receive the CONTROL frame
+    try:
+        fake.ok(wire.OP_EMIT_EVENTS, "fakew@test", [{"type": "worker-online", "timestamp": time.time(), "freq": 60}])
+        for who in ("ops", "web"):
+            status, _, body = request(p, "POST", "/api/workers/fakew@test/shutdown", {**bearer(who), **JSON_ACCEPT})
+            d = json.loads(body)
+            assert status == 403 and d["error"] == "ACCESS_REFUSED" and "'control'" in d["message"], body
+            assert request(p, "GET", "/worker/fakew@test", bearer(who))[0] == 403
+        session, csrf, _, _ = browser_login(p, "control")
+        status, _, body = request(p, "POST", "/api/workers/fakew@test/shutdown", {"Cookie": session, **JSON_ACCEPT})
+        assert status == 403 and json.loads(body)["error"] == "CSRF_FAILED"
+        # nothing reached the worker: a ping's reply is the next frame it gets
+        assert fake.call(wire.OP_PING)[0] == wire.OP_OK
+        assert not [f for f in fake.pending if f[0] == wire.OP_CONTROL]
+        status, _, page = request(p, "GET", "/worker/fakew@test", {"Cookie": session})
+        assert status == 200 and b'data-action="/api/workers/fakew%40test/shutdown"' in page
+    finally:
+        fake.close()
