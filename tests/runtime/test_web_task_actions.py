@@ -14,7 +14,8 @@ import cbor2
 
 from client import wire
 from client.envelope import decode_envelope
-from tests.runtime.test_web_login import JSON_ACCEPT, TOKENS, bearer, browser_login, request, web  # noqa: F401
+from tests.runtime.test_web import needs_chromium
+from tests.runtime.test_web_login import JSON_ACCEPT, TOKENS, DevTools, bearer, browser_login, request, web  # noqa: F401
 from tests.e2e.test_users import depth
 from tests.support.wireclient import Raw
 
@@ -223,3 +224,64 @@ def test_worker_controls_need_control_and_csrf_and_send_nothing_without(web):
         assert status == 200 and b'data-action="/api/workers/fakew%40test/shutdown"' in page
     finally:
         fake.close()
+
+
+# -- in a real browser -------------------------------------------------------------------------
+@needs_chromium
+def test_chromium_clicks_revoke_and_retry_and_sees_the_states_change(web, tmp_path):
+    """Log in through the form, open a waiting task's page, click revoke (a real mouse click at the
+    button): it turns REVOKED; open a failed task, click retry: the browser goes to the new task's
+    page, which shows the new task's state as its worker reports it."""
+    waiting = waiting_task(web)
+    failed = failed_task(web)
+    drain(web)  # the fixture's message; the retry's is then the only one
+    dt = DevTools(str(tmp_path / "profile"))
+    base = f"http://127.0.0.1:{web.http_port}"
+    try:
+        target = dt.call("Target.createTarget", {"url": base + "/login"})["targetId"]
+        sid = dt.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+
+        def js(expr: str):
+            return dt.call("Runtime.evaluate", {"expression": expr, "returnByValue": True}, sid)["result"].get("value")
+
+        def until_js(expr: str, what: str, timeout: float = 20.0):
+            return until(lambda: js(expr), f"{what} (page: {js('document.body && document.body.innerText')!r:.300})", timeout)
+
+        def click(selector: str) -> None:
+            box = until_js(f"(function () {{ var b = document.querySelector({json.dumps(selector)}); if (!b) return null;"
+                           " var r = b.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()",
+                           f"the button {selector}")
+            for kind in ("mousePressed", "mouseReleased"):
+                dt.call("Input.dispatchMouseEvent", {"type": kind, "x": box[0], "y": box[1], "button": "left",
+                                                     "clickCount": 1}, sid)
+
+        until_js("!!document.getElementById('login-form')", "the login form")
+        js("var f = document.getElementById('login-form'); f.elements.user.value = 'root';"
+           f"f.elements.token.value = {json.dumps(TOKENS['root'])}; f.submit(); true")
+        until_js("document.body.getAttribute('data-live') === 'ok'", "the live page after logging in")
+
+        dt.call("Page.navigate", {"url": f"{base}/task/{waiting}"}, sid)
+        until_js("document.body.getAttribute('data-page') === 'task' && "
+                 "document.querySelector('[data-section=task] .badge').textContent === 'RECEIVED'", "the waiting task")
+        click(f'button[data-action="/api/task/{waiting}/revoke"]')
+        until_js("document.querySelector('[data-section=task] .badge').textContent === 'REVOKED'", "REVOKED after the click")
+        assert task_state(web, waiting) == "REVOKED"
+
+        dt.call("Page.navigate", {"url": f"{base}/task/{failed}"}, sid)
+        until_js("document.querySelector('[data-section=task] .badge') && "
+                 "document.querySelector('[data-section=task] .badge').textContent === 'FAILURE'", "the failed task")
+        click(f'button[data-action="/api/task/{failed}/retry"]')
+        new_path = until_js(f"location.pathname !== '/task/{failed}' && location.pathname.startsWith('/task/') "
+                            "&& location.pathname", "the new task's page after retry")
+        new_id = new_path.split("/")[-1]
+        got = drain(web)  # what a worker would get: the failed task again, under the new id
+        assert [f[4] for f in got] == [new_id]
+        assert cbor2.loads(got[0][5])["args"] == [1, "two"]
+        emit(web, {"type": "task-received", "uuid": new_id, "timestamp": time.time(), "name": "proj.send",
+                   "args": "(1, 'two')", "kwargs": "{}", "queue": "emails"},
+             {"type": "task-succeeded", "uuid": new_id, "timestamp": time.time(), "result": "3", "runtime": 0.01})
+        until_js("document.querySelector('[data-section=task] .badge') && "
+                 "document.querySelector('[data-section=task] .badge').textContent === 'SUCCESS'",
+                 "the retried task's SUCCESS on its page")
+    finally:
+        dt.close()
