@@ -73,6 +73,6 @@ def test_scan_cost_is_bounded():
     took = time.perf_counter() - t0
     assert q is None and read == admin.TASK_SCAN_LIMIT
     print(f"TASK scan of {read} messages: {took * 1000:.1f} ms")
-    assert took < 0.5, took  # generous for a shared 2-core CI box; measured ~17 ms (python -m pytest -s tests/runtime/test_task_waiting.py::test_scan_cost_is_bounded)
+    # the bound is the count above; its cost (~17 ms at the limit) is a figure, printed, not asserted
     q, pos = admin.find_queued(s, "m7")
     assert q.name == "celery" and pos == 8
