@@ -22,7 +22,7 @@ from broker.state import BrokerState
 from broker.state import events as E
 from client.producer import Client
 from client.wire import OP_CONTROL, OP_EVENT, OP_OK
-from tests.support.broker import BrokerProcess
+from tests.support.broker import broker_for_app
 from tests.worker.test_worker import WAIT, WorkerProcess, fresh_queue
 from tests.worker_apps import tasks
 
@@ -249,13 +249,7 @@ class Watcher:
 
 @pytest.fixture(scope="module")
 def ev_broker(tmp_path_factory):
-    b = BrokerProcess(tmp_path_factory.mktemp("events-broker"))
-    b.start()
-    tasks.app.conf.broker_url = b.address
-    tasks.app.close()
-    yield b
-    tasks.app.close()
-    b.terminate()
+    yield from broker_for_app(tmp_path_factory.mktemp("events-broker"), tasks.app)
 
 
 @pytest.fixture

@@ -155,3 +155,16 @@ def admin_exchange(port: int, text: str, timeout: float = 5.0) -> str:
                 break
             chunks.append(data)
         return b"".join(chunks).decode()
+
+
+def broker_for_app(directory, app):
+    """A module fixture's body: a brokerd on ``directory`` with ``app`` pointed at it (and its old
+    connection dropped); stopped, and the app's connection closed, when the generator ends."""
+    b = BrokerProcess(directory).start()
+    app.conf.broker_url = b.address
+    app.close()
+    try:
+        yield b
+    finally:
+        app.close()
+        b.terminate()

@@ -30,7 +30,7 @@ from client.app import (
 )
 from client import App, Client
 from client.errors import Disconnected
-from tests.support.broker import ROOT, BrokerProcess
+from tests.support.broker import ROOT, BrokerProcess, broker_for_app
 from tests.worker_apps import tasks
 
 APP = "tests.worker_apps.tasks:app"
@@ -74,13 +74,7 @@ class WorkerProcess:
 
 @pytest.fixture(scope="module")
 def shared_broker(tmp_path_factory):
-    b = BrokerProcess(tmp_path_factory.mktemp("worker-broker"))
-    b.start()
-    tasks.app.conf.broker_url = b.address
-    tasks.app.close()
-    yield b
-    tasks.app.close()
-    b.terminate()
+    yield from broker_for_app(tmp_path_factory.mktemp("worker-broker"), tasks.app)
 
 
 @pytest.fixture
