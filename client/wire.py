@@ -640,7 +640,8 @@ class ServerHandshake:
                                                 "(brokerd://USER:TOKEN@host:port)")
         user = self.authenticate(name, token)
         if user is None:
-            raise HandshakeError("AUTH_FAILED", f"user {name!r} with that token is not known to this broker")
+            shown = name if len(name) <= 64 else name[:64] + "..."  # a hostile name is not echoed whole
+            raise HandshakeError("AUTH_FAILED", f"user {shown!r} with that token is not known to this broker")
         return user
 
     def welcome_map(self, hello: Hello) -> dict:

@@ -238,7 +238,7 @@ class BinaryConnection:
             delay = self.server.auth_throttle.failed(address, time.monotonic())
             name = (hello.extra or {}).get("user")
             audit.warning("auth failed: conn %d from %s user=%r (answer delayed %.1fs)", conn.id, conn.peer,
-                          name if type(name) is str else None, delay)
+                          name[:64] if type(name) is str else None, delay)
             with trio.move_on_at(conn.handshake_deadline):
                 await trio.sleep(delay)
             raise Close("authentication failed", closing(exc.code, exc.message)) from None

@@ -255,3 +255,27 @@ def test_one_user_cannot_take_every_connection(broker_factory, tmp_path):
     assert r.hello[0] == wire.OP_OK, r.hello
     r.close()
     second.close()
+
+
+@pytest.mark.parametrize("extra", [
+    {"user": 5, "token": "x"}, {"user": "web", "token": ["x"]}, {"user": "web\r\nEND", "token": "t"},
+    {"user": "w" * 100_000, "token": "t"}, {"user": {"a": {"b": [1, 2]}}, "token": None},
+    {"user": "web", "token": "\x00" * 1000},
+])
+def test_hostile_login_values_get_auth_failed_and_cost_nothing_else(users_broker, extra):
+    healthy = login(users_broker, "web")
+    r = Raw(users_broker.port, name="attacker", extra=extra)
+    assert r.hello[0] == wire.OP_CLOSING and r.hello[1] == "AUTH_FAILED", r.hello
+    assert "\r\n" not in r.hello[2] and len(r.hello[2]) < 400, r.hello[2]
+    assert healthy.ok(wire.OP_PUBLISH, "emails", b"ok", None, 0, None)
+    healthy.close()
+
+
+def test_hostile_netcat_auth_lines_are_refused_one_line_each(users_broker):
+    for line in ("AUTH\n", "AUTH web\n", "AUTH web token-of-web extra\n", "AUTH \x1b[2Jweb\r\x00 x\n",
+                 "AUTH " + "w" * 3000 + " x\n"):
+        out = admin_exchange(users_broker.port, line)
+        first = out.split("\r\n")[0]
+        assert first.startswith("ERR "), (line, out)
+        assert "\x1b" not in out and "\x00" not in out, out
+    assert login(users_broker, "web").ok(wire.OP_PING) is None
