@@ -19,6 +19,7 @@ app.conf.update(
     result_expires=3600,
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
+    beat_schedule={"tick": {"task": "tests.celery_apps.capp.record", "schedule": 0.5, "args": ("beat",)}},
 )
 MARKS = Path(os.environ.get("CAPP_MARKS", "/tmp/capp-marks"))
 
@@ -58,12 +59,18 @@ def who(self):
     return {"id": self.request.id, "redelivered": bool(self.request.delivery_info.get("redelivered"))}
 
 
-@app.task(acks_late=True)
-def slow(name, seconds):
+@app.task(bind=True, acks_late=True)
+def slow(self, name, seconds):
     """Marks its start, then sleeps: the test kills the worker while it runs."""
     mark(name, str(os.getpid()))
     time.sleep(seconds)
-    return name
+    return {"name": name, "redelivered": bool(self.request.delivery_info.get("redelivered"))}
+
+
+@app.task
+def collect(results):
+    mark("collect", repr(results))
+    return results
 
 
 @app.task
