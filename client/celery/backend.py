@@ -25,7 +25,6 @@ from celery import states
 from celery.backends.base import BaseBackend
 from celery.exceptions import ChordError, TimeoutError
 from celery.result import ResultSet
-from celery.utils.serialization import ensure_serializable
 from kombu.utils.url import maybe_sanitize_url
 
 from client.celery import message as M
@@ -84,7 +83,7 @@ class BrokerdBackend(BaseBackend):
         value = None
         if state in self.EXCEPTION_STATES and isinstance(result, dict):
             native["exc_type"] = result.get("exc_type")
-            native["exc_message"] = str(ensure_serializable(result.get("exc_message"), repr))[:4096]
+            native["exc_message"] = _exc_text(result.get("exc_message"))
             if traceback:
                 native["traceback"] = traceback[-4000:]
         elif _cbor_plain(result):
@@ -192,6 +191,18 @@ class BrokerdBackend(BaseBackend):
 
     def ensure_chords_allowed(self):
         pass
+
+
+EXC_TEXT_MAX = 4096  # characters of an exception message kept for brokerd's page (Celery's meta has it whole)
+
+
+def _exc_text(args) -> str:
+    """Celery keeps an exception's ``args`` tuple; people read ``str(exc)``: one arg is itself."""
+    if isinstance(args, (list, tuple)):
+        text = str(args[0]) if len(args) == 1 else ", ".join(map(str, args))
+    else:
+        text = str(args)
+    return text[:EXC_TEXT_MAX]
 
 
 def _cbor_plain(value, depth=0) -> bool:

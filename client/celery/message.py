@@ -89,7 +89,14 @@ def to_brokerd(message: dict) -> dict:
 def from_delivery(d) -> dict:
     """A brokerd ``Delivery`` -> kombu's raw message dict (what ``virtual.Message`` takes)."""
     bh = d.headers or {}
-    k = bh.get(KOMBU_KEY) or {}
+    k = bh.get(KOMBU_KEY)
+    # What Celery's worker would choke on (it crashes the consumer, not just the task) is refused here:
+    if not isinstance(k, dict) or not k.get("content-type"):
+        raise ValueError(f"no '{KOMBU_KEY}' header with a content-type: not published through kombu")
+    if not isinstance(k.get("headers") or {}, dict) or not isinstance(k.get("properties") or {}, dict):
+        raise ValueError(f"the '{KOMBU_KEY}' header's headers and properties must be maps")
+    if (k.get("headers") or {}).get("task") and not (k.get("headers") or {}).get("id"):
+        raise ValueError("a Celery task message (headers.task) without headers.id")
     props = dict(k.get("properties") or {})
     body = d.body
     ctype = k.get("content-type")

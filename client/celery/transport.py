@@ -293,7 +293,14 @@ class Channel(virtual.Channel):
                     d.nack(requeue=True)
                     break
                 n += 1
-                cb(self._raw(d))
+                try:
+                    raw = self._raw(d)
+                except Exception as exc:  # a message we cannot rebuild costs only itself
+                    log.error("brokerd message %s in %r cannot be read as a Celery message (%s: %s); "
+                              "dead-lettered to %s.dlq", d.id, queue, type(exc).__name__, exc, queue)
+                    d.nack(requeue=False)
+                    continue
+                cb(raw)
         return n
 
     def close(self):

@@ -203,3 +203,52 @@ def test_celery_beat_runs_unchanged(env):
         wait_for(lambda: env.lines("order").count("beat") >= 2, "celery beat's entry to run twice")
     finally:
         env.stop(beat)
+
+
+def test_a_chord_with_a_failed_member_fails_its_body_and_runs_the_errback_once(env):
+    from celery import chord
+    from celery.exceptions import ChordError
+
+    capp = env.capp
+    body = capp.tsum.s().on_error(capp.record.si("chord-errback"))
+    bodies_before = env.lines("tsum")
+    r = chord([capp.add.s(1, 1), capp.boom.s("member broke"), capp.boom.s("so did I")], body).apply_async()
+    with pytest.raises(ValueError, match="member broke|so did I"):  # as Celery does: the header's error first
+        r.get(timeout=WAIT)
+    body_result = capp.app.AsyncResult(r.id)
+    wait_for(lambda: body_result.state == "FAILURE", "the body to be failed")
+    assert isinstance(body_result.result, ChordError)
+    wait_for(lambda: "chord-errback" in env.lines("order"), "the body's errback to run")
+    capp.add.delay(0, 0).get(timeout=WAIT)  # both failed members have been handled by now
+    assert env.lines("order").count("chord-errback") == 1
+    assert env.lines("tsum") == bodies_before  # the body never ran
+
+
+def test_a_message_that_is_not_celerys_costs_only_itself(env):
+    from client.producer import Client
+
+    with Client(env.url) as c:
+        c.publish("celery", b"\xff not a celery message", id="hostile-1")
+        c.publish("celery", b"[]", id="hostile-2", headers={"kombu": {"content-type": "application/json",
+                                                                      "headers": {"task": "no.such.task"}}})
+    assert env.capp.add.delay(4, 4).get(timeout=WAIT) == 8
+    assert env.default_worker.poll() is None
+
+
+def test_revoke_is_brokerds_durable_revoke_and_the_worker_reconnects_after_a_broker_restart(env):
+    """AsyncResult.revoke also sends brokerd's REVOKE: the task stays revoked across a broker restart;
+    the Celery worker and the producer reconnect by themselves (kombu's recoverable errors)."""
+    capp = env.capp
+    r = capp.add.apply_async((5, 5), countdown=3600)
+    r.revoke()
+    from client.producer import Client
+
+    with Client(env.url) as c:
+        wait_for(lambda: c.get_result(r.id)["state"] == "REVOKED", "brokerd to record the revoke")
+    env.broker.terminate()
+    env.broker.restart()
+    with Client(env.url) as c:
+        assert c.get_result(r.id)["state"] == "REVOKED"
+        assert "REVOKED" in c.admin(f"RESULT {r.id}")
+    assert capp.app.AsyncResult(r.id).state == "REVOKED"
+    assert capp.add.delay(6, 7).get(timeout=WAIT) == 13
