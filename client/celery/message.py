@@ -89,6 +89,9 @@ def to_brokerd(message: dict) -> dict:
 def from_delivery(d) -> dict:
     """A brokerd ``Delivery`` -> kombu's raw message dict (what ``virtual.Message`` takes)."""
     bh = d.headers or {}
+    body = d.body
+    if KOMBU_KEY not in bh and "x-schedule" in bh:
+        bh, body = _unpack_scheduled(d, bh)
     k = bh.get(KOMBU_KEY)
     # What Celery's worker would choke on (it crashes the consumer, not just the task) is refused here:
     if not isinstance(k, dict) or not k.get("content-type"):
@@ -98,7 +101,6 @@ def from_delivery(d) -> dict:
     if (k.get("headers") or {}).get("task") and not (k.get("headers") or {}).get("id"):
         raise ValueError("a Celery task message (headers.task) without headers.id")
     props = dict(k.get("properties") or {})
-    body = d.body
     ctype = k.get("content-type")
     cenc = k.get("content-encoding")
     headers = dict(k.get("headers") or {})
@@ -127,3 +129,35 @@ def _serializer_name(content_type) -> str:
         if ctype == content_type:
             return name
     raise ValueError(f"chord body has content type {content_type!r}, which no kombu serializer here encodes")
+
+
+# -- schedules fired by brokerd (client/celery/beat.py) ------------------------------------------
+# A schedule's message carries only the headers brokerd sets (x-schedule, x-tick), so the Celery message
+# travels inside the body: CBOR {"celery-schedule": 1, "kombu": <the kombu header>, "body": <body bytes>}.
+# At delivery it is unpacked, and brokerd's per-firing message id ("<name>@<tick>") becomes the task id.
+SCHEDULED = "celery-schedule"
+
+
+def scheduled_body(message: dict) -> bytes:
+    """A kombu message as the bytes a brokerd schedule enqueues at each tick (SCHEDULE_PUT ``body``)."""
+    import cbor2
+
+    p = to_brokerd(message)
+    return cbor2.dumps({SCHEDULED: 1, KOMBU_KEY: p["headers"][KOMBU_KEY], "body": p["body"]})
+
+
+def _unpack_scheduled(d, bh):
+    import cbor2
+
+    try:
+        packed = cbor2.loads(d.body)
+    except Exception as exc:
+        raise ValueError(f"a scheduled message whose body is not a packed Celery message ({exc})") from None
+    if not isinstance(packed, dict) or packed.get(SCHEDULED) != 1 or not isinstance(packed.get(KOMBU_KEY), dict):
+        raise ValueError("a scheduled message whose body is not a packed Celery message")
+    k = dict(packed[KOMBU_KEY])
+    headers = dict(k.get("headers") or {})
+    headers.update(id=d.id, root_id=d.id, eta=None)
+    k["headers"] = headers
+    k["properties"] = dict(k.get("properties") or {}, correlation_id=d.id)
+    return dict(bh, **{KOMBU_KEY: k}), packed.get("body") or b""

@@ -68,3 +68,16 @@ def test_a_message_not_from_kombu_is_refused_with_what_is_missing(headers, why):
     d = SimpleNamespace(body=b"\xff", headers=headers, tag=1, queue="celery", priority=0, attempts=1, id="x")
     with pytest.raises(ValueError, match=why):
         M.from_delivery(d)
+
+
+def test_a_scheduled_firing_is_unpacked_with_brokerds_id_as_the_task_id():
+    p = kombu_message()
+    packed = M.scheduled_body(p)
+    d = SimpleNamespace(body=packed, headers={"x-schedule": "tick", "x-tick": 1.0}, tag=3, queue="celery",
+                        priority=0, attempts=1, id="tick@1.000")
+    out = M.from_delivery(d)
+    assert out["headers"]["id"] == "tick@1.000" and out["properties"]["correlation_id"] == "tick@1.000"
+    assert out["body"] == p["body"].encode()
+    d.body = b"\x01not cbor map"
+    with pytest.raises(ValueError, match="not a packed Celery message"):
+        M.from_delivery(d)

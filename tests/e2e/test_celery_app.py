@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -252,3 +253,25 @@ def test_revoke_is_brokerds_durable_revoke_and_the_worker_reconnects_after_a_bro
         assert "REVOKED" in c.admin(f"RESULT {r.id}")
     assert capp.app.AsyncResult(r.id).state == "REVOKED"
     assert capp.add.delay(6, 7).get(timeout=WAIT) == 13
+
+
+def test_brokerd_fires_the_apps_beat_schedule_itself_with_one_task_id_per_firing(env):
+    """client.celery.beat pushes beat_schedule into brokerd; no beat process runs, the worker gets each
+    firing as an ordinary Celery task whose id is brokerd's '<entry>@<tick>'."""
+    from client.celery import beat
+
+    capp = env.capp
+    before = env.lines("order").count("beat")
+    from client.producer import Client
+
+    with Client(env.url) as c:
+        assert beat.sync(capp.app, c) == {"put": ["tick"], "removed": []}
+        try:
+            wait_for(lambda: env.lines("order").count("beat") >= before + 2, "brokerd's firings to run")
+            (entry,) = c.schedule_list("celery:capp")
+            assert entry["fired"] >= 2
+            log_text = Path(env.default_worker.log_path).read_text()
+            fired_id = re.search(r"capp\.record\[(tick@[\d.]+)\] succeeded", log_text).group(1)
+            assert capp.app.AsyncResult(fired_id).get(timeout=WAIT) == "beat"
+        finally:
+            c.schedule_remove("tick")
