@@ -31,7 +31,7 @@ from kombu.transport import virtual
 from kombu.utils.objects import cached_property
 
 from client.celery import message as M
-from client.errors import BrokerdError, ConnectionClosed, ConnectionLost, NotFound, Timeout
+from client.errors import BrokerdError, ConnectionClosed, ConnectionLost, NotFound, PreconditionFailed, Timeout
 from client.producer import Client
 
 log = logging.getLogger("brokerd.celery")
@@ -184,7 +184,10 @@ class Channel(virtual.Channel):
                     from amqp import ChannelError
                     raise ChannelError(f"NOT_FOUND - no queue {queue!r} in brokerd", (50, 10), (50, 10)) from None
             else:
-                self.client.declare(queue)
+                try:
+                    self.client.declare(queue)
+                except PreconditionFailed:
+                    pass  # it exists with options set by its owner (DECLARE, brokerd-ctl): use it as it is
                 st = self.client.stats(queue)
         return queue_declare_ok_t(queue, _count(st), len(self._consumers_of(queue)))
 
