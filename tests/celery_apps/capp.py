@@ -17,6 +17,7 @@ app.conf.update(
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
     result_expires=3600,
+    result_extended=True,
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
     beat_schedule={"tick": {"task": "tests.celery_apps.capp.record", "schedule": 0.5, "args": ("beat",)}},

@@ -126,6 +126,9 @@ def test_results_are_stored_natively_so_brokerds_own_views_show_them(env):
         assert failed["state"] == "FAILURE"
         assert failed["meta"]["exc_type"] == "ValueError" and failed["meta"]["exc_message"] == "no such user"
         assert "Traceback" in failed["meta"]["traceback"]
+    again = capp.app.AsyncResult(ok.id)  # Celery's own meta comes back, result_extended fields too
+    assert again.name == "tests.celery_apps.capp.add" and list(again.args) == [20, 22]
+    assert again.date_done is not None
     ok.forget()
     assert capp.app.AsyncResult(ok.id).state == "PENDING"
 
