@@ -25,7 +25,7 @@ import os
 import select
 import socket
 import threading
-from queue import Empty
+from time import monotonic as _monotonic
 
 from kombu.transport import virtual
 from kombu.utils.objects import cached_property
@@ -40,6 +40,7 @@ DEFAULT_PORT = 7700
 # kombu's prefetch_count 0 means "no limit"; brokerd's credit is 1..65535 per consumer.  This bounds
 # what one worker may hold unacked (memory) while being "unlimited" for any real Celery setting.
 UNLIMITED_PREFETCH = 65535
+GET_WAIT = 0.5  # seconds basic_get waits for brokerd to deliver a ready message (a round trip or two)
 PIDBOX_SUFFIX = ".pidbox"  # Celery's remote-control exchange is "<app>.pidbox" (fanout)
 
 _capture = threading.local()  # see capture_publishes(): the backend builds a chord body without sending it
@@ -312,8 +313,6 @@ class Channel(virtual.Channel):
         super().close()
 
 
-GET_WAIT = 0.5  # seconds basic_get waits for brokerd to deliver a ready message (a round trip or two)
-
 
 def _count(stats) -> int:
     if not isinstance(stats, dict):
@@ -457,6 +456,4 @@ class Transport(virtual.Transport):
         return "1"
 
 
-from time import monotonic as _monotonic  # noqa: E402
-
-__all__ = ["Transport", "Channel", "ExchangeRouter", "capture_publishes", "Empty"]
+__all__ = ["Transport", "Channel", "ExchangeRouter", "capture_publishes"]
