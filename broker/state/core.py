@@ -35,6 +35,7 @@ from broker.state import log_records as R
 from broker.state.consumers import Conn, Consumer, Delivery
 from broker.state.effects import Effects
 from broker.state.events import EventsMixin
+from broker.state.exchanges import ExchangesMixin
 from broker.state.inspection import InspectionMixin
 from broker.state.management import ManagementMixin
 from broker.state.queue import (
@@ -57,7 +58,8 @@ MAX_MESSAGE_ID = 255  # bytes; a UUID is 36
 NEVER = float("inf")
 
 
-class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, ReplayMixin, InspectionMixin):
+class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, ReplayMixin, InspectionMixin,
+                  ExchangesMixin):
     def __init__(self, *, boot_id: str = "b"):
         self.queues: dict[str, Queue] = {}
         self.conns: dict[int, Conn] = {}
@@ -85,6 +87,7 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         self._init_results()
         self._init_workflow()
         self._init_events()
+        self._init_exchanges()
         self._replaying = False
         self._server_stats = dict  # no runtime attached: no bounds to report
 
@@ -219,11 +222,18 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         self.conns[conn_id] = Conn(conn_id, name)
 
     def disconnect(self, conn_id: int, now: float) -> int:
-        """Forget a connection: cancel its consumers, return its deliveries.
+        """Forget a connection: cancel its consumers, return its deliveries,
+        drop its temporary bindings and queues.
 
         Returns how many deliveries went back.  Every one is marked redelivered
         by its raised attempt count (or dead-lettered at max_attempts).
         """
+        n = self._disconnect(conn_id, now)
+        if conn_id in self._temp_bindings or conn_id in self._temp_queues:
+            self._exchanges_disconnect(conn_id, now)
+        return n
+
+    def _disconnect(self, conn_id: int, now: float) -> int:
         self._events_disconnect(conn_id, now)  # before the conn is forgotten: its worker, subscription
         conn = self.conns.pop(conn_id, None)
         self.outbox.pop(conn_id, None)
