@@ -39,6 +39,7 @@ from client.wire import (
     OP_EMIT_EVENTS,
     OP_PAUSE,
     OP_PING,
+    OP_PUBLISH,
     OP_PURGE,
     OP_RESULT_FORGET,
     OP_RESULT_GET,
@@ -301,6 +302,26 @@ def control(client, command: str, args: dict | None = None, *, timeout: float = 
     if destination is not None:
         opts["destination"] = [destination] if isinstance(destination, str) else list(destination)
     return Call(OP_CONTROL_REQUEST, [command, args, opts], timeout=_plus_client_timeout(client, timeout, CONTROL_SLACK))
+
+
+# -- unique tasks (protocol.md §5.2, unique_key) ---------------------------------------------
+@verb
+def publish_unique(client, queue: str, body: bytes, unique_key: str, *, unique_for: float | None = None,
+                   unique_until: str = "finished", id: str | None = None, priority: int = 0,
+                   headers: dict | None = None, delay=None, eta=None, ttl=None) -> dict:
+    """Publish unless a message holding ``unique_key`` is still around; returns
+    ``{"id", "duplicate"}`` (a duplicate enqueues nothing and names the holder's id).
+
+    The key is held ``unique_until`` ``"started"`` (first delivery), ``"finished"``
+    (acked or a final result stored) or ``"time"``; never longer than ``unique_for``
+    seconds (brokerd's default: an hour).
+    """
+    opts = publish_options(delay, eta, ttl, headers) or {}
+    opts["unique_key"] = unique_key
+    opts["unique_until"] = unique_until
+    if unique_for is not None:
+        opts["unique_for"] = float(unique_for)
+    return Call(OP_PUBLISH, [queue, body, id, priority, opts])
 
 
 # -- exchanges: one publish copied to every bound queue (protocol.md §5.36-5.38) ------------

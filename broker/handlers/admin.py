@@ -48,6 +48,7 @@ HELP = [
     ("WORKERS", "every worker brokerd has heard of: state, pool, active, processed, last heartbeat"),
     ("TASK <task-id> [queue]", "a task's state, name, args, result or traceback, and its timeline of events;"
      " with no events yet, the queue it waits in and its consumers"),
+    ("UNIQUE <key>", "who holds a unique-task key: task id, policy, time left"),
     ("EXCHANGES", "every exchange: type, bindings, bound queues"),
     ("BINDINGS <exchange>", "one exchange's bindings: queue, key, temporary"),
     ("EVENTS [n]", "stream events as lines, after the last n (default 0), until QUIT or close"),
@@ -510,6 +511,16 @@ def c_events(state, args, now, extra):
                                     "a binary client sends SUBSCRIBE (protocol.md §5.30)")
 
 
+def c_unique(state, args, now, extra):
+    _need(args, 1, "UNIQUE <key>")
+    info = state.unique_info(args[0], now)
+    if info is None:
+        raise NotFound(f"no task holds unique key {args[0]!r} (never taken, freed or expired)")
+    pairs = [("key", info["key"]), ("task_id", info["task_id"]), ("until", info["until"]),
+             ("expires_in_s", round(info["expires_in"], 3)), ("held_s", round(info["age"], 3))]
+    return multi(f"unique {info['key']}", keyvalues(pairs))
+
+
 def c_exchanges(state, args, now, extra):
     rows = []
     for ex in sorted(state.exchanges.values(), key=lambda e: e.name):
@@ -555,6 +566,7 @@ COMMANDS = {
     "WORKERS": c_workers,
     "TASK": c_task,
     "EVENTS": c_events,
+    "UNIQUE": c_unique,
     "EXCHANGES": c_exchanges,
     "BINDINGS": c_bindings,
     "QUIT": c_quit,

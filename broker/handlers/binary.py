@@ -55,7 +55,8 @@ from client.wire import (
 )
 
 _NUM = (int, float)
-PUBLISH_OPTIONS = ("delay", "eta", "ttl", "headers")
+PUBLISH_OPTIONS = ("delay", "eta", "ttl", "headers", "unique_key", "unique_for", "unique_until")
+EMIT_OPTIONS = ("delay", "eta", "ttl", "headers")
 # protocol.md §3: every whole-number field fits in 64 bits (CBOR major types 0
 # and 1).  A bignum (tag 2/3) where a count, tag or number of seconds belongs
 # is refused by name rather than overflowing a float deep in the state.
@@ -141,6 +142,16 @@ def h_publish(state, conn, rid, f, now):
         if type(headers) is not dict:
             raise BadRequest("PUBLISH option 'headers' must be a map")
         _storable(headers, "option 'headers'", "PUBLISH")
+    if "unique_key" in opts:  # a unique task (broker/state/unique.py): the reply is {id, duplicate}
+        return ok_frame(rid, state.publish_unique(
+            conn, queue, body, msg_id, priority, now,
+            unique_key=opts["unique_key"], unique_for=_opt_number(opts, "unique_for", "PUBLISH"),
+            unique_until=opts.get("unique_until", "finished"),
+            delay=_opt_number(opts, "delay", "PUBLISH"), eta=_opt_number(opts, "eta", "PUBLISH"),
+            ttl=_opt_number(opts, "ttl", "PUBLISH"), headers=headers or None,
+        ))
+    if "unique_for" in opts or "unique_until" in opts:
+        raise BadRequest("PUBLISH options 'unique_for' and 'unique_until' need 'unique_key'")
     msg_id = state.publish(
         conn, queue, body, msg_id, priority, now,
         delay=_opt_number(opts, "delay", "PUBLISH"),
@@ -403,8 +414,8 @@ def h_emit(state, conn, rid, f, now):
         raise BadRequest(f"EMIT field 6 (priority) must be a whole number from 0 to 255 (got {priority!r})")
     opts = _arg(f, 7, "options", (dict,), "EMIT", required=False) or {}
     for k in opts:
-        if k not in PUBLISH_OPTIONS:
-            raise BadRequest(f"unknown EMIT option {k!r}; known options: {', '.join(PUBLISH_OPTIONS)}")
+        if k not in EMIT_OPTIONS:
+            raise BadRequest(f"unknown EMIT option {k!r}; known options: {', '.join(EMIT_OPTIONS)}")
     headers = opts.get("headers")
     if headers is not None:
         if type(headers) is not dict:

@@ -36,6 +36,7 @@ from broker.state.consumers import Conn, Consumer, Delivery
 from broker.state.effects import Effects
 from broker.state.events import EventsMixin
 from broker.state.exchanges import ExchangesMixin
+from broker.state.unique import UniqueMixin
 from broker.state.inspection import InspectionMixin
 from broker.state.management import ManagementMixin
 from broker.state.queue import (
@@ -59,7 +60,7 @@ NEVER = float("inf")
 
 
 class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, ReplayMixin, InspectionMixin,
-                  ExchangesMixin):
+                  ExchangesMixin, UniqueMixin):
     def __init__(self, *, boot_id: str = "b"):
         self.queues: dict[str, Queue] = {}
         self.conns: dict[int, Conn] = {}
@@ -88,6 +89,7 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         self._init_workflow()
         self._init_events()
         self._init_exchanges()
+        self._init_unique()
         self._replaying = False
         self._server_stats = dict  # no runtime attached: no bounds to report
 
@@ -398,6 +400,8 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
             self._deadlines.add((deadline, tag))
         if self.log_enabled:
             self._delivered_seqs.append(msg.seq)  # one DELIVER record per dispatch round
+        if self._unique_of and msg.attempts == 1:
+            self._unique_event(msg.id, started=True)  # "until started": the first delivery frees it
         self._send(
             c.conn,
             deliver_frame(c.tag, tag, q.name, msg.id, msg.body, msg.priority, msg.attempts, msg.headers),
@@ -534,6 +538,8 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
             msg.queue.acked += 1
             acked_seqs.append(msg.seq)
             consumers.append(d.consumer)
+            if self._unique_of:
+                self._unique_event(msg.id, started=False)
         if acked_seqs and self.log_enabled:
             self.last_lsn += 1
             self.records.append((R.ACK, acked_seqs[0] if len(acked_seqs) == 1 else acked_seqs))
@@ -700,6 +706,8 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         self._tick_schedules(now)
         self._tick_revokes(now)
         self._tick_events(now)
+        if self._unique_ttl:
+            self._tick_unique(now)
         return self.next_wakeup()
 
     def next_wakeup(self) -> float:
@@ -714,7 +722,7 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
             t = self._sched_due[0][0]
         if self._revoke_ttl and self._revoke_ttl[0][0] < t:
             t = self._revoke_ttl[0][0]
-        return min(t, self._results_next_wakeup(), self._events_next_wakeup())
+        return min(t, self._results_next_wakeup(), self._events_next_wakeup(), self._unique_next_wakeup())
 
     def _refuse_if_log_failed(self) -> None:
         if self.log_failed:

@@ -41,6 +41,9 @@ BIND       [exchange, type, queue, key]                     a lasting binding wa
                                                             are never logged)
 UNBIND     [exchange, queue, key]                           ... removed (a DELETE of the queue removes
                                                             its bindings too)
+UNIQUE     [key, task id, until, expires, taken]            a unique key was taken (also compaction)
+UNIQUE_FREE key                                             ... freed by its task's start or finish
+                                                            (an expiry is not logged: replay knows the time)
 """
 
 PUBLISH = 1
@@ -70,6 +73,8 @@ CHORD_MEMBER = 24
 CHORD_FIRE = 25
 BIND = 26
 UNBIND = 27
+UNIQUE = 28
+UNIQUE_FREE = 29
 
 NAMES = {
     PUBLISH: "PUBLISH", DELIVER: "DELIVER", ACK: "ACK", REQUEUE: "REQUEUE", DEAD: "DEAD",
@@ -78,7 +83,7 @@ NAMES = {
     RESULT: "RESULT", FORGET: "FORGET", SCHED_PUT: "SCHED_PUT", SCHED_REMOVE: "SCHED_REMOVE",
     SCHED_PAUSE: "SCHED_PAUSE", SCHED_TICK: "SCHED_TICK", SCHED_STATE: "SCHED_STATE", REVOKE: "REVOKE",
     CHORD: "CHORD", CHORD_MEMBER: "CHORD_MEMBER", CHORD_FIRE: "CHORD_FIRE",
-    BIND: "BIND", UNBIND: "UNBIND",
+    BIND: "BIND", UNBIND: "UNBIND", UNIQUE: "UNIQUE", UNIQUE_FREE: "UNIQUE_FREE",
 }
 
 COUNTER_FIELDS = (

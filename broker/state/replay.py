@@ -121,6 +121,8 @@ class ReplayMixin:
                     self._unbind_queue(p)
             elif t == R.BIND or t == R.UNBIND:
                 self._replay_exchange_record(t, p)
+            elif t == R.UNIQUE or t == R.UNIQUE_FREE:
+                self._replay_unique_record(t, p)
             elif t == R.PURGE:
                 for seq in [s_ for s_, m in msgs.items() if m.queue.name == p and m.state != INFLIGHT]:
                     del msgs[seq]
@@ -197,6 +199,7 @@ class ReplayMixin:
         self._compact_results(through_lsn)
         self._compact_workflow(through_lsn)
         self._compact_exchanges()
+        self._compact_unique()
         for q in self.queues.values():
             if q.owner is not None:
                 self._log(R.DECLARE, [q.name, q.options.to_wire(), True])
