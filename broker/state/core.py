@@ -641,6 +641,8 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         src.dead_lettered += 1
         msg.state = GONE
         dl_name = src.dead_letter_name
+        if src.owner is not None and src.options.dead_letter is None:
+            dl_name = None  # a temporary queue gets no lasting "<name>.dlq" unless it asked for one
         if dl_name is None:
             self._log(R.DROP, [msg.seq, reason])
             return

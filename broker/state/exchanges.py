@@ -38,6 +38,10 @@ MAX_ROUTING_KEY = 255
 # Bindings one exchange may hold: a topic emit matches every distinct pattern
 # of its exchange once per new key, so this bounds what one emit can cost.
 MAX_BINDINGS_PER_EXCHANGE = 10_000
+# Distinct patterns one topic exchange may hold: a routing key not seen since the
+# bindings last changed is matched against each (~1 us a pattern, measured by
+# bench/exchanges.py), so this bounds such an EMIT to ~1 ms of the event loop.
+MAX_TOPIC_PATTERNS = 1_000
 # Bindings in the whole broker (each ~300 B, logged and compacted): 100,000
 # is ~30 MB, far past a Celery fleet (a few per worker) and a bound on a flood.
 MAX_BINDINGS = 100_000
@@ -84,7 +88,7 @@ def topic_match(pattern: tuple, words: tuple) -> bool:
 def _check_key(key, what: str) -> None:
     if type(key) is not str:
         raise BadRequest(f"{what} must be text (got {type(key).__name__})")
-    if len(key.encode()) > MAX_ROUTING_KEY:
+    if len(key) > MAX_ROUTING_KEY // 4 and len(key.encode()) > MAX_ROUTING_KEY:  # UTF-8: <= 4 bytes a char
         raise BadRequest(f"{what} is longer than {MAX_ROUTING_KEY} bytes of UTF-8 (got {len(key.encode())})")
 
 
@@ -213,6 +217,11 @@ class ExchangesMixin:
                 f"{'lasting' if had is None else 'temporary'} binding; unbind it first")
         if self.binding_count >= MAX_BINDINGS:
             raise BadRequest(f"brokerd holds {MAX_BINDINGS} bindings, the most it keeps; unbind some first")
+        if (kind == "topic" and ex is not None and key not in ex.index
+                and len(ex.index) >= MAX_TOPIC_PATTERNS):
+            raise BadRequest(f"topic exchange {exchange!r} has {MAX_TOPIC_PATTERNS} distinct patterns, the most one "
+                             "topic exchange may hold (each new routing key is matched against every one); "
+                             "bind with a pattern it has, or use another exchange")
         if ex is not None and len(ex.bindings) >= MAX_BINDINGS_PER_EXCHANGE:
             raise BadRequest(f"exchange {exchange!r} has {MAX_BINDINGS_PER_EXCHANGE} bindings, the most one "
                              "exchange may hold; unbind some or use another exchange")
@@ -280,9 +289,12 @@ class ExchangesMixin:
         how many queues got one (0: unroutable, dropped).  A full queue
         (overflow=reject) gets no copy and is named in ``"full"``."""
         self._refuse_if_log_failed()
-        validate_exchange_name(exchange)
         _check_key(key, "a routing key")
-        names = self.route(exchange, key)
+        ex = self.exchanges.get(exchange)
+        if ex is None:  # a bound exchange's name was checked when it was bound
+            validate_exchange_name(exchange)
+            return {"id": msg_id, "queues": 0}
+        names = ex.route(key)
         n = 0
         full = []
         for name in tuple(names):  # publishing can create a dead-letter queue, never a binding

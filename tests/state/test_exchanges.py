@@ -196,6 +196,15 @@ def test_a_consumer_on_another_connection_is_cancelled_and_its_delivery_withdraw
     s.check_invariants()
 
 
+def test_a_temporary_queue_leaves_no_lasting_dead_letter_queue_behind(s):
+    s.declare("r.reply", {"max_attempts": 1}, 0.0, temporary_owner=W1)
+    s.publish(P, "r.reply", b"m", None, 0, 0.0)
+    s.consume(W2, ["r.reply"], 1, 0.0)
+    (d,) = [f for f in s.take_outbox()[W2] if f[0] == OP_DELIVER]
+    s.nack(W2, d[2], 0.0, requeue=False)
+    assert "r.reply.dlq" not in s.queues and s.queues["r.reply"].dead_lettered == 1
+
+
 def test_declaring_temporary_over_a_lasting_queue_or_anothers_is_refused(s):
     s.declare("lasting", None, 0.0)
     with pytest.raises(PreconditionFailed, match=r"already exists as a lasting queue"):
@@ -297,6 +306,16 @@ def test_ten_to_the_five_bindings_from_one_connection_stop_at_the_exchange_bound
             s.bind(W1, "ev", "target", f"k{n}", "direct")
     assert n == X.MAX_BINDINGS_PER_EXCHANGE
     assert s.emit(P, "ev", "k5", b"x", None, 0, 0.0)["queues"] == 1  # still routes in one look-up
+
+
+def test_distinct_topic_patterns_are_bounded_but_more_queues_on_one_pattern_are_not(s, monkeypatch):
+    monkeypatch.setattr(X, "MAX_TOPIC_PATTERNS", 5)
+    for i in range(5):
+        s.bind(W1, "ev", f"q{i}", f"app.{i}.#", "topic")
+    with pytest.raises(BadRequest, match=r"topic exchange 'ev' has 5 distinct patterns"):
+        s.bind(W1, "ev", "q9", "app.9.#", "topic")
+    s.bind(W1, "ev", "q9", "app.1.#", "topic")  # a pattern it has: fine
+    assert s.emit(P, "ev", "app.1.x", b"e", None, 0, 0.0)["queues"] == 2
 
 
 def test_broker_wide_binding_bound(s, monkeypatch):
