@@ -113,6 +113,40 @@ def test_topic_matching_agrees_with_a_reference_matcher(pattern_words, key):
     assert got == reference_match(pattern, key), (pattern, key)
 
 
+def reference_route(kind: str, bindings: set, key: str) -> set:
+    """Which queues get a copy, straight from the definition: scan every binding."""
+    if kind == "fanout":
+        return {q for q, _ in bindings}
+    if kind == "direct":
+        return {q for q, k in bindings if k == key}
+    return {q for q, k in bindings if reference_match(k, key)}
+
+
+ops = st.lists(st.tuples(st.booleans(), st.sampled_from(["q1", "q2", "q3"]),
+                         st.lists(words, min_size=1, max_size=3).map(".".join)), max_size=25)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(["direct", "fanout", "topic"]), ops, st.lists(keys, min_size=1, max_size=5))
+def test_routing_after_any_binds_and_unbinds_agrees_with_scanning_every_binding(kind, steps, emit_keys):
+    s = BrokerState()
+    s.connect(W1)
+    model: set = set()
+    for is_bind, queue, key in steps:
+        if kind != "topic":
+            key = key.replace("*", "star").replace("#", "hash")  # plain keys outside topic
+        if is_bind:
+            s.bind(W1, "ex", queue, key, kind)
+            model.add((queue, key))
+        else:
+            assert s.unbind(W1, "ex", queue, key) == ((queue, key) in model)
+            model.discard((queue, key))
+        for k in emit_keys:  # interleaved, so a stale cached answer would show
+            assert set(s.route("ex", k)) == reference_route(kind, model, k), (kind, model, k)
+    assert ("ex" in s.exchanges) == bool(model)
+    assert s.binding_count == len(model)
+
+
 def test_reference_matcher_sanity():
     assert reference_match("#", "") and reference_match("#", "a.b") and reference_match("a.#", "a")
     assert not reference_match("*", "") and not reference_match("a.*", "a") and reference_match("#.b", "b")
