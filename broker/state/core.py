@@ -640,6 +640,8 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         src = msg.queue
         src.dead_lettered += 1
         msg.state = GONE
+        if self._unique_of:
+            self._unique_event(msg.id, started=False)  # it will not run from here: its unique key frees
         dl_name = src.dead_letter_name
         if src.owner is not None and src.options.dead_letter is None:
             dl_name = None  # a temporary queue gets no lasting "<name>.dlq" unless it asked for one
@@ -663,6 +665,8 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         msg.state = GONE
         msg.queue.expired += 1
         self._log(R.EXPIRE, msg.seq)
+        if self._unique_of:
+            self._unique_event(msg.id, started=False)
 
     # -- timers ----------------------------------------------------------------
     def tick(self, now: float) -> float:

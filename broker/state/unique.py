@@ -11,8 +11,9 @@ the caller's ``.get()`` waits for the same result).  The key is held:
   FAILURE, REVOKED) is stored for its id;
 * ``until: "time"``     for ``unique_for`` seconds;
 
-and never longer than ``unique_for`` seconds (default ``DEFAULT_UNIQUE_FOR``),
-so a key whose task was lost, dropped or dead-lettered frees itself.  Keys are
+and never longer than ``unique_for`` seconds (default ``DEFAULT_UNIQUE_FOR``).
+With "started" or "finished", a message that leaves without running (dead-lettered,
+expired by its TTL, dropped as revoked) frees its key too.  Keys are
 logged (UNIQUE when taken, UNIQUE_FREE when started/finished frees them; an
 expiry is recomputed from its time), so they are exact across restarts.
 A publish without a key pays nothing here: the handler calls this only when

@@ -100,6 +100,30 @@ def test_unique_for_bounds_the_other_policies(s):
     assert pub(s, "t3", 5.0) == {"id": "t3", "duplicate": False}
 
 
+@pytest.mark.parametrize("until", ["started", "finished"])
+def test_a_message_that_leaves_without_running_frees_its_key(s, until):
+    s.publish_unique(P, "q", b"x", "ttl-1", 0, 0.0, unique_key="a", unique_until=until, ttl=5)
+    s.tick(5.0)  # expired before anyone took it
+    assert s.unique_info("a", 5.0) is None
+    s.publish_unique(P, "q", b"x", "rev-1", 0, 5.0, unique_key="b", unique_until=until)
+    s.revoke("rev-1", 5.0)
+    s.consume(W, ["q"], 1, 5.0)  # the revoked message is dropped instead of delivered
+    assert s.unique_info("b", 5.0) is None and not delivered(s)
+    s.declare("dl", {"max_attempts": 1}, 5.0)
+    s.publish_unique(P, "dl", b"x", "dead-1", 0, 5.0, unique_key="c", unique_until=until)
+    s.consume(W, ["dl"], 1, 5.0)
+    (d,) = delivered(s)
+    s.nack(W, d[2], 5.0, requeue=False)  # dead-lettered
+    assert s.unique_info("c", 5.0) is None
+    assert replayed(s, 6.0).unique == {}
+
+
+def test_a_time_key_outlives_its_message(s):
+    s.publish_unique(P, "q", b"x", "t1", 0, 0.0, unique_key="k", unique_until="time", unique_for=100, ttl=1)
+    s.tick(1.0)
+    assert s.unique_info("k", 1.0)["task_id"] == "t1"
+
+
 def test_keys_are_exact_across_a_restart(s):
     pub(s, "held", 0.0, key="a")
     pub(s, "freed", 0.0, key="b", until="started")
