@@ -32,12 +32,15 @@ forked child gets its own), and shared by every thread.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 import random
 import threading
 import time
 import uuid
+
+import cbor2
 
 from client.options import redact  # credentials show as ***
 from client import canvas
@@ -119,10 +122,6 @@ DEFAULTS = {
 def unique_key_of(name: str, args, kwargs) -> str:
     """``unique=True``'s key: the task name and a SHA-256 of the canonical CBOR of its arguments
     (the same arguments give the same key in any process, any Python)."""
-    import hashlib
-
-    import cbor2
-
     digest = hashlib.sha256(cbor2.dumps([list(args), dict(kwargs)], canonical=True)).hexdigest()
     return f"{name}:{digest}"
 
