@@ -32,12 +32,15 @@ forked child gets its own), and shared by every thread.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 import random
 import threading
 import time
 import uuid
+
+import cbor2
 
 from client.options import redact  # credentials show as ***
 from client import canvas
@@ -116,6 +119,13 @@ DEFAULTS = {
 
 
 # -- tasks ---------------------------------------------------------------------------------
+def unique_key_of(name: str, args, kwargs) -> str:
+    """``unique=True``'s key: the task name and a SHA-256 of the canonical CBOR of its arguments
+    (the same arguments give the same key in any process, any Python)."""
+    digest = hashlib.sha256(cbor2.dumps([list(args), dict(kwargs)], canonical=True)).hexdigest()
+    return f"{name}:{digest}"
+
+
 class Task:
     """A task type.  ``@app.task`` makes a subclass whose ``run`` is your function.
 
@@ -143,6 +153,11 @@ class Task:
     track_started: bool | None = None  # store STARTED when a worker starts it (app: task_track_started)
     expires: float | None = None
     typing = True
+    # unique tasks (issue 15 item 2; brokerd holds the key, protocol.md §5.2): unique=True keys on
+    # the task name + arguments; unique_until "started" | "finished" | "time"; unique_for seconds at most
+    unique: bool = False
+    unique_for: float | None = None
+    unique_until: str = "finished"
 
     # -- hooks (Celery's signatures) --
     def on_success(self, retval, task_id, args, kwargs):
@@ -183,10 +198,15 @@ class Task:
         kwargs = dict(kwargs or {})
         if self.app.conf.task_always_eager:
             return self.apply(args, kwargs, task_id=task_id)
+        # unique tasks: an explicit unique_key, or unique=True (key: name + a hash of the arguments)
+        key = options.pop("unique_key", None) or (unique_key_of(self.name, args, kwargs) if self.unique else None)
+        unique = None if key is None else (key, options.pop("unique_for", self.unique_for),
+                                           options.pop("unique_until", self.unique_until))
         return self.app.publish_task(
             self.name, args, kwargs, countdown=countdown, eta=eta,
             expires=expires if expires is not None else self.expires,
             priority=priority, queue=queue, task_id=task_id, headers=headers, task=self, options=options,
+            unique=unique,
         )
 
     def apply(self, args=None, kwargs=None, *, task_id=None, **_):
@@ -480,7 +500,7 @@ class App:
 
     def publish_task(self, name, args, kwargs, *, countdown=None, eta=None, expires=None, priority=None,
                      queue=None, task_id=None, headers=None, task=None, options=None, parent_id=None,
-                     root_id=None, extra=None, confirm=True) -> AsyncResult:
+                     root_id=None, extra=None, confirm=True, unique=None) -> AsyncResult:
         """Build the envelope of one task call, route it, and publish it.
 
         ``task`` is the registered Task when known (its queue and priority
@@ -502,6 +522,11 @@ class App:
         signer = self.signer
         if signer is not None:
             signer.sign(env)
+        if unique is not None:  # (key, for, until): a duplicate names the task that holds the key
+            task_id = self.client.publish_unique(queue, encode_envelope(env), unique[0], unique_for=unique[1],
+                                                 unique_until=unique[2], id=task_id, priority=priority,
+                                                 eta=eta_s)["id"]
+            return AsyncResult(task_id, app=self, queue=queue)
         self.client.publish(queue, encode_envelope(env), priority=priority, eta=eta_s, id=task_id, confirm=confirm)
         return AsyncResult(task_id, app=self, queue=queue)
 

@@ -48,6 +48,9 @@ HELP = [
     ("WORKERS", "every worker brokerd has heard of: state, pool, active, processed, last heartbeat"),
     ("TASK <task-id> [queue]", "a task's state, name, args, result or traceback, and its timeline of events;"
      " with no events yet, the queue it waits in and its consumers"),
+    ("UNIQUE <key>", "who holds a unique-task key: task id, policy, time left"),
+    ("EXCHANGES", "every exchange: type, bindings, bound queues"),
+    ("BINDINGS <exchange>", "one exchange's bindings: queue, key, temporary"),
     ("EVENTS [n]", "stream events as lines, after the last n (default 0), until QUIT or close"),
     ("QUIT", "close this connection"),
 ]
@@ -508,6 +511,36 @@ def c_events(state, args, now, extra):
                                     "a binary client sends SUBSCRIBE (protocol.md §5.30)")
 
 
+def c_unique(state, args, now, extra):
+    _need(args, 1, "UNIQUE <key>")
+    info = state.unique_info(args[0], now)
+    if info is None:
+        raise NotFound(f"no task holds unique key {args[0]!r} (never taken, freed or expired)")
+    pairs = [("key", info["key"]), ("task_id", info["task_id"]), ("until", info["until"]),
+             ("expires_in_s", round(info["expires_in"], 3)), ("held_s", round(info["age"], 3))]
+    return multi(f"unique {info['key']}", keyvalues(pairs))
+
+
+def c_exchanges(state, args, now, extra):
+    rows = []
+    for ex in sorted(state.exchanges.values(), key=lambda e: e.name):
+        queues = {q for q, _ in ex.bindings}
+        temp = sum(1 for owner in ex.bindings.values() if owner is not None)
+        rows.append([ex.name, ex.kind, len(ex.bindings), temp, len(queues)])
+    n = len(rows)
+    return multi(f"{n} exchange{'s' if n != 1 else ''}",
+                 table(["EXCHANGE", "TYPE", "BINDINGS", "TEMPORARY", "QUEUES"], rows))
+
+
+def c_bindings(state, args, now, extra):
+    _need(args, 1, "BINDINGS <exchange>")
+    rows = [[q, k or "-", temp] for q, k, temp in sorted(state.exchange_bindings(args[0]))]
+    n = len(rows)
+    kind = state.exchanges[args[0]].kind
+    return multi(f"{n} binding{'s' if n != 1 else ''} of {kind} exchange {args[0]}",
+                 table(["QUEUE", "KEY", "TEMPORARY"], rows))
+
+
 def c_quit(state, args, now, extra):
     return single("bye")
 
@@ -533,5 +566,8 @@ COMMANDS = {
     "WORKERS": c_workers,
     "TASK": c_task,
     "EVENTS": c_events,
+    "UNIQUE": c_unique,
+    "EXCHANGES": c_exchanges,
+    "BINDINGS": c_bindings,
     "QUIT": c_quit,
 }

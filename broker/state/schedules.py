@@ -325,6 +325,8 @@ class WorkflowMixin:
         msg.state = GONE
         msg.queue.expired += 1
         self._log(R.DROP, [msg.seq, "revoked"])
+        if self._unique_of:
+            self._unique_event(msg.id, started=False)  # never runs: its unique key frees
 
     def _tick_revokes(self, now: float) -> None:
         ttl = self._revoke_ttl
