@@ -53,12 +53,68 @@ def absolute_times(now: float, countdown=None, eta=None, expires=None) -> tuple[
     return eta_s, to_epoch(expires)
 
 
+# -- naive datetimes and times of day (protocol.md §8.1) -------------------------------------
+# Celery accepts a naive ``datetime`` or a ``datetime.time`` as an argument and the task gets it back as
+# it was.  CBOR's own date/time tags need a UTC offset and have no time of day, so these two travel as
+# brokerd's own tags, ISO 8601 text without (datetime) or with an optional (time) offset:
+NAIVE_DATETIME_TAG = 50001  # "2026-12-02T10:30:00.000001": a datetime without tzinfo, round-trips naive
+TIME_OF_DAY_TAG = 50002  # "10:30:00" or "10:30:00+02:00": a datetime.time
+TAGGED_TEXT_MAX = 64  # characters: longer text under these tags is not a datetime, refused at decode
+TAGGED_DEPTH_MAX = 64  # nesting levels searched for them in arguments (CBOR itself refuses deeper values)
+
+
+def _tag_times(value, depth=0):
+    """``value`` with every naive datetime and every time replaced by its tag (containers copied)."""
+    if depth > TAGGED_DEPTH_MAX:
+        return value
+    if isinstance(value, _dt.datetime):
+        return cbor2.CBORTag(NAIVE_DATETIME_TAG, value.isoformat()) if value.tzinfo is None else value
+    if isinstance(value, _dt.time):
+        return cbor2.CBORTag(TIME_OF_DAY_TAG, value.isoformat())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_tag_times(v, depth + 1) for v in value) if type(value) in (list, tuple) else \
+            [_tag_times(v, depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {k: _tag_times(v, depth + 1) for k, v in value.items()}
+    return value
+
+
+def dumps_value(value) -> bytes:
+    """CBOR of a task argument: as is, or (when CBOR refused it) with naive datetimes and times tagged.
+    The common case pays nothing; only a value cbor2 refuses is walked."""
+    try:
+        return cbor2.dumps(value)
+    except Exception:  # noqa: BLE001 - cbor2 raises several kinds; retry with the tags, else re-raise that
+        return cbor2.dumps(_tag_times(value))
+
+
+def _untag(*args):
+    # cbor2 6 calls tag_hook(tag, immutable); cbor2 5 called tag_hook(decoder, tag)
+    tag = args[0] if isinstance(args[0], cbor2.CBORTag) else args[1]
+    if tag.tag in (NAIVE_DATETIME_TAG, TIME_OF_DAY_TAG):
+        what = "naive datetime" if tag.tag == NAIVE_DATETIME_TAG else "time of day"
+        text = tag.value
+        if type(text) is not str or len(text) > TAGGED_TEXT_MAX:
+            raise ValueError(f"CBOR tag {tag.tag} ({what}) must hold ISO 8601 text of at most {TAGGED_TEXT_MAX} "
+                             f"characters (got {type(text).__name__})")
+        try:
+            if tag.tag == NAIVE_DATETIME_TAG:
+                value = _dt.datetime.fromisoformat(text)
+                if value.tzinfo is not None:
+                    raise ValueError("it has a UTC offset")
+                return value
+            return _dt.time.fromisoformat(text)
+        except ValueError as exc:
+            raise ValueError(f"CBOR tag {tag.tag} ({what}) holds {text[:TAGGED_TEXT_MAX]!r}, not ISO 8601: {exc}") from None
+    return tag
+
+
 # -- build, encode, decode -----------------------------------------------------------------
 def check_encodable(name: str, args, kwargs) -> None:
     """Fail now, naming the argument, if CBOR cannot carry it."""
     for i, a in enumerate(args):
         try:
-            cbor2.dumps(a)
+            dumps_value(a)
         except Exception as exc:
             raise EncodeError(
                 f"argument {i} of {name} ({type(a).__name__}) cannot be sent to a worker: {exc}"
@@ -67,7 +123,7 @@ def check_encodable(name: str, args, kwargs) -> None:
         if type(k) is not str:
             raise EncodeError(f"keyword argument names of {name} must be text (got {k!r})")
         try:
-            cbor2.dumps(v)
+            dumps_value(v)
         except Exception as exc:
             raise EncodeError(
                 f"keyword argument {k!r} of {name} ({type(v).__name__}) cannot be sent to a worker: {exc}"
@@ -97,15 +153,19 @@ def make_envelope(name, task_id, args, kwargs, *, eta=None, expires=None, parent
 
 def encode_envelope(env: dict) -> bytes:
     """Envelope map → the message body (protocol.md §8.2: the CBOR-encoded map)."""
-    return cbor2.dumps(env)
+    try:
+        return cbor2.dumps(env)
+    except Exception:  # noqa: BLE001 - a naive datetime or a time in the arguments: tag them (above)
+        return cbor2.dumps({**env, "args": _tag_times(env["args"]), "kwargs": _tag_times(env["kwargs"])})
 
 
 def decode_envelope(body: bytes) -> dict:
     """Body bytes → envelope map, or ValueError naming what is wrong (protocol.md §8.3)."""
     try:
-        env = cbor2.loads(body)
+        env = cbor2.loads(body, tag_hook=_untag)
     except Exception as exc:
-        raise ValueError(f"task body is not CBOR: {exc}") from None
+        why = f"{exc}: {exc.__cause__}" if exc.__cause__ is not None else str(exc)  # e.g. a bad tag 50001
+        raise ValueError(f"task body is not CBOR: {why}") from None
     if type(env) is not dict:
         raise ValueError("task body must be a CBOR map (the task envelope)")
     for key, typ in (("task", str), ("id", str), ("args", list), ("kwargs", dict)):

@@ -66,6 +66,8 @@ FORBIDDEN = {
     # app (the app imports canvas for task.s(), so the dependency runs one way).
     "client/exceptions.py": IO | CLOCK | {"os", "broker", "client"},
     "client/_current.py": IO | CLOCK | {"os", "broker", "client"},
+    # signals: a receiver registry (a lock guards it), below everything that sends them
+    "client/signals.py": (IO - {"threading"}) | CLOCK | {"os", "broker", "client"},
     "client/envelope.py": IO | CLOCK | TASK_LAYER_ABOVE_ENVELOPE | {"os", "broker", "client.producer"},
     "client/result.py": {"trio", "asyncio", "broker", "client.app", "client.canvas", "client.beat", "client.worker"},
     "client/canvas.py": {"trio", "asyncio", "broker", "client.app", "client.beat", "client.worker"},
