@@ -47,7 +47,7 @@ worker_shutdown             the worker                 —
 setup_logging               None                       loglevel, logfile, format, colorize (a
                                                        receiver replaces the worker's own setup)
 after_setup_logger          None                       logger, loglevel, logfile, format, colorize
-beat_init                   the beat service           —
+beat_init                   the app (brokerd-beat)     — (before it pushes the schedule)
 ==========================  =========================  ===============================================
 
 The task signals run where the task runs (a pool process, a pool thread, the trio loop); task_received,

@@ -307,6 +307,7 @@ def test_inspect_reserved_active_query_task_queues_conf_report(worker):
     assert [x["name"] for x in i.active_queues()[NAME]] == [q]
     conf = i.conf()[NAME]
     assert conf["task_default_queue"] == "celery" and conf["task_signing_key"] is None
+    assert conf["database_password"] == "***" and "hunter2" not in json.dumps(conf)
     assert "surface@test" in i.report()[NAME]["ok"]
     assert c.get(timeout=WAIT) == 14 and a.get(timeout=WAIT) == "slept"
 

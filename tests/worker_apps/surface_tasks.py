@@ -13,6 +13,7 @@ from client.app import App
 
 app = App("surface_tasks", broker=os.environ.get("BROKERD_TEST_BROKER", "127.0.0.1:7700"))
 app.conf.result_extended = True  # AsyncResult.name/args/kwargs come from the stored result
+app.conf.database_password = "hunter2"  # inspect().conf() must never show it
 
 
 class MyError(Exception):
