@@ -18,6 +18,7 @@ from fnmatch import fnmatchcase
 import cbor2
 
 from client.exceptions import EncodeError
+from client.cbortags import dumps_value, tag_times, untag  # naive datetimes and times of day (§8.1)
 
 # protocol.md §8.1: key `v`.  A change to the meaning of a key bumps it.
 ENVELOPE_VERSION = 1
@@ -51,62 +52,6 @@ def absolute_times(now: float, countdown=None, eta=None, expires=None) -> tuple[
     if isinstance(expires, (int, float)) and not isinstance(expires, bool) and expires < RELATIVE_EXPIRES_BELOW:
         expires = now + float(expires)
     return eta_s, to_epoch(expires)
-
-
-# -- naive datetimes and times of day (protocol.md §8.1) -------------------------------------
-# Celery accepts a naive ``datetime`` or a ``datetime.time`` as an argument and the task gets it back as
-# it was.  CBOR's own date/time tags need a UTC offset and have no time of day, so these two travel as
-# brokerd's own tags, ISO 8601 text without (datetime) or with an optional (time) offset:
-NAIVE_DATETIME_TAG = 50001  # "2026-12-02T10:30:00.000001": a datetime without tzinfo, round-trips naive
-TIME_OF_DAY_TAG = 50002  # "10:30:00" or "10:30:00+02:00": a datetime.time
-TAGGED_TEXT_MAX = 64  # characters: longer text under these tags is not a datetime, refused at decode
-TAGGED_DEPTH_MAX = 64  # nesting levels searched for them in arguments (CBOR itself refuses deeper values)
-
-
-def _tag_times(value, depth=0):
-    """``value`` with every naive datetime and every time replaced by its tag (containers copied)."""
-    if depth > TAGGED_DEPTH_MAX:
-        return value
-    if isinstance(value, _dt.datetime):
-        return cbor2.CBORTag(NAIVE_DATETIME_TAG, value.isoformat()) if value.tzinfo is None else value
-    if isinstance(value, _dt.time):
-        return cbor2.CBORTag(TIME_OF_DAY_TAG, value.isoformat())
-    if isinstance(value, (list, tuple)):
-        return type(value)(_tag_times(v, depth + 1) for v in value) if type(value) in (list, tuple) else \
-            [_tag_times(v, depth + 1) for v in value]
-    if isinstance(value, dict):
-        return {k: _tag_times(v, depth + 1) for k, v in value.items()}
-    return value
-
-
-def dumps_value(value) -> bytes:
-    """CBOR of a task argument: as is, or (when CBOR refused it) with naive datetimes and times tagged.
-    The common case pays nothing; only a value cbor2 refuses is walked."""
-    try:
-        return cbor2.dumps(value)
-    except Exception:  # noqa: BLE001 - cbor2 raises several kinds; retry with the tags, else re-raise that
-        return cbor2.dumps(_tag_times(value))
-
-
-def _untag(*args):
-    # cbor2 6 calls tag_hook(tag, immutable); cbor2 5 called tag_hook(decoder, tag)
-    tag = args[0] if isinstance(args[0], cbor2.CBORTag) else args[1]
-    if tag.tag in (NAIVE_DATETIME_TAG, TIME_OF_DAY_TAG):
-        what = "naive datetime" if tag.tag == NAIVE_DATETIME_TAG else "time of day"
-        text = tag.value
-        if type(text) is not str or len(text) > TAGGED_TEXT_MAX:
-            raise ValueError(f"CBOR tag {tag.tag} ({what}) must hold ISO 8601 text of at most {TAGGED_TEXT_MAX} "
-                             f"characters (got {type(text).__name__})")
-        try:
-            if tag.tag == NAIVE_DATETIME_TAG:
-                value = _dt.datetime.fromisoformat(text)
-                if value.tzinfo is not None:
-                    raise ValueError("it has a UTC offset")
-                return value
-            return _dt.time.fromisoformat(text)
-        except ValueError as exc:
-            raise ValueError(f"CBOR tag {tag.tag} ({what}) holds {text[:TAGGED_TEXT_MAX]!r}, not ISO 8601: {exc}") from None
-    return tag
 
 
 # -- build, encode, decode -----------------------------------------------------------------
@@ -155,14 +100,14 @@ def encode_envelope(env: dict) -> bytes:
     """Envelope map → the message body (protocol.md §8.2: the CBOR-encoded map)."""
     try:
         return cbor2.dumps(env)
-    except Exception:  # noqa: BLE001 - a naive datetime or a time in the arguments: tag them (above)
-        return cbor2.dumps({**env, "args": _tag_times(env["args"]), "kwargs": _tag_times(env["kwargs"])})
+    except Exception:  # noqa: BLE001 - a naive datetime or a time in the arguments: tag them (client.cbortags)
+        return cbor2.dumps({**env, "args": tag_times(env["args"]), "kwargs": tag_times(env["kwargs"])})
 
 
 def decode_envelope(body: bytes) -> dict:
     """Body bytes → envelope map, or ValueError naming what is wrong (protocol.md §8.3)."""
     try:
-        env = cbor2.loads(body, tag_hook=_untag)
+        env = cbor2.loads(body, tag_hook=untag)
     except Exception as exc:
         why = f"{exc}: {exc.__cause__}" if exc.__cause__ is not None else str(exc)  # e.g. a bad tag 50001
         raise ValueError(f"task body is not CBOR: {why}") from None
