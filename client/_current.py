@@ -15,6 +15,11 @@ from __future__ import annotations
 import contextvars
 
 
+# Task ids a running task's result keeps of the tasks it sent (AsyncResult.children): bounded, because
+# the ids travel in its result's meta, one frame; 10,000 ids are about 400 KB.
+CHILDREN_MAX = 10_000
+
+
 class Request:
     """What ``self.request`` shows inside a bound task."""
 

@@ -42,7 +42,7 @@ import uuid
 from client.options import redact  # credentials show as ***
 from client import canvas, signals
 from client.control import Control, Inspect
-from client._current import Request, current_app, current_request, set_current_app
+from client._current import CHILDREN_MAX, Request, current_app, current_request, set_current_app
 from client.envelope import (
     DEFAULT_QUEUE,
     ENVELOPE_VERSION,
@@ -435,7 +435,7 @@ class App:
         if signer is not None:
             signer.sign(env)
         self.client.publish(queue, encode_envelope(env), priority=priority, eta=eta_s, id=task_id, confirm=confirm)
-        if parent is not None and not parent.is_eager:
+        if parent is not None and not parent.is_eager and len(parent.children) < CHILDREN_MAX:
             parent.children.append(task_id)  # the running task's AsyncResult.children
         if signals.after_task_publish.receivers:
             signals.after_task_publish.send(sender=name, body=env, exchange="", routing_key=queue)
