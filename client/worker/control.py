@@ -21,6 +21,7 @@ from client.options import redact
 from client.worker.events import heartbeat_info, pool_size
 from client.worker.limits import TIME_LIMIT_MAX
 from client.worker.outcome import S_ACK, event_repr, shown
+from client.worker.runner import request_for
 
 log = logging.getLogger("brokerd.worker")
 
@@ -73,8 +74,11 @@ class Control:
                 meta = {"exc_type": "TaskRevokedError", "exc_message": f"task {job.task_id} was revoked and terminated",
                         "hostname": w.hostname}
                 if signals.task_revoked.receivers:
-                    signals.task_revoked.send(sender=w.app.tasks.get(job.name), request=None, terminated=True,
-                                              signum=signal.SIGKILL, expired=False)
+                    task = w.app.tasks.get(job.name)
+                    req = request_for(job.env, task, job.d.queue, job.d.priority, job.d.attempts,
+                                      job.env.get("retries") or 0, w.hostname)
+                    signals.task_revoked.send(sender=task, request=req, terminated=True, signum=signal.SIGKILL,
+                                              expired=False)
                 w.finish(job, (S_ACK, "REVOKED", None, meta, None, None))
 
     def ctl_ping(self, args):

@@ -172,13 +172,28 @@ def test_unknown_rejected_and_expired_tasks_send_their_signals(worker):
     assert e.id in st.app.control.inspect(destination=[NAME], timeout=5).revoked()[NAME]
 
 
+def test_terminating_a_running_task_sends_task_revoked_with_its_request(worker):
+    q, w = worker
+    m = f"m-{uuid.uuid4().hex}"
+    r = st.sleeper.apply_async((m, 30), queue=q)
+    st.app.AsyncResult(m).get(timeout=WAIT)  # it runs
+    st.app.control.terminate(r.id)
+    assert r.get(timeout=WAIT, propagate=False).__class__.__name__ == "TaskRevokedError"  # brokerd says so at once
+
+    def got():
+        return [x for x in w.signals("task_revoked") if x["task_id"] == r.id]
+
+    wait_for(got, "task_revoked from the worker that killed the task")  # it acts on the CONTROL a moment later
+    assert got()[0]["terminated"] is True and got()[0]["expired"] is False
+    assert r.id in st.app.control.inspect(destination=[NAME], timeout=5).revoked()[NAME]
+
+
 def test_worker_signals_and_worker_process_init_in_every_pool_process(worker):
     q, w = worker
     stats = st.app.control.inspect(destination=[NAME], timeout=5).stats()[NAME]
-    children = set(stats["pool"]["processes"])
-    assert len(children) == 2
+    children = set(stats["pool"]["processes"])  # the two of -c 2, or their replacements
     inits = {x["pid"] for x in w.signals("worker_process_init")}
-    assert children <= inits  # every pool process ran its receiver
+    assert children and children <= inits and len(inits) >= 2  # every pool process ran its receiver
     parent = stats["pid"]
     for name in ("celeryd_init", "worker_init", "worker_ready", "after_setup_logger"):
         got = w.signals(name)
@@ -290,8 +305,8 @@ def test_get_inside_a_task_is_refused_unless_asked_for(worker):
 def test_inspect_reserved_active_query_task_queues_conf_report(worker):
     q, _ = worker
     m1, m2 = f"m-{uuid.uuid4().hex}", f"m-{uuid.uuid4().hex}"
-    a = st.sleeper.apply_async((m1, 3), queue=q)
-    b = st.sleeper.apply_async((m2, 3), queue=q)
+    a = st.sleeper.apply_async((m1, 30), queue=q)  # ended below by terminate, long before 30 s
+    b = st.sleeper.apply_async((m2, 30), queue=q)
     c = st.add.apply_async((7, 7), queue=q)  # -c 2, prefetch 4: held by the worker behind the two sleepers
     st.app.AsyncResult(m1).get(timeout=WAIT)
     st.app.AsyncResult(m2).get(timeout=WAIT)
@@ -309,7 +324,8 @@ def test_inspect_reserved_active_query_task_queues_conf_report(worker):
     assert conf["task_default_queue"] == "celery" and conf["task_signing_key"] is None
     assert conf["database_password"] == "***" and "hunter2" not in json.dumps(conf)
     assert "surface@test" in i.report()[NAME]["ok"]
-    assert c.get(timeout=WAIT) == 14 and a.get(timeout=WAIT) == "slept"
+    st.app.control.terminate([a.id, b.id])
+    assert c.get(timeout=WAIT) == 14  # it ran once a slot was free
 
 
 def test_control_time_limit_events_heartbeat_and_bad_values(worker):
