@@ -300,11 +300,14 @@ class EagerResult(AsyncResult):
         self._cache = {"id": id, "state": state, "result": value, "meta": None}
         self._on_ready = []
 
-    def get(self, timeout=None, propagate=True, interval=None):
+    def get(self, timeout=None, propagate=True, interval=None, callback=None, **_):
+        """The known outcome (an eager run never blocks, so ``disable_sync_subtasks`` has nothing to refuse)."""
         if self._exc is not None:
             if propagate:
                 raise self._exc
             return self._exc
+        if callback is not None:
+            callback(self.id, self._value)
         return self._value
 
     @property

@@ -205,3 +205,17 @@ def test_a_bad_datetime_tag_is_a_clear_decode_error(tag, why):
     body = cbor2.dumps({"task": "t", "id": "i", "args": [tag], "kwargs": {}})
     with pytest.raises(ValueError, match=why):
         decode_envelope(body)
+
+
+def test_a_result_set_of_eager_results_joins_without_a_broker():
+    from client.result import EagerResult, ResultSet
+
+    rs = ResultSet([EagerResult("a", 1, "SUCCESS"), EagerResult("b", None, "FAILURE", exc=LocalError("x"))])
+    assert rs.ready() and rs.failed() and not rs.successful() and rs.completed_count() == 1
+    got = rs.join(propagate=False)
+    assert got[0] == 1 and isinstance(got[1], LocalError)
+    with pytest.raises(LocalError):
+        rs.join_native()
+    seen = []
+    ResultSet([EagerResult("a", 1, "SUCCESS")]).join(callback=lambda tid, v: seen.append((tid, v)))
+    assert seen == [("a", 1)]
