@@ -66,6 +66,10 @@ FORBIDDEN = {
     # app (the app imports canvas for task.s(), so the dependency runs one way).
     "client/exceptions.py": IO | CLOCK | {"os", "broker", "client"},
     "client/_current.py": IO | CLOCK | {"os", "broker", "client"},
+    # the argument tags for naive datetimes and times (below the envelope): calendar only, no clock
+    "client/cbortags.py": IO | CLOCK | {"os", "broker", "client"},
+    # signals: a receiver registry (a lock guards it), below everything that sends them
+    "client/signals.py": (IO - {"threading"}) | CLOCK | {"os", "broker", "client"},
     "client/envelope.py": IO | CLOCK | TASK_LAYER_ABOVE_ENVELOPE | {"os", "broker", "client.producer"},
     "client/result.py": {"trio", "asyncio", "broker", "client.app", "client.canvas", "client.beat", "client.worker"},
     "client/canvas.py": {"trio", "asyncio", "broker", "client.app", "client.beat", "client.worker"},
@@ -115,7 +119,7 @@ def files_for(key: str) -> list[Path]:
 
 # Calendar arithmetic needs datetime; this file may import it but never read the clock.
 CALENDAR_ONLY = {"broker/state/cron.py": {"datetime"}, "broker/handlers/admin.py": {"datetime"},
-                 "client/envelope.py": {"datetime"}}
+                 "client/envelope.py": {"datetime"}, "client/cbortags.py": {"datetime"}}
 CLOCK_CALLS = {"now", "today", "utcnow", "time", "monotonic", "perf_counter"}
 
 
