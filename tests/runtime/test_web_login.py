@@ -268,6 +268,18 @@ class DevTools:
                 assert chunk, "Chromium closed its DevTools pipe"
                 self._buf += chunk
 
+    def evaluate(self, expr: str, session: str):
+        """The value of ``expr`` in the page, or None when the page navigated away while it ran
+        (Chromium answers "Inspected target navigated or closed"; under load a click's navigation
+        and the next poll race) — callers poll with ``until``, so None means "not yet"."""
+        try:
+            reply = self.call("Runtime.evaluate", {"expression": expr, "returnByValue": True}, session)
+        except AssertionError as e:
+            if "navigated or closed" in str(e) or "Execution context was destroyed" in str(e):
+                return None
+            raise
+        return reply["result"].get("value")
+
     def close(self) -> None:
         import os
         self.proc.kill()
@@ -286,7 +298,7 @@ def test_chromium_logs_in_through_the_form_and_sees_the_page(web, tmp_path):
         sid = dt.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
 
         def js(expr: str):
-            return dt.call("Runtime.evaluate", {"expression": expr, "returnByValue": True}, sid)["result"].get("value")
+            return dt.evaluate(expr, sid)
 
         def until(expr: str, what: str, timeout: float = 20.0):
             deadline = time.monotonic() + timeout

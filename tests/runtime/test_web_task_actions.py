@@ -242,7 +242,7 @@ def test_chromium_clicks_revoke_and_retry_and_sees_the_states_change(web, tmp_pa
         sid = dt.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
 
         def js(expr: str):
-            return dt.call("Runtime.evaluate", {"expression": expr, "returnByValue": True}, sid)["result"].get("value")
+            return dt.evaluate(expr, sid)
 
         def until_js(expr: str, what: str, timeout: float = 20.0):
             return until(lambda: js(expr), f"{what} (page: {js('document.body && document.body.innerText')!r:.300})", timeout)
