@@ -137,9 +137,5 @@ def control_start(state, hostname: str, action: str, now: float):
         raise NotFound(f"no worker {hostname!r} has reported to this brokerd")
     if w.get("state") != "online":
         raise BadRequest(f"worker {hostname} is {w.get('state')}, not online: it cannot be asked anything")
-    before = set(state._controls)  # the request's record, read back for its replies
-    reply = state.control_request(HTTP_CONN, 0, command, args, now, timeout=CONTROL_WAIT, destination=[hostname])
-    if reply is not None:  # nobody to ask after all
-        return None, command
-    new = set(state._controls) - before
-    return (state._controls[new.pop()] if new else None), command
+    # the pending request (None: nobody to ask after all); its replies are read back from it
+    return state.control_ask(HTTP_CONN, command, args, now, timeout=CONTROL_WAIT, destination=[hostname]), command
