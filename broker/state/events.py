@@ -448,25 +448,34 @@ class EventsMixin:
             sub.dropped = 0
 
     # -- queries -------------------------------------------------------------------------------
-    def task_info(self, task_id, now: float) -> dict | None:
-        """What brokerd knows of a task: its history and its stored result; None if nothing."""
+    def task_info(self, task_id, now: float, sees=None) -> dict | None:
+        """What brokerd knows of a task: its history, its stored result, and (not finished yet)
+        where its message waits (``waiting``: ``locate_message``, or null when it is not found);
+        None if nothing.  ``sees(queue)``: the queues a user may see (the admin TASK)."""
         if type(task_id) is not str or not task_id or len(task_id) > 255:
             raise BadRequest(f"a task id is text of 1 to 255 characters (got {task_id!r})")
         evs = self.task_history.get(task_id)
         r = self.results.get(task_id)
         if r is not None and r.expires <= now:
             r = None
-        if evs is None and r is None:
-            return None
         d = summarize(task_id, evs or ())
+        if r is not None and (r.state in READY_RESULT_STATES or d["state"] is None):
+            d["state"] = r.state
+        waiting = None
+        if d["state"] not in READY_RESULT_STATES:  # PENDING, RECEIVED, STARTED, RETRY, REJECTED: where is it?
+            loc = self.locate_message(task_id, now, sees=sees)
+            waiting = loc if loc["where"] is not None else None
+        if evs is None and r is None:
+            if waiting is None:
+                return None
+            d["state"] = "PENDING"
         d["children"] = self._children_of(task_id) if evs else []
         d["events"] = list(evs or ())
         d["result_state"] = r.state if r is not None else None
         d["meta"] = r.meta if r is not None else None
         if r is not None:
             d["result"] = r.value
-            if r.state in READY_RESULT_STATES or d["state"] is None:
-                d["state"] = r.state
+        d["waiting"] = waiting
         return d
 
     def _children_of(self, task_id: str) -> list:

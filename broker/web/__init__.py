@@ -722,6 +722,10 @@ def render_task(task_id: str, info, access: Access = OPEN) -> str:
           ("runtime s", esc(info.get("runtime") if info.get("runtime") is not None else "")),
           ("parent", _task_link(info.get("parent_id"))), ("root", _task_link(info.get("root_id"))),
           ("children", " ".join(_task_link(c) for c in info.get("children") or []) or "")]
+    w = info.get("waiting")
+    if isinstance(w, dict):  # not finished, and its message found (TASK_INFO's "waiting")
+        kv.append(("waiting", f'<span class="waiting">{esc(w.get("text"))}</span>'
+                   + (f"<br><small>{esc(w['hint'])}</small>" if w.get("hint") else "")))
     out = [f'<h2>task <span class="mono">{esc(task_id)}</span></h2>{_task_buttons(task_id, info, access)}<table class="kv">']
     out += [f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in kv]
     out.append("</table><h3>args</h3>" + _pre(info.get("args")) + "<h3>kwargs</h3>" + _pre(info.get("kwargs")))

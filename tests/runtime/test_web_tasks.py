@@ -144,3 +144,12 @@ def test_history_survives_a_clean_restart_and_a_kill(fed):
     b.kill()
     b.restart()
     assert [t["id"] for t in page(b.http_port, "limit=100")["tasks"]] == (ids + more)[::-1]
+
+
+def test_task_page_says_where_a_waiting_task_is(broker_factory):
+    b = broker_factory()
+    with Client(b.address, name="producer") as c:
+        c.publish("nobody-reads", b"x", id="t-waits")
+    status, d = get_json(b.http_port, "/api/task/t-waits?html=1")
+    assert status == 200 and d["task"]["waiting"]["where"] == "ready"
+    assert "queued in `nobody-reads`, 0 consumers" in d["html"]["task"] and "-Q nobody-reads" in d["html"]["task"]
