@@ -260,3 +260,20 @@ def test_a_stored_final_result_wins_over_the_events(many):
     many.result_set(0, "x", "SUCCESS", 42, {}, T0 + 51)
     total, rows = many.tasks_page(T0 + 52, state="SUCCESS", search="42")
     assert [(r["id"], r["result"]) for r in rows] == [("x", 42)]
+
+
+# -- the page's worker controls: a public way to ask and read the replies ------------------------
+def test_control_ask_returns_the_pending_request_and_its_replies_fill_in():
+    st = BrokerState()
+    assert st.control_ask(-1, "pool_grow", {"n": 1}, T0, timeout=5.0, destination=["w@h"]) is None  # nobody
+    st.connect(7, "w@h")
+    st.emit_events(7, "w@h", [{"type": "worker-online", "freq": 2.0}], T0)
+    st.take_effects()
+    req = st.control_ask(-1, "pool_grow", {"n": 1}, T0, timeout=5.0, destination=["w@h"])
+    assert req is not None and req.expected == {"w@h"} and req.replies == {}
+    frames = st.take_effects().frames[7]
+    reply_id = frames[0][1]["reply_id"]
+    assert st.control_reply(7, reply_id, {"ok": "pool now 3"}, T0)
+    assert req.replies == {"w@h": {"ok": "pool now 3"}} and not req.expected
+    with pytest.raises(BadRequest, match="control command"):
+        st.control_ask(-1, "", None, T0)
