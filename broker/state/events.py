@@ -19,10 +19,13 @@ batches (EMIT_EVENTS, protocol.md §5.29).  brokerd keeps:
 
 None of this is written to the log: events are observability, not state.  The
 task histories alone outlive a restart, through a file of their own beside the log
-(``broker.runtime.history``): each task event marks its task changed (a set insert, the
-only per-event cost), the server takes the changed histories (``history_changes``) every
-few seconds and appends them to that file off the event loop, and at start-up they are
-read back (``restore_history``) under the same bounds as above.  The ring, the worker
+(``broker.runtime.history``): each task event marks its task changed (a dict insert), the
+server takes the changed histories (``history_changes``) every few seconds and appends them
+to that file (encoded and written in a worker thread), and at start-up they are read back
+(``restore_history``) under the same bounds as above.  Measured (bench/task_events.py, shared
+2-core box): taking a task's three events went from ~19 to ~26 us of CPU with the history
+marks and the graphs, and appending its history costs ~10 us more (263 B on disk), against
+~200 us of broker CPU per task end to end (bench/tasks.py).  The ring, the worker
 registry and the graphs (``broker.state.graphs``) start empty; workers re-register with
 their next heartbeat.
 
@@ -246,9 +249,11 @@ def persistable(events: list) -> list:
     """A task's events as written to the history file: long text cut to its preview."""
     out = []
     for ev in events:
-        if any(type(v) is str and len(v) > HISTORY_TEXT and k != "traceback" for k, v in ev.items()):
-            ev = {k: (v[: HISTORY_TEXT - 1] + "…" if type(v) is str and len(v) > HISTORY_TEXT and k != "traceback"
-                      else v) for k, v in ev.items()}
+        for v in ev.values():  # the common case, fast: nothing long
+            if type(v) is str and len(v) > HISTORY_TEXT:
+                ev = {k: (v[: HISTORY_TEXT - 1] + "…" if type(v) is str and len(v) > HISTORY_TEXT and k != "traceback"
+                          else v) for k, v in ev.items()}
+                break
         out.append(ev)
     return out
 
@@ -311,11 +316,10 @@ class EventsMixin:
         return len(events)
 
     def _graph_task(self, ev: dict, t: str, now: float) -> None:
-        name = None
-        for e in self.task_history.get(ev["uuid"], ()):  # the name came with task-received
-            name = e.get("name")
-            if name is not None:
-                break
+        evs = self.task_history.get(ev["uuid"])
+        name = evs[0].get("name") if evs else None  # the name came with task-received, usually first
+        if name is None and evs:
+            name = next((e["name"] for e in evs if e.get("name") is not None), None)
         self.task_graphs.task_done(now, name, t == "task-succeeded", ev.get("runtime"))
 
     def _task_event(self, ev: dict) -> None:

@@ -79,18 +79,21 @@ class TaskGraphs:
 
     def __init__(self):
         self.buckets: deque[Bucket] = deque(maxlen=GRAPH_BUCKETS)
+        self._current: Bucket | None = None  # the newest bucket
 
     def _bucket(self, now: float, depth=None, inflight=None) -> Bucket:
+        b = self._current
+        if b is not None and b.start <= now < b.start + GRAPH_BUCKET_S:
+            return b
         start = math.floor(now / GRAPH_BUCKET_S) * GRAPH_BUCKET_S
-        b = self.buckets[-1] if self.buckets else None
         if b is None or start > b.start:
-            b = Bucket(start, depth, inflight)
+            b = self._current = Bucket(start, depth, inflight)
             self.buckets.append(b)
         return b  # (a clock stepping back adds to the newest bucket)
 
     def needs_depth(self, now: float) -> bool:
         """Whether the bucket of ``now`` has no queue depth yet (the tick then samples it)."""
-        b = self.buckets[-1] if self.buckets else None
+        b = self._current
         return b is None or b.depth is None or now >= b.start + GRAPH_BUCKET_S
 
     def sample_depth(self, now: float, depth: int, inflight: int) -> None:
@@ -99,21 +102,24 @@ class TaskGraphs:
             b.depth, b.inflight = depth, inflight
 
     def task_done(self, now: float, name, ok: bool, runtime) -> None:
-        b = self._bucket(now)
+        """One task finished (called per task-succeeded / task-failed event: kept to a few steps)."""
+        b = self._current
+        if b is None or not b.start <= now < b.start + GRAPH_BUCKET_S:
+            b = self._bucket(now)
         if ok:
             b.succeeded += 1
         else:
             b.failed += 1
-        if type(runtime) not in (int, float) or runtime < 0:
+        tr = type(runtime)
+        if (tr is not float and tr is not int) or runtime < 0:
             return
-        key = name if type(name) is str and name else OTHER
-        hist = b.runtimes.get(key)
+        hist = b.runtimes.get(name)
         if hist is None:
-            if len(b.runtimes) >= GRAPH_NAMES and key != OTHER:
-                key = OTHER
-                hist = b.runtimes.get(key)
+            if type(name) is not str or not name or len(b.runtimes) >= GRAPH_NAMES:
+                name = OTHER
+                hist = b.runtimes.get(name)
             if hist is None:
-                hist = b.runtimes[key] = array("I", bytes(4 * RT_BINS))
+                hist = b.runtimes[name] = array("I", bytes(4 * RT_BINS))
         hist[rt_bin(runtime)] += 1
 
     def series(self, now: float, names: int = 5) -> dict:
