@@ -277,3 +277,40 @@ def test_control_ask_returns_the_pending_request_and_its_replies_fill_in():
     assert req.replies == {"w@h": {"ok": "pool now 3"}} and not req.expected
     with pytest.raises(BadRequest, match="control command"):
         st.control_ask(-1, "", None, T0)
+
+
+# -- the list against a plain model (hypothesis) -----------------------------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as hs  # noqa: E402
+
+_task = hs.tuples(hs.sampled_from(["a.x", "a.y", "b.z"]), hs.integers(0, 5), hs.booleans(),
+                  hs.sampled_from(["w1", "w2"]), hs.booleans())
+
+
+@settings(max_examples=60, deadline=None)
+@given(tasks=hs.lists(_task, max_size=25), sort=hs.sampled_from(ev_mod.TASK_SORTS), desc=hs.booleans(),
+       offset=hs.integers(0, 30), limit=hs.integers(1, 10), needle=hs.sampled_from([None, "a.", "3", "w2", "zz"]),
+       state=hs.sampled_from([None, "SUCCESS", "FAILURE", "STARTED"]))
+def test_page_matches_a_plain_model(tasks, sort, desc, offset, limit, needle, state):
+    st = BrokerState()
+    model = []
+    for i, (name, rt, ok, worker, finished) in enumerate(tasks):
+        tid = f"t{i}"
+        st.emit_events(0, worker, [{"type": "task-received", "uuid": tid, "name": name, "args": f"({i},)", "ts": T0 + i},
+                                   {"type": "task-started", "uuid": tid, "ts": T0 + i}], T0)
+        d = {"id": tid, "name": name, "worker": worker, "received": T0 + i, "started": T0 + i, "state": "STARTED",
+             "runtime": None, "finished": None, "text": f"{tid} {name} ({i},) {worker}"}
+        if finished:
+            st.emit_events(0, worker, [{"type": "task-succeeded" if ok else "task-failed", "uuid": tid,
+                                        "runtime": rt / 10, "ts": T0 + i + rt}], T0)
+            d.update(state="SUCCESS" if ok else "FAILURE", runtime=rt / 10, finished=T0 + i + rt)
+        model.append(d)
+    # the model searches id, name, args and worker (these events carry no result or exception)
+    rows = [d for d in reversed(model) if (state is None or d["state"] == state)
+            and (needle is None or needle in d["text"])]
+    has = [d for d in rows if d[sort] is not None]
+    if sort != "received" or not desc:
+        rows = sorted(has, key=lambda d: d[sort], reverse=desc) + [d for d in rows if d[sort] is None]
+    total, page = st.tasks_page(T0, offset=offset, limit=limit, sort=sort, desc=desc, state=state, search=needle)
+    assert total == len(rows)
+    assert [r["id"] for r in page] == [d["id"] for d in rows[offset: offset + limit]]
