@@ -325,7 +325,10 @@ class EventsMixin:
     def _task_event(self, ev: dict) -> None:
         hist = self.task_history
         tid = ev["uuid"]
-        self._history_dirty[tid] = None
+        dirty = self._history_dirty
+        dirty[tid] = None
+        if len(dirty) > 2 * MAX_TASKS:  # nobody takes them (no history file): keep only the kept tasks
+            self._history_dirty = {t: None for t in dirty if t in hist or t == tid}
         self._summaries.pop(tid, None)
         evs = hist.get(tid)
         if evs is None:

@@ -314,3 +314,12 @@ def test_page_matches_a_plain_model(tasks, sort, desc, offset, limit, needle, st
     total, page = st.tasks_page(T0, offset=offset, limit=limit, sort=sort, desc=desc, state=state, search=needle)
     assert total == len(rows)
     assert [r["id"] for r in page] == [d["id"] for d in rows[offset: offset + limit]]
+
+
+def test_changed_marks_stay_bounded_when_nobody_takes_them(monkeypatch):
+    monkeypatch.setattr(ev_mod, "MAX_TASKS", 10)
+    st = BrokerState()  # a state with no history file: history_changes is never called
+    for i in range(100):
+        st.emit_events(0, "w", [{"type": "task-received", "uuid": f"t{i}", "name": "n"}], T0)
+        assert len(st._history_dirty) <= 2 * 10 + 1
+    assert [tid for tid, _ in st.history_changes()] == [f"t{i}" for i in range(90, 100)]
