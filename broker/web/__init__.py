@@ -615,26 +615,27 @@ def _svg_lines(lines: list, title: str, unit: str, w: int = 480, h: int = 110) -
     known = [v for _, _, vals in lines for v in vals if v is not None]
     top = max(known) if known else 0.0
     n = max((len(vals) for _, _, vals in lines), default=0)
+    xs = [f"{i * (w - 1) / max(1, n - 1):.1f}" for i in range(n)]
+    base, scale = h - 14, ((h - 24) / top if top else 0.0)
     polys = []
     for cls, label, vals in lines:
-        pts = []
-        segs = []
+        segs, pts = [], []
         for i, v in enumerate(vals):
             if v is None:
                 if pts:
                     segs.append(pts)
-                pts = []
+                    pts = []
                 continue
-            y = h - 14 - (v / top * (h - 24) if top else 0)
-            pts.append(f"{i * (w - 1) / max(1, n - 1):.1f},{y:.1f}")
+            pts.append(f"{xs[i]},{base - v * scale:.1f}")
         if pts:
             segs.append(pts)
+        c, t = esc(cls), f"<title>{esc(label)}</title>"
         for pts in segs:
             if len(pts) == 1:  # one point between gaps: a dot
                 x, y = pts[0].split(",")
-                polys.append(f'<circle class="{esc(cls)}" cx="{x}" cy="{y}" r="1.5"><title>{esc(label)}</title></circle>')
+                polys.append(f'<circle class="{c}" cx="{x}" cy="{y}" r="1.5">{t}</circle>')
             else:
-                polys.append(f'<polyline class="{esc(cls)}" points="{" ".join(pts)}"><title>{esc(label)}</title></polyline>')
+                polys.append(f'<polyline class="{c}" points="{" ".join(pts)}">{t}</polyline>')
     legend = " ".join(f'<span class="key {esc(cls)}">{esc(label)}</span>' for cls, label, _ in lines)
     return (f'<figure class="graph" data-graph="{esc(title)}"><figcaption>{esc(title)} '
             f'<small>max {esc(f"{top:.4g}")} {esc(unit)}</small></figcaption>'

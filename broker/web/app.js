@@ -12,6 +12,7 @@
   var params = new URLSearchParams(window.location.search);
   var qoffset = parseInt(params.get("offset") || "0", 10) || 0;  // the page of queues shown
   var busy = false;
+  var polls = 0;  // polls so far (the graphs are fetched on every tenth)
   // the task list's page and order (the pager's and the column heads' links set them)
   // (?toffset=&tsort=&torder=&tlimit=&tq= in the page's address open the list that way: a link to it)
   var tasks = {offset: parseInt(params.get("toffset") || "0", 10) || 0, sort: params.get("tsort") || "received",
@@ -80,7 +81,8 @@
       // a user without results-read gets no task list (brokerd says so in its place): not polled
       var noGrant = document.querySelector('[data-section="tasks"] .no-grant');
       var taskList = noGrant ? Promise.resolve(null) : getJSON(taskQuery());
-      var graphs = noGrant ? Promise.resolve(null) : getJSON("/api/graphs?html=1");
+      // the graphs move in 10 s steps: fetched on the first poll and every tenth after it
+      var graphs = noGrant || polls++ % 10 ? Promise.resolve(null) : getJSON("/api/graphs?html=1");
       work = Promise.all([getJSON(overviewQuery()), taskList, graphs]).then(function (res) {
         var h = res[0].html;
         swap("queues", h.queues); swap("workers", h.workers); swap("dead", h.dead); swap("schedules", h.schedules);
