@@ -89,7 +89,9 @@ FORBIDDEN = {
 # broker/ may use client.wire (the shared codec) and nothing else from client/.
 # client.userfile: token hashing and the users-file entry writer, shared by brokerd (checking a
 # login) and brokerd-ctl user add (which may not import broker/)
-BROKER_MAY_IMPORT_FROM_CLIENT = {"client.wire", "client.userfile"}
+# client.envelope: the task envelope's one writer (protocol.md §8), pure (its own rule above: no I/O,
+# no clock, nothing of the task layer), for the page's retry button (broker/web/actions.py)
+BROKER_MAY_IMPORT_FROM_CLIENT = {"client.wire", "client.userfile", "client.envelope"}
 
 
 def imports_of(path: Path) -> set[str]:

@@ -188,6 +188,8 @@ def test_what_a_user_sees_and_may_press_follows_their_grants(web):
     assert [q["name"] for q in json.loads(body)["queues"]] == ["emails"]
     status, _, body = request(p, "GET", "/api/tasks", bearer("ops"))
     assert status == 403 and "'results-read'" in json.loads(body)["message"]
+    status, _, body = request(p, "GET", "/api/graphs", bearer("ops"))  # task names and runtimes: task data
+    assert status == 403 and "'results-read'" in json.loads(body)["message"]
     status, _, body = request(p, "POST", "/api/queues/secret/purge", bearer("ops"))
     assert status == 403 and json.loads(body)["error"] == "ACCESS_REFUSED"
     # web: publish on emails, results-read; may see emails and tasks, may not purge
@@ -196,6 +198,7 @@ def test_what_a_user_sees_and_may_press_follows_their_grants(web):
     assert status == 403 and "'manage'" in msg and "'emails'" in msg and "'web'" in msg
     assert depth(web) == 1
     assert request(p, "GET", "/api/tasks", bearer("web"))[0] == 200
+    assert request(p, "GET", "/api/graphs", bearer("web"))[0] == 200
     # the page of a user without manage has no buttons
     _, _, _, page = browser_login(p, "web")
     assert b'data-queue="emails"' in page and b'data-queue="secret"' not in page
