@@ -14,11 +14,11 @@ import logging
 import time
 
 from client._current import current_app
-from client.exceptions import LOCAL_FAILURES, RemoteError, TaskRevokedError, TimeoutError
+from client.exceptions import LOCAL_FAILURES, Reject, RemoteError, TaskRevokedError, TimeoutError
 
 log = logging.getLogger("brokerd.client")
 
-READY_STATES = frozenset(("SUCCESS", "FAILURE", "REVOKED"))
+READY_STATES = frozenset(("SUCCESS", "FAILURE", "REVOKED", "REJECTED"))
 WAIT_CHUNK = 600.0  # seconds per RESULT_GET when waiting without a timeout
 SLOW_GET_WARNING = 60.0  # get() without a timeout logs why it may be waiting, once, after this long
 
@@ -118,9 +118,12 @@ class AsyncResult:
                             time.monotonic() - start, meta["state"], self._why_waiting(meta["state"]))
         if meta["state"] == "SUCCESS":
             return meta.get("result")
-        exc = exception_from(meta.get("meta") or {}) if meta["state"] == "FAILURE" else TaskRevokedError(
-            f"task {self.id} was revoked"
-        )
+        if meta["state"] == "FAILURE":
+            exc = exception_from(meta.get("meta") or {})
+        elif meta["state"] == "REJECTED":  # the task raised Reject(requeue=False): Celery's REJECTED
+            exc = Reject(f"task {self.id} was rejected: {(meta.get('meta') or {}).get('exc_message', '')}")
+        else:
+            exc = TaskRevokedError(f"task {self.id} was revoked")
         if propagate:
             raise exc
         return exc

@@ -20,6 +20,7 @@ import traceback
 import cbor2
 
 from client._current import Request, current_request
+from client.canvas import call_errbacks
 from client.envelope import decode_envelope
 from client.exceptions import EncodeError, Ignore, Reject, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 from client.wire import DEFAULT_MAX_FRAME
@@ -30,6 +31,7 @@ from client.worker.outcome import (
     S_REQUEUE,
     S_RETRY,
     exc_meta,
+    reject_meta,
     safe_str,
     short_repr,
     shown,
@@ -125,6 +127,8 @@ class Runner:
             eta=env.get("eta"), expires=env.get("expires"), parent_id=env.get("parent_id"),
             root_id=env.get("root_id"), headers=env.get("headers"), hostname=self.hostname, task=env["task"],
         )
+        # Celery's names: what a task's errbacks and ``self.replace`` read (client/canvas.py)
+        req.callbacks, req.errbacks, req.chain = env.get("link"), env.get("link_error"), env.get("chain")
         ctx = _Ctx()
         ctx.task = task
         ctx.req = req
@@ -258,7 +262,10 @@ class Runner:
             return (S_ACK, None, None, None, None, None)
         if isinstance(exc, Reject):
             log.info("Task %s[%s] rejected (requeue=%s): %s", task.name, req.id, exc.requeue, exc)
-            return (S_REQUEUE if exc.requeue else S_REJECT, None, None, None, None, None)
+            if exc.requeue:
+                return (S_REQUEUE, None, None, None, None, None)
+            # Celery's REJECTED state, stored so that get() ends (raising Reject) instead of waiting for ever
+            return (S_REJECT, "REJECTED", None, reject_meta(exc, self.hostname), None, None)
         auto = task.autoretry_for
         if auto and isinstance(exc, tuple(auto)) and not (
             task.dont_autoretry_for and isinstance(exc, tuple(task.dont_autoretry_for))
@@ -280,6 +287,8 @@ class Runner:
         einfo = ExceptionInfo(exc)
         self._hook(ctx, "on_failure", exc, req.id, req.args, req.kwargs, einfo)
         self._hook(ctx, "after_return", "FAILURE", exc, req.id, req.args, req.kwargs, einfo)
+        if req.errbacks:
+            call_errbacks(self.app, req, exc, tb)  # errback(request, exc, traceback), here as in Celery
         if isinstance(exc, SoftTimeLimitExceeded):
             log.warning("Soft time limit exceeded for %s[%s]", task.name, req.id)
         log.error("Task %s[%s] raised unexpected: %r", task.name, req.id, exc)

@@ -60,3 +60,16 @@ def sleeper(seconds):
     time.sleep(seconds)
     _log("sleeper.log", "finished")
     return "slept"
+
+
+@app.task
+def old_errback(task_id):
+    """An errback in the old style: one argument, the failed task's id (sent as a task)."""
+    _log("old_errbacks.log", task_id)
+    return task_id
+
+
+@app.task
+def new_errback(request, exc, traceback):
+    """An errback in Celery's style: called in the worker with the request, exception and traceback."""
+    _log("new_errbacks.log", f"{request.id} {type(exc).__name__} {'Traceback' in str(traceback)}")
