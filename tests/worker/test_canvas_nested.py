@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from client.canvas import Signature, chain, chord, group, maybe_signature
+from client.canvas import Signature, chain, chord, group
 from client.exceptions import Reject
 from client.result import GroupResult
 from tests.canvas_apps import tasks as t
@@ -98,6 +98,8 @@ def test_a_failed_header_member_fails_every_task_after_the_chord_instead_of_leav
 
 
 def test_a_canvas_travels_as_a_map_and_comes_back_the_same(worker):
+    from client.canvas import maybe_signature
+
     c = t.add.s(2, 2) | group(t.add.s(1), t.add.s(2)) | t.tsum.s()
     again = Signature.from_dict(dict(c))
     assert isinstance(again, chain) and isinstance(again.tasks[1], chord)
