@@ -191,3 +191,16 @@ def test_reject_without_requeue_stores_rejected_so_get_returns(worker):
 def test_reject_with_requeue_runs_the_task_again(worker):
     assert t.reject_first_time.delay("requeue-marker").get(timeout=WAIT) == "ran after requeue"
     assert (worker / "requeue-marker").exists()
+
+
+def test_hostile_workflow_keys_cost_only_their_own_continuation(worker):
+    """Garbage in ``chain``/``link``/``link_error`` (a buggy or hostile producer) must not cost the worker:
+    the task's own result is stored, and the worker runs the next task."""
+    ok = t.app.publish_task(t.add.name, (1, 2), {}, extra={"chain": [{"subtask_type": "nope"}, 42],
+                                                            "link": ["not a signature", {"task": 5}]})
+    assert ok.get(timeout=WAIT) == 3
+    bad = t.app.publish_task(t.boom.name, (), {}, extra={"link_error": [42, {"task": "no.such.errback"}],
+                                                         "chain": [{"task": 7}]})
+    with pytest.raises(ValueError):
+        bad.get(timeout=WAIT)
+    assert t.app.publish_task(t.add.name, (2, 2), {}).get(timeout=WAIT) == 4
