@@ -597,7 +597,7 @@ class App:
 
         self._register(_map, name="brokerd.map")
         self._register(_starmap, name="brokerd.starmap")
-        canvas.register_builtins(self)  # brokerd.canvas, brokerd.chord_failed, celery.accumulate
+        canvas.register_builtins(self)  # brokerd.canvas, brokerd.chord_failed, brokerd.accumulate
 
     def signature(self, name, args=None, kwargs=None, **options):
         """Celery's ``app.signature("proj.tasks.add", (2, 2), countdown=10)`` (or a signature map)."""

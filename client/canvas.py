@@ -63,6 +63,9 @@ log = logging.getLogger("brokerd.worker")
 APPLY_TASK = "brokerd.canvas"
 # The built-in task brokerd publishes when a chord with a multi-task body fails (``_error_spec``).
 CHORD_FAILED_TASK = "brokerd.chord_failed"
+# Celery's celery.accumulate (its arguments as one result), for ``replace(group)``; brokerd.* names are
+# built-ins, hidden from ``inspect registered``.
+ACCUMULATE_TASK = "brokerd.accumulate"
 # The envelope keys a signature's options turn into (protocol.md §8.1): they are workflow, not call options.
 WORKFLOW_KEYS = ("link", "link_error", "chain")
 
@@ -276,6 +279,9 @@ def _send_options(opts: dict, task) -> dict:
     out = {k: v for k, v in opts.items() if k in SEND_OPTIONS}
     if task is not None and out.get("expires") is None and task.expires is not None:
         out["expires"] = task.expires
+    rest = {k: v for k, v in opts.items() if k not in SEND_OPTIONS}
+    if rest:  # the per-call options Task.apply_async passes on (time_limit=...): the same, not dropped
+        out["options"] = rest
     return out
 
 
@@ -316,7 +322,19 @@ def _is_composite(sig) -> bool:
 
 
 # -- chain -------------------------------------------------------------------------------------
+def _app_of(sigs, app=None):
+    """The app a composite works with: the one given, else its first member's (so a canvas built from
+    ``task.s()`` keeps its tasks' app even when another App was created later in the process)."""
+    if app is not None:
+        return app
+    for s in sigs:
+        if isinstance(s, Signature) and s._app is not None:
+            return s._app
+    return None
+
+
 def _mkchain(tasks, app=None, options=None) -> "chain":
+    app = _app_of(tasks, app)
     c = dict.__new__(chain)
     Signature.__init__(c, "celery.chain", (), {"tasks": list(tasks)}, options, app, subtask_type="chain")
     return c
@@ -515,7 +533,8 @@ class group(Signature):
     """Run signatures in parallel; ``GroupResult.get()`` returns their results in order."""
 
     def __init__(self, *tasks, app=None, **options):
-        super().__init__("celery.group", (), {"tasks": _sigs(tasks, app)}, options, app, subtask_type="group")
+        sigs = _sigs(tasks, app)
+        super().__init__("celery.group", (), {"tasks": sigs}, options, _app_of(sigs, app), subtask_type="group")
 
     @classmethod
     def from_dict(cls, d, app=None):
@@ -609,8 +628,9 @@ class chord(Signature):
             tasks = [maybe_signature(header, app)]
         else:
             tasks = _sigs((header,), app)
-        super().__init__("celery.chord", (), {"header": tasks, "body": maybe_signature(body, app)}, options, app,
-                         subtask_type="chord")
+        body = maybe_signature(body, app)
+        super().__init__("celery.chord", (), {"header": tasks, "body": body}, options,
+                         _app_of([*tasks, body], app), subtask_type="chord")
 
     @classmethod
     def from_dict(cls, d, app=None):
@@ -844,7 +864,7 @@ def register_builtins(app) -> None:
 
     app.task(name=APPLY_TASK)(_apply_canvas)
     app.task(name=CHORD_FAILED_TASK)(_chord_failed)
-    app.task(name="celery.accumulate")(_accumulate)
+    app.task(name=ACCUMULATE_TASK)(_accumulate)
 
 
 def replace(task, sig):
@@ -856,7 +876,7 @@ def replace(task, sig):
         raise ValueError("replace() can only be called from inside a running task")
     sig = maybe_signature(sig, task.app).clone()
     if isinstance(sig, group):  # Celery: one result, as the replaced task had: the list of the group's
-        sig = sig | Signature("celery.accumulate", (), {"index": 0}, app=task.app)
+        sig = sig | Signature(ACCUMULATE_TASK, (), {"index": 0}, app=task.app)
     rest = [maybe_signature(s, task.app) for s in (getattr(req, "chain", None) or ())]
     steps = sig.steps() if isinstance(sig, chain) else [sig]
     _final_sig(steps[-1]).set(task_id=req.id)

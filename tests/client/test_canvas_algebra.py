@@ -163,3 +163,11 @@ def test_errbacks_taking_more_than_one_argument_get_request_exc_traceback():
     assert not errback_takes_request(app, old_style.s())
     assert not errback_takes_request(app, bound.s())  # Celery: bound tasks keep the old style
     assert not errback_takes_request(app, Signature("not.registered.here"))
+
+
+def test_a_canvas_keeps_its_tasks_app_when_another_app_is_created_later():
+    c = add.s(1, 1) | group(add.s(1), add.s(2)) | tsum.s()
+    App("created-later")  # becomes the current app
+    copy = c.clone()
+    assert copy.app is app and copy.tasks[1].app is app and copy.tasks[1].body.app is app
+    assert chain(add.s(4, 4) | add.s(8)).clone().tasks[0].tasks[0].app is app
