@@ -203,11 +203,13 @@ class Task:
         key = options.pop("unique_key", None) or (unique_key_of(self.name, args, kwargs) if self.unique else None)
         unique = None if key is None else (key, options.pop("unique_for", self.unique_for),
                                            options.pop("unique_until", self.unique_until))
+        extra = canvas.callbacks_extra(options, self.app)  # link=/link_error=: sent, never dropped
         return self.app.publish_task(
             self.name, args, kwargs, countdown=countdown, eta=eta,
             expires=expires if expires is not None else self.expires,
             priority=priority, queue=queue, task_id=task_id, headers=headers, task=self, options=options,
             unique=unique,
+            extra=extra,
         )
 
     def apply(self, args=None, kwargs=None, *, task_id=None, **_):
@@ -280,6 +282,12 @@ class Task:
 
     def signature(self, args=None, kwargs=None, **options):
         return canvas.Signature(self.name, tuple(args or ()), dict(kwargs or {}), options=options, app=self.app)
+
+    subtask = signature
+
+    def replace(self, sig):
+        """Replace this running task with ``sig`` (Celery's): see ``client.canvas.replace``."""
+        return canvas.replace(self, sig)
 
     def map(self, items):
         """One task that runs this task on each item in turn; its result is the list."""
@@ -550,6 +558,11 @@ class App:
 
         self._register(_map, name="brokerd.map")
         self._register(_starmap, name="brokerd.starmap")
+        canvas.register_builtins(self)  # brokerd.canvas, brokerd.chord_failed, brokerd.accumulate
+
+    def signature(self, name, args=None, kwargs=None, **options):
+        """Celery's ``app.signature("proj.tasks.add", (2, 2), countdown=10)`` (or a signature map)."""
+        return canvas.signature(name, args, kwargs, app=self, **options)
 
     def autodiscover_tasks(self, packages, related_name="tasks") -> None:
         for pkg in packages:

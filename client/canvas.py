@@ -4,53 +4,133 @@
     chain(add.s(2, 2), add.s(4))     # or add.s(2, 2) | add.s(4): 8
     group(add.s(i, i) for i in range(10))()       # GroupResult; .get() in order
     chord((add.s(i, i) for i in range(10)), tsum.s())()   # body gets the list of results
+    add.s(2, 2) | group(add.s(1), add.s(2)) | tsum.s()    # 11: a group followed by a task is a chord
+
+Every primitive is a ``Signature`` (a dict, as in Celery), so any of them nests in any other and
+travels inside a task envelope; ``Signature.from_dict`` turns the map back into the right class.
+
+The algebra is Celery's (celery/canvas.py 5.x), which ``|`` and ``chain()`` follow:
+
+* ``sig | sig`` → chain; ``chain | chain`` → one flat chain; ``sig | group`` → chain (a group of one
+  member is unrolled to the member);
+* ``group | sig`` → chord(group, sig); ``group | group`` → chord whose body is the second group;
+* ``chain ending in a group | sig`` → the group becomes a chord with the new task as body;
+  ``chord | sig`` (and a chain ending in a chord ``| sig``) → the sig joins the chord's body.
 
 How each one runs on brokerd:
 
-* **chain** — every step's task id is chosen up front; the first step is sent
-  with the rest of the chain in its envelope (``chain``), and the worker that
-  finishes a step sends the next one with the result as its first argument.
-  A failed step stops the chain: every later step gets a FAILURE result
-  (``ChainError`` naming the failed step), so ``.get()`` on the chain fails too.
-* **group** — its tasks are sent at once; ``GroupResult`` keeps their ids.
-* **chord** — the barrier lives in brokerd (``CHORD``): the header's task ids
-  are declared first, then the header is sent; brokerd counts each member's
-  final result as part of storing it, and publishes the body exactly once
-  when the last one succeeds (or the error callback if one fails).
-* **link / link_error** — signatures in the envelope (``link``, ``link_error``)
-  that the worker sends after success (with the result prepended) or failure
-  (with the failed task's id).
+* **chain** — before anything is sent the chain is *normalized*: nested chains are flattened, and a
+  group or chord that is followed by more steps becomes a chord whose body is a chain of those steps
+  (so only the last step can be a group or chord).  Every task id is then chosen up front
+  (``freeze``); the first step is sent with the rest in its envelope (``chain``, protocol.md §8.1),
+  and the worker that finishes a step sends the next one with the result as its first argument.  A
+  failed step stops the chain: every later task id gets a FAILURE result (``ChainError`` naming the
+  failed step), so ``.get()`` on the chain fails too.
+* **group** — its members are sent at once (each may be a chain, chord or group); ``GroupResult``
+  keeps their results.  In a chain, a group's members each get the previous result.
+* **chord** — the barrier lives in brokerd (``CHORD``, §5.27): the header's task ids are declared
+  first, then the header is sent; brokerd counts each member's final result as part of storing it,
+  and publishes the body exactly once when the last one succeeds (or the error callback if one
+  fails).  A body that is a chain is sent as its first task carrying the rest (``chain``); a body
+  that is a group or chord is sent as the built-in task ``brokerd.canvas``, which applies it to the
+  header's results, so every chord, however deep, is still counted in brokerd.
+* **link / link_error** — signatures in the envelope (``link``, ``link_error``) that the worker
+  sends after success (with the result prepended) or calls after failure: an errback whose task
+  takes more than one positional argument is called in the worker as ``errback(request, exc,
+  traceback)``; an older one taking only the task id is sent as a task with that id (Celery's rule).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
+import logging
 import uuid
 
 from client._current import current_app
 from client.envelope import encode_envelope, make_envelope
+from client.exceptions import Ignore
 from client.result import AsyncResult, GroupResult
 
 # canvas never imports client.app: it works on the app it is given (or the
 # current one) through its public methods, and client.app imports canvas for
 # ``task.s()``, so the dependency runs one way.
 
+log = logging.getLogger("brokerd.worker")
+
+# The built-in task brokerd publishes as a chord body that is itself a group or chord: it applies the
+# canvas in its ``sig`` keyword to the header's results (registered by ``register_builtins``).
+APPLY_TASK = "brokerd.canvas"
+# The built-in task brokerd publishes when a chord with a multi-task body fails (``_error_spec``).
+CHORD_FAILED_TASK = "brokerd.chord_failed"
+# Celery's celery.accumulate (its arguments as one result), for ``replace(group)``; brokerd.* names are
+# built-ins, hidden from ``inspect registered``.
+ACCUMULATE_TASK = "brokerd.accumulate"
+# The envelope keys a signature's options turn into (protocol.md §8.1): they are workflow, not call options.
+WORKFLOW_KEYS = ("link", "link_error", "chain")
+
+
+def _plain(value):
+    """Signatures (dict subclasses) and tuples → plain maps and lists, so CBOR carries them as such."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _sig_list(value, app=None) -> list:
+    """A ``link=``/``link_error=`` value (one signature or a list of them) → a list of Signatures."""
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return [maybe_signature(value, app)]
+    if isinstance(value, (list, tuple)):
+        return [maybe_signature(v, app) for v in value]
+    raise TypeError(f"link and link_error take a signature or a list of signatures, not {type(value).__name__}")
+
 
 class Signature(dict):
     """``task.s(*args, **kwargs)``: name, args, kwargs and call options.
 
     A dict underneath (as Celery's), so it travels inside a task envelope.
-    ``immutable=True`` (``task.si``) ignores a parent's result when chained.
+    ``immutable=True`` (``task.si``, ``sig.set(immutable=True)``) ignores a parent's result.
     """
 
-    def __init__(self, task: str, args=(), kwargs=None, options=None, app=None, immutable=False):
-        super().__init__(task=task, args=list(args), kwargs=dict(kwargs or {}),
-                         options=dict(options or {}), immutable=immutable)
+    TYPES: dict = {}  # subtask_type → class, for from_dict
+
+    def __init__(self, task=None, args=(), kwargs=None, options=None, app=None, immutable=False,
+                 subtask_type=None, **ex):
+        if isinstance(task, dict):  # Signature(a_signature_map), as Celery allows
+            d = task
+            task, args, kwargs = d["task"], d.get("args") or (), d.get("kwargs")
+            options, immutable = d.get("options"), d.get("immutable", False)
+            subtask_type = d.get("subtask_type")
+        super().__init__(task=task, args=list(args or ()), kwargs=dict(kwargs or {}),
+                         options={**(options or {}), **ex}, immutable=bool(immutable))
+        if subtask_type:
+            self["subtask_type"] = subtask_type
         self._app = app
+
+    @classmethod
+    def from_dict(cls, d: dict, app=None) -> "Signature":
+        """A signature map (from an envelope, JSON, or ``dict(sig)``) → the Signature of its kind."""
+        typ = d.get("subtask_type")
+        if typ:
+            try:
+                return Signature.TYPES[typ].from_dict(d, app=app)
+            except KeyError:
+                raise ValueError(f"unknown signature type {typ!r} (known: chain, group, chord)") from None
+        if type(d.get("task")) is not str:
+            raise ValueError(f"a signature map needs a task name in 'task' (got {d.get('task')!r})")
+        return Signature(d["task"], d.get("args") or (), d.get("kwargs"), d.get("options"), app,
+                         d.get("immutable", False))
 
     @property
     def name(self) -> str:
         return self["task"]
+
+    task = name
 
     @property
     def args(self) -> tuple:
@@ -69,6 +149,10 @@ class Signature(dict):
         return self["immutable"]
 
     @property
+    def subtask_type(self):
+        return self.get("subtask_type")
+
+    @property
     def id(self) -> str | None:
         return self["options"].get("task_id")
 
@@ -78,51 +162,83 @@ class Signature(dict):
             self._app = current_app()
         return self._app
 
-    def set(self, **options) -> "Signature":
-        """Set call options (queue=, countdown=, priority=...) in place; returns self."""
+    @property
+    def type(self):
+        """The registered Task of this signature's name (KeyError naming it when unknown)."""
+        return self.app.tasks[self.name]
+
+    def set(self, immutable=None, **options) -> "Signature":
+        """Set call options (queue=, countdown=, priority=...) in place; ``immutable=True`` makes it
+        ignore a parent's result, as ``.si()`` does.  Returns self."""
+        if immutable is not None:
+            self["immutable"] = bool(immutable)
         self["options"].update(options)
         return self
 
-    def freeze(self) -> str:
-        """Choose the task id now (so a workflow can name it before it runs)."""
-        return self["options"].setdefault("task_id", str(uuid.uuid4()))
+    def set_immutable(self, immutable: bool) -> None:
+        self["immutable"] = bool(immutable)
 
-    def link(self, callback: "Signature") -> "Signature":
+    def freeze(self, _id=None) -> AsyncResult:
+        """Choose the task id now (so a workflow can name it before it runs); its AsyncResult."""
+        tid = self["options"].setdefault("task_id", _id or str(uuid.uuid4()))
+        return AsyncResult(tid, app=self.app)
+
+    def link(self, callback) -> "Signature":
+        """Send ``callback`` with this task's result prepended when it succeeds; returns the callback."""
+        callback = maybe_signature(callback, self._app)
         self["options"].setdefault("link", []).append(callback)
         return callback
 
-    def link_error(self, errback: "Signature") -> "Signature":
+    def link_error(self, errback) -> "Signature":
+        """Call ``errback`` when this task fails (module docstring: the two errback styles)."""
+        errback = maybe_signature(errback, self._app)
         self["options"].setdefault("link_error", []).append(errback)
         return errback
 
-    on_error = link_error
+    def on_error(self, errback) -> "Signature":
+        """``link_error`` that returns this signature, for ``add.s(2, 2).on_error(eb.s()).delay()``."""
+        self.link_error(errback)
+        return self
 
-    def clone(self, args=(), kwargs=None, **options) -> "Signature":
-        new_args = self["args"] if self.immutable else [*args, *self["args"]]
-        return Signature(self.name, new_args, {**self["kwargs"], **(kwargs or {})},
-                         {**self["options"], **options}, self._app, self.immutable)
+    def _merged(self, args=None, kwargs=None):
+        if self.immutable:
+            return list(self["args"]), dict(self["kwargs"])
+        return [*(args or ()), *self["args"]], {**self["kwargs"], **(kwargs or {})}
+
+    def clone(self, args=None, kwargs=None, **options) -> "Signature":
+        """A copy (options deep-copied: freezing the copy does not touch this one), with ``args``
+        prepended and ``kwargs`` merged unless immutable, and ``options`` set."""
+        new = Signature.from_dict(copy.deepcopy(_plain(self)), app=self._app)
+        new["args"], new["kwargs"] = self._merged(args, kwargs)
+        new["options"].update(options)
+        return new
 
     def __copy__(self):
-        return Signature(self.name, self["args"], self["kwargs"], self["options"], self._app, self.immutable)
+        return self.clone()
 
     def __deepcopy__(self, memo):
-        return Signature(self.name, copy.deepcopy(self["args"], memo), copy.deepcopy(self["kwargs"], memo),
-                         copy.deepcopy(self["options"], memo), self._app, self.immutable)
+        return self.clone()
 
-    def apply_async(self, args=(), kwargs=None, _confirm=True, **options):
-        """Send it; extra args are prepended (partial application), as in Celery."""
+    def apply_async(self, args=None, kwargs=None, _confirm=True, link=None, link_error=None, **options):
+        """Send it; ``args`` are prepended (partial application), as in Celery.  ``link=``/``link_error=``
+        add callbacks (a signature or a list) to the ones it already has."""
         s = self.clone(args, kwargs, **options)
-        opts = dict(s.options)
+        opts = s.options
+        for key, more in (("link", link), ("link_error", link_error)):
+            if more is not None:
+                opts[key] = [*(opts.get(key) or ()), *_sig_list(more, self._app)]
         extra = {}
-        for key in ("link", "link_error", "chain"):
-            if opts.get(key):
-                extra[key] = [dict(x) for x in opts.pop(key)]
-            else:
-                opts.pop(key, None)
+        for key in WORKFLOW_KEYS:
+            value = opts.pop(key, None)
+            if value:
+                extra[key] = _plain(value)
         app = s.app
         task = app.tasks.get(s.name)
         if app.conf.task_always_eager and task is not None:
-            return task.apply(s.args, s.kwargs, task_id=opts.get("task_id"))
+            res = task.apply(s.args, s.kwargs, task_id=opts.get("task_id"))
+            if res.successful():
+                after_task(app, {"id": res.id, "task": s.name, **extra}, "SUCCESS", res.result)
+            return res
         return app.publish_task(s.name, s.args, s.kwargs, task=task, extra=extra or None, confirm=_confirm,
                                 **_send_options(opts, task))
 
@@ -130,11 +246,24 @@ class Signature(dict):
         return self.apply_async(args, kwargs)
 
     def __call__(self, *args, **kwargs):
-        s = self.clone(args, kwargs)
-        return s.app.tasks[s.name](*s.args, **s.kwargs)
+        """Run the task here and now (no message), with these arguments prepended."""
+        a, kw = self._merged(args, kwargs)
+        return self.app.tasks[self.name](*a, **kw)
+
+    def __invert__(self):
+        """``~sig``: send it and wait for its result (``sig.delay().get()``)."""
+        return self.apply_async().get()
 
     def __or__(self, other):
-        return chain(self, other)
+        if isinstance(other, chain):  # task | chain → chain
+            return _mkchain([self, *other.tasks], self._app)
+        if isinstance(other, group):  # task | group → chain (a group of one is its member)
+            return _mkchain([self, _unroll(other)], self._app)
+        if isinstance(other, Signature):  # task | task → chain
+            return _mkchain([self, other], self._app)
+        return NotImplemented
+
+    __ior__ = __or__
 
     def __repr__(self):
         args = ", ".join([*(repr(a) for a in self["args"]), *(f"{k}={v!r}" for k, v in self["kwargs"].items())])
@@ -150,50 +279,222 @@ def _send_options(opts: dict, task) -> dict:
     out = {k: v for k, v in opts.items() if k in SEND_OPTIONS}
     if task is not None and out.get("expires") is None and task.expires is not None:
         out["expires"] = task.expires
+    rest = {k: v for k, v in opts.items() if k not in SEND_OPTIONS}
+    if rest:  # the per-call options Task.apply_async passes on (time_limit=...): the same, not dropped
+        out["options"] = rest
     return out
 
 
-def signature(varies, *args, **kwargs) -> Signature:
-    if isinstance(varies, Signature):
-        return varies
-    if isinstance(varies, dict) and "task" in varies:
-        return Signature(varies["task"], varies.get("args", ()), varies.get("kwargs"), varies.get("options"),
-                         immutable=varies.get("immutable", False))
-    return Signature(varies, *args, **kwargs)
+def maybe_signature(d, app=None):
+    """None stays None; a Signature is returned as it is (given ``app`` if it has none); a signature
+    map becomes the Signature of its kind (``Signature.from_dict``)."""
+    if d is None:
+        return None
+    if isinstance(d, Signature):
+        if d._app is None and app is not None:
+            d._app = app
+        return d
+    if isinstance(d, dict):
+        return Signature.from_dict(d, app=app)
+    raise TypeError(f"expected a signature (task.s(...)) or a signature map, not {type(d).__name__}")
 
 
-def _sigs(tasks) -> list[Signature]:
+def signature(varies, *args, app=None, **kwargs) -> Signature:
+    """``signature("proj.tasks.add", (2, 2), countdown=10)``, or a signature / signature map as it is."""
+    if isinstance(varies, dict):
+        return maybe_signature(varies, app)
+    return Signature(varies, *args, app=app, **kwargs)
+
+
+def _sigs(tasks, app=None) -> list[Signature]:
     if len(tasks) == 1 and not isinstance(tasks[0], dict) and hasattr(tasks[0], "__iter__"):
         tasks = tuple(tasks[0])
-    return [signature(t) for t in tasks]
+    return [maybe_signature(t, app) if isinstance(t, dict) else signature(t, app=app) for t in tasks]
 
 
-class chain:
-    """Run signatures one after another, each result the next one's first argument."""
+def _unroll(g):
+    """Celery's maybe_unroll_group: a group of one member is that member."""
+    return g.tasks[0] if isinstance(g, group) and len(g.tasks) == 1 else g
 
-    def __init__(self, *tasks):
-        self.tasks = _sigs(tasks)
-        if not self.tasks:
-            raise ValueError("chain() needs at least one signature")
+
+def _is_composite(sig) -> bool:
+    return isinstance(sig, (chain, group, chord))
+
+
+# -- chain -------------------------------------------------------------------------------------
+def _app_of(sigs, app=None):
+    """The app a composite works with: the one given, else its first member's (so a canvas built from
+    ``task.s()`` keeps its tasks' app even when another App was created later in the process)."""
+    if app is not None:
+        return app
+    for s in sigs:
+        if isinstance(s, Signature) and s._app is not None:
+            return s._app
+    return None
+
+
+def _mkchain(tasks, app=None, options=None) -> "chain":
+    app = _app_of(tasks, app)
+    c = dict.__new__(chain)
+    Signature.__init__(c, "celery.chain", (), {"tasks": list(tasks)}, options, app, subtask_type="chain")
+    return c
+
+
+class chain(Signature):
+    """Run signatures one after another, each result the next one's first argument.
+
+    ``chain(a, b, c)`` is ``a | b | c`` (so it may come out as a chord: ``chain(group(...), tsum.s())``);
+    ``chain(a | b)`` is a chain holding that chain, flattened when it runs.
+    """
+
+    def __new__(cls, *tasks, app=None, **options):
+        if len(tasks) == 1 and not isinstance(tasks[0], dict) and hasattr(tasks[0], "__iter__"):
+            tasks = tuple(tasks[0])
+        sigs = [maybe_signature(t, app) for t in tasks]
+        if len(sigs) <= 1:
+            return _mkchain(sigs, app, options)
+        out = _mkchain([], app)
+        for s in sigs:
+            out = out | s
+        if isinstance(out, Signature):
+            out.options.update(options)
+        return out
+
+    def __init__(self, *tasks, **options):
+        pass  # built in __new__ (which may return a group or chord instead)
+
+    @classmethod
+    def from_dict(cls, d, app=None):
+        tasks = (d.get("kwargs") or {}).get("tasks")
+        if not isinstance(tasks, (list, tuple)):
+            raise ValueError("a chain signature map needs kwargs.tasks, a list of signatures")
+        c = _mkchain([maybe_signature(t, app) for t in tasks], app, d.get("options"))
+        c["args"] = list(d.get("args") or ())
+        c["immutable"] = bool(d.get("immutable", False))
+        return c
+
+    @property
+    def tasks(self) -> list:
+        return self["kwargs"]["tasks"]
+
+    def clone(self, args=None, kwargs=None, **options):
+        new = chain.from_dict(copy.deepcopy(_plain(self)), app=self._app)
+        new["args"] = list(args or ()) + list(self["args"]) if not self.immutable else list(self["args"])
+        new["options"].update(options)
+        return new
 
     def __or__(self, other):
+        if isinstance(other, group):
+            other = _unroll(other)
+            if not isinstance(other, group):
+                return self | other
+            tasks = list(self.tasks)
+            if not tasks:
+                return other
+            if isinstance(tasks[-1], chord):  # chain ending in a chord | group: the group joins its body
+                last = tasks[-1].clone()
+                last.body = last.body | other
+                return _mkchain([*tasks[:-1], last], self._app, self.options)
+            return _mkchain([*tasks, other], self._app, self.options)
         if isinstance(other, chain):
-            return chain(*self.tasks, *other.tasks)
-        return chain(*self.tasks, other)
+            out = self
+            for t in other.tasks:
+                out = out | t
+            return out
+        if isinstance(other, Signature):
+            tasks = list(self.tasks)
+            if tasks and isinstance(tasks[-1], group):  # chain ending in a group | task → chord
+                tasks[-1] = chord(tasks[-1], other, app=self._app)
+                if len(tasks) > 1 and isinstance(tasks[-2], chord):  # two chords in a row: the second
+                    prev = tasks[-2].clone()                         # joins the first one's body
+                    prev.body = prev.body | tasks[-1]
+                    tasks = [*tasks[:-2], prev]
+                return _mkchain(tasks, self._app, self.options)
+            if tasks and isinstance(tasks[-1], chord) and not isinstance(other, chord):
+                last = tasks[-1].clone()
+                last.body = last.body | other
+                return _mkchain([*tasks[:-1], last], self._app, self.options)
+            return _mkchain([*tasks, other], self._app, self.options)
+        return NotImplemented
 
-    def apply_async(self, args=(), kwargs=None, **options):
-        steps = [s.clone() for s in self.tasks]
+    __ior__ = __or__
+
+    def link(self, callback):
+        """Celery: called with the chain's final result (linked to its last task when it runs)."""
+        return Signature.link(self, callback)
+
+    def steps(self) -> list:
+        """The normalized steps (module docstring): nested chains flattened, links and error links
+        handed to the tasks, and a group or chord that has steps after it turned into a chord whose
+        body carries them, so that only the last step can be a group or a chord."""
+        flat: list = []
+
+        def add(t):
+            if isinstance(t, chain):
+                if t.options.get("link") or t.options.get("link_error"):
+                    t = _mkchain(t.steps(), t._app)  # an inner chain's own callbacks go to its tasks
+                for x in t.tasks:
+                    add(x)
+            else:
+                flat.append(t)
+
+        for t in self.tasks:
+            add(maybe_signature(t, self._app))
+        if not flat:
+            raise ValueError("chain() needs at least one signature")
+        for i, t in enumerate(flat):
+            if i < len(flat) - 1 and isinstance(t, (group, chord)):
+                rest = flat[i + 1:]
+                after = rest[0] if len(rest) == 1 else _mkchain(rest, self._app)
+                if isinstance(t, group):
+                    up = chord(t, after, app=self._app)
+                    up.options.update(t.options)  # its task_id (the group id) names the chord
+                else:
+                    up = t.clone()
+                    up.body = _mkchain([up.body, after], self._app)
+                flat = [*flat[:i], up]
+                break
+        for cb in self.options.get("link") or ():
+            flat[-1].link(cb)
+        for eb in self.options.get("link_error") or ():
+            for t in flat:
+                t.link_error(eb)
+        if self.options.get("task_id") and not flat[-1].id:
+            flat[-1].set(task_id=self.options["task_id"])  # Celery: a chain's id is its last task's
+        return flat
+
+    def freeze(self, _id=None):
+        """Normalize, choose every task id, and return the result of the last step (``.parent`` leads
+        back through the earlier ones)."""
+        if _id is not None:
+            self["options"]["task_id"] = _id
+        steps = self.steps()
+        self["kwargs"]["tasks"] = steps
+        for k in ("link", "link_error"):
+            self["options"].pop(k, None)  # now on the steps
+        parent = None
+        res = None
         for s in steps:
-            s.freeze()
-        first, rest = steps[0], steps[1:]
-        if options:
-            first = first.clone(**options)
-        first["options"]["chain"] = [dict(s) for s in rest]
-        res = first.apply_async(args, kwargs)
-        parent = res
-        for s in rest:
-            parent = AsyncResult(s.id, app=s.app, parent=parent)
-        return parent
+            res = s.freeze()
+            _root(res).parent = parent
+            parent = res
+        return res
+
+    def apply_async(self, args=None, kwargs=None, **options):
+        c = self.clone()
+        task_id = options.pop("task_id", None)
+        if task_id:
+            c["options"]["task_id"] = task_id
+        link, link_error = options.pop("link", None), options.pop("link_error", None)
+        for cb in _sig_list(link, self._app):
+            c.link(cb)
+        for eb in _sig_list(link_error, self._app):
+            c.link_error(eb)
+        result = c.freeze()
+        steps = c.tasks
+        a = [*(args or ()), *c["args"]] if not c.immutable else list(c["args"])
+        _apply_steps(steps, a, kwargs, options)
+        return result
 
     def delay(self, *args, **kwargs):
         return self.apply_async(args, kwargs)
@@ -202,26 +503,94 @@ class chain:
         return self.apply_async(args, kwargs)
 
     def __repr__(self):
-        return " | ".join(repr(s) for s in self.tasks)
+        return " | ".join(repr(s) for s in self.tasks) if self.tasks else "chain()"
 
 
-class group:
+def _root(res):
+    """The first result up a result's ``.parent`` links: where the step before it hangs."""
+    while getattr(res, "parent", None) is not None:
+        res = res.parent
+    return res
+
+
+def _apply_steps(steps, args=None, kwargs=None, options=None):
+    """Send the first of a normalized chain's steps with ``args`` prepended, carrying the rest
+    (``chain``); only a plain task can carry them (normalization makes sure that is the case)."""
+    first, rest = steps[0], list(steps[1:])
+    options = dict(options or {})
+    if rest:
+        if _is_composite(first):  # not normalized (a hand-made envelope): normalize what is left
+            again = _mkchain(steps, first._app)
+            again.freeze()
+            first, rest = again.tasks[0], list(again.tasks[1:])
+        if rest:
+            options["chain"] = [_plain(r) for r in rest]
+    return first.apply_async(args, kwargs, **options)
+
+
+# -- group -------------------------------------------------------------------------------------
+class group(Signature):
     """Run signatures in parallel; ``GroupResult.get()`` returns their results in order."""
 
-    def __init__(self, *tasks):
-        self.tasks = _sigs(tasks)
+    def __init__(self, *tasks, app=None, **options):
+        sigs = _sigs(tasks, app)
+        super().__init__("celery.group", (), {"tasks": sigs}, options, _app_of(sigs, app), subtask_type="group")
 
-    def apply_async(self, args=(), kwargs=None, **options):
-        results = []
+    @classmethod
+    def from_dict(cls, d, app=None):
+        tasks = (d.get("kwargs") or {}).get("tasks")
+        if not isinstance(tasks, (list, tuple)):
+            raise ValueError("a group signature map needs kwargs.tasks, a list of signatures")
+        g = group([maybe_signature(t, app) for t in tasks], app=app, **(d.get("options") or {}))
+        g["args"] = list(d.get("args") or ())
+        g["immutable"] = bool(d.get("immutable", False))
+        return g
+
+    @property
+    def tasks(self) -> list:
+        return self["kwargs"]["tasks"]
+
+    def clone(self, args=None, kwargs=None, **options):
+        new = group.from_dict(copy.deepcopy(_plain(self)), app=self._app)
+        new["args"] = list(args or ()) + list(self["args"]) if not self.immutable else list(self["args"])
+        new["options"].update(options)
+        return new
+
+    def link(self, sig):
+        """Celery: linked to the first member only, made immutable (it cannot get every result)."""
+        sig = maybe_signature(sig, self._app).clone().set(immutable=True)
+        return self.tasks[0].link(sig)
+
+    def link_error(self, sig):
+        """Celery: every member gets the errback (made immutable), so any failure calls it."""
+        sig = maybe_signature(sig, self._app)
+        return tuple(t.link_error(sig.clone().set(immutable=True)) for t in self.tasks)
+
+    def freeze(self, _id=None):
+        gid = self["options"].setdefault("task_id", _id or str(uuid.uuid4()))
+        results = [t.freeze() for t in self.tasks]
+        app = self.tasks[0].app if self.tasks else self._app
+        return GroupResult(gid, results, app=app)
+
+    def apply_async(self, args=None, kwargs=None, **options):
+        g = self.clone(args)
+        link, link_error = options.pop("link", None), options.pop("link_error", None)
+        for cb in _sig_list(link, self._app):
+            g.link(cb)
+        for eb in _sig_list(link_error, self._app):
+            g.link_error(eb)
+        gid = options.pop("task_id", None)
+        result = g.freeze(gid)
         app = None
-        for s in self.tasks:
-            s = s.clone(args, kwargs, **options)
-            s.freeze()
-            app = s.app
-            results.append(s.apply_async(_confirm=False))  # pipelined ...
+        for t in g.tasks:
+            app = t.app
+            if _is_composite(t):
+                t.apply_async(g["args"], kwargs, **options)
+            else:
+                t.apply_async(g["args"], kwargs, _confirm=False, **options)  # pipelined ...
         if app is not None and not app.conf.task_always_eager:
             app.client.wait_for_confirms()  # ... and confirmed together: one round trip
-        return GroupResult(str(uuid.uuid4()), results, app=app)
+        return result
 
     def delay(self, *args, **kwargs):
         return self.apply_async(args, kwargs)
@@ -230,44 +599,220 @@ class group:
         return self.apply_async(args, kwargs)
 
     def __or__(self, other):
-        return chord(self.tasks, other)
+        if isinstance(other, group) and not other.tasks:
+            return self
+        return chord(self, other, app=self._app)  # group | anything → chord
+
+    __ior__ = __or__
 
     def __len__(self):
         return len(self.tasks)
 
+    def __iter__(self):
+        return iter(self.tasks)
 
-class chord:
+    def __repr__(self):
+        return f"group([{', '.join(repr(t) for t in self.tasks)}])"
+
+
+# -- chord -------------------------------------------------------------------------------------
+class chord(Signature):
     """``chord(header, body)``: run the header as a group; when every member has
     succeeded, brokerd sends the body with the list of their results."""
 
-    def __init__(self, header, body=None):
-        self.header = _sigs((header,)) if not isinstance(header, (list, tuple)) else [signature(s) for s in header]
+    def __init__(self, header, body=None, app=None, **options):
         if isinstance(header, group):
-            self.header = header.tasks
-        self.body = signature(body) if body is not None else None
+            tasks = list(header.tasks)
+            options = {**{k: v for k, v in header.options.items() if k == "task_id"}, **options}
+        elif isinstance(header, dict):  # one signature (or a chain) as the whole header
+            tasks = [maybe_signature(header, app)]
+        else:
+            tasks = _sigs((header,), app)
+        body = maybe_signature(body, app)
+        super().__init__("celery.chord", (), {"header": tasks, "body": body}, options,
+                         _app_of([*tasks, body], app), subtask_type="chord")
+
+    @classmethod
+    def from_dict(cls, d, app=None):
+        kw = d.get("kwargs") or {}
+        header = kw.get("header")
+        if isinstance(header, dict):  # Celery writes the header as a group map
+            header = maybe_signature(header, app)
+        if not isinstance(header, (list, tuple, group)):
+            raise ValueError("a chord signature map needs kwargs.header, a list of signatures")
+        c = chord([maybe_signature(t, app) for t in header], maybe_signature(kw.get("body"), app), app=app,
+                  **(d.get("options") or {}))
+        c["args"] = list(d.get("args") or ())
+        c["immutable"] = bool(d.get("immutable", False))
+        return c
+
+    @property
+    def tasks(self) -> list:
+        return self["kwargs"]["header"]
+
+    header = tasks
+
+    @property
+    def body(self):
+        return self["kwargs"]["body"]
+
+    @body.setter
+    def body(self, value):
+        self["kwargs"]["body"] = maybe_signature(value, self._app)
+
+    def clone(self, args=None, kwargs=None, **options):
+        new = chord.from_dict(copy.deepcopy(_plain(self)), app=self._app)
+        new["args"] = list(args or ()) + list(self["args"]) if not self.immutable else list(self["args"])
+        new["options"].update(options)
+        return new
+
+    def link(self, callback):
+        """Celery: linked to the body only."""
+        return self.body.link(callback)
+
+    def link_error(self, errback):
+        """Celery (task_allow_error_cb_on_chord_header off, its default): linked to the body; brokerd
+        publishes the body's first errback when a header member fails."""
+        return self.body.link_error(errback)
 
     def __call__(self, body=None, **options):
+        c = self
         if body is not None:
-            self.body = signature(body)
-        return self.apply_async(**options)
+            c = self.clone()
+            c.body = body
+        return c.apply_async(**options)
 
-    def apply_async(self, args=(), kwargs=None, **options):
+    def __or__(self, other):
+        if isinstance(other, Signature) and not isinstance(other, (group, chain)):
+            c = self.clone()  # chord | task → the task joins the body
+            c.body = c.body | other
+            return c
+        if isinstance(other, group) and len(other.tasks) == 1:
+            c = self.clone()
+            c.body = c.body | _unroll(other)
+            return c
+        return Signature.__or__(self, other)
+
+    __ior__ = __or__
+
+    def _members(self) -> list:
+        """The header, with groups in it flattened into their members (one result each)."""
+        out = []
+        for t in self.tasks:
+            t = maybe_signature(t, self._app)
+            out.extend(t.tasks if isinstance(t, group) else [t])
+        return out
+
+    def freeze(self, _id=None):
         if self.body is None:
             raise ValueError("chord() needs a body: chord(header, body) or chord(header)(body)")
-        members = [s.clone() for s in self.header]
-        ids = [m.freeze() for m in members]
-        body = self.body.clone(args, kwargs, **options)
-        body_id = body.freeze()
-        app = body.app
-        chord_id = str(uuid.uuid4())
-        spec = message_spec(app, body, "chord-body")
-        errbacks = body.options.get("link_error") or []
-        error = message_spec(app, signature(errbacks[0]), "chord-error") if errbacks else None
-        app.client.chord(chord_id, ids, spec, error)
-        results = [m.apply_async(_confirm=False) for m in members]
+        cid = self["options"].setdefault("task_id", _id or str(uuid.uuid4()))
+        members = self._members()
+        self["kwargs"]["header"] = members
+        header = GroupResult(cid, [m.freeze() for m in members], app=self.body.app)
+        body = self.body.freeze()
+        _root(body).parent = header
+        return body
+
+    def apply_async(self, args=None, kwargs=None, **options):
+        if self.body is None:
+            raise ValueError("chord() needs a body: chord(header, body) or chord(header)(body)")
+        c = self.clone(args)
+        link, link_error = options.pop("link", None), options.pop("link_error", None)
+        cid = options.pop("task_id", None)
+        if options:
+            c.body = c.body.clone(**options)
+        for cb in _sig_list(link, self._app):
+            c.link(cb)
+        for eb in _sig_list(link_error, self._app):
+            c.link_error(eb)
+        result = c.freeze(cid)
+        app = c.body.app
+        members = c.tasks
+        ids = [i for m in members for i in _final_ids(m)]
+        spec = body_spec(app, c.body)
+        error = _error_spec(app, c.body, spec)
+        app.client.chord(c.id, ids, spec, error)
+        for m in members:
+            if _is_composite(m):
+                m.apply_async(c["args"], kwargs)
+            else:
+                m.apply_async(c["args"], kwargs, _confirm=False)
         app.client.wait_for_confirms()
-        gr = GroupResult(chord_id, results, app=app)
-        return AsyncResult(body_id, app=app, parent=gr)
+        return result
+
+    def __repr__(self):
+        return f"chord([{', '.join(repr(t) for t in self.tasks)}], {self.body!r})"
+
+
+Signature.TYPES.update(chain=chain, group=group, chord=chord)
+
+
+def _final_ids(sig) -> list[str]:
+    """The task ids whose results are a frozen canvas's results: what a chord header counts."""
+    if isinstance(sig, chain):
+        return _final_ids(sig.tasks[-1])
+    if isinstance(sig, group):
+        return [i for t in sig.tasks for i in _final_ids(t)]
+    if isinstance(sig, chord):
+        return _final_ids(sig.body)
+    return [sig.id]
+
+
+def _all_ids(step) -> list[str]:
+    """Every task id inside a frozen step map (a signature, chain, group or chord)."""
+    if not isinstance(step, dict):
+        return []
+    out = []
+    tid = (step.get("options") or {}).get("task_id")
+    kw = step.get("kwargs") or {}
+    if step.get("subtask_type") in ("chain", "group"):
+        for t in kw.get("tasks") or ():
+            out.extend(_all_ids(t))
+    elif step.get("subtask_type") == "chord":
+        for t in kw.get("header") or ():
+            out.extend(_all_ids(t))
+        out.extend(_all_ids(kw.get("body")))
+    elif type(tid) is str:
+        out.append(tid)
+    return out
+
+
+def body_spec(app, body) -> dict:
+    """A chord body as a message spec: a task as itself; a chain as its first task carrying the rest;
+    a group or chord (or a chain that starts with one) as ``brokerd.canvas`` carrying it."""
+    if isinstance(body, chain):
+        steps = body.tasks  # frozen, so normalized
+        if not _is_composite(steps[0]):
+            first = steps[0].clone()
+            if len(steps) > 1:
+                first["options"]["chain"] = [_plain(s) for s in steps[1:]]
+            return message_spec(app, first, "chord-body")
+        body = steps[0]
+    if _is_composite(body):
+        return message_spec(app, Signature(APPLY_TASK, (), {"sig": _plain(body)}, app=app), "chord-body")
+    return message_spec(app, body, "chord-body")
+
+
+def _first_sig(sig):
+    if isinstance(sig, (chain, group)):
+        return _first_sig(sig.tasks[0])
+    if isinstance(sig, chord):
+        return _first_sig(sig.tasks[0])
+    return sig
+
+
+def _error_spec(app, body, spec: dict) -> dict | None:
+    """What brokerd publishes when a header member fails.  brokerd itself fails the body spec's task id;
+    when the body holds more task ids (a chain, group or chord), ``brokerd.chord_failed`` fails those too,
+    so nothing waits for ever, and then sends the body's errback; else the errback is the spec itself."""
+    errbacks = _first_sig(body).options.get("link_error") or []
+    errback = maybe_signature(errbacks[0], app).clone() if errbacks else None
+    others = [i for i in _all_ids(_plain(body)) if i != spec["body"]["id"]]
+    if others:
+        return message_spec(app, Signature(CHORD_FAILED_TASK, (), {"ids": others, "errback": _plain(errback)},
+                                           app=app), "chord-error")
+    return message_spec(app, errback, "chord-error") if errback is not None else None
 
 
 def message_spec(app, sig: Signature, scope: str = "task") -> dict:
@@ -276,43 +821,132 @@ def message_spec(app, sig: Signature, scope: str = "task") -> dict:
     opts = sig.options
     queue, priority = app.queue_and_priority(sig.name, app.tasks.get(sig.name), opts.get("queue"),
                                              opts.get("priority"))
-    tid = sig.freeze()
+    tid = sig.freeze().id
     env = make_envelope(sig.name, tid, sig.args, sig.kwargs, headers=opts.get("headers"))
-    for key in ("link", "link_error", "chain"):
+    for key in WORKFLOW_KEYS:
         if opts.get(key):
-            env[key] = [dict(x) for x in opts[key]]
+            env[key] = _plain(opts[key])
     encode_envelope(env)  # fail now if it cannot travel
     if app.signer is not None:
         app.signer.sign(env, scope)
     return {"queue": queue, "priority": priority, "body": env}
 
 
+def callbacks_extra(options: dict, app=None) -> dict | None:
+    """``Task.apply_async(link=..., link_error=...)``: pops them from the call's options and returns the
+    envelope keys they become (None when neither was given), so they are sent, never dropped."""
+    extra = {}
+    for key in ("link", "link_error"):
+        sigs = _sig_list(options.pop(key, None), app)
+        if sigs:
+            extra[key] = _plain(sigs)
+    return extra or None
+
+
+# -- built-ins and replace: called by client.app ------------------------------------------------
+def register_builtins(app) -> None:
+    def _apply_canvas(*args, sig=None):
+        """A chord body that is a group or chord: apply it to the header's results (args)."""
+        maybe_signature(sig, app).apply_async(args)
+        return None
+
+    def _chord_failed(member, exc_type, exc_message, *args, ids=(), errback=None):
+        """A chord failed: every task id of its body fails with ChordError; then its errback is sent."""
+        why = {"exc_type": "ChordError", "exc_message": f"chord member {member} failed: {exc_type}: {exc_message}"}
+        for tid in ids:
+            app.client.store_result(tid, "FAILURE", None, why)
+        if errback:
+            maybe_signature(errback, app).apply_async((member, exc_type, exc_message, *args))
+
+    def _accumulate(*args, index=None):
+        """Celery's celery.accumulate: its arguments (or the one at ``index``), for ``replace(group)``."""
+        return args[index] if index is not None else list(args)
+
+    app.task(name=APPLY_TASK)(_apply_canvas)
+    app.task(name=CHORD_FAILED_TASK)(_chord_failed)
+    app.task(name=ACCUMULATE_TASK)(_accumulate)
+
+
+def replace(task, sig):
+    """``self.replace(sig)`` (Celery): ``sig`` takes over the running task: it gets the task's id (its
+    result is the task's result), the rest of the task's chain, its callbacks and errbacks.  Ends the
+    running task (raises ``Ignore``)."""
+    req = task.request
+    if req.id is None:
+        raise ValueError("replace() can only be called from inside a running task")
+    sig = maybe_signature(sig, task.app).clone()
+    if isinstance(sig, group):  # Celery: one result, as the replaced task had: the list of the group's
+        sig = sig | Signature(ACCUMULATE_TASK, (), {"index": 0}, app=task.app)
+    rest = [maybe_signature(s, task.app) for s in (getattr(req, "chain", None) or ())]
+    steps = sig.steps() if isinstance(sig, chain) else [sig]
+    _final_sig(steps[-1]).set(task_id=req.id)
+    full = _mkchain([*steps, *rest], task.app)
+    for cb in getattr(req, "callbacks", None) or ():
+        _final_sig(full.tasks[-1]).link(cb)
+    for eb in getattr(req, "errbacks", None) or ():
+        for s in full.tasks:
+            s.link_error(eb)
+    full.apply_async()
+    raise Ignore(f"replaced by {sig!r}")
+
+
+def _final_sig(sig):
+    if isinstance(sig, chain):
+        return _final_sig(sig.tasks[-1])
+    if isinstance(sig, chord):
+        return _final_sig(sig.body)
+    return sig
+
+
 # -- what a worker does after a task: called by client.worker ----------------------------------
+def errback_takes_request(app, eb: Signature) -> bool:
+    """Celery's rule: an errback whose task (registered here, not bound) takes more than one
+    positional argument is called as ``errback(request, exc, traceback)`` in the worker; any other
+    is sent as a task with the failed task's id."""
+    task = app.tasks.get(eb.name)
+    if task is None or getattr(task, "bind", False):
+        return False
+    try:
+        spec = inspect.getfullargspec(task.run)
+    except TypeError:
+        return False
+    return bool(spec.varargs) or len(spec.args) > 1
+
+
+def call_errbacks(app, request, exc, tb) -> None:
+    """In the process that ran a failed task: call its new-style errbacks (``errback_takes_request``)
+    with ``(request, exc, traceback)``.  An errback that raises is logged and costs nothing else."""
+    for eb in getattr(request, "errbacks", None) or ():
+        try:
+            s = maybe_signature(eb, app)
+            if errback_takes_request(app, s):
+                s(request, exc, tb)
+        except Exception:  # noqa: BLE001 - user code: its failure must not change the task's outcome
+            log.exception("errback %r of task %s raised", eb.get("task") if isinstance(eb, dict) else eb, request.id)
+
+
 def after_task(app, env: dict, state: str, value=None, meta: dict | None = None) -> None:
     """Continue the workflow a finished task belongs to.
 
     SUCCESS: send every ``link`` callback with the result prepended, and the
     next ``chain`` step (carrying the rest of the chain).  FAILURE: send every
-    ``link_error`` errback with the failed task's id prepended, and store a
-    FAILURE naming the failed step for every later chain step.
+    old-style ``link_error`` errback with the failed task's id prepended (new-style
+    ones were called where the task ran), and store a FAILURE naming the failed step
+    for every task id later in the chain.
     """
     if state == "SUCCESS":
         for cb in env.get("link") or ():
-            signature(cb).apply_async((value,))
+            maybe_signature(cb, app).apply_async((value,))
         steps = env.get("chain") or []
         if steps:
-            nxt = signature(steps[0])
-            nxt._app = app
-            nxt["options"]["chain"] = steps[1:]
-            nxt.apply_async((value,))
+            _apply_steps([maybe_signature(s, app) for s in steps], (value,))
     elif state == "FAILURE":
         for eb in env.get("link_error") or ():
-            s = signature(eb)
-            s._app = app
-            s.apply_async((env.get("id"),))
+            s = maybe_signature(eb, app)
+            if not errback_takes_request(app, s):
+                s.apply_async((env.get("id"),))
         meta = meta or {}
         why = f"chain step {env.get('task')}[{env.get('id')}] failed: {meta.get('exc_type')}: {meta.get('exc_message')}"
         for step in env.get("chain") or ():
-            sid = (step.get("options") or {}).get("task_id")
-            if sid:
+            for sid in _all_ids(step):
                 app.client.store_result(sid, "FAILURE", None, {"exc_type": "ChainError", "exc_message": why})

@@ -17,11 +17,11 @@ import sys
 import time
 
 from client._current import current_app, current_request
-from client.exceptions import LOCAL_FAILURES, RemoteError, TaskRevokedError, TimeoutError, remote_error_class
+from client.exceptions import LOCAL_FAILURES, Reject, RemoteError, TaskRevokedError, TimeoutError, remote_error_class
 
 log = logging.getLogger("brokerd.client")
 
-READY_STATES = frozenset(("SUCCESS", "FAILURE", "REVOKED"))
+READY_STATES = frozenset(("SUCCESS", "FAILURE", "REVOKED", "REJECTED"))
 WAIT_CHUNK = 600.0  # seconds per RESULT_GET when waiting without a timeout
 SLOW_GET_WARNING = 60.0  # get() without a timeout logs why it may be waiting, once, after this long
 
@@ -198,9 +198,12 @@ class AsyncResult:
             if callback is not None:
                 callback(self.id, value)
             return value
-        exc = exception_from(meta.get("meta") or {}, self.app) if meta["state"] == "FAILURE" else TaskRevokedError(
-            f"task {self.id} was revoked"
-        )
+        if meta["state"] == "FAILURE":
+            exc = exception_from(meta.get("meta") or {}, self.app)
+        elif meta["state"] == "REJECTED":  # the task raised Reject(requeue=False): Celery's REJECTED
+            exc = Reject(f"task {self.id} was rejected: {(meta.get('meta') or {}).get('exc_message', '')}")
+        else:
+            exc = TaskRevokedError(f"task {self.id} was revoked")
         if propagate:
             raise exc
         return exc

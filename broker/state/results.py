@@ -28,8 +28,9 @@ from broker.errors import BadRequest, StaleDelivery
 from broker.state import log_records as R
 from broker.state.queue import GONE
 
-STATES = ("PENDING", "RECEIVED", "STARTED", "RETRY", "SUCCESS", "FAILURE", "REVOKED")
-READY_STATES = frozenset(("SUCCESS", "FAILURE", "REVOKED"))
+STATES = ("PENDING", "RECEIVED", "STARTED", "RETRY", "SUCCESS", "FAILURE", "REVOKED", "REJECTED")
+# REJECTED: a task that refused itself (Celery's Reject(requeue=False)); final, so waiters wake.
+READY_STATES = frozenset(("SUCCESS", "FAILURE", "REVOKED", "REJECTED"))
 DEFAULT_RESULT_TTL = 24 * 3600.0  # seconds; Celery's result_expires default is one day
 MAX_WAIT = 3600.0  # seconds a RESULT_GET may park
 MAX_TASK_ID = 255
@@ -94,7 +95,7 @@ class ResultsMixin:
         if tag is not None and state not in READY_STATES:
             raise BadRequest(
                 f"a result in state {state} cannot ack its delivery: the task is not finished "
-                "(only SUCCESS, FAILURE and REVOKED may carry a tag)"
+                "(only SUCCESS, FAILURE, REVOKED and REJECTED may carry a tag)"
             )
         if tag is not None:
             try:

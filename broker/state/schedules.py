@@ -377,7 +377,7 @@ class WorkflowMixin:
         ch = self.chords[chord_id]
         for m in members:
             r = self.results.get(m)
-            if r is not None and r.state in ("SUCCESS", "FAILURE", "REVOKED") and not ch["done"]:
+            if r is not None and r.state in ("SUCCESS", "FAILURE", "REVOKED", "REJECTED") and not ch["done"]:
                 self._log(R.CHORD_MEMBER, [chord_id, m, [r.state, r.value, r.meta]])
                 self._chord_member_done(ch, m, r.state, r.value, r.meta, now)
         return {"chord": chord_id, "pending": len(ch["pending"])}

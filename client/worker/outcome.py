@@ -52,6 +52,11 @@ def exc_meta(exc: BaseException, hostname: str, tb: str | None = None) -> dict:
     }
 
 
+def reject_meta(exc: BaseException, hostname: str) -> dict:
+    """The meta of a REJECTED result (``raise Reject(reason, requeue=False)``): the reason, no traceback."""
+    return {"exc_type": "Reject", "exc_message": safe_str(exc), "traceback": None, "hostname": hostname}
+
+
 def short_repr(value) -> str:
     r = repr(value)
     return r if len(r) <= RESULT_REPR_MAX else r[: RESULT_REPR_MAX - 3] + "..."

@@ -21,6 +21,7 @@ import cbor2
 
 from client import signals
 from client._current import Request, current_request
+from client.canvas import call_errbacks
 from client.envelope import decode_envelope
 from client.exceptions import EncodeError, Ignore, Reject, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 from client.wire import DEFAULT_MAX_FRAME
@@ -31,6 +32,7 @@ from client.worker.outcome import (
     S_REQUEUE,
     S_RETRY,
     exc_meta,
+    reject_meta,
     safe_str,
     short_repr,
     shown,
@@ -177,6 +179,8 @@ class Runner:
         if type(retries) is not int:
             retries = env.get("retries") or 0
         req = request_for(env, task, queue, priority, attempts, retries, self.hostname)
+        # Celery's names: what a task's errbacks and ``self.replace`` read (client/canvas.py)
+        req.chain = env.get("chain")
         ctx = _Ctx()
         ctx.task = task
         ctx.req = req
@@ -324,7 +328,10 @@ class Runner:
             return (S_ACK, None, None, None, None, None)
         if isinstance(exc, Reject):
             log.info("Task %s[%s] rejected (requeue=%s): %s", task.name, req.id, exc.requeue, exc)
-            return (S_REQUEUE if exc.requeue else S_REJECT, None, None, None, None, None)
+            if exc.requeue:
+                return (S_REQUEUE, None, None, None, None, None)
+            # Celery's REJECTED state, stored so that get() ends (raising Reject) instead of waiting for ever
+            return (S_REJECT, "REJECTED", None, reject_meta(exc, self.hostname), None, None)
         auto = task.autoretry_for
         if auto and isinstance(exc, tuple(auto)) and not (
             task.dont_autoretry_for and isinstance(exc, tuple(task.dont_autoretry_for))
@@ -346,6 +353,8 @@ class Runner:
         einfo = ExceptionInfo(exc)
         self._hook(ctx, "on_failure", exc, req.id, req.args, req.kwargs, einfo)
         self._hook(ctx, "after_return", "FAILURE", exc, req.id, req.args, req.kwargs, einfo)
+        if req.errbacks:
+            call_errbacks(self.app, req, exc, tb)  # errback(request, exc, traceback), here as in Celery
         if isinstance(exc, SoftTimeLimitExceeded):
             log.warning("Soft time limit exceeded for %s[%s]", task.name, req.id)
         log.error("Task %s[%s] raised unexpected: %r", task.name, req.id, exc)

@@ -5,6 +5,8 @@ import time
 from pathlib import Path
 
 from client import App
+from client.canvas import group
+from client.exceptions import Reject
 
 app = App("canvas", broker=os.environ.get("BROKERD_URL", "127.0.0.1:7700"))
 
@@ -60,3 +62,49 @@ def sleeper(seconds):
     time.sleep(seconds)
     _log("sleeper.log", "finished")
     return "slept"
+
+
+@app.task
+def old_errback(task_id):
+    """An errback in the old style: one argument, the failed task's id (sent as a task)."""
+    _log("old_errbacks.log", task_id)
+    return task_id
+
+
+@app.task
+def new_errback(request, exc, traceback):
+    """An errback in Celery's style: called in the worker with the request, exception and traceback."""
+    _log("new_errbacks.log", f"{request.id} {type(exc).__name__} {'Traceback' in str(traceback)}")
+
+
+@app.task
+def errback_reports(request, exc, traceback):
+    """A Celery-style errback that tells the test what it got: a result under '<failed id>-errback'."""
+    record.apply_async((f"{request.id} {type(exc).__name__} {exc} {'Traceback' in str(traceback)}",),
+                       task_id=f"{request.id}-errback")
+
+
+@app.task(bind=True)
+def replacer(self, x):
+    """Replaced by a chain: the chain's result becomes this task's result."""
+    return self.replace(add.s(x, 1) | mul.s(2))
+
+
+@app.task(bind=True)
+def replaced_by_group(self, x):
+    return self.replace(group(add.s(x, 1), add.s(x, 2)))
+
+
+@app.task
+def reject_me(reason):
+    raise Reject(reason, requeue=False)
+
+
+@app.task
+def reject_first_time(marker):
+    """Reject(requeue=True) on the first delivery (no marker file yet), run on the next."""
+    p = Path(os.environ.get("CANVAS_DIR", ".")) / marker
+    if not p.exists():
+        p.write_text("rejected once")
+        raise Reject("not yet", requeue=True)
+    return "ran after requeue"

@@ -158,15 +158,20 @@ def test_link_and_link_error_callbacks(env):
     s.link(sig(app, "record"))
     s.apply_async().get(timeout=30)
     b = sig(app, "boom")
-    b.link_error(sig(app, "on_error"))
+    b.link_error(sig(app, "old_errback"))
+    b.link_error(sig(app, "new_errback"))
     failed = b.apply_async()
     with pytest.raises(ValueError):
         failed.get(timeout=30)
     deadline = time.monotonic() + 10
-    while (not w.lines("record.log") or not w.lines("errors.log")) and time.monotonic() < deadline:
+    while (not w.lines("record.log") or not w.lines("old_errbacks.log") or not w.lines("new_errbacks.log")) \
+            and time.monotonic() < deadline:
         time.sleep(0.05)
     assert w.lines("record.log") == ["42"]
-    assert w.lines("errors.log") == [failed.id]
+    # Celery's rule: a one-argument errback is sent the failed task's id; a wider one is called in the
+    # worker with (request, exc, traceback)
+    assert w.lines("old_errbacks.log") == [failed.id]
+    assert w.lines("new_errbacks.log") == [failed.id, "ValueError", "True"]
 
 
 def test_a_revoked_countdown_task_never_runs_even_across_a_broker_restart(env, broker):

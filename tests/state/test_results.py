@@ -92,7 +92,7 @@ def test_storing_a_result_with_its_tag_acks_the_delivery_in_the_same_step(s):
 
 
 def test_bad_result_requests_are_refused_by_name(s):
-    with pytest.raises(RequestError, match=r"^state must be one of RECEIVED, STARTED, RETRY, SUCCESS, FAILURE, REVOKED, or a custom state of up to 32 capital letters, digits and _ such as PROGRESS \(got 'done'\)$"):
+    with pytest.raises(RequestError, match=r"^state must be one of RECEIVED, STARTED, RETRY, SUCCESS, FAILURE, REVOKED, REJECTED, or a custom state of up to 32 capital letters, digits and _ such as PROGRESS \(got 'done'\)$"):
         s.result_set(W, "t1", "done", None, None, 0.0)
     with pytest.raises(RequestError, match=r"got 'PENDING'"):
         s.result_set(W, "t1", "PENDING", None, None, 0.0)
@@ -142,3 +142,13 @@ def test_result_ops_end_to_end_survive_a_restart(broker):
     assert c.ok(wire.OP_RESULT_GET, "t9", None)["result"] == {"ok": True}
     assert c.ok(wire.OP_RESULT_GET, "t10", None)["meta"]["exc_type"] == "ZeroDivisionError"
     assert c.ok(wire.OP_STATS, "q")["ready"] == 0
+
+
+
+def test_a_rejected_result_is_final_and_wakes_its_waiters(s):
+    """Reject(requeue=False) stores REJECTED (Celery's state): a waiting RESULT_GET must be answered."""
+    assert s.result_get(C, 7, "t-rej", 0.0, wait=30) is None  # parked
+    meta = {"exc_type": "Reject", "exc_message": "no"}
+    s.result_set(W, "t-rej", "REJECTED", None, meta, 1.0)
+    assert s.take_outbox() == {C: [[wire.OP_OK, 7, {"id": "t-rej", "state": "REJECTED", "result": None, "meta": meta,
+                                                     "updated": 1.0}]]}

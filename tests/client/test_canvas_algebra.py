@@ -1,0 +1,173 @@
+"""The canvas algebra, pure: what each composition produces (Celery's celery/canvas.py 5.x rules), how a
+chain is normalized before it runs, where callbacks land, and how signatures travel as maps.  No broker."""
+
+import cbor2
+import pytest
+
+from client import App
+from client.canvas import (
+    Signature,
+    _final_ids,
+    callbacks_extra,
+    chain,
+    chord,
+    errback_takes_request,
+    group,
+    maybe_signature,
+)
+
+app = App("algebra")
+
+
+@app.task
+def add(x, y):
+    return x + y
+
+
+@app.task
+def tsum(xs):
+    return sum(xs)
+
+
+@app.task
+def new_style(request, exc, traceback):
+    pass
+
+
+@app.task
+def old_style(task_id):
+    pass
+
+
+@app.task(bind=True)
+def bound(self, task_id, exc=None, tb=None):
+    pass
+
+
+def kinds(c):
+    return [type(x).__name__ for x in c.tasks]
+
+
+def test_pipes_make_chains_and_a_chain_of_a_chain_is_flattened_when_it_runs():
+    c = add.s(1, 1) | add.s(2) | add.s(3)
+    assert isinstance(c, chain) and kinds(c) == ["Signature"] * 3
+    nested = chain(add.s(4, 4) | add.s(8))  # the Next Steps guide's spelling
+    assert isinstance(nested, chain) and kinds(nested) == ["chain"]
+    assert [s.name for s in nested.steps()] == [add.name, add.name]
+    assert kinds(chain(add.s(1, 1), add.s(2) | add.s(3))) == ["Signature"] * 3  # chain | chain is flat
+
+
+def test_a_group_followed_by_a_task_is_a_chord_and_sig_then_group_is_a_chain():
+    c = add.s(2, 2) | group(add.s(1), add.s(2)) | tsum.s()
+    assert isinstance(c, chain) and kinds(c) == ["Signature", "chord"]
+    assert c.tasks[1].body.name == tsum.name and len(c.tasks[1].tasks) == 2
+    assert isinstance(group(add.s(1, 1), add.s(2, 2)) | tsum.s(), chord)
+    assert kinds(add.s(1, 1) | group(add.s(1), add.s(2))) == ["Signature", "group"]
+    assert kinds(add.s(1, 1) | group(add.s(1))) == ["Signature", "Signature"]  # a group of one is unrolled
+    assert isinstance(chain(group(add.s(1, 1)), tsum.s()), chain)
+
+
+def test_group_then_group_and_chord_then_task():
+    gg = group(add.s(1, 1), add.s(2, 2)) | group(tsum.s(), tsum.s())
+    assert isinstance(gg, chord) and isinstance(gg.body, group)
+    ct = chord([add.s(1, 1)], tsum.s()) | add.s(10)
+    assert isinstance(ct, chord) and isinstance(ct.body, chain) and kinds(ct.body) == ["Signature", "Signature"]
+    c = (add.s(1, 1) | chord([add.s(1)], tsum.s())) | add.s(5)  # a chain ending in a chord: joins its body
+    assert kinds(c) == ["Signature", "chord"] and kinds(c.tasks[1].body) == ["Signature", "Signature"]
+
+
+def test_normalizing_a_chain_leaves_a_group_or_chord_only_as_its_last_step():
+    c = chain(add.s(1, 1), chord([add.s(1)], tsum.s()), add.s(10), add.s(1))
+    steps = c.steps()
+    assert [type(s).__name__ for s in steps] == ["Signature", "chord"]
+    assert isinstance(steps[1].body, chain) and [s.name for s in steps[1].body.tasks] == [tsum.name, add.name, add.name]
+    g = chain(add.s(1, 1), group(add.s(1), add.s(2)), add.s(3)).steps()  # a group in the middle → chord
+    assert [type(s).__name__ for s in g] == ["Signature", "chord"]
+
+
+def test_freezing_names_every_task_and_a_chords_final_id_is_its_bodys():
+    c = add.s(1, 1) | group(add.s(1), add.s(2)) | tsum.s() | add.s(3)
+    r = c.freeze()
+    assert r.id == c.tasks[-1].body.tasks[-1].id and r.parent.parent is not None
+    ch = chord([add.s(1, 1) | add.s(2), add.s(3, 3)], tsum.s())
+    ch.freeze()
+    assert _final_ids(ch) == [ch.body.id]
+    assert _final_ids(ch.tasks[0]) == [ch.tasks[0].tasks[-1].id]  # a chain in a header counts by its last task
+
+
+def test_immutable_signatures_ignore_the_parents_result():
+    s = add.s(10, 20).set(immutable=True)
+    assert s.immutable and "immutable" not in s.options
+    assert s.clone((99,)).args == (10, 20)
+    assert add.si(1, 2).clone((99,)).args == (1, 2)
+    assert add.s(1).clone((99,)).args == (99, 1)
+
+
+def test_callbacks_land_where_celery_puts_them():
+    c = add.s(1, 1) | add.s(2) | add.s(3)
+    c.link(tsum.s())
+    c.link_error(old_style.s())
+    steps = c.steps()
+    assert [len(s.options.get("link") or []) for s in steps] == [0, 0, 1]  # the chain's result: its last task
+    assert all(len(s.options["link_error"]) == 1 for s in steps)  # any step may fail
+    g = group(add.s(1, 1), add.s(2, 2))
+    g.link(tsum.s())
+    assert g.tasks[0].options["link"][0].immutable and "link" not in g.tasks[1].options
+    g.link_error(old_style.s())
+    assert all(t.options["link_error"][0].immutable for t in g.tasks)
+    ch = chord([add.s(1, 1)], tsum.s())
+    ch.link(add.s(1))
+    assert ch.body.options["link"][0].name == add.name
+    assert add.s(1, 1).on_error(old_style.s()).name == add.name  # on_error returns the signature itself
+
+
+def test_task_apply_async_link_options_become_envelope_keys():
+    opts = {"link": add.s(1), "link_error": [old_style.s()], "countdown": 3}
+    extra = callbacks_extra(opts, app)
+    assert opts == {"countdown": 3}  # taken out of the per-call options, where they were lost
+    assert extra["link"][0]["task"] == add.name and extra["link_error"][0]["task"] == old_style.name
+    assert type(extra["link"][0]) is dict
+    assert callbacks_extra({}, app) is None
+    with pytest.raises(TypeError, match="link and link_error take a signature"):
+        callbacks_extra({"link": 42}, app)
+
+
+def test_every_primitive_travels_as_a_map_and_comes_back_as_itself():
+    c = add.s(2, 2) | group(add.s(1), chain(add.s(2), add.s(3))) | tsum.s()
+    c.link(tsum.s())
+    wire = cbor2.loads(cbor2.dumps(c))  # what an envelope carries
+    back = Signature.from_dict(wire, app=app)
+    assert isinstance(back, chain) and kinds(back) == kinds(c)
+    assert isinstance(back.tasks[1].tasks[1], chain) and back.options["link"][0]["task"] == tsum.name
+    assert isinstance(maybe_signature(dict(group(add.s(1, 1))), app), group)
+    assert maybe_signature(None) is None
+    s = app.signature(add.name, (1, 2), {"y": 3}, countdown=5)
+    assert (s.name, s.args, s.kwargs, s.options) == (add.name, (1, 2), {"y": 3}, {"countdown": 5})
+
+
+def test_bad_signature_maps_are_refused_naming_what_is_wrong():
+    with pytest.raises(ValueError, match="unknown signature type 'nope'"):
+        Signature.from_dict({"task": "x", "subtask_type": "nope"})
+    with pytest.raises(ValueError, match="needs a task name"):
+        Signature.from_dict({"task": 3})
+    with pytest.raises(ValueError, match="kwargs.tasks"):
+        Signature.from_dict({"task": "celery.chain", "subtask_type": "chain", "kwargs": {"tasks": "x"}})
+    with pytest.raises(TypeError, match="expected a signature"):
+        maybe_signature(42)
+    with pytest.raises(ValueError, match="needs at least one signature"):
+        chain().steps()
+
+
+def test_errbacks_taking_more_than_one_argument_get_request_exc_traceback():
+    assert errback_takes_request(app, new_style.s())
+    assert not errback_takes_request(app, old_style.s())
+    assert not errback_takes_request(app, bound.s())  # Celery: bound tasks keep the old style
+    assert not errback_takes_request(app, Signature("not.registered.here"))
+
+
+def test_a_canvas_keeps_its_tasks_app_when_another_app_is_created_later():
+    c = add.s(1, 1) | group(add.s(1), add.s(2)) | tsum.s()
+    App("created-later")  # becomes the current app
+    copy = c.clone()
+    assert copy.app is app and copy.tasks[1].app is app and copy.tasks[1].body.app is app
+    assert chain(add.s(4, 4) | add.s(8)).clone().tasks[0].tasks[0].app is app

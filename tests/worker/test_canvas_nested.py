@@ -1,0 +1,206 @@
+"""Nested canvases, callbacks on every primitive, replace and Reject: one real brokerd and one real
+worker for the module (issue 14 items 2 and 4).  The expected values are Celery's (celery/canvas.py 5.x
+semantics); callbacks are frozen before they are linked, so each one's result can be awaited by id."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from client.canvas import Signature, chain, chord, group
+from client.exceptions import Reject
+from client.result import GroupResult
+from tests.canvas_apps import tasks as t
+from tests.support.broker import ROOT, broker_for_app
+
+WAIT = 30  # seconds: a bound on every get(); each canvas here takes well under a second
+
+
+@pytest.fixture(scope="module")
+def canvas_broker(tmp_path_factory):
+    yield from broker_for_app(tmp_path_factory.mktemp("canvas-broker"), t.app)
+
+
+@pytest.fixture(scope="module")
+def worker(canvas_broker, tmp_path_factory):
+    d = tmp_path_factory.mktemp("canvas-worker")
+    env = dict(os.environ, BROKERD_URL=canvas_broker.address, CANVAS_DIR=str(d), PYTHONPATH=str(ROOT))
+    log = open(d / "worker.log", "w")
+    p = subprocess.Popen([sys.executable, "-m", "client.worker_cli", "tests.canvas_apps.tasks:app", "-b",
+                          canvas_broker.address, "-l", "warning", "-P", "threads", "-c", "4"],
+                         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        assert t.add.delay(1, 1).get(timeout=WAIT) == 2
+        yield d
+    finally:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+        log.close()
+
+
+# -- nesting (item 4) --------------------------------------------------------------------------
+def test_the_next_steps_guides_chain_of_a_chain(worker):
+    assert chain(t.add.s(4, 4) | t.mul.s(8))().get(timeout=WAIT) == 64
+
+
+def test_sig_then_group_then_task_is_a_chord_over_the_groups_results(worker):
+    r = (t.add.s(2, 2) | group(t.add.s(1), t.add.s(2)) | t.tsum.s()).apply_async()
+    assert r.get(timeout=WAIT) == 11  # 4 → [5, 6] → 11
+    assert isinstance(r.parent, GroupResult) and r.parent.get(timeout=WAIT) == [5, 6]
+    assert r.parent.parent.get(timeout=WAIT) == 4
+
+
+def test_a_chain_ending_in_a_group_returns_the_groups_results(worker):
+    r = (t.add.s(1, 1) | group(t.add.s(1), t.add.s(2))).apply_async()
+    assert r.get(timeout=WAIT) == [3, 4]
+
+
+def test_a_group_of_chains(worker):
+    r = group(t.add.s(1, 1) | t.mul.s(2), chain(t.add.s(2, 2), t.mul.s(3), t.add.s(1))).apply_async()
+    assert r.get(timeout=WAIT) == [4, 13]
+
+
+def test_group_then_group_gives_each_second_member_the_first_groups_results(worker):
+    r = (group(t.add.s(1, 1), t.add.s(2, 2)) | group(t.tsum.s(), t.tsum.s())).apply_async()
+    assert r.get(timeout=WAIT) == [6, 6]
+
+
+def test_chord_then_task_and_a_chord_in_the_middle_of_a_chain(worker):
+    assert (chord([t.add.s(1, 1), t.add.s(2, 2)], t.tsum.s()) | t.mul.s(10))().get(timeout=WAIT) == 60
+    r = chain(t.add.s(1, 1), chord([t.add.s(1), t.add.s(2)], t.tsum.s()), t.mul.s(10), t.add.s(1)).apply_async()
+    assert r.get(timeout=WAIT) == 71  # 2 → [3, 4] → 7 → 70 → 71
+
+
+def test_a_chord_inside_a_chain_inside_a_group(worker):
+    inner = t.add.s(1, 1) | group(t.add.s(1), t.add.s(2)) | t.tsum.s()  # 2 → [3, 4] → 7
+    r = group(inner, t.add.s(5, 5), chain(t.add.s(0, 1), chord([t.add.s(10), t.add.s(20)], t.tsum.s()))).apply_async()
+    assert r.get(timeout=WAIT) == [7, 10, 32]
+
+
+def test_a_chord_whose_body_is_a_group_and_a_chord_in_a_chord_header(worker):
+    r = chord([t.add.s(1, 1), t.add.s(2, 2)], group(t.tsum.s(), t.tsum.s())).apply_async()
+    assert r.get(timeout=WAIT) == [6, 6]
+    r = chord([chord([t.add.s(1, 1), t.add.s(1, 2)], t.tsum.s()), t.add.s(10, 10)], t.tsum.s()).apply_async()
+    assert r.get(timeout=WAIT) == 25  # [5, 20]
+
+
+def test_a_failed_header_member_fails_every_task_after_the_chord_instead_of_leaving_them_pending(worker):
+    r = chain(t.add.s(1, 1), group(t.add.s(1), t.boom.s()), t.tsum.s(), t.mul.s(2), t.add.s(3)).apply_async()
+    with pytest.raises(Exception) as e:
+        r.get(timeout=WAIT)  # the last task's own result, not a timeout
+    assert getattr(e.value, "exc_type", type(e.value).__name__) == "ChordError"
+    assert "ValueError: boom in step" in str(e.value)
+
+
+def test_a_canvas_travels_as_a_map_and_comes_back_the_same(worker):
+    from client.canvas import maybe_signature
+
+    c = t.add.s(2, 2) | group(t.add.s(1), t.add.s(2)) | t.tsum.s()
+    again = Signature.from_dict(dict(c))
+    assert isinstance(again, chain) and isinstance(again.tasks[1], chord)
+    assert again.apply_async().get(timeout=WAIT) == 11
+    assert ~t.add.s(20, 22) == 42
+    assert t.app.signature(t.add.name, (1, 2)).delay().get(timeout=WAIT) == 3
+    assert maybe_signature(dict(t.mul.s(3, 3)), app=t.app).delay().get(timeout=WAIT) == 9
+
+
+# -- immutable, callbacks on every primitive (item 2) ------------------------------------------
+def test_an_immutable_signature_never_gets_the_parents_result(worker):
+    r = (t.add.s(1, 1) | t.add.s(10, 20).set(immutable=True)).apply_async()
+    assert r.get(timeout=WAIT) == 30
+    assert (t.add.s(1, 1) | t.record.si("kept")).apply_async().get(timeout=WAIT) == "kept"
+
+
+def _cb(tag):
+    cb = t.record.si(tag)
+    return cb, cb.freeze()
+
+
+def test_task_apply_async_link_and_link_error_are_sent(worker):
+    cb, cb_res = _cb("linked")
+    assert t.add.apply_async((20, 22), link=t.record.s().set(task_id=cb_res.id)).get(timeout=WAIT) == 42
+    assert cb_res.get(timeout=WAIT) == 42  # the callback got the result prepended
+    eb = t.old_errback.s()
+    eb_res = eb.freeze()
+    failed = t.boom.apply_async(link_error=eb)
+    assert eb_res.get(timeout=WAIT) == failed.id
+
+
+def test_sig_apply_async_link_and_callbacks_on_chain_group_and_chord(worker):
+    cb, cb_res = _cb("sig")
+    assert t.add.s(1, 2).apply_async(link=cb).get(timeout=WAIT) == 3
+    assert cb_res.get(timeout=WAIT) == "sig"
+    c = t.add.s(1, 1) | t.mul.s(5)
+    c.link(t.record.s().set(task_id="chain-cb-" + cb_res.id))
+    assert c.apply_async().get(timeout=WAIT) == 10
+    assert t.app.AsyncResult("chain-cb-" + cb_res.id).get(timeout=WAIT) == 10  # the chain's final result
+    g = group(t.add.s(1, 1), t.add.s(2, 2))
+    gcb, gcb_res = _cb("group")
+    g.link(gcb)
+    assert g.apply_async().get(timeout=WAIT) == [2, 4]
+    assert gcb_res.get(timeout=WAIT) == "group"
+    ch = chord([t.add.s(1, 1), t.add.s(2, 2)], t.tsum.s())
+    ch.link(t.record.s().set(task_id="chord-cb-" + cb_res.id))
+    assert ch.apply_async().get(timeout=WAIT) == 6
+    assert t.app.AsyncResult("chord-cb-" + cb_res.id).get(timeout=WAIT) == 6
+
+
+def test_link_error_on_a_chain_and_a_group_reaches_the_failed_task(worker):
+    eb = t.old_errback.s()
+    eb_res = eb.freeze()
+    c = t.add.s(1, 1) | t.boom.s() | t.add.s(1)
+    c.link_error(eb)
+    r = c.apply_async()
+    with pytest.raises(Exception):
+        r.get(timeout=WAIT)
+    assert eb_res.get(timeout=WAIT) == r.parent.id  # the step that failed
+    geb, geb_res = _cb("group-failed")  # Celery makes a group's errback immutable: it gets no id
+    g = group(t.add.s(1, 1), t.boom.s())
+    g.link_error(geb)
+    g.apply_async()
+    assert geb_res.get(timeout=WAIT) == "group-failed"
+
+
+def test_an_errback_taking_request_exc_traceback_is_called_with_them(worker):
+    r = t.boom.s(1).on_error(t.errback_reports.s()).apply_async()
+    with pytest.raises(ValueError):
+        r.get(timeout=WAIT)
+    assert t.app.AsyncResult(f"{r.id}-errback").get(timeout=WAIT) == f"{r.id} ValueError boom in step True"
+
+
+# -- replace and Reject (items 2 and 4) --------------------------------------------------------
+def test_replace_hands_the_task_id_and_the_rest_of_the_chain_to_the_replacement(worker):
+    assert t.replacer.delay(1).get(timeout=WAIT) == 4  # (1 + 1) * 2
+    assert (t.replacer.s(1) | t.add.s(100)).apply_async().get(timeout=WAIT) == 104
+    assert t.replaced_by_group.delay(1).get(timeout=WAIT) == [2, 3]
+
+
+def test_reject_without_requeue_stores_rejected_so_get_returns(worker):
+    r = t.reject_me.delay("no thanks")
+    with pytest.raises(Reject, match="no thanks"):
+        r.get(timeout=WAIT)
+    assert r.state == "REJECTED"
+
+
+def test_reject_with_requeue_runs_the_task_again(worker):
+    assert t.reject_first_time.delay("requeue-marker").get(timeout=WAIT) == "ran after requeue"
+    assert (worker / "requeue-marker").exists()
+
+
+def test_hostile_workflow_keys_cost_only_their_own_continuation(worker):
+    """Garbage in ``chain``/``link``/``link_error`` (a buggy or hostile producer) must not cost the worker:
+    the task's own result is stored, and the worker runs the next task."""
+    ok = t.app.publish_task(t.add.name, (1, 2), {}, extra={"chain": [{"subtask_type": "nope"}, 42],
+                                                            "link": ["not a signature", {"task": 5}]})
+    assert ok.get(timeout=WAIT) == 3
+    bad = t.app.publish_task(t.boom.name, (), {}, extra={"link_error": [42, {"task": "no.such.errback"}],
+                                                         "chain": [{"task": 7}]})
+    with pytest.raises(ValueError):
+        bad.get(timeout=WAIT)
+    assert t.app.publish_task(t.add.name, (2, 2), {}).get(timeout=WAIT) == 4
