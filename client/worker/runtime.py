@@ -239,6 +239,7 @@ class Worker:
     def run(self) -> None:
         if self.configure_logging:
             setup_logging(self.loglevel)
+        self.app.init_worker()  # Django setup, include/autodiscover imports: before the pool forks
         if self.pool_kind == "trio":
             # lazy import: only this pool needs trio, and importing it costs the other pools start-up time
             from client.worker.trio_loop import run_trio
