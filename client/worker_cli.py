@@ -24,6 +24,8 @@ import os
 import sys
 import traceback
 
+from client.errors import BadRequest
+
 log = logging.getLogger("brokerd.worker")
 
 EXIT_OK = 0
@@ -499,7 +501,7 @@ def main(argv=None, app=None) -> int:
                 done = beat.push(app)
                 log.info("-B: %d periodic task%s pushed to brokerd, which runs the schedule (no beat process "
                          "needed)", len(done["put"]), "" if len(done["put"]) == 1 else "s")
-        except ValueError as exc:
+        except (ValueError, BadRequest) as exc:  # a schedule brokerd refuses: the app's to fix
             print(f"brokerd-worker: {exc}", file=sys.stderr)
             return EXIT_USAGE
         except Exception as exc:  # noqa: BLE001 - brokerd unreachable at start
