@@ -608,6 +608,7 @@ class App:
         parent_id = options.pop("parent_id", None) or parent_id
         root_id = options.pop("root_id", None) or root_id
         env_options = taskopts.check_call_options(name, options)
+        taskopts.check_serializer(self.conf.get("task_serializer"), "the setting task_serializer")
         check_encodable(name, args, kwargs)
         queue, priority = self.queue_and_priority(name, task, queue, priority, routing_key=routing_key,
                                                   exchange=exchange, args=args, kwargs=kwargs, options=env_options)

@@ -186,6 +186,29 @@ def test_a_bad_rate_limit_is_refused_at_import_naming_it(value):
         a.task(rate_limit=value)(lambda: None)
 
 
+def test_app_backend_answers_celerys_result_calls_from_brokerd(app):
+    app.backend.store_result("bk-1", {"n": 1}, "SUCCESS")
+    assert app.backend.get_state("bk-1") == "SUCCESS"
+    assert app.backend.get_result("bk-1") == {"n": 1}
+    assert app.backend.get_task_meta("bk-1")["result"] == {"n": 1}
+    app.backend.forget("bk-1")
+    assert app.backend.get_state("bk-1") == "PENDING"
+
+
+def test_set_default_makes_an_app_the_one_shared_tasks_use():
+    from client.app import shared_task
+
+    a = App("a", broker="127.0.0.1:1")
+    App("b", broker="127.0.0.1:2")
+    a.set_default()
+
+    @shared_task(name="dflt.t")
+    def t():
+        return 1
+
+    assert t.app is a
+
+
 def test_a_serializer_other_than_a_data_one_is_refused_saying_what_we_do_instead(app):
     with pytest.raises(ValueError, match=r"serializer is 'pickle': brokerd sends every task as CBOR, which carries "
                                          r"everything JSON does and more"):
@@ -197,6 +220,9 @@ def test_a_serializer_other_than_a_data_one_is_refused_saying_what_we_do_instead
 
     with pytest.raises(ValueError, match="serializer is 'pickle'"):
         ok.apply_async(serializer="pickle")
+    app.conf.task_serializer = "pickle"
+    with pytest.raises(ValueError, match="the setting task_serializer is 'pickle'"):
+        ok.delay()
 
 
 def test_typing_checks_the_arguments_at_delay_like_celery(app):

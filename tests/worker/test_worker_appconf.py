@@ -123,7 +123,9 @@ def test_service_file_flags_pidfile_logfile_and_noops_say_so(celery_style_worker
     log = logfile.read_text()
     for line in ("-P solo: running one task at a time", "-O fair: nothing to do",
                  "--without-gossip: accepted", "--without-mingle: accepted", "--without-heartbeat: accepted",
-                 "-s/-S: accepted, unused", "--statedb: accepted, unused", "-B: 1 periodic task pushed to brokerd"):
+                 "-s/-S: accepted, unused", "--statedb: accepted, unused", "-B: 1 periodic task pushed to brokerd",
+                 f"task {tasks.limited.name} has rate_limit=10/m: it is carried in each task's envelope; brokerd "
+                 "does not enforce rate limits yet (when it does, the limit is global: all workers together)"):
         assert line in log, line
     names = {e["name"] for e in proj.app.client.schedule_list("appconf_proj")}
     assert "appconf-hourly-add" in names  # -B pushed the schedule the app declares
@@ -190,3 +192,17 @@ def test_detach_runs_in_the_background_with_its_pid_in_the_pidfile(broker, tmp_p
 
         wait_until(gone, "the daemon to exit")
     assert not pidfile.exists()
+
+
+def test_app_start_and_worker_main_run_a_worker_with_the_cli_flags(broker, tmp_path):
+    queue = f"q.{uuid.uuid4().hex[:8]}"
+    code = ("import sys; from tests.worker_apps.appconf_proj.celery import app; "
+            f"app.start(['worker', '-b', {broker.address!r}, '-Q', {queue!r}, '-P', 'threads', '-c', '1'])")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env(), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        proj.app.set_default()
+        assert tasks.add.apply_async((7, 7), queue=queue).get(timeout=WAIT) == 14
+    finally:
+        assert stop(proc) == 0
+        proc.stderr.close()

@@ -23,3 +23,8 @@ def expected():
 @shared_task
 def unexpected():
     raise ValueError("an unexpected fault")
+
+
+@shared_task(rate_limit="10/m")
+def limited():
+    return "limited"
