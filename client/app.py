@@ -213,7 +213,8 @@ class Task:
         if self.pydantic:
             args, kwargs = taskopts.dump_models(args, kwargs)
         if self.app.conf.task_always_eager:
-            taskopts.check_call_options(self.name, options)
+            routed = ("routing_key", "exchange", "parent_id", "root_id")  # meaningless when run here
+            taskopts.check_call_options(self.name, {k: v for k, v in options.items() if k not in routed})
             return self.apply(args, kwargs, task_id=task_id)
         if options.get("shadow") is None:
             shadow = self.shadow_name(args, kwargs, options)

@@ -187,9 +187,12 @@ class Conf(dict):
             if key in table:
                 value = table[key]
                 if isinstance(value, (dict, list)):
-                    # a private copy, kept, so app.conf.task_routes["x"] = ... changes this app only
+                    # a private copy, so app.conf.beat_schedule["x"] = ... changes this app only.  It is
+                    # kept (so that change lasts) only when there is no config source: with one, keeping
+                    # it would hide a value the source gets later (Django's override_settings).
                     value = copy.deepcopy(value)
-                    dict.__setitem__(self, key, value)
+                    if not self._sources:
+                        dict.__setitem__(self, key, value)
                 return value
         return _MISSING
 

@@ -370,3 +370,25 @@ def test_task_cls_and_app_Task_are_the_base_of_the_apps_tasks():
 
 class PathTask(Task):
     pass
+
+
+def test_eager_calls_accept_the_routing_options_and_refuse_unknown_ones():
+    a = App("p", broker="127.0.0.1:1", task_always_eager=True)
+
+    @a.task
+    def t(x):
+        return x
+
+    assert t.apply_async((3,), routing_key="video", exchange="video", ignore_result=True).get() == 3
+    with pytest.raises(TypeError, match="'colour'"):
+        t.apply_async((3,), colour="blue")
+
+
+def test_a_setting_a_source_gets_later_is_seen_even_after_its_default_was_read(monkeypatch):
+    settings = types.SimpleNamespace()
+    fake_module(monkeypatch, "routes_settings_mod", settings=settings)
+    a = App("p", broker="127.0.0.1:1")
+    a.config_from_object("routes_settings_mod:settings", namespace="CELERY")
+    assert a.conf.task_routes == {}
+    settings.CELERY_TASK_ROUTES = {"x.y": "later"}  # Django's override_settings in a test
+    assert a.conf.task_routes == {"x.y": "later"}
