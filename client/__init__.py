@@ -12,7 +12,8 @@ imported from its module the first time it is used.
 * the errors of ``client.errors``.
 * the task layer: ``App``, ``Task`` (``client.app``), ``AsyncResult``
   (``client.result``), ``Signature``/``signature`` (``client.canvas``),
-  ``Worker`` (``client.worker``).
+  ``Worker`` (``client.worker``), ``shared_task`` (``client.app``: tasks of reusable
+  modules, such as Django apps, bound to the current app).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ _EXPORTS = {
     "App": "client.app",
     "AsyncResult": "client.result",
     "Task": "client.app",
+    "shared_task": "client.app",  # Celery's `from celery import shared_task`
     "Signature": "client.canvas",
     "signature": "client.canvas",
     "Worker": "client.worker",

@@ -33,12 +33,16 @@ forked child gets its own), and shared by every thread.
 from __future__ import annotations
 
 import hashlib
+import functools
 import importlib
+import logging
 import os
 import random
+import sys
 import threading
 import time
 import uuid
+import weakref
 
 import cbor2
 
@@ -75,11 +79,15 @@ from client.exceptions import (
 )
 from client.result import READY_STATES, WAIT_CHUNK, AsyncResult, EagerResult, GroupResult, exception_from
 from client.signing import signer_for
+from client import routing, taskopts
+from client.conf import Conf, resolve
+
+log = logging.getLogger("brokerd.app")
 
 # Names that live in the modules above and stay importable from here, where the
 # README and existing code look for them (``from client.app import Retry``).
 __all__ = [
-    "App", "Task", "Conf", "Control", "Inspect", "Signal", "DEFAULTS",
+    "App", "Task", "Conf", "Control", "Inspect", "Signal", "DEFAULTS", "shared_task", "Backend",
     "Request", "AsyncResult", "EagerResult", "GroupResult", "exception_from", "READY_STATES", "WAIT_CHUNK",
     "ENVELOPE_VERSION", "DEFAULT_QUEUE", "make_envelope", "encode_envelope", "decode_envelope",
     "check_encodable", "route", "lookup_route",
@@ -153,7 +161,20 @@ class Task:
     ignore_result: bool | None = None
     track_started: bool | None = None  # store STARTED when a worker starts it (app: task_track_started)
     expires: float | None = None
-    typing = True
+    typing = True  # check the arguments against the function's signature at delay() (Celery's)
+    # Celery's other task options (client/taskopts.py says what each does here)
+    rate_limit = None  # "10/s", "100/m", "1000/h" or tasks per second; carried in the envelope (see apply_async)
+    throws: tuple = ()  # expected exceptions: logged at INFO, without the "raised unexpected" error line
+    store_errors_even_if_ignored = False  # brokerd stores every FAILURE, even of ignore_result tasks
+    reject_on_worker_lost = None  # brokerd redelivers a task whose process died (up to max_retries) either way
+    serializer = None  # only data serializers (json...) are accepted: bodies are CBOR
+    trail = True
+    pydantic = False  # validate/convert annotated arguments with pydantic before the task runs
+    pydantic_strict = False
+    pydantic_context = None
+    pydantic_dump_kwargs = None
+    exchange = None  # routing: see client.routing
+    routing_key = None
     # unique tasks (issue 15 item 2; brokerd holds the key, protocol.md §5.2): unique=True keys on
     # the task name + arguments; unique_until "started" | "finished" | "time"; unique_for seconds at most
     unique: bool = False
@@ -181,10 +202,13 @@ class Task:
         return current_request.get() or Request(task=self.name)
 
     def __call__(self, *args, **kwargs):
-        """Run the task here and now, like a plain function call."""
-        if self.bind:
-            return self.run(self, *args, **kwargs)
+        """Run the task here and now, like a plain function call.  (A bound task's ``run`` is a
+        method, as in Celery, so a base class's ``__call__`` calling ``self.run(*args)`` works.)"""
         return self.run(*args, **kwargs)
+
+    def shadow_name(self, args, kwargs, options):
+        """Override to give each call a display name (Celery's ``shadow``); None: the task's name."""
+        return None
 
     def __repr__(self):
         return f"<@task: {self.name}>"
@@ -195,15 +219,31 @@ class Task:
 
     def apply_async(self, args=None, kwargs=None, *, countdown=None, eta=None, expires=None,
                     priority=None, queue=None, task_id=None, headers=None, **options) -> "AsyncResult":
+        """Send the task.  Every option Celery's ``apply_async`` takes is honoured or accepted as a
+        no-op (client.taskopts); an option it does not have is a TypeError naming it."""
         args = tuple(args or ())
         kwargs = dict(kwargs or {})
+        fun = getattr(type(self), "__wrapped__", None)
+        if self.typing and fun is not None:
+            taskopts.check_arguments(self, fun, args, kwargs)
+        if self.pydantic:
+            args, kwargs = taskopts.dump_models(args, kwargs)
         if self.app.conf.task_always_eager:
+            routed = ("routing_key", "exchange", "parent_id", "root_id", "link", "link_error",
+                      "unique_key", "unique_for", "unique_until")  # meaningless when run here
+            taskopts.check_call_options(self.name, {k: v for k, v in options.items() if k not in routed})
             return self.apply(args, kwargs, task_id=task_id)
         # unique tasks: an explicit unique_key, or unique=True (key: name + a hash of the arguments)
         key = options.pop("unique_key", None) or (unique_key_of(self.name, args, kwargs) if self.unique else None)
         unique = None if key is None else (key, options.pop("unique_for", self.unique_for),
                                            options.pop("unique_until", self.unique_until))
         extra = canvas.callbacks_extra(options, self.app)  # link=/link_error=: sent, never dropped
+        if options.get("shadow") is None:
+            shadow = self.shadow_name(args, kwargs, options)
+            if shadow is not None:
+                options["shadow"] = shadow
+        if self.rate_limit is not None:
+            options.setdefault("rate_limit", taskopts.parse_rate_limit(self.rate_limit))
         return self.app.publish_task(
             self.name, args, kwargs, countdown=countdown, eta=eta,
             expires=expires if expires is not None else self.expires,
@@ -211,6 +251,25 @@ class Task:
             unique=unique,
             extra=extra,
         )
+
+    # -- Django: send once the database transaction commits (Celery's DjangoTask) --
+    def delay_on_commit(self, *args, **kwargs) -> "AsyncResult":
+        return self.apply_async_on_commit(args, kwargs)
+
+    def apply_async_on_commit(self, args=None, kwargs=None, *, using=None, **options) -> "AsyncResult":
+        """Send the task when the current Django transaction commits (at once outside one), so a
+        worker never looks for a row that is not committed yet.  Returns the task's AsyncResult
+        (its id is chosen now; Celery returns None)."""
+        from django.db import transaction  # lazy import: Django projects only
+
+        args, kwargs = tuple(args or ()), dict(kwargs or {})
+        fun = getattr(type(self), "__wrapped__", None)
+        if self.typing and fun is not None:
+            taskopts.check_arguments(self, fun, args, kwargs)  # fail at the call, not at commit
+        task_id = options.pop("task_id", None) or str(uuid.uuid4())
+        transaction.on_commit(functools.partial(self.apply_async, args, kwargs, task_id=task_id, **options),
+                              using=using)
+        return AsyncResult(task_id, app=self.app)
 
     def apply(self, args=None, kwargs=None, *, task_id=None, **_):
         """Run eagerly in this process and return an EagerResult (Celery's ``apply``)."""
@@ -323,17 +382,6 @@ class Signal:
         return [fn(sender=sender, **kwargs) for fn in list(self.receivers)]
 
 
-class Conf(dict):
-    """Settings: a dict with attribute access (``app.conf.task_routes``)."""
-
-    def __getattr__(self, key):
-        try:
-            return self[key]
-        except KeyError:
-            raise AttributeError(f"no setting {key!r}") from None
-
-    def __setattr__(self, key, value):
-        self[key] = value
 
 
 class App:
@@ -343,25 +391,42 @@ class App:
     with ``app.conf.update(...)`` or ``app.config_from_object(obj_or_module)``.
     """
 
-    def __init__(self, main: str | None = None, broker: str | None = None, **settings):
+    def __init__(self, main: str | None = None, broker: str | None = None, *, include=None, task_cls=None,
+                 backend=None, set_as_current: bool = True, config_source=None, namespace=None, **settings):
         self.main = main
         self.conf = Conf(DEFAULTS)
-        self.conf["task_routes"] = {}
-        self.conf["beat_schedule"] = {}
         if broker:
             self.conf["broker_url"] = broker
+        if backend is not None:
+            # accepted for Celery's sake: results always live in brokerd (RESULT_SET/GET)
+            self.conf["result_backend"] = backend
+        if include is not None:
+            self.conf["include"] = list(include)
         self.conf.update(settings)
+        if config_source is not None:
+            self.conf.add_source(config_source, namespace)
+        # The base class of this app's tasks (Celery's task_cls / ``app.Task = ContextTask``):
+        # read at each @app.task, so assigning app.Task before defining tasks takes effect.
+        self.Task = _import_object(task_cls) if isinstance(task_cls, str) else (task_cls or Task)
         self.tasks: dict[str, Task] = {}
         self.control = Control(self)
         self.on_after_configure = Signal("on_after_configure")
+        self.on_after_finalize = Signal("on_after_finalize")
         self._periodic: dict = {}
         self._configured = False
+        self._pending_imports: list = []  # autodiscover_tasks calls, run at finalize (lazy, as Celery)
+        self.fixups: list = []
+        self._worker_ready = False
         self._client = None
         self._client_pid = None
         self._client_url = None
         self._lock = threading.Lock()
         self._register_builtins()
-        set_current_app(self)
+        for fun, opts in list(_SHARED):
+            self._register(fun, **opts)  # shared_task defined before this app existed
+        if set_as_current:
+            set_current_app(self)
+        _APPS.add(self)
 
     @classmethod
     def current(cls) -> "App":
@@ -372,24 +437,31 @@ class App:
         return f"<App {self.main} broker={redact(self.conf.broker_url)}>"
 
     # -- configuration --
-    def config_from_object(self, obj, namespace: str | None = None) -> None:
-        """Read settings from an object or an importable module path.
+    def config_from_object(self, obj, namespace: str | None = None, silent: bool = False, force: bool = False) -> None:
+        """Read settings from an object, a module, or a ``"module"``/``"module:attr"`` path.
 
-        Lowercase attributes are settings; with ``namespace="CELERY"``,
-        ``CELERY_TASK_ROUTES`` becomes ``task_routes`` (Django style).
+        Read lazily and live (client.conf): a path is imported at the first read of a setting, and
+        the object is read at every read, so ``config_from_object("django.conf:settings",
+        namespace="CELERY")`` works inside Django's settings import and sees test overrides.
+        Lowercase attributes are settings; with ``namespace="CELERY"``, ``CELERY_TASK_ROUTES`` is
+        ``task_routes``.  ``force=True`` imports the path now (``silent=True``: ignore an ImportError).
         """
-        if isinstance(obj, str):
-            obj = importlib.import_module(obj)
-        prefix = (namespace + "_") if namespace else None
-        for key in dir(obj):
-            if key.startswith("_"):
-                continue
-            value = getattr(obj, key)
-            if prefix:
-                if key.startswith(prefix):
-                    self.conf[key[len(prefix):].lower()] = value
-            elif key.islower() and not callable(value) and not isinstance(value, type(os)):
-                self.conf[key] = value
+        if isinstance(obj, str) and force:
+            try:
+                obj = resolve(obj)
+            except ImportError:
+                if silent:
+                    return
+                raise
+        self.conf.add_source(obj, namespace)
+
+    def config_from_envvar(self, variable_name: str, silent: bool = False, force: bool = False) -> None:
+        module = os.environ.get(variable_name)
+        if not module:
+            if silent:
+                return
+            raise ImportError(f"environment variable {variable_name} is not set; it should name a config module")
+        self.config_from_object(module, silent=silent, force=force)
 
     # -- tasks --
     def task(self, *args, **opts):
@@ -406,53 +478,108 @@ class App:
 
     def _register(self, fun, name=None, base=None, **opts) -> Task:
         name = name or f"{fun.__module__}.{fun.__name__}"  # Celery's naming
-        base = base or Task
-        known = {k for k in dir(Task) if not k.startswith("_")}
+        base = base or self.Task
+        known = {k for k in dir(Task) if not k.startswith("_")} | set(taskopts.DECORATOR_NOOPS)
         for key in opts:
             if key not in known:
-                raise TypeError(f"@app.task got an unknown option {key!r}")
+                raise TypeError(f"@app.task got an unknown option {key!r} (for {name}); Celery's task options "
+                                f"are all accepted, so check the spelling")
+        taskopts.check_decorator_options(name, opts)
+        bind = opts.get("bind", getattr(base, "bind", False))
+        run = fun
+        if opts.get("pydantic", getattr(base, "pydantic", False)):
+            run = taskopts.pydantic_wrapper(
+                fun, strict=opts.get("pydantic_strict", False), context=opts.get("pydantic_context"),
+                dump_kwargs=opts.get("pydantic_dump_kwargs"))
         attrs = dict(opts)
-        attrs.update(name=name, app=self, run=staticmethod(fun), __doc__=fun.__doc__,
-                     __module__=fun.__module__, __wrapped__=fun)
+        # A bound task's run is a method (self is passed), as in Celery; otherwise a static function.
+        attrs.update(name=name, app=self, run=run if bind else staticmethod(run), __doc__=fun.__doc__,
+                     __module__=fun.__module__, __wrapped__=staticmethod(fun))
         cls = type(fun.__name__, (base,), attrs)
         task = cls()
         self.tasks[name] = task
         return task
 
-    def send_task(self, name: str, args=None, kwargs=None, **options) -> AsyncResult:
-        """Publish a task by name, from code that does not import it."""
-        return self.publish_task(name, tuple(args or ()), dict(kwargs or {}), **options)
+    def register_task(self, task):
+        """Register a class-based task (a Task subclass or instance with ``name`` and ``run``)."""
+        if isinstance(task, type):
+            task = task()
+        if not task.name:
+            raise ValueError(f"{type(task).__name__} has no name: set name = 'proj.tasks.mytask'")
+        task.app = self
+        self.tasks[task.name] = task
+        return task
 
-    def route(self, name: str, task: Task | None = None) -> dict:
-        """The ``task_routes`` entry for ``name`` (``{}`` when none): see ``client.envelope.lookup_route``."""
-        return lookup_route(self.conf.task_routes, name)
+    def send_task(self, name: str, args=None, kwargs=None, countdown=None, eta=None, task_id=None,
+                  expires=None, priority=None, queue=None, headers=None, **options) -> AsyncResult:
+        """Publish a task by name, from code that does not import it (options as ``apply_async``)."""
+        return self.publish_task(name, tuple(args or ()), dict(kwargs or {}), countdown=countdown, eta=eta,
+                                 task_id=task_id, expires=expires, priority=priority, queue=queue,
+                                 headers=headers, task=self.tasks.get(name), options=options)
+
+    def route(self, name: str, task: Task | None = None, args=(), kwargs=None, options=None) -> dict:
+        """The route ``task_routes`` gives ``name`` (``{}`` when none): dicts, router functions and
+        lists of them, first match wins (client.routing)."""
+        return routing.lookup(self.conf.task_routes, name, args, kwargs, options, task)
 
     def queue_and_priority(self, name: str, task: Task | None = None, queue: str | None = None,
-                           priority: int | None = None) -> tuple[str, int]:
-        """Where task ``name`` goes: the one routing rule (``client.envelope.route``) with this app's settings."""
+                           priority: int | None = None, *, routing_key=None, exchange=None, args=(),
+                           kwargs=None, options=None) -> tuple[str, int]:
+        """Where task ``name`` goes.  The first one given wins, for each of queue and priority: the
+        call's, the task's own, its ``task_routes`` route, the app's default (client.envelope.route
+        is the same rule for dict routes).  At each level ``routing_key`` names the queue when no
+        ``queue`` is given, as AMQP's default exchange routes; another exchange is refused."""
         conf = self.conf
-        return route(name, conf.task_routes, default_queue=conf.task_default_queue,
-                     default_priority=conf.task_default_priority, task=task, queue=queue, priority=priority)
+        dflt_exchange = conf.get("task_default_exchange") or conf.task_default_queue
+        queue = routing.destination({"queue": queue, "routing_key": routing_key, "exchange": exchange},
+                                    dflt_exchange, f"the call of {name}")
+        if task is not None:
+            queue = queue or routing.destination(
+                {"queue": task.queue, "routing_key": task.routing_key, "exchange": task.exchange},
+                dflt_exchange, f"the task {name}")
+            if priority is None:
+                priority = task.priority
+        if not queue or priority is None:
+            r = self.route(name, task, args, kwargs, options)
+            if not queue:
+                queue = routing.destination(r, dflt_exchange, f"the task_routes route of {name}")
+            if priority is None:
+                priority = r.get("priority")
+        queue = queue or conf.task_default_queue
+        if priority is None:
+            priority = conf.task_default_priority
+        return queue, priority or 0
 
     def publish_task(self, name, args, kwargs, *, countdown=None, eta=None, expires=None, priority=None,
                      queue=None, task_id=None, headers=None, task=None, options=None, parent_id=None,
-                     root_id=None, extra=None, confirm=True, unique=None) -> AsyncResult:
+                     root_id=None, extra=None, confirm=True, routing_key=None, exchange=None,
+                     unique=None) -> AsyncResult:
         """Build the envelope of one task call, route it, and publish it.
 
         ``task`` is the registered Task when known (its queue and priority
         then count in the routing rule); ``extra`` adds keys to the envelope
         (the canvas's ``link``, ``link_error``, ``chain``); ``confirm=False``
         pipelines the publish and the caller (a group) waits for all confirms at once.
+        ``options`` are the other per-call options: checked by client.taskopts (an unknown one is
+        a TypeError naming it), the honoured ones carried in the envelope's ``options``.
         """
+        options = dict(options or {})
+        routing_key = options.pop("routing_key", routing_key)
+        exchange = options.pop("exchange", exchange)
+        parent_id = options.pop("parent_id", None) or parent_id
+        root_id = options.pop("root_id", None) or root_id
+        env_options = taskopts.check_call_options(name, options)
+        taskopts.check_serializer(self.conf.get("task_serializer"), "the setting task_serializer")
         check_encodable(name, args, kwargs)
-        queue, priority = self.queue_and_priority(name, task, queue, priority)
+        queue, priority = self.queue_and_priority(name, task, queue, priority, routing_key=routing_key,
+                                                  exchange=exchange, args=args, kwargs=kwargs, options=env_options)
         task_id = task_id or str(uuid.uuid4())
         eta_s, exp = absolute_times(time.time(), countdown, eta, expires)
         parent = current_request.get()
         if parent is not None and parent_id is None and not parent.is_eager:
             parent_id, root_id = parent.id, parent.root_id
         env = make_envelope(name, task_id, args, kwargs, eta=eta_s, expires=exp, parent_id=parent_id,
-                            root_id=root_id, headers=headers, options=options or None)
+                            root_id=root_id, headers=headers, options=env_options or None)
         if extra:
             env.update(extra)
         if signals.before_task_publish.receivers:  # Celery's hook: receivers may edit the envelope
@@ -505,10 +632,116 @@ class App:
         }
 
     def finalize(self) -> None:
-        """Run on_after_configure handlers once (they may add periodic tasks)."""
-        if not self._configured:
-            self._configured = True
-            self.on_after_configure.send(sender=self)
+        """Once: import the modules named by ``include``/``imports`` and ``autodiscover_tasks``, then
+        run the on_after_configure and on_after_finalize handlers (they may add periodic tasks).
+        The worker and beat call it at start; nothing is imported earlier (Django's app registry
+        may not be ready while the project's modules import)."""
+        if self._configured:
+            return
+        self._configured = True
+        self.import_default_modules()
+        self.on_after_configure.send(sender=self)
+        self.on_after_finalize.send(sender=self)
+
+    def import_default_modules(self) -> list:
+        """Import ``include`` and ``imports`` modules and the pending ``autodiscover_tasks`` ones."""
+        done = []
+        for name in [*(self.conf.get("imports") or ()), *(self.conf.get("include") or ())]:
+            done.append(importlib.import_module(name))
+        pending, self._pending_imports = self._pending_imports, []
+        for packages, related_name in pending:
+            done.extend(self._discover(packages, related_name))
+        return done
+
+    def autodiscover_tasks(self, packages=None, related_name: str = "tasks", force: bool = False) -> None:
+        """Import ``<package>.tasks`` of each package, when the app is finalized (worker or beat
+        start), or now with ``force=True``.  ``packages``: a list, a callable returning one (called
+        then, not now), or None for Django's INSTALLED_APPS (when the project uses Django)."""
+        if force:
+            self._discover(packages, related_name)
+        else:
+            self._pending_imports.append((packages, related_name))
+
+    def _discover(self, packages, related_name) -> list:
+        if callable(packages):
+            packages = packages()
+        if packages is None:
+            packages = []
+            for fixup in self.fixups or _detect_fixups(self):
+                packages.extend(fixup.autodiscover_packages())
+        found = []
+        for pkg in packages:
+            module_name = f"{pkg}.{related_name}" if related_name else pkg
+            try:
+                found.append(importlib.import_module(module_name))
+            except ModuleNotFoundError as exc:
+                if exc.name != module_name:
+                    raise  # the tasks module exists and imports something missing: say so
+        return found
+
+    # -- the worker's start-up --
+    def init_worker(self) -> None:
+        """Called by the worker once, before its pool starts: set up the frameworks the project
+        uses (Django: ``django.setup()`` when DJANGO_SETTINGS_MODULE is set), import the task
+        modules, and log what the tasks ask for that brokerd does not do (yet)."""
+        if self._worker_ready:
+            return
+        self._worker_ready = True
+        if not self.fixups:
+            self.fixups = _detect_fixups(self)
+        self.fixup_event("on_worker_init")
+        self.finalize()
+        self.fixup_event("on_worker_ready")
+        for task in self.tasks.values():
+            if task.rate_limit is not None:
+                log.warning("task %s has rate_limit=%s: it is carried in each task's envelope; brokerd does not "
+                            "enforce rate limits yet (when it does, the limit is global: all workers together)",
+                            task.name, task.rate_limit)
+
+    def fixup_event(self, event: str, *args) -> None:
+        """Call ``event`` on each fixup (Django's): on_worker_init, on_worker_ready,
+        on_worker_process_init, on_task_prerun, on_task_postrun.  A raising fixup is logged."""
+        for fixup in self.fixups:
+            fn = getattr(fixup, event, None)
+            if fn is None:
+                continue
+            if event.startswith("on_task"):
+                try:
+                    fn(*args)
+                except Exception:  # noqa: BLE001 - a fixup must not cost the task its outcome
+                    log.exception("%s fixup %s raised", type(fixup).__name__, event)
+            else:
+                fn(*args)
+
+    # -- Celery's app-level entry points --
+    def set_default(self) -> None:
+        """Make this the app that ``shared_task`` tasks and unbound signatures use."""
+        set_current_app(self)
+
+    def set_current(self) -> None:
+        set_current_app(self)
+
+    def worker_main(self, argv=None) -> int:
+        """Run a worker for this app, with ``brokerd-worker``'s flags (``argv[0]`` may be "worker")."""
+        from client import worker_cli  # lazy import: the worker's code is not loaded by producers
+
+        argv = list(argv if argv is not None else ["worker"])
+        if argv and argv[0] == "worker":
+            argv = argv[1:]
+        return worker_cli.main(argv, app=self)
+
+    def start(self, argv=None) -> int:
+        """Celery's ``app.start()``: ``python tasks.py worker -l info`` runs a worker for this app."""
+        argv = list(argv if argv is not None else sys.argv[1:])
+        if not argv or argv[0] != "worker":
+            raise SystemExit(f"usage: {sys.argv[0]} worker [brokerd-worker flags]; only the worker command is "
+                             f"supported here (use brokerd-beat and brokerd-ctl for the others)")
+        raise SystemExit(self.worker_main(argv))
+
+    @property
+    def backend(self) -> "Backend":
+        """Celery's ``app.backend``: the result calls, over brokerd's stored results."""
+        return Backend(self)
 
     def periodic_entries(self) -> dict:
         self.finalize()
@@ -541,6 +774,7 @@ class App:
         a task that publishes makes its own on first use."""
         self._client = None
         self._lock = threading.Lock()
+        self.fixup_event("on_worker_process_init")
 
     def close(self) -> None:
         if self._client is not None and self._client_pid == os.getpid():
@@ -564,10 +798,130 @@ class App:
         """Celery's ``app.signature("proj.tasks.add", (2, 2), countdown=10)`` (or a signature map)."""
         return canvas.signature(name, args, kwargs, app=self, **options)
 
-    def autodiscover_tasks(self, packages, related_name="tasks") -> None:
-        for pkg in packages:
-            try:
-                importlib.import_module(f"{pkg}.{related_name}")
-            except ModuleNotFoundError as exc:
-                if exc.name != f"{pkg}.{related_name}":
-                    raise
+
+class Backend:
+    """``app.backend``: Celery's result-backend calls, answered by brokerd (RESULT_GET/SET)."""
+
+    def __init__(self, app: App):
+        self.app = app
+
+    def get_task_meta(self, task_id) -> dict:
+        r = self.app.client.get_result(task_id)
+        return {"task_id": task_id, "status": r.get("state", "PENDING"), "result": r.get("result"),
+                "meta": r.get("meta"), "date_done": r.get("updated")}
+
+    def get_state(self, task_id) -> str:
+        return self.get_task_meta(task_id)["status"]
+
+    get_status = get_state
+
+    def get_result(self, task_id):
+        return AsyncResult(task_id, app=self.app).result
+
+    def store_result(self, task_id, result, state, traceback=None, request=None, **_):
+        meta = {"traceback": traceback} if traceback else None
+        self.app.client.store_result(task_id, state, result, meta)
+        return result
+
+    def mark_as_started(self, task_id, **meta):
+        return self.store_result(task_id, meta or None, "STARTED")
+
+    def mark_as_done(self, task_id, result, request=None, **_):
+        return self.store_result(task_id, result, "SUCCESS")
+
+    def forget(self, task_id) -> None:
+        AsyncResult(task_id, app=self.app).forget()
+
+    def wait_for(self, task_id, timeout=None, **_):
+        AsyncResult(task_id, app=self.app).get(timeout=timeout, propagate=False)
+        return self.get_task_meta(task_id)
+
+
+# -- shared_task: tasks of reusable apps (Django apps), bound to whichever app is current ---------
+_SHARED: list = []  # (function, options) of every shared_task, registered in each App made later
+_APPS = weakref.WeakSet()  # every App alive in this process, for shared_task defined after them
+
+
+class _SharedTaskProxy:
+    """What ``@shared_task`` returns: the task of that name in the *current* app (the App created
+    last, or the one given ``set_default()``), looked up at each use, so a module of tasks imports
+    before any App exists, and uses the project's app once there is one (Celery's semantics)."""
+
+    _name = ""  # the task's name (set through object.__setattr__: this class forwards setattr)
+
+    def __init__(self, name: str, fun):
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "__wrapped__", fun)
+        object.__setattr__(self, "__doc__", fun.__doc__)
+        object.__setattr__(self, "__name__", fun.__name__)
+        object.__setattr__(self, "__module__", fun.__module__)
+
+    def _get_current_object(self) -> Task:
+        try:
+            app = current_app()
+        except RuntimeError:
+            app = App()  # Celery makes a default app too: its broker is $BROKERD_URL or 127.0.0.1:7700
+        task = app.tasks.get(self._name)
+        if task is None:
+            raise NotRegistered(f"shared task {self._name!r} is not registered in the current app {app!r}")
+        return task
+
+    def __getattr__(self, attr):
+        return getattr(self._get_current_object(), attr)
+
+    def __setattr__(self, attr, value):
+        setattr(self._get_current_object(), attr, value)
+
+    def __call__(self, *args, **kwargs):
+        return self._get_current_object()(*args, **kwargs)
+
+    def __repr__(self):
+        return f"<@task: {self._name} of the current app>"
+
+    def __reduce__(self):
+        return (_shared_by_name, (self._name,))
+
+
+def _shared_by_name(name):
+    return current_app().tasks[name]
+
+
+def shared_task(*args, **opts):
+    """``@shared_task`` / ``@shared_task(bind=True, ...)``: a task for every app, without importing one.
+
+    The task is registered in every App that exists and every App made later; the value returned
+    uses the current app at each call (see _SharedTaskProxy)."""
+
+    def make(fun):
+        name = opts.get("name") or f"{fun.__module__}.{fun.__name__}"
+        _SHARED.append((fun, dict(opts)))
+        for app in list(_APPS):
+            app._register(fun, **opts)
+        return _SharedTaskProxy(name, fun)
+
+    if len(args) == 1 and callable(args[0]) and not opts:
+        return make(args[0])
+    return make
+
+
+def _import_object(path: str):
+    module, _, attr = path.partition(":")
+    if not attr:
+        module, _, attr = path.rpartition(".")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _detect_fixups(app) -> list:
+    """Django's fixup when the project is a Django project (DJANGO_SETTINGS_MODULE set), as Celery."""
+    if os.environ.get("DJANGO_SETTINGS_MODULE"):
+        try:
+            import django  # noqa: F401 - lazy import: only Django projects, and only when the worker starts
+        except ImportError:
+            return []
+        from client.django import DjangoFixup  # lazy import: it is only for Django projects
+
+        return [DjangoFixup(app)]
+    return []

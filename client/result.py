@@ -17,7 +17,7 @@ import sys
 import time
 
 from client._current import current_app, current_request
-from client.exceptions import LOCAL_FAILURES, Reject, RemoteError, TaskRevokedError, TimeoutError, remote_error_class
+from client.exceptions import LOCAL_FAILURES, Reject, TaskRevokedError, TimeoutError, remote_error_class
 
 log = logging.getLogger("brokerd.client")
 

@@ -135,7 +135,7 @@ def _send(sig, **kw) -> None:
 
 
 class _Ctx:
-    __slots__ = ("task", "req", "t0", "in_task")
+    __slots__ = ("task", "req", "opts", "t0", "in_task")
 
 
 class Runner:
@@ -184,7 +184,9 @@ class Runner:
         ctx = _Ctx()
         ctx.task = task
         ctx.req = req
+        ctx.opts = env.get("options") or {}  # per-call options (check_envelope checked their types)
         ctx.t0 = time.perf_counter()
+        self.app.fixup_event("on_task_prerun", task)  # Django: close_old_connections
         return ctx, None
 
     def execute(self, job, slot=None):
@@ -263,6 +265,7 @@ class Runner:
         """``succeeded``/``failed``, but never raising: whatever a task returned or raised, its process
         (a pool child, a pool thread, the trio loop) must live on and the task must get a result."""
         try:
+            self.app.fixup_event("on_task_postrun", ctx.task)
             return settle(ctx, value)
         except Exception as exc:  # noqa: BLE001
             log.error("Task %s[%s]: its outcome could not be recorded: %s: %s", ctx.task.name, ctx.req.id,
@@ -306,7 +309,9 @@ class Runner:
         self._hook(ctx, "after_return", "SUCCESS", retval, req.id, req.args, req.kwargs, None)
         if log.isEnabledFor(logging.INFO):
             log.info("Task %s[%s] succeeded in %.4fs: %s", task.name, req.id, runtime, shown)
-        ignore = task.ignore_result
+        ignore = ctx.opts.get("ignore_result")  # the call's ignore_result=, then the task's, then the app's
+        if ignore is None:
+            ignore = task.ignore_result
         if ignore is None:
             ignore = self.app.conf.get("task_ignore_result", False)
         _send(signals.task_success, sender=task, result=retval)
@@ -357,7 +362,10 @@ class Runner:
             call_errbacks(self.app, req, exc, tb)  # errback(request, exc, traceback), here as in Celery
         if isinstance(exc, SoftTimeLimitExceeded):
             log.warning("Soft time limit exceeded for %s[%s]", task.name, req.id)
-        log.error("Task %s[%s] raised unexpected: %r", task.name, req.id, exc)
+        if task.throws and isinstance(exc, task.throws):
+            log.info("Task %s[%s] raised expected: %r", task.name, req.id, exc)  # Celery's `throws`
+        else:
+            log.error("Task %s[%s] raised unexpected: %r", task.name, req.id, exc)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("Task %s[%s] traceback:\n%s", task.name, req.id, tb)
         _send(signals.task_failure, sender=task, task_id=req.id, exception=exc, args=req.args, kwargs=req.kwargs,
@@ -429,6 +437,16 @@ def check_envelope(env: dict) -> None:
         return
     if type(opts) is not dict:
         raise ValueError(f"task envelope field 'options' must be a map or null (got {shown(opts)})")
+    value = opts.get("ignore_result")
+    if value is not None and type(value) is not bool:
+        raise ValueError(f"task envelope field 'options.ignore_result' must be true, false or null (got {shown(value)})")
+    value = opts.get("shadow")
+    if value is not None and type(value) is not str:
+        raise ValueError(f"task envelope field 'options.shadow' must be text or null (got {shown(value)})")
+    value = opts.get("rate_limit")
+    if value is not None and _bad_number(value, nonneg=True):
+        raise ValueError(f"task envelope field 'options.rate_limit' must be tasks per second (a number >= 0) or null "
+                         f"(got {shown(value)})")
     for key in ("time_limit", "soft_time_limit"):
         value = opts.get(key)
         if value is not None and _bad_number(value, nonneg=True, upper=TIME_LIMIT_MAX):

@@ -250,6 +250,7 @@ class Worker:
             signals.after_setup_logger.send(logger=logging.getLogger(), loglevel=self.loglevel, logfile=None,
                                             format=LOG_FORMAT, colorize=False)
         signals.worker_init.send(sender=self)
+        self.app.init_worker()  # Django setup, include/autodiscover imports: before the pool forks
         if self.pool_kind == "trio":
             # lazy import: only this pool needs trio, and importing it costs the other pools start-up time
             from client.worker.trio_loop import run_trio

@@ -1,0 +1,214 @@
+"""Celery's task options: which ones ``@app.task`` and ``apply_async`` take, and what each does here.
+
+Every option Celery documents is accepted.  Each is either honoured, or accepted as the no-op it
+is for brokerd (the table below says why); an option Celery does not have is refused with a
+TypeError naming it, so a typo never turns into a silently lost setting.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+
+# -- @app.task(...) ------------------------------------------------------------------------------
+# Options of the decorator that are no-ops for brokerd, with the reason.
+DECORATOR_NOOPS = {
+    "trail": "results keep no list of children; trail=True/False changes nothing",
+    "send_events": "the worker's -E/--no-task-events decides",
+    "autoregister": "every decorated task is registered",
+    "lazy": "tasks are made at decoration time; shared_task binds to the current app lazily",
+    "abstract": "only meaningful on Task subclasses",
+    "compression": "brokerd does not compress bodies; CBOR is compact already",
+    "delivery_mode": "brokerd logs every task to its write-ahead log: always persistent",
+    "resultrepr_maxsize": "the worker's log line shortens results itself",
+    "acks_on_failure_or_timeout": "a failed or timed-out task is acked, its FAILURE stored",
+    "from_config": "settings are read from app.conf directly",
+    "request_stack": "the current request is a context variable",
+    "backend": "results always live in brokerd",
+    "filter": "not used",
+    "exchange": None,  # honoured by the routing rule (client.routing), not a no-op
+    "routing_key": None,
+}
+
+# Celery's serializers whose values CBOR carries (it carries all of JSON's and more: bytes,
+# big integers, Decimal, UUID, dates).  pickle carries arbitrary objects, which a worker should
+# never unpickle from a queue; there is no equivalent here, by design.
+DATA_SERIALIZERS = ("json", "cbor", "msgpack", "yaml")
+
+
+def check_serializer(value, where: str) -> None:
+    """Accept a serializer name whose values CBOR carries; refuse the rest saying what we do."""
+    if value is None:
+        return
+    if isinstance(value, str) and value.lower().split("/")[-1].replace("x-", "") in DATA_SERIALIZERS:
+        return
+    raise ValueError(
+        f"{where} is {value!r}: brokerd sends every task as CBOR, which carries everything JSON does and more "
+        f"(bytes, big integers, Decimal, UUID, dates, sets); it does not unpickle arbitrary objects. "
+        f"Drop the option (or use 'json'), and pass plain data as arguments")
+
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:/\s*([smh]))?\s*$")
+_PER_SECOND = {"s": 1.0, "m": 1 / 60, "h": 1 / 3600, None: 1.0}
+
+
+def parse_rate_limit(value, where: str = "rate_limit") -> float | None:
+    """Celery's rate syntax → tasks per second (None: no limit).  ``"10/s"``, ``"100/m"``,
+    ``"1000/h"``, or a number (per second).  0 means no limit, as in Celery."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{where} must be a rate such as '10/s', '100/m', '1000/h' or a number, not {value!r}")
+    if isinstance(value, (int, float)):
+        rate = float(value)
+    elif isinstance(value, str):
+        m = _RATE.match(value)
+        if m is None:
+            raise ValueError(f"{where} {value!r} is not a rate: write N/s, N/m or N/h (e.g. '10/s', '100/m'), "
+                             f"or a number of tasks per second")
+        rate = float(m.group(1)) * _PER_SECOND[m.group(2)]
+    else:
+        raise ValueError(f"{where} must be a rate such as '10/s' or a number, not {type(value).__name__}")
+    if rate != rate or rate < 0 or rate == float("inf"):
+        raise ValueError(f"{where} must be a finite rate >= 0 (got {value!r})")
+    return rate or None
+
+
+def check_decorator_options(name: str, opts: dict) -> None:
+    """Validate the values of the decorator options that have a syntax; TypeError/ValueError naming them."""
+    if "rate_limit" in opts:
+        parse_rate_limit(opts["rate_limit"], f"@task {name}: rate_limit")
+    if "serializer" in opts:
+        check_serializer(opts["serializer"], f"@task {name}: serializer")
+    throws = opts.get("throws")
+    if throws is not None:
+        items = throws if isinstance(throws, tuple) else (throws,) if isinstance(throws, type) else tuple(throws)
+        for t in items:
+            if not (isinstance(t, type) and issubclass(t, BaseException)):
+                raise TypeError(f"@task {name}: throws must be exception classes (got {t!r})")
+        opts["throws"] = items
+
+
+# -- apply_async(...) ----------------------------------------------------------------------------
+# Per-call options carried to the worker in the envelope's `options` map (protocol.md §8.1).
+ENVELOPE_OPTIONS = ("time_limit", "soft_time_limit", "ignore_result", "shadow", "link", "link_error")
+
+# Per-call options that are no-ops for brokerd, with the reason.
+CALL_NOOPS = {
+    "retry": "the publish is confirmed by brokerd; the client reconnects by itself",
+    "retry_policy": "the publish is confirmed by brokerd; the client reconnects by itself",
+    "compression": "brokerd does not compress bodies",
+    "delivery_mode": "brokerd logs every task: always persistent",
+    "producer": "the app's one client publishes",
+    "publisher": "the app's one client publishes",
+    "connection": "the app's one client publishes",
+    "add_to_parent": "results keep no list of children",
+    "mandatory": "an unroutable task cannot happen: the queue is made on first publish",
+    "immediate": "not in AMQP 0-9-1 either",
+    "declare": "queues are made on first publish",
+    "exchange_type": "brokerd has no exchanges (see routing)",
+    "reply_to": "results are kept by brokerd, not replied to",
+    "correlation_id": "the task id is the correlation id",
+    "stamped_headers": "stamping is not supported; headers= carries application headers",
+    "stamps": "stamping is not supported; headers= carries application headers",
+    "router": "task_routes decides",
+}
+
+
+def check_arguments(task, fun, args, kwargs) -> None:
+    """Celery's ``typing=True``: the call's arguments must fit the function's signature, checked
+    at ``delay()`` so a wrong call fails in the caller, not later in a worker."""
+    try:
+        sig = inspect.signature(fun)
+    except (TypeError, ValueError):
+        return  # a builtin or C function: nothing to check against
+    try:
+        if task.bind:
+            sig.bind(None, *args, **kwargs)  # the bound task's `self`
+        else:
+            sig.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise TypeError(f"{fun.__name__}() {exc}") from None
+
+
+def pydantic_wrapper(fun, strict: bool = False, context=None, dump_kwargs=None):
+    """Celery's ``pydantic=True``: arguments annotated with a pydantic model (or any type pydantic
+    validates) are validated and converted before the task runs; a model returned is dumped to
+    plain data so it can be stored as the result.  Needs pydantic installed (ImportError otherwise)."""
+    import pydantic  # noqa: F401 - fail at decoration time when it is missing
+
+    from pydantic import BaseModel, TypeAdapter
+
+    sig = inspect.signature(fun)
+    adapters = {}
+    for pname, param in sig.parameters.items():
+        if param.annotation is not inspect.Parameter.empty and param.kind not in (
+                inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            ann = param.annotation
+            if isinstance(ann, str):
+                continue  # postponed annotations that were not resolved: leave as given
+            adapters[pname] = TypeAdapter(ann)
+    dump = {"mode": "json", **(dump_kwargs or {})}
+
+    @functools.wraps(fun)
+    def run(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        for pname, value in list(bound.arguments.items()):
+            ad = adapters.get(pname)
+            if ad is not None:
+                bound.arguments[pname] = ad.validate_python(value, strict=strict, context=context)
+        value = fun(*bound.args, **bound.kwargs)
+        if isinstance(value, BaseModel):
+            return value.model_dump(**dump)
+        return value
+
+    return run
+
+
+def dump_models(args, kwargs):
+    """pydantic models given to ``delay()`` → plain data (what the worker validates back)."""
+    try:
+        from pydantic import BaseModel
+    except ImportError:
+        return args, kwargs
+
+    def conv(v):
+        return v.model_dump(mode="json") if isinstance(v, BaseModel) else v
+
+    return tuple(conv(a) for a in args), {k: conv(v) for k, v in kwargs.items()}
+
+
+def check_call_options(name: str, options: dict) -> dict:
+    """The per-call options of one ``apply_async``/``send_task`` → the envelope's ``options`` map.
+
+    Honoured ones are checked and kept, no-ops dropped, anything else refused naming it (it used
+    to be stored in the envelope where nothing read it: a silent loss).  ``routing_key``,
+    ``exchange``, ``queue`` and the times are taken out by the caller before this.
+    """
+    out = {}
+    for key, value in options.items():
+        if key in ENVELOPE_OPTIONS or key == "rate_limit":
+            if value is None:
+                continue
+            if key == "ignore_result" and not isinstance(value, bool):
+                raise TypeError(f"apply_async() of {name}: ignore_result must be True or False (got {value!r})")
+            if key == "shadow" and not isinstance(value, str):
+                raise TypeError(f"apply_async() of {name}: shadow must be a display name (text), got {value!r}")
+            if key == "rate_limit":
+                value = parse_rate_limit(value, f"rate_limit of {name}")
+                if value is None:
+                    continue
+            out[key] = value
+        elif key == "serializer":
+            check_serializer(value, f"apply_async() of {name}: serializer")
+        elif key in CALL_NOOPS:
+            continue
+        else:
+            raise TypeError(
+                f"apply_async() of {name} got an option brokerd does not know: {key!r}. Known options: countdown, "
+                f"eta, expires, priority, queue, routing_key, exchange, task_id, headers, link, link_error, "
+                f"time_limit, soft_time_limit, ignore_result, shadow, parent_id, root_id, unique_key, unique_for, "
+                f"unique_until (and Celery's no-ops: "
+                f"{', '.join(sorted(CALL_NOOPS))})")
+    return out
