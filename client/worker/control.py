@@ -190,7 +190,9 @@ class Control:
 
     def ctl_conf(self, args):
         out = {}
-        for key, value in sorted(self.w.app.conf.items()):
+        conf = self.w.app.conf
+        table = conf.table() if hasattr(conf, "table") else dict(conf)  # defaults and lazy sources too
+        for key, value in sorted(table.items()):
             if not isinstance(key, str):
                 continue
             if SECRET_WORDS.search(key):
