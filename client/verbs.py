@@ -37,6 +37,7 @@ from client.wire import (
     OP_PAUSE,
     OP_PING,
     OP_PURGE,
+    OP_RATE_LIMIT,
     OP_RESULT_FORGET,
     OP_RESULT_GET,
     OP_RESUME,
@@ -211,6 +212,14 @@ def revoke(client, task_ids, *, terminate: bool = False, ttl=None) -> int:
     if ttl is not None:
         opts["ttl"] = float(ttl)
     return Call(OP_REVOKE, [task_ids, opts])
+
+
+@verb
+def rate_limit(client, name: str, limit, *, queue: bool = False) -> dict:
+    """Set the rate brokerd delivers task ``name`` (or with ``queue=True``, queue ``name``)
+    at, live and kept across restarts: "10/s", "100/m", "1000/h"; 0 or None lifts it.
+    Returns ``{"kind", "name", "limit", "previous"}``."""
+    return Call(OP_RATE_LIMIT, [name, limit, "queue" if queue else "task"])
 
 
 @verb

@@ -71,6 +71,7 @@ OP_TASK_INFO = 29  # a task's history and result: [29, rid, task_id]
 OP_WORKERS = 30  # the worker registry: [30, rid]
 OP_CONTROL_REQUEST = 31  # ask the workers something: [31, rid, command, args, {timeout, destination}]
 OP_CONTROL_REPLY = 32  # a worker's answer to a CONTROL with a reply_id: [32, rid, reply_id, reply]
+OP_RATE_LIMIT = 40  # set a task's or queue's rate live: [40, rid, name, limit, kind]
 
 # server → client
 OP_OK = 64
@@ -113,6 +114,7 @@ CLIENT_OPS = {
     OP_WORKERS: "WORKERS",
     OP_CONTROL_REQUEST: "CONTROL_REQUEST",
     OP_CONTROL_REPLY: "CONTROL_REPLY",
+    OP_RATE_LIMIT: "RATE_LIMIT",
 }
 SERVER_OPS = {OP_OK: "OK", OP_ERROR: "ERROR", OP_DELIVER: "DELIVER", OP_CLOSING: "CLOSING", OP_CONTROL: "CONTROL",
               OP_EVENT: "EVENT"}

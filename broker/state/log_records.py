@@ -36,6 +36,7 @@ REVOKE     [[[task id, until], ...], terminate]             task ids revoked unt
 CHORD      [chord id, [member ids], body spec, error spec]  a chord barrier was declared
 CHORD_MEMBER [chord id, member, [state, value, meta]]       compaction: a member's counted result
 CHORD_FIRE [chord id, ok, message | null]                   the barrier completed: body (or error) published
+RATE       [kind ("task" | "queue"), name, limit | null]    a rate limit set live (RATE_LIMIT); null lifts it
 """
 
 PUBLISH = 1
@@ -63,6 +64,7 @@ REVOKE = 22
 CHORD = 23
 CHORD_MEMBER = 24
 CHORD_FIRE = 25
+RATE = 26
 
 NAMES = {
     PUBLISH: "PUBLISH", DELIVER: "DELIVER", ACK: "ACK", REQUEUE: "REQUEUE", DEAD: "DEAD",
@@ -70,7 +72,7 @@ NAMES = {
     PURGE: "PURGE", PAUSE: "PAUSE", MESSAGE: "MESSAGE", COUNTERS: "COUNTERS",
     RESULT: "RESULT", FORGET: "FORGET", SCHED_PUT: "SCHED_PUT", SCHED_REMOVE: "SCHED_REMOVE",
     SCHED_PAUSE: "SCHED_PAUSE", SCHED_TICK: "SCHED_TICK", SCHED_STATE: "SCHED_STATE", REVOKE: "REVOKE",
-    CHORD: "CHORD", CHORD_MEMBER: "CHORD_MEMBER", CHORD_FIRE: "CHORD_FIRE",
+    CHORD: "CHORD", CHORD_MEMBER: "CHORD_MEMBER", CHORD_FIRE: "CHORD_FIRE", RATE: "RATE",
 }
 
 COUNTER_FIELDS = (

@@ -31,13 +31,17 @@ class ManagementMixin:
         q = self.queues.get(name)
         if q is None:
             q = self.queues[name] = Queue(name, opts, declared=True)
+            fresh = True
         elif q.declared and q.options != opts:
             raise PreconditionFailed(
                 f"queue {name!r} already exists with options {q.options.to_wire()}; "
                 "declare it with the same options, or delete it first")
         else:
+            fresh = not q.declared  # declaring again with the same options keeps a rate set live since
             q.options = opts
             q.declared = True
+        if fresh and opts.rate_limit is not None:
+            self.set_queue_rate(q, opts.rate_limit)
         self._log(R.DECLARE, [name, opts.to_wire()])
         return opts.to_wire()
 
@@ -50,6 +54,8 @@ class ManagementMixin:
                 "in flight; cancel the consumers and settle the messages first")
         n = self._purge(q)
         del self.queues[name]
+        if q.rate_gate is not None:
+            self._regate()
         self._log(R.DELETE, name)
         return n
 
@@ -69,7 +75,7 @@ class ManagementMixin:
                     keep.append(entry)
             self._delayed = SortedList(keep)
             q.delayed_count = 0
-        return n
+        return n + self._drop_parked(q)
 
     def purge(self, name: str, now: float) -> int:
         """Drop every waiting (ready or delayed) message; in-flight ones stay."""

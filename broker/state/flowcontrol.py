@@ -1,0 +1,275 @@
+"""Flow control in the delivery path: rate limits, concurrency caps and tenants (issue 15).
+
+Part of ``BrokerState`` (a mixin sharing its fields); the pieces it uses are in
+``broker.state.flow``.  The dispatcher asks ``_flow_hold`` about a popped message
+only while some gate exists (``_gated``): with no limit or cap anywhere the
+delivery path pays one attribute check per message.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+
+from broker.errors import BadRequest, NotFound
+from broker.state import log_records as R
+from broker.state.flow import MAX_NAME, PARKED, CapGate, RateGate, flow_tag, parse_rate
+from broker.state.queue import GONE, validate_queue_name
+
+RATE_KINDS = ("task", "queue")
+
+
+class FlowMixin:
+    def _init_flow(self) -> None:
+        self._gated = False  # any rate gate or cap gate exists: the dispatcher asks _flow_hold
+        self._task_rates: dict[str, RateGate] = {}  # task name -> its gate
+        self._caps: dict[str, CapGate] = {}  # cap key -> its gate; dropped when idle
+        self._flow_due: list = []  # heap of (time, n, RateGate): a parked message to release
+        self._flow_n = itertools.count()
+        self._flow_woke: set = set()  # queues that got a released message; the caller dispatches them
+
+    def _regate(self) -> None:
+        self._gated = bool(self._task_rates or self._caps or any(
+            q.rate_gate is not None for q in self.queues.values()))
+
+    # -- what a publish brings -------------------------------------------------------------
+    def _flow_publish(self, q, f) -> None:
+        """A message with a FlowTag is about to be stored in ``q``."""
+        if f.tenant is not None and not q.tenanted:
+            q.make_tenanted()
+        if f.rate_text is not None:
+            g = self._task_rates.get(f.task)
+            if g is None:
+                self._task_rates[f.task] = RateGate("task", f.task, f.rate, f.rate_text, "task")
+                self._gated = True
+            elif g.source == "task" and g.text != f.rate_text:
+                g.set(f.rate, f.rate_text)  # the task's code changed its limit; a live one stays
+        if f.cap is not None:
+            g = self._caps.get(f.cap_key)
+            if g is not None:
+                g.limit = f.cap
+            self._gated = True  # the gate itself is made at the first delivery
+
+    # -- the dispatcher's question ---------------------------------------------------------
+    def _flow_hold(self, q, msg, now: float) -> bool:
+        """True if a gate holds ``msg`` back (it is parked on that gate); else take its
+        tokens and cap slot (the caller delivers it) and return False."""
+        g1 = q.rate_gate
+        g2 = g3 = None
+        f = msg.flow
+        if f is not None:
+            if f.task is not None and self._task_rates:
+                g2 = self._task_rates.get(f.task)
+            if f.cap_key is not None:
+                g3 = self._caps.get(f.cap_key)
+                if g3 is None:
+                    g3 = self._caps[f.cap_key] = CapGate(f.cap_key, f.cap)
+        for g in (g1, g2, g3):
+            if g is not None and not g.is_open(now):
+                self._park(g, q, msg, now)
+                return True
+        for g in (g1, g2):
+            if g is not None:
+                g.take(now)
+                if g.parked and not g.due:
+                    self._schedule_release(g)
+        if g3 is not None:
+            g3.inflight += 1
+        return False
+
+    def _park(self, g, q, msg, now: float) -> None:
+        msg.state = PARKED
+        q.waiting_count += 1
+        g.parked.append(msg)
+        if type(g) is RateGate and not g.due:
+            self._schedule_release(g)
+
+    def _schedule_release(self, g: RateGate) -> None:
+        g.due = True
+        heapq.heappush(self._flow_due, (g.next_free, next(self._flow_n), g))
+
+    def _release_one(self, g) -> bool:
+        """Put the oldest live message parked on ``g`` back at the front of its queue."""
+        parked = g.parked
+        while parked:
+            msg = parked.popleft()
+            if msg.state != PARKED:
+                continue  # expired or purged while parked
+            q = msg.queue
+            q.waiting_count -= 1
+            q.push_ready(msg, front=True)
+            self._flow_woke.add(q)
+            return True
+        return False
+
+    def _flow_settled(self, msg) -> None:
+        """A delivery ended (ack, nack, taken back): free its cap slot."""
+        g = self._caps.get(msg.flow.cap_key)
+        if g is None:
+            return
+        g.inflight -= 1
+        if g.parked:
+            self._release_one(g)
+        elif g.inflight <= 0:
+            del self._caps[g.key]  # idle keys cost nothing
+            if not self._caps:
+                self._regate()
+
+    def _flow_take_woke(self) -> set:
+        woke = self._flow_woke
+        if woke:
+            self._flow_woke = set()
+        return woke
+
+    def _tick_flow(self, now: float) -> None:
+        due = self._flow_due
+        while due and due[0][0] <= now:
+            _, _, g = heapq.heappop(due)
+            g.due = False
+            self._release_one(g)
+
+    def _flow_next_wakeup(self) -> float:
+        return self._flow_due[0][0] if self._flow_due else float("inf")
+
+    def _flow_gates(self):
+        yield from self._task_rates.values()
+        yield from self._caps.values()
+        for q in self.queues.values():
+            if q.rate_gate is not None:
+                yield q.rate_gate
+
+    def parked_messages(self):
+        """Every message held back by a gate (for compaction: they are live)."""
+        for g in self._flow_gates():
+            for m in g.parked:
+                if m.state == PARKED:
+                    yield m
+
+    def _drop_parked(self, q) -> int:
+        """Purge or delete of ``q``: forget its parked messages; returns how many."""
+        n = 0
+        if q.waiting_count:
+            for g in self._flow_gates():
+                for m in g.parked:
+                    if m.queue is q and m.state == PARKED:
+                        m.state = GONE
+                        n += 1
+            q.waiting_count = 0
+        return n
+
+    # -- setting limits ----------------------------------------------------------------------
+    def set_queue_rate(self, q, text: str | None) -> None:
+        """The queue's rate (from DECLARE options or RATE_LIMIT); None removes it."""
+        rate, text = parse_rate(text, "queue rate limit")
+        if rate is None:
+            g = q.rate_gate
+            q.rate_gate = None
+            if g is not None:
+                while self._release_one(g):
+                    pass
+            self._regate()
+        elif q.rate_gate is None:
+            q.rate_gate = RateGate("queue", q.name, rate, text, "set")
+            self._gated = True
+        else:
+            q.rate_gate.set(rate, text)
+
+    def rate_limit(self, name, limit, kind, now: float) -> dict:
+        """RATE_LIMIT: set (or with 0/null lift) the rate of a task name or a queue, live and logged.
+
+        A task's limit set here wins over the one its messages carry (``x-rate-limit``),
+        as Celery's ``app.control.rate_limit`` does over the decorator."""
+        self._refuse_if_log_failed()
+        if kind is None:
+            kind = "task"
+        if kind not in RATE_KINDS:
+            raise BadRequest(f"rate limit kind must be 'task' or 'queue' (got {kind!r})")
+        if type(name) is not str or not name:
+            raise BadRequest(f"a rate limit needs a task or queue name (got {name!r})")
+        rate, text = parse_rate(limit)
+        if kind == "queue":
+            validate_queue_name(name)
+            q = self.queues.get(name)
+            if q is None:
+                raise NotFound(f"queue {name!r} does not exist")
+            prev = q.rate_gate.text if q.rate_gate is not None else None
+            self.set_queue_rate(q, text)
+            g = q.rate_gate
+        else:
+            if len(name.encode()) > MAX_NAME:
+                raise BadRequest(f"a task name is at most {MAX_NAME} bytes")
+            g = self._task_rates.get(name)
+            prev = g.text if g is not None else None
+            if g is None:
+                g = self._task_rates[name] = RateGate("task", name, rate, text, "set")
+                self._gated = True
+            else:
+                g.source = "set"
+                g.set(rate, text)
+            if rate is None:
+                while self._release_one(g):  # no limit now: everything it held goes back
+                    pass
+        self._log(R.RATE, [kind, name, text])
+        if g is not None and rate is not None:
+            # The new pace starts now: a token due later than one new interval comes sooner.
+            if g.next_free > now + g.interval:
+                g.next_free = now + g.interval
+            if g.parked:
+                self._schedule_release(g)  # an earlier entry may be on the heap too: harmless
+        for q in self._flow_take_woke():
+            self._dispatch_queue(q, now)
+        return {"kind": kind, "name": name, "limit": text, "previous": prev}
+
+    def rate_table(self, now: float) -> list[dict]:
+        """Every rate and cap gate: what RATES, the page and STATS show."""
+        rows = []
+        for g in self._task_rates.values():
+            rows.append({"kind": "task", "name": g.name, "limit": g.text, "source": g.source,
+                         "waiting": sum(1 for m in g.parked if m.state == PARKED), "inflight": None})
+        for q in sorted(self.queues.values(), key=lambda q: q.name):
+            g = q.rate_gate
+            if g is not None:
+                rows.append({"kind": "queue", "name": g.name, "limit": g.text, "source": g.source,
+                             "waiting": sum(1 for m in g.parked if m.state == PARKED), "inflight": None})
+        for g in self._caps.values():
+            rows.append({"kind": "concurrency", "name": g.key, "limit": str(g.limit), "source": "task",
+                         "waiting": sum(1 for m in g.parked if m.state == PARKED), "inflight": g.inflight})
+        rows.sort(key=lambda r: (r["kind"], r["name"]))
+        return rows
+
+    # -- durability ----------------------------------------------------------------------------
+    def _replay_rate(self, p) -> None:
+        kind, name, text = p
+        if kind == "queue":
+            q = self.queues.get(name)
+            if q is not None:
+                self.set_queue_rate(q, text)
+            return
+        rate, text = parse_rate(text)
+        g = self._task_rates.get(name)
+        if g is None:
+            self._task_rates[name] = RateGate("task", name, rate, text, "set")
+            self._gated = True
+        else:
+            g.source = "set"
+            g.set(rate, text)
+
+    def _replay_flow_tag(self, m) -> None:
+        """A replayed message gets back the FlowTag its headers asked for (accepted once, so valid)."""
+        try:
+            f = flow_tag(m.headers)
+        except BadRequest:
+            return
+        if f is not None:
+            m.flow = f
+            self._flow_publish(m.queue, f)
+
+    def _compact_flow(self) -> None:
+        """Rewrite forward the limits set live (after the DECLAREs, which they override)."""
+        for g in self._task_rates.values():
+            if g.source == "set":
+                self._log(R.RATE, ["task", g.name, g.text])
+        for q in self.queues.values():
+            text = q.rate_gate.text if q.rate_gate is not None else None
+            if text != q.options.rate_limit:
+                self._log(R.RATE, ["queue", q.name, text])
