@@ -142,6 +142,10 @@ class Task:
     ignore_result: bool | None = None
     track_started: bool | None = None  # store STARTED when a worker starts it (app: task_track_started)
     expires: float | None = None
+    # Flow control brokerd enforces across all workers (issue 15, protocol.md §5.2.1):
+    rate_limit: str | None = None  # Celery's "10/s", "100/m", "1000/h"
+    max_concurrency: int | None = None  # at most this many running at once, everywhere
+    concurrency_key: str | None = None  # the cap counts under this key instead of the task name
     typing = True
 
     # -- hooks (Celery's signatures) --
@@ -299,6 +303,13 @@ class Control:
 
     def __init__(self, app: "App"):
         self.app = app
+
+    def rate_limit(self, task_name: str, rate_limit, destination=None, reply: bool = False, **_):
+        """Celery's call: deliver ``task_name`` at most at ``rate_limit`` ("5/s", "100/m"; 0 or None
+        lifts it) from now on, across every worker: brokerd paces the deliveries, and keeps the
+        rate across restarts.  ``destination`` is accepted for Celery's signature; the limit is global."""
+        out = self.app.client.rate_limit(task_name, rate_limit)
+        return [{"brokerd": {"ok": f"rate limit of {task_name} set to {out['limit']}"}}] if reply else None
 
     def revoke(self, task_id, terminate: bool = False, signal=None, ttl=None) -> int:
         """Never run the task(s); with ``terminate``, workers kill them if running.
@@ -489,6 +500,19 @@ class App:
         pipelines the publish and the caller (a group) waits for all confirms at once.
         """
         check_encodable(name, args, kwargs)
+        # Flow control, in headers brokerd reads without the body (protocol.md §5.2.1): the task
+        # name always; the task's rate and cap; apply_async's tenant= and concurrency_key=.
+        opts = dict(options) if options else {}
+        flow = {"x-task": name}
+        for key, header in (("rate_limit", "x-rate-limit"), ("max_concurrency", "x-max-concurrency"),
+                            ("concurrency_key", "x-concurrency-key"), ("tenant", "x-tenant"),
+                            ("tenant_weight", "x-tenant-weight")):
+            value = opts.pop(key, None)
+            if value is None and task is not None:
+                value = getattr(task, key, None)
+            if value is not None:
+                flow[header] = value
+        options = opts
         queue, priority = self.queue_and_priority(name, task, queue, priority)
         task_id = task_id or str(uuid.uuid4())
         eta_s, exp = absolute_times(time.time(), countdown, eta, expires)
@@ -502,7 +526,8 @@ class App:
         signer = self.signer
         if signer is not None:
             signer.sign(env)
-        self.client.publish(queue, encode_envelope(env), priority=priority, eta=eta_s, id=task_id, confirm=confirm)
+        self.client.publish(queue, encode_envelope(env), priority=priority, eta=eta_s, id=task_id, confirm=confirm,
+                            headers=flow)
         return AsyncResult(task_id, app=self, queue=queue)
 
     @property

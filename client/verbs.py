@@ -111,7 +111,8 @@ def _plus_client_timeout(client, seconds_: float, default: float | None):
 # -- queues and the broker (protocol.md §5.8-5.16) ---------------------------------------
 @verb
 def declare(client, queue: str, *, dead_letter: str | None = None, max_attempts: int | None = 25,
-            reserve_timeout: float | None = None, max_length: int | None = None, overflow: str = "reject") -> dict:
+            reserve_timeout: float | None = None, max_length: int | None = None, overflow: str = "reject",
+            rate_limit=None) -> dict:
     """Create ``queue`` with these options (or check an existing one has them).
 
     * ``dead_letter``: where failed messages go (default ``<queue>.dlq``).
@@ -120,10 +121,14 @@ def declare(client, queue: str, *, dead_letter: str | None = None, max_attempts:
       untouched before the broker takes it back and redelivers it.
     * ``max_length`` and ``overflow`` (``"reject"``: publishes raise
       ``QueueFull``; ``"drop-head"``: the oldest is dead-lettered).
+    * ``rate_limit``: brokerd delivers from the queue at most this fast ("10/s", "100/m").
 
     Returns the queue's options.  ``PreconditionFailed`` if it exists with others.
     """
-    return Call(OP_DECLARE, [queue, queue_options(dead_letter, max_attempts, reserve_timeout, max_length, overflow)])
+    opts = queue_options(dead_letter, max_attempts, reserve_timeout, max_length, overflow)
+    if rate_limit is not None:
+        opts["rate_limit"] = rate_limit  # sent only when set: brokerds without flow control keep working
+    return Call(OP_DECLARE, [queue, opts])
 
 
 @verb

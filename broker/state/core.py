@@ -359,7 +359,11 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         conn.consumers[c.tag] = c
         for q in qs:
             q.consumers.append(c)
+        if self._gated:
+            self._flow_consumer_came(qs)  # what a gate held for these queues may go to it now
         self._dispatch_consumer(c, now)
+        if self._flow_woke:
+            self._dispatch_many(self._flow_take_woke(), now)
         return c.tag
 
     def cancel(self, conn_id: int, ctag: int) -> None:

@@ -2,10 +2,10 @@
 
 Three small pieces, pure like the rest of broker/state/ (``now`` is passed in):
 
-* ``RateGate`` — a token bucket for one task name or one queue.  Burst 1, as
-  Celery's own bucket (kombu's TokenBucket capacity=1): "10/s" hands out one
-  delivery every 0.1 s and at most one at once after an idle spell, so four
-  workers together see 10/s, not 40/s.
+* ``RateGate`` — a token bucket for one task name or one queue.  Burst 1 up to
+  100/s, as Celery's own bucket (kombu's TokenBucket capacity=1): "10/s" hands
+  out one delivery every 0.1 s and at most one at once after an idle spell, so
+  four workers together see 10/s, not 40/s.  Faster rates hold 10 ms of tokens.
 * ``CapGate`` — at most ``limit`` deliveries in flight (delivered, not yet
   acked/nacked/taken back) for one task name or concurrency key.
 * ``TenantRing`` — the ready messages of one priority of one queue, round-robin
@@ -15,9 +15,12 @@ Three small pieces, pure like the rest of broker/state/ (``now`` is passed in):
 
 A message that a gate holds back is *parked* on that gate (``PARKED``), not
 left in its queue: the dispatcher skips it in O(1) and delivers what is behind
-it.  A rate gate releases one parked message when its next token is due (a
-timer, ``BrokerState._flow_due``); a cap gate releases one when a slot frees.
-Parking is not logged: in the log a parked message is simply ready.
+it.  A gate keeps one FIFO of parked messages per queue, so what it holds for a
+queue nobody consumes never stands in front of another queue's.  A rate gate
+releases parked messages when its next tokens are due (a timer,
+``BrokerState._flow_due``); a cap gate releases one when a slot frees.  A
+release puts the message back at the front of its queue, and only into a queue
+with a consumer.  Parking is not logged: in the log a parked message is ready.
 
 What a message asks for travels in its headers (protocol.md §5.2.1), read once
 at publish into a shared, interned ``FlowTag``.
@@ -46,6 +49,11 @@ MAX_RATE = 100_000.0
 MAX_NAME = 200  # bytes of UTF-8 for a task name, tenant or concurrency key; as a queue name
 MAX_WEIGHT = 1000  # deliveries per turn; a bound so one tenant cannot take a whole turn forever
 MAX_CONCURRENCY = 1_000_000  # in-flight deliveries; far above any prefetch total
+# Seconds of tokens a rate bucket holds (at least one token): the burst is max(1, rate x this).
+# 10/s and slower get a burst of 1, as Celery's bucket; a fast rate must be able to hand out a
+# whole batch at one ``now`` (the server reads the clock once per batch of frames), or a
+# limit far above the traffic would still hold messages back.
+BURST_SECONDS = 0.01
 # Distinct flow tags kept interned.  Each is ~100 B; past this the cache starts
 # over (tags already on messages stay valid), so hostile tenant names cost memory
 # only through the messages that carry them.
@@ -162,26 +170,32 @@ def flow_tag(headers: dict) -> FlowTag | None:
 
 
 class RateGate:
-    """A token bucket of burst 1 for one task name or queue, with the messages it holds back."""
+    """A token bucket for one task name or queue (burst: see BURST_SECONDS), with the messages it holds back."""
 
-    __slots__ = ("kind", "name", "rate", "text", "interval", "next_free", "parked", "due", "source")
+    __slots__ = ("kind", "name", "rate", "text", "interval", "burst", "slack", "next_free", "parked", "due",
+                 "source")
 
     def __init__(self, kind: str, name: str, rate: float | None, text: str | None, source: str):
         self.kind = kind  # "task" or "queue"
         self.name = name
-        self.parked: deque = deque()
+        self.parked: dict = {}  # Queue -> deque of the messages held back, oldest first
         self.next_free = 0.0  # the next token's time
         self.due = False  # a release is on the timer
-        self.source = source  # "set": RATE_LIMIT or DECLARE (logged); "task": a message's x-rate-limit
+        self.source = source  # "live": RATE_LIMIT; "declare": the queue's option; "task": x-rate-limit
         self.set(rate, text)
 
     def set(self, rate, text) -> None:
         self.rate = rate  # per second; None: no limit (a live "0" over a task's own limit)
         self.text = text
         self.interval = 1.0 / rate if rate else 0.0
+        self.burst = max(1, int(rate * BURST_SECONDS)) if rate else 1
+        self.slack = (self.burst - 1) * self.interval  # how far ahead of now next_free may run
+
+    def opens_at(self) -> float:
+        return self.next_free - self.slack
 
     def is_open(self, now: float) -> bool:
-        return self.rate is None or now >= self.next_free
+        return self.rate is None or now >= self.next_free - self.slack
 
     def take(self, now: float) -> None:
         if self.rate is not None:
@@ -197,7 +211,7 @@ class CapGate:
         self.key = key
         self.limit = limit
         self.inflight = 0
-        self.parked: deque = deque()
+        self.parked: dict = {}  # Queue -> deque of the messages held back, oldest first
 
     def is_open(self, now: float) -> bool:
         return self.inflight < self.limit

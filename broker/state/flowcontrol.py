@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections import deque
 
 from broker.errors import BadRequest, NotFound
 from broker.state import log_records as R
@@ -72,7 +73,7 @@ class FlowMixin:
             if g is not None:
                 g.take(now)
                 if g.parked and not g.due:
-                    self._schedule_release(g)
+                    self._schedule_release(g)  # the next token is for what it holds
         if g3 is not None:
             g3.inflight += 1
         return False
@@ -80,27 +81,39 @@ class FlowMixin:
     def _park(self, g, q, msg, now: float) -> None:
         msg.state = PARKED
         q.waiting_count += 1
-        g.parked.append(msg)
+        dq = g.parked.get(q)
+        if dq is None:
+            dq = g.parked[q] = deque()
+        dq.append(msg)
         if type(g) is RateGate and not g.due:
             self._schedule_release(g)
 
     def _schedule_release(self, g: RateGate) -> None:
         g.due = True
-        heapq.heappush(self._flow_due, (g.next_free, next(self._flow_n), g))
+        heapq.heappush(self._flow_due, (g.opens_at(), next(self._flow_n), g))
 
-    def _release_one(self, g) -> bool:
-        """Put the oldest live message parked on ``g`` back at the front of its queue."""
-        parked = g.parked
-        while parked:
-            msg = parked.popleft()
-            if msg.state != PARKED:
-                continue  # expired or purged while parked
-            q = msg.queue
-            q.waiting_count -= 1
-            q.push_ready(msg, front=True)
-            self._flow_woke.add(q)
-            return True
-        return False
+    def _release(self, g, n: int = 1, only_consumed: bool = True) -> int:
+        """Put up to ``n`` of the oldest live messages parked on ``g`` back at the front of their
+        queues, one queue after the other; only into queues someone consumes (unless told
+        otherwise), so a held message of an idle queue never uses another queue's turn."""
+        done = 0
+        for q in list(g.parked):
+            if done >= n:
+                break
+            if only_consumed and (not q.consumers or q.paused):
+                continue
+            dq = g.parked[q]
+            while dq and done < n:
+                msg = dq.popleft()
+                if msg.state != PARKED:
+                    continue  # expired or purged while parked
+                q.waiting_count -= 1
+                q.push_ready(msg, front=True)
+                self._flow_woke.add(q)
+                done += 1
+            if not dq:
+                del g.parked[q]
+        return done
 
     def _flow_settled(self, msg) -> None:
         """A delivery ended (ack, nack, taken back): free its cap slot."""
@@ -109,11 +122,22 @@ class FlowMixin:
             return
         g.inflight -= 1
         if g.parked:
-            self._release_one(g)
+            self._release(g)
         elif g.inflight <= 0:
             del self._caps[g.key]  # idle keys cost nothing
             if not self._caps:
                 self._regate()
+
+    def _flow_consumer_came(self, queues) -> None:
+        """A consumer subscribed or a queue resumed: what gates hold for these queues may go now."""
+        for g in list(self._flow_gates()):
+            if not g.parked or not any(q in g.parked for q in queues):
+                continue
+            if type(g) is RateGate:
+                if not g.due:
+                    self._schedule_release(g)
+            else:
+                self._release(g, max(0, g.limit - g.inflight))
 
     def _flow_take_woke(self) -> set:
         woke = self._flow_woke
@@ -125,8 +149,10 @@ class FlowMixin:
         due = self._flow_due
         while due and due[0][0] <= now:
             _, _, g = heapq.heappop(due)
+            if not g.due:
+                continue  # released already by a newer entry
             g.due = False
-            self._release_one(g)
+            self._release(g, g.burst)
 
     def _flow_next_wakeup(self) -> float:
         return self._flow_due[0][0] if self._flow_due else float("inf")
@@ -141,37 +167,38 @@ class FlowMixin:
     def parked_messages(self):
         """Every message held back by a gate (for compaction: they are live)."""
         for g in self._flow_gates():
-            for m in g.parked:
-                if m.state == PARKED:
-                    yield m
+            for dq in g.parked.values():
+                for m in dq:
+                    if m.state == PARKED:
+                        yield m
 
     def _drop_parked(self, q) -> int:
         """Purge or delete of ``q``: forget its parked messages; returns how many."""
         n = 0
         if q.waiting_count:
-            for g in self._flow_gates():
-                for m in g.parked:
-                    if m.queue is q and m.state == PARKED:
+            for g in list(self._flow_gates()):
+                for m in g.parked.pop(q, ()):
+                    if m.state == PARKED:
                         m.state = GONE
                         n += 1
             q.waiting_count = 0
         return n
 
     # -- setting limits ----------------------------------------------------------------------
-    def set_queue_rate(self, q, text: str | None) -> None:
+    def set_queue_rate(self, q, text: str | None, source: str = "declare") -> None:
         """The queue's rate (from DECLARE options or RATE_LIMIT); None removes it."""
         rate, text = parse_rate(text, "queue rate limit")
         if rate is None:
             g = q.rate_gate
             q.rate_gate = None
             if g is not None:
-                while self._release_one(g):
-                    pass
+                self._release(g, q.waiting_count, only_consumed=False)
             self._regate()
         elif q.rate_gate is None:
-            q.rate_gate = RateGate("queue", q.name, rate, text, "set")
+            q.rate_gate = RateGate("queue", q.name, rate, text, source)
             self._gated = True
         else:
+            q.rate_gate.source = source
             q.rate_gate.set(rate, text)
 
     def rate_limit(self, name, limit, kind, now: float) -> dict:
@@ -193,7 +220,7 @@ class FlowMixin:
             if q is None:
                 raise NotFound(f"queue {name!r} does not exist")
             prev = q.rate_gate.text if q.rate_gate is not None else None
-            self.set_queue_rate(q, text)
+            self.set_queue_rate(q, text, "live")
             g = q.rate_gate
         else:
             if len(name.encode()) > MAX_NAME:
@@ -201,14 +228,13 @@ class FlowMixin:
             g = self._task_rates.get(name)
             prev = g.text if g is not None else None
             if g is None:
-                g = self._task_rates[name] = RateGate("task", name, rate, text, "set")
+                g = self._task_rates[name] = RateGate("task", name, rate, text, "live")
                 self._gated = True
             else:
-                g.source = "set"
+                g.source = "live"
                 g.set(rate, text)
-            if rate is None:
-                while self._release_one(g):  # no limit now: everything it held goes back
-                    pass
+            if rate is None:  # no limit now: everything it held goes back
+                self._release(g, sum(len(dq) for dq in g.parked.values()), only_consumed=False)
         self._log(R.RATE, [kind, name, text])
         if g is not None and rate is not None:
             # The new pace starts now: a token due later than one new interval comes sooner.
@@ -225,15 +251,15 @@ class FlowMixin:
         rows = []
         for g in self._task_rates.values():
             rows.append({"kind": "task", "name": g.name, "limit": g.text, "source": g.source,
-                         "waiting": sum(1 for m in g.parked if m.state == PARKED), "inflight": None})
+                         "waiting": _held(g), "inflight": None})
         for q in sorted(self.queues.values(), key=lambda q: q.name):
             g = q.rate_gate
             if g is not None:
                 rows.append({"kind": "queue", "name": g.name, "limit": g.text, "source": g.source,
-                             "waiting": sum(1 for m in g.parked if m.state == PARKED), "inflight": None})
+                             "waiting": _held(g), "inflight": None})
         for g in self._caps.values():
             rows.append({"kind": "concurrency", "name": g.key, "limit": str(g.limit), "source": "task",
-                         "waiting": sum(1 for m in g.parked if m.state == PARKED), "inflight": g.inflight})
+                         "waiting": _held(g), "inflight": g.inflight})
         rows.sort(key=lambda r: (r["kind"], r["name"]))
         return rows
 
@@ -243,15 +269,15 @@ class FlowMixin:
         if kind == "queue":
             q = self.queues.get(name)
             if q is not None:
-                self.set_queue_rate(q, text)
+                self.set_queue_rate(q, text, "live")
             return
         rate, text = parse_rate(text)
         g = self._task_rates.get(name)
         if g is None:
-            self._task_rates[name] = RateGate("task", name, rate, text, "set")
+            self._task_rates[name] = RateGate("task", name, rate, text, "live")
             self._gated = True
         else:
-            g.source = "set"
+            g.source = "live"
             g.set(rate, text)
 
     def _replay_flow_tag(self, m) -> None:
@@ -267,9 +293,13 @@ class FlowMixin:
     def _compact_flow(self) -> None:
         """Rewrite forward the limits set live (after the DECLAREs, which they override)."""
         for g in self._task_rates.values():
-            if g.source == "set":
+            if g.source == "live":
                 self._log(R.RATE, ["task", g.name, g.text])
         for q in self.queues.values():
             text = q.rate_gate.text if q.rate_gate is not None else None
             if text != q.options.rate_limit:
                 self._log(R.RATE, ["queue", q.name, text])
+
+
+def _held(g) -> int:
+    return sum(1 for dq in g.parked.values() for m in dq if m.state == PARKED)

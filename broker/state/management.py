@@ -92,9 +92,14 @@ class ManagementMixin:
         q.paused = paused
         self._log(R.PAUSE, [name, paused])
         if not paused:
+            if self._gated:
+                self._flow_consumer_came([q])
+                self._flow_woke.discard(q)
             self._dispatch_queue(q, now)
             for c in list(q.consumers):
                 self._dispatch_consumer(c, now)
+            if self._flow_woke:
+                self._dispatch_many(self._flow_take_woke(), now)
 
     def requeue_dead(self, name: str, now: float) -> int:
         """Move every message in name's dead-letter queue back to name, attempts reset."""

@@ -243,3 +243,27 @@ def test_untenanted_messages_already_waiting_keep_their_turn(s):
     s.consume(C, ["q"], 10, 0.0)
     assert bodies(deliveries(s, C)) == [b"plain0", b"T0", b"plain1", b"plain2"]
     assert s.queues["q"].tenants() == {}  # nothing ready: idle tenants are not kept
+
+
+def test_what_a_task_gate_holds_for_an_idle_queue_does_not_hold_up_another_queue(s):
+    s.rate_limit("sms", "10/s", None, 0.0)
+    for i in range(5):
+        s.publish(P, "idle", b"idle%d" % i, None, 0, 0.0, headers={"x-task": "sms"})
+    s.consume(C2, ["idle"], 5, 0.0)
+    s.cancel(C2, 1)  # the idle queue's consumer went away, holding idle0: four are parked
+    (d,) = deliveries(s, C2)
+    assert s.queues["idle"].waiting_count == 4
+    for i in range(3):
+        s.publish(P, "busy", b"busy%d" % i, None, 0, 0.0, headers={"x-task": "sms"})
+    s.consume(C, ["busy"], 10, 0.0)
+    got = [b for _, b in run_clock(s, C, 0.35)]
+    assert got == [b"busy0", b"busy1", b"busy2"]  # one per token; none went to the idle queue
+    assert s.queues["idle"].waiting_count == 4
+
+
+def test_a_fast_rate_far_above_the_traffic_holds_nothing_back_within_one_batch(s):
+    s.rate_limit("bulk", "100000/s", None, 0.0)
+    for i in range(500):
+        pub(s, b"%d" % i, x_task="bulk")
+    s.consume(C, ["q"], 1000, 0.0)  # 500 deliveries at one `now`, as one batch of frames
+    assert len(deliveries(s, C)) == 500 and s.queues["q"].waiting_count == 0
