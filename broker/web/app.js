@@ -75,6 +75,7 @@
       work = Promise.all([getJSON(overviewQuery()), tasks]).then(function (res) {
         var h = res[0].html;
         swap("queues", h.queues); swap("workers", h.workers); swap("dead", h.dead); swap("schedules", h.schedules);
+        if (h.limits !== undefined) swap("limits", h.limits);
         summaryEl.innerHTML = h.summary;
         if (res[1]) swap("tasks", res[1].html.tasks);
       });
