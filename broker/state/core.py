@@ -274,6 +274,8 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         q = self.queues.get(queue) or self.queue(queue)
         # What the headers ask of flow control (protocol.md §5.2.1), checked before anything changes.
         flow = flow_tag(headers) if headers is not None else None
+        if flow is not None:
+            self._flow_check(flow)
         ready_at = None
         if delay is not None:
             if delay > 0:
@@ -759,3 +761,8 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
             assert q.ready_count == sum(1 for _ in q.iter_ready()), q
             assert q.ready_count >= 0 and q.delayed_count >= 0 and q.inflight_count >= 0
         assert sum(q.inflight_count for q in self.queues.values()) == len(self.inflight)
+        parked: dict = {}
+        for m in self.parked_messages():
+            parked[m.queue] = parked.get(m.queue, 0) + 1
+        for q in self.queues.values():
+            assert q.waiting_count == parked.get(q, 0), (q, q.waiting_count, parked.get(q, 0))

@@ -54,6 +54,9 @@ MAX_CONCURRENCY = 1_000_000  # in-flight deliveries; far above any prefetch tota
 # whole batch at one ``now`` (the server reads the clock once per batch of frames), or a
 # limit far above the traffic would still hold messages back.
 BURST_SECONDS = 0.01
+# Task names with a rate limit that brokerd keeps (each ~300 B with its timer entry): far above
+# any real app's task count, and a bound on what publishes naming ever new tasks can cost.
+MAX_TASK_RATES = 10_000
 # Distinct flow tags kept interned.  Each is ~100 B; past this the cache starts
 # over (tags already on messages stay valid), so hostile tenant names cost memory
 # only through the messages that carry them.

@@ -14,7 +14,7 @@ from collections import deque
 
 from broker.errors import BadRequest, NotFound
 from broker.state import log_records as R
-from broker.state.flow import MAX_NAME, PARKED, CapGate, RateGate, flow_tag, parse_rate
+from broker.state.flow import MAX_NAME, MAX_TASK_RATES, PARKED, CapGate, RateGate, flow_tag, parse_rate
 from broker.state.queue import GONE, validate_queue_name
 
 RATE_KINDS = ("task", "queue")
@@ -34,6 +34,12 @@ class FlowMixin:
             q.rate_gate is not None for q in self.queues.values()))
 
     # -- what a publish brings -------------------------------------------------------------
+    def _flow_check(self, f) -> None:
+        """Refuse, before anything changes, a publish that would need one task rate too many."""
+        if f.rate_text is not None and f.task not in self._task_rates and len(self._task_rates) >= MAX_TASK_RATES:
+            raise BadRequest(f"brokerd keeps rate limits for at most {MAX_TASK_RATES} task names; "
+                             f"lift some (RATE_LIMIT with 0) or drop header 'x-rate-limit'")
+
     def _flow_publish(self, q, f) -> None:
         """A message with a FlowTag is about to be stored in ``q``."""
         if f.tenant is not None and not q.tenanted:
@@ -244,6 +250,8 @@ class FlowMixin:
                 raise BadRequest(f"a task name is at most {MAX_NAME} bytes")
             g = self._task_rates.get(name)
             prev = g.text if g is not None else None
+            if g is None and len(self._task_rates) >= MAX_TASK_RATES:
+                raise BadRequest(f"brokerd keeps rate limits for at most {MAX_TASK_RATES} task names")
             if g is None:
                 g = self._task_rates[name] = RateGate("task", name, rate, text, "live")
                 self._gated = True

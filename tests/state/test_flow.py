@@ -267,3 +267,17 @@ def test_a_fast_rate_far_above_the_traffic_holds_nothing_back_within_one_batch(s
         pub(s, b"%d" % i, x_task="bulk")
     s.consume(C, ["q"], 1000, 0.0)  # 500 deliveries at one `now`, as one batch of frames
     assert len(deliveries(s, C)) == 500 and s.queues["q"].waiting_count == 0
+
+
+def test_task_rate_limits_are_bounded_and_the_one_too_many_is_refused_whole(s, monkeypatch):
+    import broker.state.flowcontrol as fc
+
+    monkeypatch.setattr(fc, "MAX_TASK_RATES", 3)
+    for i in range(3):
+        pub(s, b"x", x_task=f"t{i}", x_rate_limit="1/s")
+    with pytest.raises(BadRequest, match="at most 3 task names"):
+        pub(s, b"x", x_task="t3", x_rate_limit="1/s")
+    assert s.queues["q"].published == 3
+    pub(s, b"x", x_task="t0", x_rate_limit="2/s")  # a known task may still change its own
+    with pytest.raises(BadRequest, match="at most 3 task names"):
+        s.rate_limit("t4", "1/s", None, 0.0)
