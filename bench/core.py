@@ -3,6 +3,7 @@
     python bench/core.py                      # 100,000 x 100 B, prefetch 100, memory at 1,000,000
     python bench/core.py -n 200000 --size 1000 --prefetch 50 --memory 0
     python bench/core.py --broker-args="--fsync never"
+    python bench/core.py --tenants 1000 --rate-limit 100000/s   # flow control on (issue 15)
 
 What it measures (see bench/README.md):
 
@@ -57,7 +58,17 @@ def Broker(extra_args: list[str], data_dir: str) -> BrokerProcess:
 
 
 # --- the two roles (run as child processes) ------------------------------------------------
-def run_producer(address: str, n: int, size: int, queue: str, window: int, rate: float = 0) -> dict:
+def flow_headers(tenants: int, rate_limit: str) -> list[dict] | None:
+    """Headers that switch brokerd's flow control on (protocol.md §5.2.1): messages spread
+    round-robin over ``tenants`` tenants, all of one task limited to ``rate_limit``."""
+    if not tenants and not rate_limit:
+        return None
+    base = {"x-task": "bench.task", "x-rate-limit": rate_limit} if rate_limit else {}
+    return [dict(base, **{"x-tenant": f"tenant-{i}"}) for i in range(tenants)] if tenants else [base]
+
+
+def run_producer(address: str, n: int, size: int, queue: str, window: int, rate: float = 0,
+                 headers: list[dict] | None = None) -> dict:
     from client.producer import Client
 
     pad = b"x" * (size - STAMP.size)
@@ -66,6 +77,12 @@ def run_producer(address: str, n: int, size: int, queue: str, window: int, rate:
     with Client(address, name="bench-producer") as c:
         t0 = now()
         publish = c.publish
+        if headers:
+            plain, k = publish, len(headers)
+            count = iter(range(1 << 62))
+
+            def publish(queue, body, confirm):
+                return plain(queue, body, headers=headers[next(count) % k], confirm=confirm)
         if rate:
             # Paced: publish in small bursts to stay on the line n = rate * elapsed.
             i = 0
@@ -129,7 +146,8 @@ def _cpu() -> float:
 
 def child(args) -> None:
     if args.role == "producer":
-        out = run_producer(args.address, args.n, args.size, args.queue, args.window, args.rate)
+        out = run_producer(args.address, args.n, args.size, args.queue, args.window, args.rate,
+                           flow_headers(args.tenants, args.rate_limit))
     else:
         out = run_consumer(args.address, args.n, args.queue, args.prefetch)
     print(json.dumps(out), flush=True)
@@ -141,6 +159,7 @@ def spawn(role: str, address: str, args, **extra) -> subprocess.Popen:
         "-n", str(extra.get("n", args.n)), "--size", str(args.size), "--prefetch", str(args.prefetch),
         "--queue", extra.get("queue", QUEUE), "--window", str(args.window),
         "--rate", str(extra.get("rate", args.rate)),
+        "--tenants", str(args.tenants), "--rate-limit", args.rate_limit,
     ]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
 
@@ -231,6 +250,8 @@ def main(argv=None) -> None:
     ap.add_argument("--window", type=int, default=0, help="wait_for_confirms every this many publishes; 0: once at the end (default 0)")
     ap.add_argument("--rate", type=float, default=0, help="publishes/s for the throughput run; 0: as fast as possible (default 0). "
                     "Unpaced, the queue grows and latency is mostly queueing; pace below capacity to see transit latency")
+    ap.add_argument("--tenants", type=int, default=0, help="spread the messages over this many tenants (x-tenant); 0: none (default)")
+    ap.add_argument("--rate-limit", default="", help='limit the one task the messages carry (x-task) to this rate, e.g. "100000/s"; default none')
     ap.add_argument("--broker-args", default="", help='extra brokerd flags, e.g. --broker-args="--fsync never"')
     ap.add_argument("--tls", action="store_true", help="TLS between the clients and brokerd (certificates made for the run)")
     ap.add_argument("--auth", action="store_true", help="brokerd with a users file; the clients log in as a user "
@@ -289,6 +310,10 @@ def main(argv=None) -> None:
         cmd += ["--window", str(args.window)]
     if args.rate:
         cmd += ["--rate", f"{args.rate:g}"]
+    if args.tenants:
+        cmd += ["--tenants", str(args.tenants)]
+    if args.rate_limit:
+        cmd += ["--rate-limit", args.rate_limit]
     if broker_args:
         cmd.append(f"--broker-args={shlex.join(broker_args)}")
     print("reproduce:  " + shlex.join(cmd))

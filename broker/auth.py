@@ -64,6 +64,7 @@ from client.wire import (
     OP_PING,
     OP_PUBLISH,
     OP_PURGE,
+    OP_RATE_LIMIT,
     OP_RESULT_FORGET,
     OP_RESULT_GET,
     OP_RESULT_SET,
@@ -103,6 +104,7 @@ REQUIRED: dict[int, tuple[str, object] | None] = {
     OP_CHORD: ("publish", None),  # checked per target queue by required(): the body's and the error's
     OP_REVOKE: ("control", None), OP_CONTROL_REQUEST: ("control", None),
     OP_SUBSCRIBE: ("control", None), OP_WORKERS: ("control", None),
+    OP_RATE_LIMIT: ("control", None),  # Celery's app.control.rate_limit; a queue's rate too
     OP_ADMIN: ("admin", None),
     # Exchange names share the queue globs.  EMIT needs publish on the exchange; BIND and UNBIND
     # need manage on the queue and consume on the exchange (a binding reads what is emitted to it).

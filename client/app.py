@@ -180,6 +180,9 @@ class Task:
     unique: bool = False
     unique_for: float | None = None
     unique_until: str = "finished"
+    # Flow control brokerd enforces across all workers (issue 15, protocol.md §5.2.1):
+    max_concurrency: int | None = None  # at most this many running at once, everywhere
+    concurrency_key: str | None = None  # the cap counts under this key instead of the task name
 
     # -- hooks (Celery's signatures) --
     def on_success(self, retval, task_id, args, kwargs):
@@ -568,6 +571,17 @@ class App:
         exchange = options.pop("exchange", exchange)
         parent_id = options.pop("parent_id", None) or parent_id
         root_id = options.pop("root_id", None) or root_id
+        # Flow control, in headers brokerd reads without the body (protocol.md §5.2.1): the task
+        # name always; the task's rate and cap; apply_async's tenant= and concurrency_key=.
+        flow = {"x-task": name}
+        for key, header in (("rate_limit", "x-rate-limit"), ("max_concurrency", "x-max-concurrency"),
+                            ("concurrency_key", "x-concurrency-key"), ("tenant", "x-tenant"),
+                            ("tenant_weight", "x-tenant-weight")):
+            value = options.pop(key, None)
+            if value is None and task is not None:
+                value = getattr(task, key, None)
+            if value is not None:
+                flow[header] = value
         env_options = taskopts.check_call_options(name, options)
         taskopts.check_serializer(self.conf.get("task_serializer"), "the setting task_serializer")
         check_encodable(name, args, kwargs)
@@ -592,9 +606,10 @@ class App:
         if unique is not None:  # (key, for, until): a duplicate names the task that holds the key
             task_id = self.client.publish_unique(queue, encode_envelope(env), unique[0], unique_for=unique[1],
                                                  unique_until=unique[2], id=task_id, priority=priority,
-                                                 eta=eta_s)["id"]
+                                                 eta=eta_s, headers=flow)["id"]
             return AsyncResult(task_id, app=self, queue=queue)
-        self.client.publish(queue, encode_envelope(env), priority=priority, eta=eta_s, id=task_id, confirm=confirm)
+        self.client.publish(queue, encode_envelope(env), priority=priority, eta=eta_s, id=task_id, confirm=confirm,
+                            headers=flow)
         if parent is not None and not parent.is_eager and len(parent.children) < CHILDREN_MAX:
             parent.children.append(task_id)  # the running task's AsyncResult.children
         if signals.after_task_publish.receivers:
@@ -694,9 +709,8 @@ class App:
         self.fixup_event("on_worker_ready")
         for task in self.tasks.values():
             if task.rate_limit is not None:
-                log.warning("task %s has rate_limit=%s: it is carried in each task's envelope; brokerd does not "
-                            "enforce rate limits yet (when it does, the limit is global: all workers together)",
-                            task.name, task.rate_limit)
+                log.info("task %s has rate_limit=%s: brokerd paces its deliveries, for all workers together "
+                         "(Celery's limit is per worker)", task.name, task.rate_limit)
 
     def fixup_event(self, event: str, *args) -> None:
         """Call ``event`` on each fixup (Django's): on_worker_init, on_worker_ready,

@@ -13,15 +13,6 @@ from client.errors import NotFound
 
 log = logging.getLogger("brokerd.client")
 
-# rate_limit is refused, never ignored: limiting rates is brokerd's job (the flow-control issue),
-# and until brokerd does it no part of brokerd enforces one.
-RATE_LIMIT_REFUSED = (
-    "rate_limit is not enforced yet: task rates are to be limited by brokerd itself (its flow-control "
-    "settings), not per worker; until then this call is refused rather than silently ignored. Meanwhile "
-    "bound a task's concurrency with a queue of its own and a worker with -c N for it"
-)
-
-
 class Control:
     """``app.control``: act on tasks and workers through brokerd."""
 
@@ -116,8 +107,12 @@ class Control:
         """Each worker sends a worker-heartbeat event now."""
         return self.broadcast("heartbeat", None, destination, reply, timeout)
 
-    def rate_limit(self, task_name, rate_limit, destination=None, reply: bool = False, timeout: float = 1.0, **_):
-        raise NotImplementedError(RATE_LIMIT_REFUSED)
+    def rate_limit(self, task_name: str, rate_limit, destination=None, reply: bool = False, timeout: float = 1.0, **_):
+        """Celery's call: deliver ``task_name`` at most at ``rate_limit`` ("5/s", "100/m"; 0 or None
+        lifts it) from now on, across every worker: brokerd paces the deliveries, and keeps the
+        rate across restarts.  ``destination`` is accepted for Celery's signature; the limit is global."""
+        out = self.app.client.rate_limit(task_name, rate_limit)
+        return [{"brokerd": {"ok": f"rate limit of {task_name} set to {out['limit']}"}}] if reply else None
 
 
 class Inspect:

@@ -191,6 +191,25 @@ def cmd_revoke(c, args):
         print(f"OK revoked {args.id}" + (" (running copies told to terminate)" if args.terminate else ""))
 
 
+def cmd_rate_limit(c, args):
+    """Without a limit: every rate and cap brokerd enforces (RATES); with one, set it (RATE_LIMIT)."""
+    if args.name is None:
+        text = _admin(c, "RATES")
+        if args.json:
+            dump_json(parse_table(text))
+        else:
+            print_admin(text)
+        return
+    if args.limit is None:
+        raise Failed("rate-limit NAME needs a LIMIT: 10/s, 100/m, 1000/h, or 0 to lift it")
+    out = c.rate_limit(args.name, args.limit, queue=args.queue)
+    if args.json:
+        dump_json(out)
+    else:
+        print(f"OK {out['kind']} {out['name']} limited to {out['limit'] or 'nothing (no limit)'}"
+              f" (was {out['previous'] or 'no limit'})")
+
+
 def cmd_schedules(c, args):
     if args.json:
         dump_json(c.schedule_list())
@@ -407,6 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("result", cmd_result, "a task's stored result", "id")
     p = add("revoke", cmd_revoke, "never run a task (kept a day, across restarts)", "id")
     p.add_argument("--terminate", action="store_true", help="also stop it where it runs")
+    p = add("rate-limit", cmd_rate_limit, "show every rate limit and cap, or set a task's (or queue's) rate live")
+    p.add_argument("name", nargs="?", metavar="NAME", help="a task name (or a queue with --queue)")
+    p.add_argument("limit", nargs="?", metavar="LIMIT", help="10/s, 100/m, 1000/h; 0 lifts the limit")
+    p.add_argument("--queue", action="store_true", help="NAME is a queue: limit every message of it")
     add("schedules", cmd_schedules, "every periodic schedule")
     add("workers", cmd_workers, "every worker brokerd has heard of, with its state")
     add("task", cmd_task, "a task's state, args, result or traceback, and timeline of events", "id")

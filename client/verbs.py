@@ -41,6 +41,7 @@ from client.wire import (
     OP_PING,
     OP_PUBLISH,
     OP_PURGE,
+    OP_RATE_LIMIT,
     OP_RESULT_FORGET,
     OP_RESULT_GET,
     OP_RESUME,
@@ -115,7 +116,7 @@ def _plus_client_timeout(client, seconds_: float, default: float | None):
 @verb
 def declare(client, queue: str, *, dead_letter: str | None = None, max_attempts: int | None = 25,
             reserve_timeout: float | None = None, max_length: int | None = None, overflow: str = "reject",
-            temporary: bool = False) -> dict:
+            temporary: bool = False, rate_limit=None) -> dict:
     """Create ``queue`` with these options (or check an existing one has them).
 
     * ``dead_letter``: where failed messages go (default ``<queue>.dlq``).
@@ -126,12 +127,15 @@ def declare(client, queue: str, *, dead_letter: str | None = None, max_attempts:
       ``QueueFull``; ``"drop-head"``: the oldest is dead-lettered).
     * ``temporary``: the queue, its messages and bindings are deleted when
       this connection closes (AMQP's exclusive/auto-delete; a restart has none).
+    * ``rate_limit``: brokerd delivers from the queue at most this fast ("10/s", "100/m").
 
     Returns the queue's options.  ``PreconditionFailed`` if it exists with others.
     """
     opts = queue_options(dead_letter, max_attempts, reserve_timeout, max_length, overflow)
     if temporary:
         opts["temporary"] = True
+    if rate_limit is not None:
+        opts["rate_limit"] = rate_limit  # sent only when set: brokerds without flow control keep working
     return Call(OP_DECLARE, [queue, opts])
 
 
@@ -221,6 +225,14 @@ def revoke(client, task_ids, *, terminate: bool = False, ttl=None) -> int:
     if ttl is not None:
         opts["ttl"] = float(ttl)
     return Call(OP_REVOKE, [task_ids, opts])
+
+
+@verb
+def rate_limit(client, name: str, limit, *, queue: bool = False) -> dict:
+    """Set the rate brokerd delivers task ``name`` (or with ``queue=True``, queue ``name``)
+    at, live and kept across restarts: "10/s", "100/m", "1000/h"; 0 or None lifts it.
+    Returns ``{"kind", "name", "limit", "previous"}``."""
+    return Call(OP_RATE_LIMIT, [name, limit, "queue" if queue else "task"])
 
 
 @verb

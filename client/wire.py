@@ -75,6 +75,7 @@ OP_CONTROL_REPLY = 32  # a worker's answer to a CONTROL with a reply_id: [32, ri
 OP_BIND = 33  # [33, rid, exchange, queue, key, {type, temporary}|null]
 OP_UNBIND = 34  # [34, rid, exchange, queue, key]
 OP_EMIT = 35  # [35, rid, exchange, routing_key, body, id|null, priority, options|null]
+OP_RATE_LIMIT = 40  # set a task's or queue's rate live: [40, rid, name, limit, kind]
 
 # server → client
 OP_OK = 64
@@ -120,6 +121,7 @@ CLIENT_OPS = {
     OP_BIND: "BIND",
     OP_UNBIND: "UNBIND",
     OP_EMIT: "EMIT",
+    OP_RATE_LIMIT: "RATE_LIMIT",
 }
 SERVER_OPS = {OP_OK: "OK", OP_ERROR: "ERROR", OP_DELIVER: "DELIVER", OP_CLOSING: "CLOSING", OP_CONTROL: "CONTROL",
               OP_EVENT: "EVENT"}

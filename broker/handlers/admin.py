@@ -42,6 +42,9 @@ HELP = [
     ("REQUEUE-DEAD <queue>", "move a queue's dead letters back to it, attempts reset"),
     ("RESULT <task-id>", "a task's state and result (or its error and traceback)"),
     ("REVOKE <task-id>", "never run that task (kept for a day; survives restarts)"),
+    ("RATES", "every rate limit and concurrency cap brokerd enforces, with the messages each holds back"),
+    ("RATE <task> <limit>", "deliver a task at most at <limit> (10/s, 100/m, 1000/h; 0 lifts it); logged"),
+    ("TENANTS <queue>", "the tenants with ready messages in a queue, with their weights"),
     ("SCHEDULES", "every periodic schedule: timing, next and last firing, count, policy"),
     ("SCHEDULE <name>", "one schedule entry in full"),
     ("PAUSE-SCHEDULE <name>", "stop firing an entry (ticks while paused are skipped)"),
@@ -161,10 +164,10 @@ def _messages(msgs, now) -> list[str]:
 
 
 # Commands whose first argument is a queue: with users, the admin grant must cover that queue.
-QUEUE_COMMANDS = frozenset(("QUEUE", "PEEK", "DEAD", "PURGE", "PAUSE", "RESUME", "REQUEUE-DEAD"))
+QUEUE_COMMANDS = frozenset(("QUEUE", "PEEK", "DEAD", "PURGE", "PAUSE", "RESUME", "REQUEUE-DEAD", "TENANTS"))
 # Admin lines that change the broker: each is an audit line (broker.runtime.admin_conn).
 CHANGING_COMMANDS = frozenset(("PURGE", "PAUSE", "RESUME", "REQUEUE-DEAD", "REVOKE", "PAUSE-SCHEDULE",
-                               "RESUME-SCHEDULE"))
+                               "RESUME-SCHEDULE", "RATE"))
 
 
 def execute(state, line: str, now: float, extra: dict | None = None, user=None) -> str:
@@ -287,6 +290,30 @@ def c_requeue_dead(state, args, now, extra):
     _need(args, 1, "REQUEUE-DEAD <queue>")
     n = state.requeue_dead(args[0], now)
     return single(f"requeued {n} dead letter{'s' if n != 1 else ''} to {args[0]}")
+
+
+def c_rates(state, args, now, extra):
+    rows = [[r["kind"], r["name"], r["limit"], r["source"], r["waiting"], r["inflight"]]
+            for r in state.rate_table(now)]
+    n = len(rows)
+    return multi(f"{n} limit{'s' if n != 1 else ''}",
+                 table(["KIND", "NAME", "LIMIT", "SET BY", "WAITING", "INFLIGHT"], rows))
+
+
+def c_rate(state, args, now, extra):
+    _need(args, 2, "RATE <task> <limit>")
+    out = state.rate_limit(args[0], args[1], "task", now)
+    return single(f"rate of {clean(args[0])} is {out['limit'] or 'unlimited'} (was {out['previous'] or 'unlimited'})")
+
+
+def c_tenants(state, args, now, extra):
+    _need(args, 1, "TENANTS <queue>")
+    q = state.existing_queue(args[0])
+    rows = [["-" if t is None else t, n, w] for t, (n, w) in q.tenants().items()]
+    rows.sort(key=lambda r: (-r[1], str(r[0])))
+    n = len(rows)
+    return multi(f"{n} tenant{'s' if n != 1 else ''} with ready messages in {clean(q.name)}",
+                 table(["TENANT", "READY", "WEIGHT"], rows))
 
 
 def c_result(state, args, now, extra):
@@ -532,6 +559,9 @@ COMMANDS = {
     "REQUEUE-DEAD": c_requeue_dead,
     "RESULT": c_result,
     "REVOKE": c_revoke,
+    "RATES": c_rates,
+    "RATE": c_rate,
+    "TENANTS": c_tenants,
     "SCHEDULES": c_schedules,
     "SCHEDULE": c_schedule,
     "PAUSE-SCHEDULE": c_pause_schedule,

@@ -47,6 +47,7 @@ from client.wire import (
     OP_CONTROL_REPLY,
     OP_CONTROL_REQUEST,
     OP_EMIT_EVENTS,
+    OP_RATE_LIMIT,
     OP_SUBSCRIBE,
     OP_TASK_INFO,
     OP_WORKERS,
@@ -428,6 +429,12 @@ def h_emit(state, conn, rid, f, now):
         ttl=_opt_number(opts, "ttl", "EMIT"),
         headers=headers or None,
     ))
+def h_rate_limit(state, conn, rid, f, now):
+    # [40, rid, name, limit|null, kind|null] -> OK {kind, name, limit, previous}
+    name = _arg(f, 2, "name", (str,), "RATE_LIMIT")
+    limit = _arg(f, 3, "limit", (str, int, float), "RATE_LIMIT", required=False)
+    kind = _arg(f, 4, "kind", (str,), "RATE_LIMIT", required=False)
+    return ok_frame(rid, state.rate_limit(name, limit, kind, now))
 
 
 HANDLERS = {
@@ -462,13 +469,14 @@ HANDLERS = {
     OP_BIND: h_bind,
     OP_UNBIND: h_unbind,
     OP_EMIT: h_emit,
+    OP_RATE_LIMIT: h_rate_limit,
 }
 # Requests whose reply confirms a change to logged state: the server sends
 # their reply only once the change is durable under the fsync policy.
 DURABLE_OPS = frozenset((
     OP_PUBLISH, OP_ACK, OP_NACK, OP_DECLARE, OP_DELETE, OP_PURGE, OP_PAUSE, OP_RESUME,
     OP_RESULT_SET, OP_RESULT_FORGET, OP_SCHEDULE_PUT, OP_SCHEDULE_REMOVE, OP_SCHEDULE_PAUSE,
-    OP_REVOKE, OP_CHORD, OP_BIND, OP_UNBIND, OP_EMIT,
+    OP_REVOKE, OP_CHORD, OP_BIND, OP_UNBIND, OP_EMIT, OP_RATE_LIMIT,
 ))
 # Handled by the server itself, because they touch the connection, not the state.
 CONNECTION_OPS = (OP_HELLO, OP_HEARTBEAT, OP_BYE, OP_ADMIN)

@@ -37,6 +37,8 @@ from broker.state.effects import Effects
 from broker.state.events import EventsMixin
 from broker.state.exchanges import ExchangesMixin
 from broker.state.unique import UniqueMixin
+from broker.state.flow import PARKED, flow_tag
+from broker.state.flowcontrol import FlowMixin
 from broker.state.inspection import InspectionMixin
 from broker.state.management import ManagementMixin
 from broker.state.queue import (
@@ -60,7 +62,7 @@ NEVER = float("inf")
 
 
 class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, ReplayMixin, InspectionMixin,
-                  ExchangesMixin, UniqueMixin):
+                  ExchangesMixin, UniqueMixin, FlowMixin):
     def __init__(self, *, boot_id: str = "b"):
         self.queues: dict[str, Queue] = {}
         self.conns: dict[int, Conn] = {}
@@ -90,6 +92,7 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         self._init_events()
         self._init_exchanges()
         self._init_unique()
+        self._init_flow()
         self._replaying = False
         self._server_stats = dict  # no runtime attached: no bounds to report
 
@@ -252,6 +255,8 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
             touched.add(d.msg.queue)
             n += 1
         conn.deliveries.clear()
+        if self._flow_woke:
+            touched |= self._flow_take_woke()
         if touched:
             self._dispatch_many(touched, now)
         return n
@@ -278,6 +283,10 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         if msg_id is not None and (type(msg_id) is not str or not msg_id or len(msg_id) > MAX_MESSAGE_ID):
             raise BadRequest(f"a message id must be a text string of 1 to {MAX_MESSAGE_ID} characters")
         q = self.queues.get(queue) or self.queue(queue)
+        # What the headers ask of flow control (protocol.md §5.2.1), checked before anything changes.
+        flow = flow_tag(headers) if headers is not None else None
+        if flow is not None:
+            self._flow_check(flow)
         ready_at = None
         if delay is not None:
             if delay > 0:
@@ -296,6 +305,9 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         if msg_id is None:
             msg_id = f"{self._boot}-{seq}"
         msg = Message(seq, msg_id, q, body, priority, headers, 0, ready_at, expires, now)
+        if flow is not None:
+            msg.flow = flow
+            self._flow_publish(q, flow)
         q.published += 1
         if self.log_enabled:
             self.last_lsn += 1  # == seq
@@ -360,7 +372,11 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         conn.consumers[c.tag] = c
         for q in qs:
             q.consumers.append(c)
+        if self._gated:
+            self._flow_consumer_came(qs)  # what a gate held for these queues may go to it now
         self._dispatch_consumer(c, now)
+        if self._flow_woke:
+            self._dispatch_many(self._flow_take_woke(), now)
         return c.tag
 
     def cancel(self, conn_id: int, ctag: int) -> None:
@@ -431,6 +447,8 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
             if self.revoked and msg.id in self.revoked:
                 self._drop_revoked(msg, now)
                 continue
+            if self._gated and (msg.flow is not None or q.rate_gate is not None) and self._flow_hold(q, msg, now):
+                continue  # parked on its rate or cap gate; what is behind it goes on
             return msg
 
     def _dispatch_queue(self, q: Queue, now: float) -> None:
@@ -515,6 +533,8 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         c = d.consumer
         c.unacked -= 1
         d.msg.queue.inflight_count -= 1
+        if self._gated and d.msg.flow is not None and d.msg.flow.cap_key is not None:
+            self._flow_settled(d.msg)
         return d
 
     def ack(self, conn_id: int, tags, now: float) -> int:
@@ -546,6 +566,8 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         for c in dict.fromkeys(consumers):  # once each: a list ACK of n tags is not n dispatches
             if c.unacked < c.prefetch:
                 self._dispatch_consumer(c, now)
+        if self._flow_woke:  # a freed concurrency slot released a parked message
+            self._dispatch_many(self._flow_take_woke(), now)
         if stale and len(tags) == 1:
             raise StaleDelivery(
                 f"delivery {stale[0]} is not in flight on this connection (it was acked, timed out "
@@ -589,6 +611,8 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
             self._dispatch_consumer(c, now)
         if msg.state == READY:
             self._dispatch_queue(q, now)
+        if self._flow_woke:
+            self._dispatch_many(self._flow_take_woke(), now)
 
     def touch(self, conn_id: int, tag, now: float) -> float | None:
         d = self.inflight.get(tag)
@@ -633,6 +657,8 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         q = msg.queue
         d.consumer.unacked -= 1
         q.inflight_count -= 1
+        if self._gated and msg.flow is not None and msg.flow.cap_key is not None:
+            self._flow_settled(msg)
         if not self._over_attempts(msg, now):
             self._requeue(msg, now)
 
@@ -656,6 +682,9 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         # Attempts start again in the dead-letter queue, so its own consumers
         # get its own max_attempts; the count it died with stays in a header.
         new = Message(self._next_seq(), msg.id, dlq, msg.body, msg.priority, headers, 0, None, None, now)
+        new.flow = msg.flow
+        if new.flow is not None and new.flow.tenant is not None and not dlq.tenanted:
+            dlq.make_tenanted()
         self._log_created(new, R.DEAD, [msg.seq, R.message_payload(new)])
         dlq.push_ready(new)
         if dlq.consumers and not dlq.paused:
@@ -706,6 +735,13 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
             elif msg.state == DELAYED:
                 msg.queue.delayed_count -= 1
                 self._expire(msg)
+            elif msg.state == PARKED:  # left in its gate's deque; the release skips it
+                msg.queue.waiting_count -= 1
+                self._expire(msg)
+        if self._flow_due and self._flow_due[0][0] <= now:
+            self._tick_flow(now)
+        if self._flow_woke:
+            woke |= self._flow_take_woke()
         if woke:
             self._dispatch_many(woke, now)
         self._tick_results(now)
@@ -728,6 +764,8 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
             t = self._sched_due[0][0]
         if self._revoke_ttl and self._revoke_ttl[0][0] < t:
             t = self._revoke_ttl[0][0]
+        if self._flow_due and self._flow_due[0][0] < t:
+            t = self._flow_due[0][0]
         return min(t, self._results_next_wakeup(), self._events_next_wakeup(), self._unique_next_wakeup())
 
     def _refuse_if_log_failed(self) -> None:
@@ -746,3 +784,8 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
             assert q.ready_count == sum(1 for _ in q.iter_ready()), q
             assert q.ready_count >= 0 and q.delayed_count >= 0 and q.inflight_count >= 0
         assert sum(q.inflight_count for q in self.queues.values()) == len(self.inflight)
+        parked: dict = {}
+        for m in self.parked_messages():
+            parked[m.queue] = parked.get(m.queue, 0) + 1
+        for q in self.queues.values():
+            assert q.waiting_count == parked.get(q, 0), (q, q.waiting_count, parked.get(q, 0))

@@ -31,6 +31,7 @@ class QueueStatistics:
     name: str
     ready: int
     delayed: int
+    waiting: int  # held back by a rate limit or a concurrency cap (broker.state.flow)
     inflight: int
     consumers: int
     dead: int  # messages waiting in this queue's dead-letter queue
@@ -82,6 +83,7 @@ class InspectionMixin:
             name=q.name,
             ready=q.ready_count,
             delayed=q.delayed_count,
+            waiting=q.waiting_count,
             inflight=q.inflight_count,
             consumers=len(q.consumers),
             dead=dlq.ready_count if dlq is not None else 0,

@@ -44,6 +44,7 @@ UNBIND     [exchange, queue, key]                           ... removed (a DELET
 UNIQUE     [key, task id, until, expires, taken]            a unique key was taken (also compaction)
 UNIQUE_FREE key                                             ... freed by its task's start or finish
                                                             (an expiry is not logged: replay knows the time)
+RATE       [kind ("task" | "queue"), name, limit | null]    a rate limit set live (RATE_LIMIT); null lifts it
 """
 
 PUBLISH = 1
@@ -75,6 +76,7 @@ BIND = 26
 UNBIND = 27
 UNIQUE = 28
 UNIQUE_FREE = 29
+RATE = 30
 
 NAMES = {
     PUBLISH: "PUBLISH", DELIVER: "DELIVER", ACK: "ACK", REQUEUE: "REQUEUE", DEAD: "DEAD",
@@ -84,6 +86,7 @@ NAMES = {
     SCHED_PAUSE: "SCHED_PAUSE", SCHED_TICK: "SCHED_TICK", SCHED_STATE: "SCHED_STATE", REVOKE: "REVOKE",
     CHORD: "CHORD", CHORD_MEMBER: "CHORD_MEMBER", CHORD_FIRE: "CHORD_FIRE",
     BIND: "BIND", UNBIND: "UNBIND", UNIQUE: "UNIQUE", UNIQUE_FREE: "UNIQUE_FREE",
+    RATE: "RATE",
 }
 
 COUNTER_FIELDS = (

@@ -42,8 +42,10 @@ class ManagementMixin:
         if q is None:
             q = self.queues[name] = Queue(name, opts, declared=True)
             q.owner = temporary_owner
+            fresh = True
         elif temporary_owner is not None and q.owner is None:
             q.owner = temporary_owner  # an undeclared queue (made by a publish) becomes temporary
+            fresh = True
             q.options = opts
             q.declared = True
         elif q.declared and q.options != opts:
@@ -51,8 +53,11 @@ class ManagementMixin:
                 f"queue {name!r} already exists with options {q.options.to_wire()}; "
                 "declare it with the same options, or delete it first")
         else:
+            fresh = not q.declared  # declaring again with the same options keeps a rate set live since
             q.options = opts
             q.declared = True
+        if fresh and opts.rate_limit is not None:
+            self.set_queue_rate(q, opts.rate_limit)
         if temporary_owner is None:
             self._log(R.DECLARE, [name, opts.to_wire()])
         else:
@@ -72,6 +77,8 @@ class ManagementMixin:
             self._unbind_queue(name)
         if q.owner is not None:
             self._temp_queues.get(q.owner, set()).discard(name)
+        if q.rate_gate is not None:
+            self._regate()
         self._log(R.DELETE, name)
         return n
 
@@ -91,7 +98,7 @@ class ManagementMixin:
                     keep.append(entry)
             self._delayed = SortedList(keep)
             q.delayed_count = 0
-        return n
+        return n + self._drop_parked(q)
 
     def purge(self, name: str, now: float) -> int:
         """Drop every waiting (ready or delayed) message; in-flight ones stay."""
@@ -108,9 +115,14 @@ class ManagementMixin:
         q.paused = paused
         self._log(R.PAUSE, [name, paused])
         if not paused:
+            if self._gated:
+                self._flow_consumer_came([q])
+                self._flow_woke.discard(q)
             self._dispatch_queue(q, now)
             for c in list(q.consumers):
                 self._dispatch_consumer(c, now)
+            if self._flow_woke:
+                self._dispatch_many(self._flow_take_woke(), now)
 
     def requeue_dead(self, name: str, now: float) -> int:
         """Move every message in name's dead-letter queue back to name, attempts reset."""

@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, fields
 
 from broker.errors import BadRequest
+from broker.state.flow import PARKED, TenantRing, parse_rate  # noqa: F401  (PARKED: a Message.state)
 
 # Message.state values
 READY = 0
@@ -56,6 +57,7 @@ class Message:
         # compaction); None means "= seq": a message's seq is the LSN of the record
         # that created it, so most messages never need a second int object.
         "lsn",
+        "flow",  # broker.state.flow.FlowTag or None: task name, tenant, cap (from its headers)
     )
 
     def __init__(self, seq, id, queue, body, priority, headers, attempts, ready_at, expires, ts):
@@ -71,6 +73,7 @@ class Message:
         self.ts = ts
         self.state = READY
         self.lsn = None
+        self.flow = None
 
     def __repr__(self):
         return f"<Message {self.id!r} q={self.queue.name} p={self.priority} seq={self.seq} att={self.attempts} st={self.state}>"
@@ -85,6 +88,7 @@ class QueueOptions:
     reserve_timeout: float | None = None  # seconds a delivery may stay unacked and untouched
     max_length: int | None = None  # ready + delayed
     overflow: str = "reject"
+    rate_limit: str | None = None  # "10/s", "100/m", "1000/h": deliveries from the whole queue
 
     @classmethod
     def from_wire(cls, raw) -> "QueueOptions":
@@ -113,10 +117,14 @@ class QueueOptions:
         ov = raw.get("overflow", "reject")
         if ov not in OVERFLOW_POLICIES:
             raise BadRequest(f"overflow must be one of reject, drop-head (got {ov!r})")
-        return cls(dl, ma, float(rt) if rt is not None else None, ml, ov)
+        _, rl = parse_rate(raw.get("rate_limit"), "queue option 'rate_limit'")
+        return cls(dl, ma, float(rt) if rt is not None else None, ml, ov, rl)
 
     def to_wire(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if d["rate_limit"] is None:
+            del d["rate_limit"]  # shown only when set: replies and logs of queues without one stay as they were
+        return d
 
 
 def validate_queue_name(name) -> str:
@@ -143,6 +151,9 @@ class Queue:
         "inflight_count",
         "consumers",  # list[Consumer], round-robin order
         "rr",  # round-robin cursor
+        "tenanted",  # a message with a tenant came: ready messages are kept in TenantRings
+        "rate_gate",  # broker.state.flow.RateGate or None: the queue's rate limit
+        "waiting_count",  # messages parked on a rate or concurrency gate (broker.state.flow)
         # counters since start (rebuilt from the log on restart)
         "published",
         "delivered",
@@ -167,6 +178,9 @@ class Queue:
         self.inflight_count = 0
         self.consumers: list = []
         self.rr = 0
+        self.tenanted = False
+        self.rate_gate = None
+        self.waiting_count = 0
         self.published = self.delivered = self.acked = self.nacked = 0
         self.redelivered = self.expired = self.dead_lettered = self.rejected = 0
 
@@ -183,7 +197,7 @@ class Queue:
         p = msg.priority
         dq = self._ready.get(p)
         if dq is None:
-            dq = self._ready[p] = deque()
+            dq = self._ready[p] = TenantRing() if self.tenanted else deque()
             insort(self._prios, p)
         if front:
             dq.appendleft(msg)
@@ -211,6 +225,23 @@ class Queue:
             prios.pop()
         return None
 
+    def make_tenanted(self) -> None:
+        """Deliver round-robin across tenants from now on; what is ready keeps its order
+        (it belongs to the tenant None, or to the tenants its messages name)."""
+        self.tenanted = True
+        for p, dq in self._ready.items():
+            self._ready[p] = TenantRing(dq)
+
+    def tenants(self) -> dict:
+        """tenant -> [ready messages, weight] over all priorities (the TENANTS admin line)."""
+        out: dict = {}
+        if self.tenanted:
+            for ring in self._ready.values():
+                for t, n, w in ring.tenants():
+                    e = out.setdefault(t, [0, w])
+                    e[0] += n
+        return out
+
     def discard_ready(self, msg: Message) -> None:
         """Lazily remove a ready message (TTL, revoke): pop_ready will skip it."""
         msg.state = GONE
@@ -232,8 +263,8 @@ class Queue:
 
     @property
     def length(self) -> int:
-        """What max_length counts: messages waiting, ready or delayed."""
-        return self.ready_count + self.delayed_count
+        """What max_length counts: messages waiting, ready, delayed or held by a rate or cap."""
+        return self.ready_count + self.delayed_count + self.waiting_count
 
     def __repr__(self):
         return f"<Queue {self.name} ready={self.ready_count} delayed={self.delayed_count} inflight={self.inflight_count}>"

@@ -112,6 +112,8 @@ class ReplayMixin:
                     temporary.add(p[0])
                 else:
                     temporary.discard(p[0])
+                if q.options.rate_limit is not None:
+                    self.set_queue_rate(q, q.options.rate_limit)
             elif t == R.DELETE:
                 for seq in [s_ for s_, m in msgs.items() if m.queue.name == p]:
                     del msgs[seq]
@@ -128,6 +130,8 @@ class ReplayMixin:
                     del msgs[seq]
             elif t == R.PAUSE:
                 self.queue(p[0]).paused = bool(p[1])
+            elif t == R.RATE:
+                self._replay_rate(p)
             elif t == R.COUNTERS:
                 for name, values in p.items():
                     q = self.queue(name)
@@ -141,6 +145,8 @@ class ReplayMixin:
         # Place the survivors, in publish order so FIFO holds within a priority.
         for m in sorted(msgs.values(), key=lambda m: m.seq):
             q = m.queue
+            if m.headers:
+                self._replay_flow_tag(m)
             if m.expires is not None:
                 self._ttl.add((m.expires, m.seq, m))
             if m.state == INFLIGHT:
@@ -179,6 +185,7 @@ class ReplayMixin:
                 yield m
         for d in self.inflight.values():
             yield d.msg
+        yield from self.parked_messages()
 
     def compact(self, through_lsn: int) -> int:
         """Rewrite forward everything the log still needs from records <= through_lsn.
@@ -207,6 +214,7 @@ class ReplayMixin:
                 self._log(R.DECLARE, [q.name, q.options.to_wire()])
             if q.paused:
                 self._log(R.PAUSE, [q.name, True])
+        self._compact_flow()
         self._log(
             R.COUNTERS,
             {q.name: [getattr(q, f) for f in R.COUNTER_FIELDS] for q in self.queues.values()},

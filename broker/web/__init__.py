@@ -279,6 +279,15 @@ class Web:
         fn = getattr(self.server.state, "workers_list", None)
         return plain(fn(now)) if fn is not None else None
 
+    def limits(self, now: float, access: Access = OPEN) -> list:
+        """Rate limits and concurrency caps (issue 15) with the messages each holds back; a queue's
+        only for users who see that queue."""
+        fn = getattr(self.server.state, "rate_table", None)
+        rows = plain(fn(now)) if fn is not None else []
+        if access.grant is not None:
+            rows = [r for r in rows if r["kind"] != "queue" or access.sees(r["name"])]
+        return rows
+
     def schedules(self) -> list:
         fn = getattr(self.server.state, "schedule_list", None)
         return plain(fn()) if fn is not None else []
@@ -301,6 +310,7 @@ class Web:
             "workers": self.workers(now) if access.workers else None,
             "dead": dead,
             "schedules": self.schedules() if access.schedules else [],
+            "limits": self.limits(now, access),
             "now": now,
         }
 
@@ -375,13 +385,14 @@ class Web:
 <div data-section="tasks">{s["tasks"]}</div></section>
 <section id="dead"><h2>Dead letters</h2><div data-section="dead">{s["dead"]}</div></section>
 <section id="schedules"><h2>Schedules</h2><div data-section="schedules">{s["schedules"]}</div></section>
+<section id="limits"><h2>Rate limits and caps</h2><div data-section="limits">{s["limits"]}</div></section>
 """)
 
     def sections(self, ov: dict, access: Access = OPEN) -> dict:
         return {"queues": render_queues(ov["queues"], ov.get("queues_page"), access.csrf),
                 "workers": render_workers(ov["workers"]),
                 "dead": render_dead(ov["dead"], access.csrf), "schedules": render_schedules(ov["schedules"]),
-                "summary": render_summary(ov["broker"])}
+                "limits": render_limits(ov.get("limits") or []), "summary": render_summary(ov["broker"])}
 
     def worker_page(self, hostname: str, now: float, access: Access = OPEN) -> str:
         """One worker: pool, counts, heartbeat age, queues, and its controls (``control`` grant)."""
@@ -691,6 +702,19 @@ def render_schedules(schedules: list) -> str:
         for s in schedules)
     return ('<table><thead><tr><th>schedule</th><th>when</th><th>queue</th><th>state</th><th>next</th>'
             f'<th>last</th><th>fired</th><th>owner</th></tr></thead><tbody>{rows}</tbody></table>')
+
+
+def render_limits(limits: list) -> str:
+    """Each rate limit and cap: what it limits, to what, set by whom, and how many it holds back now."""
+    if not limits:
+        return '<p class="empty">no rate limits or concurrency caps</p>'
+    rows = "".join(
+        f'<tr><td>{esc(r["kind"])}</td><td class="name">{esc(r["name"])}</td><td>{esc(r["limit"] or "none")}</td>'
+        f'<td>{esc(r["source"])}</td><td class="n">{esc(r["waiting"])}</td>'
+        f'<td class="n">{esc("" if r["inflight"] is None else r["inflight"])}</td></tr>'
+        for r in limits)
+    return ('<table><thead><tr><th>kind</th><th>name</th><th>limit</th><th>set by</th><th>waiting</th>'
+            f'<th>in flight</th></tr></thead><tbody>{rows}</tbody></table>')
 
 
 def _pre(value) -> str:

@@ -86,6 +86,7 @@
       work = Promise.all([getJSON(overviewQuery()), taskList, graphs]).then(function (res) {
         var h = res[0].html;
         swap("queues", h.queues); swap("workers", h.workers); swap("dead", h.dead); swap("schedules", h.schedules);
+        if (h.limits !== undefined) swap("limits", h.limits);
         summaryEl.innerHTML = h.summary;
         if (res[1]) swap("tasks", res[1].html.tasks);
         if (res[2]) swap("graphs", res[2].html.graphs);

@@ -97,7 +97,7 @@ class RecordingClient:
     def __init__(self):
         self.published = []
 
-    def publish(self, queue, body, *, priority=0, eta=None, id=None, confirm=True):
+    def publish(self, queue, body, *, priority=0, eta=None, id=None, confirm=True, headers=None):
         self.published.append((queue, priority, cbor2.loads(body)))
 
 

@@ -350,8 +350,9 @@ def test_control_time_limit_events_heartbeat_and_bad_values(worker):
     assert ctl.heartbeat(destination=[NAME], reply=True, timeout=5) == [{NAME: {"ok": "heartbeat sent"}}]
     assert "query_task needs ids" in st.app.client.control("query_task", {"ids": "x"}, timeout=5,
                                                             destination=[NAME])[NAME]["error"]
-    with pytest.raises(NotImplementedError, match="rate_limit is not enforced yet"):
-        ctl.rate_limit(st.add.name, "10/m")
+    # rate_limit is brokerd's (global, tests/e2e/test_flow.py): the reply says what brokerd set
+    assert ctl.rate_limit(st.add.name, "10/m", reply=True) == [{"brokerd": {"ok": f"rate limit of {st.add.name} set to 10/m"}}]
+    ctl.rate_limit(st.add.name, None)
 
 
 def test_add_and_cancel_consumer(worker):

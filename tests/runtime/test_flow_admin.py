@@ -1,0 +1,75 @@
+"""Flow control on the operator's side (issue 15): RATES, RATE and TENANTS over netcat, their grants,
+and the web page's limits, against a real brokerd."""
+
+from __future__ import annotations
+
+import http.client
+import json
+
+import pytest
+
+from client import Client
+from client.errors import AccessRefused
+from client.userfile import hash_token, new_token, user_entry
+from tests.support.broker import admin_exchange
+
+
+def get(port, path, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def test_rates_rate_and_tenants_over_netcat_and_on_the_page(broker):
+    with Client(broker.address) as c:
+        for i in range(6):
+            c.publish("sms", b"x", headers={"x-task": "proj.send_sms", "x-rate-limit": "1/h", "x-tenant": "acme"})
+        c.publish("sms", b"y", headers={"x-task": "proj.send_sms", "x-tenant": "initech", "x-tenant-weight": 3})
+        out = broker.admin("TENANTS sms\n")
+        assert "OK 2 tenants with ready messages in sms" in out
+        assert [line.split() for line in out.splitlines()[2:4]] == [["acme", "6", "1"], ["initech", "1", "3"]]
+        cons = c.consume(["sms"], prefetch=10)
+        assert cons.get(timeout=10) is not None  # the bucket's one token; the rest wait
+        rates = broker.admin("RATES\n")
+        row = next(line.split() for line in rates.splitlines() if "proj.send_sms" in line)
+        assert row == ["task", "proj.send_sms", "1/h", "task", "6"] + (["-"] if len(row) == 6 else []), rates
+        assert broker.admin("RATE proj.send_sms 100/s\n").startswith("OK rate of proj.send_sms is 100/s (was 1/h)")
+        got = 0
+        while got < 6 and cons.get(timeout=10) is not None:
+            got += 1
+        assert got == 6  # the live rate released what the old one held
+        assert "live" in broker.admin("RATES\n")
+        assert broker.admin("RATE proj.send_sms\n").startswith("ERR BAD_REQUEST usage: RATE <task> <limit>")
+        assert broker.admin("RATE proj.send_sms 5/fortnight\n").startswith("ERR BAD_REQUEST rate limit '5/fortnight'")
+        assert broker.admin("TENANTS nosuch\n").startswith("ERR NOT_FOUND")
+        status, body = get(broker.http_port, "/api/overview")
+        assert status == 200
+        limits = json.loads(body)["limits"]
+        assert {"kind": "task", "name": "proj.send_sms", "limit": "100/s", "source": "live", "waiting": 0,
+                "inflight": None} in limits
+        status, page = get(broker.http_port, "/")
+        assert b"Rate limits and caps" in page and b"proj.send_sms" in page
+
+
+def test_rate_and_tenants_need_the_admin_grant(broker_factory, tmp_path):
+    tok_w, tok_o = new_token(), new_token()
+    users = tmp_path / "users.toml"
+    users.write_text(user_entry("web", hash_token(tok_w), {"publish": ["*"]})
+                     + user_entry("ops", hash_token(tok_o), {"admin": ["billing.*"], "publish": ["*"]}))
+    b = broker_factory("--users-file", str(users))
+    with Client(f"brokerd://web:{tok_w}@{b.address}") as c:
+        c.publish("sms", b"x", headers={"x-tenant": "acme"})
+        c.publish("billing.runs", b"x", headers={"x-tenant": "acme"})
+        for line in ("RATE proj.send_sms 5/s", "RATES", "TENANTS billing.runs"):
+            with pytest.raises(AccessRefused):
+                c.admin(line)
+    with Client(f"brokerd://ops:{tok_o}@{b.address}") as c:
+        with pytest.raises(AccessRefused):
+            c.admin("TENANTS sms")  # a queue it has no admin grant on
+        assert c.admin("TENANTS billing.runs").startswith("OK 1 tenant")
+        assert "proj.send_sms" not in c.admin("RATES")  # the refused RATE changed nothing
+    assert admin_exchange(b.port, "RATES\n").startswith("ERR")  # netcat without a login
