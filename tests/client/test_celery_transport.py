@@ -87,3 +87,28 @@ def test_purge_and_passive_declare_are_brokerds(broker):
         from amqp import ChannelError
         with pytest.raises(ChannelError, match="no queue 'nope' in brokerd"):
             ch.queue_declare("nope", passive=True)
+
+
+def test_a_forked_child_closing_its_copy_leaves_the_parents_connection_alone(broker):
+    """Celery's prefork pool forks after connections exist (pool_grow, max_tasks_per_child) and the
+    child closes what it inherited: that must not send a BYE or shut the shared socket down."""
+    import os
+
+    with Connection(f"brokerd://{broker.address}") as conn:
+        conn.connect()
+        client = conn.transport.brokerd
+        client.declare("forkq")
+        pid = os.fork()
+        if pid == 0:  # the child: close the inherited connection as Celery's after-fork hook does
+            code = 0
+            try:
+                conn.close()
+            except BaseException:
+                code = 1
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        # the parent's connection still answers, with its own replies
+        assert client.stats("forkq")["ready"] == 0
+        Producer(conn).publish("after fork", routing_key="forkq")
+        assert client.stats("forkq")["ready"] == 1
