@@ -13,8 +13,12 @@ replaces everything that moves or settles a message by brokerd's own operations:
 * ``queue_purge``: PURGE, ``queue_declare``: DECLARE (passive: STATS);
 * a pidbox ``revoke`` broadcast also sends brokerd's durable REVOKE.
 
-Exchange publishes and bindings other than direct routing go through ``ExchangeRouter``: the one
-seam for brokerd's native fanout/topic (today kombu's in-process table, as the virtual transport has).
+Exchanges are brokerd's own (protocol.md §5.36-5.38, §13), through ``ExchangeRouter``: a binding is a
+BIND (temporary for a temporary queue), a publish to a fanout/topic exchange is an EMIT that brokerd
+copies to every bound queue of every process, and direct routing keeps its fast path (PUBLISH to the
+queue a binding names).  Queues kombu declares ``exclusive``/``auto_delete``/with ``x-expires`` (Celery's
+pidbox, reply and event queues) are brokerd's temporary queues: they and their bindings go with the
+connection that declared them.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import select
 import socket
 import threading
 from time import monotonic as _monotonic
+from time import time as _time
 
 from kombu.transport import virtual
 from kombu.utils.objects import cached_property
@@ -42,6 +47,11 @@ DEFAULT_PORT = 7700
 UNLIMITED_PREFETCH = 65535
 GET_WAIT = 0.5  # seconds basic_get waits for brokerd to deliver a ready message (a round trip or two)
 PIDBOX_SUFFIX = ".pidbox"  # Celery's remote-control exchange is "<app>.pidbox" (fanout)
+REPLY_PREFIX = "reply."  # ... and its replies go to the direct exchange "reply.<app>.pidbox"
+# kombu queue arguments whose meaning is "this queue goes away on its own": such a queue is brokerd's
+# temporary queue (gone with its connection).  x-message-ttl has no per-queue equivalent in brokerd;
+# see Channel._temporary.
+EXPIRING_ARGUMENTS = ("x-expires",)
 
 _capture = threading.local()  # see capture_publishes(): the backend builds a chord body without sending it
 
@@ -59,37 +69,71 @@ class capture_publishes:
         _capture.sent = None
 
 
+def _is_reply_exchange(exchange: str) -> bool:
+    """kombu's pidbox reply exchange (``reply.<app>.pidbox``): a reply whose caller's queue is gone is
+    dropped, as AMQP drops it, never sent to a queue named after the routing key (a caller's oid)."""
+    return exchange.startswith(REPLY_PREFIX) and exchange.endswith(PIDBOX_SUFFIX)
+
+
 class ExchangeRouter:
-    """Where a publish to an exchange goes, and what a binding means: the seam for brokerd's native
-    fanout/topic exchanges (BIND/UNBIND/publish-to-exchange).  Today: direct routing (the routing key
-    names the queue unless a binding says otherwise) plus kombu's in-process table for fanout/topic,
-    which reaches only queues bound in this process."""
+    """Where a publish to an exchange goes, and what a binding means, on brokerd's native exchanges.
+
+    * a binding on a named exchange is brokerd's BIND with kombu's exchange type, temporary when its
+      queue is (it then dies with this connection); except a direct binding whose key is the queue's
+      own name: PUBLISH to that name already reaches it, so nothing is bound (the fast path);
+    * a publish to a fanout or topic exchange is an EMIT: brokerd copies it to every bound queue,
+      whichever process bound it;
+    * a publish to a direct exchange goes to the queues this process bound to that key (PUBLISH, the
+      fast path); with no such binding here it is an EMIT (another process bound it, as pidbox replies
+      are), and if brokerd has no binding either, a PUBLISH to the queue the key names (what a direct
+      binding of the key to its own name means), except on a pidbox reply exchange (dropped).
+    """
 
     def __init__(self, channel):
         self.channel = channel
 
     def publish(self, message, exchange, routing_key):
         ch = self.channel
-        etype = ch.typeof(exchange).type if exchange else "direct"
+        if not exchange:  # the default exchange: the key names the queue
+            ch._put(routing_key, message)
+            return
+        etype = ch.typeof(exchange).type
         if etype == "direct":
-            queues = ch.state.exchanges and ch._lookup_direct(exchange, routing_key)
-            for q in queues or [routing_key]:
-                ch._put(q, message)
+            queues = ch._lookup_direct(exchange, routing_key)
+            if queues:
+                for q in queues:
+                    ch._put(q, message)
+                return
+            if ch._emit(exchange, routing_key, message) == 0 and not _is_reply_exchange(exchange):
+                ch._put(routing_key, message)
             return
         if etype == "fanout" and exchange.endswith(PIDBOX_SUFFIX):
             ch.connection.forward_revoke(message)
-        try:
-            queues = ch.typeof(exchange).lookup(ch.get_table(exchange), exchange, routing_key, None)
-        except KeyError:  # an exchange this process never declared: nobody here is bound to it
-            queues = ()
-        for q in queues:
-            ch._put(q, message)
+        ch._emit(exchange, routing_key, message)
+
+    def _skip(self, queue, exchange, routing_key) -> bool:
+        """True for bindings brokerd needs not know: the default exchanges, and a direct binding of
+        a queue's own name (the fast path: PUBLISH reaches it by name)."""
+        if not exchange or exchange.startswith("amq."):
+            return True
+        return self.channel.typeof(exchange).type == "direct" and routing_key == queue
 
     def bind(self, queue, exchange, routing_key, arguments):
-        """Called after kombu recorded the binding in its table (nothing to tell brokerd yet)."""
+        """Called after kombu recorded the binding in its own table: BIND in brokerd."""
+        if self._skip(queue, exchange, routing_key):
+            return
+        ch = self.channel
+        ch.client.bind(exchange, queue, routing_key or "", type=ch.typeof(exchange).type,
+                       temporary=queue in ch.connection.temporary_queues)
 
     def unbind(self, queue, exchange, routing_key, arguments):
-        """Called after kombu removed the binding from its table."""
+        """Called after kombu removed the binding from its table: UNBIND in brokerd."""
+        if self._skip(queue, exchange, routing_key):
+            return
+        try:
+            self.channel.client.unbind(exchange, queue, routing_key or "")
+        except NotFound:
+            pass
 
 
 class QoS(virtual.QoS):
@@ -147,6 +191,7 @@ class Channel(virtual.Channel):
         self.router = ExchangeRouter(self)
         self._prefetch = 0
         self._brokerd_consumers = {}  # consumer tag -> (queue, brokerd Consumer)
+        self._no_ack = set()  # consumer tags kombu will never ack (pidbox, events): acked on hand-off
 
     @property
     def client(self) -> Client:
@@ -173,10 +218,39 @@ class Channel(virtual.Channel):
         with self.connection.errors_mapped():
             self.client.publish(queue, p["body"], priority=p["priority"], eta=p["eta"], headers=p["headers"], id=p["id"])
 
+    def _emit(self, exchange, routing_key, message) -> int:
+        """EMIT to a brokerd exchange; how many queues got a copy (0: nothing bound, dropped)."""
+        p = M.to_brokerd(message)
+        # A pidbox message carries Celery's own deadline (header ``expires``, epoch seconds; 0 = none):
+        # as brokerd's ttl, a copy nobody reads by then is dropped by brokerd too.  It is relative to
+        # this clock, so hosts' clocks need not agree.
+        expires = (message.get("headers") or {}).get("expires")
+        ttl = None
+        if isinstance(expires, (int, float)) and not isinstance(expires, bool) and expires > 0:
+            ttl = max(0.0, float(expires) - _time())
+        with self.connection.errors_mapped():
+            res = self.client.emit(exchange, routing_key or "", p["body"], id=p["id"], priority=p["priority"],
+                                   headers=p["headers"], eta=p["eta"], ttl=ttl)
+        n = int(res.get("queues", 0)) if isinstance(res, dict) else 0
+        log.debug("EMIT to %s exchange %s, key %r: %d queue(s)", self.typeof(exchange).type, exchange, routing_key, n)
+        return n
+
     # -- queues ----------------------------------------------------------------------------
+    @staticmethod
+    def _temporary(kwargs) -> bool:
+        """A queue kombu means to vanish on its own (``exclusive``, ``auto_delete``, ``x-expires``: Celery's
+        pidbox, reply and event queues) is brokerd's temporary queue: deleted with its bindings when this
+        connection closes.  ``x-message-ttl`` is not mapped: brokerd has no per-queue ttl, these queues
+        are read live by their owner, and pidbox messages get brokerd's ttl from Celery's own ``expires``
+        header at EMIT (see ``_emit``)."""
+        args = kwargs.get("arguments") or {}
+        return bool(kwargs.get("exclusive") or kwargs.get("auto_delete")
+                    or any(a in args for a in EXPIRING_ARGUMENTS))
+
     def queue_declare(self, queue=None, passive=False, **kwargs):
         from kombu.transport.virtual.base import queue_declare_ok_t
         queue = queue or "amq.gen-" + os.urandom(8).hex()
+        temporary = not passive and self._temporary(kwargs)
         with self.connection.errors_mapped():
             if passive:
                 try:
@@ -186,9 +260,15 @@ class Channel(virtual.Channel):
                     raise ChannelError(f"NOT_FOUND - no queue {queue!r} in brokerd", (50, 10), (50, 10)) from None
             else:
                 try:
-                    self.client.declare(queue)
-                except PreconditionFailed:
-                    pass  # it exists with options set by its owner (DECLARE, brokerd-ctl): use it as it is
+                    self.client.declare(queue, temporary=temporary)
+                    if temporary:
+                        self.connection.temporary_queues.add(queue)
+                except PreconditionFailed as exc:
+                    # it exists with options set by its owner (DECLARE, brokerd-ctl), or lasting, or as
+                    # another connection's temporary queue: use it as it is
+                    if temporary:
+                        log.warning("queue %r is used as it is, not as this connection's temporary "
+                                    "queue: %s", queue, exc)
                 st = self.client.stats(queue)
         return queue_declare_ok_t(queue, _count(st), len(self._consumers_of(queue)))
 
@@ -204,11 +284,17 @@ class Channel(virtual.Channel):
             return self.client.purge(queue)
 
     def _delete(self, queue, *args, **kwargs):
+        temporary = queue in self.connection.temporary_queues
+        self.connection.temporary_queues.discard(queue)
         with self.connection.errors_mapped():
             try:
                 self.client.delete(queue)
             except NotFound:
                 pass
+            except PreconditionFailed:
+                if not temporary:
+                    raise
+                # still consumed or holding deliveries: it goes with this connection anyway
 
     def _has_queue(self, queue, **kwargs):
         try:
@@ -249,12 +335,15 @@ class Channel(virtual.Channel):
 
     def basic_consume(self, queue, no_ack, callback, consumer_tag, **kwargs):
         super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+        if no_ack:
+            self._no_ack.add(consumer_tag)
         with self.connection.errors_mapped():
             self._brokerd_consumers[consumer_tag] = (queue, self._consume(queue))
         self.connection.wake()  # deliveries may already be buffered
 
     def basic_cancel(self, consumer_tag):
         entry = self._brokerd_consumers.pop(consumer_tag, None)
+        self._no_ack.discard(consumer_tag)
         super().basic_cancel(consumer_tag)
         if entry is not None:
             try:
@@ -301,17 +390,33 @@ class Channel(virtual.Channel):
                     raw = self._raw(d)
                 except Exception as exc:  # a message we cannot rebuild costs only itself
                     log.error("brokerd message %s in %r cannot be read as a Celery message (%s: %s); "
-                              "dead-lettered to %s.dlq", d.id, queue, type(exc).__name__, exc, queue)
+                              "dead-lettered (dropped for a temporary queue)", d.id, queue,
+                              type(exc).__name__, exc)
                     d.nack(requeue=False)
                     continue
+                if tag in self._no_ack:
+                    d.ack()  # kombu's no_ack (pidbox, events): settled on hand-off; brokerd has no auto-ack
                 cb(raw)
         return n
 
     def close(self):
+        if self.connection is not None and self.connection.forked():
+            self._brokerd_consumers.clear()  # the parent's consumers: not this process's to cancel
         for tag in list(self._brokerd_consumers):
             self.basic_cancel(tag)
         super().close()
 
+
+
+def _drop_inherited(client: Client) -> None:
+    """Close a forked child's copy of its parent's brokerd socket without a BYE and without
+    ``shutdown`` (either would end the parent's connection): the parent's stays open."""
+    sock = getattr(client, "_sock", None)
+    if sock is not None:
+        try:
+            sock.close()
+        except OSError:
+            pass
 
 
 def _count(stats) -> int:
@@ -340,6 +445,8 @@ class Transport(virtual.Transport):
     def __init__(self, client, **kwargs):
         super().__init__(client, **kwargs)
         self.brokerd = None
+        self._pid = os.getpid()  # the process whose brokerd connection this is (see forked())
+        self.temporary_queues = set()  # queues this brokerd connection declared temporary
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -358,15 +465,27 @@ class Transport(virtual.Transport):
             self.brokerd = Client(self._url(), name=f"celery-{socket.gethostname()}-{os.getpid()}")
         except BrokerdError as exc:
             raise ConnectionLost(None, str(exc)) from exc
+        self._pid = os.getpid()
+        self.temporary_queues = set()  # a new connection owns none yet
         self.brokerd.control_handlers.append(self._on_control)
         return super().establish_connection()
 
+    def forked(self) -> bool:
+        """True in a child forked after this connection was made (Celery's prefork pool processes,
+        started at boot, by ``pool_grow`` or after ``max_tasks_per_child``).  The child shares the
+        parent's socket: it must not say a word on it (a BYE there answers one of the parent's
+        requests and ends the parent's connection)."""
+        return os.getpid() != self._pid
+
     def close_connection(self, connection):
+        forked = self.forked()
         try:
             super().close_connection(connection)
         finally:
             b, self.brokerd = self.brokerd, None
-            if b is not None:
+            if b is not None and forked:
+                _drop_inherited(b)
+            elif b is not None:
                 try:
                     b.close(timeout=2)
                 except BrokerdError:

@@ -87,3 +87,60 @@ def test_purge_and_passive_declare_are_brokerds(broker):
         from amqp import ChannelError
         with pytest.raises(ChannelError, match="no queue 'nope' in brokerd"):
             ch.queue_declare("nope", passive=True)
+
+
+def test_a_forked_child_closing_its_copy_leaves_the_parents_connection_alone(broker):
+    """Celery's prefork pool forks after connections exist (pool_grow, max_tasks_per_child) and the
+    child closes what it inherited: that must not send a BYE or shut the shared socket down."""
+    import os
+
+    with Connection(f"brokerd://{broker.address}") as conn:
+        conn.connect()
+        client = conn.transport.brokerd
+        client.declare("forkq")
+        pid = os.fork()
+        if pid == 0:  # the child: close the inherited connection as Celery's after-fork hook does
+            code = 0
+            try:
+                conn.close()
+            except BaseException:
+                code = 1
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        # the parent's connection still answers, with its own replies
+        assert client.stats("forkq")["ready"] == 0
+        Producer(conn).publish("after fork", routing_key="forkq")
+        assert client.stats("forkq")["ready"] == 1
+
+
+def test_bindings_are_brokerds_and_direct_routing_keeps_its_fast_path(broker):
+    """A direct binding of a queue's own name stays out of brokerd (PUBLISH by name reaches it); any
+    other binding is a BIND, temporary for an auto_delete queue, gone with its connection; a fanout
+    publish is an EMIT that reaches a queue another connection bound."""
+    def bindings(exchange):
+        text = broker.admin(f"BINDINGS {exchange}\n")
+        return [] if text.startswith("ERR") else [line.split() for line in text.splitlines()[2:-1]]
+
+    work = Queue("fastq", Exchange("fastx", type="direct"), routing_key="fastq")
+    bcast = Queue("bq.1", Exchange("bx", type="fanout"), auto_delete=True)
+    got = []
+    with Connection(f"brokerd://{broker.address}") as a, Connection(f"brokerd://{broker.address}") as b:
+        work(a.default_channel).declare()
+        assert bindings("fastx") == []  # the fast path: nothing to bind
+        with Consumer(a, [bcast], callbacks=[lambda body, m: (got.append(body), m.ack())]):
+            assert bindings("bx") == [["bq.1", "-", "yes"]]
+            # another connection that never saw the binding: its publish is brokerd's EMIT
+            Producer(b).publish("to all", exchange=Exchange("bx", type="fanout"), declare=[Exchange("bx", type="fanout")])
+            Producer(b).publish("by name", exchange=Exchange("fastx", type="direct"), routing_key="fastq",
+                                declare=[Exchange("fastx", type="direct")])
+            a.drain_events(timeout=WAIT)
+            assert got == ["to all"]
+        assert b.transport.brokerd.stats("fastq")["ready"] == 1  # nothing bound: the key named the queue
+    # the temporary queue and its binding go with connection a (once brokerd has seen it close)
+    import time
+    deadline = time.monotonic() + WAIT
+    while bindings("bx") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert bindings("bx") == []
+    assert "bq.1" not in broker.admin("QUEUES\n")
