@@ -577,9 +577,10 @@ class App:
         for key, header in (("rate_limit", "x-rate-limit"), ("max_concurrency", "x-max-concurrency"),
                             ("concurrency_key", "x-concurrency-key"), ("tenant", "x-tenant"),
                             ("tenant_weight", "x-tenant-weight")):
-            value = options.pop(key, None)
-            if value is None and task is not None:
-                value = getattr(task, key, None)
+            if key in options:  # the call's own (apply_async puts the task's parsed rate here; None: none)
+                value = options.pop(key)
+            else:
+                value = getattr(task, key, None) if task is not None else None
             if value is not None:
                 flow[header] = value
         env_options = taskopts.check_call_options(name, options)

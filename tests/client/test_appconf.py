@@ -23,13 +23,14 @@ def app(broker):
     a.close()
 
 
-def sent(port, queue):
-    """The envelope of the one task waiting in ``queue``, taken with a raw consumer."""
+def sent(port, queue, with_headers=False):
+    """The envelope of the one task waiting in ``queue``, taken with a raw consumer
+    (and the message's headers, which brokerd reads without the body)."""
     r = Raw(port)
     r.ok(wire.OP_CONSUME, [queue], 1)
     (d,) = r.deliveries(1)
     r.close()
-    return decode_envelope(d[5])
+    return (decode_envelope(d[5]), d[8] or {}) if with_headers else decode_envelope(d[5])
 
 
 def fake_module(monkeypatch, name, **attrs):
@@ -169,14 +170,17 @@ def test_every_celery_task_option_is_accepted_by_the_decorator():
 
 
 @pytest.mark.parametrize("value, per_second", [("10/s", 10.0), ("120/m", 2.0), ("3600/h", 1.0), (5, 5.0), ("0", None)])
-def test_rate_limit_takes_celerys_syntax_and_is_carried_in_the_envelope(app, broker, value, per_second):
+def test_rate_limit_takes_celerys_syntax_and_is_carried_to_brokerd(app, broker, value, per_second):
+    """The task's rate travels in the x-rate-limit header brokerd enforces (protocol.md §5.2.1),
+    as tasks per second; "0" is no limit (no header)."""
     @app.task(rate_limit=value, queue=f"rl-{str(value).replace('/', '-')}")
     def t():
         return 1
 
     t.delay()
-    env = sent(broker.port, t.queue)
-    assert (env.get("options") or {}).get("rate_limit") == per_second
+    env, headers = sent(broker.port, t.queue, with_headers=True)
+    assert headers.get("x-rate-limit") == per_second
+    assert headers["x-task"] == t.name
 
 
 @pytest.mark.parametrize("value", ["10/d", "ten/s", "-1/s", True, [1]])

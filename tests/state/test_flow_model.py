@@ -130,7 +130,9 @@ class Run:
                 self.ack()
             nxt = self.s.tick(self.now)
             self.absorb()
-            if nxt > end and self.held is None:
+            if self.held is not None:
+                continue  # acked at once, at this same instant: time moves only while the slot is empty
+            if nxt > end:
                 break
             self.now = min(max(nxt, self.now), end)
         self.now = end

@@ -124,8 +124,8 @@ def test_service_file_flags_pidfile_logfile_and_noops_say_so(celery_style_worker
     for line in ("-P solo: running one task at a time", "-O fair: nothing to do",
                  "--without-gossip: accepted", "--without-mingle: accepted", "--without-heartbeat: accepted",
                  "-s/-S: accepted, unused", "--statedb: accepted, unused", "-B: 1 periodic task pushed to brokerd",
-                 f"task {tasks.limited.name} has rate_limit=10/m: it is carried in each task's envelope; brokerd "
-                 "does not enforce rate limits yet (when it does, the limit is global: all workers together)"):
+                 f"task {tasks.limited.name} has rate_limit=10/m: brokerd paces its deliveries, for all workers "
+                 "together (Celery's limit is per worker)"):
         assert line in log, line
     names = {e["name"] for e in proj.app.client.schedule_list("appconf_proj")}
     assert "appconf-hourly-add" in names  # -B pushed the schedule the app declares
