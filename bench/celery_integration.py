@@ -166,21 +166,29 @@ class Redis:
                 self.proc.wait(5)
 
 
-def brokerd_transport_problem() -> str | None:
-    """Why Celery cannot use brokerd:// in this environment, or None when it can."""
+def brokerd_registration() -> tuple[list[str], str | None]:
+    """The pytest arguments that make ``brokerd://`` resolvable by Celery, or why it is not.
+
+    First as kombu finds transports (by name, or a package's entry point); failing that, after
+    ``import client.celery`` (the one extra line the README gives when kombu has no hook), which
+    the run then loads as a pytest plugin (``-p client.celery``) since Celery's conftest is not ours."""
     probe = ("from kombu.transport import resolve_transport; resolve_transport('brokerd');"
              "from celery.app.backends import by_name; by_name('brokerd')")
-    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
-    if r.returncode == 0:
-        return None
-    last = (r.stderr.strip().splitlines() or ["?"])[-1]
-    return f"Celery cannot resolve brokerd:// here ({last}); is client/celery/ on this branch and installed?"
+    last = "?"
+    for pre, plugin in (("", []), ("import client.celery;", ["-p", "client.celery"])):
+        r = subprocess.run([sys.executable, "-c", pre + probe], capture_output=True, text=True, cwd=ROOT,
+                           timeout=60)
+        if r.returncode == 0:
+            return plugin, None
+        last = (r.stderr.strip().splitlines() or ["?"])[-1]
+    return [], f"Celery cannot resolve brokerd:// here ({last}); is client/celery/ on this branch and installed?"
 
 
 # ---------------------------------------------------------------- one run
 
 def run_file(source: Path, test_file: str, target: str, env_extra: dict, out: Path, test_timeout: int,
-             budget: int, keyword: str | None, pythonpath: list[Path], reruns: bool) -> dict:
+             budget: int, keyword: str | None, pythonpath: list[Path], reruns: bool,
+             plugins: list[str]) -> dict:
     """One pytest process: Celery's conftest, one file, one target.  Returns {nodeid: outcome-record}."""
     outcomes = out / f"{target}-{test_file}.jsonl"
     outcomes.unlink(missing_ok=True)
@@ -190,7 +198,7 @@ def run_file(source: Path, test_file: str, target: str, env_extra: dict, out: Pa
     env["PYTHONPATH"] = os.pathsep.join(str(p) for p in [*pythonpath, BENCH]) + (
         os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = [sys.executable, "-m", "pytest", "-c", str(source / "pyproject.toml"), "--rootdir", str(source),
-           "-p", "celery.contrib.pytest", "-p", "celery_outcomes", "-p", "no:cacheprovider", "-q", "-rN", "--no-header",
+           "-p", "celery.contrib.pytest", "-p", "celery_outcomes", *plugins, "-p", "no:cacheprovider", "-q", "-rN", "--no-header",
            f"--timeout={test_timeout}", f"t/integration/{test_file}"]
     if keyword:
         cmd += ["-k", keyword]
@@ -320,15 +328,18 @@ def main(argv=None) -> int:
         for target in targets:
             env = {"REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(redis.port)}
             pythonpath: list[Path] = [ROOT]
+            plugins: list[str] = []
             broker = None
             if target == "redis":
                 url = f"redis://127.0.0.1:{redis.port}/0"
                 env.update(TEST_BROKER=url, TEST_BACKEND=url)
             else:
-                if target == "brokerd" and (why := brokerd_transport_problem()):
-                    notes[target] = why
-                    log(why)
-                    continue
+                if target == "brokerd":
+                    plugins, why = brokerd_registration()
+                    if why:
+                        notes[target] = why
+                        log(why)
+                        continue
                 if target == "brokerd-sdk":
                     pythonpath.insert(0, BENCH / "celery_sdk_shim")  # its `celery` shadows the real one
                 broker = BrokerProcess(work / f"brokerd-{target}").start()
@@ -338,7 +349,7 @@ def main(argv=None) -> int:
                 for f in args.files:
                     log(f"running {f} on {target} ({url})")
                     runs[(target, f)] = run_file(source, f, target, env, out, args.test_timeout,
-                                                 args.file_budget, args.keyword, pythonpath, args.reruns)
+                                                 args.file_budget, args.keyword, pythonpath, args.reruns, plugins)
                     c = counts(runs[(target, f)]["results"])
                     log(f"  {dict(c)} in {runs[(target, f)]['seconds']:.0f} s; log {runs[(target, f)]['log']}")
             finally:

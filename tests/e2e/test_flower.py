@@ -45,9 +45,10 @@ PAGE_TIMEOUT = 20.0
 N_TASKS = 3
 
 APP = textwrap.dedent("""
-    # written as Celery's docs write it; only the URL is brokerd's
+    # written as Celery's docs write it; only the URL and README's one line are brokerd's
     import os
     from celery import Celery
+    import client.celery  # registers brokerd:// with kombu (README: the one extra line)
 
     app = Celery("flowerapp", broker=os.environ["FLOWER_TEST_URL"], backend=os.environ["FLOWER_TEST_URL"])
 
@@ -92,6 +93,8 @@ def wait_http(port: int, path: str, timeout: float, proc: subprocess.Popen, logp
 
 def test_flower_dashboard_shows_the_brokerd_worker_and_its_tasks(tmp_path):
     from celery import Celery
+
+    import client.celery  # noqa: F401  (the one line: brokerd:// for this process's app too)
 
     from tests.runtime.test_web_login import DevTools
 
