@@ -278,7 +278,9 @@ def report(runs: dict, files: list[str], targets: list[str], notes: dict) -> Non
             for nodeid, rec in a["results"].items():
                 if rec["outcome"] in ("passed", "xpassed"):
                     other = b["results"].get(nodeid)
-                    if other is None or other["outcome"] in ("failed", "error"):
+                    # absent and the run ended normally: not selected there (-k), not a failure
+                    reached_end = not b["killed"] and b["exit"] in (0, 1)
+                    if (other is None and not reached_end) or (other and other["outcome"] in ("failed", "error")):
                         regress.append((f, nodeid, other))
         print()
         print(f"passes on redis, fails on {t}: {len(regress)}")
@@ -300,19 +302,25 @@ def report(runs: dict, files: list[str], targets: list[str], notes: dict) -> Non
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--files", nargs="+", default=DEFAULT_FILES, help="files of t/integration to run")
-    ap.add_argument("--targets", nargs="+", default=["redis", "brokerd"],
-                    choices=["redis", "brokerd", "brokerd-sdk"])
+    ap.add_argument("--targets", nargs="+", choices=["redis", "brokerd", "brokerd-sdk"],
+                    help="default: redis brokerd, less those --baseline brings")
     ap.add_argument("--sdk", action="store_true", help="add the brokerd-sdk target (issue 14's measure)")
     ap.add_argument("-k", dest="keyword", help="pytest -k expression, passed through")
     ap.add_argument("--test-timeout", type=int, default=TEST_TIMEOUT, help="seconds per test")
     ap.add_argument("--file-budget", type=int, default=FILE_BUDGET, help="seconds per file and target")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "brokerd-bench")
     ap.add_argument("--out", type=Path, help="where logs and results.json go (default: a temp dir, kept)")
+    ap.add_argument("--baseline", type=Path,
+                    help="results.json of an earlier run: its targets are shown and compared, not rerun")
     ap.add_argument("--reruns", action="store_true",
                     help="keep Celery's @flaky reruns (up to 5 per failing test; default: first try counts)")
     ap.add_argument("--install-deps", action="store_true", help="pip install missing Python packages")
     args = ap.parse_args(argv)
-    targets = list(dict.fromkeys(args.targets + (["brokerd-sdk"] if args.sdk else [])))
+    baseline = json.loads(args.baseline.read_text()) if args.baseline else {}
+    from_baseline = {k.split("/", 1)[0] for k in baseline} - set(args.targets or ())
+    targets = list(dict.fromkeys(
+        (args.targets or [t for t in ("redis", "brokerd") if t not in from_baseline])
+        + (["brokerd-sdk"] if args.sdk else [])))
 
     # a SIGTERM (timeout(1), a CI cancel) unwinds like ^C, so the servers and runs we started are stopped
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -323,9 +331,18 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="celery-integration-data-"))
     runs: dict = {}
     notes: dict = {}
+    # e.g. the Redis figures of a run an hour ago: shown and compared, not run again
+    for key, run in baseline.items():
+        t, f = key.split("/", 1)
+        if t in from_baseline and f in args.files:
+            runs[(t, f)] = run
+            if t not in targets:
+                targets.insert(0, t)
     redis = Redis(work).start()  # every target gets it: Celery's tasks.py reaches Redis directly in a few tests
     try:
         for target in targets:
+            if any(t == target for t, _ in runs):
+                continue  # from --baseline
             env = {"REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(redis.port)}
             pythonpath: list[Path] = [ROOT]
             plugins: list[str] = []
