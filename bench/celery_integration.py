@@ -279,7 +279,7 @@ def report(runs: dict, files: list[str], targets: list[str], notes: dict) -> Non
                 if rec["outcome"] in ("passed", "xpassed"):
                     other = b["results"].get(nodeid)
                     # absent and the run ended normally: not selected there (-k), not a failure
-                    reached_end = not b["killed"] and b["exit"] in (0, 1)
+                    reached_end = not b["killed"] and b["exit"] in (0, 1, 5)  # 5: none selected
                     if (other is None and not reached_end) or (other and other["outcome"] in ("failed", "error")):
                         regress.append((f, nodeid, other))
         print()
@@ -287,6 +287,17 @@ def report(runs: dict, files: list[str], targets: list[str], notes: dict) -> Non
         for f, nodeid, other in regress:
             why = "not reached (run killed or crashed)" if other is None else other["detail"]
             print(f"  {short(nodeid):<60} {why}")
+        skipped = collections.Counter()  # Redis-only tests (they ask for a redis:// backend) and the like
+        for f in files:
+            a, b = runs.get((base, f)), runs.get((t, f))
+            if a and b:
+                for nodeid, rec in b["results"].items():
+                    if rec["outcome"] == "skipped" and a["results"].get(nodeid, {}).get("outcome") == "passed":
+                        skipped[rec["detail"][:120]] += 1
+        if skipped:
+            print(f"passes on redis, skipped on {t}: {sum(skipped.values())}")
+            for text, n in skipped.most_common():
+                print(f"  {n:>4}  {text}")
         cats = collections.Counter()
         for f in files:
             if (t, f) in runs:
@@ -337,7 +348,9 @@ def main(argv=None) -> int:
         if t in from_baseline and f in args.files:
             runs[(t, f)] = run
             if t not in targets:
-                targets.insert(0, t)
+                targets.append(t)
+    order = ["redis", "brokerd", "brokerd-sdk"]
+    targets.sort(key=order.index)
     redis = Redis(work).start()  # every target gets it: Celery's tasks.py reaches Redis directly in a few tests
     try:
         for target in targets:
