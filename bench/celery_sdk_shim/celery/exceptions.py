@@ -1,5 +1,5 @@
-from client.exceptions import (Ignore, MaxRetriesExceededError, Reject, Retry,  # noqa: F401
-                               SoftTimeLimitExceeded, TimeLimitExceeded, TimeoutError, WorkerLostError)
+from client.exceptions import *  # noqa: F401,F403  (every exception the SDK has, under Celery's names)
+from client.exceptions import TimeoutError  # noqa: F401
 
 from celery._compat import sdk
 

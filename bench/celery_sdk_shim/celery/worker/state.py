@@ -5,4 +5,5 @@ revoked = set()
 active_requests = set()
 reserved_requests = set()
 total_count = {}
+successful_requests = set()
 Request = missing("worker.state.Request")
