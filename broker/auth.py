@@ -45,6 +45,9 @@ from client.userfile import (  # noqa: F401  (re-exported: the hashing and the e
 from client.wire import (
     OP_ACK,
     OP_ADMIN,
+    OP_BIND,
+    OP_EMIT,
+    OP_UNBIND,
     OP_BYE,
     OP_CANCEL,
     OP_CHORD,
@@ -101,6 +104,9 @@ REQUIRED: dict[int, tuple[str, object] | None] = {
     OP_REVOKE: ("control", None), OP_CONTROL_REQUEST: ("control", None),
     OP_SUBSCRIBE: ("control", None), OP_WORKERS: ("control", None),
     OP_ADMIN: ("admin", None),
+    # Exchange names share the queue globs.  EMIT needs publish on the exchange; BIND and UNBIND
+    # need manage on the queue and consume on the exchange (a binding reads what is emitted to it).
+    OP_EMIT: ("publish", 2), OP_BIND: ("manage", 3), OP_UNBIND: ("manage", 3),
 }
 
 USERS_FILE_EXAMPLE = '''\
@@ -183,6 +189,9 @@ def required(frame: list) -> list[tuple[str, str | None]]:
         return [(kind, q if type(q) is str else None) for q in names] or [(kind, None)]
     if type(where) is int:
         q = frame[where] if len(frame) > where else None
+        if op == OP_BIND or op == OP_UNBIND:  # [33, rid, exchange, queue, key, ...]
+            ex = frame[2] if len(frame) > 2 and type(frame[2]) is str else None
+            return [(kind, q if type(q) is str else None), ("consume", ex)]
         return [(kind, q if type(q) is str else None)]
     if op == OP_CHORD:  # [26, rid, chord_id, members, body spec, error spec]
         out = [(kind, spec.get("queue") if type(spec.get("queue")) is str else None)

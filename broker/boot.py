@@ -16,8 +16,9 @@ import time
 import cbor2
 
 from broker.config import Config
-from broker.runtime import notify
+from broker.runtime import history, notify
 from broker.runtime.durability import Durability
+from broker.runtime.history import HistoryFile
 from broker.runtime.server import Server
 from broker.state import BrokerState
 from broker.state import log_records as R
@@ -133,6 +134,11 @@ def open_server(config: Config) -> Server:
     if leftover:
         durability.submit(leftover, {}, lambda box: None)
     server = Server(config, state, durability)
+    # The page's task list from before the restart (its own file: broker.runtime.history)
+    server.history = HistoryFile(config.data_dir)
+    kept = history.restore(state, server.history)
+    if kept:
+        log.info("task history: %d tasks read back from %s", kept, server.history.path)
     from broker.auth import AuthThrottle
 
     server.users = users  # None: no users, nothing is checked (broker.runtime.connection)

@@ -15,12 +15,18 @@ from __future__ import annotations
 import contextvars
 
 
+# Task ids a running task's result keeps of the tasks it sent (AsyncResult.children): bounded, because
+# the ids travel in its result's meta, one frame; 10,000 ids are about 400 KB.
+CHILDREN_MAX = 10_000
+
+
 class Request:
     """What ``self.request`` shows inside a bound task."""
 
     def __init__(self, id=None, args=(), kwargs=None, retries=0, delivery_info=None, eta=None,
                  expires=None, parent_id=None, root_id=None, headers=None, hostname=None, is_eager=False,
-                 task=None):
+                 task=None, group=None, chord=None, reply_to=None, origin=None, time_limit=None,
+                 callbacks=None, errbacks=None, properties=None):
         self.id = id
         self.args = list(args)
         self.kwargs = dict(kwargs or {})
@@ -34,6 +40,18 @@ class Request:
         self.hostname = hostname
         self.is_eager = is_eager
         self.task = task
+        # Celery's other request fields: present always, None when this task has no such thing.
+        self.group = group  # the id of the group this task is a member of
+        self.chord = chord  # the chord (its body's signature) this task is a header member of
+        self.correlation_id = id  # Celery: the task id
+        self.reply_to = reply_to  # brokerd keeps results itself: no reply queue, so None
+        self.origin = origin  # who sent the task, when the producer said
+        self.time_limit = time_limit  # (hard, soft) seconds, each None when unlimited
+        self.timelimit = time_limit  # Celery's older spelling
+        self.callbacks = callbacks  # the link= signatures, run on success
+        self.errbacks = errbacks  # the link_error= signatures, run on failure
+        self.properties = properties if properties is not None else {"correlation_id": id, "reply_to": reply_to}
+        self.children: list = []  # AsyncResults of the tasks this task sent (AsyncResult.children)
 
     def __repr__(self):
         return f"<Request {self.task} id={self.id} retries={self.retries}>"

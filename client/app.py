@@ -32,6 +32,7 @@ forked child gets its own), and shared by every thread.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 import random
@@ -39,9 +40,12 @@ import threading
 import time
 import uuid
 
+import cbor2
+
 from client.options import redact  # credentials show as ***
-from client import canvas
-from client._current import Request, current_app, current_request, set_current_app
+from client import canvas, signals
+from client.control import Control, Inspect
+from client._current import CHILDREN_MAX, Request, current_app, current_request, set_current_app
 from client.envelope import (
     DEFAULT_QUEUE,
     ENVELOPE_VERSION,
@@ -116,6 +120,13 @@ DEFAULTS = {
 
 
 # -- tasks ---------------------------------------------------------------------------------
+def unique_key_of(name: str, args, kwargs) -> str:
+    """``unique=True``'s key: the task name and a SHA-256 of the canonical CBOR of its arguments
+    (the same arguments give the same key in any process, any Python)."""
+    digest = hashlib.sha256(cbor2.dumps([list(args), dict(kwargs)], canonical=True)).hexdigest()
+    return f"{name}:{digest}"
+
+
 class Task:
     """A task type.  ``@app.task`` makes a subclass whose ``run`` is your function.
 
@@ -143,6 +154,11 @@ class Task:
     track_started: bool | None = None  # store STARTED when a worker starts it (app: task_track_started)
     expires: float | None = None
     typing = True
+    # unique tasks (issue 15 item 2; brokerd holds the key, protocol.md §5.2): unique=True keys on
+    # the task name + arguments; unique_until "started" | "finished" | "time"; unique_for seconds at most
+    unique: bool = False
+    unique_for: float | None = None
+    unique_until: str = "finished"
 
     # -- hooks (Celery's signatures) --
     def on_success(self, retval, task_id, args, kwargs):
@@ -183,10 +199,15 @@ class Task:
         kwargs = dict(kwargs or {})
         if self.app.conf.task_always_eager:
             return self.apply(args, kwargs, task_id=task_id)
+        # unique tasks: an explicit unique_key, or unique=True (key: name + a hash of the arguments)
+        key = options.pop("unique_key", None) or (unique_key_of(self.name, args, kwargs) if self.unique else None)
+        unique = None if key is None else (key, options.pop("unique_for", self.unique_for),
+                                           options.pop("unique_until", self.unique_until))
         return self.app.publish_task(
             self.name, args, kwargs, countdown=countdown, eta=eta,
             expires=expires if expires is not None else self.expires,
             priority=priority, queue=queue, task_id=task_id, headers=headers, task=self, options=options,
+            unique=unique,
         )
 
     def apply(self, args=None, kwargs=None, *, task_id=None, **_):
@@ -292,79 +313,6 @@ class Signal:
 
     def send(self, sender=None, **kwargs) -> list:
         return [fn(sender=sender, **kwargs) for fn in list(self.receivers)]
-
-
-class Control:
-    """``app.control``: act on tasks and workers through brokerd."""
-
-    def __init__(self, app: "App"):
-        self.app = app
-
-    def revoke(self, task_id, terminate: bool = False, signal=None, ttl=None) -> int:
-        """Never run the task(s); with ``terminate``, workers kill them if running.
-        Revokes are kept by brokerd (logged), across restarts, for ``ttl`` (a day)."""
-        ids = [task_id] if isinstance(task_id, str) else list(task_id)
-        return self.app.client.revoke(ids, terminate=terminate, ttl=ttl)
-
-    # -- remote control of workers, through brokerd (protocol.md §5.34) --
-    def broadcast(self, command: str, arguments: dict | None = None, destination=None, reply: bool = False,
-                  timeout: float = 1.0):
-        """Send ``command`` to the live workers (or those named in ``destination``).
-
-        brokerd gathers the replies until every worker answered or ``timeout`` seconds
-        passed; with ``reply=True`` they are returned as Celery does, a list of
-        ``{hostname: reply}``, else None.
-        """
-        replies = self.app.client.control(command, arguments, timeout=timeout, destination=destination)
-        return [{h: r} for h, r in sorted(replies.items())] if reply else None
-
-    def ping(self, destination=None, timeout: float = 1.0) -> list:
-        """``[{hostname: {"ok": "pong"}}, ...]`` for every worker that answered in time."""
-        return self.broadcast("ping", destination=destination, reply=True, timeout=timeout)
-
-    def inspect(self, destination=None, timeout: float = 1.0) -> "Inspect":
-        return Inspect(self.app, destination, timeout)
-
-    def pool_grow(self, n: int = 1, destination=None, reply: bool = False, timeout: float = 1.0):
-        """Add ``n`` slots (processes or threads) to each worker's pool."""
-        return self.broadcast("pool_grow", {"n": int(n)}, destination, reply, timeout)
-
-    def pool_shrink(self, n: int = 1, destination=None, reply: bool = False, timeout: float = 1.0):
-        """Remove ``n`` slots from each worker's pool (busy ones after their task)."""
-        return self.broadcast("pool_shrink", {"n": int(n)}, destination, reply, timeout)
-
-    def shutdown(self, destination=None, reply: bool = False, timeout: float = 1.0):
-        """Warm stop of the workers: they finish their running tasks and exit."""
-        return self.broadcast("shutdown", None, destination, reply, timeout)
-
-
-class Inspect:
-    """``app.control.inspect()``: read-only questions to the workers.  Each method returns
-    ``{hostname: reply}``, or None when no worker answered within the timeout (as Celery)."""
-
-    def __init__(self, app: "App", destination=None, timeout: float = 1.0):
-        self.app = app
-        self.destination = destination
-        self.timeout = timeout
-
-    def _ask(self, command: str, args: dict | None = None):
-        replies = self.app.client.control(command, args, timeout=self.timeout, destination=self.destination)
-        return replies or None
-
-    def ping(self):
-        return self._ask("ping")
-
-    def active(self):
-        """The tasks each worker is running: ``{hostname: [{"id", "name", "args", ...}]}``."""
-        return self._ask("active")
-
-    def registered(self):
-        """The task names each worker knows."""
-        return self._ask("registered")
-
-    def stats(self):
-        """Each worker's pool, counters and settings."""
-        return self._ask("stats")
 
 
 class Conf(dict):
@@ -480,7 +428,7 @@ class App:
 
     def publish_task(self, name, args, kwargs, *, countdown=None, eta=None, expires=None, priority=None,
                      queue=None, task_id=None, headers=None, task=None, options=None, parent_id=None,
-                     root_id=None, extra=None, confirm=True) -> AsyncResult:
+                     root_id=None, extra=None, confirm=True, unique=None) -> AsyncResult:
         """Build the envelope of one task call, route it, and publish it.
 
         ``task`` is the registered Task when known (its queue and priority
@@ -499,10 +447,23 @@ class App:
                             root_id=root_id, headers=headers, options=options or None)
         if extra:
             env.update(extra)
+        if signals.before_task_publish.receivers:  # Celery's hook: receivers may edit the envelope
+            signals.before_task_publish.send(sender=name, body=env, exchange="", routing_key=queue,
+                                             headers=env["headers"], properties={"priority": priority},
+                                             declare=[], retry_policy=None)
         signer = self.signer
         if signer is not None:
             signer.sign(env)
+        if unique is not None:  # (key, for, until): a duplicate names the task that holds the key
+            task_id = self.client.publish_unique(queue, encode_envelope(env), unique[0], unique_for=unique[1],
+                                                 unique_until=unique[2], id=task_id, priority=priority,
+                                                 eta=eta_s)["id"]
+            return AsyncResult(task_id, app=self, queue=queue)
         self.client.publish(queue, encode_envelope(env), priority=priority, eta=eta_s, id=task_id, confirm=confirm)
+        if parent is not None and not parent.is_eager and len(parent.children) < CHILDREN_MAX:
+            parent.children.append(task_id)  # the running task's AsyncResult.children
+        if signals.after_task_publish.receivers:
+            signals.after_task_publish.send(sender=name, body=env, exchange="", routing_key=queue)
         return AsyncResult(task_id, app=self, queue=queue)
 
     @property

@@ -20,6 +20,7 @@ import argparse
 import datetime as dt
 import sys
 
+from client import signals
 from client.options import redact
 from client.envelope import make_envelope
 from client.worker_cli import load_app  # the same MODULE:APP rules as the worker
@@ -115,6 +116,7 @@ def main(argv=None) -> int:
         return 2
     if args.broker:
         app.conf.broker_url = args.broker
+    signals.beat_init.send(sender=app)  # Celery's hook, before the schedule goes out
     try:
         done = push(app)
     except ValueError as exc:

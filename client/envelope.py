@@ -18,6 +18,7 @@ from fnmatch import fnmatchcase
 import cbor2
 
 from client.exceptions import EncodeError
+from client.cbortags import dumps_value, tag_times, untag  # naive datetimes and times of day (§8.1)
 
 # protocol.md §8.1: key `v`.  A change to the meaning of a key bumps it.
 ENVELOPE_VERSION = 1
@@ -58,7 +59,7 @@ def check_encodable(name: str, args, kwargs) -> None:
     """Fail now, naming the argument, if CBOR cannot carry it."""
     for i, a in enumerate(args):
         try:
-            cbor2.dumps(a)
+            dumps_value(a)
         except Exception as exc:
             raise EncodeError(
                 f"argument {i} of {name} ({type(a).__name__}) cannot be sent to a worker: {exc}"
@@ -67,7 +68,7 @@ def check_encodable(name: str, args, kwargs) -> None:
         if type(k) is not str:
             raise EncodeError(f"keyword argument names of {name} must be text (got {k!r})")
         try:
-            cbor2.dumps(v)
+            dumps_value(v)
         except Exception as exc:
             raise EncodeError(
                 f"keyword argument {k!r} of {name} ({type(v).__name__}) cannot be sent to a worker: {exc}"
@@ -97,15 +98,19 @@ def make_envelope(name, task_id, args, kwargs, *, eta=None, expires=None, parent
 
 def encode_envelope(env: dict) -> bytes:
     """Envelope map → the message body (protocol.md §8.2: the CBOR-encoded map)."""
-    return cbor2.dumps(env)
+    try:
+        return cbor2.dumps(env)
+    except Exception:  # noqa: BLE001 - a naive datetime or a time in the arguments: tag them (client.cbortags)
+        return cbor2.dumps({**env, "args": tag_times(env["args"]), "kwargs": tag_times(env["kwargs"])})
 
 
 def decode_envelope(body: bytes) -> dict:
     """Body bytes → envelope map, or ValueError naming what is wrong (protocol.md §8.3)."""
     try:
-        env = cbor2.loads(body)
+        env = cbor2.loads(body, tag_hook=untag)
     except Exception as exc:
-        raise ValueError(f"task body is not CBOR: {exc}") from None
+        why = f"{exc}: {exc.__cause__}" if exc.__cause__ is not None else str(exc)  # e.g. a bad tag 50001
+        raise ValueError(f"task body is not CBOR: {why}") from None
     if type(env) is not dict:
         raise ValueError("task body must be a CBOR map (the task envelope)")
     for key, typ in (("task", str), ("id", str), ("args", list), ("kwargs", dict)):

@@ -8,6 +8,7 @@ the results and the worker can all raise and catch these without a cycle.
 from __future__ import annotations
 
 import builtins
+import keyword
 
 
 class TaskError(Exception):
@@ -75,6 +76,32 @@ class RemoteError(TaskError):
         self.exc_type = exc_type
         self.exc_message = exc_message
         self.traceback = traceback
+
+
+# Remote exception types seen by this process, each with its RemoteError subclass.  Bounded, because the
+# names come from results anyone may store: past this many, a new name gets plain RemoteError.
+REMOTE_CLASSES_MAX = 1000
+_remote_classes: dict[tuple[str, str], type] = {}
+REMOTE_NAME_MAX = 200  # characters of a remote type or module name used for a class; longer ones are cut
+
+
+def remote_error_class(exc_type: str, exc_module: str | None = None) -> type:
+    """A ``RemoteError`` subclass named after a remote exception type that cannot be imported here, so
+    that ``type(e).__name__`` and the traceback show the real name while ``except RemoteError`` still
+    catches it.  A name that is not a Python identifier gets ``RemoteError`` itself."""
+    name = exc_type.rpartition(".")[2][:REMOTE_NAME_MAX] if isinstance(exc_type, str) else ""
+    if not name.isidentifier() or keyword.iskeyword(name):
+        return RemoteError
+    module = exc_module[:REMOTE_NAME_MAX] if isinstance(exc_module, str) and exc_module else __name__
+    key = (module, name)
+    cls = _remote_classes.get(key)
+    if cls is None:
+        if len(_remote_classes) >= REMOTE_CLASSES_MAX:
+            return RemoteError
+        cls = type(name, (RemoteError,), {"__module__": module, "__qualname__": name,
+                                          "__doc__": f"{module}.{name}, raised by a task elsewhere."})
+        _remote_classes[key] = cls
+    return cls
 
 
 class TimeoutError(builtins.TimeoutError, TaskError):  # noqa: A001 - Celery's name

@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import functools
 
-from client.options import admin_reply, queue_options
+from client.options import admin_reply, publish_options, queue_options
 from client.wire import (
     OP_ADMIN,
+    OP_BIND,
+    OP_EMIT,
+    OP_UNBIND,
     OP_CHORD,
     OP_CONTROL_REQUEST,
     OP_DECLARE,
@@ -36,6 +39,7 @@ from client.wire import (
     OP_EMIT_EVENTS,
     OP_PAUSE,
     OP_PING,
+    OP_PUBLISH,
     OP_PURGE,
     OP_RESULT_FORGET,
     OP_RESULT_GET,
@@ -110,7 +114,8 @@ def _plus_client_timeout(client, seconds_: float, default: float | None):
 # -- queues and the broker (protocol.md §5.8-5.16) ---------------------------------------
 @verb
 def declare(client, queue: str, *, dead_letter: str | None = None, max_attempts: int | None = 25,
-            reserve_timeout: float | None = None, max_length: int | None = None, overflow: str = "reject") -> dict:
+            reserve_timeout: float | None = None, max_length: int | None = None, overflow: str = "reject",
+            temporary: bool = False) -> dict:
     """Create ``queue`` with these options (or check an existing one has them).
 
     * ``dead_letter``: where failed messages go (default ``<queue>.dlq``).
@@ -119,10 +124,15 @@ def declare(client, queue: str, *, dead_letter: str | None = None, max_attempts:
       untouched before the broker takes it back and redelivers it.
     * ``max_length`` and ``overflow`` (``"reject"``: publishes raise
       ``QueueFull``; ``"drop-head"``: the oldest is dead-lettered).
+    * ``temporary``: the queue, its messages and bindings are deleted when
+      this connection closes (AMQP's exclusive/auto-delete; a restart has none).
 
     Returns the queue's options.  ``PreconditionFailed`` if it exists with others.
     """
-    return Call(OP_DECLARE, [queue, queue_options(dead_letter, max_attempts, reserve_timeout, max_length, overflow)])
+    opts = queue_options(dead_letter, max_attempts, reserve_timeout, max_length, overflow)
+    if temporary:
+        opts["temporary"] = True
+    return Call(OP_DECLARE, [queue, opts])
 
 
 @verb
@@ -292,6 +302,61 @@ def control(client, command: str, args: dict | None = None, *, timeout: float = 
     if destination is not None:
         opts["destination"] = [destination] if isinstance(destination, str) else list(destination)
     return Call(OP_CONTROL_REQUEST, [command, args, opts], timeout=_plus_client_timeout(client, timeout, CONTROL_SLACK))
+
+
+# -- unique tasks (protocol.md §5.2, unique_key) ---------------------------------------------
+@verb
+def publish_unique(client, queue: str, body: bytes, unique_key: str, *, unique_for: float | None = None,
+                   unique_until: str = "finished", id: str | None = None, priority: int = 0,
+                   headers: dict | None = None, delay=None, eta=None, ttl=None) -> dict:
+    """Publish unless a message holding ``unique_key`` is still around; returns
+    ``{"id", "duplicate"}`` (a duplicate enqueues nothing and names the holder's id).
+
+    The key is held ``unique_until`` ``"started"`` (first delivery), ``"finished"``
+    (acked or a final result stored) or ``"time"``; never longer than ``unique_for``
+    seconds (brokerd's default: an hour).
+    """
+    opts = publish_options(delay, eta, ttl, headers) or {}
+    opts["unique_key"] = unique_key
+    opts["unique_until"] = unique_until
+    if unique_for is not None:
+        opts["unique_for"] = float(unique_for)
+    return Call(OP_PUBLISH, [queue, body, id, priority, opts])
+
+
+# -- exchanges: one publish copied to every bound queue (protocol.md §5.36-5.38) ------------
+@verb
+def bind(client, exchange: str, queue: str, key: str = "", *, type: str = "direct",
+         temporary: bool = False) -> bool:
+    """Bind ``queue`` to ``exchange`` so that ``emit(exchange, key, ...)`` copies into it.
+
+    ``type`` is the exchange's: ``"direct"`` (the routing key equals ``key``),
+    ``"fanout"`` (every bound queue; ``key`` ignored) or ``"topic"`` (``key``
+    is a pattern of dot-separated words, ``*`` one word, ``#`` zero or more).
+    A missing queue is created.  ``temporary``: the binding dies with this
+    connection (else it is logged and survives restarts).  Returns True if
+    the binding is new; ``PreconditionFailed`` if the exchange has another type.
+    """
+    return Call(OP_BIND, [exchange, queue, key, {"type": type, "temporary": bool(temporary)}])
+
+
+@verb
+def unbind(client, exchange: str, queue: str, key: str = "") -> bool:
+    """Remove the binding of ``queue`` to ``exchange`` with ``key``; True if it existed."""
+    return Call(OP_UNBIND, [exchange, queue, key])
+
+
+@verb
+def emit(client, exchange: str, key: str, body: bytes, *, id: str | None = None, priority: int = 0,
+         headers: dict | None = None, delay=None, eta=None, ttl=None) -> dict:
+    """Publish ``body`` to ``exchange`` with routing key ``key``: a copy goes to every
+    bound queue that matches, each a normal message of its queue (same ``id``).
+
+    Returns ``{"id": id, "queues": n}``; ``n == 0``: nothing was bound, the message is
+    dropped.  A full queue (overflow reject) gets no copy and is listed in ``"full"``.
+    Confirmed like ``publish``: every copy is durable when this returns.
+    """
+    return Call(OP_EMIT, [exchange, key, body, id, priority, publish_options(delay, eta, ttl, headers)])
 
 
 # -- settling a delivery (Delivery.ack(wait=True) / nack / touch land here) -----------------

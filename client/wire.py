@@ -71,6 +71,10 @@ OP_TASK_INFO = 29  # a task's history and result: [29, rid, task_id]
 OP_WORKERS = 30  # the worker registry: [30, rid]
 OP_CONTROL_REQUEST = 31  # ask the workers something: [31, rid, command, args, {timeout, destination}]
 OP_CONTROL_REPLY = 32  # a worker's answer to a CONTROL with a reply_id: [32, rid, reply_id, reply]
+# exchanges: one publish copied to every bound queue (protocol.md §5.36-5.38)
+OP_BIND = 33  # [33, rid, exchange, queue, key, {type, temporary}|null]
+OP_UNBIND = 34  # [34, rid, exchange, queue, key]
+OP_EMIT = 35  # [35, rid, exchange, routing_key, body, id|null, priority, options|null]
 
 # server → client
 OP_OK = 64
@@ -113,6 +117,9 @@ CLIENT_OPS = {
     OP_WORKERS: "WORKERS",
     OP_CONTROL_REQUEST: "CONTROL_REQUEST",
     OP_CONTROL_REPLY: "CONTROL_REPLY",
+    OP_BIND: "BIND",
+    OP_UNBIND: "UNBIND",
+    OP_EMIT: "EMIT",
 }
 SERVER_OPS = {OP_OK: "OK", OP_ERROR: "ERROR", OP_DELIVER: "DELIVER", OP_CLOSING: "CLOSING", OP_CONTROL: "CONTROL",
               OP_EVENT: "EVENT"}

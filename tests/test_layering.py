@@ -66,6 +66,10 @@ FORBIDDEN = {
     # app (the app imports canvas for task.s(), so the dependency runs one way).
     "client/exceptions.py": IO | CLOCK | {"os", "broker", "client"},
     "client/_current.py": IO | CLOCK | {"os", "broker", "client"},
+    # the argument tags for naive datetimes and times (below the envelope): calendar only, no clock
+    "client/cbortags.py": IO | CLOCK | {"os", "broker", "client"},
+    # signals: a receiver registry (a lock guards it), below everything that sends them
+    "client/signals.py": (IO - {"threading"}) | CLOCK | {"os", "broker", "client"},
     "client/envelope.py": IO | CLOCK | TASK_LAYER_ABOVE_ENVELOPE | {"os", "broker", "client.producer"},
     "client/result.py": {"trio", "asyncio", "broker", "client.app", "client.canvas", "client.beat", "client.worker"},
     "client/canvas.py": {"trio", "asyncio", "broker", "client.app", "client.beat", "client.worker"},
@@ -85,7 +89,9 @@ FORBIDDEN = {
 # broker/ may use client.wire (the shared codec) and nothing else from client/.
 # client.userfile: token hashing and the users-file entry writer, shared by brokerd (checking a
 # login) and brokerd-ctl user add (which may not import broker/)
-BROKER_MAY_IMPORT_FROM_CLIENT = {"client.wire", "client.userfile"}
+# client.envelope: the task envelope's one writer (protocol.md §8), pure (its own rule above: no I/O,
+# no clock, nothing of the task layer), for the page's retry button (broker/web/actions.py)
+BROKER_MAY_IMPORT_FROM_CLIENT = {"client.wire", "client.userfile", "client.envelope"}
 
 
 def imports_of(path: Path) -> set[str]:
@@ -115,7 +121,7 @@ def files_for(key: str) -> list[Path]:
 
 # Calendar arithmetic needs datetime; this file may import it but never read the clock.
 CALENDAR_ONLY = {"broker/state/cron.py": {"datetime"}, "broker/handlers/admin.py": {"datetime"},
-                 "client/envelope.py": {"datetime"}}
+                 "client/envelope.py": {"datetime"}, "client/cbortags.py": {"datetime"}}
 CLOCK_CALLS = {"now", "today", "utcnow", "time", "monotonic", "perf_counter"}
 
 

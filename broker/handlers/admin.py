@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from broker.errors import AccessRefused, BadRequest, BrokerError, NotFound, UnknownCommand
 from broker.handlers import views
+from broker.state import inspection
 
 MAX_LINE = 4096  # bytes; an admin line longer than this is refused
 PEEK_DEFAULT = 10
@@ -48,6 +49,9 @@ HELP = [
     ("WORKERS", "every worker brokerd has heard of: state, pool, active, processed, last heartbeat"),
     ("TASK <task-id> [queue]", "a task's state, name, args, result or traceback, and its timeline of events;"
      " with no events yet, the queue it waits in and its consumers"),
+    ("UNIQUE <key>", "who holds a unique-task key: task id, policy, time left"),
+    ("EXCHANGES", "every exchange: type, bindings, bound queues"),
+    ("BINDINGS <exchange>", "one exchange's bindings: queue, key, temporary"),
     ("EVENTS [n]", "stream events as lines, after the last n (default 0), until QUIT or close"),
     ("QUIT", "close this connection"),
 ]
@@ -414,60 +418,31 @@ def c_workers(state, args, now, extra):
     )
 
 
-# TASK of a task with no events yet looks for its message among the ready ones, to say where it
-# waits ("queued in `celery`, 0 consumers": the first-hour trap of a worker reading other queues).
-# The state keeps no index by message id (a dict entry per message, ~100 B and a hash insert and
-# delete on every publish and ack, for one admin command), so TASK reads at most this many ready
-# messages, queues without a consumer first (the usual reason a task waits).  Measured: ~17 ms on
-# the event loop for the whole budget (bench: tests/runtime/test_task_waiting.py, test_scan_cost).
-TASK_SCAN_LIMIT = 100_000  # messages
+# Where a task waits (ready, in flight or delayed) is looked up by the state (``locate_message``),
+# reading at most this many messages: there is no index by message id.
+TASK_SCAN_LIMIT = inspection.TASK_SCAN_LIMIT
 
 
-def find_queued(state, task_id, queue=None, sees=None):
-    """(queue, position among its ready messages, 1-based) of the ready message ``task_id``,
-    or (None, messages read) when it is not among the first TASK_SCAN_LIMIT read."""
-    if queue is not None:
-        queues = [state.existing_queue(queue)]
-    else:
-        queues = sorted((q for q in state.queues.values() if sees is None or sees(q.name)),
-                        key=lambda q: (len(q.consumers) > 0, q.name))
-    budget = TASK_SCAN_LIMIT
-    read = 0
-    for q in queues:
-        if not q.ready_count:
-            continue
-        for pos, msg in enumerate(q.iter_ready(), 1):
-            if msg.id == task_id:
-                return q, pos
-            read += 1
-            if read >= budget:
-                return None, read
-    return None, read
-
-
-def _waiting(state, task_id, queue, sees) -> list[tuple]:
-    q, pos = find_queued(state, task_id, queue, sees)
-    if q is None:
-        where = f"queue {queue!r}" if queue is not None else "any queue"
-        return [("waiting", f"not among the {pos} ready messages read in {where} (TASK reads at most "
-                            f"{TASK_SCAN_LIMIT}); unknown id, delayed, in flight or not yet published")]
-    n = len(q.consumers)
-    pairs = [("queue", q.name),
-             ("waiting", f"queued in `{q.name}`, {n} consumer{'s' if n != 1 else ''} "
-                         f"(position {pos} of {q.ready_count} ready)")]
-    if n == 0:
-        pairs.append(("hint", f"no worker reads `{q.name}`: start one with -Q {q.name} (or add it to -Q)"))
-    elif q.paused:
-        pairs.append(("hint", f"`{q.name}` is paused: RESUME {q.name}"))
+def _waiting(loc: dict | None) -> list[tuple]:
+    if loc is None:
+        return []
+    pairs = [("queue", loc["queue"])] if loc["where"] is not None else []
+    pairs.append(("waiting", loc["text"]))
+    if loc["hint"]:
+        pairs.append(("hint", loc["hint"]))
     return pairs
 
 
 def c_task(state, args, now, extra, sees=None):
     _need(args, 1, "TASK <task-id> [queue]")
     task_id = args[0]
-    info = state.task_info(task_id, now)
-    if info is None:
-        pairs = [("id", task_id), ("state", "PENDING")] + _waiting(state, task_id, args[1] if len(args) > 1 else None, sees)
+    queue = args[1] if len(args) > 1 else None
+    info = state.task_info(task_id, now, sees=sees)
+    if info is None or (not info["events"] and info["result_state"] is None):  # only its message is known
+        loc = info["waiting"] if info is not None and queue is None else None
+        if loc is None:  # in the named queue; or not found: where it looked
+            loc = state.locate_message(task_id, now, queue, sees)
+        pairs = [("id", task_id), ("state", "PENDING")] + _waiting(loc)
         return multi(f"task {task_id}", keyvalues(pairs) + ["timeline:", "  (no events)"])
     pairs = [("id", info["id"]), ("name", info["name"]), ("state", info["state"]), ("args", info["args"]),
              ("kwargs", info["kwargs"]), ("queue", info["queue"]), ("worker", info["worker"]),
@@ -483,6 +458,7 @@ def c_task(state, args, now, extra, sees=None):
         pairs.append(("exception", _short(str(exc), 200)))
     if type(info["runtime"]) in (int, float):
         pairs.append(("runtime_s", f"{info['runtime']:.6g}"))
+    pairs += [p for p in _waiting(info.get("waiting")) if p[0] != "queue"]  # its queue is shown above
     lines = keyvalues([(k, v) for k, v in pairs])
     lines.append("timeline:")
     events = info["events"]
@@ -506,6 +482,36 @@ def c_events(state, args, now, extra):
     # ADMIN request cannot stream.
     raise BadRequest("EVENTS streams on an admin text connection only; "
                                     "a binary client sends SUBSCRIBE (protocol.md §5.30)")
+
+
+def c_unique(state, args, now, extra):
+    _need(args, 1, "UNIQUE <key>")
+    info = state.unique_info(args[0], now)
+    if info is None:
+        raise NotFound(f"no task holds unique key {args[0]!r} (never taken, freed or expired)")
+    pairs = [("key", info["key"]), ("task_id", info["task_id"]), ("until", info["until"]),
+             ("expires_in_s", round(info["expires_in"], 3)), ("held_s", round(info["age"], 3))]
+    return multi(f"unique {info['key']}", keyvalues(pairs))
+
+
+def c_exchanges(state, args, now, extra):
+    rows = []
+    for ex in sorted(state.exchanges.values(), key=lambda e: e.name):
+        queues = {q for q, _ in ex.bindings}
+        temp = sum(1 for owner in ex.bindings.values() if owner is not None)
+        rows.append([ex.name, ex.kind, len(ex.bindings), temp, len(queues)])
+    n = len(rows)
+    return multi(f"{n} exchange{'s' if n != 1 else ''}",
+                 table(["EXCHANGE", "TYPE", "BINDINGS", "TEMPORARY", "QUEUES"], rows))
+
+
+def c_bindings(state, args, now, extra):
+    _need(args, 1, "BINDINGS <exchange>")
+    rows = [[q, k or "-", temp] for q, k, temp in sorted(state.exchange_bindings(args[0]))]
+    n = len(rows)
+    kind = state.exchanges[args[0]].kind
+    return multi(f"{n} binding{'s' if n != 1 else ''} of {kind} exchange {args[0]}",
+                 table(["QUEUE", "KEY", "TEMPORARY"], rows))
 
 
 def c_quit(state, args, now, extra):
@@ -533,5 +539,8 @@ COMMANDS = {
     "WORKERS": c_workers,
     "TASK": c_task,
     "EVENTS": c_events,
+    "UNIQUE": c_unique,
+    "EXCHANGES": c_exchanges,
+    "BINDINGS": c_bindings,
     "QUIT": c_quit,
 }

@@ -17,6 +17,9 @@ from client.wire import (
     CLIENT_OPS,
     OP_ACK,
     OP_ADMIN,
+    OP_BIND,
+    OP_EMIT,
+    OP_UNBIND,
     OP_BYE,
     OP_CANCEL,
     OP_CONSUME,
@@ -52,7 +55,8 @@ from client.wire import (
 )
 
 _NUM = (int, float)
-PUBLISH_OPTIONS = ("delay", "eta", "ttl", "headers")
+PUBLISH_OPTIONS = ("delay", "eta", "ttl", "headers", "unique_key", "unique_for", "unique_until")
+EMIT_OPTIONS = ("delay", "eta", "ttl", "headers")
 # protocol.md §3: every whole-number field fits in 64 bits (CBOR major types 0
 # and 1).  A bignum (tag 2/3) where a count, tag or number of seconds belongs
 # is refused by name rather than overflowing a float deep in the state.
@@ -138,6 +142,16 @@ def h_publish(state, conn, rid, f, now):
         if type(headers) is not dict:
             raise BadRequest("PUBLISH option 'headers' must be a map")
         _storable(headers, "option 'headers'", "PUBLISH")
+    if "unique_key" in opts:  # a unique task (broker/state/unique.py): the reply is {id, duplicate}
+        return ok_frame(rid, state.publish_unique(
+            conn, queue, body, msg_id, priority, now,
+            unique_key=opts["unique_key"], unique_for=_opt_number(opts, "unique_for", "PUBLISH"),
+            unique_until=opts.get("unique_until", "finished"),
+            delay=_opt_number(opts, "delay", "PUBLISH"), eta=_opt_number(opts, "eta", "PUBLISH"),
+            ttl=_opt_number(opts, "ttl", "PUBLISH"), headers=headers or None,
+        ))
+    if "unique_for" in opts or "unique_until" in opts:
+        raise BadRequest("PUBLISH options 'unique_for' and 'unique_until' need 'unique_key'")
     msg_id = state.publish(
         conn, queue, body, msg_id, priority, now,
         delay=_opt_number(opts, "delay", "PUBLISH"),
@@ -186,9 +200,15 @@ def h_declare(state, conn, rid, f, now):
     # [8, rid, queue, options|null]
     name = _arg(f, 2, "queue", (str,), "DECLARE")
     opts = _arg(f, 3, "options", (dict,), "DECLARE", required=False)
+    temporary = None
     if opts:
         _storable(opts, "field 3 (options)", "DECLARE")
-    return ok_frame(rid, state.declare(name, opts, now))
+        if "temporary" in opts:  # not a queue option: who the queue belongs to
+            opts = dict(opts)
+            temporary = opts.pop("temporary")
+            if type(temporary) is not bool:
+                raise BadRequest("DECLARE option 'temporary' must be true or false")
+    return ok_frame(rid, state.declare(name, opts, now, temporary_owner=conn if temporary else None))
 
 
 def h_delete(state, conn, rid, f, now):
@@ -358,6 +378,58 @@ def h_control_reply(state, conn, rid, f, now):
     return ok_frame(rid, state.control_reply(conn, reply_id, f[3] if len(f) > 3 else None, now))
 
 
+# -- exchanges (protocol.md §5.36-5.38; broker/state/exchanges.py) ----------------------
+def h_bind(state, conn, rid, f, now):
+    # [33, rid, exchange, queue, key, {type, temporary}|null]
+    exchange = _arg(f, 2, "exchange", (str,), "BIND")
+    queue = _arg(f, 3, "queue", (str,), "BIND")
+    key = _arg(f, 4, "key", (str,), "BIND")
+    opts = _arg(f, 5, "options", (dict,), "BIND", required=False) or {}
+    for k in opts:
+        if k not in ("type", "temporary"):
+            raise BadRequest(f"unknown BIND option {k!r}; known options: type, temporary")
+    kind = opts.get("type", "direct")
+    temporary = opts.get("temporary", False)
+    if type(temporary) is not bool:
+        raise BadRequest("BIND option 'temporary' must be true or false")
+    return ok_frame(rid, state.bind(conn, exchange, queue, key, kind, temporary, now))
+
+
+def h_unbind(state, conn, rid, f, now):
+    # [34, rid, exchange, queue, key]
+    exchange = _arg(f, 2, "exchange", (str,), "UNBIND")
+    queue = _arg(f, 3, "queue", (str,), "UNBIND")
+    key = _arg(f, 4, "key", (str,), "UNBIND")
+    return ok_frame(rid, state.unbind(conn, exchange, queue, key, now))
+
+
+def h_emit(state, conn, rid, f, now):
+    # [35, rid, exchange, routing_key, body, id|null, priority, options|null]
+    exchange = _arg(f, 2, "exchange", (str,), "EMIT")
+    key = _arg(f, 3, "routing key", (str,), "EMIT")
+    body = _arg(f, 4, "body", (bytes,), "EMIT")
+    msg_id = f[5] if len(f) > 5 else None
+    priority = f[6] if len(f) > 6 and f[6] is not None else 0
+    if type(priority) is not int or not 0 <= priority <= 255:
+        raise BadRequest(f"EMIT field 6 (priority) must be a whole number from 0 to 255 (got {priority!r})")
+    opts = _arg(f, 7, "options", (dict,), "EMIT", required=False) or {}
+    for k in opts:
+        if k not in EMIT_OPTIONS:
+            raise BadRequest(f"unknown EMIT option {k!r}; known options: {', '.join(EMIT_OPTIONS)}")
+    headers = opts.get("headers")
+    if headers is not None:
+        if type(headers) is not dict:
+            raise BadRequest("EMIT option 'headers' must be a map")
+        _storable(headers, "option 'headers'", "EMIT")
+    return ok_frame(rid, state.emit(
+        conn, exchange, key, body, msg_id, priority, now,
+        delay=_opt_number(opts, "delay", "EMIT"),
+        eta=_opt_number(opts, "eta", "EMIT"),
+        ttl=_opt_number(opts, "ttl", "EMIT"),
+        headers=headers or None,
+    ))
+
+
 HANDLERS = {
     OP_PUBLISH: h_publish,
     OP_CONSUME: h_consume,
@@ -387,13 +459,16 @@ HANDLERS = {
     OP_WORKERS: h_workers,
     OP_CONTROL_REQUEST: h_control_request,
     OP_CONTROL_REPLY: h_control_reply,
+    OP_BIND: h_bind,
+    OP_UNBIND: h_unbind,
+    OP_EMIT: h_emit,
 }
 # Requests whose reply confirms a change to logged state: the server sends
 # their reply only once the change is durable under the fsync policy.
 DURABLE_OPS = frozenset((
     OP_PUBLISH, OP_ACK, OP_NACK, OP_DECLARE, OP_DELETE, OP_PURGE, OP_PAUSE, OP_RESUME,
     OP_RESULT_SET, OP_RESULT_FORGET, OP_SCHEDULE_PUT, OP_SCHEDULE_REMOVE, OP_SCHEDULE_PAUSE,
-    OP_REVOKE, OP_CHORD,
+    OP_REVOKE, OP_CHORD, OP_BIND, OP_UNBIND, OP_EMIT,
 ))
 # Handled by the server itself, because they touch the connection, not the state.
 CONNECTION_OPS = (OP_HELLO, OP_HEARTBEAT, OP_BYE, OP_ADMIN)

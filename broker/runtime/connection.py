@@ -53,6 +53,7 @@ from client.wire import (
     OP_SCHEDULE_PAUSE,
     OP_SCHEDULE_REMOVE,
     OP_STATS,
+    OP_TASK_INFO,
     OP_OK,
     OP_DELETE,
     OP_DECLARE,
@@ -317,6 +318,8 @@ class BinaryConnection:
                         # None: deferred (a parked RESULT_GET), the state replies later
                         if user is not None and op == OP_STATS:
                             reply = only_seen(user, reply)
+                        elif user is not None and op == OP_TASK_INFO:
+                            reply = waiting_seen(user, reply)
                         if reply is not None:
                             state.insert_reply(cid, mark, reply)
                     else:
@@ -453,6 +456,18 @@ def only_seen(user, reply: list) -> list:
         result["queues"] = {name: s for name, s in result["queues"].items() if user.sees(name)}
         return [reply[0], reply[1], result]
     return reply
+
+
+def waiting_seen(user, reply: list) -> list:
+    """A TASK_INFO reply without ``waiting`` when it names a queue ``user`` has no grant on (and
+    null when that was all brokerd knew of the task): a queue's name is the user's to see."""
+    info = reply[2] if reply[0] == OP_OK and len(reply) > 2 else None
+    w = info.get("waiting") if type(info) is dict else None
+    if type(w) is not dict or user.sees(w.get("queue")):
+        return reply
+    if not info.get("events") and info.get("result_state") is None:
+        return [reply[0], reply[1], None]
+    return [reply[0], reply[1], {**info, "waiting": None}]
 
 
 def closing(code: str, message: str) -> bytes:

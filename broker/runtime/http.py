@@ -17,7 +17,7 @@ plain ASGI callable, not a framework.
                      and the log accepts writes (503 with the reason otherwise:
                      producers would get LOG_FAILED).
 
-    GET /, /task/<id>, /static/*, /api/overview, /api/tasks, /api/task/<id>,
+    GET /, /task/<id>, /static/*, /api/overview, /api/tasks, /api/graphs, /api/task/<id>,
         /api/dead/<queue>: the live web page and its JSON (``broker.web``)
     POST /api/queues/<name>/pause|resume|purge|requeue-dead: the page's buttons;
         the same state methods as the admin commands, then the server's flush,
@@ -366,7 +366,7 @@ ACTIONS = {
         state.requeue_dead(name, now), "requeued {n} dead letter{s} to " + name)),
 }
 ERROR_STATUS = {"NOT_FOUND": 404, "LOG_FAILED": 503, "BAD_REQUEST": 400}
-HTML_ROUTES = ("/", "/task/<id>", "/static/app.js", "/static/style.css", "/api/overview", "/api/tasks",
+HTML_ROUTES = ("/", "/task/<id>", "/static/app.js", "/static/style.css", "/api/overview", "/api/tasks", "/api/graphs",
                "/api/task/<id>", "/api/dead/<queue>", "POST /api/queues/<name>/pause|resume|purge|requeue-dead",
                "POST /api/task/<id>/revoke|terminate|retry", "/worker/<hostname>",
                "POST /api/workers/<hostname>/shutdown|pool-grow|pool-shrink")
@@ -722,7 +722,8 @@ class App:
         n = len(seg)
         if seg == [""]:
             return lambda q, now: _html(200, w.page(now, *_queue_page(q)[:2], access=access))
-        tasks_route = (n == 2 and seg[0] == "task" and seg[1]) or seg == ["api", "tasks"] or (n == 3 and seg[:2] == ["api", "task"] and seg[2])
+        tasks_route = ((n == 2 and seg[0] == "task" and seg[1]) or seg == ["api", "tasks"] or seg == ["api", "graphs"]
+                       or (n == 3 and seg[:2] == ["api", "task"] and seg[2]))
         if tasks_route and not access.tasks:  # task arguments and results: results-read
             return lambda q, now: _refused(access, "read tasks", "results-read", None)
         if n == 3 and seg[:2] == ["api", "dead"] and seg[2] and not access.manages(seg[2]):
@@ -749,13 +750,30 @@ class App:
             return overview
         if n == 2 and seg == ["api", "tasks"]:
             def tasks(q, now):
-                st = (q.get("state") or [""])[0].strip().upper() or None
-                name = (q.get("name") or [""])[0].strip() or None
-                d = {"tasks": w.tasks(st, name, _int(q, "limit", web.TASKS_DEFAULT, web.TASKS_MAX), now)}
+                def text(key):
+                    return (q.get(key) or [""])[0].strip()
+                try:
+                    offset = max(0, int(text("offset") or 0))
+                except ValueError:
+                    offset = 0
+                try:
+                    d = w.tasks(now, offset=offset, limit=_int(q, "limit", web.TASKS_DEFAULT, web.TASKS_MAX),
+                                sort=text("sort") or "received", order=text("order").lower() or "desc",
+                                state_filter=text("state").upper() or None, name=text("name") or None,
+                                search=text("q") or None)
+                except BrokerError as exc:
+                    return _json(ERROR_STATUS.get(exc.code, 400), {"error": exc.code, "message": exc.message})
                 if q.get("html"):
-                    d["html"] = {"tasks": web.render_tasks(d["tasks"])}
+                    d["html"] = {"tasks": web.render_tasks(d)}
                 return _json(200, d)
             return tasks
+        if n == 2 and seg == ["api", "graphs"]:
+            def graphs(q, now):
+                d = {"graphs": w.graphs(now)}
+                if q.get("html"):
+                    d["html"] = {"graphs": web.render_graphs(d["graphs"])}
+                return _json(200, d)
+            return graphs
         if n == 3 and seg[:2] == ["api", "task"] and seg[2]:
             tid = seg[2]
 

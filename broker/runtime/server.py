@@ -28,7 +28,7 @@ import trio
 from broker import __version__
 from broker.config import MEMORY_CLEAR_RATIO, Config
 from broker.handlers import admin
-from broker.runtime import http, notify
+from broker.runtime import history, http, notify
 from broker.runtime.admin_conn import AdminConnection
 from broker.runtime.connection import (
     RECEIVE_BYTES,
@@ -152,6 +152,7 @@ class Server:
         self.config = config
         self.state = state or BrokerState(boot_id=format(int(time.time() * 1000) % 0xFFFFFFFF, "x"))
         self.wal = wal  # a broker.runtime.durability.Durability, or None (no durability)
+        self.history = None  # a broker.runtime.history.HistoryFile (boot sets it with a data dir)
         self.conns: dict[int, Conn] = {}
         self.user_connections: dict[str, int] = {}  # user name -> open connections (max_connections_per_user)
         self.users = None  # broker.auth.Users when a users file is configured (boot sets it)
@@ -234,6 +235,8 @@ class Server:
             nursery.start_soon(self._ticker)
             if self.wal is not None:
                 await nursery.start(self.wal.run)
+            if self.history is not None:  # the page's task list, kept across restarts
+                nursery.start_soon(history.writer, self.state, self.history)
             for listener in self.listeners:
                 nursery.start_soon(self._accept_loop, listener)
             # HTTP (metrics, probes) and the systemd watchdog
@@ -290,6 +293,8 @@ class Server:
             for conn in list(self.conns.values()):
                 while conn.out and not conn.closed:
                     await trio.sleep(0.01)
+        if self.history is not None:
+            history.final_flush(self.state, self.history)
         if self.wal is not None:
             await self.wal.close()
         if self.nursery is not None:

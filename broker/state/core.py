@@ -35,6 +35,8 @@ from broker.state import log_records as R
 from broker.state.consumers import Conn, Consumer, Delivery
 from broker.state.effects import Effects
 from broker.state.events import EventsMixin
+from broker.state.exchanges import ExchangesMixin
+from broker.state.unique import UniqueMixin
 from broker.state.inspection import InspectionMixin
 from broker.state.management import ManagementMixin
 from broker.state.queue import (
@@ -57,7 +59,8 @@ MAX_MESSAGE_ID = 255  # bytes; a UUID is 36
 NEVER = float("inf")
 
 
-class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, ReplayMixin, InspectionMixin):
+class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, ReplayMixin, InspectionMixin,
+                  ExchangesMixin, UniqueMixin):
     def __init__(self, *, boot_id: str = "b"):
         self.queues: dict[str, Queue] = {}
         self.conns: dict[int, Conn] = {}
@@ -85,6 +88,8 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         self._init_results()
         self._init_workflow()
         self._init_events()
+        self._init_exchanges()
+        self._init_unique()
         self._replaying = False
         self._server_stats = dict  # no runtime attached: no bounds to report
 
@@ -219,11 +224,18 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         self.conns[conn_id] = Conn(conn_id, name)
 
     def disconnect(self, conn_id: int, now: float) -> int:
-        """Forget a connection: cancel its consumers, return its deliveries.
+        """Forget a connection: cancel its consumers, return its deliveries,
+        drop its temporary bindings and queues.
 
         Returns how many deliveries went back.  Every one is marked redelivered
         by its raised attempt count (or dead-lettered at max_attempts).
         """
+        n = self._disconnect(conn_id, now)
+        if conn_id in self._temp_bindings or conn_id in self._temp_queues:
+            self._exchanges_disconnect(conn_id, now)
+        return n
+
+    def _disconnect(self, conn_id: int, now: float) -> int:
         self._events_disconnect(conn_id, now)  # before the conn is forgotten: its worker, subscription
         conn = self.conns.pop(conn_id, None)
         self.outbox.pop(conn_id, None)
@@ -388,6 +400,8 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
             self._deadlines.add((deadline, tag))
         if self.log_enabled:
             self._delivered_seqs.append(msg.seq)  # one DELIVER record per dispatch round
+        if self._unique_of and msg.attempts == 1:
+            self._unique_event(msg.id, started=True)  # "until started": the first delivery frees it
         self._send(
             c.conn,
             deliver_frame(c.tag, tag, q.name, msg.id, msg.body, msg.priority, msg.attempts, msg.headers),
@@ -524,6 +538,8 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
             msg.queue.acked += 1
             acked_seqs.append(msg.seq)
             consumers.append(d.consumer)
+            if self._unique_of:
+                self._unique_event(msg.id, started=False)
         if acked_seqs and self.log_enabled:
             self.last_lsn += 1
             self.records.append((R.ACK, acked_seqs[0] if len(acked_seqs) == 1 else acked_seqs))
@@ -624,7 +640,11 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         src = msg.queue
         src.dead_lettered += 1
         msg.state = GONE
+        if self._unique_of:
+            self._unique_event(msg.id, started=False)  # it will not run from here: its unique key frees
         dl_name = src.dead_letter_name
+        if src.owner is not None and src.options.dead_letter is None:
+            dl_name = None  # a temporary queue gets no lasting "<name>.dlq" unless it asked for one
         if dl_name is None:
             self._log(R.DROP, [msg.seq, reason])
             return
@@ -645,6 +665,8 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         msg.state = GONE
         msg.queue.expired += 1
         self._log(R.EXPIRE, msg.seq)
+        if self._unique_of:
+            self._unique_event(msg.id, started=False)
 
     # -- timers ----------------------------------------------------------------
     def tick(self, now: float) -> float:
@@ -690,6 +712,8 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         self._tick_schedules(now)
         self._tick_revokes(now)
         self._tick_events(now)
+        if self._unique_ttl:
+            self._tick_unique(now)
         return self.next_wakeup()
 
     def next_wakeup(self) -> float:
@@ -704,7 +728,7 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
             t = self._sched_due[0][0]
         if self._revoke_ttl and self._revoke_ttl[0][0] < t:
             t = self._revoke_ttl[0][0]
-        return min(t, self._results_next_wakeup(), self._events_next_wakeup())
+        return min(t, self._results_next_wakeup(), self._events_next_wakeup(), self._unique_next_wakeup())
 
     def _refuse_if_log_failed(self) -> None:
         if self.log_failed:

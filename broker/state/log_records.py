@@ -17,7 +17,8 @@ DEAD       [old seq, message in its dead-letter queue]     it moved to the dead-
 MOVE       [old seq, message in its new queue]              REQUEUE-DEAD moved it back
 DROP       [seq, reason]                                   dead-lettered with no dead-letter queue
 EXPIRE     seq                                              its TTL passed before delivery
-DECLARE    [queue, options]                                 queue declared
+DECLARE    [queue, options, temporary?]                     queue declared; a 3rd item true: temporary
+                                                            (replay drops it: no connection survives)
 DELETE     queue                                            queue deleted with its messages
 PURGE      queue                                            ready and delayed messages dropped
 PAUSE      [queue, paused]                                  delivery paused or resumed
@@ -36,6 +37,13 @@ REVOKE     [[[task id, until], ...], terminate]             task ids revoked unt
 CHORD      [chord id, [member ids], body spec, error spec]  a chord barrier was declared
 CHORD_MEMBER [chord id, member, [state, value, meta]]       compaction: a member's counted result
 CHORD_FIRE [chord id, ok, message | null]                   the barrier completed: body (or error) published
+BIND       [exchange, type, queue, key]                     a lasting binding was made (temporary ones
+                                                            are never logged)
+UNBIND     [exchange, queue, key]                           ... removed (a DELETE of the queue removes
+                                                            its bindings too)
+UNIQUE     [key, task id, until, expires, taken]            a unique key was taken (also compaction)
+UNIQUE_FREE key                                             ... freed by its task's start or finish
+                                                            (an expiry is not logged: replay knows the time)
 """
 
 PUBLISH = 1
@@ -63,6 +71,10 @@ REVOKE = 22
 CHORD = 23
 CHORD_MEMBER = 24
 CHORD_FIRE = 25
+BIND = 26
+UNBIND = 27
+UNIQUE = 28
+UNIQUE_FREE = 29
 
 NAMES = {
     PUBLISH: "PUBLISH", DELIVER: "DELIVER", ACK: "ACK", REQUEUE: "REQUEUE", DEAD: "DEAD",
@@ -71,6 +83,7 @@ NAMES = {
     RESULT: "RESULT", FORGET: "FORGET", SCHED_PUT: "SCHED_PUT", SCHED_REMOVE: "SCHED_REMOVE",
     SCHED_PAUSE: "SCHED_PAUSE", SCHED_TICK: "SCHED_TICK", SCHED_STATE: "SCHED_STATE", REVOKE: "REVOKE",
     CHORD: "CHORD", CHORD_MEMBER: "CHORD_MEMBER", CHORD_FIRE: "CHORD_FIRE",
+    BIND: "BIND", UNBIND: "UNBIND", UNIQUE: "UNIQUE", UNIQUE_FREE: "UNIQUE_FREE",
 }
 
 COUNTER_FIELDS = (

@@ -24,13 +24,28 @@ from broker.state.queue import (
 
 class ManagementMixin:
     # -- queue management --------------------------------------------------------
-    def declare(self, name: str, options, now: float) -> dict:
+    def declare(self, name: str, options, now: float, temporary_owner: int | None = None) -> dict:
+        """Create a queue, or check an existing one has these options.  With
+        ``temporary_owner`` (a connection id) the queue dies with that connection
+        (broker/state/exchanges.py)."""
         self._refuse_if_log_failed()
         validate_queue_name(name)
         opts = options if isinstance(options, QueueOptions) else QueueOptions.from_wire(options)
         q = self.queues.get(name)
+        if q is not None and q.owner != temporary_owner and (q.declared or q.owner is not None):
+            raise PreconditionFailed(
+                f"queue {name!r} already exists as a "
+                f"{'lasting queue' if q.owner is None else 'temporary queue of another connection'}; "
+                f"declare it {'without' if temporary_owner is None else 'with'} temporary, or use another name")
+        if temporary_owner is not None and (q is None or q.owner is None):
+            self._own_temporary_queue(temporary_owner, name)
         if q is None:
             q = self.queues[name] = Queue(name, opts, declared=True)
+            q.owner = temporary_owner
+        elif temporary_owner is not None and q.owner is None:
+            q.owner = temporary_owner  # an undeclared queue (made by a publish) becomes temporary
+            q.options = opts
+            q.declared = True
         elif q.declared and q.options != opts:
             raise PreconditionFailed(
                 f"queue {name!r} already exists with options {q.options.to_wire()}; "
@@ -38,7 +53,10 @@ class ManagementMixin:
         else:
             q.options = opts
             q.declared = True
-        self._log(R.DECLARE, [name, opts.to_wire()])
+        if temporary_owner is None:
+            self._log(R.DECLARE, [name, opts.to_wire()])
+        else:
+            self._log(R.DECLARE, [name, opts.to_wire(), True])
         return opts.to_wire()
 
     def delete(self, name: str, now: float) -> int:
@@ -50,6 +68,10 @@ class ManagementMixin:
                 "in flight; cancel the consumers and settle the messages first")
         n = self._purge(q)
         del self.queues[name]
+        if self.exchanges:
+            self._unbind_queue(name)
+        if q.owner is not None:
+            self._temp_queues.get(q.owner, set()).discard(name)
         self._log(R.DELETE, name)
         return n
 

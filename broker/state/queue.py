@@ -135,6 +135,7 @@ class Queue:
         "options",
         "declared",
         "paused",
+        "owner",  # None, or the connection id a temporary queue dies with (broker/state/exchanges.py)
         "_ready",  # priority -> deque[Message]
         "_prios",  # priorities with a deque, descending
         "ready_count",
@@ -158,6 +159,7 @@ class Queue:
         self.options = options or QueueOptions()
         self.declared = declared
         self.paused = False
+        self.owner = None
         self._ready: dict[int, deque] = {}
         self._prios: list[int] = []  # kept sorted ascending; we read from the end
         self.ready_count = 0

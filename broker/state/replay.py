@@ -35,6 +35,7 @@ class ReplayMixin:
         self._replaying = True
         n = 0
         max_seq = 0
+        temporary = set()  # queues declared temporary: dropped after the records
         last = self.last_lsn
         for lsn, t, p in records:
             n += 1
@@ -107,10 +108,21 @@ class ReplayMixin:
                 q = self.queue(p[0])
                 q.options = QueueOptions.from_wire(p[1])
                 q.declared = True
+                if len(p) > 2 and p[2]:
+                    temporary.add(p[0])
+                else:
+                    temporary.discard(p[0])
             elif t == R.DELETE:
                 for seq in [s_ for s_, m in msgs.items() if m.queue.name == p]:
                     del msgs[seq]
                 queues.pop(p, None)
+                temporary.discard(p)
+                if self.exchanges:
+                    self._unbind_queue(p)
+            elif t == R.BIND or t == R.UNBIND:
+                self._replay_exchange_record(t, p)
+            elif t == R.UNIQUE or t == R.UNIQUE_FREE:
+                self._replay_unique_record(t, p)
             elif t == R.PURGE:
                 for seq in [s_ for s_, m in msgs.items() if m.queue.name == p and m.state != INFLIGHT]:
                     del msgs[seq]
@@ -125,6 +137,7 @@ class ReplayMixin:
         self._replaying = False
         self.last_lsn = last
         self._seq = itertools.count(max(max_seq, self._peek_seq()) + 1)
+        self._replay_drop_temporary(msgs, temporary)
         # Place the survivors, in publish order so FIFO holds within a priority.
         for m in sorted(msgs.values(), key=lambda m: m.seq):
             q = m.queue
@@ -185,8 +198,12 @@ class ReplayMixin:
                 n += 1
         self._compact_results(through_lsn)
         self._compact_workflow(through_lsn)
+        self._compact_exchanges()
+        self._compact_unique()
         for q in self.queues.values():
-            if q.declared:
+            if q.owner is not None:
+                self._log(R.DECLARE, [q.name, q.options.to_wire(), True])
+            elif q.declared:
                 self._log(R.DECLARE, [q.name, q.options.to_wire()])
             if q.paused:
                 self._log(R.PAUSE, [q.name, True])

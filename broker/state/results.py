@@ -111,6 +111,8 @@ class ResultsMixin:
         expires = now + (ttl if ttl is not None else self.default_result_ttl)
         r = self._store_result(task_id, state, value, meta, expires, now)
         r.lsn = self._log(R.RESULT, [task_id, state, value, meta, expires, now, acked_seq])
+        if self._unique_of and state in READY_STATES:
+            self._unique_event(task_id, started=False)  # "until finished" (broker/state/unique.py)
         if acked and c.unacked < c.prefetch:
             self._dispatch_consumer(c, now)
         return {"acked": acked}

@@ -325,6 +325,8 @@ class WorkflowMixin:
         msg.state = GONE
         msg.queue.expired += 1
         self._log(R.DROP, [msg.seq, "revoked"])
+        if self._unique_of:
+            self._unique_event(msg.id, started=False)  # never runs: its unique key frees
 
     def _tick_revokes(self, now: float) -> None:
         ttl = self._revoke_ttl
@@ -355,8 +357,11 @@ class WorkflowMixin:
         for spec, what in ((body, "body"), (error, "error")):
             if spec is None and what == "error":
                 continue
-            if type(spec) is not dict or type(spec.get("body")) is not dict:
-                raise BadRequest(f"chord {what} must be a map with 'queue' and 'body' (a task envelope map)")
+            if type(spec) is dict and "message" in spec:
+                _check_raw_message(spec.get("message"), what)
+            elif type(spec) is not dict or type(spec.get("body")) is not dict:
+                raise BadRequest(f"chord {what} must be a map with 'queue' and 'body' (a task envelope map) "
+                                 f"or 'message' (a raw message: body bytes, id, headers)")
             validate_queue_name(spec.get("queue", "celery"))
             prio = spec.get("priority", 0)
             if type(prio) is not int or not 0 <= prio <= MAX_PRIORITY:
@@ -409,9 +414,23 @@ class WorkflowMixin:
         if replaying:
             return  # the CHORD_FIRE record (or its absence) decides, see replay
         spec = ch["body"] if ok else ch["error"]
-        body_env = ch["body"]["body"]
+        body_env = ch["body"].get("body") or ch["body"]["message"]  # both carry the body's "id"
         payload = None
-        if spec is not None:
+        if spec is not None and "message" in spec:
+            # The raw variant (a Celery message): published verbatim, the outcome in one header.
+            raw = spec["message"]
+            headers = dict(raw.get("headers") or {})
+            if ok:
+                headers["x-chord-results"] = [ch["results"][m][1] for m in ch["members"]]
+            else:
+                headers["x-chord-error"] = {"member": failed_member, "exc_type": (meta or {}).get("exc_type"),
+                                            "exc_message": (meta or {}).get("exc_message")}
+            q = self.queue(spec.get("queue", "celery"))
+            mid = raw.get("id") or f"{ch['id']}:{'body' if ok else 'error'}"
+            msg = Message(self._next_seq(), mid, q, raw["body"], spec.get("priority", 0), headers, 0, None, None, now)
+            q.published += 1
+            payload = R.message_payload(msg)
+        elif spec is not None:
             env = dict(spec["body"])
             if ok:
                 results = [ch["results"][m][1] for m in ch["members"]]
@@ -480,3 +499,20 @@ class WorkflowMixin:
                     self._finish_chord(ch, False, now, failed, ch["results"][failed][2], False)
                 elif not ch["pending"]:
                     self._finish_chord(ch, True, now, None, None, False)
+
+
+RAW_CHORD_KEYS = ("body", "id", "headers")  # what a raw chord message spec may carry
+
+
+def _check_raw_message(raw, what) -> None:
+    """The raw variant of a chord message spec: ``{"body": bytes, "id": text?, "headers": map?}``."""
+    if type(raw) is not dict or type(raw.get("body")) is not bytes:
+        raise BadRequest(f"chord {what} 'message' must be a map with 'body' (a byte string)")
+    extra = sorted(set(raw) - set(RAW_CHORD_KEYS))
+    if extra:
+        raise BadRequest(f"chord {what} 'message' has unknown key(s) {', '.join(map(repr, extra))}; known: body, id, headers")
+    mid = raw.get("id")
+    if mid is not None and (type(mid) is not str or not 1 <= len(mid) <= 255):
+        raise BadRequest(f"chord {what} message id must be a text string of 1 to 255 characters")
+    if raw.get("headers") is not None and type(raw["headers"]) is not dict:
+        raise BadRequest(f"chord {what} message headers must be a map")

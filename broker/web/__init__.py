@@ -10,7 +10,12 @@ look the same, and escaping happens in one place.
     GET  /task/<id>                  one task: args, result or traceback, timeline, parent and children
     GET  /static/app.js, style.css   the assets (shipped in the package: broker/web/*)
     GET  /api/overview               queues (depth, counters, rate history), workers, dead letters, schedules
-    GET  /api/tasks?state=&name=&limit=   recent tasks, newest first
+    GET  /api/tasks?offset=&limit=&sort=&order=&state=&name=&q=
+                                     one page of the kept task history (broker.state.events.tasks_page):
+                                     sorted by received/started/finished/runtime/state/name/worker,
+                                     filtered by state and name, searched (q) in name, args, result, worker
+    GET  /api/graphs                 the last hour in 10 s points: succeeded/s, failed/s, runtime p50/p95 of
+                                     the busiest task names, queue depth (broker.state.graphs)
     GET  /api/task/<id>              what brokerd knows of one task (404 when nothing)
     GET  /api/dead/<queue>?n=        the first n dead letters of a queue
     POST /api/queues/<name>/pause|resume|purge|requeue-dead
@@ -44,6 +49,7 @@ from urllib.parse import quote, urlencode
 import cbor2
 
 from broker import __version__
+from broker.errors import BadRequest
 from broker.handlers import views
 from broker.web.login import OPEN, Access
 
@@ -73,7 +79,10 @@ TOTALS_TTL = 1.0
 RATE_ALL_QUEUES = 1000
 RATE_WATCH_MAX = 2000
 TASKS_DEFAULT = 50
-TASKS_MAX = 1000
+TASKS_MAX = 1000  # rows of one page (broker.state.events.TASKS_PAGE_MAX)
+TASK_SORT_LABELS = {"received": "received", "started": "started", "finished": "when", "runtime": "runtime ms",
+                    "state": "state", "name": "name", "worker": "worker"}
+GRAPH_NAMES = 5  # task names with a runtime line in the graph (the busiest over the hour)
 DEAD_SHOWN = 10  # dead letters per queue on the overview
 DEAD_MAX = 1000
 TEXT_MAX = 300  # characters of a value shown in a table cell (the task page shows all of it)
@@ -295,30 +304,36 @@ class Web:
             "now": now,
         }
 
-    def tasks(self, state_filter: str | None, name: str | None, limit: int, now: float) -> list:
-        """Recent tasks, newest first: the event histories, then stored results without events."""
+    def tasks(self, now: float, *, offset: int = 0, limit: int = TASKS_DEFAULT, sort: str = "received",
+              order: str = "desc", state_filter: str | None = None, name: str | None = None,
+              search: str | None = None) -> dict:
+        """One page of tasks (BadRequest names a bad sort, order or search): the kept histories,
+        then, newest first and unfiltered by name or search, stored results of tasks that sent no
+        events.  {"tasks", "total" (matching histories), "more" (a next page exists), and the query}."""
         state = self.server.state
-        out = []
-        seen = set()
-        recent = getattr(state, "tasks_recent", None)
-        if recent is not None:
-            for d in recent(limit, state_filter, name):
-                r = views.result(state, d["id"], now)
-                if r is not None and (d["state"] is None or r.state in ("SUCCESS", "FAILURE", "REVOKED")):
-                    d["state"] = r.state
-                    if d.get("result") is None:
-                        d["result"] = r.value
-                if state_filter and d["state"] != state_filter:
-                    continue
-                seen.add(d["id"])
-                out.append(d)
-        if len(out) < limit and name is None:  # results carry no task name: only when not filtering by one
-            for r in views.results_without_events(state, now, state_filter, seen, limit - len(out)):
-                out.append({"id": r.id, "name": None, "state": r.state, "args": None, "kwargs": None, "worker": None,
-                            "runtime": None, "received": None, "finished": r.updated, "result": r.value,
-                            "exception": None})
-        return [{k: plain(d.get(k)) for k in ("id", "name", "state", "args", "kwargs", "worker", "runtime",
-                                             "received", "finished", "result", "exception")} for d in out]
+        if order not in ("asc", "desc"):
+            raise BadRequest(f"order is asc or desc (got {order[:20]!r})")
+        total, rows = 0, []
+        page = getattr(state, "tasks_page", None)
+        if page is not None:
+            total, rows = page(now, offset=offset, limit=limit, sort=sort, desc=order == "desc",
+                               state=state_filter, name=name, search=search)
+        more = offset + limit < total
+        if not more and sort == "received" and order == "desc" and name is None and not search:
+            # results carry no name, args or worker: only in the unfiltered newest-first list
+            skip = max(0, offset - total)
+            extra = views.results_without_events(state, now, state_filter, (), skip + limit + 1 - len(rows))[skip:]
+            more = len(rows) + len(extra) > limit
+            rows += [{"id": r.id, "name": None, "state": r.state, "args": None, "kwargs": None, "worker": None,
+                      "runtime": None, "received": None, "started": None, "finished": r.updated, "result": r.value,
+                      "exception": None} for r in extra]
+        return {"tasks": [{k: plain(d.get(k)) for k in TASK_FIELDS} for d in rows[:limit]], "total": total,
+                "more": more, "offset": offset, "limit": limit, "sort": sort, "order": order,
+                "state": state_filter, "name": name, "q": search}
+
+    def graphs(self, now: float) -> dict:
+        g = getattr(self.server.state, "task_graphs", None)
+        return g.series(now, GRAPH_NAMES) if g is not None else {}
 
     def task(self, task_id: str, now: float) -> dict | None:
         state = self.server.state
@@ -337,7 +352,8 @@ class Web:
     def page(self, now: float, match: str = "", offset: int = 0, access: Access = OPEN) -> str:
         ov = self.overview(now, match, offset, access=access)
         s = self.sections(ov, access)
-        s["tasks"] = render_tasks(self.tasks(None, None, TASKS_DEFAULT, now)) if access.tasks else NO_TASKS
+        s["tasks"] = render_tasks(self.tasks(now)) if access.tasks else NO_TASKS
+        s["graphs"] = render_graphs(self.graphs(now)) if access.tasks else ""
         options = "".join(f'<option value="{st}">{st}</option>' for st in TASK_STATE_NAMES)
         return PAGE.format(
             title="brokerd", version=esc(__version__), kind="overview", task_id="", account=render_account(access),
@@ -349,10 +365,12 @@ class Web:
 </form>
 <div data-section="queues">{s["queues"]}</div></section>
 <section id="workers"><h2>Workers</h2><div data-section="workers">{s["workers"]}</div></section>
-<section id="tasks"><h2>Recent tasks</h2>
+<section id="graphs"><h2>Last hour</h2><div data-section="graphs">{s["graphs"] or NO_GRAPHS}</div></section>
+<section id="tasks"><h2>Tasks</h2>
 <form id="task-filter" method="get" action="/api/tasks">
   <label>state <select name="state"><option value="">any</option>{options}</select></label>
-  <label>name <input name="name" placeholder="task name" size="40"></label>
+  <label>name <input name="name" placeholder="task name (exact)" size="30"></label>
+  <label>search <input name="q" placeholder="name, args, result, worker…" size="30" maxlength="200"></label>
 </form>
 <div data-section="tasks">{s["tasks"]}</div></section>
 <section id="dead"><h2>Dead letters</h2><div data-section="dead">{s["dead"]}</div></section>
@@ -537,23 +555,111 @@ def render_worker(hostname: str, w: dict | None, access: Access = OPEN) -> str:
             f'<table class="kv" data-worker="{esc(hostname)}">{rows}</table>')
 
 
-def render_tasks(tasks: list) -> str:
+def _task_pager(page: dict, shown: int) -> str:
+    """"tasks 51–100 of 10,000, by runtime ↓" with previous/next links (app.js follows them in place)."""
+    first, limit = page["offset"], page["limit"]
+    what = f'{page["total"]:,} kept' + ("+" if page["more"] and first + shown >= page["total"] else "")
+    text = (f"tasks {first + 1 if shown else 0:,}–{first + shown:,} of {what}, by {page['sort']} "
+            f"{'↓' if page['order'] == 'desc' else '↑'}")
+    links = []
+    if first:
+        links.append(f'<a class="pager" href="#tasks" data-task-offset="{max(0, first - limit)}">← newer</a>')
+    if page["more"]:
+        links.append(f'<a class="pager" href="#tasks" data-task-offset="{first + limit}">older →</a>')
+    return f'<p class="pager" id="task-pager" data-total="{page["total"]}">{esc(text)} {" ".join(links)}</p>'
+
+
+def _sort_head(key: str, page: dict | None) -> str:
+    """A column head that sorts by ``key`` (again: the other way round)."""
+    label = TASK_SORT_LABELS[key]
+    if page is None:
+        return f"<th>{esc(label)}</th>"
+    on = page["sort"] == key
+    order = ("asc" if page["order"] == "desc" else "desc") if on else "desc"
+    mark = (" ↓" if page["order"] == "desc" else " ↑") if on else ""
+    return (f'<th><a href="#tasks" class="sort{" on" if on else ""}" data-sort="{key}" data-order="{order}">'
+            f"{esc(label)}{mark}</a></th>")
+
+
+def render_tasks(tasks, page: dict | None = None) -> str:
+    """The task table; ``tasks`` is a list, or the dict ``Web.tasks`` returns (then with its pager)."""
+    if isinstance(tasks, dict):
+        page, tasks = tasks, tasks["tasks"]
+    pager = _task_pager(page, len(tasks)) if page is not None else ""
     if not tasks:
-        return '<p class="empty">no tasks match</p>'
+        return pager + '<p class="empty">no tasks match</p>'
     rows = []
     for t in tasks:
         outcome = t.get("exception") if t.get("state") == "FAILURE" else t.get("result")
         args = "" if t.get("args") is None else short(t["args"], 120)
         rows.append(
             f'<tr data-task="{esc(t["id"])}" data-state="{esc(t.get("state"))}">'
-            f'<td>{_task_link(t["id"])}</td><td>{esc(t.get("name") or "")}</td>'
+            f'<td>{_task_link(t["id"])}</td><td class="tname">{esc(t.get("name") or "")}</td>'
             f'<td><span class="badge s-{esc(t.get("state"))}">{esc(t.get("state"))}</span></td>'
             f'<td class="mono">{esc(args)}</td><td class="mono">{esc("" if outcome is None else short(outcome, 120))}</td>'
             f'<td>{esc(t.get("worker") or "")}</td>'
-            f'<td class="n">{esc("" if not isinstance(t.get("runtime"), (int, float)) else round(t["runtime"] * 1000, 1))}</td>'
+            f'<td class="n rt">{esc("" if not isinstance(t.get("runtime"), (int, float)) else round(t["runtime"] * 1000, 1))}</td>'
+            f'<td>{_when(t.get("received"))}</td>'
             f'<td>{_when(t.get("finished") or t.get("received"))}</td></tr>')
-    return ('<table><thead><tr><th>task id</th><th>name</th><th>state</th><th>args</th><th>result / exception</th>'
-            f'<th>worker</th><th>runtime ms</th><th>when</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
+    return (pager + f'<table class="tasks"><thead><tr><th>task id</th>{_sort_head("name", page)}{_sort_head("state", page)}'
+            f'<th>args</th><th>result / exception</th>{_sort_head("worker", page)}{_sort_head("runtime", page)}'
+            f'{_sort_head("received", page)}{_sort_head("finished", page)}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
+
+
+# -- graphs (the last hour, kept by the broker: broker.state.graphs) -------------------------------
+NO_GRAPHS = '<p class="empty no-grant">the graphs need the results-read grant</p>'
+
+
+def _svg_lines(lines: list, title: str, unit: str, w: int = 480, h: int = 110) -> str:
+    """An inline SVG chart: ``lines`` = [(css class, label, values with None gaps)], oldest first."""
+    known = [v for _, _, vals in lines for v in vals if v is not None]
+    top = max(known) if known else 0.0
+    n = max((len(vals) for _, _, vals in lines), default=0)
+    xs = [f"{i * (w - 1) / max(1, n - 1):.1f}" for i in range(n)]
+    base, scale = h - 14, ((h - 24) / top if top else 0.0)
+    polys = []
+    for cls, label, vals in lines:
+        segs, pts = [], []
+        for i, v in enumerate(vals):
+            if v is None:
+                if pts:
+                    segs.append(pts)
+                    pts = []
+                continue
+            pts.append(f"{xs[i]},{base - v * scale:.1f}")
+        if pts:
+            segs.append(pts)
+        c, t = esc(cls), f"<title>{esc(label)}</title>"
+        for pts in segs:
+            if len(pts) == 1:  # one point between gaps: a dot
+                x, y = pts[0].split(",")
+                polys.append(f'<circle class="{c}" cx="{x}" cy="{y}" r="1.5">{t}</circle>')
+            else:
+                polys.append(f'<polyline class="{c}" points="{" ".join(pts)}">{t}</polyline>')
+    legend = " ".join(f'<span class="key {esc(cls)}">{esc(label)}</span>' for cls, label, _ in lines)
+    return (f'<figure class="graph" data-graph="{esc(title)}"><figcaption>{esc(title)} '
+            f'<small>max {esc(f"{top:.4g}")} {esc(unit)}</small></figcaption>'
+            f'<svg class="chart" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img"><title>{esc(title)}, last hour</title>'
+            f'<line class="axis" x1="0" y1="{h - 14}" x2="{w}" y2="{h - 14}"/>'
+            f'<text x="0" y="{h - 2}">−60 min</text><text x="{w - 26}" y="{h - 2}">now</text>{"".join(polys)}</svg>'
+            f"<div>{legend}</div></figure>")
+
+
+def render_graphs(g: dict) -> str:
+    if not g:
+        return '<p class="empty">this brokerd keeps no graphs</p>'
+    out = [_svg_lines([("ok", "succeeded/s", g["succeeded_per_s"]), ("bad", "failed/s", g["failed_per_s"])],
+                      "throughput", "tasks/s")]
+    rt = []
+    for i, (name, p) in enumerate(g["runtime_s"].items()):
+        rt.append((f"c{i} p50", f"{name} p50", p["p50"]))
+        rt.append((f"c{i} p95", f"{name} p95", p["p95"]))
+    out.append(_svg_lines(rt, "runtime", "s") if rt else
+               '<figure class="graph" data-graph="runtime"><figcaption>runtime</figcaption>'
+               '<p class="empty">no task finished in the last hour</p></figure>')
+    out.append(_svg_lines([("depth", "ready + delayed", g["queue_depth"]), ("inflight", "in flight", g["inflight"])],
+                          "queue depth", "messages"))
+    return f'<div class="graphs" data-bucket-s="{esc(g["bucket_s"])}">{"".join(out)}</div>'
 
 
 def render_dead(dead: dict, csrf: str = "") -> str:
@@ -617,6 +723,10 @@ def render_task(task_id: str, info, access: Access = OPEN) -> str:
           ("runtime s", esc(info.get("runtime") if info.get("runtime") is not None else "")),
           ("parent", _task_link(info.get("parent_id"))), ("root", _task_link(info.get("root_id"))),
           ("children", " ".join(_task_link(c) for c in info.get("children") or []) or "")]
+    w = info.get("waiting")
+    if isinstance(w, dict):  # not finished, and its message found (TASK_INFO's "waiting")
+        kv.append(("waiting", f'<span class="waiting">{esc(w.get("text"))}</span>'
+                   + (f"<br><small>{esc(w['hint'])}</small>" if w.get("hint") else "")))
     out = [f'<h2>task <span class="mono">{esc(task_id)}</span></h2>{_task_buttons(task_id, info, access)}<table class="kv">']
     out += [f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in kv]
     out.append("</table><h3>args</h3>" + _pre(info.get("args")) + "<h3>kwargs</h3>" + _pre(info.get("kwargs")))
@@ -638,6 +748,8 @@ def render_task(task_id: str, info, access: Access = OPEN) -> str:
 
 
 NO_TASKS = '<p class="empty no-grant">recent tasks need the results-read grant</p>'  # app.js then polls no tasks
+TASK_FIELDS = ("id", "name", "state", "args", "kwargs", "worker", "runtime", "received", "started", "finished",
+               "result", "exception")
 
 
 def render_account(access: Access) -> str:

@@ -23,13 +23,8 @@ from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import quote
 
-import cbor2
-
 from broker.errors import BadRequest, NotFound
-
-# The task envelope's version (protocol.md §8.1).  The daemon imports only client.wire
-# (tests/test_layering.py), so the retry's envelope map is written out here.
-ENVELOPE_VERSION = 1
+from client.envelope import encode_envelope, make_envelope  # the one writer of protocol.md §8.1
 
 TASK_ACTIONS = ("revoke", "terminate", "retry")
 
@@ -99,10 +94,9 @@ def plan(web, access, task_id: str, action: str, now: float) -> Plan:
 
     def retry(state, now):
         new_id = str(uuid.uuid4())
-        env = {"v": ENVELOPE_VERSION, "task": name, "id": new_id, "args": args, "kwargs": kwargs, "retries": 0,
-               "eta": None, "expires": None, "parent_id": info.get("parent_id"),
-               "root_id": info.get("root_id") or new_id, "headers": {"retry_of": task_id}}
-        state.publish(0, queue, cbor2.dumps(env), new_id, 0, now)
+        env = make_envelope(name, new_id, args, kwargs, parent_id=info.get("parent_id"),
+                            root_id=info.get("root_id"), headers={"retry_of": task_id})
+        state.publish(0, queue, encode_envelope(env), new_id, 0, now)
         return {"message": f"published {name} again as task {new_id} on queue {queue} (same args and kwargs)",
                 "next": task_url(new_id), "new_task": new_id, "queue": queue}
     return Plan(run=retry)
@@ -137,9 +131,5 @@ def control_start(state, hostname: str, action: str, now: float):
         raise NotFound(f"no worker {hostname!r} has reported to this brokerd")
     if w.get("state") != "online":
         raise BadRequest(f"worker {hostname} is {w.get('state')}, not online: it cannot be asked anything")
-    before = set(state._controls)  # the request's record, read back for its replies
-    reply = state.control_request(HTTP_CONN, 0, command, args, now, timeout=CONTROL_WAIT, destination=[hostname])
-    if reply is not None:  # nobody to ask after all
-        return None, command
-    new = set(state._controls) - before
-    return (state._controls[new.pop()] if new else None), command
+    # the pending request (None: nobody to ask after all); its replies are read back from it
+    return state.control_ask(HTTP_CONN, command, args, now, timeout=CONTROL_WAIT, destination=[hostname]), command

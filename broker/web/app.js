@@ -12,6 +12,11 @@
   var params = new URLSearchParams(window.location.search);
   var qoffset = parseInt(params.get("offset") || "0", 10) || 0;  // the page of queues shown
   var busy = false;
+  var polls = 0;  // polls so far (the graphs are fetched on every tenth)
+  // the task list's page and order (the pager's and the column heads' links set them)
+  // (?toffset=&tsort=&torder=&tlimit=&tq= in the page's address open the list that way: a link to it)
+  var tasks = {offset: parseInt(params.get("toffset") || "0", 10) || 0, sort: params.get("tsort") || "received",
+               order: params.get("torder") || "desc", limit: parseInt(params.get("tlimit") || "50", 10) || 50};
 
   function swap(name, markup) {
     var el = document.querySelector('[data-section="' + name + '"]');
@@ -27,11 +32,14 @@
   }
 
   function taskQuery() {
-    var q = "/api/tasks?html=1&limit=50";
+    var q = "/api/tasks?html=1&limit=" + tasks.limit + "&offset=" + tasks.offset + "&sort=" + encodeURIComponent(tasks.sort) +
+      "&order=" + encodeURIComponent(tasks.order);
     if (filter) {
       var st = filter.elements.state.value, nm = filter.elements.name.value.trim();
+      var search = filter.elements.q ? filter.elements.q.value.trim() : "";
       if (st) q += "&state=" + encodeURIComponent(st);
       if (nm) q += "&name=" + encodeURIComponent(nm);
+      if (search) q += "&q=" + encodeURIComponent(search);
     }
     return q;
   }
@@ -71,12 +79,16 @@
       });
     } else {
       // a user without results-read gets no task list (brokerd says so in its place): not polled
-      var tasks = document.querySelector('[data-section="tasks"] .no-grant') ? Promise.resolve(null) : getJSON(taskQuery());
-      work = Promise.all([getJSON(overviewQuery()), tasks]).then(function (res) {
+      var noGrant = document.querySelector('[data-section="tasks"] .no-grant');
+      var taskList = noGrant ? Promise.resolve(null) : getJSON(taskQuery());
+      // the graphs move in 10 s steps: fetched on the first poll and every tenth after it
+      var graphs = noGrant || polls++ % 10 ? Promise.resolve(null) : getJSON("/api/graphs?html=1");
+      work = Promise.all([getJSON(overviewQuery()), taskList, graphs]).then(function (res) {
         var h = res[0].html;
         swap("queues", h.queues); swap("workers", h.workers); swap("dead", h.dead); swap("schedules", h.schedules);
         summaryEl.innerHTML = h.summary;
         if (res[1]) swap("tasks", res[1].html.tasks);
+        if (res[2]) swap("graphs", res[2].html.graphs);
       });
     }
     work.then(function () {
@@ -97,6 +109,17 @@
     if (a) {  // the queue pager: another page of queues, in place
       ev.preventDefault();
       qoffset = parseInt(a.getAttribute("data-offset"), 10) || 0;
+      busy = false; poll();
+      return;
+    }
+    var t = ev.target.closest ? ev.target.closest("a[data-task-offset], a[data-sort]") : null;
+    if (t) {  // the task list: another page, or another order (back to its first page)
+      ev.preventDefault();
+      if (t.hasAttribute("data-sort")) {
+        tasks.sort = t.getAttribute("data-sort"); tasks.order = t.getAttribute("data-order"); tasks.offset = 0;
+      } else {
+        tasks.offset = parseInt(t.getAttribute("data-task-offset"), 10) || 0;
+      }
       busy = false; poll();
       return;
     }
@@ -121,9 +144,11 @@
       .catch(function (e) { statusEl.textContent = "action failed: " + e.message; })
       .then(function () { busy = false; poll(); });
   });
+  if (filter && filter.elements.q && params.get("tq")) filter.elements.q.value = params.get("tq");
   if (filter) {
-    filter.addEventListener("input", poll);
-    filter.addEventListener("change", poll);
+    var refilterTasks = function () { tasks.offset = 0; poll(); };  // a new filter starts at its first page
+    filter.addEventListener("input", refilterTasks);
+    filter.addEventListener("change", refilterTasks);
     // the page's CSP allows no inline handlers: Enter in the filter must not leave the page
     filter.addEventListener("submit", function (ev) { ev.preventDefault(); poll(); });
   }

@@ -9,15 +9,29 @@ without a command (``revoke`` + ``terminate``) kills the named running tasks.
 from __future__ import annotations
 
 import logging
+import platform
+import re
 import resource
+import signal
 import time
+from collections import deque
 
-from client.worker.events import pool_size
+from client import signals
+from client.options import redact
+from client.worker.events import heartbeat_info, pool_size
+from client.worker.limits import TIME_LIMIT_MAX
 from client.worker.outcome import S_ACK, event_repr, shown
+from client.worker.runner import request_for
 
 log = logging.getLogger("brokerd.worker")
 
 PREFIX = "ctl_"  # a method ctl_NAME answers the command NAME
+REVOKED_KEEP = 1000  # ids inspect().revoked() shows per worker: the most recent, so memory stays bounded
+QUERY_IDS_MAX = 1000  # task ids one query_task may ask about (a reply is one frame)
+QUEUE_NAME_MAX = 255  # brokerd's limit on a queue name
+CONF_REPR_MAX = 200  # characters of a setting's repr in a conf reply, when it is not a plain value
+# Settings whose values inspect().conf() never shows: keys, tokens, passwords
+SECRET_WORDS = re.compile(r"key|secret|password|token|credential", re.IGNORECASE)
 
 
 def slots_arg(command, args):
@@ -33,6 +47,7 @@ class Control:
 
     def __init__(self, worker):
         self.w = worker
+        self.revoked: deque = deque(maxlen=REVOKED_KEEP)  # ids this worker discarded as revoked, oldest first
 
     def answer(self, command: str, args) -> dict | list:
         """The reply to ``command``: what its handler returns, or ``{"error": ...}``."""
@@ -53,10 +68,17 @@ class Control:
         for job in list(w.running.values()):
             if job.task_id in ids and job.slot is not None and kill is not None:
                 log.warning("Terminating task %s[%s]: revoked", job.name, job.task_id)
+                self.revoked.append(job.task_id)
                 w.running.pop(job.seq, None)
                 kill(job)
                 meta = {"exc_type": "TaskRevokedError", "exc_message": f"task {job.task_id} was revoked and terminated",
                         "hostname": w.hostname}
+                if signals.task_revoked.receivers:
+                    task = w.app.tasks.get(job.name)
+                    req = request_for(job.env, task, job.d.queue, job.d.priority, job.d.attempts,
+                                      job.env.get("retries") or 0, w.hostname)
+                    signals.task_revoked.send(sender=task, request=req, terminated=True, signum=signal.SIGKILL,
+                                              expired=False)
                 w.finish(job, (S_ACK, "REVOKED", None, meta, None, None))
 
     def ctl_ping(self, args):
@@ -125,3 +147,127 @@ class Control:
 
     def ctl_shutdown(self, args):
         return {"ok": "shutting down (warm)"}
+
+    # -- inspect: reserved, scheduled, revoked, active_queues, query_task, conf, report --
+    def _job_info(self, job):
+        w = self.w
+        return {"id": job.task_id, "name": job.name, "args": event_repr(tuple(job.env["args"])),
+                "kwargs": event_repr(job.env["kwargs"]), "queue": job.d.queue, "time_start": job.started,
+                "worker_pid": getattr(job.slot, "pid", None) or w.stats.pid, "hostname": w.hostname,
+                "attempts": job.d.attempts}
+
+    def _reserved_jobs(self):
+        w = self.w
+        waiting = [j for j in sorted(w.running.values(), key=lambda j: j.seq) if j.started is None]
+        return waiting + list(w.backlog)
+
+    def ctl_reserved(self, args):
+        return [self._job_info(j) for j in self._reserved_jobs()]
+
+    def ctl_scheduled(self, args):
+        return []  # brokerd holds tasks with an eta until they are due: a worker never holds one
+
+    def ctl_revoked(self, args):
+        return list(reversed(self.revoked))
+
+    def ctl_active_queues(self, args):
+        return [{"name": q, "routing_key": q, "exchange": {"name": "", "type": "direct"}, "durable": True,
+                 "exclusive": False, "auto_delete": False, "no_ack": False} for q in self.w.queues]
+
+    def ctl_query_task(self, args):
+        ids = args.get("ids")
+        if type(ids) is not list or not all(type(i) is str for i in ids) or len(ids) > QUERY_IDS_MAX:
+            return {"error": f"query_task needs ids, a list of up to {QUERY_IDS_MAX} task ids (got {shown(ids)})"}
+        want = set(ids)
+        out = {}
+        for job in sorted(self.w.running.values(), key=lambda j: j.seq):
+            if job.task_id in want and job.started is not None:
+                out[job.task_id] = ["active", self._job_info(job)]
+        for job in self._reserved_jobs():
+            if job.task_id in want:
+                out[job.task_id] = ["reserved", self._job_info(job)]
+        return out
+
+    def ctl_conf(self, args):
+        out = {}
+        for key, value in sorted(self.w.app.conf.items()):
+            if not isinstance(key, str):
+                continue
+            if SECRET_WORDS.search(key):
+                value = "***" if value else value
+            elif key == "broker_url" and isinstance(value, str):
+                value = redact(value)
+            elif not isinstance(value, (str, int, float, bool, type(None))):
+                value = event_repr(value, CONF_REPR_MAX)
+            out[key] = value
+        return out
+
+    def ctl_report(self, args):
+        w = self.w
+        lines = [f"brokerd worker {w.hostname} (pid {w.stats.pid})",
+                 f"python {platform.python_version()} ({platform.python_implementation()}) on {platform.platform()}",
+                 f"broker {redact(str(w.broker))}", f"app {w.app.main}", f"pool {w.pool_kind} x {w.concurrency}",
+                 f"queues {', '.join(w.queues)}", f"tasks {len(w.app.tasks)} registered"]
+        return {"ok": "\n".join(lines)}
+
+    # -- control: time_limit, add_consumer, cancel_consumer, enable/disable_events, heartbeat --
+    def ctl_time_limit(self, args):
+        name = args.get("task_name")
+        task = self.w.app.tasks.get(name) if isinstance(name, str) else None
+        if task is None:
+            return {"error": f"time_limit: no task named {shown(name)} is registered on {self.w.hostname}"}
+        limits = {}
+        for key in ("soft", "hard"):
+            value = args.get(key)
+            if value is not None and (type(value) not in (int, float) or not 0 <= value <= TIME_LIMIT_MAX):
+                return {"error": f"time_limit: {key} must be a number of seconds from 0 to {TIME_LIMIT_MAX:g}, "
+                                 f"or null for none (got {shown(value)})"}
+            limits[key] = value or None
+        task.soft_time_limit = limits["soft"]
+        task.time_limit = limits["hard"]
+        self.w.limits.cache.pop(name, None)
+        log.info("time limits of %s set by control: soft %s, hard %s", name, limits["soft"], limits["hard"])
+        return {"ok": "time limits set successfully"}
+
+    def _queue_arg(self, command, args):
+        q = args.get("queue")
+        if type(q) is not str or not 0 < len(q) <= QUEUE_NAME_MAX:
+            return None, {"error": f"{command} needs queue, a queue name of 1 to {QUEUE_NAME_MAX} characters "
+                                   f"(got {shown(q)})"}
+        return q, None
+
+    def ctl_add_consumer(self, args):
+        q, err = self._queue_arg("add_consumer", args)
+        if err:
+            return err
+        w = self.w
+        if q in w.queues:
+            return {"ok": f"already consuming from {q!r}"}
+        why = w.consume_queues(w.queues + [q])
+        return {"error": f"add_consumer {q!r}: {why}"} if why else {"ok": f"add consumer {q!r}"}
+
+    def ctl_cancel_consumer(self, args):
+        q, err = self._queue_arg("cancel_consumer", args)
+        if err:
+            return err
+        w = self.w
+        if q not in w.queues:
+            return {"error": f"cancel_consumer: this worker does not consume {q!r} (it consumes {', '.join(w.queues)})"}
+        if len(w.queues) == 1:
+            return {"error": f"cancel_consumer: {q!r} is the only queue this worker consumes; stop the worker "
+                             "instead (shutdown)"}
+        why = w.consume_queues([x for x in w.queues if x != q])
+        return {"error": f"cancel_consumer {q!r}: {why}"} if why else {"ok": f"no longer consuming from {q!r}"}
+
+    def ctl_enable_events(self, args):
+        self.w.task_events = True
+        return {"ok": "task events enabled"}
+
+    def ctl_disable_events(self, args):
+        self.w.task_events = False
+        return {"ok": "task events disabled"}
+
+    def ctl_heartbeat(self, args):
+        w = self.w
+        w.events.emit_now("worker-heartbeat", **heartbeat_info(w))
+        return {"ok": "heartbeat sent"}

@@ -19,6 +19,7 @@ import traceback
 
 import cbor2
 
+from client import signals
 from client._current import Request, current_request
 from client.envelope import decode_envelope
 from client.exceptions import EncodeError, Ignore, Reject, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
@@ -42,6 +43,23 @@ log = logging.getLogger("brokerd.worker")
 # A result must fit in one RESULT_SET frame: brokerd closes the connection on a frame over its max_frame
 # (16 MiB by default), which would hand every in-flight task back.  64 KiB is left for the id and meta.
 RESULT_MAX_BYTES = DEFAULT_MAX_FRAME - 64 * 1024
+# A failure's exception args are stored so the caller can rebuild the exception as itself; they are a
+# convenience (the message text is always there), so args that are large or not CBOR are left out.
+EXC_ARGS_MAX_BYTES = 64 * 1024
+
+
+def exc_identity(exc: BaseException) -> dict:
+    """What a caller needs to re-raise ``exc`` as its own class (client.result.exception_from):
+    ``exc_module``, ``exc_qualname`` and, when CBOR can carry them within EXC_ARGS_MAX_BYTES, ``exc_args``."""
+    cls = type(exc)
+    out = {"exc_module": cls.__module__, "exc_qualname": cls.__qualname__}
+    try:
+        args = list(exc.args)
+        if len(cbor2.dumps(args)) <= EXC_ARGS_MAX_BYTES:
+            out["exc_args"] = args
+    except Exception:  # noqa: BLE001 - args CBOR cannot carry: the caller builds it from the message
+        pass
+    return out
 
 
 class ExceptionInfo:
@@ -73,6 +91,45 @@ def _run_awaitable(aw):
     import trio  # lazy: only async tasks need it, and importing trio costs start-up time
 
     return trio.run(_await, aw)
+
+
+def extended_meta(task, req) -> dict:
+    """Celery's ``result_extended``: the task's name, args and kwargs kept with its result.  Arguments a
+    result frame cannot carry as they are (a naive datetime, over EXC_ARGS_MAX_BYTES) are kept as text."""
+    args, kwargs = req.args, req.kwargs
+    try:
+        if len(cbor2.dumps([args, kwargs])) > EXC_ARGS_MAX_BYTES:
+            raise ValueError("too large")
+    except Exception:  # noqa: BLE001 - cbor2 raises several kinds
+        args, kwargs = short_repr(tuple(args)), short_repr(kwargs)
+    return {"name": task.name, "args": args, "kwargs": kwargs}
+
+
+def request_for(env, task, queue, priority, attempts, retries, hostname) -> Request:
+    """The ``self.request`` of a task about to run (Celery's fields; None where we have no such thing)."""
+    opts = env.get("options") or {}
+    hdrs = env.get("headers") or {}
+    hard = opts.get("time_limit", getattr(task, "time_limit", None))
+    soft = opts.get("soft_time_limit", getattr(task, "soft_time_limit", None))
+    group, chord, origin = env.get("group"), env.get("chord"), hdrs.get("origin")
+    return Request(
+        id=env["id"], args=env["args"], kwargs=env["kwargs"], retries=retries,
+        delivery_info={"queue": queue, "priority": priority, "redelivered": attempts > 1, "attempts": attempts,
+                       "exchange": "", "routing_key": queue},
+        eta=env.get("eta"), expires=env.get("expires"), parent_id=env.get("parent_id"),
+        root_id=env.get("root_id"), headers=env.get("headers"), hostname=hostname, task=env["task"],
+        group=group if isinstance(group, str) else None, chord=chord, origin=origin if isinstance(origin, str) else None,
+        time_limit=(hard or None, soft or None), callbacks=env.get("link") or None,
+        errbacks=env.get("link_error") or None,
+        properties={"correlation_id": env["id"], "reply_to": None, "priority": priority,
+                    "delivery_info": {"routing_key": queue}},
+    )
+
+
+def _send(sig, **kw) -> None:
+    """Send a signal when anyone listens (a receiver that raises is logged by Signal.send)."""
+    if sig.receivers:
+        sig.send(**kw)
 
 
 class _Ctx:
@@ -119,12 +176,7 @@ class Runner:
         retries = hdrs.get("retries")
         if type(retries) is not int:
             retries = env.get("retries") or 0
-        req = Request(
-            id=env["id"], args=env["args"], kwargs=env["kwargs"], retries=retries,
-            delivery_info={"queue": queue, "priority": priority, "redelivered": attempts > 1, "attempts": attempts},
-            eta=env.get("eta"), expires=env.get("expires"), parent_id=env.get("parent_id"),
-            root_id=env.get("root_id"), headers=env.get("headers"), hostname=self.hostname, task=env["task"],
-        )
+        req = request_for(env, task, queue, priority, attempts, retries, self.hostname)
         ctx = _Ctx()
         ctx.task = task
         ctx.req = req
@@ -140,6 +192,7 @@ class Runner:
         soft = job[7]
         token = current_request.set(req)
         try:
+            _send(signals.task_prerun, sender=ctx.task, task_id=req.id, task=ctx.task, args=req.args, kwargs=req.kwargs)
             try:
                 if slot is not None:
                     slot.in_task = True
@@ -164,8 +217,8 @@ class Runner:
                         if soft:
                             signal.setitimer(signal.ITIMER_REAL, 0)
             except BaseException as exc:  # noqa: BLE001 - every failure of user code is an outcome
-                return self._outcome(self.failed, ctx, exc)
-            return self._outcome(self.succeeded, ctx, retval)
+                return self._postrun(ctx, self._outcome(self.failed, ctx, exc), exc)
+            return self._postrun(ctx, self._outcome(self.succeeded, ctx, retval), retval)
         finally:
             current_request.reset(token)
 
@@ -179,6 +232,7 @@ class Runner:
         req = ctx.req
         token = current_request.set(req)
         try:
+            _send(signals.task_prerun, sender=ctx.task, task_id=req.id, task=ctx.task, args=req.args, kwargs=req.kwargs)
             deadline = trio.current_time() + limit if limit else float("inf")
             try:
                 with trio.CancelScope(deadline=deadline) as cs:
@@ -190,10 +244,16 @@ class Runner:
             except BaseException as exc:  # noqa: BLE001
                 if isinstance(exc, trio.Cancelled):
                     raise  # the worker itself is being cancelled (cold stop)
-                return self._outcome(self.failed, ctx, exc)
-            return self._outcome(self.succeeded, ctx, retval)
+                return self._postrun(ctx, self._outcome(self.failed, ctx, exc), exc)
+            return self._postrun(ctx, self._outcome(self.succeeded, ctx, retval), retval)
         finally:
             current_request.reset(token)
+
+    def _postrun(self, ctx, outcome, retval):
+        req = ctx.req
+        _send(signals.task_postrun, sender=ctx.task, task_id=req.id, task=ctx.task, args=req.args, kwargs=req.kwargs,
+              retval=retval, state=outcome[1])
+        return outcome
 
     def _outcome(self, settle, ctx, value):
         """``succeeded``/``failed``, but never raising: whatever a task returned or raised, its process
@@ -245,9 +305,15 @@ class Runner:
         ignore = task.ignore_result
         if ignore is None:
             ignore = self.app.conf.get("task_ignore_result", False)
+        _send(signals.task_success, sender=task, result=retval)
         if ignore:
             return (S_ACK, None, None, None, None, None)
-        return (S_ACK, "SUCCESS", retval, None, None, None)
+        # Tasks this one sent (AsyncResult.children): kept in the result's meta, with Celery's
+        # result_extended the task's name, args and kwargs too (AsyncResult.name/args/kwargs).
+        meta = {"children": [c for c in req.children if isinstance(c, str)]} if req.children else None
+        if self.app.conf.get("result_extended"):
+            meta = {**(meta or {}), **extended_meta(task, req)}
+        return (S_ACK, "SUCCESS", retval, meta, None, None)
 
     def failed(self, ctx, exc):
         task, req = ctx.task, ctx.req
@@ -285,7 +351,13 @@ class Runner:
         log.error("Task %s[%s] raised unexpected: %r", task.name, req.id, exc)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("Task %s[%s] traceback:\n%s", task.name, req.id, tb)
-        return (S_ACK, "FAILURE", None, exc_meta(exc, self.hostname, tb), None, None)
+        _send(signals.task_failure, sender=task, task_id=req.id, exception=exc, args=req.args, kwargs=req.kwargs,
+              traceback=exc.__traceback__, einfo=einfo)
+        meta = exc_meta(exc, self.hostname, tb)
+        meta.update(exc_identity(exc))
+        if self.app.conf.get("result_extended"):
+            meta.update(extended_meta(task, req))
+        return (S_ACK, "FAILURE", None, meta, None, None)
 
     def _retry(self, ctx, r, exc, when):
         task, req = ctx.task, ctx.req
@@ -295,6 +367,7 @@ class Runner:
         einfo = ExceptionInfo(shown)
         self._hook(ctx, "on_retry", shown, req.id, req.args, req.kwargs, einfo)
         self._hook(ctx, "after_return", "RETRY", shown, req.id, req.args, req.kwargs, einfo)
+        _send(signals.task_retry, sender=task, request=req, reason=shown, einfo=einfo)
         log.info("Task %s[%s] retry: Retry in %gs: %r", task.name, req.id, when, shown)
         return (S_RETRY, "RETRY", None, exc_meta(shown, self.hostname, einfo.traceback), max(0.0, float(when)), req.retries + 1)
 

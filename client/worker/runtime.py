@@ -58,18 +58,21 @@ from collections import deque
 from client.envelope import decode_envelope
 from client.canvas import after_task
 from client.errors import BrokerdError, Disconnected
+from client.exceptions import NotRegistered
+from client import signals
 from client.signing import verifier_for
 import client.worker.events as ev_
-from client.worker.channel import Channel, close_quietly, delivery_buffer, detach_in_child
+from client.worker.channel import (Channel, close_quietly, delivery_buffer, detach_in_child,
+                                   hand_deliveries_to_main_loop)
 from client.worker.control import Control
 from client.worker.intake import CONNECT_TIMEOUT, online_worker_names
 from client.worker.limits import TaskLimits
 from client.worker.mainloop import run_sync
-from client.worker.logs import setup_logging
+from client.worker.logs import LOG_FORMAT, setup_logging
 from client.worker.outcome import (S_ACK, S_REQUEUE, S_RETRY, lost_outcome, undecodable_outcome, unknown_outcome,
                                    unsigned_outcome)
 from client.worker.pools.base import Job, close_fds
-from client.worker.runner import check_envelope
+from client.worker.runner import check_envelope, request_for
 
 log = logging.getLogger("brokerd.worker")
 
@@ -237,8 +240,16 @@ class Worker:
 
     # -- public --------------------------------------------------------------------------------
     def run(self) -> None:
+        signals.celeryd_init.send(sender=self.hostname, instance=self, conf=self.app.conf, options={})
         if self.configure_logging:
-            setup_logging(self.loglevel)
+            # Celery's rule: a setup_logging receiver replaces the worker's own logging setup
+            if not signals.setup_logging.has_listeners():
+                setup_logging(self.loglevel)
+            else:
+                signals.setup_logging.send(loglevel=self.loglevel, logfile=None, format=LOG_FORMAT, colorize=False)
+            signals.after_setup_logger.send(logger=logging.getLogger(), loglevel=self.loglevel, logfile=None,
+                                            format=LOG_FORMAT, colorize=False)
+        signals.worker_init.send(sender=self)
         if self.pool_kind == "trio":
             # lazy import: only this pool needs trio, and importing it costs the other pools start-up time
             from client.worker.trio_loop import run_trio
@@ -303,6 +314,7 @@ class Worker:
             check_envelope(env)  # fields of the wrong type fail this task here, not the main loop later
         except ValueError as exc:
             outcome = undecodable_outcome(d.id, d.queue, exc, self.hostname)
+            signals.task_rejected.send(sender=self, message=d, exc=exc)
             if self.task_events:
                 self.events.emit(ev_.task_outcome(d.id, outcome, None))
             self._settle(d, ch, outcome, d.id)
@@ -319,6 +331,9 @@ class Worker:
         task = self.app.tasks.get(name)
         if task is None:
             outcome = unknown_outcome(env, self.app, self.hostname)
+            if signals.task_unknown.receivers:
+                signals.task_unknown.send(sender=self, name=name, id=env["id"], message=d,
+                                          exc=NotRegistered(outcome[3]["exc_message"]))
             if self.task_events:
                 self.events.emit(ev_.task_received(env, d))
                 self.events.emit(ev_.task_outcome(env["id"], outcome, None))
@@ -335,8 +350,14 @@ class Worker:
         expires = env.get("expires")
         if self.task_events:
             self.events.emit(ev_.task_received(env, d))
+        if signals.task_received.receivers or signals.task_revoked.receivers:
+            req = request_for(env, task, d.queue, d.priority, d.attempts, env.get("retries") or 0, self.hostname)
+            signals.task_received.send(sender=self, request=req)
         if expires is not None and time.time() >= expires:
+            if signals.task_revoked.receivers:
+                signals.task_revoked.send(sender=task, request=req, terminated=False, signum=None, expired=True)
             log.info("Discarding revoked task: %s[%s] (expired)", name, task_id)
+            self.control.revoked.append(task_id)
             meta = {"reason": "expired", "expires": expires, "hostname": self.hostname}
             outcome = (S_ACK, "REVOKED", None, meta, None, None)
             if self.task_events:
@@ -531,6 +552,32 @@ class Worker:
             log.warning("shutdown requested by a control command: warm stop")
             self.flush(force=True)  # the reply goes out before the consumer is cancelled
             self._begin_stop()
+    def consume_queues(self, queues) -> str | None:
+        """Consume ``queues`` from now on (control add_consumer/cancel_consumer): a new consumer on this
+        connection, then the old one cancelled (what it delivered stays in flight and is settled as usual;
+        what its buffer held is given back).  A reconnect consumes the new list.  An error text, or None."""
+        client, ch = self.client, self._channel
+        if self.stopping:
+            return "the worker is stopping"
+        if ch is None or self._direct is None or self._consumer is None:
+            return "the worker is not connected to brokerd right now; try again"
+        try:
+            new = client.consume(list(queues), self.prefetch)
+        except BrokerdError as exc:
+            return f"brokerd refused the consumer: {exc}"
+        old = self._consumer
+        self._take_deliveries()  # what the old consumer handed over already is ours to run
+        self.queues = list(queues)
+        self._consumer = new
+        self._direct = delivery_buffer(new)
+        hand_deliveries_to_main_loop(client, new, self.post)
+        try:
+            old.cancel()
+        except BrokerdError:
+            pass
+        log.info("%s now consumes %s", self.hostname, ",".join(self.queues))
+        return None
+
     # -- events (both loops) ------------------------------------------------------------------
     def event(self, ev):
         kind = ev[0]
@@ -553,6 +600,7 @@ class Worker:
             self._next_beat = time.monotonic() + self.heartbeat_interval
             self.ready.set()
             if gen == 1:
+                signals.worker_ready.send(sender=self)
                 log.info("%s ready: consuming %s (prefetch %d, pool %s x %d)", self.hostname, ",".join(self.queues),
                          self.prefetch, self.pool_kind, self.concurrency)
             self._store_orphans()
@@ -655,5 +703,6 @@ class Worker:
             self.intake_thread.join(2.0)
         if self._orphans:
             log.warning("%d results could not be stored (brokerd unreachable); their tasks will run again", len(self._orphans))
+        signals.worker_shutdown.send(sender=self)
         log.info("%s stopped (%s)", self.hostname, "cold" if cold else "warm")
 

@@ -84,3 +84,21 @@ def test_a_one_second_entry_fires_about_once_a_second_and_survives_kill_9(broker
     # catchup=latest: at most one firing for the ticks missed while down
     gaps = [b - a for a, b in zip(ticks, ticks[1:])]
     assert max(gaps) <= 4.0
+
+
+def test_beat_init_is_sent_when_brokerd_beat_runs(broker, capsys):
+    from client import signals
+    from client.beat import main
+
+    seen = []
+
+    def on_init(sender=None, **kw):
+        seen.append(sender.main)
+
+    signals.beat_init.connect(on_init)
+    try:
+        assert main(["tests.beat_apps.periodic:app", "-b", broker.address]) == 0
+    finally:
+        assert signals.beat_init.disconnect(on_init)
+    assert seen == ["periodic"]
+    assert "entries pushed" in capsys.readouterr().out

@@ -323,6 +323,13 @@ async def task_verbs(broker):
         assert await c.emit_events("av@test", [{"type": "worker-online"}]) == 1
         await c.subscribe_events()
         assert (await c.unsubscribe_events())["subscribed"] is False
+        # exchanges and unique publishes (protocol.md §5.36-5.38, §5.2)
+        await c.declare("av.tmp", temporary=True)
+        assert await c.bind("av.fan", "av.tmp", "", type="fanout", temporary=True) is True
+        assert (await c.emit("av.fan", "", b"b", id="av-e"))["queues"] == 1
+        assert await c.unbind("av.fan", "av.tmp", "") is True
+        assert (await c.publish_unique("av.q", b"u", "av-key", id="av-u1")) == {"id": "av-u1", "duplicate": False}
+        assert (await c.publish_unique("av.q", b"u", "av-key")) == {"id": "av-u1", "duplicate": True}
 
 
 # --- each scenario under both libraries -------------------------------------------------------

@@ -174,6 +174,20 @@ def test_task_page_shows_args_traceback_timeline_and_filter_works(live, tmp_path
     assert status == 200 and [t["id"] for t in d["tasks"]] == [live["bad"]]
     status, d = get_json(port, "/api/tasks?name=tests.canvas_apps.tasks.add")
     assert {t["id"] for t in d["tasks"]} == {live["ok"], live["evil"]}
+    # the paged, sorted list and the graphs, rendered by the page's JavaScript: one task a page,
+    # slowest first, second page (the address opens the list that way, as a link to it would)
+    page = dom(f"{base}/?tlimit=1&toffset=1&tsort=runtime&torder=desc")
+    tasks = section(page, "tasks")
+    assert "tasks 2–2 of 3 kept, by runtime ↓" in tasks, tasks[:2000]
+    assert len(re.findall(r"<tr data-task=", tasks)) == 1
+    assert 'data-task-offset="0"' in tasks and 'data-task-offset="2"' in tasks  # newer and older links
+    status, d = get_json(port, "/api/tasks?sort=runtime&order=desc")
+    assert f'data-task="{d["tasks"][1]["id"]}"' in tasks
+    graphs = section(page, "graphs")
+    assert graphs.count('<svg class="chart"') == 3, graphs[:2000]
+    throughput = re.search(r'<figure class="graph" data-graph="throughput">(.*?)</figure>', graphs, re.S).group(1)
+    assert re.search(r'<(polyline|circle) class="ok"', throughput)  # the tasks that succeeded, drawn
+    assert "tests.canvas_apps.tasks.add p50" in graphs
     # a screenshot renders (the README's is docs/screenshot.png)
     png = tmp_path / "page.png"
     chromium("--virtual-time-budget=2000", f"--screenshot={png}", "--window-size=1280,900", base + "/")

@@ -188,6 +188,8 @@ def test_what_a_user_sees_and_may_press_follows_their_grants(web):
     assert [q["name"] for q in json.loads(body)["queues"]] == ["emails"]
     status, _, body = request(p, "GET", "/api/tasks", bearer("ops"))
     assert status == 403 and "'results-read'" in json.loads(body)["message"]
+    status, _, body = request(p, "GET", "/api/graphs", bearer("ops"))  # task names and runtimes: task data
+    assert status == 403 and "'results-read'" in json.loads(body)["message"]
     status, _, body = request(p, "POST", "/api/queues/secret/purge", bearer("ops"))
     assert status == 403 and json.loads(body)["error"] == "ACCESS_REFUSED"
     # web: publish on emails, results-read; may see emails and tasks, may not purge
@@ -196,6 +198,7 @@ def test_what_a_user_sees_and_may_press_follows_their_grants(web):
     assert status == 403 and "'manage'" in msg and "'emails'" in msg and "'web'" in msg
     assert depth(web) == 1
     assert request(p, "GET", "/api/tasks", bearer("web"))[0] == 200
+    assert request(p, "GET", "/api/graphs", bearer("web"))[0] == 200
     # the page of a user without manage has no buttons
     _, _, _, page = browser_login(p, "web")
     assert b'data-queue="emails"' in page and b'data-queue="secret"' not in page
@@ -268,6 +271,18 @@ class DevTools:
                 assert chunk, "Chromium closed its DevTools pipe"
                 self._buf += chunk
 
+    def evaluate(self, expr: str, session: str):
+        """The value of ``expr`` in the page, or None when the page navigated away while it ran
+        (Chromium answers "Inspected target navigated or closed"; under load a click's navigation
+        and the next poll race) — callers poll with ``until``, so None means "not yet"."""
+        try:
+            reply = self.call("Runtime.evaluate", {"expression": expr, "returnByValue": True}, session)
+        except AssertionError as e:
+            if "navigated or closed" in str(e) or "Execution context was destroyed" in str(e):
+                return None
+            raise
+        return reply["result"].get("value")
+
     def close(self) -> None:
         import os
         self.proc.kill()
@@ -286,7 +301,7 @@ def test_chromium_logs_in_through_the_form_and_sees_the_page(web, tmp_path):
         sid = dt.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
 
         def js(expr: str):
-            return dt.call("Runtime.evaluate", {"expression": expr, "returnByValue": True}, sid)["result"].get("value")
+            return dt.evaluate(expr, sid)
 
         def until(expr: str, what: str, timeout: float = 20.0):
             deadline = time.monotonic() + timeout

@@ -231,7 +231,8 @@ def test_worker_controls_need_control_and_csrf_and_send_nothing_without(web):
 def test_chromium_clicks_revoke_and_retry_and_sees_the_states_change(web, tmp_path):
     """Log in through the form, open a waiting task's page, click revoke (a real mouse click at the
     button): it turns REVOKED; open a failed task, click retry: the browser goes to the new task's
-    page, which shows the new task's state as its worker reports it."""
+    page, which shows the new task's state as its worker reports it.  Then the task list, one task a
+    page: click "older →" (the second page), and a column head (sorted by it, back on page one)."""
     waiting = waiting_task(web)
     failed = failed_task(web)
     drain(web)  # the fixture's message; the retry's is then the only one
@@ -242,7 +243,7 @@ def test_chromium_clicks_revoke_and_retry_and_sees_the_states_change(web, tmp_pa
         sid = dt.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
 
         def js(expr: str):
-            return dt.call("Runtime.evaluate", {"expression": expr, "returnByValue": True}, sid)["result"].get("value")
+            return dt.evaluate(expr, sid)
 
         def until_js(expr: str, what: str, timeout: float = 20.0):
             return until(lambda: js(expr), f"{what} (page: {js('document.body && document.body.innerText')!r:.300})", timeout)
@@ -283,5 +284,19 @@ def test_chromium_clicks_revoke_and_retry_and_sees_the_states_change(web, tmp_pa
         until_js("document.querySelector('[data-section=task] .badge') && "
                  "document.querySelector('[data-section=task] .badge').textContent === 'SUCCESS'",
                  "the retried task's SUCCESS on its page")
+
+        # the task list, one task a page: click "older →", then a column head to sort by it
+        dt.call("Page.navigate", {"url": f"{base}/?tlimit=1"}, sid)
+        pager = "document.getElementById('task-pager') && document.getElementById('task-pager').textContent"
+        until_js(f"({pager} || '').indexOf('tasks 1–1 of ') === 0", "the first page of one task")
+        first = js("document.querySelector('[data-section=tasks] tr[data-task]').getAttribute('data-task')")
+        js("document.getElementById('tasks').scrollIntoView(); true")  # the list is below the fold
+        click("a[data-task-offset='1']")
+        until_js(f"({pager} || '').indexOf('tasks 2–2 of ') === 0", "the second page after clicking older")
+        assert js("document.querySelector('[data-section=tasks] tr[data-task]').getAttribute('data-task')") != first
+        js("document.getElementById('tasks').scrollIntoView(); true")
+        click("a[data-sort='name']")
+        until_js(f"({pager} || '').indexOf('tasks 1–1 of ') === 0 && ({pager}).indexOf('by name ↓') > 0",
+                 "the list sorted by name, back on its first page")
     finally:
         dt.close()

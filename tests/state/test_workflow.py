@@ -270,6 +270,56 @@ def test_bad_chords_are_refused(s):
         s.chord_declare("c", ["a"], {"queue": "q"}, None, T0)
 
 
+def raw_spec(mid="body-1", body=b'[[], {}, {}]'):
+    return {"queue": "celery", "priority": 3,
+            "message": {"body": body, "id": mid, "headers": {"task": "proj.tsum", "kombu": {"x": 1}}}}
+
+
+def test_a_raw_chord_body_is_published_verbatim_with_the_results_in_a_header(s):
+    """The raw variant (Celery's messages): body bytes and headers untouched, results in x-chord-results."""
+    s.chord_declare("c1", ["m1", "m2"], raw_spec(), None, T0)
+    s.result_set(W, "m2", "SUCCESS", {"b": 2}, None, T0)
+    s.result_set(W, "m1", "SUCCESS", 1, None, T0)
+    (msg,) = s.peek("celery")
+    assert msg.body == b'[[], {}, {}]' and msg.id == "body-1" and msg.priority == 3
+    assert msg.headers == {"task": "proj.tsum", "kombu": {"x": 1}, "x-chord-results": [1, {"b": 2}]}
+
+
+def test_a_raw_chord_fails_its_body_and_sends_the_raw_error_message_once(s):
+    err = {"queue": "errors", "message": {"body": b"e", "id": "err-1"}}
+    s.chord_declare("c1", ["m1", "m2"], raw_spec(), err, T0)
+    s.result_set(W, "m1", "FAILURE", None, {"exc_type": "ValueError", "exc_message": "bad"}, T0)
+    s.result_set(W, "m2", "FAILURE", None, {"exc_type": "KeyError", "exc_message": "k"}, T0)
+    assert "celery" not in s.queues or s.queues["celery"].ready_count == 0
+    (msg,) = s.peek("errors")
+    assert msg.body == b"e" and msg.headers["x-chord-error"] == {"member": "m1", "exc_type": "ValueError", "exc_message": "bad"}
+    body = s.result_get(W, 1, "body-1", T0)
+    assert body["state"] == "FAILURE" and "chord member m1 failed" in body["meta"]["exc_message"]
+
+
+def test_a_raw_chord_fires_once_after_replay(s):
+    s.enable_log()
+    s.chord_declare("c1", ["m1"], raw_spec(), None, T0)
+    s.result_set(W, "m1", "SUCCESS", 5, None, T0)
+    recs = [(i + 1, t, cbor2.loads(cbor2.dumps(p))) for i, (t, p) in enumerate(s.take_records())]
+    fresh = BrokerState()
+    fresh.replay(recs, T0)
+    (msg,) = [m for m in fresh.live_messages() if m.id == "body-1"]
+    assert msg.headers["x-chord-results"] == [5] and msg.body == b'[[], {}, {}]'
+
+
+@pytest.mark.parametrize("message,error", [
+    ({"body": "text"}, r"^chord body 'message' must be a map with 'body' \(a byte string\)$"),
+    ({"body": b"x", "id": ""}, r"^chord body message id must be a text string of 1 to 255 characters$"),
+    ({"body": b"x", "headers": [1]}, r"^chord body message headers must be a map$"),
+    ({"body": b"x", "queue": "q"}, r"^chord body 'message' has unknown key\(s\) 'queue'; known: body, id, headers$"),
+])
+def test_bad_raw_chord_messages_are_refused_with_what_is_wrong(s, message, error):
+    with pytest.raises(RequestError, match=error):
+        s.chord_declare("c", ["a"], {"queue": "q", "message": message}, None, T0)
+    assert "c" not in s.chords
+
+
 @pytest.mark.parametrize("spec,message", [
     ({"every": 10, "anchor": "soon", "body": {}}, r"^anchor must be a Unix time in seconds \(got 'soon'\)$"),
     ({"cron": "0 0 * * *", "tz": 5, "body": {}}, r"^tz must be an IANA time zone name"),

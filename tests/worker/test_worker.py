@@ -140,7 +140,8 @@ def test_delay_then_get_returns_the_value_and_request_details(shared):
     info = tasks.whoami.apply_async(queue=q, priority=3).get(timeout=WAIT)
     assert info["hostname"] == "shared@test"
     assert info["retries"] == 0
-    assert info["delivery_info"] == {"queue": q, "priority": 3, "redelivered": False, "attempts": 1}
+    assert info["delivery_info"] == {"queue": q, "priority": 3, "redelivered": False, "attempts": 1,
+                                     "exchange": "", "routing_key": q}  # Celery's keys too
     assert info["pid"] != w.pid  # ran in a pool process, not the worker's main process
     assert "] received" in w.log() and "] succeeded in " in w.log()
 

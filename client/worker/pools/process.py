@@ -26,6 +26,7 @@ import time
 import traceback
 from collections import deque
 
+from client import signals
 from client.exceptions import EncodeError
 from client.worker.channel import forget_app_connection
 from client.worker.logs import set_process_label
@@ -413,6 +414,14 @@ def _child_main(fd: int, w, label: str):
     runner = Runner(w.app, w.hostname, alarm=True)
     signal.signal(signal.SIGUSR1, _on_drain)
     forget_app_connection(w.app)  # a child makes its own connection if a task publishes
+    signals.worker_process_init.send(sender=None)  # per-process resources (a DB connection) open here
+    try:
+        _child_loop(fd, w, runner)
+    finally:
+        signals.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)
+
+
+def _child_loop(fd: int, w, runner):
     buf = bytearray()
     read = os.read
     loads = pickle.loads

@@ -1,0 +1,221 @@
+"""A Celery result backend on brokerd: ``result_backend = "brokerd://host:7700"``.
+
+Results are stored natively (RESULT_SET): the state, the value (when brokerd can store it) and, for a
+failure, ``exc_type``/``exc_message``/``traceback`` in the meta, so brokerd's page and ``TASK <id>`` show
+them.  Celery's own meta (children, date_done, the exception as Celery serialized it, ``result_extended``
+fields) rides along encoded with Celery's result serializer under ``meta["celery"]`` and is what reads
+restore.  ``result_expires`` is the result's ttl.  ``AsyncResult.get()`` waits by long-poll
+(RESULT_GET with a wait), never by a polling loop.
+
+Chords are counted in brokerd (CHORD, protocol.md §5.27, raw variant): ``apply_chord`` builds the body's
+Celery message without sending it and hands it to brokerd, which publishes it once every member has a
+result, with their results in a header that the transport puts in front of the body's args.  There is
+no ``chord_unlock`` task.  When a member fails, brokerd stores a ChordError for the body; the worker
+whose member failed first runs the body's errbacks (``on_chord_part_return``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+from celery import states
+from celery.backends.base import BaseBackend
+from celery.exceptions import ChordError, TimeoutError
+from celery.result import ResultSet
+from kombu.utils.url import maybe_sanitize_url
+
+from client.celery import message as M
+from client.celery.transport import capture_publishes
+from client.errors import ConnectionClosed, ConnectionLost
+from client.producer import Client
+
+LONG_POLL_MAX = 30.0  # seconds one RESULT_GET may be held by brokerd; a get() longer than that re-asks
+GROUP_PREFIX = "celery-group:"  # a saved GroupResult's record id (group ids are UUIDs like task ids)
+
+
+class BrokerdBackend(BaseBackend):
+    """Celery's ``Backend`` over one shared, thread-safe brokerd ``Client`` per process."""
+
+    supports_native_join = False
+    supports_autoexpire = True
+    persistent = True
+
+    def __init__(self, app, url=None, **kwargs):
+        super().__init__(app, **kwargs)
+        self.url = url or app.conf.result_backend or "brokerd://127.0.0.1:7700"
+        self.expires = self.prepare_expires(kwargs.get("expires"), type=float)
+        self._client = None
+        self._pid = None
+        self._lock = threading.Lock()
+
+    def as_uri(self, include_password=False):
+        return self.url if include_password else maybe_sanitize_url(self.url)
+
+    @property
+    def client(self) -> Client:
+        """Connected on first use, and again after a fork or a lost connection."""
+        c = self._client
+        if c is not None and self._pid == os.getpid() and not c._closed and c._session.error is None:
+            return c
+        with self._lock:
+            c = self._client
+            if c is None or self._pid != os.getpid() or c._closed or c._session.error is not None:
+                c = self._client = Client(self.url, name=f"celery-results-{socket.gethostname()}-{os.getpid()}")
+                self._pid = os.getpid()
+            return c
+
+    def _call(self, fn, *args, **kwargs):
+        """One retry on a dropped connection (a restarted brokerd): results must not be lost to it."""
+        try:
+            return fn(self.client, *args, **kwargs)
+        except (ConnectionLost, ConnectionClosed):
+            self._client = None
+            return fn(self.client, *args, **kwargs)
+
+    # -- storing and reading ------------------------------------------------------------------
+    def _store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
+        meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
+        meta["task_id"] = task_id
+        native = {"celery": self.encode(meta)}
+        value = None
+        if state in self.EXCEPTION_STATES and isinstance(result, dict):
+            native["exc_type"] = result.get("exc_type")
+            native["exc_message"] = _exc_text(result.get("exc_message"))
+            if traceback:
+                native["traceback"] = traceback[-4000:]
+        elif _cbor_plain(result):
+            value = result
+        ttl = self.expires if state in states.READY_STATES else None
+        self._call(lambda c: c.store_result(task_id, state, value, native, ttl=ttl))
+        return result
+
+    def _get_task_meta_for(self, task_id, wait=None):
+        r = self._call(lambda c: c.get_result(task_id, wait=wait))
+        return self._meta_from(task_id, r)
+
+    def _meta_from(self, task_id, r):
+        if not r or r.get("state") in (None, states.PENDING):
+            return {"status": states.PENDING, "result": None, "task_id": task_id}
+        native = r.get("meta") or {}
+        if isinstance(native, dict) and "celery" in native:
+            meta = self.decode_result(native["celery"])
+            meta["status"] = r["state"]  # brokerd may have stored the state itself (REVOKED, ChordError)
+            return meta
+        # stored by brokerd itself (REVOKE, a failed chord's body) or by brokerd's own worker
+        state = r["state"]
+        if state in self.EXCEPTION_STATES:
+            exc = {"exc_type": native.get("exc_type") or "Exception", "exc_message": native.get("exc_message") or "",
+                   "exc_module": "celery.exceptions" if native.get("exc_type") in ("ChordError", "TaskRevokedError") else "builtins"}
+            return {"status": state, "result": self.exception_to_python(exc), "traceback": native.get("traceback"),
+                    "task_id": task_id, "children": []}
+        return {"status": state, "result": r.get("result"), "task_id": task_id, "traceback": None, "children": []}
+
+    def wait_for(self, task_id, timeout=None, interval=0.5, no_ack=True, on_interval=None):
+        """Long-poll: brokerd holds each RESULT_GET until the result is ready (no sleep loop)."""
+        self._ensure_not_eager()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = LONG_POLL_MAX if deadline is None else min(LONG_POLL_MAX, deadline - time.monotonic())
+            meta = self._get_task_meta_for(task_id, wait=max(0.0, remaining))
+            if meta["status"] in states.READY_STATES:
+                if meta["status"] == states.SUCCESS:
+                    self._cache[task_id] = meta
+                return meta
+            if on_interval:
+                on_interval()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError("The operation timed out.")
+
+    def _forget(self, task_id):
+        self._call(lambda c: c.forget_result(task_id))
+
+    # -- groups -------------------------------------------------------------------------------------
+    def _save_group(self, group_id, result):
+        self._call(lambda c: c.store_result(GROUP_PREFIX + group_id, states.SUCCESS, None,
+                                            {"celery": self.encode({"result": result.as_tuple()})}, ttl=self.expires))
+        return result
+
+    def _restore_group(self, group_id):
+        r = self._call(lambda c: c.get_result(GROUP_PREFIX + group_id))
+        if not r or r.get("state") != states.SUCCESS:
+            return None
+        meta = self.decode((r.get("meta") or {})["celery"])
+        from celery.result import result_from_tuple
+        meta["result"] = result_from_tuple(meta["result"], self.app)
+        return meta
+
+    def _delete_group(self, group_id):
+        self._call(lambda c: c.forget_result(GROUP_PREFIX + group_id))
+
+    # -- chords, counted by brokerd -------------------------------------------------------------------
+    def apply_chord(self, header_result_args, body, **kwargs):
+        header_result = self.app.GroupResult(*header_result_args)
+        members = [r.id for r in header_result.results]
+        if not members or any(isinstance(r, ResultSet) for r in header_result.results):
+            return super().apply_chord(header_result_args, body, **kwargs)  # nested header: chord_unlock
+        with capture_publishes() as sent:
+            # An empty list stands in for the results (so Celery's argument check passes); the
+            # transport replaces it with brokerd's x-chord-results at delivery.
+            body.apply_async(() if body.immutable else ([],))
+        if len(sent) != 1:  # a group body (several messages): Celery's own chord_unlock; nothing was sent
+            return super().apply_chord(header_result_args, body, **kwargs)
+        queue, raw = sent[0]
+        p = M.to_brokerd(raw)
+        headers = p["headers"]
+        if body.immutable:
+            headers[M.IMMUTABLE] = True
+        spec = {"queue": queue, "priority": p["priority"],
+                "message": {"body": p["body"], "id": p["id"] or body.id, "headers": headers}}
+        self._call(lambda c: c.chord(header_result.id, members, spec))
+
+    def on_chord_part_return(self, request, state, result, **kwargs):
+        """Counting is brokerd's (at RESULT_SET).  Here only a failure's errbacks: run by the worker
+        whose member brokerd named in the body's ChordError, so they run once."""
+        if state not in states.PROPAGATE_STATES or not request.chord:
+            return
+        from celery.canvas import maybe_signature
+        body = maybe_signature(request.chord, app=self.app)
+        body_id = body.id or body.options.get("task_id")
+        if not body_id:
+            return
+        r = self._call(lambda c: c.get_result(body_id))
+        msg = ((r or {}).get("meta") or {}).get("exc_message") or ""
+        if f"chord member {request.id} failed" in msg:
+            self.chord_error_from_stack(body, ChordError(msg))
+
+    def set_chord_size(self, group_id, chord_size):
+        pass  # brokerd knows the members from CHORD
+
+    def ensure_chords_allowed(self):
+        pass
+
+
+EXC_TEXT_MAX = 4096  # characters of an exception message kept for brokerd's page (Celery's meta has it whole)
+
+
+def _exc_text(args) -> str:
+    """Celery keeps an exception's ``args`` tuple; people read ``str(exc)``: one arg is itself."""
+    if isinstance(args, (list, tuple)):
+        text = str(args[0]) if len(args) == 1 else ", ".join(map(str, args))
+    else:
+        text = str(args)
+    return text[:EXC_TEXT_MAX]
+
+
+def _cbor_plain(value, depth=0) -> bool:
+    """Values brokerd stores as they are (for its page); anything else lives only in Celery's meta."""
+    if depth > 32:
+        return False
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_cbor_plain(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, (str, int)) and _cbor_plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+__all__ = ["BrokerdBackend", "LONG_POLL_MAX"]

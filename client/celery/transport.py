@@ -1,0 +1,459 @@
+"""A kombu transport for ``brokerd://`` and ``brokerds://`` URLs, over the public blocking client.
+
+It keeps kombu's virtual-transport bookkeeping (channels, declared exchanges, message objects) and
+replaces everything that moves or settles a message by brokerd's own operations:
+
+* publish: PUBLISH with the Celery task id, priority, and ``eta`` held by brokerd (``message.py``);
+* consume: one brokerd consumer (CONSUME) per ``basic_consume``, its prefetch credit = ``basic_qos``'s
+  ``prefetch_count``; deliveries are pushed: the client's reader thread writes a byte to a pipe
+  (``Consumer.on_wake``), and the worker's event loop waits on that pipe
+  (``register_with_event_loop``), so there is no polling interval;
+* ``basic_ack`` / ``basic_reject(requeue)``: ACK / NACK; unacked deliveries go back on disconnect by
+  brokerd itself (no visibility timeout, nothing restored by the client);
+* ``queue_purge``: PURGE, ``queue_declare``: DECLARE (passive: STATS);
+* a pidbox ``revoke`` broadcast also sends brokerd's durable REVOKE.
+
+Exchange publishes and bindings other than direct routing go through ``ExchangeRouter``: the one
+seam for brokerd's native fanout/topic (today kombu's in-process table, as the virtual transport has).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import socket
+import threading
+from time import monotonic as _monotonic
+
+from kombu.transport import virtual
+from kombu.utils.objects import cached_property
+
+from client.celery import message as M
+from client.errors import BrokerdError, ConnectionClosed, ConnectionLost, NotFound, PreconditionFailed, Timeout
+from client.producer import Client
+
+log = logging.getLogger("brokerd.celery")
+
+DEFAULT_PORT = 7700
+# kombu's prefetch_count 0 means "no limit"; brokerd's credit is 1..65535 per consumer.  This bounds
+# what one worker may hold unacked (memory) while being "unlimited" for any real Celery setting.
+UNLIMITED_PREFETCH = 65535
+GET_WAIT = 0.5  # seconds basic_get waits for brokerd to deliver a ready message (a round trip or two)
+PIDBOX_SUFFIX = ".pidbox"  # Celery's remote-control exchange is "<app>.pidbox" (fanout)
+
+_capture = threading.local()  # see capture_publishes(): the backend builds a chord body without sending it
+
+
+class capture_publishes:
+    """``with capture_publishes() as sent: body.apply_async()``: publishes made by this thread on any
+    brokerd channel are collected as ``(queue, raw kombu message)`` instead of being sent."""
+
+    def __enter__(self):
+        self.sent = []
+        _capture.sent = self.sent
+        return self.sent
+
+    def __exit__(self, *exc):
+        _capture.sent = None
+
+
+class ExchangeRouter:
+    """Where a publish to an exchange goes, and what a binding means: the seam for brokerd's native
+    fanout/topic exchanges (BIND/UNBIND/publish-to-exchange).  Today: direct routing (the routing key
+    names the queue unless a binding says otherwise) plus kombu's in-process table for fanout/topic,
+    which reaches only queues bound in this process."""
+
+    def __init__(self, channel):
+        self.channel = channel
+
+    def publish(self, message, exchange, routing_key):
+        ch = self.channel
+        etype = ch.typeof(exchange).type if exchange else "direct"
+        if etype == "direct":
+            queues = ch.state.exchanges and ch._lookup_direct(exchange, routing_key)
+            for q in queues or [routing_key]:
+                ch._put(q, message)
+            return
+        if etype == "fanout" and exchange.endswith(PIDBOX_SUFFIX):
+            ch.connection.forward_revoke(message)
+        try:
+            queues = ch.typeof(exchange).lookup(ch.get_table(exchange), exchange, routing_key, None)
+        except KeyError:  # an exchange this process never declared: nobody here is bound to it
+            queues = ()
+        for q in queues:
+            ch._put(q, message)
+
+    def bind(self, queue, exchange, routing_key, arguments):
+        """Called after kombu recorded the binding in its table (nothing to tell brokerd yet)."""
+
+    def unbind(self, queue, exchange, routing_key, arguments):
+        """Called after kombu removed the binding from its table."""
+
+
+class QoS(virtual.QoS):
+    """Settling is brokerd's: ack/reject go to the broker, and nothing is restored by the client
+    (brokerd takes unacked deliveries back when the connection ends)."""
+
+    restore_at_shutdown = False
+
+    def can_consume(self):
+        return True  # brokerd enforces the prefetch credit itself
+
+    def can_consume_max_estimate(self):
+        return None
+
+    def append(self, message, delivery_tag):
+        self._delivered[delivery_tag] = message
+
+    def ack(self, delivery_tag):
+        msg = self._delivered.pop(delivery_tag, None)
+        if msg is not None:
+            msg._brokerd.ack()
+
+    def reject(self, delivery_tag, requeue=False):
+        msg = self._delivered.pop(delivery_tag, None)
+        if msg is not None:
+            msg._brokerd.nack(requeue=requeue)
+
+    def restore_unacked(self):
+        self._delivered.clear()
+
+    def restore_unacked_once(self, stderr=None):
+        self._delivered.clear()
+
+    def restore_visible(self, *args, **kwargs):
+        pass
+
+
+class Message(virtual.Message):
+    def __init__(self, payload, channel=None, **kwargs):
+        self._brokerd = payload.pop("_brokerd", None)
+        super().__init__(payload, channel=channel, **kwargs)
+
+
+class Channel(virtual.Channel):
+    QoS = QoS
+    Message = Message
+    body_encoding = None  # bodies travel as the bytes kombu serialized; no base64
+    do_restore = False
+    supports_fanout = False
+    min_priority = 0
+    max_priority = M.MAX_PRIORITY
+
+    def __init__(self, connection, **kwargs):
+        super().__init__(connection, **kwargs)
+        self.router = ExchangeRouter(self)
+        self._prefetch = 0
+        self._brokerd_consumers = {}  # consumer tag -> (queue, brokerd Consumer)
+
+    @property
+    def client(self) -> Client:
+        return self.connection.brokerd
+
+    # -- publishing ----------------------------------------------------------------------
+    def basic_publish(self, message, exchange, routing_key, **kwargs):
+        self._inplace_augment_message(message, exchange, routing_key)
+        self.router.publish(message, exchange, routing_key)
+
+    def _lookup_direct(self, exchange, routing_key):
+        try:
+            table = self.state.exchanges[exchange]["table"]
+        except KeyError:
+            return None
+        return [q for rkey, _pattern, q in table if rkey == routing_key] or None
+
+    def _put(self, queue, message, **kwargs):
+        sent = getattr(_capture, "sent", None)
+        if sent is not None:
+            sent.append((queue, message))
+            return
+        p = M.to_brokerd(message)
+        with self.connection.errors_mapped():
+            self.client.publish(queue, p["body"], priority=p["priority"], eta=p["eta"], headers=p["headers"], id=p["id"])
+
+    # -- queues ----------------------------------------------------------------------------
+    def queue_declare(self, queue=None, passive=False, **kwargs):
+        from kombu.transport.virtual.base import queue_declare_ok_t
+        queue = queue or "amq.gen-" + os.urandom(8).hex()
+        with self.connection.errors_mapped():
+            if passive:
+                try:
+                    st = self.client.stats(queue)
+                except NotFound:
+                    from amqp import ChannelError
+                    raise ChannelError(f"NOT_FOUND - no queue {queue!r} in brokerd", (50, 10), (50, 10)) from None
+            else:
+                try:
+                    self.client.declare(queue)
+                except PreconditionFailed:
+                    pass  # it exists with options set by its owner (DECLARE, brokerd-ctl): use it as it is
+                st = self.client.stats(queue)
+        return queue_declare_ok_t(queue, _count(st), len(self._consumers_of(queue)))
+
+    def _consumers_of(self, queue):
+        return [t for t, (q, _) in self._brokerd_consumers.items() if q == queue]
+
+    def _size(self, queue):
+        with self.connection.errors_mapped():
+            return _count(self.client.stats(queue))
+
+    def _purge(self, queue):
+        with self.connection.errors_mapped():
+            return self.client.purge(queue)
+
+    def _delete(self, queue, *args, **kwargs):
+        with self.connection.errors_mapped():
+            try:
+                self.client.delete(queue)
+            except NotFound:
+                pass
+
+    def _has_queue(self, queue, **kwargs):
+        try:
+            self.client.stats(queue)
+            return True
+        except NotFound:
+            return False
+
+    def _new_queue(self, queue, **kwargs):
+        pass  # brokerd creates queues on first use; queue_declare sends DECLARE
+
+    def queue_bind(self, queue, exchange=None, routing_key="", arguments=None, **kwargs):
+        super().queue_bind(queue, exchange, routing_key, arguments, **kwargs)
+        self.router.bind(queue, exchange, routing_key, arguments)
+
+    def queue_unbind(self, queue, exchange=None, routing_key="", arguments=None, **kwargs):
+        super().queue_unbind(queue, exchange, routing_key, arguments, **kwargs)
+        self.router.unbind(queue, exchange, routing_key, arguments)
+
+    # -- consuming -------------------------------------------------------------------------
+    def basic_qos(self, prefetch_size=0, prefetch_count=0, apply_global=False):
+        prefetch_count = int(prefetch_count or 0)
+        if prefetch_count == self._prefetch:
+            return
+        self._prefetch = prefetch_count
+        self.qos.prefetch_count = prefetch_count
+        # brokerd's credit is set at CONSUME: consume again with the new one (what was buffered
+        # and not yet handed to kombu goes back to the queue).
+        for tag, (queue, consumer) in list(self._brokerd_consumers.items()):
+            with self.connection.errors_mapped():
+                consumer.cancel()
+                self._brokerd_consumers[tag] = (queue, self._consume(queue))
+
+    def _consume(self, queue):
+        c = self.client.consume([queue], prefetch=self._prefetch or UNLIMITED_PREFETCH)
+        c.on_wake(self.connection.wake)
+        return c
+
+    def basic_consume(self, queue, no_ack, callback, consumer_tag, **kwargs):
+        super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+        with self.connection.errors_mapped():
+            self._brokerd_consumers[consumer_tag] = (queue, self._consume(queue))
+        self.connection.wake()  # deliveries may already be buffered
+
+    def basic_cancel(self, consumer_tag):
+        entry = self._brokerd_consumers.pop(consumer_tag, None)
+        super().basic_cancel(consumer_tag)
+        if entry is not None:
+            try:
+                entry[1].cancel()
+            except BrokerdError:
+                pass
+
+    def basic_get(self, queue, no_ack=False, **kwargs):
+        """One message if one is ready now (a short-lived consumer with credit 1), else None."""
+        with self.connection.errors_mapped():
+            c = self.client.consume([queue], prefetch=1)
+            try:
+                d = c.get(timeout=GET_WAIT)
+            finally:
+                c.cancel()
+        if d is None:
+            return None
+        message = self.Message(self._raw(d), channel=self)
+        if no_ack:
+            d.ack()
+        else:
+            self.qos.append(message, message.delivery_tag)
+        return message
+
+    def _raw(self, d):
+        raw = M.from_delivery(d)
+        raw["_brokerd"] = d
+        return raw
+
+    def deliver_ready(self) -> int:
+        """Hand every buffered delivery of this channel's consumers to kombu; how many."""
+        n = 0
+        for tag, (queue, consumer) in list(self._brokerd_consumers.items()):
+            while tag in self._brokerd_consumers:
+                d = consumer.get(timeout=0)
+                if d is None:
+                    break
+                cb = self.connection._callbacks.get(queue)
+                if cb is None:
+                    d.nack(requeue=True)
+                    break
+                n += 1
+                try:
+                    raw = self._raw(d)
+                except Exception as exc:  # a message we cannot rebuild costs only itself
+                    log.error("brokerd message %s in %r cannot be read as a Celery message (%s: %s); "
+                              "dead-lettered to %s.dlq", d.id, queue, type(exc).__name__, exc, queue)
+                    d.nack(requeue=False)
+                    continue
+                cb(raw)
+        return n
+
+    def close(self):
+        for tag in list(self._brokerd_consumers):
+            self.basic_cancel(tag)
+        super().close()
+
+
+
+def _count(stats) -> int:
+    if not isinstance(stats, dict):
+        return 0
+    return int(stats.get("ready", 0) or 0) + int(stats.get("delayed", 0) or 0)
+
+
+class Transport(virtual.Transport):
+    Channel = Channel
+    default_port = DEFAULT_PORT
+    driver_type = "brokerd"
+    driver_name = "brokerd"
+    polling_interval = None  # deliveries are pushed; nothing polls
+
+    implements = virtual.Transport.implements.extend(
+        asynchronous=True,
+        exchange_type=frozenset(["direct", "topic", "fanout"]),
+        heartbeats=False,
+    )
+
+    connection_errors = virtual.Transport.connection_errors + (ConnectionLost, ConnectionClosed, Timeout, OSError)
+    channel_errors = virtual.Transport.channel_errors + (BrokerdError,)
+    recoverable_connection_errors = (ConnectionLost, ConnectionClosed, Timeout, OSError)
+
+    def __init__(self, client, **kwargs):
+        super().__init__(client, **kwargs)
+        self.brokerd = None
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    # -- the connection ------------------------------------------------------------------------
+    can_parse_url = True  # kombu hands us the URL whole; client.options parses it (credentials, TLS)
+
+    def _url(self) -> str:
+        host = self.client.hostname or "127.0.0.1"
+        if "://" in host:
+            return host
+        return f"brokerd://{host}:{self.client.port or DEFAULT_PORT}"
+
+    def establish_connection(self):
+        try:
+            self.brokerd = Client(self._url(), name=f"celery-{socket.gethostname()}-{os.getpid()}")
+        except BrokerdError as exc:
+            raise ConnectionLost(None, str(exc)) from exc
+        self.brokerd.control_handlers.append(self._on_control)
+        return super().establish_connection()
+
+    def close_connection(self, connection):
+        try:
+            super().close_connection(connection)
+        finally:
+            b, self.brokerd = self.brokerd, None
+            if b is not None:
+                try:
+                    b.close(timeout=2)
+                except BrokerdError:
+                    pass
+            for fd in (self._wake_r, self._wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._wake_r = self._wake_w = -1
+
+    def errors_mapped(self):
+        """Around every brokerd call: brokerd's connection errors are already kombu's
+        recoverable ones (``recoverable_connection_errors``), so they pass through unchanged."""
+        return contextlib.nullcontext()
+
+    def forward_revoke(self, message) -> None:
+        """A pidbox ``revoke`` broadcast: also brokerd's durable REVOKE (survives restarts)."""
+        try:
+            from kombu import serialization
+            body = serialization.loads(M.body_bytes(message), message.get("content-type"),
+                                       message.get("content-encoding"), accept=None)
+        except Exception:  # not ours to judge a control message we cannot read
+            return
+        if not isinstance(body, dict) or body.get("method") != "revoke":
+            return
+        args = body.get("arguments") or {}
+        ids = args.get("task_id")
+        ids = [ids] if isinstance(ids, str) else list(ids or [])
+        if ids:
+            with self.errors_mapped():
+                self.brokerd.revoke(ids, terminate=bool(args.get("terminate")))
+
+    def _on_control(self, payload) -> None:
+        """brokerd's CONTROL push: a REVOKE made elsewhere reaches this worker's revoked set."""
+        if isinstance(payload, dict) and payload.get("revoke"):
+            try:
+                from celery.worker import state as worker_state
+            except ImportError:
+                return
+            worker_state.revoked.update(payload["revoke"])
+
+    # -- push delivery ------------------------------------------------------------------------------
+    def wake(self) -> None:
+        """Called in the client's reader thread (never blocks): the event loop has work."""
+        try:
+            os.write(self._wake_w, b"!")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (a wake-up is pending anyway) or closed
+
+    def _drain_pipe(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _deliver_all(self) -> int:
+        self._drain_pipe()
+        n = 0
+        with self.errors_mapped():
+            for channel in list(self.channels):
+                n += channel.deliver_ready()
+        return n
+
+    def register_with_event_loop(self, connection, loop):
+        loop.add_reader(self._wake_r, self.on_readable, connection)
+
+    def on_readable(self, connection, *args):
+        self._deliver_all()
+
+    def drain_events(self, connection, timeout=None):
+        deadline = None if timeout is None else _monotonic() + timeout
+        while True:
+            if self._deliver_all():
+                return
+            remaining = None if deadline is None else deadline - _monotonic()
+            if remaining is not None and remaining <= 0:
+                raise socket.timeout()
+            select.select([self._wake_r], [], [], remaining)
+
+    @cached_property
+    def default_connection_params(self):
+        return {"port": self.default_port, "hostname": "127.0.0.1"}
+
+    def driver_version(self):
+        return "1"
+
+
+__all__ = ["Transport", "Channel", "ExchangeRouter", "capture_publishes"]
