@@ -1,0 +1,3 @@
+from celery._compat import missing
+
+UnpickleableExceptionWrapper = missing("utils.serialization.UnpickleableExceptionWrapper")
