@@ -288,6 +288,20 @@ class FlowMixin:
         rows.sort(key=lambda r: (r["kind"], r["name"]))
         return rows
 
+    def tenant_table(self, queues_max: int = 50, tenants_max: int = 20) -> list[dict]:
+        """Queues delivering in tenant turns, each with its busiest tenants (ready messages,
+        weight) — the page's view of TENANTS.  Bounded: ``queues_max`` queues (most ready first)
+        and ``tenants_max`` tenants each, so a broker with 10^5 tenants renders in bounded time;
+        ``tenants`` counts them all."""
+        qs = sorted((q for q in self.queues.values() if q.tenanted), key=lambda q: (-q.ready_count, q.name))
+        rows = []
+        for q in qs[:queues_max]:
+            t = q.tenants()
+            top = sorted(t.items(), key=lambda kv: (-kv[1][0], "" if kv[0] is None else kv[0]))[:tenants_max]
+            rows.append({"queue": q.name, "tenants": len(t),
+                         "top": [{"tenant": k, "ready": n, "weight": w} for k, (n, w) in top]})
+        return rows
+
     # -- durability ----------------------------------------------------------------------------
     def _replay_rate(self, p) -> None:
         kind, name, text = p

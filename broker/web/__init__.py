@@ -288,6 +288,14 @@ class Web:
             rows = [r for r in rows if r["kind"] != "queue" or access.sees(r["name"])]
         return rows
 
+    def tenants(self, access: Access = OPEN) -> list:
+        """Queues in tenant turns with their busiest tenants (issue 15), those the user sees."""
+        fn = getattr(self.server.state, "tenant_table", None)
+        rows = plain(fn()) if fn is not None else []
+        if access.grant is not None:
+            rows = [r for r in rows if access.sees(r["queue"])]
+        return rows
+
     def schedules(self) -> list:
         fn = getattr(self.server.state, "schedule_list", None)
         return plain(fn()) if fn is not None else []
@@ -311,6 +319,7 @@ class Web:
             "dead": dead,
             "schedules": self.schedules() if access.schedules else [],
             "limits": self.limits(now, access),
+            "tenants": self.tenants(access),
             "now": now,
         }
 
@@ -385,14 +394,15 @@ class Web:
 <div data-section="tasks">{s["tasks"]}</div></section>
 <section id="dead"><h2>Dead letters</h2><div data-section="dead">{s["dead"]}</div></section>
 <section id="schedules"><h2>Schedules</h2><div data-section="schedules">{s["schedules"]}</div></section>
-<section id="limits"><h2>Rate limits and caps</h2><div data-section="limits">{s["limits"]}</div></section>
+<section id="limits"><h2>Rate limits and caps</h2><div data-section="limits">{s["limits"]}</div>
+<h3>Tenants per queue</h3><div data-section="tenants">{s["tenants"]}</div></section>
 """)
 
     def sections(self, ov: dict, access: Access = OPEN) -> dict:
         return {"queues": render_queues(ov["queues"], ov.get("queues_page"), access.csrf),
                 "workers": render_workers(ov["workers"]),
                 "dead": render_dead(ov["dead"], access.csrf), "schedules": render_schedules(ov["schedules"]),
-                "limits": render_limits(ov.get("limits") or []), "summary": render_summary(ov["broker"])}
+                "limits": render_limits(ov.get("limits") or []), "tenants": render_tenants(ov.get("tenants") or []), "summary": render_summary(ov["broker"])}
 
     def worker_page(self, hostname: str, now: float, access: Access = OPEN) -> str:
         """One worker: pool, counts, heartbeat age, queues, and its controls (``control`` grant)."""
@@ -715,6 +725,20 @@ def render_limits(limits: list) -> str:
         for r in limits)
     return ('<table><thead><tr><th>kind</th><th>name</th><th>limit</th><th>set by</th><th>waiting</th>'
             f'<th>in flight</th></tr></thead><tbody>{rows}</tbody></table>')
+
+
+def render_tenants(rows: list) -> str:
+    """Each queue delivering in tenant turns: its tenants' ready messages and weights (the busiest)."""
+    if not rows:
+        return '<p class="empty">no queue has tenants</p>'
+    out = "".join(
+        f'<tr><td class="name">{esc(r["queue"])}</td><td class="n">{esc(r["tenants"])}</td><td>'
+        + ", ".join(f'{esc("-" if t["tenant"] is None else t["tenant"])}: {esc(t["ready"])}'
+                    + (f' (weight {esc(t["weight"])})' if t["weight"] != 1 else "") for t in r["top"])
+        + "</td></tr>"
+        for r in rows)
+    return ('<table><thead><tr><th>queue</th><th>tenants</th><th>ready per tenant (busiest first)</th></tr></thead>'
+            f'<tbody>{out}</tbody></table>')
 
 
 def _pre(value) -> str:

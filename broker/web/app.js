@@ -87,6 +87,7 @@
         var h = res[0].html;
         swap("queues", h.queues); swap("workers", h.workers); swap("dead", h.dead); swap("schedules", h.schedules);
         if (h.limits !== undefined) swap("limits", h.limits);
+        if (h.tenants !== undefined) swap("tenants", h.tenants);
         summaryEl.innerHTML = h.summary;
         if (res[1]) swap("tasks", res[1].html.tasks);
         if (res[2]) swap("graphs", res[2].html.graphs);

@@ -32,6 +32,10 @@ def test_rates_rate_and_tenants_over_netcat_and_on_the_page(broker):
         out = broker.admin("TENANTS sms\n")
         assert "OK 2 tenants with ready messages in sms" in out
         assert [line.split() for line in out.splitlines()[2:4]] == [["acme", "6", "1"], ["initech", "1", "3"]]
+        status, body = get(broker.http_port, "/api/overview")
+        assert json.loads(body)["tenants"] == [{"queue": "sms", "tenants": 2, "top": [
+            {"tenant": "acme", "ready": 6, "weight": 1}, {"tenant": "initech", "ready": 1, "weight": 3}]}]
+        assert b"acme: 6" in get(broker.http_port, "/")[1] and b"initech: 1 (weight 3)" in get(broker.http_port, "/")[1]
         cons = c.consume(["sms"], prefetch=10)
         assert cons.get(timeout=10) is not None  # the bucket's one token; the rest wait
         rates = broker.admin("RATES\n")

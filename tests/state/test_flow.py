@@ -281,3 +281,20 @@ def test_task_rate_limits_are_bounded_and_the_one_too_many_is_refused_whole(s, m
     pub(s, b"x", x_task="t0", x_rate_limit="2/s")  # a known task may still change its own
     with pytest.raises(BadRequest, match="at most 3 task names"):
         s.rate_limit("t4", "1/s", None, 0.0)
+
+
+def test_the_pages_tenant_table_is_bounded_and_busiest_first(s):
+    """tenant_table (the page's "Tenants per queue"): only queues in tenant turns, the busiest tenants
+    first, at most ``tenants_max`` each and ``queues_max`` queues, with the full count kept."""
+    pub(s, b"plain", queue="untenanted")
+    for i in range(30):
+        for _ in range(i % 4 + 1):
+            pub(s, b"x", queue="q", **{"x-tenant": f"t{i:02d}"})
+    pub(s, b"x", queue="other", **{"x-tenant": "solo", "x-tenant-weight": 2})
+    rows = s.tenant_table(tenants_max=5)
+    assert [r["queue"] for r in rows] == ["q", "other"]  # most ready first; the untenanted queue absent
+    q = rows[0]
+    assert q["tenants"] == 30 and len(q["top"]) == 5
+    assert [t["ready"] for t in q["top"]] == [4, 4, 4, 4, 4]
+    assert rows[1]["top"] == [{"tenant": "solo", "ready": 1, "weight": 2}]
+    assert len(s.tenant_table(queues_max=1)) == 1
