@@ -12,6 +12,7 @@ import time
 
 import trio
 
+from broker.errors import NotLeader
 from broker.handlers import admin
 from broker.runtime.connection import RECEIVE_BYTES, Close, Conn, audit, peer_host
 from broker.runtime.replication import follower_may_read
@@ -65,7 +66,7 @@ class AdminConnection:
                 follower = self.server.follower
                 if follower is not None:  # a standby: reads from its replayed log, no writes
                     if not follower_may_read(line):
-                        await self._send(stream, admin.error("NOT_LEADER", follower.refusal()).encode())
+                        await self._send(stream, admin.error(NotLeader.code, follower.refusal()).encode())
                         continue
                     reply = admin.execute(follower.view(time.time()), line, time.time(), self.server.admin_extra(),
                                           user=conn.user)

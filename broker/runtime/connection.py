@@ -29,7 +29,7 @@ import trio
 
 from broker import __version__
 from broker import auth
-from broker.errors import MemoryLimit, UnknownOp
+from broker.errors import MemoryLimit, NotEnoughReplicas, NotLeader, UnknownOp
 from broker.handlers import admin
 from broker.handlers.binary import DURABLE_OPS, HANDLERS, handle
 from broker.runtime.replication import follower_may_read
@@ -309,14 +309,14 @@ class BinaryConnection:
                         return await srv.replication.serve(conn, reader, f)
                     if srv.follower is not None and op not in FOLLOWER_OPS:
                         rid = f[1] if len(f) > 1 and type(f[1]) is int else 0
-                        state.send_to(cid, error_frame(rid, "NOT_LEADER", srv.follower.refusal()))
+                        state.send_to(cid, error_frame(rid, NotLeader.code, srv.follower.refusal()))
                         continue
                     if srv.follower is not None and op in (OP_STATS, OP_ADMIN):
                         state.send_to(cid, self._follower_read(f, now))
                         continue
                     if srv.replica_alarm is not None and op in MEMORY_OPS and not settles(f):
                         rid = f[1] if len(f) > 1 and type(f[1]) is int else 0
-                        state.send_to(cid, error_frame(rid, "NOT_ENOUGH_REPLICAS", srv.replica_alarm))
+                        state.send_to(cid, error_frame(rid, NotEnoughReplicas.code, srv.replica_alarm))
                         continue
                     if op in AUDIT_OPS:
                         self._audit(f)
@@ -392,7 +392,7 @@ class BinaryConnection:
         if type(line) is not str:
             return error_frame(rid, "BAD_REQUEST", "ADMIN field 2 must be one admin command line (text)")
         if not follower_may_read(line):
-            return error_frame(rid, "NOT_LEADER", srv.follower.refusal())
+            return error_frame(rid, NotLeader.code, srv.follower.refusal())
         return ok_frame(rid, admin.execute(view, line, now, srv.admin_extra(), user=self.conn.user))
 
     def _refused(self, user, f: list) -> bool:

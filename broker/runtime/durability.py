@@ -38,6 +38,7 @@ from collections import deque
 import cbor2
 import trio
 
+from broker.errors import NotEnoughReplicas
 from broker.state import log_records as R
 from broker.wal import WalFailed, WriteAheadLog
 from client.wire import OP_OK, error_frame
@@ -261,7 +262,7 @@ class Durability:
         go out as if on enough disks.  (Their records stay in the local log.)"""
         while self._waiting:
             _, box, release = self._waiting.popleft()
-            release(_refuse_confirms(box, message, "NOT_ENOUGH_REPLICAS"))
+            release(_refuse_confirms(box, message, NotEnoughReplicas.code))
 
     # -- the writer task ---------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

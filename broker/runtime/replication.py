@@ -29,6 +29,7 @@ import time
 import cbor2
 import trio
 
+from broker.errors import NotLeader
 from client.wire import (
     OP_CLOSING,
     OP_ERROR,
@@ -128,7 +129,7 @@ class LeaderReplication:
                                  f"REPLICATE field 2 must be the follower's next lsn, an integer >= 1 (got {from_lsn!r})")
         wal = durability.wal
         if srv.follower is not None:
-            return await _refuse(conn, rid, "NOT_LEADER",
+            return await _refuse(conn, rid, NotLeader.code,
                                  f"this brokerd follows {srv.follower.address}; replicate from the leader")
         written = wal.written_lsn
         if from_lsn > written + 1:
@@ -252,8 +253,9 @@ class Follower:
         while True:
             try:
                 await self._follow_once()
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, FollowError) as exc:
-                self.last_error = str(exc)
+            except Exception as exc:  # noqa: BLE001 -- whatever a leader sends, the follower lives on
+                # (refused, unreachable, silent past 30 s, a bad frame or a record the log refuses)
+                self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("following %s: %s; reconnecting in %gs", self.address, exc, RECONNECT_DELAY)
             self.connected = False
             await trio.sleep(RECONNECT_DELAY)
