@@ -65,6 +65,8 @@ from client.wire import (
     OP_PUBLISH,
     OP_PURGE,
     OP_RATE_LIMIT,
+    OP_REPLICA_ACK,
+    OP_REPLICATE,
     OP_RESULT_FORGET,
     OP_RESULT_GET,
     OP_RESULT_SET,
@@ -109,6 +111,8 @@ REQUIRED: dict[int, tuple[str, object] | None] = {
     # Exchange names share the queue globs.  EMIT needs publish on the exchange; BIND and UNBIND
     # need manage on the queue and consume on the exchange (a binding reads what is emitted to it).
     OP_EMIT: ("publish", 2), OP_BIND: ("manage", 3), OP_UNBIND: ("manage", 3),
+    # A follower reads the whole log (every queue's messages): its own kind, given to replication users only.
+    OP_REPLICATE: ("replicate", None), OP_REPLICA_ACK: ("replicate", None),
 }
 
 USERS_FILE_EXAMPLE = '''\

@@ -18,6 +18,7 @@ import cbor2
 from broker.config import Config
 from broker.runtime import history, notify
 from broker.runtime.durability import Durability
+from broker.runtime.replication import Follower, LeaderReplication
 from broker.runtime.history import HistoryFile
 from broker.runtime.server import Server
 from broker.state import BrokerState
@@ -57,6 +58,12 @@ class DataDirError(Exception):
     """The data directory cannot be used: locked, corrupt, unreadable."""
 
 
+def _keeping(records, into: list):
+    for r in records:
+        into.append(r)
+        yield r
+
+
 def open_server(config: Config) -> Server:
     """Open the write-ahead log, replay it into a fresh state, build the server."""
     users = load_users(config)  # first: a bad users file refuses start before the log is touched
@@ -84,7 +91,10 @@ def open_server(config: Config) -> Server:
     # Logging is on during replay: what replay *decides* (dead-lettering a message
     # past max_attempts, firing a chord whose last result was logged but not its
     # firing) must itself be logged, or a second crash would decide it again.
-    state.enable_log()
+    follower = bool(config.follow)
+    if not follower:  # a follower logs only what its leader sends: replay decides nothing here
+        state.enable_log()
+    kept_records: list = []  # a follower's view is replayed from these (broker.runtime.replication)
     state.default_result_ttl = config.result_ttl
     t0 = time.monotonic()
     # Replay allocates one long-lived object per live message; the cyclic GC
@@ -104,7 +114,10 @@ def open_server(config: Config) -> Server:
         seen = RepairWitness() if config.repair else None
         if seen is not None:
             records = seen.watch(records)
-        replayed = state.replay(((r.lsn, r.type, loads(r.payload)) for r in records), time.time())
+        decoded = ((r.lsn, r.type, loads(r.payload)) for r in records)
+        if follower:
+            decoded = _keeping(decoded, kept_records)
+        replayed = state.replay(decoded, time.time())
         # A repair (or a deleted half-created segment) can leave the log's next
         # lsn past the last replayed record: the state numbers records the same way.
         state.align_lsn(wal.next_lsn - 1)
@@ -134,6 +147,15 @@ def open_server(config: Config) -> Server:
     if leftover:
         durability.submit(leftover, {}, lambda box: None)
     server = Server(config, state, durability)
+    if follower:
+        server.follower = Follower(server, config.follow, config.follow_user, config.follow_token)
+        server.follower.records = kept_records
+        log.info("following the leader at %s (a standby: reads only, writes get NOT_LEADER)", config.follow)
+    else:
+        server.replication = LeaderReplication(server, config.sync_replicas)
+        if config.sync_replicas:
+            durability.replica_lsn = server.replication.replica_lsn
+            log.info("confirms wait for %d followers' fsync (--sync-replicas)", config.sync_replicas)
     # The page's task list from before the restart (its own file: broker.runtime.history)
     server.history = HistoryFile(config.data_dir)
     kept = history.restore(state, server.history)

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-required", dest="tls_required", action="store_const", const="true", help="refuse plaintext on the protocol port (TLS_REQUIRED)")
     p.add_argument("--insecure-no-auth", dest="insecure_no_auth", action="store_const", const="true", help="listen on a non-loopback --host although brokerd has no authentication: anyone who reaches the port can do anything")
     p.add_argument("--users-file", dest="users_file", help="TOML file of users and their grants; set, every connection must log in (brokerd-ctl user add writes it)")
+    p.add_argument("--follow", dest="follow", metavar="HOST:PORT", help="be a follower (hot standby) of the leader brokerd at HOST:PORT: copy its log, answer reads, refuse writes with NOT_LEADER")
+    p.add_argument("--follow-user", dest="follow_user", help="with --follow: the user (with the replicate grant) to log in to the leader as; its token in BROKERD_FOLLOW_TOKEN")
+    p.add_argument("--sync-replicas", dest="sync_replicas", help="on a leader: followers that must have fsynced a record before it is confirmed (default 0: the local fsync alone)")
     p.add_argument("--log-level", dest="log_level", help=f"debug, info, warning or error (default {d.log_level})")
     return p
 

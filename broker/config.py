@@ -154,6 +154,18 @@ class Config:
     # it).  Empty: no users, every client may do everything (bind to loopback only).  Set: every
     # connection must log in, and each request is checked against its user's grants.
     users_file: str = ""
+    # -- replication (broker/runtime/replication.py, protocol.md §5.40) ------------------------
+    # HOST:PORT of the leader: this brokerd is then a follower (a hot standby that refuses
+    # writes with NOT_LEADER).  Empty: a leader (or a standalone brokerd).
+    follow: str = ""
+    # The replication user and token the follower logs in with when the leader has users
+    # (the user needs the "replicate" grant).  Put the token in BROKERD_FOLLOW_TOKEN.
+    follow_user: str = ""
+    follow_token: str = ""
+    # On a leader: followers that must have a record on disk before its confirm goes out.
+    # 0 (the default: a leader is not told whether it has followers) confirms after the local
+    # fsync alone; N > 0 refuses publishes with NOT_ENOUGH_REPLICAS while fewer than N are in sync.
+    sync_replicas: int = 0
 
     def __post_init__(self):
         # Resolved here, not in load(): a Config built directly (tests, embedders) follows too.
@@ -195,6 +207,12 @@ class Config:
             bad("max_memory", f"must be a number of bytes, or 0 to turn the watermark off (got {self.max_memory!r})")
         if not isinstance(self.output_buffer, int) or self.output_buffer < 64 * KiB:
             bad("output_buffer", f"must be a number of bytes >= 65536 (got {self.output_buffer!r})")
+        if self.follow:
+            host, sep, port = self.follow.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                bad("follow", f"must be the leader's HOST:PORT, e.g. 10.0.0.5:7700 (got {self.follow!r})")
+        if isinstance(self.sync_replicas, bool) or not isinstance(self.sync_replicas, int) or not 0 <= self.sync_replicas <= 16:
+            bad("sync_replicas", f"must be a number of followers from 0 to 16 (got {self.sync_replicas!r})")
         if self.fsync not in FSYNC_POLICIES:
             bad("fsync", f"must be one of {', '.join(FSYNC_POLICIES)} (got {self.fsync!r})")
         if not isinstance(self.fsync_interval_ms, int) or self.fsync_interval_ms < 1:

@@ -105,6 +105,18 @@ class MemoryLimit(BrokerError):
     code = "MEMORY_LIMIT"
 
 
+class NotLeader(BrokerError):
+    """This brokerd is a follower (--follow); the message names the leader."""
+
+    code = "NOT_LEADER"
+
+
+class NotEnoughReplicas(BrokerError):
+    """Fewer followers than --sync-replicas are in sync; nothing was confirmed."""
+
+    code = "NOT_ENOUGH_REPLICAS"
+
+
 # -- codes that close the connection (sent in a CLOSING frame or a last ERR line) -------------
 class BadFrame(BrokerError):
     code = "BAD_FRAME"

@@ -167,6 +167,22 @@ class MemoryLimit(RequestRefused):
     code = "MEMORY_LIMIT"
 
 
+class NotLeader(RequestRefused):
+    """This brokerd is a follower and takes no writes (NOT_LEADER); the message names the leader."""
+
+    code = "NOT_LEADER"
+
+
+class NotEnoughReplicas(RequestRefused):
+    """Fewer followers than the leader's --sync-replicas are in sync (NOT_ENOUGH_REPLICAS).
+
+    The write was not confirmed; a confirm that was held when the followers dropped
+    may still be in the leader's log, so a retry may store it twice.
+    """
+
+    code = "NOT_ENOUGH_REPLICAS"
+
+
 class AccessRefused(RequestRefused):
     """The user this client logged in as lacks the grant for this operation (ACCESS_REFUSED).
 
@@ -237,6 +253,8 @@ _BY_CODE: dict[str, type[BrokerdError]] = {
     "MESSAGE_TOO_LARGE": MessageTooLarge,
     "LOG_FAILED": LogFailed,
     "MEMORY_LIMIT": MemoryLimit,
+    "NOT_LEADER": NotLeader,
+    "NOT_ENOUGH_REPLICAS": NotEnoughReplicas,
     "ACCESS_REFUSED": AccessRefused,
     "AUTH_REQUIRED": AccessRefused,
     "AUTH_FAILED": AuthFailed,

@@ -25,6 +25,7 @@ GRANT_KINDS = (
     "schedules",      # SCHEDULE_PUT/REMOVE/PAUSE/LIST: brokerd-beat
     "control",        # REVOKE, CONTROL_REQUEST, SUBSCRIBE, WORKERS: operators and dashboards
     "admin",          # every netcat command, ADMIN frames, user management
+    "replicate",      # REPLICATE, REPLICA_ACK: a follower brokerd reading the whole log
 )
 USER_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 

@@ -76,6 +76,9 @@ OP_BIND = 33  # [33, rid, exchange, queue, key, {type, temporary}|null]
 OP_UNBIND = 34  # [34, rid, exchange, queue, key]
 OP_EMIT = 35  # [35, rid, exchange, routing_key, body, id|null, priority, options|null]
 OP_RATE_LIMIT = 40  # set a task's or queue's rate live: [40, rid, name, limit, kind]
+# replication (protocol.md §5.40): a follower asks for the log from an lsn, then reports its durable lsn
+OP_REPLICATE = 41  # [41, rid, from_lsn]
+OP_REPLICA_ACK = 42  # [42, rid, durable_lsn]; never answered
 
 # server → client
 OP_OK = 64
@@ -84,6 +87,7 @@ OP_DELIVER = 66
 OP_CLOSING = 67  # the server is about to close the connection: [67, code, message]
 OP_CONTROL = 68  # a broadcast to consumers, e.g. [68, {"revoke": [ids], "terminate": true}]
 OP_EVENT = 69  # events for a subscriber: [69, [event, ...], dropped]
+OP_RECORDS = 70  # log records for a follower: [70, leader_lsn, [[lsn, type, payload], ...]]
 
 CLIENT_OPS = {
     OP_HELLO: "HELLO",
@@ -122,9 +126,11 @@ CLIENT_OPS = {
     OP_UNBIND: "UNBIND",
     OP_EMIT: "EMIT",
     OP_RATE_LIMIT: "RATE_LIMIT",
+    OP_REPLICATE: "REPLICATE",
+    OP_REPLICA_ACK: "REPLICA_ACK",
 }
 SERVER_OPS = {OP_OK: "OK", OP_ERROR: "ERROR", OP_DELIVER: "DELIVER", OP_CLOSING: "CLOSING", OP_CONTROL: "CONTROL",
-              OP_EVENT: "EVENT"}
+              OP_EVENT: "EVENT", OP_RECORDS: "RECORDS"}
 
 # --- protocol.md §4 "Errors" ----------------------------------------------------
 # code → (meaning, does the connection stay open)
@@ -154,6 +160,8 @@ ERROR_CODES: dict[str, tuple[str, bool]] = {
     "AUTH_FAILED": ("brokerd has users and the user name or token is missing or wrong; the connection is closed", False),
     "AUTH_REQUIRED": ("an admin text connection must send AUTH <user> <token> before this command", True),
     "ACCESS_REFUSED": ("the user lacks the grant this operation needs on this queue; nothing changed", True),
+    "NOT_LEADER": ("this brokerd is a follower and takes no writes; the message names the leader's address", True),
+    "NOT_ENOUGH_REPLICAS": ("fewer followers than --sync-replicas are in sync; the write was not confirmed", True),
     "INTERNAL": ("a bug in the server; the connection is closed, nothing stored is lost", False),
 }
 
@@ -442,6 +450,11 @@ class Event(NamedTuple):
     @classmethod
     def from_frame(cls, f: list) -> "Event":
         return cls(f[1] if len(f) > 1 else [], f[2] if len(f) > 2 else 0)
+
+
+def records_frame(leader_lsn: int, records) -> list:
+    """§5.40: log records for a follower, ``[[lsn, type, payload], ...]`` oldest first."""
+    return [OP_RECORDS, leader_lsn, [list(r) for r in records]]
 
 
 def control_frame(payload) -> list:

@@ -12,8 +12,10 @@ import time
 
 import trio
 
+from broker.errors import NotLeader
 from broker.handlers import admin
 from broker.runtime.connection import RECEIVE_BYTES, Close, Conn, audit, peer_host
+from broker.runtime.replication import follower_may_read
 
 # Before AUTH, on a broker with users, only these answer (the rest: ERR AUTH_REQUIRED).
 BEFORE_AUTH = frozenset(("HELP", "PING", "QUIT", "AUTH"))
@@ -60,6 +62,15 @@ class AdminConnection:
                     buf = await self._events(line, buf)
                     if buf is None:
                         return "admin EVENTS ended"
+                    continue
+                follower = self.server.follower
+                if follower is not None:  # a standby: reads from its replayed log, no writes
+                    if not follower_may_read(line):
+                        await self._send(stream, admin.error(NotLeader.code, follower.refusal()).encode())
+                        continue
+                    reply = admin.execute(follower.view(time.time()), line, time.time(), self.server.admin_extra(),
+                                          user=conn.user)
+                    await self._send(stream, reply.encode())
                     continue
                 reply = admin.execute(self.server.state, line, time.time(), self.server.admin_extra(), user=conn.user)
                 if word in admin.CHANGING_COMMANDS:

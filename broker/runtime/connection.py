@@ -29,11 +29,14 @@ import trio
 
 from broker import __version__
 from broker import auth
-from broker.errors import MemoryLimit, UnknownOp
+from broker.errors import MemoryLimit, NotEnoughReplicas, NotLeader, UnknownOp
 from broker.handlers import admin
 from broker.handlers.binary import DURABLE_OPS, HANDLERS, handle
+from broker.runtime.replication import follower_may_read
 from client.wire import (
     OP_ADMIN,
+    OP_PING,
+    OP_REPLICATE,
     OP_BYE,
     OP_CHORD,
     OP_HEARTBEAT,
@@ -72,6 +75,9 @@ log = logging.getLogger("brokerd")
 audit = logging.getLogger("brokerd.audit")
 # Binary ops that change the broker for everyone (management, revocation, schedules, control
 # of workers, admin lines): each one is an audit line.  Per-message ops are not, by design.
+# What a follower answers itself (reads, and the connection's own upkeep); every other op gets
+# NOT_LEADER naming the leader (broker/runtime/replication.py).
+FOLLOWER_OPS = frozenset((OP_HELLO, OP_HEARTBEAT, OP_PING, OP_BYE, OP_STATS, OP_ADMIN))
 AUDIT_OPS = frozenset((OP_DECLARE, OP_DELETE, OP_PURGE, OP_PAUSE, OP_RESUME, OP_REVOKE, OP_SCHEDULE_PUT,
                        OP_SCHEDULE_REMOVE, OP_SCHEDULE_PAUSE, OP_CONTROL_REQUEST, OP_ADMIN))
 
@@ -297,6 +303,21 @@ class BinaryConnection:
                     op = f[0]
                     if user is not None and self._refused(user, f):
                         continue
+                    if op == OP_REPLICATE and srv.replication is not None:
+                        # This connection is a follower's from now on (broker/runtime/replication.py).
+                        srv.flush()
+                        return await srv.replication.serve(conn, reader, f)
+                    if srv.follower is not None and op not in FOLLOWER_OPS:
+                        rid = f[1] if len(f) > 1 and type(f[1]) is int else 0
+                        state.send_to(cid, error_frame(rid, NotLeader.code, srv.follower.refusal()))
+                        continue
+                    if srv.follower is not None and op in (OP_STATS, OP_ADMIN):
+                        state.send_to(cid, self._follower_read(f, now))
+                        continue
+                    if srv.replica_alarm is not None and op in MEMORY_OPS and not settles(f):
+                        rid = f[1] if len(f) > 1 and type(f[1]) is int else 0
+                        state.send_to(cid, error_frame(rid, NotEnoughReplicas.code, srv.replica_alarm))
+                        continue
                     if op in AUDIT_OPS:
                         self._audit(f)
                     if alarm is not None and op in MEMORY_OPS and not settles(f):
@@ -358,6 +379,21 @@ class BinaryConnection:
             if not data:
                 return "closed by peer"
             reader.feed(data)
+
+    def _follower_read(self, f: list, now: float) -> list:
+        """STATS or a read-only ADMIN line on a follower, answered from its replayed log."""
+        srv = self.server
+        rid = f[1] if len(f) > 1 and type(f[1]) is int else 0
+        view = srv.follower.view(now)
+        if f[0] == OP_STATS:
+            reply = handle(view, self.conn.id, f, now)
+            return only_seen(self.conn.user, reply) if self.conn.user is not None else reply
+        line = f[2] if len(f) > 2 else None
+        if type(line) is not str:
+            return error_frame(rid, "BAD_REQUEST", "ADMIN field 2 must be one admin command line (text)")
+        if not follower_may_read(line):
+            return error_frame(rid, NotLeader.code, srv.follower.refusal())
+        return ok_frame(rid, admin.execute(view, line, now, srv.admin_extra(), user=self.conn.user))
 
     def _refused(self, user, f: list) -> bool:
         """Whether ``user`` lacks a grant ``f`` needs; if so it is answered ACCESS_REFUSED here

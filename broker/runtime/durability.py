@@ -29,6 +29,7 @@ and replay takes the later copy.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import shutil
 import time
@@ -37,6 +38,7 @@ from collections import deque
 import cbor2
 import trio
 
+from broker.errors import NotEnoughReplicas
 from broker.state import log_records as R
 from broker.wal import WalFailed, WriteAheadLog
 from client.wire import OP_OK, error_frame
@@ -80,6 +82,14 @@ class Durability:
         # Records the state emitted but the log could not append yet (MemoryError), in order.
         self._backlog: deque = deque()
         self._memory_warned = False
+        # Replication (broker/runtime/replication.py): the last records appended, so a
+        # follower near the head is served from memory, not the segment files; a wake-up
+        # for the followers after each write; and, on a leader with --sync-replicas, the
+        # lsn that many followers have fsynced (confirms wait for it too).
+        self.recent: deque = deque()  # (lsn, type, payload bytes), oldest first
+        self._recent_bytes = 0
+        self._written_event = trio.Event()
+        self.replica_lsn = None  # None, or a callable: the lsn N followers have on disk
 
     # -- on the event loop ---------------------------------------------------------
     def submit(self, records: list, box: dict, release, early: dict | None = None) -> None:
@@ -115,7 +125,7 @@ class Durability:
         if early:
             self._early.append((lsn, early, release))
         if box:
-            if self.policy == "always":
+            if self.policy == "always" or self.replica_lsn is not None:
                 self._waiting.append((lsn, box, release))
             else:
                 self._early.append((lsn, box, release))
@@ -148,6 +158,7 @@ class Durability:
                 self._fail(exc)
                 return False
             backlog.popleft()
+            self._remember(wal.next_lsn - 1, t, data)
             if t == R.PUBLISH:
                 self._publish_bytes += len(data)
                 self._publishes += 1
@@ -170,6 +181,8 @@ class Durability:
     def _release_durable(self) -> None:
         self._release_written()
         durable = self.wal.synced_lsn if self.policy == "always" else self.wal.durable_lsn
+        if self.replica_lsn is not None:
+            durable = min(durable, self.replica_lsn())  # and on --sync-replicas followers' disks
         waiting = self._waiting
         while waiting and waiting[0][0] <= durable:
             _, box, release = waiting.popleft()
@@ -199,6 +212,57 @@ class Durability:
                 return  # on disk, and every reply it held has been released
             self._wake.set()
             await trio.sleep(0.0005)
+
+    # -- replication ----------------------------------------------------------------------
+    # The in-memory tail followers are served from: enough for a follower that keeps up,
+    # small next to the memory a broker holds; one further behind reads the segment files.
+    RECENT_BYTES = 16 * 1024 * 1024  # bytes of encoded records kept for followers
+
+    def _remember(self, lsn: int, t: int, data: bytes) -> None:
+        recent = self.recent
+        recent.append((lsn, t, data))
+        self._recent_bytes += len(data)
+        while self._recent_bytes > self.RECENT_BYTES and len(recent) > 1:
+            self._recent_bytes -= len(recent.popleft()[2])
+
+    async def wait_written(self, lsn: int) -> None:
+        """Return once the log has written past ``lsn`` (bounded: a second, then look again)."""
+        if self.wal.written_lsn > lsn:
+            return
+        with trio.move_on_after(1.0):
+            await self._written_event.wait()
+
+    async def records_from(self, first: int, last: int, max_bytes: int) -> list:
+        """``(lsn, type, payload)`` of written records ``first``..``last``, at most about ``max_bytes``."""
+        recent = self.recent
+        if recent and recent[0][0] <= first:
+            out, size = [], 0
+            for r in itertools.islice(recent, first - recent[0][0], None):
+                if r[0] > last or (out and size + len(r[2]) > max_bytes):
+                    break
+                out.append(r)
+                size += len(r[2])
+            return out
+        async with self._write_lock:  # no segment is deleted while it is read
+            records = await trio.to_thread.run_sync(self.wal.read_records, first, last)
+        out, size = [], 0
+        for r in records:
+            if out and size + len(r[2]) > max_bytes:
+                break
+            out.append(r)
+            size += len(r[2])
+        return out
+
+    def replica_progress(self) -> None:
+        """A follower reported a higher durable lsn: release the confirms it covers."""
+        self._release_durable()
+
+    def refuse_replica_waits(self, message: str) -> None:
+        """Too few followers in sync: held confirms fail with NOT_ENOUGH_REPLICAS, never
+        go out as if on enough disks.  (Their records stay in the local log.)"""
+        while self._waiting:
+            _, box, release = self._waiting.popleft()
+            release(_refuse_confirms(box, message, NotEnoughReplicas.code))
 
     # -- the writer task ---------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -239,6 +303,8 @@ class Durability:
             finally:
                 self._io_started = None
         if fn == self._write_pending:
+            self._written_event.set()  # followers: more to send
+            self._written_event = trio.Event()
             self._release_written()
         else:
             self._release_durable()
@@ -456,12 +522,12 @@ def _encode_opaque(encoder, value) -> None:
     encoder.encode(repr(value))
 
 
-def _refuse_confirms(box: dict, message: str) -> dict:
+def _refuse_confirms(box: dict, message: str, code: str = "LOG_FAILED") -> dict:
     """Held replies can no longer be promised: OK becomes LOG_FAILED; deliveries still go."""
     out = {}
     for cid, frames in box.items():
         new = []
         for f in frames:
-            new.append(error_frame(f[1], "LOG_FAILED", message) if f[0] == OP_OK else f)
+            new.append(error_frame(f[1], code, message) if f[0] == OP_OK else f)
         out[cid] = new
     return out

@@ -183,6 +183,11 @@ class Server:
         self._next_trim = 0.0
         self.state.set_server_stats(self.limit_statistics)  # STATS (broker.handlers.binary.h_stats)
         self.tls_context = server_tls_context(config)  # None: plaintext only
+        # Replication (broker/runtime/replication.py): boot sets one of them.  A follower
+        # answers admin reads from its replayed log and refuses writes with NOT_LEADER.
+        self.follower = None  # a replication.Follower when --follow is set
+        self.replication = None  # a replication.LeaderReplication otherwise (with a log)
+        self.replica_alarm: str | None = None  # NOT_ENOUGH_REPLICAS's message while too few are in sync
 
     # -- effects -------------------------------------------------------------------
     def flush(self) -> None:
@@ -233,7 +238,11 @@ class Server:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             nursery.start_soon(self._ticker)
-            if self.wal is not None:
+            if self.follower is not None:
+                # The follower writes only what the leader sends (no writer task, no
+                # compaction of its own): its log stays the leader's, lsn for lsn.
+                nursery.start_soon(self.follower.run)
+            elif self.wal is not None:
                 await nursery.start(self.wal.run)
             if self.history is not None:  # the page's task list, kept across restarts
                 nursery.start_soon(history.writer, self.state, self.history)
@@ -590,6 +599,9 @@ class Server:
         extra.update(self.limit_statistics())
         if self.wal is not None:
             extra.update(self.wal.statistics())
+        repl = self.follower or self.replication
+        if repl is not None:
+            extra.update({f"replication_{k}": v for k, v in repl.statistics().items()})
         return extra
 
 

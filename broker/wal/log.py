@@ -514,6 +514,53 @@ class WriteAheadLog:
 
     # ------------------------------------------------------------------ internals
 
+    # ------------------------------------------------------------------ replication
+
+    def read_records(self, from_lsn: int, through_lsn: int) -> list[tuple[int, int, bytes]]:
+        """Writer side: ``(lsn, type, payload)`` of the written records from ``from_lsn``
+        through ``through_lsn`` (at most ``written_lsn``), read back from the segment files.
+
+        A leader serves a follower's catch-up from here (broker/runtime/replication.py).
+        Reads whole segments, like replay; the records come back in lsn order.
+        """
+        from .format import SEGMENT_HEADER_SIZE, RecordScanner, decode_segment_header
+
+        through_lsn = min(through_lsn, self._written_lsn)
+        out: list[tuple[int, int, bytes]] = []
+        gaps = dict(self._files.manifest[1]) if getattr(self._files, "manifest", None) else {}
+        for seg in self.segments():
+            if seg.last_lsn < from_lsn or seg.first_lsn > through_lsn:
+                continue
+            with open(seg.path, "rb") as f:
+                data = f.read()
+            header = decode_segment_header(data)
+            for r in RecordScanner(data, header.salt, SEGMENT_HEADER_SIZE, seg.first_lsn, gaps):
+                if r.lsn > through_lsn:
+                    break
+                if r.lsn >= from_lsn:
+                    out.append((r.lsn, r.type, bytes(r.payload)))
+        return out
+
+    def start_at(self, next_lsn: int) -> None:
+        """Make an empty log start at ``next_lsn`` (a new follower whose leader keeps its
+        log from there on).  Refused once the log holds a record."""
+        with self._lock:
+            self._check_writable()
+            head = self._segments[-1]
+            if self._written_lsn != 0 or self._pending_count or len(self._segments) != 1 or head.last_lsn >= head.first_lsn:
+                raise RuntimeError("start_at() needs an empty log")
+            if next_lsn == head.first_lsn:
+                return
+            old_fd, old_path = self._fd, head.path
+            self._segments = []
+            self._create_segment(next_lsn)
+            os.close(old_fd)
+            os.unlink(old_path)
+            self._files.write_manifest(next_lsn, {})
+            self._written_lsn = self._synced_lsn = next_lsn - 1
+        self._next_lsn = next_lsn
+        self._pending_first = next_lsn
+
     def _check_writable(self) -> None:
         if self.failed is not None:
             raise self.failed.with_traceback(None)

@@ -1,0 +1,357 @@
+"""Replication: a leader ships its write-ahead log to followers; a follower is a standby.
+
+Leader (every brokerd): a connection that sends REPLICATE (protocol.md §5.40, the
+``replicate`` grant) becomes a follower link.  The leader answers OK with where the
+stream starts, then sends RECORDS frames: the records the log has written, with
+their lsns, read from memory (Durability.recent) or, for a follower further
+behind, from the segment files.  A follower older than the oldest kept segment
+gets the log from that segment on: compaction has rewritten everything live
+into the kept segments, so they are a snapshot followed by the tail.  The
+follower answers with REPLICA_ACK frames carrying its fsynced lsn; with
+``sync_replicas`` N > 0 a confirm waits for N followers' acks as well as the
+local fsync (Durability.replica_lsn), and with fewer than N followers in sync
+publishes are refused with NOT_ENOUGH_REPLICAS and confirms held at that moment
+fail with it.
+
+Follower (``--follow HOST:PORT``): connects, asks for the log from its own next
+lsn, appends every record with the same lsn to its own log, fsyncs, acks, and
+keeps the records so that its admin reads (STATS, QUEUES, REPLICATION) answer
+from a state replayed from them.  It refuses every write with NOT_LEADER naming
+the leader.  It never writes a record of its own (no compaction, no ticker
+records), so its log stays the leader's, lsn for lsn.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import cbor2
+import trio
+
+from broker.errors import NotLeader
+from client.wire import (
+    OP_CLOSING,
+    OP_ERROR,
+    OP_HEARTBEAT,
+    OP_OK,
+    OP_RECORDS,
+    OP_REPLICA_ACK,
+    OP_REPLICATE,
+    ClientHandshake,
+    HEARTBEAT_FRAME,
+    FrameReader,
+    Hello,
+    encode,
+    error_frame,
+    ok_frame,
+    records_frame,
+)
+
+log = logging.getLogger("brokerd.replication")
+
+# Bytes of records per RECORDS frame: well under the default max_frame (so a follower with
+# defaults reads it), big enough that a catch-up of a large log takes few round trips.
+MAX_BATCH_BYTES = 1024 * 1024  # bytes
+# Seconds a follower waits before reconnecting to a leader it lost or could not reach.
+RECONNECT_DELAY = 0.5  # seconds
+# Seconds between a follower's heartbeats when no record arrives (the leader closes a
+# connection silent for two heartbeat intervals).
+FOLLOWER_HEARTBEAT = 2.0  # seconds
+RECEIVE_BYTES = 256 * 1024  # bytes per read
+
+
+# The admin lines a follower answers (from its replayed log); every other one changes
+# state and gets NOT_LEADER.
+FOLLOWER_ADMIN_READS = frozenset(("STATS", "QUEUES", "QUEUE", "HELP", "PING", "QUIT"))
+
+
+def follower_may_read(line: str) -> bool:
+    words = line.split()
+    return bool(words) and words[0].upper() in FOLLOWER_ADMIN_READS
+
+
+class LeaderReplication:
+    """The followers of this brokerd, their durable lsns, and whether enough are in sync."""
+
+    def __init__(self, server, sync_replicas: int):
+        self.server = server
+        self.sync_replicas = sync_replicas
+        self.links: dict[int, dict] = {}  # connection id -> {"peer", "acked", "sent", "in_sync"}
+        self._update_alarm()
+
+    # -- what Durability asks -----------------------------------------------------------
+    def replica_lsn(self) -> int:
+        """The lsn that ``sync_replicas`` followers have fsynced (the N-th highest ack)."""
+        n = self.sync_replicas
+        if n <= 0:
+            return 1 << 62
+        acks = sorted((link["acked"] for link in self.links.values() if link["in_sync"]), reverse=True)
+        return acks[n - 1] if len(acks) >= n else 0
+
+    def in_sync(self) -> int:
+        return sum(1 for link in self.links.values() if link["in_sync"])
+
+    def _update_alarm(self) -> None:
+        n = self.sync_replicas
+        have = self.in_sync()
+        if n > 0 and have < n:
+            self.server.replica_alarm = (
+                f"{have} of the {n} followers --sync-replicas needs are in sync; nothing can be confirmed "
+                f"on {n + 1} disks, so the write was refused (start or reconnect a follower)"
+            )
+        else:
+            self.server.replica_alarm = None
+
+    def statistics(self) -> dict:
+        wal = self.server.wal.wal
+        written = wal.written_lsn
+        return {
+            "role": "leader",
+            "lsn": written,
+            "sync_replicas": self.sync_replicas,
+            "followers": len(self.links),
+            "followers_in_sync": self.in_sync(),
+            "follower_lag": max((written - link["acked"] for link in self.links.values()), default=0),
+        }
+
+    # -- one follower's connection ------------------------------------------------------
+    async def serve(self, conn, reader: FrameReader, f: list) -> str:
+        """Run a follower link on ``conn`` after its REPLICATE frame ``f``; returns why it ended."""
+        srv = self.server
+        rid = f[1] if len(f) > 1 and type(f[1]) is int else 0
+        from_lsn = f[2] if len(f) > 2 else None
+        durability = srv.wal
+        if durability is None:
+            return await _refuse(conn, rid, "BAD_REQUEST", "this brokerd has no log to replicate")
+        if type(from_lsn) is not int or from_lsn < 1:
+            return await _refuse(conn, rid, "BAD_REQUEST",
+                                 f"REPLICATE field 2 must be the follower's next lsn, an integer >= 1 (got {from_lsn!r})")
+        wal = durability.wal
+        if srv.follower is not None:
+            return await _refuse(conn, rid, NotLeader.code,
+                                 f"this brokerd follows {srv.follower.address}; replicate from the leader")
+        written = wal.written_lsn
+        if from_lsn > written + 1:
+            return await _refuse(conn, rid, "BAD_REQUEST",
+                                 f"the follower's log reaches lsn {from_lsn - 1} but the leader's ends at {written}: "
+                                 "the logs diverged; empty the follower's data directory and start it again")
+        first = wal.segments()[0].first_lsn
+        start = from_lsn if from_lsn >= first else first
+        conn.queue_bytes(encode(ok_frame(rid, {"start": start, "reset": start != from_lsn, "leader_lsn": written})))
+        link = {"peer": conn.peer, "acked": start - 1, "sent": start - 1, "in_sync": False}
+        self.links[conn.id] = link
+        self._check_sync(conn, link)  # nothing to catch up: in sync at once
+        log.info("follower on conn %d (%s) replicates from lsn %d%s", conn.id, conn.peer, start,
+                 " (from the oldest kept segment: a snapshot, then the tail)" if start != from_lsn else "")
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_acks, conn, reader, link, nursery.cancel_scope)
+                await self._send(conn, link)
+        finally:
+            del self.links[conn.id]
+            self._update_alarm()
+            if self.sync_replicas > 0 and self.in_sync() < self.sync_replicas:
+                durability.refuse_replica_waits(self.server.replica_alarm or "")
+            log.warning("follower on conn %d (%s) left at lsn %d", conn.id, conn.peer, link["acked"])
+        return "follower left"
+
+    def _check_sync(self, conn, link: dict) -> None:
+        if not link["in_sync"] and link["acked"] >= self.server.wal.wal.written_lsn:
+            link["in_sync"] = True  # caught up once: counts for --sync-replicas from now on
+            log.info("follower on conn %d (%s) is in sync at lsn %d", conn.id, conn.peer, link["acked"])
+            self._update_alarm()
+
+    async def _send(self, conn, link: dict) -> None:
+        durability = self.server.wal
+        wal = durability.wal
+        while not conn.closed:
+            target = wal.written_lsn
+            if link["sent"] >= target:
+                await durability.wait_written(link["sent"])
+                continue
+            records = await durability.records_from(link["sent"] + 1, target, MAX_BATCH_BYTES)
+            if not records:
+                await trio.sleep(0.01)  # the segment was being compacted away: read again
+                continue
+            link["sent"] = records[-1][0]
+            conn.queue_bytes(encode(records_frame(target, records)))
+            if conn.out_bytes > self.server.config.output_buffer:
+                conn.drained = trio.Event()
+                with trio.move_on_after(5.0):
+                    await conn.drained.wait()
+
+    async def _read_acks(self, conn, reader: FrameReader, link: dict, scope) -> None:
+        try:
+            while True:
+                for f in reader.frames():
+                    if f[0] == OP_REPLICA_ACK and len(f) > 2 and type(f[2]) is int:
+                        if f[2] > link["acked"]:
+                            link["acked"] = min(f[2], link["sent"])
+                        self._check_sync(conn, link)
+                        self.server.wal.replica_progress()
+                    elif f[0] != OP_HEARTBEAT:
+                        rid = f[1] if len(f) > 1 and type(f[1]) is int else 0
+                        conn.queue_bytes(encode(error_frame(
+                            rid, "BAD_REQUEST", "a replication connection takes only REPLICA_ACK and HEARTBEAT")))
+                with trio.move_on_after(max(2 * conn.heartbeat, 1.0) if conn.heartbeat > 0 else 60.0) as cs:
+                    data = await conn.stream.receive_some(RECEIVE_BYTES)
+                if cs.cancelled_caught or not data:
+                    break
+                reader.feed(data)
+        except Exception as exc:  # a hostile or broken follower costs only its link
+            log.warning("follower on conn %d: %s", conn.id, exc)
+        scope.cancel()
+
+
+class Follower:
+    """This brokerd follows ``address``: its log is the leader's, its state a replay of it."""
+
+    def __init__(self, server, address: str, user: str = "", token: str = ""):
+        self.server = server
+        self.address = address
+        host, _, port = address.rpartition(":")
+        self.host, self.port = host or "127.0.0.1", int(port)
+        self.user, self.token = user, token
+        self.records: list = []  # (lsn, type, payload) of the whole log, for the view
+        self._view = None
+        self._view_lsn = -1
+        self.leader_lsn = 0
+        self.connected = False
+        self.last_error = ""
+
+    def refusal(self) -> str:
+        return (f"this brokerd is a follower of the leader at {self.address} and takes no writes; "
+                f"send writes to {self.address}")
+
+    @property
+    def lsn(self) -> int:
+        return self.server.wal.wal.synced_lsn
+
+    def statistics(self) -> dict:
+        return {
+            "role": "follower",
+            "leader": self.address,
+            "lsn": self.lsn,
+            "leader_lsn": self.leader_lsn,
+            "lag": max(0, self.leader_lsn - self.lsn),
+            "connected": self.connected,
+        }
+
+    def view(self, now: float):
+        """A broker state replayed from the log as far as it is on disk here (rebuilt when it moved)."""
+        from broker.state.core import BrokerState
+
+        if self._view is None or self._view_lsn != len(self.records):
+            st = BrokerState(boot_id="follower")
+            st.replay(iter(self.records), now)
+            st.set_server_stats(self.server.limit_statistics)
+            self._view, self._view_lsn = st, len(self.records)
+        return self._view
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self._follow_once()
+            except Exception as exc:  # noqa: BLE001 -- whatever a leader sends, the follower lives on
+                # (refused, unreachable, silent past 30 s, a bad frame or a record the log refuses)
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("following %s: %s; reconnecting in %gs", self.address, exc, RECONNECT_DELAY)
+            self.connected = False
+            await trio.sleep(RECONNECT_DELAY)
+
+    async def _follow_once(self) -> None:
+        durability = self.server.wal
+        wal = durability.wal
+        stream = await trio.open_tcp_stream(self.host, self.port)
+        async with stream:
+            extra = {"user": self.user, "token": self.token} if self.user else None
+            hs = ClientHandshake(Hello(client=f"brokerd follower {self.server.config.port}",
+                                       heartbeat=FOLLOWER_HEARTBEAT * 2, extra=extra))
+            await stream.send_all(hs.initiate())
+            reader = FrameReader(max_frame=max(self.server.config.max_frame, 2 * MAX_BATCH_BYTES))
+            frames = await _frames(stream, reader)
+            hs.receive(frames.pop(0))
+            from_lsn = wal.next_lsn
+            await stream.send_all(encode([OP_REPLICATE, 2, from_lsn]))
+            while not frames:
+                frames = await _frames(stream, reader)
+            reply = frames.pop(0)
+            if reply[0] != OP_OK:
+                raise FollowError(f"the leader refused REPLICATE: {reply[2:]}")
+            info = reply[2]
+            start = info["start"]
+            if start != from_lsn:
+                if wal.written_lsn or self.records:
+                    raise FollowError(
+                        f"this follower's log ends at lsn {from_lsn - 1} but the leader keeps its log from lsn "
+                        f"{start} on; empty this follower's data directory ({self.server.config.data_dir}) to "
+                        "take a fresh snapshot")
+                async with durability._write_lock:
+                    await trio.to_thread.run_sync(wal.start_at, start)
+                self.server.state.align_lsn(start - 1)
+            self.connected = True
+            self.last_error = ""
+            log.info("following %s from lsn %d", self.address, start)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._heartbeats, stream)
+                while True:
+                    for f in frames:
+                        if f[0] == OP_RECORDS:
+                            await self._apply(stream, f)
+                        elif f[0] == OP_ERROR or f[0] == OP_CLOSING:
+                            raise FollowError(f"the leader said {f[1:]}")
+                    frames = await _frames(stream, reader)
+
+    async def _apply(self, stream, f: list) -> None:
+        durability = self.server.wal
+        wal = durability.wal
+        self.leader_lsn = f[1]
+        loads = cbor2.loads
+        decoded = []
+        for lsn, t, payload in f[2]:
+            if lsn != wal.next_lsn:
+                raise FollowError(f"the leader sent lsn {lsn} where this log expects {wal.next_lsn}")
+            wal.append(t, payload)
+            decoded.append((lsn, t, loads(payload)))
+        async with durability._write_lock:
+            await trio.to_thread.run_sync(_write_and_sync, wal)
+        self.records.extend(decoded)
+        self.server.state.align_lsn(wal.next_lsn - 1)
+        await stream.send_all(encode([OP_REPLICA_ACK, 0, wal.synced_lsn]))
+
+    async def _heartbeats(self, stream) -> None:
+        while True:
+            await trio.sleep(FOLLOWER_HEARTBEAT)
+            await stream.send_all(encode(HEARTBEAT_FRAME))
+
+
+async def _refuse(conn, rid: int, code: str, message: str) -> str:
+    """Answer a REPLICATE that cannot be served, let the answer out, end the connection."""
+    conn.queue_bytes(encode(error_frame(rid, code, message)))
+    with trio.move_on_after(1.0):
+        while conn.out and not conn.closed:
+            await trio.sleep(0.01)
+    return f"REPLICATE refused: {code}"
+
+
+class FollowError(Exception):
+    """The leader refused this follower or sent what its log cannot take."""
+
+
+def _write_and_sync(wal) -> None:
+    wal.write_batch(wal.take_batch())
+    if wal.synced_lsn < wal.written_lsn:
+        wal.sync()
+
+
+async def _frames(stream, reader: FrameReader) -> list:
+    while True:
+        frames = reader.frames()
+        if frames:
+            return frames
+        with trio.fail_after(30):
+            data = await stream.receive_some(RECEIVE_BYTES)
+        if not data:
+            raise FollowError("the leader closed the connection")
+        reader.feed(data)

@@ -1,0 +1,168 @@
+"""Replication (issue 16 items 1-2): followers as hot standbys, confirms on N disks.
+
+Real brokerd processes on loopback with real data dirs, stopped by pid.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from client import wire
+from tests.support.broker import BrokerProcess
+from tests.support.wireclient import Raw
+
+WAIT = 20.0  # seconds any wait here may take at most
+
+
+def publish(raw: Raw, queue: str, n: int, start: int = 0, size: int = 8) -> list:
+    """Publish n messages (every PUBLISH is confirmed; pipelined); return the replies in order."""
+    rids = [raw.request(wire.OP_PUBLISH, queue, (b"m%d-" % i).ljust(size, b"x"), f"id-{queue}-{i}", 0, None)
+            for i in range(start, start + n)]
+    return [raw.reply(r) for r in rids]
+
+
+def stats_line(broker: BrokerProcess, key: str) -> str:
+    for line in broker.admin("STATS\n").splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == key:
+            return parts[1]
+    return ""
+
+
+def wait_for(pred, what: str):
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {WAIT}s waiting for {what}")
+
+
+def queue_ready(broker: BrokerProcess, queue: str) -> int:
+    """Messages the broker holds for ``queue``: ready + delayed + in flight (a standby holds a
+    leader's in-flight deliveries as ready: they come back redelivered after a failover)."""
+    for line in broker.admin("QUEUES\n").splitlines():
+        parts = line.split()
+        if parts and parts[0] == queue:
+            return int(parts[1]) + int(parts[2]) + int(parts[3])
+    return -1
+
+
+@pytest.fixture
+def group(tmp_path):
+    started = []
+
+    def start(name, *args, env=None):
+        b = BrokerProcess(tmp_path / name, *args, env=env).start()
+        started.append(b)
+        return b
+
+    yield start
+    for b in started:
+        if b.proc is not None and b.proc.poll() is None:
+            b.kill()
+
+
+def test_empty_follower_catches_up_from_snapshot_and_tail(group):
+    # A small segment size so the leader compacts and drops its first segments: the new
+    # follower must start from the oldest kept one (the snapshot) and then take the tail.
+    leader = group("leader", "--segment-bytes", "65536")
+    raw = Raw(leader.port)
+    assert all(r[0] == wire.OP_OK for r in publish(raw, "q", 600, size=1000))
+    got = raw.ok(wire.OP_CONSUME, ["q"], 550)
+    tags = [d[2] for d in raw.deliveries(550)]
+    raw.ok(wire.OP_ACK, tags)
+    wait_for(lambda: int(stats_line(leader, "wal_segments_deleted") or 0) > 0, "the leader to compact")
+    follower = group("follower", "--follow", f"127.0.0.1:{leader.port}")
+    # the leader keeps taking writes while the follower catches up
+    assert all(r[0] == wire.OP_OK for r in publish(raw, "other", 50))
+    leader_lsn = int(stats_line(leader, "replication_lsn"))
+    wait_for(lambda: int(stats_line(follower, "replication_lsn") or 0) >= leader_lsn, "the follower to catch up")
+    assert stats_line(follower, "replication_role") == "follower"
+    assert stats_line(follower, "replication_leader") == f"127.0.0.1:{leader.port}"
+    assert any("snapshot" in line for line in leader.log), leader.log[-5:]
+    for q in ("q", "other"):
+        assert queue_ready(follower, q) == queue_ready(leader, q)
+    raw.close()
+    assert got is not None
+
+
+def test_writes_to_a_follower_get_not_leader_naming_the_leader(group):
+    leader = group("leader")
+    follower = group("follower", "--follow", f"127.0.0.1:{leader.port}")
+    raw = Raw(follower.port)
+    f = raw.call(wire.OP_PUBLISH, "q", b"x", None, 0, None)
+    assert f[0] == wire.OP_ERROR and f[2] == "NOT_LEADER", f
+    assert f"127.0.0.1:{leader.port}" in f[3]
+    # admin writes too; admin reads are answered
+    assert "NOT_LEADER" in follower.admin("PURGE q\n") and f"127.0.0.1:{leader.port}" in follower.admin("PURGE q\n")
+    assert raw.ok(wire.OP_STATS) is not None
+    raw.close()
+
+
+def test_replicate_needs_its_grant_and_a_sane_lsn(group, tmp_path):
+    from client.userfile import add_user
+
+    users = tmp_path / "users.toml"
+    pub_token = add_user(str(users), "app", {"publish": ("*",)})
+    rep_token = add_user(str(users), "standby", {"replicate": ("*",)})
+    leader = group("leader", "--users-file", str(users))
+    raw = Raw(leader.port, extra={"user": "app", "token": pub_token})
+    f = raw.call(wire.OP_REPLICATE, 1)
+    assert f[0] == wire.OP_ERROR and f[2] == "ACCESS_REFUSED" and "replicate" in f[3], f
+    raw.close()
+    raw = Raw(leader.port, extra={"user": "standby", "token": rep_token})
+    f = raw.call(wire.OP_REPLICATE, "not an lsn")
+    assert f[0] == wire.OP_ERROR and f[2] == "BAD_REQUEST" and "lsn" in f[3], f
+    raw.close()
+    raw = Raw(leader.port, extra={"user": "standby", "token": rep_token})
+    f = raw.call(wire.OP_REPLICATE, 10**9)
+    assert f[0] == wire.OP_ERROR and f[2] == "BAD_REQUEST" and "diverged" in f[3], f
+    raw.close()
+    # the broker is untouched by all that, and a follower with the grant follows
+    # the token travels in the environment, never on the command line (ps shows argv)
+    follower = group("follower", "--follow", f"127.0.0.1:{leader.port}", "--follow-user", "standby",
+                     env={"BROKERD_FOLLOW_TOKEN": rep_token})
+    raw = Raw(leader.port, extra={"user": "app", "token": pub_token})
+    assert publish(raw, "q", 3)[-1][0] == wire.OP_OK
+    wait_for(lambda: queue_ready(follower, "q") == 3, "the follower to have the 3 messages")
+    raw.close()
+
+
+def test_sync_replicas_refuses_without_the_follower_and_resumes(group):
+    leader = group("leader", "--sync-replicas", "1")
+    raw = Raw(leader.port)
+    f = publish(raw, "q", 1)[0]
+    assert f[0] == wire.OP_ERROR and f[2] == "NOT_ENOUGH_REPLICAS" and "sync-replicas" in f[3], f
+    follower = group("follower", "--follow", f"127.0.0.1:{leader.port}")
+    wait_for(lambda: stats_line(leader, "replication_followers_in_sync") == "1", "the follower to be in sync")
+    assert all(r[0] == wire.OP_OK for r in publish(raw, "q", 20))
+    follower.kill()
+    wait_for(lambda: stats_line(leader, "replication_followers_in_sync") == "0", "the leader to notice")
+    f = publish(raw, "q", 1, start=100)[0]
+    assert f[0] == wire.OP_ERROR and f[2] == "NOT_ENOUGH_REPLICAS", f
+    follower.start()
+    wait_for(lambda: stats_line(leader, "replication_followers_in_sync") == "1", "the follower to be back")
+    assert publish(raw, "q", 1, start=200)[0][0] == wire.OP_OK
+    raw.close()
+
+
+def test_kill_9_leader_every_confirmed_message_is_on_the_follower(group):
+    leader = group("leader", "--sync-replicas", "1")
+    follower = group("follower", "--follow", f"127.0.0.1:{leader.port}")
+    wait_for(lambda: stats_line(leader, "replication_followers_in_sync") == "1", "the follower to be in sync")
+    raw = Raw(leader.port)
+    replies = publish(raw, "q", 200)
+    confirmed = sum(1 for r in replies if r[0] == wire.OP_OK)
+    assert confirmed == 200
+    leader.kill()  # SIGKILL
+    follower.terminate()
+    # the follower's data dir, started as a standalone brokerd, holds every confirmed message
+    standalone = BrokerProcess(follower.data_dir).start()
+    try:
+        assert queue_ready(standalone, "q") >= confirmed
+    finally:
+        standalone.terminate()
