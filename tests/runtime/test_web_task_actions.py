@@ -249,12 +249,27 @@ def test_chromium_clicks_revoke_and_retry_and_sees_the_states_change(web, tmp_pa
             return until(lambda: js(expr), f"{what} (page: {js('document.body && document.body.innerText')!r:.300})", timeout)
 
         def click(selector: str) -> None:
-            box = until_js(f"(function () {{ var b = document.querySelector({json.dumps(selector)}); if (!b) return null;"
-                           " var r = b.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()",
-                           f"the button {selector}")
-            for kind in ("mousePressed", "mouseReleased"):
-                dt.call("Input.dispatchMouseEvent", {"type": kind, "x": box[0], "y": box[1], "button": "left",
-                                                     "clickCount": 1}, sid)
+            """A real mouse click at the button's centre.  Under load the live page can swap the section
+            between reading the button's box and the press, so the click lands beside it; a capture-phase
+            listener tells whether the button got it, and only then are we done (never two clicks on it:
+            a retry clicked twice would publish twice)."""
+            sel = json.dumps(selector)
+            js(f"window.__hits = 0; window.__sel = {sel}; if (!window.__hitsOn) {{ window.__hitsOn = true; "
+               "document.addEventListener('click', function (e) { if (e.target.closest && e.target.closest(window.__sel)) "
+               "window.__hits++; }, true); } true")
+            for _ in range(5):
+                box = until_js(f"(function () {{ var b = document.querySelector({sel}); if (!b) return null;"
+                               " var r = b.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()",
+                               f"the button {selector}")
+                for kind in ("mousePressed", "mouseReleased"):
+                    dt.call("Input.dispatchMouseEvent", {"type": kind, "x": box[0], "y": box[1], "button": "left",
+                                                         "clickCount": 1}, sid)
+                try:
+                    until(lambda: js("window.__hits !== 0"), f"the click on {selector}", timeout=3)
+                    return
+                except AssertionError:
+                    continue  # the press hit something else (or the page moved under it): press again
+            raise AssertionError(f"five mouse clicks never reached {selector}")
 
         until_js("!!document.getElementById('login-form')", "the login form")
         js("var f = document.getElementById('login-form'); f.elements.user.value = 'root';"
