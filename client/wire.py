@@ -76,6 +76,9 @@ OP_BIND = 33  # [33, rid, exchange, queue, key, {type, temporary}|null]
 OP_UNBIND = 34  # [34, rid, exchange, queue, key]
 OP_EMIT = 35  # [35, rid, exchange, routing_key, body, id|null, priority, options|null]
 OP_RATE_LIMIT = 40  # set a task's or queue's rate live: [40, rid, name, limit, kind]
+# adaptive prefetch and recall (protocol.md §5.40-5.42)
+OP_CREDIT = 41  # set a consumer's prefetch live: [41, rid, consumer, prefetch]
+OP_RELEASE = 42  # give back deliveries not started, not counted as attempts: [42, rid, [tag, ...]]
 
 # server → client
 OP_OK = 64
@@ -84,6 +87,7 @@ OP_DELIVER = 66
 OP_CLOSING = 67  # the server is about to close the connection: [67, code, message]
 OP_CONTROL = 68  # a broadcast to consumers, e.g. [68, {"revoke": [ids], "terminate": true}]
 OP_EVENT = 69  # events for a subscriber: [69, [event, ...], dropped]
+OP_RECALL = 70  # to a consumer that asked for it: release up to n not-started deliveries of queue: [70, consumer, n, queue]
 
 CLIENT_OPS = {
     OP_HELLO: "HELLO",
@@ -122,9 +126,11 @@ CLIENT_OPS = {
     OP_UNBIND: "UNBIND",
     OP_EMIT: "EMIT",
     OP_RATE_LIMIT: "RATE_LIMIT",
+    OP_CREDIT: "CREDIT",
+    OP_RELEASE: "RELEASE",
 }
 SERVER_OPS = {OP_OK: "OK", OP_ERROR: "ERROR", OP_DELIVER: "DELIVER", OP_CLOSING: "CLOSING", OP_CONTROL: "CONTROL",
-              OP_EVENT: "EVENT"}
+              OP_EVENT: "EVENT", OP_RECALL: "RECALL"}
 
 # --- protocol.md §4 "Errors" ----------------------------------------------------
 # code → (meaning, does the connection stay open)
@@ -431,6 +437,23 @@ class Control(NamedTuple):
     @classmethod
     def from_frame(cls, f: list) -> "Control":
         return cls(f[1] if len(f) > 1 else None)
+
+
+class Recall(NamedTuple):
+    """§5.42 RECALL: ``[70, consumer, n, queue]``: release up to ``n`` deliveries of ``queue`` not started."""
+
+    consumer: int
+    n: int
+    queue: str
+
+    @classmethod
+    def from_frame(cls, f: list) -> "Recall":
+        return cls(f[1] if len(f) > 1 else None, f[2] if len(f) > 2 else 0, f[3] if len(f) > 3 else None)
+
+
+def recall_frame(consumer: int, n: int, queue: str) -> list:
+    """§5.42 RECALL, server to client."""
+    return [OP_RECALL, consumer, n, queue]
 
 
 class Event(NamedTuple):
