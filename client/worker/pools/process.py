@@ -224,7 +224,10 @@ class ProcessPool(Pool):
         batch = 1
         autoscale = self.w.autoscale
         # While autoscale may still add processes, a job waits for one rather than queue behind a busy one.
-        if len(backlog) > len(self.children) and (autoscale is None or self.size >= autoscale[0]):
+        # Batches only while tasks are short (adaptive credit: client.worker.credit.BATCH_RUNTIME_MAX):
+        # a job queued in a process behind a long one could not be recalled for an idle worker.
+        if (len(backlog) > len(self.children) and (autoscale is None or self.size >= autoscale[0])
+                and self.w.batch_jobs):
             batch = min(MAX_BATCH, -(-len(backlog) // max(1, len(self.children))))
         if self.idle:
             for c in list(self.idle):
