@@ -8,7 +8,8 @@ from __future__ import annotations
 
 
 class Consumer:
-    __slots__ = ("tag", "conn", "queues", "prefetch", "unacked", "slots", "asked_at", "recalled_at")
+    __slots__ = ("tag", "conn", "queues", "prefetch", "unacked", "slots", "asked_at", "fed", "recalled_at",
+                 "recall_pending")
 
     def __init__(self, tag, conn, queues, prefetch, slots=0):
         self.tag = tag
@@ -20,7 +21,9 @@ class Consumer:
         # once and answers RECALL; 0: it never said (a version-1 client), so it is never recalled.
         self.slots = slots
         self.asked_at = -1e18  # when it last asked others to give back (it was idle), by `now`
-        self.recalled_at = -1e18  # when it was last sent a RECALL
+        self.fed = False  # it received released deliveries since it last asked: it may ask again now
+        self.recalled_at = -1e18  # when it was last sent a RECALL ...
+        self.recall_pending = False  # ... and that RECALL is not answered by a RELEASE yet
 
     @property
     def credit(self):

@@ -421,22 +421,24 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
 
     # -- recall (protocol.md §5.41-5.42) -------------------------------------------
     # The policy, in full: a consumer that declared ``slots`` is *idle* when it holds fewer
-    # deliveries than its slots and none of its un-paused queues has a ready message.  Then, at
-    # most once per RECALL_INTERVAL, it asks: each other consumer of those queues that declared
-    # slots and holds more than its slots (surplus = unacked - slots, which cannot all have
-    # started) and was not sent a RECALL in the last RECALL_INTERVAL gets one, for at most
-    # min(its surplus, the idle consumer's free slots still wanted).  Released deliveries go to
-    # idle consumers first.  A recall never moves more than the receiver can start at once and
-    # never leaves the holder under its slots, so two busy consumers never pass work back and
-    # forth: work only moves from one holding more than it can run to one holding less.
+    # deliveries than its slots and none of its un-paused queues has a ready message.  Then it
+    # asks: each other consumer of those queues that declared slots and holds more than its
+    # slots (surplus = unacked - slots, which cannot all have started) gets a RECALL for at most
+    # min(its surplus, the idle consumer's free slots still wanted).  How often: a holder has at
+    # most one RECALL unanswered, and is asked again before RECALL_INTERVAL only once it answered
+    # with RELEASE; an idle consumer asks again before RECALL_INTERVAL only once its last ask
+    # brought it something.  Released deliveries go to idle consumers first.  A recall never
+    # moves more than the receiver can start at once and never leaves the holder under its slots,
+    # so two busy consumers never pass work back and forth: work only moves from one holding
+    # more than it can run to one holding less.
     def _maybe_recall(self, c: Consumer, now: float) -> None:
         if c.prefetch == 0:
             return  # cancelled
-        if now - c.asked_at < RECALL_INTERVAL:
-            self._recall_later(c, c.asked_at + RECALL_INTERVAL)
-            return
         want = c.slots - c.unacked
         if want <= 0:
+            return
+        if not c.fed and now - c.asked_at < RECALL_INTERVAL:
+            self._recall_later(c, c.asked_at + RECALL_INTERVAL)
             return
         for q in c.queues:
             if q.ready_count and not q.paused:
@@ -448,11 +450,12 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
             for h in q.consumers:
                 if h is c or not h.slots or h.unacked <= h.slots:
                     continue
-                if now - h.recalled_at < RECALL_INTERVAL:
+                if h.recall_pending and now - h.recalled_at < RECALL_INTERVAL:
                     waiting = True
                     continue
                 n = min(want, h.unacked - h.slots)
                 h.recalled_at = now
+                h.recall_pending = True
                 self._send(h.conn, recall_frame(h.tag, n, q.name))
                 q.recalled += n
                 asked = True
@@ -463,6 +466,7 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
                 break
         if asked:
             c.asked_at = now
+            c.fed = False
         if asked or waiting:
             # Look again in RECALL_INTERVAL if it is still idle then (nothing came back, or a
             # holder was asked a moment ago): bookkeeping only while a queue has an idle consumer.
@@ -500,6 +504,7 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
                 continue
             released.append(d)
         for d in reversed(released):  # pushed to the front one by one: the first tag ends first
+            d.consumer.recall_pending = False  # answered: it may be asked again
             msg = d.msg
             msg.attempts -= 1  # this delivery does not count: the consumer never started it
             q = msg.queue
@@ -512,6 +517,7 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
             for c in q.consumers:  # idle ones first: that is what the release was for
                 if c.slots and c.unacked < c.slots and q.ready_count:
                     self._dispatch_consumer(c, now)
+                    c.fed = True
             self._dispatch_queue(q, now)
         if self._flow_woke:
             self._dispatch_many(self._flow_take_woke(), now)

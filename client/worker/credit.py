@@ -31,8 +31,8 @@ ROUND_TRIP_SAFETY = 2  # waiting deliveries cover twice the round trip: bursts a
 RUNTIME_WEIGHT = 0.2  # weight of the newest run time in the moving average (about the last 5 tasks)
 CREDIT_INTERVAL = 0.05  # seconds between CREDIT frames at most: 20 a second
 CREDIT_STEP = 0.25  # a change smaller than this fraction of the current credit is not sent
-# The process pool hands several jobs to one process at once only while tasks run shorter than
-# this (seconds): jobs queued in a process behind a long one could not be given back by RECALL.
+# The process pool queues jobs in one process behind a job only when that job's task is known to
+# run shorter than this (seconds): jobs queued behind a long one could not be given back by RECALL.
 BATCH_RUNTIME_MAX = 0.001
 
 
@@ -53,10 +53,6 @@ class AdaptiveCredit:
     def observe(self, runtime: float) -> None:
         r = self.runtime
         self.runtime = runtime if r is None else r + RUNTIME_WEIGHT * (runtime - r)
-
-    @property
-    def short_tasks(self) -> bool:
-        return self.runtime is not None and self.runtime < BATCH_RUNTIME_MAX
 
     def target(self) -> int:
         r = self.runtime

@@ -68,7 +68,7 @@ import client.worker.events as ev_
 from client.worker.channel import (Channel, close_quietly, delivery_buffer, detach_in_child,
                                    hand_deliveries_to_main_loop)
 from client.worker.control import Control
-from client.worker.credit import AdaptiveCredit
+from client.worker.credit import BATCH_RUNTIME_MAX, RUNTIME_WEIGHT, AdaptiveCredit
 from client.worker.intake import CONNECT_TIMEOUT, online_worker_names
 from client.worker.limits import TaskLimits
 from client.worker.mainloop import run_sync
@@ -182,7 +182,9 @@ class Worker:
         self.prefetch_multiplier = int(prefetch_multiplier) if prefetch_multiplier is not None else None
         self.prefetch = (self.credit.current if self.credit is not None
                          else min(MAX_PREFETCH, max(1, self.concurrency * self.prefetch_multiplier)))
-        self.batch_jobs = self.credit is None  # the process pool batches jobs (see credit.BATCH_RUNTIME_MAX)
+        # task name -> moving average of its run time (seconds), for batchable(); one entry per task
+        # name this worker ran, so bounded by the app's registered tasks.
+        self.runtimes: dict = {}
         self.max_tasks_per_child = max_tasks_per_child or app.conf.get("worker_max_tasks_per_child")
         self.max_memory_per_child = max_memory_per_child or app.conf.get("worker_max_memory_per_child")
         if task_events is None:
@@ -407,7 +409,8 @@ class Worker:
             rt = runtime if runtime is not None else (time.time() - job.started if job.started is not None else None)
             if rt is not None:
                 credit.observe(rt)
-                self.batch_jobs = credit.short_tasks
+                old = self.runtimes.get(job.name)
+                self.runtimes[job.name] = rt if old is None else old + RUNTIME_WEIGHT * (rt - old)
         if self.task_events:
             if runtime is None and job.started is not None:
                 runtime = time.time() - job.started
@@ -590,6 +593,16 @@ class Worker:
             log.warning("shutdown requested by a control command: warm stop")
             self.flush(force=True)  # the reply goes out before the consumer is cancelled
             self._begin_stop()
+    def batchable(self, job) -> bool:
+        """May the process pool queue other jobs in one process behind ``job``?  With the adaptive
+        credit only when its task is known to run shorter than BATCH_RUNTIME_MAX: jobs queued in a
+        process behind a long one could not be given back by a RECALL.  With a fixed multiplier,
+        always (as before)."""
+        if self.credit is None:
+            return True
+        rt = self.runtimes.get(job.name)
+        return rt is not None and rt < BATCH_RUNTIME_MAX
+
     def _on_recall(self, recall):
         """RECALL (protocol.md §5.42): release up to n deliveries of that queue this worker has not
         started: the newest in the backlog first (they would run last here).  A started task, one

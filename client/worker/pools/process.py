@@ -224,10 +224,7 @@ class ProcessPool(Pool):
         batch = 1
         autoscale = self.w.autoscale
         # While autoscale may still add processes, a job waits for one rather than queue behind a busy one.
-        # Batches only while tasks are short (adaptive credit: client.worker.credit.BATCH_RUNTIME_MAX):
-        # a job queued in a process behind a long one could not be recalled for an idle worker.
-        if (len(backlog) > len(self.children) and (autoscale is None or self.size >= autoscale[0])
-                and self.w.batch_jobs):
+        if len(backlog) > len(self.children) and (autoscale is None or self.size >= autoscale[0]):
             batch = min(MAX_BATCH, -(-len(backlog) // max(1, len(self.children))))
         if self.idle:
             for c in list(self.idle):
@@ -236,8 +233,11 @@ class ProcessPool(Pool):
                 self.idle.remove(c)
                 self._send(c, backlog, batch, running, now)
         if batch > 1 and backlog:
+            batchable = self.w.batchable
             for c in self.children.values():
-                if len(c.jobs) == 1 and backlog:  # it is on its last job: queue the next batch now
+                # It is on its last job: queue the next batch now, unless that job may run long
+                # (w.batchable): jobs queued behind it could not be given back by a RECALL.
+                if len(c.jobs) == 1 and backlog and batchable(c.jobs[0]):
                     self._send(c, backlog, batch, running, now)
 
     def _send(self, c: _Child, backlog, batch, running, now):
@@ -258,6 +258,8 @@ class ProcessPool(Pool):
                     job.deadline = now + job.hard
             c.jobs.append(job)
             jobs.append(job.to_runner(False))
+            if batch > 1 and not self.w.batchable(job):
+                break  # nothing queued behind a job that may run long (see dispatch)
         c.assigned += len(jobs)
         data = pickle.dumps(jobs, PICKLE)
         try:
