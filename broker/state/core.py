@@ -464,9 +464,10 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
                     break
             if want <= 0:
                 break
-        if asked:
-            c.asked_at = now
-            c.fed = False
+        # Scanned: the next scan waits RECALL_INTERVAL unless this one brings something (fed),
+        # so an idle consumer beside many others costs at most 10 scans a second.
+        c.asked_at = now
+        c.fed = False
         if asked or waiting:
             # Look again in RECALL_INTERVAL if it is still idle then (nothing came back, or a
             # holder was asked a moment ago): bookkeeping only while a queue has an idle consumer.

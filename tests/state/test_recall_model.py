@@ -142,6 +142,7 @@ def test_the_model_sees_recalls():
     m = RecallMachine()
     m.publish(6)  # prefetch 3 + 6 + 3: each gets its slots (1, 2, 1) and a surplus
     m.publish(6)
+    m.wait(RECALL_INTERVAL)  # past the scans each consumer made when it started (nothing to ask then)
     m.start(1)
     for _ in range(6):  # conn 2 runs all it holds: then it is idle beside conn 1's surplus
         m.start(2)
