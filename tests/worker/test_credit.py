@@ -29,4 +29,4 @@ def test_the_credit_stays_within_its_bounds_and_is_sent_at_most_every_interval()
     assert ac.due(1.0) == 65535
     ac.observe(10.0)
     assert ac.due(1.0 + CREDIT_INTERVAL / 2) is None  # too soon after the last CREDIT
-    assert ac.due(1.0 + CREDIT_INTERVAL) == 2000
+    assert 2000 <= ac.due(1.0 + CREDIT_INTERVAL) <= 2010  # back near concurrency: runs of ~2 s
