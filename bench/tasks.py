@@ -3,6 +3,7 @@
     python bench/tasks.py                                # 10,000 no-op tasks, every figure
     python bench/tasks.py -n 20000 -c 2 --prefetch-multiplier 64 --pools processes
     python bench/tasks.py --broker-args="--fsync never" --worker-loglevel info
+    python bench/tasks.py --prefetch-multiplier 0 --pools processes   # the worker's defaults: adaptive credit
 
 Figures (the issue's "Figures for your closing note"):
 
@@ -94,7 +95,8 @@ class WorkerProc:
     def __init__(self, address: str, pool: str, concurrency: int, multiplier: int, loglevel: str, log_path: str,
                  profile: str | None = None, extra: tuple = ()):
         self.cmd = [sys.executable, "-m", "client.worker_cli", "bench.tasks:app", "-b", address, "-Q", QUEUE,
-                    "--pool", pool, "-c", str(concurrency), "--prefetch-multiplier", str(multiplier),
+                    "--pool", pool, "-c", str(concurrency),
+                    *(("--prefetch-multiplier", str(multiplier)) if multiplier else ()),  # 0: adaptive
                     "--loglevel", loglevel, *extra]
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         if profile:
@@ -219,7 +221,8 @@ def main(argv=None):
     ap.add_argument("-n", type=int, default=10_000, help="tasks in each end-to-end run (default 10000)")
     ap.add_argument("--pools", default="processes,threads", help="pools to run end to end (default processes,threads)")
     ap.add_argument("-c", "--concurrency", type=int, default=2, help="worker concurrency (default 2)")
-    ap.add_argument("--prefetch-multiplier", type=int, default=64, help="worker prefetch multiplier (default 64)")
+    ap.add_argument("--prefetch-multiplier", type=int, default=64,
+                    help="worker prefetch multiplier (default 64); 0: none given, the worker's adaptive credit")
     ap.add_argument("--confirmed", type=int, default=3000, help="delay() calls for the confirmed enqueue rate (default 3000)")
     ap.add_argument("--latency", type=int, default=1000, help="sequential delay().get() calls (default 1000); 0 skips")
     ap.add_argument("--broker-args", default="", help='extra brokerd flags, e.g. --broker-args="--fsync never"')
@@ -243,8 +246,8 @@ def main(argv=None):
             for pool in pools:
                 prof = os.path.join(a.profile, f"worker-{pool}.prof") if a.profile else None
                 r = end_to_end(broker, pool, a.n, a.concurrency, a.prefetch_multiplier, a.worker_loglevel, prof, tmp)
-                print(f"end to end, {a.n:,} no-op tasks, --pool {pool} -c {a.concurrency} "
-                      f"--prefetch-multiplier {a.prefetch_multiplier}")
+                mult = f"--prefetch-multiplier {a.prefetch_multiplier}" if a.prefetch_multiplier else "adaptive credit"
+                print(f"end to end, {a.n:,} no-op tasks, --pool {pool} -c {a.concurrency} {mult}")
                 print(f"  tasks/s              {r['rate']:>9,.0f}  ({r['seconds']:.2f} s first publish -> last result stored;"
                       f" producer enqueued at {r['enqueue']:,.0f}/s meanwhile)")
                 print(f"  CPU seconds          broker {r['broker_cpu']:.2f}, worker {r['worker_cpu']:.2f} (with its children)")

@@ -65,6 +65,8 @@ from client.wire import (
     OP_PUBLISH,
     OP_PURGE,
     OP_RATE_LIMIT,
+    OP_CREDIT,
+    OP_RELEASE,
     OP_REPLICA_ACK,
     OP_REPLICATE,
     OP_RESULT_FORGET,
@@ -96,6 +98,7 @@ REQUIRED: dict[int, tuple[str, object] | None] = {
     OP_CONSUME: ("consume", "queues"),
     OP_CANCEL: ("consume", None), OP_ACK: ("consume", None), OP_NACK: ("consume", None), OP_TOUCH: ("consume", None),
     OP_EMIT_EVENTS: ("consume", None), OP_CONTROL_REPLY: ("consume", None),
+    OP_CREDIT: ("consume", None), OP_RELEASE: ("consume", None),  # adaptive prefetch, RECALL answers
     OP_DECLARE: ("manage", 2), OP_DELETE: ("manage", 2), OP_PURGE: ("manage", 2),
     OP_PAUSE: ("manage", 2), OP_RESUME: ("manage", 2),
     OP_STATS: None,  # answered for the queues the user has any grant on (the handler filters)

@@ -289,11 +289,13 @@ class AsyncClient(verbs.ShellInfo):
         session.raise_refused()
 
     @verbs.described_by(verbs.consume)
-    def consume(self, queues, prefetch: int = 10) -> "AsyncConsumer":
+    def consume(self, queues, prefetch: int = 10, *, slots: int | None = None) -> "AsyncConsumer":
         # Not a coroutine: the subscription is made on first use (``async for``,
         # ``get``, ``async with``) or by ``await consumer.start()``.
         self._check()
-        return AsyncConsumer(self, ConsumerState([queues] if isinstance(queues, str) else queues, prefetch))
+        cs = ConsumerState([queues] if isinstance(queues, str) else queues, prefetch)
+        cs.slots = slots
+        return AsyncConsumer(self, cs)
 
     async def _ack(self, d: Delivery, wait: bool = False) -> None:
         """``Delivery.ack``: batched (the other settling verbs come from ``client.verbs``)."""

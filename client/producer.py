@@ -95,10 +95,10 @@ class Client(Connection, verbs.ShellInfo):
             session.raise_refused()
 
     @verbs.described_by(verbs.consume)
-    def consume(self, queues, prefetch: int = 10) -> "Consumer":
+    def consume(self, queues, prefetch: int = 10, *, slots: int | None = None) -> "Consumer":
         w = new_waiter()
         with self._lock:
-            p = self._session.consume(queues, prefetch, waiter=w)
+            p = self._session.consume(queues, prefetch, waiter=w, slots=slots)
             p.consumer.waiter = threading.Condition(self._lock)
         self.flush()
         self._wait(p, self.timeout)

@@ -58,8 +58,11 @@ from client.wire import (
     OP_NACK,
     OP_RESULT_SET,
     OP_CONTROL,
+    OP_CREDIT,
     OP_EVENT,
     OP_OK,
+    OP_RECALL,
+    OP_RELEASE,
     OP_PUBLISH,
     OP_TOUCH,
 )
@@ -129,7 +132,7 @@ class ConsumerState:
 
     __slots__ = (
         "tag", "queues", "prefetch", "buffer", "waiter", "cancelled", "error",
-        "ack_threshold", "received",
+        "ack_threshold", "received", "slots",
     )
 
     def __init__(self, queues, prefetch):
@@ -142,6 +145,7 @@ class ConsumerState:
         self.error: BrokerdError | None = None
         self.ack_threshold = max(1, int(prefetch * ACK_BATCH_FRACTION))
         self.received = 0
+        self.slots = None  # CONSUME option (protocol.md §5.3): runs this many at once, answers RECALL
 
     def __repr__(self):
         return f"<ConsumerState tag={self.tag} queues={self.queues} prefetch={self.prefetch}>"
@@ -415,12 +419,30 @@ class Session:
         self.unconfirmed[rid] = msg_id
         return None, msg_id
 
-    def consume(self, queues, prefetch: int, *, waiter=None, state: ConsumerState | None = None) -> Pending:
-        """CONSUME; ``state`` is a ``ConsumerState`` the shell made earlier (else a new one)."""
+    def consume(self, queues, prefetch: int, *, waiter=None, state: ConsumerState | None = None,
+                slots: int | None = None) -> Pending:
+        """CONSUME; ``state`` is a ``ConsumerState`` the shell made earlier (else a new one).
+        ``slots``: the consumer runs that many at once and answers RECALL (protocol.md §5.42)."""
         if isinstance(queues, str):
             queues = [queues]
         cs = state if state is not None else ConsumerState(queues, prefetch)
-        return self.request(OP_CONSUME, [list(queues), prefetch], kind=K_CONSUME, waiter=waiter, consumer=cs)
+        if slots is None:
+            slots = cs.slots
+        cs.slots = slots
+        args = [list(queues), prefetch] if slots is None else [list(queues), prefetch, {"slots": slots}]
+        return self.request(OP_CONSUME, args, kind=K_CONSUME, waiter=waiter, consumer=cs)
+
+    def credit(self, cs: ConsumerState, prefetch: int, *, waiter=None) -> Pending:
+        """CREDIT (protocol.md §5.40): the consumer's prefetch from now on (acks batch by it too)."""
+        cs.prefetch = prefetch
+        cs.ack_threshold = max(1, int(prefetch * ACK_BATCH_FRACTION))
+        return self.request(OP_CREDIT, [cs.tag, prefetch], waiter=waiter)
+
+    def release(self, ds, *, waiter=None) -> Pending:
+        """RELEASE (protocol.md §5.41): give back deliveries not started; not an attempt."""
+        for d in ds:
+            self._settle(d, "release")
+        return self.request(OP_RELEASE, [[d.tag for d in ds]], waiter=waiter)
 
     def give_back(self, cs: ConsumerState) -> bool:
         """After CANCEL's reply: NACK (requeue) what ``cs`` received but never handed
@@ -609,6 +631,12 @@ class Session:
                 pass
             elif op == OP_CONTROL:
                 self.controls.append(wire.Control.from_frame(f).payload)
+                if CONTROL not in wake:
+                    wake.append(CONTROL)
+            elif op == OP_RECALL:
+                # Sent only to a consumer that gave slots (a worker); it reaches the CONTROL
+                # handlers as {"recall": [consumer, n, queue]}, beside revoke and commands.
+                self.controls.append({"recall": list(wire.Recall.from_frame(f))})
                 if CONTROL not in wake:
                     wake.append(CONTROL)
             elif op == OP_EVENT:

@@ -382,6 +382,17 @@ def nack_delivery(client, d, requeue: bool = True, delay=None, headers=None) -> 
     return Call(start=lambda s, w: s.nack(d, requeue, delay, headers, waiter=w), reply=_none)
 
 
+def release_deliveries(client, ds):
+    """RELEASE ``ds`` (protocol.md §5.41): deliveries not started go back, not counted as attempts."""
+    return Call(start=lambda s, w: s.release(ds, waiter=w))
+
+
+def set_credit(client, consumer, prefetch: int):
+    """CREDIT (protocol.md §5.40): ``consumer``'s prefetch from now on (a shell's consumer)."""
+    state = consumer._state
+    return Call(start=lambda s, w: s.credit(state, prefetch, waiter=w))
+
+
 def touch_delivery(client, d):
     """TOUCH ``d``: restart its reservation timer; returns the queue's reserve_timeout."""
     return Call(start=lambda s, w: s.touch(d, waiter=w))
@@ -424,12 +435,14 @@ def wait_for_confirms(client, timeout: float | None = None) -> None:
     """
 
 
-def consume(client, queues, prefetch: int = 10):
+def consume(client, queues, prefetch: int = 10, *, slots: int | None = None):
     """Subscribe to ``queues`` (a name or a list, in preference order).
 
     Returns a consumer: iterate it for deliveries (``for`` / ``async for``),
     or call ``get(timeout)``.  The broker never has more than ``prefetch``
-    unacked deliveries out to this consumer.
+    unacked deliveries out to this consumer.  ``slots`` (for workers): it runs
+    that many at once and answers RECALL (protocol.md §5.42) through a CONTROL
+    handler, ``{"recall": [consumer, n, queue]}``, with ``release_deliveries``.
     """
 
 

@@ -79,6 +79,9 @@ OP_RATE_LIMIT = 40  # set a task's or queue's rate live: [40, rid, name, limit, 
 # replication (protocol.md §5.40): a follower asks for the log from an lsn, then reports its durable lsn
 OP_REPLICATE = 41  # [41, rid, from_lsn]
 OP_REPLICA_ACK = 42  # [42, rid, durable_lsn]; never answered
+# adaptive prefetch and recall (protocol.md §5.42-5.44)
+OP_CREDIT = 43  # set a consumer's prefetch live: [43, rid, consumer, prefetch]
+OP_RELEASE = 44  # give back deliveries not started, not counted as attempts: [44, rid, [tag, ...]]
 
 # server → client
 OP_OK = 64
@@ -88,6 +91,7 @@ OP_CLOSING = 67  # the server is about to close the connection: [67, code, messa
 OP_CONTROL = 68  # a broadcast to consumers, e.g. [68, {"revoke": [ids], "terminate": true}]
 OP_EVENT = 69  # events for a subscriber: [69, [event, ...], dropped]
 OP_RECORDS = 70  # log records for a follower: [70, leader_lsn, [[lsn, type, payload], ...]]
+OP_RECALL = 71  # to a consumer that asked for it: release up to n not-started deliveries of queue: [71, consumer, n, queue]
 
 CLIENT_OPS = {
     OP_HELLO: "HELLO",
@@ -128,9 +132,11 @@ CLIENT_OPS = {
     OP_RATE_LIMIT: "RATE_LIMIT",
     OP_REPLICATE: "REPLICATE",
     OP_REPLICA_ACK: "REPLICA_ACK",
+    OP_CREDIT: "CREDIT",
+    OP_RELEASE: "RELEASE",
 }
 SERVER_OPS = {OP_OK: "OK", OP_ERROR: "ERROR", OP_DELIVER: "DELIVER", OP_CLOSING: "CLOSING", OP_CONTROL: "CONTROL",
-              OP_EVENT: "EVENT", OP_RECORDS: "RECORDS"}
+              OP_EVENT: "EVENT", OP_RECORDS: "RECORDS", OP_RECALL: "RECALL"}
 
 # --- protocol.md §4 "Errors" ----------------------------------------------------
 # code → (meaning, does the connection stay open)
@@ -439,6 +445,23 @@ class Control(NamedTuple):
     @classmethod
     def from_frame(cls, f: list) -> "Control":
         return cls(f[1] if len(f) > 1 else None)
+
+
+class Recall(NamedTuple):
+    """§5.44 RECALL: ``[71, consumer, n, queue]``: release up to ``n`` deliveries of ``queue`` not started."""
+
+    consumer: int
+    n: int
+    queue: str
+
+    @classmethod
+    def from_frame(cls, f: list) -> "Recall":
+        return cls(f[1] if len(f) > 1 else None, f[2] if len(f) > 2 else 0, f[3] if len(f) > 3 else None)
+
+
+def recall_frame(consumer: int, n: int, queue: str) -> list:
+    """§5.44 RECALL, server to client."""
+    return [OP_RECALL, consumer, n, queue]
 
 
 class Event(NamedTuple):

@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-P", "--pool", type=_pool, default="processes",
                     help="processes (default), threads, or trio (async def tasks on one event loop)")
     ap.add_argument("--prefetch-multiplier", type=_positive_int("--prefetch-multiplier"), metavar="M",
-                    help="prefetch credit = concurrency x M (default 1)")
+                    help="fixed prefetch credit = concurrency x M (default: adaptive, concurrency to concurrency x 64)")
     ap.add_argument("--max-tasks-per-child", type=_positive_int("--max-tasks-per-child"), metavar="K",
                     help="replace a pool process after it ran K tasks (processes pool)")
     ap.add_argument("--max-memory-per-child", type=_positive_int("--max-memory-per-child"), metavar="KB",

@@ -48,6 +48,8 @@ from client.wire import (
     OP_CONTROL_REQUEST,
     OP_EMIT_EVENTS,
     OP_RATE_LIMIT,
+    OP_CREDIT,
+    OP_RELEASE,
     OP_SUBSCRIBE,
     OP_TASK_INFO,
     OP_WORKERS,
@@ -164,10 +166,24 @@ def h_publish(state, conn, rid, f, now):
 
 
 def h_consume(state, conn, rid, f, now):
-    # [3, rid, [queue, ...], prefetch]
+    # [3, rid, [queue, ...], prefetch, options|null]
     queues = _arg(f, 2, "queues", (list,), "CONSUME")
     prefetch = _arg(f, 3, "prefetch", (int,), "CONSUME")
-    return ok_frame(rid, state.consume(conn, queues, prefetch, now))
+    options = _arg(f, 4, "options", (dict,), "CONSUME", required=False)
+    return ok_frame(rid, state.consume(conn, queues, prefetch, now, options))
+
+
+def h_credit(state, conn, rid, f, now):
+    # [41, rid, consumer, prefetch]
+    ctag = _arg(f, 2, "consumer", (int,), "CREDIT")
+    prefetch = _arg(f, 3, "prefetch", (int,), "CREDIT")
+    return ok_frame(rid, state.set_prefetch(conn, ctag, prefetch, now))
+
+
+def h_release(state, conn, rid, f, now):
+    # [42, rid, tag | [tag, ...]]
+    tags = _arg(f, 2, "tag", (int, list), "RELEASE")
+    return ok_frame(rid, state.release(conn, tags, now))
 
 
 def h_cancel(state, conn, rid, f, now):
@@ -470,13 +486,15 @@ HANDLERS = {
     OP_UNBIND: h_unbind,
     OP_EMIT: h_emit,
     OP_RATE_LIMIT: h_rate_limit,
+    OP_CREDIT: h_credit,
+    OP_RELEASE: h_release,
 }
 # Requests whose reply confirms a change to logged state: the server sends
 # their reply only once the change is durable under the fsync policy.
 DURABLE_OPS = frozenset((
     OP_PUBLISH, OP_ACK, OP_NACK, OP_DECLARE, OP_DELETE, OP_PURGE, OP_PAUSE, OP_RESUME,
     OP_RESULT_SET, OP_RESULT_FORGET, OP_SCHEDULE_PUT, OP_SCHEDULE_REMOVE, OP_SCHEDULE_PAUSE,
-    OP_REVOKE, OP_CHORD, OP_BIND, OP_UNBIND, OP_EMIT, OP_RATE_LIMIT,
+    OP_REVOKE, OP_CHORD, OP_BIND, OP_UNBIND, OP_EMIT, OP_RATE_LIMIT, OP_RELEASE,
 ))
 # Handled by the server itself, because they touch the connection, not the state.
 CONNECTION_OPS = (OP_HELLO, OP_HEARTBEAT, OP_BYE, OP_ADMIN)

@@ -54,11 +54,15 @@ from broker.state.queue import (
 from broker.state.replay import ReplayMixin
 from broker.state.results import ResultsMixin
 from broker.state.schedules import WorkflowMixin
-from client.wire import control_frame, deliver_frame
+from client.wire import control_frame, deliver_frame, recall_frame
 
 MAX_PREFETCH = 65535  # per consumer; bounds what one connection can hold
 MAX_MESSAGE_ID = 255  # bytes; a UUID is 36
 NEVER = float("inf")
+# RECALL (protocol.md §5.44): a consumer is sent at most one RECALL per this many seconds, and an
+# idle consumer asks at most that often.  It bounds the frames (10 a second per consumer) and
+# gives the holder a round trip to answer before it is asked again, so nothing is asked twice.
+RECALL_INTERVAL = 0.1
 
 
 class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, ReplayMixin, InspectionMixin,
@@ -93,6 +97,10 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         self._init_exchanges()
         self._init_unique()
         self._init_flow()
+        # Idle consumers (free slots, nothing ready) to look at again when RECALL_INTERVAL has
+        # passed; empty unless some queue has an idle consumer and a holder with surplus.
+        self._recall_idle: dict = {}
+        self._recall_due = NEVER
         self._replaying = False
         self._server_stats = dict  # no runtime attached: no bounds to report
 
@@ -345,7 +353,7 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
     # queues), so an unbounded number would make one disconnect quadratic.
     MAX_CONSUMERS_PER_CONN = 1000
 
-    def consume(self, conn_id: int, queues: list, prefetch: int, now: float) -> int:
+    def consume(self, conn_id: int, queues: list, prefetch: int, now: float, options: dict | None = None) -> int:
         conn = self.conns[conn_id]
         if not isinstance(queues, list) or not queues:
             raise BadRequest("consume needs a non-empty list of queue names")
@@ -361,6 +369,16 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
             )
         if type(prefetch) is not int or not 1 <= prefetch <= MAX_PREFETCH:
             raise BadRequest(f"prefetch must be a whole number from 1 to {MAX_PREFETCH} (got {prefetch!r})")
+        slots = 0
+        if options is not None:
+            if type(options) is not dict:
+                raise BadRequest("CONSUME field 4 (options) must be a map or null")
+            unknown = set(options) - {"slots"}
+            if unknown:
+                raise BadRequest(f"CONSUME option {sorted(unknown)[0]!r} is not known; the options are: slots")
+            slots = options.get("slots", 0)
+            if type(slots) is not int or not 1 <= slots <= MAX_PREFETCH:
+                raise BadRequest(f"CONSUME option 'slots' must be a whole number from 1 to {MAX_PREFETCH} (got {slots!r})")
         seen = set()  # a set: `in list` made 40,000 names take 7.5 s (measured)
         for name in queues:
             validate_queue_name(name)
@@ -368,16 +386,147 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
                 raise BadRequest(f"queue {name!r} is listed twice")
             seen.add(name)
         qs = [self.queue(n) for n in queues]
-        c = Consumer(next(self._ctags), conn_id, qs, prefetch)
+        c = Consumer(next(self._ctags), conn_id, qs, prefetch, slots)
         conn.consumers[c.tag] = c
         for q in qs:
             q.consumers.append(c)
+            if slots:
+                q.slotted = True
         if self._gated:
             self._flow_consumer_came(qs)  # what a gate held for these queues may go to it now
         self._dispatch_consumer(c, now)
         if self._flow_woke:
             self._dispatch_many(self._flow_take_woke(), now)
+        if slots and c.unacked < slots:
+            self._maybe_recall(c, now)
         return c.tag
+
+    def set_prefetch(self, conn_id: int, ctag, prefetch, now: float) -> int:
+        """CREDIT (protocol.md §5.42): the consumer's prefetch from now on.  Raised: filled at once.
+        Lowered under what it holds: nothing is taken back, it gets no more until it holds fewer."""
+        if type(ctag) is not int:
+            raise BadRequest(f"a consumer tag is a whole number (got {ctag!r})")
+        if type(prefetch) is not int or not 1 <= prefetch <= MAX_PREFETCH:
+            raise BadRequest(f"prefetch must be a whole number from 1 to {MAX_PREFETCH} (got {prefetch!r})")
+        c = self.conns[conn_id].consumers.get(ctag)
+        if c is None:
+            raise NotFound(f"no consumer {ctag!r} on this connection")
+        old = c.prefetch
+        c.prefetch = prefetch
+        if prefetch > old and c.unacked < prefetch:
+            self._dispatch_consumer(c, now)
+            if self._flow_woke:
+                self._dispatch_many(self._flow_take_woke(), now)
+        return prefetch
+
+    # -- recall (protocol.md §5.43-5.44) -------------------------------------------
+    # The policy, in full: a consumer that declared ``slots`` is *idle* when it holds fewer
+    # deliveries than its slots and none of its un-paused queues has a ready message.  Then it
+    # asks: each other consumer of those queues that declared slots and holds more than its
+    # slots (surplus = unacked - slots, which cannot all have started) gets a RECALL for at most
+    # min(its surplus, the idle consumer's free slots still wanted).  How often: a holder has at
+    # most one RECALL unanswered, and is asked again before RECALL_INTERVAL only once it answered
+    # with RELEASE; an idle consumer asks again before RECALL_INTERVAL only once its last ask
+    # brought it something.  Released deliveries go to idle consumers first.  A recall never
+    # moves more than the receiver can start at once and never leaves the holder under its slots,
+    # so two busy consumers never pass work back and forth: work only moves from one holding
+    # more than it can run to one holding less.
+    def _maybe_recall(self, c: Consumer, now: float) -> None:
+        if c.prefetch == 0:
+            return  # cancelled
+        want = c.slots - c.unacked
+        if want <= 0:
+            return
+        if not c.fed and now - c.asked_at < RECALL_INTERVAL:
+            self._recall_later(c, c.asked_at + RECALL_INTERVAL)
+            return
+        for q in c.queues:
+            if q.ready_count and not q.paused:
+                return  # not idle: gated or about to be filled
+        asked = waiting = False
+        for q in c.queues:
+            if q.paused:
+                continue
+            for h in q.consumers:
+                if h is c or not h.slots or h.unacked <= h.slots:
+                    continue
+                if h.recall_pending and now - h.recalled_at < RECALL_INTERVAL:
+                    waiting = True
+                    continue
+                n = min(want, h.unacked - h.slots)
+                h.recalled_at = now
+                h.recall_pending = True
+                self._send(h.conn, recall_frame(h.tag, n, q.name))
+                q.recalled += n
+                asked = True
+                want -= n
+                if want <= 0:
+                    break
+            if want <= 0:
+                break
+        # Scanned: the next scan waits RECALL_INTERVAL unless this one brings something (fed),
+        # so an idle consumer beside many others costs at most 10 scans a second.
+        c.asked_at = now
+        c.fed = False
+        if asked or waiting:
+            # Look again in RECALL_INTERVAL if it is still idle then (nothing came back, or a
+            # holder was asked a moment ago): bookkeeping only while a queue has an idle consumer.
+            self._recall_later(c, now + RECALL_INTERVAL)
+
+    def _recall_later(self, c: Consumer, due: float) -> None:
+        self._recall_idle[c] = None
+        if due < self._recall_due:
+            self._recall_due = due
+
+    def _tick_recall(self, now: float) -> None:
+        idle, self._recall_idle = self._recall_idle, {}
+        self._recall_due = NEVER
+        for c in idle:
+            if c.prefetch and c.slots and c.unacked < c.slots:
+                self._maybe_recall(c, now)
+
+    def release(self, conn_id: int, tags, now: float) -> int:
+        """RELEASE (protocol.md §5.41): deliveries this consumer has not started go back to the
+        front of their queues, their attempt not counted, and go to idle consumers first."""
+        if type(tags) is not list:
+            tags = [tags]
+        for tag in tags:  # all or nothing for malformed input
+            if type(tag) is not int:
+                raise BadRequest(f"a delivery tag is a whole number (got {tag!r})")
+        self._refuse_if_log_failed()
+        stale = []
+        touched = {}
+        released = []
+        for tag in tags:
+            try:
+                d = self._settle(conn_id, tag)
+            except StaleDelivery:
+                stale.append(tag)
+                continue
+            released.append(d)
+        for d in reversed(released):  # pushed to the front one by one: the first tag ends first
+            d.consumer.recall_pending = False  # answered: it may be asked again
+            msg = d.msg
+            msg.attempts -= 1  # this delivery does not count: the consumer never started it
+            q = msg.queue
+            q.released += 1
+            self._requeue(msg, now)
+            touched[q] = None
+        for q in touched:
+            if q.paused:
+                continue
+            for c in q.consumers:  # idle ones first: that is what the release was for
+                if c.slots and c.unacked < c.slots and q.ready_count:
+                    self._dispatch_consumer(c, now)
+                    c.fed = True
+            self._dispatch_queue(q, now)
+        if self._flow_woke:
+            self._dispatch_many(self._flow_take_woke(), now)
+        if stale:
+            raise StaleDelivery(
+                f"deliveries {stale} are not in flight on this connection (acked already, timed out "
+                "or their connection closed); the others were released")
+        return len(released)
 
     def cancel(self, conn_id: int, ctag: int) -> None:
         conn = self.conns[conn_id]
@@ -461,6 +610,21 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
             return
         i = q.rr
         idle = 0
+        if q.slotted:
+            # First to consumers with a free slot, so none sits idle while another holds work it
+            # cannot start yet (what RECALL would otherwise have to take back).
+            while q.ready_count and idle < n:
+                c = cons[i % n]
+                i += 1
+                if c.unacked < c.slots and c.unacked < c.prefetch:
+                    msg = self._next_live(q, now)
+                    if msg is None:
+                        break
+                    self._deliver(c, q, msg, now)
+                    idle = 0
+                else:
+                    idle += 1
+            idle = 0
         while q.ready_count and idle < n:
             c = cons[i % n]
             i += 1
@@ -488,11 +652,12 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
                 if id(c) not in seen:
                     seen.add(id(c))
                     consumers.append(c)
+        slotted = any(c.slots for c in consumers)
         progress = True
         while progress:
             progress = False
             for c in consumers:
-                if c.unacked >= c.prefetch:
+                if c.unacked >= c.prefetch or (slotted and c.unacked >= c.slots):
                     continue
                 for q in c.queues:
                     if q.ready_count and not q.paused:
@@ -501,6 +666,9 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
                             self._deliver(c, q, msg, now)
                             progress = True
                             break
+            if not progress and slotted:
+                slotted = False  # free slots filled (RECALL's consumers first): now by credit, as before
+                progress = True
         if self._delivered_seqs:
             self._log_deliveries()
 
@@ -566,6 +734,8 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         for c in dict.fromkeys(consumers):  # once each: a list ACK of n tags is not n dispatches
             if c.unacked < c.prefetch:
                 self._dispatch_consumer(c, now)
+                if c.unacked < c.slots:  # it has a free slot and nothing came: idle (recall)
+                    self._maybe_recall(c, now)
         if self._flow_woke:  # a freed concurrency slot released a parked message
             self._dispatch_many(self._flow_take_woke(), now)
         if stale and len(tags) == 1:
@@ -611,6 +781,8 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
             self._dispatch_consumer(c, now)
         if msg.state == READY:
             self._dispatch_queue(q, now)
+        if c.unacked < c.slots:
+            self._maybe_recall(c, now)
         if self._flow_woke:
             self._dispatch_many(self._flow_take_woke(), now)
 
@@ -750,6 +922,8 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         self._tick_events(now)
         if self._unique_ttl:
             self._tick_unique(now)
+        if self._recall_idle and self._recall_due <= now:
+            self._tick_recall(now)
         return self.next_wakeup()
 
     def next_wakeup(self) -> float:
@@ -766,6 +940,8 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
             t = self._revoke_ttl[0][0]
         if self._flow_due and self._flow_due[0][0] < t:
             t = self._flow_due[0][0]
+        if self._recall_idle and self._recall_due < t:
+            t = self._recall_due
         return min(t, self._results_next_wakeup(), self._events_next_wakeup(), self._unique_next_wakeup())
 
     def _refuse_if_log_failed(self) -> None:
@@ -776,7 +952,7 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         """For tests: the promises the dispatcher keeps, checked from scratch."""
         for conn in self.conns.values():
             for c in conn.consumers.values():
-                assert 0 <= c.unacked <= c.prefetch, (c.tag, c.unacked, c.prefetch)
+                assert 0 <= c.unacked, (c.tag, c.unacked)  # may exceed a prefetch lowered by CREDIT
                 if c.unacked < c.prefetch:
                     for q in c.queues:
                         assert q.paused or q.ready_count == 0, (c.tag, q)

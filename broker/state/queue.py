@@ -158,6 +158,9 @@ class Queue:
         "published",
         "delivered",
         "acked",
+        "slotted",  # a consumer declared slots (RECALL): those with a free slot get work first
+        "released",
+        "recalled",
         "nacked",
         "redelivered",
         "expired",
@@ -182,6 +185,8 @@ class Queue:
         self.rate_gate = None
         self.waiting_count = 0
         self.published = self.delivered = self.acked = self.nacked = 0
+        self.slotted = False
+        self.released = self.recalled = 0  # RELEASE / RECALL (protocol.md §5.41-5.42)
         self.redelivered = self.expired = self.dead_lettered = self.rejected = 0
 
     @property

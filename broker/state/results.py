@@ -116,6 +116,8 @@ class ResultsMixin:
             self._unique_event(task_id, started=False)  # "until finished" (broker/state/unique.py)
         if acked and c.unacked < c.prefetch:
             self._dispatch_consumer(c, now)
+            if c.unacked < c.slots:  # a free slot and nothing came: idle (RECALL, broker/state/core.py)
+                self._maybe_recall(c, now)
         return {"acked": acked}
 
     def _store_result(self, task_id, state, value, meta, expires, now) -> Result:

@@ -72,6 +72,14 @@ class Channel:
     def nack(self, d, requeue=True, delay=None, headers=None) -> None:
         self._submit(verbs.nack_delivery(self.client, d, requeue, delay, headers), ("nack", d.id, requeue, delay))
 
+    def release(self, ds) -> None:
+        """RELEASE deliveries not started (the answer to a RECALL): not counted as attempts."""
+        self._submit(verbs.release_deliveries(self.client, ds), ("release", [d.id for d in ds]))
+
+    def credit(self, consumer, prefetch: int) -> None:
+        """CREDIT: the consumer's prefetch from now on (the adaptive prefetch)."""
+        self._submit(verbs.set_credit(self.client, consumer, prefetch), ("credit", prefetch))
+
     def publish(self, queue, body, *, priority=0, delay=None, headers=None, id=None) -> None:
         self.client.publish(queue, body, priority=priority, delay=delay, headers=headers, id=id, confirm=False)
 

@@ -10,7 +10,7 @@ burst.  With a client that lacks what that relies on, this thread falls back to
 Everything reaches the main loop through ``host.post(item)``: ``("connected", client, consumer,
 gen, direct)``, ``("delivery", d, gen)``, ``("lost", gen)``, ``("fatal", exc)``,
 ``("intake-done",)``.  ``host`` is the worker: it has ``broker``, ``hostname``, ``queues``,
-``prefetch``, ``stop_event`` and ``post``.
+``prefetch``, ``concurrency``, ``credit``, ``stop_event`` and ``post``.
 """
 
 from __future__ import annotations
@@ -118,7 +118,11 @@ def intake(host, client):
                 log.info("reconnected to brokerd at %s", redact(host.broker))
             gen += 1
             try:
-                consumer = client.consume(host.queues, host.prefetch)
+                t0 = time.monotonic()
+                # slots: brokerd may RECALL what this worker holds beyond them (protocol.md §5.42)
+                consumer = client.consume(host.queues, host.prefetch, slots=host.concurrency)
+                if host.credit is not None:
+                    host.credit.measured_round_trip(time.monotonic() - t0)
             except BrokerdError as exc:
                 log.error("cannot consume from %s: %s", ",".join(host.queues), exc)
                 close_quietly(client)

@@ -2,9 +2,12 @@
 
 **One connection, one consumer.**  The parent process holds the only broker connection (a
 blocking ``client.producer.Client``, driven through ``channel``) and one consumer over every
-queue, in preference order, with prefetch credit = concurrency x multiplier.  brokerd never sends
-more than that, so the worker's buffer is bounded and a long task never hides short ones behind it
-in a deep local queue.
+queue, in preference order.  Its prefetch credit adapts (``credit``): from concurrency while tasks
+run long up to concurrency x 64 while they finish in less than a round trip; ``prefetch_multiplier``
+given explicitly fixes it at concurrency x M.  brokerd never sends more than the credit, so the
+worker's buffer is bounded, and the consumer declares its ``slots`` (the concurrency): when another
+worker of the queue sits idle, brokerd sends RECALL and this worker releases deliveries it has not
+started (``_on_recall``), so a long task never hides short ones behind it.
 
 **Threads in the parent.**  The *intake* thread (``intake``) owns the connection's life.  The
 *main loop* takes deliveries straight from the consumer's buffer (an inbox: a deque plus a
@@ -65,6 +68,7 @@ import client.worker.events as ev_
 from client.worker.channel import (Channel, close_quietly, delivery_buffer, detach_in_child,
                                    hand_deliveries_to_main_loop)
 from client.worker.control import Control
+from client.worker.credit import BATCH_RUNTIME_MAX, RUNTIME_WEIGHT, AdaptiveCredit
 from client.worker.intake import CONNECT_TIMEOUT, online_worker_names
 from client.worker.limits import TaskLimits
 from client.worker.mainloop import run_sync
@@ -82,6 +86,15 @@ RAN_OFFLINE_MAX = 100_000  # task ids remembered as "ran while brokerd was unrea
 # Default concurrency per pool: a process per CPU; threads and trio tasks mostly wait on I/O.
 DEFAULT_CONCURRENCY = {"processes": lambda: os.cpu_count() or 1, "threads": lambda: 10, "trio": lambda: 100}
 STORED = ("SUCCESS", "FAILURE")  # result states kept for a later connection when the current one is gone
+
+
+def _configured(conf, key):
+    """The value the app's configuration sets for ``key``, or None when it is only a default."""
+    lookup = getattr(conf, "_lookup", None)
+    if lookup is None:
+        return conf.get(key)
+    value = lookup(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class ColdStop(Exception):
@@ -103,10 +116,14 @@ def default_hostname(name: str | None = None) -> str:
 class Worker:
     """Consume tasks for ``app`` from brokerd and run them.  See the module docstring.
 
-    ``Worker(app, queues=None, concurrency=None, pool="processes", prefetch_multiplier=1,
+    ``Worker(app, queues=None, concurrency=None, pool="processes", prefetch_multiplier=None,
     max_tasks_per_child=None, autoscale=None, hostname=None, loglevel="info", *, grace=30.0,
     time_limit=None, soft_time_limit=None, broker=None, connect_timeout=None, task_events=None,
     heartbeat_interval=2.0, max_memory_per_child=None, on_duplicate_name="rename")``
+
+    ``prefetch_multiplier``: None (default, unless the app's config sets
+    ``worker_prefetch_multiplier``) adapts the credit (``client.worker.credit``); a number fixes it
+    at concurrency x M.
 
     ``on_duplicate_name``: when brokerd already sees an online worker with this name at start,
     ``"rename"`` (default) adds the process id (``brokerd-4242@host``) and warns; ``"refuse"``
@@ -158,9 +175,16 @@ class Worker:
             raise ValueError(f"concurrency must be at least 1 (got {concurrency})")
         self.concurrency = int(concurrency)
         if prefetch_multiplier is None:
-            prefetch_multiplier = app.conf.get("worker_prefetch_multiplier") or 1
-        self.prefetch_multiplier = int(prefetch_multiplier)
-        self.prefetch = min(MAX_PREFETCH, max(1, self.concurrency * self.prefetch_multiplier))
+            prefetch_multiplier = _configured(app.conf, "worker_prefetch_multiplier")
+        # No multiplier given: the credit adapts (client.worker.credit), from concurrency up to
+        # concurrency x 64; one given explicitly keeps the fixed concurrency x M of before.
+        self.credit = AdaptiveCredit(self.concurrency) if prefetch_multiplier is None else None
+        self.prefetch_multiplier = int(prefetch_multiplier) if prefetch_multiplier is not None else None
+        self.prefetch = (self.credit.current if self.credit is not None
+                         else min(MAX_PREFETCH, max(1, self.concurrency * self.prefetch_multiplier)))
+        # task name -> moving average of its run time (seconds), for batchable(); one entry per task
+        # name this worker ran, so bounded by the app's registered tasks.
+        self.runtimes: dict = {}
         self.max_tasks_per_child = max_tasks_per_child or app.conf.get("worker_max_tasks_per_child")
         self.max_memory_per_child = max_memory_per_child or app.conf.get("worker_max_memory_per_child")
         if task_events is None:
@@ -380,6 +404,13 @@ class Worker:
         """``job`` ended with ``outcome``: report it and settle it (or keep its result for later)."""
         self.running.pop(job.seq, None)
         self.stats.ran(job.name)
+        credit = self.credit
+        if credit is not None:
+            rt = runtime if runtime is not None else (time.time() - job.started if job.started is not None else None)
+            if rt is not None:
+                credit.observe(rt)
+                old = self.runtimes.get(job.name)
+                self.runtimes[job.name] = rt if old is None else old + RUNTIME_WEIGHT * (rt - old)
         if self.task_events:
             if runtime is None and job.started is not None:
                 runtime = time.time() - job.started
@@ -515,6 +546,12 @@ class Worker:
         if ch is None:
             return
         try:
+            credit = self.credit
+            if credit is not None and self._consumer is not None and credit.runtime is not None:
+                new = credit.due(time.monotonic())
+                if new is not None:
+                    self.prefetch = new
+                    ch.credit(self._consumer, new)
             evs = self.events.take(force)
             if evs is not None:
                 ch.events(self.hostname, evs)
@@ -536,6 +573,9 @@ class Worker:
         answered with CONTROL_REPLY), or ``revoke`` + ``terminate``, which kills running tasks."""
         if not isinstance(payload, dict):
             return
+        if "recall" in payload:
+            self._on_recall(payload["recall"])
+            return
         command = payload.get("control")
         if not isinstance(command, str):
             if payload.get("terminate"):
@@ -553,6 +593,50 @@ class Worker:
             log.warning("shutdown requested by a control command: warm stop")
             self.flush(force=True)  # the reply goes out before the consumer is cancelled
             self._begin_stop()
+    def batchable(self, job) -> bool:
+        """May the process pool queue other jobs in one process behind ``job``?  With the adaptive
+        credit only when its task is known to run shorter than BATCH_RUNTIME_MAX: jobs queued in a
+        process behind a long one could not be given back by a RECALL.  With a fixed multiplier,
+        always (as before)."""
+        if self.credit is None:
+            return True
+        rt = self.runtimes.get(job.name)
+        return rt is not None and rt < BATCH_RUNTIME_MAX
+
+    def _on_recall(self, recall):
+        """RECALL (protocol.md §5.44): release up to n deliveries of that queue this worker has not
+        started: the newest in the backlog first (they would run last here).  A started task, one
+        already given to a pool process, or one acked on receipt is never released."""
+        try:
+            ctag, n, queue = recall
+        except (TypeError, ValueError):
+            return
+        ch, consumer = self._channel, self._consumer
+        if ch is None or consumer is None or ctag != consumer.tag or type(n) is not int or n < 1:
+            return
+        self._take_deliveries()  # what the client buffered is ours to consider too
+        give = []
+        kept = deque()
+        backlog = self.backlog
+        while backlog and len(give) < n:
+            job = backlog.pop()
+            d = job.d
+            if d.queue == queue and job.gen == ch.gen and not d.settled:
+                give.append(job)
+            else:
+                kept.appendleft(job)
+        backlog.extend(kept)
+        if not give:
+            return
+        try:
+            ch.release([job.d for job in give])
+        except BrokerdError:
+            return
+        if self.task_events:
+            for job in give:
+                self.events.emit(ev_.task_handed_back(job.task_id, "recalled for an idle worker"))
+        log.debug("released %d waiting tasks of %s to brokerd (recalled for an idle worker)", len(give), queue)
+
     def consume_queues(self, queues) -> str | None:
         """Consume ``queues`` from now on (control add_consumer/cancel_consumer): a new consumer on this
         connection, then the old one cancelled (what it delivered stays in flight and is settled as usual;
@@ -563,7 +647,7 @@ class Worker:
         if ch is None or self._direct is None or self._consumer is None:
             return "the worker is not connected to brokerd right now; try again"
         try:
-            new = client.consume(list(queues), self.prefetch)
+            new = client.consume(list(queues), self.prefetch, slots=self.concurrency)
         except BrokerdError as exc:
             return f"brokerd refused the consumer: {exc}"
         old = self._consumer

@@ -57,8 +57,8 @@ class Pool:
     The host (``self.w``, the worker) provides: ``app``, ``hostname``, ``autoscale``,
     ``stopping``, ``post(item)``, ``poller``, ``job_started(job)``, ``finish(job, outcome,
     runtime)``, ``hand_back_job(job, reason)``, ``lost_job(job, why)``, ``pool_resized(old, new,
-    reason)``, ``process_replaced(pid, reason, rss_kb, tasks)``, ``forget_parent_fds()`` and
-    ``flush()``.
+    reason)``, ``process_replaced(pid, reason, rss_kb, tasks)``, ``forget_parent_fds()``,
+    ``batchable(job)`` (may a process queue jobs behind it) and ``flush()``.
     """
 
     kind = ""

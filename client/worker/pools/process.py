@@ -233,8 +233,11 @@ class ProcessPool(Pool):
                 self.idle.remove(c)
                 self._send(c, backlog, batch, running, now)
         if batch > 1 and backlog:
+            batchable = self.w.batchable
             for c in self.children.values():
-                if len(c.jobs) == 1 and backlog:  # it is on its last job: queue the next batch now
+                # It is on its last job: queue the next batch now, unless that job may run long
+                # (w.batchable): jobs queued behind it could not be given back by a RECALL.
+                if len(c.jobs) == 1 and backlog and batchable(c.jobs[0]):
                     self._send(c, backlog, batch, running, now)
 
     def _send(self, c: _Child, backlog, batch, running, now):
@@ -255,6 +258,8 @@ class ProcessPool(Pool):
                     job.deadline = now + job.hard
             c.jobs.append(job)
             jobs.append(job.to_runner(False))
+            if batch > 1 and not self.w.batchable(job):
+                break  # nothing queued behind a job that may run long (see dispatch)
         c.assigned += len(jobs)
         data = pickle.dumps(jobs, PICKLE)
         try:
