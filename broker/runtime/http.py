@@ -369,7 +369,7 @@ ERROR_STATUS = {"NOT_FOUND": 404, "LOG_FAILED": 503, "BAD_REQUEST": 400}
 HTML_ROUTES = ("/", "/task/<id>", "/static/app.js", "/static/style.css", "/api/overview", "/api/tasks", "/api/graphs",
                "/api/task/<id>", "/api/dead/<queue>", "POST /api/queues/<name>/pause|resume|purge|requeue-dead",
                "POST /api/task/<id>/revoke|terminate|retry", "/worker/<hostname>",
-               "POST /api/workers/<hostname>/shutdown|pool-grow|pool-shrink")
+               "POST /api/workers/<hostname>/shutdown|pool-grow|pool-shrink", "POST /api/rates/task|queue/<name>?limit=")
 
 
 def _plural(n: int, text: str) -> str:
@@ -704,6 +704,16 @@ class App:
             if not access.workers:
                 return (*_refused(access, "control workers", "control", None), [])
             return await self._worker_act(headers, seg[2], seg[3])
+        # rate limits from the page: POST /api/rates/task|queue/<name>?limit=10/s (as RATE_LIMIT, "control")
+        if len(seg) == 4 and seg[:2] == ["api", "rates"] and seg[2] in ("task", "queue") and seg[3]:
+            if method != "POST":
+                return (*_json(405, {"error": "METHOD_NOT_ALLOWED", "message": f"{path} answers POST only, not {method}"}),
+                        [(b"allow", b"POST")])
+            if not access.workers:
+                return (*_refused(access, "set rate limits", "control", None), [])
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            limit = (query.get("limit") or [""])[0].strip() or None
+            return await self._rate_act(headers, seg[2], seg[3], limit)
         read = self._read_route(seg, access)
         if read is None:
             return (*_json(404, {
@@ -849,6 +859,25 @@ class App:
                     [(b"location", answer["next"].encode())])
         return (*_json(200, {"ok": True, "task": task_id, "action": action, **answer}), [])
 
+
+    async def _rate_act(self, headers: dict, kind: str, name: str, limit):
+        """The page's "set rate": RATE_LIMIT (protocol.md §5.39) on the state, logged; the answer once
+        durable.  Host, Origin and (for a session) CSRF were checked before, the grant by the caller."""
+        server = self.server
+        try:
+            try:
+                out = server.state.rate_limit(name, limit, kind, time.time())
+            finally:
+                server.flush()
+        except BrokerError as exc:
+            return (*_json(ERROR_STATUS.get(exc.code, 400), {"error": exc.code, "message": exc.message}), [])
+        if server.wal is not None:
+            await server.wal.wait_durable(server.state.last_lsn)
+        message = f"rate limit of {kind} {name} is {out['limit'] or 'none'} (was {out['previous'] or 'none'})"
+        log.info("http: %s (from the web page)", message)
+        if "text/html" in headers.get("accept", "") and "application/json" not in headers.get("accept", ""):
+            return (303, b"text/plain; charset=utf-8", (message + "\n").encode(), [(b"location", b"/#limits")])
+        return (*_json(200, {"ok": True, **web.plain(out), "message": message, "next": "/#limits"}), [])
 
     async def _worker_act(self, headers: dict, hostname: str, action: str):
         """Relay one CONTROL to the worker and wait (CONTROL_WAIT at most) for its reply."""

@@ -402,7 +402,7 @@ class Web:
         return {"queues": render_queues(ov["queues"], ov.get("queues_page"), access.csrf),
                 "workers": render_workers(ov["workers"]),
                 "dead": render_dead(ov["dead"], access.csrf), "schedules": render_schedules(ov["schedules"]),
-                "limits": render_limits(ov.get("limits") or []), "tenants": render_tenants(ov.get("tenants") or []), "summary": render_summary(ov["broker"])}
+                "limits": render_limits(ov.get("limits") or [], access.csrf if access.workers else False), "tenants": render_tenants(ov.get("tenants") or []), "summary": render_summary(ov["broker"])}
 
     def worker_page(self, hostname: str, now: float, access: Access = OPEN) -> str:
         """One worker: pool, counts, heartbeat age, queues, and its controls (``control`` grant)."""
@@ -714,17 +714,25 @@ def render_schedules(schedules: list) -> str:
             f'<th>last</th><th>fired</th><th>owner</th></tr></thead><tbody>{rows}</tbody></table>')
 
 
-def render_limits(limits: list) -> str:
-    """Each rate limit and cap: what it limits, to what, set by whom, and how many it holds back now."""
+def render_limits(limits: list, csrf=False) -> str:
+    """Each rate limit and cap: what it limits, to what, set by whom, and how many it holds back now;
+    for a user with the ``control`` grant (``csrf`` not False: the session's token, or None without
+    users), a form that sets a task's rate for all workers (POST /api/rates/task/<name>)."""
+    form = ""
+    if csrf is not False:
+        token = f'<input type="hidden" name="csrf" value="{esc(csrf)}">' if csrf else ""
+        form = ('<form class="rate-set">' + token + '<input name="task" placeholder="task name" aria-label="task name"> '
+                '<input name="limit" placeholder="10/s, 100/m, 0 = none" aria-label="rate limit"> '
+                '<button type="button" data-rate-set>set rate (all workers)</button></form>')
     if not limits:
-        return '<p class="empty">no rate limits or concurrency caps</p>'
+        return '<p class="empty">no rate limits or concurrency caps</p>' + form
     rows = "".join(
         f'<tr><td>{esc(r["kind"])}</td><td class="name">{esc(r["name"])}</td><td>{esc(r["limit"] or "none")}</td>'
         f'<td>{esc(r["source"])}</td><td class="n">{esc(r["waiting"])}</td>'
         f'<td class="n">{esc("" if r["inflight"] is None else r["inflight"])}</td></tr>'
         for r in limits)
     return ('<table><thead><tr><th>kind</th><th>name</th><th>limit</th><th>set by</th><th>waiting</th>'
-            f'<th>in flight</th></tr></thead><tbody>{rows}</tbody></table>')
+            f'<th>in flight</th></tr></thead><tbody>{rows}</tbody></table>') + form
 
 
 def render_tenants(rows: list) -> str:

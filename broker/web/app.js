@@ -125,6 +125,12 @@
       busy = false; poll();
       return;
     }
+    // the limits panel's "set rate": its action is the typed task name and limit
+    var rs = ev.target.closest ? ev.target.closest("button[data-rate-set]") : null;
+    if (rs && rs.form) {
+      rs.setAttribute("data-action", "/api/rates/task/" + encodeURIComponent(rs.form.elements.task.value.trim()) +
+                      "?limit=" + encodeURIComponent(rs.form.elements.limit.value.trim()));
+    }
     var b = ev.target.closest ? ev.target.closest("button[data-action]") : null;
     if (!b) return;
     ev.preventDefault();

@@ -59,6 +59,32 @@ def test_rates_rate_and_tenants_over_netcat_and_on_the_page(broker):
         assert b"Rate limits and caps" in page and b"proj.send_sms" in page
 
 
+def post(port, path, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("POST", path, headers={"Accept": "application/json", **(headers or {})})
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        conn.close()
+
+
+def test_the_page_sets_a_tasks_rate_for_all_workers(broker):
+    """The limits panel's form: POST /api/rates/task/<name>?limit= is RATE_LIMIT (logged, global)."""
+    assert b"data-rate-set" in get(broker.http_port, "/")[1]  # no users: everyone may (open mode)
+    status, d = post(broker.http_port, "/api/rates/task/proj.send_sms?limit=5/s")
+    assert status == 200 and d["limit"] == "5/s" and "rate limit of task proj.send_sms is 5/s" in d["message"], d
+    row = next(line.split() for line in broker.admin("RATES\n").splitlines() if "proj.send_sms" in line)
+    assert row[:4] == ["task", "proj.send_sms", "5/s", "live"]
+    status, d = post(broker.http_port, "/api/rates/task/proj.send_sms?limit=5/fortnight")
+    assert status == 400 and "5/fortnight" in d["message"], d
+    status, d = post(broker.http_port, "/api/rates/queue/nosuch?limit=1/s")
+    assert status == 404, d
+    assert get(broker.http_port, "/api/rates/task/proj.send_sms")[0] == 405  # GET is not an action
+    status, d = post(broker.http_port, "/api/rates/task/proj.send_sms?limit=0")
+    assert status == 200 and d["limit"] is None and d["previous"] == "5/s", d
+
+
 def test_rate_and_tenants_need_the_admin_grant(broker_factory, tmp_path):
     tok_w, tok_o = new_token(), new_token()
     users = tmp_path / "users.toml"
@@ -77,3 +103,9 @@ def test_rate_and_tenants_need_the_admin_grant(broker_factory, tmp_path):
         assert c.admin("TENANTS billing.runs").startswith("OK 1 tenant")
         assert "proj.send_sms" not in c.admin("RATES")  # the refused RATE changed nothing
     assert admin_exchange(b.port, "RATES\n").startswith("ERR")  # netcat without a login
+    # the page's rate form needs 'control' too: refused for a user without it, nothing set, no form shown
+    status, d = post(b.http_port, "/api/rates/task/proj.send_sms?limit=5/s", {"Authorization": f"Bearer web:{tok_w}"})
+    assert status == 403 and d["error"] == "ACCESS_REFUSED" and "'control'" in d["message"], d
+    assert b"data-rate-set" not in get(b.http_port, "/", {"Authorization": f"Bearer web:{tok_w}"})[1]
+    with Client(f"brokerd://ops:{tok_o}@{b.address}") as c:
+        assert "proj.send_sms" not in c.admin("RATES")
