@@ -488,11 +488,7 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
     def release(self, conn_id: int, tags, now: float) -> int:
         """RELEASE (protocol.md §5.41): deliveries this consumer has not started go back to the
         front of their queues, their attempt not counted, and go to idle consumers first."""
-        if type(tags) is not list:
-            tags = [tags]
-        for tag in tags:  # all or nothing for malformed input
-            if type(tag) is not int:
-                raise BadRequest(f"a delivery tag is a whole number (got {tag!r})")
+        tags = _tag_list(tags)
         self._refuse_if_log_failed()
         stale = []
         touched = {}
@@ -707,11 +703,7 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
 
     def ack(self, conn_id: int, tags, now: float) -> int:
         """Ack one tag or a list of tags.  Stale ones are refused, the rest applied."""
-        if type(tags) is not list:
-            tags = [tags]
-        for tag in tags:  # all or nothing for malformed input
-            if type(tag) is not int:
-                raise BadRequest(f"a delivery tag is a whole number (got {tag!r})")
+        tags = _tag_list(tags)
         stale = []
         consumers = []
         acked_seqs = []
@@ -965,3 +957,14 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
             parked[m.queue] = parked.get(m.queue, 0) + 1
         for q in self.queues.values():
             assert q.waiting_count == parked.get(q, 0), (q, q.waiting_count, parked.get(q, 0))
+
+
+def _tag_list(tags) -> list:
+    """ACK's and RELEASE's tag field (one tag or a list) as a list, checked all or nothing: one
+    malformed tag refuses the whole request before anything is settled."""
+    if type(tags) is not list:
+        tags = [tags]
+    for tag in tags:
+        if type(tag) is not int:
+            raise BadRequest(f"a delivery tag is a whole number (got {tag!r})")
+    return tags

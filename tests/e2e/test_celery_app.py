@@ -70,9 +70,10 @@ class Env:
         return f.read_text().splitlines() if f.exists() else []
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("celery")
+def celery_env(tmp, *worker_args, name=None):
+    """brokerd + the Celery app module pointed at it (env vars set, restored after) + one
+    ``celery worker`` started with ``worker_args``; a generator for module fixtures: yields the Env
+    (its first worker as ``e.first``), then stops every process it started."""
     b = BrokerProcess(tmp / "data").start()
     e = Env(b, tmp / "marks", tmp)
     old = {k: os.environ.get(k) for k in ("CAPP_BROKER", "CAPP_MARKS")}
@@ -80,7 +81,7 @@ def env(tmp_path_factory):
     import tests.celery_apps.capp as capp
     e.capp = importlib.reload(capp)
     try:
-        e.default_worker = e.worker("-c", "2")
+        e.first = e.worker(*worker_args, **({"name": name} if name else {}))
         yield e
     finally:
         for p in e.procs:
@@ -92,6 +93,13 @@ def env(tmp_path_factory):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    for e in celery_env(tmp_path_factory.mktemp("celery"), "-c", "2"):
+        e.default_worker = e.first
+        yield e
 
 
 def test_tasks_retry_failures_and_canvas_give_celerys_results(env):

@@ -17,8 +17,7 @@ import pytest
 
 pytest.importorskip("celery", reason="Celery is not installed (pip install 'brokerd[celery]')")
 
-from tests.e2e.test_celery_app import WAIT, Env, wait_for  # noqa: E402
-from tests.support.broker import BrokerProcess  # noqa: E402
+from tests.e2e.test_celery_app import WAIT, celery_env, wait_for  # noqa: E402
 
 HOST = socket.gethostname()
 NAME = f"ctl@{HOST}"
@@ -51,28 +50,9 @@ def celery_prefetch(broker) -> int:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("celeryctl")
-    b = BrokerProcess(tmp / "data").start()
-    e = Env(b, tmp / "marks", tmp)
-    old = {k: os.environ.get(k) for k in ("CAPP_BROKER", "CAPP_MARKS")}
-    os.environ.update(CAPP_BROKER=e.url, CAPP_MARKS=str(e.marks))
-    import importlib
-
-    import tests.celery_apps.capp as capp
-    e.capp = importlib.reload(capp)
-    try:
-        e.ctl = e.worker("--pool", "prefork", "-c", "2", "-E", name="ctl")
+    for e in celery_env(tmp_path_factory.mktemp("celeryctl"), "--pool", "prefork", "-c", "2", "-E", name="ctl"):
+        e.ctl = e.first
         yield e
-    finally:
-        for p in e.procs:
-            e.stop(p)
-        e.capp.app.close()
-        b.terminate()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_celery_inspect_ping_answers_through_brokerds_pidbox_exchange(env):
