@@ -81,6 +81,12 @@ def test_the_page_sets_a_tasks_rate_for_all_workers(broker):
     status, d = post(broker.http_port, "/api/rates/queue/nosuch?limit=1/s")
     assert status == 404, d
     assert get(broker.http_port, "/api/rates/task/proj.send_sms")[0] == 405  # GET is not an action
+    # hostile values cost only their request: a huge name, control characters, a huge limit
+    status, d = post(broker.http_port, "/api/rates/task/" + "x" * 5000 + "?limit=1/s")
+    assert status == 400 and "at most" in d["message"], d
+    status, d = post(broker.http_port, "/api/rates/task/a%00b%0A?limit=" + "9" * 400 + "/s")
+    assert status == 400, d
+    assert broker.admin("STATS\n").startswith("OK")  # the broker is fine
     status, d = post(broker.http_port, "/api/rates/task/proj.send_sms?limit=0")
     assert status == 200 and d["limit"] is None and d["previous"] == "5/s", d
 
