@@ -131,6 +131,20 @@ class ReplayMixin:
         ctx.msgs = msgs
         self._replay_place(ctx, now)
 
+    def reset_for_standby(self) -> None:
+        """Forget everything (a step-down or a truncated log: the state is rebuilt from the log
+        next); keep what the runtime attached (its probes, the result ttl) and the connections'
+        ids, without their consumers (their connections are being closed)."""
+        keep = {k: self.__dict__[k] for k in ("_server_stats", "output_backlog", "default_result_ttl")
+                if k in self.__dict__}
+        names = {cid: c.name for cid, c in self.conns.items()}
+        fresh = type(self)(boot_id=self._boot)
+        self.__dict__.clear()
+        self.__dict__.update(fresh.__dict__)
+        self.__dict__.update(keep)
+        for cid, name in names.items():
+            self.connect(cid, name)
+
     def _replay_apply(self, ctx: ReplayContext, records, now: float) -> int:
         msgs = ctx.msgs
         standby = ctx.standby
