@@ -148,3 +148,34 @@ def test_promote_needs_the_admin_grant_refuses_bad_reasons_and_a_leader(tmp_path
         ops.close()
     finally:
         stop(leader)
+
+
+def _get(broker: BrokerProcess, path: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{broker.http_port}{path}", timeout=10) as r:
+        return r.read().decode()
+
+
+def test_metrics_and_the_page_show_role_epoch_and_each_followers_lag(pair):
+    leader, follower = pair
+    wait_for(lambda: stats_line(follower, "replication_lsn") == stats_line(leader, "replication_lsn"),
+             "the follower to catch up")
+    lsn = stats_line(leader, "replication_lsn")
+    m = _get(leader, "/metrics").splitlines()
+    assert 'brokerd_replication_role{role="leader"} 1' in m and 'brokerd_replication_role{role="follower"} 0' in m
+    assert "brokerd_replication_epoch 0" in m
+    mine = [ln for ln in m if ln.startswith("brokerd_replication_follower_")]
+    assert len(mine) == 3, mine
+    assert any(ln.startswith('brokerd_replication_follower_lsn{follower="127.0.0.1:') and ln.endswith(f" {lsn}")
+               for ln in mine), mine
+    assert any(ln.startswith("brokerd_replication_follower_lag_records{") and ln.endswith(" 0") for ln in mine)
+    fm = _get(follower, "/metrics").splitlines()
+    assert 'brokerd_replication_role{role="follower"} 1' in fm
+    assert not [ln for ln in fm if ln.startswith("brokerd_replication_follower_lsn{")]
+    page = _get(leader, "/")
+    box = page[page.index('data-section="replication"'):]
+    assert "<b>leader</b> · epoch 0" in box and "<th>durable lsn</th>" in box and f"<td>{lsn}</td>" in box
+    fpage = _get(follower, "/")
+    fbox = fpage[fpage.index('data-section="replication"'):]
+    assert "<b>follower</b> · epoch 0" in fbox and f"leader 127.0.0.1:{leader.port}" in fbox
