@@ -84,8 +84,8 @@ def test_empty_follower_catches_up_from_snapshot_and_tail(group):
     assert stats_line(follower, "replication_role") == "follower"
     assert stats_line(follower, "replication_leader") == f"127.0.0.1:{leader.port}"
     assert any("snapshot" in line for line in leader.log), leader.log[-5:]
-    for q in ("q", "other"):
-        assert queue_ready(follower, q) == queue_ready(leader, q)
+    for q in ("q", "other"):  # the batch is applied to the live state a moment after its fsync
+        wait_for(lambda: queue_ready(follower, q) == queue_ready(leader, q), f"the standby's {q} to match")
     raw.close()
     assert got is not None
 

@@ -105,7 +105,8 @@ def test_promote_then_the_old_leader_cuts_its_divergent_tail_and_follows(tmp_pat
         wait_for(lambda: stats_line(a2, "replication_connected") == "yes", "the old leader to follow the new one")
         b_lsn = stats_line(b, "replication_lsn")
         wait_for(lambda: stats_line(a2, "replication_lsn") == b_lsn, "the old leader to catch up")
-        assert queue_ready(a2, "q") == 7  # B's messages, without A's 3 unconfirmed ones
+        # B's messages, without A's 3 unconfirmed ones (the batch is applied a moment after its fsync)
+        wait_for(lambda: queue_ready(a2, "q") == 7, "the old leader to hold B's 7 messages")
         assert stats_line(a2, "replication_epoch") == "1"
         assert publish(rb, "q", 1, start=300)[0][0] == wire.OP_OK
         wait_for(lambda: queue_ready(a2, "q") == 8, "the old leader to take the new leader's next write")
