@@ -201,13 +201,15 @@ class Roles:
             if hasattr(was, "stop"):
                 await was.stop()
             await self._stop_writer()
-            closed = [c for c in list(srv.conns.values()) if c.name != "<admin>"]
-            for c in closed:
-                c.evict(NotLeader.code, f"this brokerd follows {address} now; send writes there")
-            with trio.move_on_after(STEP_DOWN_WAIT):
-                while any(c.id in srv.conns for c in closed):
-                    await trio.sleep(0.01)
-            await self.reload_standby()
+            if not srv.state.standby:  # it led (or was fenced): its state has consumers and deliveries
+                closed = [c for c in list(srv.conns.values()) if c.name != "<admin>"]
+                for c in closed:
+                    c.evict(NotLeader.code, f"this brokerd follows {address} now; send writes there")
+                with trio.move_on_after(STEP_DOWN_WAIT):
+                    while any(c.id in srv.conns for c in closed):
+                        await trio.sleep(0.01)
+                await self.reload_standby()
+            # (a follower re-pointed keeps its standby state; the new leader says if its tail must go)
             old = srv.follower
             user, token = (old.user, old.token) if hasattr(old, "user") else (srv.config.follow_user,
                                                                               srv.config.follow_token)
