@@ -151,6 +151,21 @@ def test_promote_needs_the_admin_grant_refuses_bad_reasons_and_a_leader(tmp_path
         stop(leader)
 
 
+def test_a_hostile_epoch_in_replicate_costs_only_that_connection(pair):
+    leader, follower = pair
+    for bad in (-1, "1", 2**64, [1]):
+        raw = Raw(leader.port)
+        f = raw.call(wire.OP_REPLICATE, 1, bad)
+        assert f[0] == wire.OP_ERROR and f[2] == "BAD_REQUEST" and "field 3" in f[3] and "epoch" in f[3], (bad, f)
+        raw.close()
+    # the leader still leads and its follower still follows
+    raw = Raw(leader.port)
+    assert publish(raw, "after", 1)[0][0] == wire.OP_OK
+    wait_for(lambda: queue_ready(follower, "after") == 1, "the follower to take the next write")
+    assert stats_line(leader, "replication_role") == "leader"
+    raw.close()
+
+
 def _get(broker: BrokerProcess, path: str) -> str:
     import urllib.request
 
