@@ -358,13 +358,21 @@ class Follower:
                                   f"log's {state.epoch}: it was deposed; follow the current leader")
             start = info["start"]
             if start != from_lsn:
+                if start < from_lsn or type(start) is not int:
+                    raise FollowError(f"the leader would start at lsn {start!r}, before this log's end {from_lsn - 1}")
                 if wal.written_lsn:
-                    raise FollowError(
-                        f"this follower's log ends at lsn {from_lsn - 1} but the leader keeps its log from lsn "
-                        f"{start} on; empty this follower's data directory ({self.server.config.data_dir}) to "
-                        "take a fresh snapshot")
-                async with durability._write_lock:
-                    await trio.to_thread.run_sync(wal.start_at, start)
+                    # Behind the leader's oldest kept segment: all this log holds is in the leader's
+                    # snapshot (same terms: the epoch check above found no divergence). Start over from it.
+                    async with durability._write_lock:
+                        with trio.CancelScope(shield=True):
+                            dropped = await trio.to_thread.run_sync(wal.discard_and_start_at, start)
+                    log.warning("this log (to lsn %d) ends before %s keeps its log (from lsn %d): dropped its %d "
+                                "records to take the leader's snapshot", from_lsn - 1, self.address, start, dropped)
+                    state.reset_for_standby()
+                    state.standby_begin()
+                else:
+                    async with durability._write_lock:
+                        await trio.to_thread.run_sync(wal.start_at, start)
                 state.align_lsn(start - 1)
             self.connected = True
             self.last_error = ""

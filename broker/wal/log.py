@@ -561,6 +561,39 @@ class WriteAheadLog:
         self._next_lsn = next_lsn
         self._pending_first = next_lsn
 
+    def discard_and_start_at(self, next_lsn: int) -> int:
+        """Drop every record and make the log start at ``next_lsn``; returns how many were dropped.
+
+        For a follower whose log ends before its leader's oldest kept segment: everything it
+        holds is in the leader's snapshot, which it takes next (broker/runtime/replication.py).
+        The new start is recorded in the manifest before any segment goes, so a crash half-way
+        leaves a log that starts later with a gap replay can see, never a silent hole.
+        """
+        with self._lock:
+            self._check_writable()
+            if self._pending_count:
+                raise RuntimeError("discard_and_start_at() needs every appended record written first")
+            if next_lsn <= self._written_lsn:
+                raise ValueError(f"the log already reaches lsn {self._written_lsn}; cannot restart it at {next_lsn}")
+            segs = self._segments
+            dropped = sum(max(0, s.last_lsn - s.first_lsn + 1) for s in segs)
+            self._files.write_manifest(next_lsn, {})
+            os.close(self._fd)
+            self._fd = None
+            self._segments = []
+            self._create_segment(next_lsn)
+            for sg in reversed(segs):
+                try:
+                    os.unlink(sg.path)
+                except FileNotFoundError:
+                    pass
+            self._files.fsync_directory()
+            self._written_lsn = self._synced_lsn = next_lsn - 1
+            self._last_sync = self._clock()
+        self._next_lsn = next_lsn
+        self._pending_first = next_lsn
+        return dropped
+
     def truncate_after(self, lsn: int) -> int:
         """Drop every written record after ``lsn``; returns how many were dropped.
 

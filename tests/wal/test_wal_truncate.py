@@ -67,3 +67,17 @@ def test_a_truncated_log_takes_a_replay_into_a_fresh_object(tmp_path):
     assert [r.lsn for r in w2.open()] == list(range(1, boundary + 1))
     assert w2.append(2, b"x") == boundary + 1
     w2.close()
+
+
+def test_discard_and_start_at_drops_every_record_and_appends_from_the_new_start(tmp_path):
+    d = tmp_path / "wal"
+    wal = build(d, [(t, f, p * 40) for t, f, p in workload(60)], segment_bytes=SMALL, fsync="never")
+    with pytest.raises(ValueError, match="already reaches lsn 60"):
+        wal.discard_and_start_at(60)
+    assert wal.discard_and_start_at(500) == 60
+    assert wal.written_lsn == 499 and wal.next_lsn == 500 and len(wal.segments()) == 1
+    more = workload(3, start=7)
+    assert write(wal, more) == [500, 501, 502]
+    wal.close()
+    got, _ = replay(d, segment_bytes=SMALL, fsync="never")
+    assert got == numbered(more, 500)
