@@ -171,7 +171,9 @@ class LeaderReplication:
             return await _refuse(conn, rid, StaleEpoch.code,
                                  f"this brokerd led epoch {epoch} but the follower has seen epoch {their_epoch}: "
                                  "this one is deposed and takes no more writes; follow the current leader")
-        if their_epoch is not None:
+        if their_epoch is not None and their_epoch < epoch:
+            # Only at a term boundary: a follower ahead of this log within this same term means this
+            # log lost records (the "diverged" refusal below), not that the follower must lose them.
             end = epoch_end(srv.state.epochs, their_epoch, written)
             if from_lsn - 1 > end:
                 # The follower holds records past the end of its term in this log: written by a
@@ -277,6 +279,7 @@ class Follower:
         self.truncated = 0  # records cut from this log's tail to follow (a deposed leader's)
         self._scope: trio.CancelScope | None = None
         self._done = trio.Event()
+        self._stopped = False
 
     def refusal(self) -> str:
         return (f"this brokerd is a follower of the leader at {self.address} and takes no writes; "
@@ -302,11 +305,14 @@ class Follower:
 
     async def stop(self) -> None:
         """Stop following (promotion, or a re-point); returns once no batch is being applied."""
+        self._stopped = True  # a run() not started yet never starts
         if self._scope is not None:
             self._scope.cancel()
             await self._done.wait()
 
     async def run(self) -> None:
+        if self._stopped:
+            return
         try:
             with trio.CancelScope() as self._scope:
                 while True:

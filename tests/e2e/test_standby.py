@@ -158,6 +158,11 @@ def test_a_hostile_epoch_in_replicate_costs_only_that_connection(pair):
         f = raw.call(wire.OP_REPLICATE, 1, bad)
         assert f[0] == wire.OP_ERROR and f[2] == "BAD_REQUEST" and "field 3" in f[3] and "epoch" in f[3], (bad, f)
         raw.close()
+    # a follower past the leader's end in the same term is not told to cut: the leader lost records
+    raw = Raw(leader.port)
+    f = raw.call(wire.OP_REPLICATE, 10**9, 0)
+    assert f[0] == wire.OP_ERROR and f[2] == "BAD_REQUEST" and "diverged" in f[3], f
+    raw.close()
     # the leader still leads and its follower still follows
     raw = Raw(leader.port)
     assert publish(raw, "after", 1)[0][0] == wire.OP_OK
