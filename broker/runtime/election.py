@@ -55,6 +55,8 @@ from dataclasses import dataclass
 
 import trio
 
+from broker.config import KUBE_LEASE_NAME, parse_election  # noqa: F401  (the URL's one parser)
+
 log = logging.getLogger("brokerd.election")
 
 # -- limits and timings (each with its reason) --------------------------------------------------
@@ -76,8 +78,7 @@ POLL_INTERVAL = 0.25  # seconds
 REQUEST_TIMEOUT = 2.0  # seconds, at most; never more than the renew interval
 # The engine's answers are small JSON documents; a larger one is refused rather than buffered.
 MAX_RESPONSE_BYTES = 1024 * 1024  # bytes
-# The Kubernetes default Lease name, and the files a pod's service account is mounted as.
-KUBE_LEASE_NAME = "brokerd-leader"
+# The files a pod's service account is mounted as.
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 # The Lease annotations brokerd reads and writes.
 ANNOTATION_EPOCH = "brokerd.io/epoch"
@@ -96,36 +97,6 @@ class EngineError(Exception):
 class Leader:
     address: str
     epoch: int
-
-
-# -- the URL -------------------------------------------------------------------------------------
-def parse_election(text: str) -> tuple:
-    """``("etcd", [(host, port), ...], prefix)`` or ``("kubernetes", lease_name)``; ValueError with
-    what is wrong and an example otherwise (Config.validate names the setting)."""
-    if text == "kubernetes" or text.startswith("kubernetes:"):
-        name = text.partition(":")[2] or KUBE_LEASE_NAME
-        # a Kubernetes object name: DNS-1123 subdomain (lower-case alphanumerics, '-', '.')
-        if len(name) > 253 or not all(c.isalnum() and not c.isupper() or c in "-." for c in name) \
-                or not name[0].isalnum() or not name[-1].isalnum():
-            raise ValueError(f"the Lease name {name!r} is not a Kubernetes object name (lower-case letters, "
-                             "digits, '-' and '.'), e.g. kubernetes:brokerd-leader")
-        return ("kubernetes", name)
-    if not text.startswith("etcd://"):
-        raise ValueError(f"must be etcd://HOST:PORT/PREFIX (e.g. etcd://10.0.0.9:2379/brokerd) or kubernetes "
-                         f"(got {text!r})")
-    rest = text[len("etcd://"):]
-    hosts, slash, prefix = rest.partition("/")
-    if not slash or not prefix.strip("/"):
-        raise ValueError(f"names no key prefix after the address, e.g. etcd://10.0.0.9:2379/brokerd (got {text!r})")
-    if any(c.isspace() for c in prefix) or len(prefix) > 512:
-        raise ValueError(f"the key prefix must be at most 512 characters without spaces (got {prefix!r})")
-    endpoints = []
-    for hp in hosts.split(","):
-        host, sep, port = hp.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{hp!r} is not HOST:PORT (e.g. etcd://10.0.0.9:2379/brokerd)")
-        endpoints.append((host.strip("[]"), int(port)))
-    return ("etcd", endpoints, "/" + prefix.strip("/"))
 
 
 # -- a small HTTP/1.1 client (one request per connection) -----------------------------------------
@@ -667,3 +638,16 @@ def confirmed_lsn_of(server):
         return lsn
 
     return confirmed
+
+
+async def run_election(server, config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """brokerd's elector (cli.run starts it once the listeners are open): started() hands back the
+    cancel scope that stops it (a leader then fences and releases its lease)."""
+    advertise = config.advertise or f"{config.host}:{server.port}"
+    engine = engine_for(config, advertise)  # EngineError: told to the caller before started()
+    elector = Elector(engine, server.roles, advertise, confirmed_lsn=confirmed_lsn_of(server))
+    server.elector = elector
+    log.info("election: %s with a %g s lease, advertising %s", config.election, engine.ttl, advertise)
+    with trio.CancelScope() as scope:
+        task_status.started(scope)
+        await elector.run()

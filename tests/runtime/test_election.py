@@ -13,6 +13,7 @@ import itertools
 import pytest
 import trio
 
+from broker import config as election_config
 from broker.runtime import election
 from broker.runtime.election import Elector, EtcdEngine, fence_margin
 from tests.support.etcd import EtcdProcess, etcd_binary
@@ -211,12 +212,12 @@ async def test_a_leader_that_cannot_reach_etcd_fences_within_the_ttl(etcd, prefi
 
 
 def test_election_urls_are_checked_with_a_clear_error():
-    assert election.parse_election("etcd://10.0.0.9:2379/brokerd") == ("etcd", [("10.0.0.9", 2379)], "/brokerd")
-    assert election.parse_election("etcd://a:1,b:2/x/y/") == ("etcd", [("a", 1), ("b", 2)], "/x/y")
-    assert election.parse_election("kubernetes") == ("kubernetes", election.KUBE_LEASE_NAME)
-    assert election.parse_election("kubernetes:my-lease") == ("kubernetes", "my-lease")
+    assert election_config.parse_election("etcd://10.0.0.9:2379/brokerd") == ("etcd", [("10.0.0.9", 2379)], "/brokerd")
+    assert election_config.parse_election("etcd://a:1,b:2/x/y/") == ("etcd", [("a", 1), ("b", 2)], "/x/y")
+    assert election_config.parse_election("kubernetes") == ("kubernetes", election_config.KUBE_LEASE_NAME)
+    assert election_config.parse_election("kubernetes:my-lease") == ("kubernetes", "my-lease")
     for bad, words in [("etcd://10.0.0.9:2379", "prefix"), ("etcd://10.0.0.9/brokerd", "HOST:PORT"),
                        ("etcd://h:99999/p", "HOST:PORT"), ("zookeeper://h:1/p", "etcd://HOST:PORT/PREFIX"),
                        ("kubernetes:Bad_Name", "Kubernetes object name"), ("etcd://h:1/a b", "without spaces")]:
         with pytest.raises(ValueError, match=words):
-            election.parse_election(bad)
+            election_config.parse_election(bad)
