@@ -72,6 +72,9 @@ class FakeRoles:
     def last_lsn(self) -> int:
         return self.lsn
 
+    def first_after(self, what: str, t: float) -> float | None:
+        return next((x for x in self.times(what) if x > t), None)
+
     def times(self, what: str) -> list[float]:
         return [t for t, w, _ in self.events if w == what]
 
@@ -141,8 +144,8 @@ async def test_a_leader_whose_renewals_stop_is_fenced_before_the_other_is_promot
             last_renewal = ea.renewed_at
             ea.renew_scope.cancel()  # the renewing task dies; a cannot give its lease back either
             promoted = await b.wait_for("promote")
-            fenced = a.times("fence")[-1]
-            assert fenced < promoted, "b was promoted while a could still confirm writes"
+            fenced = a.first_after("fence", a.times("promote")[0])
+            assert fenced is not None and fenced < promoted, "b was promoted while a could still confirm writes"
             # a fenced on its own timer, ttl - margin after the last renewal it sent ...
             assert fenced <= last_renewal + TTL - fence_margin(TTL) + 0.5
             # ... and b won only once etcd let the lease expire, a whole ttl after that renewal
