@@ -130,7 +130,7 @@ async def run(config: Config) -> int:
         if getattr(server, "roles", None) is None:
             log.error("election: this brokerd has no replication roles to promote or fence (server.roles)")
             return EXIT_USAGE
-        server.roles.fence()  # no write before the election says this brokerd leads
+        server.roles.fence("starting: waiting for the election")  # no write before it says this brokerd leads
     try:
         async with trio.open_nursery() as nursery:
             try:

@@ -13,7 +13,7 @@ brokerd of a group starts fenced (it takes no writes) and runs an ``Elector``:
   renewal (monotonic: a smaller value never overwrites a larger one).
 - Fencing.  The engine frees the leadership at the earliest ``ttl`` seconds after it
   received the last renewal, which is after the leader *sent* it.  So the leader
-  calls ``roles.fence()`` (stops accepting writes at once) at ``sent + ttl - margin``
+  calls ``roles.fence(reason)`` (stops accepting writes at once) at ``sent + ttl - margin``
   unless a later renewal succeeded first: when etcd cannot be reached, when a renewal
   says the lease is gone, or when the renewing task dies.  A watchdog task does this
   on its own timer, so a renewal stuck in a dead TCP connection cannot delay it.  No
@@ -39,7 +39,7 @@ Engines:
       client-go does), never by comparing the renewTime written by another machine's clock.
 
 The roles API this drives lives on the server (``server.roles``, broker/runtime/replication.py):
-``await promote(reason) -> epoch``, ``await follow(address, reason)``, ``fence()``, ``role``,
+``await promote(reason) -> epoch``, ``await follow(address, reason)``, ``fence(reason)``, ``role``,
 ``epoch``, ``last_lsn()``.
 """
 
@@ -339,6 +339,7 @@ class KubernetesEngine:
         self.seen_version: str | None = None
         self.seen_at = 0.0  # our clock when the Lease last changed as far as we saw
         self.mine: dict | None = None  # the Lease as we last wrote it, while we hold it
+        self._write_lock = trio.Lock()
 
     @classmethod
     def in_cluster(cls, lease_name: str, identity: str, ttl: float) -> "KubernetesEngine":
@@ -452,6 +453,10 @@ class KubernetesEngine:
         return sent
 
     async def renew(self, leader: Leader | None = None, confirmed: int | None = None) -> float | None:
+        async with self._write_lock:  # one PUT at a time: two with one resourceVersion would 409 each other
+            return await self._renew(leader, confirmed)
+
+    async def _renew(self, leader: Leader | None, confirmed: int | None) -> float | None:
         sent = self.clock()
         current = self.mine or {}
         who = leader or Leader(self.identity, int(((current.get("metadata") or {}).get("annotations") or {})
@@ -470,7 +475,10 @@ class KubernetesEngine:
         await self.renew(leader)
 
     async def publish_confirmed(self, lsn: int) -> None:
-        await self.renew(confirmed=lsn)
+        notes = ((self.mine or {}).get("metadata") or {}).get("annotations") or {}
+        current = notes.get(ANNOTATION_CONFIRMED, "0")
+        if lsn > (int(current) if str(current).isdigit() else 0):  # monotonic; no write when unchanged
+            await self.renew(confirmed=lsn)
 
     async def release(self) -> None:
         """Give the Lease up (holder cleared), as client-go's ReleaseOnCancel does."""
@@ -517,12 +525,15 @@ class Elector:
         return self.engine.ttl
 
     async def run(self) -> None:
-        self.roles.fence()  # nothing is written until the engine says who leads
+        self.roles.fence(f"waiting for the {self.engine.name} election")  # no write until it says who leads
         while True:
             try:
                 await self._round()
             except EngineError as exc:
                 self._say(logging.WARNING, "election: %s %s", self.engine.name, exc)
+            except Exception as exc:  # a change of role refused (roles.RoleError) or failed: try again next round
+                self._say(logging.ERROR, "election: %s: %s", type(exc).__name__, exc)
+                self.following = None
             await trio.sleep(self.poll)
 
     async def _round(self) -> None:
@@ -559,7 +570,10 @@ class Elector:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watchdog, nursery.cancel_scope)  # before anything that can wait
-                epoch = await self.roles.promote(f"won the {self.engine.name} election as {self.advertise}")
+                nursery.start_soon(self._renew, nursery.cancel_scope)  # promotion may take a while: keep the lease
+                # not cancelled half-way (the watchdog may fire meanwhile): the fence below then undoes it
+                with trio.CancelScope(shield=True):
+                    epoch = await self.roles.promote(f"won the {self.engine.name} election as {self.advertise}")
                 log.info("election: leading as %s, epoch %d (lease %g s, renewed every %g s, fence %g s before "
                          "it can expire)", self.advertise, epoch, self.ttl, self.ttl * RENEW_FRACTION,
                          fence_margin(self.ttl))
@@ -569,12 +583,11 @@ class Elector:
                         await self.engine.set_leader(Leader(self.advertise, int(epoch)))
                     except EngineError as exc:
                         log.warning("election: could not write epoch %d to the leader key: %s", epoch, exc)
-                nursery.start_soon(self._renew, nursery.cancel_scope)
         finally:
             # whatever ended the term (a lost lease, an error, brokerd stopping): writes stop first,
             # then the lease is given back so the others need not wait for it to expire
             self.leading = False
-            self.roles.fence()
+            self.roles.fence(f"the {self.engine.name} leadership ended")  # a no-op when fenced already
             self.backoff_until = self.clock() + self.ttl
             with trio.CancelScope(shield=True), trio.move_on_after(self.engine.timeout()):
                 await self.engine.release()
@@ -582,7 +595,8 @@ class Elector:
     async def _watchdog(self, scope: trio.CancelScope) -> None:
         while self.clock() < self.fence_at:
             await trio.sleep_until(self.fence_at)
-        self.roles.fence()
+        self.roles.fence(f"no {self.engine.name} renewal for {self.clock() - (self.renewed_at or 0.0):.2f} s: "
+                         "the lease could expire")
         self.leading = False
         log.error("election: fenced: no successful %s renewal for %.2f s (the lease is %g s; fencing %g s before "
                   "it can expire): this brokerd takes no more writes", self.engine.name,
@@ -603,7 +617,7 @@ class Elector:
                                 self.engine.name, exc, max(0.0, self.fence_at - self.clock()))
                     continue
                 if sent is None:
-                    self.roles.fence()
+                    self.roles.fence(f"the {self.engine.name} lease is gone")
                     self.leading = False
                     log.error("election: fenced: the %s lease is gone (expired or taken): this brokerd takes no "
                               "more writes", self.engine.name)

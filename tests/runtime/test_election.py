@@ -65,7 +65,7 @@ class FakeRoles:
         self.role = "follower"
         self._note("follow", address)
 
-    def fence(self) -> None:
+    def fence(self, reason: str = "") -> None:
         self.fenced = True
         self._note("fence")
 
