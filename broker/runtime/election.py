@@ -178,15 +178,26 @@ def _unb64(text: str) -> bytes:
     return base64.b64decode(text or "")
 
 
-def _leader_from(raw: bytes) -> Leader | None:
+# The longest leader address taken from the engine (a HOST:PORT; anything longer is not one).
+MAX_ADDRESS = 300  # characters
+
+
+def _leader_from(raw: bytes) -> Leader:
+    """The leader a key's value names; Leader("", 0) when it is not brokerd's JSON (somebody else
+    wrote the key): it is held, by nobody this brokerd can follow, until it goes away."""
     try:
         doc = json.loads(raw)
         address, epoch = doc["address"], doc.get("epoch", 0)
-    except (ValueError, KeyError, TypeError):
-        return None
-    if not isinstance(address, str) or not address or type(epoch) is not int:
-        return None
-    return Leader(address, epoch)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return Leader("", 0)
+    return _checked(address, epoch)
+
+
+def _checked(address, epoch) -> Leader:
+    host, sep, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
+    if not sep or not host or not port.isdigit() or len(address) > MAX_ADDRESS or any(c.isspace() for c in address):
+        return Leader("", 0)
+    return Leader(address, epoch if type(epoch) is int and epoch >= 0 else 0)
 
 
 # -- etcd ------------------------------------------------------------------------------------------
@@ -224,8 +235,10 @@ class EtcdEngine:
                 answer = json.loads(body or b"{}")
             except ValueError:
                 raise EngineError(f"etcd at {host}:{port} answered {path} with something not JSON") from None
+            if not isinstance(answer, dict):
+                raise EngineError(f"etcd at {host}:{port} answered {path} with JSON that is not an object")
             if status != 200:
-                raise EngineError(f"etcd at {host}:{port} refused {path}: {answer.get('message', status)}")
+                raise EngineError(f"etcd at {host}:{port} refused {path}: {str(answer.get('message', status))[:200]}")
             return answer
         raise EngineError("; ".join(errors))
 
@@ -402,10 +415,10 @@ class KubernetesEngine:
         spec = (lease or {}).get("spec") or {}
         holder = spec.get("holderIdentity")
         duration = spec.get("leaseDurationSeconds") or 0
-        if not holder or not isinstance(duration, int) or self.clock() > self.seen_at + duration:
+        if not holder or type(duration) is not int or self.clock() > self.seen_at + duration:
             return None  # free, or not renewed for a whole lease duration as our clock saw it
         epoch = ((lease.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_EPOCH, "0")
-        return Leader(holder, int(epoch) if str(epoch).isdigit() else 0)
+        return _checked(holder, int(epoch) if str(epoch).isdigit() and len(str(epoch)) < 20 else 0)
 
     async def observe(self) -> Leader | None:
         return self._holder(await self._read())
@@ -548,6 +561,9 @@ class Elector:
                           "confirmed lsn %d the last leader published (it would lose confirmed writes)", mine, confirmed)
                 return
             await self._campaign()
+        elif not leader.address:
+            self._say(logging.WARNING, "election: the %s leader record holds something that is not a brokerd's "
+                      "HOST:PORT: waiting for it to expire or be deleted", self.engine.name)
         elif leader.address != self.advertise:
             if self.following != leader.address:
                 self._say(logging.INFO, "election: %s leads (epoch %d): following it", leader.address, leader.epoch)

@@ -224,3 +224,57 @@ def test_election_urls_are_checked_with_a_clear_error():
                        ("kubernetes:Bad_Name", "Kubernetes object name"), ("etcd://h:1/a b", "without spaces")]:
         with pytest.raises(ValueError, match=words):
             election_config.parse_election(bad)
+
+
+async def test_a_leader_record_that_is_not_a_brokerds_is_neither_followed_nor_overwritten(etcd, prefix):
+    key = base64.b64encode((prefix + "/leader").encode()).decode()
+    a = FakeRoles()
+    ea = Elector(engine(etcd, prefix), a, "127.0.0.1:7001", poll=POLL)
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            for hostile in (b"\xff\xfe not json", b'{"address": "evil host:1; rm -rf", "epoch": -5}',
+                            b'{"address": "' + b"h" * 5000 + b':1"}', b"[1, 2]"):
+                etcd.request("/v3/kv/put", {"key": key, "value": base64.b64encode(hostile).decode()})
+                if not ea._said:
+                    nursery.start_soon(ea.run)
+                while "not a brokerd's HOST:PORT" not in ea._said:
+                    await trio.sleep(POLL)
+                await trio.sleep(POLL * 3)  # a few more rounds: it still waits
+                assert etcd_get(etcd, prefix + "/leader") == hostile  # never overwritten
+                assert [w for _, w, _ in a.events] == ["fence"], "it followed or campaigned on a foreign record"
+            etcd.request("/v3/kv/deleterange", {"key": key})  # the record goes away: the election goes on
+            await a.wait_for("promote")
+            nursery.cancel_scope.cancel()
+
+
+def test_answers_that_are_not_http_are_engine_errors_not_crashes():
+    from broker.runtime.election import EngineError, parse_response
+
+    assert parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", "x") == (200, b"{}")
+    assert parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", "x") == (200, b"{}")
+    for raw, words in [(b"", "ended before its headers"), (b"SSH-2.0-OpenSSH\r\n\r\n", "not an HTTP/1.1 answer"),
+                       (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}", "cut off"),
+                       (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}", "broken chunked"),
+                       (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nff\r\n{}", "cut off")]:
+        with pytest.raises(EngineError, match=words):
+            parse_response(raw, "x")
+
+
+async def test_an_endless_answer_is_cut_at_the_limit(nursery):
+    import functools
+
+    from broker.runtime.election import MAX_RESPONSE_BYTES, EngineError, http_call
+
+    async def flood(stream):
+        await stream.receive_some(65536)
+        chunk = b"x" * 65536
+        try:
+            while True:
+                await stream.send_all(chunk)
+        except trio.BrokenResourceError:
+            pass
+
+    (listener,) = await nursery.start(functools.partial(trio.serve_tcp, flood, 0, host="127.0.0.1"))
+    port = listener.socket.getsockname()[1]
+    with pytest.raises(EngineError, match=f"more than {MAX_RESPONSE_BYTES} bytes"):
+        await http_call("127.0.0.1", port, "POST", "/v3/kv/range", b"{}", timeout=10)

@@ -194,3 +194,20 @@ def test_outside_a_pod_kubernetes_election_says_what_is_missing(monkeypatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(EngineError, match="runs inside a pod: KUBERNETES_SERVICE_HOST is not set"):
         KubernetesEngine.in_cluster(NAME, "b-0.h:7700", TTL)
+
+
+async def test_a_lease_held_by_something_not_a_brokerd_is_neither_followed_nor_taken_early(api, token_file, nursery):
+    api._store({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": NAME, "namespace": NS, "annotations": {"brokerd.io/epoch": "9" * 40}},
+                "spec": {"holderIdentity": "some-other-controller", "leaseDurationSeconds": TTL}})
+    a = FakeRoles()
+    ea = Elector(engine(api, "b-0.h:7700", token_file), a, "b-0.h:7700", poll=POLL)
+    nursery.start_soon(ea.run)
+    with trio.fail_after(10):
+        while "not a brokerd's HOST:PORT" not in ea._said:
+            await trio.sleep(POLL)
+        assert [w for _, w, _ in a.events] == ["fence"]
+        # nobody renews it: a whole leaseDurationSeconds later (by our clock) it is taken
+        promoted = await a.wait_for("promote")
+    assert promoted >= a.events[0][0] + TTL
+    assert api.lease["spec"]["holderIdentity"] == "b-0.h:7700"
