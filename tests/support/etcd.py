@@ -94,3 +94,65 @@ class EtcdProcess:
                 self.proc.wait(timeout=10)
         self._log.close()
         self.proc = None
+
+
+# -- a group of brokerd processes elected through this etcd (the e2e test and bench/failover.py) --
+def elected_broker(data_dir, etcd: EtcdProcess, prefix: str, ttl: int, *extra: str):
+    """A brokerd with ``--election etcd://<etcd>/<prefix> --election-ttl <ttl>`` (not yet started)."""
+    from tests.support.broker import BrokerProcess
+
+    return BrokerProcess(data_dir, "--election", f"etcd://{etcd.endpoint}{prefix}", "--election-ttl", str(ttl), *extra)
+
+
+def http_status(port: int, path: str, timeout: float = 2.0) -> int:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status
+    except OSError:
+        return 0
+    finally:
+        conn.close()
+
+
+def leads(broker) -> bool:
+    """/ready/leader says 200: the election promoted it and it takes writes."""
+    return broker.proc is not None and broker.proc.poll() is None and http_status(broker.http_port, "/ready/leader") == 200
+
+
+def stats_value(broker, key: str) -> str:
+    for line in broker.admin("STATS\n").splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == key:
+            return parts[1]
+    return ""
+
+
+def wait_until(pred, timeout: float, what: str, every: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def publish_until_confirmed(address: str, queue: str, body: bytes, timeout: float) -> float:
+    """Publish ``body`` to the brokerd at ``address`` until one publish is confirmed (refusals such as
+    NOT_LEADER, and a brokerd not yet listening, are retried); the monotonic time of the confirm."""
+    from client import Client
+
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            with Client(address, timeout=2) as c:
+                c.publish(queue, body)
+                return time.monotonic()
+        except Exception as exc:  # noqa: BLE001 -- every refusal is retried until the deadline
+            last = exc
+            time.sleep(0.01)
+    raise AssertionError(f"no publish to {address} was confirmed within {timeout:g} s (last: {last!r})")
