@@ -130,7 +130,6 @@ async def run(config: Config) -> int:
         if getattr(server, "roles", None) is None:
             log.error("election: this brokerd has no replication roles to promote or fence (server.roles)")
             return EXIT_USAGE
-        server.roles.fence("starting: waiting for the election")  # no write before it says this brokerd leads
     try:
         async with trio.open_nursery() as nursery:
             try:
@@ -140,6 +139,9 @@ async def run(config: Config) -> int:
                 log.error("cannot listen on %s: %s", where, exc.strerror or exc)
                 return EXIT_NETWORK
             if config.election:
+                # no write before the election says this brokerd leads: fenced with no checkpoint of
+                # ours since the listeners opened (no client has finished a handshake yet)
+                server.roles.fence("starting: waiting for the election")
                 try:
                     elector = await nursery.start(election.run_election, server, config)
                 except election.EngineError as exc:
