@@ -27,7 +27,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# Run as a script, bench/ comes first on sys.path, and bench/http.py would shadow the standard
+# library's http (urllib and http.client import it): replace that entry with the project root.
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from tests.support.etcd import (  # noqa: E402
     EtcdProcess,

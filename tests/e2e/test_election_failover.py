@@ -73,3 +73,41 @@ def test_kill_9_the_leader_and_the_other_brokerd_is_elected_and_takes_a_publish(
         a.kill()
         if b is not None:
             b.terminate()
+
+
+def test_a_stopped_leader_hands_over_at_once_and_a_paused_one_takes_no_write_after_it_resumes(etcd, tmp_path):
+    import os
+    import signal
+
+    prefix = f"/e2e-{next(_n)}"
+    a = elected_broker(tmp_path / "a", etcd, prefix, TTL).start()
+    b = None
+    try:
+        wait_until(lambda: leads(a), WAIT, "the first brokerd to be elected")
+        b = elected_broker(tmp_path / "b", etcd, prefix, TTL).start()
+        wait_until(lambda: stats_value(b, "replication_leader") == a.address, WAIT, "the second to follow the first")
+        # SIGTERM: a fences and revokes its lease, so b need not wait for the lease to run out
+        a.terminate()
+        stopped = time.monotonic()
+        publish_until_confirmed(b.address, "jobs", b"x", WAIT)
+        assert time.monotonic() - stopped < TTL, "b waited for the lease to expire: a did not release it"
+        a.restart()  # comes back fenced and follows b
+        wait_until(lambda: stats_value(a, "replication_leader") == b.address, WAIT, "a to follow b")
+
+        # SIGSTOP the leader past its lease: a is elected meanwhile; b, resumed, refuses writes
+        os.kill(b.pid, signal.SIGSTOP)
+        try:
+            wait_until(lambda: leads(a), WAIT, "a to be elected while b is paused")
+        finally:
+            os.kill(b.pid, signal.SIGCONT)
+        from client import Client
+        from client.errors import NotLeader
+
+        with pytest.raises(NotLeader):  # fenced by its own timer the moment it ran again
+            with Client(b.address, timeout=5) as c:
+                c.publish("jobs", b"to the deposed leader")
+        wait_until(lambda: stats_value(b, "replication_leader") == a.address, WAIT, "b to follow a")
+    finally:
+        a.kill()
+        if b is not None:
+            b.terminate()
