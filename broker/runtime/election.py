@@ -257,7 +257,10 @@ class EtcdEngine:
         granted = await self._post("/v3/lease/grant", {"TTL": max(1, round(self.ttl))})
         lease_id = granted.get("ID")
         # etcd may raise a short TTL to its minimum: the lease it gave is what we must fence by
-        self.ttl = max(self.ttl, float(granted.get("TTL", self.ttl)))
+        try:
+            self.ttl = max(self.ttl, float(granted.get("TTL", self.ttl)))
+        except (TypeError, ValueError):
+            raise EngineError(f"etcd granted a lease with a TTL that is not a number: {granted.get('TTL')!r}") from None
         key = _b64(self.leader_key)
         answer = await self._post("/v3/kv/txn", {
             "compare": [{"key": key, "result": "EQUAL", "target": "CREATE", "create_revision": "0"}],
