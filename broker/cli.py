@@ -19,6 +19,7 @@ import trio
 
 from broker import __version__
 from broker.boot import DataDirError, UsersFileError, open_server
+from broker.runtime import election
 from broker.runtime.server import server_tls_context
 from broker.config import (
     FD_RESERVE,
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", dest="follow", metavar="HOST:PORT", help="be a follower (hot standby) of the leader brokerd at HOST:PORT: copy its log, answer reads, refuse writes with NOT_LEADER")
     p.add_argument("--follow-user", dest="follow_user", help="with --follow: the user (with the replicate grant) to log in to the leader as; its token in BROKERD_FOLLOW_TOKEN")
     p.add_argument("--sync-replicas", dest="sync_replicas", help="on a leader: followers that must have fsynced a record before it is confirmed (default 0: the local fsync alone)")
+    p.add_argument("--election", help="decide who leads by an existing engine: etcd://HOST:PORT/PREFIX (an etcd lease) or kubernetes (a Lease in the pod's namespace); brokerd starts fenced and leads or follows as elected")
+    p.add_argument("--advertise", metavar="HOST:PORT", help="with --election: the address clients and followers reach this brokerd at (default --host:--port)")
+    p.add_argument("--election-ttl", dest="election_ttl", help=f"with --election: seconds the leader's lease lasts without renewal; the longest a dead leader goes unreplaced (default {d.election_ttl})")
     p.add_argument("--log-level", dest="log_level", help=f"debug, info, warning or error (default {d.log_level})")
     return p
 
@@ -121,6 +125,11 @@ async def run(config: Config) -> int:
     except UsersFileError as exc:
         log.error("%s", exc)
         return EXIT_USAGE
+    elector = None  # with --election: the cancel scope of broker.runtime.election's task
+    if config.election:
+        if getattr(server, "roles", None) is None:
+            log.error("election: this brokerd has no replication roles to promote or fence (server.roles)")
+            return EXIT_USAGE
     try:
         async with trio.open_nursery() as nursery:
             try:
@@ -129,9 +138,21 @@ async def run(config: Config) -> int:
                 where = exc.filename or f"{config.host}:{config.port}"
                 log.error("cannot listen on %s: %s", where, exc.strerror or exc)
                 return EXIT_NETWORK
+            if config.election:
+                # no write before the election says this brokerd leads: fenced with no checkpoint of
+                # ours since the listeners opened (no client has finished a handshake yet)
+                server.roles.fence("starting: waiting for the election")
+                try:
+                    elector = await nursery.start(election.run_election, server, config)
+                except election.EngineError as exc:
+                    log.error("election: %s", exc)
+                    await server.stop()
+                    return EXIT_USAGE
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
                     log.info("received %s: stopping", signal.Signals(signum).name)
+                    if elector is not None:
+                        elector.cancel()  # a leader fences and hands its lease on before the listeners close
                     await server.stop()
                     break
     finally:

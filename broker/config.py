@@ -72,6 +72,40 @@ def physical_memory() -> int:
 HTTP_PORT_FOLLOWS = -1
 
 
+# The Lease --election kubernetes uses when the URL names none.
+KUBE_LEASE_NAME = "brokerd-leader"
+
+
+# -- the election URL (broker/runtime/election.py) --------------------------------------
+def parse_election(text: str) -> tuple:
+    """``("etcd", [(host, port), ...], prefix)`` or ``("kubernetes", lease_name)``; ValueError with
+    what is wrong and an example otherwise (Config.validate names the setting)."""
+    if text == "kubernetes" or text.startswith("kubernetes:"):
+        name = text.partition(":")[2] or KUBE_LEASE_NAME
+        # a Kubernetes object name: DNS-1123 subdomain (lower-case alphanumerics, '-', '.')
+        if len(name) > 253 or not all(c.isalnum() and not c.isupper() or c in "-." for c in name) \
+                or not name[0].isalnum() or not name[-1].isalnum():
+            raise ValueError(f"the Lease name {name!r} is not a Kubernetes object name (lower-case letters, "
+                             "digits, '-' and '.'), e.g. kubernetes:brokerd-leader")
+        return ("kubernetes", name)
+    if not text.startswith("etcd://"):
+        raise ValueError(f"must be etcd://HOST:PORT/PREFIX (e.g. etcd://10.0.0.9:2379/brokerd) or kubernetes "
+                         f"(got {text!r})")
+    rest = text[len("etcd://"):]
+    hosts, slash, prefix = rest.partition("/")
+    if not slash or not prefix.strip("/"):
+        raise ValueError(f"names no key prefix after the address, e.g. etcd://10.0.0.9:2379/brokerd (got {text!r})")
+    if any(c.isspace() for c in prefix) or len(prefix) > 512:
+        raise ValueError(f"the key prefix must be at most 512 characters without spaces (got {prefix!r})")
+    endpoints = []
+    for hp in hosts.split(","):
+        host, sep, port = hp.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{hp!r} is not HOST:PORT (e.g. etcd://10.0.0.9:2379/brokerd)")
+        endpoints.append((host.strip("[]"), int(port)))
+    return ("etcd", endpoints, "/" + prefix.strip("/"))
+
+
 class ConfigError(ValueError):
     """A setting has a value brokerd cannot use.  The message names it."""
 
@@ -166,6 +200,18 @@ class Config:
     # 0 (the default: a leader is not told whether it has followers) confirms after the local
     # fsync alone; N > 0 refuses publishes with NOT_ENOUGH_REPLICAS while fewer than N are in sync.
     sync_replicas: int = 0
+    # -- election (broker/runtime/election.py) ------------------------------------------------
+    # Who leads is decided by an existing engine: etcd://HOST:PORT[,HOST:PORT...]/PREFIX (an etcd
+    # lease) or kubernetes[:LEASE-NAME] (a coordination.k8s.io Lease in the pod's namespace).
+    # Empty: no election (a leader, or a follower by --follow).
+    election: str = ""
+    # HOST:PORT clients and followers reach this brokerd at, written to the election when it
+    # leads.  Empty: host:port as it listens (which must then be reachable by the others).
+    advertise: str = ""
+    # Seconds the leader's lease lasts without a renewal: after a leader dies, the others wait this
+    # long (at most) to elect another.  Short: faster failover; long: a slow engine or a paused
+    # process deposes a healthy leader less often.
+    election_ttl: int = 5
 
     def __post_init__(self):
         # Resolved here, not in load(): a Config built directly (tests, embedders) follows too.
@@ -213,6 +259,23 @@ class Config:
                 bad("follow", f"must be the leader's HOST:PORT, e.g. 10.0.0.5:7700 (got {self.follow!r})")
         if isinstance(self.sync_replicas, bool) or not isinstance(self.sync_replicas, int) or not 0 <= self.sync_replicas <= 16:
             bad("sync_replicas", f"must be a number of followers from 0 to 16 (got {self.sync_replicas!r})")
+        if self.election:
+            try:
+                parse_election(self.election)
+            except ValueError as exc:
+                bad("election", str(exc))
+            if self.follow:
+                bad("follow", "with --election the election decides whom to follow: drop --follow")
+            if not self.advertise and self.host in ("0.0.0.0", "::"):
+                bad("advertise", f"with --election and --host {self.host}, give the HOST:PORT the other brokers "
+                    "reach this one at (--advertise brokerd-0.brokerd-headless:7700)")
+        if self.advertise:
+            host, sep, port = self.advertise.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c.isspace() for c in host):
+                bad("advertise", f"must be the HOST:PORT others reach this brokerd at, e.g. 10.0.0.5:7700 "
+                    f"(got {self.advertise!r})")
+        if isinstance(self.election_ttl, bool) or not isinstance(self.election_ttl, int) or not 2 <= self.election_ttl <= 60:
+            bad("election_ttl", f"must be a whole number of seconds from 2 to 60 (got {self.election_ttl!r})")
         if self.fsync not in FSYNC_POLICIES:
             bad("fsync", f"must be one of {', '.join(FSYNC_POLICIES)} (got {self.fsync!r})")
         if not isinstance(self.fsync_interval_ms, int) or self.fsync_interval_ms < 1:

@@ -16,6 +16,8 @@ plain ASGI callable, not a framework.
     GET /readyz      readiness: recovery done, listeners open, not stopping,
                      and the log accepts writes (503 with the reason otherwise:
                      producers would get LOG_FAILED).
+    GET /ready/leader  /readyz, and 503 unless this brokerd is the leader: the
+                     readiness probe of a Service that points at the leader only.
 
     GET /, /task/<id>, /static/*, /api/overview, /api/tasks, /api/graphs, /api/task/<id>,
         /api/dead/<queue>: the live web page and its JSON (``broker.web``)
@@ -119,6 +121,22 @@ def readiness(server) -> tuple[bool, dict]:
             "LOG_FAILED until brokerd is restarted; consumers may still drain the queues",
         }
     return True, {"status": "ready"}
+
+
+def leader_readiness(server) -> tuple[bool, dict]:
+    """/ready/leader: ready (above) and the leader now, so a Service selecting ready pods points at the
+    leader alone (deploy/kubernetes/replicated).  A follower, or a leader fenced by the election, is 503."""
+    ok, body = readiness(server)
+    if not ok:
+        return ok, body
+    roles = getattr(server, "roles", None)
+    if roles is not None:
+        leads = roles.role == "leader" and not getattr(roles, "fenced", False)
+    else:
+        leads = getattr(server, "follower", None) is None
+    if not leads:
+        return False, {"status": "not_leader", "reason": "this brokerd is a follower (or fenced): it takes no writes"}
+    return True, {"status": "leader"}
 
 
 # -- /api/queues -------------------------------------------------------------------------
@@ -370,11 +388,17 @@ def route_readyz(server, access=OPEN):
     return _json(200 if ok else 503, body)
 
 
+def route_ready_leader(server, access=OPEN):
+    ok, body = leader_readiness(server)
+    return _json(200 if ok else 503, body)
+
+
 ROUTES = {
     "/metrics": route_metrics,
     "/api/queues": route_queues,
     "/healthz": route_healthz,
     "/readyz": route_readyz,
+    "/ready/leader": route_ready_leader,
 }
 
 
@@ -442,7 +466,7 @@ SECURITY_HEADERS = [
 # Read by machines that address brokerd by whatever name or IP reaches it (Prometheus, kubelet
 # probes, KEDA's metrics-api scaler through a Service name): not checked against the Host
 # allow-list.  They change nothing and show no message or task data.
-MACHINE_ROUTES = frozenset(("/metrics", "/api/queues", "/healthz", "/readyz"))
+MACHINE_ROUTES = frozenset(("/metrics", "/api/queues", "/healthz", "/readyz", "/ready/leader"))
 
 
 def _host_port(text: str, default_port: int | None):
@@ -584,7 +608,7 @@ class App:
             return await self._login(scope, receive, method, headers, users)
         if path == "/logout":
             return await self._logout(receive, method, headers)
-        if path in ("/healthz", "/readyz") or path.startswith("/static/"):  # probes; no data in the assets
+        if path in ("/healthz", "/readyz", "/ready/leader") or path.startswith("/static/"):  # probes; no data in the assets
             return await self._dispatch(scope, receive, method, path, headers, OPEN)
         if path in ("/metrics", "/api/queues") and self.open_metrics and method in ("GET", "HEAD"):
             # http_open_metrics: Prometheus and KEDA scrape without a token, by explicit choice
