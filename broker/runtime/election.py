@@ -659,16 +659,25 @@ def engine_for(config, advertise: str):
 
 
 def confirmed_lsn_of(server):
-    """What a leader publishes as confirmed: its log's durable end, and with --sync-replicas N not
-    beyond what N followers have on disk (what its confirms have waited for)."""
+    """What a leader publishes as confirmed: its log's durable end, and never beyond what its
+    confirms waited for on followers' disks.
+
+    With --sync-replicas N that is what N followers have fsynced.  With 0 a confirm promised the
+    leader's own disk only, so the published lsn is what the furthest follower has acked (0 with
+    none): publishing the leader's own end would keep every follower that lags by even one record
+    (a ticker record written just before a kill) from ever campaigning, and the group would stay
+    leaderless after the leader died."""
     roles = server.roles
 
     def confirmed() -> int:
         lsn = roles.last_lsn()
         repl = getattr(server, "replication", None)
-        if repl is not None and getattr(repl, "sync_replicas", 0) > 0:
-            lsn = min(lsn, repl.replica_lsn())
-        return lsn
+        if repl is None:
+            return lsn
+        if getattr(repl, "sync_replicas", 0) > 0:
+            return min(lsn, repl.replica_lsn())
+        acked = [link.get("acked", 0) for link in getattr(repl, "links", {}).values()]
+        return min(lsn, max(acked, default=0))
 
     return confirmed
 
