@@ -1,0 +1,227 @@
+"""W1 side by side: brokerd against Redis Streams, in one run, as ratios.  A benchmark, not a test.
+
+    python bench/w1_vs_redis.py                 # 50,000 x 100 B, each case REPEAT=3 times, medians
+    python bench/w1_vs_redis.py -n 20000 --repeat 1
+    python bench/w1_vs_redis.py --protocol 1    # brokerd clients held to protocol version 1 (no batched frames)
+
+W1 (issue 18): 100-byte messages, one producer process and one consumer process, confirms waited
+for, end to end = n / (first publish -> n-th message consumed), CLOCK_MONOTONIC shared by the
+processes.  The cases, run one after the other (never two at once: the machine has 2 cores):
+
+* brokerd ``--fsync always`` and ``--fsync never``: ``bench/core.py``'s throughput phase (a
+  ``Client.consume`` consumer with prefetch 100 acking each delivery; a producer publishing with
+  ``confirm=False`` and one ``wait_for_confirms()`` at the end).
+* Redis Streams, the workload of ``../shared/peers/bench/w1_redis.py --mode stream`` (the one
+  behind the issue's figures): the producer ``XADD``s in non-transactional pipelines of 100 and
+  waits for each pipeline's replies; the consumer ``XREADGROUP COUNT 100`` then one ``XACK`` per
+  message, pipelined per batch.  Three persistence settings: AOF ``everysec``, AOF ``always``,
+  and no AOF (``appendonly no``, no RDB snapshots either during the run).  redis-py 8.1.0 as in
+  the peers' requirements.txt (``pip install redis==8.1.0``).
+
+This script starts its own ``redis-server`` (from PATH; ``apt-get install redis-server``) on a free
+127.0.0.1 port with a temporary directory, so it never touches another Redis, and stops it by
+pid at the end.  The targets (issue 18): always >= 1.2x AOF everysec and >= 1.5x AOF always;
+never >= 1.3x no AOF.  The last line is the command that reproduces the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shlex
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+STREAM, GROUP = "w1:s", "g"
+REDIS_BATCH = 100  # the peers' pipeline depth and XREADGROUP COUNT
+
+
+# --- Redis ------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A private redis-server: 127.0.0.1, a free port, its own directory; stopped by pid."""
+
+    def __init__(self):
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise SystemExit("redis-server is not on PATH (apt-get install redis-server)")
+        self.dir = tempfile.mkdtemp(prefix="w1-redis-")
+        self.port = free_port()
+        # save "": no RDB snapshot during a run (the peers' default config snapshots after
+        # 10,000 changes in 60 s, which forks mid-run); AOF is switched per case with CONFIG SET.
+        self.proc = subprocess.Popen(
+            [exe, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", self.dir, "--save", "",
+             "--appendonly", "no", "--logfile", os.path.join(self.dir, "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        import redis
+
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis("127.0.0.1", self.port).ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise SystemExit("redis-server did not start")
+                time.sleep(0.05)
+
+    def client(self):
+        import redis
+
+        return redis.Redis("127.0.0.1", self.port)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _payload(i: int, size: int = 100) -> bytes:
+    head = b"%08d:" % i
+    return head + b"x" * (size - len(head))
+
+
+def _redis_consumer(port, n, ready, out):
+    import redis
+
+    c = redis.Redis("127.0.0.1", port)
+    got = 0
+    ready.set()
+    while got < n:
+        resp = c.xreadgroup(GROUP, "c1", {STREAM: ">"}, count=REDIS_BATCH, block=5000)
+        if not resp:
+            continue
+        msgs = resp[0][1]
+        p = c.pipeline(transaction=False)
+        for mid, _fields in msgs:
+            p.xack(STREAM, GROUP, mid)
+        p.execute()
+        got += len(msgs)
+    out.put(time.monotonic())
+
+
+def _redis_producer(port, n, out):
+    import redis
+
+    c = redis.Redis("127.0.0.1", port)
+    t0 = time.monotonic()
+    for s in range(0, n, REDIS_BATCH):
+        p = c.pipeline(transaction=False)
+        for i in range(s, min(n, s + REDIS_BATCH)):
+            p.xadd(STREAM, {"b": _payload(i)})
+        p.execute()
+    out.put((t0, time.monotonic()))
+
+
+def redis_w1(server: RedisServer, n: int, aof: str) -> float:
+    c = server.client()
+    c.delete(STREAM)
+    if aof == "off":
+        c.config_set("appendonly", "no")
+    else:
+        c.config_set("appendonly", "yes")
+        c.config_set("appendfsync", aof)
+        for _ in range(100):  # CONFIG SET appendonly yes starts a rewrite: wait for it, as the peers do
+            info = c.info("persistence")
+            if not info.get("aof_rewrite_in_progress") and not info.get("aof_rewrite_scheduled"):
+                break
+            time.sleep(0.1)
+    c.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+    ctx = mp.get_context("fork")
+    ready, cq, pq = ctx.Event(), ctx.Queue(), ctx.Queue()
+    cons = ctx.Process(target=_redis_consumer, args=(server.port, n, ready, cq))
+    cons.start()
+    ready.wait(10)
+    time.sleep(0.2)  # the consumer is blocked in XREADGROUP, as in the peers' script
+    prod = ctx.Process(target=_redis_producer, args=(server.port, n, pq))
+    prod.start()
+    t0, _ = pq.get(timeout=300)
+    t_end = cq.get(timeout=300)
+    prod.join()
+    cons.join()
+    c.delete(STREAM)
+    c.config_set("appendonly", "no")
+    return n / (t_end - t0)
+
+
+# --- brokerd ------------------------------------------------------------------------------------------
+def brokerd_w1(n: int, fsync: str, protocol: int | None) -> float:
+    from bench import core
+
+    ns = argparse.Namespace(n=n, size=100, prefetch=100, window=0, rate=0, tenants=0, rate_limit="",
+                            memory=0, queue=core.QUEUE, protocol=protocol)
+    return core.throughput(ns, ["--fsync", fsync])["end_to_end_msgs_per_s"]
+
+
+# --- the run --------------------------------------------------------------------------------------------
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-n", type=int, default=50_000, help="messages per case (default 50000)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each case; the median is shown (default 3)")
+    ap.add_argument("--protocol", type=int, choices=[1, 2], default=None,
+                    help="hold the brokerd clients to this protocol version (default: the newest both speak)")
+    args = ap.parse_args(argv)
+    cases = [
+        ("brokerd --fsync always", lambda: brokerd_w1(args.n, "always", args.protocol)),
+        ("brokerd --fsync never", lambda: brokerd_w1(args.n, "never", args.protocol)),
+    ]
+    server = RedisServer()
+    try:
+        cases += [
+            ("redis streams AOF everysec", lambda: redis_w1(server, args.n, "everysec")),
+            ("redis streams AOF always", lambda: redis_w1(server, args.n, "always")),
+            ("redis streams no AOF", lambda: redis_w1(server, args.n, "off")),
+        ]
+        runs: dict[str, list[float]] = {name: [] for name, _ in cases}
+        for i in range(args.repeat):  # interleaved, so a slow spell of the machine hits every case
+            for name, fn in cases:
+                runs[name].append(fn())
+                print(f"  run {i + 1}/{args.repeat} {name:28s} {runs[name][-1]:>9,.0f} msgs/s", flush=True)
+    finally:
+        server.stop()
+    med = {name: statistics.median(v) for name, v in runs.items()}
+    print(f"W1: {args.n:,} msgs of 100 B, 1 producer + 1 consumer process, confirms waited for; "
+          f"median of {args.repeat}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
+    for name, v in med.items():
+        print(f"  {name:28s} {v:>9,.0f} msgs/s   (runs: {', '.join(f'{x:,.0f}' for x in runs[name])})")
+    ratios = [
+        ("always / AOF everysec", med["brokerd --fsync always"] / med["redis streams AOF everysec"], 1.2),
+        ("always / AOF always", med["brokerd --fsync always"] / med["redis streams AOF always"], 1.5),
+        ("never / no AOF", med["brokerd --fsync never"] / med["redis streams no AOF"], 1.3),
+    ]
+    for label, r, target in ratios:
+        print(f"  ratio {label:24s} {r:5.2f}x   (target >= {target}x: {'met' if r >= target else 'NOT met'})")
+    print(json.dumps({"n": args.n, "medians": med, "ratios": {k: round(r, 3) for k, r, _ in ratios}}))
+    cmd = ["python", "bench/w1_vs_redis.py", "-n", str(args.n), "--repeat", str(args.repeat)]
+    if args.protocol:
+        cmd += ["--protocol", str(args.protocol)]
+    print("reproduce:  " + shlex.join(cmd))
+
+
+if __name__ == "__main__":
+    main()
