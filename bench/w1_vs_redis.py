@@ -185,11 +185,18 @@ def main(argv=None) -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs of each case; the median is shown (default 3)")
     ap.add_argument("--protocol", type=int, choices=[1, 2], default=None,
                     help="hold the brokerd clients to this protocol version (default: the newest both speak)")
+    ap.add_argument("--with-protocol-1", action="store_true",
+                    help="also run brokerd with clients held to protocol 1 (no batched frames), to show what batching gives")
     args = ap.parse_args(argv)
     cases = [
         ("brokerd --fsync always", lambda: brokerd_w1(args.n, "always", args.protocol)),
         ("brokerd --fsync never", lambda: brokerd_w1(args.n, "never", args.protocol)),
     ]
+    if args.with_protocol_1:
+        cases += [
+            ("brokerd always, protocol 1", lambda: brokerd_w1(args.n, "always", 1)),
+            ("brokerd never, protocol 1", lambda: brokerd_w1(args.n, "never", 1)),
+        ]
     server = RedisServer()
     try:
         cases += [
@@ -214,12 +221,20 @@ def main(argv=None) -> None:
         ("always / AOF always", med["brokerd --fsync always"] / med["redis streams AOF always"], 1.5),
         ("never / no AOF", med["brokerd --fsync never"] / med["redis streams no AOF"], 1.3),
     ]
+    if args.with_protocol_1:
+        ratios += [
+            ("always, protocol 1 / everysec", med["brokerd always, protocol 1"] / med["redis streams AOF everysec"], 1.2),
+            ("always, protocol 1 / AOF always", med["brokerd always, protocol 1"] / med["redis streams AOF always"], 1.5),
+            ("never, protocol 1 / no AOF", med["brokerd never, protocol 1"] / med["redis streams no AOF"], 1.3),
+        ]
     for label, r, target in ratios:
-        print(f"  ratio {label:24s} {r:5.2f}x   (target >= {target}x: {'met' if r >= target else 'NOT met'})")
+        print(f"  ratio {label:32s} {r:5.2f}x   (target >= {target}x: {'met' if r >= target else 'NOT met'})")
     print(json.dumps({"n": args.n, "medians": med, "ratios": {k: round(r, 3) for k, r, _ in ratios}}))
     cmd = ["python", "bench/w1_vs_redis.py", "-n", str(args.n), "--repeat", str(args.repeat)]
     if args.protocol:
         cmd += ["--protocol", str(args.protocol)]
+    if args.with_protocol_1:
+        cmd += ["--with-protocol-1"]
     print("reproduce:  " + shlex.join(cmd))
 
 

@@ -147,3 +147,26 @@ def test_a_batch_needs_publish_on_every_queue_it_names(broker_factory, tmp_path)
     assert admin.call(wire.OP_STATS, "emails")[2] == "NOT_FOUND"  # nothing of the refused batch was stored
     assert r.call(wire.OP_PUBLISH_BATCH, [["emails", b"a", "e1"]])[0] == wire.OP_CONFIRM_RANGE
     assert admin.ok(wire.OP_STATS, "emails")["ready"] == 1
+
+
+def test_version_1_and_version_2_clients_share_queues_both_ways(broker):
+    v1 = Raw(broker.port)  # raw version-1 frames, as a client from before version 2 sends them
+    for i in range(50):
+        v1.request(wire.OP_PUBLISH, "to-v2", b"%d" % i, f"a{i}", 0, None)
+    assert v1.reply(v1.rid)[0] == wire.OP_OK
+    with Client(broker.address, name="v2") as c:
+        assert c._session.version == 2
+        for i in range(50):
+            c.publish("to-v1", b"%d" % i, id=f"b{i}", confirm=False)
+        c.wait_for_confirms(timeout=20)
+        got = []
+        for d in c.consume(["to-v2"], prefetch=20):
+            got.append((d.id, d.body))
+            d.ack()
+            if len(got) == 50:
+                break
+    assert got == [(f"a{i}", b"%d" % i) for i in range(50)]
+    v1.ok(wire.OP_CONSUME, ["to-v1"], 100)
+    frames = raw_frames(v1, lambda fs: sum(f[0] == wire.OP_DELIVER for f in fs) >= 50)
+    assert {f[0] for f in frames} <= {wire.OP_DELIVER, wire.OP_OK}  # nothing of version 2 reaches it
+    assert [(f[4], f[5]) for f in frames if f[0] == wire.OP_DELIVER] == [(f"b{i}", b"%d" % i) for i in range(50)]
