@@ -30,6 +30,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import resource
 import shlex
 import shutil
 import socket
@@ -121,7 +122,7 @@ def _redis_consumer(port, n, ready, out):
             p.xack(STREAM, GROUP, mid)
         p.execute()
         got += len(msgs)
-    out.put(time.monotonic())
+    out.put((time.monotonic(), _cpu()))
 
 
 def _redis_producer(port, n, out):
@@ -134,10 +135,21 @@ def _redis_producer(port, n, out):
         for i in range(s, min(n, s + REDIS_BATCH)):
             p.xadd(STREAM, {"b": _payload(i)})
         p.execute()
-    out.put((t0, time.monotonic()))
+    out.put((t0, time.monotonic(), _cpu()))
 
 
-def redis_w1(server: RedisServer, n: int, aof: str) -> float:
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _proc_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def redis_w1(server: RedisServer, n: int, aof: str) -> tuple[float, dict]:
     c = server.client()
     c.delete(STREAM)
     if aof == "off":
@@ -157,24 +169,28 @@ def redis_w1(server: RedisServer, n: int, aof: str) -> float:
     cons.start()
     ready.wait(10)
     time.sleep(0.2)  # the consumer is blocked in XREADGROUP, as in the peers' script
+    cpu0 = _proc_cpu(server.proc.pid)
     prod = ctx.Process(target=_redis_producer, args=(server.port, n, pq))
     prod.start()
-    t0, _ = pq.get(timeout=300)
-    t_end = cq.get(timeout=300)
+    t0, _, prod_cpu = pq.get(timeout=300)
+    t_end, cons_cpu = cq.get(timeout=300)
+    server_cpu = _proc_cpu(server.proc.pid) - cpu0
     prod.join()
     cons.join()
     c.delete(STREAM)
     c.config_set("appendonly", "no")
-    return n / (t_end - t0)
+    return n / (t_end - t0), {"server": server_cpu, "producer": prod_cpu, "consumer": cons_cpu}
 
 
 # --- brokerd ------------------------------------------------------------------------------------------
-def brokerd_w1(n: int, fsync: str, protocol: int | None) -> float:
+def brokerd_w1(n: int, fsync: str, protocol: int | None) -> tuple[float, dict]:
     from bench import core
 
     ns = argparse.Namespace(n=n, size=100, prefetch=100, window=0, rate=0, tenants=0, rate_limit="",
                             memory=0, queue=core.QUEUE, protocol=protocol)
-    return core.throughput(ns, ["--fsync", fsync])["end_to_end_msgs_per_s"]
+    t = core.throughput(ns, ["--fsync", fsync])
+    return t["end_to_end_msgs_per_s"], {"server": t["broker_cpu_s"], "producer": t["producer_cpu_s"],
+                                        "consumer": t["consumer_cpu_s"]}
 
 
 # --- the run --------------------------------------------------------------------------------------------
@@ -205,10 +221,14 @@ def main(argv=None) -> None:
             ("redis streams no AOF", lambda: redis_w1(server, args.n, "off")),
         ]
         runs: dict[str, list[float]] = {name: [] for name, _ in cases}
+        cpus: dict[str, list[dict]] = {name: [] for name, _ in cases}
         for i in range(args.repeat):  # interleaved, so a slow spell of the machine hits every case
             for name, fn in cases:
-                runs[name].append(fn())
-                print(f"  run {i + 1}/{args.repeat} {name:28s} {runs[name][-1]:>9,.0f} msgs/s", flush=True)
+                rate, cpu = fn()
+                runs[name].append(rate)
+                cpus[name].append(cpu)
+                print(f"  run {i + 1}/{args.repeat} {name:28s} {rate:>9,.0f} msgs/s   CPU-s server "
+                      f"{cpu['server']:.2f} producer {cpu['producer']:.2f} consumer {cpu['consumer']:.2f}", flush=True)
     finally:
         server.stop()
     med = {name: statistics.median(v) for name, v in runs.items()}
@@ -229,6 +249,14 @@ def main(argv=None) -> None:
         ]
     for label, r, target in ratios:
         print(f"  ratio {label:32s} {r:5.2f}x   (target >= {target}x: {'met' if r >= target else 'NOT met'})")
+    # On a loaded machine every process waits for a core, so throughput reflects the CPU all three
+    # processes need together.  On an idle 2-core machine the busiest one bounds it: its median
+    # CPU-seconds per run is printed too, as n / that = the rate it alone would allow.
+    print("  busiest process (median CPU-s per run; clients include their start-up):")
+    for name in runs:
+        busy = statistics.median(max(c.values()) for c in cpus[name])
+        which = max(cpus[name][0], key=cpus[name][0].get)
+        print(f"    {name:28s} {busy:6.2f} s ({which}) -> at most {args.n / busy:>9,.0f} msgs/s on idle cores")
     print(json.dumps({"n": args.n, "medians": med, "ratios": {k: round(r, 3) for k, r, _ in ratios}}))
     cmd = ["python", "bench/w1_vs_redis.py", "-n", str(args.n), "--repeat", str(args.repeat)]
     if args.protocol:
