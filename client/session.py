@@ -473,6 +473,23 @@ class Session:
         self.batch_bytes = 0
         self.last_rid = rid = self.last_rid + 1
         data = _encode([OP_PUBLISH_BATCH, rid, items])
+        if len(data) > self.max_frame:
+            # The size estimate counts characters, not UTF-8 bytes: only a tiny max_frame and long
+            # non-ASCII ids get here.  Each item goes alone; one too large for any frame is refused
+            # here (the broker would close the connection) and reported by wait_for_confirms.
+            self.last_rid -= 1
+            for item, mid in zip(items, ids):
+                self.last_rid = rid = self.last_rid + 1
+                data = _encode([OP_PUBLISH, rid, *item])
+                if len(data) > self.max_frame:
+                    self.refused.append((mid, MessageTooLarge(None, (
+                        f"a PUBLISH frame of {len(data) - wire.HEADER_SIZE} bytes is larger than the broker's "
+                        f"max_frame of {self.max_frame - wire.HEADER_SIZE} bytes; send a smaller body"))))
+                    continue
+                self.out.append(data)
+                self.out_bytes += len(data)
+                self.unconfirmed[rid] = mid
+            return
         self.out.append(data)
         self.out_bytes += len(data)
         self.unconfirmed[rid] = ids

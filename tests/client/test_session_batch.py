@@ -149,3 +149,30 @@ def test_a_malformed_batch_frame_from_the_broker_is_a_protocol_error(frame):
     with pytest.raises(Exception) as info:
         s.receive([frame], 100.0)
     assert getattr(info.value, "code", None) == "BAD_FRAME"
+
+
+def test_a_batch_over_a_tiny_max_frame_goes_item_by_item_and_refuses_only_what_cannot_fit():
+    # The size estimate counts characters; long non-ASCII ids under the smallest max_frame (1024 in
+    # brokerd; smaller here) can still overflow it: then no frame sent is ever larger than max_frame.
+    s = handshaken(2)
+    s.max_frame = 200 + wire.HEADER_SIZE
+    ids = ["é" * 80, "é" * 40, "é" * 120, "plain"]
+    for mid in ids:
+        s.publish("q", b"x", mid, 0, None, confirm=False)
+    data = s.data_to_send(100.0)
+    r = wire.FrameReader()
+    r.feed(data)
+    frames = r.frames()
+    sizes = []
+    pos = 0
+    while pos < len(data):
+        n = int.from_bytes(data[pos:pos + 4], "big")
+        sizes.append(n + 4)
+        pos += n + 4
+    assert max(sizes) <= s.max_frame
+    sent = [mid for f in frames for mid in ([f[4]] if f[0] == wire.OP_PUBLISH else [item[2] for item in f[2]])]
+    refused = [mid for mid, _ in s.take_refused()]
+    assert refused == ["é" * 120]  # alone it needs more than 200 bytes
+    assert sorted(sent) == sorted(set(ids) - set(refused))
+    assert s.unconfirmed_ids() == [mid for mid in ids if mid not in refused]
+    assert [f[1] for f in frames] == sorted(f[1] for f in frames)  # request ids still rise
