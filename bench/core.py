@@ -145,6 +145,10 @@ def _cpu() -> float:
 
 
 def child(args) -> None:
+    if args.protocol:  # hold the client to one protocol version (protocol.md §10), to compare them
+        import client.session
+
+        client.session.OFFERED_VERSIONS = (args.protocol,)
     if args.role == "producer":
         out = run_producer(args.address, args.n, args.size, args.queue, args.window, args.rate,
                            flow_headers(args.tenants, args.rate_limit))
@@ -161,6 +165,8 @@ def spawn(role: str, address: str, args, **extra) -> subprocess.Popen:
         "--rate", str(extra.get("rate", args.rate)),
         "--tenants", str(args.tenants), "--rate-limit", args.rate_limit,
     ]
+    if getattr(args, "protocol", None):
+        cmd += ["--protocol", str(args.protocol)]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
 
 
@@ -256,6 +262,9 @@ def main(argv=None) -> None:
     ap.add_argument("--tls", action="store_true", help="TLS between the clients and brokerd (certificates made for the run)")
     ap.add_argument("--auth", action="store_true", help="brokerd with a users file; the clients log in as a user "
                     "granted publish and consume on every queue (each frame is checked against its grants)")
+    ap.add_argument("--protocol", type=int, choices=[1, 2], default=None,
+                    help="the protocol version the clients offer (default: every version they speak; "
+                         "1: no batched frames, as clients before issue 18)")
     ap.add_argument("--role", choices=["producer", "consumer"], help=argparse.SUPPRESS)
     ap.add_argument("--address", help=argparse.SUPPRESS)
     ap.add_argument("--queue", default=QUEUE, help=argparse.SUPPRESS)
@@ -308,6 +317,8 @@ def main(argv=None) -> None:
         broker_args = [a for a in broker_args if not a.endswith("users.toml") and a != "--users-file"]
     if args.window:
         cmd += ["--window", str(args.window)]
+    if args.protocol:
+        cmd += ["--protocol", str(args.protocol)]
     if args.rate:
         cmd += ["--rate", f"{args.rate:g}"]
     if args.tenants:

@@ -63,6 +63,8 @@ from client.wire import (
     OP_PAUSE,
     OP_PING,
     OP_PUBLISH,
+    OP_PUBLISH_BATCH,
+    MAX_PUBLISH_BATCH,
     OP_PURGE,
     OP_RATE_LIMIT,
     OP_CREDIT,
@@ -96,6 +98,7 @@ QUEUE_KINDS = ("publish", "consume", "manage", "admin")  # the kinds whose globs
 REQUIRED: dict[int, tuple[str, object] | None] = {
     OP_HELLO: None, OP_HEARTBEAT: None, OP_PING: None, OP_BYE: None,
     OP_PUBLISH: ("publish", 2),
+    OP_PUBLISH_BATCH: ("publish", "items"),  # publish on every item's queue (required() lists them)
     OP_CONSUME: ("consume", "queues"),
     OP_CANCEL: ("consume", None), OP_ACK: ("consume", None), OP_NACK: ("consume", None), OP_TOUCH: ("consume", None),
     OP_EMIT_EVENTS: ("consume", None), OP_CONTROL_REPLY: ("consume", None),
@@ -195,6 +198,12 @@ def required(frame: list) -> list[tuple[str, str | None]]:
     if rule is None:
         return []
     kind, where = rule
+    if where == "items":  # PUBLISH_BATCH [46, rid, [[queue, body, ...], ...]]: each distinct queue once
+        items = frame[2] if len(frame) > 2 and type(frame[2]) is list else []
+        if len(items) > MAX_PUBLISH_BATCH:  # refused by its handler; not worth reading here
+            return [(kind, None)]
+        names = {(item[0] if type(item[0]) is str else None) for item in items if type(item) is list and item}
+        return [(kind, q) for q in sorted(names, key=lambda q: (q is None, q or ""))] or [(kind, None)]
     if where == "queues":
         names = frame[2] if len(frame) > 2 and type(frame[2]) is list else []
         return [(kind, q if type(q) is str else None) for q in names] or [(kind, None)]

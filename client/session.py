@@ -64,6 +64,9 @@ from client.wire import (
     OP_RECALL,
     OP_RELEASE,
     OP_PUBLISH,
+    OP_PUBLISH_BATCH,
+    OP_CONFIRM_RANGE,
+    OP_DELIVER_BATCH,
     OP_TOUCH,
 )
 
@@ -84,6 +87,12 @@ FLUSH_DELAY = 0.001
 ACK_BATCH_FRACTION = 0.5
 
 _encode = wire.encode
+# A PUBLISH_BATCH item's CBOR beyond its body, queue, id and options (array and field heads,
+# priority): an over-estimate, so a batch's estimated size bounds its real one.
+BATCH_ITEM_OVERHEAD = 24
+# The protocol versions a new session offers in HELLO.  A process may narrow it before connecting
+# (``client.session.OFFERED_VERSIONS = (1,)``: bench/core.py --protocol 1, tests) to compare.
+OFFERED_VERSIONS = wire.PROTOCOL_VERSIONS
 HEARTBEAT_BYTES = wire.encode(wire.HEARTBEAT_FRAME)
 
 # Pending.kind
@@ -280,7 +289,7 @@ class Session:
 
     def __init__(self, owner, *, name: str, heartbeat: float, now: float, id_prefix: str,
                  control_handlers: list | None = None, event_handlers: list | None = None,
-                 hello_extra: dict | None = None):
+                 hello_extra: dict | None = None, versions: tuple | None = None):
         self.owner = owner
         self.name = name
         self.heartbeat = float(heartbeat)
@@ -315,6 +324,17 @@ class Session:
         self.returned = 0  # deliveries for no live consumer, given back with NACK(requeue)
         # Largest encoded frame we may send, header included (the broker's max_frame, from HELLO).
         self.max_frame = wire.DEFAULT_MAX_FRAME + wire.HEADER_SIZE
+        # Protocol versions HELLO offers (protocol.md §10) and the one the broker picked.  On
+        # version 2 pipelined publishes go out as PUBLISH_BATCH frames (§5.46) and come back
+        # confirmed by CONFIRM_RANGE (§5.47); deliveries may come as DELIVER_BATCH (§5.48).
+        self.versions = tuple(versions or OFFERED_VERSIONS)
+        self.version = 1
+        # The PUBLISH_BATCH being filled: its items, their message ids, its estimated size.
+        # Closed into one frame before any other frame is buffered, so requests keep their order.
+        self.batch: list = []
+        self.batch_ids: list = []
+        self.batch_bytes = 0
+        self.publish_waiters: dict[int, Pending] = {}  # rid -> a waiting publish (version 2)
 
     # -- state -----------------------------------------------------------------------
     @property
@@ -332,6 +352,8 @@ class Session:
 
     # -- output ------------------------------------------------------------------------
     def _queue(self, frame) -> None:
+        if self.batch:
+            self._close_batch()
         data = _encode(frame)
         self.out.append(data)
         self.out_bytes += len(data)
@@ -340,6 +362,8 @@ class Session:
         """Everything buffered (batched acks included), as one bytes object; b"" if nothing."""
         if self.acks:
             self._queue_acks()
+        if self.batch:
+            self._close_batch()
         if not self.out:
             return b""
         out = self.out
@@ -355,12 +379,14 @@ class Session:
 
     @property
     def has_output(self) -> bool:
-        return bool(self.out) or bool(self.acks)
+        return bool(self.out) or bool(self.acks) or bool(self.batch)
 
     # -- requests ----------------------------------------------------------------------
     def request(self, op: int, args: list, *, kind: int = K_REPLY, waiter=None, consumer=None, info=None) -> Pending:
         """Buffer ``[op, rid, *args]`` and return its ``Pending``."""
         self.check_open()
+        if self.batch:  # publishes buffered before this request go first, under a lower rid
+            self._close_batch()
         if self.acks:  # settle before anything else, in the order the user did it
             self._queue_acks()
         self.last_rid = rid = self.last_rid + 1
@@ -373,8 +399,9 @@ class Session:
         """Buffer the preamble and HELLO (the connection's first bytes)."""
         self.check_open()
         self.last_rid = rid = self.last_rid + 1
+        versions = self.versions
         hs = self.handshake = wire.ClientHandshake(
-            wire.Hello(client=self.name, heartbeat=self.heartbeat, extra=self.hello_extra, rid=rid)
+            wire.Hello(version=versions[0] if len(versions) == 1 else list(versions), client=self.name, heartbeat=self.heartbeat, extra=self.hello_extra, rid=rid)
         )
         p = self.pending[rid] = Pending(rid, K_HELLO, waiter)
         data = hs.initiate()
@@ -401,6 +428,22 @@ class Session:
             msg_id = f"{self.id_prefix}-{self._next_id()}"
         if self.acks:
             self._queue_acks()
+        if not confirm and self.version >= 2:
+            # Version 2: into the PUBLISH_BATCH being filled (one frame, one rid for many).
+            est = len(body) + len(queue) + len(msg_id) + BATCH_ITEM_OVERHEAD
+            if options is not None:
+                est += len(wire._dumps(options))
+            if est + BATCH_ITEM_OVERHEAD < self.max_frame:
+                if self.batch_bytes + est + BATCH_ITEM_OVERHEAD > min(FLUSH_BYTES, self.max_frame):
+                    self._close_batch()
+                self.batch.append([queue, body, msg_id, priority, options])
+                self.batch_ids.append(msg_id)
+                self.batch_bytes += est
+                self.out_bytes += est
+                return None, msg_id
+            # Larger than a frame may be: a PUBLISH of its own, refused below with the exact size.
+        if self.batch:
+            self._close_batch()
         self.last_rid = rid = self.last_rid + 1
         # The hot path: the frame of wire.publish_frame, built inline (a call per publish costs ~2%).
         data = _encode([OP_PUBLISH, rid, queue, body, msg_id, priority, options])
@@ -414,10 +457,42 @@ class Session:
         self.out.append(data)
         self.out_bytes += len(data)
         if confirm:
-            p = self.pending[rid] = Pending(rid, K_REPLY, waiter)
+            p = self.pending[rid] = Pending(rid, K_REPLY, waiter, info=msg_id)
+            if self.version >= 2:  # its OK may come as part of a CONFIRM_RANGE (§5.47)
+                self.publish_waiters[rid] = p
             return p, msg_id
         self.unconfirmed[rid] = msg_id
         return None, msg_id
+
+    def _close_batch(self) -> None:
+        """Buffer the PUBLISH_BATCH being filled as one frame (§5.46) under one new rid."""
+        items, ids = self.batch, self.batch_ids
+        self.batch = []
+        self.batch_ids = []
+        self.out_bytes -= self.batch_bytes
+        self.batch_bytes = 0
+        self.last_rid = rid = self.last_rid + 1
+        data = _encode([OP_PUBLISH_BATCH, rid, items])
+        if len(data) > self.max_frame:
+            # The size estimate counts characters, not UTF-8 bytes: only a tiny max_frame and long
+            # non-ASCII ids get here.  Each item goes alone; one too large for any frame is refused
+            # here (the broker would close the connection) and reported by wait_for_confirms.
+            self.last_rid -= 1
+            for item, mid in zip(items, ids):
+                self.last_rid = rid = self.last_rid + 1
+                data = _encode([OP_PUBLISH, rid, *item])
+                if len(data) > self.max_frame:
+                    self.refused.append((mid, MessageTooLarge(None, (
+                        f"a PUBLISH frame of {len(data) - wire.HEADER_SIZE} bytes is larger than the broker's "
+                        f"max_frame of {self.max_frame - wire.HEADER_SIZE} bytes; send a smaller body"))))
+                    continue
+                self.out.append(data)
+                self.out_bytes += len(data)
+                self.unconfirmed[rid] = mid
+            return
+        self.out.append(data)
+        self.out_bytes += len(data)
+        self.unconfirmed[rid] = ids
 
     def consume(self, queues, prefetch: int, *, waiter=None, state: ConsumerState | None = None,
                 slots: int | None = None) -> Pending:
@@ -508,6 +583,8 @@ class Session:
         return self.request(OP_TOUCH, [d.tag], waiter=waiter)
 
     def _queue_acks(self) -> None:
+        if self.batch:  # request ids rise in the order frames are sent (CONFIRM_RANGE needs it)
+            self._close_batch()
         tags = self.acks
         self.acks = []
         self.last_rid = rid = self.last_rid + 1
@@ -517,6 +594,8 @@ class Session:
     # -- confirms ---------------------------------------------------------------------------
     def confirm_mark(self) -> int:
         """The request id that every publish so far is at or below."""
+        if self.batch:  # the batch being filled gets its rid now, so the mark covers it
+            self._close_batch()
         return self.last_rid
 
     def confirmed_through(self, mark: int) -> bool:
@@ -526,7 +605,14 @@ class Session:
         return True
 
     def unconfirmed_ids(self, mark: int | None = None) -> list[str]:
-        return [mid for rid, mid in self.unconfirmed.items() if mark is None or rid <= mark]
+        out = []
+        for rid, mid in self.unconfirmed.items():  # mid: one message id, or a batch's list of them
+            if mark is None or rid <= mark:
+                if type(mid) is list:
+                    out.extend(mid)
+                else:
+                    out.append(mid)
+        return out
 
     def take_refused(self) -> list[tuple[str, BrokerdError]]:
         refused = self.refused
@@ -604,11 +690,15 @@ class Session:
                 rid = f[1] if len(f) > 1 else None
                 mid = unconfirmed.pop(rid, None)
                 if mid is not None:
-                    if op == OP_ERROR:
+                    if type(mid) is list:  # a PUBLISH_BATCH's answer
+                        self._batch_answered(mid, f)
+                    elif op == OP_ERROR:
                         self.refused.append((mid, _error(f)))
                     confirms = True
                     continue
                 p = pending.pop(rid, None)
+                if self.publish_waiters:
+                    self.publish_waiters.pop(rid, None)
                 if p is None:
                     if op == OP_ERROR:  # e.g. rid 0: the broker could not read our request id
                         self.quiet_errors.append((rid, _error(f)))
@@ -627,6 +717,28 @@ class Session:
                         self.quiet_errors.append((p.info, p.error))
                 if p.kind != K_QUIET:
                     wake.append(p)
+            elif op == OP_CONFIRM_RANGE:
+                if self._confirm_range(f, wake):
+                    confirms = True
+            elif op == OP_DELIVER_BATCH:
+                try:
+                    batch = wire.deliveries_of_batch(f)
+                except wire.WireError as exc:
+                    raise RemoteProtocolError(exc.code, exc.message) from None
+                cs = consumers.get(f[1])
+                if cs is None:  # for a consumer we cancelled: each given back, as a DELIVER would be
+                    for d in batch:
+                        self._give_back(d)
+                    if FLUSH not in wake:
+                        wake.append(FLUSH)
+                    continue
+                buffer = cs.buffer
+                for d in batch:
+                    buffer.append(Delivery(owner, cs, d))
+                cs.received += len(batch)
+                if cs is not last_cs:
+                    wake.append(cs)
+                    last_cs = cs
             elif op == OP_HEARTBEAT:
                 pass
             elif op == OP_CONTROL:
@@ -653,10 +765,63 @@ class Session:
             wake.append(CONFIRMS)
         return wake
 
+    def _batch_answered(self, ids: list, f: list) -> None:
+        """A PUBLISH_BATCH's OK (null: all stored; else one result per item, ``[code, message]``
+        for a refused one) or ERROR (the whole batch refused): note the refused ids."""
+        if f[0] == OP_ERROR:
+            err = _error(f)
+            self.refused.extend((mid, err) for mid in ids)
+            return
+        results = f[2] if len(f) > 2 else None
+        if results is None:
+            return
+        if type(results) is not list or len(results) != len(ids):
+            raise RemoteProtocolError("BAD_FRAME", "a PUBLISH_BATCH reply must be null or one result per item")
+        for mid, r in zip(ids, results):
+            if type(r) is list:
+                code = r[0] if r and type(r[0]) is str else "BAD_FRAME"
+                self.refused.append((mid, _error(wire.error_frame(None, code, r[1] if len(r) > 1 else ""))))
+
+    def _confirm_range(self, f: list, wake: list) -> bool:
+        """§5.47 CONFIRM_RANGE [72, first, last]: every publish with a rid in the range that had
+        no other answer is confirmed (a waiting ``publish()`` gets the id it sent)."""
+        try:
+            first, last = wire.ConfirmRange.from_frame(f)
+        except wire.WireError as exc:
+            raise RemoteProtocolError(exc.code, exc.message) from None
+        unconfirmed = self.unconfirmed
+        done = False
+        # rids are handed out in rising order and the dict keeps that order: pop from the front
+        older = False
+        while unconfirmed:
+            rid = next(iter(unconfirmed))
+            if rid > last:
+                break
+            if rid < first:
+                older = True
+                break
+            del unconfirmed[rid]
+            done = True
+        if older:  # an older publish still waits its own answer: look through them all
+            for rid in [r for r in unconfirmed if first <= r <= last]:
+                del unconfirmed[rid]
+                done = True
+        waiting = self.publish_waiters
+        if waiting:
+            for rid in [r for r in waiting if first <= r <= last]:
+                p = waiting.pop(rid)
+                if self.pending.pop(rid, None) is not None:
+                    p.done = True
+                    p.result = p.info
+                    wake.append(p)
+        return done
+
     def _give_back(self, f: list) -> None:
         tag = f[2] if len(f) > 2 else None
         if type(tag) is not int or self.error is not None or self.bye_sent:
             return
+        if self.batch:
+            self._close_batch()
         self.last_rid = rid = self.last_rid + 1
         self.pending[rid] = Pending(rid, K_QUIET, info=tag)
         self._queue(wire.nack_frame(rid, tag, True, None))
@@ -680,6 +845,8 @@ class Session:
         elif kind == K_HELLO:
             welcome = wire.Welcome.from_result(result)
             self.server = welcome.info
+            if type(welcome.version) is int and welcome.version in self.versions:
+                self.version = welcome.version
             if welcome.heartbeat is not None:
                 self.heartbeat = welcome.heartbeat
             if welcome.max_frame is not None:
@@ -779,6 +946,10 @@ class Session:
         self.acks = []
         self.out = []
         self.out_bytes = 0
+        self.batch = []
+        self.batch_ids = []
+        self.batch_bytes = 0
+        self.publish_waiters.clear()
         return wake
 
     # -- heartbeats -------------------------------------------------------------------

@@ -23,7 +23,14 @@ import cbor2
 # admin text line can start with, so the server tells the two modes apart by
 # the first byte it receives (RESP-style sniffing).
 PREAMBLE = b"\x00BRK"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 1  # what a HELLO says when it names one version (Hello's default)
+# --- protocol.md §10 "Versioning": the versions this codec speaks, oldest first.  A HELLO names
+# one version (an int) or every version the client speaks (a list); the server picks the highest
+# it shares and says which in its reply.  Version 2 adds the server frames CONFIRM_RANGE and
+# DELIVER_BATCH (§5.47, §5.48), sent only on connections that picked it.
+PROTOCOL_VERSIONS = (1, 2)
+# The most versions a HELLO may list: a bound on the work of reading it (the protocol has two).
+MAX_HELLO_VERSIONS = 16
 
 # --- protocol.md §3 "Framing" --------------------------------------------------
 # frame = length:u32 big-endian ‖ CBOR array
@@ -140,6 +147,20 @@ CLIENT_OPS = {
 SERVER_OPS = {OP_OK: "OK", OP_ERROR: "ERROR", OP_DELIVER: "DELIVER", OP_CLOSING: "CLOSING", OP_CONTROL: "CONTROL",
               OP_EVENT: "EVENT", OP_RECORDS: "RECORDS", OP_RECALL: "RECALL"}
 
+# --- batched frames (protocol.md §5.46-5.48, issue 18): fewer frames per message ------------------
+# PUBLISH_BATCH is an op any connection may send (an old server answers UNKNOWN_OP: that is the
+# probe); CONFIRM_RANGE and DELIVER_BATCH are server frames sent only on a version-2 connection.
+OP_PUBLISH_BATCH = 46  # many publishes in one frame: [46, rid, [[queue, body, id, priority, options], ...]]
+OP_CONFIRM_RANGE = 72  # [72, first_rid, last_rid]: every publish request in the range not answered otherwise is confirmed
+OP_DELIVER_BATCH = 73  # [73, consumer, [[tag, queue, id, body, priority, attempts, headers], ...]]
+CLIENT_OPS[OP_PUBLISH_BATCH] = "PUBLISH_BATCH"
+SERVER_OPS[OP_CONFIRM_RANGE] = "CONFIRM_RANGE"
+SERVER_OPS[OP_DELIVER_BATCH] = "DELIVER_BATCH"
+# The most items one PUBLISH_BATCH may carry.  max_frame bounds its bytes, this bounds the work one
+# frame costs the event loop (~5 us a publish: about 50 ms), so one client's batch never holds the
+# others up for long.  The SDK's batches close at FLUSH_BYTES (32 KiB), ~250 small messages.
+MAX_PUBLISH_BATCH = 10_000
+
 # --- protocol.md §4 "Errors" ----------------------------------------------------
 # code → (meaning, does the connection stay open)
 ERROR_CODES: dict[str, tuple[str, bool]] = {
@@ -203,6 +224,42 @@ def encode_many(frames) -> bytes:
         payload = _dumps(frame)
         out.append(_pack(len(payload)))
         out.append(payload)
+    return b"".join(out)
+
+
+def encode_batched(frames: list) -> bytes:
+    """A version-2 connection's frames (the server side) → bytes, in fewer frames (§5.47, §5.48).
+
+    Held publish confirms come in as one-rid CONFIRM_RANGE markers ``[72, rid, rid]``, in request
+    order; a run of them with rising request ids and nothing else between is joined into one
+    CONFIRM_RANGE (an ERROR for a publish between them ends the run, so it always comes before
+    any range that spans its rid).  A run of DELIVERs to one consumer becomes one DELIVER_BATCH,
+    in the same order.  Every other frame is encoded as ``encode_many`` does.
+    """
+    out = []
+    i = 0
+    n = len(frames)
+    while i < n:
+        f = frames[i]
+        op = f[0]
+        j = i + 1
+        if op == OP_CONFIRM_RANGE:
+            last = f[2]
+            while j < n and (g := frames[j])[0] == OP_CONFIRM_RANGE and g[1] > last:
+                last = g[2]
+                j += 1
+            if j > i + 1:
+                f = [OP_CONFIRM_RANGE, f[1], last]
+        elif op == OP_DELIVER:
+            consumer = f[1]
+            while j < n and (g := frames[j])[0] == OP_DELIVER and g[1] == consumer:
+                j += 1
+            if j > i + 1:
+                f = [OP_DELIVER_BATCH, consumer, [g[2:] for g in frames[i:j]]]
+        payload = _dumps(f)
+        out.append(_pack(len(payload)))
+        out.append(payload)
+        i = j
     return b"".join(out)
 
 
@@ -462,6 +519,36 @@ class Recall(NamedTuple):
         return cls(f[1] if len(f) > 1 else None, f[2] if len(f) > 2 else 0, f[3] if len(f) > 3 else None)
 
 
+class ConfirmRange(NamedTuple):
+    """§5.47 CONFIRM_RANGE: ``[72, first_rid, last_rid]``, version 2 only."""
+
+    first: int
+    last: int
+
+    @classmethod
+    def from_frame(cls, f: list) -> "ConfirmRange":
+        first = f[1] if len(f) > 1 else None
+        last = f[2] if len(f) > 2 else None
+        if type(first) is not int or type(last) is not int:
+            raise WireError("BAD_FRAME", "CONFIRM_RANGE must carry two request ids")
+        return cls(first, last)
+
+
+def deliveries_of_batch(f: list) -> list:
+    """§5.48 DELIVER_BATCH ``[73, consumer, [[tag, queue, id, body, priority, attempts, headers], ...]]``
+    as the DELIVER frames it stands for, in order; WireError(BAD_FRAME) when it is malformed."""
+    items = f[2] if len(f) > 2 else None
+    if type(items) is not list:
+        raise WireError("BAD_FRAME", "DELIVER_BATCH field 2 must be a list of deliveries")
+    consumer = f[1]
+    out = []
+    for item in items:
+        if type(item) is not list or len(item) < 6:
+            raise WireError("BAD_FRAME", "a DELIVER_BATCH item must be a DELIVER's fields 2-8")
+        out.append([OP_DELIVER, consumer, *item])
+    return out
+
+
 def recall_frame(consumer: int, n: int, queue: str) -> list:
     """§5.44 RECALL, server to client."""
     return [OP_RECALL, consumer, n, queue]
@@ -507,6 +594,27 @@ def event_frame(events: list, dropped: int = 0) -> list:
 
 class HandshakeError(WireError):
     """The handshake failed; ``code`` is the CLOSING code (§4) and the connection ends."""
+
+
+def pick_version(asked, speaks: tuple = PROTOCOL_VERSIONS) -> int:
+    """§5.1/§10: HELLO's ``version`` (one int, or a list of the versions the client speaks) →
+    the highest version both speak; ``HandshakeError(UNSUPPORTED_VERSION)`` when there is none."""
+    if type(asked) is int:
+        offered = (asked,)
+    elif type(asked) is list and 0 < len(asked) <= MAX_HELLO_VERSIONS and all(type(v) is int for v in asked):
+        offered = asked
+    else:
+        offered = ()
+    shared = [v for v in offered if v in speaks]
+    if shared:
+        return max(shared)
+    shown = repr(asked) if type(asked) in (int, list) and len(repr(asked)) <= 80 else f"a {type(asked).__name__}"
+    names = ", ".join(str(v) for v in speaks)
+    raise HandshakeError(
+        "UNSUPPORTED_VERSION",
+        f"this server speaks protocol versions {names}, not {shown}: send 'version' as one of them, "
+        "or as a list of the versions the client speaks",
+    )
 
 
 class Hello(NamedTuple):
@@ -599,7 +707,7 @@ class ServerHandshake:
     """
 
     def __init__(self, *, connection: int, heartbeat: float, max_frame: int = DEFAULT_MAX_FRAME,
-                 server: str = "brokerd", version: int = PROTOCOL_VERSION, authenticate=None):
+                 server: str = "brokerd", versions: tuple = PROTOCOL_VERSIONS, authenticate=None):
         self.connection = connection
         # authenticate(user, token) -> a user object, or None when they are wrong; None here:
         # the server has no users and HELLO needs no credentials (login() returns None).
@@ -607,7 +715,7 @@ class ServerHandshake:
         self.heartbeat = heartbeat  # the server's setting, used when HELLO leaves it out
         self.max_frame = max_frame
         self.server = server
-        self.version = version
+        self.versions = tuple(versions)  # what this server speaks; HELLO's pick is Hello.version
         self.reader = FrameReader(max_frame)
         self._head = b""  # bytes before the whole preamble arrived
         self._frames: list = []
@@ -654,11 +762,7 @@ class ServerHandshake:
         opts = f[2] if len(f) > 2 else None
         if type(opts) is not dict:
             raise HandshakeError("BAD_REQUEST", "HELLO field 2 must be a map with at least 'version'")
-        version = opts.get("version")
-        if type(version) is not int or version != self.version:
-            raise HandshakeError(
-                "UNSUPPORTED_VERSION", f"this server speaks protocol version {self.version}, not {version!r}"
-            )
+        version = pick_version(opts.get("version"), self.versions)
         name = opts.get("client")
         hb = opts.get("heartbeat", self.heartbeat)
         if type(hb) not in (int, float) or hb != hb or hb in (float("inf"), float("-inf")) or hb < 0:
@@ -696,7 +800,7 @@ class ServerHandshake:
     def welcome_map(self, hello: Hello) -> dict:
         return {
             "server": self.server,
-            "version": self.version,
+            "version": hello.version,
             "heartbeat": hello.heartbeat,
             "max_frame": self.max_frame,
             "connection": self.connection,

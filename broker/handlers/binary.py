@@ -53,6 +53,8 @@ from client.wire import (
     OP_SUBSCRIBE,
     OP_TASK_INFO,
     OP_WORKERS,
+    OP_PUBLISH_BATCH,
+    MAX_PUBLISH_BATCH,
     error_frame,
     ok_frame,
 )
@@ -163,6 +165,47 @@ def h_publish(state, conn, rid, f, now):
         headers=headers or None,
     )
     return ok_frame(rid, msg_id)
+
+
+def h_publish_batch(state, conn, rid, f, now):
+    """§5.46 PUBLISH_BATCH ``[46, rid, [[queue, body, id, priority, options], ...]]``.
+
+    Each item is PUBLISH's fields 2-6 and is handled exactly as that PUBLISH would be, one after
+    the other: a refused item stores nothing and the others go on.  The result is null when every
+    item was stored under the id it gave (what a pipelining client sends: nothing to tell it), else
+    one entry per item: the PUBLISH result (the id, or the unique-key map), or ``[code, message]``.
+    A frame whose field 2 is not a list of 1 to MAX_PUBLISH_BATCH lists is refused whole.
+    """
+    items = f[2] if len(f) > 2 else None
+    if type(items) is not list or not items:
+        raise BadRequest("PUBLISH_BATCH field 2 must be a non-empty list of publishes, "
+                         "each [queue, body, id, priority, options]")
+    if len(items) > MAX_PUBLISH_BATCH:
+        raise BadRequest(f"PUBLISH_BATCH carries {len(items)} publishes; at most {MAX_PUBLISH_BATCH} "
+                         "in one frame (send several)")
+    for i, item in enumerate(items):
+        if type(item) is not list:
+            raise BadRequest(f"PUBLISH_BATCH item {i} must be a list [queue, body, id, priority, options] "
+                             f"(got {type(item).__name__}); nothing was stored")
+    publish = state.publish
+    results = None  # stays None while every item is stored under the id it gave
+    for i, item in enumerate(items):
+        n = len(item)
+        try:
+            if n == 5 and item[4] is None and type(item[0]) is str and type(item[1]) is bytes \
+                    and type(item[2]) is str:
+                # the hot path: a plain publish with its own id (the SDK's), as h_publish does it
+                result = publish(conn, item[0], item[1], item[2], item[3] if item[3] is not None else 0, now)
+            else:
+                result = h_publish(state, conn, rid, [OP_PUBLISH, rid, *item], now)[2]
+        except BrokerError as exc:
+            result = [exc.code, f"item {i}: {exc.message}"]
+        if results is None:
+            if type(result) is str and n > 2 and result == item[2]:
+                continue
+            results = [item[2] for item in items[:i]]  # every earlier item was stored under its id
+        results.append(result)
+    return ok_frame(rid, results)
 
 
 def h_consume(state, conn, rid, f, now):
@@ -455,6 +498,7 @@ def h_rate_limit(state, conn, rid, f, now):
 
 HANDLERS = {
     OP_PUBLISH: h_publish,
+    OP_PUBLISH_BATCH: h_publish_batch,
     OP_CONSUME: h_consume,
     OP_CANCEL: h_cancel,
     OP_ACK: h_ack,
@@ -494,7 +538,7 @@ HANDLERS = {
 DURABLE_OPS = frozenset((
     OP_PUBLISH, OP_ACK, OP_NACK, OP_DECLARE, OP_DELETE, OP_PURGE, OP_PAUSE, OP_RESUME,
     OP_RESULT_SET, OP_RESULT_FORGET, OP_SCHEDULE_PUT, OP_SCHEDULE_REMOVE, OP_SCHEDULE_PAUSE,
-    OP_REVOKE, OP_CHORD, OP_BIND, OP_UNBIND, OP_EMIT, OP_RATE_LIMIT, OP_RELEASE,
+    OP_REVOKE, OP_CHORD, OP_BIND, OP_UNBIND, OP_EMIT, OP_RATE_LIMIT, OP_RELEASE, OP_PUBLISH_BATCH,
 ))
 # Handled by the server itself, because they touch the connection, not the state.
 CONNECTION_OPS = (OP_HELLO, OP_HEARTBEAT, OP_BYE, OP_ADMIN)

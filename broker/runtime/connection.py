@@ -43,6 +43,9 @@ from client.wire import (
     OP_HEARTBEAT,
     OP_HELLO,
     OP_PUBLISH,
+    OP_PUBLISH_BATCH,
+    OP_CONFIRM_RANGE,
+    encode_batched,
     OP_RESULT_SET,
     OP_SCHEDULE_PUT,
     HEARTBEAT_FRAME,
@@ -95,7 +98,9 @@ HANDSHAKE_REASONS = {
 # hold more.  Consumers, ACK/NACK, reads and admin go on so a backlog drains;
 # a RESULT_SET that settles a delivery (option "tag") goes on too, because it
 # frees the message it settles and refusing it would stall the workers.
-MEMORY_OPS = frozenset((OP_PUBLISH, OP_RESULT_SET, OP_SCHEDULE_PUT, OP_CHORD))
+MEMORY_OPS = frozenset((OP_PUBLISH, OP_PUBLISH_BATCH, OP_RESULT_SET, OP_SCHEDULE_PUT, OP_CHORD))
+# Publishes whose OK a version-2 connection gets as a CONFIRM_RANGE when the client can predict it.
+PUBLISH_OPS = (OP_PUBLISH, OP_PUBLISH_BATCH)
 
 
 class Conn:
@@ -105,7 +110,7 @@ class Conn:
         "id", "stream", "peer", "name", "out", "out_bytes", "wake", "drained",
         "closed", "opened", "heartbeat", "last_sent", "cancel", "handshake_deadline",
         "hard_limit", "evicted", "partial", "encode", "user",
-        "tls_subject", "counted_user",
+        "tls_subject", "counted_user", "version",
     )
 
     def __init__(self, id, stream, peer, hard_limit: int = 1 << 62):
@@ -134,6 +139,7 @@ class Conn:
         self.counted_user: str | None = None  # the user whose per-user connection count this holds
         # the broker.auth.User this connection logged in as; None when brokerd has no users
         self.user = None
+        self.version = 1  # the protocol version HELLO agreed (protocol.md §10)
 
     def queue_bytes(self, data: bytes) -> None:
         if self.closed:
@@ -218,9 +224,12 @@ class BinaryConnection:
         hello = hello._replace(heartbeat=min(hello.heartbeat, cfg.idle_timeout / 2))
         conn.name = hello.client
         conn.heartbeat = hello.heartbeat
+        conn.version = hello.version
+        if hello.version >= 2:  # confirms by range, deliveries batched per consumer (§5.47, §5.48)
+            conn.encode = encode_batched
         self.state.connect(conn.id)
         self.state.name_connection(conn.id, conn.name)
-        log.info("conn %d hello: client=%r heartbeat=%gs", conn.id, conn.name, conn.heartbeat)
+        log.info("conn %d hello: client=%r heartbeat=%gs protocol=%d", conn.id, conn.name, conn.heartbeat, conn.version)
         conn.queue_bytes(hs.accept(hello))
         outcome: BaseException | str | None = None
         async with trio.open_nursery() as nursery:
@@ -306,6 +315,7 @@ class BinaryConnection:
                 cid = conn.id
                 alarm = srv.memory_alarm
                 user = conn.user
+                ranges = conn.version >= 2
                 for f in frames:
                     op = f[0]
                     if user is not None and self._refused(user, f):
@@ -339,6 +349,9 @@ class BinaryConnection:
                         # has it on disk (see Server.flush).  Replies are matched by
                         # request id, so they may overtake one another.
                         reply = handle(state, cid, f, now)
+                        if ranges and op in PUBLISH_OPS and reply[0] == OP_OK and confirmable(f, reply):
+                            # §5.47: the client knows this answer; it goes out as part of a range
+                            reply = [OP_CONFIRM_RANGE, reply[1], reply[1]]
                         held = srv.held.get(cid)
                         if held is None:
                             srv.held[cid] = [reply]
@@ -484,6 +497,15 @@ class BinaryConnection:
             conn.out_bytes -= len(data)
             if conn.out_bytes <= self.config.output_buffer:
                 conn.drained.set()
+
+
+def confirmable(f: list, reply: list) -> bool:
+    """Whether a publish's OK tells the client nothing it does not know: a PUBLISH stored under
+    the id it gave (not a unique-key map), a PUBLISH_BATCH whose every item was (result null)."""
+    result = reply[2]
+    if f[0] == OP_PUBLISH:
+        return type(result) is str and len(f) > 4 and result == f[4]
+    return result is None
 
 
 def settles(f: list) -> bool:

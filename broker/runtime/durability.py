@@ -41,7 +41,7 @@ import trio
 from broker.errors import NotEnoughReplicas
 from broker.state import log_records as R
 from broker.wal import WalFailed, WriteAheadLog
-from client.wire import OP_OK, error_frame
+from client.wire import OP_CONFIRM_RANGE, OP_OK, error_frame
 
 log = logging.getLogger("brokerd.wal")
 
@@ -524,11 +524,12 @@ def _encode_opaque(encoder, value) -> None:
 
 
 def _refuse_confirms(box: dict, message: str, code: str = "LOG_FAILED") -> dict:
-    """Held replies can no longer be promised: OK becomes LOG_FAILED; deliveries still go."""
+    """Held replies can no longer be promised: OK becomes LOG_FAILED; deliveries still go.
+    A held CONFIRM_RANGE is one publish's (``[72, rid, rid]``; ranges are joined only when sent)."""
     out = {}
     for cid, frames in box.items():
         new = []
         for f in frames:
-            new.append(error_frame(f[1], code, message) if f[0] == OP_OK else f)
+            new.append(error_frame(f[1], code, message) if f[0] == OP_OK or f[0] == OP_CONFIRM_RANGE else f)
         out[cid] = new
     return out

@@ -84,7 +84,7 @@ def test_the_first_bytes_are_the_preamble_then_hello_with_rid_1():
     assert data.startswith(wire.PREAMBLE)
     r = wire.FrameReader()
     r.feed(data[4:])
-    assert r.frames() == [[wire.OP_HELLO, 1, {"version": wire.PROTOCOL_VERSION, "client": "unit", "heartbeat": 7.5}]]
+    assert r.frames() == [[wire.OP_HELLO, 1, {"version": list(wire.PROTOCOL_VERSIONS), "client": "unit", "heartbeat": 7.5}]]
     assert p.rid == 1
 
 

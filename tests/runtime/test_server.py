@@ -212,7 +212,8 @@ def test_an_unsupported_protocol_version_is_refused(broker, bystander):
     r = Raw(broker.port, hello=False)
     r.send_raw(wire.PREAMBLE + wire.encode([wire.OP_HELLO, 1, {"version": 7}]))
     (f,) = closing(r.read_until_closed())
-    assert f[1:] == ["UNSUPPORTED_VERSION", "this server speaks protocol version 1, not 7"]
+    assert f[1:] == ["UNSUPPORTED_VERSION", "this server speaks protocol versions 1, 2, not 7: send 'version' "
+                     "as one of them, or as a list of the versions the client speaks"]
 
 
 def test_random_bytes_never_hurt_the_server(broker, bystander):

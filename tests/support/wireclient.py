@@ -14,7 +14,7 @@ from client import wire
 
 class Raw:
     def __init__(self, port: int, *, hello: bool = True, name: str = "test", heartbeat: float | None = None,
-                 extra: dict | None = None):
+                 extra: dict | None = None, version=1):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = wire.FrameReader(1 << 30)
@@ -22,7 +22,7 @@ class Raw:
         self.rid = 0
         if hello:
             self.sock.sendall(wire.PREAMBLE)
-            opts = {"version": 1, "client": name}
+            opts = {"version": version, "client": name}  # 1 unless asked: raw version-1 frames
             if heartbeat is not None:
                 opts["heartbeat"] = heartbeat
             opts.update(extra or {})  # more HELLO options, e.g. "user" and "token"
@@ -53,6 +53,8 @@ class Raw:
             for i, f in enumerate(self.pending):
                 if f[0] in (wire.OP_OK, wire.OP_ERROR) and f[1] == rid:
                     return self.pending.pop(i)
+                if f[0] == wire.OP_CONFIRM_RANGE and f[1] <= rid <= f[2]:  # version 2 (§5.47)
+                    return f  # left in place: it may cover later requests too
                 if f[0] == wire.OP_CLOSING:
                     return self.pending.pop(i)
             self._read()
@@ -66,6 +68,7 @@ class Raw:
         """Wait for n DELIVER frames."""
         deadline = time.monotonic() + timeout
         while True:
+            self._unbatch()
             got = [f for f in self.pending if f[0] == wire.OP_DELIVER]
             if len(got) >= n:
                 for f in got[:n]:
@@ -74,6 +77,17 @@ class Raw:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {len(got)} of {n} deliveries")
             self._read(deadline - time.monotonic())
+
+    def _unbatch(self) -> None:
+        """Version 2: each DELIVER_BATCH waiting in ``pending`` becomes its DELIVERs, in place."""
+        if any(f[0] == wire.OP_DELIVER_BATCH for f in self.pending):
+            out = []
+            for f in self.pending:
+                if f[0] == wire.OP_DELIVER_BATCH:
+                    out += [[wire.OP_DELIVER, f[1], *item] for item in f[2]]
+                else:
+                    out.append(f)
+            self.pending = out
 
     def _read(self, timeout: float = 5.0) -> None:
         self.sock.settimeout(max(timeout, 0.01))

@@ -61,9 +61,35 @@ def test_the_client_opens_with_the_preamble_and_hello_exactly():
 
 
 def test_the_session_sends_the_handshake_objects_bytes_first():
-    s = Session(None, name="w", heartbeat=5.0, now=0.0, id_prefix="p")
+    s = Session(None, name="w", heartbeat=5.0, now=0.0, id_prefix="p", versions=(1,))
     s.hello()
     assert s.data_to_send(0.0) == CLIENT_HELLO
+
+
+def test_a_session_offers_every_version_it_speaks_and_the_server_picks_the_highest():
+    s = Session(None, name="w", heartbeat=5.0, now=0.0, id_prefix="p")
+    s.hello()
+    data = s.data_to_send(0.0)
+    assert data == ClientHandshake(Hello(version=[1, 2], client="w", heartbeat=5.0)).initiate()
+    hs = server()
+    hs.receive_data(data)
+    hello = hs.next_event()
+    assert hello.version == 2
+    r = wire.FrameReader()
+    r.feed(hs.accept(hello))
+    (ok,) = r.frames()
+    assert ok[2]["version"] == 2
+    s.receive([ok], 0.0)
+    assert s.version == 2
+
+
+@pytest.mark.parametrize("asked, picked", [(1, 1), (2, 2), ([1], 1), ([2, 1], 2), ([1, 2], 2), ([1, 9], 1), ([9, 2], 2)])
+def test_the_server_picks_the_highest_version_both_speak(asked, picked):
+    hs = server()
+    hs.receive_data(wire.PREAMBLE + frame(wire.OP_HELLO, 1, {"version": asked}))
+    hello = hs.next_event()
+    assert hello.version == picked
+    assert hs.welcome_map(hello)["version"] == picked
 
 
 def test_the_server_reads_hello_fed_one_byte_at_a_time_and_answers_exactly():
@@ -111,11 +137,15 @@ def test_hello_without_a_map_is_a_bad_request():
     assert (err.code, err.message) == ("BAD_REQUEST", "HELLO field 2 must be a map with at least 'version'")
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", None, True])
-def test_another_protocol_version_is_refused(version):
+@pytest.mark.parametrize("version, shown", [
+    (3, "3"), (0, "0"), ("1", "a str"), (None, "a NoneType"), (True, "a bool"),
+    ([], "[]"), ([3, 7], "[3, 7]"), ([1.0], "[1.0]"), (list(range(17)), repr(list(range(17)))),
+])
+def test_a_version_the_server_does_not_speak_is_refused(version, shown):
     err = refusal(wire.PREAMBLE + frame(wire.OP_HELLO, 1, {"version": version}))
     assert (err.code, err.message) == (
-        "UNSUPPORTED_VERSION", f"this server speaks protocol version 1, not {version!r}")
+        "UNSUPPORTED_VERSION", f"this server speaks protocol versions 1, 2, not {shown}: send 'version' "
+        "as one of them, or as a list of the versions the client speaks")
 
 
 @pytest.mark.parametrize("asked, agreed", [

@@ -1,0 +1,140 @@
+"""PUBLISH_BATCH (protocol.md §5.46) through the binary handler on a plain BrokerState, and its
+grant (broker/auth.py): each item is a PUBLISH stored or refused on its own; a malformed frame is
+refused whole; a user needs ``publish`` on every queue the batch names."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker import auth
+from broker.handlers.binary import DURABLE_OPS, handle
+from broker.state import BrokerState
+from client import wire
+
+
+@pytest.fixture
+def s():
+    s = BrokerState()
+    s.connect(1)
+    return s
+
+
+def batch(rid, *items):
+    return [wire.OP_PUBLISH_BATCH, rid, list(items)]
+
+
+def ready_ids(s, queue):
+    q = s.queues.get(queue)
+    out = []
+    if q is None:
+        return out
+    while (m := q.pop_ready()) is not None:
+        out.append(m.id)
+    return out
+
+
+def test_a_batch_of_publishes_with_their_own_ids_is_stored_in_order_and_answered_null(s):
+    reply = handle(s, 1, batch(7, ["q", b"a", "m1", 0, None], ["q", b"b", "m2"], ["r", b"c", "m3", 3, {"ttl": 60}]), 0.0)
+    assert reply == [wire.OP_OK, 7, None]
+    assert ready_ids(s, "q") == ["m1", "m2"]
+    assert ready_ids(s, "r") == ["m3"]
+    assert wire.OP_PUBLISH_BATCH in DURABLE_OPS  # its reply is a confirm: held for the log
+
+
+def test_one_refused_item_gets_its_error_and_the_others_are_stored(s):
+    s.declare("full", {"max_length": 1, "overflow": "reject"}, 0.0)
+    reply = handle(s, 1, batch(3, ["full", b"a", "m1"], ["full", b"b", "m2"], ["q", 5, "m3"], ["full2", b"d", "m4"],
+                               ["q", b"e", "m5", 256]), 0.0)
+    assert reply[:2] == [wire.OP_OK, 3]
+    results = reply[2]
+    assert results[0] == "m1" and results[3] == "m4"
+    assert results[1][0] == "QUEUE_FULL" and results[1][1].startswith("item 1: queue 'full' is full")
+    assert results[2] == ["BAD_REQUEST", "item 2: PUBLISH field 3 (body) must be a byte string"]
+    assert results[4] == ["BAD_REQUEST", "item 4: priority must be a whole number from 0 to 255 (got 256)"]
+    assert ready_ids(s, "full") == ["m1"] and ready_ids(s, "full2") == ["m4"] and ready_ids(s, "q") == []
+
+
+def test_items_without_an_id_or_with_a_unique_key_get_their_results_listed(s):
+    reply = handle(s, 1, batch(4, ["q", b"a", "m1"], ["q", b"b"], ["q", b"c", "m3", 0, {"unique_key": "k"}],
+                               ["q", b"d", "m4", 0, {"unique_key": "k"}]), 0.0)
+    m1, made, unique, dup = reply[2]
+    assert m1 == "m1" and type(made) is str and made != "m1"
+    assert unique == {"id": "m3", "duplicate": False}
+    assert dup == {"id": "m3", "duplicate": True}
+    assert ready_ids(s, "q") == ["m1", made, "m3"]
+
+
+@pytest.mark.parametrize("field, message", [
+    (None, "PUBLISH_BATCH field 2 must be a non-empty list of publishes, each [queue, body, id, priority, options]"),
+    ([], "PUBLISH_BATCH field 2 must be a non-empty list of publishes, each [queue, body, id, priority, options]"),
+    ({"q": b"x"}, "PUBLISH_BATCH field 2 must be a non-empty list of publishes, each [queue, body, id, priority, options]"),
+    ([["q", b"a", "m1"], "q"], "PUBLISH_BATCH item 1 must be a list [queue, body, id, priority, options] (got str); nothing was stored"),
+    ([["q", b"a", "m1"]] * (wire.MAX_PUBLISH_BATCH + 1),
+     f"PUBLISH_BATCH carries {wire.MAX_PUBLISH_BATCH + 1} publishes; at most {wire.MAX_PUBLISH_BATCH} in one frame (send several)"),
+])
+def test_a_malformed_batch_is_refused_whole_and_stores_nothing(s, field, message):
+    frame = [wire.OP_PUBLISH_BATCH, 9] + ([] if field is None else [field])
+    assert handle(s, 1, frame, 0.0) == [wire.OP_ERROR, 9, "BAD_REQUEST", message]
+    assert ready_ids(s, "q") == []
+    assert s.take_records() == ()  # nothing for the log either
+
+
+def test_a_failed_log_refuses_the_whole_batch(s):
+    s.fail_log("disk full")
+    assert handle(s, 1, batch(2, ["q", b"a", "m1"]), 0.0) == [wire.OP_ERROR, 2, "LOG_FAILED", "disk full"]
+    assert ready_ids(s, "q") == []
+
+
+good = st.tuples(st.sampled_from(["a", "b"]), st.binary(max_size=8)).map(lambda t: [t[0], t[1]])
+bad = st.sampled_from([["a", "not bytes"], [7, b"x"], ["a", b"x", "", 0], ["a", b"x", None, -1],
+                       ["a", b"x", None, 0, {"nope": 1}], [], ["a", b"x", None, 0, {"headers": 5}]])
+
+
+@settings(max_examples=200)
+@given(items=st.lists(st.tuples(st.booleans(), good, bad), min_size=1, max_size=30))
+def test_exactly_the_good_items_are_stored_each_bad_one_answered_by_its_error(items):
+    s = BrokerState()
+    s.connect(1)
+    s.enable_log()
+    frame_items, want = [], []
+    for i, (ok, g, b) in enumerate(items):
+        if ok:
+            frame_items.append(g + [f"id-{i}"])
+        else:
+            frame_items.append(b)
+        want.append(ok)
+    reply = handle(s, 1, [wire.OP_PUBLISH_BATCH, 1, frame_items], 0.0)
+    results = reply[2] if reply[2] is not None else [item[2] for item in frame_items]
+    assert len(results) == len(items)
+    stored = [f"id-{i}" for i, ok in enumerate(want) if ok]
+    for i, (ok, r) in enumerate(zip(want, results)):
+        if ok:
+            assert r == f"id-{i}"
+        else:
+            assert type(r) is list and r[0] == "BAD_REQUEST" and r[1].startswith(f"item {i}: "), r
+    assert sorted(ready_ids(s, "a") + ready_ids(s, "b")) == sorted(stored)
+    # one PUBLISH record per stored item, none for a refused one
+    assert len(s.take_records()) == len(stored)
+
+
+# --- grants --------------------------------------------------------------------------------------
+def user(**grants):
+    return auth.User("u", "x", {k: tuple(v) for k, v in grants.items()})
+
+
+def test_a_batch_needs_publish_on_every_queue_it_names():
+    f = batch(1, ["emails", b"a", "m1"], ["sms.1", b"b", "m2"], ["emails", b"c", "m3"])
+    assert auth.required(f) == [("publish", "emails"), ("publish", "sms.1")]
+    assert auth.check(user(publish=["emails", "sms.*"]), f) is None
+    refusal = auth.check(user(publish=["emails"]), f)
+    assert (refusal.kind, refusal.queue) == ("publish", "sms.1")
+    assert auth.check(user(consume=["*"]), f).kind == "publish"
+
+
+@pytest.mark.parametrize("field", [None, "x", [], [[1, b"x"]], [["q"] * 3] * (wire.MAX_PUBLISH_BATCH + 1)])
+def test_a_malformed_batch_needs_publish_on_some_queue_and_reveals_nothing(field):
+    f = [wire.OP_PUBLISH_BATCH, 1] + ([] if field is None else [field])
+    assert ("publish", None) in auth.required(f)
+    assert auth.check(user(consume=["*"]), f).kind == "publish"
