@@ -120,12 +120,16 @@ class BrokerdBackend(BaseBackend):
         while True:
             remaining = LONG_POLL_MAX if deadline is None else min(LONG_POLL_MAX, deadline - time.monotonic())
             meta = self._get_task_meta_for(task_id, wait=max(0.0, remaining))
+            # After every wait, also the one that brought the result, as Celery's own waiters do
+            # (asynchronous.Drainer): ``AsyncResult.get`` passes its parents' check here, so a failed
+            # parent (a chord's failed header member) raises its own exception before this result's
+            # (the chord body's ChordError), as on Redis.
+            if on_interval:
+                on_interval()
             if meta["status"] in states.READY_STATES:
                 if meta["status"] == states.SUCCESS:
                     self._cache[task_id] = meta
                 return meta
-            if on_interval:
-                on_interval()
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError("The operation timed out.")
 
@@ -184,7 +188,15 @@ class BrokerdBackend(BaseBackend):
         r = self._call(lambda c: c.get_result(body_id))
         msg = ((r or {}).get("meta") or {}).get("exc_message") or ""
         if f"chord member {request.id} failed" in msg:
-            self.chord_error_from_stack(body, ChordError(msg))
+            # Celery's chord_error_from_stack records "the current exception": it must be called
+            # while one is being handled (outside an except block it finds no traceback and raises
+            # AttributeError, which killed the whole worker: the harness hang of issue 13).  The
+            # text and cause are what Celery's Redis backend gives.
+            try:
+                raise ChordError(f"Dependency {request.id} raised {result!r}") from (
+                    result if isinstance(result, BaseException) else None)
+            except ChordError as exc:
+                self.chord_error_from_stack(body, exc)
 
     def set_chord_size(self, group_id, chord_size):
         pass  # brokerd knows the members from CHORD

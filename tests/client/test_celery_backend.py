@@ -1,0 +1,65 @@
+"""client/celery/backend.py (Celery's result backend on brokerd) driven by Celery's own backend API,
+without a worker, against a real brokerd: the behaviours Celery's integration suite showed differing
+from Celery on Redis (issue 13)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("celery", reason="Celery is not installed (pip install 'brokerd[celery]')")
+
+import client.celery  # noqa: E402,F401  registers brokerd://
+from celery import Celery, states  # noqa: E402
+from celery.app.task import Context  # noqa: E402
+from celery.exceptions import ChordError  # noqa: E402
+
+WAIT = 10.0  # seconds: bound of every wait for a result
+
+
+@pytest.fixture
+def app(broker):
+    url = f"brokerd://{broker.address}"
+    a = Celery("t", broker=url, backend=url, set_as_current=False)
+    yield a
+    a.close()
+
+
+def test_a_chord_members_failure_outside_an_except_block_fails_the_body_as_redis_words_it(app):
+    """Celery's worker reports a revoked chord member from no except block (Request.revoked ->
+    mark_as_revoked -> on_chord_part_return).  That once raised AttributeError inside Celery's
+    chord_error_from_stack and killed the whole worker; now the body gets Redis's ChordError."""
+    backend = app.backend
+    body = app.signature("t.body", options={"task_id": "body-1"})
+    backend.client.chord("chord-1", ["m-1"], {"queue": "celery", "message": {"body": b"{}", "id": "body-1"}})
+    request = Context(id="m-1", group="chord-1", chord=body, errbacks=None, chain=None)
+    exc = ValueError("boom")
+    backend.mark_as_failure("m-1", exc, request=request)  # stores, then calls on_chord_part_return
+    meta = backend.get_task_meta("body-1")
+    assert meta["status"] == states.FAILURE
+    assert isinstance(meta["result"], ChordError)
+    assert str(meta["result"]) == "Dependency m-1 raised ValueError('boom')"
+
+    # a revoked member, as the worker's Request.revoked() reports it
+    body2 = app.signature("t.body", options={"task_id": "body-2"})
+    backend.client.chord("chord-2", ["m-2"], {"queue": "celery", "message": {"body": b"{}", "id": "body-2"}})
+    backend.mark_as_revoked("m-2", "revoked", request=Context(id="m-2", group="chord-2", chord=body2,
+                                                            errbacks=None, chain=None))
+    assert "Dependency m-2 raised TaskRevokedError" in str(backend.get_task_meta("body-2")["result"])
+
+
+def test_a_wait_that_brings_the_result_still_checks_the_parents_first(app):
+    """AsyncResult.get passes its parents' check as on_interval; Celery's own waiters call it after
+    every wait, also the last, so a chord header member's exception wins over the body's ChordError."""
+    backend = app.backend
+    backend.store_result("done-1", 42, states.SUCCESS)
+    calls = []
+    meta = backend.wait_for("done-1", timeout=WAIT, on_interval=lambda: calls.append(1))
+    assert meta["status"] == states.SUCCESS and meta["result"] == 42
+    assert calls == [1]
+
+    # end to end through AsyncResult.get: the parent failed, the result is a ChordError
+    backend.store_result("parent-1", ValueError("the member's own error"), states.FAILURE)
+    backend.store_result("body-3", ChordError("Dependency parent-1 raised ValueError"), states.FAILURE)
+    r = app.AsyncResult("body-3", parent=app.AsyncResult("parent-1"))
+    with pytest.raises(ValueError, match="the member's own error"):
+        r.get(timeout=WAIT)
