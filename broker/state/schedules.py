@@ -43,6 +43,11 @@ MAX_FIRED_CHORDS = 100_000  # fired chord ids remembered against a retried CHORD
 SCHEDULE_KEYS = ("every", "anchor", "cron", "tz", "queue", "priority", "body", "catchup", "expires", "owner")
 
 
+# The result states a plain revoke (no terminate) replaces by REVOKED: the task has not started.  A task
+# a worker has started (STARTED, or its own state such as PROGRESS) keeps its state: without terminate
+# it runs on and its worker stores the outcome, as Celery's own revoke leaves it (worker/control.py).
+REVOCABLE_STATES = frozenset({"PENDING", "RECEIVED", "RETRY", "REJECTED", "REVOKED"})
+
 class Schedule:
     __slots__ = ("name", "spec", "timing", "queue", "priority", "body", "catchup", "expires", "owner",
                  "paused", "next", "last_tick", "fired", "created", "lsn")
@@ -312,7 +317,7 @@ class WorkflowMixin:
         self._log(R.REVOKE, [pairs, bool(terminate)])
         for tid in task_ids:
             r = self.results.get(tid)
-            if r is None or r.state not in ("SUCCESS", "FAILURE"):
+            if r is None or r.state in REVOCABLE_STATES or (terminate and r.state not in ("SUCCESS", "FAILURE")):
                 self._revoked_result(tid, now)
         return n
 
