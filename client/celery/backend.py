@@ -223,9 +223,13 @@ def _cbor_plain(value, depth=0) -> bool:
         return False
     if value is None or isinstance(value, (bool, int, float, str, bytes)):
         return True
-    if isinstance(value, (list, tuple)):
+    # Exactly list, tuple and dict: a subclass may not encode as what it holds.  Celery's Signature
+    # (a task returning chain(group(...))) is a dict subclass that cbor2 wrote as a map that did not
+    # match its entries, so the frame came out misaligned and brokerd read a key where the meta was:
+    # "RESULT_SET field 5 (meta) must be dict (got str)".  Such values live in Celery's meta only.
+    if type(value) in (list, tuple):
         return all(_cbor_plain(v, depth + 1) for v in value)
-    if isinstance(value, dict):
+    if type(value) is dict:
         return all(isinstance(k, (str, int)) and _cbor_plain(v, depth + 1) for k, v in value.items())
     return False
 

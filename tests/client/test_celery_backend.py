@@ -63,3 +63,18 @@ def test_a_wait_that_brings_the_result_still_checks_the_parents_first(app):
     r = app.AsyncResult("body-3", parent=app.AsyncResult("parent-1"))
     with pytest.raises(ValueError, match="the member's own error"):
         r.get(timeout=WAIT)
+
+
+def test_a_result_that_is_a_signature_is_stored_and_read_back(app):
+    """Celery's tasks may return a canvas (chain(group(...))): a dict subclass brokerd's native value
+    cannot carry as it is.  It was refused ("RESULT_SET field 5 (meta) must be dict"); now it lives
+    in Celery's own meta and reads back as the signature's dict."""
+    from celery import chain, group
+
+    add = app.signature("t.add")
+    nested = chain(group([add]))
+    app.backend.store_result("sig-1", nested, states.SUCCESS)
+    meta = app.backend.get_task_meta("sig-1")
+    assert meta["status"] == states.SUCCESS
+    assert meta["result"]["task"] == "celery.chain"
+    assert meta["result"]["kwargs"]["tasks"][0]["task"] == "celery.group"
