@@ -62,11 +62,17 @@ class capture_publishes:
 
     def __enter__(self):
         self.sent = []
+        self._outer = getattr(_capture, "sent", None)  # nested: the outer capture resumes after this one
         _capture.sent = self.sent
         return self.sent
 
     def __exit__(self, *exc):
-        _capture.sent = None
+        _capture.sent = self._outer
+
+
+def capturing() -> bool:
+    """True inside ``capture_publishes`` on this thread."""
+    return getattr(_capture, "sent", None) is not None
 
 
 def _is_reply_exchange(exchange: str) -> bool:
@@ -575,4 +581,4 @@ class Transport(virtual.Transport):
         return "1"
 
 
-__all__ = ["Transport", "Channel", "ExchangeRouter", "capture_publishes"]
+__all__ = ["Transport", "Channel", "ExchangeRouter", "capture_publishes", "capturing"]

@@ -78,3 +78,22 @@ def test_a_result_that_is_a_signature_is_stored_and_read_back(app):
     assert meta["status"] == states.SUCCESS
     assert meta["result"]["task"] == "celery.chain"
     assert meta["result"]["kwargs"]["tasks"][0]["task"] == "celery.group"
+
+
+def test_a_chord_whose_body_is_a_chord_goes_by_celerys_chord_unlock_and_publishes_only_the_header(app, broker):
+    """A chord body that is itself a chord (or a group, or a chain led by one) is not one message
+    brokerd can hold.  It was applied at once, its own header running with the placeholder
+    argument (Celery's chain-of-groups tests got 1 instead of 11); now it waits behind Celery's
+    chord_unlock, and applying the outer chord publishes its header and nothing of its body."""
+    from celery import chord
+
+    from client.producer import Client
+
+    add, tsum = app.signature("t.add"), app.signature("t.tsum")
+    chord([add.clone((1, 1)), add.clone((2, 2))], chord([tsum.clone(), tsum.clone()], tsum.clone())).apply_async()
+    sent = []
+    with Client(f"brokerd://{broker.address}") as c:
+        consumer = c.consume(["celery"], prefetch=10)
+        while (d := consumer.get(timeout=2.0)) is not None:
+            sent.append((d.headers or {}).get("task"))
+    assert sorted(sent) == ["celery.chord_unlock", "t.add", "t.add"]
