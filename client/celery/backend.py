@@ -160,7 +160,8 @@ class BrokerdBackend(BaseBackend):
         members = [r.id for r in header_result.results]
         if not members or any(isinstance(r, ResultSet) for r in header_result.results):
             return super().apply_chord(header_result_args, body, **kwargs)  # nested header: chord_unlock
-        if capturing() or not _one_message_body(body, self.app):
+        lead = _one_message_body(body, self.app)  # the task whose message brokerd will hold
+        if capturing() or lead is None:
             # A body that is itself a group or chord (or a chain led by one) is not one message that
             # brokerd can hold: applying it here would apply its own parts at once (an inner chord's
             # header ran with the placeholder and its body fired early: Celery's chain-of-groups
@@ -169,13 +170,13 @@ class BrokerdBackend(BaseBackend):
         with capture_publishes() as sent:
             # An empty list stands in for the results (so Celery's argument check passes); the
             # transport replaces it with brokerd's x-chord-results at delivery.
-            body.apply_async(() if body.immutable else ([],))
+            body.apply_async(() if lead.immutable else ([],))
         if len(sent) != 1:  # a group body (several messages): Celery's own chord_unlock; nothing was sent
             return super().apply_chord(header_result_args, body, **kwargs)
         queue, raw = sent[0]
         p = M.to_brokerd(raw)
         headers = p["headers"]
-        if body.immutable:
+        if lead.immutable:  # a .si() task, or a chain led by one: the results are not its arguments
             headers[M.IMMUTABLE] = True
         spec = {"queue": queue, "priority": p["priority"],
                 "message": {"body": p["body"], "id": p["id"] or body.id, "headers": headers}}
@@ -211,17 +212,17 @@ class BrokerdBackend(BaseBackend):
         pass
 
 
-def _one_message_body(body, app) -> bool:
-    """True when applying ``body`` publishes exactly one task message: a task, or a chain led by one
-    (the rest of a chain rides in that message)."""
+def _one_message_body(body, app):
+    """The task whose message applying ``body`` publishes, when that is exactly one message: ``body``
+    itself, or the task leading a chain (the rest of a chain rides in that message); else None."""
     from celery.canvas import _chain, chord, group, maybe_signature
 
     sig = maybe_signature(body, app=app)
-    if isinstance(sig, (group, chord)):
-        return False
+    if sig is None or isinstance(sig, (group, chord)):
+        return None
     if isinstance(sig, _chain):
-        return bool(sig.tasks) and _one_message_body(sig.tasks[0], app)
-    return sig is not None
+        return _one_message_body(sig.tasks[0], app) if sig.tasks else None
+    return sig
 
 
 EXC_TEXT_MAX = 4096  # characters of an exception message kept for brokerd's page (Celery's meta has it whole)

@@ -97,3 +97,28 @@ def test_a_chord_whose_body_is_a_chord_goes_by_celerys_chord_unlock_and_publishe
         while (d := consumer.get(timeout=2.0)) is not None:
             sent.append((d.headers or {}).get("task"))
     assert sorted(sent) == ["celery.chord_unlock", "t.add", "t.add"]
+
+
+def test_a_chain_body_led_by_an_immutable_task_gets_its_own_arguments_not_the_results(app, broker):
+    """chord(header, chain(echo.si('a'), ...)): the chain's lead ignores the header's results, as in
+    Celery; brokerd's results were put in place of its first argument (Redis got ['a'])."""
+    from celery import chain, chord
+    from kombu import serialization
+
+    from client.celery import message as M
+    from client.producer import Client
+
+    add, echo = app.signature("t.add"), app.signature("t.echo")
+    res = chord([add.clone((1, 1))], chain(echo.clone(("a",)).set(immutable=True),
+                                           echo.clone(("b",)).set(immutable=True))).apply_async()
+    with Client(f"brokerd://{broker.address}") as c:
+        consumer = c.consume(["celery"], prefetch=10)
+        header = consumer.get(timeout=WAIT)
+        assert (header.headers or {}).get("task") == "t.add"
+        member_id = M.from_delivery(header)["headers"]["id"]
+        app.backend.store_result(member_id, 2, states.SUCCESS)  # brokerd fires the body now
+        body = consumer.get(timeout=WAIT)
+        raw = M.from_delivery(body)
+        args, _kwargs, _embed = serialization.loads(raw["body"], raw["content-type"], raw["content-encoding"])
+        assert raw["headers"]["task"] == "t.echo" and raw["headers"]["id"] != res.id  # the lead, not the tail
+        assert args == ["a"]
