@@ -33,13 +33,16 @@ from client.errors import ConnectionClosed, ConnectionLost
 from client.producer import Client
 
 LONG_POLL_MAX = 30.0  # seconds one RESULT_GET may be held by brokerd; a get() longer than that re-asks
+# seconds a group join long-polls its first pending member before it looks at all of them again: the
+# grain of "completion order" when a later member finishes first (one RESULT_GET per member per slice)
+JOIN_SLICE = 1.0
 GROUP_PREFIX = "celery-group:"  # a saved GroupResult's record id (group ids are UUIDs like task ids)
 
 
 class BrokerdBackend(BaseBackend):
     """Celery's ``Backend`` over one shared, thread-safe brokerd ``Client`` per process."""
 
-    supports_native_join = False
+    supports_native_join = True  # GroupResult.get joins by get_many, as on Redis
     supports_autoexpire = True
     persistent = True
 
@@ -132,6 +135,43 @@ class BrokerdBackend(BaseBackend):
                 return meta
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError("The operation timed out.")
+
+    def get_many(self, task_ids, timeout=None, interval=0.5, no_ack=True, on_message=None, on_interval=None,
+                 max_iterations=None, **kwargs):
+        """``(task_id, meta)`` as each result is ready: Celery's native join (``GroupResult.get``
+        yields and raises in completion order, as on Redis, without following the members' parents).
+
+        One round reads every id without waiting; then the first id still pending is long-polled
+        for up to JOIN_SLICE seconds, and after each such wait one more round picks up whatever else
+        finished meanwhile.  No sleep: the waiting is brokerd's."""
+        self._ensure_not_eager()
+        pending = list(dict.fromkeys(task_ids))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        rounds = 0
+        while pending:
+            still = []
+            for tid in pending:
+                cached = self._cache.get(tid)
+                meta = cached if cached and cached["status"] in states.READY_STATES else self._get_task_meta_for(tid)
+                if meta["status"] in states.READY_STATES:
+                    self._cache[tid] = meta
+                    if on_message is not None:
+                        on_message(meta)
+                    yield tid, meta
+                else:
+                    still.append(tid)
+            pending = still
+            rounds += 1
+            if not pending or (max_iterations is not None and rounds >= max_iterations):
+                return
+            if on_interval:
+                on_interval()
+            remaining = JOIN_SLICE if deadline is None else min(JOIN_SLICE, deadline - time.monotonic())
+            if remaining <= 0:
+                raise TimeoutError(f"Operation timed out ({timeout})")
+            meta = self._get_task_meta_for(pending[0], wait=remaining)
+            if meta["status"] in states.READY_STATES:
+                self._cache[pending[0]] = meta  # yielded by the next round, in its place
 
     def _forget(self, task_id):
         self._call(lambda c: c.forget_result(task_id))

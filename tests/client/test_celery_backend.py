@@ -122,3 +122,25 @@ def test_a_chain_body_led_by_an_immutable_task_gets_its_own_arguments_not_the_re
         args, _kwargs, _embed = serialization.loads(raw["body"], raw["content-type"], raw["content-encoding"])
         assert raw["headers"]["task"] == "t.echo" and raw["headers"]["id"] != res.id  # the lead, not the tail
         assert args == ["a"]
+
+
+def test_a_group_joins_natively_in_completion_order_by_long_poll(app):
+    """GroupResult.get joins by the backend (as on Redis): a member that failed raises at once, even
+    while one listed before it is still pending, and a member that finishes later is waited for by
+    brokerd's long-poll.  (A plain join waited for the first member, and followed each member's
+    parents: Celery's test_header_failure_fails_the_chords_after_it saw the chain's end PENDING.)"""
+    import threading
+
+    backend = app.backend
+    backend.store_result("g-2", ValueError("the second failed first"), states.FAILURE)
+    gr = app.GroupResult("g", [app.AsyncResult("g-1"), app.AsyncResult("g-2")])
+    with pytest.raises(ValueError, match="the second failed first"):
+        gr.get(timeout=WAIT)
+
+    backend.store_result("h-1", 1, states.SUCCESS)
+    later = threading.Timer(0.3, backend.store_result, ("h-2", 2, states.SUCCESS))
+    later.start()
+    try:
+        assert app.GroupResult("h", [app.AsyncResult("h-1"), app.AsyncResult("h-2")]).get(timeout=WAIT) == [1, 2]
+    finally:
+        later.join()
