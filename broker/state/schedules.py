@@ -412,9 +412,9 @@ class WorkflowMixin:
         if state != "SUCCESS":  # FAILURE or REVOKED: the chord cannot complete
             self._finish_chord(ch, False, now, member, meta, replaying)
         elif not ch["pending"]:
-            self._finish_chord(ch, True, now, None, None, replaying)
+            self._finish_chord(ch, True, now, None, None, replaying, last=member)
 
-    def _finish_chord(self, ch, ok, now, failed_member, meta, replaying) -> None:
+    def _finish_chord(self, ch, ok, now, failed_member, meta, replaying, last=None) -> None:
         ch["done"] = True
         if replaying:
             return  # the CHORD_FIRE record (or its absence) decides, see replay
@@ -427,6 +427,8 @@ class WorkflowMixin:
             headers = dict(raw.get("headers") or {})
             if ok:
                 headers["x-chord-results"] = [ch["results"][m][1] for m in ch["members"]]
+                if last is not None:  # Celery's body is started by the member that completed the chord
+                    headers["x-chord-last"] = last
             else:
                 headers["x-chord-error"] = {"member": failed_member, "exc_type": (meta or {}).get("exc_type"),
                                             "exc_message": (meta or {}).get("exc_message")}

@@ -26,6 +26,7 @@ from kombu import serialization
 KOMBU_KEY = "kombu"  # the brokerd header that carries kombu's headers/properties/content type
 ETA_KEY = "x-celery-eta"  # the eta Celery asked for (ISO 8601), kept for people reading the message
 CHORD_RESULTS = "x-chord-results"  # set by brokerd when it fires a raw chord body (§5.27)
+CHORD_LAST = "x-chord-last"  # ... with the id of the member whose result completed the chord
 IMMUTABLE = "x-chord-immutable"  # set by the backend on an immutable (.si) chord body: results not prepended
 MAX_PRIORITY = 255  # brokerd's range is 0-255; a larger kombu priority is clamped, not refused
 
@@ -106,6 +107,10 @@ def from_delivery(d) -> dict:
     headers = dict(k.get("headers") or {})
     if CHORD_RESULTS in bh and not bh.get(IMMUTABLE):
         body = prepend_chord_results(body, ctype, cenc, bh[CHORD_RESULTS])
+    if CHORD_RESULTS in bh and isinstance(bh.get(CHORD_LAST), str) and bh[CHORD_LAST]:
+        # On Celery's own backends the body is sent by the header task that completed the chord,
+        # so that task is the body's parent; brokerd names it in x-chord-last.
+        headers["parent_id"] = bh[CHORD_LAST]
     info = dict(props.get("delivery_info") or {})
     info.update(routing_key=info.get("routing_key") or d.queue, priority=d.priority,
                 redelivered=d.attempts > 1)

@@ -58,6 +58,15 @@ def test_chord_results_replace_the_placeholder_first_argument():
     assert json.loads(kept["body"])[0] == [[], "extra"]
 
 
+def test_a_chord_bodys_parent_is_the_member_that_completed_the_chord():
+    """As on Celery's own backends, where that member's worker sends the body (test_parent_ids)."""
+    p = M.to_brokerd(kombu_message(args=([],)))
+    out = M.from_delivery(delivery(p, extra={M.CHORD_RESULTS: [1], M.CHORD_LAST: "member-3"}))
+    assert out["headers"]["parent_id"] == "member-3"
+    assert "parent_id" not in M.from_delivery(delivery(p, extra={M.CHORD_RESULTS: [1]}))["headers"]
+    assert "parent_id" not in M.from_delivery(delivery(p, extra={M.CHORD_LAST: 5}))["headers"]
+
+
 @pytest.mark.parametrize("headers,why", [
     (None, "not published through kombu"),
     ({M.KOMBU_KEY: "x"}, "not published through kombu"),

@@ -299,7 +299,9 @@ def test_a_raw_chord_body_is_published_verbatim_with_the_results_in_a_header(s):
     s.result_set(W, "m1", "SUCCESS", 1, None, T0)
     (msg,) = s.peek("celery")
     assert msg.body == b'[[], {}, {}]' and msg.id == "body-1" and msg.priority == 3
-    assert msg.headers == {"task": "proj.tsum", "kombu": {"x": 1}, "x-chord-results": [1, {"b": 2}]}
+    # x-chord-last: the member whose result completed it (Celery makes that task the body's parent)
+    assert msg.headers == {"task": "proj.tsum", "kombu": {"x": 1}, "x-chord-results": [1, {"b": 2}],
+                           "x-chord-last": "m1"}
 
 
 def test_a_raw_chord_fails_its_body_and_sends_the_raw_error_message_once(s):
