@@ -7,8 +7,8 @@ Pure functions, no I/O.  Publishing (``to_brokerd``):
 * priority: kombu's ``properties["priority"]`` as brokerd's 0-255 priority, unchanged: higher = more
   urgent, as on RabbitMQ (Celery's Redis transport is the one that inverts it);
 * eta/countdown: ``headers["eta"]`` becomes brokerd's ``eta`` (absolute time), so brokerd holds the message
-  until due; the kombu headers travel with ``eta`` set to None so Celery's worker runs it at once on
-  delivery (the original is kept in the brokerd header ``x-celery-eta``, and ``task.request.eta`` is None);
+  until due; the original is kept in the brokerd header ``x-celery-eta`` and given back to Celery at
+  delivery, when it has passed, so the worker runs the task at once and ``task.request.eta`` is as sent;
 * brokerd headers: ``{"task": <task name>, "kombu": {"headers", "properties", "content-type",
   "content-encoding"}}``: ``task`` at the top for brokerd's page and ``TASK <id>``.
 
@@ -105,6 +105,10 @@ def from_delivery(d) -> dict:
     ctype = k.get("content-type")
     cenc = k.get("content-encoding")
     headers = dict(k.get("headers") or {})
+    if bh.get(ETA_KEY) and not headers.get("eta"):
+        # brokerd held it until due; Celery's worker sees the eta it was sent with (task.request.eta),
+        # now past, and runs it at once
+        headers["eta"] = bh[ETA_KEY]
     if CHORD_RESULTS in bh and not bh.get(IMMUTABLE):
         body = prepend_chord_results(body, ctype, cenc, bh[CHORD_RESULTS])
     if CHORD_RESULTS in bh and isinstance(bh.get(CHORD_LAST), str) and bh[CHORD_LAST]:
