@@ -43,6 +43,11 @@ MAX_FIRED_CHORDS = 100_000  # fired chord ids remembered against a retried CHORD
 SCHEDULE_KEYS = ("every", "anchor", "cron", "tz", "queue", "priority", "body", "catchup", "expires", "owner")
 
 
+# The result states a plain revoke (no terminate) replaces by REVOKED: the task has not started.  A task
+# a worker has started (STARTED, or its own state such as PROGRESS) keeps its state: without terminate
+# it runs on and its worker stores the outcome, as Celery's own revoke leaves it (worker/control.py).
+REVOCABLE_STATES = frozenset({"PENDING", "RECEIVED", "RETRY", "REJECTED", "REVOKED"})
+
 class Schedule:
     __slots__ = ("name", "spec", "timing", "queue", "priority", "body", "catchup", "expires", "owner",
                  "paused", "next", "last_tick", "fired", "created", "lsn")
@@ -312,7 +317,7 @@ class WorkflowMixin:
         self._log(R.REVOKE, [pairs, bool(terminate)])
         for tid in task_ids:
             r = self.results.get(tid)
-            if r is None or r.state not in ("SUCCESS", "FAILURE"):
+            if r is None or r.state in REVOCABLE_STATES or (terminate and r.state not in ("SUCCESS", "FAILURE")):
                 self._revoked_result(tid, now)
         return n
 
@@ -407,9 +412,9 @@ class WorkflowMixin:
         if state != "SUCCESS":  # FAILURE or REVOKED: the chord cannot complete
             self._finish_chord(ch, False, now, member, meta, replaying)
         elif not ch["pending"]:
-            self._finish_chord(ch, True, now, None, None, replaying)
+            self._finish_chord(ch, True, now, None, None, replaying, last=member)
 
-    def _finish_chord(self, ch, ok, now, failed_member, meta, replaying) -> None:
+    def _finish_chord(self, ch, ok, now, failed_member, meta, replaying, last=None) -> None:
         ch["done"] = True
         if replaying:
             return  # the CHORD_FIRE record (or its absence) decides, see replay
@@ -422,6 +427,8 @@ class WorkflowMixin:
             headers = dict(raw.get("headers") or {})
             if ok:
                 headers["x-chord-results"] = [ch["results"][m][1] for m in ch["members"]]
+                if last is not None:  # Celery's body is started by the member that completed the chord
+                    headers["x-chord-last"] = last
             else:
                 headers["x-chord-error"] = {"member": failed_member, "exc_type": (meta or {}).get("exc_type"),
                                             "exc_message": (meta or {}).get("exc_message")}

@@ -7,8 +7,8 @@ Pure functions, no I/O.  Publishing (``to_brokerd``):
 * priority: kombu's ``properties["priority"]`` as brokerd's 0-255 priority, unchanged: higher = more
   urgent, as on RabbitMQ (Celery's Redis transport is the one that inverts it);
 * eta/countdown: ``headers["eta"]`` becomes brokerd's ``eta`` (absolute time), so brokerd holds the message
-  until due; the kombu headers travel with ``eta`` set to None so Celery's worker runs it at once on
-  delivery (the original is kept in the brokerd header ``x-celery-eta``, and ``task.request.eta`` is None);
+  until due; the original is kept in the brokerd header ``x-celery-eta`` and given back to Celery at
+  delivery, when it has passed, so the worker runs the task at once and ``task.request.eta`` is as sent;
 * brokerd headers: ``{"task": <task name>, "kombu": {"headers", "properties", "content-type",
   "content-encoding"}}``: ``task`` at the top for brokerd's page and ``TASK <id>``.
 
@@ -26,6 +26,7 @@ from kombu import serialization
 KOMBU_KEY = "kombu"  # the brokerd header that carries kombu's headers/properties/content type
 ETA_KEY = "x-celery-eta"  # the eta Celery asked for (ISO 8601), kept for people reading the message
 CHORD_RESULTS = "x-chord-results"  # set by brokerd when it fires a raw chord body (§5.27)
+CHORD_LAST = "x-chord-last"  # ... with the id of the member whose result completed the chord
 IMMUTABLE = "x-chord-immutable"  # set by the backend on an immutable (.si) chord body: results not prepended
 MAX_PRIORITY = 255  # brokerd's range is 0-255; a larger kombu priority is clamped, not refused
 
@@ -104,8 +105,16 @@ def from_delivery(d) -> dict:
     ctype = k.get("content-type")
     cenc = k.get("content-encoding")
     headers = dict(k.get("headers") or {})
+    if bh.get(ETA_KEY) and not headers.get("eta"):
+        # brokerd held it until due; Celery's worker sees the eta it was sent with (task.request.eta),
+        # now past, and runs it at once
+        headers["eta"] = bh[ETA_KEY]
     if CHORD_RESULTS in bh and not bh.get(IMMUTABLE):
         body = prepend_chord_results(body, ctype, cenc, bh[CHORD_RESULTS])
+    if CHORD_RESULTS in bh and isinstance(bh.get(CHORD_LAST), str) and bh[CHORD_LAST]:
+        # On Celery's own backends the body is sent by the header task that completed the chord,
+        # so that task is the body's parent; brokerd names it in x-chord-last.
+        headers["parent_id"] = bh[CHORD_LAST]
     info = dict(props.get("delivery_info") or {})
     info.update(routing_key=info.get("routing_key") or d.queue, priority=d.priority,
                 redelivered=d.attempts > 1)

@@ -35,6 +35,7 @@ from time import time as _time
 from kombu.transport import virtual
 from kombu.utils.objects import cached_property
 
+from client import verbs
 from client.celery import message as M
 from client.errors import BrokerdError, ConnectionClosed, ConnectionLost, NotFound, PreconditionFailed, Timeout
 from client.producer import Client
@@ -62,11 +63,17 @@ class capture_publishes:
 
     def __enter__(self):
         self.sent = []
+        self._outer = getattr(_capture, "sent", None)  # nested: the outer capture resumes after this one
         _capture.sent = self.sent
         return self.sent
 
     def __exit__(self, *exc):
-        _capture.sent = None
+        _capture.sent = self._outer
+
+
+def capturing() -> bool:
+    """True inside ``capture_publishes`` on this thread."""
+    return getattr(_capture, "sent", None) is not None
 
 
 def _is_reply_exchange(exchange: str) -> bool:
@@ -321,12 +328,12 @@ class Channel(virtual.Channel):
             return
         self._prefetch = prefetch_count
         self.qos.prefetch_count = prefetch_count
-        # brokerd's credit is set at CONSUME: consume again with the new one (what was buffered
-        # and not yet handed to kombu goes back to the queue).
-        for tag, (queue, consumer) in list(self._brokerd_consumers.items()):
+        # brokerd's CREDIT (§5.40) changes a live consumer's prefetch in place: nothing buffered goes
+        # back.  Celery changes it often (+1 for each eta task its timer holds, -1 when it runs).
+        for _tag, (_queue, consumer) in list(self._brokerd_consumers.items()):
             with self.connection.errors_mapped():
-                consumer.cancel()
-                self._brokerd_consumers[tag] = (queue, self._consume(queue))
+                # the worker's verb (client/worker/channel.py), run blocking on this connection
+                self.client._run(verbs.set_credit(self.client, consumer, prefetch_count or UNLIMITED_PREFETCH))
 
     def _consume(self, queue):
         c = self.client.consume([queue], prefetch=self._prefetch or UNLIMITED_PREFETCH)
@@ -575,4 +582,4 @@ class Transport(virtual.Transport):
         return "1"
 
 
-__all__ = ["Transport", "Channel", "ExchangeRouter", "capture_publishes"]
+__all__ = ["Transport", "Channel", "ExchangeRouter", "capture_publishes", "capturing"]

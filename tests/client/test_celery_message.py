@@ -38,11 +38,15 @@ def test_publish_keeps_the_body_bytes_the_task_id_and_the_task_name_on_top():
     assert back["properties"]["delivery_info"]["redelivered"] is True
 
 
-def test_eta_is_brokerds_and_the_worker_sees_none():
+def test_eta_is_brokerds_and_the_worker_sees_the_eta_it_was_sent_with():
+    """brokerd holds the message until due; at delivery Celery's task.request.eta is what was sent
+    (Celery's test_group_or_task_countdown_delays_header reads it)."""
     p = M.to_brokerd(kombu_message(eta="2030-01-01T00:00:00+00:00"))
     assert p["eta"] == 1893456000.0
     assert p["headers"][M.ETA_KEY] == "2030-01-01T00:00:00+00:00"
-    assert M.from_delivery(delivery(p))["headers"]["eta"] is None
+    assert p["headers"][M.KOMBU_KEY]["headers"]["eta"] is None  # what brokerd stores: no second timer
+    assert M.from_delivery(delivery(p))["headers"]["eta"] == "2030-01-01T00:00:00+00:00"
+    assert M.from_delivery(delivery(M.to_brokerd(kombu_message())))["headers"]["eta"] is None
 
 
 @pytest.mark.parametrize("given,sent", [(None, 0), (0, 0), (9, 9), (255, 255), (1000, 255), (-3, 0), ("high", 0)])
@@ -56,6 +60,15 @@ def test_chord_results_replace_the_placeholder_first_argument():
     assert json.loads(out["body"])[0] == [[1, {"a": 2}], "extra"]
     kept = M.from_delivery(delivery(p, extra={M.CHORD_RESULTS: [1], M.IMMUTABLE: True}))
     assert json.loads(kept["body"])[0] == [[], "extra"]
+
+
+def test_a_chord_bodys_parent_is_the_member_that_completed_the_chord():
+    """As on Celery's own backends, where that member's worker sends the body (test_parent_ids)."""
+    p = M.to_brokerd(kombu_message(args=([],)))
+    out = M.from_delivery(delivery(p, extra={M.CHORD_RESULTS: [1], M.CHORD_LAST: "member-3"}))
+    assert out["headers"]["parent_id"] == "member-3"
+    assert "parent_id" not in M.from_delivery(delivery(p, extra={M.CHORD_RESULTS: [1]}))["headers"]
+    assert "parent_id" not in M.from_delivery(delivery(p, extra={M.CHORD_LAST: 5}))["headers"]
 
 
 @pytest.mark.parametrize("headers,why", [

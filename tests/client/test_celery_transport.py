@@ -41,6 +41,31 @@ def test_qos_is_brokerds_prefetch_and_reject_requeue_redelivers_flagged(broker):
             m.ack()
 
 
+def test_a_qos_change_is_brokerds_credit_in_place_and_returns_nothing(broker):
+    """Celery raises its prefetch by one for each eta task its timer holds: basic_qos is CREDIT on the
+    live consumer.  (It was a cancel and a new CONSUME, which sent what was buffered back.)"""
+    q = Queue("cq", routing_key="cq")
+    got = []
+    with Connection(f"brokerd://{broker.address}") as conn:
+        for n in range(2):
+            Producer(conn).publish({"n": n}, routing_key="cq", declare=[q], headers={"id": f"c-{n}"})
+        ch = conn.default_channel
+        ch.basic_qos(0, 1, False)
+        with Consumer(ch, [q], callbacks=[lambda body, m: got.append((body, m))]):
+            conn.drain_events(timeout=WAIT)
+            assert [b for b, _ in got] == [{"n": 0}]
+            (before,) = [row for row in consumer_rows(broker) if row[3] == "cq"]
+            ch.basic_qos(0, 2, False)
+            conn.drain_events(timeout=WAIT)
+            (after,) = [row for row in consumer_rows(broker) if row[3] == "cq"]
+            assert int(before[4]) == 1 and int(after[4]) == 2
+            assert after[:4] == before[:4]  # the same consumer, not a new one
+            assert [b for b, _ in got] == [{"n": 0}, {"n": 1}]
+            assert all(m.delivery_info["redelivered"] is False for _, m in got)
+            for _, m in got:
+                m.ack()
+
+
 def test_the_event_loop_waits_on_a_descriptor_the_client_signals(broker):
     """Push delivery: the transport registers one fd with kombu's hub; a delivery makes it readable."""
     q = Queue("hubq", routing_key="hubq")

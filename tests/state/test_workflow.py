@@ -201,6 +201,23 @@ def test_a_revoked_task_is_never_delivered_and_is_revoked(s):
     assert s.queues["celery"].ready_count == 0
 
 
+def test_a_revoke_leaves_a_started_task_its_state_unless_it_terminates(s):
+    """As Celery's own revoke: a task a worker has started (STARTED, or its own state such as
+    PROGRESS) runs on without terminate, and its worker stores the outcome; one not started is
+    REVOKED at once; a finished one keeps its result."""
+    s.result_set(W, "started", "STARTED", None, {"hostname": "other@host"}, T0)
+    s.result_set(W, "progress", "PROGRESS", {"done": 3}, None, T0)
+    s.result_set(W, "retrying", "RETRY", None, None, T0)
+    s.result_set(W, "done", "SUCCESS", 2, None, T0)
+    s.revoke(["started", "progress", "retrying", "done", "unknown"], T0)
+    state = {t: s.result_get(W, 1, t, T0)["state"] for t in ("started", "progress", "retrying", "done", "unknown")}
+    assert state == {"started": "STARTED", "progress": "PROGRESS", "retrying": "REVOKED", "done": "SUCCESS",
+                     "unknown": "REVOKED"}
+    s.revoke(["started", "progress", "done"], T0, terminate=True)  # stopped where it runs: REVOKED now
+    assert [s.result_get(W, 1, t, T0)["state"] for t in ("started", "progress", "done")] == [
+        "REVOKED", "REVOKED", "SUCCESS"]
+
+
 def test_revokes_survive_replay_and_expire(s):
     s.enable_log()
     s.revoke("t1", T0, ttl=100)
@@ -282,7 +299,9 @@ def test_a_raw_chord_body_is_published_verbatim_with_the_results_in_a_header(s):
     s.result_set(W, "m1", "SUCCESS", 1, None, T0)
     (msg,) = s.peek("celery")
     assert msg.body == b'[[], {}, {}]' and msg.id == "body-1" and msg.priority == 3
-    assert msg.headers == {"task": "proj.tsum", "kombu": {"x": 1}, "x-chord-results": [1, {"b": 2}]}
+    # x-chord-last: the member whose result completed it (Celery makes that task the body's parent)
+    assert msg.headers == {"task": "proj.tsum", "kombu": {"x": 1}, "x-chord-results": [1, {"b": 2}],
+                           "x-chord-last": "m1"}
 
 
 def test_a_raw_chord_fails_its_body_and_sends_the_raw_error_message_once(s):
