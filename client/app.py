@@ -608,14 +608,27 @@ class App:
             task_id = self.client.publish_unique(queue, encode_envelope(env), unique[0], unique_for=unique[1],
                                                  unique_until=unique[2], id=task_id, priority=priority,
                                                  eta=eta_s, headers=flow)["id"]
-            return AsyncResult(task_id, app=self, queue=queue)
+            return self._result_for(task_id, queue, task, env_options)
         self.client.publish(queue, encode_envelope(env), priority=priority, eta=eta_s, id=task_id, confirm=confirm,
                             headers=flow)
         if parent is not None and not parent.is_eager and len(parent.children) < CHILDREN_MAX:
             parent.children.append(task_id)  # the running task's AsyncResult.children
         if signals.after_task_publish.receivers:
             signals.after_task_publish.send(sender=name, body=env, exchange="", routing_key=queue)
-        return AsyncResult(task_id, app=self, queue=queue)
+        return self._result_for(task_id, queue, task, env_options)
+
+    def _result_for(self, task_id, queue, task, env_options) -> AsyncResult:
+        """The caller's AsyncResult, marked ``ignored`` when no result will be stored (the call's
+        ``ignore_result=``, else the task's, else ``task_ignore_result``): its ``get()`` then returns
+        None at once, as Celery's does, instead of waiting for a result that never comes."""
+        ignored = (env_options or {}).get("ignore_result")
+        if ignored is None and task is not None:
+            ignored = task.ignore_result
+        if ignored is None:
+            ignored = bool(self.conf.get("task_ignore_result", False))
+        result = AsyncResult(task_id, app=self, queue=queue)
+        result.ignored = bool(ignored)
+        return result
 
     @property
     def signer(self):

@@ -38,6 +38,9 @@ class AsyncResult:
         self.queue = queue  # where it was published, when this process published it
         self._cache: dict | None = None
         self._on_ready: list = []  # then() callbacks, called once when this process first sees it ready
+        # True when it was sent with ignore_result (app.publish_task sets it): no result will ever be
+        # stored, so get() returns None at once instead of waiting for ever (Celery's ``ignored``)
+        self.ignored = False
 
     def __repr__(self):
         return f"<AsyncResult: {self.id}>"
@@ -174,6 +177,8 @@ class AsyncResult:
         a Python builtin as itself, anything else as ``RemoteError`` naming the
         remote type and message.  ``timeout`` runs out → ``TimeoutError``.
         """
+        if self.ignored:
+            return None
         if disable_sync_subtasks:
             assert_will_not_block()
         start = time.monotonic()
@@ -302,6 +307,7 @@ class EagerResult(AsyncResult):
         self._exc = exc
         self._cache = {"id": id, "state": state, "result": value, "meta": None}
         self._on_ready = []
+        self.ignored = False
 
     def get(self, timeout=None, propagate=True, interval=None, callback=None, **_):
         """The known outcome (an eager run never blocks, so ``disable_sync_subtasks`` has nothing to refuse)."""
