@@ -585,6 +585,8 @@ class App:
                 flow[header] = value
         env_options = taskopts.check_call_options(name, options)
         taskopts.check_serializer(self.conf.get("task_serializer"), "the setting task_serializer")
+        if task is not None and task.pydantic:  # every call path (delay, a signature, a canvas step)
+            args, kwargs = taskopts.dump_models(args, kwargs)
         check_encodable(name, args, kwargs)
         queue, priority = self.queue_and_priority(name, task, queue, priority, routing_key=routing_key,
                                                   exchange=exchange, args=args, kwargs=kwargs, options=env_options)

@@ -269,6 +269,37 @@ def test_pydantic_validates_and_converts_arguments_and_dumps_a_returned_model():
         restock({"name": "nut"}, 1)
 
 
+def test_pydantic_string_annotations_are_resolved_even_when_the_model_comes_later():
+    """``data: "Model"`` (or ``from __future__ import annotations``) is validated like the class itself;
+    resolved at the first run, so the model may be defined below the task, as in Celery's tasks.py."""
+    pytest.importorskip("pydantic", reason="pydantic is not installed")
+    ns = {"__name__": "strann_tasks"}
+    exec("import pydantic\n"
+         "def restock(item: 'Item', extra: 'int') -> 'Item':\n"
+         "    return Item(name=item.name, qty=item.qty + extra)\n"
+         "class Item(pydantic.BaseModel):\n"
+         "    name: str\n"
+         "    qty: int\n", ns)
+    a = App("p", broker="127.0.0.1:1")
+    restock = a.task(pydantic=True)(ns["restock"])
+    assert restock({"name": "nut", "qty": "3"}, "2") == {"name": "nut", "qty": 5}
+
+
+def test_a_pydantic_tasks_models_are_sent_as_data_from_a_signature_too(app, broker):
+    pydantic = pytest.importorskip("pydantic", reason="pydantic is not installed")
+
+    class Item(pydantic.BaseModel):
+        name: str
+        qty: int
+
+    @app.task(pydantic=True, queue="pyd")
+    def restock(item: Item) -> Item:
+        return item
+
+    restock.s(Item(name="nut", qty=3)).delay()  # was an EncodeError: only delay() dumped models
+    assert sent(broker.port, "pyd")["args"] == [{"name": "nut", "qty": 3}]
+
+
 # -- per-call options ----------------------------------------------------------------------------------
 def test_an_unknown_call_option_is_refused_naming_it_instead_of_being_stored(app):
     @app.task
