@@ -880,6 +880,10 @@ def replace(task, sig):
     rest = [maybe_signature(s, task.app) for s in (getattr(req, "chain", None) or ())]
     steps = sig.steps() if isinstance(sig, chain) else [sig]
     _final_sig(steps[-1]).set(task_id=req.id)
+    nesting = (getattr(req, "replaced_task_nesting", 0) or 0) + 1  # Celery's request.replaced_task_nesting
+    for step in steps:
+        for s in _plain_sigs(step):
+            s.set(headers={**(s.options.get("headers") or {}), "replaced_task_nesting": nesting})
     full = _mkchain([*steps, *rest], task.app)
     for cb in getattr(req, "callbacks", None) or ():
         _final_sig(full.tasks[-1]).link(cb)
@@ -888,6 +892,22 @@ def replace(task, sig):
             s.link_error(eb)
     full.apply_async()
     raise Ignore(f"replaced by {sig!r}")
+
+
+def _plain_sigs(sig):
+    """Every task signature inside ``sig`` (a chain's steps, a group's members, a chord's header and body)."""
+    if isinstance(sig, chain):
+        for t in sig.tasks:
+            yield from _plain_sigs(t)
+    elif isinstance(sig, chord):
+        for t in sig.tasks:
+            yield from _plain_sigs(t)
+        yield from _plain_sigs(sig.body)
+    elif isinstance(sig, group):
+        for t in sig.tasks:
+            yield from _plain_sigs(t)
+    elif isinstance(sig, Signature):
+        yield sig
 
 
 def _final_sig(sig):

@@ -107,6 +107,9 @@ def extended_meta(task, req) -> dict:
     return {"name": task.name, "args": args, "kwargs": kwargs}
 
 
+REPLACED_NESTING_MAX = 1_000_000  # replace() hops a request shows; past that a header is not ours
+
+
 def request_for(env, task, queue, priority, attempts, retries, hostname) -> Request:
     """The ``self.request`` of a task about to run (Celery's fields; None where we have no such thing)."""
     opts = env.get("options") or {}
@@ -114,6 +117,9 @@ def request_for(env, task, queue, priority, attempts, retries, hostname) -> Requ
     hard = opts.get("time_limit", getattr(task, "time_limit", None))
     soft = opts.get("soft_time_limit", getattr(task, "soft_time_limit", None))
     group, chord, origin = env.get("group"), env.get("chord"), hdrs.get("origin")
+    nesting = hdrs.get("replaced_task_nesting", 0)
+    if type(nesting) is not int or not 0 <= nesting <= REPLACED_NESTING_MAX:
+        nesting = 0  # a hostile or broken header costs only the field, never the task
     return Request(
         id=env["id"], args=env["args"], kwargs=env["kwargs"], retries=retries,
         delivery_info={"queue": queue, "priority": priority, "redelivered": attempts > 1, "attempts": attempts,
@@ -122,7 +128,7 @@ def request_for(env, task, queue, priority, attempts, retries, hostname) -> Requ
         root_id=env.get("root_id"), headers=env.get("headers"), hostname=hostname, task=env["task"],
         group=group if isinstance(group, str) else None, chord=chord, origin=origin if isinstance(origin, str) else None,
         time_limit=(hard or None, soft or None), callbacks=env.get("link") or None,
-        errbacks=env.get("link_error") or None,
+        errbacks=env.get("link_error") or None, replaced_task_nesting=nesting,
         properties={"correlation_id": env["id"], "reply_to": None, "priority": priority,
                     "delivery_info": {"routing_key": queue}},
     )

@@ -95,6 +95,15 @@ def replaced_by_group(self, x):
     return self.replace(group(add.s(x, 1), add.s(x, 2)))
 
 
+@app.task(bind=True)
+def record_nesting(self, replacements, seen=()):
+    """Replaced by itself ``replacements`` times; returns request.replaced_task_nesting at each hop."""
+    seen = [*seen, self.request.replaced_task_nesting]
+    if replacements:
+        return self.replace(record_nesting.s(replacements - 1, seen))
+    return seen
+
+
 @app.task
 def reject_me(reason):
     raise Reject(reason, requeue=False)

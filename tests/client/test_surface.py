@@ -224,3 +224,12 @@ def test_a_result_set_of_eager_results_joins_without_a_broker():
     seen = []
     ResultSet([EagerResult("a", 1, "SUCCESS")]).join(callback=lambda tid, v: seen.append((tid, v)))
     assert seen == [("a", 1)]
+
+
+def test_app_backend_allows_chords_because_brokerd_counts_them():
+    """Celery's canvas code asks ``app.backend.ensure_chords_allowed()`` before a chord (it raises on
+    backends that cannot count); brokerd counts every chord itself, so it never refuses."""
+    from client.app import App
+
+    a = App("p", broker="127.0.0.1:1")
+    assert a.backend.ensure_chords_allowed() is None

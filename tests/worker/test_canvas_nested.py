@@ -181,6 +181,14 @@ def test_replace_hands_the_task_id_and_the_rest_of_the_chain_to_the_replacement(
     assert t.replaced_by_group.delay(1).get(timeout=WAIT) == [2, 3]
 
 
+def test_each_replace_counts_one_more_in_request_replaced_task_nesting(worker):
+    assert t.record_nesting.delay(0).get(timeout=WAIT) == [0]
+    assert t.record_nesting.delay(3).get(timeout=WAIT) == [0, 1, 2, 3]
+    for bad in ("lots", -1, 10**30, [1]):  # a broken or hostile header costs only the field
+        r = t.app.publish_task(t.record_nesting.name, (0,), {}, headers={"replaced_task_nesting": bad})
+        assert r.get(timeout=WAIT) == [0], bad
+
+
 def test_reject_without_requeue_stores_rejected_so_get_returns(worker):
     r = t.reject_me.delay("no thanks")
     with pytest.raises(Reject, match="no thanks"):

@@ -250,9 +250,13 @@ def test_the_request_has_celery_s_fields(worker):
     assert got["properties"]["correlation_id"] == r.id
     for key in ("group", "chord", "reply_to", "origin", "callbacks", "errbacks"):
         assert got[key] is None, key
-    assert got["time_limit"] == [None, None]
+    assert got["time_limit"] is None and got["soft_time_limit"] is None and got["timelimit"] == [None, None]
     timed = st.request_fields.apply_async(queue=q, time_limit=30, soft_time_limit=20).get(timeout=WAIT)
-    assert timed["time_limit"] == [30, 20]
+    assert (timed["time_limit"], timed["soft_time_limit"], timed["timelimit"]) == (30, 20, [30, 20])
+    # the task's own limits when the call gives none (Celery 5.7's request.time_limit/soft_time_limit)
+    declared = st.declared_limits.apply_async(queue=q).get(timeout=WAIT)
+    assert (declared["time_limit"], declared["soft_time_limit"]) == (60, 45)
+    assert got["replaced_task_nesting"] == 0
 
 
 def test_async_result_surface(worker):

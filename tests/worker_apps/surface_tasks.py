@@ -58,8 +58,14 @@ def fail(kind):
 def request_fields(self):
     r = self.request
     names = ("id", "group", "chord", "correlation_id", "reply_to", "origin", "properties", "time_limit",
-             "callbacks", "errbacks", "delivery_info", "hostname")
+             "soft_time_limit", "timelimit", "callbacks", "errbacks", "delivery_info", "hostname",
+             "replaced_task_nesting")
     return {n: getattr(r, n) for n in names}
+
+
+@app.task(bind=True, time_limit=60, soft_time_limit=45)
+def declared_limits(self):
+    return {"time_limit": self.request.time_limit, "soft_time_limit": self.request.soft_time_limit}
 
 
 @app.task
