@@ -47,7 +47,7 @@ import inspect
 import logging
 import uuid
 
-from client._current import current_app
+from client._current import Request, current_app, current_request
 from client.envelope import encode_envelope, make_envelope
 from client.exceptions import Ignore
 from client.result import AsyncResult, GroupResult
@@ -953,7 +953,23 @@ def after_task(app, env: dict, state: str, value=None, meta: dict | None = None)
     old-style ``link_error`` errback with the failed task's id prepended (new-style
     ones were called where the task ran), and store a FAILURE naming the failed step
     for every task id later in the chain.
+
+    What it sends has the finished task as its parent (``parent_id``) and the task's root as its
+    root (``root_id``), as in Celery, although the task itself is over (this runs in the worker's
+    main process): the finished task stands as the current request while it sends.
     """
+    tid = env.get("id")
+    if not isinstance(tid, str):
+        return _after_task(app, env, state, value, meta)
+    root = env.get("root_id")
+    token = current_request.set(Request(id=tid, root_id=root if isinstance(root, str) else tid, task=env.get("task")))
+    try:
+        return _after_task(app, env, state, value, meta)
+    finally:
+        current_request.reset(token)
+
+
+def _after_task(app, env: dict, state: str, value=None, meta: dict | None = None) -> None:
     if state == "SUCCESS":
         for cb in env.get("link") or ():
             maybe_signature(cb, app).apply_async((value,))

@@ -125,7 +125,8 @@ def request_for(env, task, queue, priority, attempts, retries, hostname) -> Requ
         delivery_info={"queue": queue, "priority": priority, "redelivered": attempts > 1, "attempts": attempts,
                        "exchange": "", "routing_key": queue},
         eta=env.get("eta"), expires=env.get("expires"), parent_id=env.get("parent_id"),
-        root_id=env.get("root_id"), headers=env.get("headers"), hostname=hostname, task=env["task"],
+        # a task sent from no other task is its own root (Celery's request.root_id)
+        root_id=env.get("root_id") or env["id"], headers=env.get("headers"), hostname=hostname, task=env["task"],
         group=group if isinstance(group, str) else None, chord=chord, origin=origin if isinstance(origin, str) else None,
         time_limit=(hard or None, soft or None), callbacks=env.get("link") or None,
         errbacks=env.get("link_error") or None, replaced_task_nesting=nesting,

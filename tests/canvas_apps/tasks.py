@@ -96,6 +96,12 @@ def replaced_by_group(self, x):
 
 
 @app.task(bind=True)
+def ids(self, i):
+    """(root_id, parent_id, i) of this run."""
+    return [self.request.root_id, self.request.parent_id, i]
+
+
+@app.task(bind=True)
 def record_nesting(self, replacements, seen=()):
     """Replaced by itself ``replacements`` times; returns request.replaced_task_nesting at each hop."""
     seen = [*seen, self.request.replaced_task_nesting]

@@ -45,6 +45,7 @@ def test_an_unset_celery_setting_reads_as_celerys_default_and_an_unknown_one_nam
     a = App("p", broker="127.0.0.1:1")
     assert a.conf.worker_send_task_events is False
     assert a.conf.task_serializer == "json" and a.conf.result_extended is False
+    assert a.conf.broker_pool_acquire_timeout is None and a.conf.task_protocol == 2  # Celery 5.7's, read by its tests
     assert a.conf.task_default_queue == "celery" and a.conf.task_acks_late is True  # brokerd's own defaults stay
     with pytest.raises(AttributeError, match="no setting 'task_rutes'"):
         a.conf.task_rutes

@@ -174,6 +174,26 @@ def test_an_errback_taking_request_exc_traceback_is_called_with_them(worker):
     assert t.app.AsyncResult(f"{r.id}-errback").get(timeout=WAIT) == f"{r.id} ValueError boom in step True"
 
 
+def test_chain_steps_and_a_trailing_groups_members_have_the_previous_step_as_parent(worker):
+    """Celery's parent_id/root_id along a chain: each step's parent is the step before (though the worker
+    sends it after that task is over), every root is the first task, which is its own root."""
+    res = chain(t.ids.si(i) for i in range(4)).apply_async()
+    assert res.get(timeout=WAIT)[2] == 3
+    nodes = []
+    node = res
+    while node is not None:
+        nodes.append(node)
+        node = node.parent
+    root = nodes[-1]
+    for n in nodes:
+        root_id, parent_id, _ = n.get(timeout=WAIT)
+        assert root_id == root.id
+        assert parent_id == (n.parent.id if n.parent is not None else None)
+    g = (t.ids.si(1) | t.ids.si(2) | group(t.ids.si(i) for i in range(3))).apply_async()
+    for root_id, parent_id, _ in g.get(timeout=WAIT):
+        assert (root_id, parent_id) == (g.parent.parent.id, g.parent.id)
+
+
 # -- replace and Reject (items 2 and 4) --------------------------------------------------------
 def test_replace_hands_the_task_id_and_the_rest_of_the_chain_to_the_replacement(worker):
     assert t.replacer.delay(1).get(timeout=WAIT) == 4  # (1 + 1) * 2
