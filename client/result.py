@@ -13,11 +13,13 @@ import builtins
 import datetime
 import importlib
 import logging
+import re
 import sys
 import time
 
 from client._current import current_app, current_request
-from client.exceptions import LOCAL_FAILURES, Reject, TaskRevokedError, TimeoutError, remote_error_class
+from client.exceptions import (LOCAL_FAILURES, ChainError, ChordError, Reject, TaskRevokedError, TimeoutError,
+                               remote_error_class)
 
 log = logging.getLogger("brokerd.client")
 
@@ -205,6 +207,8 @@ class AsyncResult:
             return value
         if meta["state"] == "FAILURE":
             exc = exception_from(meta.get("meta") or {}, self.app)
+            if isinstance(exc, (ChordError, ChainError)):
+                exc = self._first_failure(exc)
         elif meta["state"] == "REJECTED":  # the task raised Reject(requeue=False): Celery's REJECTED
             exc = Reject(f"task {self.id} was rejected: {(meta.get('meta') or {}).get('exc_message', '')}")
         else:
@@ -214,6 +218,28 @@ class AsyncResult:
         return exc
 
     wait = get
+
+    def _first_failure(self, exc):
+        """The exception of the task whose failure a ChordError/ChainError reports (Celery raises the failed
+        member's own exception from a chord, and the failed step's from a chain), found by the task id in the
+        documented message (protocol.md §5.27, §8); that task may itself report another.  ``exc`` itself when
+        the failed task's result cannot be read (forgotten, expired, not a FAILURE)."""
+        found = exc
+        for _ in range(FAILURE_HOPS_MAX):
+            m = _FAILED_ID.match(getattr(found, "exc_message", "") or "")
+            if m is None:
+                break
+            try:
+                cause = self.app.client.get_result(m.group(1) or m.group(2))
+            except Exception:  # noqa: BLE001 - only a better error was being looked for
+                break
+            if cause.get("state") != "FAILURE":
+                break
+            found = exception_from(cause.get("meta") or {}, self.app)
+            if not isinstance(found, (ChordError, ChainError)):
+                found.__cause__ = exc
+                return found
+        return exc
 
     def forget(self) -> None:
         self._cache = None
@@ -255,6 +281,11 @@ class AsyncResult:
 
     def as_tuple(self):
         return (self.id, self.parent.as_tuple() if self.parent is not None else None), None
+
+
+# A ChordError/ChainError's message names the task whose failure it reports (protocol.md §5.27 and §8).
+_FAILED_ID = re.compile(r"^(?:chord member (\S+?)|chain step [^\[\]]*\[([^\[\]]+)\]) failed: ")
+FAILURE_HOPS_MAX = 8  # chords in chains in chords followed to the first failure; deeper: the error as it is
 
 
 def assert_will_not_block() -> None:
@@ -412,6 +443,8 @@ def exception_from(meta: dict, app=None) -> BaseException:
         cls = exception_class(module, meta.get("exc_qualname") or typ, app)
         if cls is not None:
             exc = _build(cls, meta, msg)
+    if exc is None and module is None and typ in ("ChordError", "ChainError"):
+        exc = (ChordError if typ == "ChordError" else ChainError)(typ, msg, meta.get("traceback"))
     if exc is None and module is None:
         for local in LOCAL_FAILURES:
             if local.__name__ == typ:

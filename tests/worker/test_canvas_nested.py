@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from client.canvas import Signature, chain, chord, group
-from client.exceptions import Reject
+from client.exceptions import ChordError, Reject, RemoteError
 from client.result import GroupResult
 from tests.canvas_apps import tasks as t
 from tests.support.broker import ROOT, broker_for_app
@@ -92,10 +92,23 @@ def test_a_chord_whose_body_is_a_group_and_a_chord_in_a_chord_header(worker):
 
 def test_a_failed_header_member_fails_every_task_after_the_chord_instead_of_leaving_them_pending(worker):
     r = chain(t.add.s(1, 1), group(t.add.s(1), t.boom.s()), t.tsum.s(), t.mul.s(2), t.add.s(3)).apply_async()
-    with pytest.raises(Exception) as e:
-        r.get(timeout=WAIT)  # the last task's own result, not a timeout
-    assert getattr(e.value, "exc_type", type(e.value).__name__) == "ChordError"
-    assert "ValueError: boom in step" in str(e.value)
+    with pytest.raises(ValueError, match="^boom in step$") as e:
+        r.get(timeout=WAIT)  # the last task's own result, not a timeout: the failed member's exception (Celery's)
+    assert isinstance(e.value.__cause__, RemoteError)  # what was stored for the last task: the chord's report
+    assert e.value.__cause__.exc_type == "ChordError" and "ValueError: boom in step" in str(e.value.__cause__)
+
+
+def test_a_chord_raises_its_failed_members_own_exception_through_chains_and_chords(worker):
+    """Celery's rule: get() on a chord whose header failed raises the member's exception (not ChordError),
+    also when the chord is in a chain in a chord; the ChordError stays reachable as __cause__."""
+    r = chord([t.add.s(1, 1), t.boom.s(7)], t.tsum.s()).apply_async()
+    with pytest.raises(ValueError, match="^boom in step$") as e:
+        r.get(timeout=WAIT)
+    assert isinstance(e.value.__cause__, ChordError)
+    inner = chain(t.add.s(1, 1), chord([t.add.s(1), t.boom.s()], t.tsum.s()), t.mul.s(2))
+    r = chord([inner, t.add.s(2, 2)], t.tsum.s()).apply_async()
+    with pytest.raises(ValueError, match="^boom in step$"):
+        r.get(timeout=WAIT)
 
 
 def test_a_canvas_travels_as_a_map_and_comes_back_the_same(worker):
