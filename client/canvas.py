@@ -79,6 +79,9 @@ def _plain(value):
     return value
 
 
+plain = _plain  # for the worker: a returned signature is stored as its plain map
+
+
 def _sig_list(value, app=None) -> list:
     """A ``link=``/``link_error=`` value (one signature or a list of them) → a list of Signatures."""
     if value is None:

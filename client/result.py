@@ -280,7 +280,12 @@ class AsyncResult:
             stack.extend((node, c) for c in reversed(node.children))
 
     def as_tuple(self):
+        """Celery's serialized form: ``((id, parent's as_tuple or None), None)``; ``result_from_tuple`` reads it."""
         return (self.id, self.parent.as_tuple() if self.parent is not None else None), None
+
+    def as_list(self) -> list:
+        """This id, then its parents' ids."""
+        return [self.id, *(self.parent.as_list() if self.parent is not None else ())]
 
 
 # A ChordError/ChainError's message names the task whose failure it reports (protocol.md §5.27 and §8).
@@ -567,6 +572,10 @@ class GroupResult(ResultSet):
     def children(self) -> list:
         return self.results
 
+    def as_tuple(self):
+        """Celery's serialized form: ``((id, parent's as_tuple or None), [each member's as_tuple])``."""
+        return (self.id, self.parent.as_tuple() if self.parent is not None else None), [r.as_tuple() for r in self.results]
+
     def __eq__(self, other):
         return isinstance(other, GroupResult) and other.id == self.id and other.results == self.results
 
@@ -590,3 +599,27 @@ class GroupResult(ResultSet):
 
     def __repr__(self):
         return f"<GroupResult: {self.id} [{', '.join(r.id for r in self.results)}]>"
+
+
+RESULT_TUPLE_DEPTH_MAX = 100  # parents and members followed by result_from_tuple; a deeper value is refused
+
+
+def result_from_tuple(r, app=None, _depth=0):
+    """An ``as_tuple()`` value (as a task that returned a result object stored it) -> the AsyncResult or
+    GroupResult again, with its parents.  ValueError naming what is wrong for anything else."""
+    if isinstance(r, AsyncResult) or isinstance(r, ResultSet):
+        return r
+    if _depth > RESULT_TUPLE_DEPTH_MAX:
+        raise ValueError(f"result_from_tuple: nested deeper than {RESULT_TUPLE_DEPTH_MAX} levels")
+    try:
+        head, nodes = r
+        tid, parent = head if isinstance(head, (list, tuple)) else (head, None)
+    except (TypeError, ValueError):
+        raise ValueError(f"result_from_tuple: not a result tuple ((id, parent), nodes): {r!r:.200}") from None
+    if not isinstance(tid, str):
+        raise ValueError(f"result_from_tuple: a task id must be text, got {type(tid).__name__}")
+    app = app or current_app()
+    parent = result_from_tuple(parent, app, _depth + 1) if parent else None
+    if nodes is not None:
+        return GroupResult(tid, [result_from_tuple(n, app, _depth + 1) for n in nodes], app=app, parent=parent)
+    return AsyncResult(tid, app=app, parent=parent)

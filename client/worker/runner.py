@@ -21,7 +21,8 @@ import cbor2
 
 from client import signals
 from client._current import Request, current_request
-from client.canvas import call_errbacks
+from client.canvas import Signature, call_errbacks, plain
+from client.result import AsyncResult, ResultSet
 from client.envelope import decode_envelope
 from client.exceptions import EncodeError, Ignore, Reject, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 from client.wire import DEFAULT_MAX_FRAME
@@ -133,6 +134,19 @@ def request_for(env, task, queue, priority, attempts, retries, hostname) -> Requ
         properties={"correlation_id": env["id"], "reply_to": None, "priority": priority,
                     "delivery_info": {"routing_key": queue}},
     )
+
+
+def storable(value):
+    """What a task returns, as Celery's backends store it: a result object as its ``as_tuple()`` (ids only;
+    ``client.result.result_from_tuple`` rebuilds it), a signature as its plain map (``Signature.from_dict``
+    rebuilds it), also as the items of a returned list or tuple.  Anything else as it is."""
+    if isinstance(value, (AsyncResult, ResultSet)) and hasattr(value, "as_tuple"):
+        return plain(value.as_tuple())
+    if isinstance(value, Signature):
+        return plain(value)
+    if type(value) in (list, tuple) and any(isinstance(v, (AsyncResult, ResultSet, Signature)) for v in value):
+        return [storable(v) for v in value]
+    return value
 
 
 def _send(sig, **kw) -> None:
@@ -289,6 +303,7 @@ class Runner:
 
     def succeeded(self, ctx, retval):
         task, req = ctx.task, ctx.req
+        retval = storable(retval)
         # The value must be storable (CBOR, within one frame) and showable (repr, for the log line and
         # the task-succeeded event): an int over 4,300 digits, a cyclic list or a raising __repr__ used
         # to kill the pool process and be retried until dead-lettered, its result PENDING for ever.

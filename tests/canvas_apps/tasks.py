@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 from client import App
-from client.canvas import group
+from client.canvas import Signature, chain, chord, group
 from client.exceptions import Reject
 
 app = App("canvas", broker=os.environ.get("BROKERD_URL", "127.0.0.1:7700"))
@@ -93,6 +93,28 @@ def replacer(self, x):
 @app.task(bind=True)
 def replaced_by_group(self, x):
     return self.replace(group(add.s(x, 1), add.s(x, 2)))
+
+
+@app.task
+def make_canvas():
+    """Returns a nested signature (not run): stored as its map."""
+    return chain(add.s(1), chord([add.s(1), group(mul.s(2))], tsum.s()))
+
+
+@app.task
+def rebuild_canvas(d):
+    """The kinds found in a signature map rebuilt with Signature.from_dict, depth first."""
+    def kinds(s):
+        inner = [*getattr(s, "tasks", ())] if s.get("subtask_type") else []
+        body = [s.body] if s.get("subtask_type") == "chord" else []
+        return [type(s).__name__, *[k for x in (*inner, *body) for k in kinds(x)]]
+    return kinds(Signature.from_dict(d, app=app))
+
+
+@app.task
+def start_a_chain():
+    """Returns the AsyncResult of a chain it sent: stored as its as_tuple()."""
+    return (add.s(1, 1) | group(add.s(1), add.s(2))).apply_async()
 
 
 @app.task(bind=True)

@@ -11,7 +11,7 @@ import pytest
 
 from client.canvas import Signature, chain, chord, group
 from client.exceptions import ChordError, Reject, RemoteError
-from client.result import GroupResult
+from client.result import GroupResult, result_from_tuple
 from tests.canvas_apps import tasks as t
 from tests.support.broker import ROOT, broker_for_app
 
@@ -205,6 +205,22 @@ def test_chain_steps_and_a_trailing_groups_members_have_the_previous_step_as_par
     g = (t.ids.si(1) | t.ids.si(2) | group(t.ids.si(i) for i in range(3))).apply_async()
     for root_id, parent_id, _ in g.get(timeout=WAIT):
         assert (root_id, parent_id) == (g.parent.parent.id, g.parent.id)
+
+
+def test_a_returned_signature_is_stored_as_its_map_and_rebuilds_whole(worker):
+    """Celery's test_signature_serialization: a task may return a canvas; the next step rebuilds it."""
+    r = (t.make_canvas.s() | t.rebuild_canvas.s()).apply_async()
+    assert r.get(timeout=WAIT) == ["chain", "Signature", "chord", "Signature", "group", "Signature", "Signature"]
+
+
+def test_a_returned_result_is_stored_as_its_tuple_and_result_from_tuple_rebuilds_it(worker):
+    value = t.start_a_chain.delay().get(timeout=WAIT)
+    assert value[1] is not None and len(value[1]) == 2  # a GroupResult: its members' tuples
+    res = result_from_tuple(value, app=t.app)
+    assert isinstance(res, GroupResult) and res.get(timeout=WAIT) == [3, 4]
+    assert res.parent.get(timeout=WAIT) == 2
+    with pytest.raises(ValueError, match="not a result tuple"):
+        result_from_tuple("nope", app=t.app)
 
 
 # -- replace and Reject (items 2 and 4) --------------------------------------------------------

@@ -277,6 +277,17 @@ def test_async_result_surface(worker):
     assert [(res.id, value) for res, value in p.collect(timeout=WAIT)] == [(p.id, ids), (ids[0], 2), (ids[1], 4)]
 
 
+def test_a_signature_returned_from_a_pool_process_is_stored_as_its_map(worker):
+    """It used to fail with EncodeError: the process pool could not pickle a signature holding its app."""
+    from client.canvas import Signature, chain
+
+    q, _ = worker
+    value = st.return_a_signature.apply_async(queue=q).get(timeout=WAIT)
+    assert type(value) is dict and value["subtask_type"] == "chain"
+    again = Signature.from_dict(value, app=st.app)
+    assert isinstance(again, chain) and [s.name for s in again.tasks[:1]] == [st.add.name]
+
+
 def test_result_set_and_group_result(worker):
     q, _ = worker
     rs = ResultSet([st.add.apply_async((i, i), queue=q) for i in range(3)])

@@ -201,3 +201,11 @@ def _raises(sender=None, **kw):
 
 
 TIMES = (dt.datetime(2026, 12, 2, 10, 30, 0, 5), dt.time(10, 30), dt.time(8, 0, tzinfo=dt.timezone.utc))
+
+
+@app.task
+def return_a_signature():
+    """A task returning a canvas (Celery's test_signature_serialization): from a process pool child."""
+    from client.canvas import chain, group
+
+    return chain(add.s(1), group(add.s(2), add.s(3)))
