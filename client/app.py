@@ -234,8 +234,9 @@ class Task:
         if self.app.conf.task_always_eager:
             routed = ("routing_key", "exchange", "parent_id", "root_id", "link", "link_error",
                       "unique_key", "unique_for", "unique_until")  # meaningless when run here
+            throw = options.pop("throw", None)  # Celery's apply(throw=): only meaningful when run here
             taskopts.check_call_options(self.name, {k: v for k, v in options.items() if k not in routed})
-            return self.apply(args, kwargs, task_id=task_id)
+            return self.apply(args, kwargs, task_id=task_id, throw=throw)
         # unique tasks: an explicit unique_key, or unique=True (key: name + a hash of the arguments)
         key = options.pop("unique_key", None) or (unique_key_of(self.name, args, kwargs) if self.unique else None)
         unique = None if key is None else (key, options.pop("unique_for", self.unique_for),
@@ -274,8 +275,9 @@ class Task:
                               using=using)
         return AsyncResult(task_id, app=self.app)
 
-    def apply(self, args=None, kwargs=None, *, task_id=None, **_):
-        """Run eagerly in this process and return an EagerResult (Celery's ``apply``)."""
+    def apply(self, args=None, kwargs=None, *, task_id=None, throw=None, **_):
+        """Run eagerly in this process and return an EagerResult (Celery's ``apply``).  A failure is kept in
+        the result, or raised with ``throw=True`` (default: the setting ``task_eager_propagates``)."""
         task_id = task_id or str(uuid.uuid4())
         args, kwargs = tuple(args or ()), dict(kwargs or {})
         req = Request(id=task_id, args=args, kwargs=kwargs, is_eager=True, task=self.name, root_id=task_id)
@@ -283,7 +285,7 @@ class Task:
         try:
             value = self(*args, **kwargs)
         except Exception as exc:
-            if self.app.conf.task_eager_propagates:
+            if throw if throw is not None else self.app.conf.task_eager_propagates:
                 raise
             return EagerResult(task_id, None, "FAILURE", exc)
         finally:

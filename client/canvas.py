@@ -248,6 +248,11 @@ class Signature(dict):
     def delay(self, *args, **kwargs):
         return self.apply_async(args, kwargs)
 
+    def apply(self, args=None, kwargs=None, throw=None, **options):
+        """Run it here and now, with no message and no worker (Celery's): an EagerResult (a group's: a
+        GroupResult).  ``client.canvas.apply_eager`` says how each primitive runs."""
+        return apply_eager(self.clone(**options) if options else self, args, kwargs, throw)
+
     def __call__(self, *args, **kwargs):
         """Run the task here and now (no message), with these arguments prepended."""
         a, kw = self._merged(args, kwargs)
@@ -484,6 +489,8 @@ class chain(Signature):
         return res
 
     def apply_async(self, args=None, kwargs=None, **options):
+        if _always_eager(self):
+            return self.apply(args, kwargs, **options)
         c = self.clone()
         task_id = options.pop("task_id", None)
         if task_id:
@@ -576,6 +583,8 @@ class group(Signature):
         return GroupResult(gid, results, app=app)
 
     def apply_async(self, args=None, kwargs=None, **options):
+        if _always_eager(self):
+            return self.apply(args, kwargs, **options)
         g = self.clone(args)
         link, link_error = options.pop("link", None), options.pop("link_error", None)
         for cb in _sig_list(link, self._app):
@@ -720,6 +729,8 @@ class chord(Signature):
     def apply_async(self, args=None, kwargs=None, **options):
         if self.body is None:
             raise ValueError("chord() needs a body: chord(header, body) or chord(header)(body)")
+        if _always_eager(self):
+            return self.apply(args, kwargs, **options)
         c = self.clone(args)
         link, link_error = options.pop("link", None), options.pop("link_error", None)
         cid = options.pop("task_id", None)
@@ -844,6 +855,74 @@ def callbacks_extra(options: dict, app=None) -> dict | None:
         if sigs:
             extra[key] = _plain(sigs)
     return extra or None
+
+
+# -- eager: a canvas run here and now (Celery's sig.apply(), and every primitive under task_always_eager) --
+def apply_eager(sig, args=None, kwargs=None, throw=None):
+    """Run ``sig`` in this process, each step as ``Task.apply`` runs a task: a task's EagerResult (a chain's
+    is its last step's, ``.parent`` leading back), a group's GroupResult of them, a chord's body's, after
+    its header's.  ``link`` callbacks run with the value; on a failure the ``link_error`` errbacks run
+    (Celery's two styles) and the rest of a chain, or a chord's body, does not.  ``throw=True`` (or the
+    setting ``task_eager_propagates``) raises a task's exception instead of keeping it in the result."""
+    from client.result import EagerResult
+
+    sig = maybe_signature(sig)
+    args, kwargs = list(args or ()), dict(kwargs or {})
+    if isinstance(sig, chain):
+        res = None
+        step_args = [*args, *sig["args"]] if not sig.immutable else list(sig["args"])
+        for step in sig.tasks:
+            prev = res
+            res = apply_eager(step, step_args, kwargs if prev is None else None, throw)
+            _root(res).parent = prev
+            if not res.successful():
+                break
+            step_args = [res.get(disable_sync_subtasks=False)]
+        return res if res is not None else EagerResult(str(uuid.uuid4()), None, "SUCCESS")
+    if isinstance(sig, chord):
+        header = apply_eager(group(sig.tasks, app=sig._app, task_id=sig.options.get("task_id")),
+                             [*args, *sig["args"]], kwargs, throw)
+        failed = next((r for r in header.results if not r.successful()), None)
+        if failed is not None:  # the body never runs: its result is the failed member's exception
+            body = EagerResult(str(uuid.uuid4()), None, "FAILURE", failed.result)
+        else:
+            body = apply_eager(sig.body, [header.get(disable_sync_subtasks=False)], None, throw)
+        _root(body).parent = header
+        return body
+    if isinstance(sig, group):
+        gid = sig.options.get("task_id") or str(uuid.uuid4())
+        g_args = [*args, *sig["args"]] if not sig.immutable else list(sig["args"])
+        return GroupResult(gid, [apply_eager(t, g_args, kwargs, throw) for t in sig.tasks], app=sig._app)
+    app = sig.app
+    task = app.tasks.get(sig.name)
+    if task is None:
+        raise KeyError(f"task {sig.name!r} is not registered in this process: it cannot run eagerly here")
+    a, kw = sig._merged(args, kwargs)
+    res = task.apply(a, kw, task_id=sig.options.get("task_id"), throw=throw)
+    if res.successful():
+        for cb in sig.options.get("link") or ():
+            apply_eager(maybe_signature(cb, app), [res.result], None, throw)
+    else:
+        for eb in sig.options.get("link_error") or ():
+            eb = maybe_signature(eb, app)
+            if errback_takes_request(app, eb):
+                req = _current_request_for(res.id, sig.name, a, kw)
+                app.tasks[eb.name](*eb._merged((req, res.result, None), None)[0], **eb["kwargs"])
+            else:
+                apply_eager(eb, [res.id], None, throw)
+    return res
+
+
+def _always_eager(sig) -> bool:
+    """True when the canvas's app runs everything here and now (task_always_eager)."""
+    try:
+        return bool(sig.app.conf.task_always_eager)
+    except Exception:  # noqa: BLE001 - no app anywhere in the canvas: it is sent, and that says so
+        return False
+
+
+def _current_request_for(tid, name, args, kwargs):
+    return Request(id=tid, args=args, kwargs=kwargs, is_eager=True, task=name, root_id=tid)
 
 
 # -- built-ins and replace: called by client.app ------------------------------------------------
