@@ -797,13 +797,17 @@ def body_spec(app, body) -> dict:
     a group or chord (or a chain that starts with one) as ``brokerd.canvas`` carrying it."""
     if isinstance(body, chain):
         steps = body.tasks  # frozen, so normalized
-        if not _is_composite(steps[0]):
+        if not _is_composite(steps[0]) and not steps[0].immutable:
             first = steps[0].clone()
             if len(steps) > 1:
                 first["options"]["chain"] = [_plain(s) for s in steps[1:]]
             return message_spec(app, first, "chord-body")
+        if not _is_composite(steps[0]):  # an immutable first step: brokerd would prepend the results
+            return message_spec(app, Signature(APPLY_TASK, (), {"sig": _plain(body)}, app=app), "chord-body")
         body = steps[0]
-    if _is_composite(body):
+    # brokerd prepends the header's results to the body it publishes (§5.27); an immutable body (task.si)
+    # must not get them, so it goes through brokerd.canvas too, whose apply_async honours immutable
+    if _is_composite(body) or body.immutable:
         return message_spec(app, Signature(APPLY_TASK, (), {"sig": _plain(body)}, app=app), "chord-body")
     return message_spec(app, body, "chord-body")
 

@@ -130,6 +130,16 @@ def test_an_immutable_signature_never_gets_the_parents_result(worker):
     assert (t.add.s(1, 1) | t.record.si("kept")).apply_async().get(timeout=WAIT) == "kept"
 
 
+def test_an_immutable_chord_body_never_gets_the_header_results(worker):
+    """brokerd prepends the header's results to the body it sends: an immutable body (or a chain led by
+    one) must run with its own arguments only (Celery's test_nested_group_chord_counting_*)."""
+    assert chord([t.add.s(1, 1), t.add.s(2, 2)], t.record.si("own")).apply_async().get(timeout=WAIT) == "own"
+    body = chain(t.record.si("first"), t.record.si("last"))
+    assert chord([t.add.s(1, 1)], body).apply_async().get(timeout=WAIT) == "last"
+    inner = chord([t.record.si(1337)] * 3, t.record.si(31337))
+    assert group(chord([inner], t.tsum.s())).apply_async().get(timeout=WAIT) == [31337]
+
+
 def _cb(tag):
     cb = t.record.si(tag)
     return cb, cb.freeze()
