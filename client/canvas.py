@@ -325,6 +325,20 @@ def _unroll(g):
     return g.tasks[0] if isinstance(g, group) and len(g.tasks) == 1 else g
 
 
+def _flat_members(tasks) -> list:
+    """A group's members with every member that is itself a group replaced by its members (its own
+    partial arguments applied), at any depth: Celery unrolls nested groups, so they all run in parallel
+    and ``get()`` gives one flat list."""
+    out = []
+    for t in tasks:
+        if isinstance(t, group):
+            inner = t if not t["args"] else [m.clone(t["args"]) for m in t.tasks] if not t.immutable else t.tasks
+            out.extend(_flat_members(inner.tasks if isinstance(inner, group) else inner))
+        else:
+            out.append(t)
+    return out
+
+
 def _is_composite(sig) -> bool:
     return isinstance(sig, (chain, group, chord))
 
@@ -578,6 +592,7 @@ class group(Signature):
 
     def freeze(self, _id=None):
         gid = self["options"].setdefault("task_id", _id or str(uuid.uuid4()))
+        self["kwargs"]["tasks"] = _flat_members(self.tasks)
         results = [t.freeze() for t in self.tasks]
         app = self.tasks[0].app if self.tasks else self._app
         return GroupResult(gid, results, app=app)
@@ -602,6 +617,8 @@ class group(Signature):
                 t.apply_async(g["args"], kwargs, _confirm=False, **options)  # pipelined ...
         if app is not None and not app.conf.task_always_eager:
             app.client.wait_for_confirms()  # ... and confirmed together: one round trip
+        if len(result.results) == 1 and isinstance(result.results[0], GroupResult):
+            return result.results[0]  # Celery's group(a | group(b, c)): the inner group's results, not [[...]]
         return result
 
     def delay(self, *args, **kwargs):
@@ -896,7 +913,9 @@ def apply_eager(sig, args=None, kwargs=None, throw=None):
     if isinstance(sig, group):
         gid = sig.options.get("task_id") or str(uuid.uuid4())
         g_args = [*args, *sig["args"]] if not sig.immutable else list(sig["args"])
-        return GroupResult(gid, [apply_eager(t, g_args, kwargs, throw) for t in sig.tasks], app=sig._app)
+        res = GroupResult(gid, [apply_eager(t, g_args, kwargs, throw) for t in _flat_members(sig.tasks)],
+                          app=sig._app)
+        return res.results[0] if len(res.results) == 1 and isinstance(res.results[0], GroupResult) else res
     app = sig.app
     task = app.tasks.get(sig.name)
     if task is None:

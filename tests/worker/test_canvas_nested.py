@@ -197,6 +197,17 @@ def test_an_errback_taking_request_exc_traceback_is_called_with_them(worker):
     assert t.app.AsyncResult(f"{r.id}-errback").get(timeout=WAIT) == f"{r.id} ValueError boom in step True"
 
 
+def test_nested_groups_are_unrolled_into_one_flat_group(worker):
+    """Celery's rule (test_nested_group, test_nested_group_group, test_group_results_in_chain): groups in a
+    group run as its members, get() gives one flat list; a group of one chain ending in a group gives that
+    group's results."""
+    g = group(t.add.si(1, 10), group(t.add.si(1, 100), group(t.add.si(1, 1000), t.add.si(1, 2000))))
+    assert g.apply_async().get(timeout=WAIT) == [11, 101, 1001, 2001]
+    assert group(group(t.add.s(1, 41), t.add.s(2, 40))).delay().get(timeout=WAIT) == [42, 42]
+    assert group(t.add.s(1, 2) | group(t.add.s(1), t.add.s(2)))().get(timeout=WAIT) == [4, 5]
+    assert group(group(t.add.s(1), t.add.s(2))).apply_async((10,)).get(timeout=WAIT) == [11, 12]
+
+
 def test_chain_steps_and_a_trailing_groups_members_have_the_previous_step_as_parent(worker):
     """Celery's parent_id/root_id along a chain: each step's parent is the step before (though the worker
     sends it after that task is over), every root is the first task, which is its own root."""
