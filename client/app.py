@@ -226,6 +226,12 @@ class Task:
         no-op (client.taskopts); an option it does not have is a TypeError naming it."""
         args = tuple(args or ())
         kwargs = dict(kwargs or {})
+        hard = options.get("time_limit") or self.time_limit
+        soft = options.get("soft_time_limit") or self.soft_time_limit
+        if (type(hard) in (int, float) and type(soft) in (int, float) and 0 < hard < soft):  # Celery's check:
+            # the soft limit could never fire (other values are checked, naming them, when the call is built)
+            raise ValueError(f"soft_time_limit must be less than or equal to time_limit ({self.name}: soft "
+                             f"{soft:g} s, hard {hard:g} s)")
         fun = getattr(type(self), "__wrapped__", None)
         if self.typing and fun is not None:
             taskopts.check_arguments(self, fun, args, kwargs)
@@ -280,7 +286,10 @@ class Task:
         the result, or raised with ``throw=True`` (default: the setting ``task_eager_propagates``)."""
         task_id = task_id or str(uuid.uuid4())
         args, kwargs = tuple(args or ()), dict(kwargs or {})
-        req = Request(id=task_id, args=args, kwargs=kwargs, is_eager=True, task=self.name, root_id=task_id)
+        parent = current_request.get()  # applied inside another task: that one is its parent (Celery's)
+        req = Request(id=task_id, args=args, kwargs=kwargs, is_eager=True, task=self.name,
+                      parent_id=parent.id if parent is not None else None,
+                      root_id=(parent.root_id or parent.id) if parent is not None else task_id)
         token = current_request.set(req)
         try:
             value = self(*args, **kwargs)

@@ -428,3 +428,37 @@ def test_a_setting_a_source_gets_later_is_seen_even_after_its_default_was_read(m
     assert a.conf.task_routes == {}
     settings.CELERY_TASK_ROUTES = {"x.y": "later"}  # Django's override_settings in a test
     assert a.conf.task_routes == {"x.y": "later"}
+
+
+def test_a_soft_time_limit_above_the_hard_one_is_refused_at_the_call():
+    a = App("p", broker="127.0.0.1:1")
+
+    @a.task(soft_time_limit=2, time_limit=1)
+    def never_soft():
+        return 1
+
+    with pytest.raises(ValueError, match="soft_time_limit must be less than or equal to time_limit"):
+        never_soft.apply_async()
+
+    @a.task
+    def free():
+        return 1
+
+    with pytest.raises(ValueError, match="soft 30 s, hard 10 s"):
+        free.apply_async(time_limit=10, soft_time_limit=30)
+
+
+def test_apply_inside_a_task_makes_it_the_parent_and_shares_its_root():
+    a = App("p", broker="127.0.0.1:1")
+
+    @a.task(bind=True)
+    def child(self):
+        return [self.request.id, self.request.parent_id, self.request.root_id]
+
+    @a.task(bind=True)
+    def parent(self):
+        return [self.request.id, self.request.parent_id, self.request.root_id, child.apply().get()]
+
+    pid, p_parent, p_root, (cid, c_parent, c_root) = parent.apply().get()
+    assert (p_parent, p_root) == (None, pid)
+    assert (c_parent, c_root) == (pid, pid) and cid != pid
