@@ -331,12 +331,21 @@ def _flat_members(tasks) -> list:
     and ``get()`` gives one flat list."""
     out = []
     for t in tasks:
+        if _is_empty(t):
+            continue  # an empty chain or group is a no-op member (Celery's): it has no result
         if isinstance(t, group):
             inner = t if not t["args"] else [m.clone(t["args"]) for m in t.tasks] if not t.immutable else t.tasks
             out.extend(_flat_members(inner.tasks if isinstance(inner, group) else inner))
         else:
             out.append(t)
     return out
+
+
+def _is_empty(sig) -> bool:
+    """A chain or group with no task anywhere inside it (``chain()``, ``group([])``, ``chain(group())``)."""
+    if isinstance(sig, (chain, group)):
+        return all(_is_empty(maybe_signature(t, sig._app)) for t in sig.tasks)
+    return False
 
 
 def _is_composite(sig) -> bool:
@@ -373,6 +382,8 @@ class chain(Signature):
         if len(tasks) == 1 and not isinstance(tasks[0], dict) and hasattr(tasks[0], "__iter__"):
             tasks = tuple(tasks[0])
         sigs = [maybe_signature(t, app) for t in tasks]
+        if any(not _is_empty(s) for s in sigs):  # an empty group or chain step passes its arguments on
+            sigs = [s for s in sigs if not _is_empty(s)]
         if len(sigs) <= 1:
             return _mkchain(sigs, app, options)
         out = _mkchain([], app)
@@ -461,7 +472,9 @@ class chain(Signature):
                 flat.append(t)
 
         for t in self.tasks:
-            add(maybe_signature(t, self._app))
+            t = maybe_signature(t, self._app)
+            if not _is_empty(t):  # an empty group or chain step passes its arguments on (Celery's)
+                add(t)
         if not flat:
             raise ValueError("chain() needs at least one signature")
         for i, t in enumerate(flat):
@@ -726,11 +739,7 @@ class chord(Signature):
 
     def _members(self) -> list:
         """The header, with groups in it flattened into their members (one result each)."""
-        out = []
-        for t in self.tasks:
-            t = maybe_signature(t, self._app)
-            out.extend(t.tasks if isinstance(t, group) else [t])
-        return out
+        return _flat_members([maybe_signature(t, self._app) for t in self.tasks])
 
     def freeze(self, _id=None):
         if self.body is None:
@@ -760,6 +769,9 @@ class chord(Signature):
         result = c.freeze(cid)
         app = c.body.app
         members = c.tasks
+        if not members:  # an empty header (or only empty chains): Celery runs the body at once, with []
+            c.body.apply_async(([],), kwargs)
+            return result
         ids = [i for m in members for i in _final_ids(m)]
         spec = body_spec(app, c.body)
         error = _error_spec(app, c.body, spec)
@@ -893,6 +905,8 @@ def apply_eager(sig, args=None, kwargs=None, throw=None):
         res = None
         step_args = [*args, *sig["args"]] if not sig.immutable else list(sig["args"])
         for step in sig.tasks:
+            if _is_empty(maybe_signature(step, sig._app)):
+                continue  # passes its arguments on
             prev = res
             res = apply_eager(step, step_args, kwargs if prev is None else None, throw)
             _root(res).parent = prev

@@ -208,6 +208,19 @@ def test_nested_groups_are_unrolled_into_one_flat_group(worker):
     assert group(group(t.add.s(1), t.add.s(2))).apply_async((10,)).get(timeout=WAIT) == [11, 12]
 
 
+def test_empty_chains_and_groups_are_no_op_members_and_steps(worker):
+    """Celery's (issue 9772 tests): an empty chain or group has no result in a group or a chord header,
+    a header of only those runs the body at once with [], and an empty step passes its arguments on."""
+    res = group(chain(), t.add.s(1, 2), chain(), t.add.s(3, 4)).apply_async()
+    assert len(res.results) == 2 and res.get(timeout=WAIT) == [3, 7]
+    assert chord([chain()], t.tsum.s())().get(timeout=WAIT) == 0
+    assert chord([chain(), t.add.s(1, 1), chain(), t.add.s(2, 2)], t.tsum.s())().get(timeout=WAIT) == 6
+    assert chord([], t.tsum.s())().get(timeout=WAIT) == 0
+    assert (group([]) | t.tsum.s())().get(timeout=WAIT) == 0
+    assert chain(group(), t.add.s(10)).apply_async((5,)).get(timeout=WAIT) == 15
+    assert chain(chain(group(), t.add.s(10)), t.add.s(20)).apply_async((5,)).get(timeout=WAIT) == 35
+
+
 def test_chain_steps_and_a_trailing_groups_members_have_the_previous_step_as_parent(worker):
     """Celery's parent_id/root_id along a chain: each step's parent is the step before (though the worker
     sends it after that task is over), every root is the first task, which is its own root."""
