@@ -26,7 +26,8 @@ class Request:
     def __init__(self, id=None, args=(), kwargs=None, retries=0, delivery_info=None, eta=None,
                  expires=None, parent_id=None, root_id=None, headers=None, hostname=None, is_eager=False,
                  task=None, group=None, chord=None, reply_to=None, origin=None, time_limit=None,
-                 callbacks=None, errbacks=None, properties=None, replaced_task_nesting=0):
+                 callbacks=None, errbacks=None, properties=None, replaced_task_nesting=0, stamped_headers=None,
+                 stamps=None):
         self.id = id
         self.args = list(args)
         self.kwargs = dict(kwargs or {})
@@ -54,6 +55,9 @@ class Request:
         self.timelimit = (hard, soft)
         # how many times this task's id was handed on by self.replace() (Celery's; 0: never replaced)
         self.replaced_task_nesting = replaced_task_nesting
+        # Celery's stamps (canvas.stamp): the names, and name -> value
+        self.stamped_headers = list(stamped_headers or ())
+        self.stamps = dict(stamps or {})
         self.callbacks = callbacks  # the link= signatures, run on success
         self.errbacks = errbacks  # the link_error= signatures, run on failure
         self.properties = properties if properties is not None else {"correlation_id": id, "reply_to": reply_to}

@@ -239,7 +239,7 @@ class Task:
             args, kwargs = taskopts.dump_models(args, kwargs)
         if self.app.conf.task_always_eager:
             routed = ("routing_key", "exchange", "parent_id", "root_id", "link", "link_error",
-                      "unique_key", "unique_for", "unique_until")  # meaningless when run here
+                      "unique_key", "unique_for", "unique_until", "stamped_headers", "stamps")  # meaningless here
             throw = options.pop("throw", None)  # Celery's apply(throw=): only meaningful when run here
             taskopts.check_call_options(self.name, {k: v for k, v in options.items() if k not in routed})
             return self.apply(args, kwargs, task_id=task_id, throw=throw)
@@ -582,6 +582,7 @@ class App:
         exchange = options.pop("exchange", exchange)
         parent_id = options.pop("parent_id", None) or parent_id
         root_id = options.pop("root_id", None) or root_id
+        headers = stamped_headers(name, headers, options.pop("stamped_headers", None), options.pop("stamps", None))
         # Flow control, in headers brokerd reads without the body (protocol.md §5.2.1): the task
         # name always; the task's rate and cap; apply_async's tenant= and concurrency_key=.
         flow = {"x-task": name}
@@ -611,9 +612,15 @@ class App:
         if extra:
             env.update(extra)
         if signals.before_task_publish.receivers:  # Celery's hook: receivers may edit the envelope
+            # the headers as Celery's message protocol 2 shows them (id, task, ... and the application's
+            # own); what a receiver adds or changes among the application's is sent
+            shown = {"lang": "py", "task": name, "id": task_id, "root_id": root_id or task_id,
+                     "parent_id": parent_id, "eta": env.get("eta"), "expires": env.get("expires"),
+                     "retries": 0, **env["headers"]}
             signals.before_task_publish.send(sender=name, body=env, exchange="", routing_key=queue,
-                                             headers=env["headers"], properties={"priority": priority},
+                                             headers=shown, properties={"priority": priority},
                                              declare=[], retry_policy=None)
+            env["headers"].update({k: v for k, v in shown.items() if k not in PROTOCOL_HEADERS})
         signer = self.signer
         if signer is not None:
             signer.sign(env)
@@ -838,6 +845,28 @@ class App:
     def signature(self, name, args=None, kwargs=None, **options):
         """Celery's ``app.signature("proj.tasks.add", (2, 2), countdown=10)`` (or a signature map)."""
         return canvas.signature(name, args, kwargs, app=self, **options)
+
+
+# What before_task_publish receivers see besides the application's headers (Celery's protocol 2 names);
+# they are shown, not sent as headers: the envelope carries them in its own fields (protocol.md §8.1).
+PROTOCOL_HEADERS = frozenset(("lang", "task", "id", "root_id", "parent_id", "eta", "expires", "retries"))
+STAMPS_MAX = 100  # stamps on one task: names travel in every message of a canvas
+
+
+def stamped_headers(name, headers, names, stamps) -> dict | None:
+    """Celery's stamps (``sig.stamp(...)``, or ``apply_async(stamped_headers=[...], stamps={...})``) as
+    message headers: ``stamped_headers`` the names, ``stamps`` name -> value (the worker's
+    request.stamped_headers / request.stamps).  TypeError naming what is wrong."""
+    if not names and not stamps:
+        return headers
+    stamps = dict(stamps or {})
+    if not isinstance(stamps, dict) or not all(isinstance(k, str) for k in stamps):
+        raise TypeError(f"apply_async() of {name}: stamps must be a map of stamp name to value")
+    names = list(names if names is not None else stamps)
+    if not all(isinstance(n, str) for n in names) or len(names) > STAMPS_MAX:
+        raise TypeError(f"apply_async() of {name}: stamped_headers must be a list of at most {STAMPS_MAX} "
+                        f"stamp names (text), got {names!r:.200}")
+    return {**(headers or {}), "stamped_headers": names, "stamps": {n: stamps.get(n) for n in names}}
 
 
 class Backend:

@@ -181,6 +181,48 @@ class Signature(dict):
     def set_immutable(self, immutable: bool) -> None:
         self["immutable"] = bool(immutable)
 
+    # -- stamping (Celery 5.3+): custom headers put on every task of a canvas; the worker shows them as
+    # request.stamps / request.stamped_headers.  A stamp is an option of the signature, its name listed in
+    # the option ``stamped_headers``; publishing moves them to the message headers (protocol.md §8.1
+    # ``headers``: ``stamped_headers`` the names, ``stamps`` name -> value).
+    def _stamped(self, new: dict, append: bool) -> dict:
+        """This signature's stamps with ``new`` added: ``append`` keeps every value (a list), else the new
+        value replaces the old."""
+        opts = self.options
+        names = list(opts.get("stamped_headers") or ())
+        out = {}
+        for name, value in new.items():
+            if not isinstance(name, str) or name in RESERVED_OPTIONS:
+                raise ValueError(f"a stamp needs a name that is not a call option: {name!r}")
+            if append and name in names:
+                old = opts.get(name)
+                old = old if isinstance(old, list) else [old]
+                value = [*old, *(value if isinstance(value, list) else [value])]
+            out[name] = value
+            if name not in names:
+                names.append(name)
+        out["stamped_headers"] = names
+        return out
+
+    def stamp(self, visitor=None, append_stamps=False, **headers) -> "Signature":
+        """Put stamps (``headers``, and what ``visitor.on_signature`` returns) on this task and its links."""
+        self.stamp_links(visitor, append_stamps, **headers)
+        more = dict(headers)
+        if visitor is not None:
+            more.update(visitor.on_signature(self, **headers) or {})
+        return self.set(**self._stamped(more, append_stamps))
+
+    def stamp_links(self, visitor, append_stamps=False, **headers) -> None:
+        """Stamp this signature's callbacks (``visitor.on_callback``) and errbacks (``on_errback``)."""
+        for key, hook in (("link", "on_callback"), ("link_error", "on_errback")):
+            for i, link in enumerate(self.options.get(key) or ()):
+                link = maybe_signature(link, self._app)
+                more = dict(headers)
+                if visitor is not None:
+                    more.update(getattr(visitor, hook)(link, **headers) or {})
+                link.set(**link._stamped(more, append_stamps))
+                self.options[key][i] = link
+
     def freeze(self, _id=None) -> AsyncResult:
         """Choose the task id now (so a workflow can name it before it runs); its AsyncResult."""
         tid = self["options"].setdefault("task_id", _id or str(uuid.uuid4()))
@@ -235,6 +277,8 @@ class Signature(dict):
             value = opts.pop(key, None)
             if value:
                 extra[key] = _plain(value)
+        if opts.get("stamped_headers"):  # the stamps, by name, go with the names (publish_task: headers)
+            opts["stamps"] = {k: opts.pop(k, None) for k in opts["stamped_headers"] if isinstance(k, str)}
         app = s.app
         task = app.tasks.get(s.name)
         if app.conf.task_always_eager and task is not None:
@@ -279,6 +323,10 @@ class Signature(dict):
 
 
 SEND_OPTIONS = ("countdown", "eta", "expires", "priority", "queue", "task_id", "headers")
+# names a stamp may not take: the signature's own call options (a stamp is kept among them)
+RESERVED_OPTIONS = frozenset((*SEND_OPTIONS, "link", "link_error", "chain", "stamped_headers", "stamps",
+                              "time_limit", "soft_time_limit", "ignore_result", "shadow", "routing_key",
+                              "exchange", "parent_id", "root_id", "immutable", "subtask_type"))
 
 
 def _send_options(opts: dict, task) -> dict:
@@ -498,6 +546,10 @@ class chain(Signature):
             flat[-1].set(task_id=self.options["task_id"])  # Celery: a chain's id is its last task's
         return flat
 
+    def stamp(self, visitor=None, append_stamps=False, **headers):
+        return _stamp_composite(self, visitor, append_stamps, headers, "on_chain_start", "on_chain_end",
+                                self.tasks)
+
     def freeze(self, _id=None):
         """Normalize, choose every task id, and return the result of the last step (``.parent`` leads
         back through the earlier ones)."""
@@ -541,6 +593,63 @@ class chain(Signature):
 
     def __repr__(self):
         return " | ".join(repr(s) for s in self.tasks) if self.tasks else "chain()"
+
+
+class StampingVisitor:
+    """Celery's visitor for ``canvas.stamp(visitor=...)``: each hook returns the stamps (a dict) to put on
+    what it visits; ``on_signature`` is called for every task, the others around chains, groups, chords
+    and for links.  Subclass it and override what you need."""
+
+    def on_signature(self, sig, **headers) -> dict:
+        return {}
+
+    def on_group_start(self, group, **headers) -> dict:
+        return {}
+
+    def on_group_end(self, group, **headers) -> None:
+        pass
+
+    def on_chain_start(self, chain, **headers) -> dict:
+        return {}
+
+    def on_chain_end(self, chain, **headers) -> None:
+        pass
+
+    def on_chord_header_start(self, sig, **header) -> dict:
+        return self.on_group_start(sig, **header)
+
+    def on_chord_header_end(self, sig, **header) -> None:
+        self.on_group_end(sig, **header)
+
+    def on_chord_body(self, sig, **header) -> dict:
+        return {}
+
+    def on_callback(self, callback, **header) -> dict:
+        return {}
+
+    def on_errback(self, errback, **header) -> dict:
+        return {}
+
+
+def _stamp_composite(sig, visitor, append_stamps, headers, start, end, members, body=None):
+    """Stamp a chain/group/chord: its own stamps from ``start``, then its links, each member, the body."""
+    headers = dict(headers)
+    if visitor is not None and start:
+        headers.update(getattr(visitor, start)(sig, **headers) or {})
+    sig.set(**sig._stamped(headers, append_stamps))
+    sig.stamp_links(visitor, append_stamps, **headers)
+    for i, t in enumerate(members):
+        t = maybe_signature(t, sig._app)
+        t.stamp(visitor, append_stamps, **headers)
+        members[i] = t
+    if visitor is not None and end:
+        getattr(visitor, end)(sig, **headers)
+    if body is not None:
+        more = dict(headers)
+        if visitor is not None:
+            more.update(visitor.on_chord_body(sig, **headers) or {})
+        body.stamp(visitor, append_stamps, **more)
+    return sig
 
 
 def _root(res):
@@ -602,6 +711,10 @@ class group(Signature):
         """Celery: every member gets the errback (made immutable), so any failure calls it."""
         sig = maybe_signature(sig, self._app)
         return tuple(t.link_error(sig.clone().set(immutable=True)) for t in self.tasks)
+
+    def stamp(self, visitor=None, append_stamps=False, **headers):
+        return _stamp_composite(self, visitor, append_stamps, headers, "on_group_start", "on_group_end",
+                                self.tasks)
 
     def freeze(self, _id=None):
         gid = self["options"].setdefault("task_id", _id or str(uuid.uuid4()))
@@ -740,6 +853,10 @@ class chord(Signature):
     def _members(self) -> list:
         """The header, with groups in it flattened into their members (one result each)."""
         return _flat_members([maybe_signature(t, self._app) for t in self.tasks])
+
+    def stamp(self, visitor=None, append_stamps=False, **headers):
+        return _stamp_composite(self, visitor, append_stamps, headers, "on_chord_header_start",
+                                "on_chord_header_end", self.tasks, self.body)
 
     def freeze(self, _id=None):
         if self.body is None:

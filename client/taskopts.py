@@ -111,8 +111,6 @@ CALL_NOOPS = {
     "exchange_type": "brokerd has no exchanges (see routing)",
     "reply_to": "results are kept by brokerd, not replied to",
     "correlation_id": "the task id is the correlation id",
-    "stamped_headers": "stamping is not supported; headers= carries application headers",
-    "stamps": "stamping is not supported; headers= carries application headers",
     "router": "task_routes decides",
 }
 

@@ -118,6 +118,9 @@ def request_for(env, task, queue, priority, attempts, retries, hostname) -> Requ
     hard = opts.get("time_limit", getattr(task, "time_limit", None))
     soft = opts.get("soft_time_limit", getattr(task, "soft_time_limit", None))
     group, chord, origin = env.get("group"), env.get("chord"), hdrs.get("origin")
+    names, stamps = hdrs.get("stamped_headers"), hdrs.get("stamps")
+    if type(names) is not list or not all(type(n) is str for n in names) or type(stamps) is not dict:
+        names, stamps = [], {}  # none, or not ours: a bad header costs only the stamps
     nesting = hdrs.get("replaced_task_nesting", 0)
     if type(nesting) is not int or not 0 <= nesting <= REPLACED_NESTING_MAX:
         nesting = 0  # a hostile or broken header costs only the field, never the task
@@ -130,7 +133,8 @@ def request_for(env, task, queue, priority, attempts, retries, hostname) -> Requ
         root_id=env.get("root_id") or env["id"], headers=env.get("headers"), hostname=hostname, task=env["task"],
         group=group if isinstance(group, str) else None, chord=chord, origin=origin if isinstance(origin, str) else None,
         time_limit=(hard or None, soft or None), callbacks=env.get("link") or None,
-        errbacks=env.get("link_error") or None, replaced_task_nesting=nesting,
+        errbacks=env.get("link_error") or None, replaced_task_nesting=nesting, stamped_headers=names,
+        stamps={n: stamps.get(n) for n in names},
         properties={"correlation_id": env["id"], "reply_to": None, "priority": priority,
                     "delivery_info": {"routing_key": queue}},
     )

@@ -118,6 +118,12 @@ def start_a_chain():
 
 
 @app.task(bind=True)
+def stamps_of(self, *args):
+    """The stamps this run was sent with."""
+    return {"names": self.request.stamped_headers, "stamps": self.request.stamps}
+
+
+@app.task(bind=True)
 def ids(self, i):
     """(root_id, parent_id, i) of this run."""
     return [self.request.root_id, self.request.parent_id, i]

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from client.canvas import Signature, chain, chord, group
+from client.canvas import Signature, StampingVisitor, chain, chord, group
 from client.exceptions import ChordError, Reject, RemoteError
 from client.result import GroupResult, result_from_tuple
 from tests.canvas_apps import tasks as t
@@ -255,6 +255,68 @@ def test_a_returned_result_is_stored_as_its_tuple_and_result_from_tuple_rebuilds
     assert res.parent.get(timeout=WAIT) == 2
     with pytest.raises(ValueError, match="not a result tuple"):
         result_from_tuple("nope", app=t.app)
+
+
+# -- stamping (Celery 5.3+) ----------------------------------------------------------------------
+class Mark(StampingVisitor):
+    def on_signature(self, sig, **headers):
+        return {"mark": "m"}
+
+    def on_callback(self, callback, **headers):
+        return {"cb": True}
+
+
+def test_stamps_reach_every_task_of_a_canvas_as_request_stamps(worker):
+    assert t.stamps_of.si().stamp(tenant="acme").apply_async().get(timeout=WAIT) == {
+        "names": ["tenant"], "stamps": {"tenant": "acme"}}
+    c = chain(t.add.s(1, 2), t.stamps_of.s())
+    c.stamp(visitor=Mark(), run=7)
+    assert c.apply_async().get(timeout=WAIT) == {"names": ["run", "mark"], "stamps": {"run": 7, "mark": "m"}}
+    g = group(t.stamps_of.si(), t.stamps_of.si())
+    g.stamp(visitor=Mark())
+    assert g.apply_async().get(timeout=WAIT) == [{"names": ["mark"], "stamps": {"mark": "m"}}] * 2
+    cb = t.stamps_of.s()
+    cb_res = cb.freeze()
+    s = t.add.s(1, 1)
+    s.link(cb)
+    s.stamp(visitor=Mark())
+    s.apply_async().get(timeout=WAIT)
+    assert cb_res.get(timeout=WAIT)["stamps"] == {"cb": True}  # a link gets on_callback's stamps
+    s = t.stamps_of.si()  # append_stamps keeps every value
+    s.stamp(mark=1)
+    s.stamp(append_stamps=True, mark=2)
+    assert s.apply_async().get(timeout=WAIT)["stamps"] == {"mark": [1, 2]}
+
+
+def test_before_task_publish_sees_celery_s_headers_and_the_stamps_not_the_properties(worker):
+    from client.signals import before_task_publish
+
+    seen = {}
+
+    def before(headers=None, properties=None, **kw):
+        seen.update(headers=dict(headers), properties=dict(properties))
+
+    before_task_publish.connect(before)
+    try:
+        r = t.stamps_of.si().stamp(mark=42).apply_async()
+    finally:
+        before_task_publish.disconnect(before)
+    h = seen["headers"]
+    assert (h["id"], h["task"], h["stamped_headers"], h["stamps"]) == (r.id, t.stamps_of.name, ["mark"], {"mark": 42})
+    assert "stamped_headers" not in seen["properties"] and "mark" not in seen["properties"]
+    assert r.get(timeout=WAIT)["stamps"] == {"mark": 42}
+
+
+def test_stamps_given_to_apply_async_and_bad_ones(worker):
+    r = t.stamps_of.apply_async(stamped_headers=["a"], stamps={"a": 1, "b": 2})
+    assert r.get(timeout=WAIT) == {"names": ["a"], "stamps": {"a": 1}}
+    with pytest.raises(TypeError, match="stamped_headers must be a list"):
+        t.stamps_of.apply_async(stamped_headers=[1], stamps={})
+    with pytest.raises(ValueError, match="a stamp needs a name that is not a call option: 'queue'"):
+        t.stamps_of.si().stamp(queue="x")
+    for bad in ({"stamped_headers": "a", "stamps": {"a": 1}}, {"stamped_headers": ["a"], "stamps": [1]}):
+        r = t.app.publish_task(t.stamps_of.name, (), {}, headers=bad)  # a bad header costs only the stamps
+        assert r.get(timeout=WAIT) == {"names": [], "stamps": {}}
 
 
 # -- replace and Reject (items 2 and 4) --------------------------------------------------------
