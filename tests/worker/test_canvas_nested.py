@@ -357,3 +357,35 @@ def test_hostile_workflow_keys_cost_only_their_own_continuation(worker):
     with pytest.raises(ValueError):
         bad.get(timeout=WAIT)
     assert t.app.publish_task(t.add.name, (2, 2), {}).get(timeout=WAIT) == 4
+
+
+# -- an in-process worker for tests (Celery's contrib.testing.worker.start_worker) ---------------------
+def test_start_worker_runs_tasks_in_this_process_so_worker_signals_reach_the_test(canvas_broker):
+    from client.signals import task_received
+    from client.worker.testing import start_worker
+
+    q = f"inproc.{os.getpid()}"
+    got = []
+
+    def received(sender=None, request=None, **kw):
+        got.append((request.id, request.stamps))
+
+    task_received.connect(received)
+    try:
+        with start_worker(t.app, queues=[q], concurrency=2, perform_ping_check=True) as w:
+            assert w.ready.is_set()
+            r = t.stamps_of.si().stamp(where="here").apply_async(queue=q)
+            assert r.get(timeout=WAIT) == {"names": ["where"], "stamps": {"where": "here"}}
+    finally:
+        task_received.disconnect(received)
+    assert (r.id, {"where": "here"}) in got
+
+
+def test_start_worker_says_why_when_brokerd_cannot_be_reached():
+    from client import App
+    from client.worker.testing import WorkerDidNotStart, start_worker
+
+    lonely = App("lonely", broker="127.0.0.1:1")  # nothing listens there
+    with pytest.raises(WorkerDidNotStart, match="was not consuming from"):
+        with start_worker(lonely, connect_timeout=0.5, ready_timeout=20):
+            pass
