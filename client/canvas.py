@@ -50,7 +50,7 @@ import uuid
 from client._current import Request, current_app, current_request
 from client.envelope import encode_envelope, make_envelope
 from client.exceptions import Ignore
-from client.result import AsyncResult, GroupResult
+from client.result import AsyncResult, EagerResult, GroupResult
 
 # canvas never imports client.app: it works on the app it is given (or the
 # current one) through its public methods, and client.app imports canvas for
@@ -1014,8 +1014,6 @@ def apply_eager(sig, args=None, kwargs=None, throw=None):
     its header's.  ``link`` callbacks run with the value; on a failure the ``link_error`` errbacks run
     (Celery's two styles) and the rest of a chain, or a chord's body, does not.  ``throw=True`` (or the
     setting ``task_eager_propagates``) raises a task's exception instead of keeping it in the result."""
-    from client.result import EagerResult
-
     sig = maybe_signature(sig)
     args, kwargs = list(args or ()), dict(kwargs or {})
     if isinstance(sig, chain):
