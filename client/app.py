@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import functools
+import inspect
 import importlib
 import logging
 import os
@@ -312,9 +313,13 @@ class Task:
             return
         self.app.client.store_result(tid, state, None, meta)
 
-    def retry(self, exc=None, countdown=None, eta=None, max_retries=None, **_):
+    def retry(self, exc=None, countdown=None, eta=None, max_retries=None, *, args=None, kwargs=None, **_):
         """Ask for this task to run again later.  Raises ``Retry`` (or, past
-        max_retries, the original exception / MaxRetriesExceededError)."""
+        max_retries, the original exception / MaxRetriesExceededError).
+
+        ``args``/``kwargs`` (Celery's) run it again with other arguments: given alone, one keeps what
+        the other does not replace (new positional ``args`` drop the kwargs they now fill; new
+        ``kwargs`` take the place of the positional arguments they name)."""
         req = self.request
         limit = self.max_retries if max_retries is None else max_retries
         if req.is_eager:
@@ -331,7 +336,51 @@ class Task:
             when = float(countdown)
         else:
             when = self.retry_delay(req.retries)
-        raise Retry(f"retry in {when:g}s", exc, when)
+        r = Retry(f"retry in {when:g}s", exc, when)
+        if args is not None or kwargs is not None:
+            r.args_kwargs = self._retry_arguments(req, args, kwargs)
+        raise r
+
+    def _retry_arguments(self, req, args, kwargs) -> tuple:
+        """The (args, kwargs) of the next run for ``retry(args=, kwargs=)``."""
+        new_args = list(req.args) if args is None else list(args)
+        new_kwargs = dict(req.kwargs) if kwargs is None else dict(kwargs)
+        try:
+            sig = inspect.signature(self.run)
+        except (TypeError, ValueError):
+            return new_args, new_kwargs
+        by_name = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        if args is not None and kwargs is None:
+            named = [p for p in sig.parameters.values() if p.kind is by_name]
+            for p in named[:len(new_args)]:  # now given by position
+                new_kwargs.pop(p.name, None)
+        elif kwargs is not None and args is None and req.args:
+            try:
+                bound = sig.bind_partial(*req.args)
+            except TypeError:
+                return new_args, new_kwargs  # the task's own argument check will say what is wrong
+            for name in list(new_kwargs):  # a keyword that names a positional argument replaces it there
+                if name in bound.arguments and sig.parameters[name].kind is by_name:
+                    bound.arguments[name] = new_kwargs.pop(name)
+            new_args, new_kwargs = list(bound.args), {**bound.kwargs, **new_kwargs}
+        return new_args, new_kwargs
+        named = [p for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        if args is not None and kwargs is None:
+            for p in named[:len(new_args)]:  # now given by position
+                new_kwargs.pop(p.name, None)
+        elif kwargs is not None and args is None and req.args:
+            keep = []
+            for i, value in enumerate(req.args):  # a keyword now names it: it leaves the positions
+                if i < len(named) and named[i].name in new_kwargs and len(keep) == i:
+                    continue
+                keep.append(value)
+            if len(keep) < len(req.args):  # later positions cannot follow a gap: pass them by name
+                extra = req.args[len(keep):]
+                names = [p.name for p in named[len(keep):len(req.args)]]
+                for n, v in zip(names, extra):
+                    new_kwargs.setdefault(n, v)
+            new_args = keep
+        return new_args, new_kwargs
 
     def retry_delay(self, retries: int) -> float:
         """Seconds before retry number ``retries + 1``: fixed, or exponential with jitter."""

@@ -23,7 +23,8 @@ from client import signals
 from client._current import Request, current_request
 from client.canvas import Signature, call_errbacks, plain
 from client.result import AsyncResult, ResultSet
-from client.envelope import decode_envelope
+from client.envelope import check_encodable, decode_envelope, encode_envelope
+from client.signing import SIG_KEY
 from client.exceptions import EncodeError, Ignore, Reject, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 from client.wire import DEFAULT_MAX_FRAME
 from client.worker.limits import TIME_LIMIT_MAX
@@ -160,7 +161,7 @@ def _send(sig, **kw) -> None:
 
 
 class _Ctx:
-    __slots__ = ("task", "req", "opts", "t0", "in_task")
+    __slots__ = ("task", "req", "opts", "t0", "in_task", "env")
 
 
 class Runner:
@@ -207,6 +208,7 @@ class Runner:
         # Celery's names: what a task's errbacks and ``self.replace`` read (client/canvas.py)
         req.chain = env.get("chain")
         ctx = _Ctx()
+        ctx.env = env
         ctx.task = task
         ctx.req = req
         ctx.opts = env.get("options") or {}  # per-call options (check_envelope checked their types)
@@ -404,6 +406,22 @@ class Runner:
 
     def _retry(self, ctx, r, exc, when):
         task, req = ctx.task, ctx.req
+        body = None
+        new = getattr(r, "args_kwargs", None)  # retry(args=, kwargs=): the message is sent again, changed
+        if new is not None:
+            env = {k: v for k, v in ctx.env.items() if k != SIG_KEY}
+            env["args"], env["kwargs"] = list(new[0]), dict(new[1])
+            signer = self.app.signer
+            try:
+                check_encodable(task.name, env["args"], env["kwargs"])
+                if signer is not None:
+                    signer.sign(env)
+                elif SIG_KEY in ctx.env:
+                    raise EncodeError(f"retry(args=, kwargs=) of {task.name}: the task came signed and this "
+                                      f"worker has no task_signing_key to sign it again with new arguments")
+                body = encode_envelope(env)
+            except EncodeError as err:
+                return self.failed(ctx, err)
         if when is None:
             when = float(task.default_retry_delay)
         shown = exc if exc is not None else r
@@ -412,7 +430,9 @@ class Runner:
         self._hook(ctx, "after_return", "RETRY", shown, req.id, req.args, req.kwargs, einfo)
         _send(signals.task_retry, sender=task, request=req, reason=shown, einfo=einfo)
         log.info("Task %s[%s] retry: Retry in %gs: %r", task.name, req.id, when, shown)
-        return (S_RETRY, "RETRY", None, exc_meta(shown, self.hostname, einfo.traceback), max(0.0, float(when)), req.retries + 1)
+        # the value slot of a retry carries the message to send instead, when the arguments changed
+        return (S_RETRY, "RETRY", body, exc_meta(shown, self.hostname, einfo.traceback), max(0.0, float(when)),
+                req.retries + 1)
 
 
 def _bad_number(value, *, nonneg=False, upper=None) -> bool:

@@ -446,10 +446,14 @@ class Worker:
                 else:
                     ch.result(None if d.settled else d, task_id, state, value, meta)
             elif settle == S_RETRY:
-                ch.result(None, task_id, state, value, meta)
+                ch.result(None, task_id, state, None, meta)
                 headers = dict(d.headers or {})
                 headers["retries"] = retries
-                if d.settled:  # acks_late=False: it was acked on receipt, so publish it again
+                if type(value) is bytes:  # retry(args=, kwargs=): the changed message goes, then the old one
+                    ch.publish(d.queue, value, priority=d.priority, delay=delay or None, headers=headers, id=task_id)
+                    if not d.settled:
+                        ch.ack(d)
+                elif d.settled:  # acks_late=False: it was acked on receipt, so publish it again
                     ch.publish(d.queue, d.body, priority=d.priority, delay=delay or None, headers=headers, id=task_id)
                 else:
                     ch.nack(d, True, delay or 0.0001, headers)  # > 0: an explicit retry, not an attempt

@@ -123,6 +123,27 @@ def stamps_of(self, *args):
     return {"names": self.request.stamped_headers, "stamps": self.request.stamps}
 
 
+@app.task(bind=True, max_retries=1)
+def retry_new_args(self, foo, bar, label=None):
+    if not self.request.retries:
+        raise self.retry(args=(foo + 1, bar + 1), countdown=0)
+    return [foo, bar, label, self.request.retries]
+
+
+@app.task(bind=True, max_retries=1)
+def retry_new_kwargs(self, foo, bar):
+    if not self.request.retries:
+        raise self.retry(kwargs={"foo": foo + 1}, countdown=0)
+    return [foo, bar, self.request.retries]
+
+
+@app.task(bind=True, max_retries=1)
+def retry_unsendable(self):
+    if not self.request.retries:
+        raise self.retry(args=(object(),), countdown=0)
+    return "never"
+
+
 @app.task(bind=True)
 def ids(self, i):
     """(root_id, parent_id, i) of this run."""

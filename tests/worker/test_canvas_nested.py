@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from client.canvas import Signature, StampingVisitor, chain, chord, group
-from client.exceptions import ChordError, Reject, RemoteError
+from client.exceptions import ChordError, EncodeError, Reject, RemoteError
 from client.result import GroupResult, result_from_tuple
 from tests.canvas_apps import tasks as t
 from tests.support.broker import ROOT, broker_for_app
@@ -255,6 +255,16 @@ def test_a_returned_result_is_stored_as_its_tuple_and_result_from_tuple_rebuilds
     assert res.parent.get(timeout=WAIT) == 2
     with pytest.raises(ValueError, match="not a result tuple"):
         result_from_tuple("nope", app=t.app)
+
+
+# -- retry with other arguments ------------------------------------------------------------------
+def test_retry_with_new_args_or_kwargs_runs_again_with_them(worker):
+    """Celery's retry(args=, kwargs=) (they used to be dropped silently: the same arguments ran again)."""
+    r = t.retry_new_args.apply_async(kwargs={"foo": 1, "bar": 2, "label": "kept"})
+    assert r.get(timeout=WAIT) == [2, 3, "kept", 1]
+    assert t.retry_new_kwargs.apply_async((1, 2)).get(timeout=WAIT) == [2, 2, 1]
+    with pytest.raises(EncodeError, match="cannot be sent to a worker"):  # its own failure, named
+        t.retry_unsendable.delay().get(timeout=WAIT)
 
 
 # -- stamping (Celery 5.3+) ----------------------------------------------------------------------
