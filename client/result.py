@@ -251,6 +251,11 @@ class AsyncResult:
         self._cache = None
         self.app.control.revoke(self.id, terminate=terminate)
 
+    def revoke_by_stamped_headers(self, headers: dict, terminate: bool = False, **kwargs) -> None:
+        """Celery's: ``app.control.revoke_by_stamped_headers`` (any task carrying these stamp values)."""
+        self._cache = None
+        self.app.control.revoke_by_stamped_headers(headers, terminate=terminate, **kwargs)
+
     @property
     def children(self) -> list:
         """AsyncResults of the tasks this task sent while it ran (kept in its result's meta by the

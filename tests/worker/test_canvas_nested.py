@@ -6,11 +6,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from client.canvas import Signature, StampingVisitor, chain, chord, group
-from client.exceptions import ChordError, EncodeError, Reject, RemoteError
+from client.exceptions import ChordError, EncodeError, Reject, RemoteError, TaskRevokedError
 from client.result import GroupResult, result_from_tuple
 from tests.canvas_apps import tasks as t
 from tests.support.broker import ROOT, broker_for_app
@@ -255,6 +256,28 @@ def test_a_returned_result_is_stored_as_its_tuple_and_result_from_tuple_rebuilds
     assert res.parent.get(timeout=WAIT) == 2
     with pytest.raises(ValueError, match="not a result tuple"):
         result_from_tuple("nope", app=t.app)
+
+
+def test_revoke_by_stamped_headers_revokes_tasks_carrying_the_value_and_only_those(worker):
+    tag = f"mon-{os.getpid()}-{time.monotonic_ns()}"
+    replies = t.app.control.revoke_by_stamped_headers({"monitoring_id": [tag]}, reply=True, timeout=5)
+    assert [next(iter(r.values())) for r in replies] == [
+        {"ok": f"headers {{'monitoring_id': [{tag!r}]}} flagged as revoked, but not terminated"}]
+    hit = t.stamps_of.si().stamp(monitoring_id=tag).apply_async()
+    with pytest.raises(TaskRevokedError):
+        hit.get(timeout=WAIT)
+    assert hit.state == "REVOKED"
+    listed = t.stamps_of.si().stamp(monitoring_id=["other", tag]).apply_async()  # one of a list of values
+    with pytest.raises(TaskRevokedError):
+        listed.get(timeout=WAIT)
+    miss = t.stamps_of.si().stamp(monitoring_id="another").apply_async()
+    assert miss.get(timeout=WAIT)["stamps"] == {"monitoring_id": "another"}
+    assert t.add.delay(1, 1).get(timeout=WAIT) == 2  # no stamps at all
+    for bad in ({}, {1: "x"}, "monitoring_id"):
+        (answer,) = t.app.control.broadcast("revoke_by_stamped_headers", {"headers": bad}, reply=True, timeout=5)
+        assert "revoke_by_stamped_headers needs headers" in next(iter(answer.values()))["error"]
+    with pytest.raises(TypeError, match="needs a map of stamp name"):
+        t.app.control.revoke_by_stamped_headers(["monitoring_id"])
 
 
 # -- retry with other arguments ------------------------------------------------------------------
