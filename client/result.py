@@ -179,8 +179,8 @@ class AsyncResult:
         a Python builtin as itself, anything else as ``RemoteError`` naming the
         remote type and message.  ``timeout`` runs out → ``TimeoutError``.
         """
-        if self.ignored:
-            return None
+        if self.ignored and self._fetch()["state"] not in READY_STATES:
+            return None  # no result will come (Celery's); a FAILURE brokerd already stores is still raised
         if disable_sync_subtasks:
             assert_will_not_block()
         start = time.monotonic()
