@@ -109,6 +109,9 @@ class Signature(dict):
             task, args, kwargs = d["task"], d.get("args") or (), d.get("kwargs")
             options, immutable = d.get("options"), d.get("immutable", False)
             subtask_type = d.get("subtask_type")
+        elif not isinstance(task, str) and isinstance(getattr(task, "name", None), str) and hasattr(task, "s"):
+            app = app or getattr(task, "app", None)  # a task itself (Celery: chord([tsum, tsum], ...))
+            task = task.name
         super().__init__(task=task, args=list(args or ()), kwargs=dict(kwargs or {}),
                          options={**(options or {}), **ex}, immutable=bool(immutable))
         if subtask_type:
@@ -215,6 +218,8 @@ class Signature(dict):
     def stamp_links(self, visitor, append_stamps=False, **headers) -> None:
         """Stamp this signature's callbacks (``visitor.on_callback``) and errbacks (``on_errback``)."""
         for key, hook in (("link", "on_callback"), ("link_error", "on_errback")):
+            if isinstance(self.options.get(key), dict):  # one signature (map) given as the link itself
+                self.options[key] = [self.options[key]]
             for i, link in enumerate(self.options.get(key) or ()):
                 link = maybe_signature(link, self._app)
                 more = dict(headers)
@@ -542,8 +547,9 @@ class chain(Signature):
         for eb in self.options.get("link_error") or ():
             for t in flat:
                 t.link_error(eb)
-        if self.options.get("task_id") and not flat[-1].id:
+        if self.options.get("task_id") and not isinstance(flat[-1], chord) and not flat[-1].id:
             flat[-1].set(task_id=self.options["task_id"])  # Celery: a chain's id is its last task's
+            # (a chord's: its body's, given to chord.freeze by chain.freeze)
         return flat
 
     def stamp(self, visitor=None, append_stamps=False, **headers):
@@ -561,8 +567,9 @@ class chain(Signature):
             self["options"].pop(k, None)  # now on the steps
         parent = None
         res = None
-        for s in steps:
-            res = s.freeze()
+        for i, s in enumerate(steps):
+            last_chord = i == len(steps) - 1 and isinstance(s, chord) and self["options"].get("task_id")
+            res = s.freeze(self["options"]["task_id"]) if last_chord else s.freeze()
             _root(res).parent = parent
             parent = res
         return res
@@ -861,11 +868,11 @@ class chord(Signature):
     def freeze(self, _id=None):
         if self.body is None:
             raise ValueError("chord() needs a body: chord(header, body) or chord(header)(body)")
-        cid = self["options"].setdefault("task_id", _id or str(uuid.uuid4()))
+        cid = self["options"].setdefault("task_id", str(uuid.uuid4()))  # the header's group id, the CHORD's
         members = self._members()
         self["kwargs"]["header"] = members
         header = GroupResult(cid, [m.freeze() for m in members], app=self.body.app)
-        body = self.body.freeze()
+        body = self.body.freeze(_id) if _id is not None else self.body.freeze()  # an id given names the result
         _root(body).parent = header
         return body
 
@@ -876,14 +883,14 @@ class chord(Signature):
             return self.apply(args, kwargs, **options)
         c = self.clone(args)
         link, link_error = options.pop("link", None), options.pop("link_error", None)
-        cid = options.pop("task_id", None)
+        body_id = options.pop("task_id", None)  # names the result: the body's id (Celery's)
         if options:
             c.body = c.body.clone(**options)
         for cb in _sig_list(link, self._app):
             c.link(cb)
         for eb in _sig_list(link_error, self._app):
             c.link_error(eb)
-        result = c.freeze(cid)
+        result = c.freeze(body_id)
         app = c.body.app
         members = c.tasks
         if not members:  # an empty header (or only empty chains): Celery runs the body at once, with []

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 
 from client.worker.runtime import Worker
 
 READY_TIMEOUT = 60.0  # seconds for the worker to connect and consume: a cold start on a loaded box
+PING_TIMEOUT = 1.0  # seconds one ping waits for the answer
+PING_PAUSE = 0.05  # seconds between pings while the worker's name is not yet known to brokerd
 SHUTDOWN_TIMEOUT = 30.0  # seconds for running tasks to end at exit (a warm stop), then it is left behind
 
 
@@ -55,8 +58,14 @@ def start_worker(app, pool: str = "threads", concurrency: int = 1, queues=None, 
             why = f": {type(failure[0]).__name__}: {failure[0]}" if failure else ""
             raise WorkerDidNotStart(f"the in-process worker {worker.hostname} was not consuming from "
                                     f"{worker.broker} within {ready_timeout:g} s{why}")
-        if perform_ping_check and not app.control.ping(destination=[worker.hostname], timeout=ready_timeout):
-            raise WorkerDidNotStart(f"the in-process worker {worker.hostname} did not answer ping")
+        if perform_ping_check:
+            # brokerd knows the worker's name a moment after it consumes: ask again until the deadline
+            deadline = time.monotonic() + ready_timeout
+            while not app.control.ping(destination=[worker.hostname], timeout=PING_TIMEOUT):
+                if time.monotonic() > deadline:
+                    raise WorkerDidNotStart(f"the in-process worker {worker.hostname} did not answer ping "
+                                            f"within {ready_timeout:g} s")
+                time.sleep(PING_PAUSE)
         yield worker
     finally:
         worker.stop(graceful=True)

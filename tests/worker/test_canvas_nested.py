@@ -198,6 +198,21 @@ def test_an_errback_taking_request_exc_traceback_is_called_with_them(worker):
     assert t.app.AsyncResult(f"{r.id}-errback").get(timeout=WAIT) == f"{r.id} ValueError boom in step True"
 
 
+def test_a_chord_s_task_id_names_its_result_and_tasks_themselves_may_be_members(worker):
+    """Celery's: chord.freeze(id) / apply_async(task_id=id) give the body's result that id (the chord's
+    result), also for a chain body of implicit chords; a task given as a header member is its .s()."""
+    steps = [t.tsum.s()]
+    for _ in range(2):
+        steps.extend([group(t.add.s(1), t.add.s(2)), t.tsum.s()])
+    workflow = chord([t.add.si(1, 1), t.add.si(2, 2)], chain(*steps))
+    want = f"chord-result-{time.monotonic_ns()}"
+    assert workflow.freeze(want).id == want
+    r = workflow.apply_async(task_id=want)
+    assert r.id == want and r.get(timeout=WAIT) == 33  # 6 -> [7, 8] -> 15 -> [16, 17] -> 33
+    c = chord([t.tsum, t.tsum], t.tsum.s())  # each member gets the chord's args: tsum([1, 2]) twice
+    assert c.apply_async(([1, 2],)).get(timeout=WAIT) == 6
+
+
 def test_nested_groups_are_unrolled_into_one_flat_group(worker):
     """Celery's rule (test_nested_group, test_nested_group_group, test_group_results_in_chain): groups in a
     group run as its members, get() gives one flat list; a group of one chain ending in a group gives that
@@ -315,6 +330,10 @@ def test_stamps_reach_every_task_of_a_canvas_as_request_stamps(worker):
     s.stamp(visitor=Mark())
     s.apply_async().get(timeout=WAIT)
     assert cb_res.get(timeout=WAIT)["stamps"] == {"cb": True}  # a link gets on_callback's stamps
+    s = t.stamps_of.si()
+    s.options["link"] = dict(t.stamps_of.si())  # a link given as one signature map, not a list
+    s.stamp(visitor=Mark())
+    assert isinstance(s.options["link"], list) and s.options["link"][0].options["cb"] is True
     s = t.stamps_of.si()  # append_stamps keeps every value
     s.stamp(mark=1)
     s.stamp(append_stamps=True, mark=2)
