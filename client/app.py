@@ -413,11 +413,13 @@ class Task:
 
     def map(self, items):
         """One task that runs this task on each item in turn; its result is the list."""
-        return canvas.Signature("brokerd.map", (self.name, list(items)), app=self.app)
+        # immutable, as Celery's xmap: in a chain it maps its own items, never the previous result
+        return canvas.Signature("brokerd.map", (self.name, list(items)), app=self.app, immutable=True)
 
     def starmap(self, items):
         """Like ``map``, with each item a tuple of arguments."""
-        return canvas.Signature("brokerd.starmap", (self.name, [list(a) for a in items]), app=self.app)
+        return canvas.Signature("brokerd.starmap", (self.name, [list(a) for a in items]), app=self.app,
+                                immutable=True)
 
     def chunks(self, items, n: int):
         """Split ``items`` (argument tuples) into tasks of ``n`` calls each: a group of starmaps."""

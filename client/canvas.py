@@ -884,6 +884,8 @@ class chord(Signature):
         c = self.clone(args)
         link, link_error = options.pop("link", None), options.pop("link_error", None)
         body_id = options.pop("task_id", None)  # names the result: the body's id (Celery's)
+        # countdown/eta delay the header (Celery #7851): the body runs when the header is done anyway
+        delay = {k: options.pop(k) for k in ("countdown", "eta") if options.get(k) is not None}
         if options:
             c.body = c.body.clone(**options)
         for cb in _sig_list(link, self._app):
@@ -902,9 +904,9 @@ class chord(Signature):
         app.client.chord(c.id, ids, spec, error)
         for m in members:
             if _is_composite(m):
-                m.apply_async(c["args"], kwargs)
+                m.apply_async(c["args"], kwargs, **delay)
             else:
-                m.apply_async(c["args"], kwargs, _confirm=False)
+                m.apply_async(c["args"], kwargs, _confirm=False, **delay)
         app.client.wait_for_confirms()
         return result
 

@@ -213,6 +213,24 @@ def test_a_chord_s_task_id_names_its_result_and_tasks_themselves_may_be_members(
     assert c.apply_async(([1, 2],)).get(timeout=WAIT) == 6
 
 
+def test_starmap_and_map_keep_their_items_in_a_chain_and_a_group(worker):
+    assert group(t.add.starmap([(1, 1), (2, 2)]), t.add.s(3, 3)).delay().get(timeout=WAIT) == [[2, 4], 6]
+    assert chain(t.add.si(1, 1), t.add.starmap([(1, 1), (2, 2)])).delay().get(timeout=WAIT) == [2, 4]
+    assert chain(t.add.si(1, 1), t.tsum.map([[1], [2, 3]])).delay().get(timeout=WAIT) == [1, 5]
+
+
+def test_a_countdown_on_a_chord_delays_its_header(worker):
+    """Celery #7851: countdown given to group | task delays the header tasks, not only the body."""
+    header = [t.stamps_of.si(), t.stamps_of.si()]
+    c = group(header) | t.tsum.si([1])
+    sent = time.time()
+    r = c.apply_async(countdown=1.5)
+    members = r.parent.results
+    assert r.get(timeout=WAIT) == 1
+    # each header task's result was stored after its countdown (it used to delay only the body)
+    assert all(m.date_done.timestamp() >= sent + 1.4 for m in members), [m.date_done for m in members]
+
+
 def test_nested_groups_are_unrolled_into_one_flat_group(worker):
     """Celery's rule (test_nested_group, test_nested_group_group, test_group_results_in_chain): groups in a
     group run as its members, get() gives one flat list; a group of one chain ending in a group gives that
