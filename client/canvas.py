@@ -49,7 +49,7 @@ import uuid
 
 from client._current import Request, current_app, current_request
 from client.envelope import encode_envelope, make_envelope
-from client.exceptions import Ignore
+from client.exceptions import Ignore, ImproperlyConfigured
 from client.result import AsyncResult, EagerResult, GroupResult
 
 # canvas never imports client.app: it works on the app it is given (or the
@@ -1118,7 +1118,10 @@ def replace(task, sig):
     if req.id is None:
         raise ValueError("replace() can only be called from inside a running task")
     sig = maybe_signature(sig, task.app).clone()
-    if isinstance(sig, group):  # Celery: one result, as the replaced task had: the list of the group's
+    if _is_empty(sig):
+        raise ImproperlyConfigured("Cannot replace with an empty chain")  # Celery's words
+    last = sig.tasks[-1] if isinstance(sig, chain) and sig.tasks else sig
+    if isinstance(last, group):  # Celery: one result, as the replaced task had: the list of the group's
         sig = sig | Signature(ACCUMULATE_TASK, (), {"index": 0}, app=task.app)
     rest = [maybe_signature(s, task.app) for s in (getattr(req, "chain", None) or ())]
     steps = sig.steps() if isinstance(sig, chain) else [sig]

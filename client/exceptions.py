@@ -78,6 +78,10 @@ class RemoteError(TaskError):
         self.traceback = traceback
 
 
+class ImproperlyConfigured(TaskError):
+    """Celery's: a canvas or setting that cannot work as given (e.g. ``self.replace(chain())``)."""
+
+
 class ChordError(RemoteError):
     """A chord's body never ran because a header member failed (protocol.md §5.27: brokerd stores it for the
     body's id).  ``AsyncResult.get()`` raises the failed member's own exception instead, as Celery does, with

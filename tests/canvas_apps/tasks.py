@@ -159,6 +159,16 @@ def record_nesting(self, replacements, seen=()):
     return seen
 
 
+@app.task(bind=True)
+def replaced_by_chain_ending_in_group(self):
+    return self.replace(chain(add.s(1, 2), group(add.s(1), add.s(1))))
+
+
+@app.task(bind=True)
+def replaced_by_nothing(self, *_):
+    return self.replace(chain())
+
+
 @app.task
 def reject_me(reason):
     raise Reject(reason, requeue=False)

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from client.canvas import Signature, StampingVisitor, chain, chord, group
-from client.exceptions import ChordError, EncodeError, Reject, RemoteError, TaskRevokedError
+from client.exceptions import ChordError, EncodeError, ImproperlyConfigured, Reject, RemoteError, TaskRevokedError
 from client.result import GroupResult, result_from_tuple
 from tests.canvas_apps import tasks as t
 from tests.support.broker import ROOT, broker_for_app
@@ -394,6 +394,9 @@ def test_replace_hands_the_task_id_and_the_rest_of_the_chain_to_the_replacement(
     assert t.replacer.delay(1).get(timeout=WAIT) == 4  # (1 + 1) * 2
     assert (t.replacer.s(1) | t.add.s(100)).apply_async().get(timeout=WAIT) == 104
     assert t.replaced_by_group.delay(1).get(timeout=WAIT) == [2, 3]
+    assert t.replaced_by_chain_ending_in_group.delay().get(timeout=WAIT) == [4, 4]  # it used to wait for ever
+    with pytest.raises(ImproperlyConfigured, match="Cannot replace with an empty chain"):
+        chain(t.add.s(1, 1), t.replaced_by_nothing.s()).delay().get(timeout=WAIT)
 
 
 def test_each_replace_counts_one_more_in_request_replaced_task_nesting(worker):
