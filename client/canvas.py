@@ -193,6 +193,10 @@ class Signature(dict):
         value replaces the old."""
         opts = self.options
         names = list(opts.get("stamped_headers") or ())
+        new = dict(new)
+        listed = new.pop("stamped_headers", None)  # a visitor may name its stamps itself (Celery's older style)
+        if listed is not None and (not isinstance(listed, (list, tuple)) or not all(isinstance(n, str) for n in listed)):
+            raise ValueError(f"stamped_headers must be a list of stamp names, got {listed!r:.100}")
         out = {}
         for name, value in new.items():
             if not isinstance(name, str) or name in RESERVED_OPTIONS:

@@ -352,6 +352,13 @@ def test_stamps_reach_every_task_of_a_canvas_as_request_stamps(worker):
     s.options["link"] = dict(t.stamps_of.si())  # a link given as one signature map, not a list
     s.stamp(visitor=Mark())
     assert isinstance(s.options["link"], list) and s.options["link"][0].options["cb"] is True
+    class Named(StampingVisitor):  # a visitor that names its stamps itself (Celery's older style)
+        def on_signature(self, sig, **headers):
+            return {"monitoring_id": "x", "stamped_headers": ["monitoring_id"]}
+
+    s = t.stamps_of.si()
+    s.stamp(visitor=Named())
+    assert s.apply_async().get(timeout=WAIT) == {"names": ["monitoring_id"], "stamps": {"monitoring_id": "x"}}
     s = t.stamps_of.si()  # append_stamps keeps every value
     s.stamp(mark=1)
     s.stamp(append_stamps=True, mark=2)
