@@ -862,8 +862,14 @@ class chord(Signature):
     __ior__ = __or__
 
     def _members(self) -> list:
-        """The header, with groups in it flattened into their members (one result each)."""
-        return _flat_members([maybe_signature(t, self._app) for t in self.tasks])
+        """The header, with groups in it flattened into their members (one result each); a chain in it that
+        ends in a group gives that group's list as its one result (Celery: the chain prevents unrolling)."""
+        out = []
+        for m in _flat_members([maybe_signature(t, self._app) for t in self.tasks]):
+            if isinstance(m, chain) and m.tasks and isinstance(maybe_signature(m.tasks[-1], self._app), group):
+                m = m | Signature(ACCUMULATE_TASK, (), {"index": 0}, app=m._app or self._app)
+            out.append(m)
+        return out
 
     def stamp(self, visitor=None, append_stamps=False, **headers):
         return _stamp_composite(self, visitor, append_stamps, headers, "on_chord_header_start",

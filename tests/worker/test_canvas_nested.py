@@ -231,6 +231,14 @@ def test_a_countdown_on_a_chord_delays_its_header(worker):
     assert all(m.date_done.timestamp() >= sent + 1.4 for m in members), [m.date_done for m in members]
 
 
+def test_a_chain_ending_in_a_group_in_a_chord_header_gives_one_list(worker):
+    """Celery's test_nested_chord_group_chain_group_tail: the chain keeps the group's results together."""
+    sig = chord(group(chain(t.add.s(40, 2), group(t.add.s(0), t.add.s(0)))), t.record.s())
+    assert sig.apply_async().get(timeout=WAIT) == [[42, 42]]  # never [42, 42] flattened
+    inner = chord([chain(t.add.s(40, 2), group(t.add.s(0), t.add.s(0))), t.add.s(1, 1)], t.record.s())
+    assert inner.apply_async().get(timeout=WAIT) == [[42, 42], 2]
+
+
 def test_nested_groups_are_unrolled_into_one_flat_group(worker):
     """Celery's rule (test_nested_group, test_nested_group_group, test_group_results_in_chain): groups in a
     group run as its members, get() gives one flat list; a group of one chain ending in a group gives that
