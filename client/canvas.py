@@ -1128,7 +1128,7 @@ def replace(task, sig):
     if req.id is None:
         raise ValueError("replace() can only be called from inside a running task")
     sig = maybe_signature(sig, task.app).clone()
-    if _is_empty(sig):
+    if isinstance(sig, chain) and _is_empty(sig):  # (an empty group is fine: its result is [])
         raise ImproperlyConfigured("Cannot replace with an empty chain")  # Celery's words
     last = sig.tasks[-1] if isinstance(sig, chain) and sig.tasks else sig
     if isinstance(last, group):  # Celery: one result, as the replaced task had: the list of the group's

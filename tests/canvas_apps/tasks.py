@@ -165,6 +165,12 @@ def replaced_by_chain_ending_in_group(self):
 
 
 @app.task(bind=True)
+def add_to_each(self, nums, val):
+    """Replaced by a group of one add per number (Celery's add_to_all): [] for no numbers."""
+    return self.replace(group(*[add.s(n, val) for n in nums]))
+
+
+@app.task(bind=True)
 def replaced_by_nothing(self, *_):
     return self.replace(chain())
 

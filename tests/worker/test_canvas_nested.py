@@ -410,6 +410,8 @@ def test_replace_hands_the_task_id_and_the_rest_of_the_chain_to_the_replacement(
     assert (t.replacer.s(1) | t.add.s(100)).apply_async().get(timeout=WAIT) == 104
     assert t.replaced_by_group.delay(1).get(timeout=WAIT) == [2, 3]
     assert t.replaced_by_chain_ending_in_group.delay().get(timeout=WAIT) == [4, 4]  # it used to wait for ever
+    assert chord([t.add.s(1, 1), t.add.s(2, 2)], t.add_to_each.s(9)).delay().get(timeout=WAIT) == [11, 13]
+    assert chord([], t.add_to_each.s(9)).delay().get(timeout=WAIT) == []  # an empty group: [] (Celery's)
     with pytest.raises(ImproperlyConfigured, match="Cannot replace with an empty chain"):
         chain(t.add.s(1, 1), t.replaced_by_nothing.s()).delay().get(timeout=WAIT)
 
