@@ -26,7 +26,8 @@ class Request:
     def __init__(self, id=None, args=(), kwargs=None, retries=0, delivery_info=None, eta=None,
                  expires=None, parent_id=None, root_id=None, headers=None, hostname=None, is_eager=False,
                  task=None, group=None, chord=None, reply_to=None, origin=None, time_limit=None,
-                 callbacks=None, errbacks=None, properties=None):
+                 callbacks=None, errbacks=None, properties=None, replaced_task_nesting=0, stamped_headers=None,
+                 stamps=None):
         self.id = id
         self.args = list(args)
         self.kwargs = dict(kwargs or {})
@@ -46,8 +47,17 @@ class Request:
         self.correlation_id = id  # Celery: the task id
         self.reply_to = reply_to  # brokerd keeps results itself: no reply queue, so None
         self.origin = origin  # who sent the task, when the producer said
-        self.time_limit = time_limit  # (hard, soft) seconds, each None when unlimited
-        self.timelimit = time_limit  # Celery's older spelling
+        # Celery 5.7's fields: time_limit the hard limit, soft_time_limit the soft one (seconds, None when
+        # unlimited); timelimit the (hard, soft) pair, as in Celery's message headers
+        hard, soft = time_limit if isinstance(time_limit, (tuple, list)) else (time_limit, None)
+        self.time_limit = hard
+        self.soft_time_limit = soft
+        self.timelimit = (hard, soft)
+        # how many times this task's id was handed on by self.replace() (Celery's; 0: never replaced)
+        self.replaced_task_nesting = replaced_task_nesting
+        # Celery's stamps (canvas.stamp): the names, and name -> value
+        self.stamped_headers = list(stamped_headers or ())
+        self.stamps = dict(stamps or {})
         self.callbacks = callbacks  # the link= signatures, run on success
         self.errbacks = errbacks  # the link_error= signatures, run on failure
         self.properties = properties if properties is not None else {"correlation_id": id, "reply_to": reply_to}

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import functools
+import inspect
 import importlib
 import logging
 import os
@@ -226,6 +227,12 @@ class Task:
         no-op (client.taskopts); an option it does not have is a TypeError naming it."""
         args = tuple(args or ())
         kwargs = dict(kwargs or {})
+        hard = options.get("time_limit") or self.time_limit
+        soft = options.get("soft_time_limit") or self.soft_time_limit
+        if (type(hard) in (int, float) and type(soft) in (int, float) and 0 < hard < soft):  # Celery's check:
+            # the soft limit could never fire (other values are checked, naming them, when the call is built)
+            raise ValueError(f"soft_time_limit must be less than or equal to time_limit ({self.name}: soft "
+                             f"{soft:g} s, hard {hard:g} s)")
         fun = getattr(type(self), "__wrapped__", None)
         if self.typing and fun is not None:
             taskopts.check_arguments(self, fun, args, kwargs)
@@ -233,9 +240,10 @@ class Task:
             args, kwargs = taskopts.dump_models(args, kwargs)
         if self.app.conf.task_always_eager:
             routed = ("routing_key", "exchange", "parent_id", "root_id", "link", "link_error",
-                      "unique_key", "unique_for", "unique_until")  # meaningless when run here
+                      "unique_key", "unique_for", "unique_until", "stamped_headers", "stamps")  # meaningless here
+            throw = options.pop("throw", None)  # Celery's apply(throw=): only meaningful when run here
             taskopts.check_call_options(self.name, {k: v for k, v in options.items() if k not in routed})
-            return self.apply(args, kwargs, task_id=task_id)
+            return self.apply(args, kwargs, task_id=task_id, throw=throw)
         # unique tasks: an explicit unique_key, or unique=True (key: name + a hash of the arguments)
         key = options.pop("unique_key", None) or (unique_key_of(self.name, args, kwargs) if self.unique else None)
         unique = None if key is None else (key, options.pop("unique_for", self.unique_for),
@@ -274,16 +282,20 @@ class Task:
                               using=using)
         return AsyncResult(task_id, app=self.app)
 
-    def apply(self, args=None, kwargs=None, *, task_id=None, **_):
-        """Run eagerly in this process and return an EagerResult (Celery's ``apply``)."""
+    def apply(self, args=None, kwargs=None, *, task_id=None, throw=None, **_):
+        """Run eagerly in this process and return an EagerResult (Celery's ``apply``).  A failure is kept in
+        the result, or raised with ``throw=True`` (default: the setting ``task_eager_propagates``)."""
         task_id = task_id or str(uuid.uuid4())
         args, kwargs = tuple(args or ()), dict(kwargs or {})
-        req = Request(id=task_id, args=args, kwargs=kwargs, is_eager=True, task=self.name, root_id=task_id)
+        parent = current_request.get()  # applied inside another task: that one is its parent (Celery's)
+        req = Request(id=task_id, args=args, kwargs=kwargs, is_eager=True, task=self.name,
+                      parent_id=parent.id if parent is not None else None,
+                      root_id=(parent.root_id or parent.id) if parent is not None else task_id)
         token = current_request.set(req)
         try:
             value = self(*args, **kwargs)
         except Exception as exc:
-            if self.app.conf.task_eager_propagates:
+            if throw if throw is not None else self.app.conf.task_eager_propagates:
                 raise
             return EagerResult(task_id, None, "FAILURE", exc)
         finally:
@@ -301,9 +313,13 @@ class Task:
             return
         self.app.client.store_result(tid, state, None, meta)
 
-    def retry(self, exc=None, countdown=None, eta=None, max_retries=None, **_):
+    def retry(self, exc=None, countdown=None, eta=None, max_retries=None, *, args=None, kwargs=None, **_):
         """Ask for this task to run again later.  Raises ``Retry`` (or, past
-        max_retries, the original exception / MaxRetriesExceededError)."""
+        max_retries, the original exception / MaxRetriesExceededError).
+
+        ``args``/``kwargs`` (Celery's) run it again with other arguments: given alone, one keeps what
+        the other does not replace (new positional ``args`` drop the kwargs they now fill; new
+        ``kwargs`` take the place of the positional arguments they name)."""
         req = self.request
         limit = self.max_retries if max_retries is None else max_retries
         if req.is_eager:
@@ -320,7 +336,51 @@ class Task:
             when = float(countdown)
         else:
             when = self.retry_delay(req.retries)
-        raise Retry(f"retry in {when:g}s", exc, when)
+        r = Retry(f"retry in {when:g}s", exc, when)
+        if args is not None or kwargs is not None:
+            r.args_kwargs = self._retry_arguments(req, args, kwargs)
+        raise r
+
+    def _retry_arguments(self, req, args, kwargs) -> tuple:
+        """The (args, kwargs) of the next run for ``retry(args=, kwargs=)``."""
+        new_args = list(req.args) if args is None else list(args)
+        new_kwargs = dict(req.kwargs) if kwargs is None else dict(kwargs)
+        try:
+            sig = inspect.signature(self.run)
+        except (TypeError, ValueError):
+            return new_args, new_kwargs
+        by_name = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        if args is not None and kwargs is None:
+            named = [p for p in sig.parameters.values() if p.kind is by_name]
+            for p in named[:len(new_args)]:  # now given by position
+                new_kwargs.pop(p.name, None)
+        elif kwargs is not None and args is None and req.args:
+            try:
+                bound = sig.bind_partial(*req.args)
+            except TypeError:
+                return new_args, new_kwargs  # the task's own argument check will say what is wrong
+            for name in list(new_kwargs):  # a keyword that names a positional argument replaces it there
+                if name in bound.arguments and sig.parameters[name].kind is by_name:
+                    bound.arguments[name] = new_kwargs.pop(name)
+            new_args, new_kwargs = list(bound.args), {**bound.kwargs, **new_kwargs}
+        return new_args, new_kwargs
+        named = [p for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        if args is not None and kwargs is None:
+            for p in named[:len(new_args)]:  # now given by position
+                new_kwargs.pop(p.name, None)
+        elif kwargs is not None and args is None and req.args:
+            keep = []
+            for i, value in enumerate(req.args):  # a keyword now names it: it leaves the positions
+                if i < len(named) and named[i].name in new_kwargs and len(keep) == i:
+                    continue
+                keep.append(value)
+            if len(keep) < len(req.args):  # later positions cannot follow a gap: pass them by name
+                extra = req.args[len(keep):]
+                names = [p.name for p in named[len(keep):len(req.args)]]
+                for n, v in zip(names, extra):
+                    new_kwargs.setdefault(n, v)
+            new_args = keep
+        return new_args, new_kwargs
 
     def retry_delay(self, retries: int) -> float:
         """Seconds before retry number ``retries + 1``: fixed, or exponential with jitter."""
@@ -353,11 +413,13 @@ class Task:
 
     def map(self, items):
         """One task that runs this task on each item in turn; its result is the list."""
-        return canvas.Signature("brokerd.map", (self.name, list(items)), app=self.app)
+        # immutable, as Celery's xmap: in a chain it maps its own items, never the previous result
+        return canvas.Signature("brokerd.map", (self.name, list(items)), app=self.app, immutable=True)
 
     def starmap(self, items):
         """Like ``map``, with each item a tuple of arguments."""
-        return canvas.Signature("brokerd.starmap", (self.name, [list(a) for a in items]), app=self.app)
+        return canvas.Signature("brokerd.starmap", (self.name, [list(a) for a in items]), app=self.app,
+                                immutable=True)
 
     def chunks(self, items, n: int):
         """Split ``items`` (argument tuples) into tasks of ``n`` calls each: a group of starmaps."""
@@ -571,6 +633,7 @@ class App:
         exchange = options.pop("exchange", exchange)
         parent_id = options.pop("parent_id", None) or parent_id
         root_id = options.pop("root_id", None) or root_id
+        headers = stamped_headers(name, headers, options.pop("stamped_headers", None), options.pop("stamps", None))
         # Flow control, in headers brokerd reads without the body (protocol.md §5.2.1): the task
         # name always; the task's rate and cap; apply_async's tenant= and concurrency_key=.
         flow = {"x-task": name}
@@ -585,6 +648,8 @@ class App:
                 flow[header] = value
         env_options = taskopts.check_call_options(name, options)
         taskopts.check_serializer(self.conf.get("task_serializer"), "the setting task_serializer")
+        if task is not None and task.pydantic:  # every call path (delay, a signature, a canvas step)
+            args, kwargs = taskopts.dump_models(args, kwargs)
         check_encodable(name, args, kwargs)
         queue, priority = self.queue_and_priority(name, task, queue, priority, routing_key=routing_key,
                                                   exchange=exchange, args=args, kwargs=kwargs, options=env_options)
@@ -598,9 +663,15 @@ class App:
         if extra:
             env.update(extra)
         if signals.before_task_publish.receivers:  # Celery's hook: receivers may edit the envelope
+            # the headers as Celery's message protocol 2 shows them (id, task, ... and the application's
+            # own); what a receiver adds or changes among the application's is sent
+            shown = {"lang": "py", "task": name, "id": task_id, "root_id": root_id or task_id,
+                     "parent_id": parent_id, "eta": env.get("eta"), "expires": env.get("expires"),
+                     "retries": 0, **env["headers"]}
             signals.before_task_publish.send(sender=name, body=env, exchange="", routing_key=queue,
-                                             headers=env["headers"], properties={"priority": priority},
+                                             headers=shown, properties={"priority": priority},
                                              declare=[], retry_policy=None)
+            env["headers"].update({k: v for k, v in shown.items() if k not in PROTOCOL_HEADERS})
         signer = self.signer
         if signer is not None:
             signer.sign(env)
@@ -608,14 +679,27 @@ class App:
             task_id = self.client.publish_unique(queue, encode_envelope(env), unique[0], unique_for=unique[1],
                                                  unique_until=unique[2], id=task_id, priority=priority,
                                                  eta=eta_s, headers=flow)["id"]
-            return AsyncResult(task_id, app=self, queue=queue)
+            return self._result_for(task_id, queue, task, env_options)
         self.client.publish(queue, encode_envelope(env), priority=priority, eta=eta_s, id=task_id, confirm=confirm,
                             headers=flow)
         if parent is not None and not parent.is_eager and len(parent.children) < CHILDREN_MAX:
             parent.children.append(task_id)  # the running task's AsyncResult.children
         if signals.after_task_publish.receivers:
             signals.after_task_publish.send(sender=name, body=env, exchange="", routing_key=queue)
-        return AsyncResult(task_id, app=self, queue=queue)
+        return self._result_for(task_id, queue, task, env_options)
+
+    def _result_for(self, task_id, queue, task, env_options) -> AsyncResult:
+        """The caller's AsyncResult, marked ``ignored`` when no result will be stored (the call's
+        ``ignore_result=``, else the task's, else ``task_ignore_result``): its ``get()`` then returns
+        None at once, as Celery's does, instead of waiting for a result that never comes."""
+        ignored = (env_options or {}).get("ignore_result")
+        if ignored is None and task is not None:
+            ignored = task.ignore_result
+        if ignored is None:
+            ignored = bool(self.conf.get("task_ignore_result", False))
+        result = AsyncResult(task_id, app=self, queue=queue)
+        result.ignored = bool(ignored)
+        return result
 
     @property
     def signer(self):
@@ -814,6 +898,28 @@ class App:
         return canvas.signature(name, args, kwargs, app=self, **options)
 
 
+# What before_task_publish receivers see besides the application's headers (Celery's protocol 2 names);
+# they are shown, not sent as headers: the envelope carries them in its own fields (protocol.md §8.1).
+PROTOCOL_HEADERS = frozenset(("lang", "task", "id", "root_id", "parent_id", "eta", "expires", "retries"))
+STAMPS_MAX = 100  # stamps on one task: names travel in every message of a canvas
+
+
+def stamped_headers(name, headers, names, stamps) -> dict | None:
+    """Celery's stamps (``sig.stamp(...)``, or ``apply_async(stamped_headers=[...], stamps={...})``) as
+    message headers: ``stamped_headers`` the names, ``stamps`` name -> value (the worker's
+    request.stamped_headers / request.stamps).  TypeError naming what is wrong."""
+    if not names and not stamps:
+        return headers
+    stamps = dict(stamps or {})
+    if not isinstance(stamps, dict) or not all(isinstance(k, str) for k in stamps):
+        raise TypeError(f"apply_async() of {name}: stamps must be a map of stamp name to value")
+    names = list(names if names is not None else stamps)
+    if not all(isinstance(n, str) for n in names) or len(names) > STAMPS_MAX:
+        raise TypeError(f"apply_async() of {name}: stamped_headers must be a list of at most {STAMPS_MAX} "
+                        f"stamp names (text), got {names!r:.200}")
+    return {**(headers or {}), "stamped_headers": names, "stamps": {n: stamps.get(n) for n in names}}
+
+
 class Backend:
     """``app.backend``: Celery's result-backend calls, answered by brokerd (RESULT_GET/SET)."""
 
@@ -846,6 +952,11 @@ class Backend:
 
     def forget(self, task_id) -> None:
         AsyncResult(task_id, app=self.app).forget()
+
+    def ensure_chords_allowed(self) -> None:
+        """Celery's check before a chord is sent (some of its backends cannot count a chord's members).
+        brokerd counts every chord itself (CHORD), so chords are always allowed: nothing to raise."""
+        return None
 
     def wait_for(self, task_id, timeout=None, **_):
         AsyncResult(task_id, app=self.app).get(timeout=timeout, propagate=False)

@@ -47,10 +47,10 @@ import inspect
 import logging
 import uuid
 
-from client._current import current_app
+from client._current import Request, current_app, current_request
 from client.envelope import encode_envelope, make_envelope
-from client.exceptions import Ignore
-from client.result import AsyncResult, GroupResult
+from client.exceptions import Ignore, ImproperlyConfigured
+from client.result import AsyncResult, EagerResult, GroupResult
 
 # canvas never imports client.app: it works on the app it is given (or the
 # current one) through its public methods, and client.app imports canvas for
@@ -77,6 +77,9 @@ def _plain(value):
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+plain = _plain  # for the worker: a returned signature is stored as its plain map
 
 
 def _sig_list(value, app=None) -> list:
@@ -106,6 +109,9 @@ class Signature(dict):
             task, args, kwargs = d["task"], d.get("args") or (), d.get("kwargs")
             options, immutable = d.get("options"), d.get("immutable", False)
             subtask_type = d.get("subtask_type")
+        elif not isinstance(task, str) and isinstance(getattr(task, "name", None), str) and hasattr(task, "s"):
+            app = app or getattr(task, "app", None)  # a task itself (Celery: chord([tsum, tsum], ...))
+            task = task.name
         super().__init__(task=task, args=list(args or ()), kwargs=dict(kwargs or {}),
                          options={**(options or {}), **ex}, immutable=bool(immutable))
         if subtask_type:
@@ -178,6 +184,54 @@ class Signature(dict):
     def set_immutable(self, immutable: bool) -> None:
         self["immutable"] = bool(immutable)
 
+    # -- stamping (Celery 5.3+): custom headers put on every task of a canvas; the worker shows them as
+    # request.stamps / request.stamped_headers.  A stamp is an option of the signature, its name listed in
+    # the option ``stamped_headers``; publishing moves them to the message headers (protocol.md §8.1
+    # ``headers``: ``stamped_headers`` the names, ``stamps`` name -> value).
+    def _stamped(self, new: dict, append: bool) -> dict:
+        """This signature's stamps with ``new`` added: ``append`` keeps every value (a list), else the new
+        value replaces the old."""
+        opts = self.options
+        names = list(opts.get("stamped_headers") or ())
+        new = dict(new)
+        listed = new.pop("stamped_headers", None)  # a visitor may name its stamps itself (Celery's older style)
+        if listed is not None and (not isinstance(listed, (list, tuple)) or not all(isinstance(n, str) for n in listed)):
+            raise ValueError(f"stamped_headers must be a list of stamp names, got {listed!r:.100}")
+        out = {}
+        for name, value in new.items():
+            if not isinstance(name, str) or name in RESERVED_OPTIONS:
+                raise ValueError(f"a stamp needs a name that is not a call option: {name!r}")
+            if append and name in names:
+                old = opts.get(name)
+                old = old if isinstance(old, list) else [old]
+                value = [*old, *(value if isinstance(value, list) else [value])]
+            out[name] = value
+            if name not in names:
+                names.append(name)
+        out["stamped_headers"] = names
+        return out
+
+    def stamp(self, visitor=None, append_stamps=False, **headers) -> "Signature":
+        """Put stamps (``headers``, and what ``visitor.on_signature`` returns) on this task and its links."""
+        self.stamp_links(visitor, append_stamps, **headers)
+        more = dict(headers)
+        if visitor is not None:
+            more.update(visitor.on_signature(self, **headers) or {})
+        return self.set(**self._stamped(more, append_stamps))
+
+    def stamp_links(self, visitor, append_stamps=False, **headers) -> None:
+        """Stamp this signature's callbacks (``visitor.on_callback``) and errbacks (``on_errback``)."""
+        for key, hook in (("link", "on_callback"), ("link_error", "on_errback")):
+            if isinstance(self.options.get(key), dict):  # one signature (map) given as the link itself
+                self.options[key] = [self.options[key]]
+            for i, link in enumerate(self.options.get(key) or ()):
+                link = maybe_signature(link, self._app)
+                more = dict(headers)
+                if visitor is not None:
+                    more.update(getattr(visitor, hook)(link, **headers) or {})
+                link.set(**link._stamped(more, append_stamps))
+                self.options[key][i] = link
+
     def freeze(self, _id=None) -> AsyncResult:
         """Choose the task id now (so a workflow can name it before it runs); its AsyncResult."""
         tid = self["options"].setdefault("task_id", _id or str(uuid.uuid4()))
@@ -232,6 +286,8 @@ class Signature(dict):
             value = opts.pop(key, None)
             if value:
                 extra[key] = _plain(value)
+        if opts.get("stamped_headers"):  # the stamps, by name, go with the names (publish_task: headers)
+            opts["stamps"] = {k: opts.pop(k, None) for k in opts["stamped_headers"] if isinstance(k, str)}
         app = s.app
         task = app.tasks.get(s.name)
         if app.conf.task_always_eager and task is not None:
@@ -244,6 +300,11 @@ class Signature(dict):
 
     def delay(self, *args, **kwargs):
         return self.apply_async(args, kwargs)
+
+    def apply(self, args=None, kwargs=None, throw=None, **options):
+        """Run it here and now, with no message and no worker (Celery's): an EagerResult (a group's: a
+        GroupResult).  ``client.canvas.apply_eager`` says how each primitive runs."""
+        return apply_eager(self.clone(**options) if options else self, args, kwargs, throw)
 
     def __call__(self, *args, **kwargs):
         """Run the task here and now (no message), with these arguments prepended."""
@@ -271,6 +332,10 @@ class Signature(dict):
 
 
 SEND_OPTIONS = ("countdown", "eta", "expires", "priority", "queue", "task_id", "headers")
+# names a stamp may not take: the signature's own call options (a stamp is kept among them)
+RESERVED_OPTIONS = frozenset((*SEND_OPTIONS, "link", "link_error", "chain", "stamped_headers", "stamps",
+                              "time_limit", "soft_time_limit", "ignore_result", "shadow", "routing_key",
+                              "exchange", "parent_id", "root_id", "immutable", "subtask_type"))
 
 
 def _send_options(opts: dict, task) -> dict:
@@ -317,6 +382,29 @@ def _unroll(g):
     return g.tasks[0] if isinstance(g, group) and len(g.tasks) == 1 else g
 
 
+def _flat_members(tasks) -> list:
+    """A group's members with every member that is itself a group replaced by its members (its own
+    partial arguments applied), at any depth: Celery unrolls nested groups, so they all run in parallel
+    and ``get()`` gives one flat list."""
+    out = []
+    for t in tasks:
+        if _is_empty(t):
+            continue  # an empty chain or group is a no-op member (Celery's): it has no result
+        if isinstance(t, group):
+            inner = t if not t["args"] else [m.clone(t["args"]) for m in t.tasks] if not t.immutable else t.tasks
+            out.extend(_flat_members(inner.tasks if isinstance(inner, group) else inner))
+        else:
+            out.append(t)
+    return out
+
+
+def _is_empty(sig) -> bool:
+    """A chain or group with no task anywhere inside it (``chain()``, ``group([])``, ``chain(group())``)."""
+    if isinstance(sig, (chain, group)):
+        return all(_is_empty(maybe_signature(t, sig._app)) for t in sig.tasks)
+    return False
+
+
 def _is_composite(sig) -> bool:
     return isinstance(sig, (chain, group, chord))
 
@@ -351,6 +439,8 @@ class chain(Signature):
         if len(tasks) == 1 and not isinstance(tasks[0], dict) and hasattr(tasks[0], "__iter__"):
             tasks = tuple(tasks[0])
         sigs = [maybe_signature(t, app) for t in tasks]
+        if any(not _is_empty(s) for s in sigs):  # an empty group or chain step passes its arguments on
+            sigs = [s for s in sigs if not _is_empty(s)]
         if len(sigs) <= 1:
             return _mkchain(sigs, app, options)
         out = _mkchain([], app)
@@ -439,7 +529,9 @@ class chain(Signature):
                 flat.append(t)
 
         for t in self.tasks:
-            add(maybe_signature(t, self._app))
+            t = maybe_signature(t, self._app)
+            if not _is_empty(t):  # an empty group or chain step passes its arguments on (Celery's)
+                add(t)
         if not flat:
             raise ValueError("chain() needs at least one signature")
         for i, t in enumerate(flat):
@@ -459,9 +551,14 @@ class chain(Signature):
         for eb in self.options.get("link_error") or ():
             for t in flat:
                 t.link_error(eb)
-        if self.options.get("task_id") and not flat[-1].id:
+        if self.options.get("task_id") and not isinstance(flat[-1], chord) and not flat[-1].id:
             flat[-1].set(task_id=self.options["task_id"])  # Celery: a chain's id is its last task's
+            # (a chord's: its body's, given to chord.freeze by chain.freeze)
         return flat
+
+    def stamp(self, visitor=None, append_stamps=False, **headers):
+        return _stamp_composite(self, visitor, append_stamps, headers, "on_chain_start", "on_chain_end",
+                                self.tasks)
 
     def freeze(self, _id=None):
         """Normalize, choose every task id, and return the result of the last step (``.parent`` leads
@@ -474,13 +571,16 @@ class chain(Signature):
             self["options"].pop(k, None)  # now on the steps
         parent = None
         res = None
-        for s in steps:
-            res = s.freeze()
+        for i, s in enumerate(steps):
+            last_chord = i == len(steps) - 1 and isinstance(s, chord) and self["options"].get("task_id")
+            res = s.freeze(self["options"]["task_id"]) if last_chord else s.freeze()
             _root(res).parent = parent
             parent = res
         return res
 
     def apply_async(self, args=None, kwargs=None, **options):
+        if _always_eager(self):
+            return self.apply(args, kwargs, **options)
         c = self.clone()
         task_id = options.pop("task_id", None)
         if task_id:
@@ -504,6 +604,63 @@ class chain(Signature):
 
     def __repr__(self):
         return " | ".join(repr(s) for s in self.tasks) if self.tasks else "chain()"
+
+
+class StampingVisitor:
+    """Celery's visitor for ``canvas.stamp(visitor=...)``: each hook returns the stamps (a dict) to put on
+    what it visits; ``on_signature`` is called for every task, the others around chains, groups, chords
+    and for links.  Subclass it and override what you need."""
+
+    def on_signature(self, sig, **headers) -> dict:
+        return {}
+
+    def on_group_start(self, group, **headers) -> dict:
+        return {}
+
+    def on_group_end(self, group, **headers) -> None:
+        pass
+
+    def on_chain_start(self, chain, **headers) -> dict:
+        return {}
+
+    def on_chain_end(self, chain, **headers) -> None:
+        pass
+
+    def on_chord_header_start(self, sig, **header) -> dict:
+        return self.on_group_start(sig, **header)
+
+    def on_chord_header_end(self, sig, **header) -> None:
+        self.on_group_end(sig, **header)
+
+    def on_chord_body(self, sig, **header) -> dict:
+        return {}
+
+    def on_callback(self, callback, **header) -> dict:
+        return {}
+
+    def on_errback(self, errback, **header) -> dict:
+        return {}
+
+
+def _stamp_composite(sig, visitor, append_stamps, headers, start, end, members, body=None):
+    """Stamp a chain/group/chord: its own stamps from ``start``, then its links, each member, the body."""
+    headers = dict(headers)
+    if visitor is not None and start:
+        headers.update(getattr(visitor, start)(sig, **headers) or {})
+    sig.set(**sig._stamped(headers, append_stamps))
+    sig.stamp_links(visitor, append_stamps, **headers)
+    for i, t in enumerate(members):
+        t = maybe_signature(t, sig._app)
+        t.stamp(visitor, append_stamps, **headers)
+        members[i] = t
+    if visitor is not None and end:
+        getattr(visitor, end)(sig, **headers)
+    if body is not None:
+        more = dict(headers)
+        if visitor is not None:
+            more.update(visitor.on_chord_body(sig, **headers) or {})
+        body.stamp(visitor, append_stamps, **more)
+    return sig
 
 
 def _root(res):
@@ -566,13 +723,20 @@ class group(Signature):
         sig = maybe_signature(sig, self._app)
         return tuple(t.link_error(sig.clone().set(immutable=True)) for t in self.tasks)
 
+    def stamp(self, visitor=None, append_stamps=False, **headers):
+        return _stamp_composite(self, visitor, append_stamps, headers, "on_group_start", "on_group_end",
+                                self.tasks)
+
     def freeze(self, _id=None):
         gid = self["options"].setdefault("task_id", _id or str(uuid.uuid4()))
+        self["kwargs"]["tasks"] = _flat_members(self.tasks)
         results = [t.freeze() for t in self.tasks]
         app = self.tasks[0].app if self.tasks else self._app
         return GroupResult(gid, results, app=app)
 
     def apply_async(self, args=None, kwargs=None, **options):
+        if _always_eager(self):
+            return self.apply(args, kwargs, **options)
         g = self.clone(args)
         link, link_error = options.pop("link", None), options.pop("link_error", None)
         for cb in _sig_list(link, self._app):
@@ -590,6 +754,8 @@ class group(Signature):
                 t.apply_async(g["args"], kwargs, _confirm=False, **options)  # pipelined ...
         if app is not None and not app.conf.task_always_eager:
             app.client.wait_for_confirms()  # ... and confirmed together: one round trip
+        if len(result.results) == 1 and isinstance(result.results[0], GroupResult):
+            return result.results[0]  # Celery's group(a | group(b, c)): the inner group's results, not [[...]]
         return result
 
     def delay(self, *args, **kwargs):
@@ -696,48 +862,61 @@ class chord(Signature):
     __ior__ = __or__
 
     def _members(self) -> list:
-        """The header, with groups in it flattened into their members (one result each)."""
+        """The header, with groups in it flattened into their members (one result each); a chain in it that
+        ends in a group gives that group's list as its one result (Celery: the chain prevents unrolling)."""
         out = []
-        for t in self.tasks:
-            t = maybe_signature(t, self._app)
-            out.extend(t.tasks if isinstance(t, group) else [t])
+        for m in _flat_members([maybe_signature(t, self._app) for t in self.tasks]):
+            if isinstance(m, chain) and m.tasks and isinstance(maybe_signature(m.tasks[-1], self._app), group):
+                m = m | Signature(ACCUMULATE_TASK, (), {"index": 0}, app=m._app or self._app)
+            out.append(m)
         return out
+
+    def stamp(self, visitor=None, append_stamps=False, **headers):
+        return _stamp_composite(self, visitor, append_stamps, headers, "on_chord_header_start",
+                                "on_chord_header_end", self.tasks, self.body)
 
     def freeze(self, _id=None):
         if self.body is None:
             raise ValueError("chord() needs a body: chord(header, body) or chord(header)(body)")
-        cid = self["options"].setdefault("task_id", _id or str(uuid.uuid4()))
+        cid = self["options"].setdefault("task_id", str(uuid.uuid4()))  # the header's group id, the CHORD's
         members = self._members()
         self["kwargs"]["header"] = members
         header = GroupResult(cid, [m.freeze() for m in members], app=self.body.app)
-        body = self.body.freeze()
+        body = self.body.freeze(_id) if _id is not None else self.body.freeze()  # an id given names the result
         _root(body).parent = header
         return body
 
     def apply_async(self, args=None, kwargs=None, **options):
         if self.body is None:
             raise ValueError("chord() needs a body: chord(header, body) or chord(header)(body)")
+        if _always_eager(self):
+            return self.apply(args, kwargs, **options)
         c = self.clone(args)
         link, link_error = options.pop("link", None), options.pop("link_error", None)
-        cid = options.pop("task_id", None)
+        body_id = options.pop("task_id", None)  # names the result: the body's id (Celery's)
+        # countdown/eta delay the header (Celery #7851): the body runs when the header is done anyway
+        delay = {k: options.pop(k) for k in ("countdown", "eta") if options.get(k) is not None}
         if options:
             c.body = c.body.clone(**options)
         for cb in _sig_list(link, self._app):
             c.link(cb)
         for eb in _sig_list(link_error, self._app):
             c.link_error(eb)
-        result = c.freeze(cid)
+        result = c.freeze(body_id)
         app = c.body.app
         members = c.tasks
+        if not members:  # an empty header (or only empty chains): Celery runs the body at once, with []
+            c.body.apply_async(([],), kwargs)
+            return result
         ids = [i for m in members for i in _final_ids(m)]
         spec = body_spec(app, c.body)
         error = _error_spec(app, c.body, spec)
         app.client.chord(c.id, ids, spec, error)
         for m in members:
             if _is_composite(m):
-                m.apply_async(c["args"], kwargs)
+                m.apply_async(c["args"], kwargs, **delay)
             else:
-                m.apply_async(c["args"], kwargs, _confirm=False)
+                m.apply_async(c["args"], kwargs, _confirm=False, **delay)
         app.client.wait_for_confirms()
         return result
 
@@ -783,13 +962,17 @@ def body_spec(app, body) -> dict:
     a group or chord (or a chain that starts with one) as ``brokerd.canvas`` carrying it."""
     if isinstance(body, chain):
         steps = body.tasks  # frozen, so normalized
-        if not _is_composite(steps[0]):
+        if not _is_composite(steps[0]) and not steps[0].immutable:
             first = steps[0].clone()
             if len(steps) > 1:
                 first["options"]["chain"] = [_plain(s) for s in steps[1:]]
             return message_spec(app, first, "chord-body")
+        if not _is_composite(steps[0]):  # an immutable first step: brokerd would prepend the results
+            return message_spec(app, Signature(APPLY_TASK, (), {"sig": _plain(body)}, app=app), "chord-body")
         body = steps[0]
-    if _is_composite(body):
+    # brokerd prepends the header's results to the body it publishes (§5.27); an immutable body (task.si)
+    # must not get them, so it goes through brokerd.canvas too, whose apply_async honours immutable
+    if _is_composite(body) or body.immutable:
         return message_spec(app, Signature(APPLY_TASK, (), {"sig": _plain(body)}, app=app), "chord-body")
     return message_spec(app, body, "chord-body")
 
@@ -843,6 +1026,76 @@ def callbacks_extra(options: dict, app=None) -> dict | None:
     return extra or None
 
 
+# -- eager: a canvas run here and now (Celery's sig.apply(), and every primitive under task_always_eager) --
+def apply_eager(sig, args=None, kwargs=None, throw=None):
+    """Run ``sig`` in this process, each step as ``Task.apply`` runs a task: a task's EagerResult (a chain's
+    is its last step's, ``.parent`` leading back), a group's GroupResult of them, a chord's body's, after
+    its header's.  ``link`` callbacks run with the value; on a failure the ``link_error`` errbacks run
+    (Celery's two styles) and the rest of a chain, or a chord's body, does not.  ``throw=True`` (or the
+    setting ``task_eager_propagates``) raises a task's exception instead of keeping it in the result."""
+    sig = maybe_signature(sig)
+    args, kwargs = list(args or ()), dict(kwargs or {})
+    if isinstance(sig, chain):
+        res = None
+        step_args = [*args, *sig["args"]] if not sig.immutable else list(sig["args"])
+        for step in sig.tasks:
+            if _is_empty(maybe_signature(step, sig._app)):
+                continue  # passes its arguments on
+            prev = res
+            res = apply_eager(step, step_args, kwargs if prev is None else None, throw)
+            _root(res).parent = prev
+            if not res.successful():
+                break
+            step_args = [res.get(disable_sync_subtasks=False)]
+        return res if res is not None else EagerResult(str(uuid.uuid4()), None, "SUCCESS")
+    if isinstance(sig, chord):
+        header = apply_eager(group(sig.tasks, app=sig._app, task_id=sig.options.get("task_id")),
+                             [*args, *sig["args"]], kwargs, throw)
+        failed = next((r for r in header.results if not r.successful()), None)
+        if failed is not None:  # the body never runs: its result is the failed member's exception
+            body = EagerResult(str(uuid.uuid4()), None, "FAILURE", failed.result)
+        else:
+            body = apply_eager(sig.body, [header.get(disable_sync_subtasks=False)], None, throw)
+        _root(body).parent = header
+        return body
+    if isinstance(sig, group):
+        gid = sig.options.get("task_id") or str(uuid.uuid4())
+        g_args = [*args, *sig["args"]] if not sig.immutable else list(sig["args"])
+        res = GroupResult(gid, [apply_eager(t, g_args, kwargs, throw) for t in _flat_members(sig.tasks)],
+                          app=sig._app)
+        return res.results[0] if len(res.results) == 1 and isinstance(res.results[0], GroupResult) else res
+    app = sig.app
+    task = app.tasks.get(sig.name)
+    if task is None:
+        raise KeyError(f"task {sig.name!r} is not registered in this process: it cannot run eagerly here")
+    a, kw = sig._merged(args, kwargs)
+    res = task.apply(a, kw, task_id=sig.options.get("task_id"), throw=throw)
+    if res.successful():
+        for cb in sig.options.get("link") or ():
+            apply_eager(maybe_signature(cb, app), [res.result], None, throw)
+    else:
+        for eb in sig.options.get("link_error") or ():
+            eb = maybe_signature(eb, app)
+            if errback_takes_request(app, eb):
+                req = _current_request_for(res.id, sig.name, a, kw)
+                app.tasks[eb.name](*eb._merged((req, res.result, None), None)[0], **eb["kwargs"])
+            else:
+                apply_eager(eb, [res.id], None, throw)
+    return res
+
+
+def _always_eager(sig) -> bool:
+    """True when the canvas's app runs everything here and now (task_always_eager)."""
+    try:
+        return bool(sig.app.conf.task_always_eager)
+    except Exception:  # noqa: BLE001 - no app anywhere in the canvas: it is sent, and that says so
+        return False
+
+
+def _current_request_for(tid, name, args, kwargs):
+    return Request(id=tid, args=args, kwargs=kwargs, is_eager=True, task=name, root_id=tid)
+
+
 # -- built-ins and replace: called by client.app ------------------------------------------------
 def register_builtins(app) -> None:
     def _apply_canvas(*args, sig=None):
@@ -875,11 +1128,18 @@ def replace(task, sig):
     if req.id is None:
         raise ValueError("replace() can only be called from inside a running task")
     sig = maybe_signature(sig, task.app).clone()
-    if isinstance(sig, group):  # Celery: one result, as the replaced task had: the list of the group's
+    if isinstance(sig, chain) and _is_empty(sig):  # (an empty group is fine: its result is [])
+        raise ImproperlyConfigured("Cannot replace with an empty chain")  # Celery's words
+    last = sig.tasks[-1] if isinstance(sig, chain) and sig.tasks else sig
+    if isinstance(last, group):  # Celery: one result, as the replaced task had: the list of the group's
         sig = sig | Signature(ACCUMULATE_TASK, (), {"index": 0}, app=task.app)
     rest = [maybe_signature(s, task.app) for s in (getattr(req, "chain", None) or ())]
     steps = sig.steps() if isinstance(sig, chain) else [sig]
     _final_sig(steps[-1]).set(task_id=req.id)
+    nesting = (getattr(req, "replaced_task_nesting", 0) or 0) + 1  # Celery's request.replaced_task_nesting
+    for step in steps:
+        for s in _plain_sigs(step):
+            s.set(headers={**(s.options.get("headers") or {}), "replaced_task_nesting": nesting})
     full = _mkchain([*steps, *rest], task.app)
     for cb in getattr(req, "callbacks", None) or ():
         _final_sig(full.tasks[-1]).link(cb)
@@ -888,6 +1148,22 @@ def replace(task, sig):
             s.link_error(eb)
     full.apply_async()
     raise Ignore(f"replaced by {sig!r}")
+
+
+def _plain_sigs(sig):
+    """Every task signature inside ``sig`` (a chain's steps, a group's members, a chord's header and body)."""
+    if isinstance(sig, chain):
+        for t in sig.tasks:
+            yield from _plain_sigs(t)
+    elif isinstance(sig, chord):
+        for t in sig.tasks:
+            yield from _plain_sigs(t)
+        yield from _plain_sigs(sig.body)
+    elif isinstance(sig, group):
+        for t in sig.tasks:
+            yield from _plain_sigs(t)
+    elif isinstance(sig, Signature):
+        yield sig
 
 
 def _final_sig(sig):
@@ -933,7 +1209,23 @@ def after_task(app, env: dict, state: str, value=None, meta: dict | None = None)
     old-style ``link_error`` errback with the failed task's id prepended (new-style
     ones were called where the task ran), and store a FAILURE naming the failed step
     for every task id later in the chain.
+
+    What it sends has the finished task as its parent (``parent_id``) and the task's root as its
+    root (``root_id``), as in Celery, although the task itself is over (this runs in the worker's
+    main process): the finished task stands as the current request while it sends.
     """
+    tid = env.get("id")
+    if not isinstance(tid, str):
+        return _after_task(app, env, state, value, meta)
+    root = env.get("root_id")
+    token = current_request.set(Request(id=tid, root_id=root if isinstance(root, str) else tid, task=env.get("task")))
+    try:
+        return _after_task(app, env, state, value, meta)
+    finally:
+        current_request.reset(token)
+
+
+def _after_task(app, env: dict, state: str, value=None, meta: dict | None = None) -> None:
     if state == "SUCCESS":
         for cb in env.get("link") or ():
             maybe_signature(cb, app).apply_async((value,))

@@ -38,6 +38,7 @@ CELERY_DEFAULTS = {
     "broker_connection_timeout": 4,
     "broker_heartbeat": 120,
     "broker_pool_limit": 10,
+    "broker_pool_acquire_timeout": None,  # Celery 5.7; we keep one connection per app, no pool to wait for
     "broker_transport_options": {},
     "broker_read_url": None,
     "broker_write_url": None,
@@ -50,6 +51,7 @@ CELERY_DEFAULTS = {
     "result_chord_join_timeout": 3.0,
     "result_backend_transport_options": {},
     "task_serializer": "json",
+    "task_protocol": 2,  # Celery's message protocol; ours is protocol.md §8 whatever this says
     "task_compression": None,
     "task_create_missing_queues": True,
     "task_default_exchange": None,

@@ -79,6 +79,16 @@ class Control:
         """Warm stop of the workers: they finish their running tasks and exit."""
         return self.broadcast("shutdown", None, destination, reply, timeout)
 
+    def revoke_by_stamped_headers(self, headers: dict, terminate: bool = False, signal=None, destination=None,
+                                  reply: bool = False, timeout: float = 1.0, **_):
+        """Never run a task that carries one of these stamp values (``{name: value or [values]}``, from
+        ``sig.stamp(...)``); with ``terminate``, workers kill the running ones.  Kept by each live worker
+        until it restarts (brokerd does not read stamps, so a worker started later does not know them)."""
+        if not isinstance(headers, dict) or not headers:
+            raise TypeError(f"revoke_by_stamped_headers needs a map of stamp name to value(s), not {headers!r:.100}")
+        return self.broadcast("revoke_by_stamped_headers", {"headers": headers, "terminate": bool(terminate)},
+                              destination, reply, timeout)
+
     def time_limit(self, task_name: str, soft=None, hard=None, destination=None, reply: bool = False,
                    timeout: float = 1.0, **_):
         """Set a task's soft and hard time limits (seconds; None: none) in each worker, for the tasks it

@@ -78,6 +78,21 @@ class RemoteError(TaskError):
         self.traceback = traceback
 
 
+class ImproperlyConfigured(TaskError):
+    """Celery's: a canvas or setting that cannot work as given (e.g. ``self.replace(chain())``)."""
+
+
+class ChordError(RemoteError):
+    """A chord's body never ran because a header member failed (protocol.md §5.27: brokerd stores it for the
+    body's id).  ``AsyncResult.get()`` raises the failed member's own exception instead, as Celery does, with
+    this one as its ``__cause__``; this is raised when that member's failure cannot be read."""
+
+
+class ChainError(RemoteError):
+    """A chain step never ran because an earlier step failed (protocol.md §8: the worker stores it for every
+    later id).  ``get()`` raises the failed step's own exception instead, with this one as its ``__cause__``."""
+
+
 # Remote exception types seen by this process, each with its RemoteError subclass.  Bounded, because the
 # names come from results anyone may store: past this many, a new name gets plain RemoteError.
 REMOTE_CLASSES_MAX = 1000

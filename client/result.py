@@ -13,11 +13,13 @@ import builtins
 import datetime
 import importlib
 import logging
+import re
 import sys
 import time
 
 from client._current import current_app, current_request
-from client.exceptions import LOCAL_FAILURES, Reject, TaskRevokedError, TimeoutError, remote_error_class
+from client.exceptions import (LOCAL_FAILURES, ChainError, ChordError, Reject, TaskRevokedError, TimeoutError,
+                               remote_error_class)
 
 log = logging.getLogger("brokerd.client")
 
@@ -38,6 +40,9 @@ class AsyncResult:
         self.queue = queue  # where it was published, when this process published it
         self._cache: dict | None = None
         self._on_ready: list = []  # then() callbacks, called once when this process first sees it ready
+        # True when it was sent with ignore_result (app.publish_task sets it): no result will ever be
+        # stored, so get() returns None at once instead of waiting for ever (Celery's ``ignored``)
+        self.ignored = False
 
     def __repr__(self):
         return f"<AsyncResult: {self.id}>"
@@ -174,6 +179,8 @@ class AsyncResult:
         a Python builtin as itself, anything else as ``RemoteError`` naming the
         remote type and message.  ``timeout`` runs out → ``TimeoutError``.
         """
+        if self.ignored and self._fetch()["state"] not in READY_STATES:
+            return None  # no result will come (Celery's); a FAILURE brokerd already stores is still raised
         if disable_sync_subtasks:
             assert_will_not_block()
         start = time.monotonic()
@@ -200,6 +207,8 @@ class AsyncResult:
             return value
         if meta["state"] == "FAILURE":
             exc = exception_from(meta.get("meta") or {}, self.app)
+            if isinstance(exc, (ChordError, ChainError)):
+                exc = self._first_failure(exc)
         elif meta["state"] == "REJECTED":  # the task raised Reject(requeue=False): Celery's REJECTED
             exc = Reject(f"task {self.id} was rejected: {(meta.get('meta') or {}).get('exc_message', '')}")
         else:
@@ -210,6 +219,28 @@ class AsyncResult:
 
     wait = get
 
+    def _first_failure(self, exc):
+        """The exception of the task whose failure a ChordError/ChainError reports (Celery raises the failed
+        member's own exception from a chord, and the failed step's from a chain), found by the task id in the
+        documented message (protocol.md §5.27, §8); that task may itself report another.  ``exc`` itself when
+        the failed task's result cannot be read (forgotten, expired, not a FAILURE)."""
+        found = exc
+        for _ in range(FAILURE_HOPS_MAX):
+            m = _FAILED_ID.match(getattr(found, "exc_message", "") or "")
+            if m is None:
+                break
+            try:
+                cause = self.app.client.get_result(m.group(1) or m.group(2))
+            except Exception:  # noqa: BLE001 - only a better error was being looked for
+                break
+            if cause.get("state") != "FAILURE":
+                break
+            found = exception_from(cause.get("meta") or {}, self.app)
+            if not isinstance(found, (ChordError, ChainError)):
+                found.__cause__ = exc
+                return found
+        return exc
+
     def forget(self) -> None:
         self._cache = None
         self.app.client.forget_result(self.id)
@@ -219,6 +250,11 @@ class AsyncResult:
         brokerd across restarts (for a day)."""
         self._cache = None
         self.app.control.revoke(self.id, terminate=terminate)
+
+    def revoke_by_stamped_headers(self, headers: dict, terminate: bool = False, **kwargs) -> None:
+        """Celery's: ``app.control.revoke_by_stamped_headers`` (any task carrying these stamp values)."""
+        self._cache = None
+        self.app.control.revoke_by_stamped_headers(headers, terminate=terminate, **kwargs)
 
     @property
     def children(self) -> list:
@@ -249,7 +285,17 @@ class AsyncResult:
             stack.extend((node, c) for c in reversed(node.children))
 
     def as_tuple(self):
+        """Celery's serialized form: ``((id, parent's as_tuple or None), None)``; ``result_from_tuple`` reads it."""
         return (self.id, self.parent.as_tuple() if self.parent is not None else None), None
+
+    def as_list(self) -> list:
+        """This id, then its parents' ids."""
+        return [self.id, *(self.parent.as_list() if self.parent is not None else ())]
+
+
+# A ChordError/ChainError's message names the task whose failure it reports (protocol.md §5.27 and §8).
+_FAILED_ID = re.compile(r"^(?:chord member (\S+?)|chain step [^\[\]]*\[([^\[\]]+)\]) failed: ")
+FAILURE_HOPS_MAX = 8  # chords in chains in chords followed to the first failure; deeper: the error as it is
 
 
 def assert_will_not_block() -> None:
@@ -302,6 +348,7 @@ class EagerResult(AsyncResult):
         self._exc = exc
         self._cache = {"id": id, "state": state, "result": value, "meta": None}
         self._on_ready = []
+        self.ignored = False
 
     def get(self, timeout=None, propagate=True, interval=None, callback=None, **_):
         """The known outcome (an eager run never blocks, so ``disable_sync_subtasks`` has nothing to refuse)."""
@@ -406,6 +453,8 @@ def exception_from(meta: dict, app=None) -> BaseException:
         cls = exception_class(module, meta.get("exc_qualname") or typ, app)
         if cls is not None:
             exc = _build(cls, meta, msg)
+    if exc is None and module is None and typ in ("ChordError", "ChainError"):
+        exc = (ChordError if typ == "ChordError" else ChainError)(typ, msg, meta.get("traceback"))
     if exc is None and module is None:
         for local in LOCAL_FAILURES:
             if local.__name__ == typ:
@@ -528,6 +577,10 @@ class GroupResult(ResultSet):
     def children(self) -> list:
         return self.results
 
+    def as_tuple(self):
+        """Celery's serialized form: ``((id, parent's as_tuple or None), [each member's as_tuple])``."""
+        return (self.id, self.parent.as_tuple() if self.parent is not None else None), [r.as_tuple() for r in self.results]
+
     def __eq__(self, other):
         return isinstance(other, GroupResult) and other.id == self.id and other.results == self.results
 
@@ -551,3 +604,27 @@ class GroupResult(ResultSet):
 
     def __repr__(self):
         return f"<GroupResult: {self.id} [{', '.join(r.id for r in self.results)}]>"
+
+
+RESULT_TUPLE_DEPTH_MAX = 100  # parents and members followed by result_from_tuple; a deeper value is refused
+
+
+def result_from_tuple(r, app=None, _depth=0):
+    """An ``as_tuple()`` value (as a task that returned a result object stored it) -> the AsyncResult or
+    GroupResult again, with its parents.  ValueError naming what is wrong for anything else."""
+    if isinstance(r, AsyncResult) or isinstance(r, ResultSet):
+        return r
+    if _depth > RESULT_TUPLE_DEPTH_MAX:
+        raise ValueError(f"result_from_tuple: nested deeper than {RESULT_TUPLE_DEPTH_MAX} levels")
+    try:
+        head, nodes = r
+        tid, parent = head if isinstance(head, (list, tuple)) else (head, None)
+    except (TypeError, ValueError):
+        raise ValueError(f"result_from_tuple: not a result tuple ((id, parent), nodes): {r!r:.200}") from None
+    if not isinstance(tid, str):
+        raise ValueError(f"result_from_tuple: a task id must be text, got {type(tid).__name__}")
+    app = app or current_app()
+    parent = result_from_tuple(parent, app, _depth + 1) if parent else None
+    if nodes is not None:
+        return GroupResult(tid, [result_from_tuple(n, app, _depth + 1) for n in nodes], app=app, parent=parent)
+    return AsyncResult(tid, app=app, parent=parent)

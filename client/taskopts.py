@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import typing
 import re
 
 # -- @app.task(...) ------------------------------------------------------------------------------
@@ -110,8 +111,6 @@ CALL_NOOPS = {
     "exchange_type": "brokerd has no exchanges (see routing)",
     "reply_to": "results are kept by brokerd, not replied to",
     "correlation_id": "the task id is the correlation id",
-    "stamped_headers": "stamping is not supported; headers= carries application headers",
-    "stamps": "stamping is not supported; headers= carries application headers",
     "router": "task_routes decides",
 }
 
@@ -141,21 +140,33 @@ def pydantic_wrapper(fun, strict: bool = False, context=None, dump_kwargs=None):
     from pydantic import BaseModel, TypeAdapter
 
     sig = inspect.signature(fun)
-    adapters = {}
-    for pname, param in sig.parameters.items():
-        if param.annotation is not inspect.Parameter.empty and param.kind not in (
-                inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
-            ann = param.annotation
-            if isinstance(ann, str):
-                continue  # postponed annotations that were not resolved: leave as given
-            adapters[pname] = TypeAdapter(ann)
+    adapters: dict = {}
+    resolved = []  # made at the first run, so string annotations may name what the module defines later
+
+    def adapters_for():
+        if resolved:
+            return adapters
+        try:  # string annotations (``data: "Model"``, ``from __future__ import annotations``) resolved
+            hints = typing.get_type_hints(fun)
+        except Exception:  # noqa: BLE001 - a name that is not defined: those arguments are left as given
+            hints = {}
+        for pname, param in sig.parameters.items():
+            if param.annotation is not inspect.Parameter.empty and param.kind not in (
+                    inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+                ann = hints.get(pname, param.annotation)
+                if isinstance(ann, str):
+                    continue  # a postponed annotation that cannot be resolved: leave as given
+                adapters[pname] = TypeAdapter(ann)
+        resolved.append(True)
+        return adapters
+
     dump = {"mode": "json", **(dump_kwargs or {})}
 
     @functools.wraps(fun)
     def run(*args, **kwargs):
         bound = sig.bind(*args, **kwargs)
         for pname, value in list(bound.arguments.items()):
-            ad = adapters.get(pname)
+            ad = adapters_for().get(pname)
             if ad is not None:
                 bound.arguments[pname] = ad.validate_python(value, strict=strict, context=context)
         value = fun(*bound.args, **bound.kwargs)

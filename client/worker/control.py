@@ -30,6 +30,30 @@ REVOKED_KEEP = 1000  # ids inspect().revoked() shows per worker: the most recent
 QUERY_IDS_MAX = 1000  # task ids one query_task may ask about (a reply is one frame)
 QUEUE_NAME_MAX = 255  # brokerd's limit on a queue name
 CONF_REPR_MAX = 200  # characters of a setting's repr in a conf reply, when it is not a plain value
+# Celery's worker_state.revoked_stamps: stamp name -> the values revoked, for every worker of this process
+# (revoke_by_stamped_headers).  Kept until the process ends, as Celery does; bounded, because anyone with
+# the control grant may add to it.
+revoked_stamps: dict = {}
+REVOKED_STAMPS_MAX = 10_000  # stamp values kept in all; past it a new one is refused, named
+
+
+def stamps_revoked(stamps: dict):
+    """The (name, value) of the first of a task's stamps that was revoked, else None."""
+    for name, values in revoked_stamps.items():
+        if name not in stamps:
+            continue
+        value = stamps[name]
+        for v in value if isinstance(value, list) else [value]:
+            if any(v == r for r in values):
+                return name, v
+    return None
+
+
+def _stamps_of(env) -> dict:
+    stamps = (env.get("headers") or {}).get("stamps") if isinstance(env, dict) else None
+    return stamps if isinstance(stamps, dict) else {}
+
+
 # Settings whose values inspect().conf() never shows: keys, tokens, passwords
 SECRET_WORDS = re.compile(r"key|secret|password|token|credential", re.IGNORECASE)
 
@@ -211,6 +235,32 @@ class Control:
                  f"broker {redact(str(w.broker))}", f"app {w.app.main}", f"pool {w.pool_kind} x {w.concurrency}",
                  f"queues {', '.join(w.queues)}", f"tasks {len(w.app.tasks)} registered"]
         return {"ok": "\n".join(lines)}
+
+    def ctl_revoke_by_stamped_headers(self, args):
+        """Celery's: never run a task carrying one of these stamp values (``{name: [values]}``); with
+        ``terminate``, kill the running ones that carry them."""
+        headers = args.get("headers")
+        if not isinstance(headers, dict) or not headers or not all(isinstance(k, str) for k in headers):
+            return {"error": "revoke_by_stamped_headers needs headers, a map of stamp name to a value or a list "
+                             f"of values (got {shown(headers)})"}
+        wanted = {k: (list(v) if isinstance(v, list) else [v]) for k, v in headers.items()}
+        if sum(len(v) for v in revoked_stamps.values()) + sum(len(v) for v in wanted.values()) > REVOKED_STAMPS_MAX:
+            return {"error": f"revoke_by_stamped_headers: this worker keeps at most {REVOKED_STAMPS_MAX} revoked "
+                             "stamp values (until it restarts)"}
+        for name, values in wanted.items():
+            kept = revoked_stamps.setdefault(name, [])
+            kept.extend(v for v in values if not any(v == k for k in kept))
+        terminate = args.get("terminate") is True
+        killed = []
+        if terminate:
+            ids = [job.task_id for job in list(self.w.running.values()) if stamps_revoked(_stamps_of(job.env))]
+            if ids:
+                self.terminate({"revoke": ids})
+                killed = ids
+        log.info("stamped headers %s revoked by control%s", headers, f", {len(killed)} terminated" if killed else "")
+        if terminate:
+            return {"ok": f"headers {headers!r} flagged as revoked, {len(killed)} running task(s) terminated"}
+        return {"ok": f"headers {headers!r} flagged as revoked, but not terminated"}
 
     # -- control: time_limit, add_consumer, cancel_consumer, enable/disable_events, heartbeat --
     def ctl_time_limit(self, args):

@@ -21,8 +21,10 @@ import cbor2
 
 from client import signals
 from client._current import Request, current_request
-from client.canvas import call_errbacks
-from client.envelope import decode_envelope
+from client.canvas import Signature, call_errbacks, plain
+from client.result import AsyncResult, ResultSet
+from client.envelope import check_encodable, decode_envelope, encode_envelope
+from client.signing import SIG_KEY
 from client.exceptions import EncodeError, Ignore, Reject, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 from client.wire import DEFAULT_MAX_FRAME
 from client.worker.limits import TIME_LIMIT_MAX
@@ -107,6 +109,9 @@ def extended_meta(task, req) -> dict:
     return {"name": task.name, "args": args, "kwargs": kwargs}
 
 
+REPLACED_NESTING_MAX = 1_000_000  # replace() hops a request shows; past that a header is not ours
+
+
 def request_for(env, task, queue, priority, attempts, retries, hostname) -> Request:
     """The ``self.request`` of a task about to run (Celery's fields; None where we have no such thing)."""
     opts = env.get("options") or {}
@@ -114,18 +119,39 @@ def request_for(env, task, queue, priority, attempts, retries, hostname) -> Requ
     hard = opts.get("time_limit", getattr(task, "time_limit", None))
     soft = opts.get("soft_time_limit", getattr(task, "soft_time_limit", None))
     group, chord, origin = env.get("group"), env.get("chord"), hdrs.get("origin")
+    names, stamps = hdrs.get("stamped_headers"), hdrs.get("stamps")
+    if type(names) is not list or not all(type(n) is str for n in names) or type(stamps) is not dict:
+        names, stamps = [], {}  # none, or not ours: a bad header costs only the stamps
+    nesting = hdrs.get("replaced_task_nesting", 0)
+    if type(nesting) is not int or not 0 <= nesting <= REPLACED_NESTING_MAX:
+        nesting = 0  # a hostile or broken header costs only the field, never the task
     return Request(
         id=env["id"], args=env["args"], kwargs=env["kwargs"], retries=retries,
         delivery_info={"queue": queue, "priority": priority, "redelivered": attempts > 1, "attempts": attempts,
                        "exchange": "", "routing_key": queue},
         eta=env.get("eta"), expires=env.get("expires"), parent_id=env.get("parent_id"),
-        root_id=env.get("root_id"), headers=env.get("headers"), hostname=hostname, task=env["task"],
+        # a task sent from no other task is its own root (Celery's request.root_id)
+        root_id=env.get("root_id") or env["id"], headers=env.get("headers"), hostname=hostname, task=env["task"],
         group=group if isinstance(group, str) else None, chord=chord, origin=origin if isinstance(origin, str) else None,
         time_limit=(hard or None, soft or None), callbacks=env.get("link") or None,
-        errbacks=env.get("link_error") or None,
+        errbacks=env.get("link_error") or None, replaced_task_nesting=nesting, stamped_headers=names,
+        stamps={n: stamps.get(n) for n in names},
         properties={"correlation_id": env["id"], "reply_to": None, "priority": priority,
                     "delivery_info": {"routing_key": queue}},
     )
+
+
+def storable(value):
+    """What a task returns, as Celery's backends store it: a result object as its ``as_tuple()`` (ids only;
+    ``client.result.result_from_tuple`` rebuilds it), a signature as its plain map (``Signature.from_dict``
+    rebuilds it), also as the items of a returned list or tuple.  Anything else as it is."""
+    if isinstance(value, (AsyncResult, ResultSet)) and hasattr(value, "as_tuple"):
+        return plain(value.as_tuple())
+    if isinstance(value, Signature):
+        return plain(value)
+    if type(value) in (list, tuple) and any(isinstance(v, (AsyncResult, ResultSet, Signature)) for v in value):
+        return [storable(v) for v in value]
+    return value
 
 
 def _send(sig, **kw) -> None:
@@ -135,7 +161,7 @@ def _send(sig, **kw) -> None:
 
 
 class _Ctx:
-    __slots__ = ("task", "req", "opts", "t0", "in_task")
+    __slots__ = ("task", "req", "opts", "t0", "in_task", "env")
 
 
 class Runner:
@@ -182,6 +208,7 @@ class Runner:
         # Celery's names: what a task's errbacks and ``self.replace`` read (client/canvas.py)
         req.chain = env.get("chain")
         ctx = _Ctx()
+        ctx.env = env
         ctx.task = task
         ctx.req = req
         ctx.opts = env.get("options") or {}  # per-call options (check_envelope checked their types)
@@ -282,6 +309,7 @@ class Runner:
 
     def succeeded(self, ctx, retval):
         task, req = ctx.task, ctx.req
+        retval = storable(retval)
         # The value must be storable (CBOR, within one frame) and showable (repr, for the log line and
         # the task-succeeded event): an int over 4,300 digits, a cyclic list or a raising __repr__ used
         # to kill the pool process and be retried until dead-lettered, its result PENDING for ever.
@@ -378,6 +406,22 @@ class Runner:
 
     def _retry(self, ctx, r, exc, when):
         task, req = ctx.task, ctx.req
+        body = None
+        new = getattr(r, "args_kwargs", None)  # retry(args=, kwargs=): the message is sent again, changed
+        if new is not None:
+            env = {k: v for k, v in ctx.env.items() if k != SIG_KEY}
+            env["args"], env["kwargs"] = list(new[0]), dict(new[1])
+            signer = self.app.signer
+            try:
+                check_encodable(task.name, env["args"], env["kwargs"])
+                if signer is not None:
+                    signer.sign(env)
+                elif SIG_KEY in ctx.env:
+                    raise EncodeError(f"retry(args=, kwargs=) of {task.name}: the task came signed and this "
+                                      f"worker has no task_signing_key to sign it again with new arguments")
+                body = encode_envelope(env)
+            except EncodeError as err:
+                return self.failed(ctx, err)
         if when is None:
             when = float(task.default_retry_delay)
         shown = exc if exc is not None else r
@@ -386,7 +430,9 @@ class Runner:
         self._hook(ctx, "after_return", "RETRY", shown, req.id, req.args, req.kwargs, einfo)
         _send(signals.task_retry, sender=task, request=req, reason=shown, einfo=einfo)
         log.info("Task %s[%s] retry: Retry in %gs: %r", task.name, req.id, when, shown)
-        return (S_RETRY, "RETRY", None, exc_meta(shown, self.hostname, einfo.traceback), max(0.0, float(when)), req.retries + 1)
+        # the value slot of a retry carries the message to send instead, when the arguments changed
+        return (S_RETRY, "RETRY", body, exc_meta(shown, self.hostname, einfo.traceback), max(0.0, float(when)),
+                req.retries + 1)
 
 
 def _bad_number(value, *, nonneg=False, upper=None) -> bool:

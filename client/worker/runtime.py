@@ -67,7 +67,7 @@ from client.signing import verifier_for
 import client.worker.events as ev_
 from client.worker.channel import (Channel, close_quietly, delivery_buffer, detach_in_child,
                                    hand_deliveries_to_main_loop)
-from client.worker.control import Control
+from client.worker.control import Control, revoked_stamps, stamps_revoked
 from client.worker.credit import BATCH_RUNTIME_MAX, RUNTIME_WEIGHT, AdaptiveCredit
 from client.worker.intake import CONNECT_TIMEOUT, online_worker_names
 from client.worker.limits import TaskLimits
@@ -375,15 +375,23 @@ class Worker:
         expires = env.get("expires")
         if self.task_events:
             self.events.emit(ev_.task_received(env, d))
+        req = None
         if signals.task_received.receivers or signals.task_revoked.receivers:
             req = request_for(env, task, d.queue, d.priority, d.attempts, env.get("retries") or 0, self.hostname)
             signals.task_received.send(sender=self, request=req)
-        if expires is not None and time.time() >= expires:
+        hit = None
+        if revoked_stamps:  # revoke_by_stamped_headers: a stamp value that was revoked
+            stamps = (env.get("headers") or {}).get("stamps")
+            hit = stamps_revoked(stamps) if isinstance(stamps, dict) else None
+        if hit is not None or (expires is not None and time.time() >= expires):
+            why = "expired" if hit is None else f"stamp {hit[0]}={hit[1]!r} revoked"
             if signals.task_revoked.receivers:
-                signals.task_revoked.send(sender=task, request=req, terminated=False, signum=None, expired=True)
-            log.info("Discarding revoked task: %s[%s] (expired)", name, task_id)
+                signals.task_revoked.send(sender=task, request=req, terminated=False, signum=None,
+                                          expired=hit is None)
+            log.info("Discarding revoked task: %s[%s] (%s)", name, task_id, why)
             self.control.revoked.append(task_id)
-            meta = {"reason": "expired", "expires": expires, "hostname": self.hostname}
+            meta = ({"reason": "expired", "expires": expires, "hostname": self.hostname} if hit is None else
+                    {"reason": "stamped headers", "stamp": hit[0], "hostname": self.hostname})
             outcome = (S_ACK, "REVOKED", None, meta, None, None)
             if self.task_events:
                 self.events.emit(ev_.task_outcome(task_id, outcome, None))
@@ -446,10 +454,14 @@ class Worker:
                 else:
                     ch.result(None if d.settled else d, task_id, state, value, meta)
             elif settle == S_RETRY:
-                ch.result(None, task_id, state, value, meta)
+                ch.result(None, task_id, state, None, meta)
                 headers = dict(d.headers or {})
                 headers["retries"] = retries
-                if d.settled:  # acks_late=False: it was acked on receipt, so publish it again
+                if type(value) is bytes:  # retry(args=, kwargs=): the changed message goes, then the old one
+                    ch.publish(d.queue, value, priority=d.priority, delay=delay or None, headers=headers, id=task_id)
+                    if not d.settled:
+                        ch.ack(d)
+                elif d.settled:  # acks_late=False: it was acked on receipt, so publish it again
                     ch.publish(d.queue, d.body, priority=d.priority, delay=delay or None, headers=headers, id=task_id)
                 else:
                     ch.nack(d, True, delay or 0.0001, headers)  # > 0: an explicit retry, not an attempt

@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 from client import App
-from client.canvas import group
+from client.canvas import Signature, chain, chord, group
 from client.exceptions import Reject
 
 app = App("canvas", broker=os.environ.get("BROKERD_URL", "127.0.0.1:7700"))
@@ -93,6 +93,86 @@ def replacer(self, x):
 @app.task(bind=True)
 def replaced_by_group(self, x):
     return self.replace(group(add.s(x, 1), add.s(x, 2)))
+
+
+@app.task
+def make_canvas():
+    """Returns a nested signature (not run): stored as its map."""
+    return chain(add.s(1), chord([add.s(1), group(mul.s(2))], tsum.s()))
+
+
+@app.task
+def rebuild_canvas(d):
+    """The kinds found in a signature map rebuilt with Signature.from_dict, depth first."""
+    def kinds(s):
+        inner = [*getattr(s, "tasks", ())] if s.get("subtask_type") else []
+        body = [s.body] if s.get("subtask_type") == "chord" else []
+        return [type(s).__name__, *[k for x in (*inner, *body) for k in kinds(x)]]
+    return kinds(Signature.from_dict(d, app=app))
+
+
+@app.task
+def start_a_chain():
+    """Returns the AsyncResult of a chain it sent: stored as its as_tuple()."""
+    return (add.s(1, 1) | group(add.s(1), add.s(2))).apply_async()
+
+
+@app.task(bind=True)
+def stamps_of(self, *args):
+    """The stamps this run was sent with."""
+    return {"names": self.request.stamped_headers, "stamps": self.request.stamps}
+
+
+@app.task(bind=True, max_retries=1)
+def retry_new_args(self, foo, bar, label=None):
+    if not self.request.retries:
+        raise self.retry(args=(foo + 1, bar + 1), countdown=0)
+    return [foo, bar, label, self.request.retries]
+
+
+@app.task(bind=True, max_retries=1)
+def retry_new_kwargs(self, foo, bar):
+    if not self.request.retries:
+        raise self.retry(kwargs={"foo": foo + 1}, countdown=0)
+    return [foo, bar, self.request.retries]
+
+
+@app.task(bind=True, max_retries=1)
+def retry_unsendable(self):
+    if not self.request.retries:
+        raise self.retry(args=(object(),), countdown=0)
+    return "never"
+
+
+@app.task(bind=True)
+def ids(self, i):
+    """(root_id, parent_id, i) of this run."""
+    return [self.request.root_id, self.request.parent_id, i]
+
+
+@app.task(bind=True)
+def record_nesting(self, replacements, seen=()):
+    """Replaced by itself ``replacements`` times; returns request.replaced_task_nesting at each hop."""
+    seen = [*seen, self.request.replaced_task_nesting]
+    if replacements:
+        return self.replace(record_nesting.s(replacements - 1, seen))
+    return seen
+
+
+@app.task(bind=True)
+def replaced_by_chain_ending_in_group(self):
+    return self.replace(chain(add.s(1, 2), group(add.s(1), add.s(1))))
+
+
+@app.task(bind=True)
+def add_to_each(self, nums, val):
+    """Replaced by a group of one add per number (Celery's add_to_all): [] for no numbers."""
+    return self.replace(group(*[add.s(n, val) for n in nums]))
+
+
+@app.task(bind=True)
+def replaced_by_nothing(self, *_):
+    return self.replace(chain())
 
 
 @app.task

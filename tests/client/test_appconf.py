@@ -45,6 +45,7 @@ def test_an_unset_celery_setting_reads_as_celerys_default_and_an_unknown_one_nam
     a = App("p", broker="127.0.0.1:1")
     assert a.conf.worker_send_task_events is False
     assert a.conf.task_serializer == "json" and a.conf.result_extended is False
+    assert a.conf.broker_pool_acquire_timeout is None and a.conf.task_protocol == 2  # Celery 5.7's, read by its tests
     assert a.conf.task_default_queue == "celery" and a.conf.task_acks_late is True  # brokerd's own defaults stay
     with pytest.raises(AttributeError, match="no setting 'task_rutes'"):
         a.conf.task_rutes
@@ -269,6 +270,37 @@ def test_pydantic_validates_and_converts_arguments_and_dumps_a_returned_model():
         restock({"name": "nut"}, 1)
 
 
+def test_pydantic_string_annotations_are_resolved_even_when_the_model_comes_later():
+    """``data: "Model"`` (or ``from __future__ import annotations``) is validated like the class itself;
+    resolved at the first run, so the model may be defined below the task, as in Celery's tasks.py."""
+    pytest.importorskip("pydantic", reason="pydantic is not installed")
+    ns = {"__name__": "strann_tasks"}
+    exec("import pydantic\n"
+         "def restock(item: 'Item', extra: 'int') -> 'Item':\n"
+         "    return Item(name=item.name, qty=item.qty + extra)\n"
+         "class Item(pydantic.BaseModel):\n"
+         "    name: str\n"
+         "    qty: int\n", ns)
+    a = App("p", broker="127.0.0.1:1")
+    restock = a.task(pydantic=True)(ns["restock"])
+    assert restock({"name": "nut", "qty": "3"}, "2") == {"name": "nut", "qty": 5}
+
+
+def test_a_pydantic_tasks_models_are_sent_as_data_from_a_signature_too(app, broker):
+    pydantic = pytest.importorskip("pydantic", reason="pydantic is not installed")
+
+    class Item(pydantic.BaseModel):
+        name: str
+        qty: int
+
+    @app.task(pydantic=True, queue="pyd")
+    def restock(item: Item) -> Item:
+        return item
+
+    restock.s(Item(name="nut", qty=3)).delay()  # was an EncodeError: only delay() dumped models
+    assert sent(broker.port, "pyd")["args"] == [{"name": "nut", "qty": 3}]
+
+
 # -- per-call options ----------------------------------------------------------------------------------
 def test_an_unknown_call_option_is_refused_naming_it_instead_of_being_stored(app):
     @app.task
@@ -396,3 +428,37 @@ def test_a_setting_a_source_gets_later_is_seen_even_after_its_default_was_read(m
     assert a.conf.task_routes == {}
     settings.CELERY_TASK_ROUTES = {"x.y": "later"}  # Django's override_settings in a test
     assert a.conf.task_routes == {"x.y": "later"}
+
+
+def test_a_soft_time_limit_above_the_hard_one_is_refused_at_the_call():
+    a = App("p", broker="127.0.0.1:1")
+
+    @a.task(soft_time_limit=2, time_limit=1)
+    def never_soft():
+        return 1
+
+    with pytest.raises(ValueError, match="soft_time_limit must be less than or equal to time_limit"):
+        never_soft.apply_async()
+
+    @a.task
+    def free():
+        return 1
+
+    with pytest.raises(ValueError, match="soft 30 s, hard 10 s"):
+        free.apply_async(time_limit=10, soft_time_limit=30)
+
+
+def test_apply_inside_a_task_makes_it_the_parent_and_shares_its_root():
+    a = App("p", broker="127.0.0.1:1")
+
+    @a.task(bind=True)
+    def child(self):
+        return [self.request.id, self.request.parent_id, self.request.root_id]
+
+    @a.task(bind=True)
+    def parent(self):
+        return [self.request.id, self.request.parent_id, self.request.root_id, child.apply().get()]
+
+    pid, p_parent, p_root, (cid, c_parent, c_root) = parent.apply().get()
+    assert (p_parent, p_root) == (None, pid)
+    assert (c_parent, c_root) == (pid, pid) and cid != pid

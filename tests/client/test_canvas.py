@@ -82,10 +82,11 @@ def test_a_failed_chain_step_stops_the_chain_and_fails_what_follows_naming_the_s
     app, w = env
     w.start("-P", "threads", "-c", "2")
     r = chain(sig(app, "add", 1, 1), sig(app, "boom"), sig(app, "record", "never")).apply_async()
-    with pytest.raises(RemoteError) as e:
+    with pytest.raises(ValueError, match="^boom in step$") as e:  # the failed step's own exception (Celery's)
         r.get(timeout=30)
-    assert e.value.exc_type == "ChainError"
-    assert f"chain step {name('boom')}[" in str(e.value) and "ValueError: boom in step" in str(e.value)
+    cause = e.value.__cause__  # what is stored for the step after it: ChainError naming the failed step
+    assert isinstance(cause, RemoteError) and cause.exc_type == "ChainError"
+    assert f"chain step {name('boom')}[" in str(cause) and "ValueError: boom in step" in str(cause)
     with pytest.raises(ValueError, match="^boom in step$"):
         r.parent.get(timeout=30)
     assert w.lines("record.log") == []
@@ -128,9 +129,9 @@ def test_a_chord_with_a_failing_member_calls_its_error_callback_and_not_its_body
     body = sig(app, "tsum")
     body.link_error(sig(app, "on_error"))
     r = chord([sig(app, "add", 1, 1), sig(app, "boom"), sig(app, "add", 2, 2)], body).apply_async()
-    with pytest.raises(RemoteError) as e:
+    with pytest.raises(ValueError, match="^boom in step$") as e:  # the failed member's own (Celery's)
         r.get(timeout=30)
-    assert e.value.exc_type == "ChordError" and "ValueError: boom in step" in str(e.value)
+    assert e.value.__cause__.exc_type == "ChordError" and "ValueError: boom in step" in str(e.value.__cause__)
     deadline = time.monotonic() + 10
     while not w.lines("errors.log") and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -171,3 +171,72 @@ def test_a_canvas_keeps_its_tasks_app_when_another_app_is_created_later():
     copy = c.clone()
     assert copy.app is app and copy.tasks[1].app is app and copy.tasks[1].body.app is app
     assert chain(add.s(4, 4) | add.s(8)).clone().tasks[0].tasks[0].app is app
+
+
+# -- eager: sig.apply() and task_always_eager run a whole canvas here, with no broker ------------------
+eager = App("eager-algebra", broker="127.0.0.1:1")  # never connected: nothing may be sent
+ERRORS = []
+
+
+@eager.task
+def e_add(x, y):
+    return x + y
+
+
+@eager.task
+def e_ident(x):
+    return x
+
+
+@eager.task
+def e_sum(xs):
+    return sum(xs)
+
+
+@eager.task
+def e_fail(*args):
+    raise KeyError("eager failure")
+
+
+@eager.task
+def e_errback(request, exc, traceback):
+    ERRORS.append((request.id, repr(exc)))
+
+
+def test_apply_runs_every_primitive_here_and_returns_its_results():
+    assert e_add.s(1, 2).apply().get() == 3
+    r = chain(e_add.s(1, 2), e_add.s(3)).apply()
+    assert (r.get(), r.parent.get()) == (6, 3)
+    assert group(e_add.s(1, 1), e_add.s(2, 2)).apply().get() == [2, 4]
+    assert chord([e_add.s(1, 1), e_add.s(2, 2)], e_sum.s()).apply().get() == 6
+    # Celery's test_chord_in_chain_with_args / test_chain_in_chain_with_args, eagerly
+    assert chain(chord([e_ident.s(), e_ident.s()], e_ident.s()), e_ident.s()).apply(args=(1,)).get() == [1, 1]
+    assert chain(chain(e_ident.s(), e_ident.s())).apply(args=(1,)).get() == 1
+
+
+def test_apply_keeps_a_failure_calls_errbacks_and_stops_what_follows_or_throws():
+    ERRORS.clear()
+    sig = e_fail.s()
+    sig.link_error(e_errback.s())
+    r = sig.apply()
+    assert isinstance(r.get(propagate=False), KeyError) and ERRORS == [(r.id, "KeyError('eager failure')")]
+    c = chain(e_add.s(1, 1), e_fail.s(), e_add.s(5)).apply()
+    assert isinstance(c.get(propagate=False), KeyError) and c.parent.get() == 2  # the third never ran
+    body = chord([e_add.s(1, 1), e_fail.s()], e_sum.s()).apply()
+    with pytest.raises(KeyError):
+        body.get()
+    with pytest.raises(KeyError):
+        e_fail.s().apply(throw=True)
+
+
+def test_task_always_eager_runs_chains_groups_and_chords_here_and_throw_is_honoured():
+    eager.conf.task_always_eager = True
+    try:
+        assert chain(e_add.s(1, 2), e_add.s(3)).apply_async().get() == 6
+        assert group(e_add.s(1, 1), e_add.s(2, 2)).delay().get() == [2, 4]
+        assert chord([e_add.s(1, 1), e_add.s(2, 2)], e_sum.s()).delay().get() == 6
+        with pytest.raises(KeyError):
+            e_fail.apply_async(throw=True)  # Celery's test_eager_chain_inside_task passes throw=
+        assert isinstance(e_fail.apply_async().get(propagate=False), KeyError)
+    finally:
+        eager.conf.task_always_eager = False

@@ -224,3 +224,51 @@ def test_a_result_set_of_eager_results_joins_without_a_broker():
     seen = []
     ResultSet([EagerResult("a", 1, "SUCCESS")]).join(callback=lambda tid, v: seen.append((tid, v)))
     assert seen == [("a", 1)]
+
+
+def test_app_backend_allows_chords_because_brokerd_counts_them():
+    """Celery's canvas code asks ``app.backend.ensure_chords_allowed()`` before a chord (it raises on
+    backends that cannot count); brokerd counts every chord itself, so it never refuses."""
+    from client.app import App
+
+    a = App("p", broker="127.0.0.1:1")
+    assert a.backend.ensure_chords_allowed() is None
+
+
+class _Results:
+    """An app whose brokerd knows these results (task id -> result map); nothing else."""
+
+    def __init__(self, results):
+        self.tasks, self.conf = {}, {}
+        self.client = self
+        self.results = results
+
+    def get_result(self, task_id, wait=None):
+        return self.results.get(task_id, {"id": task_id, "state": "PENDING"})
+
+
+def test_chord_and_chain_errors_are_followed_to_the_first_failure_or_kept_when_it_cannot_be_read():
+    from client.exceptions import ChainError, ChordError
+    from client.result import AsyncResult
+
+    app = _Results({
+        "last": {"state": "FAILURE", "meta": {"exc_type": "ChainError",
+                                              "exc_message": "chain step a.body[body-1] failed: ChordError: ..."}},
+        "body-1": {"state": "FAILURE", "meta": {"exc_type": "ChordError",
+                                                "exc_message": "chord member m-2 failed: KeyError: 'k'"}},
+        "m-2": {"state": "FAILURE", "meta": {"exc_type": "KeyError", "exc_message": "'k'", "exc_args": ["k"]}},
+        "orphan": {"state": "FAILURE", "meta": {"exc_type": "ChordError",
+                                                "exc_message": "chord member gone failed: KeyError: 'k'"}},
+        "loop": {"state": "FAILURE", "meta": {"exc_type": "ChordError", "exc_message": "chord member loop failed: x"}},
+        "odd": {"state": "FAILURE", "meta": {"exc_type": "ChordError", "exc_message": "chord member [x failed"}},
+    })
+    with pytest.raises(KeyError) as e:
+        AsyncResult("last", app=app).get(timeout=1)
+    assert isinstance(e.value.__cause__, ChainError)
+    with pytest.raises(ChordError, match="chord member gone failed"):  # the member's result is gone
+        AsyncResult("orphan", app=app).get(timeout=1)
+    with pytest.raises(ChordError):  # a (hostile) cycle ends after FAILURE_HOPS_MAX lookups
+        AsyncResult("loop", app=app).get(timeout=1)
+    with pytest.raises(ChordError):
+        AsyncResult("odd", app=app).get(timeout=1)
+    assert isinstance(AsyncResult("m-2", app=app).get(timeout=1, propagate=False), KeyError)

@@ -6,12 +6,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from client.canvas import Signature, chain, chord, group
-from client.exceptions import Reject
-from client.result import GroupResult
+from client.canvas import Signature, StampingVisitor, chain, chord, group
+from client.exceptions import ChordError, EncodeError, ImproperlyConfigured, Reject, RemoteError, TaskRevokedError
+from client.result import GroupResult, result_from_tuple
 from tests.canvas_apps import tasks as t
 from tests.support.broker import ROOT, broker_for_app
 
@@ -92,10 +93,23 @@ def test_a_chord_whose_body_is_a_group_and_a_chord_in_a_chord_header(worker):
 
 def test_a_failed_header_member_fails_every_task_after_the_chord_instead_of_leaving_them_pending(worker):
     r = chain(t.add.s(1, 1), group(t.add.s(1), t.boom.s()), t.tsum.s(), t.mul.s(2), t.add.s(3)).apply_async()
-    with pytest.raises(Exception) as e:
-        r.get(timeout=WAIT)  # the last task's own result, not a timeout
-    assert getattr(e.value, "exc_type", type(e.value).__name__) == "ChordError"
-    assert "ValueError: boom in step" in str(e.value)
+    with pytest.raises(ValueError, match="^boom in step$") as e:
+        r.get(timeout=WAIT)  # the last task's own result, not a timeout: the failed member's exception (Celery's)
+    assert isinstance(e.value.__cause__, RemoteError)  # what was stored for the last task: the chord's report
+    assert e.value.__cause__.exc_type == "ChordError" and "ValueError: boom in step" in str(e.value.__cause__)
+
+
+def test_a_chord_raises_its_failed_members_own_exception_through_chains_and_chords(worker):
+    """Celery's rule: get() on a chord whose header failed raises the member's exception (not ChordError),
+    also when the chord is in a chain in a chord; the ChordError stays reachable as __cause__."""
+    r = chord([t.add.s(1, 1), t.boom.s(7)], t.tsum.s()).apply_async()
+    with pytest.raises(ValueError, match="^boom in step$") as e:
+        r.get(timeout=WAIT)
+    assert isinstance(e.value.__cause__, ChordError)
+    inner = chain(t.add.s(1, 1), chord([t.add.s(1), t.boom.s()], t.tsum.s()), t.mul.s(2))
+    r = chord([inner, t.add.s(2, 2)], t.tsum.s()).apply_async()
+    with pytest.raises(ValueError, match="^boom in step$"):
+        r.get(timeout=WAIT)
 
 
 def test_a_canvas_travels_as_a_map_and_comes_back_the_same(worker):
@@ -115,6 +129,16 @@ def test_an_immutable_signature_never_gets_the_parents_result(worker):
     r = (t.add.s(1, 1) | t.add.s(10, 20).set(immutable=True)).apply_async()
     assert r.get(timeout=WAIT) == 30
     assert (t.add.s(1, 1) | t.record.si("kept")).apply_async().get(timeout=WAIT) == "kept"
+
+
+def test_an_immutable_chord_body_never_gets_the_header_results(worker):
+    """brokerd prepends the header's results to the body it sends: an immutable body (or a chain led by
+    one) must run with its own arguments only (Celery's test_nested_group_chord_counting_*)."""
+    assert chord([t.add.s(1, 1), t.add.s(2, 2)], t.record.si("own")).apply_async().get(timeout=WAIT) == "own"
+    body = chain(t.record.si("first"), t.record.si("last"))
+    assert chord([t.add.s(1, 1)], body).apply_async().get(timeout=WAIT) == "last"
+    inner = chord([t.record.si(1337)] * 3, t.record.si(31337))
+    assert group(chord([inner], t.tsum.s())).apply_async().get(timeout=WAIT) == [31337]
 
 
 def _cb(tag):
@@ -174,11 +198,230 @@ def test_an_errback_taking_request_exc_traceback_is_called_with_them(worker):
     assert t.app.AsyncResult(f"{r.id}-errback").get(timeout=WAIT) == f"{r.id} ValueError boom in step True"
 
 
+def test_a_chord_s_task_id_names_its_result_and_tasks_themselves_may_be_members(worker):
+    """Celery's: chord.freeze(id) / apply_async(task_id=id) give the body's result that id (the chord's
+    result), also for a chain body of implicit chords; a task given as a header member is its .s()."""
+    steps = [t.tsum.s()]
+    for _ in range(2):
+        steps.extend([group(t.add.s(1), t.add.s(2)), t.tsum.s()])
+    workflow = chord([t.add.si(1, 1), t.add.si(2, 2)], chain(*steps))
+    want = f"chord-result-{time.monotonic_ns()}"
+    assert workflow.freeze(want).id == want
+    r = workflow.apply_async(task_id=want)
+    assert r.id == want and r.get(timeout=WAIT) == 33  # 6 -> [7, 8] -> 15 -> [16, 17] -> 33
+    c = chord([t.tsum, t.tsum], t.tsum.s())  # each member gets the chord's args: tsum([1, 2]) twice
+    assert c.apply_async(([1, 2],)).get(timeout=WAIT) == 6
+
+
+def test_starmap_and_map_keep_their_items_in_a_chain_and_a_group(worker):
+    assert group(t.add.starmap([(1, 1), (2, 2)]), t.add.s(3, 3)).delay().get(timeout=WAIT) == [[2, 4], 6]
+    assert chain(t.add.si(1, 1), t.add.starmap([(1, 1), (2, 2)])).delay().get(timeout=WAIT) == [2, 4]
+    assert chain(t.add.si(1, 1), t.tsum.map([[1], [2, 3]])).delay().get(timeout=WAIT) == [1, 5]
+
+
+def test_a_countdown_on_a_chord_delays_its_header(worker):
+    """Celery #7851: countdown given to group | task delays the header tasks, not only the body."""
+    header = [t.stamps_of.si(), t.stamps_of.si()]
+    c = group(header) | t.tsum.si([1])
+    sent = time.time()
+    r = c.apply_async(countdown=1.5)
+    members = r.parent.results
+    assert r.get(timeout=WAIT) == 1
+    # each header task's result was stored after its countdown (it used to delay only the body)
+    assert all(m.date_done.timestamp() >= sent + 1.4 for m in members), [m.date_done for m in members]
+
+
+def test_a_chain_ending_in_a_group_in_a_chord_header_gives_one_list(worker):
+    """Celery's test_nested_chord_group_chain_group_tail: the chain keeps the group's results together."""
+    sig = chord(group(chain(t.add.s(40, 2), group(t.add.s(0), t.add.s(0)))), t.record.s())
+    assert sig.apply_async().get(timeout=WAIT) == [[42, 42]]  # never [42, 42] flattened
+    inner = chord([chain(t.add.s(40, 2), group(t.add.s(0), t.add.s(0))), t.add.s(1, 1)], t.record.s())
+    assert inner.apply_async().get(timeout=WAIT) == [[42, 42], 2]
+
+
+def test_nested_groups_are_unrolled_into_one_flat_group(worker):
+    """Celery's rule (test_nested_group, test_nested_group_group, test_group_results_in_chain): groups in a
+    group run as its members, get() gives one flat list; a group of one chain ending in a group gives that
+    group's results."""
+    g = group(t.add.si(1, 10), group(t.add.si(1, 100), group(t.add.si(1, 1000), t.add.si(1, 2000))))
+    assert g.apply_async().get(timeout=WAIT) == [11, 101, 1001, 2001]
+    assert group(group(t.add.s(1, 41), t.add.s(2, 40))).delay().get(timeout=WAIT) == [42, 42]
+    assert group(t.add.s(1, 2) | group(t.add.s(1), t.add.s(2)))().get(timeout=WAIT) == [4, 5]
+    assert group(group(t.add.s(1), t.add.s(2))).apply_async((10,)).get(timeout=WAIT) == [11, 12]
+
+
+def test_empty_chains_and_groups_are_no_op_members_and_steps(worker):
+    """Celery's (issue 9772 tests): an empty chain or group has no result in a group or a chord header,
+    a header of only those runs the body at once with [], and an empty step passes its arguments on."""
+    res = group(chain(), t.add.s(1, 2), chain(), t.add.s(3, 4)).apply_async()
+    assert len(res.results) == 2 and res.get(timeout=WAIT) == [3, 7]
+    assert chord([chain()], t.tsum.s())().get(timeout=WAIT) == 0
+    assert chord([chain(), t.add.s(1, 1), chain(), t.add.s(2, 2)], t.tsum.s())().get(timeout=WAIT) == 6
+    assert chord([], t.tsum.s())().get(timeout=WAIT) == 0
+    assert (group([]) | t.tsum.s())().get(timeout=WAIT) == 0
+    assert chain(group(), t.add.s(10)).apply_async((5,)).get(timeout=WAIT) == 15
+    assert chain(chain(group(), t.add.s(10)), t.add.s(20)).apply_async((5,)).get(timeout=WAIT) == 35
+
+
+def test_chain_steps_and_a_trailing_groups_members_have_the_previous_step_as_parent(worker):
+    """Celery's parent_id/root_id along a chain: each step's parent is the step before (though the worker
+    sends it after that task is over), every root is the first task, which is its own root."""
+    res = chain(t.ids.si(i) for i in range(4)).apply_async()
+    assert res.get(timeout=WAIT)[2] == 3
+    nodes = []
+    node = res
+    while node is not None:
+        nodes.append(node)
+        node = node.parent
+    root = nodes[-1]
+    for n in nodes:
+        root_id, parent_id, _ = n.get(timeout=WAIT)
+        assert root_id == root.id
+        assert parent_id == (n.parent.id if n.parent is not None else None)
+    g = (t.ids.si(1) | t.ids.si(2) | group(t.ids.si(i) for i in range(3))).apply_async()
+    for root_id, parent_id, _ in g.get(timeout=WAIT):
+        assert (root_id, parent_id) == (g.parent.parent.id, g.parent.id)
+
+
+def test_a_returned_signature_is_stored_as_its_map_and_rebuilds_whole(worker):
+    """Celery's test_signature_serialization: a task may return a canvas; the next step rebuilds it."""
+    r = (t.make_canvas.s() | t.rebuild_canvas.s()).apply_async()
+    assert r.get(timeout=WAIT) == ["chain", "Signature", "chord", "Signature", "group", "Signature", "Signature"]
+
+
+def test_a_returned_result_is_stored_as_its_tuple_and_result_from_tuple_rebuilds_it(worker):
+    value = t.start_a_chain.delay().get(timeout=WAIT)
+    assert value[1] is not None and len(value[1]) == 2  # a GroupResult: its members' tuples
+    res = result_from_tuple(value, app=t.app)
+    assert isinstance(res, GroupResult) and res.get(timeout=WAIT) == [3, 4]
+    assert res.parent.get(timeout=WAIT) == 2
+    with pytest.raises(ValueError, match="not a result tuple"):
+        result_from_tuple("nope", app=t.app)
+
+
+def test_revoke_by_stamped_headers_revokes_tasks_carrying_the_value_and_only_those(worker):
+    tag = f"mon-{os.getpid()}-{time.monotonic_ns()}"
+    replies = t.app.control.revoke_by_stamped_headers({"monitoring_id": [tag]}, reply=True, timeout=5)
+    assert [next(iter(r.values())) for r in replies] == [
+        {"ok": f"headers {{'monitoring_id': [{tag!r}]}} flagged as revoked, but not terminated"}]
+    hit = t.stamps_of.si().stamp(monitoring_id=tag).apply_async()
+    with pytest.raises(TaskRevokedError):
+        hit.get(timeout=WAIT)
+    assert hit.state == "REVOKED"
+    listed = t.stamps_of.si().stamp(monitoring_id=["other", tag]).apply_async()  # one of a list of values
+    with pytest.raises(TaskRevokedError):
+        listed.get(timeout=WAIT)
+    miss = t.stamps_of.si().stamp(monitoring_id="another").apply_async()
+    assert miss.get(timeout=WAIT)["stamps"] == {"monitoring_id": "another"}
+    assert t.add.delay(1, 1).get(timeout=WAIT) == 2  # no stamps at all
+    for bad in ({}, {1: "x"}, "monitoring_id"):
+        (answer,) = t.app.control.broadcast("revoke_by_stamped_headers", {"headers": bad}, reply=True, timeout=5)
+        assert "revoke_by_stamped_headers needs headers" in next(iter(answer.values()))["error"]
+    with pytest.raises(TypeError, match="needs a map of stamp name"):
+        t.app.control.revoke_by_stamped_headers(["monitoring_id"])
+
+
+# -- retry with other arguments ------------------------------------------------------------------
+def test_retry_with_new_args_or_kwargs_runs_again_with_them(worker):
+    """Celery's retry(args=, kwargs=) (they used to be dropped silently: the same arguments ran again)."""
+    r = t.retry_new_args.apply_async(kwargs={"foo": 1, "bar": 2, "label": "kept"})
+    assert r.get(timeout=WAIT) == [2, 3, "kept", 1]
+    assert t.retry_new_kwargs.apply_async((1, 2)).get(timeout=WAIT) == [2, 2, 1]
+    with pytest.raises(EncodeError, match="cannot be sent to a worker"):  # its own failure, named
+        t.retry_unsendable.delay().get(timeout=WAIT)
+
+
+# -- stamping (Celery 5.3+) ----------------------------------------------------------------------
+class Mark(StampingVisitor):
+    def on_signature(self, sig, **headers):
+        return {"mark": "m"}
+
+    def on_callback(self, callback, **headers):
+        return {"cb": True}
+
+
+def test_stamps_reach_every_task_of_a_canvas_as_request_stamps(worker):
+    assert t.stamps_of.si().stamp(tenant="acme").apply_async().get(timeout=WAIT) == {
+        "names": ["tenant"], "stamps": {"tenant": "acme"}}
+    c = chain(t.add.s(1, 2), t.stamps_of.s())
+    c.stamp(visitor=Mark(), run=7)
+    assert c.apply_async().get(timeout=WAIT) == {"names": ["run", "mark"], "stamps": {"run": 7, "mark": "m"}}
+    g = group(t.stamps_of.si(), t.stamps_of.si())
+    g.stamp(visitor=Mark())
+    assert g.apply_async().get(timeout=WAIT) == [{"names": ["mark"], "stamps": {"mark": "m"}}] * 2
+    cb = t.stamps_of.s()
+    cb_res = cb.freeze()
+    s = t.add.s(1, 1)
+    s.link(cb)
+    s.stamp(visitor=Mark())
+    s.apply_async().get(timeout=WAIT)
+    assert cb_res.get(timeout=WAIT)["stamps"] == {"cb": True}  # a link gets on_callback's stamps
+    s = t.stamps_of.si()
+    s.options["link"] = dict(t.stamps_of.si())  # a link given as one signature map, not a list
+    s.stamp(visitor=Mark())
+    assert isinstance(s.options["link"], list) and s.options["link"][0].options["cb"] is True
+    class Named(StampingVisitor):  # a visitor that names its stamps itself (Celery's older style)
+        def on_signature(self, sig, **headers):
+            return {"monitoring_id": "x", "stamped_headers": ["monitoring_id"]}
+
+    s = t.stamps_of.si()
+    s.stamp(visitor=Named())
+    assert s.apply_async().get(timeout=WAIT) == {"names": ["monitoring_id"], "stamps": {"monitoring_id": "x"}}
+    s = t.stamps_of.si()  # append_stamps keeps every value
+    s.stamp(mark=1)
+    s.stamp(append_stamps=True, mark=2)
+    assert s.apply_async().get(timeout=WAIT)["stamps"] == {"mark": [1, 2]}
+
+
+def test_before_task_publish_sees_celery_s_headers_and_the_stamps_not_the_properties(worker):
+    from client.signals import before_task_publish
+
+    seen = {}
+
+    def before(headers=None, properties=None, **kw):
+        seen.update(headers=dict(headers), properties=dict(properties))
+
+    before_task_publish.connect(before)
+    try:
+        r = t.stamps_of.si().stamp(mark=42).apply_async()
+    finally:
+        before_task_publish.disconnect(before)
+    h = seen["headers"]
+    assert (h["id"], h["task"], h["stamped_headers"], h["stamps"]) == (r.id, t.stamps_of.name, ["mark"], {"mark": 42})
+    assert "stamped_headers" not in seen["properties"] and "mark" not in seen["properties"]
+    assert r.get(timeout=WAIT)["stamps"] == {"mark": 42}
+
+
+def test_stamps_given_to_apply_async_and_bad_ones(worker):
+    r = t.stamps_of.apply_async(stamped_headers=["a"], stamps={"a": 1, "b": 2})
+    assert r.get(timeout=WAIT) == {"names": ["a"], "stamps": {"a": 1}}
+    with pytest.raises(TypeError, match="stamped_headers must be a list"):
+        t.stamps_of.apply_async(stamped_headers=[1], stamps={})
+    with pytest.raises(ValueError, match="a stamp needs a name that is not a call option: 'queue'"):
+        t.stamps_of.si().stamp(queue="x")
+    for bad in ({"stamped_headers": "a", "stamps": {"a": 1}}, {"stamped_headers": ["a"], "stamps": [1]}):
+        r = t.app.publish_task(t.stamps_of.name, (), {}, headers=bad)  # a bad header costs only the stamps
+        assert r.get(timeout=WAIT) == {"names": [], "stamps": {}}
+
+
 # -- replace and Reject (items 2 and 4) --------------------------------------------------------
 def test_replace_hands_the_task_id_and_the_rest_of_the_chain_to_the_replacement(worker):
     assert t.replacer.delay(1).get(timeout=WAIT) == 4  # (1 + 1) * 2
     assert (t.replacer.s(1) | t.add.s(100)).apply_async().get(timeout=WAIT) == 104
     assert t.replaced_by_group.delay(1).get(timeout=WAIT) == [2, 3]
+    assert t.replaced_by_chain_ending_in_group.delay().get(timeout=WAIT) == [4, 4]  # it used to wait for ever
+    assert chord([t.add.s(1, 1), t.add.s(2, 2)], t.add_to_each.s(9)).delay().get(timeout=WAIT) == [11, 13]
+    assert chord([], t.add_to_each.s(9)).delay().get(timeout=WAIT) == []  # an empty group: [] (Celery's)
+    with pytest.raises(ImproperlyConfigured, match="Cannot replace with an empty chain"):
+        chain(t.add.s(1, 1), t.replaced_by_nothing.s()).delay().get(timeout=WAIT)
+
+
+def test_each_replace_counts_one_more_in_request_replaced_task_nesting(worker):
+    assert t.record_nesting.delay(0).get(timeout=WAIT) == [0]
+    assert t.record_nesting.delay(3).get(timeout=WAIT) == [0, 1, 2, 3]
+    for bad in ("lots", -1, 10**30, [1]):  # a broken or hostile header costs only the field
+        r = t.app.publish_task(t.record_nesting.name, (0,), {}, headers={"replaced_task_nesting": bad})
+        assert r.get(timeout=WAIT) == [0], bad
 
 
 def test_reject_without_requeue_stores_rejected_so_get_returns(worker):
@@ -204,3 +447,35 @@ def test_hostile_workflow_keys_cost_only_their_own_continuation(worker):
     with pytest.raises(ValueError):
         bad.get(timeout=WAIT)
     assert t.app.publish_task(t.add.name, (2, 2), {}).get(timeout=WAIT) == 4
+
+
+# -- an in-process worker for tests (Celery's contrib.testing.worker.start_worker) ---------------------
+def test_start_worker_runs_tasks_in_this_process_so_worker_signals_reach_the_test(canvas_broker):
+    from client.signals import task_received
+    from client.worker.testing import start_worker
+
+    q = f"inproc.{os.getpid()}"
+    got = []
+
+    def received(sender=None, request=None, **kw):
+        got.append((request.id, request.stamps))
+
+    task_received.connect(received)
+    try:
+        with start_worker(t.app, queues=[q], concurrency=2, perform_ping_check=True) as w:
+            assert w.ready.is_set()
+            r = t.stamps_of.si().stamp(where="here").apply_async(queue=q)
+            assert r.get(timeout=WAIT) == {"names": ["where"], "stamps": {"where": "here"}}
+    finally:
+        task_received.disconnect(received)
+    assert (r.id, {"where": "here"}) in got
+
+
+def test_start_worker_says_why_when_brokerd_cannot_be_reached():
+    from client import App
+    from client.worker.testing import WorkerDidNotStart, start_worker
+
+    lonely = App("lonely", broker="127.0.0.1:1")  # nothing listens there
+    with pytest.raises(WorkerDidNotStart, match="was not consuming from"):
+        with start_worker(lonely, connect_timeout=0.5, ready_timeout=20):
+            pass

@@ -250,9 +250,13 @@ def test_the_request_has_celery_s_fields(worker):
     assert got["properties"]["correlation_id"] == r.id
     for key in ("group", "chord", "reply_to", "origin", "callbacks", "errbacks"):
         assert got[key] is None, key
-    assert got["time_limit"] == [None, None]
+    assert got["time_limit"] is None and got["soft_time_limit"] is None and got["timelimit"] == [None, None]
     timed = st.request_fields.apply_async(queue=q, time_limit=30, soft_time_limit=20).get(timeout=WAIT)
-    assert timed["time_limit"] == [30, 20]
+    assert (timed["time_limit"], timed["soft_time_limit"], timed["timelimit"]) == (30, 20, [30, 20])
+    # the task's own limits when the call gives none (Celery 5.7's request.time_limit/soft_time_limit)
+    declared = st.declared_limits.apply_async(queue=q).get(timeout=WAIT)
+    assert (declared["time_limit"], declared["soft_time_limit"]) == (60, 45)
+    assert got["replaced_task_nesting"] == 0
 
 
 def test_async_result_surface(worker):
@@ -271,6 +275,17 @@ def test_async_result_surface(worker):
     ids = p.get(timeout=WAIT)
     assert [c.id for c in p.children] == ids
     assert [(res.id, value) for res, value in p.collect(timeout=WAIT)] == [(p.id, ids), (ids[0], 2), (ids[1], 4)]
+
+
+def test_a_signature_returned_from_a_pool_process_is_stored_as_its_map(worker):
+    """It used to fail with EncodeError: the process pool could not pickle a signature holding its app."""
+    from client.canvas import Signature, chain
+
+    q, _ = worker
+    value = st.return_a_signature.apply_async(queue=q).get(timeout=WAIT)
+    assert type(value) is dict and value["subtask_type"] == "chain"
+    again = Signature.from_dict(value, app=st.app)
+    assert isinstance(again, chain) and [s.name for s in again.tasks[:1]] == [st.add.name]
 
 
 def test_result_set_and_group_result(worker):

@@ -229,8 +229,11 @@ def test_hooks_on_success_and_on_failure_are_called(shared, tmp_path):
 
 def test_ignore_result_still_stores_a_failure(shared):
     q, _ = shared
+    r = tasks.quiet_fail.apply_async((True,), queue=q)
     with pytest.raises(LookupError, match="quiet task failed"):
-        tasks.quiet_fail.apply_async((True,), queue=q).get(timeout=WAIT)
+        tasks.app.AsyncResult(r.id).get(timeout=WAIT)  # looked up by id: waits for what is stored
+    with pytest.raises(LookupError, match="quiet task failed"):  # the caller's ignored result: stored, so raised
+        r.get(timeout=WAIT)
 
 
 def test_unencodable_return_value_is_a_failure_naming_the_type(shared):

@@ -101,6 +101,25 @@ def test_per_call_ignore_result_stores_nothing(celery_style_worker):
     kept = tasks.add.apply_async((3, 4), queue=queue)
     assert kept.get(timeout=WAIT) == 7  # -P solo: one at a time, in order, so `ignored` has run
     assert AsyncResult(ignored.id, app=proj.app).state == "PENDING"
+    # Celery's result.ignored: get() of a result that will never be stored returns None at once
+    # (it used to wait for ever: Celery's test_ignore_result hung the integration run)
+    assert ignored.ignored is True and kept.ignored is False
+    assert ignored.get(timeout=WAIT) is None
+    assert AsyncResult(ignored.id, app=proj.app).ignored is False  # looked up by id: nothing known
+
+
+def test_a_task_s_own_ignore_result_marks_the_callers_result_ignored(broker):
+    """The task's ignore_result (then task_ignore_result) decides when the call says nothing; nothing
+    needs to run for the caller's result to know it will never be stored."""
+    queue = f"q.{uuid.uuid4().hex[:8]}"  # no worker reads it
+    assert tasks.quiet.apply_async(queue=queue).get(timeout=WAIT) is None
+    assert tasks.quiet.apply_async(queue=queue, ignore_result=False).ignored is False
+    assert tasks.add.apply_async((1, 2), queue=queue).ignored is False
+    proj.app.conf.task_ignore_result = True
+    try:
+        assert tasks.add.apply_async((1, 2), queue=queue).ignored is True
+    finally:
+        proj.app.conf.task_ignore_result = False
 
 
 def test_throws_logs_an_expected_exception_without_the_error_line(celery_style_worker):

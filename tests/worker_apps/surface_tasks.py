@@ -58,8 +58,14 @@ def fail(kind):
 def request_fields(self):
     r = self.request
     names = ("id", "group", "chord", "correlation_id", "reply_to", "origin", "properties", "time_limit",
-             "callbacks", "errbacks", "delivery_info", "hostname")
+             "soft_time_limit", "timelimit", "callbacks", "errbacks", "delivery_info", "hostname",
+             "replaced_task_nesting")
     return {n: getattr(r, n) for n in names}
+
+
+@app.task(bind=True, time_limit=60, soft_time_limit=45)
+def declared_limits(self):
+    return {"time_limit": self.request.time_limit, "soft_time_limit": self.request.soft_time_limit}
 
 
 @app.task
@@ -195,3 +201,11 @@ def _raises(sender=None, **kw):
 
 
 TIMES = (dt.datetime(2026, 12, 2, 10, 30, 0, 5), dt.time(10, 30), dt.time(8, 0, tzinfo=dt.timezone.utc))
+
+
+@app.task
+def return_a_signature():
+    """A task returning a canvas (Celery's test_signature_serialization): from a process pool child."""
+    from client.canvas import chain, group
+
+    return chain(add.s(1), group(add.s(2), add.s(3)))

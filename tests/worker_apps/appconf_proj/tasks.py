@@ -28,3 +28,8 @@ def unexpected():
 @shared_task(rate_limit="10/m")
 def limited():
     return "limited"
+
+
+@shared_task(ignore_result=True)
+def quiet():
+    return "never stored"
