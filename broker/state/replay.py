@@ -176,16 +176,35 @@ class ReplayMixin:
             m.lsn = lsn
         return m
 
-    def live_messages(self):
-        """Every message the broker still holds: ready, delayed and in flight."""
+    def live_messages(self, packed: list | None = None):
+        """Every message the broker still holds: ready, delayed and in flight.  Given a list
+        ``packed``, the ready messages in Packed blocks are not made into objects: the blocks
+        are appended to it instead."""
         for q in self.queues.values():
-            yield from q.iter_ready()
+            if packed is None:
+                yield from q.iter_ready()
+            else:
+                packed.extend(q.packed_blocks())
+                for m in q.iter_ready(unpacked=False):
+                    yield m
         for _, _, m in self._delayed:
             if m.state == DELAYED:
                 yield m
         for d in self.inflight.values():
             yield d.msg
         yield from self.parked_messages()
+
+    def _compact_block(self, block, through_lsn: int) -> int:
+        n = 0
+        for i in range(block.head, len(block.seqs)):
+            if block.lsn(i) <= through_lsn:
+                block.set_lsn(i, self._log(R.MESSAGE, R.message_payload(self._block_message(block, i))))
+                n += 1
+        return n
+
+    def _block_message(self, block, i: int):
+        """Entry i of a Packed block as a Message (its body read back from the log if spilled)."""
+        return block.message(i)
 
     def compact(self, through_lsn: int) -> int:
         """Rewrite forward everything the log still needs from records <= through_lsn.
@@ -199,10 +218,13 @@ class ReplayMixin:
         if not self.log_enabled:
             return 0
         n = 0
-        for m in list(self.live_messages()):
+        packed = []
+        for m in list(self.live_messages(packed)):
             if (m.lsn or m.seq) <= through_lsn:
                 m.lsn = self._log(R.MESSAGE, R.message_payload(m))
                 n += 1
+        for block in packed:  # ready messages without an object each: their lsn is kept in the block
+            n += self._compact_block(block, through_lsn)
         self._compact_results(through_lsn)
         self._compact_workflow(through_lsn)
         self._compact_exchanges()
