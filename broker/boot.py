@@ -140,6 +140,11 @@ def open_server(config: Config) -> Server:
         replayed, rec.segments if rec else 0, time.monotonic() - t0, stats.queues, stats.ready, stats.delayed,
         f"; truncated a torn tail of {rec.truncated_bytes} bytes" if rec and rec.truncated_bytes else "",
     )
+    if not follower:
+        # Queued bodies may live in the log from now on (broker/state/spill.py): big ones at once.
+        state.set_body_reader(wal.read_payloads)
+        state.configure_spill(config.spill_body_bytes)
+        state.spill(wal.written_lsn, everything=True)
     durability = Durability(wal, state, config)
     # Replay may have decided things (dead-lettering in-flight messages past
     # max_attempts); log them before serving.

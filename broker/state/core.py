@@ -52,6 +52,7 @@ from broker.state.queue import (
     validate_queue_name,
 )
 from broker.state.replay import ReplayMixin
+from broker.state.spill import SpillMixin
 from broker.state.results import ResultsMixin
 from broker.state.schedules import WorkflowMixin
 from client.wire import control_frame, deliver_frame, recall_frame
@@ -66,7 +67,7 @@ RECALL_INTERVAL = 0.1
 
 
 class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, ReplayMixin, InspectionMixin,
-                  ExchangesMixin, UniqueMixin, FlowMixin):
+                  ExchangesMixin, UniqueMixin, FlowMixin, SpillMixin):
     def __init__(self, *, boot_id: str = "b"):
         self.queues: dict[str, Queue] = {}
         self.conns: dict[int, Conn] = {}
@@ -97,6 +98,7 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         self._init_exchanges()
         self._init_unique()
         self._init_flow()
+        self._init_spill()
         # Idle consumers (free slots, nothing ready) to look at again when RECALL_INTERVAL has
         # passed; empty unless some queue has an idle consumer and a holder with surplus.
         self._recall_idle: dict = {}
@@ -221,6 +223,8 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         if q is None:
             validate_queue_name(name)
             q = self.queues[name] = Queue(name)
+            if self._body_reader is not None:
+                self._spill_setup(q)
         return q
 
     def existing_queue(self, name) -> Queue:

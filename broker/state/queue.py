@@ -93,6 +93,8 @@ class Message:
 # the unit a deep queue's bodies are spilled and read back in (broker/state/spill.py).
 PACK_ENTRIES = 1024
 PACK_BYTES = 1 << 20
+SPILL_NEVER = 1 << 62  # a body size no message reaches: spilling by size is off
+PEEK_READ = 64  # entries of a spilled block read back at a time by iteration (not delivery)
 _ID_DEFAULT = 0xFFFF  # id length marker: the id is "<prefix><seq>", the broker's own id
 
 
@@ -107,7 +109,8 @@ class Packed:
     then read back from the log by ``lsn`` (broker/state/spill.py).
     """
 
-    __slots__ = ("queue", "priority", "seqs", "ts", "lsns", "ends", "data", "head", "prefix", "spilled")
+    __slots__ = ("queue", "priority", "seqs", "ts", "lsns", "ends", "data", "head", "prefix", "spilled",
+                 "big", "reader")
 
     def __init__(self, queue, priority: int, prefix: str):
         self.queue = queue
@@ -120,6 +123,9 @@ class Packed:
         self.head = 0
         self.prefix = prefix
         self.spilled = 0  # bytes of ids and bodies that live only in the log (data is None)
+        self.big = False  # holds bodies of spill_body_bytes or more: spilled once written
+        # While spilled: reader(lsns) -> {lsn: (id, body)}, from the log (BrokerState.set_body_reader)
+        self.reader = None
 
     def __len__(self) -> int:
         return len(self.seqs) - self.head
@@ -130,15 +136,8 @@ class Packed:
 
     def add(self, msg: "Message") -> None:
         seq = msg.seq
-        mid = msg.id
         data = self.data
-        if mid == self.prefix + str(seq):
-            data += b"\xff\xff"
-        else:
-            raw = mid.encode()
-            data += len(raw).to_bytes(2, "big")
-            data += raw
-        data += msg.body
+        self._put(data, msg.id, seq, msg.body)
         self.ends.append(len(data))
         self.seqs.append(seq)
         self.ts.append(msg.ts)
@@ -149,10 +148,57 @@ class Packed:
         elif self.lsns is not None:
             self.lsns.append(seq)
 
+    def spill(self, reader) -> int:
+        """Drop the ids and bodies from memory: from now on they are read back from the log by
+        lsn.  The caller checked every entry's record is written.  Returns the bytes freed."""
+        data = self.data
+        start = self.ends[self.head - 1] if self.head else 0
+        self.spilled = len(data) - start
+        self.data = None
+        self.reader = reader
+        return self.spilled
+
+    def _read(self, lo: int, hi: int) -> list:
+        """(id, body) of entries lo..hi-1 of a spilled block, from the log."""
+        lsns = [self.lsn(i) for i in range(lo, hi)]
+        got = self.reader(lsns)
+        return [got[n] for n in lsns]
+
+    def load(self) -> int:
+        """Read a spilled block's remaining ids and bodies back into memory (one read of the log
+        for up to PACK_ENTRIES messages: delivery pops them in order).  Returns the bytes read."""
+        lo, hi = self.head, len(self.seqs)
+        entries = self._read(lo, hi)
+        self.seqs = self.seqs[lo:]
+        self.ts = self.ts[lo:]
+        if self.lsns is not None:
+            self.lsns = self.lsns[lo:]
+        self.ends = array("I")
+        self.data = bytearray()
+        self.head = 0
+        self.spilled = 0
+        self.reader = None
+        data = self.data
+        for (mid, body), seq in zip(entries, self.seqs):
+            self._put(data, mid, seq, body)
+            self.ends.append(len(data))
+        return len(data)
+
+    def _put(self, data: bytearray, mid: str, seq: int, body: bytes) -> None:
+        if mid == self.prefix + str(seq):
+            data += b"\xff\xff"
+        else:
+            raw = mid.encode()
+            data += len(raw).to_bytes(2, "big")
+            data += raw
+        data += body
+
     def lsn(self, i: int) -> int:
         return self.lsns[i] if self.lsns is not None else self.seqs[i]
 
     def message(self, i: int) -> "Message":
+        if self.data is None:
+            return self._message_from(i, *self._read(i, i + 1)[0])
         data = self.data
         start = self.ends[i - 1] if i else 0
         n = (data[start] << 8) | data[start + 1]
@@ -168,14 +214,31 @@ class Packed:
             m.lsn = self.lsns[i]
         return m
 
+    def _message_from(self, i: int, mid: str, body: bytes) -> "Message":
+        seq = self.seqs[i]
+        m = Message(seq, mid, self.queue, body, self.priority, None, 0, None, None, self.ts[i])
+        if self.lsns is not None and self.lsns[i] != seq:
+            m.lsn = self.lsns[i]
+        return m
+
     def popleft(self) -> "Message":
+        if self.data is None:
+            self.load()
         m = self.message(self.head)
         self.head += 1
         return m
 
     def __iter__(self):
-        for i in range(self.head, len(self.seqs)):
-            yield self.message(i)
+        n = len(self.seqs)
+        if self.data is not None:
+            for i in range(self.head, n):
+                yield self.message(i)
+            return
+        # Spilled: read back a few at a time, kept nowhere (PEEK, STATS look at the first ones).
+        for lo in range(self.head, n, PEEK_READ):
+            hi = min(n, lo + PEEK_READ)
+            for i, (mid, body) in zip(range(lo, hi), self._read(lo, hi)):
+                yield self._message_from(i, mid, body)
 
     def set_lsn(self, i: int, lsn: int) -> None:
         if self.lsns is None:
@@ -278,6 +341,10 @@ class Queue:
         "expired",
         "dead_lettered",
         "rejected",
+        # bodies of at least this many bytes are left in the log once written (spill_body_bytes);
+        # a class default of "never" until BrokerState.configure_spill sets the instance's
+        "spill_body_bytes",
+        "new_blocks",  # None, or the Packed blocks made since the last spill pass (broker/state/spill.py)
     )
 
     def __init__(self, name: str, options: QueueOptions | None = None, declared: bool = False):
@@ -300,6 +367,8 @@ class Queue:
         self.slotted = False
         self.released = self.recalled = 0  # RELEASE / RECALL (protocol.md §5.41-5.42)
         self.redelivered = self.expired = self.dead_lettered = self.rejected = 0
+        self.spill_body_bytes = SPILL_NEVER
+        self.new_blocks = None
 
     @property
     def dead_letter_name(self) -> str | None:
@@ -324,11 +393,15 @@ class Queue:
             dq.append(msg)
         else:
             last = dq[-1] if dq else None
-            if type(last) is not Packed or last.full():
+            big = self.spill_body_bytes <= len(msg.body)
+            if type(last) is not Packed or last.full() or last.big is not big:
                 mid = msg.id
                 tail = str(msg.seq)
                 last = Packed(self, p, mid[:-len(tail)] if mid.endswith("-" + tail) else "\0")
+                last.big = big
                 dq.append(last)
+                if self.new_blocks is not None:
+                    self.new_blocks.append(last)
             last.add(msg)
 
     def pop_ready(self) -> Message | None:

@@ -196,6 +196,16 @@ class ReplayMixin:
 
     def _compact_block(self, block, through_lsn: int) -> int:
         n = 0
+        lsns = block.lsns if block.lsns is not None else block.seqs
+        if not len(block) or min(lsns[block.head:]) > through_lsn:
+            return 0
+        if block.data is None:
+            # Spilled, and its records are about to go: read it back (one segment's worth of
+            # blocks at most, as compaction rewrites one segment at a time); spilled again
+            # once the MESSAGE records below are written.
+            block.load()
+            if self._body_reader is not None and block.queue.new_blocks is not None:
+                block.queue.new_blocks.append(block)
         for i in range(block.head, len(block.seqs)):
             if block.lsn(i) <= through_lsn:
                 block.set_lsn(i, self._log(R.MESSAGE, R.message_payload(self._block_message(block, i))))
@@ -203,7 +213,7 @@ class ReplayMixin:
         return n
 
     def _block_message(self, block, i: int):
-        """Entry i of a Packed block as a Message (its body read back from the log if spilled)."""
+        """Entry i of a Packed block as a Message."""
         return block.message(i)
 
     def compact(self, through_lsn: int) -> int:
