@@ -26,7 +26,7 @@ import time
 import trio
 
 from broker import __version__
-from broker.config import MEMORY_CLEAR_RATIO, Config
+from broker.config import MEMORY_CLEAR_RATIO, MEMORY_HARD_RATIO, Config
 from broker.handlers import admin
 from broker.runtime import history, http, notify
 from broker.runtime.admin_conn import AdminConnection
