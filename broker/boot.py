@@ -96,6 +96,11 @@ def open_server(config: Config) -> Server:
         state.enable_log()
     kept_records: list = []  # a follower's view is replayed from these (broker.runtime.replication)
     state.default_result_ttl = config.result_ttl
+    if not follower:
+        # Queued bodies may live in the log (broker/state/spill.py); the queues replay makes
+        # know the size past which they do.  Nothing is read back before replay ends.
+        state.set_body_reader(wal.read_payloads)
+        state.configure_spill(config.spill_body_bytes)
     t0 = time.monotonic()
     # Replay allocates one long-lived object per live message; the cyclic GC
     # would rescan the growing heap again and again (~17% of a 1M-message
@@ -141,9 +146,7 @@ def open_server(config: Config) -> Server:
         f"; truncated a torn tail of {rec.truncated_bytes} bytes" if rec and rec.truncated_bytes else "",
     )
     if not follower:
-        # Queued bodies may live in the log from now on (broker/state/spill.py): big ones at once.
-        state.set_body_reader(wal.read_payloads)
-        state.configure_spill(config.spill_body_bytes)
+        # What replay queued may leave memory for the log (broker/state/spill.py): big bodies now.
         state.spill(wal.written_lsn, everything=True)
     durability = Durability(wal, state, config)
     # Replay may have decided things (dead-lettering in-flight messages past
