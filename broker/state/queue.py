@@ -404,6 +404,36 @@ class Queue:
                     self.new_blocks.append(last)
             last.add(msg)
 
+    def push_spilled(self, msg: Message, reader) -> None:
+        """Queue a plain ready message whose id and body are only in the log (replay): it joins
+        a spilled Packed block, read back by ``reader`` when delivery reaches it."""
+        if self.tenanted:  # ready messages are kept per tenant, as objects
+            msg.id, msg.body = reader([msg.lsn or msg.seq])[msg.lsn or msg.seq]
+            self.push_ready(msg)
+            return
+        p = msg.priority
+        dq = self._ready.get(p)
+        if dq is None:
+            dq = self._ready[p] = deque()
+            insort(self._prios, p)
+        last = dq[-1] if dq else None
+        if type(last) is not Packed or last.data is not None or len(last.seqs) >= PACK_ENTRIES:
+            last = Packed(self, p, "\0")
+            last.data = None
+            last.reader = reader
+            dq.append(last)
+        seq = msg.seq
+        last.seqs.append(seq)
+        last.ts.append(msg.ts)
+        if msg.lsn is not None:
+            if last.lsns is None:
+                last.lsns = array("q", last.seqs[:-1])
+            last.lsns.append(msg.lsn)
+        elif last.lsns is not None:
+            last.lsns.append(seq)
+        msg.state = READY
+        self.ready_count += 1
+
     def pop_ready(self) -> Message | None:
         """The next ready message (highest priority, then oldest), or None."""
         prios = self._prios

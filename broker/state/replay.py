@@ -143,7 +143,11 @@ class ReplayMixin:
         self._seq = itertools.count(max(max_seq, self._peek_seq()) + 1)
         self._replay_drop_temporary(msgs, temporary)
         # Place the survivors, in publish order so FIFO holds within a priority.
-        for m in sorted(msgs.values(), key=lambda m: m.seq):
+        survivors = sorted(msgs.values(), key=lambda m: m.seq)
+        del msgs
+        if self._body_reader is not None:
+            self._read_needed_bodies(survivors, now)
+        for m in survivors:
             q = m.queue
             if m.headers:
                 self._replay_flow_tag(m)
@@ -159,10 +163,28 @@ class ReplayMixin:
                 self._delayed.add((m.ready_at, m.seq, m))
             else:
                 m.ready_at = None
-                q.push_ready(m)
+                if m.body is None:
+                    q.push_spilled(m, self._read_bodies)  # a plain ready message: its body stays in the log
+                else:
+                    q.push_ready(m)
         self._after_replay_schedules(now)
         self._after_replay_chords(now)
         return n
+
+    def _read_needed_bodies(self, survivors: list, now: float) -> None:
+        """Replay left every body in the log; read back, in one pass, those of the messages that
+        will not be plain ready messages in a Packed block (in flight at the crash, delayed,
+        with headers or a TTL, or in a queue delivering round-robin across tenants)."""
+        need = {}
+        for m in survivors:
+            if m.body is None and (
+                m.state == INFLIGHT or m.attempts or m.headers is not None or m.expires is not None
+                or (m.ready_at is not None and m.ready_at > now) or m.queue.tenanted
+            ):
+                need[m.lsn or m.seq] = m
+        if need:
+            for lsn, (mid, body) in self._read_bodies(sorted(need)).items():
+                need[lsn].body = body
 
     def _peek_seq(self) -> int:
         nxt = next(self._seq)
@@ -171,6 +193,8 @@ class ReplayMixin:
 
     def _message_from(self, p, lsn) -> Message:
         seq, qname, mid, body, prio, headers, attempts, ready_at, expires, ts = p
+        if self._body_reader is not None:
+            body = None  # still in the log at `lsn`: read back only if it must be in memory (_place_survivors)
         m = Message(seq, mid, self.queue(qname), body, prio, headers, attempts, ready_at, expires, ts)
         if lsn != seq:
             m.lsn = lsn
