@@ -445,7 +445,11 @@ class Queue:
                 msg = dq.popleft()
                 if type(msg) is Packed:
                     block = msg
-                    msg = block.popleft()
+                    try:
+                        msg = block.popleft()
+                    except BaseException:
+                        dq.appendleft(block)  # a spilled block the log could not give back: it stays
+                        raise
                     if block:
                         dq.appendleft(block)
                     elif not dq:

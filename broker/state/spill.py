@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import cbor2
 
+from broker.errors import LogFailed
 from broker.state import log_records as R
 from broker.state.queue import SPILL_NEVER
 
@@ -56,7 +57,13 @@ class SpillMixin:
 
     def _read_bodies(self, lsns: list) -> dict:
         """``lsn -> (id, body)`` of messages whose PUBLISH/MESSAGE record is ``lsn``."""
-        records = self._body_reader(lsns)
+        try:
+            records = self._body_reader(lsns)
+        except (LookupError, OSError, ValueError) as exc:
+            # The log cannot give back what it was given (a segment deleted or damaged by
+            # hand, a disk error): a disk fault, so the log is failed as for a write error.
+            self.fail_log(f"cannot read queued message bodies back from the log: {exc}")
+            raise LogFailed(self.log_failed) from None
         out = {}
         n = 0
         for lsn, (t, raw) in records.items():
