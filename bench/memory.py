@@ -110,7 +110,7 @@ def main(argv=None) -> None:
             if args.recovery:
                 left = queued(broker, DEEP)
                 broker.stop()
-                broker.restart()
+                broker.start(broker.port, timeout=3600)  # recovery of a deep log takes long
                 print(f"recovery    {left:,} queued: ready after {broker.started_in:.1f} s "
                       f"(spawn to 'ready', replay included); {queued(broker, DEEP):,} queued after; "
                       f"RSS {broker.rss() / 2**20:.1f} MiB")

@@ -10,7 +10,7 @@ import hypothesis.strategies as st
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from broker.state.queue import GONE, INFLIGHT, PACK_ENTRIES, READY, Message, Packed, Queue
+from broker.state.queue import GONE, INFLIGHT, PACK_AFTER, PACK_ENTRIES, READY, Message, Packed, Queue
 
 
 class Log:
@@ -127,7 +127,9 @@ def test_a_plain_message_costs_no_object_and_big_bodies_get_blocks_of_their_own(
     for i in range(1, 2001):
         q.push_ready(Message(i, f"b-{i}", q, b"x" * (2000 if 500 < i <= 600 else 10), 0, None, 0, None, None, 1.0))
     blocks = list(q.packed_blocks())
-    assert all(type(b) is Packed for b in q._ready[0])  # no Message object is kept
-    assert [len(b) for b in blocks] == [500, 100, 1024, 376] and [b.big for b in blocks] == [False, True, False, False]
+    # the first PACK_AFTER stay objects (a short queue); behind them no Message object is kept
+    assert [type(x) for x in q._ready[0]] == [Message] * PACK_AFTER + [Packed] * 4
+    assert [len(b) for b in blocks] == [500 - PACK_AFTER, 100, 1024, 376]
+    assert [b.big for b in blocks] == [False, True, False, False]
     # the broker's own ids ("<boot>-<seq>") are not stored at all: 2 bytes of marker each
-    assert len(blocks[0].data) == 500 * (2 + 10)
+    assert len(blocks[0].data) == len(blocks[0]) * (2 + 10)
