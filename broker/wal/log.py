@@ -299,13 +299,17 @@ class WriteAheadLog:
                 manifest = salvage(self._files, manifest, st)
             records = replay_segments(self._files, manifest, st, self._add_replayed_segment)
             mark = self._mark
+            seg, due = None, 0  # a mark is due in `seg` at this offset (checked here: per record)
             while True:
                 try:
                     r = next(records)
                 except StopIteration as stop:
                     next_lsn = stop.value
                     break
-                mark(r.segment_name, r.lsn, r.offset)
+                if r.offset >= due or r.segment_name != seg:
+                    mark(r.segment_name, r.lsn, r.offset)
+                    seg = r.segment_name
+                    due = self._marks[seg][1][-1] + MARK_BYTES
                 yield r
             next_lsn = max(next_lsn, st.min_next_lsn)
             self._start_appending(next_lsn)
