@@ -41,7 +41,7 @@ class ReplayMixin:
             n += 1
             last = lsn
             if t == R.PUBLISH or t == R.MESSAGE:
-                m = self._message_from(p, lsn)
+                m = self._message_from(p, lsn, True)
                 msgs[m.seq] = m
                 if m.seq > max_seq:
                     max_seq = m.seq
@@ -89,7 +89,7 @@ class ReplayMixin:
                 old = msgs.pop(p[0], None)
                 if old is not None and t == R.DEAD:
                     old.queue.dead_lettered += 1
-                m = self._message_from(p[1], lsn)
+                m = self._message_from(p[1], lsn, True)
                 msgs[m.seq] = m
                 if m.seq > max_seq:
                     max_seq = m.seq
@@ -191,10 +191,13 @@ class ReplayMixin:
         self._seq = itertools.count(nxt)
         return nxt - 1
 
-    def _message_from(self, p, lsn) -> Message:
+    def _message_from(self, p, lsn, in_log: bool = False) -> Message:
+        """``in_log``: record ``lsn`` is a PUBLISH, MESSAGE, DEAD or MOVE, whose body the log
+        gives back by lsn (broker/state/spill.py); schedule and chord records carry theirs in
+        another shape and keep it."""
         seq, qname, mid, body, prio, headers, attempts, ready_at, expires, ts = p
-        if self._body_reader is not None:
-            body = None  # still in the log at `lsn`: read back only if it must be in memory (_place_survivors)
+        if in_log and self._body_reader is not None:
+            body = None  # still in the log at `lsn`: read back only if it must be in memory (_read_needed_bodies)
         m = Message(seq, mid, self.queue(qname), body, prio, headers, attempts, ready_at, expires, ts)
         if lsn != seq:
             m.lsn = lsn
