@@ -89,6 +89,11 @@ def open_server(config: Config) -> Server:
     if not follower:  # a follower logs only what its leader sends: replay decides nothing here
         state.enable_log()
     state.default_result_ttl = config.result_ttl
+    if not follower:
+        # Queued bodies may live in the log (broker/state/spill.py); the queues replay makes
+        # know the size past which they do.  Nothing is read back before replay ends.
+        state.set_body_reader(wal.read_payloads)
+        state.configure_spill(config.spill_body_bytes)
     t0 = time.monotonic()
     # Replay allocates one long-lived object per live message; the cyclic GC
     # would rescan the growing heap again and again (~17% of a 1M-message
@@ -135,6 +140,9 @@ def open_server(config: Config) -> Server:
         replayed, rec.segments if rec else 0, time.monotonic() - t0, stats.queues, stats.ready, stats.delayed,
         f"; truncated a torn tail of {rec.truncated_bytes} bytes" if rec and rec.truncated_bytes else "",
     )
+    if not follower:
+        # What replay queued may leave memory for the log (broker/state/spill.py): big bodies now.
+        state.spill(wal.written_lsn, everything=True)
     durability = Durability(wal, state, config)
     # Replay may have decided things (dead-lettering in-flight messages past
     # max_attempts); log them before serving.

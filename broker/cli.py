@@ -26,6 +26,7 @@ from broker.config import (
     MAX_CONNECTIONS_AUTO,
     MEMORY_CLEAR_RATIO,
     MEMORY_DEFAULT_FRACTION,
+    MEMORY_HARD_RATIO,
     Config,
     ConfigError,
     load,
@@ -59,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections-per-user", dest="max_connections_per_user", help=f"with users: open connections one user may hold (default {d.max_connections_per_user}; 0: no limit)")
     p.add_argument("--max-connections", dest="max_connections", help=f"open connections before new ones are refused with TOO_MANY_CONNECTIONS (default 0: min({MAX_CONNECTIONS_AUTO}, the fd limit minus {FD_RESERVE}))")
     p.add_argument("--max-input-buffer", dest="max_input_buffer", help=f"bytes of partial frames held across all connections; past it the largest are closed with INPUT_LIMIT (default {d.max_input_buffer}; at least --max-frame)")
-    p.add_argument("--max-memory", dest="max_memory", help=f"resident bytes past which publishes get MEMORY_LIMIT until memory falls {100 - MEMORY_CLEAR_RATIO * 100:g}%% below it; 0 turns it off (default {MEMORY_DEFAULT_FRACTION * 100:g}%% of the machine's memory)")
+    p.add_argument("--max-memory", dest="max_memory", help=f"resident bytes (K/M/G suffixes) past which queued bodies are left in the log and read back at delivery; 0 turns the watermark off (default {MEMORY_DEFAULT_FRACTION * 100:g}%% of the machine's memory)")
+    p.add_argument("--max-memory-hard", dest="max_memory_hard", help=f"resident bytes past which publishes get MEMORY_LIMIT until memory falls {100 - MEMORY_CLEAR_RATIO * 100:g}%% below it (default 0: --max-memory x {MEMORY_HARD_RATIO:g})")
+    p.add_argument("--spill-body-bytes", dest="spill_body_bytes", help=f"queued bodies this large or larger are left in the log once written, at any memory (default {d.spill_body_bytes}; 0: never)")
     p.add_argument("--output-buffer", dest="output_buffer", help=f"bytes of unsent output per connection before back-pressure (default {d.output_buffer})")
     p.add_argument("--fsync", help=f"when to fsync the log: always, interval or never (default {d.fsync})")
     p.add_argument("--fsync-interval-ms", dest="fsync_interval_ms", help=f"with --fsync interval, milliseconds between fsyncs (default {d.fsync_interval_ms})")

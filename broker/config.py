@@ -18,6 +18,7 @@ SECONDS = 1.0
 BYTES = 1
 KiB = 1024 * BYTES
 MiB = 1024 * KiB
+GiB = 1024 * MiB
 
 FSYNC_POLICIES = ("always", "interval", "never")
 
@@ -31,6 +32,13 @@ FD_RESERVE = 128
 MAX_CONNECTIONS_AUTO = 10_000
 # The default memory watermark: this share of the machine's or cgroup's memory.
 MEMORY_DEFAULT_FRACTION = 0.4
+# The hard limit (publishes refused) is this many times max_memory (the spill watermark)
+# unless max_memory_hard says otherwise: room for what spilling cannot take out of memory
+# (objects of messages with headers, delays or TTLs; results; buffers) to settle.
+MEMORY_HARD_RATIO = 1.25
+# Byte settings take these suffixes (powers of 1024): 512M, 2G.
+SIZE_SUFFIXES = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
+BYTE_SETTINGS = ("max_memory", "max_memory_hard", "spill_body_bytes")
 # The watermark clears when RSS falls below this share of max_memory again
 # (hysteresis, so publishers are not flipped on and off at every sample).
 MEMORY_CLEAR_RATIO = 0.9
@@ -162,6 +170,16 @@ class Config:
     # MEMORY_CLEAR_RATIO of this.  Default: 40 % of the machine's (or the
     # cgroup's) memory, as RabbitMQ's vm_memory_high_watermark.  0 turns it off.
     max_memory: int = -1
+    # Past max_memory the bodies of queued messages are left in the log (spilled) and read
+    # back at delivery; past this hard limit publishes get MEMORY_LIMIT as above.
+    # 0 (default): max_memory x MEMORY_HARD_RATIO.  Bytes; K/M/G suffixes accepted.
+    max_memory_hard: int = 0
+    # Queued bodies of at least this many bytes are left in the log once written, whatever
+    # the memory: they cost memory for nothing while they wait, and one read of the log
+    # brings back a block of them at delivery.  64 KiB: far above a typical task's
+    # arguments (so the common path never reads the log), far below what a 1,000,000-deep
+    # backlog of them could hold in RAM.  0 turns it off.
+    spill_body_bytes: int = 64 * KiB
     # Write-ahead log (broker.wal)
     fsync: str = "always"
     fsync_interval_ms: int = 1000
@@ -251,6 +269,13 @@ class Config:
             bad("max_input_buffer", f"must be a number of bytes >= max_frame ({self.max_frame}) (got {self.max_input_buffer!r})")
         if not isinstance(self.max_memory, int) or self.max_memory < -1:
             bad("max_memory", f"must be a number of bytes, or 0 to turn the watermark off (got {self.max_memory!r})")
+        if not isinstance(self.max_memory_hard, int) or self.max_memory_hard < 0:
+            bad("max_memory_hard", f"must be a number of bytes, or 0 for max_memory x {MEMORY_HARD_RATIO:g} (got {self.max_memory_hard!r})")
+        if self.max_memory_hard and self.max_memory > 0 and self.max_memory_hard < self.max_memory:
+            bad("max_memory_hard", f"must be at least max_memory ({self.max_memory}): spilling starts at max_memory, "
+                f"refusing at max_memory_hard (got {self.max_memory_hard})")
+        if not isinstance(self.spill_body_bytes, int) or self.spill_body_bytes < 0:
+            bad("spill_body_bytes", f"must be a number of bytes, or 0 to keep every body in memory (got {self.spill_body_bytes!r})")
         if not isinstance(self.output_buffer, int) or self.output_buffer < 64 * KiB:
             bad("output_buffer", f"must be a number of bytes >= 65536 (got {self.output_buffer!r})")
         if self.follow:
@@ -351,12 +376,32 @@ class Config:
         total = physical_memory()
         return int(total * MEMORY_DEFAULT_FRACTION) if total else 0
 
+    def memory_hard_limit(self) -> int:
+        """Resident bytes past which publishes are refused (0: off): ``max_memory_hard``, or
+        ``memory_limit() x MEMORY_HARD_RATIO``."""
+        soft = self.memory_limit()
+        if self.max_memory_hard:
+            return self.max_memory_hard
+        return int(soft * MEMORY_HARD_RATIO)
+
     @classmethod
     def field_types(cls) -> dict[str, type]:
         return {f.name: type(f.default) for f in fields(cls)}
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
+
+
+def parse_bytes(name: str, raw: str) -> int:
+    """``"2G"`` -> 2147483648: a whole number of bytes, or one with a K, M, G or T suffix."""
+    text = raw.strip().upper().removesuffix("B").removesuffix("I")
+    mult = 1
+    if text[-1:] in SIZE_SUFFIXES:
+        mult = SIZE_SUFFIXES[text[-1]]
+        text = text[:-1]
+    if text.lstrip("-").isdigit():
+        return int(text) * mult
+    raise ConfigError(f"{name}: {raw!r} is not a number of bytes (write e.g. 1048576, 512M or 2G)")
 
 
 def coerce(name: str, raw, typ: type):
@@ -367,6 +412,8 @@ def coerce(name: str, raw, typ: type):
         return float(raw)
     if not isinstance(raw, str):
         raise ConfigError(f"{name}: must be {typ.__name__} (got {raw!r})")
+    if typ is int and name.lstrip("-").replace("-", "_").lower().removeprefix("brokerd_") in BYTE_SETTINGS:
+        return parse_bytes(name, raw)
     try:
         if typ is bool:
             low = raw.strip().lower()

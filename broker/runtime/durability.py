@@ -397,6 +397,8 @@ class Durability:
         return total > 2 * self.live_bytes_estimate() + 2 * self.segment_bytes
 
     async def _after_write(self) -> None:
+        # Blocks of queued bodies whose records are now written may leave memory (broker/state/spill.py).
+        self.state.spill(self.wal.written_lsn)
         # Delete segments whose live contents were rewritten and are now on disk.
         if self._deletes and self._deletes[0][0] <= self.wal.written_lsn:
             await self._locked(self._sync_and_delete)

@@ -26,7 +26,7 @@ import time
 import trio
 
 from broker import __version__
-from broker.config import MEMORY_CLEAR_RATIO, Config
+from broker.config import MEMORY_CLEAR_RATIO, MEMORY_HARD_RATIO, Config
 from broker.handlers import admin
 from broker.runtime import history, http, notify
 from broker.runtime.admin_conn import AdminConnection
@@ -176,7 +176,8 @@ class Server:
         self._refused_burst = 0  # refused since the last time there was room
         self.refused_total = 0
         self.partial_total = 0  # sum of Conn.partial
-        self.memory_limit = config.memory_limit()
+        self.memory_limit = config.memory_limit()  # the watermark: past it, queued bodies spill to the log
+        self.memory_hard_limit = config.memory_hard_limit()  # past it, publishes are refused
         self.memory_alarm: str | None = None  # the MEMORY_LIMIT message while over the watermark
         self.rss = 0
         self._statm_fd: int | None = None
@@ -430,17 +431,27 @@ class Server:
             self.rss = int(os.pread(self._statm_fd, 128, 0).split()[1]) * os.sysconf("SC_PAGE_SIZE")
         except (OSError, ValueError, IndexError):
             return  # no /proc (or no fd to spare): keep the last figure
-        limit = self.memory_limit
-        if not limit:
+        if not self.memory_limit:
             return
+        # Past the watermark every queued body is left in the log once written (broker/state/spill.py).
+        spill = self.rss > self.memory_limit
+        if spill != self.state.spill_all:
+            self.state.spill_all = spill
+            if spill and self.wal is not None:
+                freed = self.state.spill(self.wal.wal.written_lsn, everything=True)
+                log.warning("memory: %d bytes resident, past max_memory %d; queued bodies are left in the log "
+                            "from now on (%d bytes spilled)", self.rss, self.memory_limit, freed)
+                _trim_malloc()
+        limit = self.memory_hard_limit
         if self.memory_alarm is None and self.rss > limit:
             self.memory_alarm = (
-                f"brokerd's memory ({self.rss} bytes resident) is past max_memory ({limit} bytes); "
+                f"brokerd's memory ({self.rss} bytes resident) is past max_memory_hard ({limit} bytes; "
+                f"--max-memory-hard, by default --max-memory x {MEMORY_HARD_RATIO:g}); "
                 "publishes are refused until consumers drain the queues below "
                 f"{int(limit * MEMORY_CLEAR_RATIO)} bytes. Retry later with backoff, add consumers, "
                 "or raise --max-memory"
             )
-            log.warning("memory alarm: %d bytes resident, past max_memory %d; refusing publishes", self.rss, limit)
+            log.warning("memory alarm: %d bytes resident, past max_memory_hard %d; refusing publishes", self.rss, limit)
         elif self.memory_alarm is not None and self.rss < limit * MEMORY_CLEAR_RATIO:
             self.memory_alarm = None
             log.warning("memory alarm cleared: %d bytes resident; accepting publishes again", self.rss)
@@ -450,6 +461,9 @@ class Server:
         return {
             "memory_rss": self.rss,
             "memory_limit": self.memory_limit,
+            "memory_hard_limit": self.memory_hard_limit,
+            "memory_spilling": self.state.spill_all,
+            **self.state.spill_statistics(),
             "memory_alarm": self.memory_alarm is not None,
             "connections_max": self.max_connections,
             "connections_refused": self.refused_total,

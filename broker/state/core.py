@@ -46,12 +46,14 @@ from broker.state.queue import (
     GONE,
     INFLIGHT,
     MAX_PRIORITY,
+    PACK_AFTER,
     READY,
     Message,
     Queue,
     validate_queue_name,
 )
 from broker.state.replay import ReplayMixin
+from broker.state.spill import SpillMixin
 from broker.state.results import ResultsMixin
 from broker.state.schedules import WorkflowMixin
 from client.wire import control_frame, deliver_frame, recall_frame
@@ -66,7 +68,7 @@ RECALL_INTERVAL = 0.1
 
 
 class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, ReplayMixin, InspectionMixin,
-                  ExchangesMixin, UniqueMixin, FlowMixin):
+                  ExchangesMixin, UniqueMixin, FlowMixin, SpillMixin):
     def __init__(self, *, boot_id: str = "b"):
         self.queues: dict[str, Queue] = {}
         self.conns: dict[int, Conn] = {}
@@ -82,6 +84,7 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         self._tags = itertools.count(1)
         self._ctags = itertools.count(1)
         self._boot = boot_id
+        self._id_prefix = f"{boot_id}-"  # the ids the broker makes: "<boot>-<seq>"
         # (ready_at, seq, msg) for delayed messages, broker-wide: one place to
         # ask "when is the next one due".
         self._delayed = SortedList()
@@ -97,6 +100,7 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         self._init_exchanges()
         self._init_unique()
         self._init_flow()
+        self._init_spill()
         # Idle consumers (free slots, nothing ready) to look at again when RECALL_INTERVAL has
         # passed; empty unless some queue has an idle consumer and a holder with surplus.
         self._recall_idle: dict = {}
@@ -221,6 +225,8 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         if q is None:
             validate_queue_name(name)
             q = self.queues[name] = Queue(name)
+            if self._body_reader is not None:
+                self._spill_setup(q)
         return q
 
     def existing_queue(self, name) -> Queue:
@@ -310,8 +316,19 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
                     "retry later or raise max_length")
             self._drop_head(q, now)
         seq = self._next_seq()
-        if msg_id is None:
-            msg_id = f"{self._boot}-{seq}"
+        own_id = msg_id is None
+        if own_id:
+            msg_id = self._id_prefix + str(seq)
+        if ready_at is None and expires is None and headers is None and q.ready_count >= PACK_AFTER:
+            # A plain message behind a backlog: packed into its queue's arrays, no object made.
+            q.published += 1
+            if self.log_enabled:
+                self.last_lsn += 1  # == seq
+                self.records.append((R.PUBLISH, [seq, q.name, msg_id, body, priority, None, 0, None, None, now]))
+            q.push_plain(seq, msg_id, own_id, body, priority, now, self._id_prefix)
+            if q.consumers and not q.paused:
+                self._dispatch_queue(q, now)
+            return msg_id
         msg = Message(seq, msg_id, q, body, priority, headers, 0, ready_at, expires, now)
         if flow is not None:
             msg.flow = flow

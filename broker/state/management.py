@@ -41,6 +41,7 @@ class ManagementMixin:
             self._own_temporary_queue(temporary_owner, name)
         if q is None:
             q = self.queues[name] = Queue(name, opts, declared=True)
+            self._spill_setup(q)
             q.owner = temporary_owner
             fresh = True
         elif temporary_owner is not None and q.owner is None:

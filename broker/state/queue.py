@@ -10,11 +10,20 @@ back to the *front* of its priority, near where it came from (as RabbitMQ does).
 Removal from the middle (TTL expiry, revokes) is lazy: the message's ``state``
 changes and ``pop_ready`` skips it.  ``ready_count`` is kept exact.
 
+A *plain* ready message (no headers, delay, TTL, flow tag, attempt; what a deep
+backlog is made of) is not kept as a ``Message`` object: it is packed into the
+last ``Packed`` block of its priority's deque (arrays and one byte buffer, ~30 B
+of memory per message besides its body, against ~300 B as an object with its id
+string and seq int; measured with bench/memory.py).  ``pop_ready`` and
+``iter_ready`` hand out ``Message`` objects made from it, so nothing else sees
+the difference; a message going back (nack, release) is an object again.
+
 Nothing here does I/O or reads a clock.
 """
 
 from __future__ import annotations
 
+from array import array
 from bisect import insort
 from collections import deque
 from dataclasses import dataclass, fields
@@ -77,6 +86,195 @@ class Message:
 
     def __repr__(self):
         return f"<Message {self.id!r} q={self.queue.name} p={self.priority} seq={self.seq} att={self.attempts} st={self.state}>"
+
+
+# One Packed block holds at most this many messages, or this many bytes of ids and bodies
+# (whichever comes first): what a drained block wastes until its last message leaves, and
+# the unit a deep queue's bodies are spilled and read back in (broker/state/spill.py).
+PACK_ENTRIES = 1024
+# A queue packs what it is given only past this many ready messages: a short queue (consumers
+# keeping up) keeps objects, so a message that leaves at once is never packed and unpacked
+# (~2-4 us a message more, measured in-process on a busy 2-core machine), and what a short queue
+# holds as objects is bounded by this (~300 B each).
+PACK_AFTER = 64
+PACK_BYTES = 1 << 20
+SPILL_NEVER = 1 << 62  # a body size no message reaches: spilling by size is off
+PEEK_READ = 64  # entries of a spilled block read back at a time by iteration (not delivery)
+_ID_DEFAULT = 0xFFFF  # id length marker: the id is "<prefix><seq>", the broker's own id
+
+
+class Packed:
+    """Ready messages of one queue and priority, FIFO, with no Python object per message.
+
+    Entry i is ``seqs[i]`` (its seq, = the LSN of its PUBLISH record), ``ts[i]`` (publish
+    time), ``lsns[i]`` (only once one differs from its seq: compaction rewrote it), and
+    ``data[ends[i-1]:ends[i]]``: a 2-byte id length, the UTF-8 id, then the body.  An id the
+    broker made itself ("<boot>-<seq>") is stored as its length marker alone.  Entries
+    before ``head`` were popped.  ``data`` is None while the bodies are spilled: they are
+    then read back from the log by ``lsn`` (broker/state/spill.py).
+    """
+
+    __slots__ = ("queue", "priority", "seqs", "ts", "lsns", "ends", "data", "head", "prefix", "spilled",
+                 "big", "reader")
+
+    def __init__(self, queue, priority: int, prefix: str):
+        self.queue = queue
+        self.priority = priority
+        self.seqs = array("q")
+        self.ts = array("d")
+        self.lsns = None  # array("q") once an entry's lsn is not its seq
+        self.ends = array("I")
+        self.data = bytearray()
+        self.head = 0
+        self.prefix = prefix
+        self.spilled = 0  # bytes of ids and bodies that live only in the log (data is None)
+        self.big = False  # holds bodies of spill_body_bytes or more: spilled once written
+        # While spilled: reader(lsns) -> {lsn: (id, body)}, from the log (BrokerState.set_body_reader)
+        self.reader = None
+
+    def __len__(self) -> int:
+        return len(self.seqs) - self.head
+
+    def full(self) -> bool:
+        return len(self.seqs) >= PACK_ENTRIES or (self.data is not None and len(self.data) >= PACK_BYTES) \
+            or self.data is None
+
+    def add(self, msg: "Message") -> None:
+        seq = msg.seq
+        data = self.data
+        self._put(data, msg.id, seq, msg.body)
+        self.ends.append(len(data))
+        self.seqs.append(seq)
+        self.ts.append(msg.ts)
+        if msg.lsn is not None:
+            if self.lsns is None:
+                self.lsns = array("q", self.seqs[:-1])
+            self.lsns.append(msg.lsn)
+        elif self.lsns is not None:
+            self.lsns.append(seq)
+
+    def spill(self, reader) -> int:
+        """Drop the ids and bodies from memory: from now on they are read back from the log by
+        lsn.  The caller checked every entry's record is written.  Returns the bytes freed."""
+        data = self.data
+        start = self.ends[self.head - 1] if self.head else 0
+        self.spilled = len(data) - start
+        self.data = None
+        self.reader = reader
+        return self.spilled
+
+    def _read(self, lo: int, hi: int) -> list:
+        """(id, body) of entries lo..hi-1 of a spilled block, from the log."""
+        lsns = [self.lsn(i) for i in range(lo, hi)]
+        got = self.reader(lsns)
+        return [got[n] for n in lsns]
+
+    def load(self) -> int:
+        """Read a spilled block's remaining ids and bodies back into memory (one read of the log
+        for up to PACK_ENTRIES messages: delivery pops them in order).  Returns the bytes read."""
+        lo, hi = self.head, len(self.seqs)
+        entries = self._read(lo, hi)
+        self.seqs = self.seqs[lo:]
+        self.ts = self.ts[lo:]
+        if self.lsns is not None:
+            self.lsns = self.lsns[lo:]
+        self.ends = array("I")
+        self.data = bytearray()
+        self.head = 0
+        self.spilled = 0
+        self.reader = None
+        data = self.data
+        for (mid, body), seq in zip(entries, self.seqs):
+            self._put(data, mid, seq, body)
+            self.ends.append(len(data))
+        return len(data)
+
+    def _put(self, data: bytearray, mid: str, seq: int, body: bytes) -> None:
+        if mid == self.prefix + str(seq):
+            data += b"\xff\xff"
+        else:
+            raw = mid.encode()
+            data += len(raw).to_bytes(2, "big")
+            data += raw
+        data += body
+
+    def lsn(self, i: int) -> int:
+        return self.lsns[i] if self.lsns is not None else self.seqs[i]
+
+    def message(self, i: int) -> "Message":
+        if self.data is None:
+            return self._message_from(i, *self._read(i, i + 1)[0])
+        data = self.data
+        start = self.ends[i - 1] if i else 0
+        n = (data[start] << 8) | data[start + 1]
+        seq = self.seqs[i]
+        if n == _ID_DEFAULT:
+            mid = self.prefix + str(seq)
+            body = bytes(data[start + 2:self.ends[i]])
+        else:
+            mid = data[start + 2:start + 2 + n].decode()
+            body = bytes(data[start + 2 + n:self.ends[i]])
+        m = Message(seq, mid, self.queue, body, self.priority, None, 0, None, None, self.ts[i])
+        if self.lsns is not None and self.lsns[i] != seq:
+            m.lsn = self.lsns[i]
+        return m
+
+    def _message_from(self, i: int, mid: str, body: bytes) -> "Message":
+        seq = self.seqs[i]
+        m = Message(seq, mid, self.queue, body, self.priority, None, 0, None, None, self.ts[i])
+        if self.lsns is not None and self.lsns[i] != seq:
+            m.lsn = self.lsns[i]
+        return m
+
+    def popleft(self) -> "Message":
+        if self.data is None:
+            self.load()
+        i = self.head
+        data = self.data
+        if not i and type(data) is bytearray and (len(self.seqs) >= PACK_ENTRIES or len(data) >= PACK_BYTES):
+            # Full: nothing is added any more.  As bytes, a slice is the body itself (one copy, not two).
+            self.data = data = bytes(data)
+        ends = self.ends
+        start = ends[i - 1] if i else 0
+        end = ends[i]
+        seq = self.seqs[i]
+        if data[start] == 0xFF and data[start + 1] == 0xFF:
+            mid = self.prefix + str(seq)
+            body = bytes(data[start + 2:end])
+        else:
+            n = (data[start] << 8) | data[start + 1]
+            mid = data[start + 2:start + 2 + n].decode()
+            body = bytes(data[start + 2 + n:end])
+        m = Message(seq, mid, self.queue, body, self.priority, None, 0, None, None, self.ts[i])
+        if self.lsns is not None and self.lsns[i] != seq:
+            m.lsn = self.lsns[i]
+        self.head = i + 1
+        return m
+
+    def __iter__(self):
+        n = len(self.seqs)
+        if self.data is not None:
+            for i in range(self.head, n):
+                yield self.message(i)
+            return
+        # Spilled: read back a few at a time, kept nowhere (PEEK, STATS look at the first ones).
+        for lo in range(self.head, n, PEEK_READ):
+            hi = min(n, lo + PEEK_READ)
+            for i, (mid, body) in zip(range(lo, hi), self._read(lo, hi)):
+                yield self._message_from(i, mid, body)
+
+    def set_lsn(self, i: int, lsn: int) -> None:
+        if self.lsns is None:
+            if lsn == self.seqs[i]:
+                return
+            self.lsns = array("q", self.seqs)
+        self.lsns[i] = lsn
+
+
+def packable(msg: "Message") -> bool:
+    """A message that is only its seq, id, body, priority and time: it can live in a Packed block."""
+    return (msg.headers is None and msg.attempts == 0 and msg.ready_at is None and msg.expires is None
+            and msg.flow is None and len(msg.id) < 10000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +364,10 @@ class Queue:
         "expired",
         "dead_lettered",
         "rejected",
+        # bodies of at least this many bytes are left in the log once written (spill_body_bytes);
+        # a class default of "never" until BrokerState.configure_spill sets the instance's
+        "spill_body_bytes",
+        "new_blocks",  # None, or the Packed blocks made since the last spill pass (broker/state/spill.py)
     )
 
     def __init__(self, name: str, options: QueueOptions | None = None, declared: bool = False):
@@ -188,6 +390,8 @@ class Queue:
         self.slotted = False
         self.released = self.recalled = 0  # RELEASE / RECALL (protocol.md §5.41-5.42)
         self.redelivered = self.expired = self.dead_lettered = self.rejected = 0
+        self.spill_body_bytes = SPILL_NEVER
+        self.new_blocks = None
 
     @property
     def dead_letter_name(self) -> str | None:
@@ -204,12 +408,90 @@ class Queue:
         if dq is None:
             dq = self._ready[p] = TenantRing() if self.tenanted else deque()
             insort(self._prios, p)
-        if front:
-            dq.appendleft(msg)
-        else:
-            dq.append(msg)
         msg.state = READY
         self.ready_count += 1
+        if front:
+            dq.appendleft(msg)
+        elif self.tenanted or self.ready_count <= PACK_AFTER or not packable(msg):
+            dq.append(msg)
+        else:
+            last = dq[-1] if dq else None
+            big = self.spill_body_bytes <= len(msg.body)
+            if type(last) is not Packed or last.full() or last.big is not big:
+                mid = msg.id
+                tail = str(msg.seq)
+                last = Packed(self, p, mid[:-len(tail)] if mid.endswith("-" + tail) else "\0")
+                last.big = big
+                dq.append(last)
+                if self.new_blocks is not None:
+                    self.new_blocks.append(last)
+            last.add(msg)
+
+    def push_spilled(self, msg: Message, reader) -> None:
+        """Queue a plain ready message whose id and body are only in the log (replay): it joins
+        a spilled Packed block, read back by ``reader`` when delivery reaches it."""
+        if self.tenanted:  # ready messages are kept per tenant, as objects
+            msg.id, msg.body = reader([msg.lsn or msg.seq])[msg.lsn or msg.seq]
+            self.push_ready(msg)
+            return
+        p = msg.priority
+        dq = self._ready.get(p)
+        if dq is None:
+            dq = self._ready[p] = deque()
+            insort(self._prios, p)
+        last = dq[-1] if dq else None
+        if type(last) is not Packed or last.data is not None or len(last.seqs) >= PACK_ENTRIES:
+            last = Packed(self, p, "\0")
+            last.data = None
+            last.reader = reader
+            dq.append(last)
+        seq = msg.seq
+        last.seqs.append(seq)
+        last.ts.append(msg.ts)
+        if msg.lsn is not None:
+            if last.lsns is None:
+                last.lsns = array("q", last.seqs[:-1])
+            last.lsns.append(msg.lsn)
+        elif last.lsns is not None:
+            last.lsns.append(seq)
+        msg.state = READY
+        self.ready_count += 1
+
+    def push_plain(self, seq: int, mid: str, own_id: bool, body: bytes, p: int, ts: float, prefix: str) -> None:
+        """``push_ready`` of a plain message (no headers, delay, TTL or attempt) that has no
+        ``Message`` object: PUBLISH's path, which makes none (``own_id``: ``mid`` is
+        ``prefix + str(seq)``, the broker's own)."""
+        dq = self._ready.get(p)
+        if dq is None:
+            dq = self._ready[p] = TenantRing() if self.tenanted else deque()
+            insort(self._prios, p)
+        self.ready_count += 1
+        if self.tenanted:
+            m = Message(seq, mid, self, body, p, None, 0, None, None, ts)
+            dq.append(m)
+            return
+        big = self.spill_body_bytes <= len(body)
+        last = dq[-1] if dq else None
+        if (type(last) is not Packed or last.big is not big or last.data is None
+                or len(last.seqs) >= PACK_ENTRIES or len(last.data) >= PACK_BYTES):
+            last = Packed(self, p, prefix)
+            last.big = big
+            dq.append(last)
+            if self.new_blocks is not None:
+                self.new_blocks.append(last)
+        data = last.data
+        if own_id and last.prefix is prefix:
+            data += b"\xff\xff"
+        else:
+            raw = mid.encode()
+            data += len(raw).to_bytes(2, "big")
+            data += raw
+        data += body
+        last.ends.append(len(data))
+        last.seqs.append(seq)
+        last.ts.append(ts)
+        if last.lsns is not None:
+            last.lsns.append(seq)
 
     def pop_ready(self) -> Message | None:
         """The next ready message (highest priority, then oldest), or None."""
@@ -218,6 +500,28 @@ class Queue:
         while prios:
             p = prios[-1]
             dq = ready[p]
+            if not self.tenanted:
+                while dq:
+                    msg = dq[0]
+                    if type(msg) is Packed:
+                        msg = msg.popleft()  # a log read error leaves the block as it was
+                        if not dq[0]:
+                            dq.popleft()
+                            if not dq:
+                                del ready[p]
+                                prios.pop()
+                        self.ready_count -= 1
+                        return msg
+                    dq.popleft()
+                    if msg.state == READY:
+                        if not dq:
+                            del ready[p]
+                            prios.pop()
+                        self.ready_count -= 1
+                        return msg
+                del ready[p]
+                prios.pop()
+                continue
             while dq:
                 msg = dq.popleft()
                 if msg.state == READY:
@@ -235,7 +539,7 @@ class Queue:
         (it belongs to the tenant None, or to the tenants its messages name)."""
         self.tenanted = True
         for p, dq in self._ready.items():
-            self._ready[p] = TenantRing(dq)
+            self._ready[p] = TenantRing(m for m in _unpacked(dq) if m.state == READY)
 
     def tenants(self) -> dict:
         """tenant -> [ready messages, weight] over all priorities (the TENANTS admin line)."""
@@ -252,12 +556,22 @@ class Queue:
         msg.state = GONE
         self.ready_count -= 1
 
-    def iter_ready(self):
-        """Ready messages in delivery order, without removing them."""
+    def iter_ready(self, unpacked: bool = True):
+        """Ready messages in delivery order, without removing them (``unpacked=False``: only
+        those kept as objects, not those in Packed blocks)."""
         for p in reversed(self._prios):
-            for msg in self._ready[p]:
-                if msg.state == READY:
+            dq = self._ready[p]
+            for msg in (_unpacked(dq) if unpacked else dq):
+                if type(msg) is not Packed and msg.state == READY:
                     yield msg
+
+    def packed_blocks(self):
+        """The Packed blocks of ready messages (compaction and spilling work on them in place)."""
+        for dq in self._ready.values():
+            if not self.tenanted:
+                for item in dq:
+                    if type(item) is Packed:
+                        yield item
 
     def take_all_ready(self) -> list[Message]:
         out = list(self.iter_ready())
@@ -273,3 +587,12 @@ class Queue:
 
     def __repr__(self):
         return f"<Queue {self.name} ready={self.ready_count} delayed={self.delayed_count} inflight={self.inflight_count}>"
+
+
+def _unpacked(dq):
+    """A priority's ready messages as Message objects, Packed blocks opened in order."""
+    for item in dq:
+        if type(item) is Packed:
+            yield from item
+        else:
+            yield item

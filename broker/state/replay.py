@@ -158,7 +158,7 @@ class ReplayMixin:
             n += 1
             last = lsn
             if t == R.PUBLISH or t == R.MESSAGE:
-                m = self._message_from(p, lsn)
+                m = self._message_from(p, lsn, True)
                 msgs[m.seq] = m
                 if m.seq > max_seq:
                     max_seq = m.seq
@@ -215,7 +215,7 @@ class ReplayMixin:
                 old = msgs.pop(p[0], None)
                 if old is not None and t == R.DEAD:
                     old.queue.dead_lettered += 1
-                m = self._message_from(p[1], lsn)
+                m = self._message_from(p[1], lsn, True)
                 msgs[m.seq] = m
                 if m.seq > max_seq:
                     max_seq = m.seq
@@ -277,7 +277,11 @@ class ReplayMixin:
         msgs = ctx.msgs
         self._replay_drop_temporary(msgs, ctx.temporary)
         # Place the survivors, in publish order so FIFO holds within a priority.
-        for m in sorted(msgs.values(), key=lambda m: m.seq):
+        survivors = sorted(msgs.values(), key=lambda m: m.seq)
+        del msgs
+        if self._body_reader is not None:
+            self._read_needed_bodies(survivors, now)
+        for m in survivors:
             q = m.queue
             if m.headers:
                 self._replay_flow_tag(m)
@@ -293,7 +297,10 @@ class ReplayMixin:
                 self._delayed.add((m.ready_at, m.seq, m))
             else:
                 m.ready_at = None
-                q.push_ready(m)
+                if m.body is None:
+                    q.push_spilled(m, self._read_bodies)  # a plain ready message: its body stays in the log
+                else:
+                    q.push_ready(m)
         self._after_replay_schedules(now)
         self._after_replay_chords(now)
 
@@ -317,28 +324,77 @@ class ReplayMixin:
         """The last lsn of term ``epoch`` in this state's log (``epoch_end``)."""
         return epoch_end(self.epochs, epoch, self.last_lsn)
 
+    def _read_needed_bodies(self, survivors: list, now: float) -> None:
+        """Replay left every body in the log; read back, in one pass, those of the messages that
+        will not be plain ready messages in a Packed block (in flight at the crash, delayed,
+        with headers or a TTL, or in a queue delivering round-robin across tenants)."""
+        need = {}
+        for m in survivors:
+            if m.body is None and (
+                m.state == INFLIGHT or m.attempts or m.headers is not None or m.expires is not None
+                or (m.ready_at is not None and m.ready_at > now) or m.queue.tenanted
+            ):
+                need[m.lsn or m.seq] = m
+        if need:
+            for lsn, (mid, body) in self._read_bodies(sorted(need)).items():
+                need[lsn].body = body
+
     def _peek_seq(self) -> int:
         nxt = next(self._seq)
         self._seq = itertools.count(nxt)
         return nxt - 1
 
-    def _message_from(self, p, lsn) -> Message:
+    def _message_from(self, p, lsn, in_log: bool = False) -> Message:
+        """``in_log``: record ``lsn`` is a PUBLISH, MESSAGE, DEAD or MOVE, whose body the log
+        gives back by lsn (broker/state/spill.py); schedule and chord records carry theirs in
+        another shape and keep it."""
         seq, qname, mid, body, prio, headers, attempts, ready_at, expires, ts = p
+        if in_log and self._body_reader is not None:
+            body = None  # still in the log at `lsn`: read back only if it must be in memory (_read_needed_bodies)
         m = Message(seq, mid, self.queue(qname), body, prio, headers, attempts, ready_at, expires, ts)
         if lsn != seq:
             m.lsn = lsn
         return m
 
-    def live_messages(self):
-        """Every message the broker still holds: ready, delayed and in flight."""
+    def live_messages(self, packed: list | None = None):
+        """Every message the broker still holds: ready, delayed and in flight.  Given a list
+        ``packed``, the ready messages in Packed blocks are not made into objects: the blocks
+        are appended to it instead."""
         for q in self.queues.values():
-            yield from q.iter_ready()
+            if packed is None:
+                yield from q.iter_ready()
+            else:
+                packed.extend(q.packed_blocks())
+                for m in q.iter_ready(unpacked=False):
+                    yield m
         for _, _, m in self._delayed:
             if m.state == DELAYED:
                 yield m
         for d in self.inflight.values():
             yield d.msg
         yield from self.parked_messages()
+
+    def _compact_block(self, block, through_lsn: int) -> int:
+        n = 0
+        lsns = block.lsns if block.lsns is not None else block.seqs
+        if not len(block) or min(lsns[block.head:]) > through_lsn:
+            return 0
+        if block.data is None:
+            # Spilled, and its records are about to go: read it back (one segment's worth of
+            # blocks at most, as compaction rewrites one segment at a time); spilled again
+            # once the MESSAGE records below are written.
+            block.load()
+            if self._body_reader is not None and block.queue.new_blocks is not None:
+                block.queue.new_blocks.append(block)
+        for i in range(block.head, len(block.seqs)):
+            if block.lsn(i) <= through_lsn:
+                block.set_lsn(i, self._log(R.MESSAGE, R.message_payload(self._block_message(block, i))))
+                n += 1
+        return n
+
+    def _block_message(self, block, i: int):
+        """Entry i of a Packed block as a Message."""
+        return block.message(i)
 
     def compact(self, through_lsn: int) -> int:
         """Rewrite forward everything the log still needs from records <= through_lsn.
@@ -352,10 +408,13 @@ class ReplayMixin:
         if not self.log_enabled:
             return 0
         n = 0
-        for m in list(self.live_messages()):
+        packed = []
+        for m in list(self.live_messages(packed)):
             if (m.lsn or m.seq) <= through_lsn:
                 m.lsn = self._log(R.MESSAGE, R.message_payload(m))
                 n += 1
+        for block in packed:  # ready messages without an object each: their lsn is kept in the block
+            n += self._compact_block(block, through_lsn)
         self._compact_results(through_lsn)
         self._compact_workflow(through_lsn)
         self._compact_exchanges()

@@ -265,6 +265,9 @@ def test_past_max_memory_publishes_get_memory_limit_while_consumers_drain(broker
     baseline = broker_stats(probe.port)["memory_rss"]
     probe.terminate()
     assert baseline > 0
+    # Past max_memory bodies spill to the log; these carry headers, which keeps each one an
+    # object with its body in memory (what spilling cannot take out), so memory reaches the
+    # hard limit (max_memory x 1.25) and publishes are refused.
     broker = broker_factory("--max-memory", str(baseline + 40 * MiB), "--fsync", "never")
     p = Raw(broker.port, name="producer")
     body = b"m" * MiB
@@ -272,17 +275,18 @@ def test_past_max_memory_publishes_get_memory_limit_while_consumers_drain(broker
     deadline = time.monotonic() + 30
     published = 0
     while time.monotonic() < deadline and published < 400:
-        f = p.call(wire.OP_PUBLISH, "bulk", body, None, 0, None)
+        f = p.call(wire.OP_PUBLISH, "bulk", body, None, 0, {"headers": {"n": published}})
         if f[0] == wire.OP_ERROR:
             refused = f
             break
         published += 1
     assert refused is not None, f"{published} MiB published past max_memory without an error"
-    assert refused[2] == "MEMORY_LIMIT" and "max_memory" in refused[3] and "--max-memory" in refused[3]
+    assert refused[2] == "MEMORY_LIMIT" and "max_memory_hard" in refused[3] and "--max-memory" in refused[3]
     # the connection stays open; reads, STATS and admin go on
     assert p.ok(wire.OP_PING) is None
     st = broker_stats_via(p)
-    assert st["memory_alarm"] is True and st["memory_rss"] > st["memory_limit"] == baseline + 40 * MiB
+    assert st["memory_alarm"] is True and st["memory_rss"] > st["memory_hard_limit"] == int((baseline + 40 * MiB) * 1.25)
+    assert st["memory_limit"] == baseline + 40 * MiB and st["memory_spilling"] is True
     assert "memory_alarm" in broker.admin("STATS\n")
     # results and schedules that grow memory are refused too; a settling RESULT_SET is not
     f = p.call(wire.OP_RESULT_SET, "t-1", "SUCCESS", 1, None, None)
@@ -338,7 +342,11 @@ def test_bad_bound_settings_are_named():
     r = run("--max-connections", "-1")
     assert r.returncode == 2 and "max_connections: must be a whole number >= 0" in r.stderr
     r = run("--max-memory", "lots")
-    assert r.returncode == 2 and r.stderr.strip() == "brokerd: --max-memory: 'lots' is not a valid int"
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "brokerd: --max-memory: 'lots' is not a number of bytes (write e.g. 1048576, 512M or 2G)"
+    )
+    r = run("--max-memory", "2G", "--max-memory-hard", "1G")
+    assert r.returncode == 2 and "max_memory_hard: must be at least max_memory (2147483648)" in r.stderr
 
 
 def test_the_automatic_max_connections_stays_below_the_descriptor_limit():
@@ -348,6 +356,8 @@ def test_the_automatic_max_connections_stays_below_the_descriptor_limit():
     assert max_connections_for(1 << 20) == MAX_CONNECTIONS_AUTO
     assert Config(max_connections=5).connection_limit() == 5
     assert Config(max_memory=0).memory_limit() == 0
+    assert Config(max_memory=1000).memory_hard_limit() == 1250
+    assert Config(max_memory=1000, max_memory_hard=3000).memory_hard_limit() == 3000
     assert Config().memory_limit() > 0  # 40 % of this machine's memory
 
 

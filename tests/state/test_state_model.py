@@ -100,7 +100,8 @@ class BrokerMachine(RuleBasedStateMachine):
         self.s.publish(0, q, mid.encode(), mid, prio, self.now, delay=delay)
         self.m.msgs[mid] = {"queue": q, "prio": prio, "attempts": 0}
         if delay:
-            self.m.delayed.append((self.now + delay, self.n, mid))
+            seq = next(e[1] for e in self.s._delayed if e[2].id == mid)  # dead-lettering takes seqs too
+            self.m.delayed.append((self.now + delay, seq, mid))
         else:
             self.m.ready[q].append(mid)
         self.absorb()
@@ -140,7 +141,9 @@ class BrokerMachine(RuleBasedStateMachine):
         else:
             # an explicit retry: held by the broker, not counted toward max_attempts
             self.s.nack(conn, tag, self.now, delay=1.5)
-            self.m.delayed.append((self.now + 1.5, self.s._delayed[-1][1], mid))
+            # its seq breaks a tie of due times (the entry of this message, not the last one)
+            seq = next(e[1] for e in self.s._delayed if e[2].id == mid)
+            self.m.delayed.append((self.now + 1.5, seq, mid))
         self.absorb()
 
     @rule(conn=st.sampled_from(CONNS))

@@ -1,0 +1,130 @@
+"""Queues deeper than memory (issue 18 item 3): the broker's memory per queued message,
+throughput at a deep queue against an empty one, and recovery time.  A benchmark, not a test.
+
+    python bench/memory.py                               # 1,000,000 x 100 B queued
+    python bench/memory.py -n 2000000 --size 1000 --broker-args="--max-memory 2G"
+    python bench/memory.py -n 1000000 --rate 100000      # + e2e throughput deep vs empty
+    python bench/memory.py -n 1000000 --recovery         # + restart: seconds to "ready"
+
+What it does: starts its own brokerd (``python -m broker --host 127.0.0.1 --port 0
+--data-dir <tmp> ARGS``, tests/support/broker.py), reads its VmRSS from /proc/<pid>/status
+before and after one producer process publishes ``-n`` messages (confirmed) that nobody
+consumes, and reports bytes per message beyond the body.  With ``--rate K`` it first moves K
+messages producer -> consumer through a side queue while the broker is empty, then again with
+the ``-n`` messages queued, and then drains K messages from the deep queue itself.  With
+``--recovery`` it stops the broker (SIGTERM) and times the restart to "ready" (the replay of
+the log).  The broker is stopped by its pid at the end; the last line is the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.core import Broker, last_json, spawn  # noqa: E402
+
+DEEP = "bench.memory.deep"
+SIDE = "bench.memory.side"
+
+
+class _Args:
+    """What bench/core.py's child processes read from their command line."""
+
+    def __init__(self, n, size, prefetch=100):
+        self.n, self.size, self.prefetch = n, size, prefetch
+        self.window = 0
+        self.rate = 0
+        self.tenants = 0
+        self.rate_limit = ""
+
+
+def flow(address: str, queue: str, k: int, size: int, produce: bool = True) -> float:
+    """Move k messages through ``queue`` (a consumer process, and a producer process unless
+    ``produce`` is false: the consumer drains what is queued); returns messages per second."""
+    a = _Args(k, size)
+    cons = spawn("consumer", address, a, queue=queue)
+    if cons.stdout.readline().strip() != "ready":
+        raise SystemExit("the consumer did not subscribe")
+    if produce:
+        p = last_json(spawn("producer", address, a, queue=queue), "producer", 1800)
+        c = last_json(cons, "consumer", 1800)
+        return k / (c["last_delivery"] - p["first_publish"])
+    c = last_json(cons, "consumer", 1800)
+    return k / (c["last_delivery"] - c["first_delivery"])
+
+
+def queued(broker, queue: str) -> int:
+    from client.producer import Client
+
+    with Client(broker.address, name="bench-memory-probe") as c:
+        return c.stats(queue)["ready"]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-n", type=int, default=1_000_000, help="messages left queued (default 1000000)")
+    ap.add_argument("--size", type=int, default=100, help="body bytes, >= 8 (default 100)")
+    ap.add_argument("--rate", type=int, default=0, metavar="K",
+                    help="also move K messages end to end at an empty broker and at the deep one (default 0: skip)")
+    ap.add_argument("--recovery", action="store_true", help="also restart the broker and time its recovery")
+    ap.add_argument("--broker-args", default="", help='extra brokerd flags, e.g. --broker-args="--fsync never"')
+    args = ap.parse_args(argv)
+    broker_args = shlex.split(args.broker_args)
+    print(f"brokerd bench/memory.py: python {sys.version.split()[0]}, {os.cpu_count()} CPUs, broker args {broker_args or 'none'}")
+    with tempfile.TemporaryDirectory(prefix="brokerd-bench-memory-") as tmp:
+        broker = Broker(broker_args, tmp)
+        try:
+            from client.producer import Client
+
+            with Client(broker.address, name="bench-memory-probe") as c:
+                c.declare(DEEP)
+            empty_rate = flow(broker.address, SIDE, args.rate, args.size) if args.rate else None
+            time.sleep(0.2)  # let the broker go idle before the baseline (a reading, not synchronisation)
+            before = broker.rss()
+            t0 = time.monotonic()
+            last_json(spawn("producer", broker.address, _Args(args.n, args.size), queue=DEEP), "producer", 7200)
+            fill_s = time.monotonic() - t0
+            after = broker.rss()
+            n = queued(broker, DEEP)
+            per = (after - before) / args.n
+            print(f"memory      {n:,} queued msgs of {args.size} B (published in {fill_s:.1f} s, {args.n / fill_s:,.0f}/s)")
+            print(f"  broker RSS        {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB")
+            print(f"  per message       {per:>8.0f} B  ({per - args.size:.0f} B beyond the {args.size} B body)")
+            if args.rate:
+                deep_rate = flow(broker.address, SIDE, args.rate, args.size)
+                drain = flow(broker.address, DEEP, args.rate, args.size, produce=False)
+                print(f"throughput  {args.rate:,} msgs of {args.size} B through a side queue, 1 producer + 1 consumer")
+                print(f"  empty broker      {empty_rate:>10,.0f} msgs/s")
+                print(f"  {n:,} queued  {deep_rate:>10,.0f} msgs/s  ({deep_rate / empty_rate:.2f}x)")
+                print(f"  drain deep queue  {drain:>10,.0f} msgs/s  (first {args.rate:,} of the deep queue, consumer only)")
+            if args.recovery:
+                left = queued(broker, DEEP)
+                broker.stop()
+                broker.start(broker.port, timeout=3600)  # recovery of a deep log takes long
+                print(f"recovery    {left:,} queued: ready after {broker.started_in:.1f} s "
+                      f"(spawn to 'ready', replay included); {queued(broker, DEEP):,} queued after; "
+                      f"RSS {broker.rss() / 2**20:.1f} MiB")
+        finally:
+            broker.stop()
+    cmd = ["python", "bench/memory.py", "-n", str(args.n), "--size", str(args.size)]
+    if args.rate:
+        cmd += ["--rate", str(args.rate)]
+    if args.recovery:
+        cmd += ["--recovery"]
+    if broker_args:
+        cmd += [f"--broker-args={shlex.join(broker_args)}"]
+    print("command:", shlex.join(cmd))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Queues deeper than memory: ready messages whose bodies live only in the log.
+
+Part of ``BrokerState`` (a mixin sharing its fields); pure like the rest of broker/state/:
+the log is reached through one callable the runtime hands in (``set_body_reader``:
+``lsns -> {lsn: (record type, payload bytes)}``, ``WriteAheadLog.read_payloads``).
+
+What spills is a whole ``Packed`` block (broker/state/queue.py: up to 1024 plain ready
+messages of one queue and priority): its ids and bodies are dropped from memory once every
+one of its records is written (``spill(written_lsn)``), and read back in one go when
+delivery reaches the block (``Packed.load``).  A block spills
+
+* at once, when its bodies are ``spill_body_bytes`` or larger (big bodies never wait in
+  memory for a consumer), and
+* whatever its bodies, while ``spill_all`` is set: the runtime sets it while the broker's
+  resident memory is past ``max_memory`` (the watermark).
+
+Compaction reads a spilled block back to rewrite it (``ReplayMixin._compact_block``); it is
+spilled again once the rewritten records are written.  Messages with headers, a delay, a TTL
+or an attempt behind them are objects (``Message``) and keep their bodies in memory.
+"""
+
+from __future__ import annotations
+
+import cbor2
+
+from broker.errors import LogFailed
+from broker.state import log_records as R
+from broker.state.queue import SPILL_NEVER
+
+
+class SpillMixin:
+    def _init_spill(self) -> None:
+        self._body_reader = None  # set by the runtime when a log is attached
+        self.spill_body_bytes = SPILL_NEVER
+        self.spill_all = False
+        # figures (STATS): blocks and bytes left in the log now; reads back since start
+        self.spill_reads = 0
+        self.spill_read_bytes = 0
+
+    def set_body_reader(self, read) -> None:
+        """``read(lsns) -> {lsn: (type, payload bytes)}`` of written log records: from now on
+        bodies may be left in the log (see the module's docstring)."""
+        self._body_reader = read
+
+    def configure_spill(self, body_bytes: int) -> None:
+        """Bodies of ``body_bytes`` or more are left in the log once written (0: never)."""
+        self.spill_body_bytes = body_bytes if body_bytes > 0 else SPILL_NEVER
+        for q in self.queues.values():
+            self._spill_setup(q)
+
+    def _spill_setup(self, q) -> None:
+        """A new queue: its blocks are watched for spilling if the log can take them."""
+        if self._body_reader is not None:
+            q.spill_body_bytes = self.spill_body_bytes
+            if q.new_blocks is None:
+                q.new_blocks = []
+
+    def _read_bodies(self, lsns: list) -> dict:
+        """``lsn -> (id, body)`` of messages whose PUBLISH/MESSAGE record is ``lsn``."""
+        try:
+            records = self._body_reader(lsns)
+        except (LookupError, OSError, ValueError) as exc:
+            # The log cannot give back what it was given (a segment deleted or damaged by
+            # hand, a disk error): a disk fault, so the log is failed as for a write error.
+            self.fail_log(f"cannot read queued message bodies back from the log: {exc}")
+            raise LogFailed(self.log_failed) from None
+        out = {}
+        n = 0
+        for lsn, (t, raw) in records.items():
+            p = cbor2.loads(raw)
+            if t == R.DEAD or t == R.MOVE:
+                p = p[1]
+            out[lsn] = (p[2], p[3])
+            n += len(raw)
+        self.spill_reads += 1
+        self.spill_read_bytes += n
+        return out
+
+    def spill(self, written_lsn: int, everything: bool = False) -> int:
+        """Leave in the log the bodies of blocks that qualify (big bodies; all while ``spill_all``)
+        and whose records are all written (lsn <= ``written_lsn``).  Looks at the blocks made
+        since the last call, or at every block with ``everything``.  Returns bytes freed."""
+        if self._body_reader is None:
+            return 0
+        freed = 0
+        read = self._read_bodies
+        spill_all = self.spill_all
+        for q in self.queues.values():
+            blocks = q.packed_blocks() if everything else q.new_blocks
+            if not blocks:
+                continue
+            keep = []
+            for block in blocks:
+                if block.data is None or not len(block) or not (spill_all or block.big):
+                    continue  # spilled, drained, or stays in memory (a pass with everything finds it)
+                lsns = block.lsns if block.lsns is not None else block.seqs
+                if max(lsns[block.head:]) > written_lsn:
+                    keep.append(block)  # not all written yet: look again after the next write
+                    continue
+                freed += block.spill(read)
+            q.new_blocks = keep
+        return freed
+
+    def spill_statistics(self) -> dict:
+        blocks = spilled = 0
+        for q in self.queues.values():
+            for block in q.packed_blocks():
+                if block.data is None:
+                    blocks += 1
+                    spilled += len(block)
+        return {"spilled_messages": spilled, "spilled_blocks": blocks, "spill_reads": self.spill_reads,
+                "spill_read_bytes": self.spill_read_bytes}

@@ -1,0 +1,113 @@
+"""Queues deeper than memory (protocol.md §9, README "Memory"): queued bodies left in the log
+come back byte-identical, after a restart and after compaction rewrote them; past the
+--max-memory watermark every queued body spills.  A real brokerd, real TCP, a real data dir.
+"""
+
+import subprocess
+import sys
+import time
+
+from client import wire
+from tests.support.wireclient import Raw
+
+KiB = 1024
+
+
+def stats(port: int) -> dict:
+    r = Raw(port, name="stats")
+    try:
+        return r.ok(wire.OP_STATS, None)["broker"]
+    finally:
+        r.close()
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)  # polling another process's figures: there is no event to await
+
+
+def publish_all(port: int, queue: str, messages: list) -> None:
+    p = Raw(port, name="producer")
+    for mid, body in messages:
+        f = p.call(wire.OP_PUBLISH, queue, body, mid, 0, None)
+        assert f[0] == wire.OP_OK, f
+    p.close()
+
+
+def consume(port: int, queue: str, n: int) -> list:
+    c = Raw(port, name="consumer")
+    c.ok(wire.OP_CONSUME, [queue], 50)
+    got = []
+    while len(got) < n:
+        for d in c.deliveries(1, timeout=10):
+            got.append((d[4], d[5]))
+            assert c.ok(wire.OP_ACK, d[2]) == 1
+    c.close()
+    return got
+
+
+def test_spilled_bodies_come_back_byte_identical_after_compaction_and_a_restart(broker_factory):
+    broker = broker_factory("--spill-body-bytes", "1000", "--segment-bytes", "65536", "--fsync", "never")
+    # Bodies of 1000 bytes or more are left in the log; smaller ones stay in memory; ids the
+    # broker makes and ids the producer gives.
+    messages = [(f"job-{i}" if i % 3 else None, bytes([i % 256, (i * 7) % 256]) * (500 + (i % 700)))
+                for i in range(600)]
+    publish_all(broker.port, "deep", messages)
+    st = wait_for(lambda: (s := stats(broker.port))["spilled_messages"] > 300 and s, 10, "bodies to spill")
+    assert st["spilled_blocks"] >= 1
+    # Traffic through another queue until compaction has rewritten the spilled messages forward
+    # and deleted the segments their PUBLISH records were in.
+    p = Raw(broker.port, name="churn")
+    c = Raw(broker.port, name="churn-consumer")
+    c.ok(wire.OP_CONSUME, ["churn"], 100)
+
+    def compacted_spilled():
+        for _ in range(100):
+            assert p.call(wire.OP_PUBLISH, "churn", b"c" * 2000, None, 0, None)[0] == wire.OP_OK
+        for d in c.deliveries(100, timeout=10):
+            c.ok(wire.OP_ACK, d[2])
+        return any("compaction: rewrote" in line and "rewrote 0 " not in line for line in broker.log)
+
+    wait_for(compacted_spilled, 60, "compaction to rewrite the queued messages")
+    wait_for(lambda: stats(broker.port)["spilled_messages"] > 300, 10, "the rewritten bodies to spill again")
+    first = consume(broker.port, "deep", 200)
+    broker.terminate()
+    broker.restart()
+    assert stats(broker.port)["spilled_messages"] > 0  # big bodies stay in the log after a restart too
+    rest = consume(broker.port, "deep", 400)
+    got = first + rest
+    assert [b for _, b in got] == [b for _, b in messages]
+    assert [mid for mid, _ in got][1::3] == [mid for mid, _ in messages][1::3]  # the ids given
+    assert stats(broker.port)["spill_reads"] > 0
+
+
+def test_past_the_watermark_every_queued_body_spills_and_comes_back(broker_factory):
+    # --max-memory 1: past it from the start, so every body spills once written; the hard
+    # limit (refusals) well above what this run uses.
+    broker = broker_factory("--max-memory", "1", "--max-memory-hard", "4G", "--fsync", "never")
+    wait_for(lambda: stats(broker.port)["memory_spilling"], 10, "the watermark to be noticed")
+    messages = [(None if i % 2 else f"t-{i}", b"%06d" % i + b"." * 94) for i in range(2500)]
+    publish_all(broker.port, "backlog", messages)
+    st = wait_for(lambda: (s := stats(broker.port))["spilled_messages"] >= 2048 and s, 10, "small bodies to spill")
+    assert st["memory_hard_limit"] == 4 * 1024 ** 3 and st["memory_alarm"] is False
+    got = consume(broker.port, "backlog", 2500)
+    assert [b for _, b in got] == [b for _, b in messages]
+    assert stats(broker.port)["spill_reads"] >= 2
+
+
+def test_bad_spill_settings_are_named():
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "broker", *args], capture_output=True, text=True, timeout=30)
+
+    r = run("--spill-body-bytes", "-5")
+    assert r.returncode == 2 and "spill_body_bytes: must be a number of bytes, or 0" in r.stderr
+    r = run("--max-memory-hard", "lots")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "brokerd: --max-memory-hard: 'lots' is not a number of bytes (write e.g. 1048576, 512M or 2G)"
+    )
