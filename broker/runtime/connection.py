@@ -214,7 +214,11 @@ class BinaryConnection:
         self.state.connect(conn.id)
         self.state.name_connection(conn.id, conn.name)
         log.info("conn %d hello: client=%r heartbeat=%gs", conn.id, conn.name, conn.heartbeat)
-        conn.queue_bytes(hs.accept(hello))
+        follower = self.server.follower
+        if follower is None:
+            conn.queue_bytes(hs.accept(hello))
+        else:  # a follower names its leader, so a client goes there (protocol.md §5.1, §6.4)
+            conn.queue_bytes(encode_many([ok_frame(hello.rid, {**hs.welcome_map(hello), "leader": follower.address})]))
         outcome: BaseException | str | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._writer, conn)

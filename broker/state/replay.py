@@ -47,6 +47,8 @@ class ReplayMixin:
                     max_seq = m.seq
                 if t == R.PUBLISH:
                     m.queue.published += 1
+                    if len(p) > 10:  # a keyed publish: a resend after this restart is dropped too
+                        self.dedupe.remember(p[10], m.id, m.ts, now)
             elif t == R.DELIVER:
                 for seq in (p if type(p) is list else (p,)):
                     m = msgs.get(seq)
@@ -170,7 +172,7 @@ class ReplayMixin:
         return nxt - 1
 
     def _message_from(self, p, lsn) -> Message:
-        seq, qname, mid, body, prio, headers, attempts, ready_at, expires, ts = p
+        seq, qname, mid, body, prio, headers, attempts, ready_at, expires, ts = p[:10]  # 11th: dedupe key
         m = Message(seq, mid, self.queue(qname), body, prio, headers, attempts, ready_at, expires, ts)
         if lsn != seq:
             m.lsn = lsn
