@@ -39,7 +39,7 @@ _monotonic = time.monotonic
 class Client(Connection, verbs.ShellInfo):
     """A blocking connection to brokerd, safe to share between threads.
 
-    ``Client(address="127.0.0.1:7700", *, name=None, heartbeat=30.0, timeout=10.0)``
+    ``Client(address="127.0.0.1:7700", *, name=None, heartbeat=30.0, timeout=10.0, reconnect=30.0)``
 
     * ``address``: ``"host:port"`` (or a ``(host, port)`` tuple).
     * ``name``: shown by the broker's admin ``CONSUMERS`` (default host:pid).
@@ -48,6 +48,11 @@ class Client(Connection, verbs.ShellInfo):
       silence.  0 turns heartbeats off.
     * ``timeout``: seconds to wait for a reply (and to connect) before
       raising ``Timeout``.  None waits forever.
+    * ``reconnect``: seconds a lost connection is re-established for before a
+      call raises ``ConnectionLost`` (default 30; 0: never).  ``address`` may
+      list a replica group (``"brokerd://h1:7700,h2:7700"``): the client finds
+      the leader, follows ``NOT_LEADER`` and resends unconfirmed publishes
+      (protocol.md §6.4).
 
     Connects (and completes HELLO) in the constructor; use it as a context
     manager or call ``close()``.  Create clients after forking (gunicorn's

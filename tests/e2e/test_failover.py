@@ -1,0 +1,317 @@
+"""Clients follow the leader (issue 16 item 5): a list of addresses finds the leader, a lost
+connection is re-established and unconfirmed publishes are resent once (dedupe), workers consume
+again, a delivery of the old connection is never settled on the new one.
+
+Real brokerd processes (and a worker process) on loopback with real data dirs, stopped by pid.
+The one in-test helper is a TCP relay that can swallow the broker's replies and cut connections:
+it makes "stored but the confirm never arrived" happen on purpose instead of by luck.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+from client import Client, wire
+from client.errors import ConnectionLost, StaleDelivery
+from client.options import parse_leader
+from tests.support.broker import ROOT, BrokerProcess
+from tests.support.wireclient import Raw
+from tests.worker_apps import tasks
+
+WAIT = 20.0  # seconds any wait here may take at most
+
+
+def wait_for(pred, what: str):
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {WAIT}s waiting for {what}")
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stored(broker: BrokerProcess, queue: str) -> int:
+    """Messages the broker holds for ``queue``: ready + delayed + in flight."""
+    for line in broker.admin("QUEUES\n").splitlines():
+        parts = line.split()
+        if parts and parts[0] == queue:
+            return int(parts[1]) + int(parts[2]) + int(parts[3])
+    return 0
+
+
+def drain(address: str, queue: str, n: int) -> list[bytes]:
+    """The bodies of the first ``n`` deliveries of ``queue`` (acked), then whatever else is
+    there within a short look (a doubled message must show up)."""
+    bodies = []
+    with Client(address, timeout=5) as c:
+        with c.consume(queue, prefetch=200) as cons:
+            while len(bodies) < n:
+                d = cons.get(WAIT)
+                assert d is not None, f"only {len(bodies)} of {n} messages came back"
+                bodies.append(d.body)
+                d.ack()
+            while (d := cons.get(0.3)) is not None:
+                bodies.append(d.body)
+                d.ack()
+    return bodies
+
+
+@pytest.fixture
+def group(tmp_path):
+    started = []
+
+    def start(name, *args):
+        b = BrokerProcess(tmp_path / name, *args).start()
+        started.append(b)
+        return b
+
+    yield start
+    for b in started:
+        if b.proc is not None and b.proc.poll() is None:
+            b.kill()
+
+
+class Relay:
+    """127.0.0.1:port -> the broker; ``swallow`` drops the broker's bytes, ``cut()`` closes
+    every relayed connection (both ends), as a failing network would."""
+
+    def __init__(self, target_port: int):
+        self.target = target_port
+        self.swallow = False
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []
+        self.lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            with self.lock:
+                self.pairs.append((client, upstream))
+            for a, b, replies in ((client, upstream, False), (upstream, client, True)):
+                t = threading.Thread(target=self._pump, args=(a, b, replies), daemon=True)
+                t.start()
+                self.threads.append(t)
+
+    def _pump(self, src, dst, replies):
+        try:
+            while data := src.recv(65536):
+                if not (replies and self.swallow):
+                    dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self):
+        with self.lock:
+            pairs, self.pairs = self.pairs, []
+        for pair in pairs:
+            for s in pair:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self):
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept() (close alone does not)
+        except OSError:
+            pass
+        self.listener.close()
+        self.cut()
+        for t in self.threads:
+            t.join(timeout=5)
+        with self.lock:
+            for pair in self.pairs:
+                for s in pair:
+                    s.close()
+
+
+# -- finding the leader --------------------------------------------------------------------------
+def test_a_list_whose_first_address_is_down_or_a_follower_reaches_the_leader(group):
+    leader = group("leader")
+    follower = group("follower", "--follow", leader.address)
+    dead = free_port()
+    # a follower's HELLO reply names its leader (protocol.md §3.3), and so does its NOT_LEADER
+    raw = Raw(follower.port)
+    assert raw.hello[2]["leader"] == leader.address
+    refused = raw.call(wire.OP_PUBLISH, "q", b"x", None, 0, None)
+    assert refused[2] == "NOT_LEADER" and parse_leader(refused[3]) == ("127.0.0.1", leader.port)
+    raw.close()
+    for url in (f"brokerd://127.0.0.1:{dead},{follower.address}",  # down, then a follower
+                f"{follower.address},127.0.0.1:{dead}"):  # a follower first: it names the leader
+        with Client(url, timeout=5) as c:
+            assert c.connected_to == ("127.0.0.1", leader.port)
+            assert "leader" not in c.server_info
+            c.publish("q", b"x")
+    wait_for(lambda: stored(leader, "q") == 2, "both publishes on the leader")
+    # nobody answers as leader: one error naming every address and why
+    with pytest.raises(ConnectionLost) as err:
+        Client(f"brokerd://127.0.0.1:{dead},127.0.0.1:{free_port()}", timeout=5)
+    assert err.value.message.count("cannot connect") == 2 and f"127.0.0.1:{dead}" in err.value.message
+
+
+# -- resends are stored once ---------------------------------------------------------------------
+def test_publishes_whose_confirms_were_lost_are_resent_and_stored_once(group):
+    b = group("b")
+    relay = Relay(b.port)
+    try:
+        c = Client(f"127.0.0.1:{relay.port}", timeout=5)
+        c.publish("warm", b"x")
+        relay.swallow = True  # the broker stores what follows, but no confirm reaches the client
+        sent = [c.publish("q", b"m%d" % i, confirm=False) for i in range(50)]
+        c.flush()
+        wait_for(lambda: stored(b, "q") == 50, "the broker to store all 50")
+        relay.swallow = False
+        relay.cut()  # the connection dies with 50 publishes unconfirmed
+        c.wait_for_confirms(timeout=WAIT)  # reconnects and resends them (same ids and keys)
+        assert c.reconnects == 1
+        assert stored(b, "q") == 50  # not 100: each resend was a duplicate key
+        bodies = drain(b.address, "q", 50)
+        assert sorted(bodies) == sorted(b"m%d" % i for i in range(50))
+        assert len(set(sent)) == 50
+        c.close()
+    finally:
+        relay.close()
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["confirm-each", "pipelined"])
+def test_kill_9_under_publishing_loses_no_confirmed_publish_and_doubles_none(group, pipelined):
+    b = group("b")
+    confirmed: list[bytes] = []
+    failed: list[BaseException] = []
+    stop = threading.Event()
+
+    def produce():
+        try:
+            with Client(b.address, timeout=5) as c:
+                i = 0
+                while not stop.is_set():
+                    if pipelined:
+                        batch = [b"m%d" % n for n in range(i, i + 20)]
+                        for body in batch:
+                            c.publish("q", body, confirm=False)
+                        c.wait_for_confirms(timeout=WAIT)
+                        confirmed.extend(batch)
+                        i += 20
+                    else:
+                        c.publish("q", b"m%d" % i)
+                        confirmed.append(b"m%d" % i)
+                        i += 1
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            failed.append(exc)
+
+    t = threading.Thread(target=produce)
+    t.start()
+    try:
+        for _ in range(2):  # two kills: the second reconnect starts from a reconnected client
+            mark = len(confirmed)
+            wait_for(lambda: len(confirmed) >= mark + 40 or failed, "confirmed publishes")
+            b.kill()
+            b.restart()
+        mark = len(confirmed)
+        wait_for(lambda: len(confirmed) >= mark + 40 or failed, "publishes confirmed after the restarts")
+    finally:
+        stop.set()
+        t.join(WAIT)
+    assert not failed, failed
+    n = len(confirmed)
+    bodies = drain(b.address, "q", n)
+    doubled = [body for body, k in collections.Counter(bodies).items() if k > 1]
+    assert not doubled, f"stored twice: {doubled[:5]}"
+    assert not set(confirmed) - set(bodies), "a confirmed publish was lost"
+
+
+# -- consumers ---------------------------------------------------------------------------------
+def test_a_delivery_from_before_a_reconnect_is_not_settled_on_the_new_connection(group):
+    b = group("b")
+    with Client(b.address, timeout=5) as c:
+        c.publish("q", b"one")
+        cons = c.consume("q", prefetch=1)
+        d = cons.get(WAIT)
+        assert d is not None and not d.redelivered
+        b.kill()
+        b.restart()
+        c.publish("other", b"x")  # the next call reconnects
+        assert c.reconnects == 1
+        with pytest.raises(StaleDelivery, match="earlier connection"):
+            d.ack()
+        with pytest.raises(ConnectionLost):
+            cons.get(1)  # the consumer ended with its connection
+        again = c.consume("q", prefetch=1).get(WAIT)
+        assert again is not None and again.body == b"one" and again.redelivered
+        again.ack(wait=True)
+
+
+class Worker:
+    """``python -m client.worker_cli tests.worker_apps.tasks:app -b URL -Q queue``, stopped by pid."""
+
+    def __init__(self, url: str, queue: str, log_path):
+        self.log_path = log_path
+        self.log_file = open(log_path, "w")
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "client.worker_cli", "tests.worker_apps.tasks:app", "-b", url, "-Q", queue,
+             "-c", "2", "-n", f"w-{uuid.uuid4().hex[:6]}@failover"],
+            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=self.log_file, stderr=subprocess.STDOUT)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log_file.close()
+        return self.log_path.read_text()
+
+
+def test_a_worker_and_an_app_given_a_list_keep_going_after_kill_9_and_a_retry_still_runs(group, tmp_path):
+    b = group("b")
+    url = f"brokerd://127.0.0.1:{free_port()},{b.address}"  # the first member is down
+    tasks.app.conf.broker_url = url
+    tasks.app.close()
+    q = f"t.{uuid.uuid4().hex[:8]}"
+    w = Worker(url, q, tmp_path / "worker.log")
+    try:
+        assert tasks.add.apply_async((1, 2), queue=q).get(timeout=WAIT) == 3
+        b.kill()
+        b.restart()
+        # the app's client reconnects by itself; the worker's intake consumes again
+        assert tasks.add.apply_async((2, 3), queue=q).get(timeout=WAIT) == 5
+        # a retry republishes the task under the same id: a new dedupe key, so it is stored and runs
+        r = tasks.early_ack.apply_async((str(tmp_path / "calls"),), queue=q)
+        assert r.get(timeout=WAIT) == 2
+    finally:
+        tasks.app.close()
+        log = w.stop()
+    assert "reconnected to brokerd" in log, log[-2000:]
