@@ -9,6 +9,7 @@ it makes "stored but the confirm never arrived" happen on purpose instead of by 
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import os
 import signal
@@ -20,8 +21,9 @@ import time
 import uuid
 
 import pytest
+import trio
 
-from client import Client, wire
+from client import AsyncClient, Client, beat, ctl, wire
 from client.errors import ConnectionLost, StaleDelivery
 from client.options import parse_leader
 from tests.support.broker import ROOT, BrokerProcess
@@ -156,7 +158,7 @@ class Relay:
 
 
 # -- finding the leader --------------------------------------------------------------------------
-def test_a_list_whose_first_address_is_down_or_a_follower_reaches_the_leader(group):
+def test_a_list_whose_first_address_is_down_or_a_follower_reaches_the_leader(group, capsys):
     leader = group("leader")
     follower = group("follower", "--follow", leader.address)
     dead = free_port()
@@ -172,7 +174,30 @@ def test_a_list_whose_first_address_is_down_or_a_follower_reaches_the_leader(gro
             assert c.connected_to == ("127.0.0.1", leader.port)
             assert "leader" not in c.server_info
             c.publish("q", b"x")
-    wait_for(lambda: stored(leader, "q") == 2, "both publishes on the leader")
+
+    async def async_publish():  # the async shell finds the leader the same way
+        async with AsyncClient(f"{follower.address},127.0.0.1:{dead},{leader.address}", timeout=5) as ac:
+            assert (ac._host, ac._port) == ("127.0.0.1", leader.port)
+            await ac.publish("q", b"y")
+
+    trio.run(async_publish)
+    asyncio.run(async_publish())
+    wait_for(lambda: stored(leader, "q") == 4, "every publish on the leader")
+    # brokerd-ctl and brokerd-beat take the list too (they reach the leader through the SDK)
+    url = f"brokerd://{follower.address},{leader.address}"
+    assert ctl.main(["-b", url, "queues"]) == 0
+    assert "q" in capsys.readouterr().out.split()
+    assert beat.main(["tests.beat_apps.periodic:app", "-b", url]) == 0
+    assert "entries pushed" in capsys.readouterr().out
+    assert "top-papers-hourly" in leader.admin("SCHEDULES\n")  # pushed to the leader
+    # Celery's transport (kombu hands it the URL whole) publishes on the leader too
+    import client.celery  # noqa: F401  registers brokerd://
+    from kombu import Connection, Exchange, Producer, Queue
+
+    kq = Queue("kq", Exchange("kq", type="direct"), routing_key="kq")
+    with Connection(f"brokerd://127.0.0.1:{dead},{follower.address}") as conn:
+        Producer(conn).publish({"n": 1}, exchange=kq.exchange, routing_key="kq", declare=[kq])
+    wait_for(lambda: stored(leader, "kq") == 1, "the kombu publish on the leader")
     # nobody answers as leader: one error naming every address and why
     with pytest.raises(ConnectionLost) as err:
         Client(f"brokerd://127.0.0.1:{dead},127.0.0.1:{free_port()}", timeout=5)
