@@ -26,7 +26,7 @@ import time
 from _thread import allocate_lock
 
 from client import verbs
-from client.errors import BrokerdError, ConnectionClosed, ConnectionLost, NotLeader, Timeout
+from client.errors import AuthFailed, BrokerdError, ConnectionClosed, ConnectionLost, NotLeader, Timeout
 from client.options import (
     MAX_REDIRECTS,
     RECONNECT_FIRST,
@@ -81,12 +81,17 @@ class Connection:
         self.reconnects = 0  # how many times a lost connection was re-established
         self.control_handlers: list = []  # called (in the reader thread) with each CONTROL payload
         self.event_handlers: list = []  # called (in the reader thread) with (events, dropped) per EVENT frame
+        self._session = self._sock = None  # the connection in use, set by _dial
         self._dial()
 
-    def _dial(self, first: tuple | None = None) -> None:
+    def _dial(self, first: tuple | None = None, resend: list = ()) -> None:
         """Connect to the replica group's leader (protocol.md §6.4): try the addresses in
         turn (``first`` before them), follow a HELLO reply's ``leader``; ConnectionLost
-        naming every address and why once none answered as leader."""
+        naming every address and why once none answered as leader.
+
+        The new connection becomes the client's only once its HELLO named no other leader,
+        and ``resend`` (publishes of a lost connection) is buffered on it in the same step,
+        so no other thread's request lands on a follower or before them."""
         order = list(self._url.addresses)
         if first is not None:
             order.insert(0, first)
@@ -97,28 +102,43 @@ class Connection:
             host, port = order[i]
             i += 1
             try:
-                leader = self._open(host, port)
+                session, sock, reader = self._open(host, port)
+            except AuthFailed:
+                raise  # the same users everywhere in a group: trying on would only add delay
             except (ConnectionLost, Timeout) as exc:
+                if len(order) == 1:
+                    raise  # one address: its own error, as it was
                 tried.append(f"{_hp(host, port)}: {exc.message}")
                 continue
+            leader = (session.server or {}).get("leader")
             if leader is None:
+                with self._lock:
+                    self._session, self._sock, self._reader = session, sock, reader
+                    self.connected_to = (host, port)
+                    for queue, body, mid, priority, opts in resend:
+                        session.publish(queue, body, mid, priority, opts, confirm=False)
+                self._flusher = threading.Thread(target=self._flush_loop, args=(session,),
+                                                 name=f"brokerd-flusher-{host}:{port}", daemon=True)
+                self._flusher.start()
+                if resend:
+                    self._dirty.set()
                 return
-            self._drop_connection()
+            self._close_private(session, sock, reader)  # a follower: go to the leader it names
             redirects += 1
             try:
-                target = parse_leader(leader)
+                target = parse_leader(leader if isinstance(leader, str) else "")
             except ValueError:
                 tried.append(f"{_hp(host, port)}: a follower naming an unusable leader {leader!r}")
                 continue
-            if redirects > MAX_REDIRECTS:
-                tried.append(f"{_hp(host, port)}: a follower of {leader} ({MAX_REDIRECTS} redirects followed: a loop?)")
-                break
             tried.append(f"{_hp(host, port)}: a follower of {leader}")
+            if redirects > MAX_REDIRECTS:
+                tried.append(f"{MAX_REDIRECTS} redirects followed: a loop?")
+                break
             order.insert(i, target)
         raise ConnectionLost(None, f"no leader brokerd reachable at {self.address}: " + "; ".join(tried))
 
     def _open(self, host: str, port: int):
-        """Open one connection and complete HELLO; None for a leader, else the leader's address."""
+        """Open one connection and complete HELLO on it, privately: ``(session, sock, reader)``."""
         url = self._url
         timeout = self.timeout
         session = Session(
@@ -140,35 +160,35 @@ class Connection:
                 raise ConnectionLost(None, f"TLS with brokerd at {_hp(host, port)} failed: {exc}") from exc
             sock = tls
         sock.settimeout(None)
-        with self._lock:
-            self._session = session
-            self._sock = sock
-            self._dirty.clear()
-        self.connected_to = (host, port)
-        self._reader = threading.Thread(target=self._read_loop, args=(session, sock),
-                                        name=f"brokerd-reader-{host}:{port}", daemon=True)
-        self._flusher = threading.Thread(target=self._flush_loop, args=(session,),
-                                         name=f"brokerd-flusher-{host}:{port}", daemon=True)
-        self._reader.start()
+        reader = threading.Thread(target=self._read_loop, args=(session, sock),
+                                  name=f"brokerd-reader-{host}:{port}", daemon=True)
+        reader.start()
         try:
-            self._run(verbs.Call(start=lambda s, w: s.hello(waiter=w)), recover=False)
-        except BaseException:
-            self._drop_connection()
+            w = new_waiter()
+            with self._lock:
+                p = session.hello(waiter=w)
+                data = session.data_to_send(_monotonic())
+            sock.sendall(data)
+            self._wait(p, timeout)
+        except BaseException as exc:
+            with self._lock:
+                self._wake(session.connection_lost(exc if isinstance(exc, BrokerdError) else None, address=self.address))
+            self._close_private(session, sock, reader)
+            if isinstance(exc, OSError) and not isinstance(exc, BrokerdError):  # a socket error
+                raise ConnectionLost(None, f"connection to brokerd at {_hp(host, port)} lost during HELLO: {exc}") from exc
             raise
-        self._flusher.start()
-        leader = (session.server or {}).get("leader")
-        return leader if isinstance(leader, str) else ("?" if leader is not None else None)
+        return session, sock, reader
 
-    def _drop_connection(self) -> None:
-        """Close the current socket without BYE (a follower we leave, a failed HELLO)."""
-        closed = self._closed
-        self._closed = True
+    def _close_private(self, session: Session, sock, reader) -> None:
+        """Close a connection that never became the client's (a follower, a failed HELLO)."""
+        with self._lock:
+            self._wake(session.connection_lost(None, address=self.address))
         try:
-            self._abort(None)
-            self._reader.join(timeout=1)
-            self._sock.close()
-        finally:
-            self._closed = closed
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        reader.join(timeout=1)
+        sock.close()
 
     def _recover(self, failed: Session, leader: str | None = None) -> bool:
         """After ``failed`` (a session) lost its connection or met NOT_LEADER: reconnect to
@@ -187,6 +207,10 @@ class Connection:
             for t in (self._reader, self._flusher):
                 if t.is_alive() and t is not threading.current_thread():
                     t.join(timeout=2)
+            try:
+                self._sock.close()
+            except OSError:
+                pass
             hint = None
             if leader:
                 try:
@@ -197,30 +221,22 @@ class Connection:
             delay = RECONNECT_FIRST
             while True:
                 try:
-                    self._sock.close()
-                except OSError:
-                    pass
-                try:
-                    self._dial(hint)
+                    self._dial(hint, resend)
                     break
                 except ConnectionLost as exc:
                     hint = None
-                    if self._closed:
-                        raise
                     wait = delay * random.uniform(0.5, 1.0)
-                    if _monotonic() + wait > deadline:
+                    if isinstance(exc, AuthFailed) or self._closed or _monotonic() + wait > deadline:
+                        with self._lock:  # kept for a later call's reconnect
+                            failed.redirected[:0] = resend
+                        if isinstance(exc, AuthFailed):
+                            raise
                         raise ConnectionLost(None, f"{exc.message}; gave up after reconnecting for {self.reconnect:g} s") from exc
                     log.warning("brokerd connection lost; reconnecting in %.2f s (%s)", wait, exc.message)
                     time.sleep(wait)
                     delay = min(delay * 2, RECONNECT_MAX)
             self.reconnects += 1
-            log.info("reconnected to brokerd at %s; resending %d unconfirmed publishes", _hp(*self.connected_to), len(resend))
-            if resend:
-                with self._lock:
-                    session = self._session
-                    for queue, body, mid, priority, opts in resend:
-                        session.publish(queue, body, mid, priority, opts, confirm=False)
-                self.flush()
+            log.info("reconnected to brokerd at %s; resent %d unconfirmed publishes", _hp(*self.connected_to), len(resend))
             return True
 
     def __enter__(self) -> "Connection":
@@ -230,7 +246,7 @@ class Connection:
         self.close()
 
     def __repr__(self):
-        state = "closed" if self._closed else ("lost" if self._session.error else "open")
+        state = "closed" if self._closed else ("lost" if self._session is None or self._session.error else "open")
         return f"<{type(self).__name__} {self.address} {state}>"
 
     # -- for code that drives the connection itself (the worker) -----------------------------
