@@ -228,34 +228,37 @@ def test_publishes_whose_confirms_were_lost_are_resent_and_stored_once(group):
         relay.close()
 
 
-@pytest.mark.parametrize("pipelined", [False, True], ids=["confirm-each", "pipelined"])
-def test_kill_9_under_publishing_loses_no_confirmed_publish_and_doubles_none(group, pipelined):
+@pytest.mark.parametrize("pipelined, threads", [(False, 1), (True, 1), (True, 3)],
+                         ids=["confirm-each", "pipelined", "pipelined-3-threads-one-client"])
+def test_kill_9_under_publishing_loses_no_confirmed_publish_and_doubles_none(group, pipelined, threads):
     b = group("b")
     confirmed: list[bytes] = []
     failed: list[BaseException] = []
     stop = threading.Event()
+    shared = Client(b.address, timeout=5)  # one client, shared by the producing threads
 
-    def produce():
+    def produce(t):
+        i = 0
         try:
-            with Client(b.address, timeout=5) as c:
-                i = 0
-                while not stop.is_set():
-                    if pipelined:
-                        batch = [b"m%d" % n for n in range(i, i + 20)]
-                        for body in batch:
-                            c.publish("q", body, confirm=False)
-                        c.wait_for_confirms(timeout=WAIT)
-                        confirmed.extend(batch)
-                        i += 20
-                    else:
-                        c.publish("q", b"m%d" % i)
-                        confirmed.append(b"m%d" % i)
-                        i += 1
+            while not stop.is_set():
+                if pipelined:
+                    batch = [b"t%dm%d" % (t, n) for n in range(i, i + 20)]
+                    for body in batch:
+                        shared.publish("q", body, confirm=False)
+                    shared.wait_for_confirms(timeout=WAIT)
+                    confirmed.extend(batch)
+                    i += 20
+                else:
+                    body = b"t%dm%d" % (t, i)
+                    shared.publish("q", body)
+                    confirmed.append(body)
+                    i += 1
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             failed.append(exc)
 
-    t = threading.Thread(target=produce)
-    t.start()
+    producers = [threading.Thread(target=produce, args=(t,)) for t in range(threads)]
+    for t in producers:
+        t.start()
     try:
         for _ in range(2):  # two kills: the second reconnect starts from a reconnected client
             mark = len(confirmed)
@@ -266,8 +269,11 @@ def test_kill_9_under_publishing_loses_no_confirmed_publish_and_doubles_none(gro
         wait_for(lambda: len(confirmed) >= mark + 40 or failed, "publishes confirmed after the restarts")
     finally:
         stop.set()
-        t.join(WAIT)
+        for t in producers:
+            t.join(WAIT)
+        shared.close()
     assert not failed, failed
+    assert shared.reconnects == 2  # one reconnect per kill, however many threads met it
     n = len(confirmed)
     bodies = drain(b.address, "q", n)
     doubled = [body for body, k in collections.Counter(bodies).items() if k > 1]
