@@ -226,12 +226,14 @@ class Connection:
                 except ConnectionLost as exc:
                     hint = None
                     wait = delay * random.uniform(0.5, 1.0)
-                    if isinstance(exc, AuthFailed) or self._closed or _monotonic() + wait > deadline:
+                    remaining = deadline - _monotonic()
+                    if isinstance(exc, AuthFailed) or self._closed or remaining <= 0:
                         with self._lock:  # kept for a later call's reconnect
                             failed.redirected[:0] = resend
                         if isinstance(exc, AuthFailed):
                             raise
                         raise ConnectionLost(None, f"{exc.message}; gave up after reconnecting for {self.reconnect:g} s") from exc
+                    wait = min(wait, remaining)  # the last try is at the deadline
                     log.warning("brokerd connection lost; reconnecting in %.2f s (%s)", wait, exc.message)
                     time.sleep(wait)
                     delay = min(delay * 2, RECONNECT_MAX)

@@ -204,6 +204,20 @@ def test_a_list_whose_first_address_is_down_or_a_follower_reaches_the_leader(gro
     assert err.value.message.count("cannot connect") == 2 and f"127.0.0.1:{dead}" in err.value.message
 
 
+def test_reconnecting_gives_up_with_a_clear_error_after_the_stated_time(group):
+    b = group("b")
+    c = Client(f"brokerd://{b.address},127.0.0.1:{free_port()}", timeout=5, reconnect=0.5)
+    c.publish("q", b"x")
+    b.kill()  # and never restarted
+    for _ in range(2):  # each call tries again for the stated time, and says so
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionLost, match=r"no leader brokerd reachable at .*gave up after reconnecting for 0.5 s"):
+            c.publish("q", b"y")
+        assert 0.5 <= time.monotonic() - t0 < WAIT
+    assert c.reconnects == 0
+    c.close()
+
+
 # -- resends are stored once ---------------------------------------------------------------------
 def test_publishes_whose_confirms_were_lost_are_resent_and_stored_once(group):
     b = group("b")
