@@ -24,7 +24,7 @@ import pytest
 import trio
 
 from client import AsyncClient, Client, beat, ctl, wire
-from client.errors import ConnectionLost, StaleDelivery
+from client.errors import ConnectionLost, NotEnoughReplicas, StaleDelivery
 from client.options import parse_leader
 from tests.support.broker import ROOT, BrokerProcess
 from tests.support.wireclient import Raw
@@ -111,7 +111,11 @@ class Relay:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self.target))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:  # the broker behind is gone: so is this connection
+                client.close()
+                continue
             with self.lock:
                 self.pairs.append((client, upstream))
             for a, b, replies in ((client, upstream, False), (upstream, client, True)):
@@ -293,6 +297,50 @@ def test_kill_9_under_publishing_loses_no_confirmed_publish_and_doubles_none(gro
     doubled = [body for body, k in collections.Counter(bodies).items() if k > 1]
     assert not doubled, f"stored twice: {doubled[:5]}"
     assert not set(confirmed) - set(bodies), "a confirmed publish was lost"
+
+
+def test_failover_to_the_follower_loses_no_confirmed_publish_and_doubles_none(group):
+    """The manual failover of README (kill -9 the leader, restart its follower without --follow on
+    its data dir): a client given both addresses follows it, resends what was unconfirmed, and the
+    new leader, which replayed the same log, drops the resends it already holds."""
+    leader = group("leader", "--sync-replicas", "1")  # a confirm means on both disks
+    follower = group("follower", "--follow", leader.address)
+    relay = Relay(leader.port)  # the client reaches the leader through it
+    try:
+        c = Client(f"brokerd://127.0.0.1:{relay.port},{follower.address}", timeout=5)
+        wait_for(lambda: _published(c), "the follower to be in sync (a publish confirmed)")
+        confirmed = [b"c%d" % i for i in range(30)]
+        for body in confirmed:
+            c.publish("q", body, confirm=False)
+        c.wait_for_confirms(timeout=WAIT)
+        relay.swallow = True  # stored on both disks, but these confirms never arrive
+        unconfirmed = [b"u%d" % i for i in range(50)]
+        for body in unconfirmed:
+            c.publish("q", body, confirm=False)
+        c.flush()
+        wait_for(lambda: stored(follower, "q") == 80, "the follower to hold all 80")
+        leader.kill()
+        relay.swallow = False
+        follower.terminate()
+        follower.args = []  # promoted: the same data dir and port, without --follow
+        follower.restart()
+        c.wait_for_confirms(timeout=WAIT)  # the relay leads nowhere now: on to the new leader, resend
+        assert c.connected_to == ("127.0.0.1", follower.port) and c.reconnects == 1
+        c.publish("q", b"after")
+        assert stored(follower, "q") == 81  # the 50 resends were dropped as duplicates
+        c.close()
+    finally:
+        relay.close()
+    bodies = drain(follower.address, "q", 81)
+    assert sorted(bodies) == sorted(confirmed + unconfirmed + [b"after"])
+
+
+def _published(c: Client) -> bool:
+    try:
+        c.publish("warm", b"x")
+        return True
+    except NotEnoughReplicas:
+        return False
 
 
 # -- consumers ---------------------------------------------------------------------------------
