@@ -67,6 +67,7 @@ from client.wire import (
     OP_RATE_LIMIT,
     OP_CREDIT,
     OP_RELEASE,
+    OP_PROMOTE,
     OP_REPLICA_ACK,
     OP_REPLICATE,
     OP_RESULT_FORGET,
@@ -116,6 +117,7 @@ REQUIRED: dict[int, tuple[str, object] | None] = {
     OP_EMIT: ("publish", 2), OP_BIND: ("manage", 3), OP_UNBIND: ("manage", 3),
     # A follower reads the whole log (every queue's messages): its own kind, given to replication users only.
     OP_REPLICATE: ("replicate", None), OP_REPLICA_ACK: ("replicate", None),
+    OP_PROMOTE: ("admin", None),  # a follower takes over as leader (a change of role for the whole group)
 }
 
 USERS_FILE_EXAMPLE = '''\

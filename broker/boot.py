@@ -58,12 +58,6 @@ class DataDirError(Exception):
     """The data directory cannot be used: locked, corrupt, unreadable."""
 
 
-def _keeping(records, into: list):
-    for r in records:
-        into.append(r)
-        yield r
-
-
 def open_server(config: Config) -> Server:
     """Open the write-ahead log, replay it into a fresh state, build the server."""
     users = load_users(config)  # first: a bad users file refuses start before the log is touched
@@ -94,7 +88,6 @@ def open_server(config: Config) -> Server:
     follower = bool(config.follow)
     if not follower:  # a follower logs only what its leader sends: replay decides nothing here
         state.enable_log()
-    kept_records: list = []  # a follower's view is replayed from these (broker.runtime.replication)
     state.default_result_ttl = config.result_ttl
     t0 = time.monotonic()
     # Replay allocates one long-lived object per live message; the cyclic GC
@@ -115,9 +108,11 @@ def open_server(config: Config) -> Server:
         if seen is not None:
             records = seen.watch(records)
         decoded = ((r.lsn, r.type, loads(r.payload)) for r in records)
-        if follower:
-            decoded = _keeping(decoded, kept_records)
-        replayed = state.replay(decoded, time.time())
+        if follower:  # a hot standby: the records applied, the messages placed only at promotion
+            state.standby_begin()
+            replayed = state.standby_apply(decoded, time.time())
+        else:
+            replayed = state.replay(decoded, time.time())
         # A repair (or a deleted half-created segment) can leave the log's next
         # lsn past the last replayed record: the state numbers records the same way.
         state.align_lsn(wal.next_lsn - 1)
@@ -149,7 +144,6 @@ def open_server(config: Config) -> Server:
     server = Server(config, state, durability)
     if follower:
         server.follower = Follower(server, config.follow, config.follow_user, config.follow_token)
-        server.follower.records = kept_records
         log.info("following the leader at %s (a standby: reads only, writes get NOT_LEADER)", config.follow)
     else:
         server.replication = LeaderReplication(server, config.sync_replicas)

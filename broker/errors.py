@@ -117,6 +117,12 @@ class NotEnoughReplicas(BrokerError):
     code = "NOT_ENOUGH_REPLICAS"
 
 
+class StaleEpoch(BrokerError):
+    """Replication between brokerds of different leadership terms: the older one was deposed."""
+
+    code = "STALE_EPOCH"
+
+
 # -- codes that close the connection (sent in a CLOSING frame or a last ERR line) -------------
 class BadFrame(BrokerError):
     code = "BAD_FRAME"

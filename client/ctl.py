@@ -210,6 +210,17 @@ def cmd_rate_limit(c, args):
               f" (was {out['previous'] or 'no limit'})")
 
 
+def cmd_promote(c, args):
+    """Make the follower at --broker/--url the leader (protocol.md §5.45): a manual failover."""
+    reason = " ".join(args.reason) or "brokerd-ctl promote"
+    text = _admin(c, f"PROMOTE {reason}")
+    if args.json:
+        words = text.split()
+        dump_json({"role": "leader", "epoch": int(words[-1]) if words and words[-1].isdigit() else None})
+    else:
+        print_admin(text)
+
+
 def cmd_schedules(c, args):
     if args.json:
         dump_json(c.schedule_list())
@@ -443,6 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", metavar="NAME", help="a task name (or a queue with --queue)")
     p.add_argument("limit", nargs="?", metavar="LIMIT", help="10/s, 100/m, 1000/h; 0 lifts the limit")
     p.add_argument("--queue", action="store_true", help="NAME is a queue: limit every message of it")
+    p = add("promote", cmd_promote, "make this follower the leader (epoch + 1): a manual failover; then restart "
+            "the old leader with --follow this one")
+    p.add_argument("--url", dest="broker", default=argparse.SUPPRESS, metavar="URL",
+                   help="the follower to promote (the same as --broker)")
+    p.add_argument("reason", nargs="*", metavar="REASON", help="why, for the brokerds' logs")
     add("schedules", cmd_schedules, "every periodic schedule")
     add("workers", cmd_workers, "every worker brokerd has heard of, with its state")
     add("task", cmd_task, "a task's state, args, result or traceback, and timeline of events", "id")

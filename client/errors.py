@@ -183,6 +183,13 @@ class NotEnoughReplicas(RequestRefused):
     code = "NOT_ENOUGH_REPLICAS"
 
 
+class StaleEpoch(RequestRefused):
+    """Replication between brokerds of different leadership terms (STALE_EPOCH): the older one
+    was deposed.  Only a replication connection (REPLICATE, a follower brokerd) gets it."""
+
+    code = "STALE_EPOCH"
+
+
 class AccessRefused(RequestRefused):
     """The user this client logged in as lacks the grant for this operation (ACCESS_REFUSED).
 
@@ -255,6 +262,7 @@ _BY_CODE: dict[str, type[BrokerdError]] = {
     "MEMORY_LIMIT": MemoryLimit,
     "NOT_LEADER": NotLeader,
     "NOT_ENOUGH_REPLICAS": NotEnoughReplicas,
+    "STALE_EPOCH": StaleEpoch,
     "ACCESS_REFUSED": AccessRefused,
     "AUTH_REQUIRED": AccessRefused,
     "AUTH_FAILED": AuthFailed,

@@ -76,12 +76,13 @@ OP_BIND = 33  # [33, rid, exchange, queue, key, {type, temporary}|null]
 OP_UNBIND = 34  # [34, rid, exchange, queue, key]
 OP_EMIT = 35  # [35, rid, exchange, routing_key, body, id|null, priority, options|null]
 OP_RATE_LIMIT = 40  # set a task's or queue's rate live: [40, rid, name, limit, kind]
-# replication (protocol.md §5.40): a follower asks for the log from an lsn, then reports its durable lsn
-OP_REPLICATE = 41  # [41, rid, from_lsn]
+# replication (protocol.md §5.40-5.41, §5.45): a follower asks for the log from an lsn, then reports its durable lsn
+OP_REPLICATE = 41  # [41, rid, from_lsn, epoch?]
 OP_REPLICA_ACK = 42  # [42, rid, durable_lsn]; never answered
 # adaptive prefetch and recall (protocol.md §5.42-5.44)
 OP_CREDIT = 43  # set a consumer's prefetch live: [43, rid, consumer, prefetch]
 OP_RELEASE = 44  # give back deliveries not started, not counted as attempts: [44, rid, [tag, ...]]
+OP_PROMOTE = 45  # a follower becomes the leader, epoch + 1 (protocol.md §5.45): [45, rid, reason?]
 
 # server → client
 OP_OK = 64
@@ -90,7 +91,7 @@ OP_DELIVER = 66
 OP_CLOSING = 67  # the server is about to close the connection: [67, code, message]
 OP_CONTROL = 68  # a broadcast to consumers, e.g. [68, {"revoke": [ids], "terminate": true}]
 OP_EVENT = 69  # events for a subscriber: [69, [event, ...], dropped]
-OP_RECORDS = 70  # log records for a follower: [70, leader_lsn, [[lsn, type, payload], ...]]
+OP_RECORDS = 70  # log records for a follower: [70, leader_lsn, [[lsn, type, payload], ...], epoch]
 OP_RECALL = 71  # to a consumer that asked for it: release up to n not-started deliveries of queue: [71, consumer, n, queue]
 
 CLIENT_OPS = {
@@ -134,6 +135,7 @@ CLIENT_OPS = {
     OP_REPLICA_ACK: "REPLICA_ACK",
     OP_CREDIT: "CREDIT",
     OP_RELEASE: "RELEASE",
+    OP_PROMOTE: "PROMOTE",
 }
 SERVER_OPS = {OP_OK: "OK", OP_ERROR: "ERROR", OP_DELIVER: "DELIVER", OP_CLOSING: "CLOSING", OP_CONTROL: "CONTROL",
               OP_EVENT: "EVENT", OP_RECORDS: "RECORDS", OP_RECALL: "RECALL"}
@@ -168,6 +170,7 @@ ERROR_CODES: dict[str, tuple[str, bool]] = {
     "ACCESS_REFUSED": ("the user lacks the grant this operation needs on this queue; nothing changed", True),
     "NOT_LEADER": ("this brokerd is a follower and takes no writes; the message names the leader's address", True),
     "NOT_ENOUGH_REPLICAS": ("fewer followers than --sync-replicas are in sync; the write was not confirmed", True),
+    "STALE_EPOCH": ("replication between brokerds of different leadership terms: the older one was deposed", False),
     "INTERNAL": ("a bug in the server; the connection is closed, nothing stored is lost", False),
 }
 
@@ -475,9 +478,10 @@ class Event(NamedTuple):
         return cls(f[1] if len(f) > 1 else [], f[2] if len(f) > 2 else 0)
 
 
-def records_frame(leader_lsn: int, records) -> list:
-    """§5.40: log records for a follower, ``[[lsn, type, payload], ...]`` oldest first."""
-    return [OP_RECORDS, leader_lsn, [list(r) for r in records]]
+def records_frame(leader_lsn: int, records, epoch: int = 0) -> list:
+    """§5.40: log records for a follower, ``[[lsn, type, payload], ...]`` oldest first, and the
+    sender's epoch (its leadership term; a follower refuses an older one)."""
+    return [OP_RECORDS, leader_lsn, [list(r) for r in records], epoch]
 
 
 def control_frame(payload) -> list:

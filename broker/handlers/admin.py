@@ -56,6 +56,7 @@ HELP = [
     ("EXCHANGES", "every exchange: type, bindings, bound queues"),
     ("BINDINGS <exchange>", "one exchange's bindings: queue, key, temporary"),
     ("EVENTS [n]", "stream events as lines, after the last n (default 0), until QUIT or close"),
+    ("PROMOTE [reason]", "a follower becomes the leader (epoch + 1); answered once that is on disk"),
     ("QUIT", "close this connection"),
 ]
 
@@ -511,6 +512,12 @@ def c_events(state, args, now, extra):
                                     "a binary client sends SUBSCRIBE (protocol.md §5.30)")
 
 
+def c_promote(state, args, now, extra):
+    # A change of role, not of the state: broker/runtime/roles.py answers PROMOTE (on admin text
+    # connections and in binary ADMIN frames) before a line gets here.
+    raise BadRequest("PROMOTE is answered by a running brokerd (broker/runtime/roles.py), not by a state")
+
+
 def c_unique(state, args, now, extra):
     _need(args, 1, "UNIQUE <key>")
     info = state.unique_info(args[0], now)
@@ -572,5 +579,6 @@ COMMANDS = {
     "UNIQUE": c_unique,
     "EXCHANGES": c_exchanges,
     "BINDINGS": c_bindings,
+    "PROMOTE": c_promote,
     "QUIT": c_quit,
 }

@@ -63,6 +63,9 @@ class AdminConnection:
                     if buf is None:
                         return "admin EVENTS ended"
                     continue
+                if word == "PROMOTE":  # a change of role (broker/runtime/roles.py), not a state read
+                    await self._send(stream, (await self.server.roles.promote_line(line, conn)).encode())
+                    continue
                 follower = self.server.follower
                 if follower is not None:  # a standby: reads from its replayed log, no writes
                     if not follower_may_read(line):

@@ -37,6 +37,7 @@ from client.wire import (
     OP_ADMIN,
     OP_PING,
     OP_REPLICATE,
+    OP_PROMOTE,
     OP_BYE,
     OP_CHORD,
     OP_HEARTBEAT,
@@ -161,6 +162,12 @@ class Conn:
         self.wake.set()
         if self.cancel is not None:
             self.cancel.cancel()
+
+
+def _is_promote(f: list) -> bool:
+    """An ADMIN frame whose line is PROMOTE (roles.answer_promote parses the rest)."""
+    line = f[2] if len(f) > 2 else None
+    return type(line) is str and line.split()[:1] == ["PROMOTE"]
 
 
 class Close(Exception):
@@ -311,6 +318,10 @@ class BinaryConnection:
                         # This connection is a follower's from now on (broker/runtime/replication.py).
                         srv.flush()
                         return await srv.replication.serve(conn, reader, f)
+                    if op == OP_PROMOTE or (op == OP_ADMIN and _is_promote(f)):
+                        # A change of role (broker/runtime/roles.py), answered when the EPOCH is on disk.
+                        srv.nursery.start_soon(srv.roles.answer_promote, conn, f, cid)
+                        continue
                     if srv.follower is not None and op not in FOLLOWER_OPS:
                         rid = f[1] if len(f) > 1 and type(f[1]) is int else 0
                         state.send_to(cid, error_frame(rid, NotLeader.code, srv.follower.refusal()))

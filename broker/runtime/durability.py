@@ -257,12 +257,13 @@ class Durability:
         """A follower reported a higher durable lsn: release the confirms it covers."""
         self._release_durable()
 
-    def refuse_replica_waits(self, message: str) -> None:
+    def refuse_replica_waits(self, message: str, code: str = NotEnoughReplicas.code) -> None:
         """Too few followers in sync: held confirms fail with NOT_ENOUGH_REPLICAS, never
-        go out as if on enough disks.  (Their records stay in the local log.)"""
+        go out as if on enough disks.  (Their records stay in the local log.)  A leader that
+        steps down or is fenced fails them with NOT_LEADER (broker/runtime/roles.py)."""
         while self._waiting:
             _, box, release = self._waiting.popleft()
-            release(_refuse_confirms(box, message, NotEnoughReplicas.code))
+            release(_refuse_confirms(box, message, code))
 
     # -- the writer task ---------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -285,6 +285,9 @@ def metrics_chunks(server, now: float, access=None):
     dur = server.wal
     if dur is not None:
         _wal_metrics(dur, single, family, add)
+    roles = getattr(server, "roles", None)
+    if roles is not None:
+        _replication_metrics(server, roles, single, family, add)
     if out:
         yield piece()
 
@@ -323,6 +326,25 @@ def _wal_metrics(dur, single, family, add) -> None:
     single("brokerd_recovery_seconds", "gauge", "Seconds the log replay took at the last start.", rec.seconds if rec else 0.0)
     single("brokerd_recovery_records", "gauge", "Log records replayed at the last start.", rec.records if rec else 0)
     single("brokerd_recovery_truncated_bytes", "gauge", "Bytes of torn tail cut off the log at the last start; above 0 after a crash mid-write.", rec.truncated_bytes if rec else 0)
+
+
+def _replication_metrics(server, roles, single, family, add) -> None:
+    """Role, epoch and, on a leader, each follower's durable lsn and lag (broker/runtime/roles.py)."""
+    now_role = "fenced" if roles.fenced else roles.role
+    family("brokerd_replication_role", "gauge", "1 for this brokerd's role in its replication group: leader, follower, or fenced (a leader that stopped taking writes).")
+    for r in ("leader", "follower", "fenced"):
+        add(f'brokerd_replication_role{{role="{r}"}} {1 if r == now_role else 0}')
+    single("brokerd_replication_epoch", "gauge", "The leadership term of this brokerd's log (EPOCH records; one more at each promotion).", roles.epoch)
+    repl = server.replication if server.follower is None else None
+    followers = repl.followers() if repl is not None else []
+    for name, help_, key in (
+        ("brokerd_replication_follower_lsn", "Each follower's durable (fsynced) lsn, as its last REPLICA_ACK said.", "lsn"),
+        ("brokerd_replication_follower_lag_records", "Records this leader has written that the follower has not acked.", "lag_records"),
+        ("brokerd_replication_follower_lag_seconds", "Seconds since the follower last had every record this leader had written (0 when caught up).", "lag_seconds"),
+    ):
+        family(name, "gauge", help_)
+        for f in followers:
+            add(f'{name}{{follower="{escape_label(f["address"])}"}} {_num(f[key])}')
 
 
 # -- the ASGI app ------------------------------------------------------------------------

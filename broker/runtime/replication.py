@@ -14,11 +14,20 @@ publishes are refused with NOT_ENOUGH_REPLICAS and confirms held at that moment
 fail with it.
 
 Follower (``--follow HOST:PORT``): connects, asks for the log from its own next
-lsn, appends every record with the same lsn to its own log, fsyncs, acks, and
-keeps the records so that its admin reads (STATS, QUEUES, REPLICATION) answer
-from a state replayed from them.  It refuses every write with NOT_LEADER naming
-the leader.  It never writes a record of its own (no compaction, no ticker
-records), so its log stays the leader's, lsn for lsn.
+lsn (and says its epoch), appends every record with the same lsn to its own log,
+fsyncs, applies the batch to its live state (a hot standby: ``BrokerState.standby_apply``,
+the replay one batch at a time, so a promotion places the messages and replays
+nothing) and acks.  Its admin reads (STATS, QUEUES, QUEUE) answer from that state.
+It refuses every write with NOT_LEADER naming the leader.  It never writes a
+record of its own (no compaction, no ticker), so its log stays the leader's, lsn
+for lsn.
+
+Epochs (broker/runtime/roles.py): RECORDS frames carry the leader's epoch; a
+follower refuses records of an epoch older than its own (STALE_EPOCH), and a
+leader refuses a follower that has seen a newer epoch than its own (it has been
+deposed: it fences itself).  A follower whose log runs past the end of its epoch
+in the leader's log (a deposed leader's unconfirmed tail) is told ``truncate_to``;
+it cuts its log back there, rebuilds its standby state and asks again.
 """
 
 from __future__ import annotations
@@ -29,7 +38,8 @@ import time
 import cbor2
 import trio
 
-from broker.errors import NotLeader
+from broker.errors import NotLeader, StaleEpoch
+from broker.state.replay import epoch_end
 from client.wire import (
     OP_CLOSING,
     OP_ERROR,
@@ -103,11 +113,26 @@ class LeaderReplication:
         else:
             self.server.replica_alarm = None
 
+    def followers(self) -> list[dict]:
+        """Each follower: its address, durable lsn, and lag in records and in seconds (how long
+        since it last had everything this log had written: the oldest record it lacks is at most
+        that old)."""
+        written = self.server.wal.wal.written_lsn
+        now = time.monotonic()
+        out = []
+        for link in self.links.values():
+            behind = max(0, written - link["acked"])
+            out.append({"address": link["peer"], "lsn": link["acked"], "lag_records": behind,
+                        "lag_seconds": round(now - link["caught_up_at"], 3) if behind else 0.0,
+                        "in_sync": link["in_sync"]})
+        return out
+
     def statistics(self) -> dict:
         wal = self.server.wal.wal
         written = wal.written_lsn
         return {
             "role": "leader",
+            "leader": self.server.roles.leader_address,
             "lsn": written,
             "sync_replicas": self.sync_replicas,
             "followers": len(self.links),
@@ -127,19 +152,46 @@ class LeaderReplication:
         if type(from_lsn) is not int or from_lsn < 1:
             return await _refuse(conn, rid, "BAD_REQUEST",
                                  f"REPLICATE field 2 must be the follower's next lsn, an integer >= 1 (got {from_lsn!r})")
+        their_epoch = f[3] if len(f) > 3 else None
+        if their_epoch is not None and (type(their_epoch) is not int or not 0 <= their_epoch < 1 << 63):
+            return await _refuse(conn, rid, "BAD_REQUEST",
+                                 f"REPLICATE field 3 must be the epoch of the follower's log, an integer >= 0 "
+                                 f"(got {their_epoch!r})")
         wal = durability.wal
         if srv.follower is not None:
             return await _refuse(conn, rid, NotLeader.code,
-                                 f"this brokerd follows {srv.follower.address}; replicate from the leader")
+                                 f"this brokerd follows {srv.follower.address}; replicate from the leader"
+                                 if srv.follower.address else srv.follower.refusal())
         written = wal.written_lsn
+        epoch = srv.state.epoch
+        if their_epoch is not None and their_epoch > epoch:
+            # Someone was promoted after this brokerd's term began: it is deposed.
+            srv.roles.fence(f"a follower ({conn.peer}) has seen epoch {their_epoch}, newer than this "
+                            f"leader's {epoch}: a newer leader exists")
+            return await _refuse(conn, rid, StaleEpoch.code,
+                                 f"this brokerd led epoch {epoch} but the follower has seen epoch {their_epoch}: "
+                                 "this one is deposed and takes no more writes; follow the current leader")
+        if their_epoch is not None and their_epoch < epoch:
+            # Only at a term boundary: a follower ahead of this log within this same term means this
+            # log lost records (the "diverged" refusal below), not that the follower must lose them.
+            end = epoch_end(srv.state.epochs, their_epoch, written)
+            if from_lsn - 1 > end:
+                # The follower holds records past the end of its term in this log: written by a
+                # deposed leader, never confirmed here.  It cuts them and asks again.
+                conn.queue_bytes(encode(ok_frame(rid, {"truncate_to": end, "epoch": epoch, "leader_lsn": written})))
+                log.info("follower on conn %d (%s): its log (epoch %d, to lsn %d) left this one after lsn %d; "
+                         "told to truncate", conn.id, conn.peer, their_epoch, from_lsn - 1, end)
+                return await _refuse(conn, None, "", "")
         if from_lsn > written + 1:
             return await _refuse(conn, rid, "BAD_REQUEST",
                                  f"the follower's log reaches lsn {from_lsn - 1} but the leader's ends at {written}: "
                                  "the logs diverged; empty the follower's data directory and start it again")
         first = wal.segments()[0].first_lsn
         start = from_lsn if from_lsn >= first else first
-        conn.queue_bytes(encode(ok_frame(rid, {"start": start, "reset": start != from_lsn, "leader_lsn": written})))
-        link = {"peer": conn.peer, "acked": start - 1, "sent": start - 1, "in_sync": False}
+        conn.queue_bytes(encode(ok_frame(rid, {"start": start, "reset": start != from_lsn, "leader_lsn": written,
+                                               "epoch": epoch})))
+        link = {"peer": conn.peer, "acked": start - 1, "sent": start - 1, "in_sync": False,
+                "caught_up_at": time.monotonic()}
         self.links[conn.id] = link
         self._check_sync(conn, link)  # nothing to catch up: in sync at once
         log.info("follower on conn %d (%s) replicates from lsn %d%s", conn.id, conn.peer, start,
@@ -175,7 +227,7 @@ class LeaderReplication:
                 await trio.sleep(0.01)  # the segment was being compacted away: read again
                 continue
             link["sent"] = records[-1][0]
-            conn.queue_bytes(encode(records_frame(target, records)))
+            conn.queue_bytes(encode(records_frame(target, records, self.server.state.epoch)))
             if conn.out_bytes > self.server.config.output_buffer:
                 conn.drained = trio.Event()
                 with trio.move_on_after(5.0):
@@ -188,8 +240,15 @@ class LeaderReplication:
                     if f[0] == OP_REPLICA_ACK and len(f) > 2 and type(f[2]) is int:
                         if f[2] > link["acked"]:
                             link["acked"] = min(f[2], link["sent"])
+                        if link["acked"] >= self.server.wal.wal.written_lsn:
+                            link["caught_up_at"] = time.monotonic()
                         self._check_sync(conn, link)
                         self.server.wal.replica_progress()
+                    elif f[0] == OP_ERROR:  # the follower refused our records (STALE_EPOCH)
+                        log.warning("follower on conn %d (%s) refused the records: %s", conn.id, conn.peer,
+                                    " ".join(str(x) for x in f[2:4]))
+                        scope.cancel()
+                        return
                     elif f[0] != OP_HEARTBEAT:
                         rid = f[1] if len(f) > 1 and type(f[1]) is int else 0
                         conn.queue_bytes(encode(error_frame(
@@ -205,7 +264,7 @@ class LeaderReplication:
 
 
 class Follower:
-    """This brokerd follows ``address``: its log is the leader's, its state a replay of it."""
+    """This brokerd follows ``address``: its log is the leader's, its state a hot standby of it."""
 
     def __init__(self, server, address: str, user: str = "", token: str = ""):
         self.server = server
@@ -213,12 +272,14 @@ class Follower:
         host, _, port = address.rpartition(":")
         self.host, self.port = host or "127.0.0.1", int(port)
         self.user, self.token = user, token
-        self.records: list = []  # (lsn, type, payload) of the whole log, for the view
-        self._view = None
-        self._view_lsn = -1
         self.leader_lsn = 0
+        self.leader_epoch = 0
         self.connected = False
         self.last_error = ""
+        self.truncated = 0  # records cut from this log's tail to follow (a deposed leader's)
+        self._scope: trio.CancelScope | None = None
+        self._done = trio.Event()
+        self._stopped = False
 
     def refusal(self) -> str:
         return (f"this brokerd is a follower of the leader at {self.address} and takes no writes; "
@@ -239,30 +300,44 @@ class Follower:
         }
 
     def view(self, now: float):
-        """A broker state replayed from the log as far as it is on disk here (rebuilt when it moved)."""
-        from broker.state.core import BrokerState
+        """The live standby state (each batch is applied to it as it arrives)."""
+        return self.server.state
 
-        if self._view is None or self._view_lsn != len(self.records):
-            st = BrokerState(boot_id="follower")
-            st.replay(iter(self.records), now)
-            st.set_server_stats(self.server.limit_statistics)
-            self._view, self._view_lsn = st, len(self.records)
-        return self._view
+    async def stop(self) -> None:
+        """Stop following (promotion, or a re-point); returns once no batch is being applied."""
+        self._stopped = True  # a run() not started yet never starts
+        if self._scope is not None:
+            self._scope.cancel()
+            await self._done.wait()
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self._follow_once()
-            except Exception as exc:  # noqa: BLE001 -- whatever a leader sends, the follower lives on
-                # (refused, unreachable, silent past 30 s, a bad frame or a record the log refuses)
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("following %s: %s; reconnecting in %gs", self.address, exc, RECONNECT_DELAY)
+        if self._stopped:
+            return
+        try:
+            with trio.CancelScope() as self._scope:
+                while True:
+                    again = False
+                    try:
+                        again = await self._follow_once()
+                    except Exception as exc:  # noqa: BLE001 -- whatever a leader sends, the follower lives on
+                        # (refused, unreachable, silent past 30 s, a bad frame or a record the log refuses)
+                        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+                            exc = exc.exceptions[0]  # the heartbeat nursery's wrapping says nothing
+                        log.debug("following %s", self.address, exc_info=exc)
+                        self.last_error = f"{type(exc).__name__}: {exc}"
+                        log.warning("following %s: %s; reconnecting in %gs", self.address, exc, RECONNECT_DELAY)
+                    self.connected = False
+                    if not again:
+                        await trio.sleep(RECONNECT_DELAY)
+        finally:
             self.connected = False
-            await trio.sleep(RECONNECT_DELAY)
+            self._done.set()
 
-    async def _follow_once(self) -> None:
+    async def _follow_once(self) -> bool:
+        """One connection to the leader; True to reconnect at once (the log was cut back)."""
         durability = self.server.wal
         wal = durability.wal
+        state = self.server.state
         stream = await trio.open_tcp_stream(self.host, self.port)
         async with stream:
             extra = {"user": self.user, "token": self.token} if self.user else None
@@ -273,26 +348,41 @@ class Follower:
             frames = await _frames(stream, reader)
             hs.receive(frames.pop(0))
             from_lsn = wal.next_lsn
-            await stream.send_all(encode([OP_REPLICATE, 2, from_lsn]))
+            await stream.send_all(encode([OP_REPLICATE, 2, from_lsn, state.epoch]))
             while not frames:
                 frames = await _frames(stream, reader)
             reply = frames.pop(0)
             if reply[0] != OP_OK:
                 raise FollowError(f"the leader refused REPLICATE: {reply[2:]}")
             info = reply[2]
+            self.leader_epoch = info.get("epoch", 0)
+            if "truncate_to" in info:
+                await self._truncate(info["truncate_to"], info.get("epoch", 0))
+                return True
+            if self.leader_epoch < state.epoch:
+                raise FollowError(f"the leader at {self.address} is at epoch {self.leader_epoch}, older than this "
+                                  f"log's {state.epoch}: it was deposed; follow the current leader")
             start = info["start"]
             if start != from_lsn:
-                if wal.written_lsn or self.records:
-                    raise FollowError(
-                        f"this follower's log ends at lsn {from_lsn - 1} but the leader keeps its log from lsn "
-                        f"{start} on; empty this follower's data directory ({self.server.config.data_dir}) to "
-                        "take a fresh snapshot")
-                async with durability._write_lock:
-                    await trio.to_thread.run_sync(wal.start_at, start)
-                self.server.state.align_lsn(start - 1)
+                if start < from_lsn or type(start) is not int:
+                    raise FollowError(f"the leader would start at lsn {start!r}, before this log's end {from_lsn - 1}")
+                if wal.written_lsn:
+                    # Behind the leader's oldest kept segment: all this log holds is in the leader's
+                    # snapshot (same terms: the epoch check above found no divergence). Start over from it.
+                    async with durability._write_lock:
+                        with trio.CancelScope(shield=True):
+                            dropped = await trio.to_thread.run_sync(wal.discard_and_start_at, start)
+                    log.warning("this log (to lsn %d) ends before %s keeps its log (from lsn %d): dropped its %d "
+                                "records to take the leader's snapshot", from_lsn - 1, self.address, start, dropped)
+                    state.reset_for_standby()
+                    state.standby_begin()
+                else:
+                    async with durability._write_lock:
+                        await trio.to_thread.run_sync(wal.start_at, start)
+                state.align_lsn(start - 1)
             self.connected = True
             self.last_error = ""
-            log.info("following %s from lsn %d", self.address, start)
+            log.info("following %s from lsn %d (epoch %d)", self.address, start, self.leader_epoch)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._heartbeats, stream)
                 while True:
@@ -303,21 +393,49 @@ class Follower:
                             raise FollowError(f"the leader said {f[1:]}")
                     frames = await _frames(stream, reader)
 
+    async def _truncate(self, lsn: int, leader_epoch: int) -> None:
+        """Cut this log back to ``lsn`` (the new leader's log left it there), rebuild the standby."""
+        durability = self.server.wal
+        wal = durability.wal
+        if type(lsn) is not int or lsn < 0:
+            raise FollowError(f"the leader sent a truncation point that is not an lsn: {lsn!r}")
+        async with durability._write_lock:
+            with trio.CancelScope(shield=True):
+                dropped = await trio.to_thread.run_sync(wal.truncate_after, lsn)
+        self.truncated += dropped
+        log.warning("truncated %d records after lsn %d from this log: written as leader of an older epoch and "
+                    "never in the log of %s (epoch %d); following it from lsn %d", dropped, lsn, self.address,
+                    leader_epoch, lsn + 1)
+        with trio.CancelScope(shield=True):
+            await self.server.roles.reload_standby()
+
     async def _apply(self, stream, f: list) -> None:
         durability = self.server.wal
         wal = durability.wal
+        state = self.server.state
+        their_epoch = f[3] if len(f) > 3 else 0
+        if type(their_epoch) is not int or their_epoch < state.epoch:
+            message = (f"these records are from epoch {their_epoch!r} but this follower's log is at epoch "
+                       f"{state.epoch}: the sender was deposed")
+            await stream.send_all(encode(error_frame(0, StaleEpoch.code, message)))
+            raise FollowError(f"STALE_EPOCH: {message}")
         self.leader_lsn = f[1]
         loads = cbor2.loads
         decoded = []
-        for lsn, t, payload in f[2]:
-            if lsn != wal.next_lsn:
-                raise FollowError(f"the leader sent lsn {lsn} where this log expects {wal.next_lsn}")
-            wal.append(t, payload)
+        expect = wal.next_lsn
+        for lsn, t, payload in f[2]:  # all checked and decoded before any is appended
+            if lsn != expect:
+                raise FollowError(f"the leader sent lsn {lsn} where this log expects {expect}")
             decoded.append((lsn, t, loads(payload)))
-        async with durability._write_lock:
-            await trio.to_thread.run_sync(_write_and_sync, wal)
-        self.records.extend(decoded)
-        self.server.state.align_lsn(wal.next_lsn - 1)
+            expect += 1
+        for lsn, t, payload in f[2]:
+            wal.append(t, payload)
+        # Written, fsynced and applied together: a stop (promotion) never leaves the log ahead of the state.
+        with trio.CancelScope(shield=True):
+            async with durability._write_lock:
+                await trio.to_thread.run_sync(write_and_sync, wal)
+            state.standby_apply(decoded, time.time())
+            state.align_lsn(wal.next_lsn - 1)
         await stream.send_all(encode([OP_REPLICA_ACK, 0, wal.synced_lsn]))
 
     async def _heartbeats(self, stream) -> None:
@@ -326,9 +444,11 @@ class Follower:
             await stream.send_all(encode(HEARTBEAT_FRAME))
 
 
-async def _refuse(conn, rid: int, code: str, message: str) -> str:
-    """Answer a REPLICATE that cannot be served, let the answer out, end the connection."""
-    conn.queue_bytes(encode(error_frame(rid, code, message)))
+async def _refuse(conn, rid: int | None, code: str, message: str) -> str:
+    """Answer a REPLICATE that cannot be served, let the answer out, end the connection
+    (``rid`` None: the answer is queued already)."""
+    if rid is not None:
+        conn.queue_bytes(encode(error_frame(rid, code, message)))
     with trio.move_on_after(1.0):
         while conn.out and not conn.closed:
             await trio.sleep(0.01)
@@ -339,7 +459,7 @@ class FollowError(Exception):
     """The leader refused this follower or sent what its log cannot take."""
 
 
-def _write_and_sync(wal) -> None:
+def write_and_sync(wal) -> None:
     wal.write_batch(wal.take_batch())
     if wal.synced_lsn < wal.written_lsn:
         wal.sync()

@@ -37,6 +37,7 @@ from broker.runtime.connection import (
     Conn,
     closing,
 )
+from broker.runtime.roles import Roles
 from broker.state import BrokerState
 
 log = logging.getLogger("brokerd")
@@ -188,6 +189,7 @@ class Server:
         self.follower = None  # a replication.Follower when --follow is set
         self.replication = None  # a replication.LeaderReplication otherwise (with a log)
         self.replica_alarm: str | None = None  # NOT_ENOUGH_REPLICAS's message while too few are in sync
+        self.roles = Roles(self)  # leader or follower, the epoch, promotion and step-down (broker/runtime/roles.py)
 
     # -- effects -------------------------------------------------------------------
     def flush(self) -> None:
@@ -243,7 +245,7 @@ class Server:
                 # compaction of its own): its log stays the leader's, lsn for lsn.
                 nursery.start_soon(self.follower.run)
             elif self.wal is not None:
-                await nursery.start(self.wal.run)
+                await nursery.start(self.roles.writer)
             if self.history is not None:  # the page's task list, kept across restarts
                 nursery.start_soon(history.writer, self.state, self.history)
             for listener in self.listeners:
@@ -459,7 +461,8 @@ class Server:
         state = self.state
         while True:
             now = time.time()
-            nxt = state.tick(now)
+            # A follower (or a fenced leader) decides nothing on its own: no timers, no schedules.
+            nxt = state.tick(now) if self.follower is None else now + TICK_MAX_SLEEP
             self.flush()
             mono = time.monotonic()
             if mono >= self._next_memory_sample:
@@ -599,9 +602,7 @@ class Server:
         extra.update(self.limit_statistics())
         if self.wal is not None:
             extra.update(self.wal.statistics())
-        repl = self.follower or self.replication
-        if repl is not None:
-            extra.update({f"replication_{k}": v for k, v in repl.statistics().items()})
+        extra.update({f"replication_{k}": v for k, v in self.roles.statistics().items()})
         return extra
 
 

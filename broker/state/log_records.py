@@ -45,6 +45,9 @@ UNIQUE     [key, task id, until, expires, taken]            a unique key was tak
 UNIQUE_FREE key                                             ... freed by its task's start or finish
                                                             (an expiry is not logged: replay knows the time)
 RATE       [kind ("task" | "queue"), name, limit | null]    a rate limit set live (RATE_LIMIT); null lifts it
+EPOCH      [epoch, start lsn]                               a leadership term began at start lsn (written
+                                                            at promotion; compaction rewrites the kept
+                                                            terms with their original start lsns)
 """
 
 PUBLISH = 1
@@ -77,6 +80,7 @@ UNBIND = 27
 UNIQUE = 28
 UNIQUE_FREE = 29
 RATE = 30
+EPOCH = 31
 
 NAMES = {
     PUBLISH: "PUBLISH", DELIVER: "DELIVER", ACK: "ACK", REQUEUE: "REQUEUE", DEAD: "DEAD",
@@ -86,7 +90,7 @@ NAMES = {
     SCHED_PAUSE: "SCHED_PAUSE", SCHED_TICK: "SCHED_TICK", SCHED_STATE: "SCHED_STATE", REVOKE: "REVOKE",
     CHORD: "CHORD", CHORD_MEMBER: "CHORD_MEMBER", CHORD_FIRE: "CHORD_FIRE",
     BIND: "BIND", UNBIND: "UNBIND", UNIQUE: "UNIQUE", UNIQUE_FREE: "UNIQUE_FREE",
-    RATE: "RATE",
+    RATE: "RATE", EPOCH: "EPOCH",
 }
 
 COUNTER_FIELDS = (

@@ -19,7 +19,80 @@ from broker.state.queue import (
 )
 
 
+# Leadership terms a log remembers (EPOCH records, broker/runtime/replication.py): enough to
+# find where a deposed leader's log left the new leader's after a few failovers in a row; older
+# terms are dropped by compaction (a log further behind than that takes a fresh snapshot).
+MAX_EPOCHS_KEPT = 64  # terms
+
+
+def epoch_end(epochs, epoch: int, last_lsn: int) -> int:
+    """The last lsn of term ``epoch`` in a log whose terms began at ``epochs`` [(epoch, start lsn)],
+    oldest first, and which ends at ``last_lsn``: the lsn before the first term newer than ``epoch``
+    began, or ``last_lsn`` if none did.  A follower whose log ends later in ``epoch`` than this holds
+    records this log never had (its leader wrote them unconfirmed before it was deposed): it
+    truncates back to here before following (Kafka's leader-epoch idea)."""
+    for e, start in epochs:
+        if e > epoch:
+            return min(start - 1, last_lsn)
+    return last_lsn
+
+
+class ReplayContext:
+    """What replay carries from one record to the next: every live message by seq (placed in the
+    queues only at the end), the temporary queues, the highest seq seen.  A standby (a follower)
+    keeps one open for as long as it follows, so each batch of records is applied once, as it
+    arrives, and promotion only places the messages (``standby_finish``): no replay of the log."""
+
+    __slots__ = ("msgs", "temporary", "max_seq", "standby")
+
+    def __init__(self, standby: bool):
+        self.msgs = _CountedMessages() if standby else {}
+        self.temporary: set = set()
+        self.max_seq = 0
+        self.standby = standby
+
+
+def _count(m, d: int) -> None:
+    """A standby's queue depths, kept exact as records arrive (nothing is placed in the queues
+    until promotion): in flight on the leader, delayed, or ready."""
+    q = m.queue
+    if m.state == INFLIGHT:
+        q.inflight_count += d
+    elif m.ready_at is not None:
+        q.delayed_count += d
+    else:
+        q.ready_count += d
+
+
+class _CountedMessages(dict):
+    """A standby's live messages by seq; every add and removal moves its queue's depth."""
+
+    def __setitem__(self, seq, m):
+        old = dict.get(self, seq)
+        if old is not None:
+            _count(old, -1)
+        dict.__setitem__(self, seq, m)
+        _count(m, 1)
+
+    def pop(self, seq, *default):
+        m = dict.pop(self, seq, None)
+        if m is None:
+            if default:
+                return default[0]
+            raise KeyError(seq)
+        _count(m, -1)
+        return m
+
+    def __delitem__(self, seq):
+        _count(dict.pop(self, seq), -1)
+
+
 class ReplayMixin:
+    # The current leadership term and where each kept one began (EPOCH records).
+    epoch = 0
+    epochs: tuple = ()  # ((epoch, start lsn), ...), oldest first; replaced, never mutated
+    _standby: ReplayContext | None = None
+
     # -- durability: replay and compaction ----------------------------------------
     def replay(self, records, now: float) -> int:
         """Rebuild the state from log records ``(lsn, type, payload)``, oldest first.
@@ -30,12 +103,56 @@ class ReplayMixin:
         records for what it replays; it may emit records for what it decides
         (dead-lettering) if logging is on.
         """
-        msgs: dict[int, Message] = {}
+        ctx = ReplayContext(standby=False)
+        n = self._replay_apply(ctx, records, now)
+        self._replay_place(ctx, now)
+        return n
+
+    # -- a hot standby: the replay, one batch of records at a time ----------------------
+    @property
+    def standby(self) -> bool:
+        return self._standby is not None
+
+    def standby_begin(self) -> None:
+        """Be a standby: records applied from now on are kept as live messages, counted in their
+        queues' depths, and placed in the queues only by ``standby_finish`` (promotion)."""
+        self._standby = ReplayContext(standby=True)
+
+    def standby_apply(self, records, now: float) -> int:
+        """Apply a batch of records a leader sent (they are in the log already)."""
+        return self._replay_apply(self._standby, records, now)
+
+    def standby_finish(self, now: float) -> None:
+        """Promotion: place every live message as replay's end does; the state serves from now on."""
+        ctx, self._standby = self._standby, None
+        for q in self.queues.values():  # the counts were a standby's; placing counts them again
+            q.ready_count = q.delayed_count = q.inflight_count = 0
+        msgs = dict(ctx.msgs)
+        ctx.msgs = msgs
+        self._replay_place(ctx, now)
+
+    def reset_for_standby(self) -> None:
+        """Forget everything (a step-down or a truncated log: the state is rebuilt from the log
+        next); keep what the runtime attached (its probes, the result ttl) and the connections'
+        ids, without their consumers (their connections are being closed)."""
+        keep = {k: self.__dict__[k] for k in ("_server_stats", "output_backlog", "default_result_ttl")
+                if k in self.__dict__}
+        names = {cid: c.name for cid, c in self.conns.items()}
+        fresh = type(self)(boot_id=self._boot)
+        self.__dict__.clear()
+        self.__dict__.update(fresh.__dict__)
+        self.__dict__.update(keep)
+        for cid, name in names.items():
+            self.connect(cid, name)
+
+    def _replay_apply(self, ctx: ReplayContext, records, now: float) -> int:
+        msgs = ctx.msgs
+        standby = ctx.standby
         queues = self.queues
         self._replaying = True
         n = 0
-        max_seq = 0
-        temporary = set()  # queues declared temporary: dropped after the records
+        max_seq = ctx.max_seq
+        temporary = ctx.temporary  # queues declared temporary: dropped after the records
         last = self.last_lsn
         for lsn, t, p in records:
             n += 1
@@ -54,7 +171,12 @@ class ReplayMixin:
                     m = msgs.get(seq)
                     if m is not None:
                         m.attempts += 1
-                        m.state = INFLIGHT
+                        if standby:
+                            _count(m, -1)
+                            m.state = INFLIGHT
+                            _count(m, 1)
+                        else:
+                            m.state = INFLIGHT
                         m.queue.delivered += 1
                         if m.attempts > 1:
                             m.queue.redelivered += 1
@@ -66,9 +188,13 @@ class ReplayMixin:
             elif t == R.REQUEUE:
                 m = msgs.get(p[0])
                 if m is not None:
+                    if standby:
+                        _count(m, -1)
                     m.attempts = p[1]
                     m.ready_at = p[2]
                     m.state = DELAYED if p[2] is not None else READY
+                    if standby:
+                        _count(m, 1)
                     if len(p) > 3:
                         m.headers = p[3]
             elif t == R.RESULT:
@@ -134,6 +260,8 @@ class ReplayMixin:
                 self.queue(p[0]).paused = bool(p[1])
             elif t == R.RATE:
                 self._replay_rate(p)
+            elif t == R.EPOCH:
+                self._replay_epoch(p, lsn)
             elif t == R.COUNTERS:
                 for name, values in p.items():
                     q = self.queue(name)
@@ -142,8 +270,14 @@ class ReplayMixin:
             # unknown types are from a newer brokerd: the log's format version guards that
         self._replaying = False
         self.last_lsn = last
+        ctx.max_seq = max_seq
         self._seq = itertools.count(max(max_seq, self._peek_seq()) + 1)
-        self._replay_drop_temporary(msgs, temporary)
+        return n
+
+    def _replay_place(self, ctx: ReplayContext, now: float) -> None:
+        """After the records: put every live message in its queue (ready or delayed)."""
+        msgs = ctx.msgs
+        self._replay_drop_temporary(msgs, ctx.temporary)
         # Place the survivors, in publish order so FIFO holds within a priority.
         for m in sorted(msgs.values(), key=lambda m: m.seq):
             q = m.queue
@@ -164,7 +298,26 @@ class ReplayMixin:
                 q.push_ready(m)
         self._after_replay_schedules(now)
         self._after_replay_chords(now)
-        return n
+
+    # -- leadership terms ------------------------------------------------------------------
+    def _replay_epoch(self, p, lsn: int) -> None:
+        epoch, start = p[0], p[1]
+        self.epoch = max(epoch, self.epoch)
+        kept = [e for e in self.epochs if e[0] != epoch]
+        kept.append((epoch, start))
+        kept.sort()
+        self.epochs = tuple(kept[-MAX_EPOCHS_KEPT:])
+
+    def begin_epoch(self, epoch: int) -> int:
+        """Promotion: log EPOCH ``epoch`` (a new term starting at its own lsn); returns that lsn."""
+        start = self.last_lsn + 1
+        lsn = self._log(R.EPOCH, [epoch, start])
+        self._replay_epoch([epoch, start], lsn)
+        return lsn
+
+    def epoch_end(self, epoch: int) -> int:
+        """The last lsn of term ``epoch`` in this state's log (``epoch_end``)."""
+        return epoch_end(self.epochs, epoch, self.last_lsn)
 
     def _peek_seq(self) -> int:
         nxt = next(self._seq)
@@ -217,6 +370,8 @@ class ReplayMixin:
             if q.paused:
                 self._log(R.PAUSE, [q.name, True])
         self._compact_flow()
+        for epoch, start in self.epochs:  # the terms, with where they began (a deposed leader needs them)
+            self._log(R.EPOCH, [epoch, start])
         self._log(
             R.COUNTERS,
             {q.name: [getattr(q, f) for f in R.COUNTER_FIELDS] for q in self.queues.values()},

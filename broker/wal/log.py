@@ -561,6 +561,97 @@ class WriteAheadLog:
         self._next_lsn = next_lsn
         self._pending_first = next_lsn
 
+    def discard_and_start_at(self, next_lsn: int) -> int:
+        """Drop every record and make the log start at ``next_lsn``; returns how many were dropped.
+
+        For a follower whose log ends before its leader's oldest kept segment: everything it
+        holds is in the leader's snapshot, which it takes next (broker/runtime/replication.py).
+        The new start is recorded in the manifest before any segment goes, so a crash half-way
+        leaves a log that starts later with a gap replay can see, never a silent hole.
+        """
+        with self._lock:
+            self._check_writable()
+            if self._pending_count:
+                raise RuntimeError("discard_and_start_at() needs every appended record written first")
+            if next_lsn <= self._written_lsn:
+                raise ValueError(f"the log already reaches lsn {self._written_lsn}; cannot restart it at {next_lsn}")
+            segs = self._segments
+            dropped = sum(max(0, s.last_lsn - s.first_lsn + 1) for s in segs)
+            self._files.write_manifest(next_lsn, {})
+            os.close(self._fd)
+            self._fd = None
+            self._segments = []
+            self._create_segment(next_lsn)
+            for sg in reversed(segs):
+                try:
+                    os.unlink(sg.path)
+                except FileNotFoundError:
+                    pass
+            self._files.fsync_directory()
+            self._written_lsn = self._synced_lsn = next_lsn - 1
+            self._last_sync = self._clock()
+        self._next_lsn = next_lsn
+        self._pending_first = next_lsn
+        return dropped
+
+    def truncate_after(self, lsn: int) -> int:
+        """Drop every written record after ``lsn``; returns how many were dropped.
+
+        For a deposed leader that follows the new one: the records it wrote after the new
+        leader's term began were never confirmed on enough disks, and the new leader's log
+        has other records at those lsns (broker/runtime/replication.py).  Later segments
+        are deleted (newest first: a crash half-way leaves a prefix, and the truncation is
+        simply done again), the segment holding ``lsn + 1`` is cut back with ftruncate
+        (as repair cuts a torn tail) and fsynced, and appends go on from ``lsn + 1``.
+        Refused with records pending, or below the oldest kept segment.
+        """
+        from .format import SEGMENT_HEADER_SIZE, RecordScanner
+
+        with self._lock:
+            self._check_writable()
+            if self._pending_count:
+                raise RuntimeError("truncate_after() needs every appended record written first")
+            if lsn >= self._written_lsn:
+                return 0
+            segs = self._segments
+            if lsn < segs[0].first_lsn - 1:
+                raise ValueError(
+                    f"the log keeps records from lsn {segs[0].first_lsn} on; it cannot be cut back to lsn {lsn}")
+            dropped = self._written_lsn - lsn
+            keep = [sg for sg in segs if sg.first_lsn <= lsn + 1]
+            head = keep[-1]
+            gone = segs[len(keep):]
+            os.close(self._fd)
+            self._fd = None
+            for sg in reversed(gone):
+                try:
+                    os.unlink(sg.path)
+                except FileNotFoundError:
+                    pass
+            if gone:
+                self._files.fsync_directory()
+            with open(head.path, "rb") as f:
+                data = f.read()
+            gaps = dict(self._files.manifest[1]) if self._files.manifest else {}
+            cut = SEGMENT_HEADER_SIZE
+            for r in RecordScanner(data, head.salt, SEGMENT_HEADER_SIZE, head.first_lsn, gaps):
+                if r.lsn > lsn:
+                    break
+                cut = r.end
+            self._files.truncate_file(head.path, head.name, cut)
+            if any(first > lsn for first in gaps):
+                start = self._files.manifest[0] if self._files.manifest else segs[0].first_lsn
+                self._files.write_manifest(start, {a: b for a, b in gaps.items() if a <= lsn})
+            self._fd = os.open(head.path, os.O_WRONLY | os.O_APPEND | O_CLOEXEC)
+            head.size = cut
+            head.last_lsn = lsn
+            self._segments = keep
+            self._written_lsn = self._synced_lsn = lsn
+            self._last_sync = self._clock()
+        self._next_lsn = lsn + 1
+        self._pending_first = lsn + 1
+        return dropped
+
     def _check_writable(self) -> None:
         if self.failed is not None:
             raise self.failed.with_traceback(None)

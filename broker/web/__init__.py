@@ -320,8 +320,22 @@ class Web:
             "schedules": self.schedules() if access.schedules else [],
             "limits": self.limits(now, access),
             "tenants": self.tenants(access),
+            "replication": self.replication(),
             "now": now,
         }
+
+    def replication(self) -> dict | None:
+        """Role, epoch, leader and each follower's durable lsn and lag (broker/runtime/roles.py)."""
+        roles = getattr(self.server, "roles", None)
+        if roles is None or self.server.wal is None:
+            return None
+        srv = self.server
+        repl = srv.replication if srv.follower is None else None
+        f = srv.follower
+        return {"role": "fenced" if roles.fenced else roles.role, "epoch": roles.epoch,
+                "leader": roles.leader_address, "lsn": roles.last_lsn(),
+                "connected": getattr(f, "connected", None) if f is not None else None,
+                "followers": repl.followers() if repl is not None else []}
 
     def tasks(self, now: float, *, offset: int = 0, limit: int = TASKS_DEFAULT, sort: str = "received",
               order: str = "desc", state_filter: str | None = None, name: str | None = None,
@@ -377,6 +391,7 @@ class Web:
         return PAGE.format(
             title="brokerd", version=esc(__version__), kind="overview", task_id="", account=render_account(access),
             body=f"""
+<section id="replication"><h2>Replication</h2><div data-section="replication">{s["replication"]}</div></section>
 <section id="queues"><h2>Queues</h2>
 <form id="queue-filter" method="get" action="/">
   <label>name contains <input name="q" value="{esc(match)}" placeholder="queue name" size="30"></label>
@@ -402,7 +417,8 @@ class Web:
         return {"queues": render_queues(ov["queues"], ov.get("queues_page"), access.csrf),
                 "workers": render_workers(ov["workers"]),
                 "dead": render_dead(ov["dead"], access.csrf), "schedules": render_schedules(ov["schedules"]),
-                "limits": render_limits(ov.get("limits") or [], access.csrf if access.workers else False), "tenants": render_tenants(ov.get("tenants") or []), "summary": render_summary(ov["broker"])}
+                "limits": render_limits(ov.get("limits") or [], access.csrf if access.workers else False), "tenants": render_tenants(ov.get("tenants") or []), "summary": render_summary(ov["broker"]),
+                "replication": render_replication(ov.get("replication"))}
 
     def worker_page(self, hostname: str, now: float, access: Access = OPEN) -> str:
         """One worker: pool, counts, heartbeat age, queues, and its controls (``control`` grant)."""
@@ -438,6 +454,27 @@ def _task_link(tid) -> str:
 def render_summary(b: dict) -> str:
     return (f'brokerd {esc(b["version"])} · up {esc(b["uptime_s"])} s · {esc(b["connections"])} connections · '
             f'{esc(b["ready"])} ready · {esc(b["inflight"])} in flight · {esc(b["delayed"])} delayed')
+
+
+def render_replication(r: dict | None) -> str:
+    """The replication box: this brokerd's role and epoch, its leader, and on a leader each
+    follower's durable lsn and lag."""
+    if r is None:
+        return '<p class="empty">no log, no replication</p>'
+    head = (f'<p class="replication"><b>{esc(r["role"])}</b> · epoch {esc(r["epoch"])} · lsn {esc(r["lsn"])}'
+            + (f' · leader {esc(r["leader"])}' if r["leader"] and r["role"] != "leader" else "")
+            + (" · connected" if r.get("connected") else (" · not connected" if r["role"] == "follower" else ""))
+            + "</p>")
+    if r["role"] != "leader":
+        return head
+    if not r["followers"]:
+        return head + '<p class="empty">no followers connected</p>'
+    rows = "".join(
+        f'<tr><td>{esc(f["address"])}</td><td>{esc(f["lsn"])}</td>'
+        f'<td>{esc(f["lag_records"])}</td><td>{esc(f["lag_seconds"])}</td>'
+        f'<td>{"yes" if f["in_sync"] else "no"}</td></tr>' for f in r["followers"])
+    return (head + '<table class="followers"><thead><tr><th>follower</th><th>durable lsn</th><th>lag (records)</th>'
+            f'<th>lag (s)</th><th>in sync</th></tr></thead><tbody>{rows}</tbody></table>')
 
 
 def _action(queue: str, action: str, label: str, confirm: str = "", csrf: str = "") -> str:

@@ -88,6 +88,7 @@
         swap("queues", h.queues); swap("workers", h.workers); swap("dead", h.dead); swap("schedules", h.schedules);
         if (h.limits !== undefined) swap("limits", h.limits);
         if (h.tenants !== undefined) swap("tenants", h.tenants);
+        if (h.replication !== undefined) swap("replication", h.replication);
         summaryEl.innerHTML = h.summary;
         if (res[1]) swap("tasks", res[1].html.tasks);
         if (res[2]) swap("graphs", res[2].html.graphs);

@@ -84,10 +84,31 @@ def test_empty_follower_catches_up_from_snapshot_and_tail(group):
     assert stats_line(follower, "replication_role") == "follower"
     assert stats_line(follower, "replication_leader") == f"127.0.0.1:{leader.port}"
     assert any("snapshot" in line for line in leader.log), leader.log[-5:]
-    for q in ("q", "other"):
-        assert queue_ready(follower, q) == queue_ready(leader, q)
+    for q in ("q", "other"):  # the batch is applied to the live state a moment after its fsync
+        wait_for(lambda: queue_ready(follower, q) == queue_ready(leader, q), f"the standby's {q} to match")
     raw.close()
     assert got is not None
+
+
+def test_a_follower_behind_the_oldest_segment_drops_its_log_and_takes_the_snapshot(group):
+    leader = group("leader", "--segment-bytes", "65536")
+    follower = group("follower", "--follow", f"127.0.0.1:{leader.port}")
+    raw = Raw(leader.port)
+    assert all(r[0] == wire.OP_OK for r in publish(raw, "early", 20))
+    wait_for(lambda: queue_ready(follower, "early") == 20, "the follower to have the first 20")
+    follower.terminate()
+    # while it is away the leader writes, acks and compacts its first segments away
+    assert all(r[0] == wire.OP_OK for r in publish(raw, "q", 600, size=1000))
+    raw.ok(wire.OP_CONSUME, ["q"], 550)
+    raw.ok(wire.OP_ACK, [d[2] for d in raw.deliveries(550)])
+    wait_for(lambda: int(stats_line(leader, "wal_segments_deleted") or 0) > 0, "the leader to compact")
+    follower.start()
+    wait_for(lambda: stats_line(follower, "replication_lsn") == stats_line(leader, "replication_lsn")
+             and stats_line(follower, "replication_connected") == "yes", "the follower to catch up")
+    assert any("to take the leader's snapshot" in line for line in follower.log), follower.log[-5:]
+    for q in ("early", "q"):
+        wait_for(lambda: queue_ready(follower, q) == queue_ready(leader, q), f"the standby's {q} to match")
+    raw.close()
 
 
 def test_writes_to_a_follower_get_not_leader_naming_the_leader(group):

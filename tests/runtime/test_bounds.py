@@ -197,7 +197,8 @@ def test_a_consumer_that_never_reads_is_closed_when_its_deliveries_pass_the_hard
 
     wait_for(hog_gone, 10, "the non-reading consumer to be closed (SLOW_CONSUMER)")
     assert p.ok(wire.OP_STATS, "big")["ready"] == 300, "its deliveries went back to the queue"
-    assert any("SLOW_CONSUMER" in line for line in broker.log)
+    # The log line is written as the connection's task ends, and read by another thread: wait for it.
+    wait_for(lambda: any("SLOW_CONSUMER" in line for line in broker.log), 10, "the SLOW_CONSUMER log line")
     hog.close()
 
 

@@ -79,7 +79,8 @@ def scrape(port: int) -> dict:
         assert fam.documentation, f"{fam.name} has no HELP"
         assert fam.type in ("gauge", "counter", "histogram"), (fam.name, fam.type)
         for s in fam.samples:
-            assert set(s.labels) <= {"queue", "state", "reason", "le", "version"}, s
+            # role: 3 values; follower: one per replication link (a handful), both bounded
+            assert set(s.labels) <= {"queue", "state", "reason", "le", "version", "role", "follower"}, s
             samples[(s.name, frozenset(s.labels.items()))] = s.value
     return samples
 
