@@ -107,10 +107,13 @@ class AsyncClient(verbs.ShellInfo):
             except ConnectionLost as exc:
                 tried.append(f"{host}:{port}: {exc.message}")
                 continue
-            if leader is None:
+            if leader is None or len(order) == 1:  # one address names that brokerd, whatever its role
                 return self
             await self._shut()
             self._closed = False
+            if leader == "":
+                tried.append(f"{host}:{port}: takes no writes and knows no leader (fenced)")
+                continue
             redirects += 1
             try:
                 target = parse_leader(leader)
@@ -150,7 +153,7 @@ class AsyncClient(verbs.ShellInfo):
             await self._shut()
             raise
         leader = (self._session.server or {}).get("leader")
-        return None if leader is None else (leader if isinstance(leader, str) else "?")
+        return None if leader is None else (leader if isinstance(leader, str) else "?")  # "": fenced
 
     async def __aexit__(self, *exc_info) -> None:
         await self.aclose()

@@ -93,6 +93,10 @@ class Connection:
         and ``resend`` (publishes of a lost connection) is buffered on it in the same step,
         so no other thread's request lands on a follower or before them."""
         order = list(self._url.addresses)
+        # A list names a group: find its leader.  One address names that brokerd, whatever its
+        # role (brokerd-ctl reads a follower's STATS, promotes it); a write it refuses with
+        # NOT_LEADER still goes to the leader it names (``first``).
+        follow = len(order) > 1 or first is not None
         if first is not None:
             order.insert(0, first)
         tried: list[str] = []
@@ -110,7 +114,7 @@ class Connection:
                     raise  # one address: its own error, as it was
                 tried.append(f"{_hp(host, port)}: {exc.message}")
                 continue
-            leader = (session.server or {}).get("leader")
+            leader = (session.server or {}).get("leader") if follow else None
             if leader is None:
                 with self._lock:
                     self._session, self._sock, self._reader = session, sock, reader
@@ -124,6 +128,9 @@ class Connection:
                     self._dirty.set()
                 return
             self._close_private(session, sock, reader)  # a follower: go to the leader it names
+            if leader == "":
+                tried.append(f"{_hp(host, port)}: takes no writes and knows no leader (fenced)")
+                continue
             redirects += 1
             try:
                 target = parse_leader(leader if isinstance(leader, str) else "")

@@ -98,7 +98,8 @@ def _client(args):
     from client.producer import Client
 
     try:
-        return Client(args.broker, name="brokerd-ctl", timeout=args.timeout, heartbeat=0)
+        # reconnect=0: one command, one connection; a list finds the group's leader
+        return Client(args.broker, name="brokerd-ctl", timeout=args.timeout, heartbeat=0, reconnect=0)
     except (BrokerdError, OSError) as exc:
         raise Failed(f"cannot reach brokerd at {redact(args.broker)}: {exc}") from None
 

@@ -144,9 +144,12 @@ def parse_leader(text: str) -> tuple[str, int]:
     words = str(text).split()
     if not words:
         raise ValueError("no leader address")
-    host, port = _host_port(words[-1].rstrip(".,;"))
+    word = words[-1].rstrip(".,;")
+    if ":" not in word.rpartition("]")[2]:  # an explicit port: "send writes to the leader" names none
+        raise ValueError(f"not a HOST:PORT: {word!r}")
+    host, port = _host_port(word)
     if not 0 < port < 65536 or not host:
-        raise ValueError(f"not a HOST:PORT: {words[-1]!r}")
+        raise ValueError(f"not a HOST:PORT: {word!r}")
     return host, port
 
 

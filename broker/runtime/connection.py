@@ -224,8 +224,9 @@ class BinaryConnection:
         follower = self.server.follower
         if follower is None:
             conn.queue_bytes(hs.accept(hello))
-        else:  # a follower names its leader, so a client goes there (protocol.md §5.1, §6.4)
-            conn.queue_bytes(encode_many([ok_frame(hello.rid, {**hs.welcome_map(hello), "leader": follower.address})]))
+        else:  # a follower names its leader ("" when fenced: none), so a client goes there (§3.3, §6.4)
+            welcome = {**hs.welcome_map(hello), "leader": follower.address or ""}
+            conn.queue_bytes(encode_many([ok_frame(hello.rid, welcome)]))
         outcome: BaseException | str | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._writer, conn)

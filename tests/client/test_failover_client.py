@@ -69,7 +69,9 @@ def test_the_leader_is_read_from_a_hello_reply_or_a_not_leader_message():
     assert parse_leader("10.0.0.5:7700") == ("10.0.0.5", 7700)
     msg = "this brokerd is a follower of the leader at 10.0.0.5:7700 and takes no writes; send writes to 10.0.0.5:7700"
     assert parse_leader(msg) == ("10.0.0.5", 7700)
-    for bad in ("", "leader:0", "nowhere:x"):
+    assert parse_leader("[::1]:7701") == ("::1", 7701)
+    fenced = "this brokerd stopped taking writes (lease lost) and follows no leader yet; send writes to the group's current leader"
+    for bad in ("", "leader:0", "nowhere:x", fenced, "[::1]"):
         with pytest.raises(ValueError):
             parse_leader(bad)
 

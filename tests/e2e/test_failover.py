@@ -24,7 +24,7 @@ import pytest
 import trio
 
 from client import AsyncClient, Client, beat, ctl, wire
-from client.errors import ConnectionLost, NotEnoughReplicas, StaleDelivery
+from client.errors import ConnectionLost, NotEnoughReplicas, NotLeader, StaleDelivery
 from client.options import parse_leader
 from tests.support.broker import ROOT, BrokerProcess
 from tests.support.wireclient import Raw
@@ -178,6 +178,15 @@ def test_a_list_whose_first_address_is_down_or_a_follower_reaches_the_leader(gro
             assert c.connected_to == ("127.0.0.1", leader.port)
             assert "leader" not in c.server_info
             c.publish("q", b"x")
+    # one address names that brokerd, whatever its role: reads are the follower's, and a write it
+    # refuses with NOT_LEADER goes to the leader it names
+    with Client(follower.address, timeout=5) as c:
+        assert c.connected_to == ("127.0.0.1", follower.port) and c.server_info["leader"] == leader.address
+        c.publish("q", b"z")
+        assert c.connected_to == ("127.0.0.1", leader.port) and c.reconnects == 1
+    with Client(follower.address, timeout=5, reconnect=0) as c:  # not following: the refusal, as it was
+        with pytest.raises(NotLeader, match=leader.address):
+            c.publish("q", b"z")
 
     async def async_publish():  # the async shell finds the leader the same way
         async with AsyncClient(f"{follower.address},127.0.0.1:{dead},{leader.address}", timeout=5) as ac:
@@ -186,7 +195,7 @@ def test_a_list_whose_first_address_is_down_or_a_follower_reaches_the_leader(gro
 
     trio.run(async_publish)
     asyncio.run(async_publish())
-    wait_for(lambda: stored(leader, "q") == 4, "every publish on the leader")
+    wait_for(lambda: stored(leader, "q") == 5, "every publish on the leader")
     # brokerd-ctl and brokerd-beat take the list too (they reach the leader through the SDK)
     url = f"brokerd://{follower.address},{leader.address}"
     assert ctl.main(["-b", url, "queues"]) == 0
@@ -299,10 +308,12 @@ def test_kill_9_under_publishing_loses_no_confirmed_publish_and_doubles_none(gro
     assert not set(confirmed) - set(bodies), "a confirmed publish was lost"
 
 
-def test_failover_to_the_follower_loses_no_confirmed_publish_and_doubles_none(group):
-    """The manual failover of README (kill -9 the leader, restart its follower without --follow on
-    its data dir): a client given both addresses follows it, resends what was unconfirmed, and the
-    new leader, which replayed the same log, drops the resends it already holds."""
+@pytest.mark.parametrize("how", ["promote", "restart"])
+def test_failover_to_the_follower_loses_no_confirmed_publish_and_doubles_none(group, how):
+    """kill -9 the leader, then make its follower the leader: PROMOTE (a hot standby: no replay)
+    or a restart without --follow on its data dir.  A client given both addresses follows it,
+    resends what was unconfirmed, and the new leader, which applied the same log (the keys
+    with it), drops the resends it already holds."""
     leader = group("leader", "--sync-replicas", "1")  # a confirm means on both disks
     follower = group("follower", "--follow", leader.address)
     relay = Relay(leader.port)  # the client reaches the leader through it
@@ -321,9 +332,14 @@ def test_failover_to_the_follower_loses_no_confirmed_publish_and_doubles_none(gr
         wait_for(lambda: stored(follower, "q") == 80, "the follower to hold all 80")
         leader.kill()
         relay.swallow = False
-        follower.terminate()
-        follower.args = []  # promoted: the same data dir and port, without --follow
-        follower.restart()
+        if how == "promote":  # brokerd-ctl promote's op (protocol.md §5.45)
+            raw = Raw(follower.port)
+            assert raw.call(wire.OP_PROMOTE, "the leader was killed")[0] == wire.OP_OK
+            raw.close()
+        else:
+            follower.terminate()
+            follower.args = []  # the same data dir and port, without --follow
+            follower.restart()
         c.wait_for_confirms(timeout=WAIT)  # the relay leads nowhere now: on to the new leader, resend
         assert c.connected_to == ("127.0.0.1", follower.port) and c.reconnects == 1
         c.publish("q", b"after")
