@@ -27,7 +27,7 @@ import time
 
 from client import loops, verbs
 from client.errors import BrokerdError, ConnectionClosed, ConnectionLost, PublishError, Timeout
-from client.options import broker_url, default_name, redact, new_id_prefix, publish_options
+from client.options import MAX_REDIRECTS, broker_url, default_name, new_id_prefix, parse_leader, publish_options, redact
 from client.tls import context as tls_context
 from client.session import (
     CONFIRMS,
@@ -92,6 +92,44 @@ class AsyncClient(verbs.ShellInfo):
     async def __aenter__(self) -> "AsyncClient":
         if self._session is not None:
             raise RuntimeError("an AsyncClient can be entered only once")
+        # A replica group (protocol.md §6.4): the addresses in turn; a follower's HELLO names
+        # its leader, tried next.  (This shell finds the leader when it connects; a lost
+        # connection ends it with ConnectionLost: enter a new AsyncClient.)
+        order = list(self._url.addresses)
+        tried: list[str] = []
+        redirects = 0
+        i = 0
+        while i < len(order):
+            host, port = order[i]
+            i += 1
+            try:
+                leader = await self._open(host, port)
+            except ConnectionLost as exc:
+                tried.append(f"{host}:{port}: {exc.message}")
+                continue
+            if leader is None or len(order) == 1:  # one address names that brokerd, whatever its role
+                return self
+            await self._shut()
+            self._closed = False
+            if leader == "":
+                tried.append(f"{host}:{port}: takes no writes and knows no leader (fenced)")
+                continue
+            redirects += 1
+            try:
+                target = parse_leader(leader)
+            except ValueError:
+                tried.append(f"{host}:{port}: a follower naming an unusable leader {leader!r}")
+                continue
+            tried.append(f"{host}:{port}: a follower of {leader}")
+            if redirects > MAX_REDIRECTS:
+                break
+            order.insert(i, target)
+        raise ConnectionLost(None, f"no leader brokerd reachable at {self.address}: " + "; ".join(tried))
+
+    async def _open(self, host: str, port: int):
+        """One connection and HELLO; None for a leader, else the address its follower named."""
+        self._host, self._port = host, port
+        self._closed = False
         io = self._io = loops.for_current_loop()
         self._session = Session(
             self, name=self._name, heartbeat=self._heartbeat, now=_monotonic(), id_prefix=new_id_prefix(),
@@ -114,7 +152,8 @@ class AsyncClient(verbs.ShellInfo):
         except BaseException:
             await self._shut()
             raise
-        return self
+        leader = (self._session.server or {}).get("leader")
+        return None if leader is None else (leader if isinstance(leader, str) else "?")  # "": fenced
 
     async def __aexit__(self, *exc_info) -> None:
         await self.aclose()

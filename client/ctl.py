@@ -98,7 +98,8 @@ def _client(args):
     from client.producer import Client
 
     try:
-        return Client(args.broker, name="brokerd-ctl", timeout=args.timeout, heartbeat=0)
+        # reconnect=0: one command, one connection; a list finds the group's leader
+        return Client(args.broker, name="brokerd-ctl", timeout=args.timeout, heartbeat=0, reconnect=0)
     except (BrokerdError, OSError) as exc:
         raise Failed(f"cannot reach brokerd at {redact(args.broker)}: {exc}") from None
 
@@ -270,22 +271,35 @@ def cmd_events(args) -> int:
             raise Failed(_error_text(exc)) from None
         finally:
             c.close(timeout=1)
-    from client.options import broker_url
+    from client.options import MAX_REDIRECTS, broker_url, parse_leader
 
     url = broker_url(args.broker)
-    try:
-        sock = socket.create_connection((url.host, url.port), timeout=args.timeout)
-        if url.tls:  # brokerds://: the admin text of EVENTS inside TLS
-            from client.tls import context
+    order = list(url.addresses)  # a replica group: the first reachable, then the leader it names
+    errors = []
+    while order:
+        host, port = order.pop(0)
+        try:
+            sock = socket.create_connection((host, port), timeout=args.timeout)
+            if url.tls:  # brokerds://: the admin text of EVENTS inside TLS
+                from client.tls import context
 
-            sock = context(url).wrap_socket(sock, server_hostname=url.host)
-    except OSError as exc:  # ssl.SSLError is an OSError
-        raise Failed(f"cannot reach brokerd at {url}: {exc}") from None
-    sock.settimeout(None)
-    try:
+                sock = context(url).wrap_socket(sock, server_hostname=host)
+        except OSError as exc:  # ssl.SSLError is an OSError
+            errors.append(f"{host}:{port}: {exc}")
+            continue
+        sock.settimeout(None)
         sock.sendall(f"EVENTS {args.replay}\n".encode())
         f = sock.makefile("rb")
         first = f.readline().decode("utf-8", "replace").rstrip("\r\n")
+        if first.startswith("ERR NOT_LEADER") and len(errors) < MAX_REDIRECTS:
+            sock.close()
+            errors.append(f"{host}:{port}: a follower")
+            order.insert(0, parse_leader(first))
+            continue
+        break
+    else:
+        raise Failed(f"cannot reach brokerd at {url}: {'; '.join(errors)}")
+    try:
         if not first.startswith("OK"):
             raise Failed(first.removeprefix("ERR ") or "brokerd closed the connection")
         for raw in f:

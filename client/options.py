@@ -7,6 +7,7 @@ the CLIs and the tests use these; none of them is session state, so they live ap
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -17,12 +18,28 @@ DEFAULT_PORT = 7700
 URL_ENV = "BROKERD_URL"  # the broker used when none is given
 TLS_PARAMS = ("ca", "cert", "key")  # brokerds:// query parameters: PEM file paths
 MASK = "***"  # what a credential is shown as in reprs, logs and errors
+# Addresses one broker URL may list (a replica group: a leader and its followers).  A group
+# is 3 or 5 brokers; 16 leaves room and bounds what one connect attempt walks through.
+MAX_ADDRESSES = 16
+# Reconnecting to a replica group (protocol.md §6.4): each pass over the addresses that
+# finds no leader waits RECONNECT_FIRST, doubling up to RECONNECT_MAX (jittered 50-100 %
+# so many clients do not stampede a new leader), and gives up with ConnectionLost once
+# RECONNECT_TOTAL has passed: long enough for a restart or an election (a lease of a few
+# seconds), short enough that a web request fails rather than hangs.
+RECONNECT_FIRST = 0.05  # seconds
+RECONNECT_MAX = 2.0  # seconds
+RECONNECT_TOTAL = 30.0  # seconds
+# NOT_LEADER redirects followed in one connect: a group whose members name each other in a
+# loop (a split brain, a misconfiguration) gets an error instead of a spin.
+MAX_REDIRECTS = 5
 
 
 @dataclass(frozen=True)
 class BrokerUrl:
-    """A parsed ``brokerd://[user:token@]host:port`` or ``brokerds://...?ca=&cert=&key=``.
+    """A parsed ``brokerd://[user:token@]host:port[,host:port...]`` or ``brokerds://...?ca=&cert=&key=``.
 
+    ``host``/``port`` are the first address; ``hosts`` all of them, in the order given (a
+    replica group: clients look for the leader among them, protocol.md §6.4).
     ``str()``/``repr()`` never show the token (or the user): they are ``***``.
     """
 
@@ -34,12 +51,22 @@ class BrokerUrl:
     ca: str | None = None  # PEM of the CA(s) to trust (default: the system's)
     cert: str | None = None  # client certificate (mutual TLS) ...
     key: str | None = None  # ... and its key (default: in ``cert``)
+    hosts: tuple = ()  # every (host, port) listed; () means just (host, port)
+
+    @property
+    def addresses(self) -> tuple:
+        """Every ``(host, port)`` of the URL, in the order given."""
+        return self.hosts or ((self.host, self.port),)
+
+    def at(self, host: str, port: int) -> "BrokerUrl":
+        """The same URL (credentials, TLS, the list) aimed at ``host:port`` first."""
+        return dataclasses.replace(self, host=host, port=port)
 
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        where = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.addresses)
         cred = f"{MASK}:{MASK}@" if self.user is not None or self.token is not None else ""
         query = "&".join(f"{k}={getattr(self, k)}" for k in TLS_PARAMS if getattr(self, k))
-        return f"{'brokerds' if self.tls else 'brokerd'}://{cred}{host}:{self.port}" + (f"?{query}" if query else "")
+        return f"{'brokerds' if self.tls else 'brokerd'}://{cred}{where}" + (f"?{query}" if query else "")
 
     __repr__ = __str__
 
@@ -67,8 +94,8 @@ def broker_url(address=None) -> BrokerUrl:
     text = str(address).strip()
     scheme, sep, _ = text.partition("://")
     if not sep:
-        host, port = _host_port(text)
-        return BrokerUrl(host, port)
+        hosts = _host_list(text, text)
+        return BrokerUrl(*hosts[0], hosts=hosts if len(hosts) > 1 else ())
     if scheme.lower() not in ("brokerd", "brokerds"):
         raise ValueError(f"broker URL scheme must be brokerd:// or brokerds:// (got {scheme}://)")
     parts = urlsplit(text)
@@ -80,7 +107,7 @@ def broker_url(address=None) -> BrokerUrl:
         user, token = unquote(user), unquote(token)
     if not netloc:
         raise ValueError(f"broker URL names no host: {_masked(text)}")
-    host, port = _host_port(netloc)
+    hosts = _host_list(netloc, _masked(text))
     query = parse_qs(parts.query, keep_blank_values=True)
     unknown = sorted(set(query) - set(TLS_PARAMS))
     if unknown:
@@ -89,7 +116,41 @@ def broker_url(address=None) -> BrokerUrl:
     files = {k: query[k][-1] for k in TLS_PARAMS if k in query and query[k][-1]}
     if files and not tls:
         raise ValueError(f"broker URL: {', '.join(files)} need(s) TLS: use brokerds://")
-    return BrokerUrl(host, port, tls, user, token, **files)
+    return BrokerUrl(*hosts[0], tls, user, token, **files, hosts=hosts if len(hosts) > 1 else ())
+
+
+def _host_list(text: str, shown: str) -> tuple:
+    """``h1:p1,h2:p2,...`` -> ((h1, p1), ...); a ValueError names an empty or extra entry."""
+    entries = text.split(",")
+    if len(entries) > MAX_ADDRESSES:
+        raise ValueError(f"broker URL lists {len(entries)} addresses; at most {MAX_ADDRESSES} are allowed: {shown}")
+    hosts = []
+    for i, entry in enumerate(entries, 1):
+        entry = entry.strip()
+        if not entry:
+            raise ValueError(f"broker URL address {i} of {len(entries)} is empty (a doubled or trailing comma?): {shown}")
+        host, port = _host_port(entry)
+        if not 0 < port < 65536:
+            raise ValueError(f"broker port must be from 1 to 65535 (got {port} in address {i}: {entry})")
+        if any(c.isspace() or c in "/?#@" for c in host):
+            raise ValueError(f"broker URL address {i} has a bad host {host!r}: {shown}")
+        hosts.append((host, port))
+    return tuple(hosts)
+
+
+def parse_leader(text: str) -> tuple[str, int]:
+    """The leader's ``HOST:PORT`` from a HELLO reply's ``leader`` or a NOT_LEADER message
+    (its last word, protocol.md §4); ValueError if it names none."""
+    words = str(text).split()
+    if not words:
+        raise ValueError("no leader address")
+    word = words[-1].rstrip(".,;")
+    if ":" not in word.rpartition("]")[2]:  # an explicit port: "send writes to the leader" names none
+        raise ValueError(f"not a HOST:PORT: {word!r}")
+    host, port = _host_port(word)
+    if not 0 < port < 65536 or not host:
+        raise ValueError(f"not a HOST:PORT: {word!r}")
+    return host, port
 
 
 def _host_port(text: str) -> tuple[str, int]:

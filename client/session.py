@@ -141,7 +141,7 @@ class ConsumerState:
 
     __slots__ = (
         "tag", "queues", "prefetch", "buffer", "waiter", "cancelled", "error",
-        "ack_threshold", "received", "slots",
+        "ack_threshold", "received", "slots", "session",
     )
 
     def __init__(self, queues, prefetch):
@@ -155,6 +155,7 @@ class ConsumerState:
         self.ack_threshold = max(1, int(prefetch * ACK_BATCH_FRACTION))
         self.received = 0
         self.slots = None  # CONSUME option (protocol.md §5.3): runs this many at once, answers RECALL
+        self.session = None  # the Session (one connection) its deliveries belong to
 
     def __repr__(self):
         return f"<ConsumerState tag={self.tag} queues={self.queues} prefetch={self.prefetch}>"
@@ -289,7 +290,7 @@ class Session:
 
     def __init__(self, owner, *, name: str, heartbeat: float, now: float, id_prefix: str,
                  control_handlers: list | None = None, event_handlers: list | None = None,
-                 hello_extra: dict | None = None, versions: tuple | None = None):
+                 hello_extra: dict | None = None, versions: tuple | None = None, ids=None):
         self.owner = owner
         self.name = name
         self.heartbeat = float(heartbeat)
@@ -301,7 +302,14 @@ class Session:
         self.hello_extra = hello_extra
         self.handshake: wire.ClientHandshake | None = None
         self.id_prefix = id_prefix
-        self._next_id = itertools.count(1).__next__
+        # ``ids``: a counter the shell keeps across reconnects.  Given, every publish also
+        # carries a ``dedupe`` key (protocol.md §5.2) and is kept in ``sent`` until its
+        # reply, so that a resend after a failover is stored once (``take_resends``).
+        self.dedupe = ids is not None
+        self._next_id = (ids if ids is not None else itertools.count(1)).__next__
+        self.sent: dict[int, tuple] = {}  # rid -> (queue, body, id, priority, options) until answered
+        self.redirected: list[tuple] = []  # pipelined publishes refused with NOT_LEADER, to resend
+        self.leader_hint: str | None = None  # the last NOT_LEADER message (it names the leader)
         self.last_rid = 0
         self.pending: dict[int, Pending] = {}
         self.unconfirmed: dict[int, str] = {}  # rid -> message id, in rid order
@@ -424,7 +432,15 @@ class Session:
                 body = bytes(body)
             else:
                 raise TypeError(f"body must be bytes (got {type(body).__name__}); encode text first")
-        if msg_id is None:
+        if self.dedupe:
+            # One key per publish (never per message: a retry of a task republishes its id
+            # on purpose and must be stored); a resend passes its options, key included.
+            if options is None or "dedupe" not in options:
+                key = f"{self.id_prefix}-{self._next_id()}"
+                if msg_id is None:
+                    msg_id = key
+                options = {**options, "dedupe": key} if options else {"dedupe": key}
+        elif msg_id is None:
             msg_id = f"{self.id_prefix}-{self._next_id()}"
         if self.acks:
             self._queue_acks()
@@ -456,6 +472,8 @@ class Session:
             )
         self.out.append(data)
         self.out_bytes += len(data)
+        if self.dedupe:
+            self.sent[rid] = (queue, body, msg_id, priority, options)
         if confirm:
             p = self.pending[rid] = Pending(rid, K_REPLY, waiter, info=msg_id)
             if self.version >= 2:  # its OK may come as part of a CONFIRM_RANGE (§5.47)
@@ -489,10 +507,14 @@ class Session:
                 self.out.append(data)
                 self.out_bytes += len(data)
                 self.unconfirmed[rid] = mid
+                if self.dedupe:
+                    self.sent[rid] = tuple(item)
             return
         self.out.append(data)
         self.out_bytes += len(data)
         self.unconfirmed[rid] = ids
+        if self.dedupe:  # resent item by item after a reconnect (each carries its dedupe key)
+            self.sent[rid] = items
 
     def consume(self, queues, prefetch: int, *, waiter=None, state: ConsumerState | None = None,
                 slots: int | None = None) -> Pending:
@@ -504,6 +526,7 @@ class Session:
         if slots is None:
             slots = cs.slots
         cs.slots = slots
+        cs.session = self
         args = [list(queues), prefetch] if slots is None else [list(queues), prefetch, {"slots": slots}]
         return self.request(OP_CONSUME, args, kind=K_CONSUME, waiter=waiter, consumer=cs)
 
@@ -546,6 +569,11 @@ class Session:
             raise clone_error(self.error)
         if d._settled:
             raise StaleDelivery(None, f"delivery {d.tag} of message {d.id!r} was already settled; cannot {what} it")
+        if d._state.session is not self:
+            # Its tag names a delivery of a connection that is gone (a reconnect, a failover):
+            # sent on this one it could settle another delivery.  The broker redelivers it.
+            raise StaleDelivery(None, f"delivery {d.tag} of message {d.id!r} came on an earlier connection; "
+                                      f"cannot {what} it on this one (brokerd redelivers it)")
         d._settled = True
 
     def ack(self, d: Delivery) -> bool:
@@ -603,6 +631,23 @@ class Session:
         for rid in self.unconfirmed:  # insertion order is rid order: look at the oldest only
             return rid > mark
         return True
+
+    def take_resends(self) -> list[tuple]:
+        """What a reconnect must resend: the pipelined publishes never answered (in the order
+        they were sent) and those refused with NOT_LEADER; emptied here."""
+        sent = self.sent
+        out = list(self.redirected)
+        for rid in self.unconfirmed:
+            entry = sent.get(rid)
+            if type(entry) is list:  # a PUBLISH_BATCH: its items
+                out.extend(tuple(item) for item in entry)
+            elif entry is not None:
+                out.append(entry)
+        self.redirected = []
+        for rid in list(self.unconfirmed):
+            sent.pop(rid, None)
+        self.unconfirmed.clear()
+        return out
 
     def unconfirmed_ids(self, mark: int | None = None) -> list[str]:
         out = []
@@ -688,12 +733,24 @@ class Session:
                     last_cs = cs
             elif op == OP_OK or op == OP_ERROR:
                 rid = f[1] if len(f) > 1 else None
+                entry = self.sent.pop(rid, None) if self.sent else None
                 mid = unconfirmed.pop(rid, None)
                 if mid is not None:
-                    if type(mid) is list:  # a PUBLISH_BATCH's answer
+                    if op == OP_ERROR:
+                        err = _error(f)
+                        if entry is not None and err.code == "NOT_LEADER":
+                            # resent to the leader by the shell (a batch: each of its items)
+                            if type(entry) is list:
+                                self.redirected.extend(tuple(item) for item in entry)
+                            else:
+                                self.redirected.append(entry)
+                            self.leader_hint = err.message
+                        elif type(mid) is list:  # a PUBLISH_BATCH refused whole
+                            self._batch_answered(mid, f)
+                        else:
+                            self.refused.append((mid, err))
+                    elif type(mid) is list:  # a PUBLISH_BATCH's answer
                         self._batch_answered(mid, f)
-                    elif op == OP_ERROR:
-                        self.refused.append((mid, _error(f)))
                     confirms = True
                     continue
                 p = pending.pop(rid, None)
@@ -790,6 +847,7 @@ class Session:
         except wire.WireError as exc:
             raise RemoteProtocolError(exc.code, exc.message) from None
         unconfirmed = self.unconfirmed
+        sent = self.sent  # what a reconnect would resend: confirmed now, so forgotten
         done = False
         # rids are handed out in rising order and the dict keeps that order: pop from the front
         older = False
@@ -801,15 +859,21 @@ class Session:
                 older = True
                 break
             del unconfirmed[rid]
+            if sent:
+                sent.pop(rid, None)
             done = True
         if older:  # an older publish still waits its own answer: look through them all
             for rid in [r for r in unconfirmed if first <= r <= last]:
                 del unconfirmed[rid]
+                if sent:
+                    sent.pop(rid, None)
                 done = True
         waiting = self.publish_waiters
         if waiting:
             for rid in [r for r in waiting if first <= r <= last]:
                 p = waiting.pop(rid)
+                if sent:
+                    sent.pop(rid, None)
                 if self.pending.pop(rid, None) is not None:
                     p.done = True
                     p.result = p.info

@@ -13,6 +13,7 @@ import math
 import cbor2
 
 from broker.errors import BadRequest, BrokerError
+from broker.state.dedupe import check_dedupe_key
 from client.wire import (
     CLIENT_OPS,
     OP_ACK,
@@ -60,7 +61,7 @@ from client.wire import (
 )
 
 _NUM = (int, float)
-PUBLISH_OPTIONS = ("delay", "eta", "ttl", "headers", "unique_key", "unique_for", "unique_until")
+PUBLISH_OPTIONS = ("delay", "eta", "ttl", "headers", "unique_key", "unique_for", "unique_until", "dedupe")
 EMIT_OPTIONS = ("delay", "eta", "ttl", "headers")
 # protocol.md §3: every whole-number field fits in 64 bits (CBOR major types 0
 # and 1).  A bignum (tag 2/3) where a count, tag or number of seconds belongs
@@ -147,13 +148,16 @@ def h_publish(state, conn, rid, f, now):
         if type(headers) is not dict:
             raise BadRequest("PUBLISH option 'headers' must be a map")
         _storable(headers, "option 'headers'", "PUBLISH")
+    dedupe = opts.get("dedupe")
+    if dedupe is not None:
+        check_dedupe_key(dedupe)
     if "unique_key" in opts:  # a unique task (broker/state/unique.py): the reply is {id, duplicate}
         return ok_frame(rid, state.publish_unique(
             conn, queue, body, msg_id, priority, now,
             unique_key=opts["unique_key"], unique_for=_opt_number(opts, "unique_for", "PUBLISH"),
             unique_until=opts.get("unique_until", "finished"),
             delay=_opt_number(opts, "delay", "PUBLISH"), eta=_opt_number(opts, "eta", "PUBLISH"),
-            ttl=_opt_number(opts, "ttl", "PUBLISH"), headers=headers or None,
+            ttl=_opt_number(opts, "ttl", "PUBLISH"), headers=headers or None, dedupe=dedupe,
         ))
     if "unique_for" in opts or "unique_until" in opts:
         raise BadRequest("PUBLISH options 'unique_for' and 'unique_until' need 'unique_key'")
@@ -163,6 +167,7 @@ def h_publish(state, conn, rid, f, now):
         eta=_opt_number(opts, "eta", "PUBLISH"),
         ttl=_opt_number(opts, "ttl", "PUBLISH"),
         headers=headers or None,
+        dedupe=dedupe,
     )
     return ok_frame(rid, msg_id)
 

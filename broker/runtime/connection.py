@@ -230,7 +230,12 @@ class BinaryConnection:
         self.state.connect(conn.id)
         self.state.name_connection(conn.id, conn.name)
         log.info("conn %d hello: client=%r heartbeat=%gs protocol=%d", conn.id, conn.name, conn.heartbeat, conn.version)
-        conn.queue_bytes(hs.accept(hello))
+        follower = self.server.follower
+        if follower is None:
+            conn.queue_bytes(hs.accept(hello))
+        else:  # a follower names its leader ("" when fenced: none), so a client goes there (§3.3, §6.4)
+            welcome = {**hs.welcome_map(hello), "leader": follower.address or ""}
+            conn.queue_bytes(encode_many([ok_frame(hello.rid, welcome)]))
         outcome: BaseException | str | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._writer, conn)

@@ -33,6 +33,7 @@ from broker.errors import (
 )
 from broker.state import log_records as R
 from broker.state.consumers import Conn, Consumer, Delivery
+from broker.state.dedupe import DedupeWindow
 from broker.state.effects import Effects
 from broker.state.events import EventsMixin
 from broker.state.exchanges import ExchangesMixin
@@ -101,6 +102,7 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         self._init_unique()
         self._init_flow()
         self._init_spill()
+        self.dedupe = DedupeWindow()  # producers' resends after a failover (dedupe.py)
         # Idle consumers (free slots, nothing ready) to look at again when RECALL_INTERVAL has
         # passed; empty unless some queue has an idle consumer and a holder with surplus.
         self._recall_idle: dict = {}
@@ -289,9 +291,15 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         eta: float | None = None,
         ttl: float | None = None,
         headers: dict | None = None,
+        dedupe: str | None = None,
     ) -> str:
         if self.log_failed:
             raise LogFailed(self.log_failed)
+        if dedupe is not None:
+            # A producer's resend after a failover (broker/state/dedupe.py): stored once.
+            held = self.dedupe.seen(dedupe, now)
+            if held is not None:
+                return held
         if type(priority) is not int or not 0 <= priority <= MAX_PRIORITY:
             raise BadRequest(f"priority must be a whole number from 0 to 255 (got {priority!r})")
         if msg_id is not None and (type(msg_id) is not str or not msg_id or len(msg_id) > MAX_MESSAGE_ID):
@@ -324,7 +332,12 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
             q.published += 1
             if self.log_enabled:
                 self.last_lsn += 1  # == seq
-                self.records.append((R.PUBLISH, [seq, q.name, msg_id, body, priority, None, 0, None, None, now]))
+                payload = [seq, q.name, msg_id, body, priority, None, 0, None, None, now]
+                if dedupe is not None:
+                    payload.append(dedupe)  # the 11th item: replay rebuilds the window from it
+                self.records.append((R.PUBLISH, payload))
+            if dedupe is not None:
+                self.dedupe.remember(dedupe, msg_id, now, now)
             q.push_plain(seq, msg_id, own_id, body, priority, now, self._id_prefix)
             if q.consumers and not q.paused:
                 self._dispatch_queue(q, now)
@@ -336,7 +349,12 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         q.published += 1
         if self.log_enabled:
             self.last_lsn += 1  # == seq
-            self.records.append((R.PUBLISH, R.message_payload(msg)))
+            payload = R.message_payload(msg)
+            if dedupe is not None:
+                payload.append(dedupe)  # the 11th item: replay rebuilds the window from it
+            self.records.append((R.PUBLISH, payload))
+        if dedupe is not None:
+            self.dedupe.remember(dedupe, msg_id, now, now)
         if expires is not None:
             self._ttl.add((expires, seq, msg))
         if ready_at is not None:

@@ -164,6 +164,8 @@ class ReplayMixin:
                     max_seq = m.seq
                 if t == R.PUBLISH:
                     m.queue.published += 1
+                    if len(p) > 10:  # a keyed publish: a resend after this restart is dropped too
+                        self.dedupe.remember(p[10], m.id, m.ts, now)
             elif t == R.DELIVER:
                 for seq in (p if type(p) is list else (p,)):
                     m = msgs.get(seq)
@@ -348,7 +350,7 @@ class ReplayMixin:
         """``in_log``: record ``lsn`` is a PUBLISH, MESSAGE, DEAD or MOVE, whose body the log
         gives back by lsn (broker/state/spill.py); schedule and chord records carry theirs in
         another shape and keep it."""
-        seq, qname, mid, body, prio, headers, attempts, ready_at, expires, ts = p
+        seq, qname, mid, body, prio, headers, attempts, ready_at, expires, ts = p[:10]  # 11th: dedupe key
         if in_log and self._body_reader is not None:
             body = None  # still in the log at `lsn`: read back only if it must be in memory (_read_needed_bodies)
         m = Message(seq, mid, self.queue(qname), body, prio, headers, attempts, ready_at, expires, ts)

@@ -75,6 +75,11 @@ class UniqueMixin:
         """PUBLISH with a key: ``{"id", "duplicate"}``; a duplicate enqueues nothing."""
         self._refuse_if_log_failed()
         check_unique_options(unique_key, unique_for, unique_until)
+        resent = options.get("dedupe")
+        if resent is not None:  # a producer's resend after a failover (dedupe.py): the first one's answer
+            first = self.dedupe.seen(resent, now)
+            if first is not None:
+                return {"id": first, "duplicate": False}
         held = self.unique.get(unique_key)
         if held is not None and held.expires > now:
             return {"id": held.task_id, "duplicate": True}

@@ -469,7 +469,9 @@ class Transport(virtual.Transport):
 
     def establish_connection(self):
         try:
-            self.brokerd = Client(self._url(), name=f"celery-{socket.gethostname()}-{os.getpid()}")
+            # reconnect=0: kombu re-establishes a lost connection (ensure_connection), and its
+            # event loop must learn the new socket; the client still finds the leader of a list.
+            self.brokerd = Client(self._url(), name=f"celery-{socket.gethostname()}-{os.getpid()}", reconnect=0)
         except BrokerdError as exc:
             raise ConnectionLost(None, str(exc)) from exc
         self._pid = os.getpid()

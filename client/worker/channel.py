@@ -95,8 +95,11 @@ class Channel:
 
 
 def open_client(broker: str, name: str) -> Client:
-    """A new blocking client connected to ``broker`` (raises BrokerdError or OSError)."""
-    return Client(broker, name=name)
+    """A new blocking client connected to ``broker``'s leader (raises BrokerdError or OSError).
+
+    ``reconnect=0``: the intake thread re-establishes a lost connection itself (a new client,
+    a new generation whose deliveries never mix with the old one's, consumers made again)."""
+    return Client(broker, name=name, reconnect=0)
 
 
 def close_quietly(client) -> None:

@@ -50,12 +50,23 @@ def online_worker_names(broker: str, timeout: float = PROBE_TIMEOUT) -> set[str]
     """
     try:
         url = broker_url(broker)
-        if url.tls:
-            return None  # not asked over TLS (yet): the name is kept as given
+    except ValueError:
+        return None
+    if url.tls:
+        return None  # not asked over TLS (yet): the name is kept as given
+    for host, port in url.addresses:  # a replica group: a follower refuses WORKERS, ask the next
+        names = _probe(url, host, port, timeout)
+        if names is not None:
+            return names
+    return None
+
+
+def _probe(url, host, port, timeout):
+    try:
         hello = {"version": wire.PROTOCOL_VERSION, "client": "worker name probe"}
         if url.user is not None:
             hello.update(user=url.user, token=url.token)
-        with socket.create_connection((url.host, url.port), timeout=timeout) as s:
+        with socket.create_connection((host, port), timeout=timeout) as s:
             s.settimeout(timeout)
             s.sendall(wire.PREAMBLE + wire.encode([wire.OP_HELLO, 1, hello])
                       + wire.encode([wire.OP_WORKERS, 2]) + wire.encode([wire.OP_BYE, 3]))

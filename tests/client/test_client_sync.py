@@ -274,7 +274,7 @@ def test_one_client_is_safe_to_share_between_8_threads(broker):
 
 
 def test_killing_the_broker_raises_connection_lost(broker):
-    c = Client(broker.address)
+    c = Client(broker.address, reconnect=0)  # reconnect=0: no 30 s of reconnecting first (tests/e2e/test_failover.py)
     consumer = c.consume("k", prefetch=1)
     broker.kill()
     with pytest.raises(ConnectionLost) as info:

@@ -184,7 +184,7 @@ def test_wrong_field_types_get_bad_request_and_the_connection_stays(broker, byst
     f = r.call(wire.OP_PUBLISH, "q", b"x", None, 0, {"ttl": "soon"})
     assert f[2:] == ["BAD_REQUEST", "PUBLISH option 'ttl' must be a number of seconds (got str)"]
     f = r.call(wire.OP_PUBLISH, "q", b"x", None, 0, {"colour": 1})
-    assert f[2:] == ["BAD_REQUEST", "unknown PUBLISH option 'colour'; known options: delay, eta, ttl, headers, unique_key, unique_for, unique_until"]
+    assert f[2:] == ["BAD_REQUEST", "unknown PUBLISH option 'colour'; known options: delay, eta, ttl, headers, unique_key, unique_for, unique_until, dedupe"]
     assert r.ok(wire.OP_PING) is None
 
 
