@@ -176,3 +176,32 @@ def test_a_batch_over_a_tiny_max_frame_goes_item_by_item_and_refuses_only_what_c
     assert sorted(sent) == sorted(set(ids) - set(refused))
     assert s.unconfirmed_ids() == [mid for mid in ids if mid not in refused]
     assert [f[1] for f in frames] == sorted(f[1] for f in frames)  # request ids still rise
+
+
+def test_with_resends_a_batch_is_kept_item_by_item_and_forgotten_once_confirmed_by_range():
+    import itertools
+
+    s = Session(Owner(), name="unit", heartbeat=10.0, now=100.0, id_prefix="p", ids=itertools.count(1))
+    s.hello()
+    sent_frames(s)
+    s.receive([[wire.OP_OK, 1, {"server": "brokerd", "version": 2, "heartbeat": 10.0}]], 100.0)
+    for i in range(3):
+        s.publish("q", b"%d" % i, None, 0, None, confirm=False)
+    s.confirm_mark()
+    (f,) = sent_frames(s)
+    keys = [item[4]["dedupe"] for item in f[2]]
+    assert len(set(keys)) == 3
+    # connection lost before the confirm: all three are resent, each with its own key
+    resends = s.take_resends()
+    assert [r[1] for r in resends] == [b"0", b"1", b"2"]
+    assert [r[4]["dedupe"] for r in resends] == keys
+
+    # confirmed by a range: nothing is kept for a resend any more
+    s2 = Session(Owner(), name="unit", heartbeat=10.0, now=100.0, id_prefix="p", ids=itertools.count(10))
+    s2.hello()
+    sent_frames(s2)
+    s2.receive([[wire.OP_OK, 1, {"server": "brokerd", "version": 2, "heartbeat": 10.0}]], 100.0)
+    s2.publish("q", b"a", None, 0, None, confirm=False)
+    rid = s2.confirm_mark()
+    s2.receive([[wire.OP_CONFIRM_RANGE, rid, rid]], 100.0)
+    assert s2.sent == {} and s2.take_resends() == []

@@ -121,3 +121,20 @@ def test_hostile_dedupe_keys_get_bad_request_and_store_nothing(s, key, match):
     assert re.search(match, f[3]), f[3]
     assert "q" not in s.queues or s.queues["q"].published == 0
     assert len(s.dedupe) == 0
+
+
+def test_a_publish_packed_behind_a_backlog_keeps_its_key_live_and_after_replay(s):
+    # Behind PACK_AFTER ready messages a plain publish is packed without an object
+    # (broker/state/queue.py); its key must be remembered and logged all the same.
+    from broker.state.queue import PACK_AFTER
+
+    for i in range(PACK_AFTER):
+        publish(s, f"b{i}", None)
+    assert publish(s, "m1", "p-1") == "m1"
+    assert publish(s, "m1", "p-1", t=1.0) == "m1"
+    assert s.queues["q"].published == PACK_AFTER + 1
+    fresh = replayed(s, now=2.0)
+    fresh.connect(P)
+    fresh.enable_log()
+    assert publish(fresh, "m1", "p-1", t=3.0) == "m1"
+    assert fresh.queues["q"].published == PACK_AFTER + 1
