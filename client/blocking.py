@@ -197,6 +197,16 @@ class Connection:
         reader.join(timeout=1)
         sock.close()
 
+    def _stop_io(self, join_timeout: float) -> None:
+        """Wait for the reader and flusher threads (not the calling one) and close the socket."""
+        for t in (self._reader, self._flusher):
+            if t.is_alive() and t is not threading.current_thread():
+                t.join(timeout=join_timeout)
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
     def _recover(self, failed: Session, leader: str | None = None) -> bool:
         """After ``failed`` (a session) lost its connection or met NOT_LEADER: reconnect to
         whoever leads, with bounded back-off, and resend its unconfirmed pipelined publishes
@@ -211,13 +221,7 @@ class Connection:
             self._abort(None, failed)  # a NOT_LEADER connection is still open: leave it
             with self._lock:
                 resend = failed.take_resends()
-            for t in (self._reader, self._flusher):
-                if t.is_alive() and t is not threading.current_thread():
-                    t.join(timeout=2)
-            try:
-                self._sock.close()
-            except OSError:
-                pass
+            self._stop_io(join_timeout=2)
             hint = None
             if leader:
                 try:

@@ -200,10 +200,4 @@ class Client(Connection, verbs.ShellInfo):
             with self._lock:
                 session.log_uncollected()
             self._abort(None)
-            for t in (self._reader, self._flusher):
-                if t.is_alive() and t is not threading.current_thread():
-                    t.join(timeout=5)
-            try:
-                self._sock.close()
-            except OSError:
-                pass
+            self._stop_io(join_timeout=5)

@@ -5,10 +5,10 @@ come back byte-identical, after a restart and after compaction rewrote them; pas
 
 import subprocess
 import sys
-import time
 
 from client import wire
 from tests.support.wireclient import Raw
+from tests.support.waiting import wait_for
 
 KiB = 1024
 
@@ -21,15 +21,6 @@ def stats(port: int) -> dict:
         r.close()
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)  # polling another process's figures: there is no event to await
 
 
 def publish_all(port: int, queue: str, messages: list) -> None:

@@ -17,6 +17,7 @@ import pytest
 
 from client import wire
 from tests.support.wireclient import Raw
+from tests.support.waiting import wait_for
 
 MiB = 1024 * 1024
 
@@ -51,15 +52,6 @@ def broker_stats(port: int) -> dict:
         r.close()
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)  # polling another process's state: there is no event to await
 
 
 def rss(broker) -> int:
