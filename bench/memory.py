@@ -99,7 +99,10 @@ def main(argv=None) -> None:
             per = (after - before) / args.n
             print(f"memory      {n:,} queued msgs of {args.size} B (published in {fill_s:.1f} s, {args.n / fill_s:,.0f}/s)")
             print(f"  broker RSS        {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB")
-            print(f"  per message       {per:>8.0f} B  ({per - args.size:.0f} B beyond the {args.size} B body)")
+            if per >= args.size:
+                print(f"  per message       {per:>8.0f} B  ({per - args.size:.0f} B beyond the {args.size} B body)")
+            else:  # less than the body: the bodies stayed in the log segments (spilled), only the index is in memory
+                print(f"  per message       {per:>8.0f} B  (less than the {args.size} B body: bodies spilled to the log)")
             if args.rate:
                 deep_rate = flow(broker.address, SIDE, args.rate, args.size)
                 drain = flow(broker.address, DEEP, args.rate, args.size, produce=False)
