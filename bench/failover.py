@@ -58,10 +58,10 @@ def main(argv=None) -> int:
         etcd = EtcdProcess(tmp / "etcd").start()
         brokers = []
         try:
-            first = elected_broker(tmp / "a", etcd, "/bench", args.ttl).start()
+            first = elected_broker(tmp / "a", etcd, "/bench", args.ttl, "--sync-replicas", "0").start()
             brokers.append(first)
             wait_until(lambda: leads(first), WAIT, "the first brokerd to be elected")
-            brokers.append(elected_broker(tmp / "b", etcd, "/bench", args.ttl).start())
+            brokers.append(elected_broker(tmp / "b", etcd, "/bench", args.ttl, "--sync-replicas", "0").start())
             leader, follower = brokers
             for run in range(1, args.runs + 1):
                 wait_until(lambda: stats_value(follower, "replication_leader") == leader.address, WAIT,

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users-file", dest="users_file", help="TOML file of users and their grants; set, every connection must log in (brokerd-ctl user add writes it)")
     p.add_argument("--follow", dest="follow", metavar="HOST:PORT", help="be a follower (hot standby) of the leader brokerd at HOST:PORT: copy its log, answer reads, refuse writes with NOT_LEADER")
     p.add_argument("--follow-user", dest="follow_user", help="with --follow: the user (with the replicate grant) to log in to the leader as; its token in BROKERD_FOLLOW_TOKEN")
-    p.add_argument("--sync-replicas", dest="sync_replicas", help="on a leader: followers that must have fsynced a record before it is confirmed (default 0: the local fsync alone)")
+    p.add_argument("--sync-replicas", dest="sync_replicas", help="on a leader: followers that must have fsynced a record before it is confirmed (default: 1 with --election, else 0: the local fsync alone)")
     p.add_argument("--election", help="decide who leads by an existing engine: etcd://HOST:PORT/PREFIX (an etcd lease) or kubernetes (a Lease in the pod's namespace); brokerd starts fenced and leads or follows as elected")
     p.add_argument("--advertise", metavar="HOST:PORT", help="with --election: the address clients and followers reach this brokerd at (default --host:--port)")
     p.add_argument("--election-ttl", dest="election_ttl", help=f"with --election: seconds the leader's lease lasts without renewal; the longest a dead leader goes unreplaced (default {d.election_ttl})")

@@ -215,9 +215,11 @@ class Config:
     follow_user: str = ""
     follow_token: str = ""
     # On a leader: followers that must have a record on disk before its confirm goes out.
-    # 0 (the default: a leader is not told whether it has followers) confirms after the local
-    # fsync alone; N > 0 refuses publishes with NOT_ENOUGH_REPLICAS while fewer than N are in sync.
-    sync_replicas: int = 0
+    # 0 confirms after the local fsync alone; N > 0 refuses publishes with NOT_ENOUGH_REPLICAS
+    # while fewer than N are in sync.  Unset (-1): 1 with --election (a group has followers by
+    # design, so a confirm means two disks, as a quorum queue's majority of three), else 0 (a
+    # lone brokerd, or one a follower may or may not join, is not told it has followers).
+    sync_replicas: int = -1
     # -- election (broker/runtime/election.py) ------------------------------------------------
     # Who leads is decided by an existing engine: etcd://HOST:PORT[,HOST:PORT...]/PREFIX (an etcd
     # lease) or kubernetes[:LEASE-NAME] (a coordination.k8s.io Lease in the pod's namespace).
@@ -282,8 +284,10 @@ class Config:
             host, sep, port = self.follow.rpartition(":")
             if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
                 bad("follow", f"must be the leader's HOST:PORT, e.g. 10.0.0.5:7700 (got {self.follow!r})")
-        if isinstance(self.sync_replicas, bool) or not isinstance(self.sync_replicas, int) or not 0 <= self.sync_replicas <= 16:
-            bad("sync_replicas", f"must be a number of followers from 0 to 16 (got {self.sync_replicas!r})")
+        if isinstance(self.sync_replicas, bool) or not isinstance(self.sync_replicas, int) or not -1 <= self.sync_replicas <= 16:
+            bad("sync_replicas", f"must be a number of followers from 0 to 16, or -1 for the default (got {self.sync_replicas!r})")
+        if self.sync_replicas == -1:  # unset: see the field's comment
+            object.__setattr__(self, "sync_replicas", 1 if self.election else 0)
         if self.election:
             try:
                 parse_election(self.election)

@@ -44,7 +44,7 @@ from tests.runtime.test_http import start, value_location
 
 DEPLOY = ROOT / "deploy"
 TOKEN = "deploy-test-token-of-worker"  # the test users file's worker token
-DEFAULTS = Config()
+DEFAULTS = Config().validate()  # validated: unset settings (sync_replicas) resolved
 ROUTES = set(broker_http.ROUTES)
 
 

@@ -30,6 +30,11 @@ pytestmark = [
 ]
 TTL = 2  # seconds: the lease; a dead leader is replaced within about this long
 WAIT = 20.0  # seconds: the bound on every wait here (a loaded CI box)
+# Two brokerds: with the --election default (--sync-replicas 1) the survivor of a kill has no
+# follower and refuses writes until one is back (as a quorum queue without its majority), which
+# test_the_election_default_refuses_writes_without_a_follower shows; these tests are about the
+# handover, so they confirm on the leader's disk alone.
+TWO_NODES = ("--sync-replicas", "0")
 _n = itertools.count()
 
 
@@ -50,11 +55,11 @@ def queue_total(broker, queue: str) -> int:
 
 def test_kill_9_the_leader_and_the_other_brokerd_is_elected_and_takes_a_publish(etcd, tmp_path):
     prefix = f"/e2e-{next(_n)}"
-    a = elected_broker(tmp_path / "a", etcd, prefix, TTL).start()
+    a = elected_broker(tmp_path / "a", etcd, prefix, TTL, *TWO_NODES).start()
     b = None
     try:
         wait_until(lambda: leads(a), WAIT, "the first brokerd to be elected")
-        b = elected_broker(tmp_path / "b", etcd, prefix, TTL).start()
+        b = elected_broker(tmp_path / "b", etcd, prefix, TTL, *TWO_NODES).start()
         wait_until(lambda: stats_value(b, "replication_leader") == a.address, WAIT, "the second to follow the first")
         assert not leads(b)
         publish_until_confirmed(a.address, "jobs", b"before", WAIT)
@@ -80,11 +85,11 @@ def test_a_stopped_leader_hands_over_at_once_and_a_paused_one_takes_no_write_aft
     import signal
 
     prefix = f"/e2e-{next(_n)}"
-    a = elected_broker(tmp_path / "a", etcd, prefix, TTL).start()
+    a = elected_broker(tmp_path / "a", etcd, prefix, TTL, *TWO_NODES).start()
     b = None
     try:
         wait_until(lambda: leads(a), WAIT, "the first brokerd to be elected")
-        b = elected_broker(tmp_path / "b", etcd, prefix, TTL).start()
+        b = elected_broker(tmp_path / "b", etcd, prefix, TTL, *TWO_NODES).start()
         wait_until(lambda: stats_value(b, "replication_leader") == a.address, WAIT, "the second to follow the first")
         # SIGTERM: a fences and revokes its lease, so b need not wait for the lease to run out
         a.terminate()
@@ -107,6 +112,30 @@ def test_a_stopped_leader_hands_over_at_once_and_a_paused_one_takes_no_write_aft
             with Client(b.address, timeout=5) as c:
                 c.publish("jobs", b"to the deposed leader")
         wait_until(lambda: stats_value(b, "replication_leader") == a.address, WAIT, "b to follow a")
+    finally:
+        a.kill()
+        if b is not None:
+            b.terminate()
+
+
+def test_the_election_default_refuses_writes_without_a_follower(etcd, tmp_path):
+    # --election makes --sync-replicas default to 1: a leader alone confirms nothing (a confirm
+    # means two disks); once a second brokerd follows it, the same publish is confirmed.
+    from client import Client
+    from client.errors import BrokerdError
+
+    prefix = f"/e2e-{next(_n)}"
+    a = elected_broker(tmp_path / "a", etcd, prefix, TTL).start()
+    b = None
+    try:
+        wait_until(lambda: leads(a), WAIT, "the first brokerd to be elected")
+        with pytest.raises(BrokerdError) as refused:
+            with Client(a.address, timeout=5, reconnect=0) as c:
+                c.publish("jobs", b"alone")
+        assert refused.value.code == "NOT_ENOUGH_REPLICAS", refused.value
+        b = elected_broker(tmp_path / "b", etcd, prefix, TTL).start()
+        wait_until(lambda: stats_value(b, "replication_leader") == a.address, WAIT, "the second to follow the first")
+        publish_until_confirmed(a.address, "jobs", b"two disks", WAIT)
     finally:
         a.kill()
         if b is not None:

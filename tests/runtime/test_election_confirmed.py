@@ -24,3 +24,13 @@ def test_with_sync_replicas_the_bar_is_what_n_followers_have():
     assert confirmed_lsn_of(server(120, 1, [117, 119]))() == 119
     assert confirmed_lsn_of(server(120, 2, [117, 119]))() == 117
     assert confirmed_lsn_of(server(110, 1, [117]))() == 110  # never past the leader's own log
+
+
+def test_sync_replicas_defaults_to_1_with_an_election_and_0_without():
+    from broker.config import Config
+
+    assert Config(election="etcd://127.0.0.1:2379/b").validate().sync_replicas == 1
+    assert Config().validate().sync_replicas == 0
+    assert Config(follow="127.0.0.1:7700").validate().sync_replicas == 0
+    assert Config(election="etcd://127.0.0.1:2379/b", sync_replicas=0).validate().sync_replicas == 0
+    assert Config(sync_replicas=2).validate().sync_replicas == 2
