@@ -470,11 +470,15 @@ def main(argv=None) -> int:
                 broker = BrokerProcess(work / f"brokerd-{target}").start()
                 url = f"brokerd://{broker.address}"
                 backend_url = url
-                if target == "brokerd" and not args.no_side_channel:
+                if not args.no_side_channel:
                     # brokerd's backend under a URL the suite's "Requires redis result backend." checks
                     # accept: those tests use Redis only as a side channel (bench/celery_redis_sidechannel.py)
-                    plugins = [*plugins, "-p", "celery_redis_sidechannel"]
                     backend_url = f"redis-sidechannel-brokerd://{broker.address}"
+                    if target == "brokerd":
+                        # Celery resolves the URL's scheme through its backend aliases: the plugin adds it
+                        plugins = [*plugins, "-p", "celery_redis_sidechannel"]
+                    # brokerd-sdk needs no plugin: the SDK's App keeps result_backend only for Celery's
+                    # sake (results always live in brokerd), so both brokerd targets run the same tests
                 env.update(TEST_BROKER=url, TEST_BACKEND=backend_url)
             try:
                 for f in args.files:

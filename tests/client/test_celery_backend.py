@@ -144,3 +144,35 @@ def test_a_group_joins_natively_in_completion_order_by_long_poll(app):
         assert app.GroupResult("h", [app.AsyncResult("h-1"), app.AsyncResult("h-2")]).get(timeout=WAIT) == [1, 2]
     finally:
         later.join()
+
+
+def test_a_frozen_chord_applied_again_is_a_new_run_whose_body_is_dispatched_again(app, broker):
+    """Celery's test_reapplying_frozen_chord_dispatches_body_again: a frozen chord keeps its group
+    id, but each apply is a new run.  brokerd's CHORD is idempotent per id (a retried CHORD must not
+    fire twice), so the second apply published its header and nothing would ever run the body; now
+    it goes by Celery's chord_unlock."""
+    from celery import chord, states
+
+    from client.celery import message as M
+    from client.producer import Client
+
+    add, tsum = app.signature("t.add"), app.signature("t.tsum")
+    c = chord([add.clone((1, 2)), add.clone((3, 4))], tsum.clone())
+    c.freeze()
+    with Client(f"brokerd://{broker.address}") as client:
+        consumer = client.consume(["celery"], prefetch=10)
+
+        def drain():
+            out = []
+            while (d := consumer.get(timeout=2.0)) is not None:
+                out.append(M.from_delivery(d)["headers"])
+            return out
+
+        c.apply_async()
+        first = drain()
+        assert sorted(h["task"] for h in first) == ["t.add", "t.add"]
+        for h in first:
+            app.backend.store_result(h["id"], 3, states.SUCCESS)
+        assert [h["task"] for h in drain()] == ["t.tsum"]  # brokerd fired the first run's body
+        c.apply_async()
+        assert sorted(h["task"] for h in drain()) == ["celery.chord_unlock", "t.add", "t.add"]
