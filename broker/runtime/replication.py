@@ -402,6 +402,7 @@ class Follower:
         async with durability._write_lock:
             with trio.CancelScope(shield=True):
                 dropped = await trio.to_thread.run_sync(wal.truncate_after, lsn)
+                durability.forget_after(lsn)
         self.truncated += dropped
         log.warning("truncated %d records after lsn %d from this log: written as leader of an older epoch and "
                     "never in the log of %s (epoch %d); following it from lsn %d", dropped, lsn, self.address,
@@ -430,6 +431,7 @@ class Follower:
             expect += 1
         for lsn, t, payload in f[2]:
             wal.append(t, payload)
+        durability.remember_replicated(f[2])
         # Written, fsynced and applied together: a stop (promotion) never leaves the log ahead of the state.
         with trio.CancelScope(shield=True):
             async with durability._write_lock:
