@@ -221,6 +221,11 @@ class LeaderReplication:
             target = wal.written_lsn
             if link["sent"] >= target:
                 await durability.wait_written(link["sent"])
+                if link["acked"] >= target:
+                    # It had every record until this moment: an idle follower is not behind, so its
+                    # lag in seconds counts from the first write it lacks, not from its last ack
+                    # (which, after an idle minute, made a follower a batch behind look a minute late).
+                    link["caught_up_at"] = time.monotonic()
                 continue
             records = await durability.records_from(link["sent"] + 1, target, MAX_BATCH_BYTES)
             if not records:
