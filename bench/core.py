@@ -267,6 +267,10 @@ def throughput(args, broker_args: list[str]) -> dict:
             for f in followers:
                 f.stop()
             broker.stop()
+            for b in [broker, *followers] if followers else []:  # a follower that left says why here
+                for line in b.log:
+                    if "WARNING" in line or "ERROR" in line:
+                        print(f"  brokerd {b.address}: {line}", file=sys.stderr)
     elapsed = c["last_delivery"] - p["first_publish"]
     return {
         "followers": args.followers,

@@ -69,3 +69,40 @@ async def test_the_tail_in_memory_never_serves_a_record_the_log_cut(tmp_path):
     # a hole (the log restarted at a later lsn) starts the tail over instead of misnumbering it
     dur._remember(9, 1, b"nine")
     assert [r[0] for r in dur.recent] == [9]
+
+
+async def test_a_followers_acks_and_heartbeats_never_send_at_once_on_its_one_stream(tmp_path, nursery, monkeypatch):
+    """Under load an ack and a heartbeat met on the follower's stream to the leader; trio refused
+    the second send (BusyResourceError: "another task is currently sending"), the link dropped
+    and with it the follower's place in --sync-replicas (publishes refused NOT_ENOUGH_REPLICAS).
+    Found by bench/core.py --followers 2.  A stream that, like trio's, refuses overlapping sends."""
+    import broker.runtime.replication as replication
+
+    a = await start(nursery, tmp_path / "a")
+    b = await start(nursery, tmp_path / "b", follow=f"127.0.0.1:{a.port}")
+    await until(lambda: b.follower.connected, "B to follow A")
+    sends = []
+
+    class SlowStream:  # each send takes a while, as to a busy leader; an overlap raises as trio's does
+        busy = False
+
+        async def send_all(self, data):
+            if self.busy:
+                raise trio.BusyResourceError("another task is currently sending data on this SocketStream")
+            self.busy = True
+            try:
+                await trio.sleep(0.005)
+                sends.append(data)
+            finally:
+                self.busy = False
+
+    monkeypatch.setattr(replication, "FOLLOWER_HEARTBEAT", 0.001)  # a heartbeat due at every ack
+    stream = SlowStream()
+    epoch = b.state.epoch
+    async with trio.open_nursery() as inner:
+        inner.start_soon(b.follower._heartbeats, stream)
+        for _ in range(50):  # an empty batch: only its ack is sent
+            await b.follower._apply(stream, [wire.OP_RECORDS, b.roles.last_lsn(), [], epoch])
+        inner.cancel_scope.cancel()
+    assert len(sends) >= 50
+    nursery.cancel_scope.cancel()
