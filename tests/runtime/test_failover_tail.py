@@ -43,7 +43,8 @@ async def test_a_leader_that_followed_in_between_serves_a_new_follower_from_its_
     await b.roles.promote("A's lease ran out")
     await a.roles.follow(f"127.0.0.1:{b.port}", "B leads again")
     assert ok(await trio.to_thread.run_sync(publish, b.port, "q", ["b2"]))
-    await until(lambda: a.roles.last_lsn() == b.roles.last_lsn() and a.roles.epoch == b.roles.epoch,
+    # (the log is on disk a moment before the batch is applied: wait for the state too)
+    await until(lambda: a.roles.last_lsn() == b.roles.last_lsn() == a.state.last_lsn and a.roles.epoch == b.roles.epoch,
                 "A to catch up with B's third term (it hung here: B served it nothing)")
     lsns = [r[0] for r in b.wal.recent]
     assert lsns == list(range(lsns[0], lsns[0] + len(lsns))), "the tail in memory has a hole"
