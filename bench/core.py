@@ -4,6 +4,7 @@
     python bench/core.py -n 200000 --size 1000 --prefetch 50 --memory 0
     python bench/core.py --broker-args="--fsync never"
     python bench/core.py --tenants 1000 --rate-limit 100000/s   # flow control on (issue 15)
+    python bench/core.py --followers 2 --memory 0   # 2 followers, --sync-replicas 2 (issue 16)
 
 What it measures (see bench/README.md):
 
@@ -186,24 +187,96 @@ def address(broker: BrokerProcess, args) -> str:
     return f"brokerd://{login}{broker.address}" if login else broker.address
 
 
+# --- followers (--followers N) -------------------------------------------------------------
+LAG_SAMPLE_S = 0.1  # seconds between reads of the leader's STATS for the follower lag
+
+
+def start_followers(broker: BrokerProcess, n: int, tmp: str) -> list[BrokerProcess]:
+    """``n`` brokerds with ``--follow <leader>``, each on its own data dir, and wait until the
+    leader counts them in sync (its publishes are confirmed only once ``n`` have fsynced)."""
+    followers = [Broker(["--follow", broker.address], os.path.join(tmp, f"follower{i}")) for i in range(n)]
+    deadline = time.monotonic() + 30
+    while _stat(broker, "replication_followers_in_sync") != str(n):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the {n} followers were not in sync within 30 s")
+        time.sleep(0.05)
+    return followers
+
+
+def _stat(broker: BrokerProcess, key: str) -> str:
+    for line in broker.admin("STATS\n").splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2 and parts[0] == key:
+            return parts[1].strip()
+    return ""
+
+
+class LagSampler:
+    """Reads the leader's STATS every LAG_SAMPLE_S while the run goes: the largest follower lag
+    seen, in records and in seconds (replication_follower.<addr> lsn=.. lag_records=.. lag_seconds=..)."""
+
+    def __init__(self, broker: BrokerProcess):
+        import threading
+
+        self.broker, self.records, self.seconds, self.samples = broker, 0, 0.0, 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stop.wait(LAG_SAMPLE_S):
+            try:
+                text = self.broker.admin("STATS\n")
+            except OSError:
+                continue
+            self.samples += 1
+            for line in text.splitlines():
+                if line.startswith("replication_follower.") and "lag_records=" in line:
+                    fields = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
+                    self.records = max(self.records, int(fields["lag_records"]))
+                    self.seconds = max(self.seconds, float(fields["lag_seconds"]))
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(5)
+
+
 # --- the phases -------------------------------------------------------------------------------
 def throughput(args, broker_args: list[str]) -> dict:
+    followers, lag = [], None
     with tempfile.TemporaryDirectory(prefix="brokerd-bench-") as tmp:
-        broker = Broker(broker_args, tmp)
+        if args.followers:
+            broker_args = broker_args + ["--sync-replicas", str(args.followers)]
+        broker = Broker(broker_args, os.path.join(tmp, "leader"))
         try:
+            if args.followers:
+                followers = start_followers(broker, args.followers, tmp)
             cons = spawn("consumer", address(broker, args), args)
             line = cons.stdout.readline()
             if line.strip() != "ready":
                 raise SystemExit("the consumer did not subscribe")
             cpu0 = broker.cpu_seconds()
+            lag = LagSampler(broker) if followers else None
             prod = spawn("producer", address(broker, args), args)
             p = last_json(prod, "producer", 600)
             c = last_json(cons, "consumer", 600)
             cpu1 = broker.cpu_seconds()
         finally:
+            if lag is not None:
+                lag.close()
+            for f in followers:
+                f.stop()
             broker.stop()
+            for b in [broker, *followers] if followers else []:  # a follower that left says why here
+                for line in b.log:
+                    if "WARNING" in line or "ERROR" in line:
+                        print(f"  brokerd {b.address}: {line}", file=sys.stderr)
     elapsed = c["last_delivery"] - p["first_publish"]
     return {
+        "followers": args.followers,
+        "lag_records_max": lag.records if lag else 0,
+        "lag_seconds_max": lag.seconds if lag else 0.0,
+        "lag_samples": lag.samples if lag else 0,
         "n": args.n,
         "end_to_end_msgs_per_s": args.n / elapsed,
         "elapsed_s": elapsed,
@@ -259,6 +332,9 @@ def main(argv=None) -> None:
     ap.add_argument("--tenants", type=int, default=0, help="spread the messages over this many tenants (x-tenant); 0: none (default)")
     ap.add_argument("--rate-limit", default="", help='limit the one task the messages carry (x-task) to this rate, e.g. "100000/s"; default none')
     ap.add_argument("--broker-args", default="", help='extra brokerd flags, e.g. --broker-args="--fsync never"')
+    ap.add_argument("--followers", type=int, default=0, metavar="N",
+                    help="start N followers (--follow) and give the leader --sync-replicas N: every confirm waits "
+                         "for N followers' fsync; prints the largest follower lag seen (default 0)")
     ap.add_argument("--tls", action="store_true", help="TLS between the clients and brokerd (certificates made for the run)")
     ap.add_argument("--auth", action="store_true", help="brokerd with a users file; the clients log in as a user "
                     "granted publish and consume on every queue (each frame is checked against its grants)")
@@ -303,6 +379,9 @@ def main(argv=None) -> None:
         f"consumer {t['consumer_cpu_s']:.2f}  (of {ncpu * t['elapsed_s']:.2f} core-seconds on {ncpu} cores; "
         "producer and consumer include start-up)"
     )
+    if args.followers:
+        print(f"  followers         {args.followers}, --sync-replicas {args.followers}; largest lag seen "
+              f"{t['lag_records_max']:,} records, {t['lag_seconds_max']:.3f} s ({t['lag_samples']} STATS samples)")
     if args.memory:
         m = memory(args, broker_args)
         print(f"memory      {m['queued']:,} queued msgs of {args.size} B")
@@ -310,6 +389,8 @@ def main(argv=None) -> None:
         print(f"  per message       {m['bytes_per_msg']:>10.0f} B  ({m['bytes_beyond_body']:.0f} B beyond the {args.size} B body)")
         print(f"  publish only      {m['publish_only_per_s']:>10,.0f} publishes/s  (nobody consuming)")
     cmd = ["python", "bench/core.py", "-n", str(args.n), "--size", str(args.size), "--prefetch", str(args.prefetch), "--memory", str(args.memory)]
+    if args.followers:
+        cmd += ["--followers", str(args.followers)]
     if args.tls:
         cmd += ["--tls"]
     if args.auth:

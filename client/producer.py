@@ -155,13 +155,30 @@ class Client(Connection, verbs.ShellInfo):
 
     @verbs.described_by(verbs.consume)
     def consume(self, queues, prefetch: int = 10, *, slots: int | None = None) -> "Consumer":
-        w = new_waiter()
-        with self._lock:
-            p = self._session.consume(queues, prefetch, waiter=w, slots=slots)
-            p.consumer.waiter = threading.Condition(self._lock)
-        self.flush()
-        self._wait(p, self.timeout)
-        return Consumer(self, p.consumer)
+        # As every other call (Connection._run): on a connection already lost, reconnect first
+        # (to whoever leads now), and a NOT_LEADER refusal goes to the leader it names; so a
+        # consumer that ended with its connection consumes again with this same call.
+        for _ in range(MAX_REDIRECTS + 1):
+            w = new_waiter()
+            with self._lock:
+                session = self._session
+                lost = session.error is not None and not self._closed and not session.bye_sent
+                if not lost:
+                    p = session.consume(queues, prefetch, waiter=w, slots=slots)
+                    p.consumer.waiter = threading.Condition(self._lock)
+            if lost:
+                if self._recover(session):
+                    continue
+                session.check_open()
+            self.flush()
+            try:
+                self._wait(p, self.timeout)
+            except NotLeader as exc:
+                if self._recover(session, exc.message):
+                    continue
+                raise
+            return Consumer(self, p.consumer)
+        raise NotLeader(None, f"still no leader after {MAX_REDIRECTS} redirects from {self.address}")
 
     def _ack(self, d: Delivery, wait: bool = False) -> None:
         """``Delivery.ack``: batched (the other settling verbs come from ``client.verbs``)."""

@@ -220,10 +220,29 @@ class Durability:
 
     def _remember(self, lsn: int, t: int, data: bytes) -> None:
         recent = self.recent
+        if recent and recent[-1][0] + 1 != lsn:
+            # Not the next lsn: the log was cut back (a deposed leader's tail) or restarted at a
+            # snapshot.  records_from finds a record by its offset from recent[0], so the tail
+            # must hold consecutive lsns: start it over here.
+            recent.clear()
+            self._recent_bytes = 0
         recent.append((lsn, t, data))
         self._recent_bytes += len(data)
         while self._recent_bytes > self.RECENT_BYTES and len(recent) > 1:
             self._recent_bytes -= len(recent.popleft()[2])
+
+    def remember_replicated(self, records) -> None:
+        """A follower appended ``(lsn, type, payload bytes)`` from its leader: keep them in the
+        tail too, so that once promoted it serves its own followers from memory, and the tail
+        has no hole where it followed."""
+        for lsn, t, data in records:
+            self._remember(lsn, t, data)
+
+    def forget_after(self, lsn: int) -> None:
+        """The log was cut back to ``lsn``: the tail must not serve the records cut."""
+        recent = self.recent
+        while recent and recent[-1][0] > lsn:
+            self._recent_bytes -= len(recent.pop()[2])
 
     async def wait_written(self, lsn: int) -> None:
         """Return once the log has written past ``lsn`` (bounded: a second, then look again)."""
@@ -235,14 +254,17 @@ class Durability:
     async def records_from(self, first: int, last: int, max_bytes: int) -> list:
         """``(lsn, type, payload)`` of written records ``first``..``last``, at most about ``max_bytes``."""
         recent = self.recent
-        if recent and recent[0][0] <= first:
+        if recent and recent[0][0] <= first <= recent[-1][0]:
             out, size = [], 0
             for r in itertools.islice(recent, first - recent[0][0], None):
                 if r[0] > last or (out and size + len(r[2]) > max_bytes):
                     break
                 out.append(r)
                 size += len(r[2])
-            return out
+            if out and out[0][0] == first:
+                return out
+        # Older than the tail in memory (or, defensively, not found in it): read the segments.
+        # (An empty answer would make the leader's sender ask again forever: a follower stuck.)
         async with self._write_lock:  # no segment is deleted while it is read
             records = await trio.to_thread.run_sync(self.wal.read_records, first, last)
         out, size = [], 0

@@ -221,6 +221,11 @@ class LeaderReplication:
             target = wal.written_lsn
             if link["sent"] >= target:
                 await durability.wait_written(link["sent"])
+                if link["acked"] >= target:
+                    # It had every record until this moment: an idle follower is not behind, so its
+                    # lag in seconds counts from the first write it lacks, not from its last ack
+                    # (which, after an idle minute, made a follower a batch behind look a minute late).
+                    link["caught_up_at"] = time.monotonic()
                 continue
             records = await durability.records_from(link["sent"] + 1, target, MAX_BATCH_BYTES)
             if not records:
@@ -280,6 +285,10 @@ class Follower:
         self._scope: trio.CancelScope | None = None
         self._done = trio.Event()
         self._stopped = False
+        # The acks (from _apply) and the heartbeats (their own task) share the one stream to the
+        # leader; trio refuses two send_all at once on a stream (BusyResourceError), which cut the
+        # link under load and dropped the follower out of sync.  One sender at a time.
+        self._send_lock = trio.Lock()
 
     def refusal(self) -> str:
         return (f"this brokerd is a follower of the leader at {self.address} and takes no writes; "
@@ -402,6 +411,7 @@ class Follower:
         async with durability._write_lock:
             with trio.CancelScope(shield=True):
                 dropped = await trio.to_thread.run_sync(wal.truncate_after, lsn)
+                durability.forget_after(lsn)
         self.truncated += dropped
         log.warning("truncated %d records after lsn %d from this log: written as leader of an older epoch and "
                     "never in the log of %s (epoch %d); following it from lsn %d", dropped, lsn, self.address,
@@ -417,7 +427,7 @@ class Follower:
         if type(their_epoch) is not int or their_epoch < state.epoch:
             message = (f"these records are from epoch {their_epoch!r} but this follower's log is at epoch "
                        f"{state.epoch}: the sender was deposed")
-            await stream.send_all(encode(error_frame(0, StaleEpoch.code, message)))
+            await self._send(stream, encode(error_frame(0, StaleEpoch.code, message)))
             raise FollowError(f"STALE_EPOCH: {message}")
         self.leader_lsn = f[1]
         loads = cbor2.loads
@@ -430,18 +440,23 @@ class Follower:
             expect += 1
         for lsn, t, payload in f[2]:
             wal.append(t, payload)
+        durability.remember_replicated(f[2])
         # Written, fsynced and applied together: a stop (promotion) never leaves the log ahead of the state.
         with trio.CancelScope(shield=True):
             async with durability._write_lock:
                 await trio.to_thread.run_sync(write_and_sync, wal)
             state.standby_apply(decoded, time.time())
             state.align_lsn(wal.next_lsn - 1)
-        await stream.send_all(encode([OP_REPLICA_ACK, 0, wal.synced_lsn]))
+        await self._send(stream, encode([OP_REPLICA_ACK, 0, wal.synced_lsn]))
 
     async def _heartbeats(self, stream) -> None:
         while True:
             await trio.sleep(FOLLOWER_HEARTBEAT)
-            await stream.send_all(encode(HEARTBEAT_FRAME))
+            await self._send(stream, encode(HEARTBEAT_FRAME))
+
+    async def _send(self, stream, data: bytes) -> None:
+        async with self._send_lock:
+            await stream.send_all(data)
 
 
 async def _refuse(conn, rid: int | None, code: str, message: str) -> str:
