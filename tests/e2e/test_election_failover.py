@@ -11,7 +11,6 @@ import time
 
 import pytest
 
-from tests.support.broker import ROOT
 from tests.support.etcd import (
     EtcdProcess,
     elected_broker,
@@ -24,9 +23,6 @@ from tests.support.etcd import (
 
 pytestmark = [
     pytest.mark.skipif(etcd_binary() is None, reason="etcd is not installed (apt-get install etcd-server; .ci/run does it)"),
-    pytest.mark.skipif(not (ROOT / "broker" / "runtime" / "roles.py").exists(),
-                       reason="needs the replication roles (broker/runtime/roles.py, issue 16's standby slice) that "
-                              "--election promotes and fences; runs once they are merged"),
 ]
 TTL = 2  # seconds: the lease; a dead leader is replaced within about this long
 WAIT = 20.0  # seconds: the bound on every wait here (a loaded CI box)

@@ -16,13 +16,10 @@ import itertools
 import pytest
 
 from bench.failover_soak import Soak
-from tests.support.broker import ROOT
 from tests.support.etcd import etcd_binary
 
 pytestmark = [
     pytest.mark.skipif(etcd_binary() is None, reason="etcd is not installed (apt-get install etcd-server; .ci/run does it)"),
-    pytest.mark.skipif(not (ROOT / "broker" / "runtime" / "election.py").exists(),
-                       reason="needs the etcd election (broker/runtime/election.py)"),
 ]
 KILLS = 3  # kill -9 of the leader, each restarted: later kills meet leaders that followed, and restarted ones
 TTL = 2  # seconds: the election lease

@@ -140,6 +140,7 @@ def test_hello_without_a_map_is_a_bad_request():
 @pytest.mark.parametrize("version, shown", [
     (3, "3"), (0, "0"), ("1", "a str"), (None, "a NoneType"), (True, "a bool"),
     ([], "[]"), ([3, 7], "[3, 7]"), ([1.0], "[1.0]"), (list(range(17)), repr(list(range(17)))),
+    ([[2]], "[[2]]"), ([2, [1]], "[2, [1]]"), (2**70, str(2**70)), ({"v": 2}, "a dict"),  # nested, huge, wrong shape
 ])
 def test_a_version_the_server_does_not_speak_is_refused(version, shown):
     err = refusal(wire.PREAMBLE + frame(wire.OP_HELLO, 1, {"version": version}))
