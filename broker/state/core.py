@@ -68,6 +68,10 @@ NEVER = float("inf")
 RECALL_INTERVAL = 0.1
 
 
+def _queue_name(q) -> str:
+    return q.name
+
+
 class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, ReplayMixin, InspectionMixin,
                   ExchangesMixin, UniqueMixin, FlowMixin, SpillMixin):
     def __init__(self, *, boot_id: str = "b"):
@@ -678,7 +682,9 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         queue happened to be woken first."""
         consumers = []
         seen = set()
-        for q in queues:
+        # the queues come as a set (ordered by object address): go by name, so the
+        # same steps hand out the same messages in every run and on every replica
+        for q in sorted(queues, key=_queue_name) if len(queues) > 1 else queues:
             for c in q.consumers:
                 if id(c) not in seen:
                     seen.add(id(c))

@@ -267,7 +267,7 @@ class FlowMixin:
                 g.next_free = now + g.interval
             if g.parked:
                 self._schedule_release(g)  # an earlier entry may be on the heap too: harmless
-        for q in self._flow_take_woke():
+        for q in sorted(self._flow_take_woke(), key=lambda q: q.name):  # by name: the same order every run
             self._dispatch_queue(q, now)
         return {"kind": kind, "name": name, "limit": text, "previous": prev}
 
