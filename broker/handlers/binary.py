@@ -13,7 +13,7 @@ import math
 import cbor2
 
 from broker.errors import BadRequest, BrokerError
-from broker.state.dedupe import check_dedupe_key
+from broker.state.dedupe import MAX_DEDUPE_KEY, check_dedupe_key
 from client.wire import (
     CLIENT_OPS,
     OP_ACK,
@@ -124,6 +124,12 @@ def _storable(value, what: str, op: str) -> None:
         raise BadRequest(f"{op} {what} cannot be stored: {exc}") from None
 
 
+def _plain_key(key) -> bool:
+    """A ``dedupe`` key that is valid at a glance: ASCII text of 1 to MAX_DEDUPE_KEY characters
+    (so as many bytes; ``isascii`` is O(1)).  Anything else goes through check_dedupe_key."""
+    return type(key) is str and key.isascii() and 0 < len(key) <= MAX_DEDUPE_KEY
+
+
 def h_publish(state, conn, rid, f, now):
     # [2, rid, queue, body, id|null, priority, options|null]
     n = len(f)
@@ -140,6 +146,12 @@ def h_publish(state, conn, rid, f, now):
         return ok_frame(rid, state.publish(conn, queue, body, msg_id, priority, now))
     if type(opts) is not dict:
         raise BadRequest("PUBLISH field 6 (options) must be a map or null")
+    if len(opts) == 1 and "dedupe" in opts:
+        # What brokerd's SDK sends with every publish (its resend key, §5.2): no option to parse.
+        dedupe = opts["dedupe"]
+        if dedupe is not None and not _plain_key(dedupe):
+            check_dedupe_key(dedupe)  # raises, naming what is wrong; passes a non-ASCII key that fits
+        return ok_frame(rid, state.publish(conn, queue, body, msg_id, priority, now, dedupe=dedupe))
     for k in opts:
         if k not in PUBLISH_OPTIONS:
             raise BadRequest(f"unknown PUBLISH option {k!r}; known options: {', '.join(PUBLISH_OPTIONS)}")
@@ -194,22 +206,33 @@ def h_publish_batch(state, conn, rid, f, now):
                              f"(got {type(item).__name__}); nothing was stored")
     publish = state.publish
     results = None  # stays None while every item is stored under the id it gave
-    for i, item in enumerate(items):
-        n = len(item)
-        try:
-            if n == 5 and item[4] is None and type(item[0]) is str and type(item[1]) is bytes \
-                    and type(item[2]) is str:
-                # the hot path: a plain publish with its own id (the SDK's), as h_publish does it
-                result = publish(conn, item[0], item[1], item[2], item[3] if item[3] is not None else 0, now)
-            else:
-                result = h_publish(state, conn, rid, [OP_PUBLISH, rid, *item], now)[2]
-        except BrokerError as exc:
-            result = [exc.code, f"item {i}: {exc.message}"]
-        if results is None:
-            if type(result) is str and n > 2 and result == item[2]:
-                continue
-            results = [item[2] for item in items[:i]]  # every earlier item was stored under its id
-        results.append(result)
+    state.hold_dispatch()  # each queue dispatched once after the plain items, not once per item
+    try:
+        for i, item in enumerate(items):
+            n = len(item)
+            try:
+                if n == 5 and type(item[0]) is str and type(item[1]) is bytes and type(item[2]) is str and (
+                        (opts := item[4]) is None
+                        or (type(opts) is dict and len(opts) == 1 and _plain_key(key := opts.get("dedupe")))):
+                    # the hot path: a plain publish with its own id and at most its resend key (the
+                    # SDK's), as h_publish does it
+                    result = publish(conn, item[0], item[1], item[2], item[3] if item[3] is not None else 0,
+                                     now, dedupe=None if opts is None else key)
+                else:
+                    # An item with options (a unique key freed when started, a delay...) sees the
+                    # deliveries of the items before it made, as one PUBLISH after another would.
+                    state.release_dispatch(now)
+                    result = h_publish(state, conn, rid, [OP_PUBLISH, rid, *item], now)[2]
+                    state.hold_dispatch()
+            except BrokerError as exc:
+                result = [exc.code, f"item {i}: {exc.message}"]
+            if results is None:
+                if type(result) is str and n > 2 and result == item[2]:
+                    continue
+                results = [item[2] for item in items[:i]]  # every earlier item was stored under its id
+            results.append(result)
+    finally:
+        state.release_dispatch(now)
     return ok_frame(rid, results)
 
 

@@ -112,6 +112,7 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         self._recall_idle: dict = {}
         self._recall_due = NEVER
         self._replaying = False
+        self._held = None  # queues whose dispatch waits for release_dispatch (PUBLISH_BATCH)
         self._server_stats = dict  # no runtime attached: no bounds to report
 
     # -- plumbing ------------------------------------------------------------
@@ -309,54 +310,64 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         if msg_id is not None and (type(msg_id) is not str or not msg_id or len(msg_id) > MAX_MESSAGE_ID):
             raise BadRequest(f"a message id must be a text string of 1 to {MAX_MESSAGE_ID} characters")
         q = self.queues.get(queue) or self.queue(queue)
-        # What the headers ask of flow control (protocol.md §5.2.1), checked before anything changes.
-        flow = flow_tag(headers) if headers is not None else None
-        if flow is not None:
-            self._flow_check(flow)
-        ready_at = None
-        if delay is not None:
-            if delay > 0:
-                ready_at = now + delay
-        elif eta is not None and eta > now:
-            ready_at = eta
-        expires = now + ttl if ttl is not None else None
-        if q.options.max_length is not None and q.length >= q.options.max_length:
+        plain = headers is None and delay is None and ttl is None and (eta is None or eta <= now)
+        if plain:
+            flow = ready_at = expires = None  # what most publishes are: nothing more to look at
+        else:
+            # What the headers ask of flow control (protocol.md §5.2.1), checked before anything changes.
+            flow = flow_tag(headers) if headers is not None else None
+            if flow is not None:
+                self._flow_check(flow)
+            ready_at = None
+            if delay is not None:
+                if delay > 0:
+                    ready_at = now + delay
+            elif eta is not None and eta > now:
+                ready_at = eta
+            expires = now + ttl if ttl is not None else None
+        max_length = q.options.max_length
+        if max_length is not None and q.length >= max_length:
             if q.options.overflow == "reject":
                 q.rejected += 1
                 raise QueueFull(
-                    f"queue {q.name!r} is full ({q.options.max_length} messages, overflow=reject); "
+                    f"queue {q.name!r} is full ({max_length} messages, overflow=reject); "
                     "retry later or raise max_length")
             self._drop_head(q, now)
-        seq = self._next_seq()
+        log = self.log_enabled
+        # The seq is the LSN of the PUBLISH record logged below (_next_seq says why).
+        seq = self.last_lsn + 1 if log else next(self._seq)
         own_id = msg_id is None
         if own_id:
             msg_id = self._id_prefix + str(seq)
-        if ready_at is None and expires is None and headers is None and q.ready_count >= PACK_AFTER:
+        if plain and q.ready_count >= PACK_AFTER:
             # A plain message behind a backlog: packed into its queue's arrays, no object made.
             q.published += 1
-            if self.log_enabled:
-                self.last_lsn += 1  # == seq
-                payload = [seq, q.name, msg_id, body, priority, None, 0, None, None, now]
-                if dedupe is not None:
-                    payload.append(dedupe)  # the 11th item: replay rebuilds the window from it
-                self.records.append((R.PUBLISH, payload))
+            if log:
+                self.last_lsn = seq
+                if dedupe is None:
+                    self.records.append((R.PUBLISH, [seq, q.name, msg_id, body, priority, None, 0, None, None, now]))
+                else:  # the 11th item: replay rebuilds the window from it
+                    self.records.append(
+                        (R.PUBLISH, [seq, q.name, msg_id, body, priority, None, 0, None, None, now, dedupe]))
             if dedupe is not None:
                 self.dedupe.remember(dedupe, msg_id, now, now)
             q.push_plain(seq, msg_id, own_id, body, priority, now, self._id_prefix)
             if q.consumers and not q.paused:
-                self._dispatch_queue(q, now)
+                self._dispatch_or_hold(q, now)
             return msg_id
         msg = Message(seq, msg_id, q, body, priority, headers, 0, ready_at, expires, now)
         if flow is not None:
             msg.flow = flow
             self._flow_publish(q, flow)
         q.published += 1
-        if self.log_enabled:
-            self.last_lsn += 1  # == seq
-            payload = R.message_payload(msg)
-            if dedupe is not None:
-                payload.append(dedupe)  # the 11th item: replay rebuilds the window from it
-            self.records.append((R.PUBLISH, payload))
+        if log:
+            self.last_lsn = seq
+            if dedupe is None:
+                self.records.append((R.PUBLISH, [seq, q.name, msg_id, body, priority, headers, 0, ready_at, expires, now]))
+            else:  # the 11th item: replay rebuilds the window from it
+                self.records.append(
+                    (R.PUBLISH, [seq, q.name, msg_id, body, priority, headers, 0, ready_at, expires, now, dedupe]))
+            # (R.message_payload(msg) in full, written out: one call fewer per publish)
         if dedupe is not None:
             self.dedupe.remember(dedupe, msg_id, now, now)
         if expires is not None:
@@ -368,8 +379,35 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         else:
             q.push_ready(msg)
             if q.consumers and not q.paused:
-                self._dispatch_queue(q, now)
+                self._dispatch_or_hold(q, now)
         return msg_id
+
+    def _dispatch_or_hold(self, q: Queue, now: float) -> None:
+        """Dispatch ``q`` after a publish, or, inside ``hold_dispatch``, once at its end."""
+        held = self._held
+        if held is None or q.options.max_length is not None:
+            # (a queue with max_length is dispatched at once, as one PUBLISH would: a consumer
+            # with credit drains it, so a batch is never refused where single publishes were not)
+            self._dispatch_queue(q, now)
+        else:
+            held[q] = None
+
+    def hold_dispatch(self) -> None:
+        """PUBLISH_BATCH's plain items: dispatch each queue once after them (``release_dispatch``),
+        not once per publish.  The same messages go to the same consumers in the same order
+        (FIFO within a priority) as one by one, logged as one DELIVER record per queue instead of
+        one per message."""
+        self._held = {}
+
+    def release_dispatch(self, now: float) -> None:
+        """End ``hold_dispatch``: dispatch the queues published to since, in the order of their
+        first publish."""
+        held = self._held
+        self._held = None
+        if held:
+            for q in held:
+                if q.consumers and not q.paused:
+                    self._dispatch_queue(q, now)
 
     def _drop_head(self, q: Queue, now: float) -> None:
         msg = q.pop_ready()

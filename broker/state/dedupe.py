@@ -33,6 +33,7 @@ DEDUPE_WINDOW = 100_000  # keys
 # election and a producer that reconnects late.
 DEDUPE_SECONDS = 300.0  # seconds
 MAX_DEDUPE_KEY = 255  # bytes of UTF-8; the SDK's keys are ~20 ("<12 hex>-<n>")
+NEVER = float("inf")
 
 
 def check_dedupe_key(key) -> None:
@@ -42,16 +43,27 @@ def check_dedupe_key(key) -> None:
         raise BadRequest(f"PUBLISH option 'dedupe' is longer than {MAX_DEDUPE_KEY} bytes of UTF-8")
 
 
+# Expiry runs in batches: at most once per this many seconds of the clock ``remember`` is given,
+# and then forgets every key past the window at once.  Per publish that is one comparison instead
+# of a look at the oldest key (the window's cost was ~15 % of the broker's publish path, measured
+# with bench/w1_profile.py).  A key may so be held up to this much past DEDUPE_SECONDS; ``seen``
+# checks a key's own age, so an expired key is never answered from the window.
+DEDUPE_EXPIRE_EVERY = 1.0  # seconds
+
+
 class DedupeWindow:
     """key -> (message id, when), oldest first; bounded by ``limit`` keys and ``seconds``."""
 
-    __slots__ = ("limit", "seconds", "_keys", "dropped")
+    __slots__ = ("limit", "seconds", "_keys", "dropped", "_due")
 
     def __init__(self, limit: int = DEDUPE_WINDOW, seconds: float = DEDUPE_SECONDS):
         self.limit = limit
         self.seconds = seconds
+        # An OrderedDict, not a dict: forgetting from the oldest end of a plain dict leaves
+        # holes its iteration walks over (O(forgotten) per look at the first key).
         self._keys: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self.dropped = 0  # resends answered from the window (STATS-worthy)
+        self._due = NEVER  # when the oldest key leaves the window (then expiry runs)
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -70,18 +82,26 @@ class DedupeWindow:
     def remember(self, key: str, msg_id: str, at: float, now: float) -> None:
         """A publish with ``key`` stored ``msg_id`` at ``at`` (replay passes the record's time)."""
         keys = self._keys
+        n = len(keys)
         keys[key] = (msg_id, at)
-        keys.move_to_end(key)
-        if len(keys) > self.limit:
+        if len(keys) == n:  # the key was there (replay of a log that holds it twice): now newest
+            keys.move_to_end(key)
+        elif n >= self.limit:
             keys.popitem(last=False)
-        self._expire(now)
+        elif not n:
+            self._due = at + self.seconds
+        if now >= self._due:
+            self._expire(now)
 
     def _expire(self, now: float) -> None:
-        """Forget keys older than the window: O(expired), from the oldest end."""
+        """Forget keys older than the window: O(expired), from the oldest end; the next run is
+        due when the (new) oldest key leaves, and not before DEDUPE_EXPIRE_EVERY from now."""
         keys = self._keys
         horizon = now - self.seconds
         while keys:
             k, (_, at) = next(iter(keys.items()))
             if at > horizon:
+                self._due = max(at + self.seconds, now + DEDUPE_EXPIRE_EVERY)
                 return
             del keys[k]
+        self._due = NEVER

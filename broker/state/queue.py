@@ -95,8 +95,11 @@ PACK_ENTRIES = 1024
 # A queue packs what it is given only past this many ready messages: a short queue (consumers
 # keeping up) keeps objects, so a message that leaves at once is never packed and unpacked
 # (~2-4 us a message more, measured in-process on a busy 2-core machine), and what a short queue
-# holds as objects is bounded by this (~300 B each).
-PACK_AFTER = 64
+# holds as objects is bounded by this (~300 B each, so ~75 KiB a queue).  256, not 64: a
+# PUBLISH_BATCH's items are dispatched after the whole batch (BrokerState.hold_dispatch), and the
+# SDK's batches are ~100 publishes, which a consumer with credit takes at once: they must not
+# be packed on the way in and unpacked on the way out.
+PACK_AFTER = 256
 PACK_BYTES = 1 << 20
 SPILL_NEVER = 1 << 62  # a body size no message reaches: spilling by size is off
 PEEK_READ = 64  # entries of a spilled block read back at a time by iteration (not delivery)

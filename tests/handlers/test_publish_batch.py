@@ -138,3 +138,46 @@ def test_a_malformed_batch_needs_publish_on_some_queue_and_reveals_nothing(field
     f = [wire.OP_PUBLISH_BATCH, 1] + ([] if field is None else [field])
     assert ("publish", None) in auth.required(f)
     assert auth.check(user(consume=["*"]), f).kind == "publish"
+
+
+def _log_of(s, rtype):
+    from broker.state import log_records as R
+
+    return [p for t, p in s.take_records() if t == getattr(R, rtype)]
+
+
+def test_a_batch_is_dispatched_once_after_its_plain_items_in_order_with_one_deliver_record(s):
+    # A consumer with credit waits: the batch's messages all reach it, in order, and the log
+    # gets one DELIVER record for the batch, not one per message (hold_dispatch).
+    s.connect(2)
+    s.enable_log()
+    s.consume(2, ["q"], 1000, 0.0)
+    items = [["q", b"%d" % i, f"m{i}", 0, {"dedupe": f"k{i}"} if i % 2 else None] for i in range(100)]
+    assert handle(s, 1, batch(3, *items), 1.0) == [wire.OP_OK, 3, None]
+    got = [f[4] for f in s.take_outbox()[2] if f[0] == wire.OP_DELIVER]
+    assert got == [f"m{i}" for i in range(100)]
+    delivers = _log_of(s, "DELIVER")
+    assert len(delivers) == 1 and len(delivers[0]) == 100
+
+
+def test_a_batch_into_a_bounded_queue_with_a_waiting_consumer_refuses_nothing(s):
+    # max_length counts what waits: with a consumer taking each message at once, a batch
+    # larger than the bound is stored whole, as the same publishes one by one would be.
+    s.connect(2)
+    s.declare("tiny", {"max_length": 2}, 0.0)
+    s.consume(2, ["tiny"], 1000, 0.0)
+    items = [["tiny", b"x", f"m{i}", 0, None] for i in range(10)]
+    assert handle(s, 1, batch(4, *items), 1.0) == [wire.OP_OK, 4, None]
+    assert s.queues["tiny"].ready_count == 0 and s.queues["tiny"].rejected == 0
+
+
+def test_an_item_with_options_sees_the_deliveries_of_the_items_before_it(s):
+    # "until started" frees a unique key at the first delivery: the unique item after a plain
+    # one in the same batch finds the earlier unique message delivered, as one by one.
+    s.connect(2)
+    s.consume(2, ["q"], 1000, 0.0)
+    reply = handle(s, 1, batch(5, ["q", b"a", "u1", 0, {"unique_key": "k", "unique_until": "started"}],
+                              ["q", b"b", "m2", 0, None],
+                              ["q", b"c", "u3", 0, {"unique_key": "k", "unique_until": "started"}]), 1.0)
+    assert reply[2][2] == {"id": "u3", "duplicate": False}, reply
+    assert [f[4] for f in s.take_outbox()[2] if f[0] == wire.OP_DELIVER] == ["u1", "m2", "u3"]

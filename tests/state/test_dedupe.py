@@ -138,3 +138,49 @@ def test_a_publish_packed_behind_a_backlog_keeps_its_key_live_and_after_replay(s
     fresh.enable_log()
     assert publish(fresh, "m1", "p-1", t=3.0) == "m1"
     assert fresh.queues["q"].published == PACK_AFTER + 1
+
+
+def test_expiry_runs_in_batches_yet_an_old_key_is_never_answered():
+    # Forgetting is amortised (DEDUPE_EXPIRE_EVERY): a publish does not look at the oldest key
+    # each time, so a key past the window may still be held for a moment; ``seen`` checks its
+    # own age, so it is never answered from the window.
+    from broker.state.dedupe import DEDUPE_EXPIRE_EVERY
+
+    w = DedupeWindow(limit=100, seconds=10.0)
+    w.remember("k0", "m0", 0.0, 0.0)
+    w.remember("k1", "m1", 0.5, 0.5)
+    w.remember("k2", "m2", 10.2, 10.2)  # k0 is due: a batch runs and forgets it
+    assert len(w) == 2
+    w.remember("k3", "m3", 10.6, 10.6)  # k1 is past the window too, but the next batch is not due yet
+    assert len(w) == 3
+    assert w.seen("k1", 10.6) is None  # ... and it is not answered: its own age says so
+    assert w.seen("k2", 10.6) == "m2"
+    w.remember("k4", "m4", 10.2 + DEDUPE_EXPIRE_EVERY, 10.2 + DEDUPE_EXPIRE_EVERY)  # the next batch
+    assert len(w) == 3 and w.seen("k3", 11.3) == "m3"
+
+
+def test_a_key_remembered_twice_by_replay_is_the_newest_and_the_count_bound_holds():
+    w = DedupeWindow(limit=2, seconds=100.0)
+    w.remember("a", "m1", 0.0, 0.0)
+    w.remember("b", "m2", 1.0, 1.0)
+    w.remember("a", "m1", 2.0, 2.0)  # a log that holds the key twice: "a" is now the newest
+    w.remember("c", "m3", 3.0, 3.0)  # over the limit: the oldest ("b") goes, not "a"
+    assert len(w) == 2 and w.seen("b", 3.0) is None and w.seen("a", 3.0) == "m1"
+
+
+@pytest.mark.parametrize("key", ["k" * 255, "é" * 127, "клавиша-1"])
+def test_a_batch_item_with_a_valid_key_of_any_text_is_stored_once(s, key):
+    from client.wire import OP_PUBLISH_BATCH
+
+    item = ["q", b"x", "m1", 0, {"dedupe": key}]
+    assert handle(s, P, [OP_PUBLISH_BATCH, 1, [item, item]], 0.0)[2] is None  # both under "m1"
+    assert ids(s) == ["m1"]  # the second is the resend
+
+
+@pytest.mark.parametrize("key", ["", "k" * 256, "é" * 128, 7])
+def test_a_batch_item_with_a_hostile_key_is_refused_alone(s, key):
+    from client.wire import OP_PUBLISH_BATCH
+
+    f = handle(s, P, [OP_PUBLISH_BATCH, 1, [["q", b"x", "m1", 0, {"dedupe": key}], ["q", b"y", "m2", 0, None]]], 0.0)
+    assert f[2][0][0] == "BAD_REQUEST" and "'dedupe'" in f[2][0][1], f
+    assert f[2][1] == "m2" and ids(s) == ["m2"]
