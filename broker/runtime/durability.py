@@ -137,31 +137,62 @@ class Durability:
         Each record is encoded whole before ``append``, which adds all of a
         record or none of it; a MemoryError leaves that record and the ones
         after it in the backlog (the writer retries), never half a record.
+
+        The hot path of every change (one pass per record): names are bound once per batch
+        and the replication tail (``_remember``) is kept inline while its lsns are consecutive.
         """
         backlog = self._backlog
         wal = self.wal
-        while backlog:
-            t, payload = backlog[0]
-            try:
-                data = _encode_record(t, payload)
-                wal.append(t, data)
-            except MemoryError:
-                if not self._memory_warned:
-                    self._memory_warned = True
-                    log.warning(
-                        "out of memory appending to the log; %d records wait in order, their replies held, "
-                        "and are retried", len(backlog),
-                    )
-                self._wake.set()
-                return True
-            except WalFailed as exc:
-                self._fail(exc)
-                return False
-            backlog.popleft()
-            self._remember(wal.next_lsn - 1, t, data)
-            if t == R.PUBLISH:
-                self._publish_bytes += len(data)
-                self._publishes += 1
+        append = wal.append
+        dumps = cbor2.dumps
+        recent = self.recent
+        publish = R.PUBLISH
+        publish_bytes = publishes = 0
+        tail_bytes = 0
+        next_in_tail = recent[-1][0] + 1 if recent else None
+        try:
+            while backlog:
+                t, payload = backlog[0]
+                try:
+                    try:
+                        data = dumps(payload)
+                    except MemoryError:
+                        raise
+                    except Exception:
+                        data = _encode_record(t, payload)  # logs it, writes it all the same
+                    lsn = append(t, data)
+                except MemoryError:
+                    if not self._memory_warned:
+                        self._memory_warned = True
+                        log.warning(
+                            "out of memory appending to the log; %d records wait in order, their replies held, "
+                            "and are retried", len(backlog),
+                        )
+                    self._wake.set()
+                    return True
+                except WalFailed as exc:
+                    self._fail(exc)
+                    return False
+                backlog.popleft()
+                if lsn == next_in_tail or next_in_tail is None:
+                    recent.append((lsn, t, data))
+                    tail_bytes += len(data)
+                    next_in_tail = lsn + 1
+                else:
+                    self._recent_bytes += tail_bytes
+                    tail_bytes = 0
+                    self._remember(lsn, t, data)  # not the next lsn: it starts the tail over
+                    next_in_tail = lsn + 1
+                if t == publish:
+                    publish_bytes += len(data)
+                    publishes += 1
+        finally:
+            self._publish_bytes += publish_bytes
+            self._publishes += publishes
+            if tail_bytes:
+                self._recent_bytes += tail_bytes
+                while self._recent_bytes > self.RECENT_BYTES and len(recent) > 1:
+                    self._recent_bytes -= len(recent.popleft()[2])
         self._memory_warned = False
         if lsn_disagrees := (wal.next_lsn - 1 != self.state.last_lsn):
             # A bug, not a disk fault: stop promising rather than crash brokerd.
