@@ -228,6 +228,8 @@ def main(argv=None):
     ap.add_argument("--broker-args", default="", help='extra brokerd flags, e.g. --broker-args="--fsync never"')
     ap.add_argument("--worker-loglevel", default="warning", help="worker --loglevel (default warning: no per-task lines)")
     ap.add_argument("--profile", metavar="DIR", help="cProfile the worker's main thread into DIR/worker-<pool>.prof")
+    ap.add_argument("--profile-broker", metavar="FILE",
+                    help="run brokerd under cProfile, its profile written to FILE when it stops (SIGTERM)")
     ap.add_argument("--events-cost", type=int, default=0, metavar="R",
                     help="also run each pool R times with and R times without task events (--no-task-events)")
     a = ap.parse_args(argv)
@@ -236,7 +238,21 @@ def main(argv=None):
     print(f"brokerd bench/tasks.py: python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
           f"broker args {a.broker_args or 'none'}")
     with tempfile.TemporaryDirectory(prefix="brokerd-bench-") as tmp:
-        broker = Broker(shlex.split(a.broker_args), os.path.join(tmp, "data"))
+        if a.profile_broker:
+            # BrokerProcess runs ``sys.executable -m broker ...``: for this one start, a wrapper
+            # that runs the same interpreter under cProfile (stopped by SIGTERM, so it is written).
+            wrapper = os.path.join(tmp, "python-cprofile")
+            with open(wrapper, "w") as fh:
+                fh.write(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m cProfile '
+                         f'-o {shlex.quote(os.path.abspath(a.profile_broker))} "$@"\n')
+            os.chmod(wrapper, 0o755)
+            real, sys.executable = sys.executable, wrapper
+            try:
+                broker = Broker(shlex.split(a.broker_args), os.path.join(tmp, "data"))
+            finally:
+                sys.executable = real
+        else:
+            broker = Broker(shlex.split(a.broker_args), os.path.join(tmp, "data"))
         app.conf.broker_url = broker.address
         try:
             rates = enqueue_rates(a.n, a.confirmed)
