@@ -333,8 +333,20 @@ def h_resume(state, conn, rid, f, now):
     return ok_frame(rid)
 
 
+# Values that always encode (no map or list inside to look at): RESULT_SET skips _storable for them.
+_SCALARS = (type(None), str, bytes, bool, int, float)
+
+
 def h_result_set(state, conn, rid, f, now):
     # [18, rid, task_id, state, value, meta|null, {ttl, tag}|null]
+    if len(f) == 7 and f[5] is None and type(f[2]) is str and type(f[3]) is str and type(f[4]) in _SCALARS:
+        # What the worker sends for a task's outcome: a plain value, no meta, maybe its delivery's tag.
+        opts = f[6]
+        if opts is None:
+            return ok_frame(rid, state.result_set(conn, f[2], f[3], f[4], None, now))
+        if type(opts) is dict and len(opts) == 1 and type(tag := opts.get("tag")) is int \
+                and INT_MIN <= tag <= INT_MAX:
+            return ok_frame(rid, state.result_set(conn, f[2], f[3], f[4], None, now, tag=tag))
     task_id = _arg(f, 2, "task id", (str,), "RESULT_SET")
     st = _arg(f, 3, "state", (str,), "RESULT_SET")
     value = f[4] if len(f) > 4 else None

@@ -152,3 +152,25 @@ def test_a_rejected_result_is_final_and_wakes_its_waiters(s):
     s.result_set(W, "t-rej", "REJECTED", None, meta, 1.0)
     assert s.take_outbox() == {C: [[wire.OP_OK, 7, {"id": "t-rej", "state": "REJECTED", "result": None, "meta": meta,
                                                      "updated": 1.0}]]}
+
+
+def test_results_expire_in_time_order_whether_their_ttls_come_in_order_or_not(s):
+    # Default-TTL results go to a FIFO (their expiries come in order), the others to a sorted
+    # list; a replaced or forgotten result's old entry is skipped at its time.
+    day = s.default_result_ttl
+    s.result_set(W, "a", "STARTED", None, None, 0.0)  # expires at day (replaced below)
+    s.result_set(W, "b", "SUCCESS", 1, None, 1.0, ttl=10)  # expires at 11: before a's
+    s.result_set(W, "a", "SUCCESS", 2, None, 5.0)  # expires at day + 5
+    s.result_set(W, "c", "SUCCESS", 3, None, 6.0)
+    s.result_forget("c", 7.0)
+    s.result_set(W, "c", "SUCCESS", 4, None, 8.0, ttl=day)  # c again, at day + 8 (the old entry is at day + 6)
+    assert s.next_wakeup() == 11.0
+    s.tick(12.0)
+    assert s.result_get(C, 1, "b", 12.0)["state"] == "PENDING"
+    s.tick(day + 1)  # a's first entry is due: a was replaced since, so it stays
+    assert s.result_get(C, 1, "a", day + 1)["result"] == 2
+    s.tick(day + 6.5)  # a's second entry and c's stale one
+    assert s.result_get(C, 1, "a", day + 6.5)["state"] == "PENDING"
+    assert s.result_get(C, 1, "c", day + 6.5)["result"] == 4
+    s.tick(day + 9)
+    assert s.result_get(C, 1, "c", day + 9)["state"] == "PENDING" and not s.results
