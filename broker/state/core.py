@@ -622,28 +622,33 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
     # -- dispatch ----------------------------------------------------------------
     def _deliver(self, c: Consumer, q: Queue, msg: Message, now: float) -> None:
         tag = next(self._tags)
-        msg.attempts += 1
+        attempts = msg.attempts = msg.attempts + 1
         msg.state = INFLIGHT
         timeout = q.options.reserve_timeout
-        deadline = now + timeout if timeout is not None else None
-        d = Delivery(tag, msg, c, c.conn, deadline)
+        cid = c.conn
+        if timeout is None:
+            d = Delivery(tag, msg, c, cid, None)
+        else:
+            deadline = now + timeout
+            d = Delivery(tag, msg, c, cid, deadline)
+            self._deadlines.add((deadline, tag))
         self.inflight[tag] = d
-        self.conns[c.conn].deliveries[tag] = d
+        self.conns[cid].deliveries[tag] = d
         c.unacked += 1
         q.inflight_count += 1
         q.delivered += 1
-        if msg.attempts > 1:
+        if attempts > 1:
             q.redelivered += 1
-        if deadline is not None:
-            self._deadlines.add((deadline, tag))
         if self.log_enabled:
             self._delivered_seqs.append(msg.seq)  # one DELIVER record per dispatch round
-        if self._unique_of and msg.attempts == 1:
+        if self._unique_of and attempts == 1:
             self._unique_event(msg.id, started=True)  # "until started": the first delivery frees it
-        self._send(
-            c.conn,
-            deliver_frame(c.tag, tag, q.name, msg.id, msg.body, msg.priority, msg.attempts, msg.headers),
-        )
+        frame = deliver_frame(c.tag, tag, q.name, msg.id, msg.body, msg.priority, attempts, msg.headers)
+        box = self.outbox.get(cid)  # send_to, written out: once per delivery
+        if box is None:
+            self.outbox[cid] = [frame]
+        else:
+            box.append(frame)
 
     def _log_deliveries(self) -> None:
         """Log the deliveries of a dispatch round as one DELIVER record.
@@ -773,22 +778,24 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
                 "or its connection closed; the message may have been redelivered)")
         del self.inflight[tag]
         del self.conns[conn_id].deliveries[tag]
-        c = d.consumer
-        c.unacked -= 1
-        d.msg.queue.inflight_count -= 1
-        if self._gated and d.msg.flow is not None and d.msg.flow.cap_key is not None:
-            self._flow_settled(d.msg)
+        d.consumer.unacked -= 1
+        msg = d.msg
+        msg.queue.inflight_count -= 1
+        if self._gated and msg.flow is not None and msg.flow.cap_key is not None:
+            self._flow_settled(msg)
         return d
 
     def ack(self, conn_id: int, tags, now: float) -> int:
         """Ack one tag or a list of tags.  Stale ones are refused, the rest applied."""
         tags = _tag_list(tags)
         stale = []
-        consumers = []
+        consumers = {}  # once each, in order: a list ACK of n tags is not n dispatches
         acked_seqs = []
+        settle = self._settle
+        unique = self._unique_of
         for tag in tags:
             try:
-                d = self._settle(conn_id, tag)
+                d = settle(conn_id, tag)
             except StaleDelivery:
                 stale.append(tag)
                 continue
@@ -796,13 +803,13 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
             msg.state = GONE
             msg.queue.acked += 1
             acked_seqs.append(msg.seq)
-            consumers.append(d.consumer)
-            if self._unique_of:
+            consumers[d.consumer] = None
+            if unique:
                 self._unique_event(msg.id, started=False)
         if acked_seqs and self.log_enabled:
             self.last_lsn += 1
             self.records.append((R.ACK, acked_seqs[0] if len(acked_seqs) == 1 else acked_seqs))
-        for c in dict.fromkeys(consumers):  # once each: a list ACK of n tags is not n dispatches
+        for c in consumers:
             if c.unacked < c.prefetch:
                 self._dispatch_consumer(c, now)
                 if c.unacked < c.slots:  # it has a free slot and nothing came: idle (recall)

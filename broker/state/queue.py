@@ -507,8 +507,9 @@ class Queue:
                 while dq:
                     msg = dq[0]
                     if type(msg) is Packed:
-                        msg = msg.popleft()  # a log read error leaves the block as it was
-                        if not dq[0]:
+                        block = msg
+                        msg = block.popleft()  # a log read error leaves the block as it was
+                        if block.head >= len(block.seqs):  # drained (len(block) without the call)
                             dq.popleft()
                             if not dq:
                                 del ready[p]
