@@ -213,7 +213,8 @@ def h_publish_batch(state, conn, rid, f, now):
             try:
                 if n == 5 and type(item[0]) is str and type(item[1]) is bytes and type(item[2]) is str and (
                         (opts := item[4]) is None
-                        or (type(opts) is dict and len(opts) == 1 and _plain_key(key := opts.get("dedupe")))):
+                        or (type(opts) is dict and len(opts) == 1 and type(key := opts.get("dedupe")) is str
+                            and key.isascii() and 0 < len(key) <= MAX_DEDUPE_KEY)):  # _plain_key, inline
                     # the hot path: a plain publish with its own id and at most its resend key (the
                     # SDK's), as h_publish does it
                     result = publish(conn, item[0], item[1], item[2], item[3] if item[3] is not None else 0,

@@ -353,7 +353,11 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
                 self.dedupe.remember(dedupe, msg_id, now, now)
             q.push_plain(seq, msg_id, own_id, body, priority, now, self._id_prefix)
             if q.consumers and not q.paused:
-                self._dispatch_or_hold(q, now)
+                held = self._held  # _dispatch_or_hold, written out
+                if held is None or max_length is not None:
+                    self._dispatch_queue(q, now)
+                else:
+                    held[q] = None
             return msg_id
         msg = Message(seq, msg_id, q, body, priority, headers, 0, ready_at, expires, now)
         if flow is not None:

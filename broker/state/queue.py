@@ -475,20 +475,19 @@ class Queue:
             return
         big = self.spill_body_bytes <= len(body)
         last = dq[-1] if dq else None
-        if (type(last) is not Packed or last.big is not big or last.data is None
-                or len(last.seqs) >= PACK_ENTRIES or len(last.data) >= PACK_BYTES):
+        if (type(last) is not Packed or last.big is not big or (data := last.data) is None
+                or len(last.seqs) >= PACK_ENTRIES or len(data) >= PACK_BYTES):
             last = Packed(self, p, prefix)
             last.big = big
             dq.append(last)
             if self.new_blocks is not None:
                 self.new_blocks.append(last)
-        data = last.data
+            data = last.data
         if own_id and last.prefix is prefix:
             data += b"\xff\xff"
         else:
             raw = mid.encode()
-            data += len(raw).to_bytes(2, "big")
-            data += raw
+            data += len(raw).to_bytes(2, "big") + raw
         data += body
         last.ends.append(len(data))
         last.seqs.append(seq)
