@@ -187,7 +187,7 @@ def brokerd_w1(n: int, fsync: str, protocol: int | None) -> tuple[float, dict]:
     from bench import core
 
     ns = argparse.Namespace(n=n, size=100, prefetch=100, window=0, rate=0, tenants=0, rate_limit="",
-                            memory=0, queue=core.QUEUE, protocol=protocol)
+                            memory=0, queue=core.QUEUE, protocol=protocol, followers=0)
     t = core.throughput(ns, ["--fsync", fsync])
     return t["end_to_end_msgs_per_s"], {"server": t["broker_cpu_s"], "producer": t["producer_cpu_s"],
                                         "consumer": t["consumer_cpu_s"]}
