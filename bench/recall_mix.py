@@ -12,7 +12,8 @@ from tests.e2e import recall_app
 from tests.support.broker import BrokerProcess
 # LONG: the long task's seconds (the issue says 30; argv[1]); SHORTS published PACE s apart, slower
 # than the one free slot runs them (10 ms each), so a wait is being held, not a queue of shorts.
-LONG, SHORTS, PACE = float(sys.argv[1]) if len(sys.argv) > 1 else 10.0, 200, 0.03
+LONG, SHORTS = float(sys.argv[1]) if len(sys.argv) > 1 else 10.0, 200
+PACE = float(sys.argv[2]) / 1000 if len(sys.argv) > 2 else 0.03  # argv[2]: ms between shorts
 d = tempfile.mkdtemp(prefix="mix-")
 b = BrokerProcess(d).start(timeout=30)
 app = recall_app.app; app.conf.broker_url = b.address; app.close()
@@ -37,7 +38,7 @@ try:
     print(f"mix: long {LONG:g} s + {SHORTS} x 10 ms shorts every {PACE*1000:.0f} ms on 2 workers -c 1 (adaptive credit)")
     print(f"  short-task wait  p50 {p(0.5):.1f} ms  p99 {p(0.99):.1f} ms  max {waits[-1]*1000:.1f} ms  (target p99 <= 20 ms)")
     print(f"  shorts published during the long task that started after it ended: {late}")
-    print(f"command: python bench/recall_mix.py {LONG:g}")
+    print(f"command: python bench/recall_mix.py {LONG:g} {PACE*1000:g}")
 finally:
     for w in ws:
         w.send_signal(signal.SIGTERM)
