@@ -1,7 +1,7 @@
 """W2's long/short mix (issue 18): two brokerd-worker processes with every default but -c 1
 (one slot each, so a held task can only wait or be recalled), credit grown on 1,500 no-op tasks,
-then SHORTS 10 ms tasks published one every PACE s twice: alone (the control: what this machine's
-load costs a short task anyway), then beside one LONG-second task.
+then SHORTS 10 ms tasks published one every PACE s beside one LONG-second task; then, the credit
+grown again, the same shorts alone (the control: what this machine's load costs a short task anyway).
 Wait of a short task = its start - its publish (wall clock, one machine).  Reports p50/p99/max
 wait of both phases against the target p99 <= 2 x 10 ms, and how many shorts the broker handed the
 long task's worker while it ran (each one waits there for a RECALL round trip: the thing the
@@ -34,6 +34,11 @@ def shorts():
     return [(t, *r.get(timeout=120), r.id) for t, r in sent]
 
 
+def grow():
+    """1,500 no-op tasks: the adaptive credit grows past the one slot (x64 at most)."""
+    [r.get(timeout=120) for r in [recall_app.noop.apply_async(queue=q) for _ in range(1500)]]
+
+
 def handed_back(runs):
     """How many were given back unstarted (a RECALL answered): their task events say so."""
     time.sleep(0.2)  # task events leave a worker up to 50 ms late (client/worker/events.py)
@@ -53,18 +58,19 @@ try:
         ws.append(subprocess.Popen([sys.executable, "-m", "client.worker_cli", "tests.e2e.recall_app:app", "-b", b.address,
                                     "-Q", q, "-n", f"w{i}@mix", "-l", "warning", "-c", "1"], cwd=ROOT,
                                    env=dict(os.environ, PYTHONPATH=ROOT), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
-    [r.get(timeout=120) for r in [recall_app.noop.apply_async(queue=q) for _ in range(1500)]]
-    alone = shorts()
+    grow()
     lg = recall_app.long_where.apply_async((LONG,), queue=q)
     time.sleep(0.2)  # the long task starts on one worker
     mixed = shorts()
     t0, t1, where = lg.get(timeout=LONG + 120)
+    grow()  # 10 ms tasks alone bring the credit down: grow it again for the control
+    alone = shorts()
     # a short sent 0.5 s or more before the long one ended, and started only after it: held behind it
     late = sum(1 for t, s, *_ in mixed if s >= t1 and t < t1 - 0.5)
     print(f"mix: {SHORTS} x 10 ms shorts every {PACE*1000:.0f} ms on 2 workers -c 1 (adaptive credit), "
-          f"alone then beside a {LONG:g} s task  (target p99 <= 20 ms beside it)")
-    report("alone (control)", alone)
+          f"beside a {LONG:g} s task, then alone  (target p99 <= 20 ms beside it)")
     report(f"beside {LONG:g} s  ", mixed)
+    report("alone (control)", alone)
     print(f"  beside it: shorts that started only after it ended: {late}; handed to its worker and "
           f"given back (RECALL): {handed_back(mixed)}; alone: given back {handed_back(alone)}")
     print(f"command: python bench/recall_mix.py {LONG:g} {PACE*1000:g}")
