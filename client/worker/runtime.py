@@ -591,8 +591,8 @@ class Worker:
         running task becomes long (its slot wants nothing waiting: client.worker.credit), or a
         change CREDIT_INTERVAL held back is due.  None: nothing to wait for."""
         credit = self.credit
-        if credit is None or not self.running or self._consumer is None:
-            return None
+        if credit is None or not self.running or self._consumer is None or self._channel is None:
+            return None  # (without a channel flush sends nothing: no timer, or the loop would spin)
         now = time.time()
         busy, cross = self._busy_long(now, credit.long_after())
         w = credit.wait(time.monotonic(), busy)
