@@ -592,11 +592,14 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         for q in touched:
             if q.paused:
                 continue
-            for c in q.consumers:  # idle ones first: that is what the release was for
-                if c.slots and c.unacked < c.slots and q.ready_count:
-                    self._dispatch_consumer(c, now)
-                    c.fed = True
+            # Free slots first (what the release was for), at most one message per free slot, so
+            # one idle consumer does not take past its slots what another idle one asked for;
+            # _dispatch_queue's first pass does that.  An idle one fed here may ask again at once.
+            idle = [(c, c.unacked) for c in q.consumers if c.unacked < c.slots]
             self._dispatch_queue(q, now)
+            for c, held in idle:
+                if c.unacked > held:
+                    c.fed = True
         if self._flow_woke:
             self._dispatch_many(self._flow_take_woke(), now)
         if stale:
@@ -859,6 +862,10 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         elif not self._over_attempts(msg, now):
             self._requeue(msg, now, None, headers is not None)
         c = d.consumer
+        if q.slotted and msg.state == READY:
+            # To a free slot first (the nacker's own, or another consumer's): not back behind
+            # what the nacker still runs while another consumer of q sits idle.
+            self._dispatch_queue(q, now)
         if c.unacked < c.prefetch:
             self._dispatch_consumer(c, now)
         if msg.state == READY:

@@ -132,6 +132,10 @@ def _loop(w) -> None:
         timeout = w.events.wait(now, min(timeout, beat) if timeout is not None else beat)
         # Send what this turn buffered (results, acks, nacks, events): one write for the batch.
         w.flush()
+        # The adaptive credit's timer: a running task becoming long lowers the credit (credit.py).
+        cw = w.credit_wait()
+        if cw is not None:
+            timeout = cw if timeout is None else min(timeout, cw)
         # Sleep until a child writes, a delivery or signal arrives, or a timer is due.
         w.sleeping = True
         if inbox:

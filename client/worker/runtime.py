@@ -559,8 +559,9 @@ class Worker:
             return
         try:
             credit = self.credit
-            if credit is not None and self._consumer is not None and credit.runtime is not None:
-                new = credit.due(time.monotonic())
+            if credit is not None and self._consumer is not None:
+                busy = self._busy_long(time.time(), credit.long_after())[0] if self.running else 0
+                new = credit.due(time.monotonic(), busy) if busy or credit.runtime is not None else None
                 if new is not None:
                     self.prefetch = new
                     ch.credit(self._consumer, new)
@@ -570,6 +571,35 @@ class Worker:
             ch.flush()
         except BrokerdError:
             pass
+
+    def _busy_long(self, now: float, limit: float):
+        """(slots running a task for longer than ``limit`` seconds, wall time at which the next
+        running task will have), oldest first: ``running`` is in the order jobs were handed out,
+        so the walk stops at the first task that is not long yet."""
+        busy = 0
+        for job in self.running.values():
+            t = job.started
+            if t is None:
+                continue  # queued in a process behind another (batched): not a slot of its own
+            if now - t < limit:
+                return busy, t + limit
+            busy += 1
+        return busy, None
+
+    def credit_wait(self) -> float | None:
+        """Seconds the main loop may sleep before the adaptive credit needs another look: a
+        running task becomes long (its slot wants nothing waiting: client.worker.credit), or a
+        change CREDIT_INTERVAL held back is due.  None: nothing to wait for."""
+        credit = self.credit
+        if credit is None or not self.running or self._consumer is None or self._channel is None:
+            return None  # (without a channel flush sends nothing: no timer, or the loop would spin)
+        now = time.time()
+        busy, cross = self._busy_long(now, credit.long_after())
+        w = credit.wait(time.monotonic(), busy)
+        if cross is not None:
+            c = max(0.0, cross - now)
+            w = c if w is None else min(w, c)
+        return w
 
     def beat_if_due(self, now: float) -> float:
         """Send a worker-heartbeat when due; return seconds until the next one."""

@@ -72,6 +72,9 @@ async def _main(w, client) -> None:
                     break
             now = time.monotonic()
             timeout = w.events.wait(now, min(timeout, w.beat_if_due(now)))
+            cw = w.credit_wait()  # a running task becoming long lowers the credit (credit.py)
+            if cw is not None:
+                timeout = min(timeout, cw)
             with trio.move_on_after(timeout):
                 ev = await recv.receive()
                 w.event(ev)

@@ -30,3 +30,19 @@ def short():
     t0 = time.time()
     time.sleep(0.01)
     return t0
+
+
+@app.task(bind=True)
+def short_where(self):
+    """Runs 10 ms; returns [its start time, the worker that ran it] (bench/recall_mix.py)."""
+    t0 = time.time()
+    time.sleep(0.01)
+    return [t0, self.request.hostname]
+
+
+@app.task(bind=True)
+def long_where(self, seconds: float):
+    """Runs ``seconds``; returns [start, end, the worker that ran it]."""
+    t0 = time.time()
+    time.sleep(seconds)
+    return [t0, time.time(), self.request.hostname]

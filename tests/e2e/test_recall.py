@@ -89,11 +89,21 @@ def test_no_short_task_waits_for_the_long_one_while_a_worker_is_idle(broker, wor
     wait_for(lambda: all(p >= 8 for p, _ in consumers_of(broker, q)), WAIT, "the credit to grow on fast tasks")
     # Then the mix: the long task first, so a worker takes it and holds short ones behind it.
     long = recall_app.long.apply_async((LONG,), queue=q)
+    # While the long task runs, the worker running it lowers its credit to its one slot (its run
+    # counts before it ends: client/worker/credit.py), so brokerd sends it nothing to wait behind it.
+    wait_for(lambda: (1, 1) in consumers_of(broker, q), LONG - 1, "the long task's worker to hold only its slot")
     shorts = [recall_app.short.apply_async(queue=q) for _ in range(SHORTS)]
     starts = run_all(shorts)
     t0, t1 = long.get(timeout=WAIT + LONG)
     late = [s for s in starts if s >= t1]
     assert not late, f"{len(late)} of {SHORTS} short tasks started after the long one ended (held behind it)"
+    # Nor was any handed to the long task's worker to wait there for a RECALL: each would carry the
+    # worker's "handed back unstarted" event (client/worker/runtime.py _on_recall), sent long before
+    # the last short's result.
+    with Client(broker.address) as c:
+        handed = [r.id for r in shorts
+                  if any("handed back" in str(e.get("reason")) for e in (c.task_info(r.id) or {}).get("events", ()))]
+    assert not handed, f"{len(handed)} of {SHORTS} short tasks were handed to the worker running the long one"
 
 
 def test_a_worker_with_a_fixed_multiplier_and_a_plain_consumer_that_ignores_recall_keep_working(broker, workers):
