@@ -23,6 +23,7 @@ from broker.runtime.history import HistoryFile
 from broker.runtime.server import Server
 from broker.state import BrokerState
 from broker.state import log_records as R
+from broker.state.replay import NotACheckpoint
 from broker.wal import CorruptLog, WalError, WriteAheadLog
 
 log = logging.getLogger("brokerd")
@@ -124,6 +125,8 @@ def open_server(config: Config) -> Server:
         # lsn past the last replayed record: the state numbers records the same way.
         state.align_lsn(wal.next_lsn - 1)
     except CorruptLog as exc:
+        raise DataDirError(f"{exc}") from None
+    except NotACheckpoint as exc:
         raise DataDirError(f"{exc}") from None
     except WalError as exc:
         raise DataDirError(f"{exc}") from None

@@ -462,6 +462,12 @@ class Durability:
         except OSError as exc:  # not a disk fault of the log: the next restart reads more of it
             log.warning("could not save the checkpoint pointer (%s); a restart reads the log from an older one", exc)
         self._checkpoint_due = None
+        # The checkpoint's buffers (~16 B per queued message, in pieces below the mmap threshold)
+        # are free now but stay resident until the heap is trimmed (measured: 17 B per queued
+        # message left behind per checkpoint without this).
+        from broker.runtime.server import _trim_malloc
+
+        _trim_malloc()
 
     async def _after_write(self) -> None:
         # Blocks of queued bodies whose records are now written may leave memory (broker/state/spill.py).

@@ -30,6 +30,10 @@ from broker.state.queue import (
 MAX_EPOCHS_KEPT = 64  # terms
 
 
+class NotACheckpoint(ValueError):
+    """A replay was told to start at a checkpoint, but its first record is not one."""
+
+
 def epoch_end(epochs, epoch: int, last_lsn: int) -> int:
     """The last lsn of term ``epoch`` in a log whose terms began at ``epochs`` [(epoch, start lsn)],
     oldest first, and which ends at ``last_lsn``: the lsn before the first term newer than ``epoch``
@@ -273,8 +277,17 @@ class ReplayMixin:
         the checkpoint with this lsn (``WriteAheadLog.replay_from``); its blocks
         are loaded whole, their bodies left in the log (a body reader is needed).
         """
-        if checkpoint is not None and self._body_reader is None:
-            raise ValueError("a replay from a checkpoint needs a body reader (set_body_reader)")
+        if checkpoint is not None:
+            if self._body_reader is None:
+                raise ValueError("a replay from a checkpoint needs a body reader (set_body_reader)")
+            records = iter(records)
+            first = next(records, None)
+            if first is None or first[0] != checkpoint or first[1] != R.CHECKPOINT or first[2][0] != "begin":
+                raise NotACheckpoint(
+                    f"the log's CHECKPOINT pointer names lsn {checkpoint}, which is not the start of a "
+                    f"checkpoint (record {None if first is None else first[:2]}); delete CHECKPOINT "
+                    f"from the data directory and start again to read the whole log")
+            records = itertools.chain((first,), records)
         ctx = ReplayContext(standby=False, checkpoint=checkpoint)
         n = self._replay_apply(ctx, records, now)
         self._replay_place(ctx, now)

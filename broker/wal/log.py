@@ -674,6 +674,16 @@ class WriteAheadLog:
                 pos = r.end
             raise LookupError(f"log record {lsn} is not in {seg.name}")
 
+    def _drop_checkpoint(self) -> None:
+        """Records are about to be cut (a follower taking its leader's log): the checkpoint
+        pointer may name one of them, or a record another brokerd writes at that lsn next.
+        Deleted first (and the directory fsynced): the next start reads the whole log."""
+        try:
+            os.unlink(os.path.join(self.directory, CHECKPOINT_NAME))
+        except FileNotFoundError:
+            return
+        self._files.fsync_directory()
+
     @staticmethod
     def _segment_crc(seg: SegmentFile) -> int:
         """The whole file's CRC, kept as it was written or replayed (read again if unknown)."""
@@ -812,6 +822,7 @@ class WriteAheadLog:
                 raise ValueError(f"the log already reaches lsn {self._written_lsn}; cannot restart it at {next_lsn}")
             segs = self._segments
             dropped = sum(max(0, s.last_lsn - s.first_lsn + 1) for s in segs)
+            self._drop_checkpoint()
             self._files.write_manifest(next_lsn, {})
             os.close(self._fd)
             self._fd = None
@@ -853,6 +864,7 @@ class WriteAheadLog:
                 raise ValueError(
                     f"the log keeps records from lsn {segs[0].first_lsn} on; it cannot be cut back to lsn {lsn}")
             dropped = self._written_lsn - lsn
+            self._drop_checkpoint()
             keep = [sg for sg in segs if sg.first_lsn <= lsn + 1]
             head = keep[-1]
             gone = segs[len(keep):]

@@ -258,3 +258,29 @@ def test_a_damaged_byte_before_the_checkpoint_still_refuses_start_naming_where(t
         list(wal.open(repair=True, use_checkpoint=True))  # repair reads the whole log
         assert wal.replay_from is None and wal.recovery.repaired
         wal.close()
+
+
+def test_a_pointer_at_a_record_that_is_no_checkpoint_refuses_start_and_a_cut_log_drops_the_pointer(tmp_path):
+    import pytest
+
+    from broker.state.replay import NotACheckpoint
+
+    rig = Rig(tmp_path / "wal")
+    deep_workload(rig, n=80)
+    first = checkpoint(rig)
+    rig.op(rig.state.publish, P, "deep", b"tail", "t1", 0, rig.now)
+    # A sound pointer (lsn at its offset, checksums right) at a record that begins no checkpoint
+    rig.wal.sync()
+    rig.wal.save_checkpoint(first + 1)
+    rig.wal.close()
+    with pytest.raises(NotACheckpoint, match=f"lsn {first + 1}, which is not the start of a checkpoint"):
+        recover(tmp_path / "wal")
+    # A follower cutting its log back (broker/runtime/replication.py) deletes the pointer first:
+    # another brokerd's records take those lsns next.
+    wal = WriteAheadLog(str(tmp_path / "wal"), fsync="never")
+    list(wal.open())
+    wal.save_checkpoint(first)
+    assert (tmp_path / "wal" / "CHECKPOINT").exists()
+    wal.truncate_after(first + 3)
+    assert not (tmp_path / "wal" / "CHECKPOINT").exists()
+    wal.close()
