@@ -112,11 +112,16 @@ def main(argv=None) -> None:
                 print(f"  drain deep queue  {drain:>10,.0f} msgs/s  (first {args.rate:,} of the deep queue, consumer only)")
             if args.recovery:
                 left = queued(broker, DEEP)
-                broker.stop()
+                t0 = time.monotonic()
+                broker.stop()  # SIGTERM: a clean stop writes a checkpoint (broker/state/replay.py)
+                stop_s = time.monotonic() - t0
                 broker.start(broker.port, timeout=3600)  # recovery of a deep log takes long
-                print(f"recovery    {left:,} queued: ready after {broker.started_in:.1f} s "
-                      f"(spawn to 'ready', replay included); {queued(broker, DEEP):,} queued after; "
-                      f"RSS {broker.rss() / 2**20:.1f} MiB")
+                cpu = broker.cpu_seconds()  # the new process so far: its start-up, replay included
+                from_ckpt = any("from the checkpoint" in line for line in broker.log)
+                print(f"recovery    {left:,} queued: ready after {broker.started_in:.1f} s, {cpu:.1f} CPU-s "
+                      f"(spawn to 'ready', replay included{', from a checkpoint' if from_ckpt else ''}); "
+                      f"{queued(broker, DEEP):,} queued after; RSS {broker.rss() / 2**20:.1f} MiB; "
+                      f"the clean stop took {stop_s:.1f} s")
         finally:
             broker.stop()
     cmd = ["python", "bench/memory.py", "-n", str(args.n), "--size", str(args.size)]

@@ -23,6 +23,7 @@ from broker.runtime.history import HistoryFile
 from broker.runtime.server import Server
 from broker.state import BrokerState
 from broker.state import log_records as R
+from broker.state.replay import NotACheckpoint
 from broker.wal import CorruptLog, WalError, WriteAheadLog
 
 log = logging.getLogger("brokerd")
@@ -101,7 +102,9 @@ def open_server(config: Config) -> Server:
     # collections in the running broker do not walk it either.
     gc.disable()
     try:
-        records = wal.open(repair=config.repair)
+        # A leader (not a follower: its replay is the leader's log, record by record) starts
+        # from the newest checkpoint when there is a sound one (broker/state/replay.py).
+        records = wal.open(repair=config.repair, use_checkpoint=not follower)
         if notify.enabled():  # tell systemd how far the replay got, and to wait for it
             segments = sum(1 for n in os.listdir(config.data_dir) if n.endswith(".wal"))
             notify.notify(
@@ -117,11 +120,13 @@ def open_server(config: Config) -> Server:
             state.standby_begin()
             replayed = state.standby_apply(decoded, time.time())
         else:
-            replayed = state.replay(decoded, time.time())
+            replayed = state.replay(decoded, time.time(), checkpoint=wal.replay_from)
         # A repair (or a deleted half-created segment) can leave the log's next
         # lsn past the last replayed record: the state numbers records the same way.
         state.align_lsn(wal.next_lsn - 1)
     except CorruptLog as exc:
+        raise DataDirError(f"{exc}") from None
+    except NotACheckpoint as exc:
         raise DataDirError(f"{exc}") from None
     except WalError as exc:
         raise DataDirError(f"{exc}") from None
@@ -136,8 +141,10 @@ def open_server(config: Config) -> Server:
     stats = state.statistics()
     log.info("data directory %s%s", where, "" if had_log else " (new: no log in it yet, starting empty)")
     log.info(
-        "recovered %d log records from %d segments in %.3fs: %d queues, %d ready, %d delayed%s",
-        replayed, rec.segments if rec else 0, time.monotonic() - t0, stats.queues, stats.ready, stats.delayed,
+        "recovered %d log records from %d segments%s in %.3fs: %d queues, %d ready, %d delayed%s",
+        replayed, rec.segments if rec else 0,
+        f" (from the checkpoint at lsn {wal.replay_from})" if wal.replay_from else "",
+        time.monotonic() - t0, stats.queues, stats.ready, stats.delayed,
         f"; truncated a torn tail of {rec.truncated_bytes} bytes" if rec and rec.truncated_bytes else "",
     )
     if not follower:

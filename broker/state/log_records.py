@@ -48,6 +48,13 @@ RATE       [kind ("task" | "queue"), name, limit | null]    a rate limit set liv
 EPOCH      [epoch, start lsn]                               a leadership term began at start lsn (written
                                                             at promotion; compaction rewrites the kept
                                                             terms with their original start lsns)
+CHECKPOINT ["begin", [[dedupe key, message id, at], ...]]   a checkpoint of the whole state begins here
+           ["block", queue, priority, seqs, ts, lsns|null]  ... one Packed block of ready messages: three
+                                                            byte strings, 8 bytes per message each
+                                                            (little-endian i64 seq, f64 publish time,
+                                                            i64 lsn of the record holding its id and body;
+                                                            null: the lsn is the seq)
+                                                            (type 33; see replay.py "Checkpoints")
 """
 
 PUBLISH = 1
@@ -81,6 +88,7 @@ UNIQUE = 28
 UNIQUE_FREE = 29
 RATE = 30
 EPOCH = 31
+CHECKPOINT = 33
 
 NAMES = {
     PUBLISH: "PUBLISH", DELIVER: "DELIVER", ACK: "ACK", REQUEUE: "REQUEUE", DEAD: "DEAD",
@@ -90,7 +98,7 @@ NAMES = {
     SCHED_PAUSE: "SCHED_PAUSE", SCHED_TICK: "SCHED_TICK", SCHED_STATE: "SCHED_STATE", REVOKE: "REVOKE",
     CHORD: "CHORD", CHORD_MEMBER: "CHORD_MEMBER", CHORD_FIRE: "CHORD_FIRE",
     BIND: "BIND", UNBIND: "UNBIND", UNIQUE: "UNIQUE", UNIQUE_FREE: "UNIQUE_FREE",
-    RATE: "RATE", EPOCH: "EPOCH",
+    RATE: "RATE", EPOCH: "EPOCH", CHECKPOINT: "CHECKPOINT",
 }
 
 COUNTER_FIELDS = (

@@ -599,3 +599,94 @@ def _unpacked(dq):
             yield from item
         else:
             yield item
+
+
+# --------------------------------------------------------------------------- bulk: checkpoints
+# A checkpoint (broker/state/replay.py, log record type 33) writes each Packed block's index
+# (seqs, times, log positions) as three byte strings, and start-up turns them back into a
+# spilled block in a few C calls, with no Python object per message.  Little-endian on disk
+# whatever the machine, so a data directory moves between machines.
+
+_SWAP = __import__("sys").byteorder != "little"  # arrays are in the machine's order
+
+
+def _le(a: array) -> bytes:
+    if _SWAP:
+        a = array(a.typecode, a)
+        a.byteswap()
+    return a.tobytes()
+
+
+def _from_le(typecode: str, raw) -> array:
+    a = array(typecode)
+    a.frombytes(raw)
+    if _SWAP:
+        a.byteswap()
+    return a
+
+
+def packed_index(block: Packed) -> tuple[bytes, bytes, bytes | None]:
+    """A block's entries from its head on, as (seqs, ts, lsns or None): 8 bytes each per entry."""
+    h = block.head
+    return (_le(block.seqs[h:]), _le(block.ts[h:]),
+            _le(block.lsns[h:]) if block.lsns is not None else None)
+
+
+def packed_from_index(queue: "Queue", priority: int, seqs, ts, lsns, reader) -> Packed:
+    """A spilled Packed block (ids and bodies read back from the log by ``reader``) from
+    ``packed_index``'s bytes.  ``ValueError`` if the three do not describe the same entries."""
+    if len(seqs) % 8 or len(ts) != len(seqs) or (lsns is not None and len(lsns) != len(seqs)):
+        raise ValueError(
+            f"a checkpoint block of queue {queue.name!r} is inconsistent: {len(seqs)} bytes of seqs, "
+            f"{len(ts)} of times, {None if lsns is None else len(lsns)} of log positions (8 bytes each per message)")
+    block = Packed(queue, priority, "\0")
+    block.seqs = _from_le("q", seqs)
+    block.ts = _from_le("d", ts)
+    block.lsns = _from_le("q", lsns) if lsns is not None else None
+    block.data = None
+    block.reader = reader
+    return block
+
+
+def place_block(queue: "Queue", block: Packed) -> None:
+    """Append a block replay loaded (entries before its head already gone) to its queue's
+    ready messages, after those already there."""
+    h = block.head
+    if h:
+        block.seqs = block.seqs[h:]
+        block.ts = block.ts[h:]
+        if block.lsns is not None:
+            block.lsns = block.lsns[h:]
+        block.head = 0
+    n = len(block.seqs)
+    if not n:
+        return
+    p = block.priority
+    if queue.tenanted:  # ready messages are kept per tenant, as objects
+        for i in range(n):
+            m = Message(block.seqs[i], None, queue, None, p, None, 0, None, None, block.ts[i])
+            if block.lsns is not None and block.lsns[i] != m.seq:
+                m.lsn = block.lsns[i]
+            queue.push_spilled(m, block.reader)
+        return
+    dq = queue._ready.get(p)
+    if dq is None:
+        dq = queue._ready[p] = deque()
+        insort(queue._prios, p)
+    dq.append(block)
+    queue.ready_count += n
+
+
+def split_block(block: Packed, k: int) -> Packed:
+    """Cut a spilled block in two: returns a block of its first ``k`` entries, and ``block``
+    keeps the rest, from head 0 (replay puts a message with a seq between them in its place,
+    or drops the entries before the head)."""
+    block.head = 0
+    front = Packed(block.queue, block.priority, block.prefix)
+    front.seqs, block.seqs = block.seqs[:k], block.seqs[k:]
+    front.ts, block.ts = block.ts[:k], block.ts[k:]
+    if block.lsns is not None:
+        front.lsns, block.lsns = block.lsns[:k], block.lsns[k:]
+    front.data = None
+    front.reader = block.reader
+    return front

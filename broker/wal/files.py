@@ -26,7 +26,7 @@ from typing import Callable
 
 from .errors import WalFailed, WalLocked
 from .faults import DIRECTORY_SYNC_NAME, Fault
-from .format import MANIFEST_NAME, SEGMENT_FILE, encode_manifest
+from .format import CHECKPOINT_NAME, MANIFEST_NAME, SEGMENT_FILE, encode_checkpoint, encode_manifest
 
 __all__ = ["LogFiles", "SegmentFile", "LOCK_NAME", "SEGMENT_FILE_MODE"]
 
@@ -43,7 +43,7 @@ _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 class SegmentFile:
     """Writer-side bookkeeping for one segment file."""
 
-    __slots__ = ("name", "path", "first_lsn", "last_lsn", "size", "salt")
+    __slots__ = ("name", "path", "first_lsn", "last_lsn", "size", "salt", "crc")
 
     def __init__(self, name: str, path: str, first_lsn: int, size: int, salt: int) -> None:
         self.name = name
@@ -52,6 +52,9 @@ class SegmentFile:
         self.last_lsn = first_lsn - 1
         self.size = size
         self.salt = salt
+        # zlib.crc32 of the file's bytes so far (kept as they are written or read at replay),
+        # None if unknown: the checkpoint pointer records it (format.py), start-up checks it.
+        self.crc: int | None = None
 
 
 class LogFiles:
@@ -227,6 +230,24 @@ class LogFiles:
         os.replace(tmp, path)
         self.fsync_directory()
         self.manifest = (start, dict(gaps))
+
+    def write_checkpoint(self, lsn: int, segment: str, offset: int, prefix: int, sums: dict[str, int]) -> None:
+        """Replace the checkpoint pointer atomically (as the manifest: temporary file, fsync,
+        rename, fsync the directory).  A crash at any byte leaves the old pointer or the new one;
+        a damaged one is ignored at start-up (the log is then read from its start)."""
+        data = encode_checkpoint(lsn, segment, offset, prefix, sums)
+        path = os.path.join(self.directory, CHECKPOINT_NAME)
+        tmp = path + ".tmp"
+        fd = self.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_CLOEXEC)
+        try:
+            self.write_all(fd, data, CHECKPOINT_NAME)
+            if self.fault is not None:
+                self.fault.before_fsync(CHECKPOINT_NAME)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        self.fsync_directory()
 
     def replace_segment(self, path: str, name: str, data: bytes | bytearray) -> None:
         """Replace a segment file atomically (repair only)."""

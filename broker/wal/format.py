@@ -36,6 +36,31 @@ directory, delete MANIFEST (the next start writes it again from the segments).
 A directory without a manifest (fresh, or written before it existed) is taken
 as it is and the manifest written.
 
+The checkpoint pointer (``CHECKPOINT``, ASCII, replaced atomically like the
+manifest) says where the broker state's newest checkpoint begins: a run of
+records from which, with every record after it, the whole state can be
+rebuilt (broker/state/replay.py, record type 33).  Start-up may then read the
+log from there instead of from its first record; the older segments are
+still kept (queued bodies are read back from them by lsn) but not scanned::
+
+    brokerd-wal-checkpoint 1
+    lsn 5120000                   the lsn of the checkpoint's first record
+    segment 00000000000004915201.wal    the segment holding it
+    offset 48213                  its byte offset in that segment
+    prefix 9f8e7d6c               zlib.crc32 of that segment's bytes before the offset, hex
+    sum 00000000000000000001.wal 0a1b2c3d   zlib.crc32 of each whole segment before it (0 or more)
+    crc 1a2b3c4d                  zlib.crc32 of the lines above, hex
+
+It is only a hint: written after the records it points at are fsynced, and
+ignored (with a warning; the log is then read from its start) if damaged,
+missing, or pointing at a record that is not there with that lsn.  An older
+brokerd ignores the file, and nothing it does makes the pointer wrong: it
+names a record by lsn, segment and offset, which compaction deletes whole or
+not at all.  The bytes before the checkpoint are not parsed at start-up but
+still checked, with one CRC per file (C speed): a segment or prefix that does
+not match its ``sum``/``prefix`` is corruption, found and named as in a whole
+replay (the broker refuses to start; ``--repair`` reads the whole log).
+
 Every segment opens with a 24-byte header; then records follow back to back,
 with no padding and no end marker.  Integers are big-endian.
 
@@ -143,6 +168,10 @@ __all__ = [
     "decode_manifest",
     "segment_name",
     "SEGMENT_FILE",
+    "CHECKPOINT_NAME",
+    "encode_checkpoint",
+    "decode_checkpoint",
+    "Checkpoint",
 ]
 
 MAGIC = b"BRKDWAL\n"  # the newline makes a text-mode transfer that mangles line endings visible
@@ -166,6 +195,8 @@ MAX_LSN = 2**64 - 1  # lsn is a u64
 MANIFEST_NAME = "MANIFEST"  # where the log starts and which lsn ranges a repair dropped
 _MANIFEST_MAGIC = "brokerd-wal-manifest 1"
 MAX_MANIFEST_BYTES = 1 << 20  # a manifest is a few lines; read no more than this (more is damage)
+CHECKPOINT_NAME = "CHECKPOINT"  # where the newest checkpoint of the broker state begins (a hint)
+_CHECKPOINT_MAGIC = "brokerd-wal-checkpoint 1"
 SEGMENT_FILE = re.compile(r"^(\d{20})\.wal$")  # a segment's file name: its first lsn, 20 digits
 
 
@@ -524,3 +555,66 @@ def decode_manifest(data: bytes) -> tuple[int, dict[int, int]]:
     if start is None:
         raise ValueError(f"{MANIFEST_NAME} has no start line")
     return start, gaps
+
+
+# --------------------------------------------------------------------------- checkpoint pointer
+
+
+def encode_checkpoint(lsn: int, segment: str, offset: int, prefix: int, sums: dict[str, int]) -> bytes:
+    """The checkpoint pointer's bytes: the lsn, segment and offset of a checkpoint's first
+    record, the CRC of the bytes before it in that segment and of each older segment."""
+    if not SEGMENT_FILE.match(segment) or any(not SEGMENT_FILE.match(n) for n in sums):
+        raise ValueError(f"not a segment file name: {segment!r}")
+    lines = [_CHECKPOINT_MAGIC, f"lsn {lsn}", f"segment {segment}", f"offset {offset}", f"prefix {prefix:08x}"]
+    lines += [f"sum {name} {crc:08x}" for name, crc in sorted(sums.items())]
+    body = "\n".join(lines) + "\n"
+    return (body + f"crc {zlib.crc32(body.encode()):08x}\n").encode()
+
+
+class Checkpoint(NamedTuple):
+    lsn: int  # of the checkpoint's first record
+    segment: str  # the segment file holding it
+    offset: int  # its byte offset there
+    prefix: int  # zlib.crc32 of the segment's bytes before it
+    sums: dict  # segment name -> zlib.crc32 of the whole file, for every older segment
+
+
+def decode_checkpoint(data: bytes) -> Checkpoint:
+    """Parse a checkpoint pointer; ``ValueError`` naming what is wrong."""
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        raise ValueError(f"{CHECKPOINT_NAME} is not ASCII text") from None
+    body, sep, tail = text.rpartition("crc ")
+    if not sep or not body.endswith("\n") or not tail.endswith("\n"):
+        raise ValueError(f"{CHECKPOINT_NAME} has no crc line (cut off?)")
+    try:
+        stored = int(tail.strip(), 16)
+    except ValueError:
+        raise ValueError(f"{CHECKPOINT_NAME} has an unreadable crc line") from None
+    if zlib.crc32(body.encode()) != stored:
+        raise ValueError(f"{CHECKPOINT_NAME} fails its checksum")
+    lines = body.splitlines()
+    if len(lines) < 5 or lines[0] != _CHECKPOINT_MAGIC:
+        raise ValueError(f"{CHECKPOINT_NAME} is not a version 1 checkpoint pointer")
+    fields: dict = {}
+    sums: dict[str, int] = {}
+    try:
+        for line in lines[1:]:
+            word, _, value = line.partition(" ")
+            if word == "sum":
+                name, crc = value.split(" ")
+                if not SEGMENT_FILE.match(name):
+                    raise ValueError
+                sums[name] = int(crc, 16)
+            elif word in ("lsn", "segment", "offset", "prefix") and word not in fields:
+                fields[word] = value
+            else:
+                raise ValueError
+        lsn, segment, offset = int(fields["lsn"]), fields["segment"], int(fields["offset"])
+        prefix = int(fields["prefix"], 16)
+    except (KeyError, ValueError):
+        raise ValueError(f"{CHECKPOINT_NAME} has an unreadable line") from None
+    if not 1 <= lsn <= MAX_LSN or not SEGMENT_FILE.match(segment) or offset < SEGMENT_HEADER_SIZE:
+        raise ValueError(f"{CHECKPOINT_NAME} names an impossible record (lsn {lsn}, {segment!r}, offset {offset})")
+    return Checkpoint(lsn, segment, offset, prefix, sums)

@@ -65,6 +65,7 @@ import os
 import struct
 import threading
 import time
+import zlib
 from array import array
 from bisect import bisect_right
 from dataclasses import dataclass
@@ -74,12 +75,16 @@ from .errors import CorruptLog, WalError, WalFailed, WalLocked, WalVersionError
 from .faults import DIRECTORY_SYNC_NAME, Fault, FaultPlan
 from .files import LOCK_NAME, O_CLOEXEC, LogFiles, SegmentFile
 from .format import (
+    CHECKPOINT_NAME,
+    Checkpoint,
     MANIFEST_NAME,
     MAX_LSN,
     MAX_RECORD_BYTES,
     RECORD_HEADER,
     RECORD_HEADER_SIZE,
     SEGMENT_HEADER_SIZE,
+    decode_checkpoint,
+    decode_record,
     encode_segment_header,
     seal_records,
     segment_name,
@@ -125,6 +130,9 @@ DEFAULT_FSYNC_INTERVAL_MS = 1000  # beanstalkd/Redis "everysec": loses at most ~
 # reading at most about this much before it.
 MARK_BYTES = 64 * 1024
 READ_CHUNK = 64 * 1024
+# A checkpoint pointer is a few lines plus one per segment before it (~45 bytes each): 1 MiB
+# covers some 20,000 segments (1.3 TB of 64 MiB segments); more is damage.
+MAX_CHECKPOINT_BYTES = 1 << 20
 
 # --------------------------------------------------------------------------- value types
 
@@ -217,6 +225,11 @@ class WriteAheadLog:
         # record at least every MARK_BYTES of the segment, so one record is found by reading
         # at most ~MARK_BYTES before it, not the whole segment.  16 bytes per mark.
         self._marks: dict[str, tuple[array, array]] = {}
+        # Segments replay did not scan (wholly before the checkpoint it started from): their
+        # marks are made the first time a record is read back from them (``read_payloads``).
+        self._unscanned: set[str] = set()
+        # The lsn of the checkpoint replay started from (``open(use_checkpoint=True)``), else None.
+        self.replay_from: int | None = None
 
     # ------------------------------------------------------------------ context manager
 
@@ -267,7 +280,7 @@ class WriteAheadLog:
 
     # ------------------------------------------------------------------ open / replay
 
-    def open(self, *, repair: bool = False) -> Iterator[Record]:
+    def open(self, *, repair: bool = False, use_checkpoint: bool = False) -> Iterator[Record]:
         """Lock the directory and return a generator replaying every record.
 
         The lock is taken (and ``WalLocked`` raised) by this call itself.  The
@@ -277,6 +290,10 @@ class WriteAheadLog:
         generator after the records before the damage were yielded; abandoning
         or failing the replay releases the lock.  The records are not kept in
         memory, so replaying a large log costs one segment's bytes at a time.
+
+        ``use_checkpoint``: if the checkpoint pointer (``CHECKPOINT``, see format.py) is sound,
+        yield only the records from the one it names on (``replay_from`` is then its lsn; the
+        caller must know what a checkpoint is: broker/state/replay.py).  Never under ``repair``.
         """
         if self._state != _NEW:
             raise RuntimeError("open() can be called once per WriteAheadLog; make a new one to reopen")
@@ -287,17 +304,59 @@ class WriteAheadLog:
             self._release()
             raise
         self._state = _REPLAYING
-        return self._replay(repair)
-
-    def _replay(self, repair: bool) -> Iterator[Record]:
-        started = time.perf_counter()
         st = ReplayState()
+        skip_to = None
+        if use_checkpoint and not repair:
+            try:
+                skip_to = self._checkpoint_pointer(read_manifest(self._files, False, ReplayState()), st)
+            except WalError:
+                skip_to = None  # a damaged manifest: the replay below says so
+        self.replay_from = skip_to.lsn if skip_to is not None else None
+        return self._replay(repair, st, skip_to)
+
+    def _checkpoint_pointer(self, manifest, st: ReplayState) -> Checkpoint | None:
+        """The checkpoint pointer if it names a record that is there with that lsn, else None
+        (with a warning unless there is no pointer at all)."""
+        path = os.path.join(self.directory, CHECKPOINT_NAME)
+        try:
+            with open(path, "rb") as f:
+                pointer = decode_checkpoint(f.read(MAX_CHECKPOINT_BYTES))
+            lsn, segment, offset = pointer.lsn, pointer.segment, pointer.offset
+            seg_path = os.path.join(self.directory, segment)
+            with open(seg_path, "rb") as f:
+                salt = int.from_bytes(f.read(SEGMENT_HEADER_SIZE)[12:16], "big")
+                f.seek(offset)
+                head = f.read(RECORD_HEADER_SIZE)
+                length = RECORD_HEADER.unpack_from(head)[0] if len(head) == RECORD_HEADER_SIZE else 0
+                if length > MAX_RECORD_BYTES:
+                    raise ValueError(f"the record at offset {offset} of {segment} is damaged")
+                record = decode_record(head + f.read(length), 0, salt)
+            if record.lsn != lsn:
+                raise ValueError(f"the record at offset {offset} of {segment} is lsn {record.lsn}, not {lsn}")
+            if manifest is not None and lsn < manifest[0]:
+                raise ValueError(f"lsn {lsn} is older than where the log starts ({manifest[0]})")
+        except FileNotFoundError as exc:
+            if exc.filename != path:
+                st.warn(f"ignoring {CHECKPOINT_NAME} in {self.directory}: {os.path.basename(exc.filename)} is gone "
+                        f"(compacted away); reading the whole log")
+            return None
+        except (OSError, ValueError, WalError, struct.error) as exc:
+            st.warn(f"ignoring {CHECKPOINT_NAME} in {self.directory} ({exc}); reading the whole log")
+            return None
+        return pointer
+
+    def _replay(self, repair: bool, st: ReplayState, skip_to) -> Iterator[Record]:
+        started = time.perf_counter()
         done = False
         try:
             manifest = read_manifest(self._files, repair, st)
             if repair:
                 manifest = salvage(self._files, manifest, st)
-            records = replay_segments(self._files, manifest, st, self._add_replayed_segment)
+            if skip_to is not None:
+                # The checkpoint's segment is scanned from the checkpoint on; mark what lies before
+                # it (record lengths only) so bodies queued there are found without a long read.
+                self._scan_marks(skip_to.segment, int(skip_to.segment[:20]), upto=skip_to.offset)
+            records = replay_segments(self._files, manifest, st, self._add_replayed_segment, skip_to)
             mark = self._mark
             seg, due = None, 0  # a mark is due in `seg` at this offset (checked here: per record)
             while True:
@@ -312,6 +371,7 @@ class WriteAheadLog:
                     due = self._marks[seg][1][-1] + MARK_BYTES
                 yield r
             next_lsn = max(next_lsn, st.min_next_lsn)
+            self._unscanned = set(st.skipped)
             self._start_appending(next_lsn)
             if manifest is None:
                 # A fresh log, or one written before the manifest existed:
@@ -445,6 +505,8 @@ class WriteAheadLog:
                     logger.warning("could not truncate %s back to %d bytes: %s", head.name, start, e2)
                 raise failure from e
             self._mark_batch(head.name, data, start, batch.first_lsn)
+            if head.crc is not None:
+                head.crc = zlib.crc32(data, head.crc)
             head.size = start + len(data)
             head.last_lsn = batch.last_lsn
             self._written_lsn = batch.last_lsn
@@ -569,17 +631,79 @@ class WriteAheadLog:
             off += RECORD_HEADER_SIZE + unpack(data, off)[0]
             lsn += 1
 
+    def _scan_marks(self, name: str, first_lsn: int, upto: int | None = None) -> None:
+        """Marks for a segment replay did not scan, from its record lengths alone (up to byte
+        ``upto``): one read of the file.  The records themselves are checked when read back."""
+        with open(os.path.join(self.directory, name), "rb") as f:
+            data = f.read() if upto is None else f.read(upto)
+        if len(data) > SEGMENT_HEADER_SIZE:
+            self._mark_batch(name, memoryview(data)[SEGMENT_HEADER_SIZE:], SEGMENT_HEADER_SIZE, first_lsn)
+
+    def save_checkpoint(self, lsn: int) -> None:
+        """Writer side: point ``CHECKPOINT`` at record ``lsn``, the first of a checkpoint of the
+        broker state.  The caller has made every record of the checkpoint durable (``sync``)."""
+        with self._lock:
+            self._check_writable()
+            if lsn > self._synced_lsn:
+                raise RuntimeError(f"checkpoint lsn {lsn} is not fsynced yet (synced through {self._synced_lsn})")
+            segs = self._segments
+            k = bisect_right([s.first_lsn for s in segs], lsn) - 1
+            if k < 0:
+                raise ValueError(f"lsn {lsn} is older than the log")
+            seg = segs[k]
+            m = self._marks.get(seg.name)
+            if m is None and seg.name in self._unscanned:
+                self._scan_marks(seg.name, seg.first_lsn)
+                self._unscanned.discard(seg.name)
+                m = self._marks.get(seg.name)
+            j = bisect_right(m[0], lsn) - 1 if m is not None else -1
+            off = m[1][j] if j >= 0 else SEGMENT_HEADER_SIZE
+            with open(seg.path, "rb") as f:
+                f.seek(off)
+                data = f.read(seg.size - off)
+            pos = 0
+            while pos + RECORD_HEADER_SIZE <= len(data):
+                r = decode_record(data, pos, seg.salt)
+                if r.lsn == lsn:
+                    offset = off + pos
+                    with open(seg.path, "rb") as f:
+                        prefix = zlib.crc32(f.read(offset))
+                    sums = {s.name: self._segment_crc(s) for s in segs[:k]}
+                    self._files.write_checkpoint(lsn, seg.name, offset, prefix, sums)
+                    return
+                pos = r.end
+            raise LookupError(f"log record {lsn} is not in {seg.name}")
+
+    def _drop_checkpoint(self) -> None:
+        """Records are about to be cut (a follower taking its leader's log): the checkpoint
+        pointer may name one of them, or a record another brokerd writes at that lsn next.
+        Deleted first (and the directory fsynced): the next start reads the whole log."""
+        try:
+            os.unlink(os.path.join(self.directory, CHECKPOINT_NAME))
+        except FileNotFoundError:
+            return
+        self._files.fsync_directory()
+
+    @staticmethod
+    def _segment_crc(seg: SegmentFile) -> int:
+        """The whole file's CRC, kept as it was written or replayed (read again if unknown)."""
+        if seg.crc is None:
+            with open(seg.path, "rb") as f:
+                seg.crc = zlib.crc32(f.read())
+        return seg.crc
+
     def read_payloads(self, lsns) -> dict[int, tuple[int, bytes]]:
-        """``lsn -> (type, payload)`` for the written records ``lsns`` (ascending), read back
+        """``lsn -> (type, payload)`` for the written records ``lsns`` (any order), read back
         from the segment files with ``pread``: from the mark at or before each one, in
         READ_CHUNK pieces, records checked by their CRC.  Safe beside the writer thread
         (it reads only what ``written_lsn`` covers).  A missing record raises ``LookupError``
         naming it: the caller asked for one compaction deleted, or one never written.
         """
-        from .format import decode_record
-
         out: dict[int, tuple[int, bytes]] = {}
-        wanted = [lsn for lsn in lsns if lsn <= self._written_lsn]
+        # In lsn order, whatever order they come in: a block's entries are in seq order, and
+        # once compaction rewrote its oldest ones forward their lsns no longer ascend (reading
+        # them as given skipped the older records: a restart then failed the log).
+        wanted = sorted({lsn for lsn in lsns if lsn <= self._written_lsn})
         segs = self._segments
         firsts = [s.first_lsn for s in segs]
         i = 0
@@ -590,6 +714,10 @@ class WriteAheadLog:
                 break
             seg = segs[k]
             m = self._marks.get(seg.name)
+            if m is None and seg.name in self._unscanned:
+                self._scan_marks(seg.name, seg.first_lsn)
+                self._unscanned.discard(seg.name)
+                m = self._marks.get(seg.name)
             if m is not None:
                 j = bisect_right(m[0], lsn) - 1
                 off = m[1][j] if j >= 0 else SEGMENT_HEADER_SIZE
@@ -694,6 +822,7 @@ class WriteAheadLog:
                 raise ValueError(f"the log already reaches lsn {self._written_lsn}; cannot restart it at {next_lsn}")
             segs = self._segments
             dropped = sum(max(0, s.last_lsn - s.first_lsn + 1) for s in segs)
+            self._drop_checkpoint()
             self._files.write_manifest(next_lsn, {})
             os.close(self._fd)
             self._fd = None
@@ -735,6 +864,7 @@ class WriteAheadLog:
                 raise ValueError(
                     f"the log keeps records from lsn {segs[0].first_lsn} on; it cannot be cut back to lsn {lsn}")
             dropped = self._written_lsn - lsn
+            self._drop_checkpoint()
             keep = [sg for sg in segs if sg.first_lsn <= lsn + 1]
             head = keep[-1]
             gone = segs[len(keep):]
@@ -756,6 +886,7 @@ class WriteAheadLog:
                     break
                 cut = r.end
             self._files.truncate_file(head.path, head.name, cut)
+            head.crc = zlib.crc32(data[:cut])
             if any(first > lsn for first in gaps):
                 start = self._files.manifest[0] if self._files.manifest else segs[0].first_lsn
                 self._files.write_manifest(start, {a: b for a, b in gaps.items() if a <= lsn})
@@ -842,7 +973,9 @@ class WriteAheadLog:
                 pass
             raise
         self._fd = fd
-        self._segments = self._segments + [SegmentFile(name, path, first_lsn, len(header), salt)]
+        seg = SegmentFile(name, path, first_lsn, len(header), salt)
+        seg.crc = zlib.crc32(header)
+        self._segments = self._segments + [seg]
 
     def _release(self) -> None:
         with self._lock:

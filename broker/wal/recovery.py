@@ -35,13 +35,16 @@ from __future__ import annotations
 
 import logging
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Generator, NamedTuple
 
 from .errors import CorruptLog, WalError, WalFormatError, WalVersionError
 from .files import LogFiles, SegmentFile
 from .format import (
+    CHECKPOINT_NAME,
     CRC_START,
+    Checkpoint,
     MANIFEST_NAME,
     MAX_LSN,
     MAX_MANIFEST_BYTES,
@@ -144,6 +147,7 @@ class ReplayState:
         self.min_next_lsn = 1  # raised past a deleted torn segment's name
         self.dropped_ranges: list[DroppedRange] = []
         self.allow_empty = False  # a repair accepted that every segment file is gone
+        self.skipped: list[str] = []  # segments wholly before the checkpoint replay started from
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
@@ -212,19 +216,29 @@ def replay_segments(
     manifest: tuple[int, dict[int, int]] | None,
     st: ReplayState,
     add_segment: Callable[[SegmentFile], None],
+    skip_to: Checkpoint | None = None,
 ) -> Generator[Record, None, int]:
-    """Yield the records; return the next lsn.  Hands each segment to ``add_segment``."""
+    """Yield the records; return the next lsn.  Hands each segment to ``add_segment``.
+
+    ``skip_to``, a checked checkpoint pointer: the records before it are not parsed.  The
+    segments wholly before it are kept (queued bodies are read back from them) and checked
+    against the pointer's whole-file CRCs, as are the bytes before the checkpoint in its own
+    segment, which is scanned from the checkpoint on, with the lsn expected there.
+    """
     segments: list[SegmentFile] = []
     listing = files.list_segments()
     start = manifest[0] if manifest is not None else None
     gaps = dict(manifest[1]) if manifest is not None else {}
     expected: int | None = None  # lsn the next record must have (or a gap must start at)
+    skip_first = int(skip_to.segment[:20]) if skip_to is not None else 0  # first lsn of the checkpoint's segment
     for index, (name_lsn, name) in enumerate(listing):
         is_last = index == len(listing) - 1
         path = os.path.join(files.directory, name)
+        skipped = name_lsn < skip_first and not is_last
         with open(path, "rb") as f:
             data = f.read()
-        st.bytes += len(data)
+        size = len(data)
+        st.bytes += size
 
         try:
             header = decode_segment_header(data)
@@ -279,11 +293,26 @@ def replay_segments(
                     f"segment starts at lsn {first} but the previous segment ended at lsn {expected - 1}",
                 )
 
-        seg = SegmentFile(name, path, first, len(data), header.salt)
+        seg = SegmentFile(name, path, first, size, header.salt)
         segments.append(seg)
         add_segment(seg)
         st.segments += 1
-        scanner = RecordScanner(data, header.salt, SEGMENT_HEADER_SIZE, expected, gaps)
+        if skipped:
+            seg.crc = zlib.crc32(data)
+            if seg.crc != skip_to.sums.get(name):
+                _name_the_damage(path, data, header.salt, expected, gaps, len(data))
+            seg.last_lsn = listing[index + 1][0] - 1  # segments are contiguous (a repair gap only shortens it)
+            st.skipped.append(name)
+            expected = seg.last_lsn + 1
+            continue
+        offset = SEGMENT_HEADER_SIZE
+        if skip_to is not None and name == skip_to.segment:
+            with memoryview(data) as view:
+                if zlib.crc32(view[:skip_to.offset]) != skip_to.prefix:
+                    _name_the_damage(path, data, header.salt, expected, gaps, skip_to.offset)
+            expected, offset = skip_to.lsn, skip_to.offset
+        seg.crc = zlib.crc32(data)
+        scanner = RecordScanner(data, header.salt, offset, expected, gaps)
         for r in scanner:
             yield Record(r.lsn, r.type, r.flags, r.payload, name, r.offset)
         st.records += scanner.count
@@ -296,6 +325,8 @@ def replay_segments(
             cut = damage.offset
             files.truncate_file(path, name, cut)
             seg.size = cut
+            with memoryview(data) as view:
+                seg.crc = zlib.crc32(view[:cut])
             st.truncated_bytes += len(data) - cut
             st.truncated_at = (name, cut)
             st.warn(
@@ -315,6 +346,21 @@ def replay_segments(
     if expected is None:
         return max(1, start or 1)
     return max(expected, segments[-1].first_lsn) if segments else expected
+
+
+def _name_the_damage(path: str, data: bytes, salt: int, first_lsn: int, gaps: dict, end: int) -> None:
+    """Bytes before the checkpoint fail the CRC its pointer recorded: find the damaged record
+    (a scan, as a whole replay would do) and raise ``CorruptLog`` naming it."""
+    scanner = RecordScanner(data[:end], salt, SEGMENT_HEADER_SIZE, first_lsn, gaps)
+    for _ in scanner:
+        pass
+    if scanner.damage is not None:
+        raise CorruptLog(path, scanner.damage.offset, scanner.damage.detail)
+    raise CorruptLog(
+        path, 0,
+        f"the segment does not match the checksum {CHECKPOINT_NAME} recorded for it (yet every record "
+        f"in it reads back): delete {CHECKPOINT_NAME} to read the whole log, or start with --repair",
+    )
 
 
 def is_torn_tail(data: bytes, damage: Damage, salt: int, expected_lsn: int) -> bool:

@@ -303,7 +303,9 @@ def test_a_corrupt_middle_record_refuses_start_and_repair_recovers_the_prefix(br
     r = Raw(b.port)
     for i in range(20):
         r.ok(wire.OP_PUBLISH, "q", b"body-%02d" % i, f"p{i}", 0, None)
-    assert b.terminate() == 0
+    # Killed: a clean stop would write a checkpoint holding a second copy of every message
+    # (tests/wal/test_checkpoint.py damages the bytes before one).
+    b.kill()
     (seg,) = sorted(b.data_dir.glob("*.wal"))
     data = bytearray(seg.read_bytes())
     at = data.find(b"body-10")

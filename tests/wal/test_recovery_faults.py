@@ -106,7 +106,11 @@ def test_a_missing_oldest_segment_refuses_start_naming_the_missing_lsns(broker_f
     b.restart("--repair")
     assert any(f"lsns 1..{second_first - 1}" in line and "dropped" in line for line in b.log)
     ids = drain(b.port)
-    assert ids == [f"p{i}" for i in range(second_first - 1, 1500)]
+    later = [f"p{i}" for i in range(second_first - 1, 1500)]
+    assert ids[len(ids) - len(later):] == later
+    # The clean stop's checkpoint copied the first ready messages (those kept as objects, not
+    # packed) forward: a repair that lost their publishes still has them; none is made up.
+    assert set(ids[:len(ids) - len(later)]) <= {f"p{i}" for i in range(second_first - 1)}
 
 
 def test_all_segments_deleted_refuses_start_but_a_fresh_directory_starts_empty(broker_factory, tmp_path):
@@ -270,7 +274,7 @@ def test_repair_through_brokerd_names_the_messages_whose_publish_it_dropped(brok
     got = r.deliveries(20)  # DELIVER records name every seq, after the publishes
     seqs = {f[4]: f[2] for f in got}
     r.close()
-    assert b.terminate() == 0
+    b.kill()  # a clean stop's checkpoint would hold a second copy of p7: the repair would lose nothing
     (seg,) = sorted(b.data_dir.glob("*.wal"))
     data = bytearray(seg.read_bytes())
     data[data.find(b"p7")] ^= 0x01
