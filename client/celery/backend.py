@@ -11,7 +11,10 @@ Chords are counted in brokerd (CHORD, protocol.md §5.27, raw variant): ``apply_
 Celery message without sending it and hands it to brokerd, which publishes it once every member has a
 result, with their results in a header that the transport puts in front of the body's args.  There is
 no ``chord_unlock`` task.  When a member fails, brokerd stores a ChordError for the body; the worker
-whose member failed first runs the body's errbacks (``on_chord_part_return``).
+whose member failed first runs the body's errbacks (``on_chord_part_return``).  A header given as a
+generator is not read ahead: its members are collected as the transport publishes them and the CHORD
+follows the last one (``_LazyChords``).  ``add_to_chord`` (a running member grows its chord) is
+brokerd's CHORD_ADD.
 """
 
 from __future__ import annotations
@@ -253,6 +256,9 @@ class BrokerdBackend(BaseBackend):
             _LAZY.expect(self, header_result.id, spec)
         else:
             self._call(lambda c: c.chord(header_result.id, members, spec))
+            # This chord may itself be a member of a waiting generator header: its body (which names
+            # that header's group) is what the outer chord waits for.
+            _LAZY.published(raw)
         with self._lock:
             self._applied_chords[header_result.id] = True
             while len(self._applied_chords) > APPLIED_CHORDS_KEPT:
@@ -331,22 +337,33 @@ class _LazyChords:
             if entry is None:
                 return
             entry["size"] = size
+            seen = len(entry["ids"])
+            if seen < size - 1:
+                # Called before the last member is published: every earlier one should have been seen.
+                # One was not (a member that is a chord, or a chain ending in a group, publishes nothing
+                # that names this chord), so the count could never be reached: say so, not hang.
+                del self._waiting[chord_id]
+                raise NotImplementedError(
+                    f"chord {chord_id}: a generator header whose members are not all single tasks or chains "
+                    f"of tasks ({seen} of the first {size - 1} were seen) cannot be counted by brokerd; "
+                    f"pass the header as a list")
         self._maybe_declare(chord_id)
 
     def published(self, message):
         if not self._waiting:  # the common case: nothing waits, one dict look-up per publish
             return
         headers = message.get("headers") or {}
-        gid = headers.get("group")
+        gid, member, index = headers.get("group"), headers.get("id"), headers.get("group_index")
+        end = _chain_end(message)
+        if end is not None:
+            # A chain member: its first task carries no group; the chain's last task (the result the
+            # chord waits for) does, in its options.
+            member, gid = end.get("task_id") or member, gid or end.get("group_id")
+            index = end.get("group_index", index)
         with self._lock:
             entry = self._waiting.get(gid) if isinstance(gid, str) else None
-            if entry is None or headers.get("id") == entry["body_id"]:
+            if entry is None or member == entry["body_id"] or not isinstance(member, str) or not member:
                 return
-        member = _chain_end(message) or headers.get("id")
-        if not member:
-            return
-        index = headers.get("group_index")
-        with self._lock:
             entry["ids"].append((index if isinstance(index, int) else len(entry["ids"]), member))
         self._maybe_declare(gid)
 
@@ -361,16 +378,17 @@ class _LazyChords:
 
 
 def _chain_end(message):
-    """The id of the last task of the chain a task message starts, or None (not a chain)."""
+    """The options (task_id, group_id, group_index) of the last task of the chain a task message
+    starts, or None (not a chain, or a body this cannot read)."""
     from kombu import serialization
 
     try:
         _args, _kwargs, embed = serialization.loads(M.body_bytes(message), message.get("content-type"),
                                                     message.get("content-encoding"), accept=None)
-        last = (embed or {}).get("chain") or []
-        tid = (last[0].get("options") or {}).get("task_id") if last and isinstance(last[0], dict) else None
-        return tid if isinstance(tid, str) and tid else None
-    except Exception:
+        rest = (embed or {}).get("chain") or []  # the tasks still to run, the last one first
+        opts = rest[0].get("options") if rest and isinstance(rest[0], dict) else None
+        return opts if isinstance(opts, dict) and isinstance(opts.get("task_id"), str) else None
+    except Exception:  # a body that is not Celery protocol 2: not a chain member
         return None
 
 

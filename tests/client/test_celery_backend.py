@@ -246,3 +246,18 @@ def test_a_generator_header_is_published_as_it_is_read_and_counted_by_brokerd(ap
         d = consumer.get(timeout=WAIT)
         assert d is not None and d.id == res.id
         assert d.headers["x-chord-results"] == [0, 20, 40]  # in the header's order
+
+
+def test_a_generator_header_whose_members_cannot_be_seen_is_refused_not_left_to_hang():
+    """set_chord_size comes before the last member is published: every earlier member must have been
+    seen by then, or the chord could never be declared (get() would wait for ever)."""
+    from client.celery.backend import _LazyChords
+
+    lazy = _LazyChords()
+    lazy.expect(None, "g-1", {"message": {"id": "body-1"}})
+    lazy.published({"headers": {"id": "m-1", "group": "g-1", "group_index": 0}, "body": b"",
+                    "content-type": "application/json"})
+    with pytest.raises(NotImplementedError, match=r"^chord g-1: a generator header whose members are not all "
+                                                  r"single tasks or chains of tasks \(1 of the first 2 were seen\)"):
+        lazy.sized("g-1", 3)
+    assert "g-1" not in lazy._waiting
