@@ -324,6 +324,31 @@ def counts(results: dict) -> collections.Counter:
     return collections.Counter(r["outcome"] for r in results.values())
 
 
+# Tests that pass on Redis and fail on brokerd for a reason that is not a gap in brokerd, each checked
+# by reading the test (issue 13): shown beside the failure, so a new gap stands out.  Keyed by the short
+# test id (class::name, parameters included).
+KNOWN_BROKERD_ONLY = {
+    "test_chord::test_chord_on_error":
+        "not applicable: reads the Redis backend's own keys (backend.get_key_for_group + ZRANGE); before "
+        "that it polls res.children, which AsyncResult cached from brokerd's first ChordError if read "
+        "before the failing member's worker rewrote the body's result with its errback child",
+    "test_task_redis_result_backend::test_asyncresult_forget_cancels_subscription":
+        "not applicable: counts the Redis backend's pub/sub channels (PUBSUB CHANNELS); brokerd's get() "
+        "long-polls and subscribes to nothing",
+    "test_task_redis_result_backend::test_asyncresult_get_cancels_subscription":
+        "not applicable: counts the Redis backend's pub/sub channels (PUBSUB CHANNELS); brokerd's get() "
+        "long-polls and subscribes to nothing",
+    "test_task_replacement::test_replaced_task_nesting_level_0":
+        "race in the test: it resets its flag after delay() returns; delay() waits for brokerd's durable "
+        "confirm, and the in-process worker already received the task (task_received set the flag) meanwhile",
+}
+
+
+def known(nodeid: str) -> str:
+    why = KNOWN_BROKERD_ONLY.get(short(nodeid))
+    return f"  [known: {why}]" if why else ""
+
+
 def short(nodeid: str) -> str:
     return nodeid.split("::", 1)[1] if "::" in nodeid else nodeid
 
@@ -378,7 +403,7 @@ def report(runs: dict, files: list[str], targets: list[str], notes: dict) -> Non
         print(f"passes on redis, fails on {t}: {len(regress)}")
         for f, nodeid, other in regress:
             why = "not reached (run killed or crashed)" if other is None else other["detail"]
-            print(f"  {short(nodeid):<60} {why}")
+            print(f"  {short(nodeid):<60} {why}{known(nodeid) if t == 'brokerd' else ''}")
         skipped = collections.Counter()  # Redis-only tests (they ask for a redis:// backend) and the like
         for f in files:
             a, b = runs.get((base, f)), runs.get((t, f))

@@ -51,6 +51,7 @@ from client.wire import (
     OP_BYE,
     OP_CANCEL,
     OP_CHORD,
+    OP_CHORD_ADD,
     OP_CONSUME,
     OP_CONTROL_REPLY,
     OP_CONTROL_REQUEST,
@@ -111,6 +112,7 @@ REQUIRED: dict[int, tuple[str, object] | None] = {
     OP_SCHEDULE_PUT: ("schedules", None), OP_SCHEDULE_REMOVE: ("schedules", None),
     OP_SCHEDULE_PAUSE: ("schedules", None), OP_SCHEDULE_LIST: ("schedules", None),
     OP_CHORD: ("publish", None),  # checked per target queue by required(): the body's and the error's
+    OP_CHORD_ADD: ("publish", None),  # as CHORD; it adds members only, the body's queue was checked at CHORD
     OP_REVOKE: ("control", None), OP_CONTROL_REQUEST: ("control", None),
     OP_SUBSCRIBE: ("control", None), OP_WORKERS: ("control", None),
     OP_RATE_LIMIT: ("control", None),  # Celery's app.control.rate_limit; a queue's rate too

@@ -33,6 +33,7 @@ from client.wire import (
     OP_EMIT,
     OP_UNBIND,
     OP_CHORD,
+    OP_CHORD_ADD,
     OP_CONTROL_REQUEST,
     OP_DECLARE,
     OP_DELETE,
@@ -263,6 +264,12 @@ def schedule_pause(client, name: str, paused: bool = True) -> dict:
 def chord(client, chord_id: str, members: list, body: dict, error: dict | None = None) -> dict:
     """Register a chord: ``body`` is published once every task of ``members`` has a result."""
     return Call(OP_CHORD, [chord_id, list(members), body, error])
+
+
+@verb
+def chord_add(client, chord_id: str, members: list) -> dict:
+    """Add ``members`` (task ids) to the waiting chord ``chord_id`` (Celery's ``add_to_chord``)."""
+    return Call(OP_CHORD_ADD, [chord_id, list(members)])
 
 
 # -- events, workers and remote control (protocol.md §5.29-5.35) ------------------------

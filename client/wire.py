@@ -154,6 +154,9 @@ OP_PUBLISH_BATCH = 46  # many publishes in one frame: [46, rid, [[queue, body, i
 OP_CONFIRM_RANGE = 72  # [72, first_rid, last_rid]: every publish request in the range not answered otherwise is confirmed
 OP_DELIVER_BATCH = 73  # [73, consumer, [[tag, queue, id, body, priority, attempts, headers], ...]]
 CLIENT_OPS[OP_PUBLISH_BATCH] = "PUBLISH_BATCH"
+# a waiting chord grows (protocol.md §5.49): Celery's add_to_chord
+OP_CHORD_ADD = 47  # [47, rid, chord_id, [task_id, ...]]
+CLIENT_OPS[OP_CHORD_ADD] = "CHORD_ADD"
 SERVER_OPS[OP_CONFIRM_RANGE] = "CONFIRM_RANGE"
 SERVER_OPS[OP_DELIVER_BATCH] = "DELIVER_BATCH"
 # The most items one PUBLISH_BATCH may carry.  max_frame bounds its bytes, this bounds the work one

@@ -34,6 +34,7 @@ from client.wire import (
     OP_PUBLISH,
     OP_PURGE,
     OP_CHORD,
+    OP_CHORD_ADD,
     OP_RESULT_FORGET,
     OP_RESULT_GET,
     OP_REVOKE,
@@ -428,6 +429,14 @@ def h_chord(state, conn, rid, f, now):
     return ok_frame(rid, state.chord_declare(cid, members, body, error, now))
 
 
+def h_chord_add(state, conn, rid, f, now):
+    # [47, rid, chord_id, [member ids]]
+    cid = _arg(f, 2, "chord id", (str,), "CHORD_ADD")
+    members = _arg(f, 3, "members", (list,), "CHORD_ADD")
+    _storable(f[3:4], "field 3 (members)", "CHORD_ADD")
+    return ok_frame(rid, state.chord_add(cid, members, now))
+
+
 def h_ping(state, conn, rid, f, now):
     return ok_frame(rid)
 
@@ -561,6 +570,7 @@ HANDLERS = {
     OP_SCHEDULE_PAUSE: h_schedule_pause,
     OP_REVOKE: h_revoke,
     OP_CHORD: h_chord,
+    OP_CHORD_ADD: h_chord_add,
     OP_EMIT_EVENTS: h_emit_events,
     OP_SUBSCRIBE: h_subscribe,
     OP_TASK_INFO: h_task_info,
@@ -580,6 +590,7 @@ DURABLE_OPS = frozenset((
     OP_PUBLISH, OP_ACK, OP_NACK, OP_DECLARE, OP_DELETE, OP_PURGE, OP_PAUSE, OP_RESUME,
     OP_RESULT_SET, OP_RESULT_FORGET, OP_SCHEDULE_PUT, OP_SCHEDULE_REMOVE, OP_SCHEDULE_PAUSE,
     OP_REVOKE, OP_CHORD, OP_BIND, OP_UNBIND, OP_EMIT, OP_RATE_LIMIT, OP_RELEASE, OP_PUBLISH_BATCH,
+    OP_CHORD_ADD,
 ))
 # Handled by the server itself, because they touch the connection, not the state.
 CONNECTION_OPS = (OP_HELLO, OP_HEARTBEAT, OP_BYE, OP_ADMIN)

@@ -37,6 +37,8 @@ REVOKE     [[[task id, until], ...], terminate]             task ids revoked unt
 CHORD      [chord id, [member ids], body spec, error spec]  a chord barrier was declared
 CHORD_MEMBER [chord id, member, [state, value, meta]]       compaction: a member's counted result
 CHORD_FIRE [chord id, ok, message | null]                   the barrier completed: body (or error) published
+CHORD_ADD  [chord id, [member ids]]                         a waiting chord grew (CHORD_ADD); compaction
+                                                            folds the added ids into the CHORD record
 BIND       [exchange, type, queue, key]                     a lasting binding was made (temporary ones
                                                             are never logged)
 UNBIND     [exchange, queue, key]                           ... removed (a DELETE of the queue removes
@@ -88,6 +90,7 @@ UNIQUE = 28
 UNIQUE_FREE = 29
 RATE = 30
 EPOCH = 31
+CHORD_ADD = 32
 CHECKPOINT = 33
 
 NAMES = {
@@ -98,7 +101,7 @@ NAMES = {
     SCHED_PAUSE: "SCHED_PAUSE", SCHED_TICK: "SCHED_TICK", SCHED_STATE: "SCHED_STATE", REVOKE: "REVOKE",
     CHORD: "CHORD", CHORD_MEMBER: "CHORD_MEMBER", CHORD_FIRE: "CHORD_FIRE",
     BIND: "BIND", UNBIND: "UNBIND", UNIQUE: "UNIQUE", UNIQUE_FREE: "UNIQUE_FREE",
-    RATE: "RATE", EPOCH: "EPOCH", CHECKPOINT: "CHECKPOINT",
+    RATE: "RATE", EPOCH: "EPOCH", CHORD_ADD: "CHORD_ADD", CHECKPOINT: "CHECKPOINT",
 }
 
 COUNTER_FIELDS = (

@@ -18,7 +18,8 @@ Chords
     A barrier counts its header members' final results.  A member's
     RESULT_SET is the logged change; when the last member succeeds the body
     message is published with the members' results, in order, prepended to
-    its args — once (the firing is logged too).  A failed member fails the
+    its args — once (the firing is logged too).  A waiting chord may grow
+    (CHORD_ADD: Celery's ``add_to_chord``); the added members are logged.  A failed member fails the
     chord: the error callback, if any, is published instead; the body never is.
 
 A mixin of BrokerState.  Pure: ``now`` is passed in.
@@ -387,6 +388,44 @@ class WorkflowMixin:
                 self._chord_member_done(ch, m, r.state, r.value, r.meta, now)
         return {"chord": chord_id, "pending": len(ch["pending"])}
 
+    def chord_add(self, chord_id, members, now: float) -> dict:
+        """Grow a waiting chord by ``members`` (task ids), appended in order: Celery's
+        ``self.add_to_chord(sig)`` from a task that is itself a member, so the chord cannot have
+        fired yet.  Ids already members of this chord are skipped (a retried CHORD_ADD changes
+        nothing); members that finished before being added count at once, as at declaration."""
+        self._refuse_if_log_failed()
+        if type(chord_id) is not str or not chord_id:
+            raise BadRequest("a chord id is a non-empty text string")
+        if type(members) is not list or not members or any(type(m) is not str or not m for m in members):
+            raise BadRequest("CHORD_ADD members must be a non-empty list of task ids (non-empty text strings)")
+        if len(set(members)) != len(members):
+            raise BadRequest("CHORD_ADD members must be distinct task ids")
+        ch = self.chords.get(chord_id)
+        if ch is None or ch["done"]:
+            how = "has already fired" if chord_id in self._fired_chords else "was never declared (CHORD)"
+            raise NotFound(f"chord {chord_id!r} is not waiting: it {how}; members can only be added "
+                           f"to a chord that waits for its members")
+        for m in members:
+            other = self._chord_of.get(m)
+            if other is not None and other != chord_id:
+                raise BadRequest(f"task {m!r} is already a member of chord {other!r}; a task counts toward one chord")
+        new = [m for m in members if m not in ch["results"] and m not in ch["pending"]]
+        if new:
+            self._log(R.CHORD_ADD, [chord_id, new])
+            self._add_chord_members(ch, new)
+            for m in new:  # finished before it was added: counted now, and the count logged
+                r = self.results.get(m)
+                if r is not None and r.state in ("SUCCESS", "FAILURE", "REVOKED", "REJECTED") and not ch["done"]:
+                    self._log(R.CHORD_MEMBER, [chord_id, m, [r.state, r.value, r.meta]])
+                    self._chord_member_done(ch, m, r.state, r.value, r.meta, now)
+        return {"chord": chord_id, "pending": len(ch["pending"])}
+
+    def _add_chord_members(self, ch, members) -> None:
+        ch["members"] = [*ch["members"], *members]
+        ch["pending"].update(members)
+        for m in members:
+            self._chord_of[m] = ch["id"]
+
     def _install_chord(self, chord_id, members, body, error) -> None:
         self.chords[chord_id] = {
             "id": chord_id, "members": members, "pending": set(members), "results": {},
@@ -480,6 +519,11 @@ class WorkflowMixin:
             cid, members, body, error = p
             if cid not in self.chords:
                 self._install_chord(cid, members, body, error)
+        elif t == R.CHORD_ADD:
+            cid, members = p
+            ch = self.chords.get(cid)
+            if ch is not None:
+                self._add_chord_members(ch, [m for m in members if m not in ch["results"] and m not in ch["pending"]])
         elif t == R.CHORD_MEMBER:
             cid, member, res = p
             ch = self.chords.get(cid)

@@ -11,7 +11,10 @@ Chords are counted in brokerd (CHORD, protocol.md §5.27, raw variant): ``apply_
 Celery message without sending it and hands it to brokerd, which publishes it once every member has a
 result, with their results in a header that the transport puts in front of the body's args.  There is
 no ``chord_unlock`` task.  When a member fails, brokerd stores a ChordError for the body; the worker
-whose member failed first runs the body's errbacks (``on_chord_part_return``).
+whose member failed first runs the body's errbacks (``on_chord_part_return``).  A header given as a
+generator is not read ahead: its members are collected as the transport publishes them and the CHORD
+follows the last one (``_LazyChords``).  ``add_to_chord`` (a running member grows its chord) is
+brokerd's CHORD_ADD.
 """
 
 from __future__ import annotations
@@ -32,10 +35,13 @@ from client.celery import message as M
 # How many chord ids one process remembers having sent by CHORD (to tell a frozen chord applied again
 # from a first apply): a re-application further back than this many chords fires once, as before.
 APPLIED_CHORDS_KEPT = 10_000  # ids (about 1 MB)
-from client.celery.transport import capture_publishes, capturing
-from client.errors import ConnectionClosed, ConnectionLost
+from client.celery.transport import add_publish_listener, capture_publishes, capturing
+from client.errors import ConnectionClosed, ConnectionLost, NotFound
 from client.producer import Client
 
+# Chords whose header is a generator, waiting for their members to be published (see _LazyChords): a
+# generator that raised midway leaves its entry behind, so only this many are kept, oldest dropped.
+MAX_LAZY_CHORDS = 1000  # chords (each holds its body message and the member ids seen so far)
 LONG_POLL_MAX = 30.0  # seconds one RESULT_GET may be held by brokerd; a get() longer than that re-asks
 # seconds a group join long-polls its first pending member before it looks at all of them again: the
 # grain of "completion order" when a later member finishes first (one RESULT_GET per member per slice)
@@ -204,10 +210,22 @@ class BrokerdBackend(BaseBackend):
 
     # -- chords, counted by brokerd -------------------------------------------------------------------
     def apply_chord(self, header_result_args, body, **kwargs):
-        header_result = self.app.GroupResult(*header_result_args)
-        members = [r.id for r in header_result.results]
-        if not members or any(isinstance(r, ResultSet) for r in header_result.results):
-            return super().apply_chord(header_result_args, body, **kwargs)  # nested header: chord_unlock
+        from celery.utils.functional import _regen
+
+        lazy = isinstance(header_result_args[1], _regen)
+        if lazy:
+            # A generator header (chord(gen(), body)): Celery publishes its tasks as it reads the
+            # generator (its test_generator checks the first task ran before the last was read), and the
+            # results it froze here are not the ids it publishes.  So the members are not read here:
+            # they are collected as the transport publishes them (_LazyChords), and the CHORD is
+            # declared once set_chord_size's count of them has been published.
+            header_result = self.app.GroupResult(header_result_args[0], [])
+            members = None
+        else:
+            header_result = self.app.GroupResult(*header_result_args)
+            members = [r.id for r in header_result.results]
+            if not members or any(isinstance(r, ResultSet) for r in header_result.results):
+                return super().apply_chord(header_result_args, body, **kwargs)  # nested header: chord_unlock
         lead = _one_message_body(body, self.app)  # the task whose message brokerd will hold
         with self._lock:
             again = header_result.id in self._applied_chords
@@ -234,7 +252,13 @@ class BrokerdBackend(BaseBackend):
             headers[M.IMMUTABLE] = True
         spec = {"queue": queue, "priority": p["priority"],
                 "message": {"body": p["body"], "id": p["id"] or body.id, "headers": headers}}
-        self._call(lambda c: c.chord(header_result.id, members, spec))
+        if lazy:
+            _LAZY.expect(self, header_result.id, spec)
+        else:
+            self._call(lambda c: c.chord(header_result.id, members, spec))
+            # This chord may itself be a member of a waiting generator header: its body (which names
+            # that header's group) is what the outer chord waits for.
+            _LAZY.published(raw)
         with self._lock:
             self._applied_chords[header_result.id] = True
             while len(self._applied_chords) > APPLIED_CHORDS_KEPT:
@@ -264,10 +288,112 @@ class BrokerdBackend(BaseBackend):
                 self.chord_error_from_stack(body, exc)
 
     def set_chord_size(self, group_id, chord_size):
-        pass  # brokerd knows the members from CHORD
+        """Celery calls this just before it publishes a header's last task.  A chord with a list header
+        was declared with its members (CHORD); a generator header's chord now knows how many to wait
+        for, and is declared as soon as that many have been published."""
+        _LAZY.sized(group_id, chord_size)
+
+    def _declare_collected(self, chord_id, members, spec):
+        self._call(lambda c: c.chord(chord_id, members, spec))
+
+    def add_to_chord(self, chord_id, result):
+        """Celery's ``self.add_to_chord(sig)`` (a running member grows its chord): CHORD_ADD, one
+        atomic change in brokerd, so the body waits for the added task too (protocol.md §5.49)."""
+        try:
+            self._call(lambda c: c.chord_add(chord_id, [result.id]))
+        except NotFound as exc:
+            # The chord is not counted by brokerd: it went by Celery's chord_unlock (a nested header, a
+            # group body, a frozen chord applied again) or it has fired.  Celery's own word for it:
+            raise NotImplementedError(f"add_to_chord on brokerd needs a chord counted by brokerd: {exc}") from None
 
     def ensure_chords_allowed(self):
         pass
+
+
+class _LazyChords:
+    """Chords with a generator header, between ``apply_chord`` and the publish of their last member.
+
+    Each header task's message carries the chord's group id (header ``group``); the transport tells us
+    of every message it sends (``add_publish_listener``), and the ones of a waiting group are its
+    members, in ``group_index`` order.  A member that is a chain is counted by its last task (the
+    result the chord waits for: the chain's embedded ``chain`` list, whose first item is its last
+    task).  When ``set_chord_size``'s count has been published, the CHORD is declared with them;
+    members that finished meanwhile are counted at once by brokerd (§5.27)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._waiting = {}  # group id -> {"backend", "spec", "body_id", "ids": [(index, id)], "size"}
+
+    def expect(self, backend, chord_id, spec):
+        with self._lock:
+            self._waiting[chord_id] = {"backend": backend, "spec": spec, "body_id": spec["message"]["id"],
+                                       "ids": [], "size": None}
+            while len(self._waiting) > MAX_LAZY_CHORDS:
+                self._waiting.pop(next(iter(self._waiting)))
+
+    def sized(self, chord_id, size):
+        with self._lock:
+            entry = self._waiting.get(chord_id)
+            if entry is None:
+                return
+            entry["size"] = size
+            seen = len(entry["ids"])
+            if seen < size - 1:
+                # Called before the last member is published: every earlier one should have been seen.
+                # One was not (a member that is a chord, or a chain ending in a group, publishes nothing
+                # that names this chord), so the count could never be reached: say so, not hang.
+                del self._waiting[chord_id]
+                raise NotImplementedError(
+                    f"chord {chord_id}: a generator header whose members are not all single tasks or chains "
+                    f"of tasks ({seen} of the first {size - 1} were seen) cannot be counted by brokerd; "
+                    f"pass the header as a list")
+        self._maybe_declare(chord_id)
+
+    def published(self, message):
+        if not self._waiting:  # the common case: nothing waits, one dict look-up per publish
+            return
+        headers = message.get("headers") or {}
+        gid, member, index = headers.get("group"), headers.get("id"), headers.get("group_index")
+        end = _chain_end(message)
+        if end is not None:
+            # A chain member: its first task carries no group; the chain's last task (the result the
+            # chord waits for) does, in its options.
+            member, gid = end.get("task_id") or member, gid or end.get("group_id")
+            index = end.get("group_index", index)
+        with self._lock:
+            entry = self._waiting.get(gid) if isinstance(gid, str) else None
+            if entry is None or member == entry["body_id"] or not isinstance(member, str) or not member:
+                return
+            entry["ids"].append((index if isinstance(index, int) else len(entry["ids"]), member))
+        self._maybe_declare(gid)
+
+    def _maybe_declare(self, chord_id):
+        with self._lock:
+            entry = self._waiting.get(chord_id)
+            if entry is None or entry["size"] is None or len(entry["ids"]) < entry["size"]:
+                return
+            del self._waiting[chord_id]
+        members = list(dict.fromkeys(mid for _, mid in sorted(entry["ids"], key=lambda p: p[0])))
+        entry["backend"]._declare_collected(chord_id, members, entry["spec"])
+
+
+def _chain_end(message):
+    """The options (task_id, group_id, group_index) of the last task of the chain a task message
+    starts, or None (not a chain, or a body this cannot read)."""
+    from kombu import serialization
+
+    try:
+        _args, _kwargs, embed = serialization.loads(M.body_bytes(message), message.get("content-type"),
+                                                    message.get("content-encoding"), accept=None)
+        rest = (embed or {}).get("chain") or []  # the tasks still to run, the last one first
+        opts = rest[0].get("options") if rest and isinstance(rest[0], dict) else None
+        return opts if isinstance(opts, dict) and isinstance(opts.get("task_id"), str) else None
+    except Exception:  # a body that is not Celery protocol 2: not a chain member
+        return None
+
+
+_LAZY = _LazyChords()
+add_publish_listener(_LAZY.published)
 
 
 def _one_message_body(body, app):

@@ -71,6 +71,15 @@ class capture_publishes:
         _capture.sent = self._outer
 
 
+_publish_listeners = []  # called with each kombu message this process sends (see add_publish_listener)
+
+
+def add_publish_listener(fn) -> None:
+    """``fn(message)`` is called after every message sent by any brokerd channel of this process (not
+    the captured ones): the backend learns a generator chord header's member ids this way."""
+    _publish_listeners.append(fn)
+
+
 def capturing() -> bool:
     """True inside ``capture_publishes`` on this thread."""
     return getattr(_capture, "sent", None) is not None
@@ -208,6 +217,9 @@ class Channel(virtual.Channel):
     def basic_publish(self, message, exchange, routing_key, **kwargs):
         self._inplace_augment_message(message, exchange, routing_key)
         self.router.publish(message, exchange, routing_key)
+        if not capturing():
+            for fn in _publish_listeners:
+                fn(message)
 
     def _lookup_direct(self, exchange, routing_key):
         try:

@@ -176,3 +176,88 @@ def test_a_frozen_chord_applied_again_is_a_new_run_whose_body_is_dispatched_agai
         assert [h["task"] for h in drain()] == ["t.tsum"]  # brokerd fired the first run's body
         c.apply_async()
         assert sorted(h["task"] for h in drain()) == ["celery.chord_unlock", "t.add", "t.add"]
+
+
+def _drain_headers(consumer, timeout):
+    from client.celery import message as M
+
+    out = []
+    while (d := consumer.get(timeout=timeout)) is not None:
+        out.append((M.from_delivery(d)["headers"], d.headers or {}))
+    return out
+
+
+def test_add_to_chord_makes_the_body_wait_for_the_added_task_too(app, broker):
+    """Celery's self.add_to_chord (test_add_to_chord): a running member grows its chord.  The backend
+    had no add_to_chord (NotImplementedError); now it is brokerd's CHORD_ADD, and the body fires
+    only once the added task has a result, with that result after the members'."""
+    from client.producer import Client
+
+    backend = app.backend
+    backend.client.chord("chord-a", ["m-1"], {"queue": "grow", "message": {"body": b"{}", "id": "body-a"}})
+    backend.add_to_chord("chord-a", app.AsyncResult("a-1"))
+    backend.store_result("m-1", 0, states.SUCCESS)
+    # m-1 alone would have fired the chord: brokerd still waits for a-1 (a repeat adds nothing)
+    assert backend.client.chord_add("chord-a", ["a-1"]) == {"chord": "chord-a", "pending": 1}
+    backend.store_result("a-1", 5, states.SUCCESS)
+    with Client(f"brokerd://{broker.address}") as c:
+        d = c.consume(["grow"], prefetch=1).get(timeout=WAIT)
+        assert d is not None and d.id == "body-a"
+        assert d.headers["x-chord-results"] == [0, 5]
+
+
+def test_add_to_chord_on_a_chord_brokerd_does_not_count_says_so(app):
+    with pytest.raises(NotImplementedError, match=r"add_to_chord on brokerd needs a chord counted by brokerd: "
+                                                  r"NOT_FOUND: chord 'no-such' is not waiting"):
+        app.backend.add_to_chord("no-such", app.AsyncResult("x-1"))
+
+
+def test_a_generator_header_is_published_as_it_is_read_and_counted_by_brokerd(app, broker):
+    """Celery's test_generator: a chord header given as a generator is read lazily, its first task
+    published before the generator ends.  The backend read it whole to name the CHORD's members
+    (and the ids Celery froze then were not those it published); now the members are collected as
+    they are published and the CHORD is declared once the last one is."""
+    from celery import chord
+
+    from client.producer import Client
+
+    add, tsum = app.signature("t.add"), app.signature("t.tsum")
+    with Client(f"brokerd://{broker.address}") as c:
+        consumer = c.consume(["celery"], prefetch=10)
+        seen = []
+
+        def header():
+            from client.celery import message as M
+
+            for i in range(3):
+                if i == 2:  # the first task is in brokerd before the generator is read to its end
+                    # (Celery reads one ahead: the second is published after this item is read)
+                    d = consumer.get(timeout=WAIT)
+                    assert d is not None, "Chord header was unrolled too early"
+                    seen.append((M.from_delivery(d)["headers"], d.headers))
+                yield add.clone((i, i))
+
+        res = chord(header(), tsum.clone()).apply_async()
+        seen.extend(_drain_headers(consumer, 0.5))
+        members = [h for h, _ in seen]
+        assert [h["task"] for h in members] == ["t.add"] * 3
+        for h, v in zip(reversed(members), (40, 20, 0)):  # results stored last to first
+            app.backend.store_result(h["id"], v, states.SUCCESS)
+        d = consumer.get(timeout=WAIT)
+        assert d is not None and d.id == res.id
+        assert d.headers["x-chord-results"] == [0, 20, 40]  # in the header's order
+
+
+def test_a_generator_header_whose_members_cannot_be_seen_is_refused_not_left_to_hang():
+    """set_chord_size comes before the last member is published: every earlier member must have been
+    seen by then, or the chord could never be declared (get() would wait for ever)."""
+    from client.celery.backend import _LazyChords
+
+    lazy = _LazyChords()
+    lazy.expect(None, "g-1", {"message": {"id": "body-1"}})
+    lazy.published({"headers": {"id": "m-1", "group": "g-1", "group_index": 0}, "body": b"",
+                    "content-type": "application/json"})
+    with pytest.raises(NotImplementedError, match=r"^chord g-1: a generator header whose members are not all "
+                                                  r"single tasks or chains of tasks \(1 of the first 2 were seen\)"):
+        lazy.sized("g-1", 3)
+    assert "g-1" not in lazy._waiting

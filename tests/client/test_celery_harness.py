@@ -73,3 +73,23 @@ def test_a_hung_test_fails_alone_and_the_file_resumes_after_it(harness, tmp_path
     assert res["test_after_the_hang"]["outcome"] == "passed"
     assert res["test_a_failed_subtest_fails_its_test"]["outcome"] == "failed"
     assert "the subtest's own error" in res["test_a_failed_subtest_fails_its_test"]["detail"]
+
+
+def test_the_report_names_the_reason_of_a_known_brokerd_only_failure_and_not_of_a_new_one(harness, capsys):
+    """Every test that passes on Redis and fails on brokerd is listed; those checked to be no gap in
+    brokerd (the Redis backend's own keys, a race in the test) carry their reason, so a new one stands out."""
+    known_id = "t/integration/test_canvas.py::test_chord::test_chord_on_error"
+    new_id = "t/integration/test_canvas.py::test_chord::test_something_new"
+
+    def run(outcome):
+        return {"results": {n: {"outcome": outcome, "detail": "boom"} for n in (known_id, new_id)},
+                "killed": False, "exit": 1, "seconds": 1.0, "log": "x"}
+
+    harness.report({("redis", "test_canvas.py"): run("passed"), ("brokerd", "test_canvas.py"): run("failed")},
+                   ["test_canvas.py"], ["redis", "brokerd"], {})
+    lines = capsys.readouterr().out.splitlines()
+    assert "passes on redis, fails on brokerd: 2" in lines
+    (known_line,) = [x for x in lines if "test_chord_on_error" in x]
+    (new_line,) = [x for x in lines if "test_something_new" in x]
+    assert "[known: not applicable: reads the Redis backend's own keys" in known_line
+    assert "[known:" not in new_line

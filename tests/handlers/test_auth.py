@@ -76,6 +76,9 @@ def test_authenticate_takes_the_right_token_and_nothing_else(users):
     ("ops", [wire.OP_CONTROL_REQUEST, 1, "shutdown", None, None], True),
     ("web", [wire.OP_CHORD, 1, "c", ["a"], {"queue": "emails", "body": b""}, {"queue": "payments", "body": b""}], False),
     ("web", [wire.OP_CHORD, 1, "c", ["a"], {"queue": "emails", "body": b""}, None], True),
+    ("web", [wire.OP_CHORD_ADD, 1, "c", ["a"]], True),  # CHORD_ADD needs publish, as CHORD
+    ("worker", [wire.OP_CHORD_ADD, 1, "c", ["a"]], False),
+    ("ops", [wire.OP_CHORD_ADD, 1, "c", ["a"]], False),
     ("ops", [wire.OP_ADMIN, 1, "PURGE emails"], False),
     ("root", [wire.OP_ADMIN, 1, "PURGE emails"], True),
     ("web", [wire.OP_PING, 1], True),

@@ -267,6 +267,7 @@ TEMPLATES = {
     wire.OP_SCHEDULE_PAUSE: ["s1", True],
     wire.OP_REVOKE: [["t1", "t2"], {"terminate": False, "ttl": 60}],
     wire.OP_CHORD: ["c1", ["t1", "t2"], {"task": "x.body", "queue": "fz"}, None],
+    wire.OP_CHORD_ADD: ["c1", ["t3"]],
     wire.OP_EMIT_EVENTS: ["host-1", [{"type": "task-received", "uuid": "t1", "name": "x", "timestamp": 1.0}]],
     wire.OP_SUBSCRIBE: [False, 0],
     wire.OP_TASK_INFO: ["t1"],

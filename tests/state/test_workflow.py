@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 import cbor2
 import pytest
 
-from broker.errors import RequestError
+from broker.errors import NotFound, RequestError
 from broker.state import BrokerState
 from broker.state.cron import Crontab
 from broker.wal import WriteAheadLog
@@ -396,3 +396,92 @@ def test_a_revoked_member_fails_the_chord(s):
 def test_a_chord_message_priority_is_checked(s):
     with pytest.raises(RequestError, match=r"^chord body priority must be a whole number from 0 to 255 \(got 'high'\)$"):
         s.chord_declare("c", ["a"], {**body_spec(), "priority": "high"}, None, T0)
+
+
+# -- CHORD_ADD: a chord that grows while it waits (Celery's add_to_chord, protocol.md §5.49) --------
+
+def test_added_members_are_waited_for_and_their_results_follow_in_order(s):
+    s.chord_declare("c1", ["m1"], raw_spec(), None, T0)
+    # m1 is running and adds two tasks before it finishes (Celery's self.add_to_chord)
+    assert s.chord_add("c1", ["a1", "a2"], T0) == {"chord": "c1", "pending": 3}
+    s.result_set(W, "m1", "SUCCESS", 0, None, T0)
+    s.result_set(W, "a2", "SUCCESS", 7, None, T0)
+    assert "celery" not in s.queues or not s.peek("celery")  # without the added members it fired here
+    s.result_set(W, "a1", "SUCCESS", 5, None, T0)
+    (msg,) = s.peek("celery")
+    assert msg.headers["x-chord-results"] == [0, 5, 7] and msg.headers["x-chord-last"] == "a1"
+
+
+def test_an_added_member_that_already_finished_counts_and_a_repeat_changes_nothing(s):
+    s.chord_declare("c1", ["m1", "m2"], body_spec(), None, T0)
+    s.result_set(W, "a1", "SUCCESS", 9, None, T0)  # the added task ran before its CHORD_ADD arrived
+    assert s.chord_add("c1", ["a1"], T0) == {"chord": "c1", "pending": 2}
+    assert s.chord_add("c1", ["a1", "m2"], T0) == {"chord": "c1", "pending": 2}  # a retried CHORD_ADD
+    s.result_set(W, "m1", "SUCCESS", 1, None, T0)
+    s.result_set(W, "m2", "SUCCESS", 2, None, T0)
+    (msg,) = s.peek("celery")
+    assert cbor2.loads(msg.body)["args"] == [[1, 2, 9]]
+
+
+def test_a_failed_added_member_fails_the_chord(s):
+    s.chord_declare("c1", ["m1"], body_spec(), None, T0)
+    s.chord_add("c1", ["a1"], T0)
+    s.result_set(W, "a1", "FAILURE", None, {"exc_type": "ValueError", "exc_message": "bad"}, T0)
+    s.result_set(W, "m1", "SUCCESS", 1, None, T0)
+    assert "celery" not in s.queues or not s.peek("celery")
+    assert "chord member a1 failed" in s.result_get(W, 1, "body-1", T0)["meta"]["exc_message"]
+
+
+@pytest.mark.parametrize("cid,members,error", [
+    ("c1", [], r"^CHORD_ADD members must be a non-empty list of task ids \(non-empty text strings\)$"),
+    ("c1", "a1", r"^CHORD_ADD members must be a non-empty list of task ids"),
+    ("c1", ["a1", 5], r"^CHORD_ADD members must be a non-empty list of task ids"),
+    ("c1", ["a1", ""], r"^CHORD_ADD members must be a non-empty list of task ids"),
+    ("c1", [["a1"]], r"^CHORD_ADD members must be a non-empty list of task ids"),
+    ("c1", ["a1", "a1"], r"^CHORD_ADD members must be distinct task ids$"),
+    ("", ["a1"], r"^a chord id is a non-empty text string$"),
+    (None, ["a1"], r"^a chord id is a non-empty text string$"),
+    ("c1", ["o1"], r"^task 'o1' is already a member of chord 'c2'; a task counts toward one chord$"),
+    ("nope", ["a1"], r"^chord 'nope' is not waiting: it was never declared \(CHORD\)"),
+])
+def test_hostile_chord_adds_are_refused_naming_what_is_wrong_and_change_nothing(s, cid, members, error):
+    s.chord_declare("c1", ["m1"], body_spec(), None, T0)
+    s.chord_declare("c2", ["o1"], body_spec(tid="body-2"), None, T0)
+    with pytest.raises((RequestError, NotFound), match=error):
+        s.chord_add(cid, members, T0)
+    assert s.chords["c1"]["members"] == ["m1"] and s.chords["c1"]["pending"] == {"m1"}
+
+
+def test_adding_to_a_fired_chord_is_refused(s):
+    s.chord_declare("c1", ["m1"], body_spec(), None, T0)
+    s.result_set(W, "m1", "SUCCESS", 1, None, T0)
+    with pytest.raises(NotFound, match=r"^chord 'c1' is not waiting: it has already fired"):
+        s.chord_add("c1", ["a1"], T0)
+    assert len(s.peek("celery")) == 1
+
+
+def test_added_members_survive_replay_and_compaction(s):
+    from broker.state import log_records as R
+
+    s.enable_log()
+    s.chord_declare("c1", ["m1"], raw_spec(), None, T0)
+    s.chord_add("c1", ["a1", "a2"], T0)
+    s.result_set(W, "a1", "SUCCESS", 5, None, T0)
+    recs = [(i + 1, t, cbor2.loads(cbor2.dumps(p))) for i, (t, p) in enumerate(s.take_records())]
+    assert [p for _, t, p in recs if t == R.CHORD_ADD] == [["c1", ["a1", "a2"]]]  # its own record
+    replayed = BrokerState()
+    replayed.enable_log()
+    replayed.replay(recs, T0)
+    # compaction rewrites the waiting chord with every member, the added ones included
+    replayed.compact(len(recs))
+    compacted = [(i + 1, t, cbor2.loads(cbor2.dumps(p))) for i, (t, p) in enumerate(replayed.take_records())]
+    for records, label in ((recs, "replayed"), (compacted, "compacted")):
+        fresh = BrokerState()
+        fresh.replay(records, T0)
+        fresh.connect(W)
+        assert fresh.chords["c1"]["pending"] == {"m1", "a2"}, label
+        fresh.result_set(W, "m1", "SUCCESS", 0, None, T0)
+        assert "celery" not in fresh.queues or not fresh.peek("celery"), label
+        fresh.result_set(W, "a2", "SUCCESS", 7, None, T0)
+        (msg,) = fresh.peek("celery")
+        assert msg.headers["x-chord-results"] == [0, 5, 7], label
