@@ -15,6 +15,7 @@ from client.exceptions import ChordError, EncodeError, ImproperlyConfigured, Rej
 from client.result import GroupResult, result_from_tuple
 from tests.canvas_apps import tasks as t
 from tests.support.broker import ROOT, broker_for_app
+from tests.support.waiting import wait_for
 
 WAIT = 30  # seconds: a bound on every get(); each canvas here takes well under a second
 
@@ -184,7 +185,7 @@ def test_link_error_on_a_chain_and_a_group_reaches_the_failed_task(worker):
     with pytest.raises(Exception):
         r.get(timeout=WAIT)
     assert eb_res.get(timeout=WAIT) == r.parent.id  # the step that failed
-    geb, geb_res = _cb("group-failed")  # Celery makes a group's errback immutable: it gets no id
+    geb, geb_res = _cb("group-failed")  # immutable: it gets no id
     g = group(t.add.s(1, 1), t.boom.s())
     g.link_error(geb)
     g.apply_async()
@@ -196,6 +197,73 @@ def test_an_errback_taking_request_exc_traceback_is_called_with_them(worker):
     with pytest.raises(ValueError):
         r.get(timeout=WAIT)
     assert t.app.AsyncResult(f"{r.id}-errback").get(timeout=WAIT) == f"{r.id} ValueError boom in step True"
+
+
+def _log_lines(d, name, *words):
+    """Lines of a task's log file under CANVAS_DIR that contain every one of ``words``."""
+    path = d / name
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [ln for ln in lines if all(w in ln.split() for w in words)]
+
+
+def test_an_errback_s_stored_arguments_do_not_count_as_open_ones(worker):
+    """Celery 5.7's rule: ``eb(task_id, label).s('x')`` (or ``.s(label='x')``) has one argument left, so it
+    is sent with the failed task's id; ``eb(request, exc, tb, label).s('x')`` has three left, so it is
+    called with the request (before, both were classified by their full arity: neither ran)."""
+    for eb in (t.labelled_old_errback.s("by-arg"), t.labelled_old_errback.s(label="by-kwarg")):
+        r = t.boom.s().on_error(eb).apply_async()
+        with pytest.raises(ValueError):
+            r.get(timeout=WAIT)
+        label = eb.args[0] if eb.args else eb.kwargs["label"]
+        assert wait_for(lambda: _log_lines(worker, "labelled_errbacks.log", "old", r.id, label), WAIT,
+                        f"the old-style errback with {label} for {r.id}") == [f"old {r.id} {label}"]
+    r = t.boom.s().on_error(t.labelled_new_errback.s("stored")).apply_async()
+    with pytest.raises(ValueError):
+        r.get(timeout=WAIT)  # a new-style errback runs before the failure is stored: it is there now
+    assert _log_lines(worker, "labelled_errbacks.log", "new", r.id) == [f"new {r.id} ValueError stored"]
+
+
+def test_a_groups_errback_stays_mutable_so_an_old_style_one_gets_the_failed_members_id(worker):
+    failing = t.boom.s()
+    fid = failing.freeze().id
+    g = group(failing, t.add.si(1, 1))
+    g.link_error(t.old_errback.s())
+    with pytest.raises(ValueError):
+        g.apply_async().get(timeout=WAIT)
+    wait_for(lambda: _log_lines(worker, "old_errbacks.log", fid), WAIT, f"old_errback({fid})")
+
+
+def test_a_replaced_chain_step_passes_its_errbacks_to_its_replacement_only(worker):
+    """chain(replaced, fails).link_error(eb): eb runs once, for the failing step (it was linked to that step
+    twice: by the chain, and again by the replacement)."""
+    c = chain(t.add_replaced.si(1, 2), t.boom.s())
+    c.link_error(t.new_errback.s())
+    r = c.apply_async()
+    with pytest.raises(ValueError):
+        r.get(timeout=WAIT)
+    assert _log_lines(worker, "new_errbacks.log", r.id) == [f"{r.id} ValueError True"]
+
+
+def test_a_failed_chord_calls_the_errbacks_of_each_member_of_its_group_body_as_that_member(worker):
+    """Celery 5.7 (#8786): a chord whose header fails calls, per task of a group body, that task's errbacks
+    (its own and the chord's), as if it had failed with the member's own exception; a chord in the body
+    counts as its body's task."""
+    first = t.tsum.s()
+    first.link_error(t.labelled_new_errback.s("own"))
+    body = group(first, t.tsum.s(), chord([t.add.si(2, 2)], t.tsum.s()))
+    workflow = chord([t.add.si(1, 1), t.boom.si()], body)
+    workflow.link_error(t.labelled_new_errback.s("chord"))
+    r = workflow.apply_async()
+    with pytest.raises((ValueError, ChordError)):
+        r.get(timeout=WAIT)
+    ids = [m.id for m in r.results]  # the second member's, and the nested chord's body's
+    want = sorted([f"new {ids[0]} ValueError own", *(f"new {i} ValueError chord" for i in ids)])
+
+    def seen():
+        got = sorted(ln for i in ids for ln in _log_lines(worker, "labelled_errbacks.log", i))
+        return got if len(got) >= len(want) else None
+
+    assert wait_for(seen, WAIT, "the errbacks of the group body's members") == want
 
 
 def test_a_chord_s_task_id_names_its_result_and_tasks_themselves_may_be_members(worker):
