@@ -152,9 +152,17 @@ class Signature(dict):
     def args(self) -> tuple:
         return tuple(self["args"])
 
+    @args.setter
+    def args(self, value) -> None:  # Celery's signatures let you set them: ``link_sig.args = (msg,)``
+        self["args"] = list(value or ())
+
     @property
     def kwargs(self) -> dict:
         return self["kwargs"]
+
+    @kwargs.setter
+    def kwargs(self, value) -> None:
+        self["kwargs"] = dict(value or {})
 
     @property
     def options(self) -> dict:

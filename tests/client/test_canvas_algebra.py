@@ -167,6 +167,12 @@ def test_errbacks_taking_more_than_one_argument_get_request_exc_traceback():
     assert not errback_takes_request(app, old_style.s())
     assert not errback_takes_request(app, bound.s())  # Celery: bound tasks keep the old style
     assert not errback_takes_request(app, Signature("not.registered.here"))
+    # Celery 5.7: a mutable errback's stored arguments are bound first, from the left
+    assert not errback_takes_request(app, add.s("label"))  # add(x, y): one left, the failed task's id
+    assert not errback_takes_request(app, add.s(y="label"))
+    assert errback_takes_request(app, add.si("label"))  # immutable: its full arity counts
+    assert errback_takes_request(app, new_style.s("stored"))  # (exc, traceback) still open: 2 > 1
+    assert errback_takes_request(app, add.s(1, 2, 3))  # cannot bind: classified by its full arity, as Celery
 
 
 def test_a_canvas_keeps_its_tasks_app_when_another_app_is_created_later():
@@ -244,3 +250,15 @@ def test_task_always_eager_runs_chains_groups_and_chords_here_and_throw_is_honou
         assert isinstance(e_fail.apply_async().get(propagate=False), KeyError)
     finally:
         eager.conf.task_always_eager = False
+
+
+def test_a_signatures_args_and_kwargs_may_be_set_as_in_celery():
+    """Celery's own tasks do ``link_sig.args = (msg,)`` before linking it; the map that travels follows."""
+    s = add.s()
+    s.args = ("msg",)
+    s.kwargs = {"y": 2}
+    assert s.args == ("msg",) and s.kwargs == {"y": 2}
+    assert cbor2.loads(cbor2.dumps(dict(s)))["args"] == ["msg"]
+    assert s.clone((1,)).args == (1, "msg")
+    s.args = None
+    assert s.args == () and s.clone().args == ()
