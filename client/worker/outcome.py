@@ -23,6 +23,17 @@ S_REJECT = 1  # nack without requeue: the dead-letter queue
 S_REQUEUE = 2  # nack with requeue: run again now (counts an attempt)
 S_RETRY = 3  # nack with a delay and a new "retries" header: brokerd holds it
 
+# The meta of an outcome that succeeded but stores no result (ignore_result): (S_ACK, None, None,
+# UNSTORED_SUCCESS, None, None), so the worker can tell it from an ignored task (Ignore), which stores
+# nothing either.  A string, because outcomes cross from pool processes pickled.
+UNSTORED_SUCCESS = "succeeded, result not stored"
+
+
+def succeeded(outcome) -> bool:
+    """The task ran and returned (its result stored or not)."""
+    return outcome[1] == "SUCCESS" or (outcome[1] is None and outcome[3] == UNSTORED_SUCCESS)
+
+
 RESULT_REPR_MAX = 200  # characters of a return value shown in the "succeeded" log line
 EVENT_REPR_MAX = 200  # characters of args, kwargs and result reprs in events and control replies
 

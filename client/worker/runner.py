@@ -33,6 +33,7 @@ from client.worker.outcome import (
     S_REJECT,
     S_REQUEUE,
     S_RETRY,
+    UNSTORED_SUCCESS,
     exc_meta,
     reject_meta,
     safe_str,
@@ -344,7 +345,7 @@ class Runner:
             ignore = self.app.conf.get("task_ignore_result", False)
         _send(signals.task_success, sender=task, result=retval)
         if ignore:
-            return (S_ACK, None, None, None, None, None)
+            return (S_ACK, None, None, UNSTORED_SUCCESS, None, None)
         # Tasks this one sent (AsyncResult.children): kept in the result's meta, with Celery's
         # result_extended the task's name, args and kwargs too (AsyncResult.name/args/kwargs).
         meta = {"children": [c for c in req.children if isinstance(c, str)]} if req.children else None

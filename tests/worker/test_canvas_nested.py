@@ -539,6 +539,25 @@ def test_start_worker_runs_tasks_in_this_process_so_worker_signals_reach_the_tes
     assert (r.id, {"where": "here"}) in got
 
 
+def test_the_worker_remembers_which_tasks_succeeded_here_even_with_no_result_stored(canvas_broker):
+    """Celery's worker_state.successful_requests: the in-process worker fills this process's set, also for a
+    task whose result is ignored (nothing else says it finished); a failed task is not in it."""
+    from client.worker.state import successful_requests
+    from client.worker.testing import start_worker
+
+    q = f"inproc-state.{os.getpid()}"
+    with start_worker(t.app, queues=[q], concurrency=2):
+        ignored = t.add.apply_async((1, 2), queue=q, ignore_result=True)
+        wait_for(lambda: ignored.id in successful_requests, WAIT, "the ignored task among the successful ones")
+        failed = t.boom.apply_async(queue=q)
+        with pytest.raises(ValueError):
+            failed.get(timeout=WAIT)
+        stored = t.add.apply_async((2, 2), queue=q)
+        assert stored.get(timeout=WAIT) == 4
+        wait_for(lambda: stored.id in successful_requests, WAIT, "the stored task among the successful ones")
+    assert ignored.get(timeout=WAIT) is None and failed.id not in successful_requests
+
+
 def test_start_worker_says_why_when_brokerd_cannot_be_reached():
     from client import App
     from client.worker.testing import WorkerDidNotStart, start_worker
