@@ -334,8 +334,8 @@ class Signature(dict):
         return self.apply_async().get()
 
     def __or__(self, other):
-        if isinstance(other, chain):  # task | chain → chain
-            return _mkchain([self, *other.tasks], self._app)
+        if isinstance(other, chain):  # task | chain → chain (the chain's own callbacks stay on its tasks)
+            return _mkchain([self, *_unchain_tasks(other)], self._app)
         if isinstance(other, group):  # task | group → chain (a group of one is its member)
             return _mkchain([self, _unroll(other)], self._app)
         if isinstance(other, Signature):  # task | task → chain
@@ -439,6 +439,27 @@ def _app_of(sigs, app=None):
     return None
 
 
+def _unchain_tasks(c) -> list:
+    """A chain's tasks with its own ``link``/``link_error`` handed down (Celery's ``unchain_tasks``): the
+    callbacks to its last task, the errbacks to every task; so a chain that joins another keeps them
+    where they were meant to run.  Unchanged (not copied) when it has none."""
+    tasks = list(c.tasks)
+    links, errbacks = _sig_list(c.options.get("link"), c._app), _sig_list(c.options.get("link_error"), c._app)
+    if not tasks or not (links or errbacks):
+        return tasks
+    tasks = [maybe_signature(t, c._app).clone() for t in tasks]
+    for cb in links:
+        tasks[-1].link(cb)
+    for eb in errbacks:
+        for t in tasks:
+            t.link_error(eb)
+    return tasks
+
+
+def _without_links(options: dict) -> dict:
+    return {k: v for k, v in options.items() if k not in ("link", "link_error")}
+
+
 def _mkchain(tasks, app=None, options=None) -> "chain":
     app = _app_of(tasks, app)
     c = dict.__new__(chain)
@@ -496,17 +517,18 @@ class chain(Signature):
             other = _unroll(other)
             if not isinstance(other, group):
                 return self | other
-            tasks = list(self.tasks)
+            tasks = _unchain_tasks(self)  # Celery: its own callbacks stay with its tasks
             if not tasks:
                 return other
+            opts = _without_links(self.options)
             if isinstance(tasks[-1], chord):  # chain ending in a chord | group: the group joins its body
                 last = tasks[-1].clone()
                 last.body = last.body | other
-                return _mkchain([*tasks[:-1], last], self._app, self.options)
-            return _mkchain([*tasks, other], self._app, self.options)
-        if isinstance(other, chain):
-            out = self
-            for t in other.tasks:
+                return _mkchain([*tasks[:-1], last], self._app, opts)
+            return _mkchain([*tasks, other], self._app, opts)
+        if isinstance(other, chain):  # chain | chain: one chain; each side's own callbacks stay on its tasks
+            out = _mkchain(_unchain_tasks(self), self._app, _without_links(self.options))
+            for t in _unchain_tasks(other):
                 out = out | t
             return out
         if isinstance(other, Signature):
@@ -522,7 +544,9 @@ class chain(Signature):
                 last = tasks[-1].clone()
                 last.body = last.body | other
                 return _mkchain([*tasks[:-1], last], self._app, self.options)
-            return _mkchain([*tasks, other], self._app, self.options)
+            # chain | task: Celery hands the chain's own callbacks to its tasks first (they run where the
+            # chain ended, not after the new task)
+            return _mkchain([*_unchain_tasks(self), other], self._app, _without_links(self.options))
         return NotImplemented
 
     __ior__ = __or__

@@ -262,3 +262,20 @@ def test_a_signatures_args_and_kwargs_may_be_set_as_in_celery():
     assert s.clone((1,)).args == (1, "msg")
     s.args = None
     assert s.args == () and s.clone().args == ()
+
+
+def test_a_chain_joining_another_keeps_its_own_callbacks_on_its_tasks():
+    """Celery's unchain_tasks: chain(inner, x) with inner.link(cb)/link_error(eb) runs cb after inner's last
+    task (not after x) and eb on a failure of any of inner's tasks; before, both were dropped."""
+    inner = add.s(1, 1) | add.s(2)
+    inner.link(tsum.si([1]))
+    inner.link_error(old_style.s())
+    for outer in (chain(inner, add.s(3)), inner | add.s(3), tsum.s() | inner):
+        steps = outer.steps()
+        linked = [[cb.name for cb in s.options.get("link") or ()] for s in steps]
+        errbacks = [len(s.options.get("link_error") or ()) for s in steps]
+        if steps[0].name == tsum.name:  # task | chain: the task is not part of the inner chain
+            assert linked == [[], [], [tsum.name]] and errbacks == [0, 1, 1]
+        else:
+            assert linked == [[], [tsum.name], []] and errbacks == [1, 1, 0]
+    assert "link" in inner.options and len(inner.tasks[1].options.get("link") or ()) == 0  # inner unchanged
