@@ -1097,7 +1097,13 @@ def message_spec(app, sig: Signature, scope: str = "task") -> dict:
     queue, priority = app.queue_and_priority(sig.name, app.tasks.get(sig.name), opts.get("queue"),
                                              opts.get("priority"))
     tid = sig.freeze().id
-    env = make_envelope(sig.name, tid, sig.args, sig.kwargs, headers=opts.get("headers"))
+    # sent later by brokerd on behalf of the task running now (a chord declared inside a task, or by the
+    # worker that continues a chain): that task's root is its root, as for any task it sends (Celery's)
+    parent = current_request.get()
+    parent_id, root_id = (parent.id, parent.root_id or parent.id) if parent is not None and not parent.is_eager \
+        else (None, None)
+    env = make_envelope(sig.name, tid, sig.args, sig.kwargs, parent_id=parent_id, root_id=root_id,
+                        headers=opts.get("headers"))
     for key in WORKFLOW_KEYS:
         if opts.get(key):
             env[key] = _plain(opts[key])

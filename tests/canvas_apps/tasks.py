@@ -206,3 +206,9 @@ def labelled_new_errback(request, exc, traceback, label):
 def add_replaced(self, x, y):
     """Replaced by ``add``: the replaced task's errbacks go to its replacement only (Celery's)."""
     return self.replace(add.s(x, y))
+
+
+@app.task(bind=True)
+def collect_ids(self, results, i):
+    """Celery's collect_ids: (the header's results, [root_id, parent_id, i]) of this run (a chord body)."""
+    return [results, [self.request.root_id, self.request.parent_id, i]]

@@ -351,6 +351,19 @@ def test_chain_steps_and_a_trailing_groups_members_have_the_previous_step_as_par
         assert (root_id, parent_id) == (g.parent.parent.id, g.parent.id)
 
 
+def test_a_chord_body_is_started_by_the_member_that_completed_it_under_the_chains_root(worker):
+    """Celery's test_parent_ids__plain_task_body: the body's parent is one of the header's tasks (brokerd
+    names the one whose result completed the chord) and its root the chain's first task (it was the body's
+    own id: brokerd publishes it, not a task)."""
+    root = t.ids.si(1)
+    root_id = root.freeze().id
+    res = chain(root, t.ids.si(2), chord([t.ids.si(i) for i in range(3, 8)], t.collect_ids.s(50))).apply_async()
+    prev, (body_root, body_parent, value) = res.get(timeout=WAIT)
+    assert value == 50 and body_root == root_id
+    assert body_parent in [r.id for r in res.parent.results]
+    assert all(r[0] == root_id and r[1] == res.parent.parent.id for r in prev)  # the members: ids(2) started them
+
+
 def test_a_returned_signature_is_stored_as_its_map_and_rebuilds_whole(worker):
     """Celery's test_signature_serialization: a task may return a canvas; the next step rebuilds it."""
     r = (t.make_canvas.s() | t.rebuild_canvas.s()).apply_async()
