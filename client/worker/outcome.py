@@ -64,7 +64,7 @@ def exc_meta(exc: BaseException, hostname: str, tb: str | None = None) -> dict:
 
 
 def reject_meta(exc: BaseException, hostname: str) -> dict:
-    """The meta of a REJECTED result (``raise Reject(reason, requeue=False)``): the reason, no traceback."""
+    """The meta of the FAILURE a ``raise Reject(reason, requeue=False)`` stores: the reason, no traceback."""
     return {"exc_type": "Reject", "exc_message": safe_str(exc), "traceback": None, "hostname": hostname}
 
 

@@ -364,8 +364,15 @@ class Runner:
             log.info("Task %s[%s] rejected (requeue=%s): %s", task.name, req.id, exc.requeue, exc)
             if exc.requeue:
                 return (S_REQUEUE, None, None, None, None, None)
-            # Celery's REJECTED state, stored so that get() ends (raising Reject) instead of waiting for ever
-            return (S_REJECT, "REJECTED", None, reject_meta(exc, self.hostname), None, None)
+            # Celery 5.7 (#4222): a task that rejects its message for good is a FAILURE (the Reject itself,
+            # re-raised by get(); task_failure sent; its errbacks called) and the message is dead-lettered
+            meta = reject_meta(exc, self.hostname)
+            meta.update(exc_identity(exc))
+            if req.errbacks:
+                call_errbacks(self.app, req, exc, None)
+            _send(signals.task_failure, sender=task, task_id=req.id, exception=exc, args=req.args, kwargs=req.kwargs,
+                  traceback=None, einfo=None)
+            return (S_REJECT, "FAILURE", None, meta, None, None)
         auto = task.autoretry_for
         if auto and isinstance(exc, tuple(auto)) and not (
             task.dont_autoretry_for and isinstance(exc, tuple(task.dont_autoretry_for))

@@ -505,11 +505,14 @@ def test_each_replace_counts_one_more_in_request_replaced_task_nesting(worker):
         assert r.get(timeout=WAIT) == [0], bad
 
 
-def test_reject_without_requeue_stores_rejected_so_get_returns(worker):
-    r = t.reject_me.delay("no thanks")
+def test_reject_without_requeue_stores_failure_so_get_raises_the_reject(worker):
+    """Celery 5.7 (#4222): FAILURE with the Reject itself (it was REJECTED, a state Celery's own test now
+    refuses), and the task's errbacks run as for any failure."""
+    r = t.reject_me.s("no thanks").on_error(t.new_errback.s()).apply_async()
     with pytest.raises(Reject, match="no thanks"):
         r.get(timeout=WAIT)
-    assert r.state == "REJECTED"
+    assert r.state == "FAILURE" and r.failed() and r.ready()
+    assert _log_lines(worker, "new_errbacks.log", r.id) == [f"{r.id} Reject False"]
 
 
 def test_reject_with_requeue_runs_the_task_again(worker):
