@@ -835,8 +835,9 @@ class chord(Signature):
             options = {**{k: v for k, v in header.options.items() if k == "task_id"}, **options}
         elif isinstance(header, dict):  # one signature (or a chain) as the whole header
             tasks = [maybe_signature(header, app)]
-        else:
-            tasks = _sigs((header,), app)
+        else:  # a list of signatures: copies (Celery's _maybe_group), so linking to chord.tasks or freezing
+            # them leaves the caller's signatures as they were
+            tasks = [t.clone() if isinstance(t, Signature) else t for t in _sigs((header,), app)]
         body = maybe_signature(body, app)
         super().__init__("celery.chord", (), {"header": tasks, "body": body}, options,
                          _app_of([*tasks, body], app), subtask_type="chord")

@@ -279,3 +279,16 @@ def test_a_chain_joining_another_keeps_its_own_callbacks_on_its_tasks():
         else:
             assert linked == [[], [tsum.name], []] and errbacks == [1, 1, 0]
     assert "link" in inner.options and len(inner.tasks[1].options.get("link") or ()) == 0  # inner unchanged
+
+
+def test_a_chord_holds_copies_of_a_header_given_as_a_list():
+    """Celery's _maybe_group: chord([a, b], body) keeps copies, so linking to (or freezing) chord.tasks
+    leaves a and b as they were (Celery's test_enabling_flag_allow_error_cb_on_chord_header counts on it)."""
+    a, b = add.si(1, 1), add.si(2, 2)
+    c = chord((a, b), tsum.s())
+    for t in c.tasks:
+        t.link_error(old_style.s())
+    c.freeze()
+    assert a == add.si(1, 1) and b == add.si(2, 2) and "link_error" not in a.options
+    g = group(a, b)
+    assert chord(g, tsum.s()).tasks[0] is a  # a group's own tasks, as in Celery
