@@ -138,7 +138,8 @@ def request_for(env, task, queue, priority, attempts, retries, hostname) -> Requ
         errbacks=env.get("link_error") or None, replaced_task_nesting=nesting, stamped_headers=names,
         stamps={n: stamps.get(n) for n in names},
         properties={"correlation_id": env["id"], "reply_to": None, "priority": priority,
-                    "delivery_info": {"routing_key": queue}},
+                    "delivery_info": {"routing_key": queue},
+                    **({"app_id": opts["app_id"]} if type(opts.get("app_id")) is str else {})},
     )
 
 
@@ -494,9 +495,10 @@ def check_envelope(env: dict) -> None:
     value = opts.get("ignore_result")
     if value is not None and type(value) is not bool:
         raise ValueError(f"task envelope field 'options.ignore_result' must be true, false or null (got {shown(value)})")
-    value = opts.get("shadow")
-    if value is not None and type(value) is not str:
-        raise ValueError(f"task envelope field 'options.shadow' must be text or null (got {shown(value)})")
+    for key in ("shadow", "app_id"):
+        value = opts.get(key)
+        if value is not None and type(value) is not str:
+            raise ValueError(f"task envelope field 'options.{key}' must be text or null (got {shown(value)})")
     value = opts.get("rate_limit")
     if value is not None and _bad_number(value, nonneg=True):
         raise ValueError(f"task envelope field 'options.rate_limit' must be tasks per second (a number >= 0) or null "

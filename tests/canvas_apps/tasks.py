@@ -212,3 +212,9 @@ def add_replaced(self, x, y):
 def collect_ids(self, results, i):
     """Celery's collect_ids: (the header's results, [root_id, parent_id, i]) of this run (a chord body)."""
     return [results, [self.request.root_id, self.request.parent_id, i]]
+
+
+@app.task(bind=True)
+def properties_of(self):
+    """Celery's return_properties: this run's request.properties."""
+    return self.request.properties

@@ -520,6 +520,16 @@ def test_reject_with_requeue_runs_the_task_again(worker):
     assert (worker / "requeue-marker").exists()
 
 
+def test_app_id_given_to_apply_async_reaches_request_properties(worker):
+    """Celery's test_properties: app_id (a message property) reaches request.properties; it was refused
+    as an unknown option.  A value that is not a short text is refused in the caller, naming it."""
+    assert t.properties_of.apply_async(app_id="1234").get(timeout=WAIT)["app_id"] == "1234"
+    assert "app_id" not in t.properties_of.delay().get(timeout=WAIT)
+    for bad in (1234, "x" * 256, ["a"]):
+        with pytest.raises(TypeError, match="app_id must be text of at most 255 characters"):
+            t.properties_of.apply_async(app_id=bad)
+
+
 def test_hostile_workflow_keys_cost_only_their_own_continuation(worker):
     """Garbage in ``chain``/``link``/``link_error`` (a buggy or hostile producer) must not cost the worker:
     the task's own result is stored, and the worker runs the next task."""
