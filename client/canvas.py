@@ -881,8 +881,17 @@ class chord(Signature):
         return self.body.link(callback)
 
     def link_error(self, errback):
-        """Celery (task_allow_error_cb_on_chord_header off, its default): linked to the body; brokerd
-        publishes the body's first errback when a header member fails."""
+        """Celery's: linked to the body (whose errbacks run when a header member fails, ``_error_spec``);
+        with the setting ``task_allow_error_cb_on_chord_header`` on (read now, as Celery does), also to
+        every header task, made immutable, so each failing member calls it too."""
+        errback = maybe_signature(errback, self._app)
+        try:
+            on_header = bool(self.app.conf.get("task_allow_error_cb_on_chord_header"))
+        except RuntimeError:  # no app anywhere yet: the default, off
+            on_header = False
+        if on_header:
+            for t in self.tasks:
+                maybe_signature(t, self._app).link_error(errback.clone().set(immutable=True))
         return self.body.link_error(errback)
 
     def __call__(self, body=None, **options):

@@ -292,3 +292,18 @@ def test_a_chord_holds_copies_of_a_header_given_as_a_list():
     assert a == add.si(1, 1) and b == add.si(2, 2) and "link_error" not in a.options
     g = group(a, b)
     assert chord(g, tsum.s()).tasks[0] is a  # a group's own tasks, as in Celery
+
+
+def test_task_allow_error_cb_on_chord_header_links_the_errback_to_each_header_task_too():
+    c = chord([add.si(1, 1), add.si(2, 2)], tsum.s())
+    c.link_error(old_style.s())
+    assert [t.options.get("link_error") for t in c.tasks] == [None, None]  # Celery's default: the body only
+    assert len(c.body.options["link_error"]) == 1
+    app.conf.task_allow_error_cb_on_chord_header = True
+    try:
+        c = chord([add.si(1, 1), add.si(2, 2)], tsum.s())
+        c.link_error(old_style.s())
+        assert [[e.immutable for e in t.options["link_error"]] for t in c.tasks] == [[True], [True]]
+        assert [e.immutable for e in c.body.options["link_error"]] == [False]
+    finally:
+        app.conf.task_allow_error_cb_on_chord_header = False
