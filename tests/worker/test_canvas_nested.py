@@ -361,6 +361,9 @@ def test_a_chord_body_is_started_by_the_member_that_completed_it_under_the_chain
     prev, (body_root, body_parent, value) = res.get(timeout=WAIT)
     assert value == 50 and body_root == root_id
     assert body_parent in [r.id for r in res.parent.results]
+    assert body_parent in res.parent.results  # Celery's own form: a result equals its id
+    assert res.parent.results[0] == res.parent.results[0].id and res.parent.results[0] != 42
+    assert len({res.parent.results[0], res.parent.results[0].id}) == 1  # and hashes as it
     assert all(r[0] == root_id and r[1] == res.parent.parent.id for r in prev)  # the members: ids(2) started them
 
 
