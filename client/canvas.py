@@ -764,6 +764,11 @@ class group(Signature):
         """Celery 5.7: every member gets a copy of the errback (mutable as given: an old-style one gets
         the failed member's id), so any failure calls it."""
         sig = maybe_signature(sig, self._app)
+        if self.options.get("link_error") is not None:
+            # the group has errbacks of its own (``group(...).set(link_error=eb)``), which replace its
+            # members' when it runs (Celery): this one joins them, so both run (Celery's chord does so)
+            self.options["link_error"] = [*_sig_list(self.options["link_error"], self._app), sig.clone()]
+            return (sig,)
         return tuple(t.link_error(sig.clone()) for t in self.tasks)
 
     def stamp(self, visitor=None, append_stamps=False, **headers):
@@ -789,8 +794,17 @@ class group(Signature):
         gid = options.pop("task_id", None)
         result = g.freeze(gid)
         app = None
+        own = g.options.get("link_error")  # the group's own errbacks: each member runs with them instead of its own
+        own = None if own is None else _sig_list(own, self._app)
         for t in g.tasks:
             app = t.app
+            if own is not None:
+                t = t.clone()
+                if _is_composite(t):  # a chain's steps, a group's members, a chord's body get them
+                    for eb in own:
+                        t.link_error(eb.clone())
+                else:
+                    t["options"]["link_error"] = [eb.clone() for eb in own]
             if _is_composite(t):
                 t.apply_async(g["args"], kwargs, **options)
             else:

@@ -266,6 +266,19 @@ def test_a_failed_chord_calls_the_errbacks_of_each_member_of_its_group_body_as_t
     assert wait_for(seen, WAIT, "the errbacks of the group body's members") == want
 
 
+def test_a_groups_own_errbacks_replace_its_members_and_a_chords_join_them(worker):
+    """Celery's test_link_error_option_with_link_error_of_group_body: group(...).set(link_error=eb) runs eb
+    for a failing member (it was never sent), and a chord's errback given to apply_async joins it: each
+    runs once."""
+    body = group(t.boom.s(), t.tsum.s()).set(link_error=t.labelled_new_errback.s("group"))
+    r = chord([t.add.si(1, 1)], body).apply_async(link_error=t.labelled_new_errback.s("chord"))
+    with pytest.raises(ValueError):
+        r.get(timeout=WAIT)
+    failed = r.results[0].id  # new-style errbacks run before the failure is stored: both are there now
+    assert sorted(_log_lines(worker, "labelled_errbacks.log", failed)) == [
+        f"new {failed} ValueError chord", f"new {failed} ValueError group"]
+
+
 def test_a_chord_s_task_id_names_its_result_and_tasks_themselves_may_be_members(worker):
     """Celery's: chord.freeze(id) / apply_async(task_id=id) give the body's result that id (the chord's
     result), also for a chain body of implicit chords; a task given as a header member is its .s()."""
