@@ -43,13 +43,14 @@ How each one runs on brokerd:
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 import uuid
 
 from client._current import Request, current_app, current_request
 from client.envelope import encode_envelope, make_envelope
-from client.exceptions import Ignore, ImproperlyConfigured
+from client.exceptions import ChordError, Ignore, ImproperlyConfigured
 from client.result import AsyncResult, EagerResult, GroupResult
 
 # canvas never imports client.app: it works on the app it is given (or the
@@ -61,7 +62,7 @@ log = logging.getLogger("brokerd.worker")
 # The built-in task brokerd publishes as a chord body that is itself a group or chord: it applies the
 # canvas in its ``sig`` keyword to the header's results (registered by ``register_builtins``).
 APPLY_TASK = "brokerd.canvas"
-# The built-in task brokerd publishes when a chord with a multi-task body fails (``_error_spec``).
+# The built-in task brokerd publishes when a chord fails and its body has errbacks or more task ids (``_error_spec``).
 CHORD_FAILED_TASK = "brokerd.chord_failed"
 # Celery's celery.accumulate (its arguments as one result), for ``replace(group)``; brokerd.* names are
 # built-ins, hidden from ``inspect registered``.
@@ -93,6 +94,15 @@ def _sig_list(value, app=None) -> list:
     raise TypeError(f"link and link_error take a signature or a list of signatures, not {type(value).__name__}")
 
 
+def _links_as_lists(options: dict) -> dict:
+    """``link``/``link_error`` given as one signature (Celery allows ``sig.set(link_error=eb)``) kept as a
+    list of one, the shape everything that reads or appends to them expects."""
+    for key in ("link", "link_error"):
+        if isinstance(options.get(key), dict):
+            options[key] = [options[key]]
+    return options
+
+
 class Signature(dict):
     """``task.s(*args, **kwargs)``: name, args, kwargs and call options.
 
@@ -113,7 +123,7 @@ class Signature(dict):
             app = app or getattr(task, "app", None)  # a task itself (Celery: chord([tsum, tsum], ...))
             task = task.name
         super().__init__(task=task, args=list(args or ()), kwargs=dict(kwargs or {}),
-                         options={**(options or {}), **ex}, immutable=bool(immutable))
+                         options=_links_as_lists({**(options or {}), **ex}), immutable=bool(immutable))
         if subtask_type:
             self["subtask_type"] = subtask_type
         self._app = app
@@ -142,9 +152,17 @@ class Signature(dict):
     def args(self) -> tuple:
         return tuple(self["args"])
 
+    @args.setter
+    def args(self, value) -> None:  # Celery's signatures let you set them: ``link_sig.args = (msg,)``
+        self["args"] = list(value or ())
+
     @property
     def kwargs(self) -> dict:
         return self["kwargs"]
+
+    @kwargs.setter
+    def kwargs(self, value) -> None:
+        self["kwargs"] = dict(value or {})
 
     @property
     def options(self) -> dict:
@@ -178,7 +196,7 @@ class Signature(dict):
         ignore a parent's result, as ``.si()`` does.  Returns self."""
         if immutable is not None:
             self["immutable"] = bool(immutable)
-        self["options"].update(options)
+        self["options"].update(_links_as_lists(options))
         return self
 
     def set_immutable(self, immutable: bool) -> None:
@@ -316,8 +334,8 @@ class Signature(dict):
         return self.apply_async().get()
 
     def __or__(self, other):
-        if isinstance(other, chain):  # task | chain → chain
-            return _mkchain([self, *other.tasks], self._app)
+        if isinstance(other, chain):  # task | chain → chain (the chain's own callbacks stay on its tasks)
+            return _mkchain([self, *_unchain_tasks(other)], self._app)
         if isinstance(other, group):  # task | group → chain (a group of one is its member)
             return _mkchain([self, _unroll(other)], self._app)
         if isinstance(other, Signature):  # task | task → chain
@@ -421,6 +439,27 @@ def _app_of(sigs, app=None):
     return None
 
 
+def _unchain_tasks(c) -> list:
+    """A chain's tasks with its own ``link``/``link_error`` handed down (Celery's ``unchain_tasks``): the
+    callbacks to its last task, the errbacks to every task; so a chain that joins another keeps them
+    where they were meant to run.  Unchanged (not copied) when it has none."""
+    tasks = list(c.tasks)
+    links, errbacks = _sig_list(c.options.get("link"), c._app), _sig_list(c.options.get("link_error"), c._app)
+    if not tasks or not (links or errbacks):
+        return tasks
+    tasks = [maybe_signature(t, c._app).clone() for t in tasks]
+    for cb in links:
+        tasks[-1].link(cb)
+    for eb in errbacks:
+        for t in tasks:
+            t.link_error(eb)
+    return tasks
+
+
+def _without_links(options: dict) -> dict:
+    return {k: v for k, v in options.items() if k not in ("link", "link_error")}
+
+
 def _mkchain(tasks, app=None, options=None) -> "chain":
     app = _app_of(tasks, app)
     c = dict.__new__(chain)
@@ -478,17 +517,18 @@ class chain(Signature):
             other = _unroll(other)
             if not isinstance(other, group):
                 return self | other
-            tasks = list(self.tasks)
+            tasks = _unchain_tasks(self)  # Celery: its own callbacks stay with its tasks
             if not tasks:
                 return other
+            opts = _without_links(self.options)
             if isinstance(tasks[-1], chord):  # chain ending in a chord | group: the group joins its body
                 last = tasks[-1].clone()
                 last.body = last.body | other
-                return _mkchain([*tasks[:-1], last], self._app, self.options)
-            return _mkchain([*tasks, other], self._app, self.options)
-        if isinstance(other, chain):
-            out = self
-            for t in other.tasks:
+                return _mkchain([*tasks[:-1], last], self._app, opts)
+            return _mkchain([*tasks, other], self._app, opts)
+        if isinstance(other, chain):  # chain | chain: one chain; each side's own callbacks stay on its tasks
+            out = _mkchain(_unchain_tasks(self), self._app, _without_links(self.options))
+            for t in _unchain_tasks(other):
                 out = out | t
             return out
         if isinstance(other, Signature):
@@ -504,7 +544,9 @@ class chain(Signature):
                 last = tasks[-1].clone()
                 last.body = last.body | other
                 return _mkchain([*tasks[:-1], last], self._app, self.options)
-            return _mkchain([*tasks, other], self._app, self.options)
+            # chain | task: Celery hands the chain's own callbacks to its tasks first (they run where the
+            # chain ended, not after the new task)
+            return _mkchain([*_unchain_tasks(self), other], self._app, _without_links(self.options))
         return NotImplemented
 
     __ior__ = __or__
@@ -719,9 +761,15 @@ class group(Signature):
         return self.tasks[0].link(sig)
 
     def link_error(self, sig):
-        """Celery: every member gets the errback (made immutable), so any failure calls it."""
+        """Celery 5.7: every member gets a copy of the errback (mutable as given: an old-style one gets
+        the failed member's id), so any failure calls it."""
         sig = maybe_signature(sig, self._app)
-        return tuple(t.link_error(sig.clone().set(immutable=True)) for t in self.tasks)
+        if self.options.get("link_error") is not None:
+            # the group has errbacks of its own (``group(...).set(link_error=eb)``), which replace its
+            # members' when it runs (Celery): this one joins them, so both run (Celery's chord does so)
+            self.options["link_error"] = [*_sig_list(self.options["link_error"], self._app), sig.clone()]
+            return (sig,)
+        return tuple(t.link_error(sig.clone()) for t in self.tasks)
 
     def stamp(self, visitor=None, append_stamps=False, **headers):
         return _stamp_composite(self, visitor, append_stamps, headers, "on_group_start", "on_group_end",
@@ -746,8 +794,17 @@ class group(Signature):
         gid = options.pop("task_id", None)
         result = g.freeze(gid)
         app = None
+        own = g.options.get("link_error")  # the group's own errbacks: each member runs with them instead of its own
+        own = None if own is None else _sig_list(own, self._app)
         for t in g.tasks:
             app = t.app
+            if own is not None:
+                t = t.clone()
+                if _is_composite(t):  # a chain's steps, a group's members, a chord's body get them
+                    for eb in own:
+                        t.link_error(eb.clone())
+                else:
+                    t["options"]["link_error"] = [eb.clone() for eb in own]
             if _is_composite(t):
                 t.apply_async(g["args"], kwargs, **options)
             else:
@@ -792,8 +849,9 @@ class chord(Signature):
             options = {**{k: v for k, v in header.options.items() if k == "task_id"}, **options}
         elif isinstance(header, dict):  # one signature (or a chain) as the whole header
             tasks = [maybe_signature(header, app)]
-        else:
-            tasks = _sigs((header,), app)
+        else:  # a list of signatures: copies (Celery's _maybe_group), so linking to chord.tasks or freezing
+            # them leaves the caller's signatures as they were
+            tasks = [t.clone() if isinstance(t, Signature) else t for t in _sigs((header,), app)]
         body = maybe_signature(body, app)
         super().__init__("celery.chord", (), {"header": tasks, "body": body}, options,
                          _app_of([*tasks, body], app), subtask_type="chord")
@@ -837,8 +895,17 @@ class chord(Signature):
         return self.body.link(callback)
 
     def link_error(self, errback):
-        """Celery (task_allow_error_cb_on_chord_header off, its default): linked to the body; brokerd
-        publishes the body's first errback when a header member fails."""
+        """Celery's: linked to the body (whose errbacks run when a header member fails, ``_error_spec``);
+        with the setting ``task_allow_error_cb_on_chord_header`` on (read now, as Celery does), also to
+        every header task, made immutable, so each failing member calls it too."""
+        errback = maybe_signature(errback, self._app)
+        try:
+            on_header = bool(self.app.conf.get("task_allow_error_cb_on_chord_header"))
+        except RuntimeError:  # no app anywhere yet: the default, off
+            on_header = False
+        if on_header:
+            for t in self.tasks:
+                maybe_signature(t, self._app).link_error(errback.clone().set(immutable=True))
         return self.body.link_error(errback)
 
     def __call__(self, body=None, **options):
@@ -910,7 +977,7 @@ class chord(Signature):
             return result
         ids = [i for m in members for i in _final_ids(m)]
         spec = body_spec(app, c.body)
-        error = _error_spec(app, c.body, spec)
+        error = _error_spec(app, c.body, spec, result.id)
         app.client.chord(c.id, ids, spec, error)
         for m in members:
             if _is_composite(m):
@@ -985,17 +1052,66 @@ def _first_sig(sig):
     return sig
 
 
-def _error_spec(app, body, spec: dict) -> dict | None:
-    """What brokerd publishes when a header member fails.  brokerd itself fails the body spec's task id;
-    when the body holds more task ids (a chain, group or chord), ``brokerd.chord_failed`` fails those too,
-    so nothing waits for ever, and then sends the body's errback; else the errback is the spec itself."""
-    errbacks = _first_sig(body).options.get("link_error") or []
-    errback = maybe_signature(errbacks[0], app).clone() if errbacks else None
+def _errbacks_of(sig) -> list:
+    """The errbacks linked to ``sig``'s result, as plain maps without repeats (Celery's
+    ``_result_errbacks``): a chord's are its body's (``chord.link_error`` puts them there), a chain's
+    its last step's (a frozen chain keeps them on its steps), a group's its members' and its own."""
+    out: list = []
+
+    def add(opts):
+        for e in _sig_list((opts or {}).get("link_error")):
+            p = _plain(e)
+            if p not in out:
+                out.append(p)
+
+    add(sig.options)
+    if isinstance(sig, chord):
+        out.extend(e for e in _errbacks_of(sig.body) if e not in out)
+    elif isinstance(sig, chain) and sig.tasks:
+        out.extend(e for e in _errbacks_of(sig.tasks[-1]) if e not in out)
+    elif isinstance(sig, group):
+        for t in sig.tasks:
+            out.extend(e for e in _errbacks_of(t) if e not in out)
+    return out
+
+
+def _result_id(sig) -> str | None:
+    """The id of a frozen signature's result: a chord's is its body's, a chain's its last step's."""
+    if isinstance(sig, chain):
+        return _result_id(sig.tasks[-1]) if sig.tasks else sig.id
+    if isinstance(sig, chord):
+        return _result_id(sig.body)
+    return sig.id
+
+
+def _error_units(body, result_id) -> list[dict]:
+    """Whose errbacks a failed chord calls, and as which task (Celery 5.7's ``chord_error_from_stack``):
+    a group body, each of its members (a nested group's members too) with its own errbacks, as that
+    member; any other body, once, as the body (the chord's result id)."""
+    if not isinstance(body, group):
+        return [{"id": result_id, "errbacks": _errbacks_of(body)}]
+    units = []
+    for t in body.tasks:
+        if isinstance(t, group):
+            units.extend(_error_units(t, None))
+        else:
+            units.append({"id": _result_id(t), "errbacks": _errbacks_of(t)})
+    return [u for u in units if u["errbacks"] and isinstance(u["id"], str)]
+
+
+def _error_spec(app, body, spec: dict, result_id: str | None = None) -> dict | None:
+    """What brokerd publishes when a header member fails: ``brokerd.chord_failed``, when there is anything
+    to do beyond what brokerd does itself (it fails the body spec's task id).  It fails the body's other
+    task ids (a chain, group or chord body), so nothing waits for ever, and calls the body's errbacks as
+    Celery does for a failed chord (``_error_units``): new-style ones with ``(request, exc, None)``,
+    old-style ones sent with the request's id; ``exc`` is a ChordError naming the member that failed, or,
+    for the members of a group body, that member's own exception."""
+    units = [u for u in _error_units(body, result_id or spec["body"]["id"]) if u["errbacks"]]
     others = [i for i in _all_ids(_plain(body)) if i != spec["body"]["id"]]
-    if others:
-        return message_spec(app, Signature(CHORD_FAILED_TASK, (), {"ids": others, "errback": _plain(errback)},
-                                           app=app), "chord-error")
-    return message_spec(app, errback, "chord-error") if errback is not None else None
+    if not (others or units):
+        return None
+    kwargs = {"ids": others, "errbacks": units, "own_exc": isinstance(body, group)}
+    return message_spec(app, Signature(CHORD_FAILED_TASK, (), kwargs, app=app), "chord-error")
 
 
 def message_spec(app, sig: Signature, scope: str = "task") -> dict:
@@ -1005,7 +1121,13 @@ def message_spec(app, sig: Signature, scope: str = "task") -> dict:
     queue, priority = app.queue_and_priority(sig.name, app.tasks.get(sig.name), opts.get("queue"),
                                              opts.get("priority"))
     tid = sig.freeze().id
-    env = make_envelope(sig.name, tid, sig.args, sig.kwargs, headers=opts.get("headers"))
+    # sent later by brokerd on behalf of the task running now (a chord declared inside a task, or by the
+    # worker that continues a chain): that task's root is its root, as for any task it sends (Celery's)
+    parent = current_request.get()
+    parent_id, root_id = (parent.id, parent.root_id or parent.id) if parent is not None and not parent.is_eager \
+        else (None, None)
+    env = make_envelope(sig.name, tid, sig.args, sig.kwargs, parent_id=parent_id, root_id=root_id,
+                        headers=opts.get("headers"))
     for key in WORKFLOW_KEYS:
         if opts.get(key):
             env[key] = _plain(opts[key])
@@ -1103,13 +1225,29 @@ def register_builtins(app) -> None:
         maybe_signature(sig, app).apply_async(args)
         return None
 
-    def _chord_failed(member, exc_type, exc_message, *args, ids=(), errback=None):
-        """A chord failed: every task id of its body fails with ChordError; then its errback is sent."""
+    def _chord_failed(member, exc_type, exc_message, *args, ids=(), errbacks=(), own_exc=False, errback=None):
+        """A chord failed: every task id of its body fails with ChordError; then the body's errbacks run as
+        Celery runs them for a failed chord (``_error_spec``).  ``errback``: the one errback of an error spec
+        from an earlier client, sent with brokerd's arguments as it was then."""
         why = {"exc_type": "ChordError", "exc_message": f"chord member {member} failed: {exc_type}: {exc_message}"}
         for tid in ids:
             app.client.store_result(tid, "FAILURE", None, why)
         if errback:
             maybe_signature(errback, app).apply_async((member, exc_type, exc_message, *args))
+        exc = ChordError("ChordError", f"Dependency {member} raised {exc_type}: {exc_message}")
+        if own_exc and errbacks:
+            try:  # the member's own exception, as its stored FAILURE rebuilds it
+                stored = AsyncResult(member, app=app).result
+                if isinstance(stored, BaseException):
+                    exc = stored
+            except Exception:  # noqa: BLE001 - unreadable: the ChordError says the same
+                pass
+        for unit in errbacks or ():
+            if not isinstance(unit, dict) or type(unit.get("id")) is not str:
+                continue  # a forged unit: nothing to call it as
+            req = Request(id=unit["id"], root_id=unit["id"], errbacks=list(unit.get("errbacks") or ()),
+                          task=CHORD_FAILED_TASK)
+            run_errbacks(app, req, exc, None)
 
     def _accumulate(*args, index=None):
         """Celery's celery.accumulate: its arguments (or the one at ``index``), for ``replace(group)``."""
@@ -1140,12 +1278,15 @@ def replace(task, sig):
     for step in steps:
         for s in _plain_sigs(step):
             s.set(headers={**(s.options.get("headers") or {}), "replaced_task_nesting": nesting})
-    full = _mkchain([*steps, *rest], task.app)
+    # The replaced task's callbacks and errbacks go to the replacement only, as in Celery: the rest of
+    # its chain carries its own (a chain's link_error is on every step already), so linking them there
+    # too would call an errback twice
     for cb in getattr(req, "callbacks", None) or ():
-        _final_sig(full.tasks[-1]).link(cb)
+        _final_sig(steps[-1]).link(cb)
     for eb in getattr(req, "errbacks", None) or ():
-        for s in full.tasks:
+        for s in steps:
             s.link_error(eb)
+    full = _mkchain([*steps, *rest], task.app)
     full.apply_async()
     raise Ignore(f"replaced by {sig!r}")
 
@@ -1176,17 +1317,45 @@ def _final_sig(sig):
 
 # -- what a worker does after a task: called by client.worker ----------------------------------
 def errback_takes_request(app, eb: Signature) -> bool:
-    """Celery's rule: an errback whose task (registered here, not bound) takes more than one
-    positional argument is called as ``errback(request, exc, traceback)`` in the worker; any other
-    is sent as a task with the failed task's id."""
+    """Celery's rule (5.7, ``_call_task_errbacks``): an errback whose task (registered here, not bound)
+    still takes more than one positional argument is called as ``errback(request, exc, traceback)`` in
+    the worker; any other is sent as a task with the failed task's id.  A mutable errback's stored
+    arguments are bound first (from the left, as ``functools.partial`` binds them), so
+    ``eb(request_id, label).s('x')`` leaves one open argument and is sent with the id, while
+    ``eb(request, exc, tb, label).s('x')`` leaves three and is called with the request."""
     task = app.tasks.get(eb.name)
     if task is None or getattr(task, "bind", False):
         return False
+    fun = task.run
+    if not eb.immutable and (eb.args or eb.kwargs):
+        try:
+            return _open_arity(functools.partial(fun, *eb.args, **eb.kwargs)) > 1
+        except (TypeError, ValueError):  # stored arguments that cannot bind: classified as Celery does, unbound
+            pass
     try:
-        spec = inspect.getfullargspec(task.run)
-    except TypeError:
+        return _open_arity(fun) > 1
+    except (TypeError, ValueError):
         return False
-    return bool(spec.varargs) or len(spec.args) > 1
+
+
+def _open_arity(fun) -> float:
+    """How many positional arguments ``fun`` still takes (infinite with ``*args``)."""
+    spec = inspect.getfullargspec(fun)
+    return float("inf") if spec.varargs else len(spec.args)
+
+
+def run_errbacks(app, request, exc, tb) -> None:
+    """Every errback of ``request``, as Celery's backend calls them: new-style ones here
+    (``call_errbacks``), the others sent as tasks with ``request.id``."""
+    call_errbacks(app, request, exc, tb)
+    for eb in getattr(request, "errbacks", None) or ():
+        try:
+            s = maybe_signature(eb, app)
+            if not errback_takes_request(app, s):
+                s.apply_async((request.id,))
+        except Exception:  # noqa: BLE001 - one errback that cannot be sent must not stop the others
+            log.exception("errback %r of task %s could not be sent", eb.get("task") if isinstance(eb, dict) else eb,
+                          request.id)
 
 
 def call_errbacks(app, request, exc, tb) -> None:

@@ -110,7 +110,12 @@ class AsyncResult:
                 log.exception("then() callback %r of task %s raised", callback, self.id)
 
     def __eq__(self, other):
-        return isinstance(other, AsyncResult) and other.id == self.id
+        """Equal to a result with the same id, or to the id itself (Celery's: ``task_id in group.results``)."""
+        if isinstance(other, AsyncResult):
+            return other.id == self.id
+        if isinstance(other, str):
+            return other == self.id
+        return NotImplemented
 
     def __hash__(self):
         return hash(self.id)

@@ -481,6 +481,8 @@ class WorkflowMixin:
             if ok:
                 results = [ch["results"][m][1] for m in ch["members"]]
                 env["args"] = [results, *env.get("args", [])]
+                if last is not None:  # as x-chord-last above: the member that completed the chord started it
+                    env["parent_id"] = last
             else:
                 env["args"] = [failed_member, (meta or {}).get("exc_type"), (meta or {}).get("exc_message"),
                                *env.get("args", [])]

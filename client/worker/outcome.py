@@ -23,6 +23,17 @@ S_REJECT = 1  # nack without requeue: the dead-letter queue
 S_REQUEUE = 2  # nack with requeue: run again now (counts an attempt)
 S_RETRY = 3  # nack with a delay and a new "retries" header: brokerd holds it
 
+# The meta of an outcome that succeeded but stores no result (ignore_result): (S_ACK, None, None,
+# UNSTORED_SUCCESS, None, None), so the worker can tell it from an ignored task (Ignore), which stores
+# nothing either.  A string, because outcomes cross from pool processes pickled.
+UNSTORED_SUCCESS = "succeeded, result not stored"
+
+
+def succeeded(outcome) -> bool:
+    """The task ran and returned (its result stored or not)."""
+    return outcome[1] == "SUCCESS" or (outcome[1] is None and outcome[3] == UNSTORED_SUCCESS)
+
+
 RESULT_REPR_MAX = 200  # characters of a return value shown in the "succeeded" log line
 EVENT_REPR_MAX = 200  # characters of args, kwargs and result reprs in events and control replies
 
@@ -53,7 +64,7 @@ def exc_meta(exc: BaseException, hostname: str, tb: str | None = None) -> dict:
 
 
 def reject_meta(exc: BaseException, hostname: str) -> dict:
-    """The meta of a REJECTED result (``raise Reject(reason, requeue=False)``): the reason, no traceback."""
+    """The meta of the FAILURE a ``raise Reject(reason, requeue=False)`` stores: the reason, no traceback."""
     return {"exc_type": "Reject", "exc_message": safe_str(exc), "traceback": None, "hostname": hostname}
 
 

@@ -33,6 +33,7 @@ from client.worker.outcome import (
     S_REJECT,
     S_REQUEUE,
     S_RETRY,
+    UNSTORED_SUCCESS,
     exc_meta,
     reject_meta,
     safe_str,
@@ -137,7 +138,8 @@ def request_for(env, task, queue, priority, attempts, retries, hostname) -> Requ
         errbacks=env.get("link_error") or None, replaced_task_nesting=nesting, stamped_headers=names,
         stamps={n: stamps.get(n) for n in names},
         properties={"correlation_id": env["id"], "reply_to": None, "priority": priority,
-                    "delivery_info": {"routing_key": queue}},
+                    "delivery_info": {"routing_key": queue},
+                    **({"app_id": opts["app_id"]} if type(opts.get("app_id")) is str else {})},
     )
 
 
@@ -344,7 +346,7 @@ class Runner:
             ignore = self.app.conf.get("task_ignore_result", False)
         _send(signals.task_success, sender=task, result=retval)
         if ignore:
-            return (S_ACK, None, None, None, None, None)
+            return (S_ACK, None, None, UNSTORED_SUCCESS, None, None)
         # Tasks this one sent (AsyncResult.children): kept in the result's meta, with Celery's
         # result_extended the task's name, args and kwargs too (AsyncResult.name/args/kwargs).
         meta = {"children": [c for c in req.children if isinstance(c, str)]} if req.children else None
@@ -363,8 +365,15 @@ class Runner:
             log.info("Task %s[%s] rejected (requeue=%s): %s", task.name, req.id, exc.requeue, exc)
             if exc.requeue:
                 return (S_REQUEUE, None, None, None, None, None)
-            # Celery's REJECTED state, stored so that get() ends (raising Reject) instead of waiting for ever
-            return (S_REJECT, "REJECTED", None, reject_meta(exc, self.hostname), None, None)
+            # Celery 5.7 (#4222): a task that rejects its message for good is a FAILURE (the Reject itself,
+            # re-raised by get(); task_failure sent; its errbacks called) and the message is dead-lettered
+            meta = reject_meta(exc, self.hostname)
+            meta.update(exc_identity(exc))
+            if req.errbacks:
+                call_errbacks(self.app, req, exc, None)
+            _send(signals.task_failure, sender=task, task_id=req.id, exception=exc, args=req.args, kwargs=req.kwargs,
+                  traceback=None, einfo=None)
+            return (S_REJECT, "FAILURE", None, meta, None, None)
         auto = task.autoretry_for
         if auto and isinstance(exc, tuple(auto)) and not (
             task.dont_autoretry_for and isinstance(exc, tuple(task.dont_autoretry_for))
@@ -486,9 +495,10 @@ def check_envelope(env: dict) -> None:
     value = opts.get("ignore_result")
     if value is not None and type(value) is not bool:
         raise ValueError(f"task envelope field 'options.ignore_result' must be true, false or null (got {shown(value)})")
-    value = opts.get("shadow")
-    if value is not None and type(value) is not str:
-        raise ValueError(f"task envelope field 'options.shadow' must be text or null (got {shown(value)})")
+    for key in ("shadow", "app_id"):
+        value = opts.get(key)
+        if value is not None and type(value) is not str:
+            raise ValueError(f"task envelope field 'options.{key}' must be text or null (got {shown(value)})")
     value = opts.get("rate_limit")
     if value is not None and _bad_number(value, nonneg=True):
         raise ValueError(f"task envelope field 'options.rate_limit' must be tasks per second (a number >= 0) or null "

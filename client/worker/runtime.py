@@ -73,10 +73,11 @@ from client.worker.intake import CONNECT_TIMEOUT, online_worker_names
 from client.worker.limits import TaskLimits
 from client.worker.mainloop import run_sync
 from client.worker.logs import LOG_FORMAT, setup_logging
-from client.worker.outcome import (S_ACK, S_REQUEUE, S_RETRY, lost_outcome, undecodable_outcome, unknown_outcome,
-                                   unsigned_outcome)
+from client.worker.outcome import (S_ACK, S_REQUEUE, S_RETRY, lost_outcome, succeeded, undecodable_outcome,
+                                   unknown_outcome, unsigned_outcome)
 from client.worker.pools.base import Job, close_fds
 from client.worker.runner import check_envelope, request_for
+from client.worker.state import successful_requests
 
 log = logging.getLogger("brokerd.worker")
 
@@ -412,6 +413,8 @@ class Worker:
         """``job`` ended with ``outcome``: report it and settle it (or keep its result for later)."""
         self.running.pop(job.seq, None)
         self.stats.ran(job.name)
+        if succeeded(outcome):
+            successful_requests.add(job.task_id)  # Celery's worker_state.successful_requests
         credit = self.credit
         if credit is not None:
             rt = runtime if runtime is not None else (time.time() - job.started if job.started is not None else None)

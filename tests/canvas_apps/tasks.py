@@ -188,3 +188,33 @@ def reject_first_time(marker):
         p.write_text("rejected once")
         raise Reject("not yet", requeue=True)
     return "ran after requeue"
+
+
+@app.task
+def labelled_old_errback(task_id, label):
+    """An old-style errback with a stored argument: ``.s('x')`` leaves one open (the failed task's id)."""
+    _log("labelled_errbacks.log", f"old {task_id} {label}")
+
+
+@app.task
+def labelled_new_errback(request, exc, traceback, label):
+    """A new-style errback with a stored argument: ``.s('x')`` still leaves three open."""
+    _log("labelled_errbacks.log", f"new {request.id} {type(exc).__name__} {label}")
+
+
+@app.task(bind=True)
+def add_replaced(self, x, y):
+    """Replaced by ``add``: the replaced task's errbacks go to its replacement only (Celery's)."""
+    return self.replace(add.s(x, y))
+
+
+@app.task(bind=True)
+def collect_ids(self, results, i):
+    """Celery's collect_ids: (the header's results, [root_id, parent_id, i]) of this run (a chord body)."""
+    return [results, [self.request.root_id, self.request.parent_id, i]]
+
+
+@app.task(bind=True)
+def properties_of(self):
+    """Celery's return_properties: this run's request.properties."""
+    return self.request.properties

@@ -113,8 +113,12 @@ def test_callbacks_land_where_celery_puts_them():
     g = group(add.s(1, 1), add.s(2, 2))
     g.link(tsum.s())
     assert g.tasks[0].options["link"][0].immutable and "link" not in g.tasks[1].options
-    g.link_error(old_style.s())
-    assert all(t.options["link_error"][0].immutable for t in g.tasks)
+    g.link_error(old_style.s())  # Celery 5.7: each member gets a mutable copy (an old-style one gets its id)
+    assert [t.options["link_error"][0].immutable for t in g.tasks] == [False, False]
+    assert g.tasks[0].options["link_error"][0] is not g.tasks[1].options["link_error"][0]
+    one = add.s(1, 1).set(link_error=old_style.si())  # one signature as the option (Celery allows it)
+    one.link_error(old_style.s())
+    assert [e.immutable for e in one.options["link_error"]] == [True, False]
     ch = chord([add.s(1, 1)], tsum.s())
     ch.link(add.s(1))
     assert ch.body.options["link"][0].name == add.name
@@ -163,6 +167,12 @@ def test_errbacks_taking_more_than_one_argument_get_request_exc_traceback():
     assert not errback_takes_request(app, old_style.s())
     assert not errback_takes_request(app, bound.s())  # Celery: bound tasks keep the old style
     assert not errback_takes_request(app, Signature("not.registered.here"))
+    # Celery 5.7: a mutable errback's stored arguments are bound first, from the left
+    assert not errback_takes_request(app, add.s("label"))  # add(x, y): one left, the failed task's id
+    assert not errback_takes_request(app, add.s(y="label"))
+    assert errback_takes_request(app, add.si("label"))  # immutable: its full arity counts
+    assert errback_takes_request(app, new_style.s("stored"))  # (exc, traceback) still open: 2 > 1
+    assert errback_takes_request(app, add.s(1, 2, 3))  # cannot bind: classified by its full arity, as Celery
 
 
 def test_a_canvas_keeps_its_tasks_app_when_another_app_is_created_later():
@@ -240,3 +250,60 @@ def test_task_always_eager_runs_chains_groups_and_chords_here_and_throw_is_honou
         assert isinstance(e_fail.apply_async().get(propagate=False), KeyError)
     finally:
         eager.conf.task_always_eager = False
+
+
+def test_a_signatures_args_and_kwargs_may_be_set_as_in_celery():
+    """Celery's own tasks do ``link_sig.args = (msg,)`` before linking it; the map that travels follows."""
+    s = add.s()
+    s.args = ("msg",)
+    s.kwargs = {"y": 2}
+    assert s.args == ("msg",) and s.kwargs == {"y": 2}
+    assert cbor2.loads(cbor2.dumps(dict(s)))["args"] == ["msg"]
+    assert s.clone((1,)).args == (1, "msg")
+    s.args = None
+    assert s.args == () and s.clone().args == ()
+
+
+def test_a_chain_joining_another_keeps_its_own_callbacks_on_its_tasks():
+    """Celery's unchain_tasks: chain(inner, x) with inner.link(cb)/link_error(eb) runs cb after inner's last
+    task (not after x) and eb on a failure of any of inner's tasks; before, both were dropped."""
+    inner = add.s(1, 1) | add.s(2)
+    inner.link(tsum.si([1]))
+    inner.link_error(old_style.s())
+    for outer in (chain(inner, add.s(3)), inner | add.s(3), tsum.s() | inner):
+        steps = outer.steps()
+        linked = [[cb.name for cb in s.options.get("link") or ()] for s in steps]
+        errbacks = [len(s.options.get("link_error") or ()) for s in steps]
+        if steps[0].name == tsum.name:  # task | chain: the task is not part of the inner chain
+            assert linked == [[], [], [tsum.name]] and errbacks == [0, 1, 1]
+        else:
+            assert linked == [[], [tsum.name], []] and errbacks == [1, 1, 0]
+    assert "link" in inner.options and len(inner.tasks[1].options.get("link") or ()) == 0  # inner unchanged
+
+
+def test_a_chord_holds_copies_of_a_header_given_as_a_list():
+    """Celery's _maybe_group: chord([a, b], body) keeps copies, so linking to (or freezing) chord.tasks
+    leaves a and b as they were (Celery's test_enabling_flag_allow_error_cb_on_chord_header counts on it)."""
+    a, b = add.si(1, 1), add.si(2, 2)
+    c = chord((a, b), tsum.s())
+    for t in c.tasks:
+        t.link_error(old_style.s())
+    c.freeze()
+    assert a == add.si(1, 1) and b == add.si(2, 2) and "link_error" not in a.options
+    g = group(a, b)
+    assert chord(g, tsum.s()).tasks[0] is a  # a group's own tasks, as in Celery
+
+
+def test_task_allow_error_cb_on_chord_header_links_the_errback_to_each_header_task_too():
+    c = chord([add.si(1, 1), add.si(2, 2)], tsum.s())
+    c.link_error(old_style.s())
+    assert [t.options.get("link_error") for t in c.tasks] == [None, None]  # Celery's default: the body only
+    assert len(c.body.options["link_error"]) == 1
+    app.conf.task_allow_error_cb_on_chord_header = True
+    try:
+        c = chord([add.si(1, 1), add.si(2, 2)], tsum.s())
+        c.link_error(old_style.s())
+        assert [[e.immutable for e in t.options["link_error"]] for t in c.tasks] == [[True], [True]]
+        assert [e.immutable for e in c.body.options["link_error"]] == [False]
+    finally:
+        app.conf.task_allow_error_cb_on_chord_header = False

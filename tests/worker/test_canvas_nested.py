@@ -15,6 +15,7 @@ from client.exceptions import ChordError, EncodeError, ImproperlyConfigured, Rej
 from client.result import GroupResult, result_from_tuple
 from tests.canvas_apps import tasks as t
 from tests.support.broker import ROOT, broker_for_app
+from tests.support.waiting import wait_for
 
 WAIT = 30  # seconds: a bound on every get(); each canvas here takes well under a second
 
@@ -184,7 +185,7 @@ def test_link_error_on_a_chain_and_a_group_reaches_the_failed_task(worker):
     with pytest.raises(Exception):
         r.get(timeout=WAIT)
     assert eb_res.get(timeout=WAIT) == r.parent.id  # the step that failed
-    geb, geb_res = _cb("group-failed")  # Celery makes a group's errback immutable: it gets no id
+    geb, geb_res = _cb("group-failed")  # immutable: it gets no id
     g = group(t.add.s(1, 1), t.boom.s())
     g.link_error(geb)
     g.apply_async()
@@ -196,6 +197,86 @@ def test_an_errback_taking_request_exc_traceback_is_called_with_them(worker):
     with pytest.raises(ValueError):
         r.get(timeout=WAIT)
     assert t.app.AsyncResult(f"{r.id}-errback").get(timeout=WAIT) == f"{r.id} ValueError boom in step True"
+
+
+def _log_lines(d, name, *words):
+    """Lines of a task's log file under CANVAS_DIR that contain every one of ``words``."""
+    path = d / name
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [ln for ln in lines if all(w in ln.split() for w in words)]
+
+
+def test_an_errback_s_stored_arguments_do_not_count_as_open_ones(worker):
+    """Celery 5.7's rule: ``eb(task_id, label).s('x')`` (or ``.s(label='x')``) has one argument left, so it
+    is sent with the failed task's id; ``eb(request, exc, tb, label).s('x')`` has three left, so it is
+    called with the request (before, both were classified by their full arity: neither ran)."""
+    for eb in (t.labelled_old_errback.s("by-arg"), t.labelled_old_errback.s(label="by-kwarg")):
+        r = t.boom.s().on_error(eb).apply_async()
+        with pytest.raises(ValueError):
+            r.get(timeout=WAIT)
+        label = eb.args[0] if eb.args else eb.kwargs["label"]
+        assert wait_for(lambda: _log_lines(worker, "labelled_errbacks.log", "old", r.id, label), WAIT,
+                        f"the old-style errback with {label} for {r.id}") == [f"old {r.id} {label}"]
+    r = t.boom.s().on_error(t.labelled_new_errback.s("stored")).apply_async()
+    with pytest.raises(ValueError):
+        r.get(timeout=WAIT)  # a new-style errback runs before the failure is stored: it is there now
+    assert _log_lines(worker, "labelled_errbacks.log", "new", r.id) == [f"new {r.id} ValueError stored"]
+
+
+def test_a_groups_errback_stays_mutable_so_an_old_style_one_gets_the_failed_members_id(worker):
+    failing = t.boom.s()
+    fid = failing.freeze().id
+    g = group(failing, t.add.si(1, 1))
+    g.link_error(t.old_errback.s())
+    with pytest.raises(ValueError):
+        g.apply_async().get(timeout=WAIT)
+    wait_for(lambda: _log_lines(worker, "old_errbacks.log", fid), WAIT, f"old_errback({fid})")
+
+
+def test_a_replaced_chain_step_passes_its_errbacks_to_its_replacement_only(worker):
+    """chain(replaced, fails).link_error(eb): eb runs once, for the failing step (it was linked to that step
+    twice: by the chain, and again by the replacement)."""
+    c = chain(t.add_replaced.si(1, 2), t.boom.s())
+    c.link_error(t.new_errback.s())
+    r = c.apply_async()
+    with pytest.raises(ValueError):
+        r.get(timeout=WAIT)
+    assert _log_lines(worker, "new_errbacks.log", r.id) == [f"{r.id} ValueError True"]
+
+
+def test_a_failed_chord_calls_the_errbacks_of_each_member_of_its_group_body_as_that_member(worker):
+    """Celery 5.7 (#8786): a chord whose header fails calls, per task of a group body, that task's errbacks
+    (its own and the chord's), as if it had failed with the member's own exception; a chord in the body
+    counts as its body's task."""
+    first = t.tsum.s()
+    first.link_error(t.labelled_new_errback.s("own"))
+    body = group(first, t.tsum.s(), chord([t.add.si(2, 2)], t.tsum.s()))
+    workflow = chord([t.add.si(1, 1), t.boom.si()], body)
+    workflow.link_error(t.labelled_new_errback.s("chord"))
+    r = workflow.apply_async()
+    with pytest.raises((ValueError, ChordError)):
+        r.get(timeout=WAIT)
+    ids = [m.id for m in r.results]  # the second member's, and the nested chord's body's
+    want = sorted([f"new {ids[0]} ValueError own", *(f"new {i} ValueError chord" for i in ids)])
+
+    def seen():
+        got = sorted(ln for i in ids for ln in _log_lines(worker, "labelled_errbacks.log", i))
+        return got if len(got) >= len(want) else None
+
+    assert wait_for(seen, WAIT, "the errbacks of the group body's members") == want
+
+
+def test_a_groups_own_errbacks_replace_its_members_and_a_chords_join_them(worker):
+    """Celery's test_link_error_option_with_link_error_of_group_body: group(...).set(link_error=eb) runs eb
+    for a failing member (it was never sent), and a chord's errback given to apply_async joins it: each
+    runs once."""
+    body = group(t.boom.s(), t.tsum.s()).set(link_error=t.labelled_new_errback.s("group"))
+    r = chord([t.add.si(1, 1)], body).apply_async(link_error=t.labelled_new_errback.s("chord"))
+    with pytest.raises(ValueError):
+        r.get(timeout=WAIT)
+    failed = r.results[0].id  # new-style errbacks run before the failure is stored: both are there now
+    assert sorted(_log_lines(worker, "labelled_errbacks.log", failed)) == [
+        f"new {failed} ValueError chord", f"new {failed} ValueError group"]
 
 
 def test_a_chord_s_task_id_names_its_result_and_tasks_themselves_may_be_members(worker):
@@ -281,6 +362,22 @@ def test_chain_steps_and_a_trailing_groups_members_have_the_previous_step_as_par
     g = (t.ids.si(1) | t.ids.si(2) | group(t.ids.si(i) for i in range(3))).apply_async()
     for root_id, parent_id, _ in g.get(timeout=WAIT):
         assert (root_id, parent_id) == (g.parent.parent.id, g.parent.id)
+
+
+def test_a_chord_body_is_started_by_the_member_that_completed_it_under_the_chains_root(worker):
+    """Celery's test_parent_ids__plain_task_body: the body's parent is one of the header's tasks (brokerd
+    names the one whose result completed the chord) and its root the chain's first task (it was the body's
+    own id: brokerd publishes it, not a task)."""
+    root = t.ids.si(1)
+    root_id = root.freeze().id
+    res = chain(root, t.ids.si(2), chord([t.ids.si(i) for i in range(3, 8)], t.collect_ids.s(50))).apply_async()
+    prev, (body_root, body_parent, value) = res.get(timeout=WAIT)
+    assert value == 50 and body_root == root_id
+    assert body_parent in [r.id for r in res.parent.results]
+    assert body_parent in res.parent.results  # Celery's own form: a result equals its id
+    assert res.parent.results[0] == res.parent.results[0].id and res.parent.results[0] != 42
+    assert len({res.parent.results[0], res.parent.results[0].id}) == 1  # and hashes as it
+    assert all(r[0] == root_id and r[1] == res.parent.parent.id for r in prev)  # the members: ids(2) started them
 
 
 def test_a_returned_signature_is_stored_as_its_map_and_rebuilds_whole(worker):
@@ -424,16 +521,29 @@ def test_each_replace_counts_one_more_in_request_replaced_task_nesting(worker):
         assert r.get(timeout=WAIT) == [0], bad
 
 
-def test_reject_without_requeue_stores_rejected_so_get_returns(worker):
-    r = t.reject_me.delay("no thanks")
+def test_reject_without_requeue_stores_failure_so_get_raises_the_reject(worker):
+    """Celery 5.7 (#4222): FAILURE with the Reject itself (it was REJECTED, a state Celery's own test now
+    refuses), and the task's errbacks run as for any failure."""
+    r = t.reject_me.s("no thanks").on_error(t.new_errback.s()).apply_async()
     with pytest.raises(Reject, match="no thanks"):
         r.get(timeout=WAIT)
-    assert r.state == "REJECTED"
+    assert r.state == "FAILURE" and r.failed() and r.ready()
+    assert _log_lines(worker, "new_errbacks.log", r.id) == [f"{r.id} Reject False"]
 
 
 def test_reject_with_requeue_runs_the_task_again(worker):
     assert t.reject_first_time.delay("requeue-marker").get(timeout=WAIT) == "ran after requeue"
     assert (worker / "requeue-marker").exists()
+
+
+def test_app_id_given_to_apply_async_reaches_request_properties(worker):
+    """Celery's test_properties: app_id (a message property) reaches request.properties; it was refused
+    as an unknown option.  A value that is not a short text is refused in the caller, naming it."""
+    assert t.properties_of.apply_async(app_id="1234").get(timeout=WAIT)["app_id"] == "1234"
+    assert "app_id" not in t.properties_of.delay().get(timeout=WAIT)
+    for bad in (1234, "x" * 256, ["a"]):
+        with pytest.raises(TypeError, match="app_id must be text of at most 255 characters"):
+            t.properties_of.apply_async(app_id=bad)
 
 
 def test_hostile_workflow_keys_cost_only_their_own_continuation(worker):
@@ -469,6 +579,25 @@ def test_start_worker_runs_tasks_in_this_process_so_worker_signals_reach_the_tes
     finally:
         task_received.disconnect(received)
     assert (r.id, {"where": "here"}) in got
+
+
+def test_the_worker_remembers_which_tasks_succeeded_here_even_with_no_result_stored(canvas_broker):
+    """Celery's worker_state.successful_requests: the in-process worker fills this process's set, also for a
+    task whose result is ignored (nothing else says it finished); a failed task is not in it."""
+    from client.worker.state import successful_requests
+    from client.worker.testing import start_worker
+
+    q = f"inproc-state.{os.getpid()}"
+    with start_worker(t.app, queues=[q], concurrency=2):
+        ignored = t.add.apply_async((1, 2), queue=q, ignore_result=True)
+        wait_for(lambda: ignored.id in successful_requests, WAIT, "the ignored task among the successful ones")
+        failed = t.boom.apply_async(queue=q)
+        with pytest.raises(ValueError):
+            failed.get(timeout=WAIT)
+        stored = t.add.apply_async((2, 2), queue=q)
+        assert stored.get(timeout=WAIT) == 4
+        wait_for(lambda: stored.id in successful_requests, WAIT, "the stored task among the successful ones")
+    assert ignored.get(timeout=WAIT) is None and failed.id not in successful_requests
 
 
 def test_start_worker_says_why_when_brokerd_cannot_be_reached():

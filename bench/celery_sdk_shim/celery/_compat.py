@@ -30,3 +30,13 @@ def sdk(module: str, name: str, qualname: str | None = None):
 def broker_address(url: str | None) -> str | None:
     """Celery's TEST_BROKER (``brokerd://host:port``) as our SDK takes it (it takes the URL as is)."""
     return url or os.environ.get("TEST_BROKER")
+
+
+def missing_exception(qualname: str):
+    """An exception class our SDK never raises, for ``except celery.X:`` clauses (a plain stand-in there is
+    a TypeError: only exception classes may be caught); making one says what is missing."""
+
+    def fail(*_a, **_k):
+        raise NotImplementedError(f"celery.{qualname}: no counterpart in brokerd's SDK")
+
+    return type(qualname.rsplit(".", 1)[-1], (Exception,), {"__init__": fail})

@@ -1,3 +1,4 @@
-from celery._compat import missing
+from celery._compat import missing_exception
 
-UnpickleableExceptionWrapper = missing("utils.serialization.UnpickleableExceptionWrapper")
+# the SDK rebuilds a task's exception as its own class, or a RemoteError subclass named after it: never this
+UnpickleableExceptionWrapper = missing_exception("utils.serialization.UnpickleableExceptionWrapper")

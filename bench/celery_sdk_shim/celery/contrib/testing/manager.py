@@ -13,10 +13,8 @@ class Manager:
         deadline = time.monotonic() + timeout
         delay = interval_start
         while True:
-            try:
-                value = fun(*args, **(kwargs or {}))
-                if value:
-                    return value
+            try:  # Celery's retry_over_time: the first call that does not raise is the answer
+                return fun(*args, **(kwargs or {}))
             except catch:
                 pass
             if time.monotonic() > deadline:
@@ -33,8 +31,8 @@ class Manager:
     def wait_until_idle(self):
         def idle():
             active = self.inspect(1.0).active() or {}
-            return all(not v for v in active.values())
-        self.wait_for(idle, desc="an idle worker", timeout=10.0)
+            assert all(not v for v in active.values()), "tasks still active"
+        self.wait_for(idle, catch=(AssertionError,), desc="an idle worker", timeout=10.0)
 
     assert_accepted = missing("contrib.testing.manager.Manager.assert_accepted")
     assert_received = missing("contrib.testing.manager.Manager.assert_received")
