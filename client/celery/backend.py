@@ -322,14 +322,30 @@ class _LazyChords:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._waiting = {}  # group id -> {"backend", "spec", "body_id", "ids": [(index, id)], "size"}
+        self._waiting = {}  # group id -> {"backend", "spec", "body_id", "ids": [(index, id)], "size", "thread"}
+        # Celery publishes a header from the thread that applies the chord: only publishes from a thread
+        # with a waiting chord are looked at (a chain member's body is decoded), the rest cost a look-up.
+        self._threads = {}  # thread id -> how many waiting chords it applied
 
     def expect(self, backend, chord_id, spec):
         with self._lock:
+            self._drop(chord_id)
+            me = threading.get_ident()
             self._waiting[chord_id] = {"backend": backend, "spec": spec, "body_id": spec["message"]["id"],
-                                       "ids": [], "size": None}
+                                       "ids": [], "size": None, "thread": me}
+            self._threads[me] = self._threads.get(me, 0) + 1
             while len(self._waiting) > MAX_LAZY_CHORDS:
-                self._waiting.pop(next(iter(self._waiting)))
+                self._drop(next(iter(self._waiting)))
+
+    def _drop(self, chord_id):
+        """Forget a waiting chord (declared, refused, or pushed out); under the lock."""
+        entry = self._waiting.pop(chord_id, None)
+        if entry is not None:
+            n = self._threads.get(entry["thread"], 0) - 1
+            if n > 0:
+                self._threads[entry["thread"]] = n
+            else:
+                self._threads.pop(entry["thread"], None)
 
     def sized(self, chord_id, size):
         with self._lock:
@@ -342,7 +358,7 @@ class _LazyChords:
                 # Called before the last member is published: every earlier one should have been seen.
                 # One was not (a member that is a chord, or a chain ending in a group, publishes nothing
                 # that names this chord), so the count could never be reached: say so, not hang.
-                del self._waiting[chord_id]
+                self._drop(chord_id)
                 raise NotImplementedError(
                     f"chord {chord_id}: a generator header whose members are not all single tasks or chains "
                     f"of tasks ({seen} of the first {size - 1} were seen) cannot be counted by brokerd; "
@@ -350,7 +366,7 @@ class _LazyChords:
         self._maybe_declare(chord_id)
 
     def published(self, message):
-        if not self._waiting:  # the common case: nothing waits, one dict look-up per publish
+        if threading.get_ident() not in self._threads:  # the common case: one dict look-up per publish
             return
         headers = message.get("headers") or {}
         gid, member, index = headers.get("group"), headers.get("id"), headers.get("group_index")
@@ -372,7 +388,7 @@ class _LazyChords:
             entry = self._waiting.get(chord_id)
             if entry is None or entry["size"] is None or len(entry["ids"]) < entry["size"]:
                 return
-            del self._waiting[chord_id]
+            self._drop(chord_id)
         members = list(dict.fromkeys(mid for _, mid in sorted(entry["ids"], key=lambda p: p[0])))
         entry["backend"]._declare_collected(chord_id, members, entry["spec"])
 

@@ -119,6 +119,39 @@ def test_tasks_retry_failures_and_canvas_give_celerys_results(env):
     assert "celery.chord_unlock" not in Path(env.default_worker.log_path).read_text()
 
 
+def test_a_generator_chord_header_with_a_chain_member_is_counted_by_brokerd(env):
+    """A chord header given as a generator is published as it is read (Celery's test_generator), its
+    members collected as they are published; a chain member's first task names no group, so it is
+    counted by the chain's last task (the result the chord waits for).  Before, the chord was
+    never declared and get() waited for ever."""
+    from celery import chain, chord
+
+    capp = env.capp
+
+    def header():
+        yield capp.add.s(1, 1)
+        yield chain(capp.add.s(2, 2), capp.add.s(10))
+        yield capp.add.s(3, 3)
+
+    assert chord(header(), capp.tsum.s()).apply_async().get(timeout=WAIT) == 2 + 14 + 6
+    assert env.lines("tsum")[-1] == "[2, 14, 6]"  # in the header's order
+    assert "celery.chord_unlock" not in Path(env.default_worker.log_path).read_text()
+
+
+def test_a_generator_chord_header_with_a_chord_member_is_counted_by_brokerd(env):
+    """A member that is itself a chord is counted by its body (what Celery's result for it is)."""
+    from celery import chord
+
+    capp = env.capp
+
+    def header():
+        yield capp.add.s(1, 1)
+        yield chord([capp.add.s(2, 2), capp.add.s(3, 3)], capp.tsum.s())
+        yield capp.add.s(4, 4)
+
+    assert chord(header(), capp.tsum.s()).apply_async().get(timeout=WAIT) == 2 + 10 + 8
+
+
 def test_results_are_stored_natively_so_brokerds_own_views_show_them(env):
     capp = env.capp
     ok = capp.add.delay(20, 22)
@@ -287,35 +320,3 @@ def test_brokerd_fires_the_apps_beat_schedule_itself_with_one_task_id_per_firing
         finally:
             c.schedule_remove("tick")
 
-
-def test_a_generator_chord_header_with_a_chain_member_is_counted_by_brokerd(env):
-    """A chord header given as a generator is published as it is read (Celery's test_generator), its
-    members collected as they are published; a chain member's first task names no group, so it is
-    counted by the chain's last task (the result the chord waits for).  Before, the chord was
-    never declared and get() waited for ever."""
-    from celery import chain, chord
-
-    capp = env.capp
-
-    def header():
-        yield capp.add.s(1, 1)
-        yield chain(capp.add.s(2, 2), capp.add.s(10))
-        yield capp.add.s(3, 3)
-
-    assert chord(header(), capp.tsum.s()).apply_async().get(timeout=WAIT) == 2 + 14 + 6
-    assert env.lines("tsum")[-1] == "[2, 14, 6]"  # in the header's order
-    assert "celery.chord_unlock" not in Path(env.default_worker.log_path).read_text()
-
-
-def test_a_generator_chord_header_with_a_chord_member_is_counted_by_brokerd(env):
-    """A member that is itself a chord is counted by its body (what Celery's result for it is)."""
-    from celery import chord
-
-    capp = env.capp
-
-    def header():
-        yield capp.add.s(1, 1)
-        yield chord([capp.add.s(2, 2), capp.add.s(3, 3)], capp.tsum.s())
-        yield capp.add.s(4, 4)
-
-    assert chord(header(), capp.tsum.s()).apply_async().get(timeout=WAIT) == 2 + 10 + 8
