@@ -49,7 +49,7 @@ if str(ROOT) not in sys.path:
 
 import cbor2  # noqa: E402
 
-from client import verbs, wire  # noqa: E402
+from client import verbs  # noqa: E402
 from tests.support.broker import BrokerProcess  # noqa: E402
 from client.app import App, make_envelope  # noqa: E402
 
