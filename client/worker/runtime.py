@@ -565,7 +565,10 @@ class Worker:
                 if new is not None:
                     old, self.prefetch = self.prefetch, new
                     ch.credit(self._consumer, new)
-                    if busy and new < old and (self.backlog or self._direct):
+                    if busy >= self.concurrency and new < old and (self.backlog or self._direct):
+                        # every slot busy for long: nothing held here can start soon (with a slot
+                        # still free, it runs what is held; a scheduling hiccup of one no-op child
+                        # must not send a whole pipeline back and forth)
                         self._shed(new)
             evs = self.events.take(force)
             if evs is not None:
