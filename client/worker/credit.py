@@ -21,7 +21,9 @@ and at least ``LONG_RUN_FLOOR``) counts as *busy for long*: it wants no delivery
 and the credit is ``busy + (concurrency - busy) x per-slot factor``.  With one slot (``-c 1``) that
 is the slots alone: brokerd sends such a worker nothing more while its long task runs, and hands
 the work to a worker that can start it.  The main loop wakes when a running task crosses the
-threshold (``Worker.credit_wait``) and sends the lowered credit at once.
+threshold (``Worker.credit_wait``) and sends the lowered credit at once; what the worker already
+holds beyond it (deliveries not started) it gives back with RELEASE in the same flush
+(``Worker._shed``), so they go to a free slot now rather than one per RECALL later.
 
 ``--prefetch-multiplier M`` (or ``worker_prefetch_multiplier`` in the app's config) given
 explicitly keeps the fixed credit ``concurrency x M`` and no controller runs.

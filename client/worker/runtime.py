@@ -566,8 +566,13 @@ class Worker:
                 busy = self._busy_long(time.time(), credit.long_after())[0] if self.running else 0
                 new = credit.due(time.monotonic(), busy) if busy or credit.runtime is not None else None
                 if new is not None:
-                    self.prefetch = new
+                    old, self.prefetch = self.prefetch, new
                     ch.credit(self._consumer, new)
+                    if busy >= self.concurrency and new < old and (self.backlog or self._direct):
+                        # every slot busy for long: nothing held here can start soon (with a slot
+                        # still free, it runs what is held; a scheduling hiccup of one no-op child
+                        # must not send a whole pipeline back and forth)
+                        self._shed(new)
             evs = self.events.take(force)
             if evs is not None:
                 ch.events(self.hostname, evs)
@@ -594,11 +599,12 @@ class Worker:
         running task becomes long (its slot wants nothing waiting: client.worker.credit), or a
         change CREDIT_INTERVAL held back is due.  None: nothing to wait for."""
         credit = self.credit
-        if credit is None or not self.running or self._consumer is None or self._channel is None:
+        if credit is None or self._consumer is None or self._channel is None:
             return None  # (without a channel flush sends nothing: no timer, or the loop would spin)
         now = time.time()
-        busy, cross = self._busy_long(now, credit.long_after())
-        w = credit.wait(time.monotonic(), busy)
+        busy, cross = self._busy_long(now, credit.long_after()) if self.running else (0, None)
+        # also when idle: a raise held back by CREDIT_INTERVAL as the last task ended must still go
+        w = credit.wait(time.monotonic(), busy) if busy or credit.runtime is not None else None
         if cross is not None:
             c = max(0.0, cross - now)
             w = c if w is None else min(w, c)
@@ -659,6 +665,13 @@ class Worker:
         ch, consumer = self._channel, self._consumer
         if ch is None or consumer is None or ctag != consumer.tag or type(n) is not int or n < 1:
             return
+        self._give_back(n, queue, "recalled for an idle worker")
+
+    def _give_back(self, n: int, queue, why: str) -> int:
+        """RELEASE up to ``n`` deliveries (of ``queue``, or of any queue: None) not started, the
+        newest in the backlog first (they would run last here); how many.  A started task, one
+        already given to a pool process, or one acked on receipt is never released."""
+        ch = self._channel
         self._take_deliveries()  # what the client buffered is ours to consider too
         give = []
         kept = deque()
@@ -666,21 +679,34 @@ class Worker:
         while backlog and len(give) < n:
             job = backlog.pop()
             d = job.d
-            if d.queue == queue and job.gen == ch.gen and not d.settled:
+            if (queue is None or d.queue == queue) and job.gen == ch.gen and not d.settled:
                 give.append(job)
             else:
                 kept.appendleft(job)
         backlog.extend(kept)
         if not give:
-            return
+            return 0
         try:
             ch.release([job.d for job in give])
         except BrokerdError:
-            return
+            return 0
         if self.task_events:
             for job in give:
-                self.events.emit(ev_.task_handed_back(job.task_id, "recalled for an idle worker"))
-        log.debug("released %d waiting tasks of %s to brokerd (recalled for an idle worker)", len(give), queue)
+                self.events.emit(ev_.task_handed_back(job.task_id, why))
+        log.debug("released %d waiting tasks%s to brokerd (%s)", len(give), f" of {queue}" if queue else "", why)
+        return len(give)
+
+    def _shed(self, credit: int) -> None:
+        """The credit just dropped because a slot is busy with a long task: what this worker holds
+        beyond the new credit would wait behind it (until some idle worker's RECALL), so it goes
+        back to brokerd now, which hands it to a free slot or keeps it ready for the first one."""
+        ch = self._channel
+        self._take_deliveries()
+        gen = ch.gen
+        held = sum(1 for j in self.running.values() if j.gen == gen and not j.d.settled)
+        held += sum(1 for j in self.backlog if j.gen == gen and not j.d.settled)
+        if held > credit:
+            self._give_back(held - credit, None, "its worker is busy with a long task")
 
     def consume_queues(self, queues) -> str | None:
         """Consume ``queues`` from now on (control add_consumer/cancel_consumer): a new consumer on this

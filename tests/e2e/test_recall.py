@@ -98,12 +98,41 @@ def test_no_short_task_waits_for_the_long_one_while_a_worker_is_idle(broker, wor
     late = [s for s in starts if s >= t1]
     assert not late, f"{len(late)} of {SHORTS} short tasks started after the long one ended (held behind it)"
     # Nor was any handed to the long task's worker to wait there for a RECALL: each would carry the
-    # worker's "handed back unstarted" event (client/worker/runtime.py _on_recall), sent long before
-    # the last short's result.
+    # worker's "handed back unstarted (recalled ...)" event (client/worker/runtime.py _on_recall),
+    # sent long before the last short's result.  (The other worker may give back some itself when
+    # its first 10 ms task counts as long after the no-op ones: that is not this.)
+    recalled = [w for w in reasons(broker, shorts) if "recalled" in w]
+    assert not recalled, f"{len(recalled)} of {SHORTS} short tasks were handed to the worker running the long one"
+
+
+def reasons(broker, results):
+    """The "handed back unstarted (...)" reasons in these tasks' events, one per hand-back."""
     with Client(broker.address) as c:
-        handed = [r.id for r in shorts
-                  if any("handed back" in str(e.get("reason")) for e in (c.task_info(r.id) or {}).get("events", ()))]
-    assert not handed, f"{len(handed)} of {SHORTS} short tasks were handed to the worker running the long one"
+        return [str(e.get("reason")) for r in results for e in (c.task_info(r.id) or {}).get("events", ())
+                if "handed back" in str(e.get("reason"))]
+
+
+def test_a_worker_whose_slot_turns_busy_for_long_gives_back_at_once_what_waits_behind_it(broker, workers):
+    """Both workers' grown credit is filled at once (a paused queue resumed) and one of them starts a
+    long task with many shorts behind it: it gives them back as soon as the task counts as long (its
+    credit drops), not one at a time by RECALLs each time the other worker runs dry."""
+    q = "recall-burst"
+    for _ in range(2):
+        workers(broker, q, "-c", "1")
+    wait_for(lambda: len(consumers_of(broker, q)) == 2, WAIT, "two workers consuming")
+    run_all([recall_app.noop.apply_async(queue=q) for _ in range(1500)])
+    wait_for(lambda: all(p >= 16 for p, _ in consumers_of(broker, q)), WAIT, "the credit to grow on fast tasks")
+    with Client(broker.address) as c:
+        c.pause(q)
+        long = recall_app.long.apply_async((LONG,), queue=q)  # first out: to a free slot
+        shorts = [recall_app.short.apply_async(queue=q) for _ in range(SHORTS)]
+        c.resume(q)  # one dispatch: each worker's credit takes its share, the long one's behind it
+    starts = run_all(shorts)
+    t0, t1 = long.get(timeout=WAIT + LONG)
+    assert not [s for s in starts if s >= t1], "a short task waited for the long one to end"
+    why = reasons(broker, shorts)
+    # given back by that worker itself, not only one at a time by RECALLs as the other one ran dry
+    assert sum("busy with a long task" in w for w in why) >= 10, why
 
 
 def test_a_worker_with_a_fixed_multiplier_and_a_plain_consumer_that_ignores_recall_keep_working(broker, workers):
