@@ -68,6 +68,10 @@ class Durability:
         self._checkpoint_due: tuple[int, int] | None = None
         self._records_at_checkpoint = 0  # self.records when the last checkpoint was written
         self.checkpoints = 0
+        # The first lsn of the checkpoint a restart would start from (None: none); once compaction
+        # deletes its segment a restart reads the whole log, so a new one is due at once.
+        self._checkpoint_at: int | None = wal.replay_from
+        self._checkpoint_lost = False
         self.failed: WalFailed | None = None
         # figures
         self.batches = 0
@@ -436,6 +440,8 @@ class Durability:
     def checkpoint_due(self) -> bool:
         if self._checkpoint_due is not None or self._compacting or not self.state.log_enabled:
             return False
+        if self._checkpoint_lost:
+            return True
         since = self.records - self._records_at_checkpoint
         if since < self.CHECKPOINT_RECORDS:
             return False
@@ -450,6 +456,7 @@ class Durability:
             self.submit(self.state.take_records(), {}, lambda box: None)
             self._checkpoint_due = (self.state.last_lsn, first)
             self._records_at_checkpoint = self.records
+            self._checkpoint_lost = False
             self.checkpoints += 1
         return first
 
@@ -459,6 +466,7 @@ class Durability:
         self.wal.sync()  # every record of the checkpoint on disk before anything points at it
         try:
             self.wal.save_checkpoint(first)
+            self._checkpoint_at = first
         except OSError as exc:  # not a disk fault of the log: the next restart reads more of it
             log.warning("could not save the checkpoint pointer (%s); a restart reads the log from an older one", exc)
         self._checkpoint_due = None
@@ -535,6 +543,10 @@ class Durability:
                     continue
                 self._delete_waiting = False
                 self.segments_deleted += len(deleted)
+                segs = self.wal.segments()
+                if self._checkpoint_at is not None and segs and self._checkpoint_at < segs[0].first_lsn:
+                    self._checkpoint_at = None  # its segment is gone: write a new one
+                    self._checkpoint_lost = True
             else:
                 keep.append((need, through))
         self._deletes = keep
