@@ -552,12 +552,13 @@ class Durability:
         self._deletes = keep
 
     # -- shutdown and figures ------------------------------------------------------------
-    async def close(self) -> None:
-        """Flush and fsync everything, release held confirms, close the log."""
+    async def close(self, checkpoint: bool = True) -> None:
+        """Flush and fsync everything, release held confirms, close the log.  ``checkpoint``
+        (a leader's clean stop): write one first, the next start reads the log from it; a
+        follower's log must stay its leader's, record for record, and gets none."""
         async with self._write_lock:
             if self.failed is None:
-                # A clean stop writes a checkpoint: the next start reads the log from it.
-                first = self.write_checkpoint() if self.state.log_enabled else 0
+                first = self.write_checkpoint() if checkpoint and self.state.log_enabled else 0
                 try:
                     await trio.to_thread.run_sync(self._close_wal, first)
                 except WalFailed as exc:
