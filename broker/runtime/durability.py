@@ -401,6 +401,11 @@ class Durability:
         live = sum(q.ready_count + q.delayed_count + q.inflight_count for q in self.state.queues.values())
         if self._publishes:
             avg = self._publish_bytes / self._publishes + 18
+        elif self.wal.replay_from is not None and (segs := self.wal.segments()) and \
+                segs[-1].last_lsn >= segs[0].first_lsn:
+            # Started from a checkpoint: the records replayed were few and big (its blocks), so
+            # the whole log's average record is the guess, as a whole replay's would have been.
+            avg = sum(s.size_bytes for s in segs) / (segs[-1].last_lsn - segs[0].first_lsn + 1)
         elif self.recovery is not None and self.recovery.records:
             # Nothing published since the restart: the replayed log's average
             # record is a far better guess than a constant (a constant much
