@@ -5,6 +5,7 @@ throughput at a deep queue against an empty one, and recovery time.  A benchmark
     python bench/memory.py -n 2000000 --size 1000 --broker-args="--max-memory 2G"
     python bench/memory.py -n 1000000 --rate 100000      # + e2e throughput deep vs empty
     python bench/memory.py -n 1000000 --recovery         # + restart: seconds to "ready"
+    python bench/memory.py -n 10000000 --direct          # recovery only, of a log written in-process
 
 What it does: starts its own brokerd (``python -m broker --host 127.0.0.1 --port 0
 --data-dir <tmp> ARGS``, tests/support/broker.py), reads its VmRSS from /proc/<pid>/status
@@ -14,6 +15,11 @@ messages producer -> consumer through a side queue while the broker is empty, th
 the ``-n`` messages queued, and then drains K messages from the deep queue itself.  With
 ``--recovery`` it stops the broker (SIGTERM) and times the restart to "ready" (the replay of
 the log).  The broker is stopped by its pid at the end; the last line is the command.
+
+``--direct`` measures recovery alone at depths a producer process takes too long to fill: it
+writes the log in-process (the broker state and the write-ahead log, as brokerd does, ``-n``
+publishes of ``--size`` bytes to one queue, then the checkpoint a clean stop writes), then
+times brokerd's start on it, a clean stop (SIGTERM: a new checkpoint) and a second start.
 """
 
 from __future__ import annotations
@@ -69,6 +75,64 @@ def queued(broker, queue: str) -> int:
         return c.stats(queue)["ready"]
 
 
+def direct(n: int, size: int, broker_args: list, tmp: str) -> None:
+    """``--direct``: recovery of ``n`` queued messages from a log written in-process."""
+    import gc
+
+    import cbor2
+
+    from broker.state import BrokerState
+    from broker.wal import WriteAheadLog
+    from tests.support.broker import BrokerProcess
+
+    data_dir = os.path.join(tmp, "data")
+    t0 = time.monotonic()
+    gc.disable()  # one long-lived object per block; the collector would rescan them all
+    wal = WriteAheadLog(data_dir, fsync="never")
+    list(wal.open())
+    state = BrokerState()
+    state.enable_log()
+    state.connect(1)
+    state.declare(DEEP, None, 0.0)
+    body = b"x" * size
+
+    def write():
+        for t, p in state.take_records():
+            wal.append(t, cbor2.dumps(p))
+        wal.write_batch(wal.take_batch())
+        state.take_outbox()
+
+    for i in range(n):
+        state.publish(1, DEEP, body, None, 0, 1000.0)
+        if i % 5000 == 4999:
+            write()
+    first = state.checkpoint()  # what a clean stop writes
+    write()
+    wal.sync()
+    wal.save_checkpoint(first)
+    wal.close()
+    del state
+    gc.enable()
+    log_bytes = sum(os.path.getsize(os.path.join(data_dir, f)) for f in os.listdir(data_dir) if f.endswith(".wal"))
+    print(f"log         {n:,} queued msgs of {size} B written in-process in {time.monotonic() - t0:.0f} s "
+          f"({log_bytes / 2**20:,.0f} MiB of log, a checkpoint at its end)")
+    broker = BrokerProcess(data_dir, *broker_args)
+    try:
+        for what in ("start", "after a clean stop"):
+            broker.start(timeout=3600)
+            cpu = broker.cpu_seconds()
+            line = next(line for line in reversed(broker.log) if "recovered" in line)
+            print(f"recovery    {what}: ready after {broker.started_in:.1f} s, {cpu:.1f} CPU-s, "
+                  f"RSS {broker.rss() / 2**20:.0f} MiB; {queued(broker, DEEP):,} queued\n"
+                  f"            ({line.split('brokerd: ', 1)[-1]})")
+            if what == "start":
+                t0 = time.monotonic()
+                broker.terminate(timeout=600)
+                print(f"clean stop  {time.monotonic() - t0:.1f} s (writes the checkpoint of {n:,} queued)")
+    finally:
+        broker.kill()
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,9 +142,19 @@ def main(argv=None) -> None:
                     help="also move K messages end to end at an empty broker and at the deep one (default 0: skip)")
     ap.add_argument("--recovery", action="store_true", help="also restart the broker and time its recovery")
     ap.add_argument("--broker-args", default="", help='extra brokerd flags, e.g. --broker-args="--fsync never"')
+    ap.add_argument("--direct", action="store_true",
+                    help="only recovery, of a log written in-process (see above)")
     args = ap.parse_args(argv)
     broker_args = shlex.split(args.broker_args)
     print(f"brokerd bench/memory.py: python {sys.version.split()[0]}, {os.cpu_count()} CPUs, broker args {broker_args or 'none'}")
+    if args.direct:
+        with tempfile.TemporaryDirectory(prefix="brokerd-bench-memory-") as tmp:
+            direct(args.n, args.size, broker_args, tmp)
+        cmd = ["python", "bench/memory.py", "-n", str(args.n), "--size", str(args.size), "--direct"]
+        if broker_args:
+            cmd += [f"--broker-args={shlex.join(broker_args)}"]
+        print("command:", shlex.join(cmd))
+        return
     with tempfile.TemporaryDirectory(prefix="brokerd-bench-memory-") as tmp:
         broker = Broker(broker_args, tmp)
         try:

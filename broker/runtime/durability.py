@@ -68,6 +68,10 @@ class Durability:
         self._checkpoint_due: tuple[int, int] | None = None
         self._records_at_checkpoint = 0  # self.records when the last checkpoint was written
         self.checkpoints = 0
+        # The first lsn of the checkpoint a restart would start from (None: none); once compaction
+        # deletes its segment a restart reads the whole log, so a new one is due at once.
+        self._checkpoint_at: int | None = wal.replay_from
+        self._checkpoint_lost = False
         self.failed: WalFailed | None = None
         # figures
         self.batches = 0
@@ -428,6 +432,11 @@ class Durability:
         live = sum(q.ready_count + q.delayed_count + q.inflight_count for q in self.state.queues.values())
         if self._publishes:
             avg = self._publish_bytes / self._publishes + 18
+        elif self.wal.replay_from is not None and (segs := self.wal.segments()) and \
+                segs[-1].last_lsn >= segs[0].first_lsn:
+            # Started from a checkpoint: the records replayed were few and big (its blocks), so
+            # the whole log's average record is the guess, as a whole replay's would have been.
+            avg = sum(s.size_bytes for s in segs) / (segs[-1].last_lsn - segs[0].first_lsn + 1)
         elif self.recovery is not None and self.recovery.records:
             # Nothing published since the restart: the replayed log's average
             # record is a far better guess than a constant (a constant much
@@ -467,6 +476,8 @@ class Durability:
     def checkpoint_due(self) -> bool:
         if self._checkpoint_due is not None or self._compacting or not self.state.log_enabled:
             return False
+        if self._checkpoint_lost:
+            return True
         since = self.records - self._records_at_checkpoint
         if since < self.CHECKPOINT_RECORDS:
             return False
@@ -481,6 +492,7 @@ class Durability:
             self.submit(self.state.take_records(), {}, lambda box: None)
             self._checkpoint_due = (self.state.last_lsn, first)
             self._records_at_checkpoint = self.records
+            self._checkpoint_lost = False
             self.checkpoints += 1
         return first
 
@@ -490,6 +502,7 @@ class Durability:
         self.wal.sync()  # every record of the checkpoint on disk before anything points at it
         try:
             self.wal.save_checkpoint(first)
+            self._checkpoint_at = first
         except OSError as exc:  # not a disk fault of the log: the next restart reads more of it
             log.warning("could not save the checkpoint pointer (%s); a restart reads the log from an older one", exc)
         self._checkpoint_due = None
@@ -566,17 +579,22 @@ class Durability:
                     continue
                 self._delete_waiting = False
                 self.segments_deleted += len(deleted)
+                segs = self.wal.segments()
+                if self._checkpoint_at is not None and segs and self._checkpoint_at < segs[0].first_lsn:
+                    self._checkpoint_at = None  # its segment is gone: write a new one
+                    self._checkpoint_lost = True
             else:
                 keep.append((need, through))
         self._deletes = keep
 
     # -- shutdown and figures ------------------------------------------------------------
-    async def close(self) -> None:
-        """Flush and fsync everything, release held confirms, close the log."""
+    async def close(self, checkpoint: bool = True) -> None:
+        """Flush and fsync everything, release held confirms, close the log.  ``checkpoint``
+        (a leader's clean stop): write one first, the next start reads the log from it; a
+        follower's log must stay its leader's, record for record, and gets none."""
         async with self._write_lock:
             if self.failed is None:
-                # A clean stop writes a checkpoint: the next start reads the log from it.
-                first = self.write_checkpoint() if self.state.log_enabled else 0
+                first = self.write_checkpoint() if checkpoint and self.state.log_enabled else 0
                 try:
                     await trio.to_thread.run_sync(self._close_wal, first)
                 except WalFailed as exc:

@@ -307,8 +307,8 @@ class Server:
                     await trio.sleep(0.01)
         if self.history is not None:
             history.final_flush(self.state, self.history)
-        if self.wal is not None:
-            await self.wal.close()
+        if self.wal is not None:  # a leader's clean stop writes a checkpoint (not a follower's or fenced one's)
+            await self.wal.close(checkpoint=self.follower is None)
         if self.nursery is not None:
             self.nursery.cancel_scope.cancel()
 

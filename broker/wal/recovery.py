@@ -217,6 +217,7 @@ def replay_segments(
     st: ReplayState,
     add_segment: Callable[[SegmentFile], None],
     skip_to: Checkpoint | None = None,
+    mark_unparsed: Callable[[str, bytes, int, int, int, int], None] | None = None,
 ) -> Generator[Record, None, int]:
     """Yield the records; return the next lsn.  Hands each segment to ``add_segment``.
 
@@ -224,6 +225,7 @@ def replay_segments(
     segments wholly before it are kept (queued bodies are read back from them) and checked
     against the pointer's whole-file CRCs, as are the bytes before the checkpoint in its own
     segment, which is scanned from the checkpoint on, with the lsn expected there.
+    ``mark_unparsed(name, data, salt, first lsn, last lsn, end)`` is handed those bytes.
     """
     segments: list[SegmentFile] = []
     listing = files.list_segments()
@@ -302,6 +304,8 @@ def replay_segments(
             if seg.crc != skip_to.sums.get(name):
                 _name_the_damage(path, data, header.salt, expected, gaps, len(data))
             seg.last_lsn = listing[index + 1][0] - 1  # segments are contiguous (a repair gap only shortens it)
+            if mark_unparsed is not None:
+                mark_unparsed(name, data, header.salt, first, seg.last_lsn, len(data))
             st.skipped.append(name)
             expected = seg.last_lsn + 1
             continue
@@ -310,8 +314,12 @@ def replay_segments(
             with memoryview(data) as view:
                 if zlib.crc32(view[:skip_to.offset]) != skip_to.prefix:
                     _name_the_damage(path, data, header.salt, expected, gaps, skip_to.offset)
+                seg.crc = zlib.crc32(view[skip_to.offset:], skip_to.prefix)  # the whole file's
+            if mark_unparsed is not None:
+                mark_unparsed(name, data, header.salt, first, skip_to.lsn - 1, skip_to.offset)
             expected, offset = skip_to.lsn, skip_to.offset
-        seg.crc = zlib.crc32(data)
+        else:
+            seg.crc = zlib.crc32(data)
         scanner = RecordScanner(data, header.salt, offset, expected, gaps)
         for r in scanner:
             yield Record(r.lsn, r.type, r.flags, r.payload, name, r.offset)

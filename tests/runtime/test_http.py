@@ -205,7 +205,8 @@ def test_metrics_match_the_counts_of_a_scripted_workload(broker_factory):
     assert m(s, "brokerd_messages_published_total", **q) == 11
     assert m(s, "brokerd_messages_acked_total", **q) == 3
     assert m(s, "brokerd_queue_messages", **q, state="ready") == 6  # the 4 in flight came back
-    assert m(s, "brokerd_recovery_records") >= 18
+    # read from the checkpoint the clean stop wrote (broker/state/replay.py): its records, not the 18 before
+    assert m(s, "brokerd_recovery_records") >= 1
     assert m(s, "brokerd_recovery_seconds") > 0
 
 
