@@ -491,6 +491,17 @@ class Transport(virtual.Transport):
         self.brokerd.control_handlers.append(self._on_control)
         return super().establish_connection()
 
+    def verify_connection(self, connection) -> bool:
+        """kombu's ``Connection.connected`` asks this before it reuses a connection (a pooled
+        producer's ``revive``, ``default_channel``).  The base class says always True, so after a
+        broker restart Celery's callback publishes retried on the dead connection until they gave
+        up: False once brokerd's connection is closed or lost, and kombu makes a new one."""
+        b = self.brokerd
+        if b is None or b._closed:
+            return False
+        session = b._session
+        return session is not None and session.error is None
+
     def forked(self) -> bool:
         """True in a child forked after this connection was made (Celery's prefork pool processes,
         started at boot, by ``pool_grow`` or after ``max_tasks_per_child``).  The child shares the

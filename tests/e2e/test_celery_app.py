@@ -320,3 +320,18 @@ def test_brokerd_fires_the_apps_beat_schedule_itself_with_one_task_id_per_firing
         finally:
             c.schedule_remove("tick")
 
+
+
+def test_after_a_broker_restart_the_app_publishes_canvases_again_without_help(env):
+    """A broker restart costs the caller nothing but a reconnect: kombu's producer pool keeps
+    channels of the old connection, and every publish path (a plain task, a group with a chain
+    member) must come back by kombu's own retry, not raise AttributeError or SHUTTING_DOWN."""
+    from celery import chain, group
+
+    capp = env.capp
+    assert capp.add.delay(1, 1).get(timeout=WAIT) == 2  # the pool holds a producer of this connection
+    env.broker.terminate()
+    env.broker.restart()
+    g = group(capp.add.s(1, 2), chain(capp.add.s(2, 2), capp.add.s(10)))
+    assert g.apply_async().get(timeout=WAIT) == [3, 14]
+    assert capp.add.delay(6, 7).get(timeout=WAIT) == 13
