@@ -457,7 +457,8 @@ class Worker:
                 else:
                     ch.result(None if d.settled else d, task_id, state, value, meta)
             elif settle == S_RETRY:
-                ch.result(None, task_id, state, None, meta)
+                if state is not None:  # None: the task's result is ignored, its RETRY too
+                    ch.result(None, task_id, state, None, meta)
                 headers = dict(d.headers or {})
                 headers["retries"] = retries
                 if type(value) is bytes:  # retry(args=, kwargs=): the changed message goes, then the old one
