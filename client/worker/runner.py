@@ -341,7 +341,7 @@ class Runner:
             log.info("Task %s[%s] succeeded in %.4fs: %s", task.name, req.id, runtime, shown)
         _send(signals.task_success, sender=task, result=retval)
         if self._ignores_result(ctx):
-            return (S_ACK, None, None, UNSTORED_SUCCESS, None, None)
+            return (S_ACK, None, retval, UNSTORED_SUCCESS, None, None)  # the value: for its chain and links only
         # Tasks this one sent (AsyncResult.children): kept in the result's meta, with Celery's
         # result_extended the task's name, args and kwargs too (AsyncResult.name/args/kwargs).
         meta = {"children": [c for c in req.children if isinstance(c, str)]} if req.children else None

@@ -575,6 +575,16 @@ def test_a_task_whose_result_is_ignored_stores_no_retry_either(worker):
     assert ignored.state == "PENDING" and kept.state == "SUCCESS"
 
 
+def test_a_chain_goes_on_after_a_step_whose_result_is_ignored(worker):
+    """Celery runs a task's chain and links whether or not its result is stored; the chain stopped there."""
+    cb, cb_res = _cb("after-ignored")
+    first = t.add.si(1, 1).set(ignore_result=True)
+    first.link(cb)
+    r = chain(first, t.add.s(10)).apply_async()
+    assert r.get(timeout=WAIT) == 12 and cb_res.get(timeout=WAIT) == "after-ignored"
+    assert r.parent.state == "PENDING"  # its own result still not stored
+
+
 def test_hostile_workflow_keys_cost_only_their_own_continuation(worker):
     """Garbage in ``chain``/``link``/``link_error`` (a buggy or hostile producer) must not cost the worker:
     the task's own result is stored, and the worker runs the next task."""
