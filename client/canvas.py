@@ -46,6 +46,7 @@ import copy
 import functools
 import inspect
 import logging
+import types
 import uuid
 
 from client._current import Request, current_app, current_request
@@ -849,12 +850,18 @@ class chord(Signature):
             options = {**{k: v for k, v in header.options.items() if k == "task_id"}, **options}
         elif isinstance(header, dict):  # one signature (or a chain) as the whole header
             tasks = [maybe_signature(header, app)]
+        elif isinstance(header, types.GeneratorType):
+            tasks = []  # taken one by one as they are sent (apply_async), unless something reads them first
         else:  # a list of signatures: copies (Celery's _maybe_group), so linking to chord.tasks or freezing
             # them leaves the caller's signatures as they were
             tasks = [t.clone() if isinstance(t, Signature) else t for t in _sigs((header,), app)]
         body = maybe_signature(body, app)
         super().__init__("celery.chord", (), {"header": tasks, "body": body}, options,
                          _app_of([*tasks, body], app), subtask_type="chord")
+        # a generator header (Celery #3021): its tasks are sent as it makes them, and the CHORD declared
+        # after the last one (brokerd counts members that finished before it), so a long or slow generator
+        # has its first tasks running while it makes the rest
+        self._lazy = header if isinstance(header, types.GeneratorType) else None
 
     @classmethod
     def from_dict(cls, d, app=None):
@@ -872,6 +879,11 @@ class chord(Signature):
 
     @property
     def tasks(self) -> list:
+        lazy = getattr(self, "_lazy", None)
+        if lazy is not None:  # read before it was sent: made whole now (copies, as a list header's)
+            self._lazy = None
+            self["kwargs"]["header"] = [t.clone() if isinstance(t, Signature) else t
+                                        for t in _sigs((list(lazy),), self._app)]
         return self["kwargs"]["header"]
 
     header = tasks
@@ -928,11 +940,11 @@ class chord(Signature):
 
     __ior__ = __or__
 
-    def _members(self) -> list:
+    def _members(self, tasks=None) -> list:
         """The header, with groups in it flattened into their members (one result each); a chain in it that
         ends in a group gives that group's list as its one result (Celery: the chain prevents unrolling)."""
         out = []
-        for m in _flat_members([maybe_signature(t, self._app) for t in self.tasks]):
+        for m in _flat_members([maybe_signature(t, self._app) for t in (self.tasks if tasks is None else tasks)]):
             if isinstance(m, chain) and m.tasks and isinstance(maybe_signature(m.tasks[-1], self._app), group):
                 m = m | Signature(ACCUMULATE_TASK, (), {"index": 0}, app=m._app or self._app)
             out.append(m)
@@ -958,6 +970,7 @@ class chord(Signature):
             raise ValueError("chord() needs a body: chord(header, body) or chord(header)(body)")
         if _always_eager(self):
             return self.apply(args, kwargs, **options)
+        lazy, self._lazy = getattr(self, "_lazy", None), None  # a generator header: sent as it yields (once)
         c = self.clone(args)
         link, link_error = options.pop("link", None), options.pop("link_error", None)
         body_id = options.pop("task_id", None)  # names the result: the body's id (Celery's)
@@ -969,6 +982,8 @@ class chord(Signature):
             c.link(cb)
         for eb in _sig_list(link_error, self._app):
             c.link_error(eb)
+        if lazy is not None:
+            return c._apply_as_made(lazy, body_id, kwargs, delay)
         result = c.freeze(body_id)
         app = c.body.app
         members = c.tasks
@@ -986,6 +1001,29 @@ class chord(Signature):
                 m.apply_async(c["args"], kwargs, _confirm=False, **delay)
         app.client.wait_for_confirms()
         return result
+
+    def _apply_as_made(self, made, body_id, kwargs, delay):
+        """A generator header: each member is sent as the generator makes it; then the CHORD is declared
+        with all their ids (brokerd counts those already finished, §5.27).  The chord's result as usual."""
+        cid = self["options"].setdefault("task_id", str(uuid.uuid4()))
+        body = self.body.freeze(body_id) if body_id is not None else self.body.freeze()
+        app = self.body.app
+        members, results, ids = [], [], []
+        for t in made:
+            for m in self._members([maybe_signature(t, self._app)]):
+                results.append(m.freeze())
+                ids.extend(_final_ids(m))
+                members.append(m)
+                m.apply_async(self["args"], kwargs, **delay)  # confirmed one by one: it runs while more are made
+        self["kwargs"]["header"] = members
+        _root(body).parent = GroupResult(cid, results, app=app)
+        if not members:  # an empty header: Celery runs the body at once, with []
+            self.body.apply_async(([],), kwargs)
+            return body
+        spec = body_spec(app, self.body)
+        app.client.chord(cid, ids, spec, _error_spec(app, self.body, spec, body.id))
+        app.client.wait_for_confirms()
+        return body
 
     def __repr__(self):
         return f"chord([{', '.join(repr(t) for t in self.tasks)}], {self.body!r})"

@@ -225,7 +225,8 @@ def check_call_options(name: str, options: dict) -> dict:
             raise TypeError(
                 f"apply_async() of {name} got an option brokerd does not know: {key!r}. Known options: countdown, "
                 f"eta, expires, priority, queue, routing_key, exchange, task_id, headers, link, link_error, "
-                f"time_limit, soft_time_limit, ignore_result, shadow, app_id, parent_id, root_id, unique_key, unique_for, "
+                f"time_limit, soft_time_limit, ignore_result, shadow, app_id, parent_id, root_id, unique_key, "
+                f"unique_for, "
                 f"unique_until (and Celery's no-ops: "
                 f"{', '.join(sorted(CALL_NOOPS))})")
     return out

@@ -481,7 +481,9 @@ class WorkflowMixin:
             if ok:
                 results = [ch["results"][m][1] for m in ch["members"]]
                 env["args"] = [results, *env.get("args", [])]
-                if last is not None:  # as x-chord-last above: the member that completed the chord started it
+                # as x-chord-last above: the member that completed the chord started it; a signed body keeps
+                # the producer's parent_id, which its signature covers (client/signing.py)
+                if last is not None and "sig" not in env:
                     env["parent_id"] = last
             else:
                 env["args"] = [failed_member, (meta or {}).get("exc_type"), (meta or {}).get("exc_message"),

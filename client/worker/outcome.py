@@ -23,9 +23,10 @@ S_REJECT = 1  # nack without requeue: the dead-letter queue
 S_REQUEUE = 2  # nack with requeue: run again now (counts an attempt)
 S_RETRY = 3  # nack with a delay and a new "retries" header: brokerd holds it
 
-# The meta of an outcome that succeeded but stores no result (ignore_result): (S_ACK, None, None,
+# The meta of an outcome that succeeded but stores no result (ignore_result): (S_ACK, None, value,
 # UNSTORED_SUCCESS, None, None), so the worker can tell it from an ignored task (Ignore), which stores
-# nothing either.  A string, because outcomes cross from pool processes pickled.
+# nothing either, and still hand the value to the task's chain and links.  A string, because outcomes
+# cross from pool processes pickled.
 UNSTORED_SUCCESS = "succeeded, result not stored"
 
 

@@ -339,14 +339,9 @@ class Runner:
         self._hook(ctx, "after_return", "SUCCESS", retval, req.id, req.args, req.kwargs, None)
         if log.isEnabledFor(logging.INFO):
             log.info("Task %s[%s] succeeded in %.4fs: %s", task.name, req.id, runtime, shown)
-        ignore = ctx.opts.get("ignore_result")  # the call's ignore_result=, then the task's, then the app's
-        if ignore is None:
-            ignore = task.ignore_result
-        if ignore is None:
-            ignore = self.app.conf.get("task_ignore_result", False)
         _send(signals.task_success, sender=task, result=retval)
-        if ignore:
-            return (S_ACK, None, None, UNSTORED_SUCCESS, None, None)
+        if self._ignores_result(ctx):
+            return (S_ACK, None, retval, UNSTORED_SUCCESS, None, None)  # the value: for its chain and links only
         # Tasks this one sent (AsyncResult.children): kept in the result's meta, with Celery's
         # result_extended the task's name, args and kwargs too (AsyncResult.name/args/kwargs).
         meta = {"children": [c for c in req.children if isinstance(c, str)]} if req.children else None
@@ -413,6 +408,15 @@ class Runner:
             meta.update(extended_meta(task, req))
         return (S_ACK, "FAILURE", None, meta, None, None)
 
+    def _ignores_result(self, ctx) -> bool:
+        """The call's ignore_result=, else the task's, else the app's task_ignore_result."""
+        ignore = ctx.opts.get("ignore_result")
+        if ignore is None:
+            ignore = ctx.task.ignore_result
+        if ignore is None:
+            ignore = self.app.conf.get("task_ignore_result", False)
+        return bool(ignore)
+
     def _retry(self, ctx, r, exc, when):
         task, req = ctx.task, ctx.req
         body = None
@@ -439,8 +443,12 @@ class Runner:
         self._hook(ctx, "after_return", "RETRY", shown, req.id, req.args, req.kwargs, einfo)
         _send(signals.task_retry, sender=task, request=req, reason=shown, einfo=einfo)
         log.info("Task %s[%s] retry: Retry in %gs: %r", task.name, req.id, when, shown)
+        # A task whose result is ignored stores no RETRY either (Celery's: nobody waits for it, and a
+        # RETRY left behind would be its state for ever, as the SUCCESS after it is not stored); unless
+        # store_errors_even_if_ignored
+        state = None if self._ignores_result(ctx) and not task.store_errors_even_if_ignored else "RETRY"
         # the value slot of a retry carries the message to send instead, when the arguments changed
-        return (S_RETRY, "RETRY", body, exc_meta(shown, self.hostname, einfo.traceback), max(0.0, float(when)),
+        return (S_RETRY, state, body, exc_meta(shown, self.hostname, einfo.traceback), max(0.0, float(when)),
                 req.retries + 1)
 
 

@@ -435,8 +435,11 @@ class Worker:
             return
         self._settle(job.d, ch, outcome, job.task_id)
         env = job.env
-        if env and outcome[1] in STORED and (env.get("chain") or env.get("link") or env.get("link_error")):
-            self._continue_workflow(env, outcome)
+        if env and (env.get("chain") or env.get("link") or env.get("link_error")):
+            if outcome[1] in STORED:
+                self._continue_workflow(env, outcome)
+            elif succeeded(outcome):  # ignore_result: nothing stored, but its chain and links go on (Celery's)
+                self._continue_workflow(env, (outcome[0], "SUCCESS", outcome[2], None, None, None))
 
     def _continue_workflow(self, env, outcome):
         """Send what a workflow does next: chain step, link callbacks (client.canvas.after_task)."""
@@ -457,7 +460,8 @@ class Worker:
                 else:
                     ch.result(None if d.settled else d, task_id, state, value, meta)
             elif settle == S_RETRY:
-                ch.result(None, task_id, state, None, meta)
+                if state is not None:  # None: the task's result is ignored, its RETRY too
+                    ch.result(None, task_id, state, None, meta)
                 headers = dict(d.headers or {})
                 headers["retries"] = retries
                 if type(value) is bytes:  # retry(args=, kwargs=): the changed message goes, then the old one

@@ -294,6 +294,25 @@ def test_a_chord_s_task_id_names_its_result_and_tasks_themselves_may_be_members(
     assert c.apply_async(([1, 2],)).get(timeout=WAIT) == 6
 
 
+def test_a_generator_header_is_sent_as_it_is_made(worker):
+    """Celery #3021 (its test_generator): a chord's generator header is not read whole first; here the
+    generator waits for its first member's result before making the next one (it waited for ever)."""
+    first = t.add.si(1, 1)
+    first_id = first.freeze().id
+
+    def header():
+        yield first
+        assert t.app.AsyncResult(first_id).get(timeout=WAIT) == 2  # already sent, and run
+        yield t.add.si(2, 2)
+        yield group(t.add.si(3, 3), t.add.si(4, 4))  # a group in it: its members, one result each
+
+    r = chord(header(), t.tsum.s()).apply_async()
+    assert r.get(timeout=WAIT) == 2 + 4 + 6 + 8
+    assert [m.id for m in r.parent.results][0] == first_id and len(r.parent.results) == 4
+    made = chord((s for s in [t.add.si(1, 2)]), t.tsum.s())
+    assert len(made.tasks) == 1 and made.apply_async().get(timeout=WAIT) == 3  # read first: sent whole
+
+
 def test_starmap_and_map_keep_their_items_in_a_chain_and_a_group(worker):
     assert group(t.add.starmap([(1, 1), (2, 2)]), t.add.s(3, 3)).delay().get(timeout=WAIT) == [[2, 4], 6]
     assert chain(t.add.si(1, 1), t.add.starmap([(1, 1), (2, 2)])).delay().get(timeout=WAIT) == [2, 4]
@@ -544,6 +563,26 @@ def test_app_id_given_to_apply_async_reaches_request_properties(worker):
     for bad in (1234, "x" * 256, ["a"]):
         with pytest.raises(TypeError, match="app_id must be text of at most 255 characters"):
             t.properties_of.apply_async(app_id=bad)
+
+
+def test_a_task_whose_result_is_ignored_stores_no_retry_either(worker):
+    """Celery's test_retry_preserves_ignore_result_true: after a retry and a success with ignore_result the
+    state is PENDING (the RETRY stored on the way stayed its state for ever); without it, SUCCESS."""
+    ignored = t.retry_once_then_log.apply_async(ignore_result=True)
+    kept = t.retry_once_then_log.apply_async()
+    assert kept.get(timeout=WAIT) == 1
+    wait_for(lambda: _log_lines(worker, "retried.log", ignored.id), WAIT, "the ignored task's second run")
+    assert ignored.state == "PENDING" and kept.state == "SUCCESS"
+
+
+def test_a_chain_goes_on_after_a_step_whose_result_is_ignored(worker):
+    """Celery runs a task's chain and links whether or not its result is stored; the chain stopped there."""
+    cb, cb_res = _cb("after-ignored")
+    first = t.add.si(1, 1).set(ignore_result=True)
+    first.link(cb)
+    r = chain(first, t.add.s(10)).apply_async()
+    assert r.get(timeout=WAIT) == 12 and cb_res.get(timeout=WAIT) == "after-ignored"
+    assert r.parent.state == "PENDING"  # its own result still not stored
 
 
 def test_hostile_workflow_keys_cost_only_their_own_continuation(worker):
