@@ -364,23 +364,6 @@ class Task:
                     bound.arguments[name] = new_kwargs.pop(name)
             new_args, new_kwargs = list(bound.args), {**bound.kwargs, **new_kwargs}
         return new_args, new_kwargs
-        named = [p for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
-        if args is not None and kwargs is None:
-            for p in named[:len(new_args)]:  # now given by position
-                new_kwargs.pop(p.name, None)
-        elif kwargs is not None and args is None and req.args:
-            keep = []
-            for i, value in enumerate(req.args):  # a keyword now names it: it leaves the positions
-                if i < len(named) and named[i].name in new_kwargs and len(keep) == i:
-                    continue
-                keep.append(value)
-            if len(keep) < len(req.args):  # later positions cannot follow a gap: pass them by name
-                extra = req.args[len(keep):]
-                names = [p.name for p in named[len(keep):len(req.args)]]
-                for n, v in zip(names, extra):
-                    new_kwargs.setdefault(n, v)
-            new_args = keep
-        return new_args, new_kwargs
 
     def retry_delay(self, retries: int) -> float:
         """Seconds before retry number ``retries + 1``: fixed, or exponential with jitter."""
