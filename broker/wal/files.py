@@ -216,33 +216,26 @@ class LogFiles:
         Raises ``OSError`` if the file cannot be written (the caller decides);
         a failed directory fsync is a ``WalFailed``.
         """
-        data = encode_manifest(start, gaps)
-        path = os.path.join(self.directory, MANIFEST_NAME)
-        tmp = path + ".tmp"
-        fd = self.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_CLOEXEC)
-        try:
-            self.write_all(fd, data, MANIFEST_NAME)
-            if self.fault is not None:
-                self.fault.before_fsync(MANIFEST_NAME)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        self.fsync_directory()
+        self.replace_small_file(MANIFEST_NAME, encode_manifest(start, gaps))
         self.manifest = (start, dict(gaps))
 
     def write_checkpoint(self, lsn: int, segment: str, offset: int, prefix: int, sums: dict[str, int]) -> None:
         """Replace the checkpoint pointer atomically (as the manifest: temporary file, fsync,
         rename, fsync the directory).  A crash at any byte leaves the old pointer or the new one;
         a damaged one is ignored at start-up (the log is then read from its start)."""
-        data = encode_checkpoint(lsn, segment, offset, prefix, sums)
-        path = os.path.join(self.directory, CHECKPOINT_NAME)
+        self.replace_small_file(CHECKPOINT_NAME, encode_checkpoint(lsn, segment, offset, prefix, sums))
+
+    def replace_small_file(self, name: str, data: bytes) -> None:
+        """Write ``name`` (the manifest, the checkpoint pointer) whole or not at all: a temporary
+        file, fsync, rename over the old one, fsync the directory.  A crash at any byte leaves the
+        old file or the new one."""
+        path = os.path.join(self.directory, name)
         tmp = path + ".tmp"
         fd = self.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_CLOEXEC)
         try:
-            self.write_all(fd, data, CHECKPOINT_NAME)
+            self.write_all(fd, data, name)
             if self.fault is not None:
-                self.fault.before_fsync(CHECKPOINT_NAME)
+                self.fault.before_fsync(name)
             os.fsync(fd)
         finally:
             os.close(fd)
