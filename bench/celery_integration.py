@@ -514,7 +514,14 @@ def main(argv=None) -> int:
                     log(f"  {dict(c)} in {runs[(target, f)]['seconds']:.0f} s; log {runs[(target, f)]['log']}")
             finally:
                 if broker is not None:
+                    died = broker.proc.poll()  # None while it runs: a brokerd that died mid-run is a finding
                     broker.terminate()
+                    # the data dir goes with `work`; brokerd's own log stays beside the results
+                    (out / f"brokerd-{target}.log").write_text("\n".join(broker.log) + "\n")
+                    if died is not None:
+                        notes[target] = (f"brokerd exited with code {died} during the run; its log: "
+                                         f"{out / f'brokerd-{target}.log'}")
+                        log(notes[target])
     finally:
         redis.stop()
         shutil.rmtree(work, ignore_errors=True)
