@@ -394,6 +394,11 @@ class Task:
         """Replace this running task with ``sig`` (Celery's): see ``client.canvas.replace``."""
         return canvas.replace(self, sig)
 
+    def add_to_chord(self, sig, lazy: bool = False):
+        """Add ``sig`` to the chord this running task is a member of (Celery's): see
+        ``client.canvas.add_to_chord``."""
+        return canvas.add_to_chord(self, sig, lazy)
+
     def map(self, items):
         """One task that runs this task on each item in turn; its result is the list."""
         # immutable, as Celery's xmap: in a chain it maps its own items, never the previous result

@@ -997,8 +997,8 @@ class chord(Signature):
         for m in members:
             if _is_composite(m):
                 m.apply_async(c["args"], kwargs, **delay)
-            else:
-                m.apply_async(c["args"], kwargs, _confirm=False, **delay)
+            else:  # a plain member knows its chord (request.group): Task.add_to_chord grows it
+                m.apply_async(c["args"], kwargs, _confirm=False, group_id=c.id, **delay)
         app.client.wait_for_confirms()
         return result
 
@@ -1014,7 +1014,8 @@ class chord(Signature):
                 results.append(m.freeze())
                 ids.extend(_final_ids(m))
                 members.append(m)
-                m.apply_async(self["args"], kwargs, **delay)  # confirmed one by one: it runs while more are made
+                member_of = {} if _is_composite(m) else {"group_id": cid}  # request.group, for add_to_chord
+                m.apply_async(self["args"], kwargs, **member_of, **delay)  # confirmed one by one: it runs while more are made
         self["kwargs"]["header"] = members
         _root(body).parent = GroupResult(cid, results, app=app)
         if not members:  # an empty header: Celery runs the body at once, with []
@@ -1030,6 +1031,23 @@ class chord(Signature):
 
 
 Signature.TYPES.update(chain=chain, group=group, chord=chord)
+
+
+def add_to_chord(task, sig, lazy: bool = False):
+    """Celery's ``self.add_to_chord(sig)``: the running chord member ``task`` adds ``sig`` to its chord.
+    brokerd grows the chord first (CHORD_ADD, one atomic change, protocol.md §5.49), then ``sig`` is
+    sent, so the body waits for it too; the body gets its result after the others'.  Returns the
+    result of ``sig`` (``lazy``: ``sig`` itself, frozen, for the caller to send)."""
+    cid = task.request.group
+    if not cid:
+        raise ValueError(f"add_to_chord from {task.name}: this task is not a member of a chord (request.group is "
+                         f"unset); only a task sent as a chord's header member can grow its chord")
+    sig = maybe_signature(sig, task.app).clone()
+    if not _is_composite(sig):
+        sig.set(group_id=cid)  # it can grow the chord in turn
+    sig.freeze()
+    task.app.client.chord_add(cid, _final_ids(sig))
+    return sig if lazy else sig.apply_async()
 
 
 def _final_ids(sig) -> list[str]:

@@ -93,10 +93,13 @@ def check_decorator_options(name: str, opts: dict) -> None:
 
 # -- apply_async(...) ----------------------------------------------------------------------------
 # Per-call options carried to the worker in the envelope's `options` map (protocol.md §8.1).
-ENVELOPE_OPTIONS = ("time_limit", "soft_time_limit", "ignore_result", "shadow", "link", "link_error", "app_id")
+ENVELOPE_OPTIONS = ("time_limit", "soft_time_limit", "ignore_result", "shadow", "link", "link_error", "app_id",
+                    "group_id")
 # Celery's app_id (an AMQP message property): the sending application's name, shown to the task as
 # request.properties["app_id"]; bounded like a queue name, since it travels in every message that has it.
 APP_ID_MAX = 255  # characters
+# Celery's group_id: the group or chord a task is a member of (request.group); a task id's bound.
+GROUP_ID_MAX = 255  # characters
 
 # Per-call options that are no-ops for brokerd, with the reason.
 CALL_NOOPS = {
@@ -210,6 +213,9 @@ def check_call_options(name: str, options: dict) -> dict:
             if key == "app_id" and (not isinstance(value, str) or len(value) > APP_ID_MAX):
                 raise TypeError(f"apply_async() of {name}: app_id must be text of at most {APP_ID_MAX} characters "
                                 f"(the sending application's name), got {value!r:.100}")
+            if key == "group_id" and (not isinstance(value, str) or not 0 < len(value) <= GROUP_ID_MAX):
+                raise TypeError(f"apply_async() of {name}: group_id must be the id of a group or chord (text of 1 to "
+                                f"{GROUP_ID_MAX} characters), got {value!r:.100}")
             if key == "shadow" and not isinstance(value, str):
                 raise TypeError(f"apply_async() of {name}: shadow must be a display name (text), got {value!r}")
             if key == "rate_limit":
@@ -225,7 +231,7 @@ def check_call_options(name: str, options: dict) -> dict:
             raise TypeError(
                 f"apply_async() of {name} got an option brokerd does not know: {key!r}. Known options: countdown, "
                 f"eta, expires, priority, queue, routing_key, exchange, task_id, headers, link, link_error, "
-                f"time_limit, soft_time_limit, ignore_result, shadow, app_id, parent_id, root_id, unique_key, "
+                f"time_limit, soft_time_limit, ignore_result, shadow, app_id, group_id, parent_id, root_id, unique_key, "
                 f"unique_for, "
                 f"unique_until (and Celery's no-ops: "
                 f"{', '.join(sorted(CALL_NOOPS))})")

@@ -119,7 +119,7 @@ def request_for(env, task, queue, priority, attempts, retries, hostname) -> Requ
     hdrs = env.get("headers") or {}
     hard = opts.get("time_limit", getattr(task, "time_limit", None))
     soft = opts.get("soft_time_limit", getattr(task, "soft_time_limit", None))
-    group, chord, origin = env.get("group"), env.get("chord"), hdrs.get("origin")
+    group, chord, origin = env.get("group") or opts.get("group_id"), env.get("chord"), hdrs.get("origin")
     names, stamps = hdrs.get("stamped_headers"), hdrs.get("stamps")
     if type(names) is not list or not all(type(n) is str for n in names) or type(stamps) is not dict:
         names, stamps = [], {}  # none, or not ours: a bad header costs only the stamps
@@ -503,7 +503,7 @@ def check_envelope(env: dict) -> None:
     value = opts.get("ignore_result")
     if value is not None and type(value) is not bool:
         raise ValueError(f"task envelope field 'options.ignore_result' must be true, false or null (got {shown(value)})")
-    for key in ("shadow", "app_id"):
+    for key in ("shadow", "app_id", "group_id"):
         value = opts.get(key)
         if value is not None and type(value) is not str:
             raise ValueError(f"task envelope field 'options.{key}' must be text or null (got {shown(value)})")

@@ -227,3 +227,32 @@ def retry_once_then_log(self):
         raise self.retry(countdown=0.01)
     _log("retried.log", self.request.id)
     return 1
+
+
+@app.task(bind=True)
+def grow_chord(self, nums, val):
+    """Celery's add_to_all_to_chord: each added task's result joins the chord's."""
+    for n in nums:
+        self.add_to_chord(add.s(n, val))
+    return 0
+
+
+@app.task(bind=True)
+def grow_chord_by_a_chord(self, nums, val):
+    """Celery's add_chord_to_chord: the added chord counts by its body."""
+    self.add_to_chord(group(add.s(n, val) for n in nums) | tsum.s())
+    return 0
+
+
+@app.task(bind=True)
+def grow_no_chord(self):
+    try:
+        self.add_to_chord(add.s(1, 1))
+    except ValueError as exc:
+        return str(exc)
+    return "grew"
+
+
+@app.task
+def identity(x):
+    return x

@@ -647,3 +647,25 @@ def test_start_worker_says_why_when_brokerd_cannot_be_reached():
     with pytest.raises(WorkerDidNotStart, match="was not consuming from"):
         with start_worker(lonely, connect_timeout=0.5, ready_timeout=20):
             pass
+
+
+# -- add_to_chord (Celery's Task.add_to_chord, brokerd's CHORD_ADD) ------------------------------
+def test_a_running_chord_member_adds_tasks_and_the_body_waits_for_them(worker):
+    """Celery's test_add_to_chord: the body gets the member's result and the three added ones."""
+    r = (group([t.grow_chord.s([1, 2, 3], 4)]) | t.identity.s()).apply_async()
+    assert sorted(r.get(timeout=WAIT)) == [0, 5, 6, 7]
+
+
+def test_a_chord_added_to_a_running_chord_counts_by_its_body(worker):
+    """Celery's test_add_chord_to_chord."""
+    r = (group([t.grow_chord_by_a_chord.s([1, 2, 3], 4)]) | t.identity.s()).apply_async()
+    assert sorted(r.get(timeout=WAIT)) == [0, 5 + 6 + 7]
+
+
+def test_add_to_chord_outside_a_chord_says_so(worker):
+    assert "is not a member of a chord" in t.grow_no_chord.delay().get(timeout=WAIT)
+
+
+def test_group_id_must_name_a_group():
+    with pytest.raises(TypeError, match="group_id must be the id of a group or chord"):
+        t.add.apply_async((1, 2), group_id=12)

@@ -41,6 +41,7 @@ POISON = [
     ("options.ignore_result", {"options": {"ignore_result": "yes"}}),
     ("options.shadow", {"options": {"shadow": ["a"]}}),
     ("options.app_id", {"options": {"app_id": {"name": "x"}}}),
+    ("options.group_id", {"options": {"group_id": ["not", "text"]}}),
     ("options.rate_limit", {"options": {"rate_limit": "10/s"}}),
     ("retries", {"retries": "3"}),
     ("retries", {"retries": -1}),
