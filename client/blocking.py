@@ -258,6 +258,11 @@ class Connection:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _lost(self, session) -> bool:
+        """``session`` (read under the lock) lost its connection while this Connection is still
+        meant to be open: the call reconnects (to whoever leads now) before it is sent."""
+        return session.error is not None and not self._closed and not session.bye_sent
+
     def __repr__(self):
         state = "closed" if self._closed else ("lost" if self._session is None or self._session.error else "open")
         return f"<{type(self).__name__} {self.address} {state}>"
@@ -326,7 +331,7 @@ class Connection:
             w = new_waiter()
             with self._lock:
                 session = self._session
-                lost = session.error is not None and not self._closed and not session.bye_sent
+                lost = self._lost(session)
                 if not lost:
                     p = call.begin(session, w)
             if lost:

@@ -69,7 +69,7 @@ class Client(Connection, verbs.ShellInfo):
         while True:
             with self._lock:
                 session = self._session
-                lost = session.error is not None and not self._closed and not session.bye_sent
+                lost = self._lost(session)
                 if not lost:
                     _, mid = session.publish(queue, body, id, priority, opts, confirm=False)
                     flush = session.out_bytes >= FLUSH_BYTES
@@ -97,7 +97,7 @@ class Client(Connection, verbs.ShellInfo):
             w = new_waiter()
             with self._lock:
                 session = self._session
-                lost = session.error is not None and not self._closed and not session.bye_sent
+                lost = self._lost(session)
                 if not lost:
                     if entry is None:
                         p, msg_id = session.publish(queue, body, msg_id, priority, opts, waiter=w)
@@ -162,7 +162,7 @@ class Client(Connection, verbs.ShellInfo):
             w = new_waiter()
             with self._lock:
                 session = self._session
-                lost = session.error is not None and not self._closed and not session.bye_sent
+                lost = self._lost(session)
                 if not lost:
                     p = session.consume(queues, prefetch, waiter=w, slots=slots)
                     p.consumer.waiter = threading.Condition(self._lock)
