@@ -78,6 +78,24 @@ def run_all(results):
     return [r.get(timeout=WAIT) for r in results]
 
 
+def grow_credit(broker, queue, least):
+    """Run batches of no-op tasks until each worker's adaptive credit on ``queue`` is ``least`` or
+    more.  The credit follows the run time of the last few tasks (client/worker/credit.py), so on a
+    loaded machine one preempted no-op can hold it down at the end of a batch: another batch then
+    brings it up.  Bounded: 2 x WAIT, then the credits seen are named."""
+    deadline = time.monotonic() + 2 * WAIT
+    seen = []
+    while time.monotonic() < deadline:
+        run_all([recall_app.noop.apply_async(queue=queue) for _ in range(500)])
+        end = time.monotonic() + 1.0  # a CREDIT frame goes out at most every 50 ms
+        while time.monotonic() < end:
+            seen = consumers_of(broker, queue)
+            if len(seen) == 2 and all(p >= least for p, _ in seen):
+                return
+            time.sleep(0.05)
+    raise AssertionError(f"the credit did not grow to {least} on fast tasks: (prefetch, unacked) {seen}")
+
+
 def test_no_short_task_waits_for_the_long_one_while_a_worker_is_idle(broker, workers):
     q = "recall-mix"
     app = recall_app.app
@@ -85,8 +103,7 @@ def test_no_short_task_waits_for_the_long_one_while_a_worker_is_idle(broker, wor
         workers(broker, q, "-c", "1")  # one slot each, so a held task can only wait or move
     wait_for(lambda: len(consumers_of(broker, q)) == 2, WAIT, "two workers consuming")
     # Fast tasks first: the adaptive credit grows past the one slot (no multiplier given).
-    run_all([recall_app.noop.apply_async(queue=q) for _ in range(1500)])
-    wait_for(lambda: all(p >= 8 for p, _ in consumers_of(broker, q)), WAIT, "the credit to grow on fast tasks")
+    grow_credit(broker, q, 8)
     # Then the mix: the long task first, so a worker takes it and holds short ones behind it.
     long = recall_app.long.apply_async((LONG,), queue=q)
     # While the long task runs, the worker running it lowers its credit to its one slot (its run
@@ -120,8 +137,7 @@ def test_a_worker_whose_slot_turns_busy_for_long_gives_back_at_once_what_waits_b
     for _ in range(2):
         workers(broker, q, "-c", "1")
     wait_for(lambda: len(consumers_of(broker, q)) == 2, WAIT, "two workers consuming")
-    run_all([recall_app.noop.apply_async(queue=q) for _ in range(1500)])
-    wait_for(lambda: all(p >= 16 for p, _ in consumers_of(broker, q)), WAIT, "the credit to grow on fast tasks")
+    grow_credit(broker, q, 16)
     with Client(broker.address) as c:
         c.pause(q)
         long = recall_app.long.apply_async((LONG,), queue=q)  # first out: to a free slot
