@@ -32,6 +32,11 @@ def test_kill_9_the_leader_three_times_under_load_loses_no_confirmed_publish_and
         soak.start()
         soak.run(KILLS)
         r = soak.finish()
+    except BaseException:
+        for b in soak.brokers:  # what each brokerd said last: the why of a failed round
+            print(f"--- brokerd {b.address} (data dir {b.data_dir.name}), last lines:")
+            print("\n".join(b.log[-60:]))
+        raise
     finally:
         soak.close()
     assert len(r["failovers"]) == KILLS
