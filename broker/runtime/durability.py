@@ -38,7 +38,7 @@ from collections import deque
 import cbor2
 import trio
 
-from broker.errors import NotEnoughReplicas
+from broker.errors import NotEnoughReplicas, NotLeader
 from broker.state import log_records as R
 from broker.wal import WalFailed, WriteAheadLog
 from client.wire import OP_CONFIRM_RANGE, OP_OK, error_frame
@@ -99,6 +99,11 @@ class Durability:
         self._recent_bytes = 0
         self._written_event = trio.Event()
         self.replica_lsn = None  # None, or a callable: the lsn N followers have on disk
+        # While this brokerd leads under an election lease (broker/runtime/election.py): a callable
+        # that is False once the lease could have expired at the engine, and what to do then
+        # (fence).  Checked right before held replies go out (Roles.guard_confirms).
+        self.lease_ok = None
+        self.on_lease_lost = None
 
     # -- on the event loop ---------------------------------------------------------
     def submit(self, records: list, box: dict, release, early: dict | None = None) -> None:
@@ -211,7 +216,28 @@ class Durability:
             ))
         return not lsn_disagrees
 
+    def _lease_valid(self) -> bool:
+        """False once the election lease this brokerd leads under could have expired: another
+        brokerd may be leading by now, so nothing held may be confirmed.  A process paused (SIGSTOP,
+        a VM stall) past its lease resumes with replies waiting for a write that just finished,
+        and nothing orders this writer before the elector's watchdog: so the check is here, at the
+        moment replies would go out.  Fences (held confirms fail with NOT_LEADER; deliveries go)."""
+        check = self.lease_ok
+        if check is None or check():
+            return True
+        if self.on_lease_lost is not None:
+            self.on_lease_lost()  # Roles.fence: the _waiting confirms are refused with NOT_LEADER
+        message = ("this brokerd's election lease could have expired before these writes were confirmed; "
+                   "they may or may not be kept: send them to the group's current leader")
+        self.refuse_replica_waits(message, NotLeader.code)
+        while self._early:
+            _, box, release = self._early.popleft()
+            release(_refuse_confirms(box, message, NotLeader.code))
+        return False
+
     def _release_written(self) -> None:
+        if not self._lease_valid():
+            return
         written = self.wal.written_lsn
         early = self._early
         while early and early[0][0] <= written:

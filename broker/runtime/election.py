@@ -586,6 +586,9 @@ class Elector:
         self.renewed_at = began
         self.leading = True
         self.following = None
+        # No confirm leaves after the fence time, even when this process was paused past it and
+        # its writer runs before the watchdog: the check is made where replies go out.
+        self.roles.guard_confirms(lambda: self.clock() < self.fence_at)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watchdog, nursery.cancel_scope)  # before anything that can wait
@@ -607,6 +610,7 @@ class Elector:
             # then the lease is given back so the others need not wait for it to expire
             self.leading = False
             self.roles.fence(f"the {self.engine.name} leadership ended")  # a no-op when fenced already
+            self.roles.guard_confirms(None)
             self.backoff_until = self.clock() + self.ttl
             with trio.CancelScope(shield=True), trio.move_on_after(self.engine.timeout()):
                 await self.engine.release()

@@ -15,6 +15,7 @@ The election helper (broker/runtime/election.py) and PROMOTE (protocol.md §5.45
     await server.roles.promote(reason) -> int      follower (or fenced) -> leader; the new epoch
     await server.roles.follow(address, reason)      leader -> follower of ``address``
     server.roles.fence(reason)                      leader -> no writes, nobody followed
+    server.roles.guard_confirms(lease_valid)        no reply goes out once the lease could be gone
     server.roles.role / .epoch / .leader_address / .last_lsn()
 
 Every change of role is logged at INFO with its reason.
@@ -172,6 +173,18 @@ class Roles:
                      f"following {was.address}" if was.address else "fenced", reason)
             srv._tick_wake.set()  # timers, schedules and deliveries run from now on
             return epoch
+
+    def guard_confirms(self, lease_valid) -> None:
+        """While this brokerd leads under an election lease: ``lease_valid()`` is asked right before
+        any held reply goes out, and once it is False this brokerd fences instead (the held confirms
+        fail with NOT_LEADER).  ``None`` removes the guard (the term ended)."""
+        wal = self.server.wal
+        if wal is None:
+            return
+        wal.lease_ok = lease_valid
+        wal.on_lease_lost = None if lease_valid is None else (
+            lambda: self.fence("the election lease could have expired (this process was paused or starved "
+                               "past it) before held confirms went out"))
 
     def fence(self, reason: str) -> None:
         """Stop taking writes at once; follow nobody.  Held confirms fail with NOT_LEADER."""

@@ -46,6 +46,7 @@ class FakeRoles:
         self.epoch = 0
         self.lsn = lsn
         self.fenced = False
+        self.lease_valid = None  # what the elector gave guard_confirms
         self.events: list[tuple[float, str, object]] = []
         self.changed = trio.Event()
 
@@ -71,6 +72,9 @@ class FakeRoles:
 
     def last_lsn(self) -> int:
         return self.lsn
+
+    def guard_confirms(self, lease_valid) -> None:
+        self.lease_valid = lease_valid
 
     def first_after(self, what: str, t: float) -> float | None:
         return next((x for x in self.times(what) if x > t), None)
@@ -153,6 +157,33 @@ async def test_a_leader_whose_renewals_stop_is_fenced_before_the_other_is_promot
             # a, fenced, follows the new leader (after its back-off it does not fight for the lease)
             await a.wait_for("follow", "127.0.0.1:7002")
             assert len(a.times("promote")) == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_leader_holds_its_confirms_from_the_fence_time_even_before_its_watchdog_runs(etcd, prefix):
+    """The guard the elector gives roles (asked right before held replies go out, in Durability) is
+    True while the lease is safely held and False from the fence time on, whoever runs first after a
+    pause: the watchdog or the writer with replies in hand (tests/runtime/test_roles.py shows the
+    writer side)."""
+    a = FakeRoles()
+    ea = Elector(engine(etcd, prefix, NoRelease), a, "127.0.0.1:7001", poll=POLL)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ea.run)
+            await a.wait_for("promote")
+            guard = a.lease_valid
+            assert guard is not None and guard()
+            while ea.renew_scope is None:
+                await trio.sleep(POLL)
+            ea.renew_scope.cancel()  # no more renewals: the fence time stays where it is
+            fence_at = ea.fence_at
+            await trio.sleep_until(fence_at - 0.2)
+            assert guard(), "the guard closed before the fence time"
+            await trio.sleep_until(fence_at)
+            assert not guard(), "a confirm could still go out past the fence time"
+            await a.wait_for("fence", count=2)  # the watchdog's (the first fence is the start's)
+            while a.lease_valid is not None:  # the term ended: the guard is taken away
+                await trio.sleep(POLL)
             nursery.cancel_scope.cancel()
 
 

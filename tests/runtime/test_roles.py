@@ -100,3 +100,24 @@ async def test_promote_follow_and_fence_as_the_election_helper_calls_them(tmp_pa
     (err,) = reader.frames()
     assert err[0] == wire.OP_ERROR and err[2] == "STALE_EPOCH" and "epoch 1" in err[3], err
     nursery.cancel_scope.cancel()
+
+
+async def test_held_confirms_are_refused_and_the_leader_fenced_once_its_election_lease_could_be_gone(tmp_path, nursery):
+    """A leader under an election lease (the elector installs roles.guard_confirms) that was paused
+    past the lease's fence time must not confirm the writes it had in hand when it resumes: another
+    brokerd may lead by then.  The check is made where held replies go out, so it holds whichever
+    task runs first after the pause: the publish is refused with NOT_LEADER and this brokerd fenced."""
+    a = await start(nursery, tmp_path / "a")
+    valid = [True]
+    a.roles.guard_confirms(lambda: valid[0])
+    ok = (await trio.to_thread.run_sync(publish, a.port, "q", ["m1"]))[0]
+    assert ok[0] == wire.OP_OK, ok
+    valid[0] = False  # the fence time has passed (the process was stopped past it)
+    refused = (await trio.to_thread.run_sync(publish, a.port, "q", ["m2"]))[0]
+    assert refused[0] == wire.OP_ERROR and refused[2] == "NOT_LEADER", refused
+    assert "lease" in refused[3], refused
+    assert a.roles.fenced and a.roles.role == "follower"
+    later = (await trio.to_thread.run_sync(publish, a.port, "q", ["m3"]))[0]
+    assert later[0] == wire.OP_ERROR and later[2] == "NOT_LEADER", later  # fenced: no more writes
+    a.roles.guard_confirms(None)
+    assert a.wal.lease_ok is None and a.wal.on_lease_lost is None
