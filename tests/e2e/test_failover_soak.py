@@ -36,6 +36,8 @@ def test_kill_9_the_leader_three_times_under_load_loses_no_confirmed_publish_and
         for b in soak.brokers:  # what each brokerd said last: the why of a failed round
             print(f"--- brokerd {b.address} (data dir {b.data_dir.name}), last lines:")
             print("\n".join(b.log[-60:]))
+        with soak.lock:
+            print(f"--- the load's last errors ({len(soak.errors)} in all):", *soak.errors[-15:], sep="\n")
         raise
     finally:
         soak.close()
