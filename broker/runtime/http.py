@@ -166,6 +166,8 @@ def _queue_json(s) -> dict:
         "dead_lettered": s.dead_lettered,
         "expired": s.expired,
         "rejected": s.rejected,
+        "released": s.released,
+        "recalled": s.recalled,
     }
 
 
@@ -221,6 +223,9 @@ QUEUE_COUNTERS = (
     ("brokerd_messages_redelivered_total", "Messages returned to the queue after their consumer left or timed out.", "redelivered"),
     ("brokerd_messages_dead_lettered_total", "Messages moved from this queue to its dead-letter queue.", "dead_lettered"),
     ("brokerd_messages_expired_total", "Messages dropped because their TTL passed.", "expired"),
+    ("brokerd_messages_released_total", "Deliveries a consumer gave back unstarted (RELEASE).", "released"),
+    ("brokerd_messages_recalled_total", "Deliveries brokerd asked back from a busy consumer for an idle one (RECALL).",
+     "recalled"),
 )
 MESSAGE_STATES = ("ready", "inflight", "delayed", "dead")
 

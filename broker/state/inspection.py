@@ -44,6 +44,8 @@ class QueueStatistics:
     expired: int
     dead_lettered: int
     rejected: int
+    released: int  # deliveries given back unstarted (RELEASE, protocol.md §5.43)
+    recalled: int  # deliveries brokerd asked back from a busy consumer (RECALL, §5.44)
     oldest_ready_age: float  # seconds; 0 when nothing is ready
     options: dict
 
@@ -96,6 +98,8 @@ class InspectionMixin:
             expired=q.expired,
             dead_lettered=q.dead_lettered,
             rejected=q.rejected,
+            released=q.released,
+            recalled=q.recalled,
             oldest_ready_age=oldest,
             options=q.options.to_wire(),
         )

@@ -175,6 +175,8 @@ def test_metrics_match_the_counts_of_a_scripted_workload(broker_factory):
     assert m(s, "brokerd_messages_dead_lettered_total", **q) == 1
     assert m(s, "brokerd_messages_redelivered_total", **q) == 0
     assert m(s, "brokerd_messages_expired_total", **q) == 0
+    assert m(s, "brokerd_messages_released_total", **q) == 0
+    assert m(s, "brokerd_messages_recalled_total", **q) == 0
     assert m(s, "brokerd_publish_rejected_total", queue="tiny", reason="max_length") == 1
     assert m(s, "brokerd_publish_rejected_total", **q, reason="max_length") == 0
     assert m(s, "brokerd_queue_messages", queue='we"ird\\q', state="ready") == 1

@@ -43,6 +43,9 @@ def test_release_gives_deliveries_back_without_counting_an_attempt(s):
     again = frames(s, 1, wire.OP_DELIVER)  # back to the only consumer, attempts still 1
     assert [(f[4], f[7]) for f in again] == [("m0", 1), ("m1", 1)]
     assert s.queues["q"].dead_lettered == 0 and s.queues["q"].released == 2
+    # STATS, the admin QUEUE line and /metrics read it from the queue's statistics
+    st = s.queue_statistics(s.queues["q"], 0.0)
+    assert (st.released, st.recalled) == (2, 0)
 
 
 def test_an_idle_consumer_with_slots_makes_the_holder_get_a_recall(s):
@@ -50,6 +53,7 @@ def test_an_idle_consumer_with_slots_makes_the_holder_get_a_recall(s):
     assert len(frames(s, 1, wire.OP_DELIVER)) == 6
     handle(s, 2, [wire.OP_CONSUME, 2, ["q"], 6, {"slots": 2}], 0.0)
     assert frames(s, 1, wire.OP_RECALL) == [[wire.OP_RECALL, 1, 2, "q"]]  # min(6 - 1 held beyond, 2 free)
+    assert s.queue_statistics(s.queues["q"], 0.0).recalled == 2  # deliveries asked back, in STATS
 
 
 def test_a_consumer_without_slots_is_never_recalled(s):
