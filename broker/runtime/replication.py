@@ -191,7 +191,7 @@ class LeaderReplication:
         conn.queue_bytes(encode(ok_frame(rid, {"start": start, "reset": start != from_lsn, "leader_lsn": written,
                                                "epoch": epoch})))
         link = {"peer": conn.peer, "acked": start - 1, "sent": start - 1, "in_sync": False,
-                "caught_up_at": time.monotonic()}
+                "caught_up_at": time.monotonic(), "tail_mark": None}
         self.links[conn.id] = link
         self._check_sync(conn, link)  # nothing to catch up: in sync at once
         log.info("follower on conn %d (%s) replicates from lsn %d%s", conn.id, conn.peer, start,
@@ -209,7 +209,16 @@ class LeaderReplication:
         return "follower left"
 
     def _check_sync(self, conn, link: dict) -> None:
-        if not link["in_sync"] and link["acked"] >= self.server.wal.wal.written_lsn:
+        """In sync (it counts for --sync-replicas from now on) once the follower has on disk all
+        that this log had written when some batch was sent (``tail_mark``, the first batch that
+        held the whole tail): it was one round trip behind then, no more.  Requiring the log's end *now* would keep a follower out for as long as writes never
+        pause (consumers draining a backlog after a failover write acks without a break, and each
+        ack moves the end during the round trip): every confirm refused meanwhile.  Counting it
+        early is safe: a confirm still waits for its own lsn in the follower's acks."""
+        if link["in_sync"]:
+            return
+        mark = link["tail_mark"]
+        if link["acked"] >= self.server.wal.wal.written_lsn or (mark is not None and link["acked"] >= mark):
             link["in_sync"] = True  # caught up once: counts for --sync-replicas from now on
             log.info("follower on conn %d (%s) is in sync at lsn %d", conn.id, conn.peer, link["acked"])
             self._update_alarm()
@@ -232,6 +241,8 @@ class LeaderReplication:
                 await trio.sleep(0.01)  # the segment was being compacted away: read again
                 continue
             link["sent"] = records[-1][0]
+            if link["tail_mark"] is None and link["sent"] >= target:
+                link["tail_mark"] = link["sent"]  # this batch held the whole log as it was: caught up
             conn.queue_bytes(encode(records_frame(target, records, self.server.state.epoch)))
             if conn.out_bytes > self.server.config.output_buffer:
                 conn.drained = trio.Event()
