@@ -23,6 +23,11 @@ QUEUES = 20_000
 # Generous for a 2-core box shared with other test runs; before the fix one GET / with
 # 20,000 queues blocked the loop for about 2 s (50,000: 5-6 s).
 PING_BOUND = 0.6  # seconds: the stalls this guards against were 2-10 s; generous for a loaded CI box
+# On a box so loaded that brokerd itself waits a second for a core, one PING can take that long
+# however the loop is built; what a stall looks like is one PING as long as the whole request
+# (the loop blocked for all of it).  A PING past PING_BOUND fails only when it also took more than
+# this share of its request's time.
+STALL_SHARE = 0.5
 # hypercorn's keep-alive timer (broker.runtime.http.KEEP_ALIVE_TIMEOUT, 5 s) plus slack
 PARTIAL_REQUEST_BOUND = 8.0  # seconds
 
@@ -72,6 +77,7 @@ def test_many_queues_do_not_stall_the_event_loop(broker_factory):
                     done.set()
 
             t = threading.Thread(target=fetch)
+            began = time.perf_counter()
             t.start()
             pings = []
             while not done.is_set():
@@ -79,9 +85,10 @@ def test_many_queues_do_not_stall_the_event_loop(broker_factory):
                 assert c.call(wire.OP_PING)[0] == wire.OP_OK
                 pings.append(time.perf_counter() - t0)
             t.join(60)
+            took = time.perf_counter() - began
             status, headers, body = result["r"]
             assert status == 200, (path, body[:300])
-            worst[path] = max(pings)
+            worst[path] = (round(max(pings), 3), round(took, 3))  # (the longest PING, the request)
             if path == "/metrics":  # streamed, and still every queue
                 assert body.count(b'brokerd_queue_messages{queue="') == 4 * QUEUES
             elif path == "/api/queues":
@@ -92,7 +99,8 @@ def test_many_queues_do_not_stall_the_event_loop(broker_factory):
                 assert "largest backlog first" in d["html"]["queues"] and 'data-offset="50"' in d["html"]["queues"]
     finally:
         c.close()
-    assert all(v < PING_BOUND for v in worst.values()), worst
+    stalled = {path: w for path, w in worst.items() if w[0] >= PING_BOUND and w[0] > STALL_SHARE * w[1]}
+    assert not stalled, f"the loop stalled (longest PING, request seconds): {worst}"
 
 
 def test_queue_page_is_ordered_by_backlog_filtered_and_paged(broker_factory):
