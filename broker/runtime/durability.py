@@ -24,7 +24,10 @@ Compaction: when the log holds much more than the live messages need, the
 state rewrites the live contents of the oldest segment forward; once those
 records are on disk (fsynced, whatever the policy) the old segment is deleted.
 A crash at any point leaves either the old records or their rewritten copies,
-and replay takes the later copy.
+and replay takes the later copy.  The live size it compares the log with is
+at least what compaction itself last measured (the bytes it rewrote that are
+still in the log), so live data is rewritten again only after the log has
+grown past it: never a pass per batch over the same live bodies.
 """
 
 from __future__ import annotations
@@ -82,6 +85,12 @@ class Durability:
         self.fsync_hist = [0] * (len(FSYNC_BUCKETS) + 1)
         self.compactions = 0
         self.segments_deleted = 0
+        self.compacted_bytes = 0  # bytes of records compaction (and checkpoints) rewrote forward
+        # What compaction measured: (first lsn, last lsn, bytes) of each run of records it (or a
+        # checkpoint) rewrote that is still in the log, oldest first, and their sum: the live size
+        # the trigger holds to (see "compaction" below).
+        self._rewritten: deque = deque()
+        self._rewritten_bytes = 0
         self._publish_bytes = 0
         self._publishes = 0
         self.recovery = wal.recovery
@@ -454,6 +463,43 @@ class Durability:
     _compaction_waiting = False  # logged "postponed" once; logs "resumed" when it goes ahead
     _delete_waiting = False  # a segment delete failed (EMFILE, ENOSPC for the manifest); retried
 
+    def live_bytes(self) -> int:
+        """The live size compaction is triggered against: the larger of the guess from the
+        queued messages' count (``live_bytes_estimate``) and what compaction measured.
+
+        The guess prices every queued message at the average recent publish, which is far too
+        small when the bodies still queued are much bigger than those published lately (1,000
+        queued 100 KB bodies, then 100-byte publishes after a restart): the log then always
+        looked more than twice the live size, and every write batch started another pass that
+        rewrote the same live bodies forward, forever.  The measure is the bytes compaction (and
+        checkpoints) rewrote forward that are still in the log: those records were live when
+        written.  Some may have died since (acked): that only lets the log grow more before the
+        next pass, at most to twice what was live when measured, and the pass that reaches them
+        takes them off the measure.  Rewritten again, a record is counted once: the run that
+        held it leaves the measure when its segment is deleted."""
+        return max(self.live_bytes_estimate(), self._rewritten_bytes)
+
+    def _measure_rewritten(self, first: int, last: int, nbytes: int) -> None:
+        """Records ``first``..``last`` (``nbytes`` of log) were rewritten forward as live."""
+        if last >= first and nbytes > 0:
+            self._rewritten.append((first, last, nbytes))
+            self._rewritten_bytes += nbytes
+            self.compacted_bytes += nbytes
+
+    def _forget_rewritten_before(self, lsn: int) -> None:
+        """Segments before ``lsn`` were deleted: the runs wholly in them are gone from the log
+        (a run partly in what is kept stays counted whole, until its last segment goes)."""
+        rewritten = self._rewritten
+        while rewritten and rewritten[0][1] < lsn:
+            self._rewritten_bytes -= rewritten.popleft()[2]
+
+    def _submit_rewritten(self, records: list) -> None:
+        """Append records compaction or a checkpoint rewrote forward, and measure them."""
+        before = self.wal.pending_bytes
+        first = self.wal.next_lsn
+        self.submit(records, {}, lambda box: None)
+        self._measure_rewritten(first, self.wal.next_lsn - 1, self.wal.pending_bytes - before)
+
     def live_bytes_estimate(self) -> int:
         live = sum(q.ready_count + q.delayed_count + q.inflight_count for q in self.state.queues.values())
         if self._publishes:
@@ -480,14 +526,14 @@ class Durability:
         copies); plus one segment of headroom, so that the traffic that goes on
         meanwhile does not hit a full disk before the old segment is deleted.
         """
-        return min(self.live_bytes_estimate(), oldest.size_bytes) + self.segment_bytes
+        return min(self.live_bytes(), oldest.size_bytes) + self.segment_bytes
 
     def needs_compaction(self) -> bool:
         segs = self.wal.segments()
         if len(segs) < 2:
             return False
         total = sum(s.size_bytes for s in segs)
-        return total > 2 * self.live_bytes_estimate() + 2 * self.segment_bytes
+        return total > 2 * self.live_bytes() + 2 * self.segment_bytes
 
     # -- checkpoints ---------------------------------------------------------------------
     # A checkpoint writes the whole state (~16-24 bytes per queued message in a block, plus the
@@ -515,7 +561,8 @@ class Durability:
         its first lsn (0: none, the log is off)."""
         first = self.state.checkpoint()
         if first:
-            self.submit(self.state.take_records(), {}, lambda box: None)
+            # Its records are live copies too (of the unpacked messages, and the rest): measured.
+            self._submit_rewritten(self.state.take_records())
             self._checkpoint_due = (self.state.last_lsn, first)
             self._records_at_checkpoint = self.records
             self._checkpoint_lost = False
@@ -549,6 +596,8 @@ class Durability:
         # Delete segments whose live contents were rewritten and are now on disk.
         if self._deletes and self._deletes[0][0] <= self.wal.written_lsn:
             await self._locked(self._sync_and_delete)
+            segs = self.wal.segments()  # back on the loop: what the deletes took off the measure
+            self._forget_rewritten_before(segs[0].first_lsn if segs else self.wal.next_lsn)
         if not self._compacting and not self._deletes and self.needs_compaction():
             now = time.monotonic()
             if now < self._compaction_retry_at:
@@ -575,8 +624,7 @@ class Durability:
             self._compacting = True
             try:
                 moved = self.state.compact(oldest.last_lsn)
-                records = self.state.take_records()
-                self.submit(records, {}, lambda box: None)
+                self._submit_rewritten(self.state.take_records())
                 self._deletes.append((self.state.last_lsn, oldest.last_lsn))
                 self.compactions += 1
                 log.info(
@@ -655,6 +703,8 @@ class Durability:
             "wal_records_per_fsync": round(self.records / self.fsyncs, 1) if self.fsyncs else 0,
             "wal_compactions": self.compactions,
             "wal_segments_deleted": self.segments_deleted,
+            "wal_compacted_bytes": self.compacted_bytes,
+            "wal_live_bytes": self.live_bytes(),
             "disk_free_bytes": free,
             "recovery_seconds": round(rec.seconds, 3) if rec else 0,
             "recovery_records": rec.records if rec else 0,
