@@ -98,7 +98,7 @@ OP_DELIVER = 66
 OP_CLOSING = 67  # the server is about to close the connection: [67, code, message]
 OP_CONTROL = 68  # a broadcast to consumers, e.g. [68, {"revoke": [ids], "terminate": true}]
 OP_EVENT = 69  # events for a subscriber: [69, [event, ...], dropped]
-OP_RECORDS = 70  # log records for a follower: [70, leader_lsn, [[lsn, type, payload], ...], epoch]
+OP_RECORDS = 70  # log records for a follower: [70, leader_lsn, [[lsn, type, payload], ...], epoch, kept_from?]
 OP_RECALL = 71  # to a consumer that asked for it: release up to n not-started deliveries of queue: [71, consumer, n, queue]
 
 CLIENT_OPS = {
@@ -568,10 +568,15 @@ class Event(NamedTuple):
         return cls(f[1] if len(f) > 1 else [], f[2] if len(f) > 2 else 0)
 
 
-def records_frame(leader_lsn: int, records, epoch: int = 0) -> list:
-    """§5.40: log records for a follower, ``[[lsn, type, payload], ...]`` oldest first, and the
-    sender's epoch (its leadership term; a follower refuses an older one)."""
-    return [OP_RECORDS, leader_lsn, [list(r) for r in records], epoch]
+def records_frame(leader_lsn: int, records, epoch: int = 0, kept_from: int | None = None) -> list:
+    """§5.40: log records for a follower, ``[[lsn, type, payload], ...]`` oldest first, the
+    sender's epoch (its leadership term; a follower refuses an older one) and, when given, the
+    first lsn the sender's log still keeps (a follower fsynced through ``leader_lsn`` may delete
+    its segments wholly before it: the sender's compaction rewrote what they held forward)."""
+    frame = [OP_RECORDS, leader_lsn, [list(r) for r in records], epoch]
+    if kept_from is not None:
+        frame.append(kept_from)
+    return frame
 
 
 def control_frame(payload) -> list:

@@ -19,8 +19,20 @@ fsyncs, applies the batch to its live state (a hot standby: ``BrokerState.standb
 the replay one batch at a time, so a promotion places the messages and replays
 nothing) and acks.  Its admin reads (STATS, QUEUES, QUEUE) answer from that state.
 It refuses every write with NOT_LEADER naming the leader.  It never writes a
-record of its own (no compaction, no ticker), so its log stays the leader's, lsn
-for lsn.
+record of its own (no compaction records, no ticker), so its log stays the
+leader's, lsn for lsn.
+
+A follower compacts by deleting only: the leader's compaction records are in its
+log already (the rewritten copies have lsns like any other record), so what the
+leader could delete the follower can too.  Each RECORDS frame says the first lsn
+the leader's log still keeps (``kept_from``); once the follower has fsynced through
+that frame's ``leader_lsn`` (every copy the leader wrote before deleting is then on
+its disk), it deletes its own segments wholly before ``kept_from``.  Its log then
+starts at or before the leader's: a replay from there gives the state a replay from
+the leader's start gives (the records before it are older states of things whose
+latest copy comes later), its lsns go on unchanged, and a promoted follower serves
+its kept segments as a snapshot as the leader did.  So a follower's disk is bounded
+as its leader's is, by the leader's trigger.
 
 Epochs (broker/runtime/roles.py): RECORDS frames carry the leader's epoch; a
 follower refuses records of an epoch older than its own (STALE_EPOCH), and a
@@ -227,8 +239,18 @@ class LeaderReplication:
         durability = self.server.wal
         wal = durability.wal
         while not conn.closed:
+            # Read before the target: a segment is deleted only once the rewritten copies of what
+            # it held are written (Durability._sync_and_delete), so they are all at or before the
+            # target, and a follower fsynced through it may delete its own records before kept_from.
+            segs = wal.segments()
+            kept_from = segs[0].first_lsn if segs else None
             target = wal.written_lsn
             if link["sent"] >= target:
+                if kept_from is not None and kept_from != link.get("kept_from"):
+                    # Compaction deleted segments since the last frame: say so, with no records, or an
+                    # idle follower would keep what this log no longer needs until the next write.
+                    link["kept_from"] = kept_from
+                    conn.queue_bytes(encode(records_frame(target, [], self.server.state.epoch, kept_from)))
                 await durability.wait_written(link["sent"])
                 if link["acked"] >= target:
                     # It had every record until this moment: an idle follower is not behind, so its
@@ -243,7 +265,8 @@ class LeaderReplication:
             link["sent"] = records[-1][0]
             if link["tail_mark"] is None and link["sent"] >= target:
                 link["tail_mark"] = link["sent"]  # this batch held the whole log as it was: caught up
-            conn.queue_bytes(encode(records_frame(target, records, self.server.state.epoch)))
+            link["kept_from"] = kept_from
+            conn.queue_bytes(encode(records_frame(target, records, self.server.state.epoch, kept_from)))
             if conn.out_bytes > self.server.config.output_buffer:
                 conn.drained = trio.Event()
                 with trio.move_on_after(5.0):
@@ -300,6 +323,11 @@ class Follower:
         # leader; trio refuses two send_all at once on a stream (BusyResourceError), which cut the
         # link under load and dropped the follower out of sync.  One sender at a time.
         self._send_lock = trio.Lock()
+        # Segment deletes the leader allowed (``kept_from`` of a RECORDS frame), each waiting for
+        # this log to be fsynced through that frame's leader_lsn: [(kept_from, leader_lsn)], oldest
+        # first, kept_from rising.  Only one connection's: a leader's log is one history while it
+        # leads, and the next leader's may not hold the copies a deposed one wrote.
+        self._deletable: list = []
 
     def refusal(self) -> str:
         return (f"this brokerd is a follower of the leader at {self.address} and takes no writes; "
@@ -368,6 +396,7 @@ class Follower:
             frames = await _frames(stream, reader)
             hs.receive(frames.pop(0))
             from_lsn = wal.next_lsn
+            self._deletable = []
             await stream.send_all(encode([OP_REPLICATE, 2, from_lsn, state.epoch]))
             while not frames:
                 frames = await _frames(stream, reader)
@@ -440,6 +469,13 @@ class Follower:
                        f"{state.epoch}: the sender was deposed")
             await self._send(stream, encode(error_frame(0, StaleEpoch.code, message)))
             raise FollowError(f"STALE_EPOCH: {message}")
+        kept_from = f[4] if len(f) > 4 else None
+        if kept_from is not None and (type(kept_from) is not int or type(f[1]) is not int
+                                      or not 1 <= kept_from <= f[1] + 1):
+            # Past what the leader has written it would delete records it never rewrote: refused
+            # before anything of the frame is appended.
+            raise FollowError(f"the leader sent kept_from {kept_from!r} with leader_lsn {f[1]!r}: kept_from must "
+                              "be an lsn no later than the one after leader_lsn")
         self.leader_lsn = f[1]
         loads = cbor2.loads
         decoded = []
@@ -459,6 +495,49 @@ class Follower:
             state.standby_apply(decoded, time.time())
             state.align_lsn(wal.next_lsn - 1)
         await self._send(stream, encode([OP_REPLICA_ACK, 0, wal.synced_lsn]))
+        if kept_from is not None:
+            self._allow_delete(kept_from, f[1])
+        await self._delete_compacted()
+
+    # Pending deletes kept per connection; past this many, the newest is replaced (a later
+    # kept_from with a later leader_lsn: it allows at least as much, a little later).
+    MAX_PENDING_DELETES = 64
+
+    def _allow_delete(self, kept_from: int, leader_lsn) -> None:
+        pending = self._deletable
+        if type(leader_lsn) is not int:
+            return
+        if pending and kept_from <= pending[-1][0]:
+            return  # nothing more than the leader allowed already
+        if len(pending) >= self.MAX_PENDING_DELETES:
+            pending[-1] = (kept_from, leader_lsn)
+        else:
+            pending.append((kept_from, leader_lsn))
+
+    async def _delete_compacted(self) -> None:
+        """Delete this log's segments the leader's compaction made redundant (see the module
+        docstring): those wholly before a ``kept_from`` whose frame this log is fsynced through."""
+        durability = self.server.wal
+        wal = durability.wal
+        pending = self._deletable
+        kept_from = 0
+        while pending and pending[0][1] <= wal.synced_lsn:
+            kept_from = pending.pop(0)[0]
+        segs = wal.segments()
+        if not kept_from or len(segs) < 2 or segs[0].last_lsn >= kept_from:
+            return
+        with trio.CancelScope(shield=True):
+            async with durability._write_lock:
+                try:
+                    deleted = await trio.to_thread.run_sync(wal.delete_segments_through, kept_from - 1)
+                except OSError as exc:  # EMFILE, ENOSPC for the manifest: nothing lost, tried again later
+                    log.warning("could not delete log segments the leader compacted away yet (%s)", exc)
+                    pending.insert(0, (kept_from, 0))
+                    return
+        if deleted:
+            durability.segments_deleted += len(deleted)
+            log.info("deleted %d log segments before lsn %d: the leader's compaction rewrote what they held "
+                     "into later records of this log", len(deleted), kept_from)
 
     async def _heartbeats(self, stream) -> None:
         while True:

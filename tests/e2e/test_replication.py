@@ -11,7 +11,7 @@ import pytest
 
 from client import wire
 from tests.support.broker import BrokerProcess
-from tests.support.wireclient import Raw
+from tests.support.wireclient import Raw, drain
 
 WAIT = 20.0  # seconds any wait here may take at most
 
@@ -187,3 +187,76 @@ def test_kill_9_leader_every_confirmed_message_is_on_the_follower(group):
         assert queue_ready(standalone, "q") >= confirmed
     finally:
         standalone.terminate()
+
+
+def log_bytes(broker: BrokerProcess) -> int:
+    """Bytes in a brokerd's log segments (one may be deleted while we look)."""
+    total = 0
+    for p in broker.data_dir.glob("*.wal"):
+        try:
+            total += p.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def test_a_follower_deletes_what_its_leader_compacted_and_after_a_failover_every_message_comes_out_once(group):
+    seg = "65536"
+    leader = group("leader", "--segment-bytes", seg)
+    follower = group("follower", "--follow", f"127.0.0.1:{leader.port}", "--segment-bytes", seg)
+    raw = Raw(leader.port)
+    # What stays queued through it all: 40 ready, and 5 held in flight by a consumer that never acks.
+    assert all(r[0] == wire.OP_OK for r in publish(raw, "keep", 40, size=1000))
+    assert all(r[0] == wire.OP_OK for r in publish(raw, "held", 5, size=1000))
+    holder = Raw(leader.port)
+    holder.ok(wire.OP_CONSUME, ["held"], 5)
+    assert len(holder.deliveries(5)) == 5
+    wait_for(lambda: queue_ready(follower, "keep") == 40, "the follower to hold the first messages")
+    first = sorted(p.name for p in follower.data_dir.glob("*.wal"))[0]
+    # Traffic published and acked until the leader has compacted and the follower has deleted too.
+    worker = Raw(leader.port)
+    worker.ok(wire.OP_CONSUME, ["work"], 200)
+    peak = 0
+    for round_ in range(40):
+        assert all(r[0] == wire.OP_OK for r in publish(worker, "work", 200, start=round_ * 200, size=1000))
+        worker.ok(wire.OP_ACK, [d[2] for d in worker.deliveries(200)])
+        peak = max(peak, log_bytes(follower))
+        if int(stats_line(follower, "wal_segments_deleted") or 0) >= 4 and not (follower.data_dir / first).exists():
+            break
+    else:
+        raise AssertionError(f"the follower never deleted a segment: {stats_line(follower, 'wal_segments')} segments, "
+                             f"{log_bytes(follower)} bytes; the leader deleted {stats_line(leader, 'wal_segments_deleted')}")
+    history = (round_ + 1) * 200 * 1000
+    wait_for(lambda: stats_line(follower, "replication_lsn") == stats_line(leader, "replication_lsn"),
+             "the follower to catch up")
+    # Its disk is bounded as the leader's: its log starts at or before the leader's (it holds all the
+    # leader needs), and only its oldest segment holds records from before the leader's start.
+    def starts(broker):
+        return sorted(int(p.name.split(".")[0]) for p in broker.data_dir.glob("*.wal"))
+
+    def as_compact_as_the_leader():
+        mine, theirs = starts(follower), starts(leader)
+        assert mine[0] <= theirs[0], (mine, theirs)
+        return len(mine) == 1 or mine[1] > theirs[0]
+
+    wait_for(as_compact_as_the_leader, "the follower to delete what the leader deleted")
+    assert log_bytes(follower) < history and log_bytes(follower) < peak, (log_bytes(follower), history, peak)
+    # A restart replays the compacted log and goes on from its own last lsn: no snapshot taken.
+    follower.kill()
+    follower.restart()
+    assert all(r[0] == wire.OP_OK for r in publish(raw, "keep", 5, start=40, size=1000))
+    wait_for(lambda: stats_line(follower, "replication_lsn") == stats_line(leader, "replication_lsn")
+             and stats_line(follower, "replication_connected") == "yes", "the restarted follower to catch up")
+    assert not any("snapshot" in line for line in follower.log), [ln for ln in follower.log if "snapshot" in ln]
+    for q, n in (("keep", 45), ("held", 5), ("work", 0)):
+        wait_for(lambda: queue_ready(follower, q) == n, f"the standby to hold {n} in {q}")
+    # The leader dies; the follower is promoted and every message still queued comes out once.
+    leader.kill()
+    assert "leader, epoch 1" in follower.admin("PROMOTE the leader was killed\n")
+    keep = drain(follower.port, "keep")
+    assert sorted(keep) == sorted(f"id-keep-{i}" for i in range(45)) and len(keep) == 45
+    held = drain(follower.port, "held")
+    assert sorted(held) == sorted(f"id-held-{i}" for i in range(5)), held
+    assert drain(follower.port, "work") == [] and drain(follower.port, "keep") == []
+    for r in (raw, holder, worker):
+        r.close()

@@ -27,6 +27,9 @@ class FakeLog:
         self.wrote.set()
         self.wrote = trio.Event()
 
+    def segments(self) -> list:
+        return []  # nothing compacted away: no kept_from to tell the follower
+
 
 class FakeDurability:
     def __init__(self, log: FakeLog, batch: int):

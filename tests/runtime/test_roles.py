@@ -99,6 +99,13 @@ async def test_promote_follow_and_fence_as_the_election_helper_calls_them(tmp_pa
     reader.feed(b"".join(sent))
     (err,) = reader.frames()
     assert err[0] == wire.OP_ERROR and err[2] == "STALE_EPOCH" and "epoch 1" in err[3], err
+    # a kept_from past what the leader says it wrote (it would let this log delete records nothing
+    # rewrote) or not an lsn is refused before anything is appended or deleted
+    lsn = a.roles.last_lsn()
+    for bad in (lsn + 50, "7", 0):
+        with pytest.raises(FollowError, match="kept_from"):
+            await a.follower._apply(Stream(), [wire.OP_RECORDS, lsn, [], 2, bad])
+    assert a.roles.last_lsn() == lsn and a.wal.wal.segments()[0].first_lsn == 1
     nursery.cancel_scope.cancel()
 
 

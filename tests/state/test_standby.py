@@ -138,3 +138,58 @@ def test_epoch_is_logged_replayed_and_kept_by_compaction():
     again.replay(iter(snap), 0.0)
     assert again.epoch == 2 and again.epochs == ((1, 2), (2, 4))
     assert again.epoch_end(1) == 3
+
+
+def live(s: BrokerState) -> list:
+    return sorted((m.id, m.queue.name, m.body) for m in s.live_messages())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("pcakndxgy"), st.integers(0, 5)), max_size=50), st.data())
+def test_a_log_cut_anywhere_before_the_leaders_kept_start_replays_as_the_leaders_does(ops, data):
+    """A follower deletes its segments before the first lsn its leader's log keeps, at its own
+    segment boundaries: its log then starts anywhere at or before the leader's (broker/runtime/
+    replication.py).  Replayed (or applied as a standby) from any such start, it must give the
+    state the leader's kept log gives, and the whole log gives."""
+    lead = Leader()
+    lead.s.consume(C, ["a", "b"], 3, 0.0)
+    kept = 1  # the first lsn the leader's log keeps
+    held: list = []
+    for i, (op, n) in enumerate(ops):
+        q = "ab"[n % 2]
+        held += lead.delivered()
+        if op == "p":
+            lead.s.publish(P, q, b"%d" % i, f"m{i}", n, 0.0)
+        elif op == "d":
+            lead.s.publish(P, q, b"%d" % i, f"m{i}", n, 0.0, delay=100 + n)
+        elif op == "a" and held:
+            lead.s.ack(C, held.pop(0), 0.0)
+        elif op == "k" and held:
+            lead.s.nack(C, held.pop(0), 0.0, requeue=bool(n % 2))
+        elif op == "x":
+            lead.s.purge(q, 0.0)
+        elif op == "g":
+            lead.s.result_set(P, f"t{i}", "SUCCESS", i, None, 0.0)
+        elif op == "y":
+            lead.s.checkpoint()
+        elif op == "c" and lead.s.last_lsn >= kept:
+            # compaction of the oldest segment, kept..through; it is deleted once the copies are written
+            through = min(kept + n * 3, lead.s.last_lsn)
+            lead.s.compact(through)
+            lead.take()
+            kept = through + 1
+        lead.take()
+    truth = BrokerState()
+    truth.replay(iter(lead.log), 0.0)
+    start = data.draw(st.integers(1, kept), label="the follower's log starts at")
+    tail = [r for r in lead.log if r[0] >= start]
+    replayed = BrokerState()
+    replayed.replay(iter(tail), 0.0)
+    assert live(replayed) == live(truth) and depths(replayed) == depths(truth)
+    assert replayed.results.keys() == truth.results.keys()
+    sb = BrokerState()
+    sb.standby_begin()
+    sb.standby_apply(iter(tail), 0.0)
+    sb.standby_finish(0.0)
+    assert live(sb) == live(truth) and depths(sb) == depths(truth)
+    sb.check_invariants()
