@@ -448,6 +448,14 @@ class Follower:
         wal = durability.wal
         if type(lsn) is not int or lsn < 0:
             raise FollowError(f"the leader sent a truncation point that is not an lsn: {lsn!r}")
+        first = wal.segments()[0].first_lsn
+        if lsn < first - 1:
+            # Compaction (this brokerd's as a leader, or its leader's, which it followed) deleted the
+            # records before the cut: only the new leader's snapshot can rebuild this log.
+            raise FollowError(
+                f"{self.address} (epoch {leader_epoch}) says this log must be cut back to lsn {lsn}, but it keeps "
+                f"records from lsn {first} on only (compacted after the new term began); empty this data "
+                f"directory and start brokerd again to take the leader's snapshot")
         async with durability._write_lock:
             with trio.CancelScope(shield=True):
                 dropped = await trio.to_thread.run_sync(wal.truncate_after, lsn)

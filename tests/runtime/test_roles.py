@@ -128,3 +128,22 @@ async def test_held_confirms_are_refused_and_the_leader_fenced_once_its_election
     assert later[0] == wire.OP_ERROR and later[2] == "NOT_LEADER", later  # fenced: no more writes
     a.roles.guard_confirms(None)
     assert a.wal.lease_ok is None and a.wal.on_lease_lost is None
+
+
+async def test_a_cut_below_where_the_compacted_log_starts_is_refused_naming_the_way_out(tmp_path):
+    """A log compacted after the new leader's term began (a deposed leader's, or its follower's:
+    followers delete what their leader compacted) cannot be cut back there: the follower says so
+    and how to take the leader's snapshot, and its log is left as it was."""
+    from types import SimpleNamespace
+
+    from broker.runtime.replication import Follower
+    from broker.wal.log import WriteAheadLog
+
+    wal = WriteAheadLog(str(tmp_path), fsync="never")
+    list(wal.open())
+    wal.start_at(100)  # as after a snapshot or compaction: the log keeps lsn 100 on
+    follower = Follower(SimpleNamespace(wal=SimpleNamespace(wal=wal)), "127.0.0.1:1")
+    with pytest.raises(FollowError, match="keeps records from lsn 100 on .* empty this data directory"):
+        await follower._truncate(40, 3)
+    assert wal.segments()[0].first_lsn == 100 and wal.next_lsn == 100
+    wal.close()
