@@ -354,7 +354,7 @@ SEND_OPTIONS = ("countdown", "eta", "expires", "priority", "queue", "task_id", "
 # names a stamp may not take: the signature's own call options (a stamp is kept among them)
 RESERVED_OPTIONS = frozenset((*SEND_OPTIONS, "link", "link_error", "chain", "stamped_headers", "stamps",
                               "time_limit", "soft_time_limit", "ignore_result", "shadow", "routing_key",
-                              "exchange", "parent_id", "root_id", "immutable", "subtask_type"))
+                              "exchange", "parent_id", "root_id", "immutable", "subtask_type", "argsrepr", "kwargsrepr"))
 
 
 def _send_options(opts: dict, task) -> dict:
