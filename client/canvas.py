@@ -351,6 +351,8 @@ class Signature(dict):
 
 
 SEND_OPTIONS = ("countdown", "eta", "expires", "priority", "queue", "task_id", "headers")
+# chord ids one chord object remembers having applied (to tell its re-application, a new run, from its first)
+APPLIED_CHORD_IDS_KEPT = 1000
 # names a stamp may not take: the signature's own call options (a stamp is kept among them)
 RESERVED_OPTIONS = frozenset((*SEND_OPTIONS, "link", "link_error", "chain", "stamped_headers", "stamps",
                               "time_limit", "soft_time_limit", "ignore_result", "shadow", "routing_key",
@@ -993,7 +995,14 @@ class chord(Signature):
         ids = [i for m in members for i in _final_ids(m)]
         spec = body_spec(app, c.body)
         error = _error_spec(app, c.body, spec, result.id)
-        app.client.chord(c.id, ids, spec, error)
+        # brokerd's CHORD is idempotent per chord id (a redelivered workflow step must not fire the body
+        # twice), but this object applied again under the id it had (Celery's frozen chord applied twice)
+        # is a new run: it names one, so brokerd waits for the header's new results and fires the body again
+        applied = self.__dict__.setdefault("_applied_chord_ids", set())
+        run = str(uuid.uuid4()) if c.id in applied else None
+        app.client.chord(c.id, ids, spec, error, run=run)
+        if len(applied) < APPLIED_CHORD_IDS_KEPT:
+            applied.add(c.id)
         for m in members:
             if _is_composite(m):
                 m.apply_async(c["args"], kwargs, **delay)
