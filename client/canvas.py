@@ -239,7 +239,9 @@ class Signature(dict):
         return self.set(**self._stamped(more, append_stamps))
 
     def stamp_links(self, visitor, append_stamps=False, **headers) -> None:
-        """Stamp this signature's callbacks (``visitor.on_callback``) and errbacks (``on_errback``)."""
+        """Stamp this signature's callbacks and errbacks: each is stamped as a signature of its own (Celery's
+        ``link.stamp(visitor, ...)``: the visitor's ``on_signature`` for it, its own links), with ``headers``
+        and what ``visitor.on_callback`` (``on_errback`` for an errback) returns for it added."""
         for key, hook in (("link", "on_callback"), ("link_error", "on_errback")):
             if isinstance(self.options.get(key), dict):  # one signature (map) given as the link itself
                 self.options[key] = [self.options[key]]
@@ -248,7 +250,7 @@ class Signature(dict):
                 more = dict(headers)
                 if visitor is not None:
                     more.update(getattr(visitor, hook)(link, **headers) or {})
-                link.set(**link._stamped(more, append_stamps))
+                link.stamp(visitor, append_stamps, **more)
                 self.options[key][i] = link
 
     def freeze(self, _id=None) -> AsyncResult:
