@@ -27,7 +27,7 @@ class Request:
                  expires=None, parent_id=None, root_id=None, headers=None, hostname=None, is_eager=False,
                  task=None, group=None, chord=None, reply_to=None, origin=None, time_limit=None,
                  callbacks=None, errbacks=None, properties=None, replaced_task_nesting=0, stamped_headers=None,
-                 stamps=None):
+                 stamps=None, argsrepr=None, kwargsrepr=None):
         self.id = id
         self.args = list(args)
         self.kwargs = dict(kwargs or {})
@@ -62,6 +62,17 @@ class Request:
         self.errbacks = errbacks  # the link_error= signatures, run on failure
         self.properties = properties if properties is not None else {"correlation_id": id, "reply_to": reply_to}
         self.children: list = []  # AsyncResults of the tasks this task sent (AsyncResult.children)
+        self._argsrepr, self._kwargsrepr = argsrepr, kwargsrepr
+
+    # Celery's argsrepr/kwargsrepr: how the args and kwargs are shown in logs, the call's own text when it
+    # gave one (apply_async(argsrepr=)), else their repr (made only when asked for)
+    @property
+    def argsrepr(self) -> str:
+        return self._argsrepr if type(self._argsrepr) is str else repr(tuple(self.args))
+
+    @property
+    def kwargsrepr(self) -> str:
+        return self._kwargsrepr if type(self._kwargsrepr) is str else repr(self.kwargs)
 
     def __repr__(self):
         return f"<Request {self.task} id={self.id} retries={self.retries}>"

@@ -239,7 +239,9 @@ class Signature(dict):
         return self.set(**self._stamped(more, append_stamps))
 
     def stamp_links(self, visitor, append_stamps=False, **headers) -> None:
-        """Stamp this signature's callbacks (``visitor.on_callback``) and errbacks (``on_errback``)."""
+        """Stamp this signature's callbacks and errbacks: each is stamped as a signature of its own (Celery's
+        ``link.stamp(visitor, ...)``: the visitor's ``on_signature`` for it, its own links), with ``headers``
+        and what ``visitor.on_callback`` (``on_errback`` for an errback) returns for it added."""
         for key, hook in (("link", "on_callback"), ("link_error", "on_errback")):
             if isinstance(self.options.get(key), dict):  # one signature (map) given as the link itself
                 self.options[key] = [self.options[key]]
@@ -248,7 +250,7 @@ class Signature(dict):
                 more = dict(headers)
                 if visitor is not None:
                     more.update(getattr(visitor, hook)(link, **headers) or {})
-                link.set(**link._stamped(more, append_stamps))
+                link.stamp(visitor, append_stamps, **more)
                 self.options[key][i] = link
 
     def freeze(self, _id=None) -> AsyncResult:
@@ -351,10 +353,12 @@ class Signature(dict):
 
 
 SEND_OPTIONS = ("countdown", "eta", "expires", "priority", "queue", "task_id", "headers")
+# chord ids one chord object remembers having applied (to tell its re-application, a new run, from its first)
+APPLIED_CHORD_IDS_KEPT = 1000
 # names a stamp may not take: the signature's own call options (a stamp is kept among them)
 RESERVED_OPTIONS = frozenset((*SEND_OPTIONS, "link", "link_error", "chain", "stamped_headers", "stamps",
                               "time_limit", "soft_time_limit", "ignore_result", "shadow", "routing_key",
-                              "exchange", "parent_id", "root_id", "immutable", "subtask_type"))
+                              "exchange", "parent_id", "root_id", "immutable", "subtask_type", "argsrepr", "kwargsrepr"))
 
 
 def _send_options(opts: dict, task) -> dict:
@@ -993,7 +997,14 @@ class chord(Signature):
         ids = [i for m in members for i in _final_ids(m)]
         spec = body_spec(app, c.body)
         error = _error_spec(app, c.body, spec, result.id)
-        app.client.chord(c.id, ids, spec, error)
+        # brokerd's CHORD is idempotent per chord id (a redelivered workflow step must not fire the body
+        # twice), but this object applied again under the id it had (Celery's frozen chord applied twice)
+        # is a new run: it names one, so brokerd waits for the header's new results and fires the body again
+        applied = self.__dict__.setdefault("_applied_chord_ids", set())
+        run = str(uuid.uuid4()) if c.id in applied else None
+        app.client.chord(c.id, ids, spec, error, run=run)
+        if len(applied) < APPLIED_CHORD_IDS_KEPT:
+            applied.add(c.id)
         for m in members:
             if _is_composite(m):
                 m.apply_async(c["args"], kwargs, **delay)

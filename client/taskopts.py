@@ -94,12 +94,16 @@ def check_decorator_options(name: str, opts: dict) -> None:
 # -- apply_async(...) ----------------------------------------------------------------------------
 # Per-call options carried to the worker in the envelope's `options` map (protocol.md §8.1).
 ENVELOPE_OPTIONS = ("time_limit", "soft_time_limit", "ignore_result", "shadow", "link", "link_error", "app_id",
-                    "group_id")
+                    "group_id", "argsrepr", "kwargsrepr")
 # Celery's app_id (an AMQP message property): the sending application's name, shown to the task as
 # request.properties["app_id"]; bounded like a queue name, since it travels in every message that has it.
 APP_ID_MAX = 255  # characters
 # Celery's group_id: the group or chord a task is a member of (request.group); a task id's bound.
 GROUP_ID_MAX = 255  # characters
+# Celery's argsrepr/kwargsrepr: the text the worker shows in place of the call's args/kwargs (log lines,
+# events, inspect replies), so secrets passed as arguments stay out of logs.  Celery cuts the repr it makes
+# itself at 1024 characters (its argsrepr_maxsize); a caller's own text is held to the same bound.
+ARGSREPR_MAX = 1024  # characters
 
 # Per-call options that are no-ops for brokerd, with the reason.
 CALL_NOOPS = {
@@ -216,6 +220,10 @@ def check_call_options(name: str, options: dict) -> dict:
             if key == "group_id" and (not isinstance(value, str) or not 0 < len(value) <= GROUP_ID_MAX):
                 raise TypeError(f"apply_async() of {name}: group_id must be the id of a group or chord (text of 1 to "
                                 f"{GROUP_ID_MAX} characters), got {value!r:.100}")
+            if key in ("argsrepr", "kwargsrepr") and (not isinstance(value, str) or len(value) > ARGSREPR_MAX):
+                what = f"text of {len(value)} characters" if isinstance(value, str) else type(value).__name__
+                raise TypeError(f"apply_async() of {name}: {key} must be text of at most {ARGSREPR_MAX} characters (what "
+                                f"the worker logs in place of the real {key[:-4]}), got {what}")
             if key == "shadow" and not isinstance(value, str):
                 raise TypeError(f"apply_async() of {name}: shadow must be a display name (text), got {value!r}")
             if key == "rate_limit":
@@ -231,7 +239,8 @@ def check_call_options(name: str, options: dict) -> dict:
             raise TypeError(
                 f"apply_async() of {name} got an option brokerd does not know: {key!r}. Known options: countdown, "
                 f"eta, expires, priority, queue, routing_key, exchange, task_id, headers, link, link_error, "
-                f"time_limit, soft_time_limit, ignore_result, shadow, app_id, group_id, parent_id, root_id, unique_key, "
+                f"time_limit, soft_time_limit, ignore_result, shadow, app_id, group_id, argsrepr, kwargsrepr, parent_id, "
+                f"root_id, unique_key, "
                 f"unique_for, "
                 f"unique_until (and Celery's no-ops: "
                 f"{', '.join(sorted(CALL_NOOPS))})")

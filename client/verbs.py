@@ -261,9 +261,14 @@ def schedule_pause(client, name: str, paused: bool = True) -> dict:
 
 
 @verb
-def chord(client, chord_id: str, members: list, body: dict, error: dict | None = None) -> dict:
-    """Register a chord: ``body`` is published once every task of ``members`` has a result."""
-    return Call(OP_CHORD, [chord_id, list(members), body, error])
+def chord(client, chord_id: str, members: list, body: dict, error: dict | None = None, *,
+          run: str | None = None) -> dict:
+    """Register a chord: ``body`` is published once every task of ``members`` has a result.  Idempotent per
+    ``chord_id``, unless ``run`` names a run the chord is not at: that starts a new run of it, which waits
+    for results its members store from then on (protocol.md §5.27, "Runs")."""
+    if run is None:
+        return Call(OP_CHORD, [chord_id, list(members), body, error])
+    return Call(OP_CHORD, [chord_id, list(members), body, error, {"run": run}])
 
 
 @verb

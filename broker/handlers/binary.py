@@ -14,6 +14,7 @@ import cbor2
 
 from broker.errors import BadRequest, BrokerError
 from broker.state.dedupe import MAX_DEDUPE_KEY, check_dedupe_key
+from broker.state.schedules import CHORD_OPTIONS
 from client.wire import (
     CLIENT_OPS,
     OP_ACK,
@@ -420,13 +421,17 @@ def h_revoke(state, conn, rid, f, now):
 
 
 def h_chord(state, conn, rid, f, now):
-    # [26, rid, chord_id, [member ids], body spec, error spec|null]
+    # [26, rid, chord_id, [member ids], body spec, error spec|null, {run}|null]
     cid = _arg(f, 2, "chord id", (str,), "CHORD")
     members = _arg(f, 3, "members", (list,), "CHORD")
     body = _arg(f, 4, "body", (dict,), "CHORD")
     error = _arg(f, 5, "error", (dict,), "CHORD", required=False)
+    opts = _arg(f, 6, "options", (dict,), "CHORD", required=False) or {}
+    for k in opts:
+        if k not in CHORD_OPTIONS:
+            raise BadRequest(f"unknown CHORD option {k!r}; known options: {', '.join(CHORD_OPTIONS)}")
     _storable(f[3:6], "fields 3-5 (members, body, error)", "CHORD")
-    return ok_frame(rid, state.chord_declare(cid, members, body, error, now))
+    return ok_frame(rid, state.chord_declare(cid, members, body, error, now, run=opts.get("run")))
 
 
 def h_chord_add(state, conn, rid, f, now):

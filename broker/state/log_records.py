@@ -39,6 +39,10 @@ CHORD_MEMBER [chord id, member, [state, value, meta]]       compaction: a member
 CHORD_FIRE [chord id, ok, message | null]                   the barrier completed: body (or error) published
 CHORD_ADD  [chord id, [member ids]]                         a waiting chord grew (CHORD_ADD); compaction
                                                             folds the added ids into the CHORD record
+CHORD_RUN  [chord id, run, [member ids], body spec,         a chord declared with a run (CHORD field 6): a
+            error spec]                                     waiting run of it is dropped, and only results
+                                                            stored after this record count; members null
+                                                            (compaction): the run that fired last (type 34)
 BIND       [exchange, type, queue, key]                     a lasting binding was made (temporary ones
                                                             are never logged)
 UNBIND     [exchange, queue, key]                           ... removed (a DELETE of the queue removes
@@ -92,6 +96,7 @@ RATE = 30
 EPOCH = 31
 CHORD_ADD = 32
 CHECKPOINT = 33
+CHORD_RUN = 34
 
 NAMES = {
     PUBLISH: "PUBLISH", DELIVER: "DELIVER", ACK: "ACK", REQUEUE: "REQUEUE", DEAD: "DEAD",
@@ -101,7 +106,7 @@ NAMES = {
     SCHED_PAUSE: "SCHED_PAUSE", SCHED_TICK: "SCHED_TICK", SCHED_STATE: "SCHED_STATE", REVOKE: "REVOKE",
     CHORD: "CHORD", CHORD_MEMBER: "CHORD_MEMBER", CHORD_FIRE: "CHORD_FIRE",
     BIND: "BIND", UNBIND: "UNBIND", UNIQUE: "UNIQUE", UNIQUE_FREE: "UNIQUE_FREE",
-    RATE: "RATE", EPOCH: "EPOCH", CHORD_ADD: "CHORD_ADD", CHECKPOINT: "CHECKPOINT",
+    RATE: "RATE", EPOCH: "EPOCH", CHORD_ADD: "CHORD_ADD", CHECKPOINT: "CHECKPOINT", CHORD_RUN: "CHORD_RUN",
 }
 
 COUNTER_FIELDS = (

@@ -394,7 +394,7 @@ class ReplayMixin:
                     max_seq = p[2][0]
             elif t == R.REVOKE:
                 self._replay_revoke(p, now)
-            elif R.CHORD <= t <= R.CHORD_FIRE or t == R.CHORD_ADD:
+            elif R.CHORD <= t <= R.CHORD_FIRE or t == R.CHORD_ADD or t == R.CHORD_RUN:
                 self._replay_chord_record(t, p, lsn, msgs, now)
                 if t == R.CHORD_FIRE and p[2] is not None and p[2][0] > max_seq:
                     max_seq = p[2][0]

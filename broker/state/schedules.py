@@ -20,7 +20,10 @@ Chords
     message is published with the members' results, in order, prepended to
     its args — once (the firing is logged too).  A waiting chord may grow
     (CHORD_ADD: Celery's ``add_to_chord``); the added members are logged.  A failed member fails the
-    chord: the error callback, if any, is published instead; the body never is.
+    chord: the error callback, if any, is published instead; the body never is.  A CHORD is
+    idempotent per chord id (a retried CHORD never fires twice), unless it names a *run* the chord is
+    not at: a new run of the same chord id (Celery's frozen chord applied again) waits for its
+    members afresh, counting only the results they store after it (logged as CHORD_RUN).
 
 A mixin of BrokerState.  Pure: ``now`` is passed in.
 """
@@ -41,6 +44,8 @@ MAX_CATCHUP = 1000  # firings one entry may make at once under catchup=all
 DEFAULT_REVOKE_TTL = 24 * 3600.0  # seconds a revoke is remembered
 MAX_NAME = 200
 MAX_FIRED_CHORDS = 100_000  # fired chord ids remembered against a retried CHORD (~100 B each)
+MAX_CHORD_RUN = 255  # characters of a chord run's name (the SDK's: a UUID, 36)
+CHORD_OPTIONS = ("run",)  # CHORD field 6
 SCHEDULE_KEYS = ("every", "anchor", "cron", "tz", "queue", "priority", "body", "catchup", "expires", "owner")
 
 
@@ -108,8 +113,9 @@ class WorkflowMixin:
         self._revoke_ttl = SortedList()  # (until, id)
         self.default_revoke_ttl = DEFAULT_REVOKE_TTL
         self.chords: dict[str, dict] = {}
-        # chord ids already fired, so a retried CHORD does not fire again; bounded, oldest dropped
-        self._fired_chords: dict[str, bool] = {}
+        # chord ids already fired, so a retried CHORD does not fire again; bounded, oldest dropped.  The value
+        # is the run that fired (text), or True for a chord declared without one
+        self._fired_chords: dict[str, str | bool] = {}
         self._chord_of: dict[str, str] = {}  # member task id -> chord id
 
     # -- schedules -------------------------------------------------------------------
@@ -285,10 +291,16 @@ class WorkflowMixin:
             self._log(R.REVOKE, [[[i, u] for i, u in self.revoked.items()], False])
         while len(self._fired_chords) > MAX_FIRED_CHORDS:
             self._fired_chords.pop(next(iter(self._fired_chords)))
-        for cid in self._fired_chords:
-            self._log(R.CHORD_FIRE, [cid, True, None])
+        for cid, run in self._fired_chords.items():
+            if run is True:
+                self._log(R.CHORD_FIRE, [cid, True, None])
+            else:  # the run that fired, without members: "remember it", nothing waits
+                self._log(R.CHORD_RUN, [cid, run, None, None, None])
         for cid, ch in self.chords.items():
-            self._log(R.CHORD, [cid, ch["members"], ch["body"], ch["error"]])
+            if ch["run"] is None:
+                self._log(R.CHORD, [cid, ch["members"], ch["body"], ch["error"]])
+            else:
+                self._log(R.CHORD_RUN, [cid, ch["run"], ch["members"], ch["body"], ch["error"]])
             for member, res in ch["results"].items():
                 self._log(R.CHORD_MEMBER, [cid, member, res])
 
@@ -349,11 +361,20 @@ class WorkflowMixin:
                 self._revoke_ttl.add((until, tid))
 
     # -- chords ---------------------------------------------------------------------------
-    def chord_declare(self, chord_id, members, body, error, now: float) -> dict:
+    def chord_declare(self, chord_id, members, body, error, now: float, run=None) -> dict:
         """A barrier over ``members`` (task ids, in order).  ``body``/``error`` are
         message specs ``{"queue", "priority", "body"}``; ``body["body"]`` a task
-        envelope map whose ``args`` get the members' results prepended."""
+        envelope map whose ``args`` get the members' results prepended.
+
+        ``run`` (text, or None) names this run of the chord.  A CHORD for a chord id that waits or has
+        fired changes nothing (a retried CHORD) when it names no run or the run the chord is at; naming
+        another run starts that run: the chord (waiting or fired) is declared anew with these members
+        and specs, and counts only the results its members store from now on (those stored before are
+        the previous run's).  A first declaration counts the results already stored, with or without
+        a run."""
         self._refuse_if_log_failed()
+        if run is not None and (type(run) is not str or not 1 <= len(run) <= MAX_CHORD_RUN):
+            raise BadRequest(f"chord run must be a text string of 1 to {MAX_CHORD_RUN} characters")
         if type(chord_id) is not str or not chord_id:
             raise BadRequest("a chord id is a non-empty text string")
         if type(members) is not list or not members or any(type(m) is not str for m in members):
@@ -372,15 +393,23 @@ class WorkflowMixin:
             prio = spec.get("priority", 0)
             if type(prio) is not int or not 0 <= prio <= MAX_PRIORITY:
                 raise BadRequest(f"chord {what} priority must be a whole number from 0 to 255 (got {prio!r})")
-        if chord_id in self.chords:
-            return {"chord": chord_id, "pending": len(self.chords[chord_id]["pending"])}
-        if chord_id in self._fired_chords:  # a retried CHORD after its body already went
-            return {"chord": chord_id, "pending": 0}
-        self._install_chord(chord_id, members, body, error)
-        self._log(R.CHORD, [chord_id, members, body, error])
+        waiting = self.chords.get(chord_id)
+        if waiting is not None and (run is None or run == waiting["run"]):
+            return {"chord": chord_id, "pending": len(waiting["pending"])}
+        fired = self._fired_chords.get(chord_id)
+        if waiting is None and fired is not None and (run is None or run == fired):
+            return {"chord": chord_id, "pending": 0}  # a retried CHORD after its body already went
+        again = waiting is not None or fired is not None
+        if run is None:
+            self._log(R.CHORD, [chord_id, members, body, error])
+        else:
+            self._log(R.CHORD_RUN, [chord_id, run, members, body, error])
+        self._run_chord(chord_id, run, members, body, error)
+        ch = self.chords[chord_id]
+        if again:
+            return {"chord": chord_id, "pending": len(ch["pending"])}  # a new run: earlier results do not count
         # Members may have finished before the chord was declared: count them, and
         # log each count, so a restart does not see them pending again.
-        ch = self.chords[chord_id]
         for m in members:
             r = self.results.get(m)
             if r is not None and r.state in ("SUCCESS", "FAILURE", "REVOKED", "REJECTED") and not ch["done"]:
@@ -426,13 +455,23 @@ class WorkflowMixin:
         for m in members:
             self._chord_of[m] = ch["id"]
 
-    def _install_chord(self, chord_id, members, body, error) -> None:
+    def _install_chord(self, chord_id, members, body, error, run=None) -> None:
         self.chords[chord_id] = {
             "id": chord_id, "members": members, "pending": set(members), "results": {},
-            "body": body, "error": error, "done": False,
+            "body": body, "error": error, "done": False, "run": run,
         }
         for m in members:
             self._chord_of[m] = chord_id
+
+    def _run_chord(self, chord_id, run, members, body, error) -> None:
+        """Live and in replay alike (CHORD, CHORD_RUN): a waiting run of this chord is dropped, its counts
+        with it (its body never fires), and the chord waits anew for ``members``."""
+        old = self.chords.pop(chord_id, None)
+        if old is not None:
+            for m in old["members"]:
+                if self._chord_of.get(m) == chord_id:
+                    del self._chord_of[m]
+        self._install_chord(chord_id, members, body, error, run)
 
     def _chord_result_hook(self, task_id, state, value, meta, now) -> None:
         """Called with every stored final result: count it toward its chord."""
@@ -513,7 +552,8 @@ class WorkflowMixin:
 
     def _forget_chord(self, ch) -> None:
         self.chords.pop(ch["id"], None)
-        self._fired_chords[ch["id"]] = True
+        self._fired_chords.pop(ch["id"], None)  # the newest fired last: the bound drops the oldest first
+        self._fired_chords[ch["id"]] = ch["run"] if ch["run"] is not None else True
         for m in ch["members"]:
             if self._chord_of.get(m) == ch["id"]:
                 del self._chord_of[m]
@@ -523,6 +563,13 @@ class WorkflowMixin:
             cid, members, body, error = p
             if cid not in self.chords:
                 self._install_chord(cid, members, body, error)
+        elif t == R.CHORD_RUN:
+            cid, run, members, body, error = p
+            if members is None:  # compaction: the run that fired last
+                self._fired_chords.pop(cid, None)
+                self._fired_chords[cid] = run
+            elif self.chords.get(cid, {}).get("run") != run:  # the same run again: compaction's rewrite
+                self._run_chord(cid, run, members, body, error)
         elif t == R.CHORD_ADD:
             cid, members = p
             ch = self.chords.get(cid)
@@ -539,7 +586,8 @@ class WorkflowMixin:
             ch = self.chords.get(cid)
             if ch is not None:
                 self._forget_chord(ch)
-            self._fired_chords[cid] = True
+            else:
+                self._fired_chords[cid] = True
             if payload is not None:
                 m = self._message_from(payload, lsn)
                 msgs[m.seq] = m

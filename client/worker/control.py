@@ -20,7 +20,7 @@ from client import signals
 from client.options import redact
 from client.worker.events import heartbeat_info, pool_size
 from client.worker.limits import TIME_LIMIT_MAX
-from client.worker.outcome import S_ACK, event_repr, shown
+from client.worker.outcome import S_ACK, args_shown, event_repr, shown
 from client.worker.runner import request_for
 
 log = logging.getLogger("brokerd.worker")
@@ -111,11 +111,7 @@ class Control:
     def ctl_active(self, args):
         w = self.w
         return [
-            {"id": job.task_id, "name": job.name, "args": event_repr(tuple(job.env["args"])),
-             "kwargs": event_repr(job.env["kwargs"]), "queue": job.d.queue, "time_start": job.started,
-             "worker_pid": getattr(job.slot, "pid", None) or w.stats.pid, "hostname": w.hostname,
-             "attempts": job.d.attempts}
-            for job in sorted(w.running.values(), key=lambda j: j.seq) if job.started is not None
+            self._job_info(job) for job in sorted(w.running.values(), key=lambda j: j.seq) if job.started is not None
         ]
 
     def ctl_registered(self, args):
@@ -175,8 +171,9 @@ class Control:
     # -- inspect: reserved, scheduled, revoked, active_queues, query_task, conf, report --
     def _job_info(self, job):
         w = self.w
-        return {"id": job.task_id, "name": job.name, "args": event_repr(tuple(job.env["args"])),
-                "kwargs": event_repr(job.env["kwargs"]), "queue": job.d.queue, "time_start": job.started,
+        args, kwargs = args_shown(job.env["args"], job.env["kwargs"], job.env.get("options"))
+        return {"id": job.task_id, "name": job.name, "args": args, "kwargs": kwargs, "queue": job.d.queue,
+                "time_start": job.started,
                 "worker_pid": getattr(job.slot, "pid", None) or w.stats.pid, "hostname": w.hostname,
                 "attempts": job.d.attempts}
 

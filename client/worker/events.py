@@ -17,7 +17,7 @@ import os
 import time
 from importlib import metadata
 
-from client.worker.outcome import S_ACK, S_REQUEUE, S_RETRY, event_repr, exception_text
+from client.worker.outcome import S_ACK, S_REQUEUE, S_RETRY, args_shown, event_repr, exception_text
 
 HEARTBEAT_INTERVAL = 2.0  # seconds between worker-heartbeat events (Celery's default); lost after 3 missed
 DEFAULT_TASK_EVENTS = True  # task-* events unless -E is turned off (--no-task-events); worker-* events always
@@ -79,8 +79,8 @@ def task_received(env, d) -> dict:
     if type(retries) is not int:
         retries = env.get("retries") or 0
     ev = {"type": "task-received", "uuid": env["id"], "ts": time.time(), "name": env["task"],
-          "args": event_repr(tuple(env["args"])), "kwargs": event_repr(env["kwargs"]),
           "queue": d.queue, "retries": retries}
+    ev["args"], ev["kwargs"] = args_shown(env["args"], env["kwargs"], env.get("options"))
     parent = env.get("parent_id")
     if parent:
         ev["parent_id"] = parent

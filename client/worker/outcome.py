@@ -14,6 +14,7 @@ import logging
 import traceback
 
 from client.exceptions import WorkerLostError
+from client.taskopts import ARGSREPR_MAX
 
 log = logging.getLogger("brokerd.worker")
 
@@ -83,6 +84,17 @@ def event_repr(value, limit: int = EVENT_REPR_MAX) -> str:
         return short_text(repr(value), limit)
     except Exception:  # a broken __repr__ must not cost the task
         return f"<{type(value).__name__}>"
+
+
+def args_shown(args, kwargs, options) -> tuple[str, str]:
+    """How a task's args and kwargs are shown wherever the worker reports them (log lines, events, inspect
+    replies): the call's ``argsrepr``/``kwargsrepr`` when it gave them (Celery's: arguments that carry
+    secrets stay out of logs), each cut at ARGSREPR_MAX characters (a producer other than ours), else a
+    short repr of the real ones.  ``check_envelope`` has refused one that is not text."""
+    opts = options if type(options) is dict else {}
+    a, k = opts.get("argsrepr"), opts.get("kwargsrepr")
+    return (short_text(a, ARGSREPR_MAX) if type(a) is str else event_repr(tuple(args)),
+            short_text(k, ARGSREPR_MAX) if type(k) is str else event_repr(kwargs))
 
 
 def shown(value) -> str:

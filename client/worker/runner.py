@@ -27,13 +27,18 @@ from client.envelope import check_encodable, decode_envelope, encode_envelope
 from client.signing import SIG_KEY
 from client.exceptions import EncodeError, Ignore, Reject, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 from client.wire import DEFAULT_MAX_FRAME
+from client.taskopts import ARGSREPR_MAX
 from client.worker.limits import TIME_LIMIT_MAX
+from client.worker.logs import (LOG_FAILURE, LOG_IGNORED, LOG_REJECTED, LOG_RETRY, LOG_SUCCESS, LOG_TRACEBACK, task_line,
+                                trace_log)
 from client.worker.outcome import (
     S_ACK,
     S_REJECT,
     S_REQUEUE,
     S_RETRY,
     UNSTORED_SUCCESS,
+    args_shown,
+    event_repr,
     exc_meta,
     reject_meta,
     safe_str,
@@ -136,7 +141,7 @@ def request_for(env, task, queue, priority, attempts, retries, hostname) -> Requ
         group=group if isinstance(group, str) else None, chord=chord, origin=origin if isinstance(origin, str) else None,
         time_limit=(hard or None, soft or None), callbacks=env.get("link") or None,
         errbacks=env.get("link_error") or None, replaced_task_nesting=nesting, stamped_headers=names,
-        stamps={n: stamps.get(n) for n in names},
+        stamps={n: stamps.get(n) for n in names}, argsrepr=opts.get("argsrepr"), kwargsrepr=opts.get("kwargsrepr"),
         properties={"correlation_id": env["id"], "reply_to": None, "priority": priority,
                     "delivery_info": {"routing_key": queue},
                     **({"app_id": opts["app_id"]} if type(opts.get("app_id")) is str else {})},
@@ -337,8 +342,7 @@ class Runner:
         runtime = time.perf_counter() - ctx.t0
         self._hook(ctx, "on_success", retval, req.id, req.args, req.kwargs)
         self._hook(ctx, "after_return", "SUCCESS", retval, req.id, req.args, req.kwargs, None)
-        if log.isEnabledFor(logging.INFO):
-            log.info("Task %s[%s] succeeded in %.4fs: %s", task.name, req.id, runtime, shown)
+        self._line(ctx, logging.INFO, LOG_SUCCESS, runtime=runtime, return_value=shown)
         _send(signals.task_success, sender=task, result=retval)
         if self._ignores_result(ctx):
             return (S_ACK, None, retval, UNSTORED_SUCCESS, None, None)  # the value: for its chain and links only
@@ -354,10 +358,10 @@ class Runner:
         if isinstance(exc, Retry):
             return self._retry(ctx, exc, exc.exc, exc.when)
         if isinstance(exc, Ignore):
-            log.info("Task %s[%s] ignored", task.name, req.id)
+            self._line(ctx, logging.INFO, LOG_IGNORED, description="ignored")
             return (S_ACK, None, None, None, None, None)
         if isinstance(exc, Reject):
-            log.info("Task %s[%s] rejected (requeue=%s): %s", task.name, req.id, exc.requeue, exc)
+            self._line(ctx, logging.INFO, LOG_REJECTED, requeue=exc.requeue, exc=safe_str(exc))
             if exc.requeue:
                 return (S_REQUEUE, None, None, None, None, None)
             # Celery 5.7 (#4222): a task that rejects its message for good is a FAILURE (the Reject itself,
@@ -394,12 +398,12 @@ class Runner:
             call_errbacks(self.app, req, exc, tb)  # errback(request, exc, traceback), here as in Celery
         if isinstance(exc, SoftTimeLimitExceeded):
             log.warning("Soft time limit exceeded for %s[%s]", task.name, req.id)
-        if task.throws and isinstance(exc, task.throws):
-            log.info("Task %s[%s] raised expected: %r", task.name, req.id, exc)  # Celery's `throws`
+        if task.throws and isinstance(exc, task.throws):  # Celery's `throws`
+            self._line(ctx, logging.INFO, LOG_FAILURE, description="raised expected", exc=event_repr(exc, ARGSREPR_MAX))
         else:
-            log.error("Task %s[%s] raised unexpected: %r", task.name, req.id, exc)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("Task %s[%s] traceback:\n%s", task.name, req.id, tb)
+            self._line(ctx, logging.ERROR, LOG_FAILURE, description="raised unexpected",
+                       exc=event_repr(exc, ARGSREPR_MAX))
+        self._line(ctx, logging.DEBUG, LOG_TRACEBACK, traceback=tb)
         _send(signals.task_failure, sender=task, task_id=req.id, exception=exc, args=req.args, kwargs=req.kwargs,
               traceback=exc.__traceback__, einfo=einfo)
         meta = exc_meta(exc, self.hostname, tb)
@@ -416,6 +420,15 @@ class Runner:
         if ignore is None:
             ignore = self.app.conf.get("task_ignore_result", False)
         return bool(ignore)
+
+    @staticmethod
+    def _line(ctx, level, fmt, **values):
+        """One of this task's lines on Celery's trace logger (client.worker.logs), its arguments shown as the
+        call's argsrepr/kwargsrepr when given."""
+        if trace_log.isEnabledFor(level):
+            req = ctx.req
+            task_line(trace_log, level, fmt, ctx.task.name, req.id, args_shown(req.args, req.kwargs, ctx.opts),
+                      **values)
 
     def _retry(self, ctx, r, exc, when):
         task, req = ctx.task, ctx.req
@@ -442,7 +455,7 @@ class Runner:
         self._hook(ctx, "on_retry", shown, req.id, req.args, req.kwargs, einfo)
         self._hook(ctx, "after_return", "RETRY", shown, req.id, req.args, req.kwargs, einfo)
         _send(signals.task_retry, sender=task, request=req, reason=shown, einfo=einfo)
-        log.info("Task %s[%s] retry: Retry in %gs: %r", task.name, req.id, when, shown)
+        self._line(ctx, logging.INFO, LOG_RETRY, when=when, exc=event_repr(shown, ARGSREPR_MAX))
         # A task whose result is ignored stores no RETRY either (Celery's: nobody waits for it, and a
         # RETRY left behind would be its state for ever, as the SUCCESS after it is not stored); unless
         # store_errors_even_if_ignored
@@ -503,7 +516,7 @@ def check_envelope(env: dict) -> None:
     value = opts.get("ignore_result")
     if value is not None and type(value) is not bool:
         raise ValueError(f"task envelope field 'options.ignore_result' must be true, false or null (got {shown(value)})")
-    for key in ("shadow", "app_id", "group_id"):
+    for key in ("shadow", "app_id", "group_id", "argsrepr", "kwargsrepr"):
         value = opts.get(key)
         if value is not None and type(value) is not str:
             raise ValueError(f"task envelope field 'options.{key}' must be text or null (got {shown(value)})")

@@ -72,8 +72,8 @@ from client.worker.credit import BATCH_RUNTIME_MAX, RUNTIME_WEIGHT, AdaptiveCred
 from client.worker.intake import CONNECT_TIMEOUT, online_worker_names
 from client.worker.limits import TaskLimits
 from client.worker.mainloop import run_sync
-from client.worker.logs import LOG_FORMAT, setup_logging
-from client.worker.outcome import (S_ACK, S_REQUEUE, S_RETRY, lost_outcome, succeeded, undecodable_outcome,
+from client.worker.logs import LOG_FORMAT, LOG_RECEIVED, received_log, setup_logging, task_line
+from client.worker.outcome import (S_ACK, S_REQUEUE, S_RETRY, args_shown, lost_outcome, succeeded, undecodable_outcome,
                                    unknown_outcome, unsigned_outcome)
 from client.worker.pools.base import Job, close_fds
 from client.worker.runner import check_envelope, request_for
@@ -398,8 +398,9 @@ class Worker:
                 self.events.emit(ev_.task_outcome(task_id, outcome, None))
             self._settle(d, ch, outcome, task_id)
             return
-        if log.isEnabledFor(logging.INFO):
-            log.info("Task %s[%s] received", name, task_id)
+        if received_log.isEnabledFor(logging.INFO):
+            task_line(received_log, logging.INFO, LOG_RECEIVED, name, task_id,
+                      args_shown(env["args"], env["kwargs"], env.get("options")), eta=env.get("eta"))
         acks_late, soft, hard = self.limits.of(task, env)
         job = Job(next(self._seq), d, gen, task_id, name, env, soft, hard)
         if soft or hard:

@@ -13,9 +13,11 @@ threads); the worker consumes from brokerd like any other, so brokerd must be re
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 
+from client.worker.logs import LOG_LEVELS, received_log, trace_log
 from client.worker.runtime import Worker
 
 READY_TIMEOUT = 60.0  # seconds for the worker to connect and consume: a cold start on a loaded box
@@ -30,17 +32,26 @@ class WorkerDidNotStart(RuntimeError):
 
 @contextlib.contextmanager
 def start_worker(app, pool: str = "threads", concurrency: int = 1, queues=None, hostname: str | None = None,
-                 loglevel: str = "warning", ready_timeout: float = READY_TIMEOUT,
+                 loglevel: str | None = None, ready_timeout: float = READY_TIMEOUT,
                  shutdown_timeout: float = SHUTDOWN_TIMEOUT, perform_ping_check: bool = False, **kwargs):
     """Run a worker for ``app`` on a thread until the block ends; yields the ``Worker``.
 
-    It does not touch the process's logging (``configure_logging=False``) nor its signal handlers
-    (it is not on the main thread).  At exit it stops warm: running tasks may finish within
-    ``shutdown_timeout`` seconds.  ``perform_ping_check`` (Celery's) also waits for a ping answer.
+    It adds no log handler (``configure_logging=False``) and leaves the process's signal handlers alone
+    (it is not on the main thread).  ``loglevel`` (``"info"``, ``"debug"``, ...; None: leave them be) is
+    the level of the worker's own loggers for the block (``brokerd.worker`` and the task lines'
+    ``celery.worker.strategy``/``celery.app.trace``, client.worker.logs), so a test sees the worker's
+    task lines through its own handlers (pytest's ``caplog``) without touching the root logger.  At exit
+    it stops warm: running tasks may finish within ``shutdown_timeout`` seconds.  ``perform_ping_check`` (Celery's) also waits for a ping answer.
     ``kwargs`` go to ``Worker`` (``prefetch_multiplier``, ``time_limit``, ...)."""
     kwargs.setdefault("configure_logging", False)
-    worker = Worker(app, queues=queues, concurrency=concurrency, pool=pool, hostname=hostname, loglevel=loglevel,
-                    **kwargs)
+    worker = Worker(app, queues=queues, concurrency=concurrency, pool=pool, hostname=hostname,
+                    loglevel=loglevel or "warning", **kwargs)
+    loggers = (logging.getLogger("brokerd.worker"), received_log, trace_log)
+    levels = [lg.level for lg in loggers]
+    if loglevel is not None:
+        level = LOG_LEVELS[loglevel.lower()] if isinstance(loglevel, str) else int(loglevel)
+        for lg in loggers:
+            lg.setLevel(level)
     failure: list = []
 
     def run():
@@ -70,3 +81,6 @@ def start_worker(app, pool: str = "threads", concurrency: int = 1, queues=None, 
     finally:
         worker.stop(graceful=True)
         thread.join(shutdown_timeout)
+        if loglevel is not None:
+            for lg, was in zip(loggers, levels):
+                lg.setLevel(was)

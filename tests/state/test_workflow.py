@@ -9,6 +9,7 @@ import pytest
 
 from broker.errors import NotFound, RequestError
 from broker.state import BrokerState
+from broker.state import log_records as R
 from broker.state.cron import Crontab
 from broker.wal import WriteAheadLog
 from tests.wal.test_durability import Rig
@@ -485,3 +486,90 @@ def test_added_members_survive_replay_and_compaction(s):
         fresh.result_set(W, "a2", "SUCCESS", 7, None, T0)
         (msg,) = fresh.peek("celery")
         assert msg.headers["x-chord-results"] == [0, 5, 7], label
+
+
+# -- chord runs: a frozen chord applied again (CHORD field 6, protocol.md §5.27 "Runs"; log record CHORD_RUN) --
+
+def _records(state, start=0):
+    return [(start + i + 1, t, cbor2.loads(cbor2.dumps(p))) for i, (t, p) in enumerate(state.take_records())]
+
+
+def _bodies(state, queue="celery"):
+    return [cbor2.loads(m.body)["args"] for m in state.peek(queue, 1000)] if queue in state.queues else []
+
+
+def test_a_new_run_of_a_fired_chord_waits_for_new_results_and_fires_the_body_again(s):
+    s.chord_declare("c1", ["m1", "m2"], body_spec(), None, T0)
+    s.result_set(W, "m1", "SUCCESS", 1, None, T0)
+    s.result_set(W, "m2", "SUCCESS", 2, None, T0)
+    assert _bodies(s) == [[[1, 2]]]
+    # the same chord id again, as a new run: the stored results are the first run's and do not count
+    assert s.chord_declare("c1", ["m1", "m2"], body_spec(), None, T0, run="r2") == {"chord": "c1", "pending": 2}
+    assert s.chord_declare("c1", ["m1", "m2"], body_spec(), None, T0, run="r2") == {"chord": "c1", "pending": 2}
+    s.result_set(W, "m2", "SUCCESS", 20, None, T0)
+    assert _bodies(s) == [[[1, 2]]]  # without the run it would not wait; it waits for m1's new result
+    s.result_set(W, "m1", "SUCCESS", 10, None, T0)
+    assert _bodies(s) == [[[1, 2]], [[10, 20]]]
+    # a retried CHORD of the run that fired, or one without a run, fires nothing
+    assert s.chord_declare("c1", ["m1", "m2"], body_spec(), None, T0, run="r2") == {"chord": "c1", "pending": 0}
+    assert s.chord_declare("c1", ["m1", "m2"], body_spec(), None, T0) == {"chord": "c1", "pending": 0}
+    assert len(_bodies(s)) == 2
+
+
+def test_a_first_declaration_with_a_run_counts_what_already_finished(s):
+    s.result_set(W, "m1", "SUCCESS", 1, None, T0)
+    assert s.chord_declare("c1", ["m1", "m2"], body_spec(), None, T0, run="r1") == {"chord": "c1", "pending": 1}
+    s.result_set(W, "m2", "SUCCESS", 2, None, T0)
+    assert _bodies(s) == [[[1, 2]]]
+
+
+def test_a_new_run_of_a_waiting_chord_drops_its_counts(s):
+    s.chord_declare("c1", ["m1", "m2"], body_spec(), None, T0, run="r1")
+    s.result_set(W, "m1", "SUCCESS", 1, None, T0)
+    assert s.chord_declare("c1", ["m1", "m2"], body_spec(), None, T0, run="r2") == {"chord": "c1", "pending": 2}
+    s.result_set(W, "m2", "SUCCESS", 2, None, T0)
+    assert _bodies(s) == []
+    s.result_set(W, "m1", "SUCCESS", 3, None, T0)
+    assert _bodies(s) == [[[3, 2]]]
+
+
+def test_a_bad_chord_run_is_refused(s):
+    for bad in ("", 5, "x" * 256):
+        with pytest.raises(RequestError, match=r"^chord run must be a text string of 1 to 255 characters$"):
+            s.chord_declare("c", ["a"], body_spec(), None, T0, run=bad)
+    assert "c" not in s.chords
+
+
+def test_chord_runs_replay_and_compact_to_the_same_state(s):
+    s.enable_log()
+    s.chord_declare("c1", ["m1", "m2"], body_spec(), None, T0)
+    s.result_set(W, "m1", "SUCCESS", 1, None, T0)
+    s.result_set(W, "m2", "SUCCESS", 2, None, T0)
+    s.chord_declare("c1", ["m1", "m2"], body_spec(), None, T0, run="r2")
+    s.result_set(W, "m2", "SUCCESS", 20, None, T0)  # counted in run r2; m1 still pending
+    s.chord_declare("c2", ["n1"], body_spec(tid="body-2"), None, T0, run="q1")
+    s.result_set(W, "n1", "SUCCESS", 5, None, T0)  # c2 fired in run q1
+    recs = _records(s)
+    assert R.NAMES[R.CHORD_RUN] == "CHORD_RUN" and R.CHORD_RUN == 34
+    assert [t for _, t, _ in recs].count(R.CHORD_RUN) == 2
+    again = BrokerState()
+    again.enable_log()
+    again.replay(recs, T0)
+    assert _chords_view(again) == _chords_view(s)
+    again.take_records()
+    again.compact(len(recs))
+    third = BrokerState()
+    third.replay(_records(again, len(recs)), T0)
+    assert _chords_view(third) == _chords_view(s)
+    for state in (again, third):  # the retried CHORD of q1 still fires nothing; m1's new result fires r2
+        state.connect(W)
+        assert state.chord_declare("c2", ["n1"], body_spec(tid="body-2"), None, T0, run="q1")["pending"] == 0
+        state.result_set(W, "m1", "SUCCESS", 10, None, T0)
+        assert [m.id for m in state.peek("celery", 10)][-1] == "body-1"
+        (last,) = [cbor2.loads(m.body)["args"] for m in state.peek("celery", 10) if m.id == "body-1"][-1:]
+        assert last == [[10, 20]]
+
+
+def _chords_view(state):
+    return ({cid: (ch["members"], sorted(ch["pending"]), ch["results"], ch["run"]) for cid, ch in state.chords.items()},
+            dict(state._fired_chords), dict(state._chord_of))

@@ -471,7 +471,8 @@ def test_stamps_reach_every_task_of_a_canvas_as_request_stamps(worker):
     s.link(cb)
     s.stamp(visitor=Mark())
     s.apply_async().get(timeout=WAIT)
-    assert cb_res.get(timeout=WAIT)["stamps"] == {"cb": True}  # a link gets on_callback's stamps
+    # a link gets on_callback's stamps, and is stamped as a signature of its own (on_signature), as in Celery
+    assert cb_res.get(timeout=WAIT)["stamps"] == {"cb": True, "mark": "m"}
     s = t.stamps_of.si()
     s.options["link"] = dict(t.stamps_of.si())  # a link given as one signature map, not a list
     s.stamp(visitor=Mark())
@@ -669,3 +670,74 @@ def test_add_to_chord_outside_a_chord_says_so(worker):
 def test_group_id_must_name_a_group():
     with pytest.raises(TypeError, match="group_id must be the id of a group or chord"):
         t.add.apply_async((1, 2), group_id=12)
+
+
+# -- a frozen chord applied again is a new run (brokerd's CHORD run, protocol.md §5.27 "Runs") ---------
+def test_a_frozen_chord_applied_again_sends_its_header_again_and_runs_its_body_again(worker):
+    """Celery's test_reapplying_frozen_chord_dispatches_body_again: a frozen chord keeps its id (and its
+    members' ids), but each apply is a new run.  brokerd's CHORD is idempotent per chord id, so the second
+    apply used to publish its header and never run its body again."""
+    tag = f"again-{os.getpid()}-{time.monotonic_ns()}"
+    c = chord([t.add.s(1, 2), t.add.s(3, 4)], t.record.si(tag))
+    c.freeze()
+    first = c.apply_async()
+    assert first.get(timeout=WAIT) == tag
+    wait_for(lambda: len(_log_lines(worker, "record.log", tag)) == 1, WAIT, "the first run's body")
+    second = c.apply_async()
+    assert second.id == first.id
+    wait_for(lambda: len(_log_lines(worker, "record.log", tag)) == 2, WAIT, "the second run's body")
+    third = c.apply_async()  # and again: each apply of this object is a run of its own
+    wait_for(lambda: len(_log_lines(worker, "record.log", tag)) == 3, WAIT, "the third run's body")
+    assert third.get(timeout=WAIT) == tag
+
+
+def test_a_chord_rebuilt_from_its_map_is_still_declared_once(worker):
+    """What keeps a redelivered workflow step from firing a body twice: a chord sent as a map (as a chain
+    step carries it) and applied again names no new run, so brokerd takes it for a retry."""
+    tag = f"once-{os.getpid()}-{time.monotonic_ns()}"
+    c = chord([t.add.s(1, 2)], t.record.si(tag))
+    c.freeze()
+    d = dict(c)
+    assert Signature.from_dict(d, app=t.app).apply_async().get(timeout=WAIT) == tag
+    wait_for(lambda: len(_log_lines(worker, "record.log", tag)) == 1, WAIT, "the body")
+    Signature.from_dict(d, app=t.app).apply_async()
+    assert t.add.s(0, 0).apply_async().get(timeout=WAIT) == 0  # the worker has taken whatever was sent
+    time.sleep(0.5)
+    assert len(_log_lines(worker, "record.log", tag)) == 1
+
+
+def test_a_link_added_after_stamping_is_stamped_by_the_next_stamp_as_the_worker_sees_it(canvas_broker):
+    """What Celery's test_linking_stamped_sig checks (it reads Celery's private Request.__payload; here the
+    public request.callbacks): every stamp a link's options name is among its options when it arrives."""
+    from client.signals import task_received
+    from client.worker.testing import start_worker
+
+    class Monitoring(StampingVisitor):
+        def __init__(self, mid):
+            self.mid = mid
+
+        def on_signature(self, sig, **headers):
+            return {"mtask_id": self.mid}
+
+    q = f"inproc-links.{os.getpid()}"
+    seen = []
+
+    def received(sender=None, request=None, **kw):
+        seen.append((request.id, request.callbacks))
+
+    s = t.add.si(1, 1).set(queue=q)
+    s.stamp(visitor=Monitoring("first"))
+    s.link(t.record.si("linked").set(queue=q))
+    s.stamp(visitor=Monitoring("1234"))
+    task_received.connect(received)
+    try:
+        with start_worker(t.app, queues=[q], concurrency=2):
+            r = s.apply_async()
+            assert r.get(timeout=WAIT) == 2
+            wait_for(lambda: any(i == r.id for i, _ in seen), WAIT, "the task's task_received")
+    finally:
+        task_received.disconnect(received)
+    (link,) = next(cbs for i, cbs in seen if i == r.id)
+    names = link["options"]["stamped_headers"]
+    assert names == ["mtask_id"] and all(n in link["options"] for n in names)
+    assert link["options"]["mtask_id"] == "1234"

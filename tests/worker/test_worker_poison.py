@@ -42,6 +42,8 @@ POISON = [
     ("options.shadow", {"options": {"shadow": ["a"]}}),
     ("options.app_id", {"options": {"app_id": {"name": "x"}}}),
     ("options.group_id", {"options": {"group_id": ["not", "text"]}}),
+    ("options.argsrepr", {"options": {"argsrepr": {"secret": 1}}}),
+    ("options.kwargsrepr", {"options": {"kwargsrepr": b"bytes"}}),
     ("options.rate_limit", {"options": {"rate_limit": "10/s"}}),
     ("retries", {"retries": "3"}),
     ("retries", {"retries": -1}),

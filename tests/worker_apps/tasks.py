@@ -187,6 +187,12 @@ def quiet_fail(fail):
     return "never stored"
 
 
+@app.task(bind=True)
+def reprs_of(self, *args, **kwargs):
+    """How the worker shows this call's arguments (Celery's request.argsrepr/kwargsrepr)."""
+    return [self.request.argsrepr, self.request.kwargsrepr]
+
+
 @app.task
 def noop():
     pass

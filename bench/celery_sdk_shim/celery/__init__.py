@@ -124,3 +124,5 @@ def bind_shared_tasks(app) -> None:
 
 
 current_app = sdk("_current", "current_app")
+
+import celery.app.trace  # noqa: E402,F401 - Celery's tests read celery.app.trace.LOG_* after a bare `import celery`

@@ -17,6 +17,9 @@ WORKER_START_TIMEOUT = 60.0  # seconds: a cold worker on a loaded 2-core box; pa
 # The in-process worker's threads: Celery's integration tests start one prefork worker whose children
 # run tasks in parallel; some of the tests wait in a task for another (a chord in a task), so more than one
 WORKER_THREADS = 4
+# Glue: the worker's task lines at INFO (their loggers' level only, no handler added), so tests that read them
+# through pytest's caplog (test_trace_log_arguments) see them; Celery's own session worker logs at "error"
+WORKER_LOGLEVEL = "info"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -88,7 +91,7 @@ def celery_session_worker(request, celery_session_app, celery_includes):
     from client.worker.testing import start_worker
 
     with start_worker(celery_session_app, pool="threads", concurrency=WORKER_THREADS, queues=["celery"],
-                      hostname="celery-sdk-worker", ready_timeout=WORKER_START_TIMEOUT) as worker:
+                      hostname="celery-sdk-worker", ready_timeout=WORKER_START_TIMEOUT, loglevel=WORKER_LOGLEVEL) as worker:
         yield worker
 
 

@@ -1,0 +1,1 @@
+"""celery.app: only the submodules Celery's integration tests read (see trace.py)."""
