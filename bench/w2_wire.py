@@ -170,6 +170,9 @@ def main() -> None:
     a = ap.parse_args()
     from broker.wal import WriteAheadLog
 
+    from broker.boot import tune_gc
+
+    tune_gc()  # as a serving brokerd runs
     runs = []
     with tempfile.TemporaryDirectory(prefix="brokerd-w2wire-") as tmp:
         for i in range(a.repeat):
