@@ -107,7 +107,14 @@ def run(n: int, wal) -> Clock:
         frames = r.frames()
         t = clock.add("decode", t)
         held = []
+        settling = False  # as the connection does: a run of RESULT_SETs refills consumers once after it
         for f in frames:
+            if settling and f[0] != OP_RESULT_SET:
+                settling = False
+                s.release_settles(now)
+            if f[0] == OP_RESULT_SET and not settling and hasattr(s, "hold_settles"):
+                settling = True
+                s.hold_settles()
             reply = handle(s, cid, f, now)
             if f[0] in DURABLE_OPS:
                 if f[0] == OP_PUBLISH_BATCH and reply[0] == OP_OK and reply[2] is None:
@@ -115,6 +122,8 @@ def run(n: int, wal) -> Clock:
                 held.append(reply)
             else:
                 s.send_to(cid, reply)
+        if settling:
+            s.release_settles(now)
         t = clock.add("handle", t)
         eff = s.take_effects()
         if eff.records:
