@@ -446,29 +446,16 @@ def h_ping(state, conn, rid, f, now):
 
 
 # -- events and remote control (protocol.md §5.29-5.35; broker/state/events.py) ----------
-_EVENT_VALUES = frozenset((str, int, float, bool, type(None)))
-
-
-def _plain_events(events: list) -> bool:
-    """Whether every event is a map of text keys to text, numbers, booleans and nulls: values
-    that always encode (what workers send), so _storable need not encode them to know it."""
-    values = _EVENT_VALUES
-    for ev in events:
-        if type(ev) is not dict:
-            return False
-        for k, v in ev.items():
-            if type(k) is not str or type(v) not in values:
-                return False
-    return True
+def _storable_events(events: list) -> None:
+    # kept and sent to subscribers: the events the state found not plain must encode
+    _storable(events, "field 3 (events)", "EMIT_EVENTS")
 
 
 def h_emit_events(state, conn, rid, f, now):
     # [27, rid, hostname, [event, ...]]
     hostname = _arg(f, 2, "hostname", (str,), "EMIT_EVENTS")
     events = _arg(f, 3, "events", (list,), "EMIT_EVENTS")
-    if not _plain_events(events):
-        _storable(events, "field 3 (events)", "EMIT_EVENTS")  # kept and sent to subscribers
-    return ok_frame(rid, state.emit_events(conn, hostname, events, now))
+    return ok_frame(rid, state.emit_events(conn, hostname, events, now, check=_storable_events))
 
 
 def h_subscribe(state, conn, rid, f, now):
