@@ -78,6 +78,17 @@ def run_all(results):
     return [r.get(timeout=WAIT) for r in results]
 
 
+def grow_credit(broker, queue, at_least):
+    """Run no-op tasks until every worker's adaptive credit is ``at_least``.  The credit follows
+    the last ~5 run times (client/worker/credit.py), so a few tasks slowed by a busy box at the end
+    of a batch leave it lower until more tasks run: feed more rather than wait for nothing."""
+    deadline = time.monotonic() + 3 * WAIT
+    run_all([recall_app.noop.apply_async(queue=queue) for _ in range(1500)])
+    while not all(p >= at_least for p, _ in consumers_of(broker, queue)):
+        assert time.monotonic() < deadline, f"the credit did not grow on fast tasks: {consumers_of(broker, queue)}"
+        run_all([recall_app.noop.apply_async(queue=queue) for _ in range(300)])
+
+
 def test_no_short_task_waits_for_the_long_one_while_a_worker_is_idle(broker, workers):
     q = "recall-mix"
     app = recall_app.app
@@ -85,8 +96,7 @@ def test_no_short_task_waits_for_the_long_one_while_a_worker_is_idle(broker, wor
         workers(broker, q, "-c", "1")  # one slot each, so a held task can only wait or move
     wait_for(lambda: len(consumers_of(broker, q)) == 2, WAIT, "two workers consuming")
     # Fast tasks first: the adaptive credit grows past the one slot (no multiplier given).
-    run_all([recall_app.noop.apply_async(queue=q) for _ in range(1500)])
-    wait_for(lambda: all(p >= 8 for p, _ in consumers_of(broker, q)), WAIT, "the credit to grow on fast tasks")
+    grow_credit(broker, q, 8)
     # Then the mix: the long task first, so a worker takes it and holds short ones behind it.
     long = recall_app.long.apply_async((LONG,), queue=q)
     # While the long task runs, the worker running it lowers its credit to its one slot (its run
@@ -120,8 +130,7 @@ def test_a_worker_whose_slot_turns_busy_for_long_gives_back_at_once_what_waits_b
     for _ in range(2):
         workers(broker, q, "-c", "1")
     wait_for(lambda: len(consumers_of(broker, q)) == 2, WAIT, "two workers consuming")
-    run_all([recall_app.noop.apply_async(queue=q) for _ in range(1500)])
-    wait_for(lambda: all(p >= 16 for p, _ in consumers_of(broker, q)), WAIT, "the credit to grow on fast tasks")
+    grow_credit(broker, q, 16)
     with Client(broker.address) as c:
         c.pause(q)
         long = recall_app.long.apply_async((LONG,), queue=q)  # first out: to a free slot
