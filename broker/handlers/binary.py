@@ -347,9 +347,13 @@ def h_result_set(state, conn, rid, f, now):
         opts = f[6]
         if opts is None:
             return ok_frame(rid, state.result_set(conn, f[2], f[3], f[4], None, now))
-        if type(opts) is dict and len(opts) == 1 and type(tag := opts.get("tag")) is int \
-                and INT_MIN <= tag <= INT_MAX:
-            return ok_frame(rid, state.result_set(conn, f[2], f[3], f[4], None, now, tag=tag))
+        if type(opts) is dict and type(tag := opts.get("tag")) is int and INT_MIN <= tag <= INT_MAX:
+            if len(opts) == 1:
+                return ok_frame(rid, state.result_set(conn, f[2], f[3], f[4], None, now, tag=tag))
+            # the worker's default: its app's result_expires as the ttl, beside the tag
+            if len(opts) == 2 and (type(ttl := opts.get("ttl")) is int or type(ttl) is float) \
+                    and 0 < ttl <= INT_MAX:
+                return ok_frame(rid, state.result_set(conn, f[2], f[3], f[4], None, now, ttl=ttl, tag=tag))
     task_id = _arg(f, 2, "task id", (str,), "RESULT_SET")
     st = _arg(f, 3, "state", (str,), "RESULT_SET")
     value = f[4] if len(f) > 4 else None
@@ -447,12 +451,16 @@ def h_ping(state, conn, rid, f, now):
 
 
 # -- events and remote control (protocol.md §5.29-5.35; broker/state/events.py) ----------
+def _storable_events(events: list) -> None:
+    # kept and sent to subscribers: the events the state found not plain must encode
+    _storable(events, "field 3 (events)", "EMIT_EVENTS")
+
+
 def h_emit_events(state, conn, rid, f, now):
     # [27, rid, hostname, [event, ...]]
     hostname = _arg(f, 2, "hostname", (str,), "EMIT_EVENTS")
     events = _arg(f, 3, "events", (list,), "EMIT_EVENTS")
-    _storable(events, "field 3 (events)", "EMIT_EVENTS")  # kept and sent to subscribers
-    return ok_frame(rid, state.emit_events(conn, hostname, events, now))
+    return ok_frame(rid, state.emit_events(conn, hostname, events, now, check=_storable_events))
 
 
 def h_subscribe(state, conn, rid, f, now):

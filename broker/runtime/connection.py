@@ -321,73 +321,84 @@ class BinaryConnection:
                 alarm = srv.memory_alarm
                 user = conn.user
                 ranges = conn.version >= 2
-                for f in frames:
-                    op = f[0]
-                    if user is not None and self._refused(user, f):
-                        continue
-                    if op == OP_REPLICATE and srv.replication is not None:
-                        # This connection is a follower's from now on (broker/runtime/replication.py).
-                        srv.flush()
-                        return await srv.replication.serve(conn, reader, f)
-                    if op == OP_PROMOTE or (op == OP_ADMIN and _is_promote(f)):
-                        # A change of role (broker/runtime/roles.py), answered when the EPOCH is on disk.
-                        srv.nursery.start_soon(srv.roles.answer_promote, conn, f, cid)
-                        continue
-                    if srv.follower is not None and op not in FOLLOWER_OPS:
-                        rid = f[1] if len(f) > 1 and type(f[1]) is int else 0
-                        state.send_to(cid, error_frame(rid, NotLeader.code, srv.follower.refusal()))
-                        continue
-                    if srv.follower is not None and op in (OP_STATS, OP_ADMIN):
-                        state.send_to(cid, self._follower_read(f, now))
-                        continue
-                    if srv.replica_alarm is not None and op in MEMORY_OPS and not settles(f):
-                        rid = f[1] if len(f) > 1 and type(f[1]) is int else 0
-                        state.send_to(cid, error_frame(rid, NotEnoughReplicas.code, srv.replica_alarm))
-                        continue
-                    if op in AUDIT_OPS:
-                        self._audit(f)
-                    if alarm is not None and op in MEMORY_OPS and not settles(f):
-                        rid = f[1] if len(f) > 1 and type(f[1]) is int else 0
-                        state.send_to(cid, error_frame(rid, MemoryLimit.code, alarm))
-                    elif op in DURABLE_OPS:
-                        # Its reply confirms a logged change: held until the log
-                        # has it on disk (see Server.flush).  Replies are matched by
-                        # request id, so they may overtake one another.
-                        reply = handle(state, cid, f, now)
-                        if ranges and op in PUBLISH_OPS and reply[0] == OP_OK and confirmable(f, reply):
-                            # §5.47: the client knows this answer; it goes out as part of a range
-                            reply = [OP_CONFIRM_RANGE, reply[1], reply[1]]
-                        held = srv.held.get(cid)
-                        if held is None:
-                            srv.held[cid] = [reply]
-                        else:
-                            held.append(reply)
-                    elif op in HANDLERS:
-                        mark = state.output_mark(cid)
-                        reply = handle(state, cid, f, now)
-                        # None: deferred (a parked RESULT_GET), the state replies later
-                        if user is not None and op == OP_STATS:
-                            reply = only_seen(user, reply)
-                        elif user is not None and op == OP_TASK_INFO:
-                            reply = waiting_seen(user, reply)
-                        if reply is not None:
-                            state.insert_reply(cid, mark, reply)
-                    else:
-                        reply = self._connection_op(conn, f, now)
-                        if op == OP_BYE:
-                            # Everything before BYE is answered first, confirms included.
+                settling = False  # a run of RESULT_SETs: consumers refilled once after it
+                try:
+                    for f in frames:
+                        op = f[0]
+                        if settling and op != OP_RESULT_SET:
+                            settling = False
+                            state.release_settles(now)
+                        if user is not None and self._refused(user, f):
+                            continue
+                        if op == OP_REPLICATE and srv.replication is not None:
+                            # This connection is a follower's from now on (broker/runtime/replication.py).
                             srv.flush()
-                            if srv.wal is not None:
-                                with trio.move_on_after(5.0):
-                                    await srv.wal.wait_durable(state.last_lsn)
-                            conn.queue_bytes(encode_many([reply]))
-                            await self._drain(conn)
-                            return "client said BYE"
-                        if reply is not None:
-                            if op == OP_ADMIN:  # may purge, pause...: confirmed like them
-                                srv.held.setdefault(cid, []).append(reply)
+                            return await srv.replication.serve(conn, reader, f)
+                        if op == OP_PROMOTE or (op == OP_ADMIN and _is_promote(f)):
+                            # A change of role (broker/runtime/roles.py), answered when the EPOCH is on disk.
+                            srv.nursery.start_soon(srv.roles.answer_promote, conn, f, cid)
+                            continue
+                        if srv.follower is not None and op not in FOLLOWER_OPS:
+                            rid = f[1] if len(f) > 1 and type(f[1]) is int else 0
+                            state.send_to(cid, error_frame(rid, NotLeader.code, srv.follower.refusal()))
+                            continue
+                        if srv.follower is not None and op in (OP_STATS, OP_ADMIN):
+                            state.send_to(cid, self._follower_read(f, now))
+                            continue
+                        if srv.replica_alarm is not None and op in MEMORY_OPS and not settles(f):
+                            rid = f[1] if len(f) > 1 and type(f[1]) is int else 0
+                            state.send_to(cid, error_frame(rid, NotEnoughReplicas.code, srv.replica_alarm))
+                            continue
+                        if op in AUDIT_OPS:
+                            self._audit(f)
+                        if alarm is not None and op in MEMORY_OPS and not settles(f):
+                            rid = f[1] if len(f) > 1 and type(f[1]) is int else 0
+                            state.send_to(cid, error_frame(rid, MemoryLimit.code, alarm))
+                        elif op in DURABLE_OPS:
+                            # Its reply confirms a logged change: held until the log
+                            # has it on disk (see Server.flush).  Replies are matched by
+                            # request id, so they may overtake one another.
+                            if op == OP_RESULT_SET and not settling:
+                                settling = True
+                                state.hold_settles()
+                            reply = handle(state, cid, f, now)
+                            if ranges and op in PUBLISH_OPS and reply[0] == OP_OK and confirmable(f, reply):
+                                # §5.47: the client knows this answer; it goes out as part of a range
+                                reply = [OP_CONFIRM_RANGE, reply[1], reply[1]]
+                            held = srv.held.get(cid)
+                            if held is None:
+                                srv.held[cid] = [reply]
                             else:
-                                state.send_to(cid, reply)
+                                held.append(reply)
+                        elif op in HANDLERS:
+                            mark = state.output_mark(cid)
+                            reply = handle(state, cid, f, now)
+                            # None: deferred (a parked RESULT_GET), the state replies later
+                            if user is not None and op == OP_STATS:
+                                reply = only_seen(user, reply)
+                            elif user is not None and op == OP_TASK_INFO:
+                                reply = waiting_seen(user, reply)
+                            if reply is not None:
+                                state.insert_reply(cid, mark, reply)
+                        else:
+                            reply = self._connection_op(conn, f, now)
+                            if op == OP_BYE:
+                                # Everything before BYE is answered first, confirms included.
+                                srv.flush()
+                                if srv.wal is not None:
+                                    with trio.move_on_after(5.0):
+                                        await srv.wal.wait_durable(state.last_lsn)
+                                conn.queue_bytes(encode_many([reply]))
+                                await self._drain(conn)
+                                return "client said BYE"
+                            if reply is not None:
+                                if op == OP_ADMIN:  # may purge, pause...: confirmed like them
+                                    srv.held.setdefault(cid, []).append(reply)
+                                else:
+                                    state.send_to(cid, reply)
+                finally:
+                    if settling:
+                        state.release_settles(now)
                 srv.flush()
             # Back-pressure: stop reading while this connection's output is large.
             # (Past 4 x output_buffer, Conn.queue_bytes closes it: SLOW_CONSUMER.)

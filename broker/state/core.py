@@ -113,6 +113,7 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         self._recall_due = NEVER
         self._replaying = False
         self._held = None  # queues whose dispatch waits for release_dispatch (PUBLISH_BATCH)
+        self._settled = None  # consumers whose refill waits for release_settles (a run of RESULT_SETs)
         self._server_stats = dict  # no runtime attached: no bounds to report
 
     # -- plumbing ------------------------------------------------------------
@@ -412,6 +413,25 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
             for q in held:
                 if q.consumers and not q.paused:
                     self._dispatch_queue(q, now)
+
+    def hold_settles(self) -> None:
+        """A run of RESULT_SETs that settle deliveries (a worker's results, read together): refill
+        each consumer once after them (``release_settles``), not once per result.  The same
+        messages go to the same consumers in the same order, logged as one DELIVER record per
+        consumer instead of one per message, and out in the same flush."""
+        self._settled = {}
+
+    def release_settles(self, now: float) -> None:
+        """End ``hold_settles``: refill the consumers settled since, in the order of their first
+        result, and ask for a recall for any left idle, as each result would have."""
+        held = self._settled
+        self._settled = None
+        if held:
+            for c in held:
+                if c.unacked < c.prefetch:  # (a cancelled consumer's prefetch is 0)
+                    self._dispatch_consumer(c, now)
+                    if c.unacked < c.slots:  # a free slot and nothing came: idle (RECALL)
+                        self._maybe_recall(c, now)
 
     def _drop_head(self, q: Queue, now: float) -> None:
         msg = q.pop_ready()

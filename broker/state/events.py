@@ -177,8 +177,9 @@ class ControlRequest:
 _PLAIN = frozenset((int, float, bool, type(None)))
 
 
-def _check_event(ev) -> str:
-    """Validate one event map in place (cutting long text); return its type."""
+def _check_event(ev, odd: list | None = None) -> str:
+    """Validate one event map in place (cutting long text); return its type.  An event that is
+    not plain (text keys; short text, numbers, booleans and nulls) is added to ``odd``."""
     if type(ev) is not dict:
         raise BadRequest(f"an event is a map (got {type(ev).__name__})")
     t = ev.get("type")
@@ -186,7 +187,9 @@ def _check_event(ev) -> str:
         raise BadRequest("an event needs a 'type': text such as \"task-received\"")
     if len(ev) > MAX_EVENT_KEYS:
         raise BadRequest(f"an event has at most {MAX_EVENT_KEYS} keys (got {len(ev)})")
-    for v in ev.values():  # the common case, fast: short text and plain values only
+    for k, v in ev.items():  # the common case, fast: text keys, short text and plain values only
+        if type(k) is not str:
+            break
         if type(v) is str:
             if len(v) > MAX_EVENT_TEXT:
                 break
@@ -194,6 +197,8 @@ def _check_event(ev) -> str:
             break
     else:
         return _check_ids(ev, t)
+    if odd is not None:
+        odd.append(ev)
     for k, v in list(ev.items()):  # the rest: cut long text, check lists
         tv = type(v)
         if tv is str:
@@ -286,13 +291,18 @@ class EventsMixin:
         self.output_backlog = lambda conn_id: 0
 
     # -- receiving events ----------------------------------------------------------------
-    def emit_events(self, conn_id: int, hostname, events, now: float) -> int:
-        """Take a batch of events from one worker; returns how many were taken."""
+    def emit_events(self, conn_id: int, hostname, events, now: float, check=None) -> int:
+        """Take a batch of events from one worker; returns how many were taken.  ``check`` (the
+        handler's encoding check) is called with the events that are not plain (text keys; short
+        text, numbers, booleans and nulls: a worker's), before anything changes; it may raise."""
         if type(hostname) is not str or not hostname or len(hostname) > MAX_HOSTNAME:
             raise BadRequest(f"hostname must be text of 1 to {MAX_HOSTNAME} characters")
         if type(events) is not list:
             raise BadRequest("events must be a list of event maps")
-        types = [_check_event(ev) for ev in events]  # all or nothing
+        odd = [] if check is not None else None
+        types = [_check_event(ev, odd) for ev in events]  # all or nothing
+        if odd:
+            check(odd)
         ring = self.events
         live = self._pending_events if self._subscribers else None
         for ev, t in zip(events, types):

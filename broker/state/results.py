@@ -122,9 +122,12 @@ class ResultsMixin:
         if self._unique_of and state in READY_STATES:
             self._unique_event(task_id, started=False)  # "until finished" (broker/state/unique.py)
         if acked and c.unacked < c.prefetch:
-            self._dispatch_consumer(c, now)
-            if c.unacked < c.slots:  # a free slot and nothing came: idle (RECALL, broker/state/core.py)
-                self._maybe_recall(c, now)
+            if self._settled is not None:  # refilled after the run of results (hold_settles)
+                self._settled[c] = None
+            else:
+                self._dispatch_consumer(c, now)
+                if c.unacked < c.slots:  # a free slot and nothing came: idle (RECALL, broker/state/core.py)
+                    self._maybe_recall(c, now)
         return {"acked": acked}
 
     def _store_result(self, task_id, state, value, meta, expires, now) -> Result:
