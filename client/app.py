@@ -39,6 +39,7 @@ import importlib
 import logging
 import os
 import random
+import socket
 import sys
 import threading
 import time
@@ -82,6 +83,7 @@ from client.result import READY_STATES, WAIT_CHUNK, AsyncResult, EagerResult, Gr
 from client.signing import signer_for
 from client import routing, taskopts
 from client.conf import Conf, resolve
+from client.errors import AccessRefused
 
 log = logging.getLogger("brokerd.app")
 
@@ -467,6 +469,7 @@ class App:
         self.on_after_finalize = Signal("on_after_finalize")
         self._periodic: dict = {}
         self._configured = False
+        self._sent_events_refused = False  # task_send_sent_event: brokerd said this user may not emit events
         self._pending_imports: list = []  # autodiscover_tasks calls, run at finalize (lazy, as Celery)
         self.fixups: list = []
         self._worker_ready = False
@@ -664,17 +667,44 @@ class App:
         if signer is not None:
             signer.sign(env)
         if unique is not None:  # (key, for, until): a duplicate names the task that holds the key
-            task_id = self.client.publish_unique(queue, encode_envelope(env), unique[0], unique_for=unique[1],
-                                                 unique_until=unique[2], id=task_id, priority=priority,
-                                                 eta=eta_s, headers=flow)["id"]
-            return self._result_for(task_id, queue, task, env_options)
+            held = self.client.publish_unique(queue, encode_envelope(env), unique[0], unique_for=unique[1],
+                                              unique_until=unique[2], id=task_id, priority=priority,
+                                              eta=eta_s, headers=flow)["id"]
+            if held == task_id and self.conf.get("task_send_sent_event"):
+                self._send_sent_event(env, queue, routing_key, exchange)
+            return self._result_for(held, queue, task, env_options)
         self.client.publish(queue, encode_envelope(env), priority=priority, eta=eta_s, id=task_id, confirm=confirm,
                             headers=flow)
+        if self.conf.get("task_send_sent_event"):
+            self._send_sent_event(env, queue, routing_key, exchange)
         if parent is not None and not parent.is_eager and len(parent.children) < CHILDREN_MAX:
             parent.children.append(task_id)  # the running task's AsyncResult.children
         if signals.after_task_publish.receivers:
             signals.after_task_publish.send(sender=name, body=env, exchange="", routing_key=queue)
         return self._result_for(task_id, queue, task, env_options)
+
+    def _send_sent_event(self, env: dict, queue: str, routing_key, exchange) -> None:
+        """Celery's ``task_send_sent_event``: a ``task-sent`` event for the task just published, sent
+        as this process (``gen<pid>@<host>``, Celery's name for a producer) with EMIT_EVENTS, so
+        event consumers (Flower, brokerd's page and TASK history) see the task PENDING before a
+        worker receives it.  EMIT_EVENTS needs the ``consume`` grant: a user without it is told once
+        in the log that no task-sent events go out, and publishing goes on."""
+        if self._sent_events_refused:
+            return
+        from client.worker.outcome import args_shown  # what the worker shows: argsrepr, else a short repr
+
+        args, kwargs = args_shown(env.get("args"), env.get("kwargs"), env.get("options"))
+        event = {"type": "task-sent", "uuid": env["id"], "name": env["task"], "root_id": env.get("root_id"),
+                 "parent_id": env.get("parent_id"), "args": args, "kwargs": kwargs, "retries": 0,
+                 "eta": env.get("eta"), "expires": env.get("expires"), "queue": queue,
+                 "exchange": exchange or "", "routing_key": routing_key or queue}
+        try:
+            self.client.emit_events(f"gen{os.getpid()}@{socket.gethostname()}", [event])
+        except AccessRefused as exc:
+            self._sent_events_refused = True
+            log.warning("task_send_sent_event is on but brokerd refused the task-sent event (%s); no task-sent "
+                        "events are sent from this process (give its user the 'consume' grant, or turn the "
+                        "setting off)", exc)
 
     def _result_for(self, task_id, queue, task, env_options) -> AsyncResult:
         """The caller's AsyncResult, marked ``ignored`` when no result will be stored (the call's

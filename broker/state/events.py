@@ -135,6 +135,14 @@ def summarize(task_id: str, events: list) -> dict:
     for ev in events:
         t = ev.get("type")
         ts = ev.get("ts")
+        if t == "task-sent":  # from the producer (task_send_sent_event), and it may come after the
+            # worker's own events: it fills what is still unknown, never the state or worker they set
+            for k in ("name", "args", "kwargs", "queue", "retries", "parent_id", "root_id"):
+                if d[k] is None and ev.get(k) is not None:
+                    d[k] = ev[k]
+            if d["state"] is None:
+                d["state"] = "PENDING"
+            continue
         d["worker"] = ev.get("hostname")
         st = TASK_STATES.get(t)
         if st is not None:
