@@ -691,9 +691,7 @@ class App:
         in the log that no task-sent events go out, and publishing goes on."""
         if self._sent_events_refused:
             return
-        from client.worker.outcome import args_shown  # what the worker shows: argsrepr, else a short repr
-
-        args, kwargs = args_shown(env.get("args"), env.get("kwargs"), env.get("options"))
+        args, kwargs = taskopts.args_shown(env.get("args"), env.get("kwargs"), env.get("options"))
         event = {"type": "task-sent", "uuid": env["id"], "name": env["task"], "root_id": env.get("root_id"),
                  "parent_id": env.get("parent_id"), "args": args, "kwargs": kwargs, "retries": 0,
                  "eta": env.get("eta"), "expires": env.get("expires"), "queue": queue,

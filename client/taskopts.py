@@ -104,6 +104,30 @@ GROUP_ID_MAX = 255  # characters
 # events, inspect replies), so secrets passed as arguments stay out of logs.  Celery cuts the repr it makes
 # itself at 1024 characters (its argsrepr_maxsize); a caller's own text is held to the same bound.
 ARGSREPR_MAX = 1024  # characters
+EVENT_REPR_MAX = 200  # characters of args, kwargs and result reprs in events and control replies
+
+
+def short_text(text: str, limit: int = EVENT_REPR_MAX) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def event_repr(value, limit: int = EVENT_REPR_MAX) -> str:
+    try:
+        return short_text(repr(value), limit)
+    except Exception:  # a broken __repr__ must not cost the task
+        return f"<{type(value).__name__}>"
+
+
+def args_shown(args, kwargs, options) -> tuple[str, str]:
+    """How a task's args and kwargs are shown wherever the worker reports them (log lines, events, inspect
+    replies): the call's ``argsrepr``/``kwargsrepr`` when it gave them (Celery's: arguments that carry
+    secrets stay out of logs), each cut at ARGSREPR_MAX characters (a producer other than ours), else a
+    short repr of the real ones.  ``check_envelope`` has refused one that is not text."""
+    opts = options if type(options) is dict else {}
+    a, k = opts.get("argsrepr"), opts.get("kwargsrepr")
+    return (short_text(a, ARGSREPR_MAX) if type(a) is str else event_repr(tuple(args)),
+            short_text(k, ARGSREPR_MAX) if type(k) is str else event_repr(kwargs))
+
 
 # Per-call options that are no-ops for brokerd, with the reason.
 CALL_NOOPS = {

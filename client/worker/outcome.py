@@ -14,7 +14,7 @@ import logging
 import traceback
 
 from client.exceptions import WorkerLostError
-from client.taskopts import ARGSREPR_MAX
+from client.taskopts import EVENT_REPR_MAX, args_shown, event_repr, short_text  # noqa: F401  (the worker's names)
 
 log = logging.getLogger("brokerd.worker")
 
@@ -37,7 +37,6 @@ def succeeded(outcome) -> bool:
 
 
 RESULT_REPR_MAX = 200  # characters of a return value shown in the "succeeded" log line
-EVENT_REPR_MAX = 200  # characters of args, kwargs and result reprs in events and control replies
 
 # A task whose pool process dies is redelivered after a delay that doubles: 1 s, 2 s, 4 s ... capped at
 # 60 s (without it an os.abort() task ran 25 times in 81 ms).  Each death counts as one retry of the task
@@ -73,28 +72,6 @@ def reject_meta(exc: BaseException, hostname: str) -> dict:
 def short_repr(value) -> str:
     r = repr(value)
     return r if len(r) <= RESULT_REPR_MAX else r[: RESULT_REPR_MAX - 3] + "..."
-
-
-def short_text(text: str, limit: int = EVENT_REPR_MAX) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def event_repr(value, limit: int = EVENT_REPR_MAX) -> str:
-    try:
-        return short_text(repr(value), limit)
-    except Exception:  # a broken __repr__ must not cost the task
-        return f"<{type(value).__name__}>"
-
-
-def args_shown(args, kwargs, options) -> tuple[str, str]:
-    """How a task's args and kwargs are shown wherever the worker reports them (log lines, events, inspect
-    replies): the call's ``argsrepr``/``kwargsrepr`` when it gave them (Celery's: arguments that carry
-    secrets stay out of logs), each cut at ARGSREPR_MAX characters (a producer other than ours), else a
-    short repr of the real ones.  ``check_envelope`` has refused one that is not text."""
-    opts = options if type(options) is dict else {}
-    a, k = opts.get("argsrepr"), opts.get("kwargsrepr")
-    return (short_text(a, ARGSREPR_MAX) if type(a) is str else event_repr(tuple(args)),
-            short_text(k, ARGSREPR_MAX) if type(k) is str else event_repr(kwargs))
 
 
 def shown(value) -> str:

@@ -12,7 +12,6 @@ import time
 from client import Client
 from client.app import App
 from client.userfile import hash_token, user_entry
-from tests.support.broker import ROOT  # noqa: F401
 
 WAIT = 15.0
 
