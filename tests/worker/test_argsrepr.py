@@ -76,7 +76,9 @@ def test_a_worker_process_keeps_the_secret_out_of_its_log_its_events_and_inspect
                                 kwargsrepr="{'fails': '<n>'}")
     assert r.get(timeout=WAIT) == {"calls": 2, "retries": 1}  # ran with the real path, retried once
     client = tasks.app.client
-    wait_for(lambda: (client.task_info(r.id) or {}).get("state") == "SUCCESS", WAIT, "the task's events")
+    # the stored result alone says SUCCESS; the worker's events (task-received with the args) may come after it
+    wait_for(lambda: (client.task_info(r.id) or {}).get("args") is not None, WAIT, "the task's events")
+    wait_for(lambda: (client.task_info(r.id) or {}).get("state") == "SUCCESS", WAIT, "the task's last event")
     info = client.task_info(r.id)
     assert info["args"] == "('<calls file>',)" and info["kwargs"] == "{'fails': '<n>'}", info
     # inspect active: a running task's args as given
