@@ -338,6 +338,10 @@ def _wal_metrics(dur, single, family, add) -> None:
     single("brokerd_wal_bytes", "gauge", "Bytes in the log's segment files now.", sum(s.size_bytes for s in segs))
     single("brokerd_wal_segments", "gauge", "Segment files of the log now.", len(segs))
     single("brokerd_wal_compactions_total", "counter", "Compactions since start.", dur.compactions)
+    single("brokerd_wal_live_bytes", "gauge", "The live size compaction is triggered against: the larger of the queued "
+           "messages' estimate and what compaction measured it rewrote forward.", dur.live_bytes())
+    single("brokerd_wal_compacted_bytes_total", "counter", "Bytes compaction and checkpoints rewrote forward since "
+           "start.", dur.compacted_bytes)
     try:
         usage = shutil.disk_usage(dur.data_dir)
         free, total = usage.free, usage.total

@@ -194,6 +194,8 @@ def test_metrics_match_the_counts_of_a_scripted_workload(broker_factory):
     assert m(s, "brokerd_wal_bytes_total") > 0
     assert m(s, "brokerd_wal_bytes") > 0
     assert m(s, "brokerd_wal_segments") == 1
+    assert m(s, "brokerd_wal_live_bytes") > 0  # 7 messages still queued or in flight
+    assert m(s, "brokerd_wal_compacted_bytes_total") == 0  # nothing compacted yet
     assert m(s, "brokerd_disk_free_bytes") > 0
     assert m(s, "brokerd_wal_failed") == 0
     assert m(s, "brokerd_recovery_truncated_bytes") == 0
