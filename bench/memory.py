@@ -75,8 +75,10 @@ def queued(broker, queue: str) -> int:
         return c.stats(queue)["ready"]
 
 
-def direct(n: int, size: int, broker_args: list, tmp: str) -> None:
-    """``--direct``: recovery of ``n`` queued messages from a log written in-process."""
+def direct(n: int, size: int, broker_args: list, tmp: str, after: int = 0) -> None:
+    """``--direct``: recovery of ``n`` queued messages from a log written in-process; with
+    ``after``, that many more publishes follow the checkpoint (what a kill -9 leaves: the start
+    replays them one record at a time)."""
     import gc
 
     import cbor2
@@ -110,12 +112,19 @@ def direct(n: int, size: int, broker_args: list, tmp: str) -> None:
     write()
     wal.sync()
     wal.save_checkpoint(first)
+    for i in range(after):  # records past the checkpoint: a crash, not a clean stop, ended the broker
+        state.publish(1, DEEP, body, None, 0, 1000.0)
+        if i % 5000 == 4999:
+            write()
+    write()
+    wal.sync()
     wal.close()
     del state
     gc.enable()
     log_bytes = sum(os.path.getsize(os.path.join(data_dir, f)) for f in os.listdir(data_dir) if f.endswith(".wal"))
-    print(f"log         {n:,} queued msgs of {size} B written in-process in {time.monotonic() - t0:.0f} s "
-          f"({log_bytes / 2**20:,.0f} MiB of log, a checkpoint at its end)")
+    print(f"log         {n + after:,} queued msgs of {size} B written in-process in {time.monotonic() - t0:.0f} s "
+          f"({log_bytes / 2**20:,.0f} MiB of log, a checkpoint after {n:,}"
+          f"{f', then {after:,} publish records: a crash, no clean stop' if after else ''})")
     broker = BrokerProcess(data_dir, *broker_args)
     try:
         for what in ("start", "after a clean stop"):
@@ -144,13 +153,17 @@ def main(argv=None) -> None:
     ap.add_argument("--broker-args", default="", help='extra brokerd flags, e.g. --broker-args="--fsync never"')
     ap.add_argument("--direct", action="store_true",
                     help="only recovery, of a log written in-process (see above)")
+    ap.add_argument("--after", type=int, default=0, metavar="K",
+                    help="with --direct: K more publishes after the checkpoint, as a kill -9 leaves them")
     args = ap.parse_args(argv)
     broker_args = shlex.split(args.broker_args)
     print(f"brokerd bench/memory.py: python {sys.version.split()[0]}, {os.cpu_count()} CPUs, broker args {broker_args or 'none'}")
     if args.direct:
         with tempfile.TemporaryDirectory(prefix="brokerd-bench-memory-") as tmp:
-            direct(args.n, args.size, broker_args, tmp)
+            direct(args.n, args.size, broker_args, tmp, args.after)
         cmd = ["python", "bench/memory.py", "-n", str(args.n), "--size", str(args.size), "--direct"]
+        if args.after:
+            cmd += ["--after", str(args.after)]
         if broker_args:
             cmd += [f"--broker-args={shlex.join(broker_args)}"]
         print("command:", shlex.join(cmd))

@@ -540,10 +540,15 @@ class Durability:
     # other live objects and results) so that a restart reads the log from there on instead of
     # from its start (broker/state/replay.py "Checkpoints").  One is written at every clean
     # shutdown, and while running once this many records were written since the last one, or a
-    # quarter of the queued messages if more: a crash then replays at most that many records
-    # one by one (~12 us of CPU each), and checkpoints cost at most ~100 bytes per 4 records
-    # written (a 100-byte publish is ~150 bytes of log).
+    # tenth of the queued messages if more: a crash then replays at most that many records one
+    # by one (~8 us of CPU each; 10,000,000 queued: at most 1,000,000 records, ~8 s, on top of
+    # loading the checkpoint, ~4 s), and checkpoints cost at most ~24 bytes of log per queued
+    # message every tenth of the queue, ~240 bytes per record written at depth (a 100-byte
+    # publish is ~150 bytes of log), and ~2 CPU-s per checkpoint at 10,000,000 queued (~5 % of
+    # what the million records cost to handle).  A quarter (session 6) left 2,500,000 records
+    # to replay after a crash at 10,000,000 queued: 30 CPU-s.
     CHECKPOINT_RECORDS = 500_000  # records written since the last checkpoint that make one due
+    CHECKPOINT_SHARE = 10  # ... or queued // this, if more
 
     def checkpoint_due(self) -> bool:
         if self._checkpoint_due is not None or self._compacting or not self.state.log_enabled:
@@ -554,7 +559,7 @@ class Durability:
         if since < self.CHECKPOINT_RECORDS:
             return False
         queued = sum(q.ready_count for q in self.state.queues.values())
-        return since >= queued // 4
+        return since >= queued // self.CHECKPOINT_SHARE
 
     def write_checkpoint(self) -> int:
         """On the loop: append a checkpoint; its pointer is saved once it is on disk.  Returns

@@ -149,6 +149,8 @@ def _place_blocks_before(blocks: dict, q, priority: int, seq: int) -> None:
             continue
         place_block(q, split_block(b, bisect_left(b.seqs, seq)))
         return
+    if waiting is not None:  # all placed: the survivors after them need not look again
+        del blocks[(q, priority)]
 
 
 def _entry(block, i: int) -> Message:
@@ -339,18 +341,38 @@ class ReplayMixin:
         max_seq = ctx.max_seq
         temporary = ctx.temporary  # queues declared temporary: dropped after the records
         last = self.last_lsn
+        # The hot case, a PUBLISH (a crash at depth replays millions since the last checkpoint):
+        # _message_from inlined, and a seq above every loaded block's stored straight into the
+        # dict (what _BlockedMessages.__setitem__ would do for it, without the call).
+        PUBLISH, MESSAGE = R.PUBLISH, R.MESSAGE
+        blocks = ctx.blocks
+        plain_set = dict.__setitem__ if type(msgs) is not _CountedMessages else None
+        bodies_in_log = self._body_reader is not None
+        queues_get = queues.get
+        remember = self.dedupe.remember
         for lsn, t, p in records:
             n += 1
             last = lsn
-            if t == R.PUBLISH or t == R.MESSAGE:
-                m = self._message_from(p, lsn, True)
-                msgs[m.seq] = m
-                if m.seq > max_seq:
-                    max_seq = m.seq
-                if t == R.PUBLISH:
-                    m.queue.published += 1
+            if t == PUBLISH or t == MESSAGE:
+                seq, qname, mid, body, prio, headers, attempts, ready_at, expires, ts = p[:10]  # 11th: dedupe key
+                q = queues_get(qname)
+                if q is None:
+                    q = self.queue(qname)
+                if bodies_in_log:
+                    body = None  # still in the log at `lsn`: read back only if needed (_read_needed_bodies)
+                m = Message(seq, mid, q, body, prio, headers, attempts, ready_at, expires, ts)
+                if lsn != seq:
+                    m.lsn = lsn
+                if plain_set is not None and seq > blocks.top:
+                    plain_set(msgs, seq, m)
+                else:
+                    msgs[seq] = m
+                if seq > max_seq:
+                    max_seq = seq
+                if t == PUBLISH:
+                    q.published += 1
                     if len(p) > 10:  # a keyed publish: a resend after this restart is dropped too
-                        self.dedupe.remember(p[10], m.id, m.ts, now)
+                        remember(p[10], mid, ts, now)
             elif t == R.DELIVER:
                 for seq in (p if type(p) is list else (p,)):
                     m = msgs.get(seq)
@@ -500,7 +522,7 @@ class ReplayMixin:
                 self._delayed.add((m.ready_at, m.seq, m))
             else:
                 m.ready_at = None
-                if blocks:
+                if blocks and (q, m.priority) in blocks:
                     _place_blocks_before(blocks, q, m.priority, m.seq)
                 if m.body is None:
                     q.push_spilled(m, self._read_bodies)  # a plain ready message: its body stays in the log
