@@ -155,6 +155,12 @@ class Roles:
             state.enable_log()
             epoch = state.epoch + 1
             lsn = state.begin_epoch(epoch)
+            # Queued bodies may live in the log from now on, as on a brokerd that started as
+            # leader (broker/boot.py): big bodies and, past --max-memory, every body spill; set
+            # before the standby's messages are placed, so their blocks can spill too.  (A
+            # standby holds its bodies in memory: it reads nothing back from its log.)
+            state.set_body_reader(durability.wal.read_payloads)
+            state.configure_spill(srv.config.spill_body_bytes)
             if state.standby:
                 state.standby_finish(now)  # what it decides (dead-letters, chords) is logged in the new term
             from broker.runtime.replication import LeaderReplication

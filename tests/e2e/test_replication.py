@@ -260,3 +260,33 @@ def test_a_follower_deletes_what_its_leader_compacted_and_after_a_failover_every
     assert drain(follower.port, "work") == [] and drain(follower.port, "keep") == []
     for r in (raw, holder, worker):
         r.close()
+
+
+def test_a_promoted_follower_leaves_big_queued_bodies_in_its_log_as_a_leader_does(group):
+    """A follower keeps its standby's bodies in memory; once promoted it is a leader like any
+    other: bodies past --spill-body-bytes go back to its log and come back byte-identical
+    (before, a promoted follower never spilled, and past --max-memory only refused)."""
+    leader = group("leader", "--fsync", "never")
+    follower = group("follower", "--follow", f"127.0.0.1:{leader.port}", "--spill-body-bytes", "1000",
+                     "--fsync", "never")
+    raw = Raw(leader.port)
+    bodies = {f"big-{i}": bytes([i % 251, (i * 7) % 256]) * (600 + i % 50) for i in range(600)}
+    rids = [raw.request(wire.OP_PUBLISH, "deep", body, mid, 0, None) for mid, body in bodies.items()]
+    assert all(raw.reply(r)[0] == wire.OP_OK for r in rids)
+    wait_for(lambda: queue_ready(follower, "deep") == 600, "the follower to hold the 600 messages")
+    assert int(stats_line(follower, "spilled_messages") or 0) == 0  # a standby reads nothing back
+    leader.kill()
+    assert "leader, epoch 1" in follower.admin("PROMOTE the leader was killed\n")
+    wait_for(lambda: int(stats_line(follower, "spilled_messages") or 0) >= 300,
+             "the promoted follower to leave big bodies in its log")
+    c = Raw(follower.port)
+    c.ok(wire.OP_CONSUME, ["deep"], 100)
+    got = {}
+    while len(got) < 600:
+        ds = c.deliveries(1, timeout=WAIT)
+        for d in ds:
+            got[d[4]] = d[5]
+        c.ok(wire.OP_ACK, [d[2] for d in ds])
+    assert got == bodies
+    for r in (raw, c):
+        r.close()
