@@ -104,10 +104,13 @@ def open_server(config: Config) -> Server:
     if not follower:  # a follower logs only what its leader sends: replay decides nothing here
         state.enable_log()
     state.default_result_ttl = config.result_ttl
+    # Queued bodies may live in the log (broker/state/spill.py); the queues replay makes know
+    # the size past which they do.  Nothing is read back before replay ends.  A follower's
+    # standby keeps no body either: each message points at its record in the follower's own log
+    # (written and fsynced before it is applied), read back only once promoted, so a standby of
+    # a deep queue of big bodies does not hold them all in memory.
+    state.set_body_reader(wal.read_payloads)
     if not follower:
-        # Queued bodies may live in the log (broker/state/spill.py); the queues replay makes
-        # know the size past which they do.  Nothing is read back before replay ends.
-        state.set_body_reader(wal.read_payloads)
         state.configure_spill(config.spill_body_bytes)
     t0 = time.monotonic()
     # Replay allocates one long-lived object per live message; the cyclic GC

@@ -158,7 +158,7 @@ class Roles:
             # Queued bodies may live in the log from now on, as on a brokerd that started as
             # leader (broker/boot.py): big bodies and, past --max-memory, every body spill; set
             # before the standby's messages are placed, so their blocks can spill too.  (A
-            # standby holds its bodies in memory: it reads nothing back from its log.)
+            # standby's bodies are in its log already: broker/boot.py.)
             state.set_body_reader(durability.wal.read_payloads)
             state.configure_spill(srv.config.spill_body_bytes)
             if state.standby:

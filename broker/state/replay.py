@@ -322,7 +322,8 @@ class ReplayMixin:
         """Forget everything (a step-down or a truncated log: the state is rebuilt from the log
         next); keep what the runtime attached (its probes, the result ttl) and the connections'
         ids, without their consumers (their connections are being closed)."""
-        keep = {k: self.__dict__[k] for k in ("_server_stats", "output_backlog", "default_result_ttl")
+        keep = {k: self.__dict__[k] for k in ("_server_stats", "output_backlog", "default_result_ttl",
+                                              "_body_reader")
                 if k in self.__dict__}
         names = {cid: c.name for cid, c in self.conns.items()}
         fresh = type(self)(boot_id=self._boot)
