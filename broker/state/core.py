@@ -85,6 +85,9 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         # full state was last written: that is what compaction needs to know.
         self.last_lsn = 0
         self.log_failed: str | None = None  # set when the log cannot write: refuse changes
+        # While a disconnect returns its deliveries: the dead-letter queues they went to, to be
+        # dispatched with the rest (None: a dead letter is dispatched at once).
+        self._defer_dead_letter_dispatch: set | None = None
         self._seq = itertools.count(1)
         self._tags = itertools.count(1)
         self._ctags = itertools.count(1)
@@ -272,10 +275,17 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
             self._remove_consumer(c)
         touched = set()
         n = 0
-        for d in list(conn.deliveries.values()):
-            self._take_back(d, now)
-            touched.add(d.msg.queue)
-            n += 1
+        # Every delivery goes back before any queue is dispatched, dead-letter queues included,
+        # so the next consumer gets the best of them all (priority, then age), not the first
+        # one returned.
+        self._defer_dead_letter_dispatch = touched
+        try:
+            for d in list(conn.deliveries.values()):
+                self._take_back(d, now)
+                touched.add(d.msg.queue)
+                n += 1
+        finally:
+            self._defer_dead_letter_dispatch = None
         conn.deliveries.clear()
         if self._flow_woke:
             touched |= self._flow_take_woke()
@@ -968,7 +978,9 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
             dlq.make_tenanted()
         self._log_created(new, R.DEAD, [msg.seq, R.message_payload(new)])
         dlq.push_ready(new)
-        if dlq.consumers and not dlq.paused:
+        if self._defer_dead_letter_dispatch is not None:
+            self._defer_dead_letter_dispatch.add(dlq)  # dispatched by the caller once all are back
+        elif dlq.consumers and not dlq.paused:
             self._dispatch_queue(dlq, now)
 
     def _expire(self, msg: Message) -> None:
