@@ -58,7 +58,7 @@ from broker.state.replay import ReplayMixin
 from broker.state.spill import SpillMixin
 from broker.state.results import ResultsMixin
 from broker.state.schedules import WorkflowMixin
-from client.wire import OP_DELIVER, control_frame, deliver_frame, recall_frame
+from client.wire import control_frame, deliver_frame, recall_frame
 
 MAX_PREFETCH = 65535  # per consumer; bounds what one connection can hold
 MAX_MESSAGE_ID = 255  # bytes; a UUID is 36
@@ -939,6 +939,7 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         if box is None:
             box = self.outbox[cid] = []
         tags = self._tags
+        frame = deliver_frame
         seqs = self._delivered_seqs if self.log_enabled else None
         ctag = c.tag
         qname = q.name
@@ -960,8 +961,7 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
                 redelivered += 1
             if seqs is not None:
                 seqs.append(msg.seq)  # one DELIVER record per dispatch round
-            # deliver_frame, written out
-            box.append([OP_DELIVER, ctag, tag, qname, msg.id, msg.body, msg.priority, attempts, msg.headers])
+            box.append(frame(ctag, tag, qname, msg.id, msg.body, msg.priority, attempts, msg.headers))
         c.unacked += n
         q.inflight_count += n
         q.delivered += n
