@@ -4,7 +4,8 @@ the end-to-end figures on a shared machine (no scheduler, no neighbours' sockets
 the hot path can be measured A/B (run it in two checkouts, one after the other).
 
     python bench/w1_inprocess.py                  # W1, the consumer keeping up: 50,000 x 100 B
-    python bench/w1_inprocess.py --shape deep     # W1 behind a 5,000-message backlog (packed)
+    python bench/w1_inprocess.py --shape deep     # W1 behind a 5,000-message backlog (packed), kept
+                                                  # as deep: 100 acked per 100 published
     python bench/w1_inprocess.py --shape w2       # W2: 10,000 no-op task envelopes, RESULT_SET + tag
 
 W1 shapes: PUBLISH_BATCH frames of 100 items with their own ids and ``dedupe`` keys (what the SDK
@@ -17,6 +18,7 @@ framed; nothing is written.  Prints the median CPU seconds of --repeat runs.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import struct
 import sys
@@ -24,7 +26,9 @@ import time
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+# BENCH_ROOT: the checkout whose broker is measured (default: this one), so another checkout's
+# code runs under the same driver for an A/B (BENCH_ROOT=/work/main python bench/w1_inprocess.py)
+ROOT = Path(os.environ.get("BENCH_ROOT") or Path(__file__).resolve().parent.parent)
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -66,7 +70,7 @@ def run_w1(n: int, deep: bool) -> float:
             handle(s, P, [OP_PUBLISH_BATCH, 1, [["q", b"y" * 100, f"pre-{i}", 0, None] for i in range(start, start + 100)]], now)
     handle(s, C, [OP_CONSUME, 1, ["q"], 100], now)
     out, got = bytearray(), []
-    drain(s, out, [])
+    drain(s, out, got)  # (deep: the backlog's first 100 deliveries, acked like the rest)
     body = b"x" * 100
     t0 = time.process_time()
     rid = 2
@@ -75,7 +79,9 @@ def run_w1(n: int, deep: bool) -> float:
         handle(s, P, [OP_PUBLISH_BATCH, rid, items], now)
         rid += 1
         drain(s, out, got)
-        while len(got) >= 50:
+        acks = 0
+        while len(got) >= 50 and not (deep and acks == 2):  # deep: 100 acked per 100 published
+            acks += 1
             handle(s, C, [OP_ACK, rid, [tag for tag, _ in got[:50]]], now)
             rid += 1
             del got[:50]

@@ -206,33 +206,32 @@ def h_publish_batch(state, conn, rid, f, now):
         if type(item) is not list:
             raise BadRequest(f"PUBLISH_BATCH item {i} must be a list [queue, body, id, priority, options] "
                              f"(got {type(item).__name__}); nothing was stored")
-    publish = state.publish
     results = None  # stays None while every item is stored under the id it gave
+    publish_run = state.publish_run
+    n_items = len(items)
     state.hold_dispatch()  # each queue dispatched once after the plain items, not once per item
     try:
-        for i, item in enumerate(items):
-            n = len(item)
+        i = 0
+        while True:
+            # the hot path: runs of plain publishes with their own ids and at most their resend
+            # keys (the SDK's), stored by the state in one call per run
+            i, results = publish_run(conn, items, i, now, results, MAX_DEDUPE_KEY)
+            if i >= n_items:
+                break
+            item = items[i]
             try:
-                if n == 5 and type(item[0]) is str and type(item[1]) is bytes and type(item[2]) is str and (
-                        (opts := item[4]) is None
-                        or (type(opts) is dict and len(opts) == 1 and type(key := opts.get("dedupe")) is str
-                            and key.isascii() and 0 < len(key) <= MAX_DEDUPE_KEY)):  # _plain_key, inline
-                    # the hot path: a plain publish with its own id and at most its resend key (the
-                    # SDK's), as h_publish does it
-                    result = publish(conn, item[0], item[1], item[2], item[3] if item[3] is not None else 0,
-                                     now, dedupe=None if opts is None else key)
-                else:
-                    # An item with options (a unique key freed when started, a delay...) sees the
-                    # deliveries of the items before it made, as one PUBLISH after another would.
-                    state.release_dispatch(now)
-                    result = h_publish(state, conn, rid, [OP_PUBLISH, rid, *item], now)[2]
-                    state.hold_dispatch()
+                # An item with options (a unique key freed when started, a delay...) sees the
+                # deliveries of the items before it made, as one PUBLISH after another would.
+                state.release_dispatch(now)
+                result = h_publish(state, conn, rid, [OP_PUBLISH, rid, *item], now)[2]
+                state.hold_dispatch()
             except BrokerError as exc:
                 result = [exc.code, f"item {i}: {exc.message}"]
+            i += 1
             if results is None:
-                if type(result) is str and n > 2 and result == item[2]:
+                if type(result) is str and len(item) > 2 and result == item[2]:
                     continue
-                results = [item[2] for item in items[:i]]  # every earlier item was stored under its id
+                results = [it[2] for it in items[:i - 1]]  # every earlier item was stored under its id
             results.append(result)
     finally:
         state.release_dispatch(now)

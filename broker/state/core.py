@@ -26,6 +26,7 @@ from sortedcontainers import SortedList
 
 from broker.errors import (
     BadRequest,
+    BrokerError,
     LogFailed,
     NotFound,
     QueueFull,
@@ -397,6 +398,124 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
                 self._dispatch_or_hold(q, now)
         return msg_id
 
+    def publish_run(self, conn_id: int, items: list, start: int, now: float, results: list | None,
+                    key_limit: int) -> tuple[int, list | None]:
+        """PUBLISH_BATCH's plain items (protocol.md §5.46), from ``items[start]`` on, inside
+        ``hold_dispatch``: each stored exactly as ``publish`` would store it, one after the other,
+        in one call for the run instead of one call each (W1's hot path, issue 18).
+
+        An item is plain when it is ``[queue, body, id, priority, options]`` with a text queue
+        name, a bytes body, a text id and ``options`` null or ``{"dedupe": key}`` with an ASCII
+        key of 1 to ``key_limit`` characters.  Returns ``(i, results)``: ``i`` is the index of the
+        first item that is not plain (``len(items)`` when all were), which the caller handles
+        with its full option parsing.  ``results`` follows PUBLISH_BATCH's rule: it stays None
+        while every item was stored under the id it gave; otherwise it holds one entry per item
+        so far (the id, or ``[code, "item i: message"]`` for a refused one).
+
+        Anything off the common path (the log failed, a queue not yet made or with
+        ``max_length``, a priority or id ``publish`` refuses, a resend the dedupe window holds)
+        goes through ``publish`` itself, so errors and edge cases are publish's own."""
+        held = self._held
+        queues = self.queues
+        log = self.log_enabled
+        records = self.records
+        publish_rec = R.PUBLISH
+        keys = self.dedupe._keys
+        remember = self.dedupe.remember
+        prefix = self._id_prefix
+        n = len(items)
+        i = start
+        q = None
+        qname = None
+        # Items packed behind a backlog wait here, for one queue and priority, and go into the
+        # queue's blocks together (Queue.push_plain_many) before anything else looks at a queue.
+        pend_q = pend_p = None
+        pseqs, pmids, pbodies = [], [], []
+        while i < n:
+            item = items[i]
+            if type(item) is not list or len(item) != 5:
+                break
+            name, body, msg_id, priority, opts = item
+            if type(name) is not str or type(body) is not bytes or type(msg_id) is not str:
+                break
+            if opts is None:
+                key = None
+            elif (type(opts) is dict and len(opts) == 1 and type(key := opts.get("dedupe")) is str
+                    and key.isascii() and 0 < len(key) <= key_limit):
+                pass
+            else:
+                break
+            if priority is None:
+                priority = 0
+            if name != qname:
+                q = queues.get(name)
+                qname = name
+                if q is not None and q.options.max_length is not None:
+                    q = None  # publish drops the head or refuses: its own path
+            if (q is None or self.log_failed
+                    or type(priority) is not int or not 0 <= priority <= MAX_PRIORITY
+                    or not 0 < len(msg_id) <= MAX_MESSAGE_ID or (key is not None and key in keys)):
+                # the general path: its own checks, errors and edge cases
+                if pseqs:
+                    pend_q.push_plain_many(pend_p, pseqs, pmids, pbodies, now, prefix)
+                    pseqs, pmids, pbodies = [], [], []
+                try:
+                    result = self.publish(conn_id, name, body, msg_id, priority, now, dedupe=key)
+                except BrokerError as exc:
+                    result = [exc.code, f"item {i}: {exc.message}"]
+                qname = None  # publish may have made the queue: look it up again
+                if results is None:
+                    if type(result) is str and result == msg_id:
+                        i += 1
+                        continue
+                    results = [it[2] for it in items[:i]]  # every earlier item was stored under its id
+                results.append(result)
+                i += 1
+                continue
+            if log:
+                seq = self.last_lsn + 1
+                self.last_lsn = seq
+                if key is None:
+                    records.append((publish_rec, [seq, name, msg_id, body, priority, None, 0, None, None, now]))
+                else:  # the 11th item: replay rebuilds the window from it
+                    records.append((publish_rec, [seq, name, msg_id, body, priority, None, 0, None, None, now, key]))
+            else:
+                seq = next(self._seq)
+            q.published += 1
+            if key is not None:
+                remember(key, msg_id, now, now)
+            if held is None:  # (not inside hold_dispatch: stored and dispatched one by one)
+                if q.ready_count >= PACK_AFTER:
+                    q.push_plain(seq, msg_id, False, body, priority, now, prefix)
+                else:
+                    q.push_ready(Message(seq, msg_id, q, body, priority, None, 0, None, None, now))
+                if q.consumers and not q.paused:
+                    self._dispatch_queue(q, now)
+            else:
+                if q is pend_q and priority == pend_p:
+                    # behind a backlog: packed into the queue's arrays, no object made
+                    pseqs.append(seq)
+                    pmids.append(msg_id)
+                    pbodies.append(body)
+                elif q.ready_count >= PACK_AFTER:
+                    if pseqs:
+                        pend_q.push_plain_many(pend_p, pseqs, pmids, pbodies, now, prefix)
+                        pseqs, pmids, pbodies = [], [], []
+                    pend_q, pend_p = q, priority
+                    pseqs.append(seq)
+                    pmids.append(msg_id)
+                    pbodies.append(body)
+                else:
+                    q.push_ready(Message(seq, msg_id, q, body, priority, None, 0, None, None, now))
+                if q.consumers and not q.paused:
+                    held[q] = None
+            if results is not None:
+                results.append(msg_id)
+            i += 1
+        if pseqs:
+            pend_q.push_plain_many(pend_p, pseqs, pmids, pbodies, now, prefix)
+        return i, results
+
     def _dispatch_or_hold(self, q: Queue, now: float) -> None:
         """Dispatch ``q`` after a publish, or, inside ``hold_dispatch``, once at its end."""
         held = self._held
@@ -723,6 +842,15 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         n = len(cons)
         if not n:
             return
+        if n == 1 and not q.slotted:
+            c = cons[0]  # one consumer: the round-robin below is "fill its credit"
+            if c.unacked < c.prefetch and not (self._gated or self.revoked or self._unique_of
+                                               or q.options.reserve_timeout is not None):
+                self._fill(c, q, now)
+                q.rr = 0
+                if self._delivered_seqs:
+                    self._log_deliveries()
+                return
         i = q.rr
         idle = 0
         if q.slotted:
@@ -796,6 +924,10 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
                 break
             if q.paused:
                 continue
+            if q.ready_count and not (self._gated or self.revoked or self._unique_of
+                                      or q.options.reserve_timeout is not None):
+                self._fill(c, q, now)
+                continue
             while q.ready_count and c.unacked < c.prefetch:
                 msg = self._next_live(q, now)
                 if msg is None:
@@ -803,6 +935,50 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
                 self._deliver(c, q, msg, now)
         if self._delivered_seqs:
             self._log_deliveries()
+
+    def _fill(self, c: Consumer, q: Queue, now: float) -> None:
+        """``_next_live`` and ``_deliver`` for as many of q's ready messages as c has credit for, in
+        one loop: the common case (no rate or cap gate, no revoked task, no unique key freed by
+        its start, no reserve_timeout on q), where a delivery is the message popped, its attempt
+        counted and one DELIVER frame (W1's hot path, issue 18).  The caller checks the case."""
+        pop = q.pop_ready
+        inflight = self.inflight
+        deliveries = self.conns[c.conn].deliveries
+        cid = c.conn
+        box = self.outbox.get(cid)
+        if box is None:
+            box = self.outbox[cid] = []
+        tags = self._tags
+        frame = deliver_frame
+        seqs = self._delivered_seqs if self.log_enabled else None
+        ctag = c.tag
+        qname = q.name
+        want = c.prefetch - c.unacked
+        n = redelivered = 0
+        while n < want:
+            msg = pop()
+            if msg is None:
+                break
+            if msg.expires is not None and msg.expires <= now:
+                self._expire(msg)
+                continue
+            n += 1
+            tag = next(tags)
+            attempts = msg.attempts = msg.attempts + 1
+            msg.state = INFLIGHT
+            inflight[tag] = deliveries[tag] = Delivery(tag, msg, c, cid, None)
+            if attempts > 1:
+                redelivered += 1
+            if seqs is not None:
+                seqs.append(msg.seq)  # one DELIVER record per dispatch round
+            box.append(frame(ctag, tag, qname, msg.id, msg.body, msg.priority, attempts, msg.headers))
+        c.unacked += n
+        q.inflight_count += n
+        q.delivered += n
+        if redelivered:
+            q.redelivered += redelivered
+        if not box:
+            del self.outbox[cid]
 
     # -- settle ----------------------------------------------------------------
     def _settle(self, conn_id: int, tag) -> Delivery:
@@ -828,19 +1004,33 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         stale = []
         consumers = {}  # once each, in order: a list ACK of n tags is not n dispatches
         acked_seqs = []
-        settle = self._settle
         unique = self._unique_of
+        gated = self._gated
+        inflight = self.inflight
+        conn = self.conns.get(conn_id)  # (none: nothing of its is in flight, every tag is stale)
+        deliveries = conn.deliveries if conn is not None else None
+        last = None
         for tag in tags:
-            try:
-                d = settle(conn_id, tag)
-            except StaleDelivery:
+            # _settle, written out: one pass over the list (W1's hot path)
+            d = inflight.get(tag)
+            if d is None or d.conn != conn_id:
                 stale.append(tag)
                 continue
+            del inflight[tag]
+            del deliveries[tag]
+            c = d.consumer
+            c.unacked -= 1
             msg = d.msg
+            q = msg.queue
+            q.inflight_count -= 1
+            if gated and msg.flow is not None and msg.flow.cap_key is not None:
+                self._flow_settled(msg)
             msg.state = GONE
-            msg.queue.acked += 1
+            q.acked += 1
             acked_seqs.append(msg.seq)
-            consumers[d.consumer] = None
+            if c is not last:
+                consumers[c] = None
+                last = c
             if unique:
                 self._unique_event(msg.id, started=False)
         if acked_seqs and self.log_enabled:

@@ -495,6 +495,45 @@ class Queue:
         if last.lsns is not None:
             last.lsns.append(seq)
 
+    def push_plain_many(self, p: int, seqs: list, mids: list, bodies: list, ts: float, prefix: str) -> None:
+        """``push_plain`` of each ``(seqs[i], mids[i], bodies[i])`` in order, all of priority ``p``
+        published at ``ts`` under ids of their own (not the broker's): a PUBLISH_BATCH's plain items
+        behind a backlog (``BrokerState.publish_run``), the deque and block looked up once."""
+        if self.tenanted:
+            for seq, mid, body in zip(seqs, mids, bodies):
+                self.push_plain(seq, mid, False, body, p, ts, prefix)
+            return
+        dq = self._ready.get(p)
+        if dq is None:
+            dq = self._ready[p] = deque()
+            insort(self._prios, p)
+        self.ready_count += len(seqs)
+        spill_at = self.spill_body_bytes
+        last = dq[-1] if dq else None
+        if type(last) is not Packed or (data := last.data) is None:
+            last = data = None
+        else:
+            ends, bseqs, bts, lsns = last.ends, last.seqs, last.ts, last.lsns
+        for seq, mid, body in zip(seqs, mids, bodies):
+            big = spill_at <= len(body)
+            if last is None or last.big is not big or len(bseqs) >= PACK_ENTRIES or len(data) >= PACK_BYTES:
+                last = Packed(self, p, prefix)
+                last.big = big
+                dq.append(last)
+                if self.new_blocks is not None:
+                    self.new_blocks.append(last)
+                data = last.data
+                ends, bseqs, bts, lsns = last.ends, last.seqs, last.ts, last.lsns
+            raw = mid.encode()
+            data += len(raw).to_bytes(2, "big")
+            data += raw
+            data += body
+            ends.append(len(data))
+            bseqs.append(seq)
+            bts.append(ts)
+            if lsns is not None:
+                lsns.append(seq)
+
     def pop_ready(self) -> Message | None:
         """The next ready message (highest priority, then oldest), or None."""
         prios = self._prios
