@@ -55,16 +55,25 @@ class Channel:
         self.gen = gen
         self.sink = sink
         self.ttl = ttl
+        # brokerd takes a task's events folded into its RESULT_SET (protocol.md §5.19): a newer one
+        # lists the feature in its HELLO reply; with an older one they go in EMIT_EVENTS as before
+        features = getattr(client, "server_features", None)
+        self.fold_events = "result_events" in features() if features is not None else False
 
     def _submit(self, call, what) -> None:
         w = Done(what, self.sink)
         w.p = self.client.submit(call, w)
 
-    def result(self, d, task_id, state, value=None, meta=None) -> None:
-        """RESULT_SET; with ``d`` (a delivery of this connection), ack it in the same record."""
-        c = self.client
-        self._submit(verbs.store_result(c, task_id, state, value, meta, ttl=self.ttl, delivery=d),
-                     ("result", task_id, state, value, meta))
+    def result(self, d, task_id, state, value=None, meta=None, events=None) -> None:
+        """RESULT_SET; with ``d`` (a delivery of this connection), ack it in the same record;
+        ``events`` (only when ``fold_events``): the task's events folded in (events.fold)."""
+        ttl = self.ttl
+        if events is None:
+            call = verbs.store_result(self.client, task_id, state, value, meta, ttl=ttl, delivery=d)
+        else:
+            call = verbs.Call(start=lambda s, w: s.store_result(task_id, state, value, meta, ttl, d, waiter=w,
+                                                                events=events))
+        self._submit(call, ("result", task_id, state, value, meta, events))
 
     def ack(self, d) -> None:
         d.ack()
