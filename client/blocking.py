@@ -282,6 +282,7 @@ class Connection:
         with self._lock:
             return self._session.error
 
+    @property
     def server_features(self) -> frozenset:
         """The features the server's HELLO reply lists (protocol.md §5.1); empty for a server
         older than the list, or before the handshake."""

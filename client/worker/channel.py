@@ -57,8 +57,7 @@ class Channel:
         self.ttl = ttl
         # brokerd takes a task's events folded into its RESULT_SET (protocol.md §5.19): a newer one
         # lists the feature in its HELLO reply; with an older one they go in EMIT_EVENTS as before
-        features = getattr(client, "server_features", None)
-        self.fold_events = "result_events" in features() if features is not None else False
+        self.fold_events = "result_events" in getattr(client, "server_features", ())
 
     def _submit(self, call, what) -> None:
         w = Done(what, self.sink)

@@ -37,7 +37,7 @@ def test_the_events_brokerd_keeps_are_the_same_whether_folded_or_not(shared_brok
 
     monkeypatch.setattr(ev_.EventBuffer, "fold", fold)
     if brokerd == "older":
-        monkeypatch.setattr(Connection, "server_features", lambda self: frozenset())
+        monkeypatch.setattr(Connection, "server_features", property(lambda self: frozenset()))
     q = fresh_queue()
     with start_worker(tasks.app, queues=[q], concurrency=2) as w:
         quick = [tasks.add.apply_async((i, 1), queue=q) for i in range(5)]
