@@ -41,6 +41,19 @@ class Done:
         return True
 
 
+class _ResultCall:
+    """RESULT_SET as a ``Client.submit`` call (what ``verbs.store_result`` makes, less a closure per task)."""
+
+    __slots__ = ("args",)
+
+    def __init__(self, *args):
+        self.args = args
+
+    def begin(self, session, waiter):
+        task_id, state, value, meta, ttl, d, events = self.args
+        return session.store_result(task_id, state, value, meta, ttl, d, waiter=waiter, events=events)
+
+
 class Channel:
     """The worker's view of one live connection: results, acks and nacks, all pipelined.
 
@@ -66,13 +79,8 @@ class Channel:
     def result(self, d, task_id, state, value=None, meta=None, events=None) -> None:
         """RESULT_SET; with ``d`` (a delivery of this connection), ack it in the same record;
         ``events`` (only when ``fold_events``): the task's events folded in (events.fold)."""
-        ttl = self.ttl
-        if events is None:
-            call = verbs.store_result(self.client, task_id, state, value, meta, ttl=ttl, delivery=d)
-        else:
-            call = verbs.Call(start=lambda s, w: s.store_result(task_id, state, value, meta, ttl, d, waiter=w,
-                                                                events=events))
-        self._submit(call, ("result", task_id, state, value, meta, events))
+        w = Done(("result", task_id, state, value, meta, events), self.sink)
+        w.p = self.client.submit(_ResultCall(task_id, state, value, meta, self.ttl, d, events), w)
 
     def ack(self, d) -> None:
         d.ack()
