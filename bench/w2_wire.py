@@ -7,9 +7,8 @@ broker's CPU per task on a shared machine.  A benchmark, not a test.
 What brokerd does for each task of ``bench/tasks.py``'s W2 run, without trio or sockets: the
 producer's PUBLISH_BATCH frames (100 bench.noop envelopes, each with its resend key, as the SDK
 sends them) and the worker's frames as the default worker sends them (a RESULT_SET with its
-delivery's tag and ttl per task, and the task's events folded in: its task-received map, the
-task-started and task-succeeded fields; ``--events separate``: as before the result_events feature,
-EMIT_EVENTS with task-received, task-started and task-succeeded per task, one frame per read) are fed as bytes to a ``FrameReader``, handled as
+delivery's tag and ttl per task; EMIT_EVENTS with task-received, task-started and task-succeeded
+per task, one frame per read) are fed as bytes to a ``FrameReader``, handled as
 ``broker/runtime/connection.py`` handles them, and flushed as ``Server.flush`` does: every log
 record CBOR-encoded and appended to a real ``WriteAheadLog`` buffer (``Durability._append_backlog``,
 nothing written to disk), every frame encoded for its connection (protocol version 2), and every
@@ -60,7 +59,7 @@ class Clock:
         return t
 
 
-def run(n: int, wal, folded: bool = True) -> Clock:
+def run(n: int, wal) -> Clock:
     from broker.runtime.durability import Durability
 
     tids = [str(uuid.uuid4()) for _ in range(n)]
@@ -154,20 +153,13 @@ def run(n: int, wal, folded: bool = True) -> Clock:
         for tag, tid in batch:
             events.append({"type": "task-received", "uuid": tid, "ts": now, "name": "bench.noop", "args": "()",
                            "kwargs": "{}", "queue": QUEUE, "retries": 0})
-        if folded:  # a worker on a brokerd with the result_events feature: its events ride in the RESULT_SET
-            for (tag, tid), rec in zip(batch, events):
-                frames.append([OP_RESULT_SET, wrid, tid, "SUCCESS", None, None, {
-                    "ttl": 86400, "tag": tag, "events": [hostname, rec, now, 12345, now, 2.5e-05, "None"]}])
-                wrid += 1
-        else:
-            for tag, tid in batch:
-                events.append({"type": "task-started", "uuid": tid, "ts": now, "pid": 12345})
-                events.append({"type": "task-succeeded", "uuid": tid, "ts": now, "runtime": 2.5e-05,
-                               "result": "None"})
-                frames.append([OP_RESULT_SET, wrid, tid, "SUCCESS", None, None, {"ttl": 86400, "tag": tag}])
-                wrid += 1
-            frames.append([OP_EMIT_EVENTS, wrid, hostname, events])
+        for tag, tid in batch:
+            events.append({"type": "task-started", "uuid": tid, "ts": now, "pid": 12345})
+            events.append({"type": "task-succeeded", "uuid": tid, "ts": now, "runtime": 2.5e-05, "result": "None"})
+            frames.append([OP_RESULT_SET, wrid, tid, "SUCCESS", None, None, {"ttl": 86400, "tag": tag}])
             wrid += 1
+        frames.append([OP_EMIT_EVENTS, wrid, hostname, events])
+        wrid += 1
         serve(C, encode_many(frames))
         done += len(batch)
         since_history += len(batch)
@@ -184,9 +176,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-n", type=int, default=10_000, help="tasks (default 10000)")
     ap.add_argument("--repeat", type=int, default=5, help="runs; the median is printed (default 5)")
-    ap.add_argument("--events", choices=("folded", "separate"), default="folded",
-                    help="the worker's task events folded into its RESULT_SETs (the default worker on a brokerd "
-                         "with the result_events feature) or in EMIT_EVENTS frames (before it)")
     a = ap.parse_args()
     from broker.wal import WriteAheadLog
 
@@ -202,7 +191,7 @@ def main() -> None:
             wal = WriteAheadLog(str(Path(tmp) / f"wal{i}"), fsync="never")
             for _ in wal.open():
                 pass
-            runs.append(run(a.n, wal, a.events == "folded"))
+            runs.append(run(a.n, wal))
             wal.close()
     totals = [sum(c.parts.values()) for c in runs]
     med = statistics.median(totals)
@@ -210,7 +199,7 @@ def main() -> None:
     print(f"w2 wire: {med:.3f} CPU-s per {a.n:,} tasks, {med / a.n * 1e6:.0f} us per task (median of {a.repeat}; "
           f"least {min(totals):.3f}; runs {', '.join(f'{t:.3f}' for t in totals)})")
     print("  " + ", ".join(f"{k} {v / a.n * 1e6:.1f} us" for k, v in mid.parts.items()))
-    print(f"command: python bench/w2_wire.py -n {a.n} --repeat {a.repeat} --events {a.events}")
+    print(f"command: python bench/w2_wire.py -n {a.n} --repeat {a.repeat}")
 
 
 if __name__ == "__main__":

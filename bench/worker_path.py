@@ -14,8 +14,7 @@ tag and its events) and flushing once per turn, as ``client/worker/mainloop.py``
 pool processes are stood in for: their side is read and answered here untimed (``Runner.execute`` of
 a no-op task is a separate cost, ~30-40 us in its own process).  The broker is a ``Session`` fed the
 replies brokerd would send; what the worker writes is dropped.  Prints the median CPU seconds per
-``-n`` tasks of the two parts; ``--events separate`` makes the worker see a brokerd without the
-``result_events`` feature (events in EMIT_EVENTS, as before it).
+``-n`` tasks of the two parts.
 """
 
 from __future__ import annotations
@@ -62,9 +61,8 @@ def noop(*args):
 class Client:
     """The blocking client's pipelined interface (what ``Channel`` uses) over a bare ``Session``."""
 
-    def __init__(self, session, features):
+    def __init__(self, session):
         self.session = session
-        self.server_features = features
         self.sent = 0
 
     def submit(self, call, waiter):
@@ -98,7 +96,7 @@ def child_side(fd, outcome) -> int:
     return len(out)
 
 
-def run(n: int, folded: bool, prof=None) -> dict:
+def run(n: int, prof=None) -> dict:
     now = time.time()
     sess = Session(None, name="w", heartbeat=0.0, now=time.monotonic(), id_prefix="b")
     sess.version = 2
@@ -106,7 +104,7 @@ def run(n: int, folded: bool, prof=None) -> dict:
     p = sess.consume([QUEUE], 64, state=cs, slots=2)
     sess.receive([[wire.OP_OK, p.rid, 7]], time.monotonic())
     sess.data_to_send(0.0)
-    client = Client(sess, frozenset({"result_events"}) if folded else frozenset())
+    client = Client(sess)
     w = Worker(app, queues=[QUEUE], concurrency=2, pool="processes", configure_logging=False, hostname=HOST)
     w.client = client
     w._gen = 1
@@ -192,23 +190,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-n", type=int, default=20_000, help="tasks (default 20000)")
     ap.add_argument("--repeat", type=int, default=5, help="runs; the median is printed (default 5)")
-    ap.add_argument("--events", choices=("folded", "separate"), default="folded",
-                    help="a brokerd with the result_events feature (default) or without it")
     ap.add_argument("--profile", action="store_true", help="cProfile one more run and print where the time goes")
     a = ap.parse_args()
-    folded = a.events == "folded"
-    run(2000, folded)  # warm up
-    runs = [run(a.n, folded) for _ in range(a.repeat)]
+    run(2000)  # warm up
+    runs = [run(a.n) for _ in range(a.repeat)]
     totals = [r["main"] + r["reader"] for r in runs]
-    med = statistics.median(totals)
+    med = statistics.median_low(totals)
     mid = runs[totals.index(med)]
     print(f"worker path: {med:.3f} CPU-s per {a.n:,} tasks, {med / a.n * 1e6:.1f} us per task (median of {a.repeat}; "
           f"runs {', '.join(f'{t:.3f}' for t in totals)})")
     print("  " + ", ".join(f"{k} {v / a.n * 1e6:.1f} us" for k, v in mid.items()))
-    print(f"command: python bench/worker_path.py -n {a.n} --repeat {a.repeat} --events {a.events}")
+    print(f"command: python bench/worker_path.py -n {a.n} --repeat {a.repeat}")
     if a.profile:
         prof = cProfile.Profile()
-        run(a.n, folded, prof)
+        run(a.n, prof)
         pstats.Stats(prof).sort_stats("tottime").print_stats(30)
 
 

@@ -219,9 +219,6 @@ def required(frame: list) -> list[tuple[str, str | None]]:
         out = [(kind, spec.get("queue") if type(spec.get("queue")) is str else None)
                for spec in frame[4:6] if type(spec) is dict]
         return out or [(kind, None)]
-    if op == OP_RESULT_SET:  # its events option emits events, as EMIT_EVENTS does: that needs consume too
-        opts = frame[6] if len(frame) > 6 and type(frame[6]) is dict else None
-        return [(kind, None), ("consume", None)] if opts is not None and "events" in opts else [(kind, None)]
     if op == OP_SCHEDULE_PUT:  # the entry publishes into its queue: that needs publish there too
         spec = frame[3] if len(frame) > 3 and type(frame[3]) is dict else {}
         target = spec.get("queue")

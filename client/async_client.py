@@ -88,14 +88,6 @@ class AsyncClient(verbs.ShellInfo):
         """``"trio"`` or ``"asyncio"`` once connected."""
         return self._io.library if self._io else None
 
-    @property
-    def server_features(self) -> frozenset:
-        """The features the server's HELLO reply lists (protocol.md §5.1); empty for a server
-        older than the list, or before the handshake."""
-        info = (self._session.server if self._session is not None else None) or {}
-        features = info.get("features")
-        return frozenset(f for f in features if type(f) is str) if type(features) is list else frozenset()
-
     # -- lifecycle --------------------------------------------------------------------------
     async def __aenter__(self) -> "AsyncClient":
         if self._session is not None:

@@ -282,15 +282,6 @@ class Connection:
         with self._lock:
             return self._session.error
 
-    @property
-    def server_features(self) -> frozenset:
-        """The features the server's HELLO reply lists (protocol.md §5.1); empty for a server
-        older than the list, or before the handshake."""
-        with self._lock:
-            info = self._session.server or {}
-        features = info.get("features")
-        return frozenset(f for f in features if type(f) is str) if type(features) is list else frozenset()
-
     def fileno(self) -> int:
         """The socket's file descriptor (-1 once closed)."""
         return self._sock.fileno()

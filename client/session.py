@@ -595,19 +595,14 @@ class Session:
             args.append(dict(headers))
         return self.request(OP_NACK, args, kind=K_QUIET if quiet else K_REPLY, waiter=waiter, info=d.tag)
 
-    def store_result(self, task_id, state, value, meta, ttl=None, d: Delivery | None = None, *, waiter=None,
-                     events=None) -> Pending:
-        """RESULT_SET; with ``d``, brokerd acks that delivery in the same log record; ``events``: the
-        task's events folded in (protocol.md §5.19, only to a server whose HELLO reply lists the
-        ``result_events`` feature)."""
+    def store_result(self, task_id, state, value, meta, ttl=None, d: Delivery | None = None, *, waiter=None) -> Pending:
+        """RESULT_SET; with ``d``, brokerd acks that delivery in the same log record."""
         opts = {}
         if ttl is not None:
             opts["ttl"] = ttl if type(ttl) is int or type(ttl) is float else seconds(ttl, "ttl")
         if d is not None:
             self._settle(d, "store a result for")
             opts["tag"] = d.tag
-        if events is not None:
-            opts["events"] = events
         return self.request(OP_RESULT_SET, [task_id, state, value, meta, opts or None], waiter=waiter)
 
     def touch(self, d: Delivery, *, waiter=None) -> Pending:

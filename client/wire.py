@@ -645,9 +645,6 @@ class Hello(NamedTuple):
 
 
 _HELLO_KEYS = ("version", "client", "heartbeat")
-# What brokerd can do beyond its protocol versions, listed in its HELLO reply (§5.1) so that a client
-# uses a newer option only with a server that takes it: "result_events", RESULT_SET's events option (§5.19).
-SERVER_FEATURES = ("result_events",)
 
 
 class Welcome(NamedTuple):
@@ -815,7 +812,6 @@ class ServerHandshake:
             "heartbeat": hello.heartbeat,
             "max_frame": self.max_frame,
             "connection": self.connection,
-            "features": list(SERVER_FEATURES),
         }
 
     def accept(self, hello: Hello) -> bytes:

@@ -348,30 +348,20 @@ def h_result_set(state, conn, rid, f, now):
         if opts is None:
             return ok_frame(rid, state.result_set(conn, f[2], f[3], f[4], None, now))
         if type(opts) is dict and type(tag := opts.get("tag")) is int and INT_MIN <= tag <= INT_MAX:
-            n = len(opts)
-            evs = opts.get("events")
-            if evs is not None:  # the task's events folded in (the worker's default on a new brokerd)
-                n -= 1
-                evs = state.result_events(f[2], f[3], evs, _storable_events)  # checked before anything changes
-            if n == 1:
-                reply = state.result_set(conn, f[2], f[3], f[4], None, now, tag=tag)
-                if evs is not None:
-                    state.take_result_events(conn, evs, now)
-                return ok_frame(rid, reply)
+            if len(opts) == 1:
+                return ok_frame(rid, state.result_set(conn, f[2], f[3], f[4], None, now, tag=tag))
             # the worker's default: its app's result_expires as the ttl, beside the tag
-            if n == 2 and (type(ttl := opts.get("ttl")) is int or type(ttl) is float) and 0 < ttl <= INT_MAX:
-                reply = state.result_set(conn, f[2], f[3], f[4], None, now, ttl=ttl, tag=tag)
-                if evs is not None:
-                    state.take_result_events(conn, evs, now)
-                return ok_frame(rid, reply)
+            if len(opts) == 2 and (type(ttl := opts.get("ttl")) is int or type(ttl) is float) \
+                    and 0 < ttl <= INT_MAX:
+                return ok_frame(rid, state.result_set(conn, f[2], f[3], f[4], None, now, ttl=ttl, tag=tag))
     task_id = _arg(f, 2, "task id", (str,), "RESULT_SET")
     st = _arg(f, 3, "state", (str,), "RESULT_SET")
     value = f[4] if len(f) > 4 else None
     meta = _arg(f, 5, "meta", (dict,), "RESULT_SET", required=False)
     opts = _arg(f, 6, "options", (dict,), "RESULT_SET", required=False) or {}
     for k in opts:
-        if k not in ("ttl", "tag", "events"):
-            raise BadRequest(f"unknown RESULT_SET option {k!r}; known options: ttl, tag, events")
+        if k not in ("ttl", "tag"):
+            raise BadRequest(f"unknown RESULT_SET option {k!r}; known options: ttl, tag")
     tag = opts.get("tag")
     if tag is not None and type(tag) is not int:
         raise BadRequest("RESULT_SET option 'tag' must be a delivery tag (a whole number)")
@@ -380,13 +370,7 @@ def h_result_set(state, conn, rid, f, now):
         _storable(meta, "field 5 (meta)", "RESULT_SET")
     if opts.get("ttl") is not None:
         _opt_number(opts, "ttl", "RESULT_SET")
-    evs = opts.get("events")
-    if evs is not None:
-        evs = state.result_events(task_id, st, evs, _storable_events)
-    reply = state.result_set(conn, task_id, st, value, meta, now, ttl=opts.get("ttl"), tag=tag)
-    if evs is not None:
-        state.take_result_events(conn, evs, now)
-    return ok_frame(rid, reply)
+    return ok_frame(rid, state.result_set(conn, task_id, st, value, meta, now, ttl=opts.get("ttl"), tag=tag))
 
 
 def h_result_get(state, conn, rid, f, now):

@@ -311,63 +311,6 @@ class EventsMixin:
         types = [_check_event(ev, odd) for ev in events]  # all or nothing
         if odd:
             check(odd)
-        return self._take_events(conn_id, hostname, events, types, now)
-
-    def result_events(self, task_id: str, state, spec, check=None) -> tuple:
-        """RESULT_SET's ``events`` option (protocol.md §5.19, §5.29): the events of a task that
-        succeeded, folded by the worker into its result, as ``(hostname, events, types)`` for
-        ``take_result_events`` once the result is stored; raises BadRequest (nothing taken) for a
-        bad one.  ``spec`` is ``[hostname, received, started_ts, pid, ts, runtime, result]``:
-        the task-received map as the worker made it (or null: sent already), the task-started
-        event's time and pid (null: sent already), and the task-succeeded event's time, runtime
-        and result text.  brokerd makes the task-started and task-succeeded maps itself, the very
-        maps the worker would have sent in an EMIT_EVENTS."""
-        if type(spec) is not list or len(spec) != 7:
-            raise BadRequest("RESULT_SET option 'events' must be [hostname, received, started, pid, ts, runtime, "
-                             "result]")
-        if state != "SUCCESS":
-            raise BadRequest(f"RESULT_SET option 'events' goes with a SUCCESS only (got {state!r}): other "
-                             "outcomes send their events with EMIT_EVENTS")
-        hostname, received, started, pid, ts, runtime, result = spec
-        if type(hostname) is not str or not hostname or len(hostname) > MAX_HOSTNAME:
-            raise BadRequest(f"hostname must be text of 1 to {MAX_HOSTNAME} characters")
-        events, types = [], []
-        if received is not None:
-            odd = [] if check is not None else None
-            if type(received) is not dict or _check_event(received, odd) != "task-received" \
-                    or received.get("uuid") != task_id:
-                raise BadRequest("RESULT_SET events: 'received' must be the task's task-received event (its "
-                                 "uuid the task id) or null")
-            if odd:
-                check(odd)
-            events.append(received)
-            types.append("task-received")
-        tn = type(ts)
-        if tn is not float and tn is not int:
-            raise BadRequest("RESULT_SET events: 'ts' (when it succeeded) must be a number of seconds since the "
-                             "epoch")
-        if started is not None:
-            if (type(started) is not float and type(started) is not int) or (pid is not None and type(pid) is not int):
-                raise BadRequest("RESULT_SET events: 'started' must be a number of seconds since the epoch or "
-                                 "null, 'pid' a whole number or null")
-            events.append({"type": "task-started", "uuid": task_id, "ts": started, "pid": pid})
-            types.append("task-started")
-        if runtime is not None and type(runtime) is not float and type(runtime) is not int:
-            raise BadRequest("RESULT_SET events: 'runtime' must be a number of seconds or null")
-        if type(result) is not str:
-            raise BadRequest("RESULT_SET events: 'result' must be text (the result as the worker shows it)")
-        if len(result) > MAX_EVENT_TEXT:
-            result = result[: MAX_EVENT_TEXT - 1] + "…"
-        events.append({"type": "task-succeeded", "uuid": task_id, "ts": ts, "runtime": runtime, "result": result})
-        types.append("task-succeeded")
-        return hostname, events, types
-
-    def take_result_events(self, conn_id: int, folded: tuple, now: float) -> int:
-        """Take the events ``result_events`` made, as EMIT_EVENTS takes a worker's."""
-        hostname, events, types = folded
-        return self._take_events(conn_id, hostname, events, types, now)
-
-    def _take_events(self, conn_id: int, hostname: str, events: list, types: list, now: float) -> int:
         ring = self.events
         live = self._pending_events if self._subscribers else None
         for ev, t in zip(events, types):

@@ -50,8 +50,8 @@ class _ResultCall:
         self.args = args
 
     def begin(self, session, waiter):
-        task_id, state, value, meta, ttl, d, events = self.args
-        return session.store_result(task_id, state, value, meta, ttl, d, waiter=waiter, events=events)
+        task_id, state, value, meta, ttl, d = self.args
+        return session.store_result(task_id, state, value, meta, ttl, d, waiter=waiter)
 
 
 class Channel:
@@ -68,19 +68,15 @@ class Channel:
         self.gen = gen
         self.sink = sink
         self.ttl = ttl
-        # brokerd takes a task's events folded into its RESULT_SET (protocol.md §5.19): a newer one
-        # lists the feature in its HELLO reply; with an older one they go in EMIT_EVENTS as before
-        self.fold_events = "result_events" in getattr(client, "server_features", ())
 
     def _submit(self, call, what) -> None:
         w = Done(what, self.sink)
         w.p = self.client.submit(call, w)
 
-    def result(self, d, task_id, state, value=None, meta=None, events=None) -> None:
-        """RESULT_SET; with ``d`` (a delivery of this connection), ack it in the same record;
-        ``events`` (only when ``fold_events``): the task's events folded in (events.fold)."""
-        w = Done(("result", task_id, state, value, meta, events), self.sink)
-        w.p = self.client.submit(_ResultCall(task_id, state, value, meta, self.ttl, d, events), w)
+    def result(self, d, task_id, state, value=None, meta=None) -> None:
+        """RESULT_SET; with ``d`` (a delivery of this connection), ack it in the same record."""
+        w = Done(("result", task_id, state, value, meta), self.sink)
+        w.p = self.client.submit(_ResultCall(task_id, state, value, meta, self.ttl, d), w)
 
     def ack(self, d) -> None:
         d.ack()

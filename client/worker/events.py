@@ -38,8 +38,6 @@ class EventBuffer:
         self.pending: list = []
         self.due = 0.0
         self.dropped = 0  # dropped while brokerd was unreachable too long (reported in heartbeats)
-        self.gen = 0  # batches taken so far: an event emitted in this generation is still pending
-        self._folded: set = set()  # ids of pending events taken back by fold(): left out of the batch
 
     def emit(self, ev: dict) -> None:
         """Queue one event; it leaves within EVENT_FLUSH_DELAY, in one EMIT_EVENTS frame with the others."""
@@ -64,33 +62,8 @@ class EventBuffer:
         evs = self.pending
         if evs and (force or len(evs) >= EVENT_FLUSH_MAX or time.monotonic() >= self.due):
             self.pending = []
-            self.gen += 1
-            folded = self._folded
-            if folded:
-                evs = [ev for ev in evs if id(ev) not in folded]
-                folded.clear()
-                if not evs:
-                    return None
             return evs
         return None
-
-    def fold(self, hostname: str, received, started, succeeded: dict) -> list:
-        """The ``events`` option of a task's SUCCESS RESULT_SET (protocol.md §5.19): its task-succeeded
-        event, and its task-received and task-started events when they have not left yet (taken back
-        from the pending batch, so each is sent once, in order: brokerd puts them before the
-        task-succeeded it makes).  ``received`` / ``started``: ``(event, gen)`` as emitted, or None."""
-        rec = None
-        start = pid = None
-        gen = self.gen
-        folded = self._folded
-        if received is not None and received[1] == gen:
-            rec = received[0]
-            folded.add(id(rec))
-        if started is not None and started[1] == gen:
-            ev = started[0]
-            folded.add(id(ev))
-            start, pid = ev["ts"], ev["pid"]
-        return [hostname, rec, start, pid, succeeded["ts"], succeeded["runtime"], succeeded["result"]]
 
     def wait(self, now: float, timeout):
         """The loop's sleep, shortened so that pending events leave when due."""
@@ -98,17 +71,6 @@ class EventBuffer:
             return timeout
         left = max(0.0, self.due - now)
         return left if timeout is None or left < timeout else timeout
-
-
-def unfold(task_id, spec) -> list:
-    """The events a folded ``spec`` (EventBuffer.fold) stands for, as EMIT_EVENTS would carry them: for
-    a RESULT_SET that did not reach brokerd, so its events go the usual way."""
-    _, rec, start, pid, ts, runtime, result = spec
-    out = [rec] if rec is not None else []
-    if start is not None:
-        out.append({"type": "task-started", "uuid": task_id, "ts": start, "pid": pid})
-    out.append({"type": "task-succeeded", "uuid": task_id, "ts": ts, "runtime": runtime, "result": result})
-    return out
 
 
 def task_received(env, d) -> dict:

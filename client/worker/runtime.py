@@ -375,10 +375,8 @@ class Worker:
             ch.ack(d)
             return
         expires = env.get("expires")
-        rev = None
         if self.task_events:
-            rev = ev_.task_received(env, d)
-            self.events.emit(rev)
+            self.events.emit(ev_.task_received(env, d))
         req = None
         if signals.task_received.receivers or signals.task_revoked.receivers:
             req = request_for(env, task, d.queue, d.priority, d.attempts, env.get("retries") or 0, self.hostname)
@@ -406,8 +404,6 @@ class Worker:
                       args_shown(env["args"], env["kwargs"], env.get("options")), eta=env.get("eta"))
         acks_late, soft, hard = self.limits.of(task, env)
         job = Job(next(self._seq), d, gen, task_id, name, env, soft, hard)
-        if rev is not None:
-            job.ev_received = (rev, self.events.gen)
         if soft or hard:
             self.limited = True
         if not acks_late:
@@ -428,25 +424,18 @@ class Worker:
                 credit.observe(rt)
                 old = self.runtimes.get(job.name)
                 self.runtimes[job.name] = rt if old is None else old + RUNTIME_WEIGHT * (rt - old)
-        ch = self._channel
-        live = ch is not None and job.gen == ch.gen
-        folded = None
         if self.task_events:
             if runtime is None and job.started is not None:
                 runtime = time.time() - job.started
-            ev = ev_.task_outcome(job.task_id, outcome, runtime)
-            if live and ch.fold_events and outcome[1] == "SUCCESS" and outcome[0] == S_ACK:
-                # brokerd makes the task's events from its RESULT_SET (protocol.md §5.19)
-                folded = self.events.fold(self.hostname, job.ev_received, job.ev_started, ev)
-            else:
-                self.events.emit(ev)
-        if not live:
+            self.events.emit(ev_.task_outcome(job.task_id, outcome, runtime))
+        ch = self._channel
+        if ch is None or job.gen != ch.gen:
             # Its connection is gone, so brokerd redelivers the message; keep the result.
             state = outcome[1]
             if state in STORED:
                 self._orphans.append((job.task_id, state, outcome[2], outcome[3]))
             return
-        self._settle(job.d, ch, outcome, job.task_id, folded)
+        self._settle(job.d, ch, outcome, job.task_id)
         env = job.env
         if env and (env.get("chain") or env.get("link") or env.get("link_error")):
             if outcome[1] in STORED:
@@ -463,19 +452,13 @@ class Worker:
         except Exception as exc:
             log.error("could not continue the workflow of %s[%s]: %s", env.get("task"), env.get("id"), exc)
 
-    def _settle(self, d, ch, outcome, task_id, folded=None):
+    def _settle(self, d, ch, outcome, task_id):
         settle, state, value, meta, delay, retries = outcome
         try:
             if settle == S_ACK:
                 if state is None:
                     if not d.settled:
                         ch.ack(d)
-                elif folded is not None:
-                    try:
-                        ch.result(None if d.settled else d, task_id, state, value, meta, folded)
-                    except BrokerdError:
-                        self._unfold(task_id, folded)
-                        raise
                 else:
                     ch.result(None if d.settled else d, task_id, state, value, meta)
             elif settle == S_RETRY:
@@ -522,20 +505,13 @@ class Worker:
             return  # its connection is gone: brokerd has taken the message back already
         self.finish(job, lost_outcome(job, self.app.tasks.get(job.name), why, self.hostname))
 
-    def _unfold(self, task_id, folded) -> None:
-        """A RESULT_SET with the task's events folded in did not reach brokerd: they go the usual way."""
-        for ev in ev_.unfold(task_id, folded):
-            self.events.emit(ev)
-
     def check_sink(self):
         sink = self.sink
         while sink:
             what, err = sink.popleft()
-            if what[0] == "result" and what[5] is not None:
-                self._unfold(what[1], what[5])
             if isinstance(err, Disconnected):
                 if what[0] == "result" and what[2] in ("SUCCESS", "FAILURE", "REVOKED"):
-                    self._orphans.append(what[1:5])
+                    self._orphans.append(what[1:])
                 continue
             if getattr(err, "code", None) == "STALE_DELIVERY":
                 log.warning("brokerd had already taken back %s %r (reservation timeout?): %s", what[0], what[1], err)
@@ -563,9 +539,7 @@ class Worker:
         job.started = t = time.time()
         pid = getattr(job.slot, "pid", None) or self.stats.pid
         if self.task_events:
-            sev = {"type": "task-started", "uuid": job.task_id, "ts": t, "pid": pid}
-            self.events.emit(sev)
-            job.ev_started = (sev, self.events.gen)
+            self.events.emit({"type": "task-started", "uuid": job.task_id, "ts": t, "pid": pid})
         name = job.name
         track = self._track_started.get(name)
         if track is None:

@@ -57,7 +57,6 @@ async def gather(*fns):
 async def round_trip_every_field(broker):
     async with AsyncClient(broker.address, name="t") as c:
         assert c.library == sniffio.current_async_library()
-        assert "result_events" in c.server_features  # the HELLO reply's features (protocol.md §5.1)
         mid = await c.publish("rt", b"\x00body\xff", priority=7, headers={"trace": "abc"}, id="msg-1")
         assert mid == "msg-1"
         consumer = await c.consume(["rt"], prefetch=1)

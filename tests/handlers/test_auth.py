@@ -96,16 +96,6 @@ def test_a_refusal_names_the_user_the_operation_the_grant_and_the_queue(users):
     assert r.message("RESULT_SET") == "user 'web' may not RESULT_SET: it needs the 'results-write' grant"
 
 
-def test_events_folded_into_a_result_need_consume_as_emit_events_does():
-    us = parse_users(users_file(writer={"results-write": ("*",)}, worker={"consume": ("q",), "results-write": ("*",)}))
-    opts = {"tag": 1, "events": ["w@h", None, None, None, 1.0, None, "None"]}
-    frame = [wire.OP_RESULT_SET, 1, "t", "SUCCESS", None, None, opts]
-    assert check(us.by_name["worker"], frame) is None
-    r = check(us.by_name["writer"], frame)
-    assert r is not None and r.message("RESULT_SET") == "user 'writer' may not RESULT_SET: it needs the 'consume' grant"
-    assert check(us.by_name["writer"], [wire.OP_RESULT_SET, 1, "t", "SUCCESS", None, None, {"tag": 1}]) is None
-
-
 def test_a_schedule_needs_publish_on_the_queue_it_fires_into():
     u = parse_users(users_file(beat={"schedules": ("*",), "publish": ("reports",)})).by_name["beat"]
     assert check(u, [wire.OP_SCHEDULE_PUT, 1, "s", {"task": "x", "every": 5, "queue": "reports"}]) is None

@@ -17,16 +17,14 @@ CLIENT_HELLO = bytes.fromhex(
     "66 63 6c 69 65 6e 74 61 77"      #   "client": "w",
     "69 68 65 61 72 74 62 65 61 74 fb 40 14 00 00 00 00 00 00"  # "heartbeat": 5.0}]
 )
-# [64, 1, {"server": "brokerd 1.0", "version": 1, "heartbeat": 5.0, "max_frame": 1024, "connection": 7,
-#          "features": ["result_events"]}]
+# [64, 1, {"server": "brokerd 1.0", "version": 1, "heartbeat": 5.0, "max_frame": 1024, "connection": 7}]
 SERVER_WELCOME = bytes.fromhex(
-    "00 00 00 65 83 18 40 01 a6"
+    "00 00 00 4d 83 18 40 01 a5"
     "66 73 65 72 76 65 72 6b 62 72 6f 6b 65 72 64 20 31 2e 30"
     "67 76 65 72 73 69 6f 6e 01"
     "69 68 65 61 72 74 62 65 61 74 fb 40 14 00 00 00 00 00 00"
     "69 6d 61 78 5f 66 72 61 6d 65 19 04 00"
     "6a 63 6f 6e 6e 65 63 74 69 6f 6e 07"
-    "68 66 65 61 74 75 72 65 73 81 6d 72 65 73 75 6c 74 5f 65 76 65 6e 74 73"
 )
 
 

@@ -24,7 +24,7 @@ class Job:
     """A delivery the main loop is looking after, from receipt to settlement."""
 
     __slots__ = ("seq", "d", "gen", "task_id", "name", "env", "soft", "hard", "deadline", "soft_deadline",
-                 "slot", "soft_sent", "started", "ev_received", "ev_started")
+                 "slot", "soft_sent", "started")
 
     def __init__(self, seq, d, gen, task_id, name, env, soft, hard):
         self.seq = seq
@@ -40,8 +40,6 @@ class Job:
         self.slot = None
         self.soft_sent = False
         self.started = None  # wall time it started
-        self.ev_received = None  # (its task-received event, the event buffer's gen) as emitted
-        self.ev_started = None  # (its task-started event, gen): the worker may fold them (events.fold)
 
     def to_runner(self, with_env: bool):
         """The tuple ``Runner.execute`` takes (with the decoded envelope, or the body to decode)."""
