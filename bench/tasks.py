@@ -78,6 +78,12 @@ def cpu_seconds(pid: int, children: bool = True) -> float:
     return total / tick
 
 
+def cpu_seconds_of(stat_path: str) -> float:
+    """utime+stime of one /proc stat file (a process's or one thread's), in seconds."""
+    fields = Path(stat_path).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def child_pids(pid: int) -> list[int]:
     try:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -110,6 +116,18 @@ class WorkerProc:
         """The worker's CPU seconds so far, its live children included."""
         pid = self.proc.pid
         return cpu_seconds(pid) + sum(cpu_seconds(c, False) for c in child_pids(pid))
+
+    def cpu_parts(self) -> dict:
+        """The worker's CPU seconds so far by part: its main thread, its other threads (the client's
+        reader and flusher, intake), its pool processes (live ones)."""
+        pid = self.proc.pid
+        main = cpu_seconds(pid, False)  # /proc/PID/stat is the whole process: take the main thread's own
+        try:
+            main = cpu_seconds_of(f"/proc/{pid}/task/{pid}/stat")
+        except OSError:
+            pass
+        return {"main": main, "threads": cpu_seconds(pid, False) - main,
+                "children": sum(cpu_seconds(c, False) for c in child_pids(pid))}
 
     def stop(self):
         if self.proc.poll() is None:
@@ -209,7 +227,7 @@ def end_to_end(broker: Broker, pool: str, n: int, concurrency: int, multiplier: 
         c = app.client
         items = envelopes(n)
         base = c.stats(QUEUE)["acked"]
-        bcpu0, wcpu0 = cpu_seconds(broker.proc.pid), worker.cpu()
+        bcpu0, wcpu0, parts0 = cpu_seconds(broker.proc.pid), worker.cpu(), worker.cpu_parts()
         t0, t_enq = publish_pipelined(c, items)
         deadline = time.monotonic() + 300
         while c.stats(QUEUE)["acked"] - base < n:  # a coarse "done yet?"; the figure uses brokerd's stamps
@@ -217,6 +235,7 @@ def end_to_end(broker: Broker, pool: str, n: int, concurrency: int, multiplier: 
                 raise SystemExit(f"only {c.stats(QUEUE)['acked'] - base} of {n} tasks done; see {worker.log.name}")
             time.sleep(0.02)
         bcpu, wcpu = cpu_seconds(broker.proc.pid) - bcpu0, worker.cpu() - wcpu0
+        parts = {k: v - parts0[k] for k, v in worker.cpu_parts().items()}
         last = 0.0
         bad = 0
         for r in fetch_results(c, [tid for tid, _ in items]):
@@ -226,7 +245,8 @@ def end_to_end(broker: Broker, pool: str, n: int, concurrency: int, multiplier: 
         if bad:
             raise SystemExit(f"{bad} of {n} tasks did not succeed")
         return {"rate": n / (last - t0), "seconds": last - t0, "enqueue": n / (t_enq - t0),
-                "broker_cpu": bcpu, "worker_cpu": wcpu, "cmd": worker.cmd}
+                "broker_cpu": bcpu, "worker_cpu": wcpu,
+                "worker_parts": parts, "cmd": worker.cmd}
     finally:
         worker.stop()
 
@@ -292,6 +312,8 @@ def main(argv=None):
             print("enqueue, one sync producer, no worker running")
             print(f"  pipelined            {rates['pipelined']:>9,.0f} tasks/s  (publish confirm=False x {a.n}, then wait_for_confirms)")
             print(f"  confirmed delay()    {rates['confirmed']:>9,.0f} tasks/s  ({a.confirmed} calls, one confirm each)")
+            if a.profile:
+                os.makedirs(a.profile, exist_ok=True)
             for pool in pools:
                 prof = os.path.join(a.profile, f"worker-{pool}.prof") if a.profile else None
                 r = end_to_end(broker, pool, a.n, a.concurrency, a.prefetch_multiplier, a.worker_loglevel, prof, tmp)
@@ -300,6 +322,9 @@ def main(argv=None):
                 print(f"  tasks/s              {r['rate']:>9,.0f}  ({r['seconds']:.2f} s first publish -> last result stored;"
                       f" producer enqueued at {r['enqueue']:,.0f}/s meanwhile)")
                 print(f"  CPU seconds          broker {r['broker_cpu']:.2f}, worker {r['worker_cpu']:.2f} (with its children)")
+                wp = r["worker_parts"]
+                print(f"  worker CPU by part   main thread {wp['main']:.2f}, other threads {wp['threads']:.2f}, "
+                      f"pool processes {wp['children']:.2f}")
             for pool in pools if a.events_cost else ():
                 runs = {"with": [], "without": []}
                 for _ in range(a.events_cost):

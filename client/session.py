@@ -599,7 +599,7 @@ class Session:
         """RESULT_SET; with ``d``, brokerd acks that delivery in the same log record."""
         opts = {}
         if ttl is not None:
-            opts["ttl"] = seconds(ttl, "ttl")
+            opts["ttl"] = ttl if type(ttl) is int or type(ttl) is float else seconds(ttl, "ttl")
         if d is not None:
             self._settle(d, "store a result for")
             opts["tag"] = d.tag

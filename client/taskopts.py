@@ -123,10 +123,12 @@ def args_shown(args, kwargs, options) -> tuple[str, str]:
     replies): the call's ``argsrepr``/``kwargsrepr`` when it gave them (Celery's: arguments that carry
     secrets stay out of logs), each cut at ARGSREPR_MAX characters (a producer other than ours), else a
     short repr of the real ones.  ``check_envelope`` has refused one that is not text."""
-    opts = options if type(options) is dict else {}
-    a, k = opts.get("argsrepr"), opts.get("kwargsrepr")
-    return (short_text(a, ARGSREPR_MAX) if type(a) is str else event_repr(tuple(args)),
-            short_text(k, ARGSREPR_MAX) if type(k) is str else event_repr(kwargs))
+    if type(options) is dict:
+        a, k = options.get("argsrepr"), options.get("kwargsrepr")
+    else:
+        a = k = None
+    return (short_text(a, ARGSREPR_MAX) if type(a) is str else ("()" if not args else event_repr(tuple(args))),
+            short_text(k, ARGSREPR_MAX) if type(k) is str else ("{}" if not kwargs else event_repr(kwargs)))
 
 
 # Per-call options that are no-ops for brokerd, with the reason.

@@ -41,6 +41,19 @@ class Done:
         return True
 
 
+class _ResultCall:
+    """RESULT_SET as a ``Client.submit`` call (what ``verbs.store_result`` makes, less a closure per task)."""
+
+    __slots__ = ("args",)
+
+    def __init__(self, *args):
+        self.args = args
+
+    def begin(self, session, waiter):
+        task_id, state, value, meta, ttl, d = self.args
+        return session.store_result(task_id, state, value, meta, ttl, d, waiter=waiter)
+
+
 class Channel:
     """The worker's view of one live connection: results, acks and nacks, all pipelined.
 
@@ -62,9 +75,8 @@ class Channel:
 
     def result(self, d, task_id, state, value=None, meta=None) -> None:
         """RESULT_SET; with ``d`` (a delivery of this connection), ack it in the same record."""
-        c = self.client
-        self._submit(verbs.store_result(c, task_id, state, value, meta, ttl=self.ttl, delivery=d),
-                     ("result", task_id, state, value, meta))
+        w = Done(("result", task_id, state, value, meta), self.sink)
+        w.p = self.client.submit(_ResultCall(task_id, state, value, meta, self.ttl, d), w)
 
     def ack(self, d) -> None:
         d.ack()

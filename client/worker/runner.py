@@ -115,22 +115,33 @@ def extended_meta(task, req) -> dict:
     return {"name": task.name, "args": args, "kwargs": kwargs}
 
 
+# succeeded()'s fast path: values always storable and showable without encoding them to look
+_INT_SMALL = 1 << 64
+_STR_SMALL = 4096
+
 REPLACED_NESTING_MAX = 1_000_000  # replace() hops a request shows; past that a header is not ours
+
+
+_EMPTY: dict = {}
 
 
 def request_for(env, task, queue, priority, attempts, retries, hostname) -> Request:
     """The ``self.request`` of a task about to run (Celery's fields; None where we have no such thing)."""
-    opts = env.get("options") or {}
-    hdrs = env.get("headers") or {}
+    opts = env.get("options") or _EMPTY
+    hdrs = env.get("headers") or _EMPTY
     hard = opts.get("time_limit", getattr(task, "time_limit", None))
     soft = opts.get("soft_time_limit", getattr(task, "soft_time_limit", None))
-    group, chord, origin = env.get("group") or opts.get("group_id"), env.get("chord"), hdrs.get("origin")
-    names, stamps = hdrs.get("stamped_headers"), hdrs.get("stamps")
-    if type(names) is not list or not all(type(n) is str for n in names) or type(stamps) is not dict:
-        names, stamps = [], {}  # none, or not ours: a bad header costs only the stamps
-    nesting = hdrs.get("replaced_task_nesting", 0)
-    if type(nesting) is not int or not 0 <= nesting <= REPLACED_NESTING_MAX:
-        nesting = 0  # a hostile or broken header costs only the field, never the task
+    group, chord = env.get("group") or opts.get("group_id"), env.get("chord")
+    if hdrs:
+        origin = hdrs.get("origin")
+        names, stamps = hdrs.get("stamped_headers"), hdrs.get("stamps")
+        if type(names) is not list or not all(type(n) is str for n in names) or type(stamps) is not dict:
+            names, stamps = [], {}  # none, or not ours: a bad header costs only the stamps
+        nesting = hdrs.get("replaced_task_nesting", 0)
+        if type(nesting) is not int or not 0 <= nesting <= REPLACED_NESTING_MAX:
+            nesting = 0  # a hostile or broken header costs only the field, never the task
+    else:  # the common case: no headers at all
+        origin, names, stamps, nesting = None, [], _EMPTY, 0
     return Request(
         id=env["id"], args=env["args"], kwargs=env["kwargs"], retries=retries,
         delivery_info={"queue": queue, "priority": priority, "redelivered": attempts > 1, "attempts": attempts,
@@ -141,7 +152,7 @@ def request_for(env, task, queue, priority, attempts, retries, hostname) -> Requ
         group=group if isinstance(group, str) else None, chord=chord, origin=origin if isinstance(origin, str) else None,
         time_limit=(hard or None, soft or None), callbacks=env.get("link") or None,
         errbacks=env.get("link_error") or None, replaced_task_nesting=nesting, stamped_headers=names,
-        stamps={n: stamps.get(n) for n in names}, argsrepr=opts.get("argsrepr"), kwargsrepr=opts.get("kwargsrepr"),
+        stamps={n: stamps.get(n) for n in names} if names else None, argsrepr=opts.get("argsrepr"), kwargsrepr=opts.get("kwargsrepr"),
         properties={"correlation_id": env["id"], "reply_to": None, "priority": priority,
                     "delivery_info": {"routing_key": queue},
                     **({"app_id": opts["app_id"]} if type(opts.get("app_id")) is str else {})},
@@ -242,7 +253,7 @@ class Runner:
                         signal.setitimer(signal.ITIMER_REAL, soft)
                 try:
                     retval = ctx.task(*req.args, **req.kwargs)
-                    if inspect.isawaitable(retval):
+                    if retval is not None and inspect.isawaitable(retval):
                         retval = _run_awaitable(retval)
                 finally:
                     if slot is not None:
@@ -316,24 +327,30 @@ class Runner:
 
     def succeeded(self, ctx, retval):
         task, req = ctx.task, ctx.req
-        retval = storable(retval)
-        # The value must be storable (CBOR, within one frame) and showable (repr, for the log line and
-        # the task-succeeded event): an int over 4,300 digits, a cyclic list or a raising __repr__ used
-        # to kill the pool process and be retried until dead-lettered, its result PENDING for ever.
-        # The repr is the one the default (INFO) log line makes anyway.
         why = None
-        try:
-            size = len(cbor2.dumps(retval))
-        except Exception as exc:  # noqa: BLE001 - cbor2 raises several kinds; RecursionError too
-            why = safe_str(exc)
+        tv = type(retval)
+        if retval is None or tv is bool or tv is float or (tv is int and -_INT_SMALL < retval < _INT_SMALL) or (
+                tv is str and len(retval) <= _STR_SMALL):
+            # the common case, fast: always storable, and repr() of it cannot raise
+            shown = short_repr(retval)
         else:
-            if size > RESULT_MAX_BYTES:
-                why = f"it is {size} bytes encoded, over the {RESULT_MAX_BYTES} bytes a result may take"
+            retval = storable(retval)
+            # The value must be storable (CBOR, within one frame) and showable (repr, for the log line and
+            # the task-succeeded event): an int over 4,300 digits, a cyclic list or a raising __repr__ used
+            # to kill the pool process and be retried until dead-lettered, its result PENDING for ever.
+            # The repr is the one the default (INFO) log line makes anyway.
+            try:
+                size = len(cbor2.dumps(retval))
+            except Exception as exc:  # noqa: BLE001 - cbor2 raises several kinds; RecursionError too
+                why = safe_str(exc)
             else:
-                try:
-                    shown = short_repr(retval)
-                except Exception as exc:  # noqa: BLE001
-                    why = f"repr() of it raised {type(exc).__name__}: {safe_str(exc)}"
+                if size > RESULT_MAX_BYTES:
+                    why = f"it is {size} bytes encoded, over the {RESULT_MAX_BYTES} bytes a result may take"
+                else:
+                    try:
+                        shown = short_repr(retval)
+                    except Exception as exc:  # noqa: BLE001
+                        why = f"repr() of it raised {type(exc).__name__}: {safe_str(exc)}"
         if why is not None:
             err = EncodeError(
                 f"the return value of {task.name} ({type(retval).__name__}) cannot be stored as a result: {why}"

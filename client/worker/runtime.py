@@ -186,6 +186,7 @@ class Worker:
         # task name -> moving average of its run time (seconds), for batchable(); one entry per task
         # name this worker ran, so bounded by the app's registered tasks.
         self.runtimes: dict = {}
+        self._track_started: dict = {}  # task name -> its track_started (job_started)
         self.max_tasks_per_child = max_tasks_per_child or app.conf.get("worker_max_tasks_per_child")
         self.max_memory_per_child = max_memory_per_child or app.conf.get("worker_max_memory_per_child")
         if task_events is None:
@@ -539,10 +540,16 @@ class Worker:
         pid = getattr(job.slot, "pid", None) or self.stats.pid
         if self.task_events:
             self.events.emit({"type": "task-started", "uuid": job.task_id, "ts": t, "pid": pid})
-        task = self.app.tasks.get(job.name) if job.name else None
-        track = getattr(task, "track_started", None)
+        name = job.name
+        track = self._track_started.get(name)
         if track is None:
-            track = self.app.conf.get("task_track_started", False)
+            # the task's track_started, else the app's task_track_started: looked up once per task
+            # name (as Celery fixes it when the task class is made), not once per task
+            task = self.app.tasks.get(name) if name else None
+            track = getattr(task, "track_started", None)
+            if track is None:
+                track = self.app.conf.get("task_track_started", False)
+            track = self._track_started[name] = bool(track)
         if track and self._channel is not None and job.gen == self._channel.gen:
             # Celery's track_started: the state is STARTED until the final result
             # replaces it; pipelined with the other results of this loop turn.

@@ -27,11 +27,14 @@ class RecentIds:
         self._lock = threading.Lock()
 
     def add(self, task_id: str) -> None:
+        ids = self._ids
         with self._lock:
-            self._ids[task_id] = None
-            self._ids.move_to_end(task_id)
-            while len(self._ids) > self.maxlen:
-                self._ids.popitem(last=False)
+            if task_id in ids:
+                ids.move_to_end(task_id)
+            else:
+                ids[task_id] = None  # a new key goes last already
+                if len(ids) > self.maxlen:
+                    ids.popitem(last=False)
 
     def discard(self, task_id: str) -> None:
         with self._lock:
