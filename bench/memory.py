@@ -4,6 +4,7 @@ throughput at a deep queue against an empty one, and recovery time.  A benchmark
     python bench/memory.py                               # 1,000,000 x 100 B queued
     python bench/memory.py -n 2000000 --size 1000 --broker-args="--max-memory 2G"
     python bench/memory.py -n 1000000 --rate 100000      # + e2e throughput deep vs empty
+    python bench/memory.py -n 1000000 --rate 50000 --repeat 3   # each flow 3 times, medians
     python bench/memory.py -n 1000000 --recovery         # + restart: seconds to "ready"
     python bench/memory.py -n 10000000 --direct          # recovery only, of a log written in-process
 
@@ -12,9 +13,13 @@ What it does: starts its own brokerd (``python -m broker --host 127.0.0.1 --port
 before and after one producer process publishes ``-n`` messages (confirmed) that nobody
 consumes, and reports bytes per message beyond the body.  With ``--rate K`` it first moves K
 messages producer -> consumer through a side queue while the broker is empty, then again with
-the ``-n`` messages queued, and then drains K messages from the deep queue itself.  With
+the ``-n`` messages queued (``--repeat R``: R times each, medians), and then drains K messages
+from the deep queue itself.  Besides messages per second (first publish -> last delivery: on a
+shared machine, mostly a measure of the neighbours) it gives the broker's CPU-seconds per message
+in each flow (from /proc/<pid>/stat): the steadier figure for "does depth cost the broker".  With
 ``--recovery`` it stops the broker (SIGTERM) and times the restart to "ready" (the replay of
-the log).  The broker is stopped by its pid at the end; the last line is the command.
+the log; with ``--rate``, then drains K more from the deep queue, whose bodies a restart from a
+checkpoint reads back from the log).  The broker is stopped by its pid at the end; the last line is the command.
 
 ``--direct`` measures recovery alone at depths a producer process takes too long to fill: it
 writes the log in-process (the broker state and the write-ahead log, as brokerd does, ``-n``
@@ -53,19 +58,32 @@ class _Args:
         self.rate_limit = ""
 
 
-def flow(address: str, queue: str, k: int, size: int, produce: bool = True) -> float:
+def flow(address: str, queue: str, k: int, size: int, produce: bool = True, broker=None) -> tuple:
     """Move k messages through ``queue`` (a consumer process, and a producer process unless
-    ``produce`` is false: the consumer drains what is queued); returns messages per second."""
+    ``produce`` is false: the consumer drains what is queued); returns (messages per second,
+    the broker's CPU-seconds meanwhile or None without ``broker``, the clients' CPU-seconds)."""
     a = _Args(k, size)
+    cpu0 = broker.cpu_seconds() if broker is not None else None
     cons = spawn("consumer", address, a, queue=queue)
     if cons.stdout.readline().strip() != "ready":
         raise SystemExit("the consumer did not subscribe")
     if produce:
         p = last_json(spawn("producer", address, a, queue=queue), "producer", 1800)
         c = last_json(cons, "consumer", 1800)
-        return k / (c["last_delivery"] - p["first_publish"])
-    c = last_json(cons, "consumer", 1800)
-    return k / (c["last_delivery"] - c["first_delivery"])
+        rate, clients = k / (c["last_delivery"] - p["first_publish"]), p["cpu_s"] + c["cpu_s"]
+    else:
+        c = last_json(cons, "consumer", 1800)
+        rate, clients = k / (c["last_delivery"] - c["first_delivery"]), c["cpu_s"]
+    return rate, (broker.cpu_seconds() - cpu0 if broker is not None else None), clients
+
+
+def flows(broker, queue: str, k: int, size: int, repeat: int) -> list:
+    """``repeat`` runs of ``flow`` through ``queue``, one after the other."""
+    return [flow(broker.address, queue, k, size, broker=broker) for _ in range(repeat)]
+
+
+def _median(xs):
+    return sorted(xs)[len(xs) // 2]
 
 
 def queued(broker, queue: str) -> int:
@@ -149,6 +167,8 @@ def main(argv=None) -> None:
     ap.add_argument("--size", type=int, default=100, help="body bytes, >= 8 (default 100)")
     ap.add_argument("--rate", type=int, default=0, metavar="K",
                     help="also move K messages end to end at an empty broker and at the deep one (default 0: skip)")
+    ap.add_argument("--repeat", type=int, default=1, metavar="R",
+                    help="with --rate: R runs at the empty broker and R at the deep one, medians shown (default 1)")
     ap.add_argument("--recovery", action="store_true", help="also restart the broker and time its recovery")
     ap.add_argument("--broker-args", default="", help='extra brokerd flags, e.g. --broker-args="--fsync never"')
     ap.add_argument("--direct", action="store_true",
@@ -175,7 +195,7 @@ def main(argv=None) -> None:
 
             with Client(broker.address, name="bench-memory-probe") as c:
                 c.declare(DEEP)
-            empty_rate = flow(broker.address, SIDE, args.rate, args.size) if args.rate else None
+            empty = flows(broker, SIDE, args.rate, args.size, args.repeat) if args.rate else None
             time.sleep(0.2)  # let the broker go idle before the baseline (a reading, not synchronisation)
             before = broker.rss()
             t0 = time.monotonic()
@@ -191,12 +211,26 @@ def main(argv=None) -> None:
             else:  # less than the body: the bodies stayed in the log segments (spilled), only the index is in memory
                 print(f"  per message       {per:>8.0f} B  (less than the {args.size} B body: bodies spilled to the log)")
             if args.rate:
-                deep_rate = flow(broker.address, SIDE, args.rate, args.size)
-                drain = flow(broker.address, DEEP, args.rate, args.size, produce=False)
-                print(f"throughput  {args.rate:,} msgs of {args.size} B through a side queue, 1 producer + 1 consumer")
-                print(f"  empty broker      {empty_rate:>10,.0f} msgs/s")
-                print(f"  {n:,} queued  {deep_rate:>10,.0f} msgs/s  ({deep_rate / empty_rate:.2f}x)")
-                print(f"  drain deep queue  {drain:>10,.0f} msgs/s  (first {args.rate:,} of the deep queue, consumer only)")
+                time.sleep(0.2)
+                deep = flows(broker, SIDE, args.rate, args.size, args.repeat)
+                drain, cpu_m, _ = flow(broker.address, DEEP, args.rate, args.size, produce=False, broker=broker)
+                k = args.rate
+                e_rate, d_rate = _median([r for r, _, _ in empty]), _median([r for r, _, _ in deep])
+                e_cpu, d_cpu = _median([c for _, c, _ in empty]), _median([c for _, c, _ in deep])
+                e_cl, d_cl = _median([c for _, _, c in empty]), _median([c for _, _, c in deep])
+                runs = f" (median of {args.repeat})" if args.repeat > 1 else ""
+                print(f"throughput  {k:,} msgs of {args.size} B through a side queue, 1 producer + 1 consumer{runs}")
+                print(f"  empty broker      {e_rate:>10,.0f} msgs/s   broker {e_cpu / k * 1e6:5.1f} us CPU per msg, "
+                      f"clients {e_cl / k * 1e6:5.1f} us")
+                print(f"  {n:,} queued  {d_rate:>10,.0f} msgs/s   broker {d_cpu / k * 1e6:5.1f} us CPU per msg, "
+                      f"clients {d_cl / k * 1e6:5.1f} us")
+                print(f"  deep / empty      {d_rate / e_rate:>10.2f}x wall clock; by the broker's CPU per msg "
+                      f"{e_cpu / d_cpu:.2f}x  (load average {os.getloadavg()[0]:.1f})")
+                if args.repeat > 1:
+                    print("  runs (msgs/s)     empty " + " / ".join(f"{r:,.0f}" for r, _, _ in empty)
+                          + ", deep " + " / ".join(f"{r:,.0f}" for r, _, _ in deep))
+                print(f"  drain deep queue  {drain:>10,.0f} msgs/s   broker {cpu_m / k * 1e6:5.1f} us CPU per msg "
+                      f"(first {k:,} of the deep queue, consumer only)")
             if args.recovery:
                 left = queued(broker, DEEP)
                 t0 = time.monotonic()
@@ -209,11 +243,17 @@ def main(argv=None) -> None:
                       f"(spawn to 'ready', replay included{', from a checkpoint' if from_ckpt else ''}); "
                       f"{queued(broker, DEEP):,} queued after; RSS {broker.rss() / 2**20:.1f} MiB; "
                       f"the clean stop took {stop_s:.1f} s")
+                if args.rate:  # after a restart from a checkpoint every queued body is read back from the log
+                    back, cpu_b, _ = flow(broker.address, DEEP, args.rate, args.size, produce=False, broker=broker)
+                    print(f"  drain after it    {back:>10,.0f} msgs/s   broker {cpu_b / args.rate * 1e6:5.1f} us CPU per msg "
+                          f"(first {args.rate:,} after the restart: bodies read back from the log)")
         finally:
             broker.stop()
     cmd = ["python", "bench/memory.py", "-n", str(args.n), "--size", str(args.size)]
     if args.rate:
         cmd += ["--rate", str(args.rate)]
+        if args.repeat > 1:
+            cmd += ["--repeat", str(args.repeat)]
     if args.recovery:
         cmd += ["--recovery"]
     if broker_args:

@@ -66,9 +66,11 @@ class SpillMixin:
             raise LogFailed(self.log_failed) from None
         out = {}
         n = 0
+        loads = cbor2.loads
+        wrapped = (R.DEAD, R.MOVE)  # their payload holds the message's record as its item 1
         for lsn, (t, raw) in records.items():
-            p = cbor2.loads(raw)
-            if t == R.DEAD or t == R.MOVE:
+            p = loads(raw)
+            if t in wrapped:
                 p = p[1]
             out[lsn] = (p[2], p[3])
             n += len(raw)

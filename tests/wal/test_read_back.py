@@ -57,3 +57,39 @@ def test_records_asked_for_out_of_lsn_order_all_come_back(tmp_path):
     want = [19_990, 19_991, 3, 4, 5, 12_000, 7]
     assert w.read_payloads(want) == {i: (1 + i % 3, payload(i)) for i in want}
     w.close()
+
+
+def _flip_payload_byte(w, i: int) -> None:
+    """Damage record ``i`` on disk: one byte of its payload (the ``p<i>:`` text) flipped."""
+    needle = b"p%d:" % i
+    for seg in w.segments():
+        with open(seg.path, "r+b") as f:
+            data = f.read()
+            at = data.find(needle)
+            if at != -1:
+                assert data.count(needle) == 1
+                f.seek(at + 1)
+                f.write(bytes([data[at + 1] ^ 0xFF]))
+                return
+    raise AssertionError(f"record {i} not found")
+
+
+def test_a_damaged_record_on_the_way_is_refused_not_handed_back(tmp_path):
+    """Every record the read walks is checked (its CRC), the wanted one and those before it
+    from the mark on: a damaged one raises, naming the checksum, rather than giving back
+    bytes the log never held (read_payloads walks the records itself, not by decode_record)."""
+    from broker.wal.format import DamagedRecord
+
+    w = filled(tmp_path)
+    seg = w.segments()[1]
+    marks = w._marks[seg.name][0]
+    walked, wanted = marks[2], marks[2] + 1  # a read of `wanted` starts at the mark on `walked`
+    assert w.read_payloads([wanted]) == {wanted: (1 + wanted % 3, payload(wanted))}
+    _flip_payload_byte(w, walked)
+    with pytest.raises(DamagedRecord, match="fails its checksum"):
+        w.read_payloads([wanted])
+    assert w.read_payloads([marks[3]]) == {marks[3]: (1 + marks[3] % 3, payload(marks[3]))}  # the rest reads
+    _flip_payload_byte(w, marks[3] + 2)
+    with pytest.raises(DamagedRecord, match="fails its checksum"):
+        w.read_payloads([marks[3] + 2])
+    w.close()
