@@ -51,6 +51,20 @@ def queue_ready(broker: BrokerProcess, queue: str) -> int:
     return -1
 
 
+def drain_bodies(port: int, queue: str, n: int) -> dict:
+    """Consume and ack ``n`` messages of ``queue``: {id: body}."""
+    c = Raw(port)
+    c.ok(wire.OP_CONSUME, [queue], 100)
+    got = {}
+    while len(got) < n:
+        ds = c.deliveries(1, timeout=WAIT)
+        for d in ds:
+            got[d[4]] = d[5]
+        c.ok(wire.OP_ACK, [d[2] for d in ds])
+    c.close()
+    return got
+
+
 @pytest.fixture
 def group(tmp_path):
     started = []
@@ -279,17 +293,8 @@ def test_a_promoted_follower_leaves_big_queued_bodies_in_its_log_as_a_leader_doe
     assert "leader, epoch 1" in follower.admin("PROMOTE the leader was killed\n")
     wait_for(lambda: int(stats_line(follower, "spilled_messages") or 0) >= 300,
              "the promoted follower to leave big bodies in its log")
-    c = Raw(follower.port)
-    c.ok(wire.OP_CONSUME, ["deep"], 100)
-    got = {}
-    while len(got) < 600:
-        ds = c.deliveries(1, timeout=WAIT)
-        for d in ds:
-            got[d[4]] = d[5]
-        c.ok(wire.OP_ACK, [d[2] for d in ds])
-    assert got == bodies
-    for r in (raw, c):
-        r.close()
+    assert drain_bodies(follower.port, "deep", 600) == bodies
+    raw.close()
 
 
 def test_a_standby_keeps_queued_bodies_in_its_log_not_in_memory(group):
@@ -314,14 +319,5 @@ def test_a_standby_keeps_queued_bodies_in_its_log_not_in_memory(group):
     assert grown < total * 0.75, f"the follower grew {grown} bytes holding {total} bytes of queued bodies"
     leader.kill()
     assert "leader, epoch 1" in follower.admin("PROMOTE the leader was killed\n")
-    c = Raw(follower.port)
-    c.ok(wire.OP_CONSUME, ["deep"], 100)
-    got = {}
-    while len(got) < 1600:
-        ds = c.deliveries(1, timeout=WAIT)
-        for d in ds:
-            got[d[4]] = d[5]
-        c.ok(wire.OP_ACK, [d[2] for d in ds])
-    assert got == bodies
-    for r in (raw, c):
-        r.close()
+    assert drain_bodies(follower.port, "deep", 1600) == bodies
+    raw.close()

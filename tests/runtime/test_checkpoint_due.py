@@ -8,14 +8,19 @@ from broker.state.core import BrokerState
 from broker.wal.log import WriteAheadLog
 
 
-async def test_a_checkpoint_is_due_after_enough_records_and_pointed_at_once_written(tmp_path, monkeypatch):
+def durability(tmp_path, monkeypatch):
+    """A fresh log, a state logging to it, and its Durability with a checkpoint due from 100 records."""
     wal = WriteAheadLog(str(tmp_path), fsync="never")
     list(wal.open())
     state = BrokerState()
     state.enable_log()
     state.connect(1)
-    dur = Durability(wal, state, Config(port=0, data_dir=str(tmp_path)))
     monkeypatch.setattr(Durability, "CHECKPOINT_RECORDS", 100)
+    return wal, state, Durability(wal, state, Config(port=0, data_dir=str(tmp_path)))
+
+
+async def test_a_checkpoint_is_due_after_enough_records_and_pointed_at_once_written(tmp_path, monkeypatch):
+    wal, state, dur = durability(tmp_path, monkeypatch)
     for i in range(150):
         state.publish(1, "q", b"b%d" % i, None, 0, 1.0)
     dur.submit(state.take_records(), {}, lambda box: None)
@@ -71,13 +76,7 @@ async def test_at_depth_a_checkpoint_is_due_after_a_tenth_of_the_queue_so_a_cras
     """Past CHECKPOINT_RECORDS, a checkpoint is due once the records since the last one reach a
     tenth of what is queued: what a crash at depth replays one by one (a quarter left 2,500,000
     records, 30 CPU-s of start-up, at 10,000,000 queued)."""
-    wal = WriteAheadLog(str(tmp_path), fsync="never")
-    list(wal.open())
-    state = BrokerState()
-    state.enable_log()
-    state.connect(1)
-    dur = Durability(wal, state, Config(port=0, data_dir=str(tmp_path)))
-    monkeypatch.setattr(Durability, "CHECKPOINT_RECORDS", 100)
+    wal, state, dur = durability(tmp_path, monkeypatch)
     for i in range(5000):
         state.publish(1, "q", b"b%d" % i, None, 0, 1.0)
     dur.submit(state.take_records(), {}, lambda box: None)
