@@ -210,10 +210,17 @@ def test_workers_and_task(ctl_broker, setup, capsys):
 
 
 # -- events: a stream, until Ctrl-C ----------------------------------------------------------------
+def _ctrl_c_as_at_a_terminal() -> None:
+    # A suite started as a background job of a non-interactive shell (`.ci/run &`) inherits
+    # SIGINT ignored, and Python keeps an ignored SIGINT ignored: Ctrl-C would never arrive.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def ctl_process(address, *args) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "-m", "client.ctl", "-b", address, *args], cwd=ROOT, env=env,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_ctrl_c_as_at_a_terminal)
 
 
 @pytest.mark.parametrize("json_mode", [False, True], ids=["text", "json"])
