@@ -4,8 +4,11 @@ The server hands every batch's log records and outgoing frames to
 ``submit``.  Records are appended to the log's in-memory buffer at once (cheap:
 a struct pack); the writer task (``run``) takes whatever is pending, writes it
 with one ``os.write`` and fsyncs it with one ``fsync`` in a worker thread, so
-the event loop keeps serving while the disk works.  Records submitted while a
-write is in flight go together in the next one: group commit.
+the event loop keeps serving while the disk works; a small write with no fsync or
+segment rotation in it (``INLINE_WRITE_BYTES``) is made on the loop itself, one
+os.write to the page cache being cheaper than the hand-off to a thread and back.
+Records submitted while a write or fsync is in flight go together in the next
+one: group commit.
 
 Under ``fsync=always`` a batch's confirms are held until the fsync that covers
 its records returns — that is what makes a confirm mean "on disk".  Under
@@ -388,13 +391,23 @@ class Durability:
             if self.failed is None:
                 await self._after_write()
 
+    # A write of at most this many bytes, with no fsync or rotation in it, is made on the event
+    # loop: one os.write to the page cache costs microseconds, the hand-off to a worker thread
+    # and back ~0.1-0.3 ms of latency and CPU.  A sequential confirmed publish pays the hop twice
+    # under --fsync always (write, then fsync), once under never.
+    INLINE_WRITE_BYTES = 256 * 1024
+
     async def _locked(self, fn) -> None:
         async with self._write_lock:
             if self.failed is not None:
                 return
             self._io_started = time.monotonic()
             try:
-                await trio.to_thread.run_sync(fn)
+                if fn == self._write_pending and self.wal.small_write_due(self.INLINE_WRITE_BYTES):
+                    fn()
+                    await trio.lowlevel.checkpoint()  # as the thread hop was: others may run here
+                else:
+                    await trio.to_thread.run_sync(fn)
             except WalFailed as exc:
                 self._fail(exc)
                 return

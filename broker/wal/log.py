@@ -466,6 +466,13 @@ class WriteAheadLog:
         self._pending_count = 0
         return batch
 
+    def small_write_due(self, limit: int) -> bool:
+        """Whether writing what is pending takes one small ``os.write`` and nothing else: at most
+        ``limit`` bytes, no fsync by the log's own policy, no segment rotation.  Such a write
+        goes to the page cache in microseconds, so a caller may make it without a thread."""
+        return (self.fsync_policy == "never" and 0 < len(self._pending) <= limit and bool(self._segments)
+                and self._segments[-1].size + len(self._pending) < self.segment_bytes)
+
     # ------------------------------------------------------------------ writer side
 
     def write_batch(self, batch: Batch | None) -> None:

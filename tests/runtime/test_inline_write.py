@@ -1,0 +1,62 @@
+"""Small log writes are made on the event loop (broker/runtime/durability.py INLINE_WRITE_BYTES):
+one os.write to the page cache, without the hand-off to a worker thread and back that cost a
+sequential publish ~0.2 ms.  A big batch, or one that fills the segment (a rotation), still
+goes to a thread.  Durability over a real log, driven by hand."""
+
+import trio
+
+from broker.config import Config
+from broker.runtime.durability import Durability
+from broker.state.core import BrokerState
+from broker.wal.log import WriteAheadLog
+
+
+def durability(tmp_path, **wal_options):
+    wal = WriteAheadLog(str(tmp_path), fsync="never", **wal_options)
+    list(wal.open())
+    state = BrokerState()
+    state.enable_log()
+    state.connect(1)
+    return wal, state, Durability(wal, state, Config(port=0, data_dir=str(tmp_path)))
+
+
+def count_thread_hops(monkeypatch) -> list:
+    hops = []
+    real = trio.to_thread.run_sync
+
+    async def counting(fn, *args, **kw):
+        hops.append(getattr(fn, "__name__", fn))
+        return await real(fn, *args, **kw)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting)
+    return hops
+
+
+async def test_a_small_write_is_made_without_a_thread_and_is_on_disk(tmp_path, monkeypatch):
+    wal, state, dur = durability(tmp_path)
+    hops = count_thread_hops(monkeypatch)
+    state.publish(1, "q", b"small", None, 0, 1.0)
+    dur.submit(state.take_records(), {}, lambda box: None)
+    await dur._locked(dur._write_pending)
+    assert hops == [] and wal.written_lsn == state.last_lsn
+    wal.close()
+    reopened = WriteAheadLog(str(tmp_path), fsync="never")
+    assert [r.lsn for r in reopened.open()][-1] == state.last_lsn
+    reopened.close()
+
+
+async def test_a_big_batch_or_a_rotation_still_goes_to_a_thread(tmp_path, monkeypatch):
+    wal, state, dur = durability(tmp_path, segment_bytes=64 * 1024)
+    hops = count_thread_hops(monkeypatch)
+    for i in range(3):  # ~96 KiB: past the segment, so this write rotates
+        state.publish(1, "q", bytes([i]) * 32 * 1024, None, 0, 1.0)
+    dur.submit(state.take_records(), {}, lambda box: None)
+    await dur._locked(dur._write_pending)
+    assert hops == ["_write_pending"] and wal.written_lsn == state.last_lsn
+    monkeypatch.setattr(Durability, "INLINE_WRITE_BYTES", 100)
+    hops.clear()
+    state.publish(1, "q", b"x" * 200, None, 0, 1.0)  # a small segment left, but past the limit
+    dur.submit(state.take_records(), {}, lambda box: None)
+    await dur._locked(dur._write_pending)
+    assert hops == ["_write_pending"] and wal.written_lsn == state.last_lsn
+    wal.close()
