@@ -74,6 +74,25 @@ def test_standby_depths_follow_each_batch_and_promotion_equals_a_replay():
     sb.check_invariants()
 
 
+def leader_step(lead, held: list, op: str, n: int, i: int, mid) -> bool:
+    """The ops both model tests share: p(ublish), d(elayed publish), a(ck), (nac)k, x (purge) on
+    queue a or b by n; ``held`` the leader's consumer's unsettled tags.  False: not one of them."""
+    q = "ab"[n % 2]
+    if op == "p":
+        lead.s.publish(P, q, b"%d" % i, mid, n, 0.0)
+    elif op == "d":
+        lead.s.publish(P, q, b"%d" % i, mid, n, 0.0, delay=100 + n)
+    elif op == "a" and held:
+        lead.s.ack(C, held.pop(0), 0.0)
+    elif op == "k" and held:
+        lead.s.nack(C, held.pop(0), 0.0, requeue=bool(n % 2))
+    elif op == "x":
+        lead.s.purge(q, 0.0)
+    else:
+        return False
+    return True
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from("pcakndx"), st.integers(0, 5)), max_size=40), st.integers(1, 7))
 def test_standby_in_batches_equals_replay_whatever_the_ops_and_the_cut(ops, every):
@@ -83,18 +102,9 @@ def test_standby_in_batches_equals_replay_whatever_the_ops_and_the_cut(ops, ever
     sb.standby_begin()
     held: list = []
     for i, (op, n) in enumerate(ops):
-        q = "ab"[n % 2]
         held += lead.delivered()
-        if op == "p":
-            lead.s.publish(P, q, b"%d" % i, None, n, 0.0)
-        elif op == "d":
-            lead.s.publish(P, q, b"%d" % i, None, n, 0.0, delay=100 + n)
-        elif op == "a" and held:
-            lead.s.ack(C, held.pop(0), 0.0)
-        elif op == "k" and held:
-            lead.s.nack(C, held.pop(0), 0.0, requeue=bool(n % 2))
-        elif op == "x":
-            lead.s.purge(q, 0.0)
+        if leader_step(lead, held, op, n, i, None):
+            pass
         elif op == "c":
             lead.s.compact(lead.s.last_lsn)
         if i % every == 0:
@@ -156,18 +166,9 @@ def test_a_log_cut_anywhere_before_the_leaders_kept_start_replays_as_the_leaders
     kept = 1  # the first lsn the leader's log keeps
     held: list = []
     for i, (op, n) in enumerate(ops):
-        q = "ab"[n % 2]
         held += lead.delivered()
-        if op == "p":
-            lead.s.publish(P, q, b"%d" % i, f"m{i}", n, 0.0)
-        elif op == "d":
-            lead.s.publish(P, q, b"%d" % i, f"m{i}", n, 0.0, delay=100 + n)
-        elif op == "a" and held:
-            lead.s.ack(C, held.pop(0), 0.0)
-        elif op == "k" and held:
-            lead.s.nack(C, held.pop(0), 0.0, requeue=bool(n % 2))
-        elif op == "x":
-            lead.s.purge(q, 0.0)
+        if leader_step(lead, held, op, n, i, f"m{i}"):
+            pass
         elif op == "g":
             lead.s.result_set(P, f"t{i}", "SUCCESS", i, None, 0.0)
         elif op == "y":
