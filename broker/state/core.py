@@ -844,8 +844,7 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
             return
         if n == 1 and not q.slotted:
             c = cons[0]  # one consumer: the round-robin below is "fill its credit"
-            if c.unacked < c.prefetch and not (self._gated or self.revoked or self._unique_of
-                                               or q.options.reserve_timeout is not None):
+            if c.unacked < c.prefetch and self._fill_applies(q):
                 self._fill(c, q, now)
                 q.rr = 0
                 if self._delivered_seqs:
@@ -924,8 +923,7 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
                 break
             if q.paused:
                 continue
-            if q.ready_count and not (self._gated or self.revoked or self._unique_of
-                                      or q.options.reserve_timeout is not None):
+            if q.ready_count and self._fill_applies(q):
                 self._fill(c, q, now)
                 continue
             while q.ready_count and c.unacked < c.prefetch:
@@ -936,11 +934,16 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         if self._delivered_seqs:
             self._log_deliveries()
 
+    def _fill_applies(self, q: Queue) -> bool:
+        """Whether ``_fill`` may deliver q's messages: nothing needs a check per message (no rate
+        or cap gate, no revoked task, no unique key freed by a start, no reserve_timeout)."""
+        return not (self._gated or self.revoked or self._unique_of or q.options.reserve_timeout is not None)
+
     def _fill(self, c: Consumer, q: Queue, now: float) -> None:
         """``_next_live`` and ``_deliver`` for as many of q's ready messages as c has credit for, in
         one loop: the common case (no rate or cap gate, no revoked task, no unique key freed by
         its start, no reserve_timeout on q), where a delivery is the message popped, its attempt
-        counted and one DELIVER frame (W1's hot path, issue 18).  The caller checks the case."""
+        counted and one DELIVER frame (W1's hot path, issue 18).  The caller checks ``_fill_applies``."""
         pop = q.pop_ready
         inflight = self.inflight
         deliveries = self.conns[c.conn].deliveries
