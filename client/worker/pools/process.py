@@ -257,13 +257,13 @@ class ProcessPool(Pool):
                 if job.hard:
                     job.deadline = now + job.hard
             c.jobs.append(job)
-            jobs.append(job.to_runner(False))
+            jobs.append(job)
             if batch > 1 and not self.w.batchable(job):
                 break  # nothing queued behind a job that may run long (see dispatch)
         c.assigned += len(jobs)
-        data = pickle.dumps(jobs, PICKLE)
+        data = _pickle_jobs(jobs)
         try:
-            _write_all(c.fd, FRAME.pack(len(data)) + data)
+            _write_all(c.fd, data)
         except OSError:
             pass  # the child is gone: its pidfd / EOF tells the main loop, which hands the jobs back
 
@@ -426,6 +426,17 @@ def _child_main(fd: int, w, label: str):
         signals.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)
 
 
+def _pickle_jobs(jobs) -> bytes:
+    """One frame of jobs for a pool process: each with the envelope the main loop decoded and checked
+    already (the child does not decode it again), or, when pickle cannot carry something in an envelope
+    (a CBOR tag nobody registered, ``undefined``), with the message bodies for the child to decode."""
+    try:
+        data = pickle.dumps([job.to_runner(True) for job in jobs], PICKLE)
+    except Exception:  # noqa: BLE001 - pickle raises several kinds (PicklingError, TypeError, RecursionError)
+        data = pickle.dumps([job.to_runner(False) for job in jobs], PICKLE)
+    return FRAME.pack(len(data)) + data
+
+
 def _child_loop(fd: int, w, runner):
     buf = bytearray()
     read = os.read
@@ -433,6 +444,7 @@ def _child_loop(fd: int, w, runner):
     dumps = pickle.dumps
     pack = FRAME.pack
     clock = time.perf_counter
+    execute = runner.execute
     while True:
         while len(buf) < 4 or len(buf) - 4 < FRAME.unpack_from(buf, 0)[0]:
             data = read(fd, 262144)
@@ -451,7 +463,7 @@ def _child_loop(fd: int, w, runner):
                 outcome = None  # not started: the parent hands it back to brokerd
             else:
                 t0 = clock()
-                outcome = runner.execute(job)
+                outcome = execute(job)
                 runtime = clock() - t0
             try:
                 data = dumps((job[0], outcome, runtime), PICKLE)

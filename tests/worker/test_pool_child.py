@@ -1,0 +1,153 @@
+"""A process-pool child runs from the envelope the main loop decoded (``process._pickle_jobs``), not from
+the message body: what a task sees and what its outcome is must be what decoding the body gave."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import pickle
+import socket
+import threading
+import uuid
+
+import cbor2
+import pytest
+
+from client.app import App, make_envelope
+from client.envelope import decode_envelope, encode_envelope
+from client.worker.pools import process as pp
+from client.worker.pools.base import Job
+from client.worker.outcome import S_ACK, S_RETRY
+from client.worker.runner import Runner, check_envelope
+
+app = App("pool-child-test", broker="127.0.0.1:1", task_default_queue="q")
+HOST = "child@test"
+
+
+@app.task(bind=True, name="t.fields")
+def fields(self, *args, **kwargs):
+    r = self.request
+    return {"id": r.id, "args": repr(r.args), "kwargs": repr(r.kwargs), "retries": r.retries,
+            "delivery_info": r.delivery_info, "eta": r.eta, "expires": r.expires, "parent_id": r.parent_id,
+            "root_id": r.root_id, "headers": repr(r.headers), "hostname": r.hostname, "task": r.task,
+            "group": r.group, "origin": r.origin, "time_limit": list(r.timelimit), "argsrepr": r.argsrepr,
+            "kwargsrepr": r.kwargsrepr, "stamps": r.stamps, "stamped_headers": r.stamped_headers,
+            "properties": r.properties, "callbacks": r.callbacks}
+
+
+@app.task(name="t.boom")
+def boom(x):
+    raise ValueError(f"no {x}")
+
+
+@app.task(bind=True, name="t.again", max_retries=3)
+def again(self):
+    raise self.retry(countdown=7)
+
+
+class _D:
+    """What a Job needs of a delivery."""
+
+    def __init__(self, body, queue="q", priority=4, attempts=2, headers=None):
+        self.body = body
+        self.id = str(uuid.uuid4())
+        self.queue = queue
+        self.priority = priority
+        self.attempts = attempts
+        self.headers = headers
+
+
+def _job(seq, env, **kw):
+    body = encode_envelope(env)
+    d = _D(body, **kw)
+    decoded = decode_envelope(body)
+    check_envelope(decoded)
+    return Job(seq, d, 1, decoded["id"], decoded["task"], decoded, None, None)
+
+
+class _W:
+    hostname = HOST
+
+
+def _run_in_child_loop(jobs):
+    """The jobs through the real ``_child_loop`` over a socketpair, as the pool sends them: the outcomes."""
+    a, b = socket.socketpair()
+    parent, child = a.detach(), b.detach()
+    runner = Runner(app, HOST, alarm=False)  # alarm=True wants the main thread
+    t = threading.Thread(target=pp._child_loop, args=(child, _W(), runner))
+    t.start()
+    try:
+        frame = pp._pickle_jobs(jobs)
+        pp._write_all(parent, frame)
+        buf, out = b"", []
+        while len(out) < len(jobs):
+            data = os.read(parent, 1 << 20)
+            assert data, "the child loop ended early"
+            buf += data
+            while len(buf) >= 4 and len(buf) - 4 >= pp.FRAME.unpack_from(buf, 0)[0]:
+                (n,) = pp.FRAME.unpack_from(buf, 0)
+                out.append(pickle.loads(buf[4:4 + n]))
+                buf = buf[4 + n:]
+    finally:
+        os.close(parent)  # EOF: the child loop returns
+        t.join(10)
+        os.close(child)
+    return frame, out
+
+
+def _from_body(job):
+    """The outcome of the job as the child computed it before: decoding the message body itself."""
+    return Runner(app, HOST, alarm=False).execute(job.to_runner(False))
+
+
+def test_a_child_sees_the_request_it_would_have_decoded_from_the_body():
+    now = 1_700_000_000.5
+    envs = [
+        make_envelope("t.fields", str(uuid.uuid4()), (1, "two", [3.0, None], dt.datetime(2024, 5, 6, 7, 8, 9)),
+                      {"k": {"nested": b"bytes"}}, eta=now, expires=now + 60, parent_id="p-1", root_id="r-1",
+                      headers={"origin": "gen@host", "stamped_headers": ["s"], "stamps": {"s": "v"}},
+                      options={"argsrepr": "(secret)", "group_id": "g-1", "time_limit": 30, "soft_time_limit": 20}),
+        make_envelope("t.fields", str(uuid.uuid4()), (), {}),
+    ]
+    jobs = [_job(1, envs[0], headers={"retries": 2}), _job(2, envs[1], priority=0, attempts=1)]
+    frame, out = _run_in_child_loop(jobs)
+    sent = pickle.loads(frame[4:])
+    assert [type(j[1]) for j in sent] == [dict, dict]  # the decoded envelopes, not the bodies
+    assert [o[0] for o in out] == [1, 2]
+    for job, (_, outcome, runtime) in zip(jobs, out):
+        assert outcome == _from_body(job)
+        assert outcome[1] == "SUCCESS" and runtime >= 0
+    first = out[0][1][2]
+    assert first["retries"] == 2 and first["argsrepr"] == "(secret)" and first["group"] == "g-1"
+    assert first["args"] == repr([1, "two", [3.0, None], dt.datetime(2024, 5, 6, 7, 8, 9)])
+    assert first["delivery_info"] == {"queue": "q", "priority": 4, "redelivered": True, "attempts": 2,
+                                      "exchange": "", "routing_key": "q"}
+    assert first["stamps"] == {"s": "v"} and first["origin"] == "gen@host" and first["time_limit"] == [30, 20]
+
+
+def test_failures_and_retries_from_a_decoded_envelope_are_those_from_the_body():
+    jobs = [_job(1, make_envelope("t.boom", str(uuid.uuid4()), ("x",), {})),
+            _job(2, make_envelope("t.again", str(uuid.uuid4()), (), {}), headers={"retries": 1})]
+    _, out = _run_in_child_loop(jobs)
+    failed, retried = out[0][1], out[1][1]
+    assert failed[:3] == (S_ACK, "FAILURE", None)
+    assert failed[3]["exc_type"] == "ValueError" and failed[3]["exc_message"] == "no x"
+    assert failed[3]["exc_args"] == ["no x"]
+    before = _from_body(jobs[0])
+    assert {k: v for k, v in failed[3].items() if k != "traceback"} == {
+        k: v for k, v in before[3].items() if k != "traceback"}
+    assert retried[0] == S_RETRY and retried[4] == 7.0 and retried[5] == 2  # retries header 1 -> 2
+    assert retried[:3] == _from_body(jobs[1])[:3] and retried[4:] == _from_body(jobs[1])[4:]
+
+
+def test_an_envelope_pickle_cannot_carry_goes_as_the_body_and_the_child_decodes_it():
+    tagged = cbor2.CBORTag(40404, "kept as a tag")  # a tag nobody registered: decoded as a CBORTag
+    env = make_envelope("t.fields", str(uuid.uuid4()), (tagged,), {})
+    job = _job(1, env)
+    with pytest.raises(Exception):
+        pickle.dumps(job.env)  # the premise: pickle cannot carry it
+    frame, out = _run_in_child_loop([job, _job(2, make_envelope("t.boom", str(uuid.uuid4()), (1,), {}))])
+    sent = pickle.loads(frame[4:])
+    assert [type(j[1]) for j in sent] == [bytes, bytes]
+    assert out[0][1][1] == "SUCCESS" and out[0][1][2]["args"] == repr([tagged])
+    assert out[1][1][1] == "FAILURE" and out[1][1][3]["exc_message"] == "no 1"
