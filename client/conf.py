@@ -212,15 +212,24 @@ class Conf(dict):
 
     def get(self, key, default=None):
         """The set or configured value; else brokerd's default; else ``default`` when given; else Celery's."""
-        value = self._lookup(key)
+        # (_lookup and _default written out for the common cases: the worker asks per task)
+        if dict.__contains__(self, key):
+            return dict.__getitem__(self, key)
+        if self._sources:
+            value = self._lookup(key)
+            if value is not _MISSING:
+                return value
+        value = self._defaults.get(key, _MISSING)
         if value is not _MISSING:
-            return value
-        if key in self._defaults:
-            return self._default(key)
+            return self._default(key) if isinstance(value, (dict, list)) else value
         if default is not None:
             return default
-        value = self._default(key)
-        return None if value is _MISSING else value
+        value = CELERY_DEFAULTS.get(key, _MISSING)
+        if value is _MISSING:
+            return None
+        if isinstance(value, (dict, list)):
+            return self._default(key)  # a private copy (see _default)
+        return value
 
     def __getattr__(self, key):
         if key.startswith("__"):
