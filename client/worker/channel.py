@@ -34,24 +34,44 @@ class Done:
 
     def release(self):
         p = self.p
-        if p is not None and p.error is not None:
-            self.sink.append((self.what, p.error))
+        if p is not None:
+            self.p = None  # p holds this waiter: no cycle left for the garbage collector
+            if p.error is not None:
+                self.sink.append((self.what, p.error))
 
     def acquire(self, *a, **kw):  # never waited on; present so the Client can treat it as a lock
         return True
 
 
-class _ResultCall:
-    """RESULT_SET as a ``Client.submit`` call (what ``verbs.store_result`` makes, less a closure per task)."""
+class _Result:
+    """RESULT_SET as a ``Client.submit`` call that is also its own waiter (``Done``'s part): one object
+    per task, not three (what ``verbs.store_result`` makes, less a closure; and no ``what`` tuple
+    unless brokerd refuses it)."""
 
-    __slots__ = ("args",)
+    __slots__ = ("p", "task_id", "state", "value", "meta", "ttl", "d", "sink")
 
-    def __init__(self, *args):
-        self.args = args
+    def __init__(self, task_id, state, value, meta, ttl, d, sink):
+        self.p = None
+        self.task_id = task_id
+        self.state = state
+        self.value = value
+        self.meta = meta
+        self.ttl = ttl
+        self.d = d
+        self.sink = sink
 
     def begin(self, session, waiter):
-        task_id, state, value, meta, ttl, d = self.args
-        return session.store_result(task_id, state, value, meta, ttl, d, waiter=waiter)
+        return session.store_result(self.task_id, self.state, self.value, self.meta, self.ttl, self.d, waiter=waiter)
+
+    def release(self):
+        p = self.p
+        if p is not None:
+            self.p = None  # p holds this waiter: no cycle left for the garbage collector
+            if p.error is not None:
+                self.sink.append((("result", self.task_id, self.state, self.value, self.meta), p.error))
+
+    def acquire(self, *a, **kw):  # never waited on (see Done)
+        return True
 
 
 class Channel:
@@ -75,8 +95,8 @@ class Channel:
 
     def result(self, d, task_id, state, value=None, meta=None) -> None:
         """RESULT_SET; with ``d`` (a delivery of this connection), ack it in the same record."""
-        w = Done(("result", task_id, state, value, meta), self.sink)
-        w.p = self.client.submit(_ResultCall(task_id, state, value, meta, self.ttl, d), w)
+        r = _Result(task_id, state, value, meta, self.ttl, d, self.sink)
+        r.p = self.client.submit(r, r)
 
     def ack(self, d) -> None:
         d.ack()
