@@ -8,7 +8,7 @@ What the default worker (``--pool processes -c 2``, adaptive credit, task events
 of ``bench/tasks.py``'s W2 run, with its real code: the client's reader thread taking DELIVER_BATCH
 frames of 16 bench.noop deliveries and the OK replies to its RESULT_SETs (``Session.receive`` and the
 wake-ups, "reader"); the main loop taking the deliveries (decode, check, task-received event),
-handing them to two pool processes (``ProcessPool.dispatch``: pickled jobs written to a socketpair),
+handing them to two pool processes (``ProcessPool.dispatch``: jobs written to a socketpair),
 taking their outcomes (``ProcessPool.on_ready``: the task's outcome, its RESULT_SET with the delivery's
 tag and its events) and flushing once per turn, as ``client/worker/mainloop.py`` does ("main").  The
 pool processes are stood in for: their side is read and answered here untimed (``Runner.execute`` of
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import os
-import pickle
 import pstats
 import select
 import socket
@@ -87,8 +86,8 @@ def child_side(fd, outcome) -> int:
     pos = 0
     while pos < len(data):
         (n,) = pp.FRAME.unpack_from(data, pos)
-        for job in pickle.loads(data[pos + 4: pos + 4 + n]):
-            blob = pickle.dumps((job[0], outcome, 2.5e-05), pp.PICKLE)
+        for job in pp._load(data[pos + 4: pos + 4 + n]):
+            blob = pp._outcome_payload(job[0], outcome, 2.5e-05, job[2], HOST)
             out.append(pp.FRAME.pack(len(blob)) + blob)
         pos += 4 + n
     if out:

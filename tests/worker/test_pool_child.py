@@ -1,5 +1,6 @@
-"""A process-pool child runs from the envelope the main loop decoded (``process._pickle_jobs``), not from
-the message body: what a task sees and what its outcome is must be what decoding the body gave."""
+"""A process-pool child runs from the envelope the main loop decoded (``process._jobs_frame``), not from
+the message body: what a task sees and what its outcome is must be what decoding the body gave.  Jobs
+and outcomes cross by marshal where it carries them exactly, else by pickle."""
 
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def _run_in_child_loop(jobs):
     t = threading.Thread(target=pp._child_loop, args=(child, _W(), runner))
     t.start()
     try:
-        frame = pp._pickle_jobs(jobs)
+        frame = pp._jobs_frame(jobs)
         pp._write_all(parent, frame)
         buf, out = b"", []
         while len(out) < len(jobs):
@@ -86,7 +87,7 @@ def _run_in_child_loop(jobs):
             buf += data
             while len(buf) >= 4 and len(buf) - 4 >= pp.FRAME.unpack_from(buf, 0)[0]:
                 (n,) = pp.FRAME.unpack_from(buf, 0)
-                out.append(pickle.loads(buf[4:4 + n]))
+                out.append(pp._load(buf[4:4 + n]))
                 buf = buf[4 + n:]
     finally:
         os.close(parent)  # EOF: the child loop returns
@@ -111,8 +112,9 @@ def test_a_child_sees_the_request_it_would_have_decoded_from_the_body():
     ]
     jobs = [_job(1, envs[0], headers={"retries": 2}), _job(2, envs[1], priority=0, attempts=1)]
     frame, out = _run_in_child_loop(jobs)
-    sent = pickle.loads(frame[4:])
+    sent = pp._load(frame[4:])
     assert [type(j[1]) for j in sent] == [dict, dict]  # the decoded envelopes, not the bodies
+    assert frame[4:5] == pp.PICKLED  # a datetime: marshal cannot carry it, pickle can
     assert [o[0] for o in out] == [1, 2]
     for job, (_, outcome, runtime) in zip(jobs, out):
         assert outcome == _from_body(job)
@@ -147,7 +149,44 @@ def test_an_envelope_pickle_cannot_carry_goes_as_the_body_and_the_child_decodes_
     with pytest.raises(Exception):
         pickle.dumps(job.env)  # the premise: pickle cannot carry it
     frame, out = _run_in_child_loop([job, _job(2, make_envelope("t.boom", str(uuid.uuid4()), (1,), {}))])
-    sent = pickle.loads(frame[4:])
-    assert [type(j[1]) for j in sent] == [bytes, bytes]
+    sent = pp._load(frame[4:])
+    assert [type(j[1]) for j in sent] == [bytes, bytes] and frame[4:5] == pp.PICKLED
     assert out[0][1][1] == "SUCCESS" and out[0][1][2]["args"] == repr([tagged])
     assert out[1][1][1] == "FAILURE" and out[1][1][3]["exc_message"] == "no 1"
+
+
+def test_plain_envelopes_cross_by_marshal_and_arrive_as_they_were():
+    envs = [make_envelope("t.fields", str(uuid.uuid4()), (1, 2.5, "s", b"b", None, True, [1, {"a": [2]}], 2 ** 80),
+                          {"k": -0.0}, headers={"stamped_headers": ["s"], "stamps": {"s": 1}}),
+            make_envelope("t.fields", str(uuid.uuid4()), (), {})]
+    jobs = [_job(1, envs[0], headers={"retries": 3}), _job(2, envs[1])]
+    frame, out = _run_in_child_loop(jobs)
+    assert frame[4:5] == pp.MARSHAL
+    sent = pp._load(frame[4:])
+    assert sent == [job.to_runner(True) for job in jobs]
+    assert [[type(a) for a in j[1]["args"]] for j in sent] == [[type(a) for a in jobs[0].env["args"]], []]
+    for job, (_, outcome, _) in zip(jobs, out):
+        assert outcome == _from_body(job)
+
+
+class Color(int):
+    pass
+
+
+@pytest.mark.parametrize("value, marshalled", [
+    (None, True), (7, True), (2 ** 70, True), ("text", True), (1.5, True), (False, True),
+    (bytearray(b"x"), False), (Color(3), False), ([1, 2], False), ({"a": 1}, False), (b"raw", False),
+])
+def test_an_outcome_crosses_as_itself(value, marshalled):
+    outcome = (S_ACK, "SUCCESS", value, None, None, None)
+    payload = pp._outcome_payload(9, outcome, 0.25, "m-1", HOST)
+    assert (payload[:1] == pp.MARSHAL) is marshalled
+    seq, got, runtime = pp._load(payload)
+    assert (seq, got, runtime) == (9, outcome, 0.25) and type(got[2]) is type(value)
+
+
+def test_an_outcome_pickle_cannot_carry_is_a_failure_naming_the_task():
+    payload = pp._outcome_payload(4, (S_ACK, "SUCCESS", [threading.Lock()], None, None, None), 0.1, "m-9", HOST)
+    seq, got, _ = pp._load(payload)
+    assert seq == 4 and got[:3] == (S_ACK, "FAILURE", None) and got[3]["exc_type"] == "EncodeError"
+    assert "result of task m-9 cannot cross to the worker process" in got[3]["exc_message"]

@@ -1,8 +1,9 @@
 """The ``processes`` pool (the default; concurrency = CPU count): N forked children.
 
-Each child has a socketpair to the parent carrying pickled jobs and outcomes (4-byte length
-prefix).  A child runs one task at a time; with a deep backlog (prefetch multiplier > 1) it is
-handed batches of up to ``MAX_BATCH`` jobs per write.  Its death is seen through a pidfd (or
+Each child has a socketpair to the parent carrying jobs and outcomes (4-byte length prefix, then
+``m`` and a marshal, or ``p`` and a pickle: see ``_jobs_frame``).  A child runs one task at a time;
+with a deep backlog (prefetch multiplier > 1) it is handed batches of up to ``MAX_BATCH`` jobs per
+write.  Its death is seen through a pidfd (or
 EOF): the host's ``lost_job`` decides what the task's outcome is.  Children ignore SIGINT/SIGTERM
 (the parent decides when they stop) and get SIGKILL if the parent dies (``PR_SET_PDEATHSIG``),
 so a ``kill -9`` of the worker frees its tasks for redelivery at once.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import logging
+import marshal
 import os
 import pickle
 import select
@@ -36,8 +38,12 @@ from client.worker.runner import Runner
 
 log = logging.getLogger("brokerd.worker")
 
-FRAME = struct.Struct(">I")  # parent <-> child: 4-byte length, then a pickle
+FRAME = struct.Struct(">I")  # parent <-> child: 4-byte length, then the payload (_load)
 PICKLE = pickle.HIGHEST_PROTOCOL
+MARSHAL, PICKLED = b"m", b"p"  # a payload's first byte: how the rest is encoded
+_M = MARSHAL[0]
+# Result values marshal carries as they are (exact types only: a subclass, an IntEnum say, is pickled)
+_PLAIN = frozenset((type(None), bool, int, float, str))
 PR_SET_PDEATHSIG = 1
 MAX_BATCH = 16  # jobs handed to a pool process in one write when the backlog is deep
 OUTCOME_DELAY = 0.0005  # a child sends outcomes at the end of a batch, or once the oldest waited this long
@@ -261,7 +267,7 @@ class ProcessPool(Pool):
             if batch > 1 and not self.w.batchable(job):
                 break  # nothing queued behind a job that may run long (see dispatch)
         c.assigned += len(jobs)
-        data = _pickle_jobs(jobs)
+        data = _jobs_frame(jobs)
         try:
             _write_all(c.fd, data)
         except OSError:
@@ -307,7 +313,8 @@ class ProcessPool(Pool):
             (n,) = FRAME.unpack_from(buf, pos)
             if end - pos - 4 < n:
                 break
-            seq, outcome, runtime = pickle.loads(buf[pos + 4: pos + 4 + n])
+            payload = buf[pos + 5: pos + 4 + n]
+            seq, outcome, runtime = marshal.loads(payload) if buf[pos + 4] == _M else pickle.loads(payload)
             pos += 4 + n
             if not jobs or jobs[0].seq != seq:
                 continue  # settled already (it cannot happen; be safe)
@@ -426,25 +433,49 @@ def _child_main(fd: int, w, label: str):
         signals.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)
 
 
-def _pickle_jobs(jobs) -> bytes:
-    """One frame of jobs for a pool process: each with the envelope the main loop decoded and checked
-    already (the child does not decode it again), or, when pickle cannot carry something in an envelope
-    (a CBOR tag nobody registered, ``undefined``), with the message bodies for the child to decode."""
+def _load(payload):
+    """A frame's payload (after its length): ``m`` and a marshal, or ``p`` and a pickle."""
+    return marshal.loads(payload[1:]) if payload[0] == _M else pickle.loads(payload[1:])
+
+
+def _jobs_frame(jobs) -> bytes:
+    """One frame of jobs for a pool process, each with the envelope the main loop decoded and checked
+    already (the child does not decode it again).  Marshal when it carries them exactly (plain CBOR
+    values: it refuses anything else); else pickle (a naive datetime); else, when pickle cannot carry
+    something in an envelope either (a CBOR tag nobody registered, ``undefined``), the message bodies
+    for the child to decode."""
+    out = [job.to_runner(True) for job in jobs]
     try:
-        data = pickle.dumps([job.to_runner(True) for job in jobs], PICKLE)
-    except Exception:  # noqa: BLE001 - pickle raises several kinds (PicklingError, TypeError, RecursionError)
-        data = pickle.dumps([job.to_runner(False) for job in jobs], PICKLE)
+        data = MARSHAL + marshal.dumps(out)
+    except Exception:  # noqa: BLE001 - ValueError: unmarshallable, or nested too deep
+        try:
+            data = PICKLED + pickle.dumps(out, PICKLE)
+        except Exception:  # noqa: BLE001 - pickle raises several kinds (PicklingError, TypeError, RecursionError)
+            data = PICKLED + pickle.dumps([job.to_runner(False) for job in jobs], PICKLE)
     return FRAME.pack(len(data)) + data
+
+
+def _outcome_payload(seq, outcome, runtime, msg_id, hostname) -> bytes:
+    """A pool process's report of one job: marshal for the common outcome (a plain value, no meta but
+    the ignore_result marker, no retry), else pickle; a value pickle cannot carry either (CBOR took it)
+    makes the task a FAILURE saying so, and the pool process lives on."""
+    if outcome is None or (type(outcome[2]) in _PLAIN and (outcome[3] is None or type(outcome[3]) is str)
+                           and outcome[4] is None and outcome[5] is None):
+        return MARSHAL + marshal.dumps((seq, outcome, runtime))
+    try:
+        return PICKLED + pickle.dumps((seq, outcome, runtime), PICKLE)
+    except Exception as exc:  # a value CBOR took but pickle does not: report it, don't die
+        meta = exc_meta(EncodeError(f"result of task {msg_id} cannot cross to the worker process: {exc}"), hostname)
+        return PICKLED + pickle.dumps((seq, (S_ACK, "FAILURE", None, meta, None, None), runtime), PICKLE)
 
 
 def _child_loop(fd: int, w, runner):
     buf = bytearray()
     read = os.read
-    loads = pickle.loads
-    dumps = pickle.dumps
     pack = FRAME.pack
     clock = time.perf_counter
     execute = runner.execute
+    hostname = w.hostname
     while True:
         while len(buf) < 4 or len(buf) - 4 < FRAME.unpack_from(buf, 0)[0]:
             data = read(fd, 262144)
@@ -452,7 +483,7 @@ def _child_loop(fd: int, w, runner):
                 return
             buf += data
         (n,) = FRAME.unpack_from(buf, 0)
-        jobs = loads(buf[4: 4 + n])
+        jobs = _load(buf[4: 4 + n])
         del buf[: 4 + n]
         out = []
         oldest = 0.0
@@ -465,11 +496,7 @@ def _child_loop(fd: int, w, runner):
                 t0 = clock()
                 outcome = execute(job)
                 runtime = clock() - t0
-            try:
-                data = dumps((job[0], outcome, runtime), PICKLE)
-            except Exception as exc:  # a value CBOR took but pickle does not: report it, don't die
-                meta = exc_meta(EncodeError(f"result of task {job[2]} cannot cross to the worker process: {exc}"), w.hostname)
-                data = dumps((job[0], (S_ACK, "FAILURE", None, meta, None, None), runtime), PICKLE)
+            data = _outcome_payload(job[0], outcome, runtime, job[2], hostname)
             if not out:
                 oldest = clock()
             out.append(pack(len(data)))
