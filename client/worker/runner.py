@@ -231,7 +231,8 @@ class Runner:
         ctx.req = req
         ctx.opts = env.get("options") or {}  # per-call options (check_envelope checked their types)
         ctx.t0 = time.perf_counter()
-        self.app.fixup_event("on_task_prerun", task)  # Django: close_old_connections
+        if self.app.fixups:
+            self.app.fixup_event("on_task_prerun", task)  # Django: close_old_connections
         return ctx, None
 
     def execute(self, job, slot=None):
@@ -243,7 +244,9 @@ class Runner:
         soft = job[7]
         token = current_request.set(req)
         try:
-            _send(signals.task_prerun, sender=ctx.task, task_id=req.id, task=ctx.task, args=req.args, kwargs=req.kwargs)
+            if signals.task_prerun.receivers:  # (tested here: _send's keywords cost a dict per task)
+                _send(signals.task_prerun, sender=ctx.task, task_id=req.id, task=ctx.task, args=req.args,
+                      kwargs=req.kwargs)
             try:
                 if slot is not None:
                     slot.in_task = True
@@ -302,15 +305,17 @@ class Runner:
 
     def _postrun(self, ctx, outcome, retval):
         req = ctx.req
-        _send(signals.task_postrun, sender=ctx.task, task_id=req.id, task=ctx.task, args=req.args, kwargs=req.kwargs,
-              retval=retval, state=outcome[1])
+        if signals.task_postrun.receivers:
+            _send(signals.task_postrun, sender=ctx.task, task_id=req.id, task=ctx.task, args=req.args,
+                  kwargs=req.kwargs, retval=retval, state=outcome[1])
         return outcome
 
     def _outcome(self, settle, ctx, value):
         """``succeeded``/``failed``, but never raising: whatever a task returned or raised, its process
         (a pool child, a pool thread, the trio loop) must live on and the task must get a result."""
         try:
-            self.app.fixup_event("on_task_postrun", ctx.task)
+            if self.app.fixups:
+                self.app.fixup_event("on_task_postrun", ctx.task)
             return settle(ctx, value)
         except Exception as exc:  # noqa: BLE001
             log.error("Task %s[%s]: its outcome could not be recorded: %s: %s", ctx.task.name, ctx.req.id,
@@ -360,7 +365,8 @@ class Runner:
         self._hook(ctx, "on_success", retval, req.id, req.args, req.kwargs)
         self._hook(ctx, "after_return", "SUCCESS", retval, req.id, req.args, req.kwargs, None)
         self._line(ctx, logging.INFO, LOG_SUCCESS, runtime=runtime, return_value=shown)
-        _send(signals.task_success, sender=task, result=retval)
+        if signals.task_success.receivers:
+            _send(signals.task_success, sender=task, result=retval)
         if self._ignores_result(ctx):
             return (S_ACK, None, retval, UNSTORED_SUCCESS, None, None)  # the value: for its chain and links only
         # Tasks this one sent (AsyncResult.children): kept in the result's meta, with Celery's
