@@ -190,3 +190,40 @@ def test_an_outcome_pickle_cannot_carry_is_a_failure_naming_the_task():
     seq, got, _ = pp._load(payload)
     assert seq == 4 and got[:3] == (S_ACK, "FAILURE", None) and got[3]["exc_type"] == "EncodeError"
     assert "result of task m-9 cannot cross to the worker process" in got[3]["exc_message"]
+
+
+def test_request_for_puts_every_field_where_it_belongs():
+    """request_for passes Request's parameters by position: each field must still land in its own place."""
+    from client.worker.runner import request_for
+
+    env = make_envelope("t.fields", "id-1", (1, 2), {"k": 3}, eta=11.5, expires=22.5, parent_id="parent-1",
+                        root_id="root-1",
+                        headers={"origin": "origin@h", "stamped_headers": ["s1"], "stamps": {"s1": "v1"},
+                                 "replaced_task_nesting": 4},
+                        options={"time_limit": 30, "soft_time_limit": 20, "argsrepr": "(A)", "kwargsrepr": "{K}",
+                                 "group_id": "group-1", "app_id": "app-1"})
+    env["chord"] = {"task": "chord.body"}
+    env["link"] = [{"task": "on.ok"}]
+    env["link_error"] = [{"task": "on.err"}]
+    r = request_for(decode_envelope(encode_envelope(env)), fields, "queue-1", 7, 3, 5, "host-1")
+    assert (r.id, r.args, r.kwargs, r.retries) == ("id-1", [1, 2], {"k": 3}, 5)
+    assert r.delivery_info == {"queue": "queue-1", "priority": 7, "redelivered": True, "attempts": 3, "exchange": "",
+                               "routing_key": "queue-1"}
+    assert (r.eta, r.expires, r.parent_id, r.root_id) == (11.5, 22.5, "parent-1", "root-1")
+    assert r.headers == env["headers"] and r.hostname == "host-1" and r.is_eager is False and r.task == "t.fields"
+    assert (r.group, r.chord, r.reply_to, r.origin) == ("group-1", {"task": "chord.body"}, None, "origin@h")
+    assert (r.time_limit, r.soft_time_limit, r.timelimit) == (30, 20, (30, 20))
+    assert (r.callbacks, r.errbacks) == ([{"task": "on.ok"}], [{"task": "on.err"}])
+    assert r.properties == {"correlation_id": "id-1", "reply_to": None, "priority": 7,
+                            "delivery_info": {"routing_key": "queue-1"}, "app_id": "app-1"}
+    assert (r.replaced_task_nesting, r.stamped_headers, r.stamps) == (4, ["s1"], {"s1": "v1"})
+    assert (r.argsrepr, r.kwargsrepr, r.correlation_id) == ("(A)", "{K}", "id-1")
+
+    bare = request_for(decode_envelope(encode_envelope(make_envelope("t.fields", "id-2", (), {}))), fields, "q", 0, 1,
+                       0, "h")
+    assert (bare.root_id, bare.group, bare.origin, bare.timelimit, bare.callbacks, bare.errbacks) == (
+        "id-2", None, None, (None, None), None, None)
+    assert (bare.stamped_headers, bare.stamps, bare.replaced_task_nesting, bare.headers) == ([], {}, 0, {})
+    assert bare.properties == {"correlation_id": "id-2", "reply_to": None, "priority": 0,
+                               "delivery_info": {"routing_key": "q"}}
+    assert bare.argsrepr == "()" and bare.kwargsrepr == "{}"
