@@ -372,7 +372,8 @@ class Runner:
         runtime = time.perf_counter() - ctx.t0
         self._hook(ctx, "on_success", retval, req.id, req.args, req.kwargs)
         self._hook(ctx, "after_return", "SUCCESS", retval, req.id, req.args, req.kwargs, None)
-        self._line(ctx, logging.INFO, LOG_SUCCESS, runtime=runtime, return_value=shown)
+        if trace_log.isEnabledFor(logging.INFO):  # (here too: the keywords cost a dict per task)
+            self._line(ctx, logging.INFO, LOG_SUCCESS, runtime=runtime, return_value=shown)
         if signals.task_success.receivers:
             _send(signals.task_success, sender=task, result=retval)
         if self._ignores_result(ctx):
