@@ -605,7 +605,7 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
                 raise BadRequest("CONSUME field 4 (options) must be a map or null")
             unknown = set(options) - {"slots"}
             if unknown:
-                raise BadRequest(f"CONSUME option {sorted(unknown)[0]!r} is not known; the options are: slots")
+                raise BadRequest(f"CONSUME option {sorted(unknown, key=repr)[0]!r} is not known; the options are: slots")
             slots = options.get("slots", 0)
             if type(slots) is not int or not 1 <= slots <= MAX_PREFETCH:
                 raise BadRequest(f"CONSUME option 'slots' must be a whole number from 1 to {MAX_PREFETCH} (got {slots!r})")
