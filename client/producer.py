@@ -69,7 +69,7 @@ class Client(Connection, verbs.ShellInfo):
         while True:
             with self._lock:
                 session = self._session
-                lost = self._lost(session)
+                lost = session.error is not None and self._lost(session)  # (the call only when it may be)
                 if not lost:
                     _, mid = session.publish(queue, body, id, priority, opts, confirm=False)
                     flush = session.out_bytes >= FLUSH_BYTES

@@ -432,6 +432,7 @@ class Session:
                 body = bytes(body)
             else:
                 raise TypeError(f"body must be bytes (got {type(body).__name__}); encode text first")
+        opt_bytes = None  # the options' CBOR size, when known without encoding them
         if self.dedupe:
             # One key per publish (never per message: a retry of a task republishes its id
             # on purpose and must be stored); a resend passes its options, key included.
@@ -439,7 +440,12 @@ class Session:
                 key = f"{self.id_prefix}-{self._next_id()}"
                 if msg_id is None:
                     msg_id = key
-                options = {**options, "dedupe": key} if options else {"dedupe": key}
+                if options:
+                    options = {**options, "dedupe": key}
+                else:
+                    options = {"dedupe": key}
+                    # {"dedupe": key}: map head 1, "dedupe" 7, the key's head (at most 3) and bytes
+                    opt_bytes = 11 + len(key.encode())
         elif msg_id is None:
             msg_id = f"{self.id_prefix}-{self._next_id()}"
         if self.acks:
@@ -447,7 +453,9 @@ class Session:
         if not confirm and self.version >= 2:
             # Version 2: into the PUBLISH_BATCH being filled (one frame, one rid for many).
             est = len(body) + len(queue) + len(msg_id) + BATCH_ITEM_OVERHEAD
-            if options is not None:
+            if opt_bytes is not None:
+                est += opt_bytes
+            elif options is not None:
                 est += len(wire._dumps(options))
             if est + BATCH_ITEM_OVERHEAD < self.max_frame:
                 if self.batch_bytes + est + BATCH_ITEM_OVERHEAD > min(FLUSH_BYTES, self.max_frame):

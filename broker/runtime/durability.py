@@ -45,6 +45,7 @@ import cbor2
 import trio
 
 from broker.errors import NotEnoughReplicas, NotLeader
+from broker.runtime.iothread import IoThread
 from broker.state import log_records as R
 from broker.wal import WalFailed, WriteAheadLog
 from client.wire import OP_CONFIRM_RANGE, OP_OK, error_frame
@@ -100,6 +101,7 @@ class Durability:
         # When the write or fsync now running in a worker thread began (monotonic),
         # None between them: /healthz and the systemd watchdog read writer_stall().
         self._io_started: float | None = None
+        self._io = IoThread()  # where those writes and fsyncs run (cheaper than trio.to_thread)
         # Records the state emitted but the log could not append yet (MemoryError), in order.
         self._backlog: deque = deque()
         self._memory_warned = False
@@ -407,7 +409,7 @@ class Durability:
                     fn()
                     await trio.lowlevel.checkpoint()  # as the thread hop was: others may run here
                 else:
-                    await trio.to_thread.run_sync(fn)
+                    await self._io.run(fn)
             except WalFailed as exc:
                 self._fail(exc)
                 return
@@ -688,7 +690,7 @@ class Durability:
             if self.failed is None:
                 first = self.write_checkpoint() if checkpoint and self.state.log_enabled else 0
                 try:
-                    await trio.to_thread.run_sync(self._close_wal, first)
+                    await self._io.run(self._close_wal, first)
                 except WalFailed as exc:
                     self._fail(exc)
                     return

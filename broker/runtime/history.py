@@ -79,11 +79,12 @@ class HistoryFile:
 
     @staticmethod
     def encode(items: list) -> bytes:
-        buf = io.BytesIO()
-        enc = cbor2.CBOREncoder(buf)  # one encoder for the batch: ~25% less CPU than dumps per item
-        for tid, evs in items:
-            enc.encode([tid, persistable(evs)])
-        return buf.getvalue()
+        """The file's items ``[task id, events]``, back to back: one ``cbor2.dumps`` of them all as
+        one array, less the array's head (the items follow it, encoded as alone): ~40 % less CPU
+        than an encoder's ``encode`` per item (W2 flushes ~10,000 tasks every two seconds)."""
+        n = len(items)
+        data = cbor2.dumps([[tid, persistable(evs)] for tid, evs in items])
+        return data[_array_head_size(n):]
 
     def append(self, items: list) -> None:
         """Append these histories (blocking: run it in a worker thread)."""
@@ -139,6 +140,19 @@ class HistoryFile:
             log.warning("history: cannot %s %s (%s): the page's task list will miss these tasks after a "
                         "restart; brokerd goes on", what, self.path, exc)
         self.failed = True
+
+
+def _array_head_size(n: int) -> int:
+    """Bytes of the CBOR head of an array of ``n`` items (RFC 8949 3.1: the length's own bytes)."""
+    if n < 24:
+        return 1
+    if n < 0x100:
+        return 2
+    if n < 0x10000:
+        return 3
+    if n < 0x100000000:
+        return 5
+    return 9
 
 
 def _write_all(fd: int, data: bytes) -> None:

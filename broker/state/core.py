@@ -418,20 +418,22 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         held = self._held
         queues = self.queues
         log = self.log_enabled
+        failed = self.log_failed  # (only the runtime fails the log: not during this call)
         records = self.records
         publish_rec = R.PUBLISH
-        keys = self.dedupe._keys
-        remember = self.dedupe.remember
+        window = self.dedupe
+        keys = window._keys
+        remember = window.remember
+        key_room = window.limit - 1  # a new key may go in directly while the window holds fewer
         prefix = self._id_prefix
         n = len(items)
-        i = start
         q = None
         qname = None
         # Items packed behind a backlog wait here, for one queue and priority, and go into the
         # queue's blocks together (Queue.push_plain_many) before anything else looks at a queue.
         pend_q = pend_p = None
         pseqs, pmids, pbodies = [], [], []
-        while i < n:
+        for i in range(start, n):
             item = items[i]
             if type(item) is not list or len(item) != 5:
                 break
@@ -452,7 +454,7 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
                 qname = name
                 if q is not None and q.options.max_length is not None:
                     q = None  # publish drops the head or refuses: its own path
-            if (q is None or self.log_failed
+            if (q is None or failed
                     or type(priority) is not int or not 0 <= priority <= MAX_PRIORITY
                     or not 0 < len(msg_id) <= MAX_MESSAGE_ID or (key is not None and key in keys)):
                 # the general path: its own checks, errors and edge cases
@@ -466,11 +468,9 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
                 qname = None  # publish may have made the queue: look it up again
                 if results is None:
                     if type(result) is str and result == msg_id:
-                        i += 1
                         continue
                     results = [it[2] for it in items[:i]]  # every earlier item was stored under its id
                 results.append(result)
-                i += 1
                 continue
             if log:
                 seq = self.last_lsn + 1
@@ -483,7 +483,10 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
                 seq = next(self._seq)
             q.published += 1
             if key is not None:
-                remember(key, msg_id, now, now)
+                if 0 < len(keys) <= key_room and now < window._due:
+                    keys[key] = (msg_id, now)  # DedupeWindow.remember's common case: a new key, no expiry due
+                else:
+                    remember(key, msg_id, now, now)
             if held is None:  # (not inside hold_dispatch: stored and dispatched one by one)
                 if q.ready_count >= PACK_AFTER:
                     q.push_plain(seq, msg_id, False, body, priority, now, prefix)
@@ -511,7 +514,8 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
                     held[q] = None
             if results is not None:
                 results.append(msg_id)
-            i += 1
+        else:
+            i = n  # every item from start on was plain
         if pseqs:
             pend_q.push_plain_many(pend_p, pseqs, pmids, pbodies, now, prefix)
         return i, results
@@ -605,7 +609,7 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
                 raise BadRequest("CONSUME field 4 (options) must be a map or null")
             unknown = set(options) - {"slots"}
             if unknown:
-                raise BadRequest(f"CONSUME option {sorted(unknown)[0]!r} is not known; the options are: slots")
+                raise BadRequest(f"CONSUME option {sorted(unknown, key=repr)[0]!r} is not known; the options are: slots")
             slots = options.get("slots", 0)
             if type(slots) is not int or not 1 <= slots <= MAX_PREFETCH:
                 raise BadRequest(f"CONSUME option 'slots' must be a whole number from 1 to {MAX_PREFETCH} (got {slots!r})")

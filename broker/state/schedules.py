@@ -611,7 +611,7 @@ def _check_raw_message(raw, what) -> None:
     """The raw variant of a chord message spec: ``{"body": bytes, "id": text?, "headers": map?}``."""
     if type(raw) is not dict or type(raw.get("body")) is not bytes:
         raise BadRequest(f"chord {what} 'message' must be a map with 'body' (a byte string)")
-    extra = sorted(set(raw) - set(RAW_CHORD_KEYS))
+    extra = sorted(set(raw) - set(RAW_CHORD_KEYS), key=repr)  # keys of any type: a map off the wire
     if extra:
         raise BadRequest(f"chord {what} 'message' has unknown key(s) {', '.join(map(repr, extra))}; known: body, id, headers")
     mid = raw.get("id")

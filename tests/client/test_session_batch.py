@@ -205,3 +205,33 @@ def test_with_resends_a_batch_is_kept_item_by_item_and_forgotten_once_confirmed_
     rid = s2.confirm_mark()
     s2.receive([[wire.OP_CONFIRM_RANGE, rid, rid]], 100.0)
     assert s2.sent == {} and s2.take_resends() == []
+
+
+def test_with_dedupe_keys_the_batch_size_estimate_still_bounds_the_real_frame():
+    # Session.publish counts a {"dedupe": key} it made itself without encoding it: the count must
+    # never fall below the bytes the item really takes, or a batch could outgrow its frame.
+    import itertools
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=60, deadline=None)
+    @given(bodies=st.lists(st.binary(max_size=300), min_size=1, max_size=40),
+           queue=st.text(st.characters(max_codepoint=127), min_size=1, max_size=40),
+           start=st.sampled_from([1, 23, 24, 10**6, 10**12]))
+    def check(bodies, queue, start):
+        s = Session(Owner(), name="unit", heartbeat=10.0, now=100.0, id_prefix="p" * 30,
+                    ids=itertools.count(start))
+        s.hello()
+        sent_frames(s)
+        s.receive([[wire.OP_OK, 1, {"server": "brokerd", "version": 2, "heartbeat": 10.0}]], 100.0)
+        for b in bodies:
+            s.publish(queue, b, None, 0, None, confirm=False)
+        assert all(type(item[4]) is dict and "dedupe" in item[4] for item in s.batch)
+        real = len(wire._dumps([wire.OP_PUBLISH_BATCH, 10**6, s.batch]))
+        assert s.batch_bytes >= real
+        # ... and the options' part alone is counted in full: at least their encoded size each
+        counted = sum(len(q) + len(b) + len(m) + 24 + len(wire._dumps(o)) for q, b, m, _, o in s.batch)
+        assert s.batch_bytes >= counted
+
+    check()

@@ -7,6 +7,7 @@ import trio
 
 from broker.config import Config
 from broker.runtime.durability import Durability
+from broker.runtime.iothread import IoThread
 from broker.state.core import BrokerState
 from broker.wal.log import WriteAheadLog
 
@@ -21,14 +22,21 @@ def durability(tmp_path, **wal_options):
 
 
 def count_thread_hops(monkeypatch) -> list:
+    """The calls the log writer hands to a thread (its IoThread, or trio's threads), by name."""
     hops = []
     real = trio.to_thread.run_sync
+    real_io = IoThread.run
 
     async def counting(fn, *args, **kw):
         hops.append(getattr(fn, "__name__", fn))
         return await real(fn, *args, **kw)
 
+    async def counting_io(self, fn, *args):
+        hops.append(getattr(fn, "__name__", fn))
+        return await real_io(self, fn, *args)
+
     monkeypatch.setattr(trio.to_thread, "run_sync", counting)
+    monkeypatch.setattr(IoThread, "run", counting_io)
     return hops
 
 

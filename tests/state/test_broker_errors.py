@@ -72,3 +72,16 @@ def test_the_state_raises_the_class_of_each_failure():
     with pytest.raises(BadRequest, match="a delivery tag is a whole number"):
         s.ack(1, "x", 0.0)
     assert (StaleDelivery.code, QueueFull.code, NotFound.code) == ("STALE_DELIVERY", "QUEUE_FULL", "NOT_FOUND")
+
+
+def test_maps_off_the_wire_with_keys_of_mixed_types_get_a_bad_request_not_a_crash():
+    # A CBOR map may mix text and integer keys; naming the unknown one sorted them, and sorting
+    # '' against 0 raised TypeError inside the handler (found by the hostile-frame fuzz test).
+    from broker.state.schedules import _check_raw_message
+
+    s = BrokerState()
+    s.connect(1)
+    with pytest.raises(BadRequest, match="CONSUME option .* is not known"):
+        s.consume(1, ["fz"], 5, 0.0, {"": None, 0: None})
+    with pytest.raises(BadRequest, match="unknown key"):
+        _check_raw_message({"body": b"x", 0: 1, "z": 2}, "body")

@@ -7,6 +7,7 @@ server's writer do.
 
 from __future__ import annotations
 
+import cbor2
 import pytest
 
 from broker.errors import BadRequest
@@ -59,6 +60,14 @@ def test_history_survives_a_restart_through_its_file(tmp_path):
     assert b["state"] == "FAILURE" and "boom" in b["exception"] and b["traceback"].endswith("ValueError: boom")
     assert again.task_info("c", T0 + 10)["state"] == "RECEIVED"
     assert again.history_changes() == []  # what was read back is not written again
+
+
+@pytest.mark.parametrize("n", [0, 1, 23, 24, 255, 256, 70_000])
+def test_the_file_holds_each_history_as_its_own_cbor_item_for_any_batch_size(n):
+    # encode() writes the batch as one array less its head: every head width must come off whole
+    items = [[f"t{i}", [{"type": "task-received", "uuid": f"t{i}", "ts": 1.5, "args": "x" * (i % 3)}]]
+             for i in range(n)]
+    assert history.HistoryFile.encode(items) == b"".join(cbor2.dumps(it) for it in items)
 
 
 def test_a_later_entry_of_a_task_replaces_its_earlier_one(tmp_path):

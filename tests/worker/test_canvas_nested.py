@@ -706,9 +706,11 @@ def test_a_chord_rebuilt_from_its_map_is_still_declared_once(worker):
     assert len(_log_lines(worker, "record.log", tag)) == 1
 
 
-def test_a_link_added_after_stamping_is_stamped_by_the_next_stamp_as_the_worker_sees_it(canvas_broker):
+def test_a_link_added_after_stamping_is_stamped_by_the_next_stamp_as_the_worker_sees_it(canvas_broker, tmp_path,
+                                                                                          monkeypatch):
     """What Celery's test_linking_stamped_sig checks (it reads Celery's private Request.__payload; here the
     public request.callbacks): every stamp a link's options name is among its options when it arrives."""
+    monkeypatch.setenv("CANVAS_DIR", str(tmp_path))  # the in-process worker's record.log, not the checkout's
     from client.signals import task_received
     from client.worker.testing import start_worker
 
