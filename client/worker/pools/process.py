@@ -3,10 +3,10 @@
 Each child has a socketpair to the parent carrying jobs and outcomes (4-byte length prefix, then
 ``m`` and a marshal, or ``p`` and a pickle: see ``_jobs_frame``).  A child runs one task at a time;
 with a deep backlog (prefetch multiplier > 1) it is handed batches of up to ``MAX_BATCH`` jobs per
-write.  Its death is seen through a pidfd (or
-EOF): the host's ``lost_job`` decides what the task's outcome is.  Children ignore SIGINT/SIGTERM
-(the parent decides when they stop) and get SIGKILL if the parent dies (``PR_SET_PDEATHSIG``),
-so a ``kill -9`` of the worker frees its tasks for redelivery at once.
+write.  Its death is seen through a pidfd (or EOF): the host's ``lost_job`` decides what the task's
+outcome is.  Children ignore SIGINT/SIGTERM (the parent decides when they stop) and get SIGKILL if
+the parent dies (``PR_SET_PDEATHSIG``), so a ``kill -9`` of the worker frees its tasks for
+redelivery at once.
 ``max_memory_per_child`` (KiB): a child whose resident memory (``/proc/<pid>/statm``) is above it
 once its jobs are done is replaced, like one past ``max_tasks_per_child``.
 """
