@@ -37,41 +37,38 @@ class Done:
         if p is not None:
             self.p = None  # p holds this waiter: no cycle left for the garbage collector
             if p.error is not None:
-                self.sink.append((self.what, p.error))
+                self.sink.append((self.refused(), p.error))
+
+    def refused(self):
+        """What the sink is told was refused."""
+        return self.what
 
     def acquire(self, *a, **kw):  # never waited on; present so the Client can treat it as a lock
         return True
 
 
-class _Result:
-    """RESULT_SET as a ``Client.submit`` call that is also its own waiter (``Done``'s part): one object
-    per task, not three (what ``verbs.store_result`` makes, less a closure; and no ``what`` tuple
-    unless brokerd refuses it)."""
+class _Result(Done):
+    """RESULT_SET as a ``Client.submit`` call that is also its own waiter: one object per task, not
+    three (what ``verbs.store_result`` makes, less a closure; and its ``what`` tuple is made only
+    if brokerd refuses it)."""
 
-    __slots__ = ("p", "task_id", "state", "value", "meta", "ttl", "d", "sink")
+    __slots__ = ("task_id", "state", "value", "meta", "ttl", "d")
 
     def __init__(self, task_id, state, value, meta, ttl, d, sink):
         self.p = None
+        self.sink = sink
         self.task_id = task_id
         self.state = state
         self.value = value
         self.meta = meta
         self.ttl = ttl
         self.d = d
-        self.sink = sink
 
     def begin(self, session, waiter):
         return session.store_result(self.task_id, self.state, self.value, self.meta, self.ttl, self.d, waiter=waiter)
 
-    def release(self):
-        p = self.p
-        if p is not None:
-            self.p = None  # p holds this waiter: no cycle left for the garbage collector
-            if p.error is not None:
-                self.sink.append((("result", self.task_id, self.state, self.value, self.meta), p.error))
-
-    def acquire(self, *a, **kw):  # never waited on (see Done)
-        return True
+    def refused(self):
+        return ("result", self.task_id, self.state, self.value, self.meta)
 
 
 class Channel:
