@@ -33,7 +33,6 @@ class IoThread:
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()  # the thread's start and its decision to leave
         self._thread: threading.Thread | None = None
-        self.calls = 0
 
     async def run(self, fn, *args):
         """``fn(*args)`` in the thread; its value, or its exception raised here."""
@@ -44,7 +43,6 @@ class IoThread:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
                 self._thread.start()
-        self.calls += 1
         return await trio.lowlevel.wait_task_rescheduled(_cannot_abort)
 
     def _work(self) -> None:
