@@ -110,7 +110,7 @@ class Conn:
         "id", "stream", "peer", "name", "out", "out_bytes", "wake", "drained",
         "closed", "opened", "heartbeat", "last_sent", "cancel", "handshake_deadline",
         "hard_limit", "evicted", "partial", "encode", "user",
-        "tls_subject", "counted_user", "version",
+        "tls_subject", "counted_user", "version", "raw", "sending",
     )
 
     def __init__(self, id, stream, peer, hard_limit: int = 1 << 62):
@@ -140,10 +140,30 @@ class Conn:
         # the broker.auth.User this connection logged in as; None when brokerd has no users
         self.user = None
         self.version = 1  # the protocol version HELLO agreed (protocol.md §10)
+        # The plaintext socket under ``stream`` once a binary connection is running, else None:
+        # queue_bytes sends on it at once while nothing is queued or being sent (see there).
+        self.raw = None
+        self.sending = False  # the writer task is inside send_all
 
     def queue_bytes(self, data: bytes) -> None:
         if self.closed:
             return
+        raw = self.raw
+        if raw is not None and not self.out and not self.sending:
+            # Nothing is queued nor being sent, so these bytes are next on the wire: hand them
+            # to the socket now (non-blocking) instead of a round later through the writer task.
+            # A delivery released by an ACK then leaves within that ACK's own step (issue 18:
+            # each task hop of the loop cost a consumer a whole round of other connections' work).
+            # What the socket does not take, or an error, is left to the writer, as before.
+            try:
+                sent = raw.send(data)
+            except OSError:
+                sent = 0
+            if sent:
+                self.last_sent = time.monotonic()
+                if sent == len(data):
+                    return
+                data = data[sent:]
         self.out.append(data)
         self.out_bytes += len(data)
         self.wake.set()
@@ -237,6 +257,8 @@ class BinaryConnection:
             welcome = {**hs.welcome_map(hello), "leader": follower.address or ""}
             conn.queue_bytes(encode_many([ok_frame(hello.rid, welcome)]))
         outcome: BaseException | str | None = None
+        if type(conn.stream) is trio.SocketStream:  # plaintext: queue_bytes may send directly
+            conn.raw = getattr(conn.stream.socket, "_sock", None)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._writer, conn)
             try:
@@ -493,16 +515,21 @@ class BinaryConnection:
         while not conn.closed:
             if not conn.out:
                 conn.wake = trio.Event()
-                wait = conn.heartbeat if conn.heartbeat > 0 else math.inf
-                with trio.move_on_after(wait) as cs:
+                # HEARTBEAT once the connection has been quiet for an interval (§6.1), counted
+                # from the last bytes sent by this task or directly by queue_bytes
+                wait = conn.last_sent + conn.heartbeat - time.monotonic() if conn.heartbeat > 0 else math.inf
+                with trio.move_on_after(max(wait, 0.0)) as cs:
                     await conn.wake.wait()
                 if cs.cancelled_caught and not conn.out:
+                    if time.monotonic() - conn.last_sent < conn.heartbeat:
+                        continue  # bytes went out directly meanwhile: not quiet yet
                     conn.out.append(hb_frame)
                     conn.out_bytes += len(hb_frame)
                 if conn.closed:
                     return
             data = b"".join(conn.out) if len(conn.out) > 1 else conn.out[0]
             conn.out.clear()
+            conn.sending = True  # (queue_bytes must not send around these bytes)
             try:
                 await stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -510,6 +537,9 @@ class BinaryConnection:
                 if conn.cancel is not None:
                     conn.cancel.cancel()
                 return
+            finally:
+                conn.sending = False
+            conn.last_sent = time.monotonic()
             conn.out_bytes -= len(data)
             if conn.out_bytes <= self.config.output_buffer:
                 conn.drained.set()

@@ -104,6 +104,7 @@ class Durability:
         self._io = IoThread()  # where those writes and fsyncs run (cheaper than trio.to_thread)
         # Records the state emitted but the log could not append yet (MemoryError), in order.
         self._backlog: deque = deque()
+        self._inline_written = False  # submit wrote on the loop; the writer task owes _after_write
         self._memory_warned = False
         # Replication (broker/runtime/replication.py): the last records appended, so a
         # follower near the head is served from memory, not the segment files; a wake-up
@@ -157,7 +158,32 @@ class Durability:
                 self._waiting.append((lsn, box, release))
             else:
                 self._early.append((lsn, box, release))
+        if (self.policy != "interval" and not self._write_lock.locked()
+                and self.wal.small_write_due(self.INLINE_WRITE_BYTES)):
+            self._write_inline()
         self._wake.set()
+
+    def _write_inline(self) -> None:
+        """Write what is pending now, on the loop, and release what waited for it.
+
+        For a write ``small_write_due`` calls one small ``os.write`` to the page cache (no fsync
+        of the log's own, no rotation), and only while the writer task is not inside a write or
+        fsync of its own (the write lock is free), so writes stay in lsn order.  Done in the
+        caller's step, what waited only for the write (deliveries; under ``never`` the confirms
+        too) goes out in that same step instead of a round later through the writer task (issue
+        18: W1's consumer waited a round of the other connections' work per hop).  The writer
+        task still does what follows a write when it wakes: under ``always`` the fsync that
+        releases the confirms, then ``_after_write`` (spill, checkpoints, compaction).  Not under
+        ``interval``, whose writer times its fsyncs from its own writes."""
+        try:
+            self._write_pending()
+        except WalFailed as exc:
+            self._fail(exc)
+            return
+        self._inline_written = True
+        self._written_event.set()  # followers: more to send
+        self._written_event = trio.Event()
+        self._release_written()
 
     def _append_backlog(self) -> bool:
         """Append what the backlog holds, in order; False if the log failed.
@@ -376,6 +402,13 @@ class Durability:
                 self._append_backlog()
                 if self._backlog:  # still out of memory: let the loop free some
                     await trio.sleep(0.01)
+            if not wal.pending_count and self._inline_written:
+                self._inline_written = False  # written by submit (_write_inline): what follows a write
+                if self.policy == "always":
+                    await self._locked(self._sync)
+                if self.failed is None:
+                    await self._after_write()
+                continue
             if not wal.pending_count:
                 self._wake = trio.Event()
                 timeout = self.interval if (self.policy == "interval" and wal.written_lsn > wal.synced_lsn) else 1.0
