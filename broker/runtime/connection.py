@@ -490,7 +490,7 @@ class BinaryConnection:
 
     async def _drain(self, conn: Conn) -> None:
         with trio.move_on_after(1.0):
-            while conn.out:
+            while conn.out or conn.sending:  # (the writer clears out before its send_all ends)
                 await trio.sleep(0)
 
     def _connection_op(self, conn: Conn, f: list, now: float):
