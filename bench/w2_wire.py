@@ -88,7 +88,10 @@ def run(n: int, wal) -> Clock:
     dur.wal, dur.state, dur._backlog, dur.recent, dur._recent_bytes = wal, s, deque(), deque(), 0
     dur._publish_bytes = dur._publishes = 0
     dur._memory_warned = False
-    readers = {P: FrameReader(), C: FrameReader()}
+    try:  # as the broker's: a PUBLISH_BATCH with the bytes it came in as (logged from them)
+        readers = {P: FrameReader(keep_raw=True), C: FrameReader()}
+    except TypeError:  # a checkout from before
+        readers = {P: FrameReader(), C: FrameReader()}
     now = time.time()
     handle(s, C, [OP_CONSUME, 1, [QUEUE], 32, {"slots": 2}], now)
     s.take_effects()

@@ -209,13 +209,16 @@ class RepairWitness:
         self.refs: list[tuple[int, int]] = []  # (lsn, seq) of references
 
     def watch(self, records):
-        full = (R.PUBLISH, R.MESSAGE)
+        full = (R.PUBLISH, R.MESSAGE, R.PUBLISH_FRAME)  # payload item 0: the message's seq
         moved = (R.DEAD, R.MOVE)
         lists = (R.DELIVER, R.ACK)
         firsts = (R.REQUEUE, R.DROP)
         for r in records:
             yield r
             t = r.type
+            if t == R.PUBLISH_NEXT:  # the message whose seq is its lsn
+                self.known.setdefault(r.lsn, r.lsn)
+                continue
             if t not in full and t not in moved and t not in lists and t not in firsts and t != R.EXPIRE:
                 continue
             try:

@@ -293,6 +293,13 @@ def _refuser(what: str):
 _DECODE_OPTIONS = {"semantic_decoders": {tag: _refuser(what) for tag, what in _REFUSED_TAGS.items()}}
 
 
+class RawFrame(bytes):
+    """The bytes a frame was decoded from (``FrameReader(keep_raw=True)``): a type of its own,
+    so that no value a client sends can pass for it."""
+
+    __slots__ = ()
+
+
 class FrameReader:
     """Accumulates bytes and yields whole frames (as Python lists).
 
@@ -304,15 +311,20 @@ class FrameReader:
     cannot be written back (``_REFUSED_TAGS``), at ~0.6 us per frame; a client
     reading brokerd's own frames, which never carry them, passes
     ``strict=False``.
+
+    ``keep_raw`` (the broker's): a PUBLISH_BATCH frame comes with the bytes it was decoded
+    from appended as its last item, a ``RawFrame`` (no CBOR value decodes to one), so the
+    broker can log them as they came (broker/state/log_records.py PUBLISH_FRAME).
     """
 
-    __slots__ = ("_buf", "_pos", "max_frame", "_options")
+    __slots__ = ("_buf", "_pos", "max_frame", "_options", "_keep_raw")
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, *, strict: bool = True):
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, *, strict: bool = True, keep_raw: bool = False):
         self._buf = bytearray()
         self._pos = 0
         self.max_frame = max_frame
         self._options = _DECODE_OPTIONS if strict else {}
+        self._keep_raw = keep_raw
 
     def feed(self, data: bytes) -> None:
         if self._pos:
@@ -333,6 +345,7 @@ class FrameReader:
         out = []
         max_frame = self.max_frame
         options = self._options
+        keep_raw = self._keep_raw
         mv = memoryview(buf)
         try:
             while end - pos >= HEADER_SIZE:
@@ -346,7 +359,10 @@ class FrameReader:
                     break
                 start = pos + HEADER_SIZE
                 pos = start + n
-                out.append(decode_payload(mv[start:pos], options))
+                f = decode_payload(mv[start:pos], options)
+                if keep_raw and f[0] == OP_PUBLISH_BATCH:
+                    f.append(RawFrame(mv[start:pos]))
+                out.append(f)
         finally:
             mv.release()
             self._pos = pos
@@ -724,7 +740,7 @@ class ServerHandshake:
         self.max_frame = max_frame
         self.server = server
         self.versions = tuple(versions)  # what this server speaks; HELLO's pick is Hello.version
-        self.reader = FrameReader(max_frame)
+        self.reader = FrameReader(max_frame, keep_raw=True)  # PUBLISH_BATCH is logged as it came
         self._head = b""  # bytes before the whole preamble arrived
         self._frames: list = []
         self.preamble_seen = False

@@ -58,6 +58,7 @@ from client.wire import (
     OP_WORKERS,
     OP_PUBLISH_BATCH,
     MAX_PUBLISH_BATCH,
+    RawFrame,
     error_frame,
     ok_frame,
 )
@@ -209,13 +210,15 @@ def h_publish_batch(state, conn, rid, f, now):
     results = None  # stays None while every item is stored under the id it gave
     publish_run = state.publish_run
     n_items = len(items)
+    # the bytes the frame came in as (FrameReader keep_raw): logged as they came when every item is plain
+    raw = f[-1] if type(f[-1]) is RawFrame else None
     state.hold_dispatch()  # each queue dispatched once after the plain items, not once per item
     try:
         i = 0
         while True:
             # the hot path: runs of plain publishes with their own ids and at most their resend
             # keys (the SDK's), stored by the state in one call per run
-            i, results = publish_run(conn, items, i, now, results, MAX_DEDUPE_KEY)
+            i, results = publish_run(conn, items, i, now, results, MAX_DEDUPE_KEY, raw if i == 0 else None)
             if i >= n_items:
                 break
             item = items[i]

@@ -48,12 +48,15 @@ from broker.errors import NotEnoughReplicas, NotLeader
 from broker.runtime.iothread import IoThread
 from broker.state import log_records as R
 from broker.wal import WalFailed, WriteAheadLog
-from client.wire import OP_CONFIRM_RANGE, OP_OK, error_frame
+from client.wire import MAX_PUBLISH_BATCH, OP_CONFIRM_RANGE, OP_OK, error_frame
 
 log = logging.getLogger("brokerd.wal")
 
 # Bucket bounds (seconds) of the fsync latency histogram shown by /metrics later.
 FSYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+_NEXT_BYTES = [cbor2.dumps(k) for k in range(MAX_PUBLISH_BATCH)]  # PUBLISH_NEXT payloads, by item
 
 
 class Durability:
@@ -201,6 +204,10 @@ class Durability:
         dumps = cbor2.dumps
         recent = self.recent
         publish = R.PUBLISH
+        frame_t = R.PUBLISH_FRAME
+        next_t = R.PUBLISH_NEXT  # payload k, an int from publish_run: its CBOR from a table
+        next_bytes = _NEXT_BYTES
+        n_next = len(next_bytes)
         publish_bytes = publishes = 0
         tail_bytes = 0
         next_in_tail = recent[-1][0] + 1 if recent else None
@@ -208,12 +215,15 @@ class Durability:
             while backlog:
                 t, payload = backlog[0]
                 try:
-                    try:
-                        data = dumps(payload)
-                    except MemoryError:
-                        raise
-                    except Exception:
-                        data = _encode_record(t, payload)  # logs it, writes it all the same
+                    if t == next_t and 0 < payload < n_next:
+                        data = next_bytes[payload]
+                    else:
+                        try:
+                            data = dumps(payload)
+                        except MemoryError:
+                            raise
+                        except Exception:
+                            data = _encode_record(t, payload)  # logs it, writes it all the same
                     lsn = append(t, data)
                 except MemoryError:
                     if not self._memory_warned:
@@ -237,7 +247,7 @@ class Durability:
                     tail_bytes = 0
                     self._remember(lsn, t, data)  # not the next lsn: it starts the tail over
                     next_in_tail = lsn + 1
-                if t == publish:
+                if t == publish or t == next_t or t == frame_t:  # (a frame's bytes and its NEXTs: its items)
                     publish_bytes += len(data)
                     publishes += 1
         finally:
@@ -358,28 +368,18 @@ class Durability:
             await self._written_event.wait()
 
     async def records_from(self, first: int, last: int, max_bytes: int) -> list:
-        """``(lsn, type, payload)`` of written records ``first``..``last``, at most about ``max_bytes``."""
+        """``(lsn, type, payload)`` of written records ``first``..``last``, at most about ``max_bytes``,
+        never ending between a PUBLISH_FRAME and its PUBLISH_NEXT records (``_whole_frames``)."""
         recent = self.recent
         if recent and recent[0][0] <= first <= recent[-1][0]:
-            out, size = [], 0
-            for r in itertools.islice(recent, first - recent[0][0], None):
-                if r[0] > last or (out and size + len(r[2]) > max_bytes):
-                    break
-                out.append(r)
-                size += len(r[2])
+            out = _whole_frames(itertools.islice(recent, first - recent[0][0], None), last, max_bytes)
             if out and out[0][0] == first:
                 return out
         # Older than the tail in memory (or, defensively, not found in it): read the segments.
         # (An empty answer would make the leader's sender ask again forever: a follower stuck.)
         async with self._write_lock:  # no segment is deleted while it is read
             records = await trio.to_thread.run_sync(self.wal.read_records, first, last)
-        out, size = [], 0
-        for r in records:
-            if out and size + len(r[2]) > max_bytes:
-                break
-            out.append(r)
-            size += len(r[2])
-        return out
+        return _whole_frames(records, last, max_bytes)
 
     def replica_progress(self) -> None:
         """A follower reported a higher durable lsn: release the confirms it covers."""
@@ -786,6 +786,32 @@ def _encode_record(rtype: int, payload) -> bytes:
 
 def _encode_opaque(encoder, value) -> None:
     encoder.encode(repr(value))
+
+
+def _whole_frames(records, last: int, max_bytes: int) -> list:
+    """The records (in lsn order, through ``last``) up to about ``max_bytes``, ending where a
+    PUBLISH_FRAME's PUBLISH_NEXT records end, never between them: a follower writes each batch it
+    is sent at once, and may start a new segment after it; a frame and its items apart in two
+    segments could be parted by the compaction of one (log_records: written "never apart").  A
+    frame with its items is at most PUBLISH_FRAME_MAX_BYTES plus 19 bytes per item, so a batch
+    that holds one whole may pass ``max_bytes`` by that much."""
+    out, size = [], 0
+    next_t = R.PUBLISH_NEXT
+    frame_at = None  # index in out of the last PUBLISH_FRAME whose NEXTs may still follow
+    for r in records:
+        if r[0] > last:
+            break
+        if out and size + len(r[2]) > max_bytes and r[1] != next_t:
+            break
+        if r[1] == next_t and out and size + len(r[2]) > max_bytes and frame_at:
+            return out[:frame_at]  # the frame's items go in the next batch, with it
+        if r[1] == R.PUBLISH_FRAME:
+            frame_at = len(out)
+        elif r[1] != next_t:
+            frame_at = None
+        out.append(r)
+        size += len(r[2])
+    return out
 
 
 def _refuse_confirms(box: dict, message: str, code: str = "LOG_FAILED") -> dict:

@@ -62,6 +62,10 @@ from client.wire import control_frame, deliver_frame, recall_frame
 
 MAX_PREFETCH = 65535  # per consumer; bounds what one connection can hold
 MAX_MESSAGE_ID = 255  # bytes; a UUID is 36
+# A PUBLISH_BATCH frame up to this size is logged as it came (publish_run's PUBLISH_FRAME): a
+# follower then always gets the frame and its PUBLISH_NEXT records in one RECORDS frame, well
+# under its frame limit (broker/runtime/durability.py records_from).
+PUBLISH_FRAME_MAX_BYTES = 1 << 20
 NEVER = float("inf")
 # RECALL (protocol.md §5.44): a consumer is sent at most one RECALL per this many seconds, and an
 # idle consumer asks at most that often.  It bounds the frames (10 a second per consumer) and
@@ -399,7 +403,7 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         return msg_id
 
     def publish_run(self, conn_id: int, items: list, start: int, now: float, results: list | None,
-                    key_limit: int) -> tuple[int, list | None]:
+                    key_limit: int, frame: bytes | None = None) -> tuple[int, list | None]:
         """PUBLISH_BATCH's plain items (protocol.md §5.46), from ``items[start]`` on, inside
         ``hold_dispatch``: each stored exactly as ``publish`` would store it, one after the other,
         in one call for the run instead of one call each (W1's hot path, issue 18).
@@ -414,7 +418,14 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
 
         Anything off the common path (the log failed, a queue not yet made or with
         ``max_length``, a priority or id ``publish`` refuses, a resend the dedupe window holds)
-        goes through ``publish`` itself, so errors and edge cases are publish's own."""
+        goes through ``publish`` itself, so errors and edge cases are publish's own.
+
+        ``frame``: the bytes the PUBLISH_BATCH frame came in as (``items`` is what they decode
+        to), given with ``start`` 0.  When every item of the frame is plain and stored, the log
+        gets those bytes as they came, one PUBLISH_FRAME record, and one PUBLISH_NEXT record
+        per further item, instead of a PUBLISH record encoded for each (issue 18: no
+        re-encoding).  Otherwise, from the first item that is not, each item gets its PUBLISH
+        record as without ``frame``, in the same order and lsns."""
         held = self._held
         queues = self.queues
         log = self.log_enabled
@@ -433,6 +444,12 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
         # queue's blocks together (Queue.push_plain_many) before anything else looks at a queue.
         pend_q = pend_p = None
         pseqs, pmids, pbodies = [], [], []
+        # frame mode: items[0..framed) are stored and not yet logged, at seqs first_seq.. on
+        # (inside hold_dispatch only: no record of another kind may come between the items')
+        if frame is not None and (start != 0 or not log or held is None or len(frame) > PUBLISH_FRAME_MAX_BYTES):
+            frame = None
+        framed = 0
+        first_seq = self.last_lsn + 1
         for i in range(start, n):
             item = items[i]
             if type(item) is not list or len(item) != 5:
@@ -458,6 +475,9 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
                     or type(priority) is not int or not 0 <= priority <= MAX_PRIORITY
                     or not 0 < len(msg_id) <= MAX_MESSAGE_ID or (key is not None and key in keys)):
                 # the general path: its own checks, errors and edge cases
+                if frame is not None:  # not the whole frame after all: log the ones before as PUBLISH
+                    self._log_unframed(items, framed, first_seq, now)
+                    frame = None
                 if pseqs:
                     pend_q.push_plain_many(pend_p, pseqs, pmids, pbodies, now, prefix)
                     pseqs, pmids, pbodies = [], [], []
@@ -475,7 +495,9 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
             if log:
                 seq = self.last_lsn + 1
                 self.last_lsn = seq
-                if key is None:
+                if frame is not None:
+                    framed += 1  # logged at the end, with the frame's bytes
+                elif key is None:
                     records.append((publish_rec, [seq, name, msg_id, body, priority, None, 0, None, None, now]))
                 else:  # the 11th item: replay rebuilds the window from it
                     records.append((publish_rec, [seq, name, msg_id, body, priority, None, 0, None, None, now, key]))
@@ -516,9 +538,28 @@ class BrokerState(ManagementMixin, ResultsMixin, WorkflowMixin, EventsMixin, Rep
                 results.append(msg_id)
         else:
             i = n  # every item from start on was plain
+        if frame is not None and framed:
+            if i == n:  # the whole frame: its bytes as they came, and one lsn per further item
+                records.append((R.PUBLISH_FRAME, [first_seq, now, frame]))
+                nxt = R.PUBLISH_NEXT
+                records.extend([(nxt, k) for k in range(1, framed)])
+            else:  # stopped at an item the caller handles: the ones before as PUBLISH records
+                self._log_unframed(items, framed, first_seq, now)
         if pseqs:
             pend_q.push_plain_many(pend_p, pseqs, pmids, pbodies, now, prefix)
         return i, results
+
+    def _log_unframed(self, items: list, count: int, first_seq: int, now: float) -> None:
+        """PUBLISH records for ``items[:count]``, stored by ``publish_run`` at seqs ``first_seq``..
+        as plain items (so their fields are plain), when their frame is not logged whole."""
+        records = self.records
+        publish_rec = R.PUBLISH
+        for k in range(count):
+            name, body, msg_id, priority, opts = items[k]
+            p = [first_seq + k, name, msg_id, body, priority or 0, None, 0, None, None, now]
+            if opts is not None:
+                p.append(opts["dedupe"])
+            records.append((publish_rec, p))
 
     def _dispatch_or_hold(self, q: Queue, now: float) -> None:
         """Dispatch ``q`` after a publish, or, inside ``hold_dispatch``, once at its end."""

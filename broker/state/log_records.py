@@ -54,6 +54,15 @@ RATE       [kind ("task" | "queue"), name, limit | null]    a rate limit set liv
 EPOCH      [epoch, start lsn]                               a leadership term began at start lsn (written
                                                             at promotion; compaction rewrites the kept
                                                             terms with their original start lsns)
+PUBLISH_FRAME [seq, ts, frame bytes]                      a whole PUBLISH_BATCH frame of plain publishes
+                                                            was accepted: its bytes as received (protocol.md
+                                                            §5.46, ``[46, rid, [[queue, body, id, priority,
+                                                            options], ...]]``, every options null or
+                                                            {"dedupe": key}); item 0 is the message at seq
+                                                            (this record's lsn), published at ts
+PUBLISH_NEXT k                                              item k >= 1 of the PUBLISH_FRAME at this lsn - k:
+                                                            the message whose seq is this lsn (written with
+                                                            its frame, in one batch: never apart)
 CHECKPOINT ["begin", [[dedupe key, message id, at], ...]]   a checkpoint of the whole state begins here
            ["block", queue, priority, seqs, ts, lsns|null]  ... one Packed block of ready messages: three
                                                             byte strings, 8 bytes per message each
@@ -97,6 +106,8 @@ EPOCH = 31
 CHORD_ADD = 32
 CHECKPOINT = 33
 CHORD_RUN = 34
+PUBLISH_FRAME = 35
+PUBLISH_NEXT = 36
 
 NAMES = {
     PUBLISH: "PUBLISH", DELIVER: "DELIVER", ACK: "ACK", REQUEUE: "REQUEUE", DEAD: "DEAD",
@@ -107,6 +118,7 @@ NAMES = {
     CHORD: "CHORD", CHORD_MEMBER: "CHORD_MEMBER", CHORD_FIRE: "CHORD_FIRE",
     BIND: "BIND", UNBIND: "UNBIND", UNIQUE: "UNIQUE", UNIQUE_FREE: "UNIQUE_FREE",
     RATE: "RATE", EPOCH: "EPOCH", CHORD_ADD: "CHORD_ADD", CHECKPOINT: "CHECKPOINT", CHORD_RUN: "CHORD_RUN",
+    PUBLISH_FRAME: "PUBLISH_FRAME", PUBLISH_NEXT: "PUBLISH_NEXT",
 }
 
 COUNTER_FIELDS = (

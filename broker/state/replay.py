@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 from bisect import bisect_left, bisect_right
 
+import cbor2
+
 from broker.state import log_records as R
 from broker.state.queue import (
     DELAYED,
@@ -56,9 +58,10 @@ class ReplayContext:
     whose Packed blocks are loaded whole into ``blocks``; None: the records start at the log's
     beginning, and every checkpoint met on the way is passed over."""
 
-    __slots__ = ("msgs", "temporary", "max_seq", "standby", "checkpoint", "loading", "blocks")
+    __slots__ = ("msgs", "temporary", "max_seq", "standby", "checkpoint", "loading", "blocks", "frame")
 
     def __init__(self, standby: bool, checkpoint: int | None = None):
+        self.frame = None  # (lsn, items, ts) of the last PUBLISH_FRAME: its PUBLISH_NEXT records follow
         self.temporary: set = set()
         self.max_seq = 0
         self.standby = standby
@@ -374,6 +377,31 @@ class ReplayMixin:
                     q.published += 1
                     if len(p) > 10:  # a keyed publish: a resend after this restart is dropped too
                         remember(p[10], mid, ts, now)
+            elif t == R.PUBLISH_FRAME or t == R.PUBLISH_NEXT:
+                if t == R.PUBLISH_FRAME:
+                    ctx.frame = (lsn, cbor2.loads(p[2])[2], p[1])  # the PUBLISH_BATCH frame's items
+                    k = 0
+                else:
+                    k = p
+                    if ctx.frame is None or ctx.frame[0] != lsn - k:
+                        ctx.frame = self._frame_from_log(lsn - k, lsn)
+                _, items, ts = ctx.frame
+                qname, body, mid, prio, opts = items[k]
+                q = queues_get(qname)
+                if q is None:
+                    q = self.queue(qname)
+                if bodies_in_log:
+                    body = None  # read back from the frame's record only if needed (spill.py)
+                m = Message(lsn, mid, q, body, prio or 0, None, 0, None, None, ts)
+                if plain_set is not None and lsn > blocks.top:
+                    plain_set(msgs, lsn, m)
+                else:
+                    msgs[lsn] = m
+                if lsn > max_seq:
+                    max_seq = lsn
+                q.published += 1
+                if opts is not None:  # {"dedupe": key}: a resend after this restart is dropped too
+                    remember(opts["dedupe"], mid, ts, now)
             elif t == R.DELIVER:
                 for seq in (p if type(p) is list else (p,)):
                     m = msgs.get(seq)
@@ -572,6 +600,23 @@ class ReplayMixin:
                 m.body = body
                 if m.id is None:  # taken out of a checkpoint's block: its id is in the log too
                     m.id = mid
+
+    def _frame_from_log(self, frame_lsn: int, lsn: int):
+        """``(lsn, items, ts)`` of the PUBLISH_FRAME at ``frame_lsn``, read from the log: record
+        ``lsn``, one of its PUBLISH_NEXT records, came in a replay that did not start with it.
+        (A frame and its items are written in one batch, so a replay from a checkpoint or a
+        follower's batches never part them; this is the defensive way back.)"""
+        reader = self._body_reader
+        if reader is not None:
+            try:
+                t, raw = reader([frame_lsn])[frame_lsn]
+            except (LookupError, OSError, ValueError):
+                t = None
+            if t == R.PUBLISH_FRAME:
+                p = cbor2.loads(raw)
+                return frame_lsn, cbor2.loads(p[2])[2], p[1]
+        raise ValueError(f"log record {lsn} (PUBLISH_NEXT) is an item of the PUBLISH_FRAME at lsn {frame_lsn}, "
+                         "which the log does not hold")
 
     def _peek_seq(self) -> int:
         nxt = next(self._seq)

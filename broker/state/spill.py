@@ -56,27 +56,58 @@ class SpillMixin:
                 q.new_blocks = []
 
     def _read_bodies(self, lsns: list) -> dict:
-        """``lsn -> (id, body)`` of messages whose PUBLISH/MESSAGE record is ``lsn``."""
+        """``lsn -> (id, body)`` of messages whose PUBLISH/MESSAGE record is ``lsn`` (or whose
+        PUBLISH_FRAME / PUBLISH_NEXT record is: the body is then in the frame's bytes, read once
+        for all of its items asked for)."""
+        records = self._read_records(lsns)
+        out = {}
+        n = 0
+        loads = cbor2.loads
+        wrapped = (R.DEAD, R.MOVE)  # their payload holds the message's record as its item 1
+        frame_t, next_t = R.PUBLISH_FRAME, R.PUBLISH_NEXT
+        in_frames = None  # lsn -> (frame lsn, item)
+        for lsn, (t, raw) in records.items():
+            n += len(raw)
+            if t == frame_t or t == next_t:
+                if in_frames is None:
+                    in_frames = {}
+                k = 0 if t == frame_t else loads(raw)
+                in_frames[lsn] = (lsn - k, k)
+                continue
+            p = loads(raw)
+            if t in wrapped:
+                p = p[1]
+            out[lsn] = (p[2], p[3])
+        if in_frames:
+            frames = {f for f, _ in in_frames.values()}
+            missing = sorted(f for f in frames if f not in records)
+            if missing:
+                more = self._read_records(missing)
+                n += sum(len(raw) for _, raw in more.values())
+                records = {**records, **more}
+            items = {}
+            for f in frames:
+                t, raw = records[f]
+                if t != frame_t:
+                    self.fail_log(f"log record {f} should be a PUBLISH_FRAME (its PUBLISH_NEXT records name it) "
+                                  f"but is of type {R.NAMES.get(t, t)}")
+                    raise LogFailed(self.log_failed)
+                items[f] = loads(loads(raw)[2])[2]
+            for lsn, (f, k) in in_frames.items():
+                item = items[f][k]
+                out[lsn] = (item[2], item[1])
+        self.spill_reads += 1
+        self.spill_read_bytes += n
+        return out
+
+    def _read_records(self, lsns: list) -> dict:
         try:
-            records = self._body_reader(lsns)
+            return self._body_reader(lsns)
         except (LookupError, OSError, ValueError) as exc:
             # The log cannot give back what it was given (a segment deleted or damaged by
             # hand, a disk error): a disk fault, so the log is failed as for a write error.
             self.fail_log(f"cannot read queued message bodies back from the log: {exc}")
             raise LogFailed(self.log_failed) from None
-        out = {}
-        n = 0
-        loads = cbor2.loads
-        wrapped = (R.DEAD, R.MOVE)  # their payload holds the message's record as its item 1
-        for lsn, (t, raw) in records.items():
-            p = loads(raw)
-            if t in wrapped:
-                p = p[1]
-            out[lsn] = (p[2], p[3])
-            n += len(raw)
-        self.spill_reads += 1
-        self.spill_read_bytes += n
-        return out
 
     def spill(self, written_lsn: int, everything: bool = False) -> int:
         """Leave in the log the bodies of blocks that qualify (big bodies; all while ``spill_all``)

@@ -123,3 +123,22 @@ def test_markers_with_falling_request_ids_are_not_joined():
 def test_frames_without_runs_are_encoded_as_version_1_encodes_them():
     frames = [[wire.OP_OK, 1, None], deliver(1, 1), [wire.OP_EVENT, [], 0], deliver(2, 2)]
     assert wire.encode_batched(frames) == wire.encode_many(frames)
+
+
+def test_the_brokers_reader_keeps_a_publish_batchs_bytes_and_nothing_else():
+    import cbor2
+
+    from client.wire import OP_PING, OP_PUBLISH_BATCH, FrameReader, RawFrame, encode_many
+
+    batch = [OP_PUBLISH_BATCH, 3, [["q", b"x", "id", 0, None]]]
+    forged = [OP_PUBLISH_BATCH, 4, [["q", b"y", "id2", 0, None]], b"not the frame"]  # a 4th field of bytes
+    reader = FrameReader(keep_raw=True)
+    reader.feed(encode_many([batch, [OP_PING, 5], forged]))
+    got = reader.frames()
+    assert got[0][:3] == batch and type(got[0][-1]) is RawFrame and got[0][-1] == cbor2.dumps(batch)
+    assert got[1] == [OP_PING, 5]  # other ops: as decoded
+    assert type(got[2][3]) is bytes and type(got[2][-1]) is RawFrame  # what a client sends is never a RawFrame
+    assert got[2][-1] == cbor2.dumps(forged)
+    plain = FrameReader()
+    plain.feed(encode_many([batch]))
+    assert plain.frames() == [batch]  # a client's reader: no bytes kept
