@@ -122,18 +122,33 @@ def direct(n: int, size: int, broker_args: list, tmp: str, after: int = 0) -> No
         wal.write_batch(wal.take_batch())
         state.take_outbox()
 
-    for i in range(n):
-        state.publish(1, DEEP, body, None, 0, 1000.0)
-        if i % 5000 == 4999:
-            write()
+    # As the SDK's producer publishes: PUBLISH_BATCH frames of 100, each logged as it came
+    # (a PUBLISH_FRAME and 99 PUBLISH_NEXT records) where this checkout does that.
+    try:
+        from broker.handlers.binary import handle
+        from client.wire import OP_PUBLISH_BATCH, RawFrame
+    except ImportError:  # a checkout from before: one PUBLISH record per message
+        RawFrame = None
+
+    def publish(start: int, count: int) -> None:
+        if RawFrame is None:
+            for _ in range(count):
+                state.publish(1, DEEP, body, None, 0, 1000.0)
+            return
+        for s in range(start, start + count, 100):
+            frame = [OP_PUBLISH_BATCH, s, [[DEEP, body, f"m{i}", 0, None] for i in range(s, min(start + count, s + 100))]]
+            handle(state, 1, [*frame, RawFrame(cbor2.dumps(frame))], 1000.0)
+
+    for s in range(0, n, 5000):
+        publish(s, min(5000, n - s))
+        write()
     first = state.checkpoint()  # what a clean stop writes
     write()
     wal.sync()
     wal.save_checkpoint(first)
-    for i in range(after):  # records past the checkpoint: a crash, not a clean stop, ended the broker
-        state.publish(1, DEEP, body, None, 0, 1000.0)
-        if i % 5000 == 4999:
-            write()
+    for s in range(n, n + after, 5000):  # records past the checkpoint: a crash, not a clean stop, ended the broker
+        publish(s, min(5000, n + after - s))
+        write()
     write()
     wal.sync()
     wal.close()
