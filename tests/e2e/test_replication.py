@@ -321,3 +321,34 @@ def test_a_standby_keeps_queued_bodies_in_its_log_not_in_memory(group):
     assert "leader, epoch 1" in follower.admin("PROMOTE the leader was killed\n")
     assert drain_bodies(follower.port, "deep", 1600) == bodies
     raw.close()
+
+
+def test_publish_batches_logged_as_they_came_reach_a_follower_whole_and_replay_there(group):
+    """PUBLISH_BATCH frames of plain items are logged as PUBLISH_FRAME + PUBLISH_NEXT records
+    (log_records); a follower gets each frame with its items in one RECORDS batch (4 MiB here, so
+    the batches are cut), holds every message as a standby, and its own log replays them whole."""
+    leader = group("leader", "--sync-replicas", "1")
+    follower = group("follower", "--follow", f"127.0.0.1:{leader.port}")
+    wait_for(lambda: stats_line(leader, "replication_followers_in_sync") == "1", "the follower to be in sync")
+    raw = Raw(leader.port)
+    sent, prio = {}, {}
+    for k in range(41):  # the first frame makes the queue (PUBLISH records); 40 more are logged as they came
+        items = [["fq", bytes([k, i % 256]) * (300 + 7 * i), f"f{k}-{i}", i % 3, {"dedupe": f"d{k}-{i}"}]
+                 for i in range(100)]
+        f = raw.call(wire.OP_PUBLISH_BATCH, items)
+        assert f[0] == wire.OP_OK and f[2] is None, f
+        sent.update((it[2], it[1]) for it in items)
+        prio.update((it[2], it[3]) for it in items)
+    raw.close()
+    wait_for(lambda: queue_ready(follower, "fq") == len(sent), "the standby to hold every message")
+    leader.kill()  # SIGKILL: every confirm was on the follower's disk too
+    follower.kill()  # and the follower's: no checkpoint at a clean stop, its log replayed record by record
+    standalone = BrokerProcess(follower.data_dir).start()
+    try:
+        assert queue_ready(standalone, "fq") == len(sent)
+        got = drain_bodies(standalone.port, "fq", len(sent))
+        assert got == sent
+        # in delivery order: by priority, then as published (the priorities came from the frames)
+        assert list(got) == sorted(sent, key=lambda mid: -prio[mid])
+    finally:
+        standalone.terminate()
