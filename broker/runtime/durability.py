@@ -676,6 +676,12 @@ class Durability:
                 log.warning("compaction resumed: %d bytes free in %s", free, self.data_dir)
             self._compacting = True
             try:
+                # The spilled blocks it rewrites are read back first, in a thread: not on the loop
+                # (a segment's worth of bodies, 64 MiB by default, from disk if not cached).
+                lsns = self.state.compaction_reads(oldest.last_lsn)
+                if lsns:
+                    async with self._write_lock:  # no segment is deleted while it is read
+                        self.state.prefetched = await trio.to_thread.run_sync(self._read_ahead, lsns)
                 moved = self.state.compact(oldest.last_lsn)
                 self._submit_rewritten(self.state.take_records())
                 self._deletes.append((self.state.last_lsn, oldest.last_lsn))
@@ -685,7 +691,22 @@ class Durability:
                     moved, oldest.name,
                 )
             finally:
+                self.state.prefetched = None
                 self._compacting = False
+
+    def _read_ahead(self, lsns: list) -> dict | None:
+        """In a thread: the records ``lsns`` (and the PUBLISH_FRAMEs their PUBLISH_NEXTs name), for
+        ``state.prefetched``.  None if any can't be read: compaction then reads them itself, on the
+        loop, and a record truly missing fails the log there (spill.py) as it always did."""
+        try:
+            records = self.wal.read_payloads(lsns)
+            frames = {lsn - cbor2.loads(raw) for lsn, (t, raw) in records.items() if t == R.PUBLISH_NEXT}
+            missing = sorted(f for f in frames if f not in records)
+            if missing:
+                records.update(self.wal.read_payloads(missing))
+            return records
+        except Exception:  # (LookupError, OSError, damage): reported where it is read again
+            return None
 
     def _sync_and_delete(self) -> None:
         keep = []

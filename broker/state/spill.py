@@ -15,7 +15,8 @@ delivery reaches the block (``Packed.load``).  A block spills
   resident memory is past ``max_memory`` (the watermark).
 
 Compaction reads a spilled block back to rewrite it (``ReplayMixin._compact_block``); it is
-spilled again once the rewritten records are written.  Messages with headers, a delay, a TTL
+spilled again once the rewritten records are written.  The runtime reads those records in a
+thread first (``compaction_reads``, ``prefetched``), so the read is not made on the event loop.  Messages with headers, a delay, a TTL
 or an attempt behind them are objects (``Message``) and keep their bodies in memory.
 """
 
@@ -31,6 +32,9 @@ from broker.state.queue import SPILL_NEVER
 class SpillMixin:
     def _init_spill(self) -> None:
         self._body_reader = None  # set by the runtime when a log is attached
+        # lsn -> (type, payload bytes) the runtime read ahead in a thread (compaction_reads);
+        # None when there is none.  Records never change, so any of them may be used.
+        self.prefetched: dict | None = None
         self.spill_body_bytes = SPILL_NEVER
         self.spill_all = False
         # figures (STATS): blocks and bytes left in the log now; reads back since start
@@ -100,7 +104,40 @@ class SpillMixin:
         self.spill_read_bytes += n
         return out
 
+    def compaction_reads(self, through_lsn: int) -> list:
+        """The lsns ``compact(through_lsn)`` will read back: every entry left in each spilled
+        block that has one at or before ``through_lsn`` (``_compact_block`` loads the block
+        whole).  The runtime reads them in a thread first (``prefetched``), so that compaction
+        does not read the log on the event loop."""
+        out = []
+        if self._body_reader is None:
+            return out
+        for q in self.queues.values():
+            for block in q.packed_blocks():
+                if block.data is not None or not len(block):
+                    continue
+                lsns = block.lsns if block.lsns is not None else block.seqs
+                if min(lsns[block.head:]) <= through_lsn:
+                    out.extend(lsns[block.head:])
+        return out
+
     def _read_records(self, lsns: list) -> dict:
+        pre = self.prefetched
+        if pre is not None:  # read in a thread before (compaction_reads): what it holds needs no read now
+            got, rest = {}, []
+            for lsn in lsns:
+                r = pre.get(lsn)
+                if r is None:
+                    rest.append(lsn)
+                else:
+                    got[lsn] = r
+            if not rest:
+                return got
+            got.update(self._read_records_now(rest))
+            return got
+        return self._read_records_now(lsns)
+
+    def _read_records_now(self, lsns: list) -> dict:
         try:
             return self._body_reader(lsns)
         except (LookupError, OSError, ValueError) as exc:

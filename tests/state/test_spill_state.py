@@ -95,3 +95,24 @@ def test_a_body_the_log_cannot_give_back_fails_the_log_and_the_message_stays():
     assert s.log_failed and s.queues["q"].ready_count == 1  # the objects went; the spilled one stays
     log.broken = False
     assert [m.id for m in s.queues["q"].iter_ready()] == [f"m-{PACK_AFTER}"]
+
+
+def test_compaction_uses_the_records_read_ahead_and_reads_nothing_on_the_loop():
+    s, log = spilling_state()
+    n = PACK_AFTER + 10
+    for i in range(n):
+        s.publish(0, "q", b"%03d" % i * 50, None, 0, 1.0)
+    log.write()
+    s.spill(log.written)
+    lsns = s.compaction_reads(log.written)
+    assert len(lsns) == 10  # the spilled block's entries, all of them
+    assert s.compaction_reads(min(lsns) - 1) == []  # a compaction before them loads no block
+    s.prefetched = log.read(lsns)  # what Durability reads in a thread first
+    log.broken = True  # any read of the log now would fail the log
+    assert s.compact(log.written) == n
+    assert not s.log_failed
+    s.prefetched = None
+    log.broken = False
+    log.write()
+    s.consume(1, ["q"], 1000, 2.0)
+    assert [f[5] for f in deliveries(s)] == [b"%03d" % i * 50 for i in range(n)]
