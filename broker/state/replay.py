@@ -348,7 +348,7 @@ class ReplayMixin:
         # The hot case, a PUBLISH (a crash at depth replays millions since the last checkpoint):
         # _message_from inlined, and a seq above every loaded block's stored straight into the
         # dict (what _BlockedMessages.__setitem__ would do for it, without the call).
-        PUBLISH, MESSAGE = R.PUBLISH, R.MESSAGE
+        PUBLISH, MESSAGE, FRAME, NEXT = R.PUBLISH, R.MESSAGE, R.PUBLISH_FRAME, R.PUBLISH_NEXT
         blocks = ctx.blocks
         plain_set = dict.__setitem__ if type(msgs) is not _CountedMessages else None
         bodies_in_log = self._body_reader is not None
@@ -357,8 +357,22 @@ class ReplayMixin:
         for lsn, t, p in records:
             n += 1
             last = lsn
-            if t == PUBLISH or t == MESSAGE:
-                seq, qname, mid, body, prio, headers, attempts, ready_at, expires, ts = p[:10]  # 11th: dedupe key
+            if t == PUBLISH or t == MESSAGE or t == FRAME or t == NEXT:
+                if t <= MESSAGE:  # (PUBLISH 1, MESSAGE 13; the frame's two are 35, 36)
+                    seq, qname, mid, body, prio, headers, attempts, ready_at, expires, ts = p[:10]  # 11th: dedupe key
+                    key = p[10] if t == PUBLISH and len(p) > 10 else None
+                else:  # a PUBLISH_BATCH logged as it came: item k of the frame at lsn - k
+                    if t == FRAME:
+                        ctx.frame = (lsn, cbor2.loads(p[2])[2], p[1])  # the frame's items
+                        k = 0
+                    else:
+                        k = p
+                        if ctx.frame is None or ctx.frame[0] != lsn - k:
+                            ctx.frame = self._frame_from_log(lsn - k, lsn)
+                    ts = ctx.frame[2]
+                    qname, body, mid, prio, opts = ctx.frame[1][k]
+                    seq, prio, headers, attempts, ready_at, expires = lsn, prio or 0, None, 0, None, None
+                    key = opts["dedupe"] if opts is not None else None  # (plain: null or {"dedupe": key})
                 q = queues_get(qname)
                 if q is None:
                     q = self.queue(qname)
@@ -373,35 +387,10 @@ class ReplayMixin:
                     msgs[seq] = m
                 if seq > max_seq:
                     max_seq = seq
-                if t == PUBLISH:
+                if t != MESSAGE:
                     q.published += 1
-                    if len(p) > 10:  # a keyed publish: a resend after this restart is dropped too
-                        remember(p[10], mid, ts, now)
-            elif t == R.PUBLISH_FRAME or t == R.PUBLISH_NEXT:
-                if t == R.PUBLISH_FRAME:
-                    ctx.frame = (lsn, cbor2.loads(p[2])[2], p[1])  # the PUBLISH_BATCH frame's items
-                    k = 0
-                else:
-                    k = p
-                    if ctx.frame is None or ctx.frame[0] != lsn - k:
-                        ctx.frame = self._frame_from_log(lsn - k, lsn)
-                _, items, ts = ctx.frame
-                qname, body, mid, prio, opts = items[k]
-                q = queues_get(qname)
-                if q is None:
-                    q = self.queue(qname)
-                if bodies_in_log:
-                    body = None  # read back from the frame's record only if needed (spill.py)
-                m = Message(lsn, mid, q, body, prio or 0, None, 0, None, None, ts)
-                if plain_set is not None and lsn > blocks.top:
-                    plain_set(msgs, lsn, m)
-                else:
-                    msgs[lsn] = m
-                if lsn > max_seq:
-                    max_seq = lsn
-                q.published += 1
-                if opts is not None:  # {"dedupe": key}: a resend after this restart is dropped too
-                    remember(opts["dedupe"], mid, ts, now)
+                    if key is not None:  # a keyed publish: a resend after this restart is dropped too
+                        remember(key, mid, ts, now)
             elif t == R.DELIVER:
                 for seq in (p if type(p) is list else (p,)):
                     m = msgs.get(seq)

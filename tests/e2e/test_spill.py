@@ -43,6 +43,24 @@ def consume(port: int, queue: str, n: int) -> list:
     return got
 
 
+def churn_until_compacted(broker) -> None:
+    """Traffic through another queue until compaction has rewritten queued messages forward."""
+    p = Raw(broker.port, name="churn")
+    c = Raw(broker.port, name="churn-consumer")
+    c.ok(wire.OP_CONSUME, ["churn"], 100)
+
+    def compacted():
+        for _ in range(100):
+            assert p.call(wire.OP_PUBLISH, "churn", b"c" * 2000, None, 0, None)[0] == wire.OP_OK
+        for d in c.deliveries(100, timeout=10):
+            c.ok(wire.OP_ACK, d[2])
+        return any("compaction: rewrote" in line and "rewrote 0 " not in line for line in broker.log)
+
+    wait_for(compacted, 60, "compaction to rewrite the queued messages")
+    p.close()
+    c.close()
+
+
 def test_spilled_bodies_come_back_byte_identical_after_compaction_and_a_restart(broker_factory):
     broker = broker_factory("--spill-body-bytes", "1000", "--segment-bytes", "65536", "--fsync", "never")
     # Bodies of 1000 bytes or more are left in the log; smaller ones stay in memory; ids the
@@ -54,18 +72,7 @@ def test_spilled_bodies_come_back_byte_identical_after_compaction_and_a_restart(
     assert st["spilled_blocks"] >= 1
     # Traffic through another queue until compaction has rewritten the spilled messages forward
     # and deleted the segments their PUBLISH records were in.
-    p = Raw(broker.port, name="churn")
-    c = Raw(broker.port, name="churn-consumer")
-    c.ok(wire.OP_CONSUME, ["churn"], 100)
-
-    def compacted_spilled():
-        for _ in range(100):
-            assert p.call(wire.OP_PUBLISH, "churn", b"c" * 2000, None, 0, None)[0] == wire.OP_OK
-        for d in c.deliveries(100, timeout=10):
-            c.ok(wire.OP_ACK, d[2])
-        return any("compaction: rewrote" in line and "rewrote 0 " not in line for line in broker.log)
-
-    wait_for(compacted_spilled, 60, "compaction to rewrite the queued messages")
+    churn_until_compacted(broker)
     wait_for(lambda: stats(broker.port)["spilled_messages"] > 300, 10, "the rewritten bodies to spill again")
     first = consume(broker.port, "deep", 200)
     broker.terminate()
@@ -153,20 +160,7 @@ def test_bodies_of_frames_logged_as_they_came_come_back_after_compaction_a_resta
     messages = [(f"b-{i}", bytes([i % 256, (i * 11) % 256]) * (400 + (i % 900))) for i in range(600)]
     publish_batches(broker.port, "frames", messages)
     wait_for(lambda: stats(broker.port)["spilled_messages"] > 200, 10, "bodies to spill")
-    p = Raw(broker.port, name="churn")
-    c = Raw(broker.port, name="churn-consumer")
-    c.ok(wire.OP_CONSUME, ["churn"], 100)
-
-    def compacted():
-        for _ in range(100):
-            assert p.call(wire.OP_PUBLISH, "churn", b"c" * 2000, None, 0, None)[0] == wire.OP_OK
-        for d in c.deliveries(100, timeout=10):
-            c.ok(wire.OP_ACK, d[2])
-        return any("compaction: rewrote" in line and "rewrote 0 " not in line for line in broker.log)
-
-    wait_for(compacted, 60, "compaction to rewrite the queued messages")
-    p.close()
-    c.close()
+    churn_until_compacted(broker)
     first = consume(broker.port, "frames", 150)
     broker.terminate()
     broker.restart()

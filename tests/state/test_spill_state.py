@@ -63,13 +63,19 @@ def test_a_block_spills_only_once_written_and_comes_back_whole():
     assert s.spill_reads == 1  # the whole block in one read
 
 
-def test_compaction_rewrites_a_spilled_block_and_it_spills_again():
+def spilled_block():
+    """PACK_AFTER objects and, behind them, one spilled block of 10: (state, log, messages)."""
     s, log = spilling_state()
     n = PACK_AFTER + 10
     for i in range(n):
         s.publish(0, "q", b"%03d" % i * 50, None, 0, 1.0)
     log.write()
     s.spill(log.written)
+    return s, log, n
+
+
+def test_compaction_rewrites_a_spilled_block_and_it_spills_again():
+    s, log, n = spilled_block()
     assert s.spill_statistics()["spilled_messages"] == 10
     moved = s.compact(log.written)
     assert moved == n
@@ -98,12 +104,7 @@ def test_a_body_the_log_cannot_give_back_fails_the_log_and_the_message_stays():
 
 
 def test_compaction_uses_the_records_read_ahead_and_reads_nothing_on_the_loop():
-    s, log = spilling_state()
-    n = PACK_AFTER + 10
-    for i in range(n):
-        s.publish(0, "q", b"%03d" % i * 50, None, 0, 1.0)
-    log.write()
-    s.spill(log.written)
+    s, log, n = spilled_block()
     lsns = s.compaction_reads(log.written)
     assert len(lsns) == 10  # the spilled block's entries, all of them
     assert s.compaction_reads(min(lsns) - 1) == []  # a compaction before them loads no block
