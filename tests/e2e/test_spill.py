@@ -203,3 +203,55 @@ def test_brokerd_logs_a_plain_publish_batch_frame_with_the_bytes_it_came_in(brok
     assert consume(broker.port, "logged", 6) == [("f-1", bytes([1]) * 30), ("f-3", bytes([3]) * 30),
                                                  ("first", b"makes the queue"), ("f-0", bytes([0]) * 30),
                                                  ("f-2", bytes([2]) * 30), ("f-4", bytes([4]) * 30)]
+
+
+def test_hostile_publish_batches_logged_as_they_came_cost_nothing_and_replay(broker_factory):
+    """What rides along in a PUBLISH_BATCH whose items are plain is logged with it (its bytes as
+    they came): unknown CBOR tags, a bignum, deep nesting, control characters in ids, a frame just
+    past the size that is logged whole.  A healthy client keeps working beside them, and after a
+    kill -9 brokerd replays all of it."""
+    import cbor2
+
+    broker = broker_factory("--fsync", "never")
+    healthy = Raw(broker.port, name="healthy")
+    assert healthy.call(wire.OP_PUBLISH, "ok", b"before", "h-0", 0, None)[0] == wire.OP_OK
+    publish_batches(broker.port, "hostile", [("first", b"makes the queue")], per=1)
+    nested = []
+    for _ in range(200):
+        nested = [nested]
+    extras = [
+        cbor2.CBORTag(55555, [1, "x", b"\x00"]),  # a tag nobody defined: kept as an opaque tag
+        2 ** 200,  # a bignum (tag 2)
+        nested,  # 200 levels deep
+        {"\x00\x1b[31m": "\r\n\x7f"},  # control characters
+    ]
+    h = Raw(broker.port, name="hostile")
+    expected = [("first", b"makes the queue")]
+    for k, extra in enumerate(extras):
+        items = [["hostile", bytes([k, i]) * 20, f"x{k}-{i}\x00\x1b\n", 255 if i % 2 else None, None] for i in range(5)]
+        f = h.call(wire.OP_PUBLISH_BATCH, items, extra)
+        assert f[0] == wire.OP_OK and f[2] is None, f
+        expected += [(it[2], it[1]) for it in items]
+        assert healthy.call(wire.OP_PUBLISH, "ok", b"beside %d" % k, f"h-{k + 1}", 0, None)[0] == wire.OP_OK
+    big = [["hostile", b"b" * 1000, f"big-{i}", 0, None] for i in range(1100)]  # ~1.1 MiB: PUBLISH per item
+    assert h.call(wire.OP_PUBLISH_BATCH, big)[2] is None
+    expected += [(it[2], it[1]) for it in big]
+    h.close()
+    healthy.close()
+    broker.kill()
+    from broker.state import log_records as R
+    from broker.wal.log import WriteAheadLog
+
+    wal = WriteAheadLog(str(broker.data_dir), fsync="never")
+    frames = [cbor2.loads(cbor2.loads(r.payload)[2]) for r in wal.open() if r.type == R.PUBLISH_FRAME]
+    wal.close()
+    # the four logged as they came, what rode along included (compared as CBOR: a tag decodes its
+    # array to a tuple)
+    assert [cbor2.dumps(f[3]) for f in frames] == [cbor2.dumps(e) for e in extras]
+    broker.restart()
+    got = consume(broker.port, "hostile", len(expected))
+    # priority 255 first, in publish order, then the rest in publish order
+    first = [e for e in expected if e[0].endswith("\x00\x1b\n") and int(e[0].split("-")[1][0]) % 2]
+    assert got == first + [e for e in expected if e not in first]
+    assert consume(broker.port, "ok", 5) == [(f"h-{i}", b"before" if i == 0 else b"beside %d" % (i - 1))
+                                             for i in range(5)]
