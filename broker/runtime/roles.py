@@ -221,7 +221,10 @@ class Roles:
                 await was.stop()
             await self._stop_writer()
             if not srv.state.standby:  # it led (or was fenced): its state has consumers and deliveries
-                closed = [c for c in list(srv.conns.values()) if c.name != "<admin>"]
+                # Client connections past their HELLO (the state knows them: consumers, deliveries).
+                # Not admin ones, nor one not yet sniffed: closed with a binary CLOSING, an admin
+                # client that had not yet sent its line read that as garbage.
+                closed = [c for c in list(srv.conns.values()) if c.name != "<admin>" and c.id in srv.state.conns]
                 for c in closed:
                     c.evict(NotLeader.code, f"this brokerd follows {address} now; send writes there")
                 with trio.move_on_after(STEP_DOWN_WAIT):

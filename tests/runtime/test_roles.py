@@ -147,3 +147,29 @@ async def test_a_cut_below_where_the_compacted_log_starts_is_refused_naming_the_
         await follower._truncate(40, 3)
     assert wal.segments()[0].first_lsn == 100 and wal.next_lsn == 100
     wal.close()
+
+
+def _admin_after(sock, line: bytes) -> bytes:
+    sock.sendall(line)
+    sock.shutdown(2 - 1)  # SHUT_WR: what nc does at the end of its input
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    sock.close()
+    return out
+
+
+async def test_a_step_down_leaves_a_connection_that_has_not_said_what_it_is_alone(tmp_path, nursery):
+    """A connection accepted but not yet sniffed (no byte read: admin text or binary?) holds no
+    consumer and no delivery: a step-down must not close it with a binary CLOSING, which an admin
+    client (netcat, STATS) then reads as garbage (seen in the failover soak test under load)."""
+    import socket
+
+    a = await start(nursery, tmp_path / "a")
+    b = await start(nursery, tmp_path / "b")
+    sock = socket.create_connection(("127.0.0.1", b.port), timeout=WAIT)
+    await until(lambda: len(b.conns) == 1, "B to accept the connection")
+    await b.roles.follow(f"127.0.0.1:{a.port}", "lost the lease")
+    reply = await trio.to_thread.run_sync(_admin_after, sock, b"STATS\n")
+    text = reply.decode()  # admin text, not a binary frame
+    assert "replication_leader" in text or "connections" in text, text[:200]
